@@ -1,0 +1,85 @@
+"""Per-token log-probabilities of completions under a model, with the prompt computed once per group.
+
+A GRPO batch holds G completions of each prompt. The reference implementation runs
+``[prompt | completion]`` through the model for every completion, so each prompt is processed G
+times, and pads every row to the longest prompt and completion of the batch. Here:
+
+1. each prompt (minus its last token) runs once, producing a KV cache with autograd history;
+2. the cache is repeated G times (``repeat_interleave`` is differentiable: the prompt's gradient is
+   the sum over its completions, as in the full computation);
+3. ``[last prompt token | completion[:-1]]`` runs on top of it, trimmed to the longest completion
+   of the micro-batch, and the logits at those positions score the completion tokens.
+
+Right padding of completions needs no attention mask: causal attention never lets a real token see
+the padding after it. Only completion logits are computed (no lm_head over prompts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from .rollout import cache_kwarg, left_pad
+
+
+@dataclass
+class TokenScores:
+    logps: torch.Tensor  # [N, C] log π(token) after temperature; carries grad when the model does
+    entropy: torch.Tensor | None  # [N, C] detached entropy of the full distribution
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[..., index]`` without materialising the whole log-softmax twice."""
+    logits = logits.float()
+    return logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+@torch.no_grad()
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def completion_logprobs(
+    model: PreTrainedModel,
+    prompt_ids: list[torch.Tensor],
+    completion_ids: torch.Tensor,
+    group_size: int,
+    temperature: float = 1.0,
+    pad_token_id: int = 0,
+    with_entropy: bool = False,
+) -> TokenScores:
+    """Score ``completion_ids`` [len(prompt_ids) * G, C] (right-padded) given their prompts."""
+    device = model.device
+    n, width = completion_ids.shape
+    if n != len(prompt_ids) * group_size:
+        raise ValueError(f"{n} completions for {len(prompt_ids)} prompts x G={group_size}")
+    prefixes = [p[:-1].tolist() for p in prompt_ids]
+    last = torch.stack([p[-1] for p in prompt_ids]).to(device)
+    completion_ids = completion_ids.to(device)
+    inputs = torch.cat([last.repeat_interleave(group_size)[:, None], completion_ids[:, :-1]], dim=1)
+
+    cache_arg = cache_kwarg(model)
+    if max(len(p) for p in prefixes) > 0:
+        ids, attn = (t.to(device) for t in left_pad(prefixes, pad_token_id))
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1,
+              **{cache_arg: cache})
+        cache.batch_repeat_interleave(group_size)
+        attn = torch.cat([attn.repeat_interleave(group_size, dim=0), attn.new_ones((n, width))], dim=1)
+        start = attn.new_tensor([len(p) for p in prefixes]).repeat_interleave(group_size)
+    else:
+        cache, attn, start = None, None, torch.zeros(n, dtype=torch.long, device=device)
+    positions = start[:, None] + torch.arange(width, device=device)[None, :]
+    out = model(input_ids=inputs, attention_mask=attn, position_ids=positions, use_cache=cache is not None,
+                **({cache_arg: cache} if cache is not None else {}))
+    logits = out.logits
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps = selective_log_softmax(logits, completion_ids)
+    entropy = entropy_from_logits(logits.detach()) if with_entropy else None
+    return TokenScores(logps=logps, entropy=entropy)

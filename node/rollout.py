@@ -1,0 +1,196 @@
+"""Grouped rollouts: G sampled completions per prompt, with the sampler's own log-probabilities.
+
+:class:`RolloutBatch` is what every generation backend returns; :class:`RolloutBackend` is the
+interface (``generate(prompt_ids, group_size, params, seed)``). :class:`TransformersBackend` is the
+CPU/GPU backend on plain transformers models:
+
+* **prefix sharing** — each prompt is prefilled once and its KV cache repeated G times, where
+  ``model.generate(num_return_sequences=G)`` prefills it G times;
+* all groups decode together in one batch, and finished rows leave the batch (no compute on padding);
+* behaviour log-probabilities are those of the distribution actually sampled from (after
+  temperature, top-k and top-p), as vLLM's ``processed_logprobs`` reports them.
+
+The vLLM backend (GPU only) lives in :mod:`grpo_swarm.node.rollout_vllm` behind the same interface.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for GRPO sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class RolloutBatch:
+    """G completions for each of B prompts, flattened group-major (row = group * G + k)."""
+
+    prompt_ids: list[torch.Tensor]  # B 1-D LongTensors, no padding
+    completion_ids: torch.Tensor  # [B*G, C] LongTensor, right-padded with pad_id
+    completion_mask: torch.Tensor  # [B*G, C] float32, 1 on real tokens (EOS included)
+    behaviour_logps: torch.Tensor  # [B*G, C] float32 log-prob of each token under the sampler, 0 on padding
+    truncated: torch.Tensor  # [B*G] bool: hit max_new_tokens without EOS
+    group_size: int
+    policy_version: int = 0
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_completions(self) -> int:
+        return self.completion_ids.size(0)
+
+    def completion_lists(self) -> list[list[int]]:
+        lengths = self.completion_mask.sum(dim=1).long().tolist()
+        return [row[:n] for row, n in zip(self.completion_ids.tolist(), lengths)]
+
+    def validate(self) -> None:
+        """Shape and value checks, so a bad backend fails here rather than deep in the loss."""
+        n, c = self.completion_ids.shape
+        if n != self.num_groups * self.group_size:
+            raise ValueError(f"{n} completions for {self.num_groups} prompts x G={self.group_size}")
+        for name in ("completion_mask", "behaviour_logps"):
+            if tuple(getattr(self, name).shape) != (n, c):
+                raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected {(n, c)}")
+        if not torch.isfinite(self.behaviour_logps).all():
+            raise ValueError("behaviour log-probabilities contain NaN or inf")
+
+
+class RolloutBackend(Protocol):
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], group_size: int, params: SamplingParams, seed: int
+    ) -> RolloutBatch: ...
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
+
+
+def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Log-probabilities of the distribution sampled from: temperature, then top-k, then top-p."""
+    logits = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < logits.size(-1):
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """Name of the KV-cache argument of ``model.forward`` (transformers 5.24 renamed it to ``cache``)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(ids [B, L], attention_mask [B, L])``."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if len(seq):
+            ids[i, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq) :] = 1
+    return ids, mask
+
+
+class TransformersBackend:
+    """Sampling with a transformers causal LM: prefix-shared prefill, batched KV-cached decoding."""
+
+    def __init__(self, model: PreTrainedModel, eos_token_ids: Sequence[int], pad_token_id: int):
+        if not eos_token_ids:
+            raise ValueError("at least one EOS token id is needed to end completions")
+        self.model = model
+        self.eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long)
+        self.pad_id = pad_token_id
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state_dict, strict=False)
+
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], group_size: int, params: SamplingParams, seed: int
+    ) -> RolloutBatch:
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("every prompt needs at least one token")
+        model, device = self.model, self.model.device
+        was_training = model.training
+        model.eval()
+        gen = torch.Generator(device=device).manual_seed(seed)
+        ids, attn = (t.to(device) for t in left_pad(prompt_ids, self.pad_id))
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        cache_arg = cache_kwarg(model)
+        out = model(
+            input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1,
+            **{cache_arg: cache},
+        )
+        cache.batch_repeat_interleave(group_size)
+        logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
+        attn = attn.repeat_interleave(group_size, dim=0)
+        next_pos = positions[:, -1:].repeat_interleave(group_size, dim=0) + 1
+
+        n = logits.size(0)
+        tokens = torch.full((n, params.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        logps = torch.zeros((n, params.max_new_tokens), dtype=torch.float32, device=device)
+        lengths = torch.zeros(n, dtype=torch.long, device=device)
+        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        active = torch.arange(n, device=device)  # rows still decoding, in cache order
+        eos = self.eos.to(device)
+        for t in range(params.max_new_tokens):
+            step_logps = processed_logprobs(logits, params)
+            tok = torch.multinomial(step_logps.exp(), 1, generator=gen).squeeze(1)
+            tokens[active, t] = tok
+            logps[active, t] = step_logps.gather(1, tok[:, None]).squeeze(1)
+            lengths[active] = t + 1
+            done = torch.isin(tok, eos)
+            finished[active[done]] = True
+            if t + 1 == params.max_new_tokens or bool(done.all()):
+                break
+            if bool(done.any()):
+                keep = torch.nonzero(~done).squeeze(1)
+                cache.batch_select_indices(keep)
+                active, tok, attn, next_pos = active[keep], tok[keep], attn[keep], next_pos[keep]
+            attn = torch.cat([attn, attn.new_ones((attn.size(0), 1))], dim=1)
+            out = model(
+                input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
+                **{cache_arg: cache},
+            )
+            logits = out.logits[:, -1]
+            next_pos = next_pos + 1
+        if was_training:
+            model.train()
+        width = int(lengths.max())
+        mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()
+        batch = RolloutBatch(
+            prompt_ids=[torch.as_tensor(list(p), dtype=torch.long) for p in prompt_ids],
+            completion_ids=tokens[:, :width].cpu(),
+            completion_mask=mask.cpu(),
+            behaviour_logps=(logps[:, :width] * mask).cpu(),
+            truncated=(~finished).cpu(),
+            group_size=group_size,
+        )
+        batch.validate()
+        return batch
