@@ -11,7 +11,6 @@ micro-batch size (``optim.groups_per_microbatch``) changes memory use, never the
 from __future__ import annotations
 
 import copy
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -197,7 +196,7 @@ class GRPOTrainer:
                 raise NonFiniteLossError(_nonfinite_culprit(logps, old, ref, adv, mask, groups=(g0, g1)))
             loss.backward()
             n_tok = float(mask.sum())
-            totals["loss"] += float(loss)
+            totals["loss"] += float(loss.detach())
             totals["tokens"] += n_tok
             totals["entropy"] += float((scores.entropy * mask).sum())
             if objective.kl is not None:
