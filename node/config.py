@@ -57,6 +57,7 @@ class GRPOSettings(Section):
     epsilon_high: float | None = Field(None, ge=0, description="ε_high; None = epsilon")
     delta: float | None = Field(None, gt=1, description="INTELLECT-2 two-sided ratio cap")
     beta: float = Field(0.0, ge=0, description="KL weight; 0 = no reference model")
+    kl_bias_correction: bool = Field(True, description="KL term × π_θ/π_old (DeepSeek-V3.2; TRL's default)")
     num_iterations: int = Field(1, ge=1, description="μ: optimisation passes over each batch")
     importance_cap: float = Field(2.0, gt=0, description="cap of π_old/π_behaviour")
     importance_mode: Literal["truncate", "mask"] = "truncate"

@@ -8,7 +8,8 @@ into a loss:
 * :func:`behaviour_importance_weights` — AReaL's decoupled-PPO weight π_old / π_behaviour for rollouts
   sampled by an older (stale) policy or a different sampler, truncated or masked at a cap.
 * :func:`per_token_objective` — the clipped surrogate with ε_low/ε_high, INTELLECT-2's two-sided cap δ,
-  the k3 KL estimator to a frozen reference weighted by β.
+  the k3 KL estimator to a frozen reference weighted by β (optionally times the ratio: the unbiased
+  reverse-KL gradient of DeepSeek-V3.2, as TRL 1.16 does by default).
 * :func:`sequence_token_weights` — how each loss type (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``)
   normalises per-token losses over the *whole step's* batch, so splitting a batch into micro-batches
   never changes the gradient.
@@ -104,6 +105,9 @@ class ClipSettings:
     epsilon_high: float = 0.2
     delta: float | None = None  # INTELLECT-2 two-sided cap on the ratio (applies to negative advantages)
     beta: float = 0.0  # KL weight; 0 means no reference model at all
+    # multiply the KL term by the (differentiable) ratio π_θ/π_old: the unbiased reverse-KL gradient of
+    # DeepSeek-V3.2, TRL 1.16's default (``use_bias_correction_kl``)
+    kl_bias_correction: bool = True
 
 
 @dataclass
@@ -142,7 +146,8 @@ def per_token_objective(
         if ref_logps is None:
             raise ValueError("beta > 0 needs reference log-probabilities")
         kl_full = k3_kl(logps, ref_logps)
-        loss = loss + clip.beta * kl_full
+        kl_term = kl_full * ratio if clip.kl_bias_correction else kl_full
+        loss = loss + clip.beta * kl_term
         kl = kl_full.detach()
     return TokenObjective(loss=loss, ratio=ratio.detach(), kl=kl)
 

@@ -52,7 +52,8 @@ def resolve_device(name: str) -> torch.device:
 
 def clip_settings(cfg: TrainConfig) -> grpo.ClipSettings:
     g = cfg.grpo
-    return grpo.ClipSettings(epsilon_low=g.epsilon, epsilon_high=g.eps_high, delta=g.delta, beta=g.beta)
+    return grpo.ClipSettings(epsilon_low=g.epsilon, epsilon_high=g.eps_high, delta=g.delta, beta=g.beta,
+                             kl_bias_correction=g.kl_bias_correction)
 
 
 def sampling_params(cfg: TrainConfig) -> SamplingParams:
@@ -91,6 +92,8 @@ class GRPOTrainer:
                                           if t != tokenizer.eos_token_id]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         self.backend = backend or TransformersBackend(model, eos, self.pad_id)
+        if ref_model is model:
+            raise ValueError("ref_model must be a separate copy of the policy (it is frozen)")
         if cfg.grpo.beta > 0 and ref_model is None:
             ref_model = copy.deepcopy(model)
         self.ref_model = ref_model

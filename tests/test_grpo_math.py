@@ -72,7 +72,7 @@ def test_k3_kl_hand_values():
     kl = grpo.k3_kl(logp, ref)
     assert kl[0].item() == pytest.approx(math.exp(-0.5) + 0.5 - 1, rel=1e-6)
     assert kl[1].item() == 0.0
-    obj = grpo.per_token_objective(torch.tensor([[-1.0]]), None, torch.tensor([0.0]), grpo.ClipSettings(beta=0.1),
+    obj = grpo.per_token_objective(torch.tensor([[-1.0]]), None, torch.tensor([0.0]), grpo.ClipSettings(beta=0.1, kl_bias_correction=False),
                                    ref_logps=torch.tensor([[-1.5]]))
     assert obj.loss.item() == pytest.approx(0.1 * (math.exp(-0.5) + 0.5 - 1), rel=1e-6)
 
@@ -138,3 +138,10 @@ def test_clip_fractions_and_ess():
     assert fr["clip_low"] == pytest.approx(1 / 3) and fr["clip_high"] == 0.0
     assert grpo.effective_sample_size(torch.ones(2, 2), torch.ones(2, 2)) == pytest.approx(1.0)
     assert grpo.effective_sample_size(torch.tensor([[1.0, 0.0]]), torch.ones(1, 2)) == pytest.approx(0.5)
+
+
+def test_kl_bias_correction_multiplies_by_the_ratio():
+    logp = torch.tensor([[-1.0]], requires_grad=True)
+    obj = grpo.per_token_objective(logp, torch.tensor([[-1.2]]), torch.tensor([0.0]), grpo.ClipSettings(beta=1.0),
+                                   ref_logps=torch.tensor([[-1.5]]))
+    assert obj.loss.item() == pytest.approx(math.exp(0.2) * (math.exp(-0.5) + 0.5 - 1), rel=1e-6)
