@@ -29,6 +29,7 @@ class ModelSettings(Section):
     name: str = Field("tiny", description="tiny[:seed] | smollm2 | path/to/file.gguf | local folder | hub id")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    backend: Literal["transformers", "vllm"] = Field("transformers", description="generation backend")
 
 
 class DataSettings(Section):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +99,34 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def gguf_cache_dir(path: Path) -> Path:
+    """Where the dequantised copy of a GGUF file is kept (``$GRPO_SWARM_CACHE``, else ~/.cache/grpo-swarm)."""
+    root = Path(os.environ.get("GRPO_SWARM_CACHE", Path.home() / ".cache" / "grpo-swarm"))
+    stat = path.stat()
+    return root / "gguf" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32, use_cache: bool = True) -> LoadedModel:
+    """Load a GGUF file as a plain model, from the dequantised cache when it is there (seconds, not ~30 s)."""
+    cache = gguf_cache_dir(path)
+    if use_cache and (cache / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(cache, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, local_files_only=True)
+        _ensure_pad_token(tokenizer)
+        return LoadedModel(model=model, tokenizer=tokenizer, spec=str(path))
+    loaded = dequantise_gguf(path, dtype)
+    if use_cache:
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        loaded.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another process filled the cache first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return loaded
+
+
+def dequantise_gguf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a GGUF file as a plain (not 'quantized') transformers model.
 
     transformers dequantises GGUF weights but marks the model quantized, so Trainer and

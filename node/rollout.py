@@ -99,6 +99,15 @@ def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Te
     return torch.log_softmax(logits, dim=-1)
 
 
+def eos_and_pad_ids(model: PreTrainedModel, tokenizer) -> tuple[list[int], int]:
+    """EOS ids (the tokenizer's first, then the model's ``generation_config`` ones) and the pad id."""
+    gen_eos = model.generation_config.eos_token_id
+    gen_eos = [] if gen_eos is None else list(gen_eos) if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+    eos = [tokenizer.eos_token_id] + [t for t in gen_eos if t != tokenizer.eos_token_id]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return eos, pad_id
+
+
 def cache_kwarg(model: PreTrainedModel) -> str:
     """Name of the KV-cache argument of ``model.forward`` (transformers 5.24 renamed it to ``cache``)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

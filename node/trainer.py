@@ -24,7 +24,8 @@ from .config import TrainConfig
 from .data import PromptExample, render_prompt
 from .logprobs import completion_logprobs
 from .rewards import RewardFunction, RewardResult, compute_rewards
-from .rollout import RolloutBackend, RolloutBatch, SamplingParams, TransformersBackend
+from .backends import make_backend
+from .rollout import RolloutBackend, RolloutBatch, SamplingParams, eos_and_pad_ids
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -88,10 +89,8 @@ class GRPOTrainer:
         self.tokenizer = tokenizer
         self.reward_functions = list(reward_functions)
         self.device = model.device
-        eos = [tokenizer.eos_token_id] + [t for t in _as_list(model.generation_config.eos_token_id)
-                                          if t != tokenizer.eos_token_id]
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-        self.backend = backend or TransformersBackend(model, eos, self.pad_id)
+        _, self.pad_id = eos_and_pad_ids(model, tokenizer)
+        self.backend = backend or make_backend(cfg, model, tokenizer)
         if ref_model is model:
             raise ValueError("ref_model must be a separate copy of the policy (it is frozen)")
         if cfg.grpo.beta > 0 and ref_model is None:
@@ -254,12 +253,6 @@ class GRPOTrainer:
 
     def _amp(self):
         return self._autocast if self._autocast is not None else nullcontext()
-
-
-def _as_list(x) -> list:
-    if x is None:
-        return []
-    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
