@@ -128,7 +128,7 @@ class TRLStepResult:
     time_step: float  # the whole optimisation step
     time_generate_score: float  # TRL's _generate_and_score_completions (generation, rewards, advantages)
     num_completions: int
-    completions_per_prompt: list[int]  # how many completions TRL generated for each distinct prompt
+    completions_per_prompt: dict[tuple[int, ...], int]  # completions TRL generated per distinct prompt (token ids)
     prompt_lengths: list[int]  # real prompt tokens of each completion row (group-major, before TRL's shuffle)
     completion_lengths: list[int]  # real completion tokens of each row (EOS included)
     padded_prompt_width: int  # P_max: prompts are left-padded to it for every completion
@@ -268,12 +268,19 @@ class TRLStepper:
         return TRLStepResult(
             loss=loss, grad_norm=None if grad_norm is None else float(grad_norm), lr=float(lr),
             time_step=elapsed, time_generate_score=gen["time"], num_completions=int(prompt_ids.size(0)),
-            completions_per_prompt=list(per_prompt.values()),
+            completions_per_prompt=per_prompt,
             prompt_lengths=prompt_mask.sum(1).tolist(), completion_lengths=completion_mask.sum(1).tolist(),
             padded_prompt_width=int(prompt_ids.size(1)), padded_completion_width=int(completion_mask.size(1)),
             max_abs_advantage=float(adv.abs().max()) if adv.numel() else 0.0,
             reward_mean=float(rewards[-1]) if rewards else float("nan"),
         )
+
+    def close(self) -> None:
+        """End training as ``_finalize_training`` does for the callbacks (closes TRL's progress bar)."""
+        t = self.trainer
+        t.control = t.callback_handler.on_epoch_end(t.args, t.state, t.control)
+        t.control = t.callback_handler.on_train_end(t.args, t.state, t.control)
+        t.is_in_train = False
 
     def prompt_token_ids(self, prompts: list) -> list[list[int]]:
         """The token ids TRL feeds the model for ``prompts`` (text or chat messages)."""

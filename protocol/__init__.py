@@ -1,0 +1,16 @@
+"""grpo-swarm wire protocol: messages, canonical signing bytes, identities, proofs, assignment.
+
+Pure: imports neither :mod:`grpo_swarm.node` nor :mod:`grpo_swarm.coordinator` (nor torch or
+hivemind), so verifiers can use it alone. Modules:
+
+* :mod:`.grpo_swarm_pb2` — generated from ``grpo_swarm.proto`` (``python protocol/build_proto.py``);
+* :mod:`.canonical` — the canonical signing-bytes spec;
+* :mod:`.identity` — Ed25519 node keys, node ids, libp2p/hivemind identity files;
+* :mod:`.proofs` — build/sign/verify/parse RewardProof, ProofBatch, SignedEnvelope;
+* :mod:`.assignment` — deterministic prompt assignment;
+* :mod:`.errors` — ProtocolError and the stable ReasonCode enum.
+"""
+
+from .errors import ProtocolError, ReasonCode
+
+__all__ = ["ProtocolError", "ReasonCode"]

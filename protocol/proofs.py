@@ -1,0 +1,413 @@
+"""Reward proofs: build, sign, verify and parse :class:`RewardProof` (and signed envelopes).
+
+A ``RewardProof`` says: *node K, sampling with policy version V (snapshot S), produced completion C
+for prompt P (index i, assigned in round r) as member k of GRPO group g of size G; reward function
+j gave value v_j, the total was T under reward spec R, the advantage A; this is K's n-th proof.*
+K signs ``canonical_bytes(proof, exclude="signature")`` (:mod:`.canonical`) with Ed25519.
+
+Hashes (raw 32-byte SHA-256 digests):
+
+* ``prompt_sha256`` = SHA-256 of the rendered prompt text (exactly the string given to the
+  tokenizer, chat template applied) encoded as UTF-8 — :func:`prompt_hash`;
+* ``completion_token_ids_sha256`` = SHA-256 of the completion token ids, each as a little-endian
+  uint32, concatenated (``struct.pack("<%dI" % n, *ids)``) — :func:`token_ids_hash`;
+* ``behaviour_logprobs_sha256`` = SHA-256 of the per-token behaviour log-probabilities, each as an
+  IEEE-754 binary32 little-endian value (round-to-nearest from the given value, ``-0.0`` written
+  as ``+0.0``; NaN and infinities rejected) — :func:`logprobs_commitment`.
+
+The raw ``behaviour_logprobs`` and ``completion_token_ids`` are optional in the message; if
+present they must match their hash (checked by :func:`validate_proof`), so a spot-checker can
+recompute log-probabilities without asking the peer again.
+
+Parsing (:func:`parse_proof`, :func:`parse_proof_batch`, :func:`open_envelope`) never raises
+anything but :class:`~.errors.ProtocolError`: size limit first (OVERSIZED), then protobuf parsing,
+unknown fields and structural rules (MALFORMED), then the signature (BAD_SIGNATURE). Whether the
+contents are *true* (known key, assigned prompt, rewards, advantage, sequence, version, time) is
+for the verifier to check, with the other reason codes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import operator
+import struct
+import time
+from typing import Mapping, Sequence
+
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+from . import grpo_swarm_pb2 as pb
+from .canonical import is_repeated_field, canonical_bytes
+from .errors import ProtocolError, ReasonCode
+from .identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, verify_signature
+
+RewardProof = pb.RewardProof
+ProofBatch = pb.ProofBatch
+PolicySnapshotRef = pb.PolicySnapshotRef
+RewardValue = pb.RewardValue
+SignedEnvelope = pb.SignedEnvelope
+
+SIGNATURE_FIELD = "signature"
+HASH_SIZE = 32
+MAX_PROOF_BYTES = 1 << 20  # 1 MiB
+MAX_BATCH_BYTES = 16 << 20
+MAX_BATCH_PROOFS = 4096
+MAX_ENVELOPE_BYTES = 16 << 20
+MAX_ID_CHARS = 256  # run_id, group_id, reward_spec_id, reward names, envelope kind
+MAX_REWARDS = 64
+_U32 = 2**32
+_U64 = 2**64
+_I64 = 2**63
+
+
+# ---- hashes ------------------------------------------------------------------------------------
+def prompt_hash(prompt_text: str) -> bytes:
+    if not isinstance(prompt_text, str):
+        raise TypeError(f"prompt text must be str, got {type(prompt_text).__name__}")
+    return hashlib.sha256(prompt_text.encode("utf-8")).digest()
+
+
+def _token_ids(ids: Sequence[int]) -> list[int]:
+    out = [operator.index(t) for t in ids]
+    for t in out:
+        if not 0 <= t < _U32:
+            raise ValueError(f"token id {t} is outside [0, 2**32)")
+    return out
+
+
+def token_ids_hash(ids: Sequence[int]) -> bytes:
+    ids = _token_ids(ids)
+    return hashlib.sha256(struct.pack(f"<{len(ids)}I", *ids)).digest()
+
+
+def _float32_le(values: Sequence[float]) -> bytes:
+    vals = []
+    for v in values:
+        v = float(v)
+        if not math.isfinite(v):
+            raise ValueError(f"log-probability {v} is not finite")
+        vals.append(v + 0.0)  # -0.0 -> +0.0
+    try:
+        return struct.pack(f"<{len(vals)}f", *vals)
+    except OverflowError as e:
+        raise ValueError(f"log-probability out of float32 range ({e})") from None
+
+
+def logprobs_commitment(values: Sequence[float]) -> bytes:
+    return hashlib.sha256(_float32_le(values)).digest()
+
+
+def group_id_for(node_id: str, round_index: int, prompt_index: int) -> str:
+    """A group id that is unique per node, round and prompt (the assignment samples prompts
+    without replacement within a round): ``"<node_id>/<round>/<prompt>"``."""
+    return f"{node_id}/{operator.index(round_index)}/{operator.index(prompt_index)}"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# ---- building and signing ----------------------------------------------------------------------
+def build_reward_proof(
+    *,
+    run_id: str,
+    policy_version: int,
+    snapshot_sha256: bytes,
+    round_index: int,
+    prompt_index: int,
+    group_id: str,
+    group_size: int,
+    completion_index: int,
+    completion_token_ids: Sequence[int],
+    completion_text: str,
+    behaviour_logprobs: Sequence[float],
+    rewards: Mapping[str, float | None] | Sequence[tuple[str, float | None]],
+    reward_total: float,
+    reward_spec_id: str,
+    advantage: float,
+    sequence: int,
+    prompt_text: str | None = None,
+    prompt_sha256: bytes | None = None,
+    time_ms: int | None = None,
+    node_public_key: bytes = b"",
+    include_logprobs: bool = True,
+    include_token_ids: bool = True,
+) -> RewardProof:
+    """An unsigned RewardProof from plain Python values (ints/floats, or numpy/torch scalars).
+
+    Give the prompt as ``prompt_text`` (hashed here) or its ``prompt_sha256``. A reward value of
+    None or NaN means "not applicable" (stored as value 0, applicable false), as in
+    ``grpo_swarm.node.rewards.RewardResult.per_function``; infinities are rejected. ``include_logprobs`` /
+    ``include_token_ids`` also store the raw values next to their hashes. ``node_public_key`` may
+    be left empty; :func:`sign_proof` fills it in. Raises ValueError/TypeError on bad input.
+    """
+    if (prompt_text is None) == (prompt_sha256 is None):
+        raise ValueError("give exactly one of prompt_text and prompt_sha256")
+    p_hash = prompt_hash(prompt_text) if prompt_text is not None else bytes(prompt_sha256)
+    ids = _token_ids(completion_token_ids)
+    lps = [float(v) for v in behaviour_logprobs]
+    if len(lps) != len(ids):
+        raise ValueError(f"{len(lps)} behaviour log-probabilities for {len(ids)} completion tokens")
+    items = list(rewards.items()) if isinstance(rewards, Mapping) else list(rewards)
+    reward_values = []
+    for name, value in items:
+        if value is None or math.isnan(float(value)):  # also numpy/torch scalar NaN
+            reward_values.append(RewardValue(name=name, value=0.0, applicable=False))
+        else:
+            reward_values.append(RewardValue(name=name, value=float(value), applicable=True))
+    proof = RewardProof(
+        run_id=run_id,
+        node_public_key=bytes(node_public_key),
+        policy=PolicySnapshotRef(version=operator.index(policy_version), sha256=bytes(snapshot_sha256)),
+        round_index=operator.index(round_index),
+        prompt_index=operator.index(prompt_index),
+        prompt_sha256=p_hash,
+        group_id=group_id,
+        group_size=operator.index(group_size),
+        completion_index=operator.index(completion_index),
+        completion_token_ids_sha256=token_ids_hash(ids),
+        completion_text=completion_text,
+        num_completion_tokens=len(ids),
+        behaviour_logprobs_sha256=logprobs_commitment(lps),
+        behaviour_logprobs=lps if include_logprobs else [],
+        completion_token_ids=ids if include_token_ids else [],
+        rewards=reward_values,
+        reward_total=float(reward_total),
+        reward_spec_id=reward_spec_id,
+        advantage=float(advantage),
+        sequence=operator.index(sequence),
+        time_ms=now_ms() if time_ms is None else operator.index(time_ms),
+    )
+    try:
+        validate_proof(proof, require_signature=False)
+    except ProtocolError as e:
+        raise ValueError(e.detail) from None
+    return proof
+
+
+def proof_signing_bytes(proof: RewardProof) -> bytes:
+    """The bytes a RewardProof's signature covers: ``canonical_bytes(proof, exclude="signature")``."""
+    return canonical_bytes(proof, exclude=SIGNATURE_FIELD)
+
+
+def sign_proof(proof: RewardProof, identity: Identity) -> RewardProof:
+    """Set ``node_public_key`` (if empty) and ``signature``; returns the same (mutated) proof.
+
+    Raises ValueError if the proof names another key, ProtocolError if it is malformed.
+    """
+    if not proof.node_public_key:
+        proof.node_public_key = identity.public_key_bytes
+    elif proof.node_public_key != identity.public_key_bytes:
+        raise ValueError("proof.node_public_key belongs to another identity")
+    proof.signature = b""
+    validate_proof(proof, require_signature=False)
+    proof.signature = identity.sign(proof_signing_bytes(proof))
+    return proof
+
+
+def verify_proof_signature(proof: RewardProof) -> bool:
+    """True iff the proof's signature is valid for its ``node_public_key``. Never raises."""
+    try:
+        if not isinstance(proof, RewardProof):
+            return False
+        return verify_signature(proof.node_public_key, proof_signing_bytes(proof), proof.signature)
+    except Exception:  # noqa: BLE001 - NaN fields, garbage: simply not a valid signature
+        return False
+
+
+# ---- structural validation ---------------------------------------------------------------------
+def _bad(detail: str) -> ProtocolError:
+    return ProtocolError(ReasonCode.MALFORMED, detail)
+
+
+def _check_len(name: str, value: bytes, size: int) -> None:
+    if len(value) != size:
+        raise _bad(f"{name} must be {size} bytes, got {len(value)}")
+
+
+def _check_id(name: str, value: str) -> None:
+    if not value:
+        raise _bad(f"{name} is empty")
+    if len(value) > MAX_ID_CHARS:
+        raise _bad(f"{name} is longer than {MAX_ID_CHARS} characters")
+
+
+def _check_finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise _bad(f"{name} is not finite ({value})")
+
+
+def validate_proof(proof: RewardProof, *, require_signature: bool = True) -> None:
+    """Structural rules every proof must satisfy; raises ProtocolError(MALFORMED). Does not check
+    the signature's validity, only its length. With ``require_signature=False`` (a proof being
+    built) the signature and node_public_key may still be empty."""
+    if not isinstance(proof, RewardProof):
+        raise _bad(f"expected a RewardProof, got {type(proof).__name__}")
+    _check_id("run_id", proof.run_id)
+    if require_signature or proof.node_public_key:
+        _check_len("node_public_key", proof.node_public_key, PUBLIC_KEY_SIZE)
+    if require_signature or proof.signature:
+        _check_len("signature", proof.signature, SIGNATURE_SIZE)
+    if not proof.HasField("policy"):
+        raise _bad("policy (PolicySnapshotRef) is missing")
+    _check_len("policy.sha256", proof.policy.sha256, HASH_SIZE)
+    _check_len("prompt_sha256", proof.prompt_sha256, HASH_SIZE)
+    _check_id("group_id", proof.group_id)
+    if proof.group_size < 1:
+        raise _bad("group_size must be at least 1")
+    if proof.completion_index >= proof.group_size:
+        raise _bad(f"completion_index {proof.completion_index} is not below group_size {proof.group_size}")
+    _check_len("completion_token_ids_sha256", proof.completion_token_ids_sha256, HASH_SIZE)
+    _check_len("behaviour_logprobs_sha256", proof.behaviour_logprobs_sha256, HASH_SIZE)
+    n = proof.num_completion_tokens
+    if proof.behaviour_logprobs:
+        if len(proof.behaviour_logprobs) != n:
+            raise _bad(f"{len(proof.behaviour_logprobs)} behaviour_logprobs for {n} completion tokens")
+        for v in proof.behaviour_logprobs:
+            _check_finite("behaviour_logprobs", v)
+        if logprobs_commitment(proof.behaviour_logprobs) != proof.behaviour_logprobs_sha256:
+            raise _bad("behaviour_logprobs do not match behaviour_logprobs_sha256")
+    if proof.completion_token_ids:
+        if len(proof.completion_token_ids) != n:
+            raise _bad(f"{len(proof.completion_token_ids)} completion_token_ids for {n} completion tokens")
+        if token_ids_hash(proof.completion_token_ids) != proof.completion_token_ids_sha256:
+            raise _bad("completion_token_ids do not match completion_token_ids_sha256")
+    if not proof.rewards:
+        raise _bad("no reward values")
+    if len(proof.rewards) > MAX_REWARDS:
+        raise _bad(f"more than {MAX_REWARDS} reward values")
+    seen = set()
+    for r in proof.rewards:
+        _check_id("reward name", r.name)
+        if r.name in seen:
+            raise _bad(f"reward {r.name!r} appears twice")
+        seen.add(r.name)
+        _check_finite(f"reward {r.name!r}", r.value)
+        if not r.applicable and r.value != 0.0:
+            raise _bad(f"reward {r.name!r} is not applicable but has value {r.value}")
+    _check_finite("reward_total", proof.reward_total)
+    _check_id("reward_spec_id", proof.reward_spec_id)
+    _check_finite("advantage", proof.advantage)
+
+
+# ---- parsing -----------------------------------------------------------------------------------
+def _check_bytes(data, max_bytes: int, what: str) -> bytes:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise _bad(f"{what} must be bytes, got {type(data).__name__}")
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > max_bytes:
+        raise ProtocolError(ReasonCode.OVERSIZED, f"{what} is {size} bytes, limit {max_bytes}")
+    return bytes(data)
+
+
+def _reject_unknown_fields(msg: Message, where: str) -> None:
+    if len(UnknownFieldSet(msg)):
+        raise _bad(f"{where} has unknown fields (wrong schema version or garbage)")
+    for field, value in msg.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            continue  # no map fields in this schema; their values are checked by the parser
+        if is_repeated_field(field):
+            for i, item in enumerate(value):
+                _reject_unknown_fields(item, f"{where}.{field.name}[{i}]")
+        else:
+            _reject_unknown_fields(value, f"{where}.{field.name}")
+
+
+def _parse(cls, data: bytes, what: str):
+    msg = cls()
+    try:
+        msg.ParseFromString(data)
+    except Exception as e:  # noqa: BLE001 - DecodeError, RecursionError, ...: all mean garbage
+        raise _bad(f"{what} is not a valid protobuf {cls.DESCRIPTOR.name}: {type(e).__name__}: {e}") from None
+    _reject_unknown_fields(msg, what)
+    return msg
+
+
+def _check_proof(proof: RewardProof, verify: bool, what: str) -> None:
+    try:
+        validate_proof(proof, require_signature=True)
+    except ProtocolError as e:
+        raise ProtocolError(e.code, f"{what}: {e.detail}") from None
+    if verify and not verify_proof_signature(proof):
+        raise ProtocolError(ReasonCode.BAD_SIGNATURE, f"{what}: signature does not verify for its node_public_key")
+
+
+def parse_proof(data: bytes, *, max_bytes: int = MAX_PROOF_BYTES, verify: bool = True) -> RewardProof:
+    """Parse and structurally validate one serialised RewardProof (and, by default, its signature).
+
+    Raises ProtocolError: OVERSIZED (more than ``max_bytes``), MALFORMED (not a RewardProof,
+    unknown fields, wrong key/signature/hash lengths, inconsistent fields), BAD_SIGNATURE.
+    """
+    data = _check_bytes(data, max_bytes, "RewardProof")
+    proof = _parse(RewardProof, data, "RewardProof")
+    _check_proof(proof, verify, "RewardProof")
+    return proof
+
+
+def parse_proof_batch(
+    data: bytes,
+    *,
+    max_bytes: int = MAX_BATCH_BYTES,
+    max_proofs: int = MAX_BATCH_PROOFS,
+    max_proof_bytes: int = MAX_PROOF_BYTES,
+    verify: bool = True,
+) -> ProofBatch:
+    """Parse a ProofBatch; every proof is checked like :func:`parse_proof` (first failure raises,
+    its detail says which proof)."""
+    data = _check_bytes(data, max_bytes, "ProofBatch")
+    batch = _parse(ProofBatch, data, "ProofBatch")
+    if len(batch.proofs) > max_proofs:
+        raise ProtocolError(ReasonCode.OVERSIZED, f"ProofBatch has {len(batch.proofs)} proofs, limit {max_proofs}")
+    for i, proof in enumerate(batch.proofs):
+        if proof.ByteSize() > max_proof_bytes:
+            raise ProtocolError(ReasonCode.OVERSIZED, f"proofs[{i}] is larger than {max_proof_bytes} bytes")
+        _check_proof(proof, verify, f"proofs[{i}]")
+    return batch
+
+
+# ---- signed envelopes --------------------------------------------------------------------------
+def envelope_signing_bytes(envelope: SignedEnvelope) -> bytes:
+    return canonical_bytes(envelope, exclude=SIGNATURE_FIELD)
+
+
+def seal_envelope(
+    payload: bytes | Message, identity: Identity, *, nonce: int, kind: str | None = None, time_ms: int | None = None
+) -> SignedEnvelope:
+    """Sign ``payload`` (bytes, or a message serialised here; ``kind`` defaults to its full name)."""
+    if isinstance(payload, Message):
+        kind = kind or payload.DESCRIPTOR.full_name
+        payload = payload.SerializeToString()
+    if not kind:
+        raise ValueError("kind is required for a bytes payload")
+    if len(kind) > MAX_ID_CHARS:
+        raise ValueError(f"kind is longer than {MAX_ID_CHARS} characters")
+    env = SignedEnvelope(
+        payload=bytes(payload),
+        kind=kind,
+        signer_public_key=identity.public_key_bytes,
+        nonce=operator.index(nonce),
+        time_ms=now_ms() if time_ms is None else operator.index(time_ms),
+    )
+    env.signature = identity.sign(envelope_signing_bytes(env))
+    return env
+
+
+def open_envelope(
+    data: bytes, *, expected_kind: str | None = None, max_bytes: int = MAX_ENVELOPE_BYTES
+) -> SignedEnvelope:
+    """Parse a SignedEnvelope and verify its signature; ProtocolError (OVERSIZED, MALFORMED,
+    BAD_SIGNATURE) otherwise. The caller checks the signer, nonce and time, then parses the payload."""
+    data = _check_bytes(data, max_bytes, "SignedEnvelope")
+    env = _parse(SignedEnvelope, data, "SignedEnvelope")
+    _check_id("SignedEnvelope.kind", env.kind)
+    if expected_kind is not None and env.kind != expected_kind:
+        raise _bad(f"SignedEnvelope.kind is {env.kind!r}, expected {expected_kind!r}")
+    _check_len("SignedEnvelope.signer_public_key", env.signer_public_key, PUBLIC_KEY_SIZE)
+    _check_len("SignedEnvelope.signature", env.signature, SIGNATURE_SIZE)
+    if not verify_signature(env.signer_public_key, envelope_signing_bytes(env), env.signature):
+        raise ProtocolError(ReasonCode.BAD_SIGNATURE, "SignedEnvelope signature does not verify")
+    return env

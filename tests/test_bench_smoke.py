@@ -1,0 +1,126 @@
+"""bench/grpo_vs_trl.py runs end to end on the tiny model; bench/flops.py counts what it says; TRLStepper steps."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from flops import ModelDims, TokenCounts, forward_flops, grouped_counts, train_flops, trl_processed_counts  # noqa: E402
+
+from grpo_swarm.node.models import TINY_ALPHABET, TINY_SPECIALS, build_tiny_model, tiny_config  # noqa: E402
+
+REQUIRED = ("model", "ours_completions_per_s", "trl_completions_per_s", "ratio", "max_abs_grad_diff", "config")
+
+
+@pytest.mark.slow
+def test_bench_tiny_prints_one_json_line():
+    pytest.importorskip("trl")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "grpo_vs_trl.py"), "--model", "tiny", "--steps", "1", "--warmup", "0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stdout[-2000:]
+    res = json.loads(lines[0])
+    for key in REQUIRED:
+        assert key in res, key
+    assert res["model"] == "tiny"
+    assert res["ratio"] > 0 and res["ours_completions_per_s"] > 0 and res["trl_completions_per_s"] > 0
+    assert res["max_abs_grad_diff"] <= 1e-5
+    assert res["grad_check"]["trl_grad_scale"] > 1e-4  # the gradient comparison is not between two zeros
+    assert set(res["config"]) >= {"shared", "trl_defaults_kept"}
+    assert res["config"]["shared"]["group_size"] == 8 and res["config"]["shared"]["prompts_per_step"] == 4
+    assert res["prompt_tokens_identical"] and res["trl_completions_per_prompt_ok"]
+    assert 0 < res["ours_train_utilisation"] and 0 < res["trl_train_utilisation"]
+
+
+# ------------------------------------------------------------------------------------------- flops.py
+
+
+def tiny_non_embedding_by_hand() -> int:
+    h, inter, kv = 64, 256, 32  # 4 heads of 16, 2 KV heads -> k/v project to 32
+    attention = (h * h + h) + 2 * (h * kv + kv) + h * h  # q, k, v with bias (Qwen2), o without
+    mlp = 3 * h * inter  # gate, up, down
+    norms = 2 * h
+    return 2 * (attention + mlp + norms) + h  # 2 layers + final norm
+
+
+def test_model_dims_tiny_hand_count():
+    dims = ModelDims.of(build_tiny_model().model)
+    assert dims.non_embedding_params == tiny_non_embedding_by_hand() == 123456
+    assert (dims.hidden, dims.vocab, dims.intermediate) == (64, len(TINY_SPECIALS) + len(TINY_ALPHABET), 256)
+
+
+def test_model_dims_untied_head_is_not_a_body_parameter():
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(80)
+    cfg.tie_word_embeddings = False
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    assert ModelDims.of(model).non_embedding_params == tiny_non_embedding_by_hand()
+
+
+def test_token_counts_and_flops_by_hand():
+    n, h, v = tiny_non_embedding_by_hand(), 64, 78
+    dims = ModelDims(non_embedding_params=n, hidden=h, vocab=v)
+    # 2 prompts of 4 and 3 tokens, G = 2, completions of 2, 1 | 3, 3 tokens
+    c = grouped_counts([4, 3], [2, 1, 3, 3], group_size=2)
+    # train: prefixes 3 + 2, then len(c) per completion = 9; logits for the 9 completion tokens
+    assert c["train"] == TokenCounts(body=5 + 9, head=9)
+    # generate: prompts prefilled once (7), tokens fed back 1 + 0 + 2 + 2 = 5; logits: 1 per prompt + 5
+    assert c["generate"] == TokenCounts(body=12, head=7)
+    assert train_flops(dims, c["train"]) == 6 * (n * 14 + h * v * 9)
+    assert forward_flops(dims, c["generate"]) == 2 * (n * 12 + h * v * 7)
+    # TRL on the same batch: 4 rows, prompts padded to 4, completions to 3
+    t = trl_processed_counts(4, 4, 3, compact_head=False)
+    assert t["train"] == TokenCounts(body=4 * 7, head=4 * 6)
+    assert t["generate"] == TokenCounts(body=4 * 4 + 4 * 2, head=4 * 3)
+    assert trl_processed_counts(4, 4, 3, compact_head=True)["train"] == TokenCounts(body=28, head=12)
+    with pytest.raises(ValueError):
+        grouped_counts([4, 3], [2, 1, 3], group_size=2)
+
+
+# ------------------------------------------------------------------------------------------- TRLStepper
+
+
+def test_trl_stepper_takes_real_steps():
+    pytest.importorskip("trl")
+    from trl_compare import SharedSettings, TRLStepper, clone_model, make_trl_trainer
+
+    loaded = build_tiny_model(seed=1)
+    prompts = ["3+4=", "12*3-5="]
+    s = SharedSettings(group_size=4, prompts_per_step=2, max_completion_length=8, lr=1e-3)
+
+    def length_reward(prompts, completions, **kw):  # varies within groups, so advantages are non-zero
+        return [float(len(c)) for c in completions]
+
+    trainer = make_trl_trainer(clone_model(loaded.model), loaded.tokenizer, s, prompts, reward_funcs=[length_reward])
+    stepper = TRLStepper(trainer, max_steps=2)
+    model = trainer.model
+    assert model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing") \
+        else model.is_gradient_checkpointing
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lr0 = trainer.lr_scheduler.get_last_lr()[0]
+    r = stepper.step([{"prompt": p} for p in prompts])
+    assert model.training
+    assert r.num_completions == 8 and sorted(r.completions_per_prompt.values()) == [4, 4]
+    assert r.max_abs_advantage > 0
+    change = max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters())
+    assert change > 0
+    assert stepper.global_step == 1 and trainer.lr_scheduler.get_last_lr()[0] < lr0  # linear decay stepped
+    assert 0 < r.time_generate_score < r.time_step
+    stepper.close()
+    assert all(p.grad is None for p in model.parameters())  # zero_grad after the step
+    assert stepper.prompt_token_ids(prompts) == [loaded.tokenizer(p, add_special_tokens=False).input_ids
+                                                 for p in prompts]
+    torch.testing.assert_close(torch.tensor(r.prompt_lengths, dtype=torch.float), torch.tensor([4.0] * 4 + [7.0] * 4))
