@@ -85,6 +85,12 @@ PRESETS = {
 }
 REQUIRED_KEYS = ("model", "ours_completions_per_s", "trl_completions_per_s", "ratio", "max_abs_grad_diff", "config")
 GRAD_CHECK_SEED = 1234
+LOSS_NORMALISATION = {  # TRL 1.16 GRPOTrainer._compute_loss, one accumulation step
+    "grpo": "mean over each completion's tokens, then mean over completions",
+    "bnpo": "sum over the batch's tokens / their count",
+    "dr_grpo": "sum over tokens / (completions x max_completion_length)",
+    "dapo": "sum over tokens / num_items_in_batch (completion tokens of the generation batch)",
+}
 
 log = logging.getLogger("grpo_vs_trl")
 
@@ -141,7 +147,8 @@ def trl_defaults_kept(trl_trainer) -> list[str]:
     head = "completion positions" if _use_triton(a.device) else "every position (no Triton on this device)"
     return [
         f"gradient_checkpointing={a.activation_checkpointing} (kwargs {gc_kwargs}, enabled as Trainer.train() does)",
-        f"loss normalisation: loss_type={a.loss_type!r} (TRL's normaliser for it), scale_rewards={a.scale_rewards!r}",
+        f"loss normalisation: loss_type={a.loss_type!r} ({LOSS_NORMALISATION.get(a.loss_type, 'see TRL')}), "
+        f"scale_rewards={a.scale_rewards!r}",
         f"optim={a.optim.value if hasattr(a.optim, 'value') else a.optim} adam_beta1={a.adam_beta1} "
         f"adam_beta2={a.adam_beta2} adam_epsilon={a.adam_epsilon} weight_decay={a.weight_decay}",
         f"lr_scheduler_type={getattr(a.lr_scheduler_type, 'value', a.lr_scheduler_type)} over max_steps = warmup + "
@@ -272,7 +279,8 @@ def run(args: argparse.Namespace) -> dict:
     for i, (ids, txt) in enumerate(zip(our_ids, texts)):
         trl_ids = stepper.prompt_token_ids(txt)
         if trl_ids != ids:
-            raise AssertionError(f"batch {i}: TRL tokenizes the prompts differently: {trl_ids[0][:12]} vs {ids[0][:12]}")
+            raise AssertionError(
+                f"batch {i}: TRL tokenizes the prompts differently: {trl_ids[0][:12]} vs ours {ids[0][:12]}")
 
     # gradients on one identical batch (our first step's), from the same initial weights
     grad_cfg = TrainConfig.model_validate({**cfg_data, "grpo": {**cfg_data["grpo"], "use_behaviour_correction": False}})
@@ -426,6 +434,9 @@ def main(argv=None) -> int:
     real_stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # libraries that print must not break the one-JSON-line contract
         res = run(args)
+        missing = [k for k in REQUIRED_KEYS if k not in res]
+        if missing:
+            raise AssertionError(f"result lacks {missing}")
         print_table(res)
     real_stdout.write(json.dumps(res) + "\n")
     real_stdout.flush()

@@ -168,7 +168,8 @@ class TRLStepper:
 
         t, args = trainer, trainer.args
         if args.gradient_accumulation_steps != 1 or args.steps_per_generation != 1 or t.num_iterations != 1:
-            raise ValueError("TRLStepper drives gradient_accumulation_steps = steps_per_generation = num_iterations = 1")
+            raise ValueError(
+                "TRLStepper drives gradient_accumulation_steps = steps_per_generation = num_iterations = 1")
         self.trainer = t
         self.max_steps = max_steps
         self.group_size = t.num_generations
