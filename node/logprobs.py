@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from . import fast_forward
 from .rollout import cache_kwarg, left_pad
 
 
@@ -61,25 +62,35 @@ def completion_logprobs(
     last = torch.stack([p[-1] for p in prompt_ids]).to(device)
     completion_ids = completion_ids.to(device)
     inputs = torch.cat([last.repeat_interleave(group_size)[:, None], completion_ids[:, :-1]], dim=1)
-
-    cache_arg = cache_kwarg(model)
-    if max(len(p) for p in prefixes) > 0:
-        ids, attn = (t.to(device) for t in left_pad(prefixes, pad_token_id))
-        positions = (attn.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=model.config)
-        model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1,
-              **{cache_arg: cache})
-        cache.batch_repeat_interleave(group_size)
-        attn = torch.cat([attn.repeat_interleave(group_size, dim=0), attn.new_ones((n, width))], dim=1)
-        start = attn.new_tensor([len(p) for p in prefixes]).repeat_interleave(group_size)
+    prefix_ids, prefix_mask = (t.to(device) for t in left_pad(prefixes, pad_token_id))
+    if fast_forward.supports(model):
+        hidden = fast_forward.shared_prefix_forward(model, prefix_ids, prefix_mask, inputs, group_size)
+        logits = model.lm_head(hidden)
     else:
-        cache, attn, start = None, None, torch.zeros(n, dtype=torch.long, device=device)
-    positions = start[:, None] + torch.arange(width, device=device)[None, :]
-    out = model(input_ids=inputs, attention_mask=attn, position_ids=positions, use_cache=cache is not None,
-                **({cache_arg: cache} if cache is not None else {}))
-    logits = out.logits
+        logits = _hf_shared_prefix_logits(model, prefix_ids, prefix_mask, inputs, group_size)
     if temperature != 1.0:
         logits = logits / temperature
     logps = selective_log_softmax(logits, completion_ids)
     entropy = entropy_from_logits(logits.detach()) if with_entropy else None
     return TokenScores(logps=logps, entropy=entropy)
+
+
+def _hf_shared_prefix_logits(model, prefix_ids, prefix_mask, inputs, group_size: int) -> torch.Tensor:
+    """The same computation through transformers' forward and DynamicCache (any architecture)."""
+    n, width = inputs.shape
+    device = inputs.device
+    cache_arg = cache_kwarg(model)
+    if prefix_ids.size(1) > 0:
+        positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True,
+              logits_to_keep=1, **{cache_arg: cache})
+        cache.batch_repeat_interleave(group_size)
+        attn = torch.cat([prefix_mask.repeat_interleave(group_size, dim=0), prefix_mask.new_ones((n, width))], dim=1)
+        start = prefix_mask.sum(-1).repeat_interleave(group_size)
+    else:
+        cache, attn, start = None, None, torch.zeros(n, dtype=torch.long, device=device)
+    positions = start[:, None] + torch.arange(width, device=device)[None, :]
+    out = model(input_ids=inputs, attention_mask=attn, position_ids=positions, use_cache=cache is not None,
+                **({cache_arg: cache} if cache is not None else {}))
+    return out.logits

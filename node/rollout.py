@@ -22,6 +22,8 @@ from typing import Protocol, Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from . import fast_forward
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -125,6 +127,57 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
+class HFDecoder:
+    """Sampling through the model's own transformers forward and DynamicCache (any architecture)."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.model, self.cache_arg = model, cache_kwarg(model)
+
+    def start(self, ids, attn, group_size: int, capacity: int) -> torch.Tensor:
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        self.cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{self.cache_arg: self.cache})
+        self.cache.batch_repeat_interleave(group_size)
+        self.attn = attn.repeat_interleave(group_size, dim=0)
+        self.next_pos = positions[:, -1:].repeat_interleave(group_size, dim=0) + 1
+        return out.logits[:, -1].repeat_interleave(group_size, dim=0)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.attn, self.next_pos = self.attn[rows], self.next_pos[rows]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.attn = torch.cat([self.attn, self.attn.new_ones((self.attn.size(0), 1))], dim=1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.attn, position_ids=self.next_pos,
+                         use_cache=True, **{self.cache_arg: self.cache})
+        self.next_pos = self.next_pos + 1
+        return out.logits[:, -1]
+
+
+class FastDecoder:
+    """Sampling through :mod:`fast_forward` (Llama-family models): static KV cache, fused projections."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.fused = fast_forward.FusedWeights.of(model)
+
+    def start(self, ids, attn, group_size: int, capacity: int) -> torch.Tensor:
+        logits, self.cache = fast_forward.prefill(self.model, self.fused, ids, attn, capacity)
+        self.cache.repeat(group_size)
+        self.next_pos = attn.sum(-1).repeat_interleave(group_size)
+        return logits.repeat_interleave(group_size, dim=0)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.select(rows)
+        self.next_pos = self.next_pos[rows]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = fast_forward.decode_step(self.model, self.fused, tokens, self.next_pos, self.cache)
+        self.next_pos = self.next_pos + 1
+        return logits
+
+
 class TransformersBackend:
     """Sampling with a transformers causal LM: prefix-shared prefill, batched KV-cached decoding."""
 
@@ -149,46 +202,33 @@ class TransformersBackend:
         model.eval()
         gen = torch.Generator(device=device).manual_seed(seed)
         ids, attn = (t.to(device) for t in left_pad(prompt_ids, self.pad_id))
-        positions = (attn.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=model.config)
-        cache_arg = cache_kwarg(model)
-        out = model(
-            input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1,
-            **{cache_arg: cache},
-        )
-        cache.batch_repeat_interleave(group_size)
-        logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
-        attn = attn.repeat_interleave(group_size, dim=0)
-        next_pos = positions[:, -1:].repeat_interleave(group_size, dim=0) + 1
+        decoder = (FastDecoder if fast_forward.supports(model) else HFDecoder)(model)
+        logits = decoder.start(ids, attn, group_size, capacity=ids.size(1) + params.max_new_tokens)
 
         n = logits.size(0)
         tokens = torch.full((n, params.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         logps = torch.zeros((n, params.max_new_tokens), dtype=torch.float32, device=device)
         lengths = torch.zeros(n, dtype=torch.long, device=device)
         finished = torch.zeros(n, dtype=torch.bool, device=device)
-        active = torch.arange(n, device=device)  # rows still decoding, in cache order
+        active = torch.arange(n, device=device)  # rows in the decoder's batch, in its order
         eos = self.eos.to(device)
         for t in range(params.max_new_tokens):
             step_logps = processed_logprobs(logits, params)
             tok = torch.multinomial(step_logps.exp(), 1, generator=gen).squeeze(1)
-            tokens[active, t] = tok
-            logps[active, t] = step_logps.gather(1, tok[:, None]).squeeze(1)
-            lengths[active] = t + 1
-            done = torch.isin(tok, eos)
-            finished[active[done]] = True
-            if t + 1 == params.max_new_tokens or bool(done.all()):
+            alive = ~finished[active]  # finished rows may stay in the batch until compaction
+            live_rows = active[alive]
+            tokens[live_rows, t] = tok[alive]
+            logps[live_rows, t] = step_logps.gather(1, tok[:, None]).squeeze(1)[alive]
+            lengths[live_rows] = t + 1
+            finished[live_rows[torch.isin(tok[alive], eos)]] = True
+            still = ~finished[active]
+            if t + 1 == params.max_new_tokens or not bool(still.any()):
                 break
-            if bool(done.any()):
-                keep = torch.nonzero(~done).squeeze(1)
-                cache.batch_select_indices(keep)
-                active, tok, attn, next_pos = active[keep], tok[keep], attn[keep], next_pos[keep]
-            attn = torch.cat([attn, attn.new_ones((attn.size(0), 1))], dim=1)
-            out = model(
-                input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
-                **{cache_arg: cache},
-            )
-            logits = out.logits[:, -1]
-            next_pos = next_pos + 1
+            if int(still.sum()) <= 0.75 * active.numel():  # compact: drop finished rows from the batch
+                keep = torch.nonzero(still).squeeze(1)
+                decoder.keep(keep)
+                active, tok = active[keep], tok[keep]
+            logits = decoder.step(torch.where(finished[active], self.pad_id, tok))
         if was_training:
             model.train()
         width = int(lengths.max())

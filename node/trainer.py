@@ -103,6 +103,7 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
             betas=cfg.optim.adam_betas, weight_decay=cfg.optim.weight_decay,
+            fused=self.device.type in ("cpu", "cuda"),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / (cfg.optim.warmup_steps + 1))

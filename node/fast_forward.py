@@ -1,0 +1,235 @@
+"""A lean forward pass for Llama-family decoders (Llama, Qwen2, SmolLM2, Mistral without sliding window).
+
+transformers' generic forward spends most of a small model's time outside the matmuls: building
+4-D masks, cache objects, output dataclasses, kwarg plumbing and per-module hooks. GRPO calls the
+model thousands of times with the same simple shapes, so this module runs the same weights with
+the same maths directly:
+
+* :func:`prefill` / :func:`decode_step` — sampling with a preallocated KV cache
+  (:class:`StaticKVCache`), fused q|k|v and gate|up projections (:class:`FusedWeights`, built once
+  per generation call from the current weights);
+* :func:`shared_prefix_forward` — the training forward with gradients: each prompt runs once, its
+  keys/values are repeated for the G completions of its group (differentiable), completions attend
+  to them causally. Its gradients match the transformers forward (tests/test_fast_forward.py).
+
+Anything this module does not support (other architectures, sliding windows, ALiBi, ...) falls back
+to the transformers path: :func:`supports` says which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+SUPPORTED_TYPES = {"llama", "qwen2", "mistral"}
+
+
+def supports(model: PreTrainedModel) -> bool:
+    cfg = model.config
+    if cfg.model_type not in SUPPORTED_TYPES:
+        return False
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", cfg.model_type == "mistral"):
+        return False
+    if getattr(cfg, "pretraining_tp", 1) != 1 or getattr(cfg, "mlp_bias", False):
+        return False
+    act = getattr(cfg, "hidden_act", "silu")
+    return act == "silu" and hasattr(model.model, "rotary_emb")
+
+
+@dataclass(frozen=True)
+class Dims:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> "Dims":
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF Llama's RMSNorm: normalise in fp32, cast back, then scale."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rope(model: PreTrainedModel, x: torch.Tensor, positions: torch.Tensor):
+    cos, sin = model.model.rotary_emb(x, positions)
+    return cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, d]
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+@dataclass
+class FusedWeights:
+    """Per-layer concatenated projections for no-grad sampling (a copy of the current weights)."""
+
+    qkv: list[torch.Tensor]
+    qkv_bias: list[torch.Tensor | None]
+    gate_up: list[torch.Tensor]
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: PreTrainedModel) -> "FusedWeights":
+        qkv, bias, gate_up = [], [], []
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv.append(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+            bias.append(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if a.q_proj.bias is not None else None)
+            gate_up.append(torch.cat([m.gate_proj.weight, m.up_proj.weight]))
+        return cls(qkv, bias, gate_up)
+
+
+class StaticKVCache:
+    """Preallocated keys/values [B, kv_heads, capacity, head_dim] per layer, plus key validity."""
+
+    def __init__(self, layers: int, batch: int, dims: Dims, capacity: int, dtype, device):
+        shape = (batch, dims.kv_heads, capacity, dims.head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.valid = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
+        self.length = 0
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (in that order): finished sequences leave the batch."""
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
+        self.valid = self.valid.index_select(0, rows)
+
+    def repeat(self, times: int) -> None:
+        self.k = [t.repeat_interleave(times, dim=0) for t in self.k]
+        self.v = [t.repeat_interleave(times, dim=0) for t in self.v]
+        self.valid = self.valid.repeat_interleave(times, dim=0)
+
+
+def _sampling_layers(model, fused: FusedWeights, dims: Dims, x, positions, cache: StaticKVCache, mask):
+    """Run all layers on ``x`` [B, T, H], writing keys/values at cache[length : length+T]."""
+    b, t, _ = x.shape
+    start, stop = cache.length, cache.length + t
+    cos, sin = rope(model, x, positions)
+    q_size, kv_size = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+    for i, layer in enumerate(model.model.layers):
+        a = layer.self_attn
+        h = rms_norm(x, layer.input_layernorm.weight, dims.eps)
+        qkv = F.linear(h, fused.qkv[i], fused.qkv_bias[i])
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = rotate(q.view(b, t, dims.heads, dims.head_dim).transpose(1, 2), cos, sin)
+        k = rotate(k.view(b, t, dims.kv_heads, dims.head_dim).transpose(1, 2), cos, sin)
+        cache.k[i][:, :, start:stop] = k
+        cache.v[i][:, :, start:stop] = v.view(b, t, dims.kv_heads, dims.head_dim).transpose(1, 2)
+        attn = F.scaled_dot_product_attention(
+            q, cache.k[i][:, :, :stop], cache.v[i][:, :, :stop], attn_mask=mask,
+            enable_gqa=dims.kv_heads != dims.heads,
+        )
+        x = x + a.o_proj(attn.transpose(1, 2).reshape(b, t, q_size))
+        h = rms_norm(x, layer.post_attention_layernorm.weight, dims.eps)
+        gate, up = F.linear(h, fused.gate_up[i]).chunk(2, dim=-1)
+        x = x + layer.mlp.down_proj(F.silu(gate) * up)
+    return rms_norm(x, model.model.norm.weight, dims.eps)
+
+
+@torch.no_grad()
+def prefill(model, fused: FusedWeights, ids: torch.Tensor, attn: torch.Tensor, capacity: int) -> tuple[torch.Tensor, StaticKVCache]:
+    """Left-padded prompts ``ids`` [B, P] → last-position logits [B, V] and a cache of ``capacity``."""
+    dims = Dims.of(model)
+    b, p = ids.shape
+    cache = StaticKVCache(len(model.model.layers), b, dims, capacity, model.dtype, ids.device)
+    cache.valid[:, :p] = attn.bool()
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones(p, p, dtype=torch.bool, device=ids.device).tril()
+    # padded query rows would see no key at all (NaN): let them see themselves
+    mask = (causal[None] & cache.valid[:, None, :p]) | torch.eye(p, dtype=torch.bool, device=ids.device)[None]
+    x = model.model.embed_tokens(ids)
+    h = _sampling_layers(model, fused, dims, x, positions, cache, mask[:, None])
+    cache.length = p
+    return model.lm_head(h[:, -1]), cache
+
+
+@torch.no_grad()
+def decode_step(model, fused: FusedWeights, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    """One token per row [B] at ``positions`` [B] → logits [B, V]; the cache grows by one."""
+    dims = Dims.of(model)
+    cache.valid[:, cache.length] = True
+    mask = cache.valid[:, None, None, : cache.length + 1]
+    x = model.model.embed_tokens(tokens[:, None])
+    h = _sampling_layers(model, fused, dims, x, positions[:, None], cache, mask)
+    cache.length += 1
+    return model.lm_head(h[:, 0])
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def _attention_block(layer, dims: Dims, x, cos, sin):
+    b, t, _ = x.shape
+    a = layer.self_attn
+    h = rms_norm(x, layer.input_layernorm.weight, dims.eps)
+    q = rotate(a.q_proj(h).view(b, t, dims.heads, dims.head_dim).transpose(1, 2), cos, sin)
+    k = rotate(a.k_proj(h).view(b, t, dims.kv_heads, dims.head_dim).transpose(1, 2), cos, sin)
+    v = a.v_proj(h).view(b, t, dims.kv_heads, dims.head_dim).transpose(1, 2)
+    return q, k, v
+
+
+def _finish_layer(layer, dims: Dims, x, attn):
+    b, t, _ = x.shape
+    x = x + layer.self_attn.o_proj(attn.transpose(1, 2).reshape(b, t, dims.heads * dims.head_dim))
+    h = rms_norm(x, layer.post_attention_layernorm.weight, dims.eps)
+    m = layer.mlp
+    return x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
+
+
+def shared_prefix_forward(
+    model: PreTrainedModel,
+    prefix_ids: torch.Tensor,
+    prefix_mask: torch.Tensor,
+    inputs: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """Hidden states [N, C, H] of ``inputs`` [N = B*G, C] that follow left-padded prefixes [B, P].
+
+    Row ``n`` continues prefix ``n // G``. Prefix keys/values are computed once per prefix and
+    repeated (differentiably) for the G rows of its group. Returns final-norm hidden states.
+    """
+    dims = Dims.of(model)
+    b, p = prefix_ids.shape
+    n, c = inputs.shape
+    device = inputs.device
+    valid = prefix_mask.bool()
+    prefix_pos = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+    input_pos = prefix_mask.sum(-1, keepdim=True).repeat_interleave(group_size, 0) + torch.arange(c, device=device)
+    causal_p = torch.ones(p, p, dtype=torch.bool, device=device).tril()
+    mask_p = ((causal_p[None] & valid[:, None, :]) | torch.eye(p, dtype=torch.bool, device=device)[None])[:, None]
+    mask_c = torch.cat([
+        valid.repeat_interleave(group_size, 0)[:, None, :].expand(n, c, p),
+        torch.ones(c, c, dtype=torch.bool, device=device).tril()[None].expand(n, c, c),
+    ], dim=-1)[:, None]
+    xp = model.model.embed_tokens(prefix_ids) if p > 0 else None
+    xc = model.model.embed_tokens(inputs)
+    cos_p, sin_p = rope(model, xc, prefix_pos) if p > 0 else (None, None)
+    cos_c, sin_c = rope(model, xc, input_pos)
+    gqa = dims.kv_heads != dims.heads
+    for layer in model.model.layers:
+        qc, kc, vc = _attention_block(layer, dims, xc, cos_c, sin_c)
+        if p > 0:
+            qp, kp, vp = _attention_block(layer, dims, xp, cos_p, sin_p)
+            attn_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask_p, enable_gqa=gqa)
+            kc = torch.cat([kp.repeat_interleave(group_size, 0), kc], dim=2)
+            vc = torch.cat([vp.repeat_interleave(group_size, 0), vc], dim=2)
+            xp = _finish_layer(layer, dims, xp, attn_p)
+        attn_c = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask_c, enable_gqa=gqa)
+        xc = _finish_layer(layer, dims, xc, attn_c)
+    return rms_norm(xc, model.model.norm.weight, dims.eps)

@@ -1,0 +1,71 @@
+"""The lean Llama-family forward equals transformers' forward: logits, gradients, sampling path."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from grpo_swarm.node import fast_forward
+from grpo_swarm.node.logprobs import _hf_shared_prefix_logits, completion_logprobs
+from grpo_swarm.node.models import build_tiny_model
+from grpo_swarm.node.rollout import left_pad
+
+
+def tiny_llama():
+    cfg = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+MODELS = {"qwen2": lambda: build_tiny_model(4).model, "llama": tiny_llama}
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
+G = 3
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_training_forward_matches_transformers(name):
+    model = MODELS[name]()
+    assert fast_forward.supports(model)
+    torch.manual_seed(1)
+    completions = torch.randint(3, 40, (len(PROMPTS) * G, 5))
+    prefixes, mask = left_pad([p[:-1] for p in PROMPTS], 0)
+    last = torch.tensor([p[-1] for p in PROMPTS]).repeat_interleave(G)
+    inputs = torch.cat([last[:, None], completions[:, :-1]], dim=1)
+
+    ours = model.lm_head(fast_forward.shared_prefix_forward(model, prefixes, mask, inputs, G))
+    ours.sum().backward()
+    g_ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    theirs = _hf_shared_prefix_logits(model, prefixes, mask, inputs, G)
+    theirs.sum().backward()
+    assert (ours - theirs).abs().max() < 1e-5
+    for n, p in model.named_parameters():
+        assert (g_ours[n] - p.grad).abs().max() < 1e-4 * max(1.0, float(p.grad.abs().max())), n
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_sampling_path_matches_full_forward(name):
+    model = MODELS[name]().eval()
+    ids, attn = left_pad(PROMPTS, 0)
+    fused = fast_forward.FusedWeights.of(model)
+    logits, cache = fast_forward.prefill(model, fused, ids, attn, capacity=ids.size(1) + 2)
+    nxt = torch.tensor([20, 21, 22])
+    step = fast_forward.decode_step(model, fused, nxt, attn.sum(-1), cache)
+    with torch.no_grad():
+        for i, p in enumerate(PROMPTS):
+            full = model(torch.tensor([p + [int(nxt[i])]])).logits[0]
+            assert (logits[i] - full[-2]).abs().max() < 1e-4
+            assert (step[i] - full[-1]).abs().max() < 1e-4
+
+
+def test_unsupported_architecture_falls_back():
+    model = build_tiny_model(0).model
+    model.config.model_type = "gpt2-like"
+    assert not fast_forward.supports(model)
+    prompts = [torch.tensor(p) for p in PROMPTS]
+    completions = torch.randint(3, 40, (len(PROMPTS) * G, 4))
+    slow = completion_logprobs(model, prompts, completions, G).logps
+    model.config.model_type = "qwen2"
+    fast = completion_logprobs(model, prompts, completions, G).logps
+    assert (slow - fast).abs().max() < 1e-5
