@@ -53,6 +53,20 @@ class Dims:
         return cls(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps)
 
 
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed as ``weight @ x.T``.
+
+    Measured on CPU (MKL, fp32, 2 threads): for the skinny inputs of decoding this layout is 1.4-2.7x
+    faster than ``F.linear`` (e.g. 16 x 576 -> 49152 vocab: 25 ms vs 46 ms), and not slower for 1024-row
+    training inputs. The result is a transposed view; callers only view/reshape it.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.mm(weight, flat.t()).t()
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF Llama's RMSNorm: normalise in fp32, cast back, then scale."""
     h = x.float()
@@ -125,7 +139,7 @@ def _sampling_layers(model, fused: FusedWeights, dims: Dims, x, positions, cache
     for i, layer in enumerate(model.model.layers):
         a = layer.self_attn
         h = rms_norm(x, layer.input_layernorm.weight, dims.eps)
-        qkv = F.linear(h, fused.qkv[i], fused.qkv_bias[i])
+        qkv = project(h, fused.qkv[i], fused.qkv_bias[i])
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = rotate(q.view(b, t, dims.heads, dims.head_dim).transpose(1, 2), cos, sin)
         k = rotate(k.view(b, t, dims.kv_heads, dims.head_dim).transpose(1, 2), cos, sin)
@@ -135,10 +149,10 @@ def _sampling_layers(model, fused: FusedWeights, dims: Dims, x, positions, cache
             q, cache.k[i][:, :, :stop], cache.v[i][:, :, :stop], attn_mask=mask,
             enable_gqa=dims.kv_heads != dims.heads,
         )
-        x = x + a.o_proj(attn.transpose(1, 2).reshape(b, t, q_size))
+        x = x + project(attn.transpose(1, 2).reshape(b, t, q_size), a.o_proj.weight)
         h = rms_norm(x, layer.post_attention_layernorm.weight, dims.eps)
-        gate, up = F.linear(h, fused.gate_up[i]).chunk(2, dim=-1)
-        x = x + layer.mlp.down_proj(F.silu(gate) * up)
+        gate, up = project(h, fused.gate_up[i]).chunk(2, dim=-1)
+        x = x + project(F.silu(gate) * up, layer.mlp.down_proj.weight)
     return rms_norm(x, model.model.norm.weight, dims.eps)
 
 
@@ -156,7 +170,7 @@ def prefill(model, fused: FusedWeights, ids: torch.Tensor, attn: torch.Tensor, c
     x = model.model.embed_tokens(ids)
     h = _sampling_layers(model, fused, dims, x, positions, cache, mask[:, None])
     cache.length = p
-    return model.lm_head(h[:, -1]), cache
+    return project(h[:, -1], model.lm_head.weight), cache
 
 
 @torch.no_grad()
@@ -168,7 +182,7 @@ def decode_step(model, fused: FusedWeights, tokens: torch.Tensor, positions: tor
     x = model.model.embed_tokens(tokens[:, None])
     h = _sampling_layers(model, fused, dims, x, positions[:, None], cache, mask)
     cache.length += 1
-    return model.lm_head(h[:, 0])
+    return project(h[:, 0], model.lm_head.weight)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -178,18 +192,19 @@ def _attention_block(layer, dims: Dims, x, cos, sin):
     b, t, _ = x.shape
     a = layer.self_attn
     h = rms_norm(x, layer.input_layernorm.weight, dims.eps)
-    q = rotate(a.q_proj(h).view(b, t, dims.heads, dims.head_dim).transpose(1, 2), cos, sin)
-    k = rotate(a.k_proj(h).view(b, t, dims.kv_heads, dims.head_dim).transpose(1, 2), cos, sin)
-    v = a.v_proj(h).view(b, t, dims.kv_heads, dims.head_dim).transpose(1, 2)
+    q = rotate(project(h, a.q_proj.weight, a.q_proj.bias).view(b, t, dims.heads, dims.head_dim).transpose(1, 2), cos, sin)
+    k = rotate(project(h, a.k_proj.weight, a.k_proj.bias).view(b, t, dims.kv_heads, dims.head_dim).transpose(1, 2),
+               cos, sin)
+    v = project(h, a.v_proj.weight, a.v_proj.bias).view(b, t, dims.kv_heads, dims.head_dim).transpose(1, 2)
     return q, k, v
 
 
 def _finish_layer(layer, dims: Dims, x, attn):
     b, t, _ = x.shape
-    x = x + layer.self_attn.o_proj(attn.transpose(1, 2).reshape(b, t, dims.heads * dims.head_dim))
+    x = x + project(attn.transpose(1, 2).reshape(b, t, dims.heads * dims.head_dim), layer.self_attn.o_proj.weight)
     h = rms_norm(x, layer.post_attention_layernorm.weight, dims.eps)
     m = layer.mlp
-    return x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
+    return x + project(F.silu(project(h, m.gate_proj.weight)) * project(h, m.up_proj.weight), m.down_proj.weight)
 
 
 def shared_prefix_forward(
@@ -222,14 +237,16 @@ def shared_prefix_forward(
     cos_p, sin_p = rope(model, xc, prefix_pos) if p > 0 else (None, None)
     cos_c, sin_c = rope(model, xc, input_pos)
     gqa = dims.kv_heads != dims.heads
-    for layer in model.model.layers:
+    last = len(model.model.layers) - 1
+    for i, layer in enumerate(model.model.layers):
         qc, kc, vc = _attention_block(layer, dims, xc, cos_c, sin_c)
         if p > 0:
             qp, kp, vp = _attention_block(layer, dims, xp, cos_p, sin_p)
-            attn_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask_p, enable_gqa=gqa)
             kc = torch.cat([kp.repeat_interleave(group_size, 0), kc], dim=2)
             vc = torch.cat([vp.repeat_interleave(group_size, 0), vc], dim=2)
-            xp = _finish_layer(layer, dims, xp, attn_p)
+            if i < last:  # the prefix's own outputs after the last layer's keys/values are never used
+                attn_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask_p, enable_gqa=gqa)
+                xp = _finish_layer(layer, dims, xp, attn_p)
         attn_c = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask_c, enable_gqa=gqa)
         xc = _finish_layer(layer, dims, xc, attn_c)
     return rms_norm(xc, model.model.norm.weight, dims.eps)

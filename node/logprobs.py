@@ -31,17 +31,22 @@ class TokenScores:
     entropy: torch.Tensor | None  # [N, C] detached entropy of the full distribution
 
 
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(logits)[..., index]`` without materialising the whole log-softmax twice."""
-    logits = logits.float()
-    return logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def token_logprobs(logits: torch.Tensor, index: torch.Tensor, with_entropy: bool = False):
+    """``log_softmax(logits)[..., index]`` (with grad) and optionally the detached entropy.
 
-
-@torch.no_grad()
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    One logsumexp serves both; the entropy is ``lse - Σ p·logits`` — two passes over the vocabulary
+    instead of a full log-softmax.
+    """
     logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - lse
+    if not with_entropy:
+        return logps, None
+    with torch.no_grad():
+        detached = logits.detach()
+        probs = (detached - lse.detach().unsqueeze(-1)).exp_()
+        entropy = lse.detach() - (probs.mul_(detached)).sum(-1)
+    return logps, entropy
 
 
 def completion_logprobs(
@@ -65,13 +70,12 @@ def completion_logprobs(
     prefix_ids, prefix_mask = (t.to(device) for t in left_pad(prefixes, pad_token_id))
     if fast_forward.supports(model):
         hidden = fast_forward.shared_prefix_forward(model, prefix_ids, prefix_mask, inputs, group_size)
-        logits = model.lm_head(hidden)
+        logits = fast_forward.project(hidden, model.lm_head.weight)
     else:
         logits = _hf_shared_prefix_logits(model, prefix_ids, prefix_mask, inputs, group_size)
     if temperature != 1.0:
         logits = logits / temperature
-    logps = selective_log_softmax(logits, completion_ids)
-    entropy = entropy_from_logits(logits.detach()) if with_entropy else None
+    logps, entropy = token_logprobs(logits, completion_ids, with_entropy)
     return TokenScores(logps=logps, entropy=entropy)
 
 

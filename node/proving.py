@@ -288,19 +288,21 @@ def save_snapshot(model, directory: str | os.PathLike) -> bytes:
 def snapshot_loader(base_model, directory: str | os.PathLike | None = None, *, keep: int = 2,
                     known: Mapping[bytes, Any] | None = None) -> Callable[[int, bytes], Any]:
     """``load(version, sha256)`` → a model holding exactly those weights: one of ``known``
-    ({sha256: model}), ``base_model`` if its own weights have that hash, else
+    ({sha256: model}, looked up at each call), ``base_model`` if its weights (when the loader was
+    made) have that hash, else
     ``<directory>/<hex>.safetensors`` loaded into a copy of ``base_model`` (its content hash
     checked; the ``keep`` most recent copies are cached). SpotCheckUnavailable if none matches."""
     from safetensors.torch import load_file
 
-    models: dict[bytes, Any] = dict(known or {})
+    known = known if known is not None else {}  # read live: versions may be added later
     base_sha = state_dict_sha256(base_model.state_dict())
-    models.setdefault(base_sha, base_model)
     cache: OrderedDict[bytes, Any] = OrderedDict()
 
     def load(version: int, sha256: bytes):
-        if sha256 in models:
-            return models[sha256]
+        if sha256 in known:
+            return known[sha256]
+        if sha256 == base_sha:
+            return base_model
         if sha256 in cache:
             cache.move_to_end(sha256)
             return cache[sha256]

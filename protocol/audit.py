@@ -177,23 +177,41 @@ class AuditHooks:
                         decode_fn=self.decode_fn, prompt_sha256_fn=self.prompt_sha256_fn)
 
 
+DEFAULT_HOOKS = "grpo_swarm.node.proving:audit_hooks"  # what grpo-swarm's own entry point names
+
+
+def hooks_spec() -> str | None:
+    """The hooks factory to use: an installed ``grpo_swarm.audit_hooks`` entry point (every installed
+    distribution is scanned, so a stale egg-info next to the sources cannot hide it), else
+    :data:`DEFAULT_HOOKS` when that module is importable, else None."""
+    import importlib.util
+    from importlib.metadata import distributions
+
+    found = sorted({(ep.name, ep.value) for dist in distributions() for ep in dist.entry_points
+                    if ep.group == HOOKS_ENTRY_POINT_GROUP})
+    if found:
+        return found[0][1]
+    try:
+        if importlib.util.find_spec(DEFAULT_HOOKS.partition(":")[0]) is not None:
+            return DEFAULT_HOOKS
+    except ImportError:
+        pass
+    return None
+
+
 def load_hooks(run: Mapping[str, Any], *, model: str | None = None, snapshots: str | None = None,
                spec: str | None = None, **kw) -> AuditHooks | None:
-    """Hooks for ``run`` from ``spec`` (``"package.module:function"``, chosen by the auditor) or the
-    installed ``grpo_swarm.audit_hooks`` entry point; None when neither exists."""
+    """Hooks for ``run`` from ``spec`` (``"package.module:function"``, chosen by the auditor — never
+    by the log) or :func:`hooks_spec`; None when there is none."""
     import importlib
-    from importlib.metadata import entry_points
 
-    if spec:
-        module, _, attr = spec.partition(":")
-        fn = importlib.import_module(module)
-        for part in attr.split("."):
-            fn = getattr(fn, part)
-    else:
-        eps = list(entry_points(group=HOOKS_ENTRY_POINT_GROUP))
-        if not eps:
-            return None
-        fn = sorted(eps, key=lambda ep: ep.name)[0].load()
+    spec = spec or hooks_spec()
+    if spec is None:
+        return None
+    module, _, attr = spec.partition(":")
+    fn = importlib.import_module(module)
+    for part in attr.split("."):
+        fn = getattr(fn, part)
     return fn(run, model=model, snapshots=snapshots, **kw)
 
 
@@ -314,11 +332,11 @@ class RunRecorder:
         return verdict
 
     def close_round(self, weights: Mapping[str, float] | None = None) -> LogEntry:
-        """Close the current round: participants = nodes with proofs accepted during it; weights
-        default to their share of those proofs. Reveals this round's salt, commits to the next."""
-        participants = sorted(self.round_accepted)
+        """Close the current round: participants = nodes (not banned) with proofs accepted during it;
+        weights default to their share of those proofs. Reveals this round's salt, commits to the next."""
+        participants = sorted(n for n in self.round_accepted if not self.state.is_banned(n))
         if weights is None:
-            total = sum(self.round_accepted.values())
+            total = sum(self.round_accepted[n] for n in participants)
             weights = {n: self.round_accepted[n] / total for n in participants} if total else {}
         next_salt = self._urandom(SALT_SIZE) if self.salted else b""
         payload = {
@@ -402,6 +420,15 @@ class AuditResult:
 class _Bad(Exception):
     pass
 
+
+# The order of the verifier's checks (see verify.py), to tell whether a replay that skipped a check
+# could have failed later than the live verification did.
+_CHECK_RANK = {code: i for i, codes in enumerate((
+    (ReasonCode.MALFORMED, ReasonCode.OVERSIZED), (ReasonCode.UNKNOWN_KEY, ReasonCode.BANNED_KEY),
+    (ReasonCode.BAD_SIGNATURE,), (ReasonCode.WRONG_RUN,), (ReasonCode.INCOMPLETE_GROUP,),
+    (ReasonCode.REPLAYED_SEQUENCE,), (ReasonCode.TIME_SKEW,), (ReasonCode.STALE_VERSION,),
+    (ReasonCode.UNASSIGNED_PROMPT,), (ReasonCode.BAD_COMPLETION,), (ReasonCode.REWARD_MISMATCH,),
+    (ReasonCode.ADVANTAGE_MISMATCH,), (ReasonCode.SPOT_CHECK_FAILED,))) for code in codes}
 
 # Which skipped check could explain a logged rejection the replay cannot reproduce.
 _CHECKS_FOR_CODE = {
@@ -588,15 +615,18 @@ class _Replay:
             verdict = self.verifier.verify_group(proofs, now_ms=e.time_ms, commit=False)
             self._count_skipped(verdict)
             n = len(proofs)
-            if verdict.accepted:
-                could = _CHECKS_FOR_CODE.get(code, ())
-                if any(s.split(" ")[0] in could for s in verdict.skipped):
-                    self.r.skipped[f"rejection {code.value} (unconfirmed)"] += 1
-                    self.r.nodes[node_key].rejected[code.value] += n
-                    return
-                raise _Bad(f"logged as rejected ({code.value}), replay accepts it")
             if verdict.code != code:
-                raise _Bad(f"logged as rejected ({code.value}), replay gives {verdict.code.value}: {verdict.detail}")
+                # a check the replay had to skip may be what failed live; then the replay can only
+                # accept, or fail at a later check
+                could = _CHECKS_FOR_CODE.get(code, ())
+                explained = any(s.split(" ")[0] in could for s in verdict.skipped) and (
+                    verdict.accepted or _CHECK_RANK[verdict.code] >= _CHECK_RANK[code])
+                if not explained:
+                    replay = "accepts it" if verdict.accepted else f"gives {verdict.code.value}: {verdict.detail}"
+                    raise _Bad(f"logged as rejected ({code.value}), replay {replay}")
+                self.r.skipped[f"rejection {code.value} (unconfirmed)"] += 1
+                self.r.nodes[node_key].rejected[code.value] += n
+                return
         else:
             data = _unb64(evidence["bytes"], "evidence bytes")
             size = evidence["size"]

@@ -135,81 +135,124 @@ def _is_map(field: FieldDescriptor) -> bool:
     return mt is not None and mt.GetOptions().map_entry
 
 
-def _body(message: Message, exclude: set[str], out: bytearray, depth: int) -> None:
+# Each message type's encoding is compiled once into a plan: its fields in number order, each with
+# its tag bytes and an encoder for its values. Same bytes as walking the descriptor every time
+# (what the specification above describes), several times faster.
+_ONE, _OPT, _REP, _REP_FLOAT, _MAP = range(5)
+_PLANS: dict = {}
+_EMPTY: frozenset = frozenset()
+_pack_q = struct.Struct(">q").pack
+_pack_Q = struct.Struct(">Q").pack
+_pack_I = struct.Struct(">I").pack
+
+
+def _plan(desc: Descriptor, exclude: frozenset) -> list:
+    key = (desc, exclude)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = []
+        for field in sorted(desc.fields, key=lambda f: f.number):
+            if field.name in exclude:
+                continue
+            where = f"{desc.name}.{field.name}"
+            tag = _pack_I(field.number)
+            if _is_map(field):
+                key_f = field.message_type.fields_by_name["key"]
+                val_f = field.message_type.fields_by_name["value"]
+                plan.append((tag, field.name, _MAP, (_encoder(key_f, where), _encoder(val_f, where)), where))
+            elif is_repeated_field(field):
+                if field.type in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
+                    fmt = "f" if field.type == FieldDescriptor.TYPE_FLOAT else "d"
+                    plan.append((tag, field.name, _REP_FLOAT, fmt, where))
+                else:
+                    plan.append((tag, field.name, _REP, _encoder(field, where), where))
+            elif field.has_presence:
+                plan.append((tag, field.name, _OPT, _encoder(field, where), where))
+            else:
+                plan.append((tag, field.name, _ONE, _encoder(field, where), where))
+        _PLANS[key] = plan
+    return plan
+
+
+def _body(message: Message, exclude: set[str] | frozenset, out: bytearray, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise ProtocolError(ReasonCode.MALFORMED, f"message nesting deeper than {MAX_DEPTH}")
-    desc = message.DESCRIPTOR
-    for field in sorted(desc.fields, key=lambda f: f.number):
-        if field.name in exclude:
-            continue
-        out += struct.pack(">I", field.number)
-        where = f"{desc.name}.{field.name}"
-        value = getattr(message, field.name)
-        if _is_map(field):
-            key_f = field.message_type.fields_by_name["key"]
-            val_f = field.message_type.fields_by_name["value"]
+    for tag, name, kind, enc, where in _plan(message.DESCRIPTOR, frozenset(exclude)):
+        out += tag
+        value = getattr(message, name)
+        if kind == _ONE:
+            enc(value, out, depth)
+        elif kind == _OPT:
+            if message.HasField(name):
+                out += b"\x01"
+                enc(value, out, depth)
+            else:
+                out += b"\x00"
+        elif kind == _REP_FLOAT:
+            out += _u32(len(value), where)
+            vals = [v + 0.0 for v in value]  # -0.0 + 0.0 == +0.0
+            total = sum(vals)
+            if total != total:  # a NaN somewhere (or +inf and -inf): find it the slow way
+                vals = [_finite_or_inf(v, where) for v in value]
+            out += struct.pack(f">{len(vals)}{enc}", *vals)
+        elif kind == _REP:
+            out += _u32(len(value), where)
+            for item in value:
+                enc(item, out, depth)
+        else:  # map
+            key_enc, val_enc = enc
             entries = []
             for k in value:
                 kb = bytearray()
-                _value(key_f, k, kb, depth, where)
+                key_enc(k, kb, depth)
                 vb = bytearray()
-                _value(val_f, value[k], vb, depth, where)
+                val_enc(value[k], vb, depth)
                 entries.append((bytes(kb), bytes(vb)))
             entries.sort(key=lambda e: e[0])
             out += _u32(len(entries), where)
             for kb, vb in entries:
                 out += kb
                 out += vb
-        elif is_repeated_field(field):
-            out += _u32(len(value), where)
-            if field.type == FieldDescriptor.TYPE_FLOAT or field.type == FieldDescriptor.TYPE_DOUBLE:
-                fmt = "f" if field.type == FieldDescriptor.TYPE_FLOAT else "d"
-                out += struct.pack(f">{len(value)}{fmt}", *(_finite_or_inf(v, where) for v in value))
-            else:
-                for item in value:
-                    _value(field, item, out, depth, where)
-        elif field.has_presence:
-            if message.HasField(field.name):
-                out += b"\x01"
-                _value(field, value, out, depth, where)
-            else:
-                out += b"\x00"
-        else:
-            _value(field, value, out, depth, where)
+
+
+def _encoder(field: FieldDescriptor, where: str):
+    """``enc(value, out, depth)`` appending ``value(v)`` of the module docstring's table."""
+    t = field.type
+    if t in _SIGNED:
+        return lambda v, out, depth: out.extend(_pack_q(v))
+    if t in _UNSIGNED:
+        return lambda v, out, depth: out.extend(_pack_Q(v))
+    if t == FieldDescriptor.TYPE_BOOL:
+        return lambda v, out, depth: out.append(1 if v else 0)
+    if t == FieldDescriptor.TYPE_DOUBLE:
+        return lambda v, out, depth: out.extend(struct.pack(">d", _finite_or_inf(v, where)))
+    if t == FieldDescriptor.TYPE_FLOAT:
+        return lambda v, out, depth: out.extend(struct.pack(">f", _finite_or_inf(v, where)))
+    if t == FieldDescriptor.TYPE_STRING:
+        def enc_str(v, out, depth):
+            try:
+                b = v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ProtocolError(ReasonCode.MALFORMED, f"{where}: string is not valid Unicode ({e})") from None
+            out += _u32(len(b), where)
+            out += b
+        return enc_str
+    if t == FieldDescriptor.TYPE_BYTES:
+        def enc_bytes(v, out, depth):
+            out += _u32(len(v), where)
+            out += v
+        return enc_bytes
+    if t in _MESSAGE:
+        def enc_msg(v, out, depth):
+            sub = bytearray()
+            _body(v, _EMPTY, sub, depth + 1)
+            out += _u32(len(sub), where)
+            out += sub
+        return enc_msg
+    raise ProtocolError(ReasonCode.MALFORMED, f"{where}: unsupported field type {t}")  # pragma: no cover
 
 
 def _finite_or_inf(v: float, where: str) -> float:
     if math.isnan(v):
         raise ProtocolError(ReasonCode.MALFORMED, f"{where}: NaN has no canonical encoding")
     return v + 0.0  # -0.0 + 0.0 == +0.0
-
-
-def _value(field: FieldDescriptor, v, out: bytearray, depth: int, where: str) -> None:
-    t = field.type
-    if t in _SIGNED:
-        out += struct.pack(">q", v)
-    elif t in _UNSIGNED:
-        out += struct.pack(">Q", v)
-    elif t == FieldDescriptor.TYPE_BOOL:
-        out += b"\x01" if v else b"\x00"
-    elif t == FieldDescriptor.TYPE_DOUBLE:
-        out += struct.pack(">d", _finite_or_inf(v, where))
-    elif t == FieldDescriptor.TYPE_FLOAT:
-        out += struct.pack(">f", _finite_or_inf(v, where))
-    elif t == FieldDescriptor.TYPE_STRING:
-        try:
-            b = v.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ProtocolError(ReasonCode.MALFORMED, f"{where}: string is not valid Unicode ({e})") from None
-        out += _u32(len(b), where)
-        out += b
-    elif t == FieldDescriptor.TYPE_BYTES:
-        out += _u32(len(v), where)
-        out += v
-    elif t in _MESSAGE:
-        sub = bytearray()
-        _body(v, set(), sub, depth + 1)
-        out += _u32(len(sub), where)
-        out += sub
-    else:  # pragma: no cover - every protobuf type is handled above
-        raise ProtocolError(ReasonCode.MALFORMED, f"{where}: unsupported field type {t}")

@@ -70,6 +70,14 @@ def prompt_hash(prompt_text: str) -> bytes:
 
 
 def _token_ids(ids: Sequence[int]) -> list[int]:
+    repeated = type(ids).__name__.startswith("Repeated")  # a protobuf repeated field: ints only
+    if repeated or isinstance(ids, list):
+        try:  # fast path (C level): ints in range
+            struct.pack(f"<{len(ids)}I", *ids)
+            if repeated or all(type(t) is int for t in ids):
+                return list(ids)
+        except (struct.error, TypeError, OverflowError):
+            pass  # the checks below say what is wrong
     out = [operator.index(t) for t in ids]
     for t in out:
         if not 0 <= t < _U32:
@@ -83,6 +91,12 @@ def token_ids_hash(ids: Sequence[int]) -> bytes:
 
 
 def _float32_le(values: Sequence[float]) -> bytes:
+    try:  # fast path (C level) for plain finite floats in binary32 range
+        fast = [float(v) + 0.0 for v in values]  # -0.0 -> +0.0
+        if math.isfinite(sum(fast)):
+            return struct.pack(f"<{len(fast)}f", *fast)
+    except (TypeError, ValueError, OverflowError):
+        pass  # the loop below says what is wrong
     vals = []
     for v in values:
         v = float(v)

@@ -163,3 +163,25 @@ def proof_fields(p) -> dict:
 def forge(p, signer: Identity, **changes):
     """A copy of proof ``p`` with ``changes``, signed by ``signer`` (who must own the key it names)."""
     return sign_proof(build_reward_proof(**{**proof_fields(p), **changes}), signer)
+
+
+def with_totals(group, signer: Identity, totals, per_member=None) -> list:
+    """Re-sign ``group`` with new reward totals and the advantages node.grpo derives from them
+    (so the group stays self-consistent); ``per_member`` = {completion index: other changes}."""
+    from grpo_swarm.node import grpo
+
+    adv = grpo.group_advantages(torch.tensor(totals, dtype=torch.float32), len(group)).tolist()
+    out = []
+    for p, t, a in zip(group, totals, adv):
+        changes = dict((per_member or {}).get(p.completion_index, {}))
+        changes.setdefault("reward_total", float(torch.tensor(t, dtype=torch.float32)))
+        out.append(forge(p, signer, advantage=a, **changes))
+    return out
+
+
+def inflate(group, k: int, signer: Identity) -> list:
+    """The node claims its completion ``k`` answered right: rewards, total and advantages consistent,
+    only the recomputation from the text can tell."""
+    totals = [p.reward_total + (1.0 if p.completion_index == k else 0.0) for p in group]
+    rewards = [("arithmetic_accuracy", 1.0), ("overlong_penalty", group[k].rewards[1].value)]
+    return with_totals(group, signer, totals, {k: {"rewards": rewards}})

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from grpo_swarm.node import fast_forward
-from grpo_swarm.node.logprobs import _hf_shared_prefix_logits, completion_logprobs
+from grpo_swarm.node.logprobs import _hf_shared_prefix_logits, completion_logprobs, token_logprobs
 from grpo_swarm.node.models import build_tiny_model
 from grpo_swarm.node.rollout import left_pad
 
@@ -69,3 +69,13 @@ def test_unsupported_architecture_falls_back():
     model.config.model_type = "qwen2"
     fast = completion_logprobs(model, prompts, completions, G).logps
     assert (slow - fast).abs().max() < 1e-5
+
+
+def test_token_logprobs_and_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 11) * 3
+    index = torch.randint(0, 11, (3, 4))
+    logps, entropy = token_logprobs(logits, index, with_entropy=True)
+    ref = torch.log_softmax(logits, -1)
+    assert torch.allclose(logps, ref.gather(-1, index[..., None])[..., 0], atol=1e-6)
+    assert torch.allclose(entropy, torch.distributions.Categorical(logits=logits).entropy(), atol=1e-5)

@@ -29,7 +29,7 @@ from grpo_swarm.protocol.verify import (
     reward_spec_id,
     spot_check_selected,
 )
-from protocol_world import EOS, REWARDS, World, forge, identity
+from protocol_world import EOS, REWARDS, World, forge, identity, inflate, with_totals
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                           HealthCheck.function_scoped_fixture])
@@ -52,17 +52,6 @@ def honest(world):
 def fresh(world, *nodes, **policy_changes):
     state = world.state(*(nodes or (NODE,)))
     return state, world.verifier(state, **policy_changes)
-
-
-def with_totals(group, signer, totals, per_member=None):
-    """Re-sign ``group`` with new totals and the advantages node.grpo gives for them (consistent)."""
-    adv = grpo.group_advantages(torch.tensor(totals, dtype=torch.float32), len(group)).tolist()
-    out = []
-    for p, t, a in zip(group, totals, adv):
-        changes = dict((per_member or {}).get(p.completion_index, {}))
-        changes.setdefault("reward_total", float(torch.tensor(t, dtype=torch.float32)))
-        out.append(forge(p, signer, advantage=a, **changes))
-    return out
 
 
 def wrong_member(groups):
@@ -130,10 +119,7 @@ def attack_replayed_group(world, honest):
 
 
 def inflated(g, k):
-    """The node claims its wrong answer ``k`` was right (rewards, total and advantages consistent)."""
-    totals = [p.reward_total + (1.0 if p.completion_index == k else 0.0) for p in g]
-    rewards = [("arithmetic_accuracy", 1.0), ("overlong_penalty", g[k].rewards[1].value)]
-    return with_totals(g, NODE, totals, {k: {"rewards": rewards}})
+    return inflate(g, k, NODE)
 
 
 def attack_inflated_reward(world, honest):
