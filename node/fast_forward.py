@@ -68,10 +68,23 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF Llama's RMSNorm: normalise in fp32, cast back, then scale."""
+    """HF Llama's RMSNorm: normalise in fp32, cast back, then scale (one fused kernel for fp32)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype attention scores will have: autocast's when it is on, else the activations'."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool "may attend" → 0 / -inf bias (SDPA's fast CPU path; measured ~4x faster than a bool mask)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -115,19 +128,19 @@ class StaticKVCache:
         shape = (batch, dims.kv_heads, capacity, dims.head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.valid = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
+        self.bias = torch.full((batch, capacity), float("-inf"), dtype=dtype, device=device)  # 0 = valid key
         self.length = 0
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (in that order): finished sequences leave the batch."""
         self.k = [t.index_select(0, rows) for t in self.k]
         self.v = [t.index_select(0, rows) for t in self.v]
-        self.valid = self.valid.index_select(0, rows)
+        self.bias = self.bias.index_select(0, rows)
 
     def repeat(self, times: int) -> None:
         self.k = [t.repeat_interleave(times, dim=0) for t in self.k]
         self.v = [t.repeat_interleave(times, dim=0) for t in self.v]
-        self.valid = self.valid.repeat_interleave(times, dim=0)
+        self.bias = self.bias.repeat_interleave(times, dim=0)
 
 
 def _sampling_layers(model, fused: FusedWeights, dims: Dims, x, positions, cache: StaticKVCache, mask):
@@ -140,9 +153,9 @@ def _sampling_layers(model, fused: FusedWeights, dims: Dims, x, positions, cache
         a = layer.self_attn
         h = rms_norm(x, layer.input_layernorm.weight, dims.eps)
         qkv = project(h, fused.qkv[i], fused.qkv_bias[i])
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = rotate(q.view(b, t, dims.heads, dims.head_dim).transpose(1, 2), cos, sin)
-        k = rotate(k.view(b, t, dims.kv_heads, dims.head_dim).transpose(1, 2), cos, sin)
+        qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
+        qk = rotate(qk.view(b, t, dims.heads + dims.kv_heads, dims.head_dim).transpose(1, 2), cos, sin)
+        q, k = qk.split([dims.heads, dims.kv_heads], dim=1)
         cache.k[i][:, :, start:stop] = k
         cache.v[i][:, :, start:stop] = v.view(b, t, dims.kv_heads, dims.head_dim).transpose(1, 2)
         attn = F.scaled_dot_product_attention(
@@ -161,14 +174,14 @@ def prefill(model, fused: FusedWeights, ids: torch.Tensor, attn: torch.Tensor, c
     """Left-padded prompts ``ids`` [B, P] → last-position logits [B, V] and a cache of ``capacity``."""
     dims = Dims.of(model)
     b, p = ids.shape
-    cache = StaticKVCache(len(model.model.layers), b, dims, capacity, model.dtype, ids.device)
-    cache.valid[:, :p] = attn.bool()
+    x = model.model.embed_tokens(ids)
+    cache = StaticKVCache(len(model.model.layers), b, dims, capacity, compute_dtype(x), ids.device)
+    cache.bias[:, :p].masked_fill_(attn.bool(), 0.0)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     causal = torch.ones(p, p, dtype=torch.bool, device=ids.device).tril()
     # padded query rows would see no key at all (NaN): let them see themselves
-    mask = (causal[None] & cache.valid[:, None, :p]) | torch.eye(p, dtype=torch.bool, device=ids.device)[None]
-    x = model.model.embed_tokens(ids)
-    h = _sampling_layers(model, fused, dims, x, positions, cache, mask[:, None])
+    allowed = (causal[None] & attn.bool()[:, None, :]) | torch.eye(p, dtype=torch.bool, device=ids.device)[None]
+    h = _sampling_layers(model, fused, dims, x, positions, cache, additive_mask(allowed[:, None], cache.bias.dtype))
     cache.length = p
     return project(h[:, -1], model.lm_head.weight), cache
 
@@ -177,8 +190,8 @@ def prefill(model, fused: FusedWeights, ids: torch.Tensor, attn: torch.Tensor, c
 def decode_step(model, fused: FusedWeights, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
     """One token per row [B] at ``positions`` [B] → logits [B, V]; the cache grows by one."""
     dims = Dims.of(model)
-    cache.valid[:, cache.length] = True
-    mask = cache.valid[:, None, None, : cache.length + 1]
+    cache.bias[:, cache.length] = 0.0
+    mask = cache.bias[:, None, None, : cache.length + 1]
     x = model.model.embed_tokens(tokens[:, None])
     h = _sampling_layers(model, fused, dims, x, positions[:, None], cache, mask)
     cache.length += 1
@@ -227,13 +240,15 @@ def shared_prefix_forward(
     prefix_pos = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
     input_pos = prefix_mask.sum(-1, keepdim=True).repeat_interleave(group_size, 0) + torch.arange(c, device=device)
     causal_p = torch.ones(p, p, dtype=torch.bool, device=device).tril()
-    mask_p = ((causal_p[None] & valid[:, None, :]) | torch.eye(p, dtype=torch.bool, device=device)[None])[:, None]
-    mask_c = torch.cat([
-        valid.repeat_interleave(group_size, 0)[:, None, :].expand(n, c, p),
-        torch.ones(c, c, dtype=torch.bool, device=device).tril()[None].expand(n, c, c),
-    ], dim=-1)[:, None]
     xp = model.model.embed_tokens(prefix_ids) if p > 0 else None
     xc = model.model.embed_tokens(inputs)
+    dtype = compute_dtype(xc)
+    mask_p = additive_mask(
+        ((causal_p[None] & valid[:, None, :]) | torch.eye(p, dtype=torch.bool, device=device)[None])[:, None], dtype)
+    mask_c = additive_mask(torch.cat([
+        valid.repeat_interleave(group_size, 0)[:, None, :].expand(n, c, p),
+        torch.ones(c, c, dtype=torch.bool, device=device).tril()[None].expand(n, c, c),
+    ], dim=-1)[:, None], dtype)
     cos_p, sin_p = rope(model, xc, prefix_pos) if p > 0 else (None, None)
     cos_c, sin_c = rope(model, xc, input_pos)
     gqa = dims.kv_heads != dims.heads

@@ -74,10 +74,13 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from . import grpo_swarm_pb2 as pb
 from .assignment import assign_prompts
 from .errors import ProtocolError, ReasonCode
-from .identity import node_id_from_public_key, verify_signature
+from .identity import node_id_from_public_key
 from .log import canonical_json
 from .proofs import group_id_for, parse_proof, proof_signing_bytes, validate_proof
 
@@ -463,10 +466,16 @@ class Verifier:
             raise _Reject(ReasonCode.UNKNOWN_KEY, f"key of node {node_id} is not registered")
         if st.is_banned(known):
             raise _Reject(ReasonCode.BANNED_KEY, f"node {known} is banned")
+        try:
+            public_key = Ed25519PublicKey.from_public_bytes(key)  # once per group, not per proof
+        except (ValueError, UnsupportedAlgorithm):
+            raise _Reject(ReasonCode.BAD_SIGNATURE, f"node {node_id}'s public key is not a valid Ed25519 key") from None
         for p in proofs:
             k = p.completion_index
-            if not verify_signature(key, proof_signing_bytes(p), p.signature):
-                raise _Reject(ReasonCode.BAD_SIGNATURE, f"completion {k}: signature does not verify", k)
+            try:
+                public_key.verify(p.signature, proof_signing_bytes(p))
+            except InvalidSignature:
+                raise _Reject(ReasonCode.BAD_SIGNATURE, f"completion {k}: signature does not verify", k) from None
             if p.run_id != st.run_id:
                 raise _Reject(ReasonCode.WRONG_RUN, f"run_id {p.run_id!r} is not this run ({st.run_id!r})", k)
         # 5. group shape
