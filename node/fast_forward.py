@@ -130,6 +130,7 @@ class StaticKVCache:
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.bias = torch.full((batch, capacity), float("-inf"), dtype=dtype, device=device)  # 0 = valid key
         self.length = 0
+        self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (in that order): finished sequences leave the batch."""
@@ -147,7 +148,11 @@ def _sampling_layers(model, fused: FusedWeights, dims: Dims, x, positions, cache
     """Run all layers on ``x`` [B, T, H], writing keys/values at cache[length : length+T]."""
     b, t, _ = x.shape
     start, stop = cache.length, cache.length + t
-    cos, sin = rope(model, x, positions)
+    if cache.rope_table is None:  # cos/sin for every position the cache can hold, computed once
+        table_pos = torch.arange(cache.bias.size(1) + int(positions.max()) + 1, device=x.device)[None]
+        cos_t, sin_t = model.model.rotary_emb(x, table_pos)
+        cache.rope_table = (cos_t[0], sin_t[0])
+    cos, sin = (tab[positions].unsqueeze(1) for tab in cache.rope_table)
     q_size, kv_size = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
     for i, layer in enumerate(model.model.layers):
         a = layer.self_attn

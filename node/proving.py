@@ -163,9 +163,13 @@ def make_reward_recomputer(
             if not isinstance(values, (list, tuple)) or len(values) != 1:
                 raise ValueError(f"reward function {rf.name!r} did not return one value")
             v = values[0]
-            if v is not None and not isinstance(v, numbers.Real):
+            if v is None:
+                out[rf.name] = None
+                continue
+            if type(v) is not float and type(v) is not int and not isinstance(v, numbers.Real):
                 raise ValueError(f"reward function {rf.name!r} returned {type(v).__name__}")
-            out[rf.name] = None if v is None or math.isnan(float(v)) else float(v)
+            v = float(v)
+            out[rf.name] = None if v != v else v
         return out
 
     return recompute

@@ -138,7 +138,7 @@ def _is_map(field: FieldDescriptor) -> bool:
 # Each message type's encoding is compiled once into a plan: its fields in number order, each with
 # its tag bytes and an encoder for its values. Same bytes as walking the descriptor every time
 # (what the specification above describes), several times faster.
-_ONE, _OPT, _REP, _REP_FLOAT, _MAP = range(5)
+_ONE, _OPT, _REP, _REP_FLOAT, _REP_INT, _MAP = range(6)
 _PLANS: dict = {}
 _EMPTY: frozenset = frozenset()
 _pack_q = struct.Struct(">q").pack
@@ -164,6 +164,8 @@ def _plan(desc: Descriptor, exclude: frozenset) -> list:
                 if field.type in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
                     fmt = "f" if field.type == FieldDescriptor.TYPE_FLOAT else "d"
                     plan.append((tag, field.name, _REP_FLOAT, fmt, where))
+                elif field.type in _SIGNED or field.type in _UNSIGNED:
+                    plan.append((tag, field.name, _REP_INT, "q" if field.type in _SIGNED else "Q", where))
                 else:
                     plan.append((tag, field.name, _REP, _encoder(field, where), where))
             elif field.has_presence:
@@ -195,6 +197,9 @@ def _body(message: Message, exclude: set[str] | frozenset, out: bytearray, depth
             if total != total:  # a NaN somewhere (or +inf and -inf): find it the slow way
                 vals = [_finite_or_inf(v, where) for v in value]
             out += struct.pack(f">{len(vals)}{enc}", *vals)
+        elif kind == _REP_INT:
+            out += _u32(len(value), where)
+            out += struct.pack(f">{len(value)}{enc}", *value)
         elif kind == _REP:
             out += _u32(len(value), where)
             for item in value:

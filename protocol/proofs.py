@@ -279,8 +279,9 @@ def validate_proof(proof: RewardProof, *, require_signature: bool = True) -> Non
     if proof.behaviour_logprobs:
         if len(proof.behaviour_logprobs) != n:
             raise _bad(f"{len(proof.behaviour_logprobs)} behaviour_logprobs for {n} completion tokens")
-        for v in proof.behaviour_logprobs:
-            _check_finite("behaviour_logprobs", v)
+        if not math.isfinite(sum(proof.behaviour_logprobs)):  # binary32 values: the sum is finite iff all are
+            for v in proof.behaviour_logprobs:
+                _check_finite("behaviour_logprobs", v)
         if logprobs_commitment(proof.behaviour_logprobs) != proof.behaviour_logprobs_sha256:
             raise _bad("behaviour_logprobs do not match behaviour_logprobs_sha256")
     if proof.completion_token_ids:

@@ -337,3 +337,26 @@ def test_fuzz_audit_of_arbitrary_signed_entries(run, items):
 def test_read_log_detects_format(run):
     assert [e.index for e in read_log(run["tmp"] / "log.jsonl")][:3] == [0, 1, 2]
     assert [e.index for e in read_log(run["log"].path)][:3] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_bench_proofs_prints_one_json_line():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "proofs.py"), "--nodes", "1", "--rounds", "1", "--repeats", "1",
+         "--spot-models", "tiny", "--tiny-length", "8", "--no-long"],
+        cwd=root, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1
+    res = json.loads(lines[0])
+    for key in ("sign_per_s", "verify_signature_per_s", "verify_full_no_model_per_s", "ed25519_verify_only_per_s"):
+        assert res[key] > 0, key
+    tiny = res["spot_check"]["tiny"]
+    assert tiny["honest_max_abs_delta"] < res["verifier_tolerance"]["max_abs"]
+    assert 0 < tiny["fraction_vs_generating_it"]
