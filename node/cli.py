@@ -13,7 +13,7 @@ from .config import ConfigError, load_config
 
 app = typer.Typer(help="grpo-swarm node: GRPO training on this machine.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()

@@ -244,9 +244,13 @@ def make_logprob_fn(
         m = model_for(proof)
         was_training = m.training
         m.eval()
+        n = len(completion)
         try:
             ids = torch.tensor([prompt + completion], dtype=torch.long, device=m.device)
-            logits = m(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+            try:  # the LM head only where it scores a completion token (positions P-1 .. P+n-2)
+                logits = m(input_ids=ids, logits_to_keep=n + 1).logits[0, :-1]
+            except TypeError:  # a model without logits_to_keep
+                logits = m(input_ids=ids).logits[0, len(prompt) - 1 : -1]
         finally:
             if was_training:
                 m.train()

@@ -8,7 +8,14 @@ hivemind), so verifiers can use it alone. Modules:
 * :mod:`.identity` — Ed25519 node keys, node ids, libp2p/hivemind identity files;
 * :mod:`.proofs` — build/sign/verify/parse RewardProof, ProofBatch, SignedEnvelope;
 * :mod:`.assignment` — deterministic prompt assignment;
+* :mod:`.verify` — the verifier: one Verdict (reason code + detail) per GRPO group;
+* :mod:`.log` — the append-only, signed, hash-chained protocol log (SQLite WAL, JSONL);
+* :mod:`.audit` — run spec, log payloads, RunRecorder, replay of a whole log, reports;
+  :mod:`.audit_cli` is the ``grpo-audit`` command;
 * :mod:`.errors` — ProtocolError and the stable ReasonCode enum.
+
+Model-side callables (reward recomputation, decoding, spot-check log-probabilities) are injected;
+``grpo_swarm.node.proving`` provides them.
 """
 
 from .errors import ProtocolError, ReasonCode

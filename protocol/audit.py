@@ -75,7 +75,6 @@ from .verify import (
     Verdict,
     Verifier,
     VerifierPolicy,
-    spot_check_selected,
 )
 
 RewardProof = pb.RewardProof
@@ -151,8 +150,8 @@ class RunSpec:
             )
         except KeyError as e:
             raise ValueError(f"run_started payload lacks {e.args[0]!r}") from None
-        except TypeError as e:
-            raise ValueError(f"run_started payload: {e}") from None
+        except (TypeError, AttributeError, OverflowError) as e:
+            raise ValueError(f"run_started payload: {type(e).__name__}: {e}") from None
 
     def new_state(self, salt: bytes | None = b"") -> InMemoryVerifierState:
         return InMemoryVerifierState(
@@ -485,6 +484,8 @@ def audit(log: str | os.PathLike | Iterable[LogEntry], hooks: AuditHooks | None 
     except LogError as e:
         result.problem = AuditProblem(e.index if e.index is not None else result.entries, None,
                                       e.reason + (f" (line {e.line})" if e.line is not None else ""))
+    if result.problem is None and result.entries == 0:
+        result.problem = AuditProblem(0, None, "the log has no entries")
     return result
 
 

@@ -246,12 +246,12 @@ class VerifierPolicy:
         if extra:
             raise ValueError(f"verifier policy has unknown keys {sorted(extra)}")
         kw = dict(obj)
-        kw["reward_specs"] = tuple(kw.get("reward_specs") or ())
-        kw["eos_token_ids"] = tuple(kw.get("eos_token_ids") or ())
         try:
+            kw["reward_specs"] = tuple(kw.get("reward_specs") or ())
+            kw["eos_token_ids"] = tuple(kw.get("eos_token_ids") or ())
             return cls(**kw)
-        except TypeError as e:
-            raise ValueError(f"verifier policy: {e}") from None
+        except (TypeError, AttributeError, OverflowError) as e:
+            raise ValueError(f"verifier policy: {type(e).__name__}: {e}") from None
 
 
 class VerifierState(Protocol):

@@ -150,6 +150,22 @@ def test_report(run, tmp_path):
     assert (tmp_path / "r2" / "staleness_hist.png").is_file()
 
 
+def test_cli_on_garbage_and_empty_files(tmp_path):
+    runner = CliRunner()
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_bytes(b"\x00\xffnot a log\n")
+    res = runner.invoke(app, ["verify", str(garbage)])
+    assert res.exit_code == 1 and "entry 0" in res.output and "line 1" in res.output
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    res = runner.invoke(app, ["verify", str(empty), "--no-hooks"])
+    assert res.exit_code == 1 and "no entries" in res.output
+    fake_sqlite = tmp_path / "fake.sqlite"
+    fake_sqlite.write_bytes(b"SQLite format 3\x00" + b"\x01" * 200)
+    res = runner.invoke(app, ["verify", str(fake_sqlite), "--no-hooks"])
+    assert res.exit_code == 1 and "BAD" in res.output
+
+
 # ---- tampering -----------------------------------------------------------------------------------
 def rechain(entries, changes, signer=COORDINATOR):
     """The log as a dishonest coordinator would rewrite it: payloads (or (kind, payload)) replaced,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import random
 import struct
 
@@ -19,7 +18,6 @@ from grpo_swarm.protocol import ReasonCode
 from grpo_swarm.protocol.audit import RunSpec
 from grpo_swarm.protocol.proofs import MAX_PROOF_BYTES, build_reward_proof, prompt_hash, proof_signing_bytes
 from grpo_swarm.protocol.verify import (
-    InMemoryVerifierState,
     SpotCheckUnavailable,
     Verdict,
     Verifier,
@@ -31,7 +29,7 @@ from grpo_swarm.protocol.verify import (
 )
 from protocol_world import EOS, REWARDS, World, forge, identity, inflate, with_totals
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                           HealthCheck.function_scoped_fixture])
 NODE = identity(0)
 OTHER = identity(1)
