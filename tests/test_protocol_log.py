@@ -11,6 +11,7 @@ import sqlite3
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from json_strategies import json_values
 
 from grpo_swarm.protocol.identity import Identity
 from grpo_swarm.protocol.log import (
@@ -289,12 +290,6 @@ def test_unreadable_files_are_clear_errors(tmp_path):
 
 
 # ---- fuzzing -------------------------------------------------------------------------------------
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**80, 2**80) | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=25,
-)
 
 
 @FUZZ

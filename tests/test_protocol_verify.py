@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from json_strategies import json_values
 
 from grpo_swarm.node import grpo
 from grpo_swarm.protocol import ReasonCode
@@ -473,12 +474,6 @@ def test_reward_spec_id_and_policy_round_trip(world):
             VerifierPolicy.from_json(bad)
 
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
-    max_leaves=20,
-)
 
 
 @FUZZ
