@@ -12,6 +12,9 @@ times, and pads every row to the longest prompt and completion of the batch. Her
 
 Right padding of completions needs no attention mask: causal attention never lets a real token see
 the padding after it. Only completion logits are computed (no lm_head over prompts).
+
+Llama-family models take :func:`fast_forward.shared_prefix_forward`; others take the same steps
+through transformers' own forward and ``DynamicCache`` (:func:`_hf_shared_prefix_logits`).
 """
 
 from __future__ import annotations
