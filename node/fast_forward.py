@@ -225,6 +225,15 @@ def _finish_layer(layer, dims: Dims, x, attn):
     return x + project(F.silu(project(h, m.gate_proj.weight)) * project(h, m.up_proj.weight), m.down_proj.weight)
 
 
+def prefix_sharing_pays(prefix_len: int, width: int, group_size: int) -> bool:
+    """Share the prefix unless repeating it adds under a quarter more tokens than the completions.
+
+    Sharing saves (G-1)·P tokens per group but runs each layer twice (prefix, then completions);
+    for a 3-token arithmetic prompt the extra kernel launches cost more than the tokens saved.
+    """
+    return (group_size - 1) * prefix_len > 0.25 * group_size * width
+
+
 def shared_prefix_forward(
     model: PreTrainedModel,
     prefix_ids: torch.Tensor,
@@ -254,9 +263,23 @@ def shared_prefix_forward(
         valid.repeat_interleave(group_size, 0)[:, None, :].expand(n, c, p),
         torch.ones(c, c, dtype=torch.bool, device=device).tril()[None].expand(n, c, c),
     ], dim=-1)[:, None], dtype)
+    gqa = dims.kv_heads != dims.heads
+    if p > 0 and not prefix_sharing_pays(p, c, group_size):
+        # short prompts: one pass over [prefix | inputs] rows costs fewer ops than sharing the prefix
+        full = torch.cat([xp.repeat_interleave(group_size, 0), xc], dim=1)
+        keys = torch.cat([valid.repeat_interleave(group_size, 0), torch.ones(n, c, dtype=torch.bool, device=device)], 1)
+        positions = torch.cat([prefix_pos.repeat_interleave(group_size, 0), input_pos], dim=1)
+        causal = torch.ones(p + c, p + c, dtype=torch.bool, device=device).tril()
+        mask = additive_mask(((causal[None] & keys[:, None, :]) | torch.eye(p + c, dtype=torch.bool,
+                                                                               device=device)[None])[:, None], dtype)
+        cos, sin = rope(model, full, positions)
+        for layer in model.model.layers:
+            q, k, v = _attention_block(layer, dims, full, cos, sin)
+            full = _finish_layer(layer, dims, full, F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                                   enable_gqa=gqa))
+        return rms_norm(full[:, p:], model.model.norm.weight, dims.eps)
     cos_p, sin_p = rope(model, xc, prefix_pos) if p > 0 else (None, None)
     cos_c, sin_c = rope(model, xc, input_pos)
-    gqa = dims.kv_heads != dims.heads
     last = len(model.model.layers) - 1
     for i, layer in enumerate(model.model.layers):
         qc, kc, vc = _attention_block(layer, dims, xc, cos_c, sin_c)

@@ -23,12 +23,14 @@ PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
 G = 3
 
 
+@pytest.mark.parametrize("width", [5, 40], ids=["shared-prefix", "joint-pass"])
 @pytest.mark.parametrize("name", MODELS)
-def test_training_forward_matches_transformers(name):
+def test_training_forward_matches_transformers(name, width):
     model = MODELS[name]()
     assert fast_forward.supports(model)
+    assert fast_forward.prefix_sharing_pays(max(len(p) for p in PROMPTS) - 1, width, G) == (width == 5)
     torch.manual_seed(1)
-    completions = torch.randint(3, 40, (len(PROMPTS) * G, 5))
+    completions = torch.randint(3, 40, (len(PROMPTS) * G, width))
     prefixes, mask = left_pad([p[:-1] for p in PROMPTS], 0)
     last = torch.tensor([p[-1] for p in PROMPTS]).repeat_interleave(G)
     inputs = torch.cat([last[:, None], completions[:, :-1]], dim=1)
