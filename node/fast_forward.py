@@ -87,15 +87,24 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in HF's half-split layout: x·cos + rotate_half(x)·sin, as x·cos + roll(x)·(±sin).
+
+    ``signed_sin`` is sin with its first half negated (:func:`rope`), so rotate_half(x)·sin — a slice,
+    a negation and a concatenation — becomes one roll: same values, fewer kernels.
+    """
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), signed_sin)
+
+
+def signed(sin: torch.Tensor) -> torch.Tensor:
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
 def rope(model: PreTrainedModel, x: torch.Tensor, positions: torch.Tensor):
+    """cos and signed sin [B, 1, T, d] for :func:`rotate`."""
     cos, sin = model.model.rotary_emb(x, positions)
-    return cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, d]
+    return cos.unsqueeze(1), signed(sin).unsqueeze(1)
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -151,7 +160,7 @@ def _sampling_layers(model, fused: FusedWeights, dims: Dims, x, positions, cache
     if cache.rope_table is None:  # cos/sin for every position the cache can hold, computed once
         table_pos = torch.arange(cache.bias.size(1) + int(positions.max()) + 1, device=x.device)[None]
         cos_t, sin_t = model.model.rotary_emb(x, table_pos)
-        cache.rope_table = (cos_t[0], sin_t[0])
+        cache.rope_table = (cos_t[0], signed(sin_t[0]))
     cos, sin = (tab[positions].unsqueeze(1) for tab in cache.rope_table)
     q_size, kv_size = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
     for i, layer in enumerate(model.model.layers):
