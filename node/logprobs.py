@@ -52,6 +52,42 @@ def token_logprobs(logits: torch.Tensor, index: torch.Tensor, with_entropy: bool
     return logps, entropy
 
 
+class _VocabLogprobs(torch.autograd.Function):
+    """log p(index) and entropy from vocabulary-major logits ``[V, M]`` in a few fused passes.
+
+    The forward keeps ``p = softmax`` (needed for the entropy anyway); the backward of log p(index)
+    is then ``onehot·g − p·g`` in place on it — no separate exp, no zero-filled gather gradient.
+    Working on ``W @ hᵀ`` ([V, M], contiguous) keeps every vocabulary reduction cache-friendly.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_t: torch.Tensor, index: torch.Tensor):
+        lse = torch.logsumexp(logits_t, dim=0)
+        logps = logits_t.gather(0, index.unsqueeze(0)).squeeze(0) - lse
+        probs = (logits_t - lse.unsqueeze(0)).exp_()
+        entropy = lse - (probs * logits_t).sum(0)
+        ctx.save_for_backward(probs, index)
+        ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor, grad_entropy: torch.Tensor):
+        probs, index = ctx.saved_tensors
+        grad = probs.mul_(-grad_logps.unsqueeze(0))  # the saved softmax is used once: reuse its memory
+        grad.scatter_add_(0, index.unsqueeze(0), grad_logps.unsqueeze(0))
+        return grad, None
+
+
+def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, temperature: float = 1.0):
+    """Per-token log-probs (with grad) and entropies (detached) of ``index`` [N, C] from hidden states."""
+    n, c, h = hidden.shape
+    logits_t = torch.mm(weight, hidden.reshape(n * c, h).t()).float()
+    if temperature != 1.0:
+        logits_t = logits_t / temperature
+    logps, entropy = _VocabLogprobs.apply(logits_t, index.reshape(n * c))
+    return logps.view(n, c), entropy.view(n, c)
+
+
 def completion_logprobs(
     model: PreTrainedModel,
     prompt_ids: list[torch.Tensor],
@@ -73,9 +109,9 @@ def completion_logprobs(
     prefix_ids, prefix_mask = (t.to(device) for t in left_pad(prefixes, pad_token_id))
     if fast_forward.supports(model):
         hidden = fast_forward.shared_prefix_forward(model, prefix_ids, prefix_mask, inputs, group_size)
-        logits = fast_forward.project(hidden, model.lm_head.weight)
-    else:
-        logits = _hf_shared_prefix_logits(model, prefix_ids, prefix_mask, inputs, group_size)
+        logps, entropy = lm_head_logprobs(hidden, model.lm_head.weight, completion_ids, temperature)
+        return TokenScores(logps=logps, entropy=entropy if with_entropy else None)
+    logits = _hf_shared_prefix_logits(model, prefix_ids, prefix_mask, inputs, group_size)
     if temperature != 1.0:
         logits = logits / temperature
     logps, entropy = token_logprobs(logits, completion_ids, with_entropy)

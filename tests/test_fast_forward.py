@@ -81,3 +81,20 @@ def test_token_logprobs_and_entropy():
     ref = torch.log_softmax(logits, -1)
     assert torch.allclose(logps, ref.gather(-1, index[..., None])[..., 0], atol=1e-6)
     assert torch.allclose(entropy, torch.distributions.Categorical(logits=logits).entropy(), atol=1e-5)
+
+
+def test_lm_head_logprobs_value_gradient_and_entropy():
+    from grpo_swarm.node.logprobs import lm_head_logprobs
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 4, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    index = torch.randint(0, 11, (3, 4))
+    logps, entropy = lm_head_logprobs(hidden, weight, index, temperature=0.7)
+    logits = (hidden @ weight.t()) / 0.7
+    ref = torch.log_softmax(logits, -1).gather(-1, index[..., None])[..., 0]
+    assert torch.allclose(logps, ref, atol=1e-5)
+    assert torch.allclose(entropy, torch.distributions.Categorical(logits=logits).entropy(), atol=1e-5)
+    upstream = torch.randn(3, 4)
+    gh, gw = torch.autograd.grad((logps * upstream).sum(), (hidden, weight))
+    rh, rw = torch.autograd.grad((ref * upstream).sum(), (hidden, weight))
+    assert torch.allclose(gh, rh, atol=1e-5) and torch.allclose(gw, rw, atol=1e-5)
