@@ -87,6 +87,17 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
+def left_padded_causal_mask(key_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, L, L] for left-padded rows: causal, padding keys hidden.
+
+    Padded query rows would see no key at all (NaN), so every position may always see itself.
+    """
+    length = key_valid.size(1)
+    causal = torch.ones(length, length, dtype=torch.bool, device=key_valid.device).tril()
+    eye = torch.eye(length, dtype=torch.bool, device=key_valid.device)
+    return additive_mask(((causal[None] & key_valid[:, None, :]) | eye[None])[:, None], dtype)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """RoPE in HF's half-split layout: x·cos + rotate_half(x)·sin, as x·cos + roll(x)·(±sin).
 
@@ -192,10 +203,7 @@ def prefill(model, fused: FusedWeights, ids: torch.Tensor, attn: torch.Tensor, c
     cache = StaticKVCache(len(model.model.layers), b, dims, capacity, compute_dtype(x), ids.device)
     cache.bias[:, :p].masked_fill_(attn.bool(), 0.0)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
-    causal = torch.ones(p, p, dtype=torch.bool, device=ids.device).tril()
-    # padded query rows would see no key at all (NaN): let them see themselves
-    allowed = (causal[None] & attn.bool()[:, None, :]) | torch.eye(p, dtype=torch.bool, device=ids.device)[None]
-    h = _sampling_layers(model, fused, dims, x, positions, cache, additive_mask(allowed[:, None], cache.bias.dtype))
+    h = _sampling_layers(model, fused, dims, x, positions, cache, left_padded_causal_mask(attn.bool(), cache.bias.dtype))
     cache.length = p
     return project(h[:, -1], model.lm_head.weight), cache
 
@@ -262,12 +270,10 @@ def shared_prefix_forward(
     valid = prefix_mask.bool()
     prefix_pos = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
     input_pos = prefix_mask.sum(-1, keepdim=True).repeat_interleave(group_size, 0) + torch.arange(c, device=device)
-    causal_p = torch.ones(p, p, dtype=torch.bool, device=device).tril()
     xp = model.model.embed_tokens(prefix_ids) if p > 0 else None
     xc = model.model.embed_tokens(inputs)
     dtype = compute_dtype(xc)
-    mask_p = additive_mask(
-        ((causal_p[None] & valid[:, None, :]) | torch.eye(p, dtype=torch.bool, device=device)[None])[:, None], dtype)
+    mask_p = left_padded_causal_mask(valid, dtype)
     mask_c = additive_mask(torch.cat([
         valid.repeat_interleave(group_size, 0)[:, None, :].expand(n, c, p),
         torch.ones(c, c, dtype=torch.bool, device=device).tril()[None].expand(n, c, c),
@@ -278,9 +284,7 @@ def shared_prefix_forward(
         full = torch.cat([xp.repeat_interleave(group_size, 0), xc], dim=1)
         keys = torch.cat([valid.repeat_interleave(group_size, 0), torch.ones(n, c, dtype=torch.bool, device=device)], 1)
         positions = torch.cat([prefix_pos.repeat_interleave(group_size, 0), input_pos], dim=1)
-        causal = torch.ones(p + c, p + c, dtype=torch.bool, device=device).tril()
-        mask = additive_mask(((causal[None] & keys[:, None, :]) | torch.eye(p + c, dtype=torch.bool,
-                                                                               device=device)[None])[:, None], dtype)
+        mask = left_padded_causal_mask(keys, dtype)
         cos, sin = rope(model, full, positions)
         for layer in model.model.layers:
             q, k, v = _attention_block(layer, dims, full, cos, sin)

@@ -34,24 +34,6 @@ class TokenScores:
     entropy: torch.Tensor | None  # [N, C] detached entropy of the full distribution
 
 
-def token_logprobs(logits: torch.Tensor, index: torch.Tensor, with_entropy: bool = False):
-    """``log_softmax(logits)[..., index]`` (with grad) and optionally the detached entropy.
-
-    One logsumexp serves both; the entropy is ``lse - Σ p·logits`` — two passes over the vocabulary
-    instead of a full log-softmax.
-    """
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
-    logps = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - lse
-    if not with_entropy:
-        return logps, None
-    with torch.no_grad():
-        detached = logits.detach()
-        probs = (detached - lse.detach().unsqueeze(-1)).exp_()
-        entropy = lse.detach() - (probs.mul_(detached)).sum(-1)
-    return logps, entropy
-
-
 class _VocabLogprobs(torch.autograd.Function):
     """log p(index) and entropy from vocabulary-major logits ``[V, M]`` in a few fused passes.
 
@@ -76,6 +58,14 @@ class _VocabLogprobs(torch.autograd.Function):
         grad = probs.mul_(-grad_logps.unsqueeze(0))  # the saved softmax is used once: reuse its memory
         grad.scatter_add_(0, index.unsqueeze(0), grad_logps.unsqueeze(0))
         return grad, None
+
+
+def token_logprobs(logits: torch.Tensor, index: torch.Tensor, with_entropy: bool = False):
+    """``log_softmax(logits)[..., index]`` (with grad) and optionally the detached entropy, for
+    token-major logits ``[..., V]`` (the transformers fallback); same kernel as :func:`lm_head_logprobs`."""
+    vocab = logits.shape[-1]
+    logps, entropy = _VocabLogprobs.apply(logits.float().reshape(-1, vocab).t(), index.reshape(-1))
+    return logps.view(index.shape), entropy.view(index.shape) if with_entropy else None
 
 
 def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, temperature: float = 1.0):
