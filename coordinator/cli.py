@@ -4,18 +4,23 @@
   overwrite an existing file unless ``--force``.
 * ``check-config PATH`` validates a run config and prints a summary; exit 2 with the field named
   on error. Reward functions are resolved too (``--no-resolve-rewards`` skips that; it imports torch).
+* ``serve --config run.toml --data-dir DIR`` runs the gRPC service (:mod:`.service`) until
+  SIGINT/SIGTERM; a second start on the same DIR resumes the run from its protocol log.
+* ``status --data-dir DIR`` prints the run, nodes (version, staleness, last seen, throughput) and
+  accepted/rejected counts by reason, read from DIR's files (works while serving or not).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 
 from .config import ConfigError, load_run_config, resolve_rewards, template_text
 
-app = typer.Typer(help="grpo-swarm coordinator: run configs (the gRPC service comes next).", no_args_is_help=True,
+app = typer.Typer(help="grpo-swarm coordinator: run configs, the gRPC service, status.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True, highlight=False)
@@ -76,6 +81,91 @@ def check_config(
     ]
     for line in lines:
         out.print(line, markup=False)
+
+
+
+@app.command()
+def serve(
+    config: Path = typer.Option(..., "--config", "-c", help="run config (TOML)"),
+    data_dir: Path = typer.Option(..., "--data-dir", "-d", help="key, protocol log, state and snapshots"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)"),
+    port: int = typer.Option(7450, help="gRPC port (0 = any free port)"),
+    tls_cert: Optional[Path] = typer.Option(None, help="TLS certificate chain (PEM); needs --tls-key"),
+    tls_key: Optional[Path] = typer.Option(None, help="TLS private key (PEM)"),
+    metrics_port: Optional[int] = typer.Option(None, help="serve Prometheus /metrics on this port"),
+    keep_snapshots: int = typer.Option(3, min=1, help="snapshot versions kept on disk (at least η + 1)"),
+    spot_check: bool = typer.Option(True, "--spot-check/--no-spot-check",
+                                    help="load the model to re-check log-probabilities of sampled proofs"),
+    rate: float = typer.Option(20.0, help="requests per second allowed per node key (0 = unlimited)"),
+    burst: int = typer.Option(100, help="request burst allowed per node key"),
+    port_file: Optional[Path] = typer.Option(None, help="write the bound port here once serving"),
+) -> None:
+    """Run the coordinator's gRPC service (resumes the run found in --data-dir)."""
+    import signal
+    import threading
+
+    from .core import Coordinator, LogError, SnapshotError, model_setup
+    from .service import ServerLimits, start_server
+
+    if (tls_cert is None) != (tls_key is None):
+        err.print("[red]--tls-cert and --tls-key go together[/red]")
+        raise typer.Exit(2)
+    try:
+        cfg = load_run_config(config)
+        resolve_rewards(cfg, str(config))
+    except ConfigError as exc:
+        err.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(2)
+    tls = None
+    if tls_cert is not None:
+        try:
+            tls = (tls_key.read_bytes(), tls_cert.read_bytes())
+        except OSError as exc:
+            err.print(f"[red]cannot read TLS files:[/red] {exc}")
+            raise typer.Exit(2)
+    try:
+        coordinator = Coordinator(cfg, data_dir, setup=model_setup(cfg, spot_check=spot_check),
+                                  keep_snapshots=keep_snapshots)
+    except (ConfigError, LogError, SnapshotError, OSError) as exc:
+        err.print(f"[red]cannot start:[/red] {exc}")
+        raise typer.Exit(1)
+    server, bound, _ = start_server(coordinator, host, port, limits=ServerLimits(rate_per_s=rate, burst=burst), tls=tls)
+    if metrics_port is not None:
+        mport = coordinator.metrics.serve_http(metrics_port, addr=host)
+        err.print(f"metrics on http://{host}:{mport}/metrics")
+    st = coordinator.state
+    err.print(f"serving run {cfg.run.id} on {host}:{bound} (version {st.current_version}, round {st.current_round}, "
+              f"{len(st.keys)} nodes; coordinator key {coordinator.identity.public_key_bytes.hex()})")
+    if port_file is not None:
+        port_file.write_text(str(bound))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5).wait()
+    coordinator.close()
+    err.print("stopped")
+
+
+@app.command()
+def status(
+    data_dir: Path = typer.Option(..., "--data-dir", "-d", help="the coordinator's data directory"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
+) -> None:
+    """Print nodes, versions, staleness and accepted/rejected counts by reason."""
+    import json
+
+    from .status import StatusError, read_status, render_status
+
+    try:
+        report = read_status(data_dir)
+    except StatusError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1)
+    if as_json:
+        out.print(json.dumps(report, sort_keys=True), markup=False)
+    else:
+        render_status(report, out)
 
 
 if __name__ == "__main__":  # pragma: no cover

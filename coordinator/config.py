@@ -81,8 +81,10 @@ class SwarmSettings(Section):
     averaging_timeout_s: float = Field(120.0, gt=0, description="averaging: time for one all-reduce")
     min_peers: int = Field(2, ge=1, description="peers needed before a round starts")
     heartbeat_interval_s: float = Field(10.0, gt=0, description="how often nodes report to the coordinator")
+    round_timeout_s: float = Field(
+        600.0, gt=0, description="close a round after this long even below samples_per_round (if it has any)")
 
-    @field_validator("matchmaking_timeout_s", "averaging_timeout_s", "heartbeat_interval_s")
+    @field_validator("matchmaking_timeout_s", "averaging_timeout_s", "heartbeat_interval_s", "round_timeout_s")
     @classmethod
     def _finite(cls, v: float) -> float:
         if not math.isfinite(v):

@@ -1,0 +1,361 @@
+"""The coordinator's run state machine, without gRPC: registration, heartbeats and staleness,
+proof verification and admission tickets, rounds, snapshot publication. :mod:`.service` puts it
+behind the gRPC API; tests drive it directly too.
+
+Everything that changes the run goes through :class:`~grpo_swarm.protocol.audit.RunRecorder` into
+the protocol log (``<data-dir>/protocol.sqlite``, SQLite WAL, ``synchronous=FULL``) before a reply
+leaves: an acknowledged submission is on disk. A restart rebuilds the state from that log
+(:meth:`RunRecorder.resume`) and the salts in ``coordinator.sqlite`` (:mod:`.store`).
+
+Data directory::
+
+    coordinator.key        Ed25519 key (0600): signs the log, manifests, tickets
+    protocol.sqlite        the hash-chained signed protocol log
+    coordinator.sqlite     salts, node heartbeats, parameter-hash reports
+    snapshots/             <sha>.safetensors + <sha>.manifest (see .snapshots)
+
+Rounds: a round closes when the swarm's accepted samples in it reach ``swarm.samples_per_round``
+(the submission that crosses it gets ``round_closed``), or, once it has any accepted sample, when
+it has been open ``swarm.round_timeout_s`` (checked at each heartbeat and submission; its start is
+the time of the log entry that opened it, so a restart keeps it). Staleness: with current version v a node
+may sample with versions >= v - η (heartbeats tell it, ``may_sample``); older proofs are rejected
+``STALE_VERSION`` by the verifier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+from grpo_swarm.protocol.assignment import assign_prompts
+from grpo_swarm.protocol.audit import AuditHooks, RunRecorder
+from grpo_swarm.protocol.identity import Identity, node_id_from_public_key
+from grpo_swarm.protocol.log import LogError, ProtocolLog
+from grpo_swarm.protocol.proofs import now_ms
+from grpo_swarm.protocol.rpc import DEFAULT_CHUNK_SIZE, sign_ticket
+
+from .config import ConfigError, RunConfig
+from .metrics import CoordinatorMetrics
+from .snapshots import SnapshotError, SnapshotFiles, snapshot_state_sha256
+from .store import CoordinatorStore, majority_hash
+
+KEY_FILE = "coordinator.key"
+LOG_FILE = "protocol.sqlite"
+STORE_FILE = "coordinator.sqlite"
+SNAPSHOT_DIR = "snapshots"
+
+
+class RequestError(Exception):
+    """A request the coordinator refuses as a whole; ``status`` names the gRPC status code
+    (``"INVALID_ARGUMENT"``, ``"NOT_FOUND"``, ...)."""
+
+    def __init__(self, status: str, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What the coordinator derives from the model and the dataset once, at start."""
+
+    dataset_size: int
+    eos_token_ids: tuple[int, ...]
+    vocab_size: int
+    hooks: AuditHooks
+    initial_snapshot: Callable[[Path], tuple[Path, bytes]]  # snapshot dir -> (file, state-dict sha)
+
+
+def model_setup(cfg: RunConfig, *, spot_check: bool = True) -> Callable[[dict, Path], RunSetup]:
+    """The default :class:`RunSetup` factory: loads the run's model (CPU, float32) and dataset with
+    grpo_swarm.node, and the verifier hooks (rewards, tokenizer; spot-checks unless disabled)."""
+
+    def build(run_payload_for: Callable[[int, tuple, int], dict], snapshot_dir: Path) -> RunSetup:
+        from grpo_swarm.node.data import load_dataset_spec
+        from grpo_swarm.node.models import load_model
+        from grpo_swarm.node.proving import audit_hooks, save_snapshot
+        from grpo_swarm.node.rollout import eos_and_pad_ids
+
+        d = cfg.data
+        examples = load_dataset_spec(d.dataset, split=d.split, seed=cfg.run.seed, size=d.size or 10000)
+        loaded = load_model(cfg.model.name)
+        eos, _ = eos_and_pad_ids(loaded.model, loaded.tokenizer)
+        vocab = int(loaded.model.config.vocab_size)
+        payload = run_payload_for(len(examples), tuple(eos), vocab)
+        hooks = audit_hooks(payload, model=cfg.model.name if spot_check else None, snapshots=str(snapshot_dir),
+                            allow_plugin_rewards=True)
+
+        def initial(directory: Path) -> tuple[Path, bytes]:
+            sha = save_snapshot(loaded.model, directory)
+            return directory / f"{sha.hex()}.safetensors", sha
+
+        return RunSetup(len(examples), tuple(eos), vocab, hooks, initial)
+
+    return build
+
+
+class Coordinator:
+    """One run's coordinator state. Thread-safe: every method takes the instance lock."""
+
+    def __init__(self, cfg: RunConfig, data_dir: str | os.PathLike, *, setup=None, keep_snapshots: int = 3,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, metrics: CoordinatorMetrics | None = None,
+                 identity: Identity | None = None):
+        self.cfg = cfg
+        self.dir = Path(data_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.identity = identity or Identity.load_or_create(self.dir / KEY_FILE)
+        self.metrics = metrics or CoordinatorMetrics()
+        self.keep_snapshots = max(keep_snapshots, cfg.swarm.max_staleness + 1)
+        self.lock = threading.RLock()
+        self.store = CoordinatorStore(self.dir / STORE_FILE)
+        self.log = ProtocolLog(self.dir / LOG_FILE)
+        self.snapshots = SnapshotFiles(self.dir / SNAPSHOT_DIR, self.identity, cfg.run.id, chunk_size)
+
+        def payload_for(dataset_size: int, eos: tuple, vocab: int) -> dict:
+            return cfg.run_spec(dataset_size, eos_token_ids=eos, vocab_size=vocab).to_payload()
+
+        self.setup: RunSetup = (setup or model_setup(cfg))(payload_for, self.snapshots.dir)
+        spec = cfg.run_spec(self.setup.dataset_size, eos_token_ids=self.setup.eos_token_ids,
+                            vocab_size=self.setup.vocab_size)
+        if len(self.log) == 0:
+            self.recorder = RunRecorder(self.log, self.identity, spec, hooks=self.setup.hooks,
+                                        on_salt=self.store.put_salt)
+        else:
+            self.recorder = RunRecorder.resume(self.log, self.identity, salts=self.store.salts(), hooks=self.setup.hooks,
+                                               on_salt=self.store.put_salt)
+            _check_same_run(self.recorder.spec.to_payload(), spec.to_payload(), self.dir)
+        self.spec = self.recorder.spec
+        self.state = self.recorder.state
+        self.round_started_ms = _round_start_ms(self.log)
+        self._restore_snapshots()
+        self._refresh_gauges()
+
+    # -- start-up
+    def _restore_snapshots(self) -> None:
+        st = self.state
+        for version in sorted(st.snapshots):
+            self.snapshots.load(version, st.snapshots[version])
+        if not st.snapshots:  # a new run (or a crash before the first snapshot was logged)
+            path, sha = self.setup.initial_snapshot(self.snapshots.dir)
+            self.snapshots.add(path, 0, sha)
+            self.recorder.publish_snapshot(0, sha)
+            self.metrics.snapshots_published.inc()
+        if self.snapshots.manifest(st.current_version) is None:
+            raise SnapshotError(f"the files of the current snapshot (version {st.current_version}, "
+                                f"{st.snapshots[st.current_version].hex()[:16]}...) are missing from "
+                                f"{self.snapshots.dir}")
+
+    def close(self) -> None:
+        with self.lock:
+            self.log.close()
+            self.store.close()
+
+    # -- views
+    @property
+    def current(self) -> pb.PolicySnapshotRef:
+        st = self.state
+        return pb.PolicySnapshotRef(version=st.current_version, sha256=st.snapshots[st.current_version])
+
+    def round_samples(self) -> int:
+        return sum(self.recorder.round_accepted.values())
+
+    def node_id_of(self, public_key: bytes) -> str | None:
+        return self.state.node_for_key(public_key)
+
+    def is_banned(self, node_id: str) -> bool:
+        return self.state.is_banned(node_id)
+
+    def _refresh_gauges(self) -> None:
+        m, st = self.metrics, self.state
+        m.nodes.set(len(st.keys))
+        m.version.set(st.current_version)
+        m.round.set(st.current_round)
+        m.round_samples.set(self.round_samples())
+
+    # -- requests
+    def register(self, public_key: bytes, request: pb.RegisterRequest) -> pb.RegisterResponse:
+        if request.run_id and request.run_id != self.spec.run_id:
+            raise RequestError("FAILED_PRECONDITION", f"this coordinator serves run {self.spec.run_id!r}, "
+                                                      f"not {request.run_id!r}")
+        with self.lock:
+            node_id = self.state.node_for_key(public_key)
+            new = node_id is None
+            if new:
+                node_id = self.recorder.register(public_key)
+            elif self.state.is_banned(node_id):
+                raise RequestError("PERMISSION_DENIED", f"node {node_id} is banned")
+            self.store.node_registered(node_id, public_key,
+                                       request.hardware if request.HasField("hardware") else None)
+            self._refresh_gauges()
+            return pb.RegisterResponse(
+                run_id=self.spec.run_id, node_id=node_id,
+                run_config_json=json.dumps(self.cfg.model_dump(mode="json"), sort_keys=True),
+                run_spec_json=json.dumps(self.spec.to_payload(), sort_keys=True), current=self.current,
+                current_round=self.state.current_round, coordinator_public_key=self.identity.public_key_bytes,
+                newly_registered=new)
+
+    def heartbeat(self, node_id: str, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        eta = self.spec.max_staleness
+        with self.lock:
+            st = self.state
+            cur = st.current_version
+            v = request.policy_version
+            if v > cur or v not in st.snapshots:
+                lag, staleness = 0, pb.STALENESS_AHEAD if v > cur else pb.STALENESS_TOO_STALE
+                if v < cur:
+                    lag = cur - v
+            else:
+                lag = cur - v
+                staleness = pb.STALENESS_CURRENT if lag == 0 else pb.STALENESS_BEHIND if lag <= eta \
+                    else pb.STALENESS_TOO_STALE
+            if request.HasField("computed"):
+                c = request.computed
+                if c.version <= cur or len(c.sha256) != 32:
+                    raise RequestError("INVALID_ARGUMENT", f"computed must name a version above the current {cur} "
+                                                           "and a 32-byte state-dict hash")
+                self.store.report(c.version, node_id, c.sha256)
+            for name in ("completions_per_s", "tokens_per_s"):
+                x = getattr(request, name)
+                if not (x >= 0 and x < float("inf")):
+                    raise RequestError("INVALID_ARGUMENT", f"{name} must be a finite number >= 0, got {x}")
+            self.store.heartbeat(node_id, v, request.completions_per_s, request.tokens_per_s,
+                                 request.hardware if request.HasField("hardware") else None)
+            self.metrics.staleness.labels("heartbeat").observe(lag)
+            self._maybe_close_round(timed_out_only=True)
+            may = staleness in (pb.STALENESS_CURRENT, pb.STALENESS_BEHIND) and not st.is_banned(node_id)
+            prompts = assign_prompts(self.spec.run_seed, node_id, st.current_round, self.spec.dataset_size,
+                                     self.spec.prompts_per_round)
+            return pb.HeartbeatResponse(
+                current=self.current, current_round=st.current_round, lag=lag, staleness=staleness,
+                min_version=max(0, cur - eta), may_sample=may, prompt_indices=prompts,
+                round_samples_accepted=self.round_samples(), round_samples_target=self.cfg.swarm.samples_per_round)
+
+    def manifest(self, version: int | None) -> pb.SnapshotManifest:
+        with self.lock:
+            v = self.state.current_version if version is None else version
+            m = self.snapshots.manifest(v)
+            if m is None:
+                kept = self.snapshots.versions()
+                raise RequestError("NOT_FOUND", f"no snapshot of version {v} is kept (kept: {kept})")
+            return m
+
+    def snapshot_file(self, version: int) -> Path:
+        with self.lock:
+            self.manifest(version)
+            return self.snapshots.file_of(version)
+
+    def submit(self, public_key: bytes, proofs) -> pb.SubmitProofsResponse:
+        node_id = node_id_from_public_key(public_key)
+        for i, p in enumerate(proofs):
+            if bytes(p.node_public_key) != bytes(public_key):
+                raise RequestError("INVALID_ARGUMENT", f"proofs[{i}] is signed by another node key than the request")
+        with self.lock:
+            st = self.state
+            round_index, cur = st.current_round, st.current_version
+            out = pb.SubmitProofsResponse()
+            last_index = None
+            for group, verdict, entry in self.recorder.submit_logged(proofs):
+                last_index = entry.index
+                out.verdicts.add(group_id=group[0].group_id if group else "", proof_count=len(group),
+                                 accepted=verdict.accepted, code="" if verdict.accepted else verdict.code.value,
+                                 detail=verdict.detail, member=-1 if verdict.member is None else verdict.member,
+                                 log_index=entry.index)
+                if verdict.accepted:
+                    self.metrics.proofs_accepted.inc(len(group))
+                    for p in group:
+                        self.metrics.staleness.labels("proof").observe(cur - p.policy.version)
+                else:
+                    self.metrics.proofs_rejected.labels(verdict.code.value).inc(len(group))
+            count = self.recorder.round_accepted.get(node_id, 0)
+            if count:
+                if last_index is None:
+                    last_index = self.log.head()[0] - 1
+                out.ticket.CopyFrom(sign_ticket(pb.AdmissionTicket(
+                    run_id=self.spec.run_id, round_index=round_index, node_id=node_id, node_public_key=public_key,
+                    accepted_samples=count, policy_version=cur, time_ms=now_ms(), log_index=last_index), self.identity))
+            out.round_closed = self._maybe_close_round()
+            out.current_round = st.current_round
+            self._refresh_gauges()
+            return out
+
+    def _maybe_close_round(self, timed_out_only: bool = False) -> bool:
+        samples = self.round_samples()
+        full = samples >= self.cfg.swarm.samples_per_round and not timed_out_only
+        late = samples > 0 and now_ms() - self.round_started_ms >= self.cfg.swarm.round_timeout_s * 1000
+        if not (full or late):
+            return False
+        entry = self.recorder.close_round()
+        self.round_started_ms = entry.time_ms
+        self.metrics.rounds_closed.inc()
+        self._refresh_gauges()
+        return True
+
+    # -- snapshot upload
+    def check_upload(self, node_id: str, header: pb.UploadSnapshotHeader) -> tuple[int, int]:
+        """RequestError unless ``node_id`` may upload this version now; (support, reports)."""
+        ref = header.snapshot
+        if len(ref.sha256) != 32 or len(header.file_sha256) != 32:
+            raise RequestError("INVALID_ARGUMENT", "snapshot.sha256 and file_sha256 must be 32 bytes")
+        if header.total_bytes <= 0:
+            raise RequestError("INVALID_ARGUMENT", "total_bytes must be > 0")
+        with self.lock:
+            cur = self.state.current_version
+            if ref.version <= cur:
+                raise RequestError("FAILED_PRECONDITION", f"version {ref.version} is not above the current {cur}")
+            reports = self.store.reports(ref.version)
+            winner, support, total = majority_hash(reports)
+            if reports.get(node_id) != bytes(ref.sha256):
+                raise RequestError("FAILED_PRECONDITION", f"node {node_id} has not reported hash "
+                                                          f"{ref.sha256.hex()[:16]}... for version {ref.version}")
+            if winner != bytes(ref.sha256):
+                raise RequestError("FAILED_PRECONDITION", f"hash {ref.sha256.hex()[:16]}... has {support} of "
+                                                          f"{total} reports for version {ref.version}: no majority")
+            return support, total
+
+    def publish_upload(self, node_id: str, header: pb.UploadSnapshotHeader, path: Path) -> pb.UploadSnapshotResponse:
+        """Publish a fully received upload (its size and file hash already checked by the caller)."""
+        sha = snapshot_state_sha256(path)  # outside the lock: reads the whole file
+        if sha != bytes(header.snapshot.sha256):
+            raise RequestError("INVALID_ARGUMENT", f"the uploaded tensors hash to {sha.hex()[:16]}..., not the "
+                                                   f"claimed {header.snapshot.sha256.hex()[:16]}...")
+        with self.lock:
+            support, total = self.check_upload(node_id, header)
+            version = header.snapshot.version
+            self.snapshots.add(path, version, sha)
+            self.recorder.publish_snapshot(version, sha)
+            index = self.log.head()[0] - 1
+            self.snapshots.prune(self.keep_snapshots)
+            self.store.prune_reports(version)
+            self.metrics.snapshots_published.inc()
+            self._refresh_gauges()
+            return pb.UploadSnapshotResponse(published=pb.PolicySnapshotRef(version=version, sha256=sha),
+                                             log_index=index, supporting_reports=support, total_reports=total)
+
+
+def _round_start_ms(log: ProtocolLog) -> int:
+    """Time of the entry that opened the current round (the last round_closed, else run_started)."""
+    from grpo_swarm.protocol.log import ROUND_CLOSED, RUN_STARTED
+
+    last = None
+    for kind in (ROUND_CLOSED, RUN_STARTED):
+        for e in log.entries(kind=kind):
+            last = e.time_ms
+        if last is not None:
+            return last
+    return now_ms()
+
+
+def _check_same_run(logged: dict, configured: dict, data_dir: Path) -> None:
+    logged = {k: v for k, v in logged.items() if k != "spot_check_commitment"}
+    configured = {k: v for k, v in configured.items() if k != "spot_check_commitment"}
+    if logged != configured:
+        diff = sorted(k for k in set(logged) | set(configured) if logged.get(k) != configured.get(k))
+        raise ConfigError(f"{data_dir} holds run {logged.get('run_id')!r} started with other settings "
+                          f"({', '.join(diff)} differ); use a new --data-dir or the original run config")
+
+
+__all__ = ["Coordinator", "RequestError", "RunSetup", "model_setup", "LogError", "SnapshotError"]

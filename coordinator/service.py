@@ -1,0 +1,278 @@
+"""The gRPC face of a :class:`~.core.Coordinator`: request authentication, limits, status codes,
+streaming, and the server itself.
+
+Each request is checked in this order, and refused with the gRPC status in brackets (the server
+keeps serving): the size (gRPC's own limit, RESOURCE_EXHAUSTED); a SignedEnvelope that parses
+(INVALID_ARGUMENT) and is signed (UNAUTHENTICATED); the method's payload kind
+(INVALID_ARGUMENT); the time window and a fresh nonce (UNAUTHENTICATED); the signer's rate limit
+(RESOURCE_EXHAUSTED); a registered, unbanned key, except for Register and GetLog
+(PERMISSION_DENIED); the payload (INVALID_ARGUMENT). Then the method runs; its refusals come as
+:class:`~.core.RequestError` with their own status. Every call is counted in
+``grpo_coordinator_requests{method, code}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+
+from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+from grpo_swarm.protocol.errors import ProtocolError
+from grpo_swarm.protocol.identity import node_id_from_public_key
+from grpo_swarm.protocol.proofs import MAX_BATCH_BYTES, open_envelope, parse_proof_batch
+from grpo_swarm.protocol.rpc import (
+    MAX_REQUEST_BYTES,
+    REQUEST_KIND,
+    SERVICE,
+    UPLOAD_CHUNK_KIND,
+    channel_options,
+    iter_file_chunks,
+)
+
+from .core import Coordinator, RequestError
+from .limits import NonceWindow, RateLimiter
+
+OPEN_METHODS = frozenset({"Register", "GetLog"})  # any valid key may call these
+MAX_LOG_ENTRIES_PER_CALL = 100_000
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    rate_per_s: float = 20.0  # requests per second per key (token bucket)
+    burst: int = 100
+    window_s: float = 120.0  # allowed |client time - server time|
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    workers: int = 16
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, detail: str):
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+def _status(name: str) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, name)
+
+
+class CoordinatorService:
+    def __init__(self, coordinator: Coordinator, limits: ServerLimits = ServerLimits()):
+        self.c = coordinator
+        self.limits = limits
+        self.nonces = NonceWindow(int(limits.window_s * 1000))
+        self.rate = RateLimiter(limits.rate_per_s, limits.burst)
+
+    # -- authentication
+    def _open(self, method: str, data: bytes, kind: str | None = None) -> tuple[pb.SignedEnvelope, str | None]:
+        try:
+            env = pb.SignedEnvelope.FromString(data)
+        except Exception:  # noqa: BLE001 - any decode failure
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "request is not a SignedEnvelope") from None
+        if not env.signature:
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "request is not signed (empty signature)")
+        try:
+            env = open_envelope(data, expected_kind=kind or REQUEST_KIND[method], max_bytes=self.limits.max_request_bytes)
+        except ProtocolError as e:
+            code = grpc.StatusCode.UNAUTHENTICATED if e.code.value == "BAD_SIGNATURE" else \
+                grpc.StatusCode.RESOURCE_EXHAUSTED if e.code.value == "OVERSIZED" else grpc.StatusCode.INVALID_ARGUMENT
+            raise _Refused(code, f"{e.code.value}: {e.detail}") from None
+        key = bytes(env.signer_public_key)
+        why = self.nonces.check(key, env.nonce, env.time_ms)
+        if why is not None:
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, why)
+        if not self.rate.allow(key):
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"rate limit: at most {self.limits.rate_per_s:g} requests/s per key")
+        node_id = self.c.node_id_of(key)
+        if method not in OPEN_METHODS:
+            if node_id is None:
+                raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
+                               f"key {node_id_from_public_key(key)} is not registered (call Register first)")
+            if self.c.is_banned(node_id):
+                raise _Refused(grpc.StatusCode.PERMISSION_DENIED, f"node {node_id} is banned")
+        return env, node_id
+
+    @staticmethod
+    def _payload(cls, env: pb.SignedEnvelope):
+        msg = cls()
+        try:
+            msg.ParseFromString(env.payload)
+        except Exception:  # noqa: BLE001
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"payload is not a {cls.DESCRIPTOR.name}") from None
+        return msg
+
+    def _fail(self, method: str, context, exc: Exception):
+        if isinstance(exc, _Refused):
+            code, detail = exc.code, exc.detail
+        elif isinstance(exc, RequestError):
+            code, detail = _status(exc.status), exc.detail
+        else:
+            code, detail = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+        self.c.metrics.requests.labels(method, code.name).inc()
+        context.abort(code, detail)
+
+    def _ok(self, method: str) -> None:
+        self.c.metrics.requests.labels(method, "OK").inc()
+
+    # -- unary methods
+    def _unary(self, method: str, handler):
+        def call(request: bytes, context):
+            try:
+                env, node_id = self._open(method, request)
+                reply = handler(env, node_id)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                self._fail(method, context, exc)
+            self._ok(method)
+            return reply.SerializeToString()
+
+        return grpc.unary_unary_rpc_method_handler(call)
+
+    def register(self, env, node_id):
+        return self.c.register(bytes(env.signer_public_key), self._payload(pb.RegisterRequest, env))
+
+    def heartbeat(self, env, node_id):
+        return self.c.heartbeat(node_id, self._payload(pb.HeartbeatRequest, env))
+
+    def manifest(self, env, node_id):
+        req = self._payload(pb.SnapshotManifestRequest, env)
+        return self.c.manifest(None if req.latest else req.version)
+
+    def submit(self, env, node_id):
+        if len(env.payload) > MAX_BATCH_BYTES:
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"proof batch is larger than {MAX_BATCH_BYTES} bytes")
+        try:
+            batch = parse_proof_batch(env.payload, verify=False)
+        except ProtocolError as e:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.code.value == "OVERSIZED" else grpc.StatusCode.INVALID_ARGUMENT
+            raise _Refused(code, f"{e.code.value}: {e.detail}") from None
+        if not batch.proofs:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "empty proof batch")
+        return self.c.submit(bytes(env.signer_public_key), list(batch.proofs))
+
+    # -- streaming methods
+    def download(self, request: bytes, context):
+        method = "DownloadSnapshot"
+        try:
+            env, _ = self._open(method, request)
+            req = self._payload(pb.DownloadSnapshotRequest, env)
+            manifest = self.c.manifest(req.version)
+            if req.file_sha256 and bytes(req.file_sha256) != manifest.file_sha256:
+                raise RequestError("FAILED_PRECONDITION", f"version {req.version} is now another file")
+            if req.offset % manifest.chunk_size or req.offset > manifest.total_bytes:
+                raise RequestError("OUT_OF_RANGE", f"offset {req.offset} is not a chunk boundary in 0.."
+                                                   f"{manifest.total_bytes} (chunk size {manifest.chunk_size})")
+            path = self.c.snapshot_file(req.version)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(method, context, exc)
+        served = self.c.metrics.bytes_served.labels(method)
+        for off, data in iter_file_chunks(path, req.offset, manifest.chunk_size):
+            if not context.is_active():
+                return
+            served.inc(len(data))
+            yield pb.SnapshotChunk(offset=off, data=data).SerializeToString()
+        self._ok(method)
+
+    def get_log(self, request: bytes, context):
+        method = "GetLog"
+        try:
+            env, _ = self._open(method, request)
+            req = self._payload(pb.GetLogRequest, env)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(method, context, exc)
+        limit = min(req.max_entries or MAX_LOG_ENTRIES_PER_CALL, MAX_LOG_ENTRIES_PER_CALL)
+        from grpo_swarm.protocol.log import ProtocolLog
+
+        reader = ProtocolLog(self.c.log.path, create=False, readonly=True)
+        try:
+            served = self.c.metrics.bytes_served.labels(method)
+            for n, entry in enumerate(reader.entries(req.from_index)):
+                if n >= limit or not context.is_active():
+                    break
+                line = entry.to_jsonl()
+                served.inc(len(line))
+                yield pb.LogEntryLine(json=line).SerializeToString()
+        finally:
+            reader.close()
+        self._ok(method)
+
+    def upload(self, request_iterator, context):
+        method = "UploadSnapshot"
+        tmp = None
+        try:
+            first = next(request_iterator, None)
+            if first is None:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "empty upload")
+            env, node_id = self._open(method, first)
+            key = bytes(env.signer_public_key)
+            header = self._payload(pb.UploadSnapshotHeader, env)
+            self.c.check_upload(node_id, header)
+            tmp = self.c.snapshots.upload_path(f"{node_id}-{header.snapshot.version}-{os.getpid()}")
+            received, h = 0, hashlib.sha256()
+            with open(tmp, "wb") as f:
+                for data in request_iterator:
+                    cenv, _ = self._open(method, data, kind=UPLOAD_CHUNK_KIND)
+                    if bytes(cenv.signer_public_key) != key:
+                        raise _Refused(grpc.StatusCode.PERMISSION_DENIED, "upload chunks signed by another key")
+                    chunk = self._payload(pb.SnapshotChunk, cenv)
+                    if chunk.offset != received:
+                        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"chunk offset {chunk.offset}, expected {received}")
+                    received += len(chunk.data)
+                    if received > header.total_bytes:
+                        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"more than the announced {header.total_bytes} bytes")
+                    h.update(chunk.data)
+                    f.write(chunk.data)
+                f.flush()
+                os.fsync(f.fileno())
+            self.c.metrics.bytes_received.inc(received)
+            if received != header.total_bytes:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"received {received} bytes, announced {header.total_bytes}")
+            if h.digest() != bytes(header.file_sha256):
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "uploaded bytes do not match file_sha256")
+            reply = self.c.publish_upload(node_id, header, tmp)
+            tmp = None
+        except Exception as exc:  # noqa: BLE001
+            self._fail(method, context, exc)
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        self._ok(method)
+        return reply.SerializeToString()
+
+    # -- wiring
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Register": self._unary("Register", self.register),
+            "Heartbeat": self._unary("Heartbeat", self.heartbeat),
+            "GetSnapshotManifest": self._unary("GetSnapshotManifest", self.manifest),
+            "SubmitProofs": self._unary("SubmitProofs", self.submit),
+            "DownloadSnapshot": grpc.unary_stream_rpc_method_handler(self.download),
+            "GetLog": grpc.unary_stream_rpc_method_handler(self.get_log),
+            "UploadSnapshot": grpc.stream_unary_rpc_method_handler(self.upload),
+        })
+
+
+def start_server(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0, *,
+                 limits: ServerLimits = ServerLimits(), tls: tuple[bytes, bytes] | None = None
+                 ) -> tuple[grpc.Server, int, CoordinatorService]:
+    """Start serving ``coordinator``; returns (server, bound port, service). ``tls`` = (key PEM,
+    certificate chain PEM)."""
+    service = CoordinatorService(coordinator, limits)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="coordinator"),
+                         options=channel_options(limits.max_request_bytes))
+    server.add_generic_rpc_handlers((service.handler(),))
+    address = f"{host}:{port}"
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+    if bound == 0:
+        raise OSError(f"cannot bind {address}")
+    server.start()
+    return server, bound, service

@@ -1,0 +1,132 @@
+"""The coordinator's own SQLite file (``<data-dir>/coordinator.sqlite``): what is not in the protocol log.
+
+* ``salts`` — the secret spot-check salt of each round, written (durably) before its commitment
+  is logged, so a restarted coordinator can still reveal it;
+* ``nodes`` — each node's latest heartbeat: policy version, hardware, throughput, last seen;
+* ``reports`` — the state-dict hash each node computed for a not-yet-published version, which
+  decides whose UploadSnapshot is accepted (the majority hash).
+
+The protocol log (:mod:`grpo_swarm.protocol.log`) stays the record of everything that was
+accepted; this file only holds operational state. WAL, ``synchronous=FULL``; one connection used
+under the caller's lock (``check_same_thread=False``), plus read-only opens for ``status``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS salts (round INTEGER PRIMARY KEY, salt BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,
+    registered_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    version INTEGER,
+    completions_per_s REAL NOT NULL DEFAULT 0,
+    tokens_per_s REAL NOT NULL DEFAULT 0,
+    hardware BLOB
+);
+CREATE TABLE IF NOT EXISTS reports (
+    version INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    sha256 BLOB NOT NULL,
+    time_ms INTEGER NOT NULL,
+    PRIMARY KEY (version, node_id)
+);
+"""
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    node_id: str
+    public_key: bytes
+    registered_ms: int
+    last_seen_ms: int
+    version: int | None
+    completions_per_s: float
+    tokens_per_s: float
+    hardware: pb.HardwareSummary
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class CoordinatorStore:
+    def __init__(self, path: str | Path, *, readonly: bool = False):
+        self.path = Path(path)
+        if readonly:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"no coordinator state at {self.path}")
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                       check_same_thread=False)
+        else:
+            self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- salts
+    def put_salt(self, round_index: int, salt: bytes) -> None:
+        self._db.execute("INSERT OR REPLACE INTO salts(round, salt) VALUES (?, ?)", (round_index, bytes(salt)))
+
+    def salts(self) -> dict[int, bytes]:
+        return {r: bytes(s) for r, s in self._db.execute("SELECT round, salt FROM salts")}
+
+    # -- nodes
+    def node_registered(self, node_id: str, public_key: bytes, hardware: pb.HardwareSummary | None) -> None:
+        now = _now_ms()
+        self._db.execute(
+            "INSERT INTO nodes(node_id, public_key, registered_ms, last_seen_ms, hardware) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(node_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms, "
+            "hardware = coalesce(excluded.hardware, nodes.hardware)",
+            (node_id, bytes(public_key), now, now, hardware.SerializeToString() if hardware is not None else None))
+
+    def heartbeat(self, node_id: str, version: int, completions_per_s: float, tokens_per_s: float,
+                  hardware: pb.HardwareSummary | None) -> None:
+        self._db.execute(
+            "UPDATE nodes SET last_seen_ms = ?, version = ?, completions_per_s = ?, tokens_per_s = ?, "
+            "hardware = coalesce(?, hardware) WHERE node_id = ?",
+            (_now_ms(), version, completions_per_s, tokens_per_s,
+             hardware.SerializeToString() if hardware is not None else None, node_id))
+
+    def nodes(self) -> list[NodeRow]:
+        rows = []
+        for r in self._db.execute("SELECT node_id, public_key, registered_ms, last_seen_ms, version, "
+                                  "completions_per_s, tokens_per_s, hardware FROM nodes ORDER BY registered_ms"):
+            hw = pb.HardwareSummary()
+            if r[7]:
+                hw.ParseFromString(r[7])
+            rows.append(NodeRow(r[0], bytes(r[1]), r[2], r[3], r[4], r[5], r[6], hw))
+        return rows
+
+    # -- parameter-hash reports
+    def report(self, version: int, node_id: str, sha256: bytes) -> None:
+        self._db.execute("INSERT OR REPLACE INTO reports(version, node_id, sha256, time_ms) VALUES (?, ?, ?, ?)",
+                         (version, node_id, bytes(sha256), _now_ms()))
+
+    def reports(self, version: int) -> dict[str, bytes]:
+        return {n: bytes(s) for n, s in self._db.execute("SELECT node_id, sha256 FROM reports WHERE version = ?",
+                                                         (version,))}
+
+    def prune_reports(self, up_to_version: int) -> None:
+        self._db.execute("DELETE FROM reports WHERE version <= ?", (up_to_version,))
+
+
+def majority_hash(reports: dict[str, bytes]) -> tuple[bytes | None, int, int]:
+    """(the hash more than half of the reporting nodes agree on or None, its support, reports)."""
+    if not reports:
+        return None, 0, 0
+    sha, count = Counter(reports.values()).most_common(1)[0]
+    total = len(reports)
+    return (sha if 2 * count > total else None), count, total

@@ -1,0 +1,214 @@
+"""A client of the coordinator's gRPC API (what ``grpo-node`` and auditors use).
+
+Every call seals its request in a :class:`SignedEnvelope` with the caller's key and a fresh nonce
+(:mod:`.rpc`). Errors come back as :class:`CoordinatorError` with the gRPC status name and the
+server's message. The coordinator's key is pinned at the first Register (or given up front) and
+every manifest and admission ticket is checked against it.
+
+Downloads are resumable: :meth:`CoordinatorClient.download_snapshot` writes ``<dest>.part``,
+checks each chunk against the signed manifest as it arrives, and on a later call re-checks the
+chunks already on disk and asks only for the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import grpc
+
+from . import grpo_swarm_pb2 as pb
+from .errors import ProtocolError
+from .identity import Identity
+from .log import LogEntry, parse_jsonl_line
+from .proofs import seal_envelope
+from .rpc import (
+    NonceSource,
+    channel_options,
+    check_chunk,
+    chunk_range,
+    iter_file_chunks,
+    method_path,
+    verify_manifest,
+    verify_ticket,
+)
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class CoordinatorError(Exception):
+    """A call the coordinator refused or that failed in transport: ``code`` is the gRPC status name."""
+
+    def __init__(self, method: str, code: str, detail: str):
+        super().__init__(f"{method}: {code}: {detail}")
+        self.method, self.code, self.detail = method, code, detail
+
+
+def _identity(x: bytes) -> bytes:
+    return x
+
+
+class CoordinatorClient:
+    def __init__(self, address: str, identity: Identity, *, coordinator_key: bytes | None = None,
+                 root_certificates: bytes | None = None, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.address, self.identity, self.timeout_s = address, identity, timeout_s
+        self.coordinator_key = bytes(coordinator_key) if coordinator_key is not None else None
+        options = channel_options()
+        if root_certificates is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options=options)
+        self._nonce = NonceSource()
+        self.node_id = identity.node_id
+        self.run_id: str | None = None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- plumbing
+    def seal(self, message, kind: str | None = None) -> bytes:
+        return seal_envelope(message, self.identity, nonce=self._nonce(), kind=kind).SerializeToString()
+
+    def _unary(self, method: str, message, reply_cls, timeout_s: float | None = None):
+        call = self.channel.unary_unary(method_path(method), request_serializer=_identity,
+                                        response_deserializer=reply_cls.FromString)
+        try:
+            return call(self.seal(message), timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as e:
+            raise CoordinatorError(method, e.code().name, e.details() or "") from None
+
+    def _stream(self, method: str, message, reply_cls, timeout_s: float | None) -> Iterator:
+        call = self.channel.unary_stream(method_path(method), request_serializer=_identity,
+                                         response_deserializer=reply_cls.FromString)
+        it = call(self.seal(message), timeout=timeout_s)
+        try:
+            yield from it
+        except grpc.RpcError as e:
+            raise CoordinatorError(method, e.code().name, e.details() or "") from None
+        finally:
+            it.cancel()
+
+    def _pin(self, key: bytes) -> None:
+        if self.coordinator_key is None:
+            self.coordinator_key = bytes(key)
+        elif bytes(key) != self.coordinator_key:
+            raise ProtocolError("UNKNOWN_KEY", f"the coordinator at {self.address} presents key {key.hex()[:16]}..., "
+                                               f"not the pinned {self.coordinator_key.hex()[:16]}...")
+
+    # -- methods
+    def register(self, run_id: str = "", hardware: pb.HardwareSummary | None = None) -> pb.RegisterResponse:
+        req = pb.RegisterRequest(run_id=run_id)
+        if hardware is not None:
+            req.hardware.CopyFrom(hardware)
+        reply = self._unary("Register", req, pb.RegisterResponse)
+        self._pin(reply.coordinator_public_key)
+        self.run_id = reply.run_id
+        return reply
+
+    @staticmethod
+    def run_config(reply: pb.RegisterResponse) -> dict:
+        return json.loads(reply.run_config_json)
+
+    def heartbeat(self, policy_version: int, *, computed: pb.PolicySnapshotRef | None = None,
+                  completions_per_s: float = 0.0, tokens_per_s: float = 0.0,
+                  hardware: pb.HardwareSummary | None = None) -> pb.HeartbeatResponse:
+        req = pb.HeartbeatRequest(policy_version=policy_version, completions_per_s=completions_per_s,
+                                  tokens_per_s=tokens_per_s)
+        if computed is not None:
+            req.computed.CopyFrom(computed)
+        if hardware is not None:
+            req.hardware.CopyFrom(hardware)
+        return self._unary("Heartbeat", req, pb.HeartbeatResponse)
+
+    def manifest(self, version: int | None = None) -> pb.SnapshotManifest:
+        req = pb.SnapshotManifestRequest(version=version or 0, latest=version is None)
+        m = self._unary("GetSnapshotManifest", req, pb.SnapshotManifest)
+        verify_manifest(m, self.coordinator_key)
+        return m
+
+    def download_snapshot(self, dest: str | os.PathLike, version: int | None = None, *,
+                          manifest: pb.SnapshotManifest | None = None, timeout_s: float | None = None,
+                          max_chunks: int | None = None) -> pb.SnapshotManifest:
+        """Download a snapshot to ``dest`` (resuming ``dest.part``); returns its verified manifest.
+        ``max_chunks`` stops after that many new chunks (leaving the .part file), for tests."""
+        manifest = manifest or self.manifest(version)
+        dest = Path(dest)
+        part = dest.with_name(dest.name + ".part")
+        offset = _verified_prefix(part, manifest)
+        with open(part, "r+b" if part.exists() else "wb") as f:
+            f.truncate(offset)
+            f.seek(offset)
+            if offset < manifest.total_bytes:
+                req = pb.DownloadSnapshotRequest(version=manifest.snapshot.version, offset=offset,
+                                                 file_sha256=manifest.file_sha256)
+                for n, chunk in enumerate(self._stream("DownloadSnapshot", req, pb.SnapshotChunk, timeout_s)):
+                    if chunk.offset != offset:
+                        raise ProtocolError("MALFORMED", f"chunk at offset {chunk.offset}, expected {offset}")
+                    check_chunk(manifest, chunk.offset, chunk.data)
+                    f.write(chunk.data)
+                    offset += len(chunk.data)
+                    if max_chunks is not None and n + 1 >= max_chunks and offset < manifest.total_bytes:
+                        return manifest
+            f.flush()
+            os.fsync(f.fileno())
+        if offset != manifest.total_bytes:
+            raise CoordinatorError("DownloadSnapshot", "DATA_LOSS",
+                                   f"stream ended at {offset} of {manifest.total_bytes} bytes; call again to resume")
+        os.replace(part, dest)
+        return manifest
+
+    def submit_proofs(self, proofs: Sequence[pb.RewardProof]) -> pb.SubmitProofsResponse:
+        reply = self._unary("SubmitProofs", pb.ProofBatch(proofs=list(proofs)), pb.SubmitProofsResponse)
+        if reply.HasField("ticket"):
+            verify_ticket(reply.ticket, self.coordinator_key, run_id=self.run_id)
+        return reply
+
+    def upload_snapshot(self, path: str | os.PathLike, snapshot: pb.PolicySnapshotRef, *,
+                        chunk_size: int = 4 << 20, timeout_s: float | None = None) -> pb.UploadSnapshotResponse:
+        path = Path(path)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        header = pb.UploadSnapshotHeader(snapshot=snapshot, total_bytes=path.stat().st_size, file_sha256=h.digest())
+
+        def messages() -> Iterable[bytes]:
+            yield self.seal(header)
+            for off, data in iter_file_chunks(path, 0, chunk_size):
+                yield self.seal(pb.SnapshotChunk(offset=off, data=data))
+
+        call = self.channel.stream_unary(method_path("UploadSnapshot"), request_serializer=_identity,
+                                         response_deserializer=pb.UploadSnapshotResponse.FromString)
+        try:
+            return call(messages(), timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as e:
+            raise CoordinatorError("UploadSnapshot", e.code().name, e.details() or "") from None
+
+    def get_log(self, from_index: int = 0, max_entries: int = 0, timeout_s: float | None = None) -> Iterator[LogEntry]:
+        req = pb.GetLogRequest(from_index=from_index, max_entries=max_entries)
+        for line in self._stream("GetLog", req, pb.LogEntryLine, timeout_s):
+            yield parse_jsonl_line(line.json)
+
+
+def _verified_prefix(part: Path, manifest: pb.SnapshotManifest) -> int:
+    """Bytes at the start of ``part`` that are whole chunks matching the manifest."""
+    if not part.is_file():
+        return 0
+    size = part.stat().st_size
+    good = 0
+    for index, (off, data) in enumerate(iter_file_chunks(part, 0, manifest.chunk_size)):
+        start, end = chunk_range(manifest, index)
+        if index >= len(manifest.chunk_sha256) or len(data) != end - start or \
+                hashlib.sha256(data).digest() != manifest.chunk_sha256[index]:
+            break
+        good = end
+    return min(good, size)

@@ -1,0 +1,205 @@
+"""The coordinator's gRPC API as both sides see it: method names, limits, and the two messages the
+coordinator signs for peers to show each other (snapshot manifests and admission tickets).
+
+Requests travel as :class:`SignedEnvelope` bytes (see ``grpo_swarm.proto``, service
+``Coordinator``); :func:`method_path` gives each method's gRPC path. The handlers are registered
+without generated stubs (``grpc.method_handlers_generic_handler`` on the server, raw
+``channel.unary_unary`` on the client), so the wire format is exactly the messages in the .proto.
+
+Manifests and tickets are signed with the coordinator's Ed25519 key over their canonical bytes
+(:mod:`.canonical`) without the ``signature`` field; :func:`verify_manifest` and
+:func:`verify_ticket` raise :class:`~.errors.ProtocolError` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import threading
+import time
+from typing import Iterator
+
+from . import grpo_swarm_pb2 as pb
+from .canonical import canonical_bytes
+from .errors import ProtocolError, ReasonCode
+from .identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, node_id_from_public_key, verify_signature
+
+SERVICE = "grpo_swarm.v1.Coordinator"
+METHODS = ("Register", "Heartbeat", "GetSnapshotManifest", "DownloadSnapshot", "SubmitProofs", "UploadSnapshot",
+           "GetLog")
+# the payload kind each method's envelope must carry
+REQUEST_KIND = {
+    "Register": "grpo_swarm.v1.RegisterRequest",
+    "Heartbeat": "grpo_swarm.v1.HeartbeatRequest",
+    "GetSnapshotManifest": "grpo_swarm.v1.SnapshotManifestRequest",
+    "DownloadSnapshot": "grpo_swarm.v1.DownloadSnapshotRequest",
+    "SubmitProofs": "grpo_swarm.v1.ProofBatch",
+    "UploadSnapshot": "grpo_swarm.v1.UploadSnapshotHeader",
+    "GetLog": "grpo_swarm.v1.GetLogRequest",
+}
+UPLOAD_CHUNK_KIND = "grpo_swarm.v1.SnapshotChunk"
+DEFAULT_CHUNK_SIZE = 4 << 20  # 4 MiB: large messages keep gRPC near socket speed
+MAX_CHUNK_SIZE = 16 << 20
+# gRPC message limits: one request (an envelope around a proof batch or an upload chunk) and one
+# response (a download chunk). Anything larger is refused by gRPC itself with RESOURCE_EXHAUSTED.
+MAX_REQUEST_BYTES = 24 << 20
+MAX_RESPONSE_BYTES = MAX_CHUNK_SIZE + (1 << 20)
+SIGNATURE_FIELD = "signature"
+
+
+def method_path(name: str) -> str:
+    if name not in METHODS:
+        raise ValueError(f"unknown coordinator method {name!r}")
+    return f"/{SERVICE}/{name}"
+
+
+def channel_options(max_request: int = MAX_REQUEST_BYTES, max_response: int = MAX_RESPONSE_BYTES) -> list:
+    """gRPC channel/server options both sides use (message limits, keepalive)."""
+    return [
+        ("grpc.max_send_message_length", max(max_request, max_response)),
+        ("grpc.max_receive_message_length", max(max_request, max_response)),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class NonceSource:
+    """Strictly increasing request nonces for one client (nanoseconds since the epoch, bumped past
+    the last one handed out), safe across threads."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._last = 0
+
+    def __call__(self) -> int:
+        with self._lock:
+            self._last = max(self._last + 1, time.time_ns())
+            return self._last
+
+
+# ---- snapshot files ------------------------------------------------------------------------------
+def file_chunk_hashes(path: str | os.PathLike, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[list[bytes], bytes, int]:
+    """(SHA-256 of each chunk, SHA-256 of the whole file, size) of a file, read once."""
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_SIZE}")
+    whole = hashlib.sha256()
+    chunks: list[bytes] = []
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk_size)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            # a short read mid-file is possible in principle: fill the chunk before hashing it
+            while n < chunk_size:
+                m = f.readinto(view[n:])
+                if not m:
+                    break
+                n += m
+            whole.update(view[:n])
+            chunks.append(hashlib.sha256(view[:n]).digest())
+            size += n
+    return chunks, whole.digest(), size
+
+
+def sign_manifest(manifest: pb.SnapshotManifest, identity: Identity) -> pb.SnapshotManifest:
+    manifest.coordinator_public_key = identity.public_key_bytes
+    manifest.signature = identity.sign(canonical_bytes(manifest, exclude=SIGNATURE_FIELD))
+    return manifest
+
+
+def _check_signed(msg, key_field: str, coordinator_key: bytes | None, what: str) -> None:
+    key = getattr(msg, key_field)
+    if len(key) != PUBLIC_KEY_SIZE or len(msg.signature) != SIGNATURE_SIZE:
+        raise ProtocolError(ReasonCode.MALFORMED, f"{what}: key or signature has the wrong length")
+    if coordinator_key is not None and bytes(key) != bytes(coordinator_key):
+        raise ProtocolError(ReasonCode.UNKNOWN_KEY, f"{what} is signed by {key.hex()[:16]}..., not the coordinator")
+    if not verify_signature(key, canonical_bytes(msg, exclude=SIGNATURE_FIELD), msg.signature):
+        raise ProtocolError(ReasonCode.BAD_SIGNATURE, f"{what} signature does not verify")
+
+
+def verify_manifest(manifest: pb.SnapshotManifest, coordinator_key: bytes | None = None) -> None:
+    """Check a manifest's signature (by ``coordinator_key`` when given) and internal consistency."""
+    _check_signed(manifest, "coordinator_public_key", coordinator_key, "SnapshotManifest")
+    cs, total = manifest.chunk_size, manifest.total_bytes
+    if not 0 < cs <= MAX_CHUNK_SIZE:
+        raise ProtocolError(ReasonCode.MALFORMED, f"SnapshotManifest.chunk_size {cs} is not in 1..{MAX_CHUNK_SIZE}")
+    expected = -(-total // cs)
+    if len(manifest.chunk_sha256) != expected:
+        raise ProtocolError(ReasonCode.MALFORMED, f"SnapshotManifest has {len(manifest.chunk_sha256)} chunk hashes, "
+                                                  f"{total} bytes in chunks of {cs} need {expected}")
+    if any(len(h) != 32 for h in manifest.chunk_sha256) or len(manifest.file_sha256) != 32 \
+            or len(manifest.snapshot.sha256) != 32:
+        raise ProtocolError(ReasonCode.MALFORMED, "SnapshotManifest hashes must be 32 bytes")
+
+
+def chunk_range(manifest: pb.SnapshotManifest, index: int) -> tuple[int, int]:
+    start = index * manifest.chunk_size
+    return start, min(manifest.total_bytes, start + manifest.chunk_size)
+
+
+def sign_ticket(ticket: pb.AdmissionTicket, identity: Identity) -> pb.AdmissionTicket:
+    ticket.coordinator_public_key = identity.public_key_bytes
+    ticket.signature = identity.sign(canonical_bytes(ticket, exclude=SIGNATURE_FIELD))
+    return ticket
+
+
+def verify_ticket(ticket: pb.AdmissionTicket, coordinator_key: bytes | None = None, *, run_id: str | None = None,
+                  round_index: int | None = None) -> None:
+    """Check an admission ticket: the coordinator's signature, the node id matching the key, and
+    (when given) the run and round. What an averaging peer checks before counting a gradient."""
+    _check_signed(ticket, "coordinator_public_key", coordinator_key, "AdmissionTicket")
+    if len(ticket.node_public_key) != PUBLIC_KEY_SIZE or ticket.node_id != node_id_from_public_key(
+            ticket.node_public_key):
+        raise ProtocolError(ReasonCode.MALFORMED, "AdmissionTicket.node_id is not the hash of its node_public_key")
+    if run_id is not None and ticket.run_id != run_id:
+        raise ProtocolError(ReasonCode.WRONG_RUN, f"AdmissionTicket is for run {ticket.run_id!r}, not {run_id!r}")
+    if round_index is not None and ticket.round_index != round_index:
+        raise ProtocolError(ReasonCode.STALE_VERSION,
+                            f"AdmissionTicket is for round {ticket.round_index}, not {round_index}")
+
+
+def hardware_summary(accelerator: str = "", accelerator_memory_bytes: int = 0, software: str = "") -> pb.HardwareSummary:
+    """This machine's summary from psutil (the accelerator comes from the caller, e.g. torch.cuda)."""
+    import platform
+
+    import psutil
+
+    return pb.HardwareSummary(
+        cpu_count=psutil.cpu_count(logical=True) or 0, memory_bytes=psutil.virtual_memory().total,
+        accelerator=accelerator, accelerator_memory_bytes=accelerator_memory_bytes,
+        platform=platform.platform(terse=True)[:128], software=software[:128])
+
+
+def iter_file_chunks(path: str | os.PathLike, offset: int, chunk_size: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) pieces of a file from ``offset`` in ``chunk_size`` steps, read with one
+    buffer per piece (the bytes object handed to gRPC is the only copy)."""
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        for off in itertools.count(offset, chunk_size):
+            data = f.read(chunk_size)
+            if not data:
+                return
+            yield off, data
+
+
+def expected_chunks(total_bytes: int, chunk_size: int) -> int:
+    return -(-total_bytes // chunk_size)
+
+
+def check_chunk(manifest: pb.SnapshotManifest, offset: int, data: bytes | memoryview) -> None:
+    """ProtocolError unless ``data`` is the manifest's chunk starting at ``offset``."""
+    if offset % manifest.chunk_size:
+        raise ProtocolError(ReasonCode.MALFORMED, f"chunk offset {offset} is not a multiple of {manifest.chunk_size}")
+    index = offset // manifest.chunk_size
+    if index >= len(manifest.chunk_sha256):
+        raise ProtocolError(ReasonCode.OVERSIZED, f"chunk at offset {offset} is past the end ({manifest.total_bytes})")
+    start, end = chunk_range(manifest, index)
+    if len(data) != end - start:
+        raise ProtocolError(ReasonCode.MALFORMED, f"chunk at offset {offset} has {len(data)} bytes, expected "
+                                                  f"{end - start}")
+    if hashlib.sha256(data).digest() != manifest.chunk_sha256[index]:
+        raise ProtocolError(ReasonCode.MALFORMED, f"chunk at offset {offset} does not match its SHA-256")

@@ -1,0 +1,296 @@
+"""The coordinator's gRPC service in-process on loopback, with real nodes (tiny model, real rollouts
+and proofs): the happy path, every refusal with its status code, resumable downloads, uploads by
+majority hash, staleness, rounds, the log over GetLog and Prometheus metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.request
+
+import grpc
+import pytest
+import torch
+
+from grpo_swarm.coordinator.service import ServerLimits
+from grpo_swarm.node import proving
+from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+from grpo_swarm.protocol.audit import audit, load_hooks
+from grpo_swarm.protocol.client import CoordinatorError
+from grpo_swarm.protocol.errors import ProtocolError
+from grpo_swarm.protocol.identity import Identity
+from grpo_swarm.protocol.log import verify_entries
+from grpo_swarm.protocol.proofs import seal_envelope
+from grpo_swarm.protocol.rpc import MAX_REQUEST_BYTES, method_path, verify_manifest, verify_ticket
+
+from coordinator_world import HonestNode, Served
+
+
+@pytest.fixture
+def served(tmp_path):
+    s = Served(tmp_path)
+    yield s
+    s.stop()
+
+
+def raw_call(served: Served, method: str, data: bytes, reply_cls=pb.HeartbeatResponse):
+    with grpc.insecure_channel(served.address, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        call = ch.unary_unary(method_path(method), request_serializer=lambda b: b,
+                              response_deserializer=reply_cls.FromString)
+        return call(data, timeout=20)
+
+
+def status_of(fn) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value.code(), info.value.details()
+
+
+def test_register_download_submit_ticket_and_audit(served, tmp_path):
+    node = HonestNode(served.address, tmp_path)
+    assert node.reply.newly_registered and node.reply.node_id == node.identity.node_id
+    assert node.reply.current.version == 0 and node.run["run"]["id"] == "coord-test"
+    # the downloaded snapshot is the published version, byte for byte and by state-dict hash
+    assert proving.state_dict_sha256(node.model.state_dict()) == node.reply.current.sha256
+    again = served.client(node.identity).register()
+    assert not again.newly_registered
+
+    hb, groups = node.round_proofs()
+    assert hb.may_sample and hb.staleness == pb.STALENESS_CURRENT and len(hb.prompt_indices) == 2
+    reply = node.client.submit_proofs([p for g in groups for p in g])
+    assert [v.accepted for v in reply.verdicts] == [True, True], [v.detail for v in reply.verdicts]
+    t = reply.ticket
+    verify_ticket(t, node.reply.coordinator_public_key, run_id="coord-test", round_index=0)
+    assert (t.node_id, t.accepted_samples, t.policy_version) == (node.identity.node_id, 8, 0)
+    # a forged ticket does not verify
+    t.accepted_samples = 1000
+    with pytest.raises(ProtocolError, match="BAD_SIGNATURE"):
+        verify_ticket(t, node.reply.coordinator_public_key)
+    # the same groups again: rejected, logged, and the ticket does not grow
+    reply2 = node.client.submit_proofs([p for g in groups for p in g])
+    assert [v.code for v in reply2.verdicts] == ["REPLAYED_SEQUENCE"] * 2
+    assert reply2.ticket.accepted_samples == 8
+
+    entries = list(node.client.get_log())
+    assert verify_entries(entries, [node.reply.coordinator_public_key]) is None
+    kinds = [e.kind for e in entries]
+    assert kinds[:3] == ["run_started", "snapshot_published", "node_registered"]
+    assert kinds.count("proofs_accepted") == 2 and kinds.count("proofs_rejected") == 2
+    assert [e.index for e in node.client.get_log(from_index=3, max_entries=2)] == [3, 4]
+    # an auditor replays every verification (spot-checks too) from the fetched entries
+    hooks = load_hooks(entries[0].payload, model="tiny", snapshots=str(served.data_dir / "snapshots"),
+                       allow_plugin_rewards=True)
+    result = audit(entries, hooks, trusted_signers=[node.reply.coordinator_public_key])
+    assert result.ok, result.problem
+    assert result.replayed["accepted_groups"] == 2
+
+
+def test_refusals_get_status_codes_and_the_server_keeps_serving(served, tmp_path):
+    node = HonestNode(served.address, tmp_path)
+    hb_req = pb.HeartbeatRequest(policy_version=0)
+    # unsigned: a bare request, and an envelope without a signature
+    code, detail = status_of(lambda: raw_call(served, "Heartbeat", hb_req.SerializeToString()))
+    assert code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT), detail
+    env = pb.SignedEnvelope(payload=hb_req.SerializeToString(), kind="grpo_swarm.v1.HeartbeatRequest",
+                            signer_public_key=node.identity.public_key_bytes, nonce=1)
+    code, detail = status_of(lambda: raw_call(served, "Heartbeat", env.SerializeToString()))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "not signed" in detail
+    # bad signature
+    env = seal_envelope(hb_req, node.identity, nonce=node.client._nonce())
+    env.payload = pb.HeartbeatRequest(policy_version=5).SerializeToString()
+    code, detail = status_of(lambda: raw_call(served, "Heartbeat", env.SerializeToString()))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "BAD_SIGNATURE" in detail
+    # unknown key
+    stranger = served.client(Identity.generate())
+    with pytest.raises(CoordinatorError) as info:
+        stranger.heartbeat(0)
+    assert info.value.code == "PERMISSION_DENIED" and "not registered" in info.value.detail
+    # replayed request: the identical signed bytes twice
+    sealed = node.client.seal(hb_req)
+    assert raw_call(served, "Heartbeat", sealed).current.version == 0
+    code, detail = status_of(lambda: raw_call(served, "Heartbeat", sealed))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "replayed" in detail
+    # a request signed long ago
+    old = seal_envelope(hb_req, node.identity, nonce=node.client._nonce(), time_ms=1_000_000)
+    code, detail = status_of(lambda: raw_call(served, "Heartbeat", old.SerializeToString()))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "clock" in detail
+    # the envelope of another method
+    wrong = node.client.seal(pb.RegisterRequest())
+    code, detail = status_of(lambda: raw_call(served, "Heartbeat", wrong))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "expected" in detail
+    # oversized: refused by gRPC before any parsing
+    big = node.client.seal(pb.ProofBatch(), kind="grpo_swarm.v1.ProofBatch") + b"\0" * (MAX_REQUEST_BYTES + 10)
+    code, _ = status_of(lambda: raw_call(served, "SubmitProofs", big, pb.SubmitProofsResponse))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # a payload that is not a proof batch, and proofs signed by another key than the request's
+    junk = seal_envelope(b"\xff\xff\xff", node.identity, nonce=node.client._nonce(), kind="grpo_swarm.v1.ProofBatch")
+    code, detail = status_of(lambda: raw_call(served, "SubmitProofs", junk.SerializeToString(), pb.SubmitProofsResponse))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "MALFORMED" in detail
+    other = HonestNode(served.address, tmp_path)
+    _, groups = other.round_proofs()
+    with pytest.raises(CoordinatorError) as info:
+        node.client.submit_proofs(groups[0])
+    assert info.value.code == "INVALID_ARGUMENT" and "another node key" in info.value.detail
+    # the wrong run
+    with pytest.raises(CoordinatorError) as info:
+        served.client(Identity.generate()).register(run_id="another-run")
+    assert info.value.code == "FAILED_PRECONDITION"
+    # after all that: still serving, and every refusal was counted
+    assert node.client.heartbeat(0).may_sample
+    text = served.coordinator.metrics.registry.get_sample_value(
+        "grpo_coordinator_requests_total", {"method": "Heartbeat", "code": "UNAUTHENTICATED"})
+    assert text >= 4
+
+
+def test_rate_limit(tmp_path):
+    s = Served(tmp_path, limits=ServerLimits(rate_per_s=0.5, burst=3))
+    try:
+        client = s.client()
+        client.register()
+        client.heartbeat(0)
+        client.heartbeat(0)
+        with pytest.raises(CoordinatorError) as info:
+            client.heartbeat(0)
+        assert info.value.code == "RESOURCE_EXHAUSTED" and "rate limit" in info.value.detail
+        s.client().register()  # other keys are not affected
+    finally:
+        s.stop()
+
+
+def test_download_resumes_and_checks_chunks(tmp_path):
+    s = Served(tmp_path, chunk_size=64 << 10)
+    try:
+        client = s.client()
+        client.register()
+        m = client.manifest()
+        verify_manifest(m, client.coordinator_key)
+        assert m.chunk_size == 64 << 10 and len(m.chunk_sha256) > 4
+        dest = tmp_path / "snap.safetensors"
+        client.download_snapshot(dest, manifest=m, max_chunks=3)
+        part = dest.with_name(dest.name + ".part")
+        assert not dest.exists() and part.stat().st_size == 3 * m.chunk_size
+        # damage the last chunk on disk: the resume re-checks and fetches it again
+        with open(part, "r+b") as f:
+            f.seek(3 * m.chunk_size - 1)
+            last = f.read(1)
+            f.seek(3 * m.chunk_size - 1)
+            f.write(b"\x00" if last != b"\x00" else b"\x01")
+        served_before = s.coordinator.metrics.registry.get_sample_value(
+            "grpo_coordinator_bytes_served_total", {"method": "DownloadSnapshot"})
+        client.download_snapshot(dest, manifest=m)
+        assert hashlib.sha256(dest.read_bytes()).digest() == m.file_sha256 and not part.exists()
+        served_after = s.coordinator.metrics.registry.get_sample_value(
+            "grpo_coordinator_bytes_served_total", {"method": "DownloadSnapshot"})
+        assert served_after - served_before == m.total_bytes - 2 * m.chunk_size
+        # a tampered manifest is refused
+        m.total_bytes += 1
+        with pytest.raises(ProtocolError):
+            verify_manifest(m, client.coordinator_key)
+        with pytest.raises(CoordinatorError) as info:
+            client.manifest(version=9)
+        assert info.value.code == "NOT_FOUND"
+        req = pb.DownloadSnapshotRequest(version=0, offset=5)
+        code, _ = status_of(lambda: list(grpc.insecure_channel(s.address).unary_stream(
+            method_path("DownloadSnapshot"), request_serializer=lambda b: b)(client.seal(req), timeout=10)))
+        assert code == grpc.StatusCode.OUT_OF_RANGE
+    finally:
+        s.stop()
+
+
+def _changed_snapshot(node: HonestNode, directory, scale: float):
+    """A new set of weights (what an averaging round would produce) saved as a snapshot file."""
+    with torch.no_grad():
+        for p in node.model.parameters():
+            p.mul_(scale)
+    sha = proving.save_snapshot(node.model, directory)
+    return directory / f"{sha.hex()}.safetensors", sha
+
+
+def test_upload_needs_the_majority_hash_and_staleness_follows(tmp_path):
+    s = Served(tmp_path, max_staleness=1)
+    try:
+        a, b, c = (HonestNode(s.address, tmp_path) for _ in range(3))
+        _, stale_groups = a.round_proofs()  # sampled at version 0, submitted later
+        up = tmp_path / "up"
+        path_a, sha_a = _changed_snapshot(a, up, 1.01)
+        _, sha_b = _changed_snapshot(b, up, 0.99)
+        a.client.heartbeat(0, computed=pb.PolicySnapshotRef(version=1, sha256=sha_a))
+        b.client.heartbeat(0, computed=pb.PolicySnapshotRef(version=1, sha256=sha_b))
+        with pytest.raises(CoordinatorError) as info:  # 1 of 2 reports: no majority
+            a.client.upload_snapshot(path_a, pb.PolicySnapshotRef(version=1, sha256=sha_a))
+        assert info.value.code == "FAILED_PRECONDITION" and "no majority" in info.value.detail
+        c.client.heartbeat(0, computed=pb.PolicySnapshotRef(version=1, sha256=sha_a))
+        with pytest.raises(CoordinatorError) as info:  # b's hash lost the vote
+            b.client.upload_snapshot(up / f"{sha_b.hex()}.safetensors", pb.PolicySnapshotRef(version=1, sha256=sha_b))
+        assert info.value.code == "FAILED_PRECONDITION"
+        with pytest.raises(CoordinatorError) as info:  # the right claim, the wrong tensors
+            a.client.upload_snapshot(up / f"{sha_b.hex()}.safetensors", pb.PolicySnapshotRef(version=1, sha256=sha_a))
+        assert info.value.code == "INVALID_ARGUMENT" and "hash to" in info.value.detail
+        reply = a.client.upload_snapshot(path_a, pb.PolicySnapshotRef(version=1, sha256=sha_a))
+        assert reply.published.version == 1 and (reply.supporting_reports, reply.total_reports) == (2, 3)
+        assert a.client.manifest().snapshot.sha256 == sha_a
+
+        hb = c.client.heartbeat(0)
+        assert (hb.staleness, hb.lag, hb.may_sample, hb.min_version) == (pb.STALENESS_BEHIND, 1, True, 0)
+        # version 2: version 0 is now more than η = 1 behind
+        path2, sha2 = _changed_snapshot(a, up, 1.02)
+        a.client.heartbeat(1, computed=pb.PolicySnapshotRef(version=2, sha256=sha2))
+        a.client.upload_snapshot(path2, pb.PolicySnapshotRef(version=2, sha256=sha2))
+        hb = c.client.heartbeat(0)
+        assert (hb.staleness, hb.lag, hb.may_sample, hb.min_version) == (pb.STALENESS_TOO_STALE, 2, False, 1)
+        verdicts = a.client.submit_proofs([p for g in stale_groups for p in g]).verdicts
+        assert [v.code for v in verdicts] == ["STALE_VERSION"] * 2
+        # c catches up and its proofs are accepted again
+        c.sync()
+        assert c.client.heartbeat(2).staleness == pb.STALENESS_CURRENT
+        _, groups = c.round_proofs()
+        assert all(v.accepted for v in c.client.submit_proofs([p for g in groups for p in g]).verdicts)
+        assert s.coordinator.metrics.registry.get_sample_value("grpo_coordinator_policy_version") == 2
+    finally:
+        s.stop()
+
+
+def test_round_closes_at_the_target_and_assignments_move_on(tmp_path):
+    s = Served(tmp_path, samples_per_round=16)
+    try:
+        n1, n2 = HonestNode(s.address, tmp_path), HonestNode(s.address, tmp_path)
+        _, g1 = n1.round_proofs()
+        r1 = n1.client.submit_proofs([p for g in g1 for p in g])
+        assert not r1.round_closed and r1.current_round == 0
+        _, g2 = n2.round_proofs()
+        r2 = n2.client.submit_proofs([p for g in g2 for p in g])
+        assert r2.round_closed and r2.current_round == 1 and r2.ticket.round_index == 0
+        hb = n1.client.heartbeat(0)
+        assert hb.current_round == 1 and hb.round_samples_accepted == 0
+        closed = [e for e in n1.client.get_log() if e.kind == "round_closed"]
+        assert len(closed) == 1 and closed[0].payload["weights"] == {n1.identity.node_id: 0.5,
+                                                                     n2.identity.node_id: 0.5}
+    finally:
+        s.stop()
+
+
+def test_round_times_out_with_some_samples(tmp_path):
+    s = Served(tmp_path, samples_per_round=64, round_timeout_s=0.5)
+    try:
+        node = HonestNode(s.address, tmp_path)
+        import time
+        time.sleep(0.6)
+        assert node.client.heartbeat(0).current_round == 0  # nothing accepted yet: stays open
+        _, groups = node.round_proofs()
+        assert node.client.submit_proofs([p for g in groups for p in g]).round_closed
+    finally:
+        s.stop()
+
+
+def test_prometheus_metrics_over_http(served, tmp_path):
+    node = HonestNode(served.address, tmp_path)
+    _, groups = node.round_proofs()
+    node.client.submit_proofs([p for g in groups for p in g])
+    bad = [proving.sign_proof(p, node.identity) for p in groups[0]]  # replayed sequences, fresh signatures
+    node.client.submit_proofs(bad)
+    port = served.coordinator.metrics.serve_http(0)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "grpo_coordinator_nodes 1.0" in text
+    assert "grpo_coordinator_proofs_accepted_total 8.0" in text
+    assert 'grpo_coordinator_proofs_rejected_total{reason="REPLAYED_SEQUENCE"} 4.0' in text
+    assert "grpo_coordinator_staleness_versions_bucket" in text
+    assert 'grpo_coordinator_bytes_served_total{method="DownloadSnapshot"}' in text
