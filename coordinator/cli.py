@@ -165,7 +165,7 @@ def status(
     if as_json:
         out.print(json.dumps(report, sort_keys=True), markup=False)
     else:
-        render_status(report, out)
+        render_status(report, out if out.is_terminal else Console(width=200, highlight=False))
 
 
 if __name__ == "__main__":  # pragma: no cover
