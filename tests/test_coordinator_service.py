@@ -294,3 +294,53 @@ def test_prometheus_metrics_over_http(served, tmp_path):
     assert 'grpo_coordinator_proofs_rejected_total{reason="REPLAYED_SEQUENCE"} 4.0' in text
     assert "grpo_coordinator_staleness_versions_bucket" in text
     assert 'grpo_coordinator_bytes_served_total{method="DownloadSnapshot"}' in text
+
+
+def self_signed_cert() -> tuple[bytes, bytes]:
+    """(key PEM, certificate PEM) for localhost / 127.0.0.1, made here with cryptography."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_tls(tmp_path):
+    from grpo_swarm.coordinator.config import load_run_config
+    from grpo_swarm.coordinator.core import Coordinator
+    from grpo_swarm.coordinator.service import start_server
+    from grpo_swarm.protocol.client import CoordinatorClient
+
+    from coordinator_world import write_run_toml
+
+    key_pem, cert_pem = self_signed_cert()
+    coordinator = Coordinator(load_run_config(write_run_toml(tmp_path / "run.toml")), tmp_path / "coord")
+    server, port, _ = start_server(coordinator, tls=(key_pem, cert_pem))
+    try:
+        with CoordinatorClient(f"localhost:{port}", Identity.generate(), root_certificates=cert_pem) as client:
+            assert client.register().current.version == 0
+            client.download_snapshot(tmp_path / "snap.safetensors")
+        # a plaintext client cannot talk to a TLS server
+        with CoordinatorClient(f"localhost:{port}", Identity.generate(), timeout_s=3) as plain:
+            with pytest.raises(CoordinatorError) as info:
+                plain.register()
+            assert info.value.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+    finally:
+        server.stop(0).wait()
+        coordinator.close()
