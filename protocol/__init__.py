@@ -12,7 +12,9 @@ hivemind), so verifiers can use it alone. Modules:
 * :mod:`.log` — the append-only, signed, hash-chained protocol log (SQLite WAL, JSONL);
 * :mod:`.audit` — run spec, log payloads, RunRecorder, replay of a whole log, reports;
   :mod:`.audit_cli` is the ``grpo-audit`` command;
-* :mod:`.errors` — ProtocolError and the stable ReasonCode enum.
+* :mod:`.errors` — ProtocolError and the stable ReasonCode enum;
+* :mod:`.rpc` — the coordinator's gRPC API as both sides see it (method paths, limits, signed
+  snapshot manifests and admission tickets); :mod:`.client` is its client (needs grpcio).
 
 Model-side callables (reward recomputation, decoding, spot-check log-probabilities) are injected;
 ``grpo_swarm.node.proving`` provides them.

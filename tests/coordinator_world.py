@@ -21,6 +21,7 @@ from grpo_swarm.node.swarm_config import run_examples, train_config_from_run
 from grpo_swarm.node.trainer import GRPOTrainer
 from grpo_swarm.protocol.client import CoordinatorClient
 from grpo_swarm.protocol.identity import Identity
+from grpo_swarm.protocol.rpc import hardware_summary
 
 RUN_TOML = """\
 [run]
@@ -62,10 +63,11 @@ def write_run_toml(path: Path, *, samples_per_round: int = 64, max_staleness: in
 class Served:
     """An in-process coordinator on a loopback port."""
 
-    def __init__(self, tmp: Path, limits: ServerLimits = ServerLimits(), chunk_size: int | None = None, **run):
+    def __init__(self, tmp: Path, limits: ServerLimits = ServerLimits(), chunk_size: int | None = None,
+                 keep_snapshots: int = 3, **run):
         self.cfg = load_run_config(write_run_toml(tmp / "run.toml", **run))
         self.data_dir = tmp / "coord"
-        kw = {} if chunk_size is None else {"chunk_size": chunk_size}
+        kw = {"keep_snapshots": keep_snapshots} if chunk_size is None else {"chunk_size": chunk_size}
         self.coordinator = Coordinator(self.cfg, self.data_dir, **kw)
         self.server, self.port, self.service = start_server(self.coordinator, limits=limits)
         self.address = f"127.0.0.1:{self.port}"
@@ -83,7 +85,7 @@ class HonestNode:
         self.identity = identity or Identity.generate()
         self.client = CoordinatorClient(address, self.identity, timeout_s=30)
         self.workdir = workdir
-        self.reply = self.client.register()
+        self.reply = self.client.register(hardware=hardware_summary(software="grpo-swarm tests"))
         self.run = json.loads(self.reply.run_config_json)
         self.spec = json.loads(self.reply.run_spec_json)
         self.train_cfg = train_config_from_run(self.run, ["run.threads=1"])
@@ -107,7 +109,7 @@ class HonestNode:
 
     def round_proofs(self, seed: int = 0):
         """(heartbeat, one proof list per assigned group) for the current round."""
-        hb = self.client.heartbeat(self.snapshot.version)
+        hb = self.client.heartbeat(self.snapshot.version, completions_per_s=12.5, tokens_per_s=50.0)
         examples = [self.examples[i] for i in hb.prompt_indices]
         texts, rollouts = self.trainer.rollout(examples, seed=seed)
         batch = self.trainer.score(examples, texts, rollouts)

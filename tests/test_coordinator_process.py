@@ -71,6 +71,7 @@ def test_serve_status_and_sigterm(tmp_path):
         (row,) = status["nodes"]
         assert row["node_id"] == node.identity.node_id and row["version"] == 0 and row["lag"] == 0
         assert row["rejected"] == {"REPLAYED_SEQUENCE": 4}
+        assert row["completions_per_s"] == 12.5 and row["accelerator"] == "cpu"
         table = cli("grpo-coordinator", "status", "--data-dir", str(data))
         assert table.returncode == 0 and node.identity.node_id[:16] in table.stdout
         assert "REPLAYED_SEQUENCE 4" in table.stdout

@@ -206,9 +206,10 @@ def _changed_snapshot(node: HonestNode, directory, scale: float):
 
 
 def test_upload_needs_the_majority_hash_and_staleness_follows(tmp_path):
-    s = Served(tmp_path, max_staleness=1)
+    s = Served(tmp_path, max_staleness=1, keep_snapshots=2)
     try:
         a, b, c = (HonestNode(s.address, tmp_path) for _ in range(3))
+        v0_file = s.coordinator.snapshots.file_of(0)
         _, stale_groups = a.round_proofs()  # sampled at version 0, submitted later
         up = tmp_path / "up"
         path_a, sha_a = _changed_snapshot(a, up, 1.01)
@@ -237,6 +238,11 @@ def test_upload_needs_the_majority_hash_and_staleness_follows(tmp_path):
         a.client.upload_snapshot(path2, pb.PolicySnapshotRef(version=2, sha256=sha2))
         hb = c.client.heartbeat(0)
         assert (hb.staleness, hb.lag, hb.may_sample, hb.min_version) == (pb.STALENESS_TOO_STALE, 2, False, 1)
+        # only the newest 2 versions are kept (η + 1 = 2)
+        assert not v0_file.exists() and s.coordinator.snapshots.versions() == [1, 2]
+        with pytest.raises(CoordinatorError) as info:
+            c.client.manifest(version=0)
+        assert info.value.code == "NOT_FOUND" and "kept: [1, 2]" in info.value.detail
         verdicts = a.client.submit_proofs([p for g in stale_groups for p in g]).verdicts
         assert [v.code for v in verdicts] == ["STALE_VERSION"] * 2
         # c catches up and its proofs are accepted again
