@@ -12,7 +12,9 @@ Prints ONE JSON line (everything else goes to stderr):
   servers run in this process, in threads. Runs alternate raw, gRPC, raw, gRPC, ... ``--repeats``
   times; ``grpc_mb_s`` / ``raw_mb_s`` are the best (fastest) run, ``*_median_mb_s`` the median,
   ``loopback_ratio`` = best gRPC / best raw (``loopback_ratio_median`` of the medians).
-  MB = 10^6 bytes.
+  ``raw_fsync_seconds`` is the raw client's final fsync; ``raw_no_fsync_mb_s`` the best raw run
+  without it (the client flushes as it goes, every few MiB, so its own final fsync is short), and
+  ``loopback_ratio_vs_raw_no_fsync`` best gRPC against that. MB = 10^6 bytes.
 * capped: the same over a veth pair between two network namespaces, each end shaped with
   ``tc qdisc ... tbf rate 1gbit``; coordinator and client are subprocesses started with
   ``ip netns exec``. ``capped_throughput_mbit`` is the best gRPC download, ``capped_ratio`` =
@@ -43,6 +45,7 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -177,8 +180,9 @@ class RawFileServer:
         self.thread.join(timeout=5)
 
 
-def raw_download(host: str, port: int, dest: Path, bufsize: int) -> int:
-    """Receive everything the server sends into a ``bufsize`` buffer, write it to ``dest``, fsync."""
+def raw_download(host: str, port: int, dest: Path, bufsize: int) -> tuple[int, float]:
+    """Receive everything the server sends into a ``bufsize`` buffer, write it to ``dest``, fsync;
+    (bytes, seconds the final fsync took)."""
     buf = bytearray(bufsize)
     view = memoryview(buf)
     total = filled = 0
@@ -193,8 +197,9 @@ def raw_download(host: str, port: int, dest: Path, bufsize: int) -> int:
                 filled = 0
         if filled:
             total += f.write(view[:filled])
+        t = time.perf_counter()
         os.fsync(f.fileno())
-    return total
+    return total, time.perf_counter() - t
 
 
 def timed(fn, *a, **kw) -> float:
@@ -236,10 +241,13 @@ def bench_loopback(args, tmp: Path, src: Path, sha: bytes, size: int) -> dict:
             unlink(dest, part)
             client.download_snapshot(dest)
 
+        raw_fsync = []
+
         def raw_once():
             unlink(dest)
-            got = raw_download("127.0.0.1", raw.port, dest, args.chunk_size)
+            got, fsync_s = raw_download("127.0.0.1", raw.port, dest, args.chunk_size)
             assert got == size, (got, size)
+            raw_fsync.append(fsync_s)
 
         log(f"loopback: {args.repeats} x (raw, gRPC) of {size / 1e6:.1f} MB")
         raw_s, grpc_s = alternate(args.repeats, raw_once, grpc_once)
@@ -252,8 +260,12 @@ def bench_loopback(args, tmp: Path, src: Path, sha: bytes, size: int) -> dict:
             "grpc_median_mb_s": round(med_g, 1), "raw_median_mb_s": round(med_r, 1),
             "loopback_ratio_median": round(med_g / med_r, 3), "loopback_aggregate": "best",
             "grpc_seconds": [round(x, 4) for x in grpc_s], "raw_seconds": [round(x, 4) for x in raw_s],
-            "grpc_download_sha_ok": grpc_ok,
+            "raw_fsync_seconds": [round(x, 4) for x in raw_fsync], "grpc_download_sha_ok": grpc_ok,
         })
+        # the raw transfer without its final fsync: what gRPC costs on top of moving the bytes
+        raw_nosync = mb_s(size, min(r - f for r, f in zip(raw_s, raw_fsync)))
+        out.update({"raw_no_fsync_mb_s": round(raw_nosync, 1),
+                    "loopback_ratio_vs_raw_no_fsync": round(best_g / raw_nosync, 3)})
 
         # -- resume
         n_chunks = len(manifest.chunk_sha256)
@@ -349,6 +361,7 @@ def bench_capped(args, tmp: Path, src: Path, sha: bytes, size: int) -> dict:
             "capped_median_mbit": round(statistics.median(grpc_mbit), 1),
             "capped_raw_mbit": round(max(raw_mbit), 1), "capped_vs_raw": round(max(grpc_mbit) / max(raw_mbit), 3),
             "capped_grpc_seconds": got["grpc_seconds"], "capped_raw_seconds": got["raw_seconds"],
+            "capped_raw_fsync_seconds": got["raw_fsync_seconds"],
             "capped_sha_ok": got["sha_ok"], "capped_link": f"veth, tbf rate 1gbit burst {args.tbf_burst} "
                                                            f"latency {args.tbf_latency} on both ends, MTU 1500",
             "capped_aggregate": "best", "capped_wall_s": round(time.perf_counter() - t0, 1),
@@ -397,7 +410,7 @@ def fetch_main(args) -> None:
     try:
         client.register()
         manifest = client.manifest()
-        sha_ok = True
+        sha_ok, raw_fsync = True, []
 
         def grpc_once():
             unlink(dest, part)
@@ -405,7 +418,7 @@ def fetch_main(args) -> None:
 
         def raw_once():
             unlink(dest)
-            raw_download(args.fetch, args.raw_port, dest, args.chunk_size)
+            raw_fsync.append(raw_download(args.fetch, args.raw_port, dest, args.chunk_size)[1])
 
         raw_s, grpc_s = alternate(args.repeats, raw_once, grpc_once)
         sha_ok = sha256_file(dest) == manifest.file_sha256
@@ -413,7 +426,7 @@ def fetch_main(args) -> None:
         client.close()
         unlink(dest, part)
     print(json.dumps({"raw_seconds": [round(x, 4) for x in raw_s], "grpc_seconds": [round(x, 4) for x in grpc_s],
-                      "sha_ok": sha_ok}), flush=True)
+                      "raw_fsync_seconds": [round(x, 4) for x in raw_fsync], "sha_ok": sha_ok}), flush=True)
 
 
 # ---- SubmitProofs --------------------------------------------------------------------------------
@@ -478,13 +491,16 @@ def bench_submit(args, tmp: Path) -> dict:
             if not v.accepted:
                 rejected[v.code] = rejected.get(v.code, 0) + v.proof_count
         tickets_ok = all(rep.HasField("ticket") and rep.ticket.accepted_samples == ppr * g for rep in replies)
+        from grpo_swarm.protocol.log import PROOFS_ACCEPTED
+
+        spot_checked = sum(len(e.payload.get("spot_checked") or ()) for e in coord.log.entries(kind=PROOFS_ACCEPTED))
         return {
             "submit_proofs_per_s": round(n_proofs / elapsed, 1), "submit_seconds": round(elapsed, 3),
             "submit_proofs": n_proofs, "submit_requests": len(replies), "submit_accepted_proofs": accepted,
             "submit_all_accepted": accepted == n_proofs == total and not rejected and tickets_ok,
             "submit_rejected": rejected, "submit_round_closed": any(rep.round_closed for rep in replies),
             "submit_mean_proof_bytes": round(proof_bytes / max(n_proofs, 1)),
-            "spot_check_rate": args.spot_check_rate,
+            "spot_check_rate": args.spot_check_rate, "submit_spot_checked_proofs": spot_checked,
             "submit_mean_completion_tokens": round(
                 sum(len(p.completion_token_ids) for b in batches for p in b) / max(n_proofs, 1), 2),
         }
@@ -540,6 +556,7 @@ def main(argv=None) -> None:
         return serve_main(args)
     if args.fetch:
         return fetch_main(args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still remove namespaces and temporary files
     # everything but the result line goes to stderr, native libraries included
     result_fd = os.dup(1)
     os.dup2(2, 1)
@@ -559,12 +576,16 @@ def main(argv=None) -> None:
             res.update(bench_capped(args, tmp, src, sha, size))
         if not args.skip_submit:
             res.update(bench_submit(args, tmp))
+    from grpo_swarm.protocol.client import _ChunkWriter
+
     res["config"] = {
         "params": args.params, "dtype": args.dtype, "chunk_size": args.chunk_size, "repeats": args.repeats,
         "quick": args.quick, "mb": "1e6 bytes", "loopback": "in-process server threads, 127.0.0.1",
         "raw": "sendfile -> recv_into(chunk_size buffer) -> write -> fsync",
-        "grpc": "CoordinatorClient.download_snapshot (manifest call, per-chunk SHA-256, write, fsync)",
+        "grpc": "CoordinatorClient.download_snapshot (manifest call, per-chunk SHA-256 in a helper thread, "
+                f"pwrite, fdatasync every {_ChunkWriter.SYNC_BYTES >> 20} MiB, final fsync)",
         "capped_repeats": None if args.skip_capped else args.capped_repeats,
+        "capped_tbf": None if args.skip_capped else f"rate 1gbit burst {args.tbf_burst} latency {args.tbf_latency}",
         "proof_nodes": args.proof_nodes, "prompts_per_round": args.prompts_per_round, "group_size": args.group_size,
         "completion_tokens": args.completion_tokens, "spot_check_rate": args.spot_check_rate,
         "submit_batching": "one request per node (its whole round)", "model": "tiny",

@@ -59,6 +59,17 @@ def _status(name: str) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, name)
 
 
+def _varint_field(number: int, length: int) -> bytes:
+    """Protobuf key and length of a length-delimited field (what precedes its bytes on the wire)."""
+    out = bytearray()
+    for n in ((number << 3) | 2, length):
+        while n >= 0x80:
+            out.append((n & 0x7F) | 0x80)
+            n >>= 7
+        out.append(n)
+    return bytes(out)
+
+
 class CoordinatorService:
     def __init__(self, coordinator: Coordinator, limits: ServerLimits = ServerLimits()):
         self.c = coordinator
@@ -173,7 +184,9 @@ class CoordinatorService:
             if not context.is_active():
                 return
             served.inc(len(data))
-            yield pb.SnapshotChunk(offset=off, data=data).SerializeToString()
+            # the bytes of SnapshotChunk(offset=off, data=data).SerializeToString() (data is never
+            # empty), put together here so that the chunk is copied once instead of twice
+            yield pb.SnapshotChunk(offset=off).SerializeToString() + _varint_field(2, len(data)) + data
         self._ok(method)
 
     def get_log(self, request: bytes, context):

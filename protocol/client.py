@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -139,26 +141,41 @@ class CoordinatorClient:
                           manifest: pb.SnapshotManifest | None = None, timeout_s: float | None = None,
                           max_chunks: int | None = None) -> pb.SnapshotManifest:
         """Download a snapshot to ``dest`` (resuming ``dest.part``); returns its verified manifest.
-        ``max_chunks`` stops after that many new chunks (leaving the .part file), for tests."""
+        ``max_chunks`` stops after that many new chunks (leaving the .part file), for tests.
+
+        A helper thread checks each chunk's SHA-256 and writes it at its offset while the next
+        chunks arrive (hashlib and file writes release the GIL); a chunk reaches the file only
+        after it matched, and the first failure is what this call raises. Chunk data is not copied
+        out of the received messages (:class:`_ReceivedChunk`)."""
         manifest = manifest or self.manifest(version)
         dest = Path(dest)
         part = dest.with_name(dest.name + ".part")
         offset = _verified_prefix(part, manifest)
-        with open(part, "r+b" if part.exists() else "wb") as f:
+        with open(part, "r+b" if part.exists() else "wb", buffering=0) as f:
             f.truncate(offset)
-            f.seek(offset)
             if offset < manifest.total_bytes:
                 req = pb.DownloadSnapshotRequest(version=manifest.snapshot.version, offset=offset,
                                                  file_sha256=manifest.file_sha256)
-                for n, chunk in enumerate(self._stream("DownloadSnapshot", req, pb.SnapshotChunk, timeout_s)):
-                    if chunk.offset != offset:
-                        raise ProtocolError("MALFORMED", f"chunk at offset {chunk.offset}, expected {offset}")
-                    check_chunk(manifest, chunk.offset, chunk.data)
-                    f.write(chunk.data)
-                    offset += len(chunk.data)
-                    if max_chunks is not None and n + 1 >= max_chunks and offset < manifest.total_bytes:
-                        return manifest
-            f.flush()
+                writer = _ChunkWriter(f.fileno(), manifest)
+                stream = self._stream("DownloadSnapshot", req, _ReceivedChunk, timeout_s)
+                stopped = False
+                try:
+                    for n, chunk in enumerate(stream):
+                        if chunk.offset != offset:
+                            raise ProtocolError("MALFORMED", f"chunk at offset {chunk.offset}, expected {offset}")
+                        data = chunk.data
+                        writer.put(offset, data)
+                        offset += len(data)
+                        if max_chunks is not None and n + 1 >= max_chunks and offset < manifest.total_bytes:
+                            stopped = True
+                            break
+                finally:
+                    stream.close()
+                    failure = writer.close()  # every chunk handed over is checked (and written) by now
+                    if failure is not None:
+                        raise failure
+                if stopped:
+                    return manifest
             os.fsync(f.fileno())
         if offset != manifest.total_bytes:
             raise CoordinatorError("DownloadSnapshot", "DATA_LOSS",
@@ -212,3 +229,87 @@ def _verified_prefix(part: Path, manifest: pb.SnapshotManifest) -> int:
             break
         good = end
     return min(good, size)
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int] | None:
+    """(value, next position) of the protobuf varint at ``buf[pos]``; None past the end or above 63 bits."""
+    value = shift = 0
+    for i in range(pos, min(pos + 9, len(buf))):
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i + 1
+        shift += 7
+    return None
+
+
+class _ReceivedChunk:
+    """A received SnapshotChunk whose ``data`` is a view into the message bytes rather than a copy.
+    Only the layout SerializeToString writes (``offset`` if not 0, then ``data`` to the end) is read
+    here; any other message goes through protobuf's own parser (which also raises on bad ones)."""
+
+    __slots__ = ("data", "offset")
+
+    def __init__(self, offset: int, data: bytes | memoryview):
+        self.offset, self.data = offset, data
+
+    @classmethod
+    def FromString(cls, message: bytes) -> _ReceivedChunk:
+        head: tuple[int, int] | None = (0, 0)
+        if message[:1] == b"\x08":  # field 1 (offset), varint
+            head = _varint(message, 1)
+        if head is not None and message[head[1]:head[1] + 1] == b"\x12":  # field 2 (data), length-delimited
+            size = _varint(message, head[1] + 1)
+            if size is not None and size[1] + size[0] == len(message):
+                return cls(head[0], memoryview(message)[size[1]:])
+        parsed = pb.SnapshotChunk.FromString(message)
+        return cls(parsed.offset, parsed.data)
+
+
+_fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+
+
+class _ChunkWriter:
+    """Checks downloaded chunks against the manifest (:func:`check_chunk`) and writes each at its
+    offset, in order, in a thread of its own, flushing to disk every ``SYNC_BYTES`` (so the
+    caller's final fsync does not wait for the whole file). After the first failure nothing more
+    is written; :meth:`put` raises it, :meth:`close` returns it."""
+
+    QUEUED_BYTES = 32 << 20  # chunks received but not yet checked and written
+    SYNC_BYTES = 16 << 20  # fdatasync after this many bytes written
+
+    def __init__(self, fd: int, manifest: pb.SnapshotManifest):
+        self.fd, self.manifest = fd, manifest
+        self.error: BaseException | None = None
+        self._unsynced = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=max(2, self.QUEUED_BYTES // max(manifest.chunk_size, 1)))
+        self._thread = threading.Thread(target=self._run, name="snapshot-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.error is not None:
+                continue  # keep taking items so that put() never blocks
+            offset, data = item
+            try:
+                check_chunk(self.manifest, offset, data)
+                view = memoryview(data)
+                while view:
+                    written = os.pwrite(self.fd, view, offset)
+                    view, offset = view[written:], offset + written
+                self._unsynced += len(data)
+                if self._unsynced >= self.SYNC_BYTES:  # flush as we go: the final fsync has less to do
+                    _fdatasync(self.fd)
+                    self._unsynced = 0
+            except BaseException as e:  # noqa: BLE001 - handed to the downloading thread
+                self.error = e
+
+    def put(self, offset: int, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self._queue.put((offset, data))
+
+    def close(self) -> BaseException | None:
+        self._queue.put(None)
+        self._thread.join()
+        return self.error

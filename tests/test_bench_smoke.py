@@ -43,6 +43,34 @@ def test_bench_tiny_prints_one_json_line():
     assert 0 < res["ours_train_utilisation"] and 0 < res["trl_train_utilisation"]
 
 
+SNAPSHOT_KEYS = ("snapshot_bytes", "chunk_size", "grpc_mb_s", "raw_mb_s", "loopback_ratio", "loopback_aggregate",
+                 "capped_skipped", "resume_ok", "resumed_from_bytes", "submit_proofs_per_s", "submit_all_accepted",
+                 "spot_check_rate", "config")
+
+
+@pytest.mark.slow
+def test_bench_snapshots_quick_prints_one_json_line():
+    """bench/snapshots.py --quick: a ~20 MB snapshot over gRPC and raw TCP, a resumed download, and
+    real proofs from 4 nodes submitted and all accepted (no timing assertions)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "snapshots.py"), "--quick", "--skip-capped", "--repeats", "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stdout[-2000:]
+    res = json.loads(lines[0])
+    for key in SNAPSHOT_KEYS:
+        assert key in res, key
+    assert res["snapshot_bytes"] > 10_000_000 and res["grpc_mb_s"] > 0 and res["raw_mb_s"] > 0
+    assert res["grpc_download_sha_ok"] is True
+    assert res["resume_ok"] is True and 0 < res["resumed_from_bytes"] < res["snapshot_bytes"]
+    assert res["resume_bytes_served"] == res["snapshot_bytes"] - res["resumed_from_bytes"]
+    assert res["submit_all_accepted"] is True and res["submit_proofs"] == 4 * 8 * 8 and res["submit_rejected"] == {}
+    assert res["config"]["quick"] is True and res["config"]["proof_nodes"] == 4
+
+
 # ------------------------------------------------------------------------------------------- flops.py
 
 
