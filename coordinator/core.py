@@ -263,7 +263,7 @@ class Coordinator:
                 out.verdicts.add(group_id=group[0].group_id if group else "", proof_count=len(group),
                                  accepted=verdict.accepted, code="" if verdict.accepted else verdict.code.value,
                                  detail=verdict.detail, member=-1 if verdict.member is None else verdict.member,
-                                 log_index=entry.index)
+                                 log_index=entry.index, sequences=[p.sequence for p in group])
                 if verdict.accepted:
                     self.metrics.proofs_accepted.inc(len(group))
                     for p in group:

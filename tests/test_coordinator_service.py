@@ -58,6 +58,7 @@ def test_register_download_submit_ticket_and_audit(served, tmp_path):
     assert hb.may_sample and hb.staleness == pb.STALENESS_CURRENT and len(hb.prompt_indices) == 2
     reply = node.client.submit_proofs([p for g in groups for p in g])
     assert [v.accepted for v in reply.verdicts] == [True, True], [v.detail for v in reply.verdicts]
+    assert [list(v.sequences) for v in reply.verdicts] == [[p.sequence for p in g] for g in groups]
     t = reply.ticket
     verify_ticket(t, node.reply.coordinator_public_key, run_id="coord-test", round_index=0)
     assert (t.node_id, t.accepted_samples, t.policy_version) == (node.identity.node_id, 8, 0)
