@@ -11,8 +11,10 @@ Prints ONE JSON line:
   model: structure, key, signature, run, group shape, sequence, version, assignment, prompt hash,
   termination, decoding (the run's tokenizer), rewards recomputed with node.rewards, advantages;
   ``verify_full_from_bytes_per_s`` adds protobuf parsing;
-* ``ed25519_verify_only_per_s`` — cryptography's Ed25519 verify alone on pre-computed bytes: the
-  ceiling any per-proof-signed verifier has on this core;
+* ``ed25519_verify_only_per_s`` — :func:`~grpo_swarm.protocol.identity.verify_signature` (libsodium)
+  alone on pre-computed bytes: the ceiling any per-proof-signed verifier has on this core;
+  ``ed25519_openssl_verify_only_per_s`` — the same with cryptography's (OpenSSL) Ed25519, for
+  comparison;
 * ``long_completions`` — the same on 256-token proofs (GSM8K-style text, gsm8k_accuracy +
   format_reward, no tokenizer);
 * ``spot_check.<model>`` — generating ``L`` tokens for one completion (``G=1``) and for a group of
@@ -51,7 +53,7 @@ from grpo_swarm.node.rewards import build_reward_functions  # noqa: E402
 from grpo_swarm.node.rollout import SamplingParams, TransformersBackend  # noqa: E402
 from grpo_swarm.node.trainer import GRPOTrainer  # noqa: E402
 from grpo_swarm.protocol.assignment import assign_prompts  # noqa: E402
-from grpo_swarm.protocol.identity import Identity  # noqa: E402
+from grpo_swarm.protocol.identity import Identity, verify_signature  # noqa: E402
 from grpo_swarm.protocol.proofs import (  # noqa: E402
     build_reward_proof,
     proof_signing_bytes,
@@ -193,8 +195,10 @@ def throughput(data, repeats: int) -> dict:
     sig, sig_med = best_rate(verify_proof_signature, proofs, repeats)
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    pre = [(Ed25519PublicKey.from_public_bytes(p.node_public_key), p.signature, proof_signing_bytes(p)) for p in proofs]
-    raw, _ = best_rate(lambda t: t[0].verify(t[1], t[2]), pre, repeats)
+    pre = [(p.node_public_key, proof_signing_bytes(p), p.signature) for p in proofs]
+    raw, _ = best_rate(lambda t: verify_signature(*t), pre, repeats)  # libsodium, as the verifier
+    pre_ossl = [(Ed25519PublicKey.from_public_bytes(k), s, m) for k, m, s in pre]
+    raw_ossl, _ = best_rate(lambda t: t[0].verify(t[1], t[2]), pre_ossl, repeats)
 
     def full_pass(groups_in):
         v = fresh_verifier()
@@ -233,6 +237,7 @@ def throughput(data, repeats: int) -> dict:
         "verify_full_no_model_per_s": round(full), "verify_full_no_model_median_per_s": round(full_med),
         "verify_full_from_bytes_per_s": round(from_bytes),
         "ed25519_verify_only_per_s": round(raw),
+        "ed25519_openssl_verify_only_per_s": round(raw_ossl),
         "full_verify_us_breakdown": breakdown,
     }
 

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Iterable
+from typing import Callable, Iterable
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -111,9 +111,38 @@ def canonical_bytes(message: Message, *, exclude: str | Iterable[str] = ()) -> b
     unknown = names - set(desc.fields_by_name)
     if unknown:
         raise ValueError(f"{desc.full_name} has no field(s) {sorted(unknown)} to exclude")
+    special = _specialised(desc, frozenset(names))
+    if special is not None:
+        fast = special(message)
+        if fast is not None:
+            return fast
     out = bytearray(domain_tag(desc))
     _body(message, names, out, 0)
     return bytes(out)
+
+
+def encoder_for(descriptor: Descriptor, exclude: str | Iterable[str] = ()) -> Callable[[Message], bytes]:
+    """``enc(message)`` = ``canonical_bytes(message, exclude=exclude)``, with the argument checks and
+    the lookups done once here (messages of another type go through :func:`canonical_bytes`)."""
+    names = frozenset({exclude} if isinstance(exclude, str) else exclude)
+    unknown = names - set(descriptor.fields_by_name)
+    if unknown:
+        raise ValueError(f"{descriptor.full_name} has no field(s) {sorted(unknown)} to exclude")
+    special = _specialised(descriptor, names)
+    tag = domain_tag(descriptor)
+
+    def enc(message: Message) -> bytes:
+        if getattr(message, "DESCRIPTOR", None) is not descriptor or not isinstance(message, Message):
+            return canonical_bytes(message, exclude=names)
+        if special is not None:
+            fast = special(message)
+            if fast is not None:
+                return fast
+        out = bytearray(tag)
+        _body(message, names, out, 0)
+        return bytes(out)
+
+    return enc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,3 +290,133 @@ def _finite_or_inf(v: float, where: str) -> float:
     if math.isnan(v):
         raise ProtocolError(ReasonCode.MALFORMED, f"{where}: NaN has no canonical encoding")
     return v + 0.0  # -0.0 + 0.0 == +0.0
+
+
+# ---- RewardProof without its signature, specialised ---------------------------------------------
+# What every proof signature covers, so the verifier's hot path. The same bytes as the plan above,
+# written out for RewardProof's schema: fixed-width runs of fields packed by one precompiled Struct
+# each, tags included. Used only for a descriptor with exactly the layout below (else the generic
+# encoder runs), and only for plain input: anything that could raise or needs care (a NaN or an
+# inf - inf among the doubles and floats, an unencodable string, a length over 2**32 - 1) makes it
+# return None and the generic encoder gives the bytes or the error. tests/test_protocol_fastpaths.py
+# compares it with the reference algorithm.
+_T = FieldDescriptor
+_REWARD_PROOF_LAYOUT = {
+    "grpo_swarm.v1.RewardProof": (
+        (1, "run_id", _T.TYPE_STRING, False, False, None),
+        (2, "node_public_key", _T.TYPE_BYTES, False, False, None),
+        (3, "policy", _T.TYPE_MESSAGE, False, True, "grpo_swarm.v1.PolicySnapshotRef"),
+        (4, "round_index", _T.TYPE_UINT64, False, False, None),
+        (5, "prompt_index", _T.TYPE_UINT64, False, False, None),
+        (6, "prompt_sha256", _T.TYPE_BYTES, False, False, None),
+        (7, "group_id", _T.TYPE_STRING, False, False, None),
+        (8, "group_size", _T.TYPE_UINT32, False, False, None),
+        (9, "completion_index", _T.TYPE_UINT32, False, False, None),
+        (10, "completion_token_ids_sha256", _T.TYPE_BYTES, False, False, None),
+        (11, "completion_text", _T.TYPE_STRING, False, False, None),
+        (12, "num_completion_tokens", _T.TYPE_UINT32, False, False, None),
+        (13, "behaviour_logprobs_sha256", _T.TYPE_BYTES, False, False, None),
+        (14, "behaviour_logprobs", _T.TYPE_FLOAT, True, False, None),
+        (15, "completion_token_ids", _T.TYPE_UINT32, True, False, None),
+        (16, "rewards", _T.TYPE_MESSAGE, True, False, "grpo_swarm.v1.RewardValue"),
+        (17, "reward_total", _T.TYPE_DOUBLE, False, False, None),
+        (18, "reward_spec_id", _T.TYPE_STRING, False, False, None),
+        (19, "advantage", _T.TYPE_DOUBLE, False, False, None),
+        (20, "sequence", _T.TYPE_UINT64, False, False, None),
+        (21, "time_ms", _T.TYPE_INT64, False, False, None),
+        (22, "signature", _T.TYPE_BYTES, False, False, None),
+    ),
+    "grpo_swarm.v1.PolicySnapshotRef": (
+        (1, "version", _T.TYPE_UINT64, False, False, None),
+        (2, "sha256", _T.TYPE_BYTES, False, False, None),
+    ),
+    "grpo_swarm.v1.RewardValue": (
+        (1, "name", _T.TYPE_STRING, False, False, None),
+        (2, "value", _T.TYPE_DOUBLE, False, False, None),
+        (3, "applicable", _T.TYPE_BOOL, False, False, None),
+    ),
+}
+_SPECIALISED: dict = {}
+
+
+def _layout(desc: Descriptor) -> tuple:
+    return tuple((f.number, f.name, f.type, is_repeated_field(f), bool(f.has_presence), f.message_type and
+                  f.message_type.full_name) for f in sorted(desc.fields, key=lambda f: f.number))
+
+
+def _specialised(desc: Descriptor, exclude: frozenset):
+    """The specialised encoder for (message type, excluded fields), or None."""
+    key = (desc, exclude)
+    try:
+        return _SPECIALISED[key]
+    except KeyError:
+        pass
+    enc = None
+    if desc.full_name == "grpo_swarm.v1.RewardProof" and exclude == frozenset({"signature"}):
+        by_name = {f.name: f for f in desc.fields}
+        if (_layout(desc) == _REWARD_PROOF_LAYOUT[desc.full_name]
+                and all(_layout(by_name[n].message_type) == _REWARD_PROOF_LAYOUT[by_name[n].message_type.full_name]
+                        for n in ("policy", "rewards"))):
+            enc = _reward_proof_unsigned
+    _SPECIALISED[key] = enc
+    return enc
+
+
+_RP_HEAD = DOMAIN_PREFIX + b"RewardProof\n" + _pack_I(1)  # domain tag, tag of field 1
+_RP_NO_POLICY = _pack_I(3) + b"\x00"
+_pk_II = struct.Struct(">II").pack  # tag, u32 length / count
+_pk_policy = struct.Struct(">IBIIQII").pack  # tag 3, present, len(body), tag 1, version, tag 2, len(sha256)
+_pk_4_6 = struct.Struct(">IQIQII").pack  # tag 4, round_index, tag 5, prompt_index, tag 6, len(prompt_sha256)
+_pk_8_10 = struct.Struct(">IQIQII").pack  # tag 8, group_size, tag 9, completion_index, tag 10, len(hash)
+_pk_12_13 = struct.Struct(">IQII").pack  # tag 12, num_completion_tokens, tag 13, len(hash)
+_pk_rv_head = struct.Struct(">III").pack  # len(RewardValue body), tag 1, len(name)
+_pk_rv_tail = struct.Struct(">IdI?").pack  # tag 2, value, tag 3, applicable
+_pk_17_18 = struct.Struct(">IdII").pack  # tag 17, reward_total, tag 18, len(reward_spec_id)
+_pk_19_21 = struct.Struct(">IdIQIq").pack  # tag 19, advantage, tag 20, sequence, tag 21, time_ms
+_RV_FIXED = 4 + 4 + 4 + 8 + 4 + 1  # RewardValue body minus the name's bytes
+
+
+def _reward_proof_unsigned(p) -> bytes | None:
+    try:
+        run_id = p.run_id.encode("utf-8")
+        key = p.node_public_key
+        gid = p.group_id.encode("utf-8")
+        text = p.completion_text.encode("utf-8")
+        spec = p.reward_spec_id.encode("utf-8")
+        total = p.reward_total + 0.0  # -0.0 + 0.0 == +0.0
+        adv = p.advantage + 0.0
+        lps = p.behaviour_logprobs[:]  # a list (one pass over the repeated field)
+        if 0.0 in lps:  # a -0.0 among them (or +0.0): normalise
+            lps = [v + 0.0 for v in lps]
+        check = total + adv + sum(lps)  # NaN iff some value is NaN (or +inf meets -inf)
+        ids = p.completion_token_ids[:]
+        rewards = p.rewards
+        parts = [_RP_HEAD, _pack_I(len(run_id)), run_id, _pk_II(2, len(key)), key]
+        if p.HasField("policy"):
+            policy = p.policy
+            sha = policy.sha256
+            parts += (_pk_policy(3, 1, 20 + len(sha), 1, policy.version, 2, len(sha)), sha)
+        else:
+            parts.append(_RP_NO_POLICY)
+        psha, tsha, lsha = p.prompt_sha256, p.completion_token_ids_sha256, p.behaviour_logprobs_sha256
+        parts += (
+            _pk_4_6(4, p.round_index, 5, p.prompt_index, 6, len(psha)), psha,
+            _pk_II(7, len(gid)), gid,
+            _pk_8_10(8, p.group_size, 9, p.completion_index, 10, len(tsha)), tsha,
+            _pk_II(11, len(text)), text,
+            _pk_12_13(12, p.num_completion_tokens, 13, len(lsha)), lsha,
+            _pk_II(14, len(lps)), struct.pack(f">{len(lps)}f", *lps),
+            _pk_II(15, len(ids)), struct.pack(f">{len(ids)}Q", *ids),
+            _pk_II(16, len(rewards)),
+        )
+        for r in rewards:
+            name = r.name.encode("utf-8")
+            value = r.value + 0.0
+            check += value
+            parts += (_pk_rv_head(_RV_FIXED + len(name), 1, len(name)), name, _pk_rv_tail(2, value, 3, r.applicable))
+        if check != check:
+            return None
+        parts += (_pk_17_18(17, total, 18, len(spec)), spec, _pk_19_21(19, adv, 20, p.sequence, 21, p.time_ms))
+        return b"".join(parts)
+    except (struct.error, UnicodeError, OverflowError, TypeError, ValueError):
+        return None  # the generic encoder raises the specified error (or encodes what is unusual)

@@ -39,7 +39,7 @@ from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from . import grpo_swarm_pb2 as pb
-from .canonical import is_repeated_field, canonical_bytes
+from .canonical import canonical_bytes, encoder_for, is_repeated_field
 from .errors import ProtocolError, ReasonCode
 from .identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, verify_signature
 
@@ -201,9 +201,12 @@ def build_reward_proof(
     return proof
 
 
+_proof_signing_bytes = encoder_for(RewardProof.DESCRIPTOR, SIGNATURE_FIELD)
+
+
 def proof_signing_bytes(proof: RewardProof) -> bytes:
     """The bytes a RewardProof's signature covers: ``canonical_bytes(proof, exclude="signature")``."""
-    return canonical_bytes(proof, exclude=SIGNATURE_FIELD)
+    return _proof_signing_bytes(proof)
 
 
 def sign_proof(proof: RewardProof, identity: Identity) -> RewardProof:
@@ -257,54 +260,80 @@ def validate_proof(proof: RewardProof, *, require_signature: bool = True) -> Non
     """Structural rules every proof must satisfy; raises ProtocolError(MALFORMED). Does not check
     the signature's validity, only its length. With ``require_signature=False`` (a proof being
     built) the signature and node_public_key may still be empty."""
+    # Each rule is tested inline (the verifier's hot path) and, when it fails, re-run through the
+    # helper that raises its error: same rules, order and messages as one helper call per rule.
     if not isinstance(proof, RewardProof):
         raise _bad(f"expected a RewardProof, got {type(proof).__name__}")
-    _check_id("run_id", proof.run_id)
-    if require_signature or proof.node_public_key:
-        _check_len("node_public_key", proof.node_public_key, PUBLIC_KEY_SIZE)
-    if require_signature or proof.signature:
-        _check_len("signature", proof.signature, SIGNATURE_SIZE)
+    run_id = proof.run_id
+    if not run_id or len(run_id) > MAX_ID_CHARS:
+        _check_id("run_id", run_id)
+    key, sig = proof.node_public_key, proof.signature
+    if (require_signature or key) and len(key) != PUBLIC_KEY_SIZE:
+        _check_len("node_public_key", key, PUBLIC_KEY_SIZE)
+    if (require_signature or sig) and len(sig) != SIGNATURE_SIZE:
+        _check_len("signature", sig, SIGNATURE_SIZE)
     if not proof.HasField("policy"):
         raise _bad("policy (PolicySnapshotRef) is missing")
-    _check_len("policy.sha256", proof.policy.sha256, HASH_SIZE)
-    _check_len("prompt_sha256", proof.prompt_sha256, HASH_SIZE)
-    _check_id("group_id", proof.group_id)
-    if proof.group_size < 1:
+    if len(proof.policy.sha256) != HASH_SIZE:
+        _check_len("policy.sha256", proof.policy.sha256, HASH_SIZE)
+    if len(proof.prompt_sha256) != HASH_SIZE:
+        _check_len("prompt_sha256", proof.prompt_sha256, HASH_SIZE)
+    group_id = proof.group_id
+    if not group_id or len(group_id) > MAX_ID_CHARS:
+        _check_id("group_id", group_id)
+    group_size = proof.group_size
+    if group_size < 1:
         raise _bad("group_size must be at least 1")
-    if proof.completion_index >= proof.group_size:
-        raise _bad(f"completion_index {proof.completion_index} is not below group_size {proof.group_size}")
-    _check_len("completion_token_ids_sha256", proof.completion_token_ids_sha256, HASH_SIZE)
-    _check_len("behaviour_logprobs_sha256", proof.behaviour_logprobs_sha256, HASH_SIZE)
+    if proof.completion_index >= group_size:
+        raise _bad(f"completion_index {proof.completion_index} is not below group_size {group_size}")
+    ids_sha, lps_sha = proof.completion_token_ids_sha256, proof.behaviour_logprobs_sha256
+    if len(ids_sha) != HASH_SIZE:
+        _check_len("completion_token_ids_sha256", ids_sha, HASH_SIZE)
+    if len(lps_sha) != HASH_SIZE:
+        _check_len("behaviour_logprobs_sha256", lps_sha, HASH_SIZE)
     n = proof.num_completion_tokens
-    if proof.behaviour_logprobs:
-        if len(proof.behaviour_logprobs) != n:
-            raise _bad(f"{len(proof.behaviour_logprobs)} behaviour_logprobs for {n} completion tokens")
-        if not math.isfinite(sum(proof.behaviour_logprobs)):  # binary32 values: the sum is finite iff all are
-            for v in proof.behaviour_logprobs:
+    lps = proof.behaviour_logprobs[:]  # a list of floats (binary32 values)
+    if lps:
+        if len(lps) != n:
+            raise _bad(f"{len(lps)} behaviour_logprobs for {n} completion tokens")
+        if not math.isfinite(sum(lps)):  # binary32 values: the sum is finite iff all are
+            for v in lps:
                 _check_finite("behaviour_logprobs", v)
-        if logprobs_commitment(proof.behaviour_logprobs) != proof.behaviour_logprobs_sha256:
+        if 0.0 in lps:  # -0.0 is hashed as +0.0
+            lps = [v + 0.0 for v in lps]
+        # = logprobs_commitment(lps): finite binary32 values pack exactly
+        if hashlib.sha256(struct.pack(f"<{len(lps)}f", *lps)).digest() != lps_sha:
             raise _bad("behaviour_logprobs do not match behaviour_logprobs_sha256")
-    if proof.completion_token_ids:
-        if len(proof.completion_token_ids) != n:
-            raise _bad(f"{len(proof.completion_token_ids)} completion_token_ids for {n} completion tokens")
-        if token_ids_hash(proof.completion_token_ids) != proof.completion_token_ids_sha256:
+    ids = proof.completion_token_ids[:]  # a list of ints in [0, 2**32)
+    if ids:
+        if len(ids) != n:
+            raise _bad(f"{len(ids)} completion_token_ids for {n} completion tokens")
+        if hashlib.sha256(struct.pack(f"<{len(ids)}I", *ids)).digest() != ids_sha:  # = token_ids_hash(ids)
             raise _bad("completion_token_ids do not match completion_token_ids_sha256")
-    if not proof.rewards:
+    rewards = proof.rewards
+    if not rewards:
         raise _bad("no reward values")
-    if len(proof.rewards) > MAX_REWARDS:
+    if len(rewards) > MAX_REWARDS:
         raise _bad(f"more than {MAX_REWARDS} reward values")
     seen = set()
-    for r in proof.rewards:
-        _check_id("reward name", r.name)
-        if r.name in seen:
-            raise _bad(f"reward {r.name!r} appears twice")
-        seen.add(r.name)
-        _check_finite(f"reward {r.name!r}", r.value)
-        if not r.applicable and r.value != 0.0:
-            raise _bad(f"reward {r.name!r} is not applicable but has value {r.value}")
-    _check_finite("reward_total", proof.reward_total)
-    _check_id("reward_spec_id", proof.reward_spec_id)
-    _check_finite("advantage", proof.advantage)
+    for r in rewards:
+        name, value = r.name, r.value
+        if not name or len(name) > MAX_ID_CHARS:
+            _check_id("reward name", name)
+        if name in seen:
+            raise _bad(f"reward {name!r} appears twice")
+        seen.add(name)
+        if not math.isfinite(value):
+            _check_finite(f"reward {name!r}", value)
+        if value != 0.0 and not r.applicable:
+            raise _bad(f"reward {name!r} is not applicable but has value {value}")
+    if not math.isfinite(proof.reward_total):
+        _check_finite("reward_total", proof.reward_total)
+    spec = proof.reward_spec_id
+    if not spec or len(spec) > MAX_ID_CHARS:
+        _check_id("reward_spec_id", spec)
+    if not math.isfinite(proof.advantage):
+        _check_finite("advantage", proof.advantage)
 
 
 # ---- parsing -----------------------------------------------------------------------------------

@@ -74,17 +74,17 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from nacl.bindings import crypto_core_ed25519_is_valid_point
 
 from . import grpo_swarm_pb2 as pb
 from .assignment import assign_prompts
 from .errors import ProtocolError, ReasonCode
-from .identity import node_id_from_public_key
+from .identity import node_id_from_public_key, verify_signature
 from .log import canonical_json
 from .proofs import group_id_for, parse_proof, proof_signing_bytes, validate_proof
 
@@ -346,9 +346,12 @@ def spot_check_selected(signature: bytes, rate: float, salt: bytes = b"") -> boo
     return int.from_bytes(h[:8], "big") < int(rate * _U64)
 
 
+_F32 = struct.Struct("<f")
+
+
 def _f32(x: float) -> float:
     """Round to binary32 (as node.rewards stores reward values); OverflowError if out of range."""
-    return struct.unpack("<f", struct.pack("<f", x))[0]
+    return _F32.unpack(_F32.pack(x))[0]
 
 
 def expected_advantages(totals: Sequence[float], scale: str = "group") -> list[float]:
@@ -373,6 +376,11 @@ def advantage_tolerances(totals: Sequence[float], advantages: Sequence[float], b
 
 
 # ---- the verifier --------------------------------------------------------------------------------
+_GROUP_FIELDS = ("group_id", "round_index", "prompt_index", "prompt_sha256", "group_size", "reward_spec_id")
+_group_fields = operator.attrgetter(*_GROUP_FIELDS)  # the fields all members of a group share
+_policy_fields = operator.attrgetter("version", "sha256")
+
+
 class Verifier:
     """Checks groups of reward proofs against a :class:`VerifierState` and a :class:`VerifierPolicy`."""
 
@@ -397,6 +405,7 @@ class Verifier:
         self._weights = policy.reward_weights
         self._tols = tuple(policy.reward_tolerances.get(n, 0.0) for n in self._names)
         self._eos = frozenset(policy.eos_token_ids)
+        self._total_rel_tol = policy.total_rel_tolerance
 
     # -- entry points
     def verify_group(self, proofs: Sequence[RewardProof], *, now_ms: int | None = None, commit: bool = True) -> Verdict:
@@ -470,26 +479,24 @@ class Verifier:
             raise _Reject(ReasonCode.UNKNOWN_KEY, f"key of node {node_id} is not registered")
         if st.is_banned(known):
             raise _Reject(ReasonCode.BANNED_KEY, f"node {known} is banned")
-        try:
-            public_key = Ed25519PublicKey.from_public_bytes(key)  # once per group, not per proof
-        except (ValueError, UnsupportedAlgorithm):
-            raise _Reject(ReasonCode.BAD_SIGNATURE, f"node {node_id}'s public key is not a valid Ed25519 key") from None
         for p in proofs:
             k = p.completion_index
-            try:
-                public_key.verify(p.signature, proof_signing_bytes(p))
-            except InvalidSignature:
-                raise _Reject(ReasonCode.BAD_SIGNATURE, f"completion {k}: signature does not verify", k) from None
+            if not verify_signature(key, proof_signing_bytes(p), p.signature):
+                if not crypto_core_ed25519_is_valid_point(key):  # say why, if it is the key
+                    raise _Reject(ReasonCode.BAD_SIGNATURE, f"node {node_id}'s public key is not a valid Ed25519 key")
+                raise _Reject(ReasonCode.BAD_SIGNATURE, f"completion {k}: signature does not verify", k)
             if p.run_id != st.run_id:
                 raise _Reject(ReasonCode.WRONG_RUN, f"run_id {p.run_id!r} is not this run ({st.run_id!r})", k)
         # 5. group shape
         expected_gid = group_id_for(node_id, first.round_index, first.prompt_index)
-        same = ("group_id", "round_index", "prompt_index", "prompt_sha256", "group_size", "reward_spec_id")
+        ref = _group_fields(first)
+        ref_policy = _policy_fields(first.policy)
         for p in proofs:
-            for name in same:
-                if getattr(p, name) != getattr(first, name):
-                    raise _Reject(ReasonCode.INCOMPLETE_GROUP, f"members disagree on {name}", p.completion_index)
-            if p.policy.version != first.policy.version or p.policy.sha256 != first.policy.sha256:
+            if _group_fields(p) != ref:  # say which field, in _GROUP_FIELDS order
+                for name in _GROUP_FIELDS:
+                    if getattr(p, name) != getattr(first, name):
+                        raise _Reject(ReasonCode.INCOMPLETE_GROUP, f"members disagree on {name}", p.completion_index)
+            if _policy_fields(p.policy) != ref_policy:
                 raise _Reject(ReasonCode.INCOMPLETE_GROUP, "members disagree on the policy", p.completion_index)
         if first.group_id != expected_gid:
             raise _Reject(ReasonCode.MALFORMED, f"group_id {first.group_id!r} is not {expected_gid!r}")
@@ -579,7 +586,7 @@ class Verifier:
         n = p.num_completion_tokens
         if not 1 <= n <= pol.max_completion_tokens:
             raise _Reject(ReasonCode.BAD_COMPLETION, f"completion {k} has {n} tokens, allowed 1..{pol.max_completion_tokens}", k)
-        ids = p.completion_token_ids
+        ids = p.completion_token_ids[:]  # a list: one pass over the repeated field
         if not ids:
             skipped.append("termination")
             return
@@ -594,7 +601,7 @@ class Verifier:
             skipped.append("termination")
         if self.decode_fn is not None:
             try:
-                text = self.decode_fn(list(ids))
+                text = self.decode_fn(ids)  # a fresh list, not used again here
             except Exception as e:  # noqa: BLE001 - ids the tokenizer cannot decode are the prover's fault
                 raise _Reject(ReasonCode.BAD_COMPLETION, f"completion {k}: token ids do not decode ({type(e).__name__})", k)
             if text != p.completion_text:
@@ -605,7 +612,7 @@ class Verifier:
     def _check_rewards(self, p: RewardProof, skipped: list[str]) -> None:
         k = p.completion_index
         values = [(r.name, r.value, r.applicable) for r in p.rewards]  # one pass over the submessages
-        if tuple(v[0] for v in values) != self._names:
+        if tuple([v[0] for v in values]) != self._names:
             raise _Reject(ReasonCode.REWARD_MISMATCH, f"completion {k}: rewards {[v[0] for v in values]}, the run's "
                           f"are {list(self._names)}", k)
         total, scale, applicable = 0.0, 0.0, 0
@@ -616,7 +623,7 @@ class Verifier:
                 applicable += 1
         if applicable == 0:
             raise _Reject(ReasonCode.REWARD_MISMATCH, f"completion {k}: no reward function applies", k)
-        tol = self.policy.total_rel_tolerance * max(1.0, scale)
+        tol = self._total_rel_tol * max(1.0, scale)
         if not abs(p.reward_total - total) <= tol:
             raise _Reject(ReasonCode.REWARD_MISMATCH, f"completion {k}: reward_total {p.reward_total!r} is not the "
                           f"weighted sum of its rewards ({total!r})", k)

@@ -176,6 +176,81 @@ def test_fuzz_verify_signature_never_raises(key, msg, sig):
     assert verify_signature(key, msg, sig) is False
 
 
+# ---- libsodium (verify_signature) against OpenSSL (cryptography) ---------------------------------
+ED25519_L = 2**252 + 27742317777372353535851937790883648493  # the group order
+
+
+def openssl_verifies(key: bytes, msg: bytes, sig: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        Ed25519PublicKey.from_public_bytes(key).verify(sig, msg)
+        return True
+    except (InvalidSignature, ValueError):
+        return False
+
+
+# the 8 encodings of points of small order (identity, order 2, 4, 8) and non-canonical variants
+SMALL_ORDER_KEYS = [bytes.fromhex(h) for h in (
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0000000000000000000000000000000000000000000000000000000000000080",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+    "0100000000000000000000000000000000000000000000000000000000000080",  # identity, sign bit set
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # y = p + 1: non-canonical
+)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.binary(min_size=32, max_size=32), other=st.binary(min_size=32, max_size=32),
+       msg=st.binary(max_size=300), where=st.integers(0, 10**6), bit=st.integers(0, 7),
+       garbage=st.binary(min_size=32, max_size=32))
+def test_libsodium_and_openssl_agree(seed, other, msg, where, bit, garbage):
+    """Signatures made by cryptography verify with libsodium; every tampering both reject."""
+    a, b = Identity.from_seed(seed), Identity.from_seed(other)
+    key, sig = a.public_key_bytes, a.sign(msg)
+    assert sig == a.sign(msg)  # deterministic: the same bytes whichever library signs
+    flip = lambda data, i: data[:i] + bytes([data[i] ^ (1 << bit)]) + data[i + 1:]  # noqa: E731
+    s_plus_l = sig[:32] + ((int.from_bytes(sig[32:], "little") + ED25519_L) % 2**256).to_bytes(32, "little")
+    cases = [
+        (key, msg, sig),  # valid
+        (key, flip(msg, where % len(msg)) if msg else b"x", sig),  # tampered message
+        (key, msg + b"\0", sig),  # extended message
+        (key, msg, flip(sig, where % 64)),  # tampered signature (R or S)
+        (key, msg, s_plus_l),  # non-canonical S (S + L)
+        (b.public_key_bytes, msg, sig),  # wrong key
+        (flip(key, where % 32), msg, sig),  # tampered key
+        (garbage, msg, sig),  # garbage key
+        (garbage, msg, garbage + garbage),  # garbage key and signature
+    ]
+    for i, (k, m, s) in enumerate(cases):
+        ours = verify_signature(k, m, s)
+        assert ours is (i == 0 or (k, m, s) == cases[0]), f"case {i}"
+        if k not in SMALL_ORDER_KEYS:  # there OpenSSL accepts forgeries (see below), libsodium does not
+            assert ours is openssl_verifies(k, m, s), f"case {i}"
+    assert verify_signature(bytearray(key), memoryview(msg), bytearray(sig))  # bytes-like arguments
+
+
+@pytest.mark.parametrize("key", SMALL_ORDER_KEYS, ids=lambda k: k.hex()[:8])
+def test_small_order_keys_verify_nothing(key):
+    """With a key of small order, R = that point (or the identity) and S = 0 satisfy the cofactorless
+    equation for some or all messages: OpenSSL accepts such forgeries for the identity key, libsodium
+    (so verify_signature) rejects every signature under these keys."""
+    identity_point = SMALL_ORDER_KEYS[0]
+    for msg in (b"", b"grpo-swarm/v1/RewardProof\n", os.urandom(40)):
+        for sig in (identity_point + bytes(32), key + bytes(32), bytes(64)):
+            assert verify_signature(key, msg, sig) is False
+    if key == identity_point:  # why libsodium: the trivial forgery OpenSSL lets through for any message
+        assert verify_signature(key, b"any message", identity_point + bytes(32)) is False
+    if key == bytes(32):  # a point of order 4: R = it, S = 0 holds for about 1 message in 4 under OpenSSL
+        assert verify_signature(key, bytes(14), bytes(64)) is False  # (found by hypothesis; OpenSSL: valid)
+
+
 # ---- libp2p --------------------------------------------------------------------------------------
 def test_libp2p_private_key_format():
     ident = Identity.from_seed(SEED)

@@ -265,6 +265,25 @@ def test_each_attack_class_has_its_own_code():
 
 
 # ---- more rejections, one check each ---------------------------------------------------------------
+def test_small_order_key_cannot_sign(world, honest):
+    """A registered key of small order (the identity point) with the trivial forgery R = identity,
+    S = 0, which satisfies the cofactorless equation for any message (OpenSSL accepts it): rejected
+    as BAD_SIGNATURE (libsodium refuses such keys), before any other check."""
+    identity_point = bytes([1]) + bytes(31)
+    state, v = fresh(world)
+    state.register(identity_point)
+    forged = []
+    for p in honest["node"][0]:
+        q = p.__deepcopy__()
+        q.node_public_key = identity_point
+        q.signature = identity_point + bytes(32)
+        forged.append(q)
+    verdict = v.verify_group(forged)
+    assert verdict.code is ReasonCode.BAD_SIGNATURE, verdict
+    assert "not a valid Ed25519 key" in verdict.detail
+    assert not state.accepted_groups
+
+
 def test_member_pinpointed_and_nothing_recorded_on_rejection(world, honest):
     g, k = wrong_member(honest["node"])
     state, v = fresh(world)
