@@ -60,6 +60,7 @@ def channel_options(max_request: int = MAX_REQUEST_BYTES, max_response: int = MA
         ("grpc.max_send_message_length", max(max_request, max_response)),
         ("grpc.max_receive_message_length", max(max_request, max_response)),
         ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.http2.lookahead_bytes", 16 << 20),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
 
