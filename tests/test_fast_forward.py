@@ -98,3 +98,20 @@ def test_lm_head_logprobs_value_gradient_and_entropy():
     gh, gw = torch.autograd.grad((logps * upstream).sum(), (hidden, weight))
     rh, rw = torch.autograd.grad((ref * upstream).sum(), (hidden, weight))
     assert torch.allclose(gh, rh, atol=1e-5) and torch.allclose(gw, rw, atol=1e-5)
+
+
+def test_sample_tokens_draws_from_the_distribution():
+    """The exponential race samples each token with its probability (chi-square over 200,000
+    draws) and never a token of probability 0."""
+    from grpo_swarm.node.rollout import sample_tokens
+
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625, 0.0])
+    logps = probs.log().expand(20_000, -1).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(len(probs))
+    for _ in range(10):
+        counts += torch.bincount(sample_tokens(logps, gen), minlength=len(probs)).float()
+    assert counts[-1] == 0
+    expected = probs[:-1] * counts.sum()
+    chi2 = float(((counts[:-1] - expected) ** 2 / expected).sum())
+    assert chi2 < 18.5, (counts, chi2)  # 4 degrees of freedom: p < 0.001
