@@ -61,10 +61,8 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     training inputs. The result is a transposed view; callers only view/reshape it.
     """
     flat = x.reshape(-1, x.shape[-1])
-    out = torch.mm(weight, flat.t()).t()
-    if bias is not None:
-        out = out + bias
-    return out.view(*x.shape[:-1], weight.shape[0])
+    out = torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias[:, None], weight, flat.t())
+    return out.t().view(*x.shape[:-1], weight.shape[0])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -218,37 +218,42 @@ class TransformersBackend:
         decoder = (FastDecoder if fast_forward.supports(model) else HFDecoder)(model)
         logits = decoder.start(ids, attn, group_size, capacity=ids.size(1) + params.max_new_tokens)
 
-        n = logits.size(0)
-        tokens = torch.full((n, params.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
-        logps = torch.zeros((n, params.max_new_tokens), dtype=torch.float32, device=device)
-        lengths = torch.zeros(n, dtype=torch.long, device=device)
-        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        n, max_new = logits.size(0), params.max_new_tokens
+        tokens = torch.full((n, max_new), self.pad_id, dtype=torch.long, device=device)
+        logps = torch.zeros((n, max_new), dtype=torch.float32, device=device)
         active = torch.arange(n, device=device)  # rows in the decoder's batch, in its order
+        done = torch.zeros(n, dtype=torch.bool, device=device)  # per batch row: has sampled an EOS
         eos = self.eos.to(device)
-        for t in range(params.max_new_tokens):
+        steps = 0
+        # Per step only what sampling needs; rows that finished keep writing (ignored: everything
+        # after a row's first EOS is masked below) until the batch is compacted.
+        for t in range(max_new):
             step_logps = processed_logprobs(logits, params)
             tok = sample_tokens(step_logps, gen)
-            alive = ~finished[active]  # finished rows may stay in the batch until compaction
-            live_rows = active[alive]
-            tokens[live_rows, t] = tok[alive]
-            logps[live_rows, t] = step_logps.gather(1, tok[:, None]).squeeze(1)[alive]
-            lengths[live_rows] = t + 1
-            finished[live_rows[torch.isin(tok[alive], eos)]] = True
-            still = ~finished[active]
-            if t + 1 == params.max_new_tokens or not bool(still.any()):
+            tokens[active, t] = tok
+            logps[active, t] = step_logps.gather(1, tok[:, None]).squeeze(1)
+            done |= torch.isin(tok, eos)
+            steps = t + 1
+            n_done = int(done.sum())
+            if steps == max_new or n_done == done.numel():
                 break
-            if int(still.sum()) <= 0.75 * active.numel():  # compact: drop finished rows from the batch
-                keep = torch.nonzero(still).squeeze(1)
+            if n_done >= 0.25 * done.numel():  # compact: drop finished rows from the batch
+                keep = torch.nonzero(~done).squeeze(1)
                 decoder.keep(keep)
-                active, tok = active[keep], tok[keep]
-            logits = decoder.step(torch.where(finished[active], self.pad_id, tok))
+                active, tok, done = active[keep], tok[keep], done[keep]
+            logits = decoder.step(tok.masked_fill(done, self.pad_id))
         if was_training:
             model.train()
+        is_eos = torch.isin(tokens[:, :steps], eos)
+        finished = is_eos.any(dim=1)
+        lengths = torch.where(finished, is_eos.int().argmax(dim=1) + 1, steps)
         width = int(lengths.max())
-        mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()
+        keep_mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
+        mask = keep_mask.float()
+        tokens = tokens[:, :width].masked_fill(~keep_mask, self.pad_id)
         batch = RolloutBatch(
             prompt_ids=[torch.as_tensor(list(p), dtype=torch.long) for p in prompt_ids],
-            completion_ids=tokens[:, :width].cpu(),
+            completion_ids=tokens.cpu(),
             completion_mask=mask.cpu(),
             behaviour_logps=(logps[:, :width] * mask).cpu(),
             truncated=(~finished).cpu(),
