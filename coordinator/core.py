@@ -204,14 +204,13 @@ class Coordinator:
             st = self.state
             cur = st.current_version
             v = request.policy_version
-            if v > cur or v not in st.snapshots:
-                lag, staleness = 0, pb.STALENESS_AHEAD if v > cur else pb.STALENESS_TOO_STALE
-                if v < cur:
-                    lag = cur - v
+            lag = max(0, cur - v)
+            if v > cur:
+                staleness = pb.STALENESS_AHEAD
+            elif lag > eta or v not in st.snapshots:
+                staleness = pb.STALENESS_TOO_STALE
             else:
-                lag = cur - v
-                staleness = pb.STALENESS_CURRENT if lag == 0 else pb.STALENESS_BEHIND if lag <= eta \
-                    else pb.STALENESS_TOO_STALE
+                staleness = pb.STALENESS_CURRENT if lag == 0 else pb.STALENESS_BEHIND
             if request.HasField("computed"):
                 c = request.computed
                 if c.version <= cur or len(c.sha256) != 32:
@@ -326,8 +325,7 @@ class Coordinator:
             support, total = self.check_upload(node_id, header)
             version = header.snapshot.version
             self.snapshots.add(path, version, sha)
-            self.recorder.publish_snapshot(version, sha)
-            index = self.log.head()[0] - 1
+            index = self.recorder.publish_snapshot(version, sha).index
             self.snapshots.prune(self.keep_snapshots)
             self.store.prune_reports(version)
             self.metrics.snapshots_published.inc()
@@ -340,13 +338,8 @@ def _round_start_ms(log: ProtocolLog) -> int:
     """Time of the entry that opened the current round (the last round_closed, else run_started)."""
     from grpo_swarm.protocol.log import ROUND_CLOSED, RUN_STARTED
 
-    last = None
-    for kind in (ROUND_CLOSED, RUN_STARTED):
-        for e in log.entries(kind=kind):
-            last = e.time_ms
-        if last is not None:
-            return last
-    return now_ms()
+    entry = log.last(ROUND_CLOSED, RUN_STARTED)
+    return entry.time_ms if entry is not None else now_ms()
 
 
 def _check_same_run(logged: dict, configured: dict, data_dir: Path) -> None:

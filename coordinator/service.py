@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import grpc
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
-from grpo_swarm.protocol.errors import ProtocolError
+from grpo_swarm.protocol.errors import ProtocolError, ReasonCode
 from grpo_swarm.protocol.identity import node_id_from_public_key
-from grpo_swarm.protocol.proofs import MAX_BATCH_BYTES, open_envelope, parse_proof_batch
+from grpo_swarm.protocol.log import ProtocolLog
+from grpo_swarm.protocol.proofs import check_envelope, parse_envelope, parse_proof_batch
 from grpo_swarm.protocol.rpc import (
     MAX_REQUEST_BYTES,
     REQUEST_KIND,
@@ -55,6 +56,11 @@ class _Refused(Exception):
         self.code, self.detail = code, detail
 
 
+# how a ProtocolError in a request's envelope or payload maps to a status (default INVALID_ARGUMENT)
+_PROTOCOL_STATUS = {ReasonCode.BAD_SIGNATURE: grpc.StatusCode.UNAUTHENTICATED,
+                    ReasonCode.OVERSIZED: grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
 def _status(name: str) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, name)
 
@@ -80,17 +86,13 @@ class CoordinatorService:
     # -- authentication
     def _open(self, method: str, data: bytes, kind: str | None = None) -> tuple[pb.SignedEnvelope, str | None]:
         try:
-            env = pb.SignedEnvelope.FromString(data)
-        except Exception:  # noqa: BLE001 - any decode failure
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "request is not a SignedEnvelope") from None
-        if not env.signature:
-            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "request is not signed (empty signature)")
-        try:
-            env = open_envelope(data, expected_kind=kind or REQUEST_KIND[method], max_bytes=self.limits.max_request_bytes)
+            env = parse_envelope(data, max_bytes=self.limits.max_request_bytes)
+            if not env.signature:
+                raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "request is not signed (empty signature)")
+            check_envelope(env, expected_kind=kind or REQUEST_KIND[method])
         except ProtocolError as e:
-            code = grpc.StatusCode.UNAUTHENTICATED if e.code.value == "BAD_SIGNATURE" else \
-                grpc.StatusCode.RESOURCE_EXHAUSTED if e.code.value == "OVERSIZED" else grpc.StatusCode.INVALID_ARGUMENT
-            raise _Refused(code, f"{e.code.value}: {e.detail}") from None
+            raise _Refused(_PROTOCOL_STATUS.get(e.code, grpc.StatusCode.INVALID_ARGUMENT),
+                           f"{e.code.value}: {e.detail}") from None
         key = bytes(env.signer_public_key)
         why = self.nonces.check(key, env.nonce, env.time_ms)
         if why is not None:
@@ -153,13 +155,11 @@ class CoordinatorService:
         return self.c.manifest(None if req.latest else req.version)
 
     def submit(self, env, node_id):
-        if len(env.payload) > MAX_BATCH_BYTES:
-            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"proof batch is larger than {MAX_BATCH_BYTES} bytes")
         try:
             batch = parse_proof_batch(env.payload, verify=False)
         except ProtocolError as e:
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.code.value == "OVERSIZED" else grpc.StatusCode.INVALID_ARGUMENT
-            raise _Refused(code, f"{e.code.value}: {e.detail}") from None
+            raise _Refused(_PROTOCOL_STATUS.get(e.code, grpc.StatusCode.INVALID_ARGUMENT),
+                           f"{e.code.value}: {e.detail}") from None
         if not batch.proofs:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "empty proof batch")
         return self.c.submit(bytes(env.signer_public_key), list(batch.proofs))
@@ -197,8 +197,6 @@ class CoordinatorService:
         except Exception as exc:  # noqa: BLE001
             self._fail(method, context, exc)
         limit = min(req.max_entries or MAX_LOG_ENTRIES_PER_CALL, MAX_LOG_ENTRIES_PER_CALL)
-        from grpo_swarm.protocol.log import ProtocolLog
-
         reader = ProtocolLog(self.c.log.path, create=False, readonly=True)
         try:
             served = self.c.metrics.bytes_served.labels(method)

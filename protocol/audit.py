@@ -326,9 +326,9 @@ class RunRecorder:
         self.log.append(NODE_REGISTERED, {"node_id": node_id, "public_key": bytes(public_key).hex()}, self.identity)
         return node_id
 
-    def publish_snapshot(self, version: int, sha256: bytes) -> None:
+    def publish_snapshot(self, version: int, sha256: bytes) -> LogEntry:
         self.state.publish_snapshot(version, sha256)
-        self.log.append(SNAPSHOT_PUBLISHED, {"version": version, "sha256": bytes(sha256).hex()}, self.identity)
+        return self.log.append(SNAPSHOT_PUBLISHED, {"version": version, "sha256": bytes(sha256).hex()}, self.identity)
 
     def ban(self, node_id: str, reason: str, evidence_index: int | None = None) -> None:
         self.state.ban(node_id)

@@ -466,6 +466,14 @@ class ProtocolLog:
         except sqlite3.DatabaseError as e:
             raise LogError(f"{self.path}: cannot read entries: {e}") from None
 
+    def last(self, *kinds: str) -> LogEntry | None:
+        """The newest entry of one of ``kinds`` (of any kind when none is given), or None."""
+        sql = "SELECT idx, prev_hash, time_ms, kind, payload, signer, signature, hash FROM entries"
+        if kinds:
+            sql += f" WHERE kind IN ({', '.join('?' * len(kinds))})"
+        row = self._db.execute(sql + " ORDER BY idx DESC LIMIT 1", kinds).fetchone()
+        return _row_to_entry(row) if row is not None else None
+
     def __iter__(self) -> Iterator[LogEntry]:
         return self.entries()
 

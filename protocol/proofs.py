@@ -440,13 +440,13 @@ def seal_envelope(
     return env
 
 
-def open_envelope(
-    data: bytes, *, expected_kind: str | None = None, max_bytes: int = MAX_ENVELOPE_BYTES
-) -> SignedEnvelope:
-    """Parse a SignedEnvelope and verify its signature; ProtocolError (OVERSIZED, MALFORMED,
-    BAD_SIGNATURE) otherwise. The caller checks the signer, nonce and time, then parses the payload."""
-    data = _check_bytes(data, max_bytes, "SignedEnvelope")
-    env = _parse(SignedEnvelope, data, "SignedEnvelope")
+def parse_envelope(data: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> SignedEnvelope:
+    """Parse a SignedEnvelope without checking it; ProtocolError (OVERSIZED, MALFORMED) otherwise."""
+    return _parse(SignedEnvelope, _check_bytes(data, max_bytes, "SignedEnvelope"), "SignedEnvelope")
+
+
+def check_envelope(env: SignedEnvelope, *, expected_kind: str | None = None) -> SignedEnvelope:
+    """Check a parsed envelope's kind, key and signature; ProtocolError (MALFORMED, BAD_SIGNATURE)."""
     _check_id("SignedEnvelope.kind", env.kind)
     if expected_kind is not None and env.kind != expected_kind:
         raise _bad(f"SignedEnvelope.kind is {env.kind!r}, expected {expected_kind!r}")
@@ -455,3 +455,11 @@ def open_envelope(
     if not verify_signature(env.signer_public_key, envelope_signing_bytes(env), env.signature):
         raise ProtocolError(ReasonCode.BAD_SIGNATURE, "SignedEnvelope signature does not verify")
     return env
+
+
+def open_envelope(
+    data: bytes, *, expected_kind: str | None = None, max_bytes: int = MAX_ENVELOPE_BYTES
+) -> SignedEnvelope:
+    """Parse a SignedEnvelope and verify its signature; ProtocolError (OVERSIZED, MALFORMED,
+    BAD_SIGNATURE) otherwise. The caller checks the signer, nonce and time, then parses the payload."""
+    return check_envelope(parse_envelope(data, max_bytes=max_bytes), expected_kind=expected_kind)

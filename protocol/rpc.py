@@ -128,7 +128,7 @@ def verify_manifest(manifest: pb.SnapshotManifest, coordinator_key: bytes | None
     cs, total = manifest.chunk_size, manifest.total_bytes
     if not 0 < cs <= MAX_CHUNK_SIZE:
         raise ProtocolError(ReasonCode.MALFORMED, f"SnapshotManifest.chunk_size {cs} is not in 1..{MAX_CHUNK_SIZE}")
-    expected = -(-total // cs)
+    expected = expected_chunks(total, cs)
     if len(manifest.chunk_sha256) != expected:
         raise ProtocolError(ReasonCode.MALFORMED, f"SnapshotManifest has {len(manifest.chunk_sha256)} chunk hashes, "
                                                   f"{total} bytes in chunks of {cs} need {expected}")

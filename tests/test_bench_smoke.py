@@ -19,20 +19,24 @@ from grpo_swarm.node.models import TINY_ALPHABET, TINY_SPECIALS, build_tiny_mode
 REQUIRED = ("model", "ours_completions_per_s", "trl_completions_per_s", "ratio", "max_abs_grad_diff", "config")
 
 
-@pytest.mark.slow
-def test_bench_tiny_prints_one_json_line():
-    pytest.importorskip("trl")
+def run_bench(script: str, *args: str, keys, timeout: int) -> dict:
+    """Run bench/<script> offline; it must exit 0 and print exactly one JSON line with ``keys``."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "grpo_vs_trl.py"), "--model", "tiny", "--steps", "1", "--warmup", "0"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
-    )
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stdout[-2000:]
     res = json.loads(lines[0])
-    for key in REQUIRED:
+    for key in keys:
         assert key in res, key
+    return res
+
+
+@pytest.mark.slow
+def test_bench_tiny_prints_one_json_line():
+    pytest.importorskip("trl")
+    res = run_bench("grpo_vs_trl.py", "--model", "tiny", "--steps", "1", "--warmup", "0", keys=REQUIRED, timeout=240)
     assert res["model"] == "tiny"
     assert res["ratio"] > 0 and res["ours_completions_per_s"] > 0 and res["trl_completions_per_s"] > 0
     assert res["max_abs_grad_diff"] <= 1e-5
@@ -52,17 +56,7 @@ SNAPSHOT_KEYS = ("snapshot_bytes", "chunk_size", "grpc_mb_s", "raw_mb_s", "loopb
 def test_bench_snapshots_quick_prints_one_json_line():
     """bench/snapshots.py --quick: a ~20 MB snapshot over gRPC and raw TCP, a resumed download, and
     real proofs from 4 nodes submitted and all accepted (no timing assertions)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "snapshots.py"), "--quick", "--skip-capped", "--repeats", "2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stdout[-2000:]
-    res = json.loads(lines[0])
-    for key in SNAPSHOT_KEYS:
-        assert key in res, key
+    res = run_bench("snapshots.py", "--quick", "--skip-capped", "--repeats", "2", keys=SNAPSHOT_KEYS, timeout=120)
     assert res["snapshot_bytes"] > 10_000_000 and res["grpc_mb_s"] > 0 and res["raw_mb_s"] > 0
     assert res["grpc_download_sha_ok"] is True
     assert res["resume_ok"] is True and 0 < res["resumed_from_bytes"] < res["snapshot_bytes"]
