@@ -225,6 +225,7 @@ def run(args: argparse.Namespace) -> dict:
                              our_gradients, trl_gradients)
 
     from grpo_swarm.node import grpo
+    from grpo_swarm.node.allocator import keep_freed_memory
     from grpo_swarm.node.config import TrainConfig
     from grpo_swarm.node.data import PromptSampler, load_dataset_spec, render_prompt
     from grpo_swarm.node.models import load_model
@@ -234,6 +235,7 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()  # as build_trainer does for a node; process-wide, so TRL runs with it too
     seed_everything(args.seed)
     total_steps = args.warmup + args.steps
     G, P = args.group_size, args.prompts
@@ -396,6 +398,7 @@ def run(args: argparse.Namespace) -> dict:
                      "generation": "prefix-shared prefill, finished rows leave the batch"},
         },
         "timed_steps": len(timed), "warmup_steps": args.warmup, "threads": torch.get_num_threads(),
+        "keep_freed_memory": kept,
         "completions_per_step": P * G,
         "ours_step_s": total("ours_step") / len(timed), "trl_step_s": total("trl_step") / len(timed),
         "ours_generate_score_s": total("ours_gen_score") / len(timed),

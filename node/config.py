@@ -88,6 +88,8 @@ class RunSettings(Section):
     eval_every: int = Field(0, ge=0)
     tensorboard: bool = False
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    keep_freed_memory: bool = Field(True, description="keep freed CPU memory for reuse (glibc malloc tuning, "
+                                                      "node/allocator.py); the process keeps its peak heap")
 
 
 class TrainConfig(Section):

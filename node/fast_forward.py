@@ -5,12 +5,14 @@ transformers' generic forward spends most of a small model's time outside the ma
 model thousands of times with the same simple shapes, so this module runs the same weights with
 the same maths directly:
 
+* one layer is :func:`attention_inputs` + attention + :func:`finish_layer` on fused q|k|v and
+  gate|up projections (:class:`LayerWeights`), shared by sampling and training;
 * :func:`prefill` / :func:`decode_step` — sampling with a preallocated KV cache
-  (:class:`StaticKVCache`), fused q|k|v and gate|up projections (:class:`FusedWeights`, built once
-  per generation call from the current weights);
-* :func:`shared_prefix_forward` — the training forward with gradients: each prompt runs once, its
-  keys/values are repeated for the G completions of its group (differentiable), completions attend
-  to them causally. Its gradients match the transformers forward (tests/test_fast_forward.py).
+  (:class:`StaticKVCache`), the fused weights built once per generation call;
+* :func:`shared_prefix_forward` — the training forward with gradients (the fused weights are
+  concatenated inside the graph): each prompt runs once, its keys/values are repeated for the G
+  completions of its group (differentiable), completions attend to them causally. Its gradients
+  match the transformers forward (tests/test_fast_forward.py).
 
 Anything this module does not support (other architectures, sliding windows, ALiBi, ...) falls back
 to the transformers path: :func:`supports` says which.
@@ -35,6 +37,8 @@ def supports(model: PreTrainedModel) -> bool:
         return False
     if getattr(cfg, "pretraining_tp", 1) != 1 or getattr(cfg, "mlp_bias", False):
         return False
+    if getattr(cfg, "attention_dropout", 0.0):  # this forward has no dropout
+        return False
     act = getattr(cfg, "hidden_act", "silu")
     return act == "silu" and hasattr(model.model, "rotary_emb")
 
@@ -53,16 +57,33 @@ class Dims:
         return cls(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps)
 
 
-def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` computed as ``weight @ x.T``.
+SKINNY_ROWS = 64  # up to this many rows (decoding), project as weight @ x.T
 
-    Measured on CPU (MKL, fp32, 2 threads): for the skinny inputs of decoding this layout is 1.4-2.7x
-    faster than ``F.linear`` (e.g. 16 x 576 -> 49152 vocab: 25 ms vs 46 ms), and not slower for 1024-row
-    training inputs. The result is a transposed view; callers only view/reshape it.
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, as ``weight @ x.T`` for skinny inputs.
+
+    Measured on CPU (MKL, fp32, 2 threads): for the few rows of decoding, ``weight @ x.T`` is 1.4-2.7x
+    faster than ``F.linear`` (e.g. 16 x 576 -> 49152 vocab: 25 ms vs 46 ms); its result is a transposed
+    view, which the element-wise kernels after it read with a stride, so for training inputs (hundreds
+    of rows) the plain row-major product is used.
     """
     flat = x.reshape(-1, x.shape[-1])
+    if flat.size(0) > SKINNY_ROWS:
+        out = torch.mm(flat, weight.t()) if bias is None else torch.addmm(bias, flat, weight.t())
+        return out.view(*x.shape[:-1], weight.shape[0])
     out = torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias[:, None], weight, flat.t())
     return out.t().view(*x.shape[:-1], weight.shape[0])
+
+
+def add_projected(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``residual + F.linear(x, weight)`` in one ``addmm`` (the sum is the GEMM's accumulator).
+
+    Measured (2 threads): 1024 x 576 -> 576 6.7 → 4.7 ms against an add of :func:`project`'s
+    transposed result; 32 rows of the tiny model 15 → 10 µs; 16 rows of SmolLM2 about the same.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.addmm(residual.reshape(-1, residual.shape[-1]), flat, weight.t()).view(residual.shape)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -116,33 +137,106 @@ def rope(model: PreTrainedModel, x: torch.Tensor, positions: torch.Tensor):
     return cos.unsqueeze(1), signed(sin).unsqueeze(1)
 
 
-# ------------------------------------------------------------------------------------------ sampling
+# ------------------------------------------------------------------------------------------ layers
 
 
 @dataclass
-class FusedWeights:
-    """Per-layer concatenated projections for no-grad sampling (a copy of the current weights)."""
+class LayerWeights:
+    """One decoder layer's weights, q|k|v and gate|up concatenated: one matmul each instead of three and two.
 
-    qkv: list[torch.Tensor]
-    qkv_bias: list[torch.Tensor | None]
-    gate_up: list[torch.Tensor]
+    Built with ``torch.cat`` (:meth:`of`): with autograd on, the concatenation is part of the graph and
+    gradients flow back to the separate parameters (training: the backward then also runs one matmul per
+    fused weight for the input gradient, instead of three or two plus their sum); under ``no_grad`` it is a
+    plain copy of the current weights (sampling).
+    """
+
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    out: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
 
     @classmethod
-    @torch.no_grad()
-    def of(cls, model: PreTrainedModel) -> "FusedWeights":
-        qkv, bias, gate_up = [], [], []
+    def of(cls, model: PreTrainedModel) -> list["LayerWeights"]:
+        layers = []
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
-            qkv.append(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
-            bias.append(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if a.q_proj.bias is not None else None)
-            gate_up.append(torch.cat([m.gate_proj.weight, m.up_proj.weight]))
-        return cls(qkv, bias, gate_up)
+            bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if a.q_proj.bias is not None else None
+            layers.append(cls(
+                layer.input_layernorm.weight, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias,
+                a.o_proj.weight, layer.post_attention_layernorm.weight,
+                torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight,
+            ))
+        return layers
+
+
+def attention_inputs(w: LayerWeights, dims: Dims, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q [B, heads, T, d], k and v [B, kv_heads, T, d] of ``x`` [B, T, H], RoPE applied to q and k.
+
+    head_dim stays contiguous (the projection is made contiguous before the head split): SDPA's CPU
+    flash kernel needs that — a strided last dimension, as :func:`project`'s transposed result has,
+    falls back to the math kernel (measured on SmolLM2's training step: 4-7 % slower). q and k are
+    rotated together, in one set of kernels.
+    """
+    b, t, _ = x.shape
+    h = rms_norm(x, w.input_norm, dims.eps)
+    heads = project(h, w.qkv, w.qkv_bias).contiguous().view(b, t, dims.heads + 2 * dims.kv_heads, dims.head_dim)
+    qk, v = heads.transpose(1, 2).split([dims.heads + dims.kv_heads, dims.kv_heads], dim=1)  # backward: one cat
+    q, k = rotate(qk, cos, sin).split([dims.heads, dims.kv_heads], dim=1)
+    return q, k, v
+
+
+def finish_layer(w: LayerWeights, dims: Dims, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """Output projection and residual, then the SwiGLU MLP and its residual; ``attn`` is [B, heads, T, d]."""
+    b, t, _ = x.shape
+    x = add_projected(x, attn.transpose(1, 2).reshape(b, t, dims.heads * dims.head_dim), w.out)
+    return add_projected(x, swiglu(project(rms_norm(x, w.post_norm, dims.eps), w.gate_up)), w.down)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up of a fused ``[..., gate | up]`` projection, the gradient written into one buffer.
+
+    Autograd of ``chunk`` + ``silu`` + ``*`` builds the two halves of the input gradient separately and
+    concatenates them (one more pass over the [tokens, 2 x intermediate] gradient per layer); here
+    each half is written in place into one tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(gate_up, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        gate_up, act = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = torch.empty_like(gate_up)
+        grad_gate, grad_up = out.chunk(2, dim=-1)
+        torch.mul(grad, act, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return out
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` (last dimension), with a one-buffer backward."""
+    if torch.is_grad_enabled() and gate_up.requires_grad:
+        return _SwiGLU.apply(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# ------------------------------------------------------------------------------------------ sampling
 
 
 class StaticKVCache:
     """Preallocated keys/values [B, kv_heads, capacity, head_dim] per layer, plus key validity."""
 
     def __init__(self, layers: int, batch: int, dims: Dims, capacity: int, dtype, device):
+        self.dims = dims
         shape = (batch, dims.kv_heads, capacity, dims.head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
@@ -162,86 +256,53 @@ class StaticKVCache:
         self.bias = self.bias.repeat_interleave(times, dim=0)
 
 
-def _sampling_layers(model, fused: FusedWeights, dims: Dims, x, positions, cache: StaticKVCache, mask):
+def _sampling_layers(model, weights: list[LayerWeights], dims: Dims, x, positions, cache: StaticKVCache, mask):
     """Run all layers on ``x`` [B, T, H], writing keys/values at cache[length : length+T]."""
-    b, t, _ = x.shape
-    start, stop = cache.length, cache.length + t
+    start, stop = cache.length, cache.length + x.size(1)
     if cache.rope_table is None:  # cos/sin for every position the cache can hold, computed once
         table_pos = torch.arange(cache.bias.size(1) + int(positions.max()) + 1, device=x.device)[None]
         cos_t, sin_t = model.model.rotary_emb(x, table_pos)
         cache.rope_table = (cos_t[0], signed(sin_t[0]))
     cos, sin = (tab[positions].unsqueeze(1) for tab in cache.rope_table)
-    q_size, kv_size = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
-    for i, layer in enumerate(model.model.layers):
-        a = layer.self_attn
-        h = rms_norm(x, layer.input_layernorm.weight, dims.eps)
-        qkv = project(h, fused.qkv[i], fused.qkv_bias[i]).contiguous()  # head_dim contiguous: SDPA's flash kernel
-        qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
-        qk = rotate(qk.view(b, t, dims.heads + dims.kv_heads, dims.head_dim).transpose(1, 2), cos, sin)
-        q, k = qk.split([dims.heads, dims.kv_heads], dim=1)
-        cache.k[i][:, :, start:stop] = k
-        cache.v[i][:, :, start:stop] = v.view(b, t, dims.kv_heads, dims.head_dim).transpose(1, 2)
-        attn = F.scaled_dot_product_attention(
-            q, cache.k[i][:, :, :stop], cache.v[i][:, :, :stop], attn_mask=mask,
-            enable_gqa=dims.kv_heads != dims.heads,
-        )
-        x = x + project(attn.transpose(1, 2).reshape(b, t, q_size), a.o_proj.weight)
-        h = rms_norm(x, layer.post_attention_layernorm.weight, dims.eps)
-        gate, up = project(h, fused.gate_up[i]).chunk(2, dim=-1)
-        x = x + project(F.silu(gate) * up, layer.mlp.down_proj.weight)
+    gqa = dims.kv_heads != dims.heads
+    for w, keys, values in zip(weights, cache.k, cache.v):
+        q, k, v = attention_inputs(w, dims, x, cos, sin)
+        keys[:, :, start:stop] = k
+        values[:, :, start:stop] = v
+        attn = F.scaled_dot_product_attention(q, keys[:, :, :stop], values[:, :, :stop], attn_mask=mask,
+                                              enable_gqa=gqa)
+        x = finish_layer(w, dims, x, attn)
     return rms_norm(x, model.model.norm.weight, dims.eps)
 
 
 @torch.no_grad()
-def prefill(model, fused: FusedWeights, ids: torch.Tensor, attn: torch.Tensor, capacity: int) -> tuple[torch.Tensor, StaticKVCache]:
+def prefill(model, weights: list[LayerWeights], ids: torch.Tensor, attn: torch.Tensor,
+            capacity: int) -> tuple[torch.Tensor, StaticKVCache]:
     """Left-padded prompts ``ids`` [B, P] → last-position logits [B, V] and a cache of ``capacity``."""
     dims = Dims.of(model)
     b, p = ids.shape
     x = model.model.embed_tokens(ids)
-    cache = StaticKVCache(len(model.model.layers), b, dims, capacity, compute_dtype(x), ids.device)
+    cache = StaticKVCache(len(weights), b, dims, capacity, compute_dtype(x), ids.device)
     cache.bias[:, :p].masked_fill_(attn.bool(), 0.0)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
-    h = _sampling_layers(model, fused, dims, x, positions, cache, left_padded_causal_mask(attn.bool(), cache.bias.dtype))
+    h = _sampling_layers(model, weights, dims, x, positions, cache, left_padded_causal_mask(attn.bool(), cache.bias.dtype))
     cache.length = p
     return project(h[:, -1], model.lm_head.weight), cache
 
 
 @torch.no_grad()
-def decode_step(model, fused: FusedWeights, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+def decode_step(model, weights: list[LayerWeights], tokens: torch.Tensor, positions: torch.Tensor,
+                cache: StaticKVCache) -> torch.Tensor:
     """One token per row [B] at ``positions`` [B] → logits [B, V]; the cache grows by one."""
-    dims = Dims.of(model)
     cache.bias[:, cache.length] = 0.0
     mask = cache.bias[:, None, None, : cache.length + 1]
-    x = model.model.embed_tokens(tokens[:, None])
-    h = _sampling_layers(model, fused, dims, x, positions[:, None], cache, mask)
+    x = F.embedding(tokens[:, None], model.model.embed_tokens.weight)
+    h = _sampling_layers(model, weights, cache.dims, x, positions[:, None], cache, mask)
     cache.length += 1
     return project(h[:, 0], model.lm_head.weight)
 
 
 # ------------------------------------------------------------------------------------------ training
-
-
-def _attention_block(layer, dims: Dims, x, cos, sin):
-    """q, k, v [B, heads, T, head_dim] with head_dim contiguous: SDPA's CPU flash kernel needs that
-    (a strided last dimension, as :func:`project`'s transposed result has, falls back to the math
-    kernel; measured on SmolLM2's training step: 4-7 % slower)."""
-    b, t, _ = x.shape
-    a = layer.self_attn
-    h = rms_norm(x, layer.input_layernorm.weight, dims.eps)
-
-    def heads(proj, n):
-        return project(h, proj.weight, proj.bias).contiguous().view(b, t, n, dims.head_dim).transpose(1, 2)
-
-    return (rotate(heads(a.q_proj, dims.heads), cos, sin), rotate(heads(a.k_proj, dims.kv_heads), cos, sin),
-            heads(a.v_proj, dims.kv_heads))
-
-
-def _finish_layer(layer, dims: Dims, x, attn):
-    b, t, _ = x.shape
-    x = x + project(attn.transpose(1, 2).reshape(b, t, dims.heads * dims.head_dim), layer.self_attn.o_proj.weight)
-    h = rms_norm(x, layer.post_attention_layernorm.weight, dims.eps)
-    m = layer.mlp
-    return x + project(F.silu(project(h, m.gate_proj.weight)) * project(h, m.up_proj.weight), m.down_proj.weight)
 
 
 def prefix_sharing_pays(prefix_len: int, width: int, group_size: int) -> bool:
@@ -275,11 +336,7 @@ def shared_prefix_forward(
     xp = model.model.embed_tokens(prefix_ids) if p > 0 else None
     xc = model.model.embed_tokens(inputs)
     dtype = compute_dtype(xc)
-    mask_p = left_padded_causal_mask(valid, dtype)
-    mask_c = additive_mask(torch.cat([
-        valid.repeat_interleave(group_size, 0)[:, None, :].expand(n, c, p),
-        torch.ones(c, c, dtype=torch.bool, device=device).tril()[None].expand(n, c, c),
-    ], dim=-1)[:, None], dtype)
+    weights = LayerWeights.of(model)
     gqa = dims.kv_heads != dims.heads
     if p > 0 and not prefix_sharing_pays(p, c, group_size):
         # short prompts: one pass over [prefix | inputs] rows costs fewer ops than sharing the prefix
@@ -288,23 +345,27 @@ def shared_prefix_forward(
         positions = torch.cat([prefix_pos.repeat_interleave(group_size, 0), input_pos], dim=1)
         mask = left_padded_causal_mask(keys, dtype)
         cos, sin = rope(model, full, positions)
-        for layer in model.model.layers:
-            q, k, v = _attention_block(layer, dims, full, cos, sin)
-            full = _finish_layer(layer, dims, full, F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                                                   enable_gqa=gqa))
+        for w in weights:
+            q, k, v = attention_inputs(w, dims, full, cos, sin)
+            full = finish_layer(w, dims, full, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa))
         return rms_norm(full[:, p:], model.model.norm.weight, dims.eps)
+    mask_p = left_padded_causal_mask(valid, dtype)
+    mask_c = additive_mask(torch.cat([
+        valid.repeat_interleave(group_size, 0)[:, None, :].expand(n, c, p),
+        torch.ones(c, c, dtype=torch.bool, device=device).tril()[None].expand(n, c, c),
+    ], dim=-1)[:, None], dtype)
     cos_p, sin_p = rope(model, xc, prefix_pos) if p > 0 else (None, None)
     cos_c, sin_c = rope(model, xc, input_pos)
-    last = len(model.model.layers) - 1
-    for i, layer in enumerate(model.model.layers):
-        qc, kc, vc = _attention_block(layer, dims, xc, cos_c, sin_c)
+    last = len(weights) - 1
+    for i, w in enumerate(weights):
+        qc, kc, vc = attention_inputs(w, dims, xc, cos_c, sin_c)
         if p > 0:
-            qp, kp, vp = _attention_block(layer, dims, xp, cos_p, sin_p)
+            qp, kp, vp = attention_inputs(w, dims, xp, cos_p, sin_p)
             kc = torch.cat([kp.repeat_interleave(group_size, 0), kc], dim=2)
             vc = torch.cat([vp.repeat_interleave(group_size, 0), vc], dim=2)
             if i < last:  # the prefix's own outputs after the last layer's keys/values are never used
                 attn_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask_p, enable_gqa=gqa)
-                xp = _finish_layer(layer, dims, xp, attn_p)
+                xp = finish_layer(w, dims, xp, attn_p)
         attn_c = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask_c, enable_gqa=gqa)
-        xc = _finish_layer(layer, dims, xc, attn_c)
+        xc = finish_layer(w, dims, xc, attn_c)
     return rms_norm(xc, model.model.norm.weight, dims.eps)

@@ -16,6 +16,7 @@ The vLLM backend (GPU only) lives in :mod:`grpo_swarm.node.rollout_vllm` behind 
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -88,7 +89,9 @@ class RolloutBackend(Protocol):
 
 def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Log-probabilities of the distribution sampled from: temperature, then top-k, then top-p."""
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
     if params.top_k > 0 and params.top_k < logits.size(-1):
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -101,17 +104,53 @@ def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Te
     return torch.log_softmax(logits, dim=-1)
 
 
-def sample_tokens(logps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row from log-probabilities [B, V] by the exponential race: argmax p / E, E ~ Exp(1).
+def gumbel_noise(shape, generator: torch.Generator, device, dtype=torch.float32) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log U)``, U ~ U[0, 1) from ``torch.rand``.
 
-    Exactly categorical sampling (P(argmax = i) = p_i), ~10x cheaper than ``torch.multinomial`` for
-    the small batches of decoding; tokens with probability 0 are never chosen. E = -log(1 - U) with
-    U ~ U[0, 1) from ``torch.rand`` (what ``Tensor.exponential_`` computes, ~3x faster on CPU:
-    7 vs 20 ms for 16 x 49,152 per decode step).
+    Never +inf: ``torch.rand`` can return exactly 0 (float32 has 24 random bits: p = 6e-8 per entry,
+    i.e. once every ~21 decode steps of 16 rows over a 49,152-token vocabulary), which here gives -inf
+    (that token cannot win) rather than +inf (that token wins whatever its probability — the flaw of
+    the exponential race ``p / E`` with ``E = -log(1 - U)``).
     """
-    race = torch.rand(logps.shape, generator=generator, dtype=logps.dtype, device=logps.device)
-    race = race.neg_().log1p_().neg_()
-    return (logps.exp() / race).argmax(dim=-1)
+    return gumbel_from_uniform(torch.rand(shape, generator=generator, dtype=dtype, device=device))
+
+
+def gumbel_from_uniform(uniform: torch.Tensor) -> torch.Tensor:
+    """``-log(-log U)`` in place: U = 0 gives -inf, U in (0, 1) a finite value."""
+    return uniform.log_().neg_().log_().neg_()
+
+
+def sample_tokens(logps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One token per row from log-probabilities [B, V]: the Gumbel-max trick, argmax(log p + G).
+
+    Exactly categorical sampling (P(argmax = i) = p_i) in two kernels given the noise
+    (:func:`gumbel_noise`, drawn for several decode steps at once by :class:`NoiseSource`); tokens with
+    probability 0 (log p = -inf) are never chosen.
+    """
+    return (logps + noise).argmax(dim=-1)
+
+
+class NoiseSource:
+    """Gumbel noise for the decode loop, drawn for up to ``budget`` entries' worth of steps at a time.
+
+    Drawing one [steps, B, V] block instead of one [B, V] block per step saves four kernels per step
+    (the tiny model's decode step is mostly kernel overhead). When rows leave the batch, the rest of
+    the block is dropped and the next one is drawn for the new batch size.
+    """
+
+    def __init__(self, generator: torch.Generator, vocab: int, steps: int, device, budget: int = 1 << 22):
+        self.generator, self.vocab, self.steps, self.device, self.budget = generator, vocab, steps, device, budget
+        self.block: torch.Tensor | None = None
+        self.first = 0
+
+    def at(self, step: int, rows: int) -> torch.Tensor:
+        """Noise [rows, V] for decode step ``step``."""
+        block = self.block
+        if block is None or block.size(1) != rows or step - self.first >= block.size(0):
+            count = max(1, min(self.steps - step, self.budget // max(1, rows * self.vocab)))
+            self.block = block = gumbel_noise((count, rows, self.vocab), self.generator, self.device)
+            self.first = step
+        return block[step - self.first]
 
 
 def eos_and_pad_ids(model: PreTrainedModel, tokenizer) -> tuple[list[int], int]:
@@ -138,6 +177,38 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
             ids[i, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
             mask[i, width - len(seq) :] = 1
     return ids, mask
+
+
+SINGLE_THREAD_DECODE_FLOPS = 64e6
+
+
+def decode_threads(model: PreTrainedModel, rows: int, device) -> int | None:
+    """Intra-op threads for decoding ``rows`` sequences: 1 when a decode step is too little work to split.
+
+    A decode step of a small model is ~30 kernels of microseconds each; with several threads every
+    parallel kernel pays a fork/join on top (measured on the tiny model, 2 cores, interleaved in one
+    process: 28.6 ms per generation on 1 thread against 31.9 ms on 2). Below
+    ``SINGLE_THREAD_DECODE_FLOPS`` of matmul work per step (2 · parameters · rows; the tiny model:
+    8 MFLOP, SmolLM2-135M: 4.3 GFLOP) decoding runs on one thread; None = leave the setting alone.
+    """
+    if torch.device(device).type != "cpu":
+        return None
+    params = sum(p.numel() for p in model.parameters())
+    return 1 if 2 * params * rows < SINGLE_THREAD_DECODE_FLOPS else None
+
+
+@contextmanager
+def intra_op_threads(threads: int | None):
+    """Run the block with ``threads`` torch intra-op threads (None: unchanged), restoring them after."""
+    before = torch.get_num_threads()
+    if threads is None or threads >= before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class HFDecoder:
@@ -173,10 +244,10 @@ class FastDecoder:
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
-        self.fused = fast_forward.FusedWeights.of(model)
+        self.weights = fast_forward.LayerWeights.of(model)
 
     def start(self, ids, attn, group_size: int, capacity: int) -> torch.Tensor:
-        logits, self.cache = fast_forward.prefill(self.model, self.fused, ids, attn, capacity)
+        logits, self.cache = fast_forward.prefill(self.model, self.weights, ids, attn, capacity)
         self.cache.repeat(group_size)
         self.next_pos = attn.sum(-1).repeat_interleave(group_size)
         return logits.repeat_interleave(group_size, dim=0)
@@ -186,7 +257,7 @@ class FastDecoder:
         self.next_pos = self.next_pos[rows]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        logits = fast_forward.decode_step(self.model, self.fused, tokens, self.next_pos, self.cache)
+        logits = fast_forward.decode_step(self.model, self.weights, tokens, self.next_pos, self.cache)
         self.next_pos = self.next_pos + 1
         return logits
 
@@ -204,35 +275,35 @@ class TransformersBackend:
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state_dict, strict=False)
 
-    @torch.no_grad()
-    def generate(
-        self, prompt_ids: Sequence[Sequence[int]], group_size: int, params: SamplingParams, seed: int
-    ) -> RolloutBatch:
-        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("every prompt needs at least one token")
+    def _sample(self, prompt_ids, group_size: int, params: SamplingParams, seed: int, fast: bool):
+        """The decode loop: tokens [N, L] and their log-probs [N, L] (valid up to each row's first EOS),
+        and the number of steps taken."""
         model, device = self.model, self.model.device
-        was_training = model.training
-        model.eval()
         gen = torch.Generator(device=device).manual_seed(seed)
         ids, attn = (t.to(device) for t in left_pad(prompt_ids, self.pad_id))
-        decoder = (FastDecoder if fast_forward.supports(model) else HFDecoder)(model)
+        decoder = (FastDecoder if fast else HFDecoder)(model)
         logits = decoder.start(ids, attn, group_size, capacity=ids.size(1) + params.max_new_tokens)
 
         n, max_new = logits.size(0), params.max_new_tokens
         tokens = torch.full((n, max_new), self.pad_id, dtype=torch.long, device=device)
         logps = torch.zeros((n, max_new), dtype=torch.float32, device=device)
-        active = torch.arange(n, device=device)  # rows in the decoder's batch, in its order
+        noise = NoiseSource(gen, logits.size(-1), max_new, device)
+        active = None  # rows in the decoder's batch, in its order; None = all rows, in order
         done = torch.zeros(n, dtype=torch.bool, device=device)  # per batch row: has sampled an EOS
         eos = self.eos.to(device)
+        is_eos = (lambda tok: tok == eos[0]) if eos.numel() == 1 else (lambda tok: torch.isin(tok, eos))
         steps = 0
         # Per step only what sampling needs; rows that finished keep writing (ignored: everything
-        # after a row's first EOS is masked below) until the batch is compacted.
+        # after a row's first EOS is masked by the caller) until the batch is compacted.
         for t in range(max_new):
             step_logps = processed_logprobs(logits, params)
-            tok = sample_tokens(step_logps, gen)
-            tokens[active, t] = tok
-            logps[active, t] = step_logps.gather(1, tok[:, None]).squeeze(1)
-            done |= torch.isin(tok, eos)
+            tok = sample_tokens(step_logps, noise.at(t, step_logps.size(0)))
+            tok_logps = step_logps.gather(1, tok[:, None]).squeeze(1)
+            if active is None:
+                tokens[:, t], logps[:, t] = tok, tok_logps
+            else:
+                tokens[active, t], logps[active, t] = tok, tok_logps
+            done |= is_eos(tok)
             steps = t + 1
             n_done = int(done.sum())
             if steps == max_new or n_done == done.numel():
@@ -240,10 +311,29 @@ class TransformersBackend:
             if n_done >= 0.25 * done.numel():  # compact: drop finished rows from the batch
                 keep = torch.nonzero(~done).squeeze(1)
                 decoder.keep(keep)
-                active, tok, done = active[keep], tok[keep], done[keep]
+                active = keep if active is None else active[keep]
+                tok, done = tok[keep], done[keep]
             logits = decoder.step(tok.masked_fill(done, self.pad_id))
-        if was_training:
-            model.train()
+        return tokens, logps, steps
+
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], group_size: int, params: SamplingParams, seed: int
+    ) -> RolloutBatch:
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("every prompt needs at least one token")
+        model, device = self.model, self.model.device
+        fast = fast_forward.supports(model)
+        switch_mode = model.training and not fast  # the fast path has no dropout: no mode to switch
+        if switch_mode:  # (model.train() walks every module: ~0.6 ms on the tiny model, per call)
+            model.eval()
+        try:
+            with intra_op_threads(decode_threads(model, len(prompt_ids) * group_size, device)):
+                tokens, logps, steps = self._sample(prompt_ids, group_size, params, seed, fast)
+        finally:
+            if switch_mode:
+                model.train()
+        eos = self.eos.to(device)
         is_eos = torch.isin(tokens[:, :steps], eos)
         finished = is_eos.any(dim=1)
         lengths = torch.where(finished, is_eos.int().argmax(dim=1) + 1, steps)

@@ -172,7 +172,8 @@ class GRPOTrainer:
     def compute_gradients(self, batch: ScoredBatch) -> dict:
         """Backpropagate the step loss of ``batch`` into ``param.grad`` (accumulating); no update."""
         r, cfg = batch.rollouts, self.cfg
-        self.model.train()
+        if not self.model.training:
+            self.model.train()
         totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tokens": 0.0}
         is_weights_all = []
         for g0, g1, rows in microbatches(r.num_groups, r.group_size, cfg.optim.groups_per_microbatch):

@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .allocator import keep_freed_memory
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import PromptSampler, load_dataset_spec
@@ -36,6 +37,8 @@ def seed_everything(seed: int) -> None:
 def build_trainer(cfg: TrainConfig, loaded: LoadedModel | None = None) -> GRPOTrainer:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    if cfg.run.keep_freed_memory:
+        keep_freed_memory()
     seed_everything(cfg.run.seed)
     loaded = loaded or load_model(cfg.model.name)
     device = resolve_device(cfg.model.device)

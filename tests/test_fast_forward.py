@@ -50,7 +50,8 @@ def test_training_forward_matches_transformers(name, width):
 def test_sampling_path_matches_full_forward(name):
     model = MODELS[name]().eval()
     ids, attn = left_pad(PROMPTS, 0)
-    fused = fast_forward.FusedWeights.of(model)
+    with torch.no_grad():
+        fused = fast_forward.LayerWeights.of(model)
     logits, cache = fast_forward.prefill(model, fused, ids, attn, capacity=ids.size(1) + 2)
     nxt = torch.tensor([20, 21, 22])
     step = fast_forward.decode_step(model, fused, nxt, attn.sum(-1), cache)
@@ -59,6 +60,14 @@ def test_sampling_path_matches_full_forward(name):
             full = model(torch.tensor([p + [int(nxt[i])]])).logits[0]
             assert (logits[i] - full[-2]).abs().max() < 1e-4
             assert (step[i] - full[-1]).abs().max() < 1e-4
+
+
+def test_attention_dropout_takes_the_transformers_path():
+    """The lean forward has no dropout: a model configured with attention dropout is not taken."""
+    model = build_tiny_model(0).model
+    assert fast_forward.supports(model)
+    model.config.attention_dropout = 0.1
+    assert not fast_forward.supports(model)
 
 
 def test_unsupported_architecture_falls_back():
@@ -101,17 +110,53 @@ def test_lm_head_logprobs_value_gradient_and_entropy():
 
 
 def test_sample_tokens_draws_from_the_distribution():
-    """The exponential race samples each token with its probability (chi-square over 200,000
-    draws) and never a token of probability 0."""
-    from grpo_swarm.node.rollout import sample_tokens
+    """Gumbel-max samples each token with its probability (chi-square over 200,000 draws) and never a
+    token of probability 0."""
+    from grpo_swarm.node.rollout import gumbel_noise, sample_tokens
 
     probs = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625, 0.0])
     logps = probs.log().expand(20_000, -1).contiguous()
     gen = torch.Generator().manual_seed(0)
     counts = torch.zeros(len(probs))
     for _ in range(10):
-        counts += torch.bincount(sample_tokens(logps, gen), minlength=len(probs)).float()
+        counts += torch.bincount(sample_tokens(logps, gumbel_noise(logps.shape, gen, 'cpu')),
+                                 minlength=len(probs)).float()
     assert counts[-1] == 0
     expected = probs[:-1] * counts.sum()
     chi2 = float(((counts[:-1] - expected) ** 2 / expected).sum())
     assert chi2 < 18.5, (counts, chi2)  # 4 degrees of freedom: p < 0.001
+
+
+def test_swiglu_gradient_is_exact():
+    """The fused SwiGLU's one-buffer backward equals autograd's (double-precision gradcheck), and
+    without gradients it is plain silu(gate) * up."""
+    torch.manual_seed(0)
+    gate_up = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fast_forward.swiglu, (gate_up,))
+    gate, up = gate_up.detach().chunk(2, dim=-1)
+    with torch.no_grad():
+        assert torch.equal(fast_forward.swiglu(gate_up), torch.nn.functional.silu(gate) * up)
+
+
+def test_gumbel_noise_is_never_plus_infinity():
+    """torch.rand can return exactly 0: that entry must lose (-inf), not win whatever its probability."""
+    from grpo_swarm.node.rollout import gumbel_from_uniform, sample_tokens
+
+    noise = gumbel_from_uniform(torch.tensor([0.0, 2.0**-24, 0.5, 1 - 2.0**-24]))
+    assert noise[0] == float("-inf") and torch.isfinite(noise[1:]).all()
+    logps = torch.tensor([[float("-inf"), 0.0, float("-inf")], [-0.1, -3.0, -30.0]])
+    forced = gumbel_from_uniform(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.0]]))
+    assert sample_tokens(logps, forced).tolist() == [1, 0]
+
+
+def test_noise_source_blocks_follow_the_batch():
+    """Noise comes in blocks of several steps; a smaller batch gets a fresh block of its own size."""
+    from grpo_swarm.node.rollout import NoiseSource
+
+    source = NoiseSource(torch.Generator().manual_seed(0), vocab=5, steps=10, device="cpu", budget=40)
+    first = source.at(0, 4)
+    assert first.shape == (4, 5) and source.block.shape == (2, 4, 5)
+    assert torch.equal(source.at(1, 4), source.block[1])
+    assert source.at(2, 4).shape == (4, 5) and source.first == 2
+    assert source.at(3, 3).shape == (3, 5) and source.first == 3
+    assert not torch.equal(source.at(3, 3), first[:3])
