@@ -86,13 +86,42 @@ def add_projected(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor)
     return torch.addmm(residual.reshape(-1, residual.shape[-1]), flat, weight.t()).view(residual.shape)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF Llama's RMSNorm: normalise in fp32, cast back, then scale (one fused kernel for fp32)."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """HF Llama's RMSNorm: normalise in fp32, cast back, then scale (``F.rms_norm`` for fp32; with
+    gradients, :class:`_RMSNorm`'s single-node backward). ``weight=None``: no scale (it was folded into
+    the next projection, :meth:`LayerWeights.for_sampling`)."""
+    if x.dtype == torch.float32 and (weight is None or weight.dtype == torch.float32):
+        if weight is not None and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _RMSNorm.apply(x, weight, eps)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return h if weight is None else weight * h
+
+
+class _RMSNorm(torch.autograd.Function):
+    """fp32 RMSNorm with a hand-written backward: one autograd node instead of the six (pow, mean, add,
+    rsqrt, mul, mul) that ``F.rms_norm`` decomposes into on CPU, and 8 kernels instead of ~12
+    (measured on SmolLM2's [1024 x 576] activations, forward + backward: 5.0 → 3.6-4.9 ms).
+
+    y = x·r·w with r = rsqrt(mean(x²) + eps):  dw = Σ g·x·r,  dx = r·(g·w − x̂·mean(g·w·x̂)),  x̂ = x·r.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return x * rstd * weight
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = x * rstd
+        grad_w = grad * weight
+        dot = (grad_w * x_hat).mean(-1, keepdim=True)
+        grad_x = torch.addcmul(grad_w, x_hat, dot, value=-1.0).mul_(rstd)
+        grad_weight = (grad * x_hat).reshape(-1, x.shape[-1]).sum(0)
+        return grad_x, grad_weight, None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -147,14 +176,15 @@ class LayerWeights:
     Built with ``torch.cat`` (:meth:`of`): with autograd on, the concatenation is part of the graph and
     gradients flow back to the separate parameters (training: the backward then also runs one matmul per
     fused weight for the input gradient, instead of three or two plus their sum); under ``no_grad`` it is a
-    plain copy of the current weights (sampling).
+    plain copy of the current weights (sampling: :meth:`for_sampling` also folds the RMSNorm scales into
+    the projections that follow them).
     """
 
-    input_norm: torch.Tensor
+    input_norm: torch.Tensor | None  # None: folded into qkv
     qkv: torch.Tensor
     qkv_bias: torch.Tensor | None
     out: torch.Tensor
-    post_norm: torch.Tensor
+    post_norm: torch.Tensor | None  # None: folded into gate_up
     gate_up: torch.Tensor
     down: torch.Tensor
 
@@ -169,6 +199,18 @@ class LayerWeights:
                 a.o_proj.weight, layer.post_attention_layernorm.weight,
                 torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight,
             ))
+        return layers
+
+    @classmethod
+    @torch.no_grad()
+    def for_sampling(cls, model: PreTrainedModel) -> list["LayerWeights"]:
+        """A no-grad copy with each norm's scale folded into the next projection: (x̂·w) Wᵀ = x̂ (W·w)ᵀ,
+        one kernel less per norm and decode step (the same maths, rounded differently: ~1e-7 relative)."""
+        layers = cls.of(model)
+        for w in layers:
+            w.qkv.mul_(w.input_norm)
+            w.gate_up.mul_(w.post_norm)
+            w.input_norm = w.post_norm = None
         return layers
 
 
@@ -284,6 +326,7 @@ def prefill(model, weights: list[LayerWeights], ids: torch.Tensor, attn: torch.T
     x = model.model.embed_tokens(ids)
     cache = StaticKVCache(len(weights), b, dims, capacity, compute_dtype(x), ids.device)
     cache.bias[:, :p].masked_fill_(attn.bool(), 0.0)
+    cache.bias[:, p:] = 0.0  # generated positions are all valid keys; a step only sees those before it
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     h = _sampling_layers(model, weights, dims, x, positions, cache, left_padded_causal_mask(attn.bool(), cache.bias.dtype))
     cache.length = p
@@ -294,7 +337,6 @@ def prefill(model, weights: list[LayerWeights], ids: torch.Tensor, attn: torch.T
 def decode_step(model, weights: list[LayerWeights], tokens: torch.Tensor, positions: torch.Tensor,
                 cache: StaticKVCache) -> torch.Tensor:
     """One token per row [B] at ``positions`` [B] → logits [B, V]; the cache grows by one."""
-    cache.bias[:, cache.length] = 0.0
     mask = cache.bias[:, None, None, : cache.length + 1]
     x = F.embedding(tokens[:, None], model.model.embed_tokens.weight)
     h = _sampling_layers(model, weights, cache.dims, x, positions[:, None], cache, mask)

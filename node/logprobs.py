@@ -35,19 +35,31 @@ class TokenScores:
 
 
 class _VocabLogprobs(torch.autograd.Function):
-    """log p(index) and entropy from vocabulary-major logits ``[V, M]`` in a few fused passes.
+    """log p(index) and entropy from vocabulary-major logits ``[V, M]`` with one [V, M] buffer.
 
-    The forward keeps ``p = softmax`` (needed for the entropy anyway); the backward of log p(index)
-    is then ``onehot·g − p·g`` in place on it — no separate exp, no zero-filled gather gradient.
-    Working on ``W @ hᵀ`` ([V, M], contiguous) keeps every vocabulary reduction cache-friendly.
+    The forward builds ``p = softmax`` in place in a single new buffer (max, subtract, exp, sum,
+    divide; the log-sum-exp comes out of the same passes) and keeps it: the entropy needs it, and the
+    backward of log p(index) is then ``onehot·g − p·g`` in place on it — no second exp, no zero-filled
+    gather gradient. The entropy's ``Σ p·logits`` runs over vocabulary chunks, so no second [V, M]
+    temporary is made (at SmolLM2's 49,152 × 1,024 logits each is 200 MB, and a fresh one costs its
+    page faults). Working on ``W @ hᵀ`` ([V, M], contiguous) keeps every vocabulary reduction
+    cache-friendly.
     """
+
+    CHUNK = 8192  # vocabulary rows per chunk of the entropy's product
 
     @staticmethod
     def forward(ctx, logits_t: torch.Tensor, index: torch.Tensor):
-        lse = torch.logsumexp(logits_t, dim=0)
+        top = logits_t.amax(dim=0)
+        probs = torch.sub(logits_t, top).exp_()
+        total = probs.sum(dim=0)
+        lse = top + total.log()
+        probs.div_(total)
+        weighted = torch.zeros_like(lse)
+        for p_chunk, l_chunk in zip(probs.split(_VocabLogprobs.CHUNK), logits_t.split(_VocabLogprobs.CHUNK)):
+            weighted += (p_chunk * l_chunk).sum(dim=0)
+        entropy = lse - weighted
         logps = logits_t.gather(0, index.unsqueeze(0)).squeeze(0) - lse
-        probs = (logits_t - lse.unsqueeze(0)).exp_()
-        entropy = lse - (probs * logits_t).sum(0)
         ctx.save_for_backward(probs, index)
         ctx.mark_non_differentiable(entropy)
         return logps, entropy

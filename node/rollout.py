@@ -244,7 +244,7 @@ class FastDecoder:
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
-        self.weights = fast_forward.LayerWeights.of(model)
+        self.weights = fast_forward.LayerWeights.for_sampling(model)
 
     def start(self, ids, attn, group_size: int, capacity: int) -> torch.Tensor:
         logits, self.cache = fast_forward.prefill(self.model, self.weights, ids, attn, capacity)
@@ -293,8 +293,8 @@ class TransformersBackend:
         eos = self.eos.to(device)
         is_eos = (lambda tok: tok == eos[0]) if eos.numel() == 1 else (lambda tok: torch.isin(tok, eos))
         steps = 0
-        # Per step only what sampling needs; rows that finished keep writing (ignored: everything
-        # after a row's first EOS is masked by the caller) until the batch is compacted.
+        # Per step only what sampling needs; rows that finished keep decoding and writing (ignored:
+        # everything after a row's first EOS is masked by the caller) until the batch is compacted.
         for t in range(max_new):
             step_logps = processed_logprobs(logits, params)
             tok = sample_tokens(step_logps, noise.at(t, step_logps.size(0)))
@@ -313,7 +313,7 @@ class TransformersBackend:
                 decoder.keep(keep)
                 active = keep if active is None else active[keep]
                 tok, done = tok[keep], done[keep]
-            logits = decoder.step(tok.masked_fill(done, self.pad_id))
+            logits = decoder.step(tok)  # a finished row's next tokens are masked out at the end
         return tokens, logps, steps
 
     @torch.no_grad()
