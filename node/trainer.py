@@ -100,8 +100,9 @@ class GRPOTrainer:
             self.ref_model.eval().requires_grad_(False)
         self.clip = clip_settings(cfg)
         self.params = sampling_params(cfg)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]  # walking the modules costs ~0.5 ms
         self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+            self.trainable, lr=cfg.optim.lr,
             betas=cfg.optim.adam_betas, weight_decay=cfg.optim.weight_decay,
             fused=self.device.type in ("cpu", "cuda"),
         )
@@ -218,7 +219,7 @@ class GRPOTrainer:
 
     def apply_gradients(self) -> dict:
         """Clip the accumulated gradients, take an AdamW step, bump the policy version."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.trainable if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)

@@ -172,3 +172,17 @@ def test_rms_norm_gradient_is_exact():
     xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     ref = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * wf
     assert (fast_forward.rms_norm(xf, wf, 1e-6) - ref).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("out_features", [8, 600], ids=["small-weight", "large-weight"])
+def test_rows_linear_is_linear_plus_bias_plus_residual(out_features):
+    """Both layouts of the decode products compute residual + x Wᵀ + b, with or without each term."""
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 512), torch.randn(out_features, 512)
+    b, r = torch.randn(out_features), torch.randn(5, out_features)
+    assert (out_features * 512 >= fast_forward.LARGE_WEIGHT) == (out_features == 600)
+    for bias in (None, b):
+        for residual in (None, r):
+            expected = torch.nn.functional.linear(x, w, bias) + (0 if residual is None else residual)
+            got = fast_forward.rows_linear(x, w, bias, residual)
+            assert (got - expected).abs().max() < 1e-4
