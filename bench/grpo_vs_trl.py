@@ -38,8 +38,8 @@ Reported
   ``2·…`` for generation and frozen reference passes; no attention-score term, no recompute from gradient
   checkpointing, no optimizer), divided by a peak measured in the same run: the sustained FLOP/s of an fp32
   ``torch.mm`` of shape [1024, hidden] × [hidden, intermediate] (the model's MLP shape, same thread count) run
-  back to back for a second (``flops.matmul_peak``), measured before and after the steps (the larger one is
-  used). The fastest single run of that loop is reported too (``peak_best_rep_flops_per_s``, ~30 % higher on
+  back to back for a second (``flops.matmul_peak``), measured before the steps, for half a second between
+  steps and after them: the largest is used (this machine's speed drifts by ±20 % within a run). The fastest single run of that loop is reported too (``peak_best_rep_flops_per_s``, ~30 % higher on
   this machine: a burst no sustained computation keeps up), with the train utilisations against it
   (``*_train_utilisation_vs_best_rep``).
 
@@ -325,6 +325,8 @@ def run(args: argparse.Namespace) -> dict:
     beta_passes = 1 if args.beta > 0 else 0
     recs = []
     for i, batch in enumerate(batches):
+        if i > 0:  # the machine's speed drifts: measure the peak between steps too, keep the largest
+            peaks.append(matmul_peak(*peak_shape, seconds=0.5))
         t0 = time.perf_counter()
         m = ours.step(batch)
         ours_time = time.perf_counter() - t0
@@ -366,7 +368,7 @@ def run(args: argparse.Namespace) -> dict:
                  r.time_train, *recs[-1]["trl_widths"])
     stepper.close()
     peaks.append(matmul_peak(*peak_shape))
-    peak = max(p.sustained for p in peaks)  # the larger of before / after: the conservative choice
+    peak = max(p.sustained for p in peaks)  # the largest of before / between / after: conservative
     peak_best = max(p.best for p in peaks)
 
     ours_change, trl_change = max_change(ours.model, ours_before), max_change(trl_trainer.model, trl_before)
