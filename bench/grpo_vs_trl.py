@@ -83,7 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 PRESETS = {
-    "tiny": dict(group_size=8, prompts=4, max_completion_length=16, dataset="arithmetic", steps=5),
+    "tiny": dict(group_size=8, prompts=4, max_completion_length=16, dataset="arithmetic", steps=20),
     "smollm2": dict(group_size=8, prompts=2, max_completion_length=64, dataset="gsm8k", steps=3),
 }
 REQUIRED_KEYS = ("model", "ours_completions_per_s", "trl_completions_per_s", "ratio", "max_abs_grad_diff", "config")
@@ -101,7 +101,7 @@ log = logging.getLogger("grpo_vs_trl")
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=sorted(PRESETS), default="tiny")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (tiny: 5, smollm2: 3)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (tiny: 20, smollm2: 3)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--group-size", type=int, default=None, help="G (default 8)")
     ap.add_argument("--prompts", type=int, default=None, help="prompts per step (tiny: 4, smollm2: 2)")
