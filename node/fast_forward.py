@@ -8,7 +8,8 @@ the same maths directly:
 * one layer is :func:`attention_inputs` + attention + :func:`finish_layer` on fused q|k|v and
   gate|up projections (:class:`LayerWeights`), shared by sampling and training;
 * :func:`prefill` / :func:`decode_step` — sampling with a preallocated KV cache
-  (:class:`StaticKVCache`), the fused weights built once per generation call;
+  (:class:`StaticKVCache`), the fused weights built once per generation call (norm scales folded in);
+  the decode step runs on [B, hidden] rows with the heads as views (:func:`rows_linear`);
 * :func:`shared_prefix_forward` — the training forward with gradients (the fused weights are
   concatenated inside the graph): each prompt runs once, its keys/values are repeated for the G
   completions of its group (differentiable), completions attend to them causally. Its gradients
