@@ -285,7 +285,7 @@ class StaticKVCache:
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.bias = torch.full((batch, capacity), float("-inf"), dtype=dtype, device=device)  # 0 = valid key
         self.length = 0
-        self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # set by prefill
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (in that order): finished sequences leave the batch."""
@@ -302,10 +302,6 @@ class StaticKVCache:
 def _sampling_layers(model, weights: list[LayerWeights], dims: Dims, x, positions, cache: StaticKVCache, mask):
     """Run all layers on ``x`` [B, T, H], writing keys/values at cache[length : length+T]."""
     start, stop = cache.length, cache.length + x.size(1)
-    if cache.rope_table is None:  # cos/sin for every position the cache can hold, computed once
-        table_pos = torch.arange(cache.bias.size(1) + int(positions.max()) + 1, device=x.device)[None]
-        cos_t, sin_t = model.model.rotary_emb(x, table_pos)
-        cache.rope_table = (cos_t[0], signed(sin_t[0]))
     cos, sin = (tab[positions].unsqueeze(1) for tab in cache.rope_table)
     gqa = dims.kv_heads != dims.heads
     for w, keys, values in zip(weights, cache.k, cache.v):
@@ -329,6 +325,8 @@ def prefill(model, weights: list[LayerWeights], ids: torch.Tensor, attn: torch.T
     cache.bias[:, :p].masked_fill_(attn.bool(), 0.0)
     cache.bias[:, p:] = 0.0  # generated positions are all valid keys; a step only sees those before it
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    cos_t, sin_t = model.model.rotary_emb(x, torch.arange(capacity, device=x.device)[None])
+    cache.rope_table = (cos_t[0], signed(sin_t[0]))  # cos/sin of every position the cache can hold
     h = _sampling_layers(model, weights, dims, x, positions, cache, left_padded_causal_mask(attn.bool(), cache.bias.dtype))
     cache.length = p
     return project(h[:, -1], model.lm_head.weight), cache

@@ -182,8 +182,9 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
 SINGLE_THREAD_DECODE_FLOPS = 64e6
 
 
-def decode_threads(model: PreTrainedModel, rows: int, device) -> int | None:
-    """Intra-op threads for decoding ``rows`` sequences: 1 when a decode step is too little work to split.
+def decode_threads(parameters: int, rows: int, device) -> int | None:
+    """Intra-op threads for decoding ``rows`` sequences with a model of ``parameters`` weights: 1 when a
+    decode step is too little work to split.
 
     A decode step of a small model is ~30 kernels of microseconds each; with several threads every
     parallel kernel pays a fork/join on top (measured on the tiny model, 2 cores, interleaved in one
@@ -193,8 +194,7 @@ def decode_threads(model: PreTrainedModel, rows: int, device) -> int | None:
     """
     if torch.device(device).type != "cpu":
         return None
-    params = sum(p.numel() for p in model.parameters())
-    return 1 if 2 * params * rows < SINGLE_THREAD_DECODE_FLOPS else None
+    return 1 if 2 * parameters * rows < SINGLE_THREAD_DECODE_FLOPS else None
 
 
 @contextmanager
@@ -269,6 +269,7 @@ class TransformersBackend:
         if not eos_token_ids:
             raise ValueError("at least one EOS token id is needed to end completions")
         self.model = model
+        self.num_parameters = sum(p.numel() for p in model.parameters())  # once: walking the modules costs
         self.eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long)
         self.pad_id = pad_token_id
 
@@ -328,7 +329,7 @@ class TransformersBackend:
         if switch_mode:  # (model.train() walks every module: ~0.6 ms on the tiny model, per call)
             model.eval()
         try:
-            with intra_op_threads(decode_threads(model, len(prompt_ids) * group_size, device)):
+            with intra_op_threads(decode_threads(self.num_parameters, len(prompt_ids) * group_size, device)):
                 tokens, logps, steps = self._sample(prompt_ids, group_size, params, seed, fast)
         finally:
             if switch_mode:

@@ -61,8 +61,9 @@ def test_same_seed_same_rollout_other_seed_differs():
 
 def test_small_decoding_runs_on_one_thread_and_restores_the_setting():
     model = build_tiny_model(0).model
-    assert decode_threads(model, 32, "cpu") == 1  # 2 * 123k params * 32 rows: far below the threshold
-    assert decode_threads(model, 10_000, "cpu") is None
+    params = sum(p.numel() for p in model.parameters())
+    assert decode_threads(params, 32, "cpu") == 1  # 2 * 123k params * 32 rows: far below the threshold
+    assert decode_threads(params, 10_000, "cpu") is None
     before = torch.get_num_threads()
     with intra_op_threads(1):
         assert torch.get_num_threads() == 1
