@@ -1,18 +1,23 @@
 """FLOP counting for the GRPO benchmark, and a measured matmul peak to turn FLOP/s into utilisation.
 
-The model is counted the usual way (Kaplan et al. / PaLM appendix B), without attention's
-sequence-length term:
+The model is counted the usual way (Kaplan et al.; PaLM appendix B, attention included):
 
 * the transformer body costs ``2 × N`` FLOPs per token forward, ``6 × N`` forward + backward, where ``N`` is
   the number of **non-embedding** parameters (input embedding excluded, and the LM-head weight excluded
   too when it is not tied: it is counted separately);
-* the LM head costs ``2 × hidden × vocab`` per row of logits forward, ``6 ×`` that forward + backward.
+* the LM head costs ``2 × hidden × vocab`` per row of logits forward, ``6 ×`` that forward + backward;
+* attention costs ``4 × heads × head_dim`` per (query, key) pair and layer forward (``QKᵀ`` and ``AV``),
+  ``12 ×`` forward + backward — PaLM's ``12·L·H·Q·T`` per token, with T the keys a query actually sees
+  (causal, padding excluded), not the full sequence;
+* a prompt token whose last layer only has to supply keys and values (the completions attend to them; nothing
+  reads that token's output) is counted without that layer's q/o projections and MLP
+  (``ModelDims.kv_only_skipped_params``).
 
-So ``flops = mult × (N × body_tokens + hidden × vocab × head_rows)`` with ``mult`` = 2 (forward only:
-generation, frozen reference passes) or 6 (training). Not counted: attention scores (``QKᵀ`` and ``AV``,
-small at these lengths), norms / activations / softmax / sampling, the optimizer, and the forward that
-gradient checkpointing recomputes in the backward (TRL's default) — so these are *useful* FLOPs, and a
-utilisation computed from them is a lower bound on how busy the hardware was.
+So ``flops = mult × (N × body − skipped × kv_only + hidden × vocab × head_rows + 2 × heads·head_dim × pairs)``
+with ``mult`` = 2 (forward only: generation, frozen reference passes) or 6 (training). Not counted: norms /
+activations / softmax / sampling, the optimizer, and the forward that gradient checkpointing recomputes in the
+backward (TRL's default) — so these are *useful* FLOPs, and a utilisation computed from them is a lower bound
+on how busy the hardware was.
 
 Which tokens count is the caller's choice; :func:`grouped_counts` and :func:`trl_processed_counts` are the two
 used by ``bench/grpo_vs_trl.py`` (see there).
@@ -33,6 +38,9 @@ class ModelDims:
     hidden: int
     vocab: int
     intermediate: int | None = None
+    layers: int = 1
+    attention_width: int = 0  # heads × head_dim: the width of QKᵀ and AV for one (query, key) pair
+    kv_only_skipped_params: int = 0  # last-layer weights a keys/values-only token skips: q, o, MLP
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelDims":
@@ -49,22 +57,35 @@ class ModelDims:
         if head is not None and head.weight is not embedding:
             excluded += head.weight.numel()
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        return cls(non_embedding_params=total - excluded, hidden=int(embedding.shape[1]),
-                   vocab=int(embedding.shape[0]), intermediate=getattr(cfg, "intermediate_size", None))
+        hidden, inter = int(embedding.shape[1]), getattr(cfg, "intermediate_size", None)
+        width = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads)
+        return cls(non_embedding_params=total - excluded, hidden=hidden, vocab=int(embedding.shape[0]),
+                   intermediate=inter, layers=cfg.num_hidden_layers, attention_width=width,
+                   kv_only_skipped_params=2 * hidden * width + 3 * hidden * (inter or 4 * hidden))
 
 
 @dataclass(frozen=True)
 class TokenCounts:
-    """Tokens through the transformer body and rows through the LM head (one phase of one step)."""
+    """Tokens through the transformer body, rows through the LM head and attended (query, key) pairs summed
+    over layers (one phase of one step); ``kv_only`` of the body tokens need only keys/values in the last layer."""
 
     body: int
     head: int
+    pairs: int = 0
+    kv_only: int = 0
 
     def __add__(self, other: "TokenCounts") -> "TokenCounts":
-        return TokenCounts(self.body + other.body, self.head + other.head)
+        return TokenCounts(self.body + other.body, self.head + other.head, self.pairs + other.pairs,
+                           self.kv_only + other.kv_only)
 
     def flops(self, dims: ModelDims, mult: int) -> float:
-        return float(mult) * (dims.non_embedding_params * self.body + dims.hidden * dims.vocab * self.head)
+        return float(mult) * (dims.non_embedding_params * self.body - dims.kv_only_skipped_params * self.kv_only
+                              + dims.hidden * dims.vocab * self.head + 2 * dims.attention_width * self.pairs)
+
+
+def causal_pairs(queries: int, keys_before: int = 0) -> int:
+    """(query, key) pairs of ``queries`` consecutive tokens attending causally after ``keys_before`` keys."""
+    return queries * keys_before + queries * (queries + 1) // 2
 
 
 def forward_flops(dims: ModelDims, counts: TokenCounts) -> float:
@@ -76,33 +97,42 @@ def train_flops(dims: ModelDims, counts: TokenCounts) -> float:
 
 
 def grouped_counts(prompt_lengths: Sequence[int], completion_lengths: Sequence[int],
-                   group_size: int) -> dict[str, TokenCounts]:
+                   group_size: int, layers: int) -> dict[str, TokenCounts]:
     """Non-padding tokens of a grouped step, each prompt processed once per group (our trainer's layout).
 
     ``prompt_lengths``: one per group (B); ``completion_lengths``: one per completion (B × G, group-major).
 
-    * ``train`` — the scoring forward + backward: each prompt's prefix ``p[:-1]`` once, then
-      ``[p[-1] | c[:-1]]`` for each completion (``len(c)`` tokens); logits for every completion token.
+    * ``train`` — the scoring forward + backward: each prompt's prefix ``p[:-1]`` once (keys/values only in
+      the last layer), then ``[p[-1] | c[:-1]]`` for each completion (``len(c)`` tokens, attending to the
+      prefix and causally to each other); logits for every completion token.
     * ``generate`` — sampling: each prompt prefilled once (``len(p)`` tokens, one row of logits per prompt),
-      then every completion token but the last is fed back (``len(c) - 1`` tokens, one row of logits each).
+      then every completion token but the last is fed back (``len(c) - 1`` tokens, one row of logits each,
+      attending to everything before it).
     * ``frozen`` — a no-grad forward over the same tokens as ``train`` (π_ref when β > 0).
     """
     if len(completion_lengths) != len(prompt_lengths) * group_size:
         raise ValueError(f"{len(completion_lengths)} completions for {len(prompt_lengths)} prompts x G={group_size}")
-    p_sum, c_sum = int(sum(prompt_lengths)), int(sum(completion_lengths))
-    n_prompts = len(prompt_lengths)
+    prefix = [p - 1 for p in prompt_lengths]
+    per_group = [completion_lengths[i * group_size:(i + 1) * group_size] for i in range(len(prompt_lengths))]
+    c_sum = int(sum(completion_lengths))
     fed_back = int(sum(max(0, c - 1) for c in completion_lengths))
-    train = TokenCounts(body=p_sum - n_prompts + c_sum, head=c_sum)
+    train_pairs = (layers - 1) * sum(causal_pairs(q) for q in prefix) + layers * sum(
+        causal_pairs(c, q) for q, cs in zip(prefix, per_group) for c in cs)
+    gen_pairs = layers * (sum(causal_pairs(p) for p in prompt_lengths) + sum(
+        causal_pairs(max(0, c - 1), p) for p, cs in zip(prompt_lengths, per_group) for c in cs))
+    train = TokenCounts(body=sum(prefix) + c_sum, head=c_sum, pairs=train_pairs, kv_only=sum(prefix))
     return {"train": train, "frozen": train,
-            "generate": TokenCounts(body=p_sum + fed_back, head=n_prompts + fed_back)}
+            "generate": TokenCounts(body=int(sum(prompt_lengths)) + fed_back, head=len(prompt_lengths) + fed_back,
+                                    pairs=gen_pairs)}
 
 
-def trl_processed_counts(num_rows: int, prompt_width: int, completion_width: int,
-                         compact_head: bool) -> dict[str, TokenCounts]:
+def trl_processed_counts(num_rows: int, prompt_width: int, completion_width: int, compact_head: bool,
+                         layers: int) -> dict[str, TokenCounts]:
     """The tokens TRL's GRPOTrainer (transformers generation, no vLLM) actually runs, padding included.
 
     Every completion row carries its own copy of the prompt, left-padded to ``prompt_width`` (P); completions are
-    right-padded to ``completion_width`` (C, the longest completion).
+    right-padded to ``completion_width`` (C, the longest completion). Attention runs over every position of a
+    row, padding included (masked, not skipped).
 
     * ``generate`` — ``model.generate`` on the B rows: prefill B × P, then B × (C − 1) decode tokens (finished rows
       keep decoding padding until every row is done); one row of logits per row per generated position: B × C.
@@ -112,9 +142,11 @@ def trl_processed_counts(num_rows: int, prompt_width: int, completion_width: int
     * ``frozen`` — a no-grad forward of the same shape (π_ref when β > 0).
     """
     b, p, c = num_rows, prompt_width, completion_width
-    train = TokenCounts(body=b * (p + c), head=b * c if compact_head else b * (p + c - 1))
+    train = TokenCounts(body=b * (p + c), head=b * c if compact_head else b * (p + c - 1),
+                        pairs=layers * b * causal_pairs(p + c))
     return {"train": train, "frozen": train,
-            "generate": TokenCounts(body=b * p + b * max(0, c - 1), head=b * c)}
+            "generate": TokenCounts(body=b * p + b * max(0, c - 1), head=b * c,
+                                    pairs=layers * b * (causal_pairs(p) + causal_pairs(max(0, c - 1), p)))}
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,10 @@ Reported
   the same reward (all advantages 0, so both gradients are exactly 0 — common with the random tiny model), the
   check uses seeded random rewards instead; ``grad_check.rewards`` says which, ``grad_check.trl_grad_scale`` is
   TRL's largest gradient entry.
-* Utilisation (FLOPs counted as in ``bench/flops.py``: ``6·N·tokens + 6·hidden·vocab·logit_rows`` for training,
-  ``2·…`` for generation and frozen reference passes; no attention-score term, no recompute from gradient
-  checkpointing, no optimizer), divided by a peak measured in the same run: the sustained FLOP/s of an fp32
+* Utilisation (FLOPs counted as in ``bench/flops.py``: ``6·N·tokens + 6·hidden·vocab·logit_rows +
+  12·heads·head_dim·attended_pairs`` for training, ``2·…``/``4·…`` for generation and frozen reference passes,
+  attention counted causally over the keys each query sees; no recompute from gradient checkpointing, no
+  optimizer), divided by a peak measured in the same run: the sustained FLOP/s of an fp32
   ``torch.mm`` of shape [1024, hidden] × [hidden, intermediate] (the model's MLP shape, same thread count) run
   back to back for a second (``flops.matmul_peak``), measured before the steps, for half a second between
   steps and after them: the largest is used (this machine's speed drifts by ±20 % within a run). The fastest single run of that loop is reported too (``peak_best_rep_flops_per_s``, ~30 % higher on
@@ -44,14 +45,15 @@ Reported
   (``*_train_utilisation_vs_best_rep``).
 
   - ``ours_train_flops_per_s`` = our training FLOPs / our ``time_train`` (gradient computation + clip + AdamW),
-    counting non-padding tokens only, each prompt once per group: prefix ``p[:-1]`` once per group +
-    ``len(c)`` tokens per completion; logits for the completion tokens. ``ours_train_utilisation`` = that / peak.
+    counting non-padding tokens only, each prompt once per group: prefix ``p[:-1]`` once per group (its last
+    layer only as keys/values) + ``len(c)`` tokens per completion; logits for the completion tokens. ``ours_train_utilisation`` = that / peak.
     ``ours_step_utilisation`` adds generation FLOPs (prompt prefilled once per group + completion tokens fed back,
     non-padding) and β > 0 reference forwards, over the whole step time.
   - TRL: its training phase is timed as the step minus its ``_generate_and_score_completions`` (so both "train"
     phases cover loss forward/backward, clipping and the optimizer step). Its FLOPs are counted the same way on
     the tokens *it processes*: every completion row carries its own prompt, left-padded to the longest prompt
-    (P) with completions right-padded to the longest (C): training B × (P + C) body tokens, and LM-head rows
+    (P) with completions right-padded to the longest (C): training B × (P + C) body tokens (attention over
+    all of them, causally), and LM-head rows
     B × (P + C − 1) on CPU (TRL 1.16's fused LM head projects every position unless it runs with Triton on
     CUDA/XPU, then B × C); generation B × P prefill + B × (C − 1) decode (finished rows keep decoding padding
     until all rows are done), B × C logit rows. ``trl_train_utilisation`` / ``trl_step_utilisation`` use those.
@@ -96,6 +98,12 @@ LOSS_NORMALISATION = {  # TRL 1.16 GRPOTrainer._compute_loss, one accumulation s
 }
 
 log = logging.getLogger("grpo_vs_trl")
+
+
+def minor_page_faults() -> int:
+    """This process's minor page faults so far (first touches of fresh memory: ~3-4 µs each in this VM)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -327,24 +335,27 @@ def run(args: argparse.Namespace) -> dict:
     for i, batch in enumerate(batches):
         if i > 0:  # the machine's speed drifts: measure the peak between steps too, keep the largest
             peaks.append(matmul_peak(*peak_shape, seconds=0.5))
-        t0 = time.perf_counter()
+        f0, t0 = minor_page_faults(), time.perf_counter()
         m = ours.step(batch)
-        ours_time = time.perf_counter() - t0
+        ours_time, ours_faults = time.perf_counter() - t0, minor_page_faults() - f0
         rb = captured.pop("batch")
         p_lens = [len(p) for p in rb.prompt_ids]
         c_lens = [int(x) for x in rb.completion_mask.sum(1).tolist()]
-        oc = grouped_counts(p_lens, c_lens, G)
+        oc = grouped_counts(p_lens, c_lens, G, dims.layers)
 
         rows = [{"prompt": t, **ex.columns} for t, ex in zip(texts[i], batch)]
+        f0 = minor_page_faults()
         r = stepper.step(rows)
+        trl_faults = minor_page_faults() - f0
         expected = Counter()
         for ids in our_ids[i]:
             expected[tuple(ids)] += G
         if dict(expected) != r.completions_per_prompt or r.num_completions != P * G:
             raise AssertionError(f"step {i}: TRL generated {r.num_completions} completions, per prompt "
                                  f"{sorted(r.completions_per_prompt.values())}; expected {P} x G={G}")
-        tc = trl_processed_counts(r.num_completions, r.padded_prompt_width, r.padded_completion_width, compact)
-        tu = grouped_counts(r.prompt_lengths[::G], r.completion_lengths, G)
+        tc = trl_processed_counts(r.num_completions, r.padded_prompt_width, r.padded_completion_width, compact,
+                                  dims.layers)
+        tu = grouped_counts(r.prompt_lengths[::G], r.completion_lengths, G, dims.layers)
 
         def step_flops(c):
             return train_flops(dims, c["train"]) + forward_flops(dims, c["generate"]) + \
@@ -361,11 +372,13 @@ def run(args: argparse.Namespace) -> dict:
             "trl_useful_step_flops": step_flops(tu), "trl_reward": r.reward_mean, "trl_adv": r.max_abs_advantage > 0,
             "trl_len": sum(r.completion_lengths) / len(r.completion_lengths),
             "trl_widths": (r.padded_prompt_width, r.padded_completion_width),
+            "ours_faults": ours_faults, "trl_faults": trl_faults,
         })
         log.info("step %d%s: ours %.2f s (generate %.2f, score %.2f, train %.2f) | TRL %.2f s (gen+score %.2f, "
-                 "train %.2f) | TRL widths P=%d C=%d", i, "" if i >= args.warmup else " (warm-up)", ours_time,
-                 m["time_generate"], m["time_score"], m["time_train"], r.time_step, r.time_generate_score,
-                 r.time_train, *recs[-1]["trl_widths"])
+                 "train %.2f) | TRL widths P=%d C=%d | page faults ours %d, TRL %d", i,
+                 "" if i >= args.warmup else " (warm-up)", ours_time, m["time_generate"], m["time_score"],
+                 m["time_train"], r.time_step, r.time_generate_score, r.time_train, *recs[-1]["trl_widths"],
+                 ours_faults, trl_faults)
     stepper.close()
     peaks.append(matmul_peak(*peak_shape))
     peak = max(p.sustained for p in peaks)  # the largest of before / between / after: conservative
@@ -415,6 +428,7 @@ def run(args: argparse.Namespace) -> dict:
         "trl_generate_score_s": total("trl_gen_score") / len(timed),
         "ours_train_s": total("ours_train") / len(timed), "trl_train_s": total("trl_train") / len(timed),
         "peak_flops_per_s": peak, "peak_best_rep_flops_per_s": peak_best, "peak_shape": list(peak_shape),
+        "peak_sustained_samples": [p.sustained for p in peaks],
         "ours_train_utilisation_vs_best_rep": ours_train_fps / peak_best,
         "trl_train_utilisation_vs_best_rep": trl_train_fps / peak_best,
         "ours_train_flops_per_s": ours_train_fps, "ours_train_utilisation": ours_train_fps / peak,
@@ -435,6 +449,7 @@ def run(args: argparse.Namespace) -> dict:
         "ours_mean_completion_length": sum(r["ours_len"] for r in recs) / len(recs),
         "trl_mean_completion_length": sum(r["trl_len"] for r in recs) / len(recs),
         "trl_padded_widths": [list(r["trl_widths"]) for r in recs],
+        "minor_page_faults_per_step": {"ours": [r["ours_faults"] for r in recs], "trl": [r["trl_faults"] for r in recs]},
         "ours_nonzero_advantage_steps": ours_adv_steps, "trl_nonzero_advantage_steps": trl_adv_steps,
         "ours_max_weight_change": ours_change, "trl_max_weight_change": trl_change,
         "ours_weights_changed": ours_change > 0, "trl_weights_changed": trl_change > 0,

@@ -4,10 +4,13 @@ A GRPO step allocates the same large tensors every step (activations, the [vocab
 the LM head, gradient buffers). glibc serves blocks above its mmap threshold (at most 32 MiB) with a
 fresh ``mmap`` and unmaps them on free, so every step pays a page fault per 4 KiB page again, and
 keeps trimming freed heap memory back to the OS. :func:`keep_freed_memory` turns both off
-(``M_MMAP_MAX = 0``, a high ``M_TRIM_THRESHOLD``): freed blocks stay in the process and are reused.
-Measured here (2 cores, torch 2.13 CPU): allocating and filling a 200 MB tensor 92 ms → 16 ms; the
-SmolLM2-135M training step ~10 % faster (bench/RESULTS.md). The price is that the process keeps its
-peak heap, which is what a training process reaches every step anyway.
+(``M_MMAP_MAX = 0``, ``M_TRIM_THRESHOLD = -1``: never trim): freed blocks stay in the process and are
+reused. Measured here (2 cores, torch 2.13 CPU): allocating and filling a 200 MB tensor 92 ms → 16 ms; the
+SmolLM2-135M training step ~10 % faster (bench/RESULTS.md). A finite trim threshold (1 GiB was tried) is
+not enough when something else in the process peaks higher between two training steps (the benchmark's
+TRL steps, a reference model, a swarm averaging round): the heap is trimmed below our step's needs and
+every step faulted its 1.2-1.7 GB back in (300-430 k page faults, ~1 s per SmolLM2 step); never trimming:
+0. The price is that the process keeps its peak heap, which it reaches every step anyway.
 
 This is the allocator setting PyTorch's CPU performance guides reach with jemalloc or tcmalloc, done
 with glibc's own ``mallopt`` so that nothing needs preloading. Elsewhere (not glibc) it does nothing.
@@ -21,7 +24,7 @@ import sys
 
 M_TRIM_THRESHOLD = -1  # <malloc.h>
 M_MMAP_MAX = -4
-TRIM_THRESHOLD_BYTES = 1 << 30  # return free memory at the top of the heap only above 1 GiB
+NEVER_TRIM = -1  # glibc: "setting M_TRIM_THRESHOLD to -1 disables trimming completely"
 
 
 def keep_freed_memory() -> bool:
@@ -34,4 +37,4 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))

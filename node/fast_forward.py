@@ -234,7 +234,12 @@ def attention_inputs(w: LayerWeights, dims: Dims, x: torch.Tensor, cos: torch.Te
 def finish_layer(w: LayerWeights, dims: Dims, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """Output projection and residual, then the SwiGLU MLP and its residual; ``attn`` is [B, heads, T, d]."""
     b, t, _ = x.shape
-    x = add_projected(x, attn.transpose(1, 2).reshape(b, t, dims.heads * dims.head_dim), w.out)
+    return finish_rows(w, dims, x, attn.transpose(1, 2).reshape(b, t, dims.heads * dims.head_dim))
+
+
+def finish_rows(w: LayerWeights, dims: Dims, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """:func:`finish_layer` on token rows: ``x`` [..., H] and ``attn`` [..., heads · d] with the same leading shape."""
+    x = add_projected(x, attn, w.out)
     return add_projected(x, swiglu(project(rms_norm(x, w.post_norm, dims.eps), w.gate_up)), w.down)
 
 
@@ -413,14 +418,12 @@ def shared_prefix_forward(
     valid = prefix_mask.bool()
     prefix_pos = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
     input_pos = prefix_mask.sum(-1, keepdim=True).repeat_interleave(group_size, 0) + torch.arange(c, device=device)
-    xp = model.model.embed_tokens(prefix_ids) if p > 0 else None
-    xc = model.model.embed_tokens(inputs)
-    dtype = compute_dtype(xc)
     weights = LayerWeights.of(model)
     gqa = dims.kv_heads != dims.heads
     if p > 0 and not prefix_sharing_pays(p, c, group_size):
         # short prompts: one pass over [prefix | inputs] rows costs fewer ops than sharing the prefix
-        full = torch.cat([xp.repeat_interleave(group_size, 0), xc], dim=1)
+        full = model.model.embed_tokens(torch.cat([prefix_ids.repeat_interleave(group_size, 0), inputs], dim=1))
+        dtype = compute_dtype(full)
         keys = torch.cat([valid.repeat_interleave(group_size, 0), torch.ones(n, c, dtype=torch.bool, device=device)], 1)
         positions = torch.cat([prefix_pos.repeat_interleave(group_size, 0), input_pos], dim=1)
         mask = left_padded_causal_mask(keys, dtype)
@@ -429,23 +432,48 @@ def shared_prefix_forward(
             q, k, v = attention_inputs(w, dims, full, cos, sin)
             full = finish_layer(w, dims, full, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa))
         return rms_norm(full[:, p:], model.model.norm.weight, dims.eps)
+    dtype = compute_dtype(model.model.embed_tokens.weight)
     mask_p = left_padded_causal_mask(valid, dtype)
     mask_c = additive_mask(torch.cat([
         valid.repeat_interleave(group_size, 0)[:, None, :].expand(n, c, p),
         torch.ones(c, c, dtype=torch.bool, device=device).tril()[None].expand(n, c, c),
     ], dim=-1)[:, None], dtype)
-    cos_p, sin_p = rope(model, xc, prefix_pos) if p > 0 else (None, None)
-    cos_c, sin_c = rope(model, xc, input_pos)
+    # One residual stream of token rows: the B·P prefix rows, then the N·C completion rows. Everything but
+    # attention treats a token the same wherever it sits, so each projection, norm and MLP runs once on all
+    # rows (and each weight gradient is one product, not a prefix one plus a completion one to add).
+    rows, nq, nkv, d = [b * p, n * c], dims.heads, dims.kv_heads, dims.head_dim
+    x = model.model.embed_tokens(torch.cat([prefix_ids.reshape(-1), inputs.reshape(-1)]))
+    cos, sin = rope(model, x, torch.cat([prefix_pos.reshape(-1), input_pos.reshape(-1)])[None])  # [1, 1, R, d]
+    cos, sin = cos.view(-1, 1, d), sin.view(-1, 1, d)
     last = len(weights) - 1
     for i, w in enumerate(weights):
-        qc, kc, vc = attention_inputs(w, dims, xc, cos_c, sin_c)
+        # split(), not slicing: a split's backward is one cat, a slice's a zero-filled full-size gradient
+        qk, v = project(rms_norm(x, w.input_norm, dims.eps), w.qkv, w.qkv_bias).view(-1, nq + 2 * nkv, d).split(
+            [nq + nkv, nkv], dim=1)
+        q, k = rotate(qk, cos, sin).split([nq, nkv], dim=1)
+        (qp, qc), (kp, kc), (vp, vc) = (t.split(rows) for t in (q, k, v))
+        qc, kc, vc = (_heads_of_rows(t, n, c) for t in (qc, kc, vc))
         if p > 0:
-            qp, kp, vp = attention_inputs(w, dims, xp, cos_p, sin_p)
+            qp, kp, vp = (_heads_of_rows(t, b, p) for t in (qp, kp, vp))
             kc = torch.cat([kp.repeat_interleave(group_size, 0), kc], dim=2)
             vc = torch.cat([vp.repeat_interleave(group_size, 0), vc], dim=2)
-            if i < last:  # the prefix's own outputs after the last layer's keys/values are never used
-                attn_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask_p, enable_gqa=gqa)
-                xp = finish_layer(w, dims, xp, attn_p)
-        attn_c = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask_c, enable_gqa=gqa)
-        xc = finish_layer(w, dims, xc, attn_c)
-    return rms_norm(xc, model.model.norm.weight, dims.eps)
+        attn = _rows_of_heads(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask_c, enable_gqa=gqa))
+        if p > 0 and i < last:
+            attn_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask_p, enable_gqa=gqa)
+            attn = torch.cat([_rows_of_heads(attn_p), attn])
+        elif p > 0:  # the prefix rows' outputs after the last layer's keys/values are never used
+            x = x.split(rows)[1]
+        x = finish_rows(w, dims, x, attn)
+    return rms_norm(x, model.model.norm.weight, dims.eps).view(n, c, -1)
+
+
+def _heads_of_rows(rows: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """Token rows [batch · length, heads, d] → [batch, heads, length, d] (a view, head_dim contiguous)."""
+    return rows.view(batch, length, *rows.shape[1:]).transpose(1, 2)
+
+
+def _rows_of_heads(attn: torch.Tensor) -> torch.Tensor:
+    """Attention output [B, heads, T, d] → token rows [B · T, heads · d] (a copy: SDPA's output is laid out
+    [B, heads, T, d])."""
+    b, h, t, d = attn.shape
+    return attn.transpose(1, 2).reshape(b * t, h * d)

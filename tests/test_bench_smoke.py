@@ -80,6 +80,8 @@ def test_model_dims_tiny_hand_count():
     dims = ModelDims.of(build_tiny_model().model)
     assert dims.non_embedding_params == tiny_non_embedding_by_hand() == 123456
     assert (dims.hidden, dims.vocab, dims.intermediate) == (64, len(TINY_SPECIALS) + len(TINY_ALPHABET), 256)
+    assert (dims.layers, dims.attention_width) == (2, 4 * 16)
+    assert dims.kv_only_skipped_params == 64 * 64 + 64 * 64 + 3 * 64 * 256  # q, o, gate/up/down of one layer
 
 
 def test_model_dims_untied_head_is_not_a_body_parameter():
@@ -93,23 +95,27 @@ def test_model_dims_untied_head_is_not_a_body_parameter():
 
 
 def test_token_counts_and_flops_by_hand():
-    n, h, v = tiny_non_embedding_by_hand(), 64, 78
-    dims = ModelDims(non_embedding_params=n, hidden=h, vocab=v)
-    # 2 prompts of 4 and 3 tokens, G = 2, completions of 2, 1 | 3, 3 tokens
-    c = grouped_counts([4, 3], [2, 1, 3, 3], group_size=2)
-    # train: prefixes 3 + 2, then len(c) per completion = 9; logits for the 9 completion tokens
-    assert c["train"] == TokenCounts(body=5 + 9, head=9)
-    # generate: prompts prefilled once (7), tokens fed back 1 + 0 + 2 + 2 = 5; logits: 1 per prompt + 5
-    assert c["generate"] == TokenCounts(body=12, head=7)
-    assert train_flops(dims, c["train"]) == 6 * (n * 14 + h * v * 9)
-    assert forward_flops(dims, c["generate"]) == 2 * (n * 12 + h * v * 7)
-    # TRL on the same batch: 4 rows, prompts padded to 4, completions to 3
-    t = trl_processed_counts(4, 4, 3, compact_head=False)
-    assert t["train"] == TokenCounts(body=4 * 7, head=4 * 6)
-    assert t["generate"] == TokenCounts(body=4 * 4 + 4 * 2, head=4 * 3)
-    assert trl_processed_counts(4, 4, 3, compact_head=True)["train"] == TokenCounts(body=28, head=12)
+    n, h, v, width, skipped = tiny_non_embedding_by_hand(), 64, 78, 64, 5000
+    dims = ModelDims(non_embedding_params=n, hidden=h, vocab=v, layers=2, attention_width=width,
+                     kv_only_skipped_params=skipped)
+    # 2 prompts of 4 and 3 tokens, G = 2, completions of 2, 1 | 3, 3 tokens; 2 layers
+    c = grouped_counts([4, 3], [2, 1, 3, 3], group_size=2, layers=2)
+    # train: prefixes 3 + 2 (keys/values only in the last layer), then len(c) per completion = 9; logits for the
+    # 9 completion tokens. Pairs: prefixes causal 6 + 3 in the first layer only; completions after prefix 3:
+    # 2·3 + 3 = 9 and 1·3 + 1 = 4, after prefix 2: 3·2 + 6 = 12 twice; 37 in each of the 2 layers.
+    assert c["train"] == TokenCounts(body=5 + 9, head=9, pairs=9 + 2 * 37, kv_only=5)
+    # generate: prompts prefilled once (7), tokens fed back 1 + 0 + 2 + 2 = 5; logits: 1 per prompt + 5.
+    # Pairs per layer: prefill 10 + 6; fed back: 5 (after 4 keys), then 4 + 5 twice (after 3): 39.
+    assert c["generate"] == TokenCounts(body=12, head=7, pairs=2 * 39)
+    assert train_flops(dims, c["train"]) == 6 * (n * 14 - skipped * 5 + h * v * 9 + 2 * width * 83)
+    assert forward_flops(dims, c["generate"]) == 2 * (n * 12 + h * v * 7 + 2 * width * 78)
+    # TRL on the same batch: 4 rows, prompts padded to 4, completions to 3; attention over every position
+    t = trl_processed_counts(4, 4, 3, compact_head=False, layers=2)
+    assert t["train"] == TokenCounts(body=4 * 7, head=4 * 6, pairs=2 * 4 * 28)
+    assert t["generate"] == TokenCounts(body=4 * 4 + 4 * 2, head=4 * 3, pairs=2 * 4 * (10 + 5 + 6))
+    assert trl_processed_counts(4, 4, 3, compact_head=True, layers=2)["train"].head == 12
     with pytest.raises(ValueError):
-        grouped_counts([4, 3], [2, 1, 3], group_size=2)
+        grouped_counts([4, 3], [2, 1, 3], group_size=2, layers=2)
 
 
 # ------------------------------------------------------------------------------------------- TRLStepper
