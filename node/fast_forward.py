@@ -432,38 +432,51 @@ def shared_prefix_forward(
             q, k, v = attention_inputs(w, dims, full, cos, sin)
             full = finish_layer(w, dims, full, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa))
         return rms_norm(full[:, p:], model.model.norm.weight, dims.eps)
-    dtype = compute_dtype(model.model.embed_tokens.weight)
-    mask_p = left_padded_causal_mask(valid, dtype)
-    mask_c = additive_mask(torch.cat([
-        valid.repeat_interleave(group_size, 0)[:, None, :].expand(n, c, p),
-        torch.ones(c, c, dtype=torch.bool, device=device).tril()[None].expand(n, c, c),
-    ], dim=-1)[:, None], dtype)
-    # One residual stream of token rows: the B·P prefix rows, then the N·C completion rows. Everything but
-    # attention treats a token the same wherever it sits, so each projection, norm and MLP runs once on all
-    # rows (and each weight gradient is one product, not a prefix one plus a completion one to add).
-    rows, nq, nkv, d = [b * p, n * c], dims.heads, dims.kv_heads, dims.head_dim
-    x = model.model.embed_tokens(torch.cat([prefix_ids.reshape(-1), inputs.reshape(-1)]))
-    cos, sin = rope(model, x, torch.cat([prefix_pos.reshape(-1), input_pos.reshape(-1)])[None])  # [1, 1, R, d]
+    return _packed_prefix_forward(model, dims, weights, prefix_ids[valid], valid.sum(-1).tolist(), inputs, group_size)
+
+
+def _packed_prefix_forward(model, dims: Dims, weights: list[LayerWeights], prefix_tokens: torch.Tensor,
+                           lengths: list[int], inputs: torch.Tensor, group_size: int) -> torch.Tensor:
+    """:func:`shared_prefix_forward` on one stream of token rows, no padding in the prompts.
+
+    The rows are each prompt's prefix tokens (``lengths[i]`` of them, packed: ``prefix_tokens``), then the
+    N·C completion rows. Everything but attention treats a token the same wherever it sits, so each
+    projection, norm and MLP runs once on all rows — no padded prompt position is computed, and each weight
+    gradient is one product. Attention runs per group: a prefix attends to itself causally, the group's G
+    completions to that prefix (its keys/values repeated, differentiably) and causally to themselves.
+    """
+    n, c = inputs.shape
+    device = inputs.device
+    rows, nq, nkv, d = [*lengths, n * c], dims.heads, dims.kv_heads, dims.head_dim
+    gqa = nkv != nq
+    x = model.model.embed_tokens(torch.cat([prefix_tokens, inputs.reshape(-1)]))
+    lengths_t = torch.tensor(lengths, device=device)
+    positions = torch.cat([torch.arange(length, device=device) for length in lengths] + [
+        (lengths_t.repeat_interleave(group_size)[:, None] + torch.arange(c, device=device)).reshape(-1)])
+    cos, sin = rope(model, x, positions[None])
     cos, sin = cos.view(-1, 1, d), sin.view(-1, 1, d)
+    causal = torch.ones(c, c, dtype=torch.bool, device=device).tril()
+    masks = {length: additive_mask(torch.cat([causal.new_ones(c, length), causal], dim=1), compute_dtype(x))
+             for length in set(lengths)}  # [C, length + C]: the whole prefix, then causal
     last = len(weights) - 1
     for i, w in enumerate(weights):
         # split(), not slicing: a split's backward is one cat, a slice's a zero-filled full-size gradient
         qk, v = project(rms_norm(x, w.input_norm, dims.eps), w.qkv, w.qkv_bias).view(-1, nq + 2 * nkv, d).split(
             [nq + nkv, nkv], dim=1)
         q, k = rotate(qk, cos, sin).split([nq, nkv], dim=1)
-        (qp, qc), (kp, kc), (vp, vc) = (t.split(rows) for t in (q, k, v))
-        qc, kc, vc = (_heads_of_rows(t, n, c) for t in (qc, kc, vc))
-        if p > 0:
-            qp, kp, vp = (_heads_of_rows(t, b, p) for t in (qp, kp, vp))
-            kc = torch.cat([kp.repeat_interleave(group_size, 0), kc], dim=2)
-            vc = torch.cat([vp.repeat_interleave(group_size, 0), vc], dim=2)
-        attn = _rows_of_heads(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask_c, enable_gqa=gqa))
-        if p > 0 and i < last:
-            attn_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask_p, enable_gqa=gqa)
-            attn = torch.cat([_rows_of_heads(attn_p), attn])
-        elif p > 0:  # the prefix rows' outputs after the last layer's keys/values are never used
-            x = x.split(rows)[1]
-        x = finish_rows(w, dims, x, attn)
+        qs, ks, vs = q.split(rows), k.split(rows), v.split(rows)
+        prefix_out, completion_out = [], []
+        groups = zip(lengths, *(_heads_of_rows(t[-1], n, c).split(group_size) for t in (qs, ks, vs)), qs, ks, vs)
+        for length, qc, kc, vc, qp, kp, vp in groups:
+            qp, kp, vp = (_heads_of_rows(t, 1, length) for t in (qp, kp, vp))
+            keys = torch.cat([kp.expand(group_size, -1, -1, -1), kc], dim=2)
+            values = torch.cat([vp.expand(group_size, -1, -1, -1), vc], dim=2)
+            completion_out.append(F.scaled_dot_product_attention(qc, keys, values, attn_mask=masks[length],
+                                                                 enable_gqa=gqa))
+            if i < last and length:  # after the last layer's keys/values nothing reads a prefix row
+                prefix_out.append(F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=gqa))
+        attn = torch.cat([_rows_of_heads(a) for a in prefix_out + completion_out])
+        x = finish_rows(w, dims, x if i < last else x.split(rows)[-1], attn)
     return rms_norm(x, model.model.norm.weight, dims.eps).view(n, c, -1)
 
 

@@ -23,16 +23,17 @@ PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
 G = 3
 
 
+@pytest.mark.parametrize("prompts", [PROMPTS, [[17], *PROMPTS]], ids=["prompts", "with-empty-prefix"])
 @pytest.mark.parametrize("width", [5, 40], ids=["shared-prefix", "joint-pass"])
 @pytest.mark.parametrize("name", MODELS)
-def test_training_forward_matches_transformers(name, width):
+def test_training_forward_matches_transformers(name, width, prompts):
     model = MODELS[name]()
     assert fast_forward.supports(model)
-    assert fast_forward.prefix_sharing_pays(max(len(p) for p in PROMPTS) - 1, width, G) == (width == 5)
+    assert fast_forward.prefix_sharing_pays(max(len(p) for p in prompts) - 1, width, G) == (width == 5)
     torch.manual_seed(1)
-    completions = torch.randint(3, 40, (len(PROMPTS) * G, width))
-    prefixes, mask = left_pad([p[:-1] for p in PROMPTS], 0)
-    last = torch.tensor([p[-1] for p in PROMPTS]).repeat_interleave(G)
+    completions = torch.randint(3, 40, (len(prompts) * G, width))
+    prefixes, mask = left_pad([p[:-1] for p in prompts], 0)
+    last = torch.tensor([p[-1] for p in prompts]).repeat_interleave(G)
     inputs = torch.cat([last[:, None], completions[:, :-1]], dim=1)
 
     ours = model.lm_head(fast_forward.shared_prefix_forward(model, prefixes, mask, inputs, G))
@@ -82,7 +83,10 @@ def test_unsupported_architecture_falls_back():
     assert (slow - fast).abs().max() < 1e-5
 
 
-def test_token_logprobs_and_entropy():
+@pytest.mark.parametrize("chunk", [512, 4], ids=["one-chunk", "partial-last-chunk"])
+def test_token_logprobs_and_entropy(chunk, monkeypatch):
+    from grpo_swarm.node.logprobs import _VocabLogprobs
+    monkeypatch.setattr(_VocabLogprobs, "CHUNK", chunk)  # 11 vocabulary rows: chunks of 4, 4, 3
     torch.manual_seed(0)
     logits = torch.randn(3, 4, 11) * 3
     index = torch.randint(0, 11, (3, 4))
