@@ -39,10 +39,15 @@ Reported
   attention counted causally over the keys each query sees; no recompute from gradient checkpointing, no
   optimizer), divided by a peak measured in the same run: the sustained FLOP/s of an fp32
   ``torch.mm`` of shape [1024, hidden] × [hidden, intermediate] (the model's MLP shape, same thread count) run
-  back to back for a second (``flops.matmul_peak``), measured before the steps, for half a second between
-  steps and after them: the largest is used (this machine's speed drifts by ±20 % within a run). The fastest single run of that loop is reported too (``peak_best_rep_flops_per_s``, ~30 % higher on
-  this machine: a burst no sustained computation keeps up), with the train utilisations against it
-  (``*_train_utilisation_vs_best_rep``).
+  back to back for a second (``flops.matmul_peak``) before the steps and after them, and for half a second before
+  and after every step of each trainer. This machine's speed drifts by ±20 % (at times ±40 %) within a run, so two
+  figures are reported: ``*_train_utilisation`` against the largest of all those peaks (conservative: a slow
+  moment's step against the fastest moment's matmuls), and ``*_train_utilisation_adjacent_peak``, the median over
+  the timed steps of each step's training FLOP/s over the mean of the two peaks measured right before and right
+  after that step. The fastest single run of the loop is reported too (``peak_best_rep_flops_per_s``, ~30 % higher
+  on this machine: a burst no sustained computation keeps up), with the train utilisations against it
+  (``*_train_utilisation_vs_best_rep``). ``minor_page_faults_per_step`` counts first touches of fresh memory
+  during each full step (each costs ~3-4 µs in this VM).
 
   - ``ours_train_flops_per_s`` = our training FLOPs / our ``time_train`` (gradient computation + clip + AdamW),
     counting non-padding tokens only, each prompt once per group: prefix ``p[:-1]`` once per group (its last
@@ -73,6 +78,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 from collections import Counter
@@ -210,7 +216,9 @@ def print_table(res: dict) -> None:
         row("  generation + scoring", res["ours_generate_score_s"], res["trl_generate_score_s"], "s"),
         row("  training (grad + optimizer)", res["ours_train_s"], res["trl_train_s"], "s"),
         row("train FLOP/s (own tokens)", res["ours_train_flops_per_s"], res["trl_train_flops_per_s"], "flops"),
-        row("train utilisation", res["ours_train_utilisation"], res["trl_train_utilisation"], "pct"),
+        row("train utilisation (largest peak)", res["ours_train_utilisation"], res["trl_train_utilisation"], "pct"),
+        row("train utilisation (adjacent peaks)", res["ours_train_utilisation_adjacent_peak"],
+            res["trl_train_utilisation_adjacent_peak"], "pct"),
         row("step utilisation (own tokens)", res["ours_step_utilisation"], res["trl_step_utilisation"], "pct"),
         row("step utilisation (useful tokens)", res["ours_step_utilisation"], res["trl_useful_step_utilisation"],
             "pct"),
@@ -333,7 +341,9 @@ def run(args: argparse.Namespace) -> dict:
     beta_passes = 1 if args.beta > 0 else 0
     recs = []
     for i, batch in enumerate(batches):
-        if i > 0:  # the machine's speed drifts: measure the peak between steps too, keep the largest
+        # the machine's speed drifts: the peak is measured before and after every step (peaks[2i], [2i+1]: ours;
+        # [2i+1], [2i+2]: TRL's); the largest of all and each step's two adjacent ones are both reported
+        if i > 0:
             peaks.append(matmul_peak(*peak_shape, seconds=0.5))
         f0, t0 = minor_page_faults(), time.perf_counter()
         m = ours.step(batch)
@@ -344,6 +354,7 @@ def run(args: argparse.Namespace) -> dict:
         oc = grouped_counts(p_lens, c_lens, G, dims.layers)
 
         rows = [{"prompt": t, **ex.columns} for t, ex in zip(texts[i], batch)]
+        peaks.append(matmul_peak(*peak_shape, seconds=0.5))
         f0 = minor_page_faults()
         r = stepper.step(rows)
         trl_faults = minor_page_faults() - f0
@@ -373,6 +384,8 @@ def run(args: argparse.Namespace) -> dict:
             "trl_len": sum(r.completion_lengths) / len(r.completion_lengths),
             "trl_widths": (r.padded_prompt_width, r.padded_completion_width),
             "ours_faults": ours_faults, "trl_faults": trl_faults,
+            "ours_peak": (peaks[-2].sustained + peaks[-1].sustained) / 2,  # before and after our step
+            "trl_peak_before": peaks[-1].sustained,
         })
         log.info("step %d%s: ours %.2f s (generate %.2f, score %.2f, train %.2f) | TRL %.2f s (gen+score %.2f, "
                  "train %.2f) | TRL widths P=%d C=%d | page faults ours %d, TRL %d", i,
@@ -381,6 +394,8 @@ def run(args: argparse.Namespace) -> dict:
                  ours_faults, trl_faults)
     stepper.close()
     peaks.append(matmul_peak(*peak_shape))
+    for rec, after in zip(recs, peaks[2::2]):  # TRL's step i is followed by the peak before our step i + 1
+        rec["trl_peak"] = (rec.pop("trl_peak_before") + after.sustained) / 2
     peak = max(p.sustained for p in peaks)  # the largest of before / between / after: conservative
     peak_best = max(p.best for p in peaks)
 
@@ -397,6 +412,11 @@ def run(args: argparse.Namespace) -> dict:
 
     def total(key):
         return sum(r[key] for r in timed)
+
+    def adjacent(who):
+        """Median over the timed steps of the step's train FLOP/s over the mean of the peaks measured just
+        before and just after that step (both trainers run back to back, so the drift between them is small)."""
+        return statistics.median(r[f"{who}_train_flops"] / r[f"{who}_train"] / r[f"{who}_peak"] for r in timed)
 
     n_comp = P * G * len(timed)
     ours_cps, trl_cps = n_comp / total("ours_step"), n_comp / total("trl_step")
@@ -432,6 +452,8 @@ def run(args: argparse.Namespace) -> dict:
         "ours_train_utilisation_vs_best_rep": ours_train_fps / peak_best,
         "trl_train_utilisation_vs_best_rep": trl_train_fps / peak_best,
         "ours_train_flops_per_s": ours_train_fps, "ours_train_utilisation": ours_train_fps / peak,
+        "ours_train_utilisation_adjacent_peak": adjacent("ours"),
+        "trl_train_utilisation_adjacent_peak": adjacent("trl"),
         "ours_step_utilisation": total("ours_step_flops") / total("ours_step") / peak,
         "trl_train_flops_per_s": trl_train_fps, "trl_train_utilisation": trl_train_fps / peak,
         "trl_step_utilisation": total("trl_step_flops") / total("trl_step") / peak,
