@@ -37,39 +37,44 @@ class TokenScores:
 class _VocabLogprobs(torch.autograd.Function):
     """log p(index) and entropy from vocabulary-major logits ``[V, M]`` with one [V, M] buffer.
 
-    The forward builds ``p = softmax`` in place in a single new buffer (max, subtract, exp, sum,
-    divide; the log-sum-exp comes out of the same passes) and keeps it: the entropy needs it, and the
-    backward of log p(index) is then ``onehot·g − p·g`` in place on it — no second exp, no zero-filled
-    gather gradient. The entropy's ``Σ p·logits`` runs over vocabulary chunks, so no second [V, M]
-    temporary is made (at SmolLM2's 49,152 × 1,024 logits each is 200 MB, and a fresh one costs its
-    page faults): each chunk's products are accumulated into one cache-resident [CHUNK, M] block (measured on
-    SmolLM2's logits: 141 ms with 8,192-row chunks and a sum per chunk, 22 ms this way). Working on ``W @ hᵀ`` ([V, M], contiguous) keeps every vocabulary reduction
-    cache-friendly.
+    Two passes over the logits: their column maxima, then, chunk by chunk of ``CHUNK`` vocabulary rows
+    (2 MB at SmolLM2's M = 1,024 tokens, so each chunk is still in cache for the next kernel), the
+    unnormalised ``e = exp(logits − max)`` written into the one new buffer, its sums and the entropy's
+    ``Σ e·logits`` accumulated into cache-resident [CHUNK, M] blocks. ``e`` and its column sums are kept for
+    the backward of log p(index), ``g·(onehot − e / Σe)``, computed in place on ``e`` — no second exp, no
+    normalising pass, no zero-filled gather gradient. (At SmolLM2's 49,152 × 1,024 logits every full pass is
+    200 MB: separate max / subtract / exp / sum / divide / entropy kernels made nine of them; measured on
+    those logits, the entropy alone took 141 ms as one product and sum per 8,192-row chunk, 22 ms
+    accumulated per 512-row chunk.) Working on ``W @ hᵀ`` ([V, M], contiguous) keeps every vocabulary
+    reduction a sum of rows.
     """
 
-    CHUNK = 512  # vocabulary rows per chunk of the entropy's Σ p·logits (SmolLM2: 512 x 1,024 fp32 = 2 MB)
+    CHUNK = 512  # vocabulary rows per chunk (SmolLM2: 512 x 1,024 fp32 = 2 MB)
 
     @staticmethod
     def forward(ctx, logits_t: torch.Tensor, index: torch.Tensor):
         top = logits_t.amax(dim=0)
-        probs = torch.sub(logits_t, top).exp_()
-        total = probs.sum(dim=0)
+        unnormalised = torch.empty_like(logits_t)
+        chunk = min(_VocabLogprobs.CHUNK, logits_t.size(0))
+        sums = logits_t.new_zeros(chunk, logits_t.size(1))  # Σ e, then Σ e·logits: one sum each at the end
+        weighted = torch.zeros_like(sums)
+        for l_chunk, e_chunk in zip(logits_t.split(chunk), unnormalised.split(chunk)):
+            torch.sub(l_chunk, top, out=e_chunk).exp_()
+            rows = e_chunk.size(0)
+            sums[:rows].add_(e_chunk)
+            weighted[:rows].addcmul_(e_chunk, l_chunk)
+        total = sums.sum(dim=0)
         lse = top + total.log()
-        probs.div_(total)
-        chunk = min(_VocabLogprobs.CHUNK, probs.size(0))
-        acc = probs.new_zeros(chunk, probs.size(1))  # stays in cache: one accumulate per chunk, one sum at the end
-        for p_chunk, l_chunk in zip(probs.split(chunk), logits_t.split(chunk)):
-            acc[: p_chunk.size(0)].addcmul_(p_chunk, l_chunk)
-        entropy = lse - acc.sum(dim=0)
+        entropy = lse - weighted.sum(dim=0) / total
         logps = logits_t.gather(0, index.unsqueeze(0)).squeeze(0) - lse
-        ctx.save_for_backward(probs, index)
+        ctx.save_for_backward(unnormalised, total, index)
         ctx.mark_non_differentiable(entropy)
         return logps, entropy
 
     @staticmethod
     def backward(ctx, grad_logps: torch.Tensor, grad_entropy: torch.Tensor):
-        probs, index = ctx.saved_tensors
-        grad = probs.mul_(-grad_logps.unsqueeze(0))  # the saved softmax is used once: reuse its memory
+        unnormalised, total, index = ctx.saved_tensors
+        grad = unnormalised.mul_((-grad_logps / total).unsqueeze(0))  # used once: reuse its memory
         grad.scatter_add_(0, index.unsqueeze(0), grad_logps.unsqueeze(0))
         return grad, None
 

@@ -219,8 +219,7 @@ class GRPOTrainer:
 
     def apply_gradients(self) -> dict:
         """Clip the accumulated gradients, take an AdamW step, bump the policy version."""
-        params = [p for p in self.trainable if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+        norm = clip_gradients([p.grad for p in self.trainable if p.grad is not None], self.cfg.optim.max_grad_norm)
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"gradient norm is {float(norm)} at version {self.version}; update skipped")
@@ -256,6 +255,23 @@ class GRPOTrainer:
 
     def _amp(self):
         return self._autocast if self._autocast is not None else nullcontext()
+
+
+def clip_gradients(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale ``grads`` in place to a total L2 norm of at most ``max_norm``; returns the norm before.
+
+    ``torch.nn.utils.clip_grad_norm_``'s arithmetic (the same coefficient, ``max_norm / (norm + 1e-6)``), minus
+    its multiply by 1.0 when the norm is within bounds — a full read and write of every gradient (~40 ms per
+    step for SmolLM2-135M on the 2-core CPU). A NaN/inf norm leaves the gradients as they are (the caller
+    refuses the update).
+    """
+    if not grads:
+        return torch.zeros(())
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        torch._foreach_mul_(grads, coef)
+    return norm
 
 
 def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -164,3 +164,26 @@ def test_ref_model_cannot_be_the_policy():
         GRPOTrainer(loaded.model, loaded.tokenizer, cfg, build_reward_functions([{"name": "arithmetic_accuracy"}]),
                     ref_model=loaded.model)
     copy.deepcopy(loaded.model)  # a copy is fine
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0], ids=["clipped", "within-bounds"])
+def test_clip_gradients_equals_torch_clip_grad_norm(max_norm):
+    from grpo_swarm.node.trainer import clip_gradients
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((7, 3), (5,), (2, 2, 2))]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    ours = [p.grad.clone() for p in params]
+    ours_norm = clip_gradients(ours, max_norm)
+    torch_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    assert torch.equal(ours_norm, torch_norm)
+    for a, p in zip(ours, params):
+        assert torch.equal(a, p.grad)
+    assert (float(torch_norm) > max_norm) == (max_norm == 0.5)
+
+
+def test_clip_gradients_leaves_non_finite_gradients_alone():
+    from grpo_swarm.node.trainer import clip_gradients
+    grads = [torch.tensor([1.0, float("nan")]), torch.tensor([2.0])]
+    norm = clip_gradients(grads, 1.0)
+    assert torch.isnan(norm) and grads[1].item() == 2.0
