@@ -91,8 +91,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 PRESETS = {
-    "tiny": dict(group_size=8, prompts=4, max_completion_length=16, dataset="arithmetic", steps=20),
-    "smollm2": dict(group_size=8, prompts=2, max_completion_length=64, dataset="gsm8k", steps=3),
+    "tiny": dict(group_size=8, prompts=4, max_completion_length=16, dataset="arithmetic", steps=20,
+                 utilisation_rounds=10, probe_seconds=0.25),
+    "smollm2": dict(group_size=8, prompts=2, max_completion_length=64, dataset="gsm8k", steps=3,
+                    utilisation_rounds=6, probe_seconds=1.0),
 }
 REQUIRED_KEYS = ("model", "ours_completions_per_s", "trl_completions_per_s", "ratio", "max_abs_grad_diff", "config")
 GRAD_CHECK_SEED = 1234
@@ -112,6 +114,22 @@ def minor_page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def interleaved_train_utilisation(trainer, batch, flops: float, probe, rounds: int) -> tuple[list[float], list[float]]:
+    """Our training phase (``compute_gradients`` + ``apply_gradients``) on one scored batch, ``rounds`` times,
+    with a matmul-peak probe before the first and after every round. Returns each round's utilisation (its
+    FLOP/s over the mean of the two probes around it) and the probes' sustained FLOP/s."""
+    probes = [probe()]
+    utilisations = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        trainer.compute_gradients(batch)
+        trainer.apply_gradients()
+        elapsed = time.perf_counter() - t0
+        probes.append(probe())
+        utilisations.append(flops / elapsed / ((probes[-2] + probes[-1]) / 2))
+    return utilisations, probes
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=sorted(PRESETS), default="tiny")
@@ -128,9 +146,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--dataset", default=None, help="arithmetic[:MAX[:OPS]] | gsm8k (tiny: arithmetic, smollm2: gsm8k)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--utilisation-rounds", type=int, default=None,
+                    help="training phases timed between matmul-peak probes after the steps (tiny: 10, smollm2: 6)")
+    ap.add_argument("--probe-seconds", type=float, default=None, help="length of each probe (tiny: 0.25, smollm2: 1)")
     args = ap.parse_args(argv)
     preset = PRESETS[args.model]
-    for key in ("steps", "group_size", "prompts", "max_completion_length", "dataset"):
+    for key in ("steps", "group_size", "prompts", "max_completion_length", "dataset", "utilisation_rounds",
+                "probe_seconds"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     if args.steps < 1 or args.warmup < 0:
@@ -193,6 +215,10 @@ def fmt_rate(x: float) -> str:
     return f"{x:.2f} "
 
 
+def fmt_pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
 def print_table(res: dict) -> None:
     def row(name, ours, trl, kind="num"):
         if kind == "flops":
@@ -219,6 +245,8 @@ def print_table(res: dict) -> None:
         row("train utilisation (largest peak)", res["ours_train_utilisation"], res["trl_train_utilisation"], "pct"),
         row("train utilisation (adjacent peaks)", res["ours_train_utilisation_adjacent_peak"],
             res["trl_train_utilisation_adjacent_peak"], "pct"),
+        f"  {'train utilisation (between probes)':<34}{fmt_pct(res['ours_train_utilisation_interleaved']):>18}"
+        f"{'(not run)':>18}   median of {len(res['interleaved_rounds']['utilisation'])} training phases",
         row("step utilisation (own tokens)", res["ours_step_utilisation"], res["trl_step_utilisation"], "pct"),
         row("step utilisation (useful tokens)", res["ours_step_utilisation"], res["trl_useful_step_utilisation"],
             "pct"),
@@ -336,6 +364,13 @@ def run(args: argparse.Namespace) -> dict:
         return ptexts, batch
 
     ours.rollout = capturing_rollout
+    prepare_fn = ours.prepare
+
+    def capturing_prepare(scored):
+        captured["scored"] = prepare_fn(scored)
+        return captured["scored"]
+
+    ours.prepare = capturing_prepare
     ours_before, trl_before = snapshot(ours.model), snapshot(trl_trainer.model)
     compact = _use_triton(trl_trainer.args.device)
     beta_passes = 1 if args.beta > 0 else 0
@@ -393,6 +428,16 @@ def run(args: argparse.Namespace) -> dict:
                  m["time_train"], r.time_step, r.time_generate_score, r.time_train, *recs[-1]["trl_widths"],
                  ours_faults, trl_faults)
     stepper.close()
+    # the training phase alone, bracketed by probes: the machine's speed at the time of each phase
+    last = captured["scored"].rollouts
+    last_flops = train_flops(dims, grouped_counts([len(p) for p in last.prompt_ids],
+                                                  [int(x) for x in last.completion_mask.sum(1).tolist()], G,
+                                                  dims.layers)["train"])
+    rounds, probes = interleaved_train_utilisation(
+        ours, captured["scored"], last_flops, lambda: matmul_peak(*peak_shape, seconds=args.probe_seconds).sustained,
+        args.utilisation_rounds)
+    log.info("training phase between probes: utilisation %s (probes %s GFLOP/s)",
+             [f"{u:.1%}" for u in rounds], [round(p / 1e9, 1) for p in probes])
     peaks.append(matmul_peak(*peak_shape))
     for rec, after in zip(recs, peaks[2::2]):  # TRL's step i is followed by the peak before our step i + 1
         rec["trl_peak"] = (rec.pop("trl_peak_before") + after.sustained) / 2
@@ -453,6 +498,9 @@ def run(args: argparse.Namespace) -> dict:
         "trl_train_utilisation_vs_best_rep": trl_train_fps / peak_best,
         "ours_train_flops_per_s": ours_train_fps, "ours_train_utilisation": ours_train_fps / peak,
         "ours_train_utilisation_adjacent_peak": adjacent("ours"),
+        "ours_train_utilisation_interleaved": statistics.median(rounds) if rounds else None,
+        "interleaved_rounds": {"utilisation": rounds, "probe_flops_per_s": probes, "train_flops": last_flops,
+                               "probe_seconds": args.probe_seconds},
         "trl_train_utilisation_adjacent_peak": adjacent("trl"),
         "ours_step_utilisation": total("ours_step_flops") / total("ours_step") / peak,
         "trl_train_flops_per_s": trl_train_fps, "trl_train_utilisation": trl_train_fps / peak,
