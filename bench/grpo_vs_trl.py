@@ -44,7 +44,12 @@ Reported
   figures are reported: ``*_train_utilisation`` against the largest of all those peaks (conservative: a slow
   moment's step against the fastest moment's matmuls), and ``*_train_utilisation_adjacent_peak``, the median over
   the timed steps of each step's training FLOP/s over the mean of the two peaks measured right before and right
-  after that step. The fastest single run of the loop is reported too (``peak_best_rep_flops_per_s``, ~30 % higher
+  after that step. Then, after the alternating steps, our training phase alone (``compute_gradients`` +
+  ``apply_gradients`` on the last step's scored batch) runs ``--utilisation-rounds`` times with a probe of
+  ``--probe-seconds`` before the first and after every phase: ``ours_train_utilisation_interleaved`` is the
+  median over those phases of each one's FLOP/s over the mean of its two probes (the probes then bracket
+  exactly the phase being measured, not a whole step with generation in it). The fastest single run of the loop
+  is reported too (``peak_best_rep_flops_per_s``, ~30 % higher
   on this machine: a burst no sustained computation keeps up), with the train utilisations against it
   (``*_train_utilisation_vs_best_rep``). ``minor_page_faults_per_step`` counts first touches of fresh memory
   during each full step (each costs ~3-4 µs in this VM).

@@ -12,8 +12,10 @@ the same maths directly:
   the decode step runs on [B, hidden] rows with the heads as views (:func:`rows_linear`);
 * :func:`shared_prefix_forward` — the training forward with gradients (the fused weights are
   concatenated inside the graph): each prompt runs once, its keys/values are repeated for the G
-  completions of its group (differentiable), completions attend to them causally. Its gradients
-  match the transformers forward (tests/test_fast_forward.py).
+  completions of its group (differentiable), completions attend to them causally. Prompt and
+  completion tokens travel as one stream of token rows with no prompt padding, so every projection,
+  norm and MLP is one kernel per layer; only attention works per group. Its gradients match the
+  transformers forward (tests/test_fast_forward.py).
 
 Anything this module does not support (other architectures, sliding windows, ALiBi, ...) falls back
 to the transformers path: :func:`supports` says which.
