@@ -395,8 +395,9 @@ def decode_step(model, weights: list[LayerWeights], tokens: torch.Tensor, positi
 def prefix_sharing_pays(prefix_len: int, width: int, group_size: int) -> bool:
     """Share the prefix unless repeating it adds under a quarter more tokens than the completions.
 
-    Sharing saves (G-1)·P tokens per group but runs each layer twice (prefix, then completions);
-    for a 3-token arithmetic prompt the extra kernel launches cost more than the tokens saved.
+    Sharing saves (G-1)·P tokens per group but runs attention per group (the prefix's, then the
+    completions'), plus the concatenations around it; for a 3-token arithmetic prompt those extra
+    kernel launches cost more than the tokens saved.
     """
     return (group_size - 1) * prefix_len > 0.25 * group_size * width
 
