@@ -412,30 +412,30 @@ def shared_prefix_forward(
     """Hidden states [N, C, H] of ``inputs`` [N = B*G, C] that follow left-padded prefixes [B, P].
 
     Row ``n`` continues prefix ``n // G``. Prefix keys/values are computed once per prefix and
-    repeated (differentiably) for the G rows of its group. Returns final-norm hidden states.
+    repeated (differentiably) for the G rows of its group (:func:`_packed_prefix_forward`), unless the
+    prefixes are so short that one pass over ``[prefix | inputs]`` rows is cheaper
+    (:func:`prefix_sharing_pays`). Returns final-norm hidden states.
     """
     dims = Dims.of(model)
-    b, p = prefix_ids.shape
-    n, c = inputs.shape
-    device = inputs.device
     valid = prefix_mask.bool()
+    weights = LayerWeights.of(model)
+    if prefix_ids.size(1) == 0 or prefix_sharing_pays(prefix_ids.size(1), inputs.size(1), group_size):
+        return _packed_prefix_forward(model, dims, weights, prefix_ids[valid], valid.sum(-1).tolist(), inputs,
+                                      group_size)
+    # short prompts: one pass over [prefix | inputs] rows costs fewer ops than sharing the prefix
+    p, (n, c), device = prefix_ids.size(1), inputs.shape, inputs.device
+    full = model.model.embed_tokens(torch.cat([prefix_ids.repeat_interleave(group_size, 0), inputs], dim=1))
+    keys = torch.cat([valid.repeat_interleave(group_size, 0), torch.ones(n, c, dtype=torch.bool, device=device)], 1)
     prefix_pos = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
     input_pos = prefix_mask.sum(-1, keepdim=True).repeat_interleave(group_size, 0) + torch.arange(c, device=device)
-    weights = LayerWeights.of(model)
-    gqa = dims.kv_heads != dims.heads
-    if p > 0 and not prefix_sharing_pays(p, c, group_size):
-        # short prompts: one pass over [prefix | inputs] rows costs fewer ops than sharing the prefix
-        full = model.model.embed_tokens(torch.cat([prefix_ids.repeat_interleave(group_size, 0), inputs], dim=1))
-        dtype = compute_dtype(full)
-        keys = torch.cat([valid.repeat_interleave(group_size, 0), torch.ones(n, c, dtype=torch.bool, device=device)], 1)
-        positions = torch.cat([prefix_pos.repeat_interleave(group_size, 0), input_pos], dim=1)
-        mask = left_padded_causal_mask(keys, dtype)
-        cos, sin = rope(model, full, positions)
-        for w in weights:
-            q, k, v = attention_inputs(w, dims, full, cos, sin)
-            full = finish_layer(w, dims, full, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa))
-        return rms_norm(full[:, p:], model.model.norm.weight, dims.eps)
-    return _packed_prefix_forward(model, dims, weights, prefix_ids[valid], valid.sum(-1).tolist(), inputs, group_size)
+    positions = torch.cat([prefix_pos.repeat_interleave(group_size, 0), input_pos], dim=1)
+    mask = left_padded_causal_mask(keys, compute_dtype(full))
+    cos, sin = rope(model, full, positions)
+    for w in weights:
+        q, k, v = attention_inputs(w, dims, full, cos, sin)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=dims.kv_heads != dims.heads)
+        full = finish_layer(w, dims, full, attn)
+    return rms_norm(full[:, p:], model.model.norm.weight, dims.eps)
 
 
 def _packed_prefix_forward(model, dims: Dims, weights: list[LayerWeights], prefix_tokens: torch.Tensor,
