@@ -83,6 +83,7 @@ import json
 import logging
 import math
 import os
+import resource
 import statistics
 import sys
 import time
@@ -115,7 +116,6 @@ log = logging.getLogger("grpo_vs_trl")
 
 def minor_page_faults() -> int:
     """This process's minor page faults so far (first touches of fresh memory: ~3-4 µs each in this VM)."""
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
@@ -361,14 +361,6 @@ def run(args: argparse.Namespace) -> dict:
     peaks = [matmul_peak(*peak_shape)]
 
     captured: dict = {}
-    rollout_fn = ours.rollout
-
-    def capturing_rollout(exs, seed):
-        ptexts, batch = rollout_fn(exs, seed)
-        captured["batch"] = batch
-        return ptexts, batch
-
-    ours.rollout = capturing_rollout
     prepare_fn = ours.prepare
 
     def capturing_prepare(scored):
@@ -388,7 +380,7 @@ def run(args: argparse.Namespace) -> dict:
         f0, t0 = minor_page_faults(), time.perf_counter()
         m = ours.step(batch)
         ours_time, ours_faults = time.perf_counter() - t0, minor_page_faults() - f0
-        rb = captured.pop("batch")
+        rb = captured["scored"].rollouts
         p_lens = [len(p) for p in rb.prompt_ids]
         c_lens = [int(x) for x in rb.completion_mask.sum(1).tolist()]
         oc = grouped_counts(p_lens, c_lens, G, dims.layers)
@@ -424,8 +416,6 @@ def run(args: argparse.Namespace) -> dict:
             "trl_len": sum(r.completion_lengths) / len(r.completion_lengths),
             "trl_widths": (r.padded_prompt_width, r.padded_completion_width),
             "ours_faults": ours_faults, "trl_faults": trl_faults,
-            "ours_peak": (peaks[-2].sustained + peaks[-1].sustained) / 2,  # before and after our step
-            "trl_peak_before": peaks[-1].sustained,
         })
         log.info("step %d%s: ours %.2f s (generate %.2f, score %.2f, train %.2f) | TRL %.2f s (gen+score %.2f, "
                  "train %.2f) | TRL widths P=%d C=%d | page faults ours %d, TRL %d", i,
@@ -433,19 +423,16 @@ def run(args: argparse.Namespace) -> dict:
                  m["time_train"], r.time_step, r.time_generate_score, r.time_train, *recs[-1]["trl_widths"],
                  ours_faults, trl_faults)
     stepper.close()
+    peaks.append(matmul_peak(*peak_shape))
+    for i, rec in enumerate(recs):  # peaks[2i] before our step i, [2i + 1] between it and TRL's, [2i + 2] after
+        rec["ours_peak"] = (peaks[2 * i].sustained + peaks[2 * i + 1].sustained) / 2
+        rec["trl_peak"] = (peaks[2 * i + 1].sustained + peaks[2 * i + 2].sustained) / 2
     # the training phase alone, bracketed by probes: the machine's speed at the time of each phase
-    last = captured["scored"].rollouts
-    last_flops = train_flops(dims, grouped_counts([len(p) for p in last.prompt_ids],
-                                                  [int(x) for x in last.completion_mask.sum(1).tolist()], G,
-                                                  dims.layers)["train"])
     rounds, probes = interleaved_train_utilisation(
-        ours, captured["scored"], last_flops, lambda: matmul_peak(*peak_shape, seconds=args.probe_seconds).sustained,
-        args.utilisation_rounds)
+        ours, captured["scored"], recs[-1]["ours_train_flops"],
+        lambda: matmul_peak(*peak_shape, seconds=args.probe_seconds).sustained, args.utilisation_rounds)
     log.info("training phase between probes: utilisation %s (probes %s GFLOP/s)",
              [f"{u:.1%}" for u in rounds], [round(p / 1e9, 1) for p in probes])
-    peaks.append(matmul_peak(*peak_shape))
-    for rec, after in zip(recs, peaks[2::2]):  # TRL's step i is followed by the peak before our step i + 1
-        rec["trl_peak"] = (rec.pop("trl_peak_before") + after.sustained) / 2
     peak = max(p.sustained for p in peaks)  # the largest of before / between / after: conservative
     peak_best = max(p.best for p in peaks)
 
@@ -504,7 +491,8 @@ def run(args: argparse.Namespace) -> dict:
         "ours_train_flops_per_s": ours_train_fps, "ours_train_utilisation": ours_train_fps / peak,
         "ours_train_utilisation_adjacent_peak": adjacent("ours"),
         "ours_train_utilisation_interleaved": statistics.median(rounds) if rounds else None,
-        "interleaved_rounds": {"utilisation": rounds, "probe_flops_per_s": probes, "train_flops": last_flops,
+        "interleaved_rounds": {"utilisation": rounds, "probe_flops_per_s": probes,
+                               "train_flops": recs[-1]["ours_train_flops"],
                                "probe_seconds": args.probe_seconds},
         "trl_train_utilisation_adjacent_peak": adjacent("trl"),
         "ours_step_utilisation": total("ours_step_flops") / total("ours_step") / peak,

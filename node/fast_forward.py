@@ -458,8 +458,8 @@ def _packed_prefix_forward(model, dims: Dims, weights: list[LayerWeights], prefi
         (lengths_t.repeat_interleave(group_size)[:, None] + torch.arange(c, device=device)).reshape(-1)])
     cos, sin = rope(model, x, positions[None])
     cos, sin = cos.view(-1, 1, d), sin.view(-1, 1, d)
-    causal = torch.ones(c, c, dtype=torch.bool, device=device).tril()
-    masks = {length: additive_mask(torch.cat([causal.new_ones(c, length), causal], dim=1), compute_dtype(x))
+    causal, dtype = torch.ones(c, c, dtype=torch.bool, device=device).tril(), compute_dtype(x)
+    masks = {length: additive_mask(torch.cat([causal.new_ones(c, length), causal], dim=1), dtype)
              for length in set(lengths)}  # [C, length + C]: the whole prefix, then causal
     last = len(weights) - 1
     for i, w in enumerate(weights):
