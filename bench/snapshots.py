@@ -105,7 +105,7 @@ def file_setup(src: Path, sha: bytes):
     """A RunSetup factory whose initial snapshot is an existing file (hard-linked into the store):
     no model is loaded. The run's tokenizer-dependent numbers are placeholders."""
     from grpo_swarm.coordinator.core import RunSetup
-    from grpo_swarm.protocol.audit import AuditHooks
+    from grpo_swarm.protocol.run_spec import AuditHooks
 
     def build(payload_for, snapshot_dir: Path) -> RunSetup:
         def initial(directory: Path) -> tuple[Path, bytes]:

@@ -13,7 +13,7 @@ node's :class:`~grpo_swarm.node.config.ConfigError`. The commented example is
 
 :meth:`RunConfig.verifier_policy` and :meth:`RunConfig.run_spec` turn the config into the
 protocol's :class:`~grpo_swarm.protocol.verify.VerifierPolicy` and
-:class:`~grpo_swarm.protocol.audit.RunSpec` (what :class:`~grpo_swarm.protocol.audit.RunRecorder`
+:class:`~grpo_swarm.protocol.run_spec.RunSpec` (what :class:`~grpo_swarm.protocol.recorder.RunRecorder`
 records in ``run_started``).
 """
 
@@ -131,7 +131,7 @@ class RunConfig(Section):
 
     def run_spec(self, dataset_size: int, **policy_extra: Any):
         """The :class:`RunSpec` for :class:`RunRecorder` once the dataset's size is known."""
-        from grpo_swarm.protocol.audit import RunSpec
+        from grpo_swarm.protocol.run_spec import RunSpec
 
         if self.data.size is not None:
             dataset_size = min(dataset_size, self.data.size)

@@ -2,7 +2,7 @@
 proof verification and admission tickets, rounds, snapshot publication. :mod:`.service` puts it
 behind the gRPC API; tests drive it directly too.
 
-Everything that changes the run goes through :class:`~grpo_swarm.protocol.audit.RunRecorder` into
+Everything that changes the run goes through :class:`~grpo_swarm.protocol.recorder.RunRecorder` into
 the protocol log (``<data-dir>/protocol.sqlite``, SQLite WAL, ``synchronous=FULL``) before a reply
 leaves: an acknowledged submission is on disk. A restart rebuilds the state from that log
 (:meth:`RunRecorder.resume`) and the salts in ``coordinator.sqlite`` (:mod:`.store`).
@@ -33,7 +33,8 @@ from typing import Callable
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.assignment import assign_prompts
-from grpo_swarm.protocol.audit import AuditHooks, RunRecorder
+from grpo_swarm.protocol.recorder import RunRecorder
+from grpo_swarm.protocol.run_spec import AuditHooks
 from grpo_swarm.protocol.identity import Identity, node_id_from_public_key
 from grpo_swarm.protocol.log import LogError, ProtocolLog
 from grpo_swarm.protocol.proofs import now_ms

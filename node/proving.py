@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from grpo_swarm.protocol.audit import AuditHooks
+from grpo_swarm.protocol.run_spec import AuditHooks
 from grpo_swarm.protocol.identity import Identity
 from grpo_swarm.protocol.proofs import RewardProof, build_reward_proof, group_id_for, prompt_hash, sign_proof
 from grpo_swarm.protocol.verify import SpotCheckUnavailable, normalise_reward_specs, reward_spec_id

@@ -19,7 +19,9 @@ from typing import Optional
 
 import typer
 
-from .audit import AuditHooks, AuditResult, audit, load_hooks, write_report
+from .audit import AuditResult, audit
+from .report import write_report
+from .run_spec import AuditHooks, load_hooks
 from .log import LogError, ProtocolLog, RUN_STARTED, read_log
 
 app = typer.Typer(help="grpo-swarm protocol log auditor.", no_args_is_help=True, pretty_exceptions_enable=False,

@@ -15,7 +15,7 @@ from grpo_swarm.node.models import build_tiny_model
 from grpo_swarm.node.rewards import build_reward_functions
 from grpo_swarm.node.trainer import GRPOTrainer
 from grpo_swarm.protocol.assignment import assign_prompts
-from grpo_swarm.protocol.audit import AuditHooks, RunSpec
+from grpo_swarm.protocol.run_spec import AuditHooks, RunSpec
 from grpo_swarm.protocol.identity import Identity
 from grpo_swarm.protocol.proofs import build_reward_proof, sign_proof
 from grpo_swarm.protocol.verify import InMemoryVerifierState, Verifier, VerifierPolicy

@@ -17,7 +17,10 @@ from typer.testing import CliRunner
 
 from grpo_swarm.node import proving
 from grpo_swarm.protocol import ReasonCode
-from grpo_swarm.protocol.audit import AuditHooks, RunRecorder, audit, load_hooks, write_report
+from grpo_swarm.protocol.audit import audit
+from grpo_swarm.protocol.recorder import RunRecorder
+from grpo_swarm.protocol.report import write_report
+from grpo_swarm.protocol.run_spec import AuditHooks, load_hooks
 from grpo_swarm.protocol.audit_cli import app
 from grpo_swarm.protocol.log import KINDS, LogEntry, ProtocolLog, read_log
 from grpo_swarm.protocol.proofs import parse_proof

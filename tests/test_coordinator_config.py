@@ -56,13 +56,13 @@ def test_template_parses_and_maps_to_protocol(tmp_path):
     assert spec.policy.max_completion_tokens == 256
     assert spec.node["dataset"] == {"spec": "gsm8k", "split": "train", "seed": 0, "size": 7473}
     # the payload round-trips the way RunRecorder logs it
-    from grpo_swarm.protocol.audit import RunSpec
+    from grpo_swarm.protocol.run_spec import RunSpec
 
     assert RunSpec.from_payload(spec.to_payload()).to_payload() == spec.to_payload()
 
 
 def test_run_spec_feeds_a_run_recorder(tmp_path):
-    from grpo_swarm.protocol.audit import RunRecorder
+    from grpo_swarm.protocol.recorder import RunRecorder
     from grpo_swarm.protocol.identity import Identity
     from grpo_swarm.protocol.log import ProtocolLog
 

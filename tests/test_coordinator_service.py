@@ -14,7 +14,8 @@ import torch
 from grpo_swarm.coordinator.service import ServerLimits
 from grpo_swarm.node import proving
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
-from grpo_swarm.protocol.audit import audit, load_hooks
+from grpo_swarm.protocol.audit import audit
+from grpo_swarm.protocol.run_spec import load_hooks
 from grpo_swarm.protocol.client import CoordinatorError
 from grpo_swarm.protocol.errors import ProtocolError
 from grpo_swarm.protocol.identity import Identity

@@ -11,7 +11,8 @@ import torch
 from grpo_swarm.coordinator.limits import NonceWindow, RateLimiter
 from grpo_swarm.coordinator.store import CoordinatorStore, majority_hash
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
-from grpo_swarm.protocol.audit import RunRecorder, audit
+from grpo_swarm.protocol.audit import audit
+from grpo_swarm.protocol.recorder import RunRecorder
 from grpo_swarm.protocol.errors import ProtocolError
 from grpo_swarm.protocol.identity import Identity
 from grpo_swarm.protocol.log import LogError, ProtocolLog

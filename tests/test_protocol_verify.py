@@ -16,7 +16,7 @@ from json_strategies import json_values
 
 from grpo_swarm.node import grpo
 from grpo_swarm.protocol import ReasonCode
-from grpo_swarm.protocol.audit import RunSpec
+from grpo_swarm.protocol.run_spec import RunSpec
 from grpo_swarm.protocol.proofs import MAX_PROOF_BYTES, build_reward_proof, prompt_hash, proof_signing_bytes
 from grpo_swarm.protocol.verify import (
     SpotCheckUnavailable,

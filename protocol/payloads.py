@@ -1,0 +1,93 @@
+"""Log payloads (version 1) and their encoding helpers; hex = lowercase hex, b64 = standard base64 with padding.
+
+Log payloads (version 1; hex = lowercase hex, b64 = standard base64 with padding):
+
+=====================  ===========================================================================
+kind                   payload
+=====================  ===========================================================================
+run_started            :meth:`RunSpec.to_payload`: run constants, the verifier ``policy``, the
+                       spot-check salt commitment of round 0 (hex or null), optional
+                       ``log_signers``, and ``node`` (dataset, model, sampling; read by the hooks)
+node_registered        ``{"node_id", "public_key": hex}``
+snapshot_published     ``{"version", "sha256": hex}`` (the new current version)
+proofs_accepted        ``{"node_id", "group_id", "round", "version", "proofs": [b64 RewardProof],
+                       "spot_checked": [completion indices]}``
+proofs_rejected        ``{"node_id" or null, "code", "detail", "member" or null, "evidence":
+                       {"proofs": [b64]} | {"bytes": b64, "size", "sha256": hex, "truncated"}}``
+round_closed           ``{"round", "participants": [node_id], "weights": {node_id: w},
+                       "spot_check_salt": hex or null, "next_spot_check_commitment": hex or null}``
+node_banned            ``{"node_id", "reason", "evidence_index" or null}``
+=====================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from typing import Any, Sequence
+
+from . import grpo_swarm_pb2 as pb
+from .identity import PUBLIC_KEY_SIZE, node_id_from_public_key
+from .verify import Verdict
+
+RewardProof = pb.RewardProof
+SALT_SIZE = 32
+MAX_EVIDENCE_BYTES = 64 * 1024
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: Any, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise ValueError(f"{what} is not valid base64") from None
+
+
+def hex_bytes(text: Any, what: str, size: int | None = None) -> bytes:
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a hex string")
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"{what} is not hex") from None
+    if size is not None and len(raw) != size:
+        raise ValueError(f"{what} must be {size} bytes")
+    return raw
+
+
+def accepted_payload(proofs: Sequence[RewardProof], verdict: Verdict) -> dict:
+    first = proofs[0]
+    return {
+        "node_id": node_id_from_public_key(first.node_public_key),
+        "group_id": first.group_id,
+        "round": first.round_index,
+        "version": first.policy.version,
+        "proofs": [b64(p.SerializeToString()) for p in sorted(proofs, key=lambda p: p.completion_index)],
+        "spot_checked": sorted(verdict.spot_checked),
+    }
+
+
+def raw_evidence(data: bytes) -> dict:
+    data = bytes(data)
+    return {"bytes": b64(data[:MAX_EVIDENCE_BYTES]), "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "truncated": len(data) > MAX_EVIDENCE_BYTES}
+
+
+def rejected_payload(verdict: Verdict, *, proofs: Sequence[RewardProof] | None = None, raw: bytes | None = None) -> dict:
+    if (proofs is None) == (raw is None):
+        raise ValueError("give the rejected proofs or the raw bytes")
+    node_id = None
+    if proofs:
+        key = proofs[0].node_public_key
+        if len(key) == PUBLIC_KEY_SIZE:
+            node_id = node_id_from_public_key(key)
+    evidence = {"proofs": [b64(p.SerializeToString()) for p in proofs]} if proofs is not None else raw_evidence(raw)
+    return {"node_id": node_id, "code": verdict.code.value, "detail": verdict.detail, "member": verdict.member,
+            "evidence": evidence}
+

@@ -1,0 +1,197 @@
+"""The coordinator's logging verifier: :class:`RunRecorder` verifies proofs and writes what it does
+to a protocol log; :func:`restore_state` rebuilds its state from that log after a restart.
+
+Spot-check salts: the verifier draws a secret 32-byte salt per round and logs ``SHA-256(salt)``
+before the round (run_started for round 0, ``next_spot_check_commitment`` of the previous
+round_closed after that); round_closed reveals it. Proofs verified during round ``r`` are
+selected with round ``r``'s salt (:func:`.verify.spot_check_selected`), so the selection can be
+replayed once the round is closed. A run started with a null commitment uses the empty salt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from typing import Callable, Iterable, Mapping, Sequence
+
+from . import grpo_swarm_pb2 as pb
+from .errors import ProtocolError
+from .identity import PUBLIC_KEY_SIZE, Identity, node_id_from_public_key
+from .log import (
+    NODE_BANNED,
+    NODE_REGISTERED,
+    PROOFS_ACCEPTED,
+    PROOFS_REJECTED,
+    ROUND_CLOSED,
+    RUN_STARTED,
+    SNAPSHOT_PUBLISHED,
+    ChainChecker,
+    LogEntry,
+    LogError,
+    ProtocolLog,
+)
+from .payloads import SALT_SIZE, hex_bytes, unb64, accepted_payload, rejected_payload
+from .proofs import parse_proof
+from .run_spec import AuditHooks, RunSpec
+from .verify import InMemoryVerifierState, Verdict
+
+RewardProof = pb.RewardProof
+
+
+class RunRecorder:
+    """A verifier that writes what it does to a protocol log (the heart of a coordinator, and what
+    the tests drive). Holds the in-memory state and the secret per-round spot-check salts.
+
+    ``on_salt(round, salt)`` is called with each newly drawn secret salt *before* its commitment is
+    logged, so a coordinator can store it durably first (and reveal it after a restart);
+    :meth:`resume` rebuilds a recorder from an existing log and those stored salts."""
+
+    def __init__(self, log: ProtocolLog, identity: Identity, spec: RunSpec, *, salted: bool = True,
+                 hooks: AuditHooks | None = None, urandom: Callable[[int], bytes] = os.urandom,
+                 on_salt: Callable[[int, bytes], None] | None = None, _resume: bool = False):
+        self.log, self.identity, self._urandom = log, identity, urandom
+        self.salted = salted
+        self._on_salt = on_salt
+        self.round_accepted: Counter[str] = Counter()  # node -> accepted proofs this round
+        self.hooks = hooks or AuditHooks()
+        if _resume:
+            return
+        self._salt = self._draw_salt(0)
+        spec = RunSpec(**{**spec.__dict__, "spot_check_commitment": hashlib.sha256(self._salt).digest() if salted else None})
+        self.spec = spec
+        self.state = spec.new_state(self._salt)
+        self.verifier = self.hooks.verifier(self.state, spec.policy)
+        self.log.append(RUN_STARTED, spec.to_payload(), identity)
+
+    def _draw_salt(self, round_index: int) -> bytes:
+        if not self.salted:
+            return b""
+        salt = self._urandom(SALT_SIZE)
+        if self._on_salt is not None:
+            self._on_salt(round_index, salt)
+        return salt
+
+    @classmethod
+    def resume(cls, log: ProtocolLog, identity: Identity, *, salts: Mapping[int, bytes], hooks: AuditHooks | None = None,
+               urandom: Callable[[int], bytes] = os.urandom,
+               on_salt: Callable[[int, bytes], None] | None = None) -> RunRecorder:
+        """A recorder that continues ``log`` (written by ``identity``): the state is rebuilt from its
+        entries (:func:`restore_state`, which checks the chain), ``salts`` are the stored secrets.
+        LogError when the log is empty, broken or not signed by ``identity``."""
+        spec, state, round_accepted = restore_state(log.entries(), salts, trusted=[identity.public_key_bytes])
+        rec = cls(log, identity, spec, salted=spec.spot_check_commitment is not None, hooks=hooks, urandom=urandom,
+                  on_salt=on_salt, _resume=True)
+        if rec.salted and state.spot_check_salt is None:
+            raise LogError(f"the secret spot-check salt of the open round {state.current_round} is not stored")
+        rec.spec, rec.state, rec.round_accepted = spec, state, round_accepted
+        rec._salt = state.spot_check_salt or b""
+        rec.verifier = rec.hooks.verifier(state, spec.policy)
+        return rec
+
+    def register(self, public_key: bytes) -> str:
+        node_id = self.state.register(public_key)
+        self.log.append(NODE_REGISTERED, {"node_id": node_id, "public_key": bytes(public_key).hex()}, self.identity)
+        return node_id
+
+    def publish_snapshot(self, version: int, sha256: bytes) -> LogEntry:
+        self.state.publish_snapshot(version, sha256)
+        return self.log.append(SNAPSHOT_PUBLISHED, {"version": version, "sha256": bytes(sha256).hex()}, self.identity)
+
+    def ban(self, node_id: str, reason: str, evidence_index: int | None = None) -> None:
+        self.state.ban(node_id)
+        self.log.append(NODE_BANNED, {"node_id": node_id, "reason": reason, "evidence_index": evidence_index},
+                        self.identity)
+
+    def _record(self, proofs: Sequence[RewardProof], verdict: Verdict, now_ms: int | None) -> LogEntry:
+        if verdict.accepted:
+            self.round_accepted[node_id_from_public_key(proofs[0].node_public_key)] += len(proofs)
+            return self.log.append(PROOFS_ACCEPTED, accepted_payload(proofs, verdict), self.identity, time_ms=now_ms)
+        return self.log.append(PROOFS_REJECTED, rejected_payload(verdict, proofs=proofs), self.identity, time_ms=now_ms)
+
+    def submit(self, proofs: Sequence[RewardProof], *, now_ms: int | None = None) -> list[Verdict]:
+        """Verify proofs (any number of groups) and log one accepted/rejected entry per group."""
+        return [verdict for _, verdict, _ in self.submit_logged(proofs, now_ms=now_ms)]
+
+    def submit_logged(self, proofs: Sequence[RewardProof], *,
+                      now_ms: int | None = None) -> list[tuple[list[RewardProof], Verdict, LogEntry]]:
+        """:meth:`submit`, returning each group with its verdict and the log entry recording it."""
+        return [(group, verdict, self._record(group, verdict, now_ms))
+                for group, verdict in self.verifier.verify_batch(proofs, now_ms=now_ms)]
+
+    def submit_bytes(self, blobs: Sequence[bytes], *, now_ms: int | None = None) -> Verdict:
+        """Verify one group received as serialised proofs; unparseable bytes are logged as evidence."""
+        for data in blobs:
+            try:
+                parse_proof(data, verify=False)
+            except ProtocolError as e:
+                verdict = Verdict.reject(e.code, e.detail)
+                self.log.append(PROOFS_REJECTED, rejected_payload(verdict, raw=data), self.identity, time_ms=now_ms)
+                return verdict
+        proofs = [parse_proof(d, verify=False) for d in blobs]
+        verdict = self.verifier.verify_group(proofs, now_ms=now_ms)
+        self._record(proofs, verdict, now_ms)
+        return verdict
+
+    def close_round(self, weights: Mapping[str, float] | None = None) -> LogEntry:
+        """Close the current round: participants = nodes (not banned) with proofs accepted during it;
+        weights default to their share of those proofs. Reveals this round's salt, commits to the next."""
+        participants = sorted(n for n in self.round_accepted if not self.state.is_banned(n))
+        if weights is None:
+            total = sum(self.round_accepted[n] for n in participants)
+            weights = {n: self.round_accepted[n] / total for n in participants} if total else {}
+        next_salt = self._draw_salt(self.state.current_round + 1)
+        payload = {
+            "round": self.state.current_round,
+            "participants": participants,
+            "weights": dict(weights),
+            "spot_check_salt": self._salt.hex() if self.salted else None,
+            "next_spot_check_commitment": hashlib.sha256(next_salt).hexdigest() if self.salted else None,
+        }
+        entry = self.log.append(ROUND_CLOSED, payload, self.identity)
+        self._salt = next_salt
+        self.state.close_round(next_salt)
+        self.round_accepted.clear()
+        return entry
+
+
+def restore_state(entries: Iterable[LogEntry], salts: Mapping[int, bytes], *,
+                  trusted: Iterable[bytes] | None = None) -> tuple[RunSpec, InMemoryVerifierState, Counter]:
+    """The verifier state at the end of a log, without re-verifying proofs (the log is the
+    recorder's own; its chain and signatures are checked): (spec, state, accepted proofs per node
+    in the open round). ``salts`` maps round -> secret salt. LogError on a broken or empty log."""
+    checker = ChainChecker(trusted)
+    spec: RunSpec | None = None
+    state: InMemoryVerifierState | None = None
+    round_accepted: Counter[str] = Counter()
+    for e in entries:
+        problem = checker.feed(e)
+        if problem is not None:
+            raise LogError(problem.reason, index=problem.index)
+        p = e.payload
+        if e.kind == RUN_STARTED:
+            if spec is not None:
+                raise LogError("a second run_started entry", index=e.index)
+            spec = RunSpec.from_payload(p)
+            state = spec.new_state(salts.get(0) if spec.spot_check_commitment is not None else b"")
+            continue
+        if state is None:
+            raise LogError(f"{e.kind} before run_started", index=e.index)
+        if e.kind == NODE_REGISTERED:
+            state.register(hex_bytes(p["public_key"], "public_key", PUBLIC_KEY_SIZE))
+        elif e.kind == NODE_BANNED:
+            state.ban(p["node_id"])
+        elif e.kind == SNAPSHOT_PUBLISHED:
+            state.publish_snapshot(p["version"], hex_bytes(p["sha256"], "sha256", 32))
+        elif e.kind == PROOFS_ACCEPTED:
+            proofs = [parse_proof(unb64(b, "proof"), verify=False) for b in p["proofs"]]
+            state.record_accepted(p["node_id"], p["group_id"], max(q.sequence for q in proofs))
+            round_accepted[p["node_id"]] += len(proofs)
+        elif e.kind == ROUND_CLOSED:
+            salted = spec.spot_check_commitment is not None
+            state.close_round(salts.get(state.current_round + 1) if salted else b"")
+            round_accepted.clear()
+    if spec is None:
+        raise LogError("the log has no run_started entry")
+    return spec, state, round_accepted
+
