@@ -24,6 +24,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from . import fast_forward
+from .noise import KeyedNoise, group_keys, keys_tensor
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ class RolloutBatch:
 
 class RolloutBackend(Protocol):
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], group_size: int, params: SamplingParams, seed: int
+        self, prompt_ids: Sequence[Sequence[int]], group_size: int, params: SamplingParams, seed: int,
+        noise_keys: Sequence[tuple[int, int]] | None = None,
     ) -> RolloutBatch: ...
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
@@ -104,53 +106,21 @@ def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Te
     return torch.log_softmax(logits, dim=-1)
 
 
-def gumbel_noise(shape, generator: torch.Generator, device, dtype=torch.float32) -> torch.Tensor:
-    """Standard Gumbel noise ``-log(-log U)``, U ~ U[0, 1) from ``torch.rand``.
-
-    Never +inf: ``torch.rand`` can return exactly 0 (float32 has 24 random bits: p = 6e-8 per entry,
-    i.e. once every ~21 decode steps of 16 rows over a 49,152-token vocabulary), which here gives -inf
-    (that token cannot win) rather than +inf (that token wins whatever its probability — the flaw of
-    the exponential race ``p / E`` with ``E = -log(1 - U)``).
-    """
-    return gumbel_from_uniform(torch.rand(shape, generator=generator, dtype=dtype, device=device))
-
-
-def gumbel_from_uniform(uniform: torch.Tensor) -> torch.Tensor:
-    """``-log(-log U)`` in place: U = 0 gives -inf, U in (0, 1) a finite value."""
-    return uniform.log_().neg_().log_().neg_()
-
-
 def sample_tokens(logps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """One token per row from log-probabilities [B, V]: the Gumbel-max trick, argmax(log p + G).
+    """One token per row from log-probabilities [B, V]: the Gumbel-max trick, argmax(log p + g).
 
-    Exactly categorical sampling (P(argmax = i) = p_i) in two kernels given the noise
-    (:func:`gumbel_noise`, drawn for several decode steps at once by :class:`NoiseSource`); tokens with
-    probability 0 (log p = -inf) are never chosen.
+    Exactly categorical sampling (P(argmax = i) = p_i) in two kernels given the noise; the noise is
+    the run's keyed noise (:class:`.noise.KeyedNoise`), so the token is a function of the policy and
+    the completion's identity that a verifier can recompute. Tokens with probability 0
+    (log p = -inf) are never chosen; ties go to the lowest index.
     """
     return (logps + noise).argmax(dim=-1)
 
 
-class NoiseSource:
-    """Gumbel noise for the decode loop, drawn for up to ``budget`` entries' worth of steps at a time.
-
-    Drawing one [steps, B, V] block instead of one [B, V] block per step saves four kernels per step
-    (the tiny model's decode step is mostly kernel overhead). When rows leave the batch, the rest of
-    the block is dropped and the next one is drawn for the new batch size.
-    """
-
-    def __init__(self, generator: torch.Generator, vocab: int, steps: int, device, budget: int = 1 << 22):
-        self.generator, self.vocab, self.steps, self.device, self.budget = generator, vocab, steps, device, budget
-        self.block: torch.Tensor | None = None
-        self.first = 0
-
-    def at(self, step: int, rows: int) -> torch.Tensor:
-        """Noise [rows, V] for decode step ``step``."""
-        block = self.block
-        if block is None or block.size(1) != rows or step - self.first >= block.size(0):
-            count = max(1, min(self.steps - step, self.budget // max(1, rows * self.vocab)))
-            self.block = block = gumbel_noise((count, rows, self.vocab), self.generator, self.device)
-            self.first = step
-        return block[step - self.first]
+def seed_noise_keys(seed: int, num_prompts: int, group_size: int) -> list[tuple[int, int]]:
+    """Noise keys for sampling outside a swarm: the run's keyed noise with ``seed`` as the run seed,
+    no node id, round 0 and prompt = position in the batch."""
+    return group_keys(seed & (2**64 - 1), "", 0, range(num_prompts), group_size)
 
 
 def eos_and_pad_ids(model: PreTrainedModel, tokenizer) -> tuple[list[int], int]:
@@ -276,11 +246,10 @@ class TransformersBackend:
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state_dict, strict=False)
 
-    def _sample(self, prompt_ids, group_size: int, params: SamplingParams, seed: int, fast: bool):
+    def _sample(self, prompt_ids, group_size: int, params: SamplingParams, keys: torch.Tensor, fast: bool):
         """The decode loop: tokens [N, L] and their log-probs [N, L] (valid up to each row's first EOS),
-        and the number of steps taken."""
+        and the number of steps taken. ``keys``: each row's noise key, int32 [N, 2]."""
         model, device = self.model, self.model.device
-        gen = torch.Generator(device=device).manual_seed(seed)
         ids, attn = (t.to(device) for t in left_pad(prompt_ids, self.pad_id))
         decoder = (FastDecoder if fast else HFDecoder)(model)
         logits = decoder.start(ids, attn, group_size, capacity=ids.size(1) + params.max_new_tokens)
@@ -288,7 +257,7 @@ class TransformersBackend:
         n, max_new = logits.size(0), params.max_new_tokens
         tokens = torch.full((n, max_new), self.pad_id, dtype=torch.long, device=device)
         logps = torch.zeros((n, max_new), dtype=torch.float32, device=device)
-        noise = NoiseSource(gen, logits.size(-1), max_new, device)
+        noise = KeyedNoise(keys, logits.size(-1), max_new)
         active = None  # rows in the decoder's batch, in its order; None = all rows, in order
         done = torch.zeros(n, dtype=torch.bool, device=device)  # per batch row: has sampled an EOS
         eos = self.eos.to(device)
@@ -298,7 +267,7 @@ class TransformersBackend:
         # everything after a row's first EOS is masked by the caller) until the batch is compacted.
         for t in range(max_new):
             step_logps = processed_logprobs(logits, params)
-            tok = sample_tokens(step_logps, noise.at(t, step_logps.size(0)))
+            tok = sample_tokens(step_logps, noise.at(t, active))
             tok_logps = step_logps.gather(1, tok[:, None]).squeeze(1)
             if active is None:
                 tokens[:, t], logps[:, t] = tok, tok_logps
@@ -319,18 +288,26 @@ class TransformersBackend:
 
     @torch.no_grad()
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], group_size: int, params: SamplingParams, seed: int
+        self, prompt_ids: Sequence[Sequence[int]], group_size: int, params: SamplingParams, seed: int,
+        noise_keys: Sequence[tuple[int, int]] | None = None,
     ) -> RolloutBatch:
+        """Sample ``group_size`` completions per prompt. ``noise_keys``: each row's key (group-major,
+        :func:`.noise.group_keys`), which fixes its completion; default: keys derived from ``seed``."""
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("every prompt needs at least one token")
         model, device = self.model, self.model.device
+        if noise_keys is None:
+            noise_keys = seed_noise_keys(seed, len(prompt_ids), group_size)
+        if len(noise_keys) != len(prompt_ids) * group_size:
+            raise ValueError(f"{len(noise_keys)} noise keys for {len(prompt_ids)} prompts x G={group_size}")
+        keys = keys_tensor(noise_keys, device)
         fast = fast_forward.supports(model)
         switch_mode = model.training and not fast  # the fast path has no dropout: no mode to switch
         if switch_mode:  # (model.train() walks every module: ~0.6 ms on the tiny model, per call)
             model.eval()
         try:
             with intra_op_threads(decode_threads(self.num_parameters, len(prompt_ids) * group_size, device)):
-                tokens, logps, steps = self._sample(prompt_ids, group_size, params, seed, fast)
+                tokens, logps, steps = self._sample(prompt_ids, group_size, params, keys, fast)
         finally:
             if switch_mode:
                 model.train()

@@ -150,8 +150,13 @@ class VLLMBackend:
         )
 
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], group_size: int, params: SamplingParams, seed: int
+        self, prompt_ids: Sequence[Sequence[int]], group_size: int, params: SamplingParams, seed: int,
+        noise_keys: Sequence[tuple[int, int]] | None = None,
     ) -> RolloutBatch:
+        if noise_keys is not None:
+            # vLLM's sampler draws its own noise; swarm proofs need the run's keyed noise
+            raise NotImplementedError("the vLLM backend cannot sample with the run's keyed noise (proof of sampling) "
+                                      "yet: swarm nodes sample with --backend transformers")
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("every prompt needs at least one token")
         # TokensPrompt is a TypedDict: a plain dict with the same key is the same thing.

@@ -128,10 +128,14 @@ class GRPOTrainer:
                 raise ValueError(f"prompt of example {ex.index} has {len(seq)} tokens > data.max_prompt_length={limit}")
         return texts, ids
 
-    def rollout(self, examples: Sequence[PromptExample], seed: int) -> tuple[list[str], RolloutBatch]:
+    def rollout(self, examples: Sequence[PromptExample], seed: int,
+                noise_keys: Sequence[tuple[int, int]] | None = None) -> tuple[list[str], RolloutBatch]:
+        """Sample the groups of ``examples``; ``noise_keys`` (one per completion, group-major) fix the
+        completions a swarm node must produce (:mod:`.noise`), else they derive from ``seed``."""
         texts, ids = self.encode_prompts(examples)
+        kw = {} if noise_keys is None else {"noise_keys": noise_keys}
         with self._amp():
-            batch = self.backend.generate(ids, self.cfg.grpo.group_size, self.params, seed)
+            batch = self.backend.generate(ids, self.cfg.grpo.group_size, self.params, seed, **kw)
         batch.policy_version = self.version
         return texts, batch
 

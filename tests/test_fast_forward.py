@@ -113,24 +113,6 @@ def test_lm_head_logprobs_value_gradient_and_entropy():
     assert torch.allclose(gh, rh, atol=1e-5) and torch.allclose(gw, rw, atol=1e-5)
 
 
-def test_sample_tokens_draws_from_the_distribution():
-    """Gumbel-max samples each token with its probability (chi-square over 200,000 draws) and never a
-    token of probability 0."""
-    from grpo_swarm.node.rollout import gumbel_noise, sample_tokens
-
-    probs = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625, 0.0])
-    logps = probs.log().expand(20_000, -1).contiguous()
-    gen = torch.Generator().manual_seed(0)
-    counts = torch.zeros(len(probs))
-    for _ in range(10):
-        counts += torch.bincount(sample_tokens(logps, gumbel_noise(logps.shape, gen, 'cpu')),
-                                 minlength=len(probs)).float()
-    assert counts[-1] == 0
-    expected = probs[:-1] * counts.sum()
-    chi2 = float(((counts[:-1] - expected) ** 2 / expected).sum())
-    assert chi2 < 18.5, (counts, chi2)  # 4 degrees of freedom: p < 0.001
-
-
 def test_swiglu_gradient_is_exact():
     """The fused SwiGLU's one-buffer backward equals autograd's (double-precision gradcheck), and
     without gradients it is plain silu(gate) * up."""
@@ -140,30 +122,6 @@ def test_swiglu_gradient_is_exact():
     gate, up = gate_up.detach().chunk(2, dim=-1)
     with torch.no_grad():
         assert torch.equal(fast_forward.swiglu(gate_up), torch.nn.functional.silu(gate) * up)
-
-
-def test_gumbel_noise_is_never_plus_infinity():
-    """torch.rand can return exactly 0: that entry must lose (-inf), not win whatever its probability."""
-    from grpo_swarm.node.rollout import gumbel_from_uniform, sample_tokens
-
-    noise = gumbel_from_uniform(torch.tensor([0.0, 2.0**-24, 0.5, 1 - 2.0**-24]))
-    assert noise[0] == float("-inf") and torch.isfinite(noise[1:]).all()
-    logps = torch.tensor([[float("-inf"), 0.0, float("-inf")], [-0.1, -3.0, -30.0]])
-    forced = gumbel_from_uniform(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.0]]))
-    assert sample_tokens(logps, forced).tolist() == [1, 0]
-
-
-def test_noise_source_blocks_follow_the_batch():
-    """Noise comes in blocks of several steps; a smaller batch gets a fresh block of its own size."""
-    from grpo_swarm.node.rollout import NoiseSource
-
-    source = NoiseSource(torch.Generator().manual_seed(0), vocab=5, steps=10, device="cpu", budget=40)
-    first = source.at(0, 4)
-    assert first.shape == (4, 5) and source.block.shape == (2, 4, 5)
-    assert torch.equal(source.at(1, 4), source.block[1])
-    assert source.at(2, 4).shape == (4, 5) and source.first == 2
-    assert source.at(3, 3).shape == (3, 5) and source.first == 3
-    assert not torch.equal(source.at(3, 3), first[:3])
 
 
 def test_rms_norm_gradient_is_exact():
