@@ -53,6 +53,8 @@ __all__ = [
 
 TEMPLATE = "run.toml"
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MIN_DEFAULT_PROOF_TIME_SKEW_S = 600.0  # the derived proof-time window is never shorter than this
+MAX_PROOF_TIME_SKEW_S = 30 * 86400.0  # ... nor longer than this (nor may it be set longer)
 
 
 class RunSettings(Section):
@@ -83,13 +85,30 @@ class SwarmSettings(Section):
     heartbeat_interval_s: float = Field(10.0, gt=0, description="how often nodes report to the coordinator")
     round_timeout_s: float = Field(
         600.0, gt=0, description="close a round after this long even below samples_per_round (if it has any)")
+    max_proof_time_skew_s: float | None = Field(
+        None, gt=0, le=MAX_PROOF_TIME_SKEW_S,
+        description="proofs whose time_ms is further than this from the coordinator's clock, either way, are "
+                    "rejected TIME_SKEW; None = max(600, (max_staleness + max_round_lag + 1) × round_timeout_s)")
 
-    @field_validator("matchmaking_timeout_s", "averaging_timeout_s", "heartbeat_interval_s", "round_timeout_s")
+    @field_validator("matchmaking_timeout_s", "averaging_timeout_s", "heartbeat_interval_s", "round_timeout_s",
+                     "max_proof_time_skew_s")
     @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
             raise ValueError("must be finite")
         return v
+
+    def proof_time_skew_ms(self) -> int:
+        """The verifier's ``max_time_skew_ms`` (it rejects ``abs(time_ms - now) > skew``). A proof is
+        stamped when it is made; the default lets it wait as long as it can still be accepted (it may
+        lag η versions and ``max_round_lag`` rounds behind, a round lasts up to round_timeout_s) plus
+        the round it was made in, and never less than 10 minutes (clock skew between volunteers'
+        machines, retries across a coordinator restart). Timestamps such as 0, a date years ahead or
+        -2**63 are refused under any setting."""
+        if self.max_proof_time_skew_s is not None:
+            return int(self.max_proof_time_skew_s * 1000)
+        rounds = self.max_staleness + self.max_round_lag + 1
+        return int(min(MAX_PROOF_TIME_SKEW_S, max(MIN_DEFAULT_PROOF_TIME_SKEW_S, rounds * self.round_timeout_s)) * 1000)
 
 
 class RunConfig(Section):
@@ -113,6 +132,7 @@ class RunConfig(Section):
             max_completion_tokens=self.grpo.max_completion_length,
             advantage_scale="group" if self.grpo.scale_rewards == "group" else "none",
             spot_check_rate=self.swarm.spot_check_rate,
+            max_time_skew_ms=self.swarm.proof_time_skew_ms(),
             **extra,
         )
 

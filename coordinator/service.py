@@ -22,6 +22,7 @@ import grpc
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.errors import ProtocolError, ReasonCode
+from grpo_swarm.protocol.hygiene import check_uint64_range, parse_request
 from grpo_swarm.protocol.identity import node_id_from_public_key
 from grpo_swarm.protocol.log import ProtocolLog
 from grpo_swarm.protocol.proofs import check_envelope, parse_envelope, parse_proof_batch
@@ -87,6 +88,7 @@ class CoordinatorService:
     def _open(self, method: str, data: bytes, kind: str | None = None) -> tuple[pb.SignedEnvelope, str | None]:
         try:
             env = parse_envelope(data, max_bytes=self.limits.max_request_bytes)
+            check_uint64_range(env)  # the nonce too: nothing above 2**63-1 gets past the door
             if not env.signature:
                 raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "request is not signed (empty signature)")
             check_envelope(env, expected_kind=kind or REQUEST_KIND[method])
@@ -111,12 +113,13 @@ class CoordinatorService:
 
     @staticmethod
     def _payload(cls, env: pb.SignedEnvelope):
-        msg = cls()
+        """The envelope's payload as a ``cls``: INVALID_ARGUMENT naming the message (and field) if it
+        does not parse, has unknown fields, or holds a uint64 above 2**63-1 (SQLite's limit), so that
+        no such value reaches a handler or the store."""
         try:
-            msg.ParseFromString(env.payload)
-        except Exception:  # noqa: BLE001
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"payload is not a {cls.DESCRIPTOR.name}") from None
-        return msg
+            return parse_request(cls, env.payload)
+        except ProtocolError as e:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{e.code.value}: {e.detail}") from None
 
     def _fail(self, method: str, context, exc: Exception):
         if isinstance(exc, _Refused):
@@ -156,7 +159,8 @@ class CoordinatorService:
 
     def submit(self, env, node_id):
         try:
-            batch = parse_proof_batch(env.payload, verify=False)
+            batch = parse_proof_batch(env.payload, verify=False)  # unknown fields are refused there
+            check_uint64_range(batch)
         except ProtocolError as e:
             raise _Refused(_PROTOCOL_STATUS.get(e.code, grpc.StatusCode.INVALID_ARGUMENT),
                            f"{e.code.value}: {e.detail}") from None

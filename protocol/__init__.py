@@ -15,6 +15,9 @@ hivemind), so verifiers can use it alone. Modules:
 * :mod:`.errors` — ProtocolError and the stable ReasonCode enum;
 * :mod:`.rpc` — the coordinator's gRPC API as both sides see it (method paths, limits, signed
   snapshot manifests and admission tickets); :mod:`.client` is its client (needs grpcio).
+* :mod:`.hygiene` — what every request payload must satisfy besides parsing (no unknown fields,
+  no uint64 above 2**63-1); :mod:`.retry` — the client's retry budget; :mod:`.partfiles` — the
+  ``.part`` files of resumable downloads and their cleanup.
 
 Model-side callables (reward recomputation, decoding, spot-check log-probabilities) are injected;
 ``grpo_swarm.node.proving`` provides them.

@@ -7,7 +7,13 @@ every manifest and admission ticket is checked against it.
 
 Downloads are resumable: :meth:`CoordinatorClient.download_snapshot` writes ``<dest>.part``,
 checks each chunk against the signed manifest as it arrives, and on a later call re-checks the
-chunks already on disk and asks only for the rest.
+chunks already on disk and asks only for the rest. Stale ``.part`` files of other versions in the
+same folder are removed (:mod:`.partfiles`).
+
+Transient failures (UNAVAILABLE: the coordinator restarting, a broken connection) are retried with
+jittered backoff (:mod:`.retry`; ``retries``, ``retry_deadline_s``) for every call but
+UploadSnapshot, each attempt signed anew with a fresh nonce; streams resume after what they
+delivered. When the budget is spent the error names the address and what to check.
 """
 
 from __future__ import annotations
@@ -16,17 +22,21 @@ import hashlib
 import json
 import os
 import queue
+import random
 import threading
+import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import grpc
 
 from . import grpo_swarm_pb2 as pb
+from . import partfiles
 from .errors import ProtocolError
 from .identity import Identity
 from .log import LogEntry, parse_jsonl_line
 from .proofs import seal_envelope
+from .retry import TRANSIENT_CODES, Attempts, RetryPolicy
 from .rpc import (
     NonceSource,
     channel_options,
@@ -54,9 +64,15 @@ def _identity(x: bytes) -> bytes:
 
 
 class CoordinatorClient:
+    """``retries`` / ``retry_deadline_s``: how many times, and for how long, a call that failed with
+    UNAVAILABLE is tried again (``retries=0``: never); ``self.retry`` may be replaced any time."""
+
     def __init__(self, address: str, identity: Identity, *, coordinator_key: bytes | None = None,
-                 root_certificates: bytes | None = None, timeout_s: float = DEFAULT_TIMEOUT_S):
+                 root_certificates: bytes | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 retries: int = RetryPolicy.retries, retry_deadline_s: float = RetryPolicy.deadline_s):
         self.address, self.identity, self.timeout_s = address, identity, timeout_s
+        self.retry = RetryPolicy(retries=retries, deadline_s=retry_deadline_s)
+        self._rng = random.Random()
         self.coordinator_key = bytes(coordinator_key) if coordinator_key is not None else None
         options = channel_options()
         if root_certificates is None:
@@ -80,24 +96,58 @@ class CoordinatorClient:
     def seal(self, message, kind: str | None = None) -> bytes:
         return seal_envelope(message, self.identity, nonce=self._nonce(), kind=kind).SerializeToString()
 
+    def _wait_or_raise(self, method: str, error: grpc.RpcError, attempts: Attempts) -> None:
+        """Sleep before the next attempt if ``error`` is transient and the budget allows one, else
+        raise it as a CoordinatorError (saying where and what to check once retries are spent)."""
+        code, detail = error.code().name, error.details() or ""
+        if code not in TRANSIENT_CODES:
+            raise CoordinatorError(method, code, detail) from None
+        delay = attempts.next_delay(self._rng)
+        if delay is None:
+            if self.retry.retries:
+                detail = (f"{detail} (gave up after {attempts.made} attempts in {attempts.elapsed_s:.1f} s): check "
+                          f"that the coordinator at {self.address} is running and reachable from here, and that "
+                          "the address and the TLS setting are right")
+            raise CoordinatorError(method, code, detail) from None
+        time.sleep(delay)
+
     def _unary(self, method: str, message, reply_cls, timeout_s: float | None = None):
+        """One call, retried on UNAVAILABLE. Every method retried this way is idempotent or safe to
+        re-sign: Register (a second registration of the key answers newly_registered=false),
+        Heartbeat (the latest report wins), GetSnapshotManifest; and SubmitProofs, because the
+        coordinator refuses replayed proof sequences: if the first attempt was committed before the
+        connection broke, the retry gets REPLAYED_SEQUENCE verdicts instead of counting the
+        proofs twice (its ticket still counts them: tickets are cumulative per node and round)."""
         call = self.channel.unary_unary(method_path(method), request_serializer=_identity,
                                         response_deserializer=reply_cls.FromString)
-        try:
-            return call(self.seal(message), timeout=timeout_s or self.timeout_s)
-        except grpc.RpcError as e:
-            raise CoordinatorError(method, e.code().name, e.details() or "") from None
+        attempts = self.retry.attempts()
+        while True:
+            try:
+                return call(self.seal(message), timeout=timeout_s or self.timeout_s)  # a fresh nonce each time
+            except grpc.RpcError as e:
+                self._wait_or_raise(method, e, attempts)
 
-    def _stream(self, method: str, message, reply_cls, timeout_s: float | None) -> Iterator:
+    def _stream(self, method: str, request_for, reply_cls, timeout_s: float | None) -> Iterator:
+        """The replies of a server stream opened with ``request_for()``. After a transient failure
+        the stream is opened again with a new ``request_for()`` (the caller makes it resume after
+        what it has received); a stream that delivered something since gets a fresh retry budget."""
         call = self.channel.unary_stream(method_path(method), request_serializer=_identity,
                                          response_deserializer=reply_cls.FromString)
-        it = call(self.seal(message), timeout=timeout_s)
-        try:
-            yield from it
-        except grpc.RpcError as e:
-            raise CoordinatorError(method, e.code().name, e.details() or "") from None
-        finally:
-            it.cancel()
+        attempts = self.retry.attempts()
+        while True:
+            it = call(self.seal(request_for()), timeout=timeout_s)
+            delivered = False
+            try:
+                for reply in it:
+                    delivered = True
+                    yield reply
+                return
+            except grpc.RpcError as e:
+                if delivered:
+                    attempts = self.retry.attempts()
+                self._wait_or_raise(method, e, attempts)
+            finally:
+                it.cancel()
 
     def _pin(self, key: bytes) -> None:
         if self.coordinator_key is None:
@@ -141,7 +191,10 @@ class CoordinatorClient:
                           manifest: pb.SnapshotManifest | None = None, timeout_s: float | None = None,
                           max_chunks: int | None = None) -> pb.SnapshotManifest:
         """Download a snapshot to ``dest`` (resuming ``dest.part``); returns its verified manifest.
-        ``max_chunks`` stops after that many new chunks (leaving the .part file), for tests.
+        ``max_chunks`` stops after that many new chunks (leaving the .part file), for tests. A
+        broken stream is reopened after the last chunk received (within the retry budget); the
+        ``.part`` files of other versions in ``dest``'s folder are removed (:mod:`.partfiles`), and
+        a failure that left this one empty removes it too.
 
         A helper thread checks each chunk's SHA-256 and writes it at its offset while the next
         chunks arrive (hashlib and file writes release the GIL); a chunk reaches the file only
@@ -149,39 +202,59 @@ class CoordinatorClient:
         out of the received messages (:class:`_ReceivedChunk`)."""
         manifest = manifest or self.manifest(version)
         dest = Path(dest)
-        part = dest.with_name(dest.name + ".part")
-        offset = _verified_prefix(part, manifest)
-        with open(part, "r+b" if part.exists() else "wb", buffering=0) as f:
-            f.truncate(offset)
-            if offset < manifest.total_bytes:
-                req = pb.DownloadSnapshotRequest(version=manifest.snapshot.version, offset=offset,
-                                                 file_sha256=manifest.file_sha256)
-                writer = _ChunkWriter(f.fileno(), manifest)
-                stream = self._stream("DownloadSnapshot", req, _ReceivedChunk, timeout_s)
-                stopped = False
-                try:
-                    for n, chunk in enumerate(stream):
-                        if chunk.offset != offset:
-                            raise ProtocolError("MALFORMED", f"chunk at offset {chunk.offset}, expected {offset}")
-                        data = chunk.data
-                        writer.put(offset, data)
-                        offset += len(data)
-                        if max_chunks is not None and n + 1 >= max_chunks and offset < manifest.total_bytes:
-                            stopped = True
-                            break
-                finally:
-                    stream.close()
-                    failure = writer.close()  # every chunk handed over is checked (and written) by now
-                    if failure is not None:
-                        raise failure
-                if stopped:
-                    return manifest
-            os.fsync(f.fileno())
+        part = partfiles.part_path(dest)
+        partfiles.remove_stale(dest.parent, keep=manifest)  # leftovers of other versions (this dest's too)
+        partfiles.claim(dest, manifest)
+        # not open(part, "wb"): that would truncate a .part another download is writing
+        with open(os.open(part, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644), "r+b", buffering=0) as f:
+            if not partfiles.lock(f.fileno()):
+                raise CoordinatorError("DownloadSnapshot", "ABORTED", f"another download into {dest} is running")
+            try:
+                offset = self._download_into(f, part, manifest, timeout_s, max_chunks)
+            except BaseException:
+                if os.fstat(f.fileno()).st_size == 0:  # nothing to resume: leave no 0-byte .part behind
+                    partfiles.release(dest, remove_part=True)
+                raise
+            if offset is None:  # stopped early (max_chunks)
+                return manifest
         if offset != manifest.total_bytes:
             raise CoordinatorError("DownloadSnapshot", "DATA_LOSS",
                                    f"stream ended at {offset} of {manifest.total_bytes} bytes; call again to resume")
         os.replace(part, dest)
+        partfiles.release(dest)
+        partfiles.remove_stale(dest.parent, keep=manifest)  # what was left while this one ran
         return manifest
+
+    def _download_into(self, f, part: Path, manifest: pb.SnapshotManifest, timeout_s: float | None,
+                       max_chunks: int | None) -> int | None:
+        """Fill the open, locked ``.part`` file ``f`` from its verified prefix on, resuming the
+        stream after the last chunk received if it breaks; the bytes now in it (synced), or None if
+        ``max_chunks`` stopped it."""
+        offset = _verified_prefix(part, manifest)
+        f.truncate(offset)
+        if offset < manifest.total_bytes:
+            def request() -> pb.DownloadSnapshotRequest:  # (re)opens the stream where it stopped
+                return pb.DownloadSnapshotRequest(version=manifest.snapshot.version, offset=offset,
+                                                  file_sha256=manifest.file_sha256)
+
+            writer = _ChunkWriter(f.fileno(), manifest)
+            stream = self._stream("DownloadSnapshot", request, _ReceivedChunk, timeout_s)
+            try:
+                for n, chunk in enumerate(stream):
+                    if chunk.offset != offset:
+                        raise ProtocolError("MALFORMED", f"chunk at offset {chunk.offset}, expected {offset}")
+                    data = chunk.data
+                    writer.put(offset, data)
+                    offset += len(data)
+                    if max_chunks is not None and n + 1 >= max_chunks and offset < manifest.total_bytes:
+                        return None
+            finally:
+                stream.close()
+                failure = writer.close()  # every chunk handed over is checked (and written) by now
+                if failure is not None:
+                    raise failure
+        os.fsync(f.fileno())
+        return offset
 
     def submit_proofs(self, proofs: Sequence[pb.RewardProof]) -> pb.SubmitProofsResponse:
         reply = self._unary("SubmitProofs", pb.ProofBatch(proofs=list(proofs)), pb.SubmitProofsResponse)
@@ -203,6 +276,8 @@ class CoordinatorClient:
             for off, data in iter_file_chunks(path, 0, chunk_size):
                 yield self.seal(pb.SnapshotChunk(offset=off, data=data))
 
+        # not retried: the chunks come from a generator that a retry would have to rewind; a node
+        # whose upload broke calls again (the coordinator keeps nothing of a broken upload)
         call = self.channel.stream_unary(method_path("UploadSnapshot"), request_serializer=_identity,
                                          response_deserializer=pb.UploadSnapshotResponse.FromString)
         try:
@@ -211,9 +286,19 @@ class CoordinatorClient:
             raise CoordinatorError("UploadSnapshot", e.code().name, e.details() or "") from None
 
     def get_log(self, from_index: int = 0, max_entries: int = 0, timeout_s: float | None = None) -> Iterator[LogEntry]:
-        req = pb.GetLogRequest(from_index=from_index, max_entries=max_entries)
-        for line in self._stream("GetLog", req, pb.LogEntryLine, timeout_s):
-            yield parse_jsonl_line(line.json)
+        next_index, left = from_index, max_entries
+
+        def request() -> pb.GetLogRequest:  # (re)opens the stream after the last entry received
+            return pb.GetLogRequest(from_index=next_index, max_entries=left)
+
+        for line in self._stream("GetLog", request, pb.LogEntryLine, timeout_s):
+            entry = parse_jsonl_line(line.json)
+            next_index = entry.index + 1
+            yield entry
+            if max_entries:
+                left -= 1
+                if not left:  # (0 would ask for everything on a reopened stream)
+                    return
 
 
 def _verified_prefix(part: Path, manifest: pb.SnapshotManifest) -> int:

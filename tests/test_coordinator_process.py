@@ -18,6 +18,7 @@ import pytest
 
 from grpo_swarm.protocol.client import CoordinatorError
 from grpo_swarm.protocol.log import ProtocolLog
+from grpo_swarm.protocol.retry import RetryPolicy
 
 from coordinator_world import HonestNode, write_run_toml
 
@@ -95,6 +96,8 @@ def test_kill_9_during_submissions_loses_no_acknowledged_entry(tmp_path):
     coordinator_key = None
     try:
         nodes = [HonestNode(serve.address, tmp_path) for _ in range(6)]
+        for n in nodes:  # submissions after the kill must fail now, not ride it out
+            n.client.retry = RetryPolicy(retries=0)
         coordinator_key = nodes[0].reply.coordinator_public_key
         pending = [(n, g) for n in nodes for g in n.round_proofs()[1]]  # 12 groups of 4 real proofs
         acked: list[str] = []

@@ -345,7 +345,7 @@ def test_tls(tmp_path):
             assert client.register().current.version == 0
             client.download_snapshot(tmp_path / "snap.safetensors")
         # a plaintext client cannot talk to a TLS server
-        with CoordinatorClient(f"localhost:{port}", Identity.generate(), timeout_s=3) as plain:
+        with CoordinatorClient(f"localhost:{port}", Identity.generate(), timeout_s=3, retries=0) as plain:
             with pytest.raises(CoordinatorError) as info:
                 plain.register()
             assert info.value.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
