@@ -36,6 +36,7 @@ from grpo_swarm.node.config import (
     Section,
     _format_validation,
 )
+from grpo_swarm.protocol.publication import PUBLISH_QUORUM
 
 __all__ = [
     "ConfigError",
@@ -79,6 +80,9 @@ class SwarmSettings(Section):
     max_staleness: int = Field(1, ge=0, description="η: policy versions a proof may lag behind the current one")
     max_round_lag: int = Field(0, ge=0, description="rounds a proof may lag behind the current round")
     spot_check_rate: float = Field(0.05, ge=0, le=1, description="p: share of proofs whose log-probs are re-checked")
+    publish_quorum: float = Field(
+        PUBLISH_QUORUM, ge=0.5, lt=1, description="a new version is published only when nodes holding MORE than this "
+                                                  "share of its round's verified sample weight report its hash")
     matchmaking_timeout_s: float = Field(30.0, gt=0, description="averaging: time to form a group")
     averaging_timeout_s: float = Field(120.0, gt=0, description="averaging: time for one all-reduce")
     min_peers: int = Field(2, ge=1, description="peers needed before a round starts")
@@ -160,6 +164,7 @@ class RunConfig(Section):
             prompts_per_round=self.swarm.prompts_per_round, group_size=self.grpo.group_size,
             policy=self.verifier_policy(**policy_extra), max_staleness=self.swarm.max_staleness,
             max_round_lag=self.swarm.max_round_lag, node=self.node_payload(dataset_size),
+            publish_quorum=self.swarm.publish_quorum,
         )
 
 

@@ -11,7 +11,7 @@ Data directory::
 
     coordinator.key        Ed25519 key (0600): signs the log, manifests, tickets
     protocol.sqlite        the hash-chained signed protocol log
-    coordinator.sqlite     salts, node heartbeats, parameter-hash reports
+    coordinator.sqlite     salts, node heartbeats
     snapshots/             <sha>.safetensors + <sha>.manifest (see .snapshots)
 
 Rounds: a round closes when the swarm's accepted samples in it reach ``swarm.samples_per_round``
@@ -20,6 +20,13 @@ it has been open ``swarm.round_timeout_s`` (checked at each heartbeat and submis
 the time of the log entry that opened it, so a restart keeps it). Staleness: with current version v a node
 may sample with versions >= v - η (heartbeats tell it, ``may_sample``); older proofs are rejected
 ``STALE_VERSION`` by the verifier.
+
+Publication (:mod:`grpo_swarm.protocol.publication`): after round r closes, its participants
+average their gradients into version current + 1 and report its state-dict hash in a Heartbeat
+(``computed``; each new or changed report is logged as ``hash_reported`` with the reporter's weight
+in round r). UploadSnapshot is accepted only from a node that reported the hash, when reports from
+more than ``swarm.publish_quorum`` (0.5) of round r's verified sample weight back it; refusals are
+logged as ``upload_refused``. Fresh keys have no weight, so sybils add nothing.
 """
 
 from __future__ import annotations
@@ -38,12 +45,13 @@ from grpo_swarm.protocol.run_spec import AuditHooks
 from grpo_swarm.protocol.identity import Identity, node_id_from_public_key
 from grpo_swarm.protocol.log import LogError, ProtocolLog
 from grpo_swarm.protocol.proofs import now_ms
+from grpo_swarm.protocol.publication import PublicationRefused, Tally
 from grpo_swarm.protocol.rpc import DEFAULT_CHUNK_SIZE, sign_ticket
 
 from .config import ConfigError, RunConfig
 from .metrics import CoordinatorMetrics
 from .snapshots import SnapshotError, SnapshotFiles, snapshot_state_sha256
-from .store import CoordinatorStore, majority_hash
+from .store import CoordinatorStore
 
 KEY_FILE = "coordinator.key"
 LOG_FILE = "protocol.sqlite"
@@ -214,10 +222,10 @@ class Coordinator:
                 staleness = pb.STALENESS_CURRENT if lag == 0 else pb.STALENESS_BEHIND
             if request.HasField("computed"):
                 c = request.computed
-                if c.version <= cur or len(c.sha256) != 32:
-                    raise RequestError("INVALID_ARGUMENT", f"computed must name a version above the current {cur} "
+                if c.version != cur + 1 or len(c.sha256) != 32:  # only current + 1 can be published next
+                    raise RequestError("INVALID_ARGUMENT", f"computed must name the next version {cur + 1} "
                                                            "and a 32-byte state-dict hash")
-                self.store.report(c.version, node_id, c.sha256)
+                self.recorder.report_hash(node_id, c.version, bytes(c.sha256))  # logged when new or changed
             for name in ("completions_per_s", "tokens_per_s"):
                 x = getattr(request, name)
                 if not (x >= 0 and x < float("inf")):
@@ -295,26 +303,24 @@ class Coordinator:
         return True
 
     # -- snapshot upload
-    def check_upload(self, node_id: str, header: pb.UploadSnapshotHeader) -> tuple[int, int]:
-        """RequestError unless ``node_id`` may upload this version now; (support, reports)."""
+    def check_upload(self, node_id: str, header: pb.UploadSnapshotHeader) -> Tally:
+        """RequestError unless ``node_id`` may upload this version now (a refusal by the publication
+        rule is logged, FAILED_PRECONDITION); the tally of its hash."""
         ref = header.snapshot
         if len(ref.sha256) != 32 or len(header.file_sha256) != 32:
             raise RequestError("INVALID_ARGUMENT", "snapshot.sha256 and file_sha256 must be 32 bytes")
         if header.total_bytes <= 0:
             raise RequestError("INVALID_ARGUMENT", "total_bytes must be > 0")
         with self.lock:
-            cur = self.state.current_version
-            if ref.version <= cur:
-                raise RequestError("FAILED_PRECONDITION", f"version {ref.version} is not above the current {cur}")
-            reports = self.store.reports(ref.version)
-            winner, support, total = majority_hash(reports)
-            if reports.get(node_id) != bytes(ref.sha256):
-                raise RequestError("FAILED_PRECONDITION", f"node {node_id} has not reported hash "
-                                                          f"{ref.sha256.hex()[:16]}... for version {ref.version}")
-            if winner != bytes(ref.sha256):
-                raise RequestError("FAILED_PRECONDITION", f"hash {ref.sha256.hex()[:16]}... has {support} of "
-                                                          f"{total} reports for version {ref.version}: no majority")
-            return support, total
+            return self._publication_tally(node_id, ref.version, bytes(ref.sha256))
+
+    def _publication_tally(self, node_id: str, version: int, sha256: bytes) -> Tally:
+        """The rule's tally, or the refusal logged (evidence of who tried what) and raised."""
+        try:
+            return self.recorder.check_publication(version, sha256, node_id)
+        except PublicationRefused as refused:
+            self.recorder.refuse_upload(node_id, version, sha256, refused)
+            raise RequestError("FAILED_PRECONDITION", refused.detail) from None
 
     def publish_upload(self, node_id: str, header: pb.UploadSnapshotHeader, path: Path) -> pb.UploadSnapshotResponse:
         """Publish a fully received upload (its size and file hash already checked by the caller)."""
@@ -323,16 +329,17 @@ class Coordinator:
             raise RequestError("INVALID_ARGUMENT", f"the uploaded tensors hash to {sha.hex()[:16]}..., not the "
                                                    f"claimed {header.snapshot.sha256.hex()[:16]}...")
         with self.lock:
-            support, total = self.check_upload(node_id, header)
             version = header.snapshot.version
+            # again: another upload may have been published, or a round closed, while this one streamed
+            tally = self._publication_tally(node_id, version, sha)
             self.snapshots.add(path, version, sha)
-            index = self.recorder.publish_snapshot(version, sha).index
+            index = self.recorder.publish_snapshot(version, sha, uploader=node_id).index
             self.snapshots.prune(self.keep_snapshots)
-            self.store.prune_reports(version)
             self.metrics.snapshots_published.inc()
             self._refresh_gauges()
             return pb.UploadSnapshotResponse(published=pb.PolicySnapshotRef(version=version, sha256=sha),
-                                             log_index=index, supporting_reports=support, total_reports=total)
+                                             log_index=index, supporting_reports=len(tally.reporters),
+                                             total_reports=tally.reports)
 
 
 def _round_start_ms(log: ProtocolLog) -> int:

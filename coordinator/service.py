@@ -5,7 +5,7 @@ Each request is checked in this order, and refused with the gRPC status in brack
 keeps serving): the size (gRPC's own limit, RESOURCE_EXHAUSTED); a SignedEnvelope that parses
 (INVALID_ARGUMENT) and is signed (UNAUTHENTICATED); the method's payload kind
 (INVALID_ARGUMENT); the time window and a fresh nonce (UNAUTHENTICATED); the signer's rate limit
-(RESOURCE_EXHAUSTED); a registered, unbanned key, except for Register and GetLog
+(RESOURCE_EXHAUSTED; an UploadSnapshot stream counts as one request); a registered, unbanned key, except for Register and GetLog
 (PERMISSION_DENIED); the payload (INVALID_ARGUMENT). Then the method runs; its refusals come as
 :class:`~.core.RequestError` with their own status. Every call is counted in
 ``grpo_coordinator_requests{method, code}``.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -221,18 +222,20 @@ class CoordinatorService:
             first = next(request_iterator, None)
             if first is None:
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "empty upload")
+            # the whole stream costs one token of the per-key rate limit: this header's (see _open_chunk)
             env, node_id = self._open(method, first)
             key = bytes(env.signer_public_key)
             header = self._payload(pb.UploadSnapshotHeader, env)
             self.c.check_upload(node_id, header)
+            free = shutil.disk_usage(self.c.snapshots.dir).free
+            if header.total_bytes > free:
+                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{header.total_bytes} bytes announced, "
+                                                                   f"{free} free on the coordinator's disk")
             tmp = self.c.snapshots.upload_path(f"{node_id}-{header.snapshot.version}-{os.getpid()}")
             received, h = 0, hashlib.sha256()
             with open(tmp, "wb") as f:
                 for data in request_iterator:
-                    cenv, _ = self._open(method, data, kind=UPLOAD_CHUNK_KIND)
-                    if bytes(cenv.signer_public_key) != key:
-                        raise _Refused(grpc.StatusCode.PERMISSION_DENIED, "upload chunks signed by another key")
-                    chunk = self._payload(pb.SnapshotChunk, cenv)
+                    chunk = self._open_chunk(data, key)
                     if chunk.offset != received:
                         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                        f"chunk offset {chunk.offset}, expected {received}")
@@ -259,6 +262,28 @@ class CoordinatorService:
                 tmp.unlink(missing_ok=True)
         self._ok(method)
         return reply.SerializeToString()
+
+    def _open_chunk(self, data: bytes, key: bytes) -> pb.SnapshotChunk:
+        """One upload chunk: an envelope signed by the header's ``key``, with a fresh nonce.
+
+        Chunks are not charged to the per-key rate limit; the stream was charged once, for its
+        header. Charging each chunk (20/s, burst 100) refused any snapshot over ~100 chunks — a
+        SmolLM2 snapshot is ~129 chunks of 4 MiB — and bought nothing: a header is accepted only
+        from a node whose hash a quorum of the producing round's verified work backs, so streams
+        cannot be opened at will, and a stream's bytes are bounded by the header's total_bytes,
+        which must fit on the disk (a byte budget would have to fit the largest snapshot anyway)."""
+        try:
+            env = parse_envelope(data, max_bytes=self.limits.max_request_bytes)
+            check_envelope(env, expected_kind=UPLOAD_CHUNK_KIND)
+        except ProtocolError as e:
+            raise _Refused(_PROTOCOL_STATUS.get(e.code, grpc.StatusCode.INVALID_ARGUMENT),
+                           f"{e.code.value}: {e.detail}") from None
+        if bytes(env.signer_public_key) != key:
+            raise _Refused(grpc.StatusCode.PERMISSION_DENIED, "upload chunks signed by another key")
+        why = self.nonces.check(key, env.nonce, env.time_ms)
+        if why is not None:
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, why)
+        return self._payload(pb.SnapshotChunk, env)
 
     # -- wiring
     def handler(self) -> grpc.GenericRpcHandler:

@@ -7,6 +7,13 @@ manifest's chunk hashes are computed once, when the snapshot is published, and d
 read the file. :meth:`SnapshotFiles.prune` keeps the newest ``keep`` versions (never fewer than
 the versions proofs may still name, η + 1).
 
+Temporary files are written beside the snapshots and renamed into place when complete: uploads
+in progress (``.upload-<node>-<version>-<pid>``, :meth:`SnapshotFiles.upload_path`), snapshots
+being saved (``<hex>.tmp<pid>``, :func:`grpo_swarm.node.proving.save_snapshot`) and manifests
+(``<hex>.manifest.tmp``). A process killed meanwhile leaves them behind, and nothing would ever
+finish them, so :class:`SnapshotFiles` deletes them when it opens the folder (coordinator start:
+one coordinator owns a data directory, so none of them can still be in use).
+
 The state-dict hash (what proofs and the log name) is :func:`state_dict_sha256` of the tensors:
 :func:`snapshot_state_sha256` reads a file and computes it (torch + safetensors).
 """
@@ -14,6 +21,7 @@ The state-dict hash (what proofs and the log name) is :func:`state_dict_sha256` 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
@@ -22,6 +30,9 @@ from grpo_swarm.protocol.proofs import now_ms
 from grpo_swarm.protocol.rpc import DEFAULT_CHUNK_SIZE, file_chunk_hashes, sign_manifest
 
 FORMAT = "safetensors"
+UPLOAD_PREFIX = ".upload-"
+# what an interrupted write leaves: an upload, save_snapshot's <hex>.tmp<pid>, a manifest's .tmp
+_LEFTOVER = re.compile(r"^(\.upload-.*|[0-9a-f]{64}\.tmp\d+|[0-9a-f]{64}\.manifest\.tmp)$")
 
 
 class SnapshotError(Exception):
@@ -49,6 +60,7 @@ class SnapshotFiles:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.identity, self.run_id, self.chunk_size = identity, run_id, chunk_size
         self._manifests: dict[int, pb.SnapshotManifest] = {}
+        self.removed_leftovers = remove_leftovers(self.dir)
 
     def path_for(self, sha256: bytes) -> Path:
         return self.dir / f"{bytes(sha256).hex()}.safetensors"
@@ -57,7 +69,7 @@ class SnapshotFiles:
         return self.dir / f"{bytes(sha256).hex()}.manifest"
 
     def upload_path(self, tag: str) -> Path:
-        return self.dir / f".upload-{tag}"
+        return self.dir / f"{UPLOAD_PREFIX}{tag}"
 
     # -- publishing
     def add(self, src: str | os.PathLike, version: int, state_sha256: bytes) -> pb.SnapshotManifest:
@@ -121,3 +133,13 @@ class SnapshotFiles:
             for p in (self.path_for(m.snapshot.sha256), self._manifest_path(m.snapshot.sha256)):
                 p.unlink(missing_ok=True)
         return doomed
+
+
+def remove_leftovers(directory: str | os.PathLike) -> list[str]:
+    """Delete the partial files of interrupted uploads and saves in ``directory``; their names."""
+    removed = []
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False) and _LEFTOVER.match(entry.name):
+            Path(entry.path).unlink(missing_ok=True)
+            removed.append(entry.name)
+    return sorted(removed)

@@ -2,9 +2,11 @@
 
 * ``salts`` — the secret spot-check salt of each round, written (durably) before its commitment
   is logged, so a restarted coordinator can still reveal it;
-* ``nodes`` — each node's latest heartbeat: policy version, hardware, throughput, last seen;
-* ``reports`` — the state-dict hash each node computed for a not-yet-published version, which
-  decides whose UploadSnapshot is accepted (the majority hash).
+* ``nodes`` — each node's latest heartbeat: policy version, hardware, throughput, last seen.
+
+Parameter-hash reports are not kept here: they decide publication, so they are protocol log
+entries (``hash_reported``), and a restart rebuilds them from the log
+(:mod:`grpo_swarm.protocol.publication`). An older file's ``reports`` table is dropped.
 
 The protocol log (:mod:`grpo_swarm.protocol.log`) stays the record of everything that was
 accepted; this file only holds operational state. WAL, ``synchronous=FULL``; one connection used
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +34,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     tokens_per_s REAL NOT NULL DEFAULT 0,
     hardware BLOB
 );
-CREATE TABLE IF NOT EXISTS reports (
-    version INTEGER NOT NULL,
-    node_id TEXT NOT NULL,
-    sha256 BLOB NOT NULL,
-    time_ms INTEGER NOT NULL,
-    PRIMARY KEY (version, node_id)
-);
+DROP TABLE IF EXISTS reports;
 """
 
 
@@ -109,24 +104,3 @@ class CoordinatorStore:
                 hw.ParseFromString(r[7])
             rows.append(NodeRow(r[0], bytes(r[1]), r[2], r[3], r[4], r[5], r[6], hw))
         return rows
-
-    # -- parameter-hash reports
-    def report(self, version: int, node_id: str, sha256: bytes) -> None:
-        self._db.execute("INSERT OR REPLACE INTO reports(version, node_id, sha256, time_ms) VALUES (?, ?, ?, ?)",
-                         (version, node_id, bytes(sha256), _now_ms()))
-
-    def reports(self, version: int) -> dict[str, bytes]:
-        return {n: bytes(s) for n, s in self._db.execute("SELECT node_id, sha256 FROM reports WHERE version = ?",
-                                                         (version,))}
-
-    def prune_reports(self, up_to_version: int) -> None:
-        self._db.execute("DELETE FROM reports WHERE version <= ?", (up_to_version,))
-
-
-def majority_hash(reports: dict[str, bytes]) -> tuple[bytes | None, int, int]:
-    """(the hash more than half of the reporting nodes agree on or None, its support, reports)."""
-    if not reports:
-        return None, 0, 0
-    sha, count = Counter(reports.values()).most_common(1)[0]
-    total = len(reports)
-    return (sha if 2 * count > total else None), count, total

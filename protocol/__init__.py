@@ -12,6 +12,8 @@ hivemind), so verifiers can use it alone. Modules:
 * :mod:`.log` — the append-only, signed, hash-chained protocol log (SQLite WAL, JSONL);
 * :mod:`.audit` — run spec, log payloads, RunRecorder, replay of a whole log, reports;
   :mod:`.audit_cli` is the ``grpo-audit`` command;
+* :mod:`.publication` — who may publish the next snapshot (a quorum of the producing round's
+  verified work), shared by the recorder and the audit;
 * :mod:`.errors` — ProtocolError and the stable ReasonCode enum;
 * :mod:`.rpc` — the coordinator's gRPC API as both sides see it (method paths, limits, signed
   snapshot manifests and admission tickets); :mod:`.client` is its client (needs grpcio).

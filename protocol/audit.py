@@ -4,8 +4,12 @@
 meaning, in order, on a fresh :class:`~.verify.InMemoryVerifierState`: accepted groups must be
 accepted again (spot-checks too when the hooks have a model), rejected ones rejected again with the
 same reason code, registrations / snapshots / rounds / bans consistent. It stops at the first bad
-entry. Checks the :class:`AuditHooks` cannot do (no reward recomputation, tokenizer or model) are
-counted as skipped, never passed silently. :func:`write_report` writes per-node tables and plots.
+entry. Snapshot publication is replayed with :mod:`.publication`'s rule: every hash report must
+carry the weight its reporter had in the producing round, and every snapshot_published after the
+first (the initial weights) must be version current + 1 backed by a logged quorum of reports from
+that round's participants; a logged refusal must be one the rule makes. Checks the
+:class:`AuditHooks` cannot do (no reward recomputation, tokenizer or model) are counted as
+skipped, never passed silently. :func:`write_report` writes per-node tables and plots.
 The log's payloads are described in :mod:`.payloads`; :mod:`.report` writes per-node tables and plots.
 """
 
@@ -22,6 +26,7 @@ from . import grpo_swarm_pb2 as pb
 from .errors import ProtocolError, ReasonCode
 from .identity import PUBLIC_KEY_SIZE, node_id_from_public_key
 from .log import (
+    HASH_REPORTED,
     NODE_BANNED,
     NODE_REGISTERED,
     PROOFS_ACCEPTED,
@@ -29,6 +34,7 @@ from .log import (
     ROUND_CLOSED,
     RUN_STARTED,
     SNAPSHOT_PUBLISHED,
+    UPLOAD_REFUSED,
     ChainChecker,
     LogEntry,
     LogError,
@@ -36,6 +42,7 @@ from .log import (
 )
 from .payloads import SALT_SIZE, hex_bytes, unb64
 from .proofs import MAX_PROOF_BYTES, parse_proof
+from .publication import Publication, PublicationRefused
 from .run_spec import AuditHooks, RunSpec, load_hooks
 from .verify import InMemoryVerifierState, Verdict, Verifier
 
@@ -191,6 +198,7 @@ class _Replay:
         self.commitment: bytes | None = None
         self.salted = False
         self.snapshot_seen = False
+        self.publication = Publication()
 
     def run(self, entries: Iterable[LogEntry]) -> None:
         for e in entries:
@@ -219,6 +227,7 @@ class _Replay:
             self.commitment = self.spec.spot_check_commitment
             self.state = self.spec.new_state(self.salts.get(0) if self.salted else b"")
             self.verifier = self.hooks.verifier(self.state, self.spec.policy)
+            self.publication = Publication(self.spec.publish_quorum)
             return
         st = self.state
         if e.kind == NODE_REGISTERED:
@@ -236,18 +245,26 @@ class _Replay:
             self.r.nodes[node_id].banned = True
         elif e.kind == SNAPSHOT_PUBLISHED:
             version, sha = p["version"], hex_bytes(p["sha256"], "sha256", 32)
-            if not isinstance(version, int) or version < 0:
+            if not isinstance(version, int) or isinstance(version, bool) or version < 0:
                 raise _Bad("version must be an integer >= 0")
             if self.snapshot_seen and version <= st.current_version:
                 raise _Bad(f"snapshot version {version} does not advance the current {st.current_version}")
+            if self.snapshot_seen:  # the first one is the initial weights; later ones need a quorum
+                self.published_by_quorum(e)
             self.snapshot_seen = True
             st.publish_snapshot(version, sha)
+            self.publication.published()
+        elif e.kind == HASH_REPORTED:
+            self.hash_reported(e)
+        elif e.kind == UPLOAD_REFUSED:
+            self.upload_refused(e)
         elif e.kind == PROOFS_ACCEPTED:
             self.accepted(e)
         elif e.kind == PROOFS_REJECTED:
             self.rejected(e)
         elif e.kind == ROUND_CLOSED:
             self.round_closed(e)
+            self.publication.round_closed(p["round"], p["weights"])
         else:
             self.r.skipped[f"unknown kind {e.kind}"] += 1
 
@@ -372,4 +389,53 @@ class _Replay:
         st.close_round(next_salt)
         self.r.replayed["rounds"] += 1
 
+    # -- snapshot publication (protocol.publication)
+    def _node(self, node_id: Any) -> str:
+        if not isinstance(node_id, str) or node_id not in self.state.keys.values():
+            raise _Bad(f"node {node_id!r} is not registered")
+        return node_id
 
+    def hash_reported(self, e: LogEntry) -> None:
+        p, st = e.payload, self.state
+        node_id = self._node(p["node_id"])
+        if not self.snapshot_seen:
+            raise _Bad("a hash report before the initial snapshot")
+        expected = self.publication.report(node_id, p["version"], hex_bytes(p["sha256"], "sha256", 32),
+                                           st.current_version, st.is_banned)
+        if expected is None:
+            raise _Bad(f"repeats node {node_id}'s standing report (only new or changed reports are logged)")
+        if dict(p) != expected:
+            raise _Bad(f"logged round {p.get('round')!r} weight {p.get('weight')!r}; the replay gives round "
+                       f"{expected['round']!r} weight {expected['weight']!r}")
+        self.r.replayed["hash_reports"] += 1
+
+    def published_by_quorum(self, e: LogEntry) -> None:
+        p, st = e.payload, self.state
+        uploader = p.get("uploader")
+        if uploader is not None:
+            self._node(uploader)
+        try:
+            expected = self.publication.published_payload(p["version"], hex_bytes(p["sha256"], "sha256", 32), uploader,
+                                                          st.current_version, st.is_banned)
+        except PublicationRefused as refused:
+            raise _Bad(f"published without a quorum of the producing round's reports: {refused}") from None
+        if dict(p) != expected:
+            diff = sorted(k for k in set(p) | set(expected) if p.get(k) != expected.get(k))
+            raise _Bad(f"{', '.join(diff)} differ from the replayed tally of round {expected['round']}")
+        self.r.replayed["publications"] += 1
+
+    def upload_refused(self, e: LogEntry) -> None:
+        p, st = e.payload, self.state
+        node_id = self._node(p["node_id"])
+        version = p["version"]
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise _Bad("version must be an integer")
+        try:
+            self.publication.check(version, hex_bytes(p["sha256"], "sha256", 32), node_id, st.current_version,
+                                   st.is_banned)
+        except PublicationRefused as refused:
+            if refused.code != p["code"]:
+                raise _Bad(f"logged {p['code']}, the replay refuses it with {refused.code}") from None
+        else:
+            raise _Bad(f"logged as refused ({p['code']}), the replay allows the publication")
+        self.r.replayed["upload_refusals"] += 1

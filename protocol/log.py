@@ -57,7 +57,10 @@ PROOFS_ACCEPTED = "proofs_accepted"
 PROOFS_REJECTED = "proofs_rejected"
 ROUND_CLOSED = "round_closed"
 NODE_BANNED = "node_banned"
-KINDS = (RUN_STARTED, NODE_REGISTERED, SNAPSHOT_PUBLISHED, PROOFS_ACCEPTED, PROOFS_REJECTED, ROUND_CLOSED, NODE_BANNED)
+HASH_REPORTED = "hash_reported"  # a node's parameter hash for the next version (protocol.publication)
+UPLOAD_REFUSED = "upload_refused"  # a snapshot upload the publication rule refused, and why
+KINDS = (RUN_STARTED, NODE_REGISTERED, SNAPSHOT_PUBLISHED, PROOFS_ACCEPTED, PROOFS_REJECTED, ROUND_CLOSED, NODE_BANNED,
+         HASH_REPORTED, UPLOAD_REFUSED)
 
 _ENTRY_KEYS = {"index", "prev_hash", "time_ms", "kind", "payload", "signer", "signature", "hash"}
 

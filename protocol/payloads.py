@@ -7,9 +7,24 @@ kind                   payload
 =====================  ===========================================================================
 run_started            :meth:`RunSpec.to_payload`: run constants, the verifier ``policy``, the
                        spot-check salt commitment of round 0 (hex or null), optional
-                       ``log_signers``, and ``node`` (dataset, model, sampling; read by the hooks)
+                       ``log_signers``, ``node`` (dataset, model, sampling; read by the hooks),
+                       ``publish_quorum`` (absent in older logs: 0.5)
 node_registered        ``{"node_id", "public_key": hex}``
-snapshot_published     ``{"version", "sha256": hex}`` (the new current version)
+snapshot_published     ``{"version", "sha256": hex}`` (the new current version); the first one of a
+                       log is the initial weights; every later one is version current + 1 and adds
+                       ``"round"`` (the producing round: the last closed since the previous
+                       publication), ``"support_weight"`` (round weight of its participants that
+                       reported this hash), ``"total_weight"`` (the round's), ``"reporters"``
+                       ([node_id], sorted) and ``"uploader"`` (when known); it needs
+                       support_weight > quorum x total_weight (run_started ``publish_quorum``,
+                       default 0.5; see :mod:`.publication`)
+hash_reported          ``{"node_id", "version", "sha256": hex, "round" or null, "weight"}``: a node's
+                       parameter hash for version current + 1, logged when new or changed;
+                       ``weight`` is its weight in the producing round ``round`` (0 without
+                       verified work in it, or when banned)
+upload_refused         ``{"node_id", "version", "sha256": hex, "code", "detail", "round" or null,
+                       "support_weight", "total_weight"}``: an upload the publication rule refused
+                       (code ``WRONG_VERSION``, ``NO_ROUND_CLOSED``, ``NOT_REPORTED``, ``NO_QUORUM``)
 proofs_accepted        ``{"node_id", "group_id", "round", "version", "proofs": [b64 RewardProof],
                        "spot_checked": [completion indices]}``
 proofs_rejected        ``{"node_id" or null, "code", "detail", "member" or null, "evidence":

@@ -6,6 +6,11 @@ before the round (run_started for round 0, ``next_spot_check_commitment`` of the
 round_closed after that); round_closed reveals it. Proofs verified during round ``r`` are
 selected with round ``r``'s salt (:func:`.verify.spot_check_selected`), so the selection can be
 replayed once the round is closed. A run started with a null commitment uses the empty salt.
+
+Snapshot publication follows :mod:`.publication`: :meth:`RunRecorder.report_hash` logs each new or
+changed parameter-hash report (``hash_reported``, with the reporter's weight in the producing
+round), :meth:`RunRecorder.publish_snapshot` refuses a version > 0 without a quorum of them, and
+:meth:`RunRecorder.refuse_upload` logs an upload the rule refused (``upload_refused``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from . import grpo_swarm_pb2 as pb
 from .errors import ProtocolError
 from .identity import PUBLIC_KEY_SIZE, Identity, node_id_from_public_key
 from .log import (
+    HASH_REPORTED,
     NODE_BANNED,
     NODE_REGISTERED,
     PROOFS_ACCEPTED,
@@ -26,6 +32,7 @@ from .log import (
     ROUND_CLOSED,
     RUN_STARTED,
     SNAPSHOT_PUBLISHED,
+    UPLOAD_REFUSED,
     ChainChecker,
     LogEntry,
     LogError,
@@ -33,6 +40,7 @@ from .log import (
 )
 from .payloads import SALT_SIZE, hex_bytes, unb64, accepted_payload, rejected_payload
 from .proofs import parse_proof
+from .publication import Publication, PublicationRefused, Tally, refused_payload
 from .run_spec import AuditHooks, RunSpec
 from .verify import InMemoryVerifierState, Verdict
 
@@ -55,6 +63,7 @@ class RunRecorder:
         self._on_salt = on_salt
         self.round_accepted: Counter[str] = Counter()  # node -> accepted proofs this round
         self.hooks = hooks or AuditHooks()
+        self.publication = Publication(spec.publish_quorum)  # replaced by the restored one on resume
         if _resume:
             return
         self._salt = self._draw_salt(0)
@@ -79,12 +88,16 @@ class RunRecorder:
         """A recorder that continues ``log`` (written by ``identity``): the state is rebuilt from its
         entries (:func:`restore_state`, which checks the chain), ``salts`` are the stored secrets.
         LogError when the log is empty, broken or not signed by ``identity``."""
-        spec, state, round_accepted = restore_state(log.entries(), salts, trusted=[identity.public_key_bytes])
+        publication = Publication()
+        spec, state, round_accepted = restore_state(log.entries(), salts, trusted=[identity.public_key_bytes],
+                                                    publication=publication)
+        publication.quorum = spec.publish_quorum
         rec = cls(log, identity, spec, salted=spec.spot_check_commitment is not None, hooks=hooks, urandom=urandom,
                   on_salt=on_salt, _resume=True)
         if rec.salted and state.spot_check_salt is None:
             raise LogError(f"the secret spot-check salt of the open round {state.current_round} is not stored")
         rec.spec, rec.state, rec.round_accepted = spec, state, round_accepted
+        rec.publication = publication
         rec._salt = state.spot_check_salt or b""
         rec.verifier = rec.hooks.verifier(state, spec.policy)
         return rec
@@ -94,9 +107,33 @@ class RunRecorder:
         self.log.append(NODE_REGISTERED, {"node_id": node_id, "public_key": bytes(public_key).hex()}, self.identity)
         return node_id
 
-    def publish_snapshot(self, version: int, sha256: bytes) -> LogEntry:
+    def publish_snapshot(self, version: int, sha256: bytes, *, uploader: str | None = None) -> LogEntry:
+        """Log a new current version. The first one is the run's initial weights; every later one
+        must pass :meth:`check_publication` (PublicationRefused, nothing logged, otherwise) and its
+        entry records the producing round and the support behind the hash."""
+        if not self.state.snapshots:
+            payload = {"version": version, "sha256": bytes(sha256).hex()}
+        else:
+            payload = self.publication.published_payload(version, sha256, uploader, self.state.current_version,
+                                                         self.state.is_banned)
         self.state.publish_snapshot(version, sha256)
-        return self.log.append(SNAPSHOT_PUBLISHED, {"version": version, "sha256": bytes(sha256).hex()}, self.identity)
+        entry = self.log.append(SNAPSHOT_PUBLISHED, payload, self.identity)
+        self.publication.published()
+        return entry
+
+    def report_hash(self, node_id: str, version: int, sha256: bytes) -> LogEntry | None:
+        """Record a node's parameter hash for the next version; logs ``hash_reported`` when the
+        report is new or changed (None when it repeats). ValueError unless version = current + 1."""
+        payload = self.publication.report(node_id, version, sha256, self.state.current_version, self.state.is_banned)
+        return None if payload is None else self.log.append(HASH_REPORTED, payload, self.identity)
+
+    def check_publication(self, version: int, sha256: bytes, uploader: str | None) -> Tally:
+        """The tally when ``uploader`` may publish ``sha256`` as ``version`` now; PublicationRefused otherwise."""
+        return self.publication.check(version, sha256, uploader, self.state.current_version, self.state.is_banned)
+
+    def refuse_upload(self, node_id: str, version: int, sha256: bytes, refusal: PublicationRefused) -> LogEntry:
+        """Log an upload the publication rule refused, with its reason and the support it had."""
+        return self.log.append(UPLOAD_REFUSED, refused_payload(node_id, version, sha256, refusal), self.identity)
 
     def ban(self, node_id: str, reason: str, evidence_index: int | None = None) -> None:
         self.state.ban(node_id)
@@ -149,6 +186,7 @@ class RunRecorder:
             "next_spot_check_commitment": hashlib.sha256(next_salt).hexdigest() if self.salted else None,
         }
         entry = self.log.append(ROUND_CLOSED, payload, self.identity)
+        self.publication.round_closed(entry.payload["round"], entry.payload["weights"])
         self._salt = next_salt
         self.state.close_round(next_salt)
         self.round_accepted.clear()
@@ -156,10 +194,13 @@ class RunRecorder:
 
 
 def restore_state(entries: Iterable[LogEntry], salts: Mapping[int, bytes], *,
-                  trusted: Iterable[bytes] | None = None) -> tuple[RunSpec, InMemoryVerifierState, Counter]:
+                  trusted: Iterable[bytes] | None = None,
+                  publication: Publication | None = None) -> tuple[RunSpec, InMemoryVerifierState, Counter]:
     """The verifier state at the end of a log, without re-verifying proofs (the log is the
     recorder's own; its chain and signatures are checked): (spec, state, accepted proofs per node
-    in the open round). ``salts`` maps round -> secret salt. LogError on a broken or empty log."""
+    in the open round). ``salts`` maps round -> secret salt. ``publication``, when given, is fed
+    the round closes, hash reports and publications (the producing round and its standing reports).
+    LogError on a broken or empty log."""
     checker = ChainChecker(trusted)
     spec: RunSpec | None = None
     state: InMemoryVerifierState | None = None
@@ -183,6 +224,12 @@ def restore_state(entries: Iterable[LogEntry], salts: Mapping[int, bytes], *,
             state.ban(p["node_id"])
         elif e.kind == SNAPSHOT_PUBLISHED:
             state.publish_snapshot(p["version"], hex_bytes(p["sha256"], "sha256", 32))
+            if publication is not None:
+                publication.published()
+        elif e.kind == HASH_REPORTED:
+            if publication is not None:
+                publication.report(p["node_id"], p["version"], hex_bytes(p["sha256"], "sha256", 32),
+                                   state.current_version, state.is_banned)
         elif e.kind == PROOFS_ACCEPTED:
             proofs = [parse_proof(unb64(b, "proof"), verify=False) for b in p["proofs"]]
             state.record_accepted(p["node_id"], p["group_id"], max(q.sequence for q in proofs))
@@ -191,6 +238,8 @@ def restore_state(entries: Iterable[LogEntry], salts: Mapping[int, bytes], *,
             salted = spec.spot_check_commitment is not None
             state.close_round(salts.get(state.current_round + 1) if salted else b"")
             round_accepted.clear()
+            if publication is not None:
+                publication.round_closed(p["round"], p["weights"])
     if spec is None:
         raise LogError("the log has no run_started entry")
     return spec, state, round_accepted

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 from .identity import PUBLIC_KEY_SIZE
 from .payloads import hex_bytes
+from .publication import PUBLISH_QUORUM, check_quorum
 from .verify import DecodeFn, InMemoryVerifierState, LogprobFn, PromptHashFn, RewardRecomputer, Verifier, VerifierPolicy
 
 HOOKS_ENTRY_POINT_GROUP = "grpo_swarm.audit_hooks"
@@ -28,6 +29,7 @@ class RunSpec:
     node: Mapping[str, Any] = field(default_factory=dict)  # dataset/model/sampling, for the hooks
     spot_check_commitment: bytes | None = None
     log_signers: tuple[bytes, ...] = ()
+    publish_quorum: float = PUBLISH_QUORUM  # a new version needs MORE than this share of its round's weight
 
     def __post_init__(self):
         if not isinstance(self.run_id, str) or not self.run_id:
@@ -42,6 +44,7 @@ class RunSpec:
             raise ValueError("run_seed must be below 2**64")
         if self.spot_check_commitment is not None and len(self.spot_check_commitment) != 32:
             raise ValueError("spot_check_commitment must be 32 bytes")
+        object.__setattr__(self, "publish_quorum", check_quorum(self.publish_quorum))
         object.__setattr__(self, "node", dict(self.node))
         object.__setattr__(self, "log_signers", tuple(bytes(k) for k in self.log_signers))
 
@@ -57,6 +60,7 @@ class RunSpec:
             "policy": self.policy.to_json(),
             "node": dict(self.node),
             "spot_check_commitment": self.spot_check_commitment.hex() if self.spot_check_commitment else None,
+            "publish_quorum": self.publish_quorum,
         }
         if self.log_signers:
             out["log_signers"] = [k.hex() for k in self.log_signers]
@@ -76,6 +80,8 @@ class RunSpec:
                 max_round_lag=obj.get("max_round_lag", 0), node=obj.get("node") or {},
                 spot_check_commitment=hex_bytes(commitment, "spot_check_commitment", 32) if commitment is not None else None,
                 log_signers=tuple(hex_bytes(k, "log_signers", PUBLIC_KEY_SIZE) for k in signers),
+                # logs written before the quorum rule carry none: they get the default
+                publish_quorum=obj.get("publish_quorum", PUBLISH_QUORUM),
             )
         except KeyError as e:
             raise ValueError(f"run_started payload lacks {e.args[0]!r}") from None

@@ -39,9 +39,12 @@ def flat(groups):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """4 nodes x 4 rounds x 8 assigned prompts x G=8 = 1,024 proofs from real rollouts. In each round
-    nodes 0-1 submit at once; then the policy takes a GRPO step (new snapshot) and nodes 2-3 submit
-    their proofs, now one version stale (η = 1). Spot-check rate 0.25, salted per round."""
+    """4 nodes x 4 batches x 8 assigned prompts x G=8 = 1,024 proofs from real rollouts. Nodes 0-1
+    sample and submit rounds 0-3 at the current version; nodes 2-3 sample rounds 1-4 one step early:
+    after round r closes, the policy takes a GRPO step, the round's participants report its hash
+    and it is published (a quorum of round r's weight), and only then do nodes 2-3 submit their
+    round r + 1 proofs, now one version stale (η = 1). Round 4 closes at the end, so every round's
+    salt is revealed. Spot-check rate 0.25, salted per round."""
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("run")
     world = World(group_size=8, prompts_per_round=8, spot_check_rate=0.25, max_staleness=1)
@@ -51,19 +54,28 @@ def run(tmp_path_factory):
         rec.register(n.public_key_bytes)
     rec.publish_snapshot(0, world.shas[0])
     verdicts, seq, proofs_sent = [], {n.node_id: 0 for n in NODES}, 0
+
+    def batch(n, r):
+        nonlocal proofs_sent
+        proofs = flat(world.groups(n, r, seq[n.node_id]))
+        seq[n.node_id] += len(proofs)
+        proofs_sent += len(proofs)
+        return proofs
+
+    early = {}  # nodes 2-3: round r + 1 proofs sampled in round r, at its version
     for r in range(ROUNDS):
-        batches = {}
-        for n in NODES:
-            batches[n.node_id] = flat(world.groups(n, r, seq[n.node_id]))
-            seq[n.node_id] += len(batches[n.node_id])
         for n in NODES[:2]:
-            verdicts += rec.submit(batches[n.node_id])
+            verdicts += rec.submit(batch(n, r))
+        for n in NODES[2:]:
+            early[n.node_id] = batch(n, r + 1)
+        participants = rec.close_round().payload["participants"]
         sha = world.train_step(world.assigned(NODES[0], r))
+        for node_id in participants:
+            rec.report_hash(node_id, world.version, sha)
         rec.publish_snapshot(world.version, sha)
         for n in NODES[2:]:
-            verdicts += rec.submit(batches[n.node_id])
-        proofs_sent += sum(len(b) for b in batches.values())
-        rec.close_round()
+            verdicts += rec.submit(early[n.node_id])
+    rec.close_round()
     snapshots = tmp / "snapshots"
     for model in world.versions.values():
         proving.save_snapshot(model, snapshots)
@@ -91,7 +103,8 @@ def test_audit_replays_everything_with_the_model(run):
     live_checks = sum(len(v.spot_checked) for v in run["verdicts"])
     result = audit(run["log"].path, run["world"].hooks, trusted_signers=[COORDINATOR.public_key_bytes])
     assert result.ok, result.problem
-    assert result.replayed["accepted_groups"] == 128 and result.replayed["rounds"] == ROUNDS
+    assert result.replayed["accepted_groups"] == 128 and result.replayed["rounds"] == ROUNDS + 1
+    assert result.replayed["publications"] == ROUNDS and result.replayed["hash_reports"] == 2 + 4 * (ROUNDS - 1)
     assert result.replayed["spot_checks"] == live_checks
     assert not result.skipped
     stale = [s.staleness for s in result.samples]

@@ -1,6 +1,6 @@
 """The coordinator's gRPC service in-process on loopback, with real nodes (tiny model, real rollouts
 and proofs): the happy path, every refusal with its status code, resumable downloads, uploads by
-majority hash, staleness, rounds, the log over GetLog and Prometheus metrics."""
+a quorum of verified work, staleness, rounds, the log over GetLog and Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -207,22 +207,29 @@ def _changed_snapshot(node: HonestNode, directory, scale: float):
     return directory / f"{sha.hex()}.safetensors", sha
 
 
-def test_upload_needs_the_majority_hash_and_staleness_follows(tmp_path):
-    s = Served(tmp_path, max_staleness=1, keep_snapshots=2)
+def test_upload_needs_a_quorum_of_verified_work_and_staleness_follows(tmp_path):
+    s = Served(tmp_path, max_staleness=1, keep_snapshots=2, samples_per_round=16)
     try:
         a, b, c = (HonestNode(s.address, tmp_path) for _ in range(3))
         v0_file = s.coordinator.snapshots.file_of(0)
-        _, stale_groups = a.round_proofs()  # sampled at version 0, submitted later
+        for n in (a, b):  # round 0: a and b, 8 accepted samples each (weights 0.5, 0.5); c does no work
+            _, groups = n.round_proofs()
+            assert all(v.accepted for v in n.client.submit_proofs([p for g in groups for p in g]).verdicts)
         up = tmp_path / "up"
         path_a, sha_a = _changed_snapshot(a, up, 1.01)
         _, sha_b = _changed_snapshot(b, up, 0.99)
-        a.client.heartbeat(0, computed=pb.PolicySnapshotRef(version=1, sha256=sha_a))
-        b.client.heartbeat(0, computed=pb.PolicySnapshotRef(version=1, sha256=sha_b))
-        with pytest.raises(CoordinatorError) as info:  # 1 of 2 reports: no majority
+        # nodes report the hash of the version they now hold (policy_version 1: ahead of the coordinator)
+        a.client.heartbeat(1, computed=pb.PolicySnapshotRef(version=1, sha256=sha_a))
+        b.client.heartbeat(1, computed=pb.PolicySnapshotRef(version=1, sha256=sha_b))
+        with pytest.raises(CoordinatorError) as info:  # half of round 0's weight is not more than half
             a.client.upload_snapshot(path_a, pb.PolicySnapshotRef(version=1, sha256=sha_a))
-        assert info.value.code == "FAILED_PRECONDITION" and "no majority" in info.value.detail
-        c.client.heartbeat(0, computed=pb.PolicySnapshotRef(version=1, sha256=sha_a))
-        with pytest.raises(CoordinatorError) as info:  # b's hash lost the vote
+        assert info.value.code == "FAILED_PRECONDITION" and "more than 0.5" in info.value.detail
+        c.client.heartbeat(1, computed=pb.PolicySnapshotRef(version=1, sha256=sha_a))
+        with pytest.raises(CoordinatorError) as info:  # c has no verified work in round 0: it adds nothing
+            a.client.upload_snapshot(path_a, pb.PolicySnapshotRef(version=1, sha256=sha_a))
+        assert info.value.code == "FAILED_PRECONDITION"
+        b.client.heartbeat(1, computed=pb.PolicySnapshotRef(version=1, sha256=sha_a))  # b's report changes
+        with pytest.raises(CoordinatorError) as info:  # b no longer backs its own first hash
             b.client.upload_snapshot(up / f"{sha_b.hex()}.safetensors", pb.PolicySnapshotRef(version=1, sha256=sha_b))
         assert info.value.code == "FAILED_PRECONDITION"
         with pytest.raises(CoordinatorError) as info:  # the right claim, the wrong tensors
@@ -234,9 +241,15 @@ def test_upload_needs_the_majority_hash_and_staleness_follows(tmp_path):
 
         hb = c.client.heartbeat(0)
         assert (hb.staleness, hb.lag, hb.may_sample, hb.min_version) == (pb.STALENESS_BEHIND, 1, True, 0)
-        # version 2: version 0 is now more than η = 1 behind
+        _, stale_groups = c.round_proofs()  # sampled at version 0 in round 1, submitted later
+        # version 2, produced by round 1 (a and b, now holding version 1); version 0 falls out of η = 1
+        for n in (a, b):
+            n.sync()
+            _, groups = n.round_proofs()
+            assert all(v.accepted for v in n.client.submit_proofs([p for g in groups for p in g]).verdicts)
         path2, sha2 = _changed_snapshot(a, up, 1.02)
-        a.client.heartbeat(1, computed=pb.PolicySnapshotRef(version=2, sha256=sha2))
+        for n in (a, b):
+            n.client.heartbeat(2, computed=pb.PolicySnapshotRef(version=2, sha256=sha2))
         a.client.upload_snapshot(path2, pb.PolicySnapshotRef(version=2, sha256=sha2))
         hb = c.client.heartbeat(0)
         assert (hb.staleness, hb.lag, hb.may_sample, hb.min_version) == (pb.STALENESS_TOO_STALE, 2, False, 1)
@@ -245,7 +258,7 @@ def test_upload_needs_the_majority_hash_and_staleness_follows(tmp_path):
         with pytest.raises(CoordinatorError) as info:
             c.client.manifest(version=0)
         assert info.value.code == "NOT_FOUND" and "kept: [1, 2]" in info.value.detail
-        verdicts = a.client.submit_proofs([p for g in stale_groups for p in g]).verdicts
+        verdicts = c.client.submit_proofs([p for g in stale_groups for p in g]).verdicts
         assert [v.code for v in verdicts] == ["STALE_VERSION"] * 2
         # c catches up and its proofs are accepted again
         c.sync()
@@ -253,6 +266,9 @@ def test_upload_needs_the_majority_hash_and_staleness_follows(tmp_path):
         _, groups = c.round_proofs()
         assert all(v.accepted for v in c.client.submit_proofs([p for g in groups for p in g]).verdicts)
         assert s.coordinator.metrics.registry.get_sample_value("grpo_coordinator_policy_version") == 2
+        result = audit(list(a.client.get_log()), trusted_signers=[a.reply.coordinator_public_key])
+        assert result.ok, result.problem
+        assert result.replayed["publications"] == 2 and result.replayed["upload_refusals"] == 3
     finally:
         s.stop()
 

@@ -1,4 +1,4 @@
-"""The coordinator's pure parts: nonce window, rate limiter, majority hash, manifests and tickets,
+"""The coordinator's pure parts: nonce window, rate limiter, store, manifests and tickets,
 and a RunRecorder resumed from its log and stored salts continuing exactly where it stopped."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from grpo_swarm.coordinator.limits import NonceWindow, RateLimiter
-from grpo_swarm.coordinator.store import CoordinatorStore, majority_hash
+from grpo_swarm.coordinator.store import CoordinatorStore
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.audit import audit
 from grpo_swarm.protocol.recorder import RunRecorder
@@ -60,14 +60,6 @@ def test_rate_limiter():
     assert all(RateLimiter(0, 0).allow(b"x") for _ in range(100))  # rate 0 = unlimited
 
 
-def test_majority_hash():
-    a, b = b"a" * 32, b"b" * 32
-    assert majority_hash({}) == (None, 0, 0)
-    assert majority_hash({"n1": a}) == (a, 1, 1)
-    assert majority_hash({"n1": a, "n2": b}) == (None, 1, 2)
-    assert majority_hash({"n1": a, "n2": b, "n3": a}) == (a, 2, 3)
-
-
 def test_store_round_trips(tmp_path):
     st = CoordinatorStore(tmp_path / "c.sqlite")
     st.put_salt(0, b"s" * 32)
@@ -75,15 +67,21 @@ def test_store_round_trips(tmp_path):
     hw = pb.HardwareSummary(cpu_count=2, accelerator="GPU X")
     st.node_registered("n1", b"k" * 32, hw)
     st.heartbeat("n1", 3, 1.5, 20.0, None)
-    st.report(4, "n1", b"h" * 32)
     st.close()
     ro = CoordinatorStore(tmp_path / "c.sqlite", readonly=True)
     assert ro.salts() == {0: b"t" * 32}
     (row,) = ro.nodes()
     assert (row.version, row.completions_per_s, row.hardware.accelerator) == (3, 1.5, "GPU X")
-    assert ro.reports(4) == {"n1": b"h" * 32}
     with pytest.raises(FileNotFoundError):
         CoordinatorStore(tmp_path / "none.sqlite", readonly=True)
+    # hash reports live in the protocol log now: an older file's reports table is dropped
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "old.sqlite") as old:
+        old.execute("CREATE TABLE reports (version INTEGER, node_id TEXT, sha256 BLOB, time_ms INTEGER)")
+    CoordinatorStore(tmp_path / "old.sqlite").close()
+    with sqlite3.connect(tmp_path / "old.sqlite") as old:
+        assert old.execute("SELECT name FROM sqlite_master WHERE name = 'reports'").fetchone() is None
 
 
 def test_manifest_and_ticket_signatures(tmp_path):
