@@ -49,6 +49,7 @@ from grpo_swarm.node import proving  # noqa: E402
 from grpo_swarm.node.config import load_config  # noqa: E402
 from grpo_swarm.node.data import arithmetic_examples, render_prompt  # noqa: E402
 from grpo_swarm.node.models import build_tiny_model, load_model  # noqa: E402
+from grpo_swarm.node.noise import group_keys  # noqa: E402
 from grpo_swarm.node.rewards import build_reward_functions  # noqa: E402
 from grpo_swarm.node.rollout import SamplingParams, TransformersBackend  # noqa: E402
 from grpo_swarm.node.trainer import GRPOTrainer  # noqa: E402
@@ -243,6 +244,9 @@ def throughput(data, repeats: int) -> dict:
 
 
 # ---- spot-check cost and tolerance -------------------------------------------------------------------
+SPOT_RUN_SEED = 11
+
+
 def spot_check(model_name: str, length: int, repeats: int) -> dict:
     if model_name == "tiny":
         loaded = build_tiny_model(0)
@@ -264,12 +268,16 @@ def spot_check(model_name: str, length: int, repeats: int) -> dict:
     never = len(tok) + 10
     timing_backend = TransformersBackend(model, [never], tok.pad_token_id or 0)
     params = SamplingParams(max_new_tokens=length, temperature=1.0)
-    fn = proving.make_logprob_fn(model, tok, examples, use_chat_template=use_chat)
+    # the spot-check as the coordinator runs it: log-probs and the sampling (keyed noise) check
+    fn = proving.make_logprob_fn(model, tok, examples, use_chat_template=use_chat, run_seed=SPOT_RUN_SEED)
+    signer = Identity.from_seed(b"\x05" * 32)
+    keys = group_keys(SPOT_RUN_SEED, signer.node_id, 0, [0], G)
     with torch.no_grad():
         timing_backend.generate([prompt_ids], 1, SamplingParams(max_new_tokens=2), seed=0)  # warm-up
         t_single = best_time(lambda: timing_backend.generate([prompt_ids], 1, params, seed=1), repeats)
         batches = []
-        t_group = best_time(lambda: batches.append(timing_backend.generate([prompt_ids], G, params, seed=2)), repeats)
+        t_group = best_time(lambda: batches.append(
+            timing_backend.generate([prompt_ids], G, params, seed=2, noise_keys=keys)), repeats)
     batch = batches[-1]
     proofs = []
     for k, ids in enumerate(batch.completion_lists()):
@@ -277,16 +285,17 @@ def spot_check(model_name: str, length: int, repeats: int) -> dict:
             run_id="bench", policy_version=0, snapshot_sha256=bytes(32), round_index=0, prompt_index=0,
             prompt_text=text, group_id="g", group_size=G, completion_index=k, completion_token_ids=ids,
             completion_text="", behaviour_logprobs=batch.behaviour_logps[k, : len(ids)].tolist(), rewards=[("a", 0.0)],
-            reward_total=0.0, reward_spec_id="s", advantage=0.0, sequence=k))
+            reward_total=0.0, reward_spec_id="s", advantage=0.0, sequence=k, node_public_key=signer.public_key_bytes))
     fn(proofs[0])  # warm-up
-    check_times, max_d, mean_d = [], [], []
+    check_times, max_d, mean_d, shortfall = [], [], [], []
     for p in proofs:
         t0 = time.perf_counter()
         got = fn(p)
         check_times.append(time.perf_counter() - t0)
-        d = [abs(a - b) for a, b in zip(got, p.behaviour_logprobs)]
+        d = [abs(a - b) for a, b in zip(got.logprobs, p.behaviour_logprobs)]
         max_d.append(max(d))
         mean_d.append(sum(d) / len(d))
+        shortfall.append(max(got.shortfalls))
     t_check = min(check_times)
     return {
         "prompt_tokens": len(prompt_ids), "completion_tokens": length, "group_size": G,
@@ -297,6 +306,7 @@ def spot_check(model_name: str, length: int, repeats: int) -> dict:
         "fraction_vs_group_share": round(t_check / (t_group / G), 4),
         "honest_max_abs_delta": max(max_d),
         "honest_mean_abs_delta_max_over_completions": max(mean_d),
+        "honest_max_sampling_shortfall": max(shortfall),
         "completions_checked": len(proofs),
     }
 

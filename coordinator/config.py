@@ -83,6 +83,11 @@ class SwarmSettings(Section):
     publish_quorum: float = Field(
         PUBLISH_QUORUM, ge=0.5, lt=1, description="a new version is published only when nodes holding MORE than this "
                                                   "share of its round's verified sample weight report its hash")
+    sampling_tolerance: float | None = Field(
+        0.05, ge=0, description="spot-checks: nats a token may fall short of the argmax of log-probs + the run's keyed "
+                                "noise (proof of sampling); None = sampling not checked")
+    ban_after_failures: int = Field(3, ge=0, description="failed checks (spot-check, sampling, rewards, advantages, "
+                                                         "completion) before a node's key is banned; 0 = never")
     matchmaking_timeout_s: float = Field(30.0, gt=0, description="averaging: time to form a group")
     averaging_timeout_s: float = Field(120.0, gt=0, description="averaging: time for one all-reduce")
     min_peers: int = Field(2, ge=1, description="peers needed before a round starts")
@@ -94,7 +99,8 @@ class SwarmSettings(Section):
         description="proofs whose time_ms is further than this from the coordinator's clock, either way, are "
                     "rejected TIME_SKEW; None = max(600, (max_staleness + max_round_lag + 1) × round_timeout_s)")
 
-    @field_validator("matchmaking_timeout_s", "averaging_timeout_s", "heartbeat_interval_s", "round_timeout_s",
+    @field_validator("sampling_tolerance", "matchmaking_timeout_s", "averaging_timeout_s", "heartbeat_interval_s",
+                     "round_timeout_s",
                      "max_proof_time_skew_s")
     @classmethod
     def _finite(cls, v: float | None) -> float | None:
@@ -137,6 +143,9 @@ class RunConfig(Section):
             advantage_scale="group" if self.grpo.scale_rewards == "group" else "none",
             spot_check_rate=self.swarm.spot_check_rate,
             max_time_skew_ms=self.swarm.proof_time_skew_ms(),
+            sampling_tolerance=self.swarm.sampling_tolerance,
+            bind_version=True,
+            ban_after_failures=self.swarm.ban_after_failures,
             **extra,
         )
 

@@ -235,12 +235,16 @@ class Coordinator:
             self.metrics.staleness.labels("heartbeat").observe(lag)
             self._maybe_close_round(timed_out_only=True)
             may = staleness in (pb.STALENESS_CURRENT, pb.STALENESS_BEHIND) and not st.is_banned(node_id)
+            # the first Heartbeat of a round binds the version its prompts must be sampled with, so
+            # that a node cannot sample with each of the η + 1 allowed versions and keep the best
+            bound = self.recorder.dispatch(node_id, st.current_round, v) if may else 0
             prompts = assign_prompts(self.spec.run_seed, node_id, st.current_round, self.spec.dataset_size,
                                      self.spec.prompts_per_round)
             return pb.HeartbeatResponse(
                 current=self.current, current_round=st.current_round, lag=lag, staleness=staleness,
                 min_version=max(0, cur - eta), may_sample=may, prompt_indices=prompts,
-                round_samples_accepted=self.round_samples(), round_samples_target=self.cfg.swarm.samples_per_round)
+                round_samples_accepted=self.round_samples(), round_samples_target=self.cfg.swarm.samples_per_round,
+                sample_version=bound)
 
     def manifest(self, version: int | None) -> pb.SnapshotManifest:
         with self.lock:
@@ -266,7 +270,7 @@ class Coordinator:
             round_index, cur = st.current_round, st.current_version
             out = pb.SubmitProofsResponse()
             last_index = None
-            for group, verdict, entry in self.recorder.submit_logged(proofs):
+            for group, verdict, entry in self.recorder.submit_logged(proofs, now_ms=now_ms()):
                 last_index = entry.index
                 out.verdicts.add(group_id=group[0].group_id if group else "", proof_count=len(group),
                                  accepted=verdict.accepted, code="" if verdict.accepted else verdict.code.value,

@@ -32,9 +32,12 @@ import torch
 from grpo_swarm.protocol.run_spec import AuditHooks
 from grpo_swarm.protocol.identity import Identity
 from grpo_swarm.protocol.proofs import RewardProof, build_reward_proof, group_id_for, prompt_hash, sign_proof
-from grpo_swarm.protocol.verify import SpotCheckUnavailable, normalise_reward_specs, reward_spec_id
+from grpo_swarm.protocol.identity import node_id_from_public_key
+from grpo_swarm.protocol.sampling_noise import row_key
+from grpo_swarm.protocol.verify import Recomputed, SpotCheckUnavailable, normalise_reward_specs, reward_spec_id
 
 from .data import PromptExample, load_dataset_spec, render_prompt
+from .noise import completion_noise, shortfalls
 from .rewards import BUILTIN_REWARDS, RewardFunction, build_reward_functions
 from .rollout import SamplingParams, processed_logprobs
 from .trainer import ScoredBatch
@@ -262,10 +265,13 @@ def make_logprob_fn(
     top_p: float = 1.0,
     top_k: int = 0,
     use_chat_template: bool | None = None,
-) -> Callable[[RewardProof], list[float]]:
+    run_seed: int | None = None,
+) -> Callable[[RewardProof], Recomputed]:
     """The spot-check: ``logprob_fn(proof)`` → per-token log-probabilities of the proof's completion
     under the policy, as the sampler computed them (temperature, then top-k, then top-p:
-    :func:`rollout.processed_logprobs`), from **one prefill pass** over prompt + completion.
+    :func:`rollout.processed_logprobs`), from **one prefill pass** over prompt + completion; with
+    ``run_seed``, also each position's sampling shortfall under the run's keyed noise
+    (:func:`.noise.shortfalls`: 0 where the token is the argmax the sampler must have drawn).
 
     ``model`` is the policy, or ``model(version, snapshot_sha256)`` returning the weights of the
     proof's claimed version (:func:`snapshot_loader`), which raises SpotCheckUnavailable when it has
@@ -304,7 +310,13 @@ def make_logprob_fn(
                 m.train()
         logps = processed_logprobs(logits, params)
         target = torch.tensor(completion, dtype=torch.long, device=logps.device)
-        return logps.gather(1, target[:, None]).squeeze(1).float().cpu().tolist()
+        chosen = logps.gather(1, target[:, None]).squeeze(1).float().cpu().tolist()
+        if run_seed is None:
+            return Recomputed(chosen)
+        key = row_key(run_seed, node_id_from_public_key(proof.node_public_key), proof.round_index, proof.prompt_index,
+                      proof.completion_index)
+        g = completion_noise(key, n, logps.size(-1), logps.device)
+        return Recomputed(chosen, shortfalls(logps, g, target).cpu().tolist())
 
     return logprob_fn
 
@@ -380,6 +392,10 @@ def snapshot_loader(base_model, directory: str | os.PathLike | None = None, *, k
 
 
 # ---- audit hooks ---------------------------------------------------------------------------------
+def policy_checks_sampling(run: Mapping[str, Any]) -> bool:
+    """Whether a run's verifier checks sampling (its policy has a ``sampling_tolerance``)."""
+    return (run.get("policy") or {}).get("sampling_tolerance") is not None and "run_seed" in run
+
 def load_tokenizer(spec: str):
     """The tokenizer of a model spec without loading its weights where that is possible."""
     from .models import build_char_tokenizer, gguf_cache_dir, load_model, smollm2_gguf_path
@@ -447,5 +463,6 @@ def audit_hooks(run: Mapping[str, Any], *, model: str | None = None, snapshots: 
         source = snapshot_loader(loaded.model, snapshots)
         hooks.logprob_fn = make_logprob_fn(
             source, loaded.tokenizer, examples, temperature=float(sampling.get("temperature", 1.0)),
-            top_p=float(sampling.get("top_p", 1.0)), top_k=int(sampling.get("top_k", 0)), use_chat_template=use_chat)
+            top_p=float(sampling.get("top_p", 1.0)), top_k=int(sampling.get("top_k", 0)), use_chat_template=use_chat,
+            run_seed=int(run["run_seed"]) if policy_checks_sampling(run) else None)
     return hooks

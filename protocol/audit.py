@@ -32,6 +32,7 @@ from .log import (
     PROOFS_ACCEPTED,
     PROOFS_REJECTED,
     ROUND_CLOSED,
+    ROUND_DISPATCHED,
     RUN_STARTED,
     SNAPSHOT_PUBLISHED,
     UPLOAD_REFUSED,
@@ -41,6 +42,7 @@ from .log import (
     read_log,
 )
 from .payloads import SALT_SIZE, hex_bytes, unb64
+from .recorder import evidence_failure
 from .proofs import MAX_PROOF_BYTES, parse_proof
 from .publication import Publication, PublicationRefused
 from .run_spec import AuditHooks, RunSpec, load_hooks
@@ -70,6 +72,7 @@ class NodeStats:
     reward_sum: float = 0.0
     staleness: list = field(default_factory=list)
     banned: bool = False
+    failed_checks: int = 0  # rejections that are evidence (verify.EVIDENCE_CODES)
 
     @property
     def mean_reward(self) -> float | None:
@@ -125,8 +128,9 @@ _CHECK_RANK = {code: i for i, codes in enumerate((
     (ReasonCode.MALFORMED, ReasonCode.OVERSIZED), (ReasonCode.UNKNOWN_KEY, ReasonCode.BANNED_KEY),
     (ReasonCode.BAD_SIGNATURE,), (ReasonCode.WRONG_RUN,), (ReasonCode.INCOMPLETE_GROUP,),
     (ReasonCode.REPLAYED_SEQUENCE,), (ReasonCode.TIME_SKEW,), (ReasonCode.STALE_VERSION,),
-    (ReasonCode.UNASSIGNED_PROMPT,), (ReasonCode.BAD_COMPLETION,), (ReasonCode.REWARD_MISMATCH,),
-    (ReasonCode.ADVANTAGE_MISMATCH,), (ReasonCode.SPOT_CHECK_FAILED,))) for code in codes}
+    (ReasonCode.UNASSIGNED_PROMPT,), (ReasonCode.GROUP_BURNED, ReasonCode.TICKET_VOIDED), (ReasonCode.BAD_COMPLETION,),
+    (ReasonCode.REWARD_MISMATCH,), (ReasonCode.ADVANTAGE_MISMATCH,),
+    (ReasonCode.SPOT_CHECK_FAILED, ReasonCode.SAMPLING_MISMATCH))) for code in codes}
 
 # Which skipped check could explain a logged rejection the replay cannot reproduce.
 _CHECKS_FOR_CODE = {
@@ -134,6 +138,7 @@ _CHECKS_FOR_CODE = {
     ReasonCode.BAD_COMPLETION: ("decode", "termination"),
     ReasonCode.UNASSIGNED_PROMPT: ("prompt_hash",),
     ReasonCode.SPOT_CHECK_FAILED: ("spot_check", "spot_check_selection"),
+    ReasonCode.SAMPLING_MISMATCH: ("spot_check", "spot_check_selection", "sampling_check"),
 }
 
 
@@ -265,6 +270,8 @@ class _Replay:
         elif e.kind == ROUND_CLOSED:
             self.round_closed(e)
             self.publication.round_closed(p["round"], p["weights"])
+        elif e.kind == ROUND_DISPATCHED:
+            self.dispatched(e)
         else:
             self.r.skipped[f"unknown kind {e.kind}"] += 1
 
@@ -336,7 +343,9 @@ class _Replay:
                     raise _Bad(f"logged as rejected ({code.value}), replay {replay}")
                 self.r.skipped[f"rejection {code.value} (unconfirmed)"] += 1
                 self.r.nodes[node_key].rejected[code.value] += n
+                self._failed_check(p)
                 return
+            self._failed_check(p)
         else:
             data = unb64(evidence["bytes"], "evidence bytes")
             size = evidence["size"]
@@ -358,6 +367,29 @@ class _Replay:
             n = 1
         self.r.replayed["rejections"] += 1
         self.r.nodes[node_key].rejected[code.value] += n
+
+    def _failed_check(self, payload: Mapping) -> None:
+        """A rejection that is evidence burns the group and voids the node's round, as it did live."""
+        failed = evidence_failure(payload)
+        if failed is not None:
+            self.state.record_failure(*failed)
+            self.r.nodes[failed[0]].failed_checks += 1
+
+    def dispatched(self, e: LogEntry) -> None:
+        p, st = e.payload, self.state
+        node_id, r, v = p["node_id"], p["round"], p["version"]
+        if node_id not in st.keys.values():
+            raise _Bad(f"round dispatched to {node_id}, which is not registered")
+        if r != st.current_round:
+            raise _Bad(f"round {r} dispatched while round {st.current_round} is open")
+        if st.dispatched_version(node_id, r) is not None:
+            raise _Bad(f"round {r} dispatched to {node_id} twice")
+        if not isinstance(v, int) or v > st.current_version or st.current_version - v > st.max_staleness \
+                or v not in st.snapshots:
+            raise _Bad(f"dispatched at version {v}, outside the published [{st.current_version - st.max_staleness}, "
+                       f"{st.current_version}]")
+        st.record_dispatch(node_id, r, v)
+        self.r.replayed["dispatches"] += 1
 
     def round_closed(self, e: LogEntry) -> None:
         p, st = e.payload, self.state

@@ -25,6 +25,9 @@ class ReasonCode(str, Enum):
     WRONG_RUN = "WRONG_RUN"  # run id of another run
     TIME_SKEW = "TIME_SKEW"  # timestamp too far in the past or future
     INCOMPLETE_GROUP = "INCOMPLETE_GROUP"  # a GRPO group is missing completions or has duplicates
+    SAMPLING_MISMATCH = "SAMPLING_MISMATCH"  # a token is not the sampler's choice under the run's keyed noise
+    GROUP_BURNED = "GROUP_BURNED"  # the group already failed a check this round: no second try
+    TICKET_VOIDED = "TICKET_VOIDED"  # the node failed a check this round: nothing more counts in it
 
     def __str__(self) -> str:  # "BAD_SIGNATURE", not "ReasonCode.BAD_SIGNATURE"
         return self.value

@@ -59,8 +59,9 @@ ROUND_CLOSED = "round_closed"
 NODE_BANNED = "node_banned"
 HASH_REPORTED = "hash_reported"  # a node's parameter hash for the next version (protocol.publication)
 UPLOAD_REFUSED = "upload_refused"  # a snapshot upload the publication rule refused, and why
+ROUND_DISPATCHED = "round_dispatched"  # a node's first Heartbeat in a round: the version it must sample with
 KINDS = (RUN_STARTED, NODE_REGISTERED, SNAPSHOT_PUBLISHED, PROOFS_ACCEPTED, PROOFS_REJECTED, ROUND_CLOSED, NODE_BANNED,
-         HASH_REPORTED, UPLOAD_REFUSED)
+         HASH_REPORTED, UPLOAD_REFUSED, ROUND_DISPATCHED)
 
 _ENTRY_KEYS = {"index", "prev_hash", "time_ms", "kind", "payload", "signer", "signature", "hash"}
 

@@ -30,6 +30,7 @@ from .log import (
     PROOFS_ACCEPTED,
     PROOFS_REJECTED,
     ROUND_CLOSED,
+    ROUND_DISPATCHED,
     RUN_STARTED,
     SNAPSHOT_PUBLISHED,
     UPLOAD_REFUSED,
@@ -42,7 +43,7 @@ from .payloads import SALT_SIZE, hex_bytes, unb64, accepted_payload, rejected_pa
 from .proofs import parse_proof
 from .publication import Publication, PublicationRefused, Tally, refused_payload
 from .run_spec import AuditHooks, RunSpec
-from .verify import InMemoryVerifierState, Verdict
+from .verify import EVIDENCE_CODES, InMemoryVerifierState, Verdict
 
 RewardProof = pb.RewardProof
 
@@ -140,11 +141,33 @@ class RunRecorder:
         self.log.append(NODE_BANNED, {"node_id": node_id, "reason": reason, "evidence_index": evidence_index},
                         self.identity)
 
+    def dispatch(self, node_id: str, round_index: int, version: int) -> int:
+        """Bind the version ``node_id`` must sample round ``round_index`` with (its first Heartbeat in
+        the round); logged once. Returns the bound version."""
+        bound = self.state.dispatched_version(node_id, round_index)
+        if bound is None:
+            self.state.record_dispatch(node_id, round_index, version)
+            self.log.append(ROUND_DISPATCHED, {"node_id": node_id, "round": round_index, "version": version},
+                            self.identity)
+            bound = version
+        return bound
+
     def _record(self, proofs: Sequence[RewardProof], verdict: Verdict, now_ms: int | None) -> LogEntry:
         if verdict.accepted:
             self.round_accepted[node_id_from_public_key(proofs[0].node_public_key)] += len(proofs)
             return self.log.append(PROOFS_ACCEPTED, accepted_payload(proofs, verdict), self.identity, time_ms=now_ms)
-        return self.log.append(PROOFS_REJECTED, rejected_payload(verdict, proofs=proofs), self.identity, time_ms=now_ms)
+        entry = self.log.append(PROOFS_REJECTED, rejected_payload(verdict, proofs=proofs), self.identity, time_ms=now_ms)
+        if verdict.code in EVIDENCE_CODES:  # the verifier burned the group and voided the round
+            self._penalise(node_id_from_public_key(proofs[0].node_public_key), entry.index)
+        return entry
+
+    def _penalise(self, node_id: str, evidence_index: int) -> None:
+        """A failed check voids the node's admission count for this round; enough of them ban it."""
+        self.round_accepted.pop(node_id, None)
+        limit = self.spec.policy.ban_after_failures
+        failures = self.state.failures.get(node_id, 0)
+        if limit and failures >= limit and not self.state.is_banned(node_id):
+            self.ban(node_id, f"{failures} failed checks (ban_after_failures = {limit})", evidence_index)
 
     def submit(self, proofs: Sequence[RewardProof], *, now_ms: int | None = None) -> list[Verdict]:
         """Verify proofs (any number of groups) and log one accepted/rejected entry per group."""
@@ -234,6 +257,13 @@ def restore_state(entries: Iterable[LogEntry], salts: Mapping[int, bytes], *,
             proofs = [parse_proof(unb64(b, "proof"), verify=False) for b in p["proofs"]]
             state.record_accepted(p["node_id"], p["group_id"], max(q.sequence for q in proofs))
             round_accepted[p["node_id"]] += len(proofs)
+        elif e.kind == PROOFS_REJECTED:
+            failed = evidence_failure(p)
+            if failed is not None:
+                state.record_failure(*failed)
+                round_accepted.pop(failed[0], None)
+        elif e.kind == ROUND_DISPATCHED:
+            state.record_dispatch(p["node_id"], p["round"], p["version"])
         elif e.kind == ROUND_CLOSED:
             salted = spec.spot_check_commitment is not None
             state.close_round(salts.get(state.current_round + 1) if salted else b"")
@@ -244,3 +274,14 @@ def restore_state(entries: Iterable[LogEntry], salts: Mapping[int, bytes], *,
         raise LogError("the log has no run_started entry")
     return spec, state, round_accepted
 
+
+
+def evidence_failure(payload: Mapping) -> tuple[str, str, int] | None:
+    """(node, group, round) of a logged rejection that counts as a failed check (:data:`EVIDENCE_CODES`
+    on signed proofs), else None."""
+    from .errors import ReasonCode
+
+    if ReasonCode(payload["code"]) not in EVIDENCE_CODES or "proofs" not in payload["evidence"]:
+        return None
+    first = parse_proof(unb64(payload["evidence"]["proofs"][0], "proof"), verify=False)
+    return node_id_from_public_key(first.node_public_key), first.group_id, first.round_index

@@ -23,15 +23,32 @@ the first failure is the verdict's):
  9    round open (``current_round - lag <= round <= current_round``),        UNASSIGNED_PROMPT
       prompt in :func:`.assignment.assign_prompts` for the signer's node
       id, prompt hash = the dataset row's rendered prompt, and the group
-      not already accepted (one group per assigned prompt)
+      not already accepted (one group per assigned prompt); with
+      ``bind_version``, the round was dispatched to the node (a Heartbeat)   UNASSIGNED_PROMPT
+      and the proofs name the version it was dispatched at                   STALE_VERSION
+ 9b   the group did not fail a check before (no second try), and the node    GROUP_BURNED,
+      did not fail one in this round or the proofs' round                    TICKET_VOIDED
 10    completion: 1..max tokens, ids < vocab, EOS only as the last token,    BAD_COMPLETION
       an EOS unless the completion hit the token limit, text = decoded ids
 11    reward spec id, each reward recomputed from the text and the row,      REWARD_MISMATCH
       weighted total
 12    advantages = group normalisation of the members' totals                ADVANTAGE_MISMATCH
 13    spot-check of the selected members: recomputed log-probabilities       SPOT_CHECK_FAILED
-      under the claimed policy version agree with the claimed ones
+      under the claimed policy version agree with the claimed ones, and
+      (``sampling_tolerance`` set) every token is the argmax of the          SAMPLING_MISMATCH
+      processed log-probabilities plus the run's keyed noise
+      (:mod:`.sampling_noise`), within the tolerance
 ====  =====================================================================  =====================
+
+Failures are evidence. A group rejected with one of :data:`EVIDENCE_CODES` (what the node's own
+signed proofs contradict: a spot-check, the sampling check, rewards, advantages, the completion)
+is recorded in the state (:meth:`VerifierState.record_failure`): the group is burned (the same
+node, round and prompt is refused ``GROUP_BURNED`` ever after, whatever is re-signed), the node's
+work in the current round and in the proofs' round is voided (later groups refused
+``TICKET_VOIDED``; the recorder drops its admission count), and after
+``ban_after_failures`` such failures the recorder bans the key. A check therefore cannot be
+re-rolled: what is checked is fixed before the node signs (below), and a failed check costs the
+node its round.
 
 Tolerances (all stated in :class:`VerifierPolicy`):
 
@@ -53,16 +70,20 @@ Tolerances (all stated in :class:`VerifierPolicy`):
   with invented log-probabilities show (mean ≥ 0.12, max ≥ 0.23 nats on a tiny model taught the
   task; ≥ 3.8 / 9.9 on SmolLM2). Runs that sample in bf16 or with another engine than the verifier
   must measure and set their own. What it proves: the claimed log-probabilities are the policy's.
-  A node that writes a completion *and* computes its true log-probabilities passes; catching that
-  needs verifiable sampling (randomness the node cannot choose), which this protocol does not have.
+* **sampling** — the completion's tokens are the argmax of the recomputed processed log-probs plus
+  the keyed noise, up to ``sampling_tolerance`` nats of shortfall per position
+  (:mod:`.sampling_noise`). With it a node can neither write a completion nor choose among several
+  samples (best-of-n, copying a good completion over a bad one): each member's completion is fixed
+  by the policy and its identity.
 
-Spot-check selection: member ``k`` is checked iff
-``int(SHA-256(b"grpo-swarm/v1/spot-check\\n" || u32(len(salt)) || salt || signature)[:8]) < p·2^64``
-(big-endian). The salt is the verifier's secret for the *current* round (committed in the log
-before the round, revealed when it closes, see :mod:`.audit`), so a prover cannot grind its
-signature (Ed25519 signatures are deterministic, and re-signing with another ``time_ms`` would
-otherwise pick a new coin) to dodge the check, and auditors can replay the selection once it is
-revealed. With an empty salt the selection depends on the signature alone.
+Spot-check selection: member ``k`` of the group of prompt ``q`` that node ``n`` answered in round
+``r`` of run ``R`` is checked iff ``int(SHA-256(b"grpo-swarm/v2/spot-check\\n" || u32(len(salt)) ||
+salt || u32(len(R)) || R || u32(len(n)) || n || u64(r) || u64(q) || u32(k))[:8]) < p·2^64``
+(big-endian; strings UTF-8). It depends on nothing the node signs or chooses: re-signing, changing
+``time_ms`` or the completion does not move it. The salt is the verifier's secret for the round
+current at verification (committed in the log before the round, revealed when it closes, see
+:mod:`.recorder`), so a node cannot know before submitting which members will be checked, and
+auditors can replay the selection once it is revealed. With an empty salt the selection is public.
 
 The verifier needs no model: reward recomputation, token decoding, prompt hashing and the spot
 check's log-probabilities are injected callables (``grpo_swarm.node.proving`` builds them from
@@ -89,16 +110,31 @@ from .log import canonical_json
 from .proofs import group_id_for, parse_proof, proof_signing_bytes, validate_proof
 
 RewardProof = pb.RewardProof
-SPOT_CHECK_DOMAIN = b"grpo-swarm/v1/spot-check\n"
+SPOT_CHECK_DOMAIN = b"grpo-swarm/v2/spot-check\n"
 REWARD_SPEC_PREFIX = "rs1-"
 STD_EPS = 1e-4  # as grpo_swarm.node.grpo.STD_EPS (TRL)
 F32_UNIT_ROUNDOFF = 2.0**-24
 _U64 = 2**64
 
 RewardRecomputer = Callable[[RewardProof], Mapping[str, "float | None"]]
-LogprobFn = Callable[[RewardProof], Sequence[float]]
+LogprobFn = Callable[[RewardProof], "Sequence[float] | Recomputed"]
 DecodeFn = Callable[[Sequence[int]], str]
 PromptHashFn = Callable[[int], bytes]
+
+
+@dataclass(frozen=True)
+class Recomputed:
+    """What a spot-check recomputes for one completion: each token's log-probability under the
+    claimed policy and, when the verifier has the run's noise, each position's sampling shortfall
+    (:func:`grpo_swarm.node.noise.shortfalls`; 0 where the token is the noisy argmax)."""
+
+    logprobs: Sequence[float]
+    shortfalls: Sequence[float] | None = None
+
+
+# Rejections the node's own signed proofs prove wrong: they burn the group and void the node's round.
+EVIDENCE_CODES = frozenset({ReasonCode.SPOT_CHECK_FAILED, ReasonCode.SAMPLING_MISMATCH, ReasonCode.REWARD_MISMATCH,
+                            ReasonCode.ADVANTAGE_MISMATCH, ReasonCode.BAD_COMPLETION})
 
 
 class SpotCheckUnavailable(Exception):
@@ -189,6 +225,9 @@ class VerifierPolicy:
     spot_check_max_abs: float = 1e-2
     require_raw: bool = True  # proofs must carry completion_token_ids and behaviour_logprobs
     max_time_skew_ms: int | None = None  # None: timestamps not checked
+    sampling_tolerance: float | None = None  # nats of shortfall allowed per token; None: sampling not checked
+    bind_version: bool = False  # proofs must name the version their round was dispatched at
+    ban_after_failures: int = 0  # failed checks (EVIDENCE_CODES) before a ban; 0: never
 
     def __post_init__(self):
         specs = tuple(normalise_reward_specs(self.reward_specs))
@@ -207,6 +246,10 @@ class VerifierPolicy:
         for v in (self.total_rel_tolerance, self.advantage_tolerance, self.spot_check_mean_abs, self.spot_check_max_abs):
             if not (v >= 0 and math.isfinite(v)):
                 raise ValueError("tolerances must be finite and >= 0")
+        if self.sampling_tolerance is not None and not (self.sampling_tolerance >= 0 and math.isfinite(self.sampling_tolerance)):
+            raise ValueError("sampling_tolerance must be finite and >= 0 (or None)")
+        if not isinstance(self.ban_after_failures, int) or self.ban_after_failures < 0:
+            raise ValueError("ban_after_failures must be an integer >= 0")
 
     @property
     def reward_names(self) -> tuple[str, ...]:
@@ -235,6 +278,9 @@ class VerifierPolicy:
             "spot_check_max_abs": self.spot_check_max_abs,
             "require_raw": self.require_raw,
             "max_time_skew_ms": self.max_time_skew_ms,
+            "sampling_tolerance": self.sampling_tolerance,
+            "bind_version": self.bind_version,
+            "ban_after_failures": self.ban_after_failures,
         }
 
     @classmethod
@@ -275,6 +321,10 @@ class VerifierState(Protocol):
     def snapshot_sha256(self, version: int) -> bytes | None: ...
     def group_accepted(self, group_id: str) -> bool: ...
     def record_accepted(self, node_id: str, group_id: str, max_sequence: int) -> None: ...
+    def group_burned(self, group_id: str) -> bool: ...
+    def round_voided(self, node_id: str, round_index: int) -> bool: ...
+    def record_failure(self, node_id: str, group_id: str, round_index: int) -> int: ...  # -> failures so far
+    def dispatched_version(self, node_id: str, round_index: int) -> int | None: ...
 
 
 @dataclass
@@ -294,6 +344,10 @@ class InMemoryVerifierState:
     sequences: dict[str, int] = field(default_factory=dict)
     snapshots: dict[int, bytes] = field(default_factory=dict)
     accepted_groups: set[str] = field(default_factory=set)
+    burned_groups: set[str] = field(default_factory=set)
+    voided: set[tuple[str, int]] = field(default_factory=set)  # (node, round)
+    failures: dict[str, int] = field(default_factory=dict)
+    dispatched: dict[tuple[str, int], int] = field(default_factory=dict)  # (node, round) -> version
 
     # -- VerifierState
     def node_for_key(self, public_key: bytes) -> str | None:
@@ -314,6 +368,25 @@ class InMemoryVerifierState:
     def record_accepted(self, node_id: str, group_id: str, max_sequence: int) -> None:
         self.sequences[node_id] = max(self.sequences.get(node_id, -1), max_sequence)
         self.accepted_groups.add(group_id)
+
+    def group_burned(self, group_id: str) -> bool:
+        return group_id in self.burned_groups
+
+    def round_voided(self, node_id: str, round_index: int) -> bool:
+        return (node_id, round_index) in self.voided
+
+    def record_failure(self, node_id: str, group_id: str, round_index: int) -> int:
+        """A failed check: burn the group, void the node's current round and the proofs' round."""
+        self.burned_groups.add(group_id)
+        self.voided.update({(node_id, round_index), (node_id, self.current_round)})
+        self.failures[node_id] = self.failures.get(node_id, 0) + 1
+        return self.failures[node_id]
+
+    def dispatched_version(self, node_id: str, round_index: int) -> int | None:
+        return self.dispatched.get((node_id, round_index))
+
+    def record_dispatch(self, node_id: str, round_index: int, version: int) -> None:
+        self.dispatched.setdefault((node_id, round_index), version)
 
     # -- updates (what log entries do)
     def register(self, public_key: bytes) -> str:
@@ -336,13 +409,21 @@ class InMemoryVerifierState:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-def spot_check_selected(signature: bytes, rate: float, salt: bytes = b"") -> bool:
-    """Whether a proof with this signature is spot-checked at rate ``rate`` (see module docstring)."""
+def _lp(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return struct.pack(">I", len(raw)) + raw
+
+
+def spot_check_selected(run_id: str, node_id: str, round_index: int, prompt_index: int, member: int, rate: float,
+                        salt: bytes = b"") -> bool:
+    """Whether member ``member`` of a group is spot-checked at rate ``rate`` (see module docstring):
+    a function of the salt and the group's identity only, never of what the node signs."""
     if rate <= 0.0:
         return False
     if rate >= 1.0:
         return True
-    h = hashlib.sha256(SPOT_CHECK_DOMAIN + struct.pack(">I", len(salt)) + bytes(salt) + bytes(signature)).digest()
+    h = hashlib.sha256(SPOT_CHECK_DOMAIN + struct.pack(">I", len(salt)) + bytes(salt) + _lp(run_id) + _lp(node_id)
+                       + struct.pack(">QQI", round_index, prompt_index, member)).digest()
     return int.from_bytes(h[:8], "big") < int(rate * _U64)
 
 
@@ -414,6 +495,9 @@ class Verifier:
         try:
             checked = self._check_group(list(proofs), now_ms, skipped)
         except _Reject as r:
+            if commit and r.code in EVIDENCE_CODES:
+                p = proofs[0]
+                self.state.record_failure(node_id_from_public_key(p.node_public_key), p.group_id, p.round_index)
             return Verdict.reject(r.code, r.detail, member=r.member, skipped=tuple(dict.fromkeys(skipped)))
         first = proofs[0]
         if commit:
@@ -447,7 +531,9 @@ class Verifier:
         if salt is None:
             return None
         rate = self.policy.spot_check_rate
-        return [p.completion_index for p in proofs if spot_check_selected(p.signature, rate, salt)]
+        return [p.completion_index for p in proofs
+                if spot_check_selected(p.run_id, node_id_from_public_key(p.node_public_key), p.round_index,
+                                       p.prompt_index, p.completion_index, rate, salt)]
 
     # -- the checks
     def _check_group(self, proofs: list[RewardProof], now_ms: int | None, skipped: list[str]) -> tuple[int, ...]:
@@ -560,6 +646,21 @@ class Verifier:
         if st.group_accepted(first.group_id):
             raise _Reject(ReasonCode.UNASSIGNED_PROMPT, f"group {first.group_id} was already accepted (one group "
                           "per assigned prompt)")
+        if pol.bind_version:
+            bound = st.dispatched_version(node_id, r)
+            if bound is None:
+                raise _Reject(ReasonCode.UNASSIGNED_PROMPT, f"round {r} was not dispatched to node {node_id} "
+                              "(a Heartbeat in the round binds the version to sample with)")
+            if v != bound:
+                raise _Reject(ReasonCode.STALE_VERSION, f"round {r} was dispatched to node {node_id} at version "
+                              f"{bound}: its proofs must be sampled with it, not v{v}")
+        # 9b. no second try
+        if st.group_burned(first.group_id):
+            raise _Reject(ReasonCode.GROUP_BURNED, f"group {first.group_id} already failed a check: it cannot be "
+                          "submitted again")
+        if st.round_voided(node_id, r) or st.round_voided(node_id, st.current_round):
+            raise _Reject(ReasonCode.TICKET_VOIDED, f"node {node_id} failed a check in round {r} or "
+                          f"{st.current_round}: its work there no longer counts")
         # 10. completions
         for p in proofs:
             self._check_completion(p, skipped)
@@ -662,6 +763,21 @@ class Verifier:
                 raise _Reject(ReasonCode.REWARD_MISMATCH, f"completion {k}: {name} is {value!r}, recomputed "
                               f"{v32!r} (tolerance {tol})", k)
 
+    def _check_sampling(self, p: RewardProof, shortfalls: Sequence[float] | None, skipped: list[str]) -> None:
+        k, tol = p.completion_index, self.policy.sampling_tolerance
+        if shortfalls is None:
+            skipped.append("sampling_check")
+            return
+        if len(shortfalls) != p.num_completion_tokens:
+            raise _Reject(ReasonCode.SAMPLING_MISMATCH, f"completion {k}: {len(shortfalls)} sampling shortfalls for "
+                          f"{p.num_completion_tokens} tokens", k)
+        for t, gap in enumerate(shortfalls):
+            if not gap <= tol:  # NaN fails too
+                raise _Reject(ReasonCode.SAMPLING_MISMATCH,
+                              f"completion {k}: token {t} is {float(gap):.3g} nats below the argmax of the policy's "
+                              f"log-probabilities plus the run's noise (allowed {tol:g}): not what this member's "
+                              "sampler draws", k)
+
     def _spot_check(self, proofs: list[RewardProof], skipped: list[str]) -> tuple[int, ...]:
         pol = self.policy
         if pol.spot_check_rate <= 0.0:
@@ -683,7 +799,10 @@ class Verifier:
                 raise _Reject(ReasonCode.SPOT_CHECK_FAILED, f"completion {k} was selected for the spot-check but "
                               "carries no token ids / log-probabilities", k)
             try:
-                got = [float(x) for x in self.logprob_fn(p)]
+                result = self.logprob_fn(p)
+                if not isinstance(result, Recomputed):
+                    result = Recomputed(result)
+                got = [float(x) for x in result.logprobs]
             except SpotCheckUnavailable as e:
                 skipped.append(f"spot_check ({e})")
                 continue
@@ -702,5 +821,7 @@ class Verifier:
                               f"completion {k}: log-probabilities under policy v{p.policy.version} differ from the "
                               f"claimed ones by mean {mean:.3g} / max {worst:.3g} (allowed {pol.spot_check_mean_abs:g} "
                               f"/ {pol.spot_check_max_abs:g}): not sampled from this policy", k)
+            if pol.sampling_tolerance is not None:
+                self._check_sampling(p, result.shortfalls, skipped)
             done.append(k)
         return tuple(done)

@@ -16,6 +16,7 @@ from grpo_swarm.coordinator.core import Coordinator
 from grpo_swarm.coordinator.service import ServerLimits, start_server
 from grpo_swarm.node import proving
 from grpo_swarm.node.models import load_model
+from grpo_swarm.node.noise import group_keys
 from grpo_swarm.node.rewards import build_reward_functions
 from grpo_swarm.node.swarm_config import run_examples, train_config_from_run
 from grpo_swarm.node.trainer import GRPOTrainer
@@ -111,7 +112,10 @@ class HonestNode:
         """(heartbeat, one proof list per assigned group) for the current round."""
         hb = self.client.heartbeat(self.snapshot.version, completions_per_s=12.5, tokens_per_s=50.0)
         examples = [self.examples[i] for i in hb.prompt_indices]
-        texts, rollouts = self.trainer.rollout(examples, seed=seed)
+        # the run's keyed noise: these completions are the only ones the verifier accepts
+        keys = group_keys(int(self.spec["run_seed"]), self.identity.node_id, hb.current_round, hb.prompt_indices,
+                          self.train_cfg.grpo.group_size)
+        texts, rollouts = self.trainer.rollout(examples, seed=seed, noise_keys=keys)
         batch = self.trainer.score(examples, texts, rollouts)
         proofs = proving.proofs_from_batch(
             batch, examples, texts, self.identity, run_id=self.reply.run_id, snapshot_sha256=self.snapshot.sha256,

@@ -12,6 +12,7 @@ from grpo_swarm.node import proving
 from grpo_swarm.node.config import load_config
 from grpo_swarm.node.data import arithmetic_examples
 from grpo_swarm.node.models import build_tiny_model
+from grpo_swarm.node.noise import group_keys
 from grpo_swarm.node.rewards import build_reward_functions
 from grpo_swarm.node.trainer import GRPOTrainer
 from grpo_swarm.protocol.assignment import assign_prompts
@@ -24,6 +25,7 @@ RUN_ID = "test-run"
 RUN_SEED = 1234
 DATASET = {"spec": "arithmetic:4", "split": "train", "seed": 0, "size": 64}
 MAX_TOKENS = 4
+SAMPLING_TOLERANCE = 0.05  # nats; the coordinator default
 EOS = 1
 REWARDS = [
     {"name": "arithmetic_accuracy", "weight": 1.0, "args": {}},
@@ -78,6 +80,7 @@ class World:
         self.policy = VerifierPolicy(
             reward_specs=proving.reward_specs_of(self.cfg.rewards), max_completion_tokens=MAX_TOKENS,
             eos_token_ids=(EOS,), vocab_size=len(self.tokenizer), spot_check_rate=spot_check_rate,
+            sampling_tolerance=SAMPLING_TOLERANCE,
         )
         assert self.policy.reward_spec_id == proving.spec_id_of(REWARDS)
         self.versions: dict[bytes, torch.nn.Module] = {}  # snapshot sha -> frozen copy
@@ -88,7 +91,7 @@ class World:
             decode_fn=proving.make_decoder(self.tokenizer),
             prompt_sha256_fn=proving.make_prompt_hasher(self.tokenizer, self.examples),
             logprob_fn=proving.make_logprob_fn(proving.snapshot_loader(self.model, known=self.versions),
-                                               self.tokenizer, self.examples),
+                                               self.tokenizer, self.examples, run_seed=RUN_SEED),
         )
         self._seed = 0
 
@@ -139,7 +142,8 @@ class World:
         """Real rollouts of the (assigned) prompts at the current version → one proof list per group."""
         examples = self.assigned(node, round_index) if examples is None else examples
         self._seed += 1
-        texts, rollouts = self.trainer.rollout(examples, seed=self._seed)
+        keys = group_keys(RUN_SEED, node.node_id, round_index, [ex.index for ex in examples], self.group_size)
+        texts, rollouts = self.trainer.rollout(examples, seed=self._seed, noise_keys=keys)
         batch = self.trainer.score(examples, texts, rollouts)
         proofs = proving.proofs_from_batch(
             batch, examples, texts, node, run_id=RUN_ID, snapshot_sha256=self.shas[self.version],

@@ -271,7 +271,9 @@ def test_spot_check_selection_follows_the_revealed_salts(run):
     for e in entries:
         if e.kind == "proofs_accepted":
             proofs = [parse_proof(base64.b64decode(b)) for b in e.payload["proofs"]]
-            chosen = [p.completion_index for p in proofs if spot_check_selected(p.signature, 0.25, salts[round_of[e.index]])]
+            chosen = [p.completion_index for p in proofs
+                      if spot_check_selected(p.run_id, e.payload["node_id"], p.round_index, p.prompt_index,
+                                             p.completion_index, 0.25, salts[round_of[e.index]])]
             assert chosen == e.payload["spot_checked"]
     commitment = bytes.fromhex(entries[0].payload["spot_check_commitment"])
     assert hashlib.sha256(salts[0]).digest() == commitment
@@ -284,8 +286,9 @@ def attacked(run, tmp_path_factory):
     log = ProtocolLog(tmp_path_factory.mktemp("attacked") / "log.sqlite")
     policy = VerifierPolicy(**{**world.policy.__dict__, "spot_check_rate": 1.0})  # every forgery is checked
     rec = RunRecorder(log, COORDINATOR, world.run_spec(policy=policy), hooks=world.hooks)
-    node, stranger = NODES[0], identity(9)
+    node, liar, stranger = NODES[0], NODES[1], identity(9)
     rec.register(node.public_key_bytes)
+    rec.register(liar.public_key_bytes)
     rec.publish_snapshot(world.version, world.shas[world.version])
     groups = world.groups(node, 0, 10_000)
     codes = []
@@ -298,7 +301,10 @@ def attacked(run, tmp_path_factory):
     codes.append(rec.submit_bytes([b"\x0a\xff garbage"] * 8).code)
     codes.append(rec.submit_bytes([g[0].SerializeToString()[:-7]] + [p.SerializeToString() for p in g[1:]]).code)
     codes.append(rec.submit_bytes([b"\x00" * (2 << 20)]).code)
-    fake_lp = [forge(p, node, behaviour_logprobs=[-0.01] * p.num_completion_tokens) for p in groups[2]]
+    codes += [v.code for v in rec.submit(groups[2])]  # node's round is void after its REWARD_MISMATCH
+    # another node: its first failed check is the spot-check
+    fake_lp = [forge(p, liar, behaviour_logprobs=[-0.01] * p.num_completion_tokens)
+               for p in world.groups(liar, 0, 0)[0]]
     codes += [v.code for v in rec.submit(fake_lp)]
     rec.ban(node.node_id, "spot-check failed")
     codes += [v.code for v in rec.submit(groups[3])]
@@ -311,12 +317,15 @@ def test_attacks_in_the_log_replay_to_the_same_reason(run, attacked):
     assert codes[0] is None
     assert codes[1:] == [ReasonCode.REPLAYED_SEQUENCE, ReasonCode.REWARD_MISMATCH, ReasonCode.UNKNOWN_KEY,
                          ReasonCode.MALFORMED, ReasonCode.MALFORMED, ReasonCode.OVERSIZED,
-                         ReasonCode.SPOT_CHECK_FAILED, ReasonCode.BANNED_KEY]
+                         ReasonCode.TICKET_VOIDED, ReasonCode.SPOT_CHECK_FAILED, ReasonCode.BANNED_KEY]
     result = audit(log.path, run["world"].hooks)
     assert result.ok, result.problem
-    assert result.replayed["rejections"] == 7 and result.skipped == {"rejection OVERSIZED (truncated evidence)": 1}
+    assert result.replayed["rejections"] == 8 and result.skipped == {"rejection OVERSIZED (truncated evidence)": 1}
     rejected = result.nodes[NODES[0].node_id].rejected
-    assert rejected["REPLAYED_SEQUENCE"] == 8 and rejected["SPOT_CHECK_FAILED"] == 8 and rejected["BANNED_KEY"] == 8
+    assert rejected["REPLAYED_SEQUENCE"] == 8 and rejected["TICKET_VOIDED"] == 8 and rejected["BANNED_KEY"] == 8
+    assert result.nodes[NODES[0].node_id].failed_checks == 1  # the reward lie
+    assert result.nodes[NODES[1].node_id].rejected["SPOT_CHECK_FAILED"] == 8
+    assert result.nodes[NODES[1].node_id].failed_checks == 1
     # without the model, the spot-check and reward rejections cannot be confirmed: said, not failed
     bare = audit(log.path)
     assert bare.ok, bare.problem

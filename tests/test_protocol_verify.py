@@ -28,6 +28,7 @@ from grpo_swarm.protocol.verify import (
     reward_spec_id,
     spot_check_selected,
 )
+from grpo_swarm.node.noise import group_keys
 from protocol_world import EOS, REWARDS, World, forge, identity, inflate, with_totals
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -341,7 +342,7 @@ def test_completion_rules(world, honest):
     p = g[0]
 
     def one(k, **changes):
-        return v.verify_group([forge(q, NODE, **changes) if q.completion_index == k else q for q in g])
+        return v.verify_group([forge(q, NODE, **changes) if q.completion_index == k else q for q in g], commit=False)
 
     eos_inside = one(0, completion_token_ids=[EOS, 10, 11, 12], behaviour_logprobs=[-1.0] * 4, completion_text="")
     assert eos_inside.code is ReasonCode.BAD_COMPLETION and "after an EOS" in eos_inside.detail
@@ -363,7 +364,7 @@ def test_reward_rules(world, honest):
     state, v = fresh(world)
 
     def one(**changes):
-        return v.verify_group([forge(q, NODE, **changes) if q.completion_index == 0 else q for q in g])
+        return v.verify_group([forge(q, NODE, **changes) if q.completion_index == 0 else q for q in g], commit=False)
 
     r = g[0].rewards
     swapped = one(rewards=[("overlong_penalty", r[1].value), ("arithmetic_accuracy", r[0].value)])
@@ -453,21 +454,32 @@ def test_advantage_tolerance_is_tight_for_rule_rewards():
 
 # ---- spot-check selection --------------------------------------------------------------------------
 def test_spot_check_selection_rate_determinism_and_salt():
-    rng = random.Random(0)
-    sigs = [rng.randbytes(64) for _ in range(20000)]
+    """Selection is a coin per (run, node, round, prompt, member) under the round's salt."""
+    ids = [("run", f"node{i % 7}", i // 7 % 5, i, i % 8) for i in range(20000)]
     for p in (0.05, 0.25):
-        hits = sum(spot_check_selected(s, p) for s in sigs)
-        sigma = math.sqrt(len(sigs) * p * (1 - p))
-        assert abs(hits - p * len(sigs)) < 5 * sigma
-    assert all(spot_check_selected(s, 1.0) for s in sigs[:50]) and not any(spot_check_selected(s, 0.0) for s in sigs[:50])
-    a = [spot_check_selected(s, 0.5, b"salt-a") for s in sigs[:2000]]
-    assert a == [spot_check_selected(s, 0.5, b"salt-a") for s in sigs[:2000]]  # replayable
-    b = [spot_check_selected(s, 0.5, b"salt-b") for s in sigs[:2000]]
+        hits = sum(spot_check_selected(*x, p) for x in ids)
+        sigma = math.sqrt(len(ids) * p * (1 - p))
+        assert abs(hits - p * len(ids)) < 5 * sigma
+    assert all(spot_check_selected(*x, 1.0) for x in ids[:50]) and not any(spot_check_selected(*x, 0.0) for x in ids[:50])
+    a = [spot_check_selected(*x, 0.5, b"salt-a") for x in ids[:2000]]
+    assert a == [spot_check_selected(*x, 0.5, b"salt-a") for x in ids[:2000]]  # replayable
+    b = [spot_check_selected(*x, 0.5, b"salt-b") for x in ids[:2000]]
     assert 800 < sum(x != y for x, y in zip(a, b)) < 1200  # a different salt is a fresh coin
     # the specification, spelled out
-    s, salt = sigs[0], b"\x07" * 32
-    h = hashlib.sha256(b"grpo-swarm/v1/spot-check\n" + struct.pack(">I", 32) + salt + s).digest()
-    assert spot_check_selected(s, 0.3, salt) == (int.from_bytes(h[:8], "big") < int(0.3 * 2**64))
+    salt = b"\x07" * 32
+    h = hashlib.sha256(b"grpo-swarm/v2/spot-check\n" + struct.pack(">I", 32) + salt + struct.pack(">I", 3) + b"run"
+                       + struct.pack(">I", 5) + b"node1" + struct.pack(">QQI", 4, 9, 2)).digest()
+    assert spot_check_selected("run", "node1", 4, 9, 2, 0.3, salt) == (int.from_bytes(h[:8], "big") < int(0.3 * 2**64))
+
+
+def test_selection_ignores_everything_the_node_signs(world, honest):
+    """Re-signing a group (another time_ms, sequence or completion) leaves its selection unchanged:
+    the node has no free coin to re-roll."""
+    state, verifier = fresh(world, spot_check_rate=0.5)
+    state.spot_check_salt = b"\x01" * 32
+    for group in honest["node"]:
+        again = [forge(p, NODE, time_ms=p.time_ms + 1000 + i, sequence=p.sequence + 100) for i, p in enumerate(group)]
+        assert verifier.spot_check_members(group) == verifier.spot_check_members(again)
 
 
 def test_unknown_salt_means_selection_skipped(world, honest):
@@ -586,24 +598,58 @@ def test_spot_check_on_smollm2():
     text = render_prompt(sm.tokenizer, examples[0], use_chat_template=False)  # short: a quick test
     eos, pad = eos_and_pad_ids(sm.model, sm.tokenizer)
     backend = TransformersBackend(sm.model, eos, pad)
+    signer = identity(5)
+    keys = group_keys(77, signer.node_id, 0, [0], 2)
     batch = backend.generate([sm.tokenizer(text, add_special_tokens=False).input_ids], 2,
-                             SamplingParams(max_new_tokens=10), seed=0)
-    fn = proving.make_logprob_fn(sm.model, sm.tokenizer, examples, use_chat_template=False)
-    policy = VerifierPolicy(reward_specs=REWARDS, max_completion_tokens=12)
+                             SamplingParams(max_new_tokens=10), seed=0, noise_keys=keys)
+    fn = proving.make_logprob_fn(sm.model, sm.tokenizer, examples, use_chat_template=False, run_seed=77)
+    policy = VerifierPolicy(reward_specs=REWARDS, max_completion_tokens=12, sampling_tolerance=0.05)
     for k, ids in enumerate(batch.completion_lists()):
         proof = build_reward_proof(
             run_id="r", policy_version=0, snapshot_sha256=bytes(32), round_index=0, prompt_index=0, prompt_text=text,
             group_id="g", group_size=2, completion_index=k, completion_token_ids=ids, completion_text="",
             behaviour_logprobs=batch.behaviour_logps[k, : len(ids)].tolist(), rewards=[("a", 0.0)], reward_total=0.0,
-            reward_spec_id="s", advantage=0.0, sequence=k)
+            reward_spec_id="s", advantage=0.0, sequence=k, node_public_key=signer.public_key_bytes)
         got = fn(proof)
-        diffs = [abs(a - b) for a, b in zip(got, proof.behaviour_logprobs)]
+        diffs = [abs(a - b) for a, b in zip(got.logprobs, proof.behaviour_logprobs)]
         assert max(diffs) <= policy.spot_check_max_abs / 10 and sum(diffs) / len(diffs) <= policy.spot_check_mean_abs / 10
+        assert max(got.shortfalls) <= policy.sampling_tolerance / 100  # every token is the noisy argmax
     written = sm.tokenizer(examples[0].columns["answer"], add_special_tokens=False).input_ids + [eos[0]]
     fake = build_reward_proof(
         run_id="r", policy_version=0, snapshot_sha256=bytes(32), round_index=0, prompt_index=0, prompt_text=text,
         group_id="g", group_size=2, completion_index=0, completion_token_ids=written, completion_text="",
         behaviour_logprobs=[-0.05] * len(written), rewards=[("a", 0.0)], reward_total=0.0, reward_spec_id="s",
-        advantage=0.0, sequence=9)
-    diffs = [abs(a - b) for a, b in zip(fn(fake), fake.behaviour_logprobs)]
+        advantage=0.0, sequence=9, node_public_key=signer.public_key_bytes)
+    got = fn(fake)
+    diffs = [abs(a - b) for a, b in zip(got.logprobs, fake.behaviour_logprobs)]
     assert max(diffs) > policy.spot_check_max_abs
+    assert max(got.shortfalls) > policy.sampling_tolerance  # and its tokens are not what the sampler draws
+
+
+# ---- version binding and penalties (the state side; the coordinator side is tests/test_no_free_retries.py)
+def test_version_bound_at_dispatch(world, honest):
+    """With bind_version, a round's proofs must name the version the node was dispatched at: picking
+    another of the η + 1 allowed versions is refused, and so is a round never dispatched."""
+    state, v = fresh(world, bind_version=True)
+    group = honest["node"][0]
+    undispatched = v.verify_group(group, commit=False)
+    assert undispatched.code is ReasonCode.UNASSIGNED_PROMPT and "not dispatched" in undispatched.detail
+    state.publish_snapshot(1, b"\x11" * 32)  # v1 published after the node was dispatched at v0
+    state.record_dispatch(NODE.node_id, 0, 1)
+    other = v.verify_group(group, commit=False)
+    assert other.code is ReasonCode.STALE_VERSION and "dispatched" in other.detail
+    state.dispatched[(NODE.node_id, 0)] = 0
+    assert v.verify_group(group).accepted
+
+
+def test_a_failed_check_burns_the_group_and_voids_the_round(world, honest):
+    state, v = fresh(world, spot_check_rate=1.0)
+    g0, g1 = honest["node"][0], honest["node"][1]
+    bad = [forge(p, NODE, behaviour_logprobs=[x + 0.5 for x in p.behaviour_logprobs]) if p.completion_index == 0 else p
+           for p in g0]
+    assert v.verify_group(bad).code is ReasonCode.SPOT_CHECK_FAILED
+    assert state.failures[NODE.node_id] == 1 and state.group_burned(g0[0].group_id)
+    assert v.verify_group(g0).code is ReasonCode.GROUP_BURNED  # the honest original: too late
+    assert v.verify_group(g1).code is ReasonCode.TICKET_VOIDED
+    state.close_round()  # the next round is a fresh start (the ban threshold counts across rounds)
+    assert state.failures[NODE.node_id] == 1

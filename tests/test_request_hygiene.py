@@ -181,8 +181,6 @@ def test_upload_chunks_are_checked_too(served, tmp_path):
     assert c.heartbeat(0).current.version == 0
 
 
-@pytest.mark.xfail(strict=True, reason="coordinator/core.py's Coordinator.submit calls recorder.submit_logged(proofs) "
-                                       "without now_ms, so the verifier skips its time check (owned elsewhere)")
 def test_proof_timestamps_far_from_now_are_rejected_time_skew(tmp_path):
     """Proofs whose time_ms is 0, now + 10 years or -2**63 (re-signed, otherwise honest) get a
     TIME_SKEW verdict, logged as proofs_rejected; an honest group is accepted."""
