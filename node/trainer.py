@@ -44,6 +44,24 @@ class ScoredBatch:
     ref_logps: torch.Tensor | None = None  # [N, C] when β > 0
     completions: list[str] = field(default_factory=list)
 
+    def select_groups(self, groups: Sequence[int], loss_type: str, max_completion_length: int) -> ScoredBatch:
+        """The batch of only ``groups`` (e.g. the ones the coordinator accepted), with the step's
+        per-token weights recomputed for the smaller batch (what a swarm peer's gradient rests on)."""
+        r, g = self.rollouts, self.rollouts.group_size
+        rows = torch.tensor([gi * g + k for gi in groups for k in range(g)], dtype=torch.long)
+        mask = r.completion_mask[rows]
+        sub = RolloutBatch(
+            prompt_ids=[r.prompt_ids[gi] for gi in groups], completion_ids=r.completion_ids[rows], completion_mask=mask,
+            behaviour_logps=r.behaviour_logps[rows], truncated=r.truncated[rows], group_size=g,
+            policy_version=r.policy_version, timings=dict(r.timings))
+        rewards = RewardResult(self.rewards.per_function[rows], self.rewards.total[rows], list(self.rewards.names))
+        return ScoredBatch(
+            rollouts=sub, rewards=rewards, advantages=self.advantages[rows],
+            seq_weights=grpo.sequence_token_weights(mask, loss_type, max_completion_length),
+            old_logps=None if self.old_logps is None else self.old_logps[rows],
+            ref_logps=None if self.ref_logps is None else self.ref_logps[rows],
+            completions=[self.completions[i] for i in rows.tolist()] if self.completions else [])
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":

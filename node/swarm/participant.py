@@ -1,0 +1,141 @@
+"""The coordinator side of a swarm peer (no hivemind here): register, hold the policy snapshot,
+take each round's assignment, sample it with the run's keyed noise, prove and submit the groups,
+keep the accepted ones for the gradient, report the parameter hash of a new version, upload it.
+
+:class:`Participant` is what ``grpo-node join`` runs around the averaging round; tests drive it
+directly against a real coordinator. Sequence numbers start from the wall clock in microseconds,
+so a restarted node continues above what the coordinator last accepted from its key.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from safetensors.torch import load_file
+
+from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+from grpo_swarm.protocol.client import CoordinatorClient
+from grpo_swarm.protocol.rpc import hardware_summary
+
+from .. import proving
+from ..data import PromptExample
+from ..models import load_model
+from ..noise import group_keys
+from ..rewards import build_reward_functions
+from ..swarm_config import run_examples, train_config_from_run
+from ..trainer import GRPOTrainer, ScoredBatch
+
+
+@dataclass
+class RoundWork:
+    """One round's sampled, scored and proven groups, and what the coordinator said of them."""
+
+    round_index: int
+    version: int
+    examples: list[PromptExample]
+    scored: ScoredBatch
+    groups: list[list[pb.RewardProof]]  # signed proofs, one list per group, in the examples' order
+    accepted: list[int] = field(default_factory=list)  # indices of accepted groups
+    verdicts: list[pb.GroupVerdict] = field(default_factory=list)
+    ticket: pb.AdmissionTicket | None = None
+
+    @property
+    def accepted_samples(self) -> int:
+        return sum(len(self.groups[i]) for i in self.accepted)
+
+
+class Participant:
+    """One node's dealings with the coordinator, with its model, trainer and dataset."""
+
+    def __init__(self, client: CoordinatorClient, workdir: str | Path, *, overrides: Sequence[str] = (),
+                 software: str = "grpo-swarm"):
+        self.client, self.identity = client, client.identity
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.reply = client.register(hardware=hardware_summary(software=software))
+        self.run_id, self.node_id = self.reply.run_id, self.reply.node_id
+        self.run = json.loads(self.reply.run_config_json)
+        self.spec = json.loads(self.reply.run_spec_json)
+        self.run_seed = int(self.spec["run_seed"])
+        self.train_cfg = train_config_from_run(self.run, overrides)
+        loaded = load_model(self.train_cfg.model.name)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.trainer = GRPOTrainer(self.model, self.tokenizer, self.train_cfg,
+                                   build_reward_functions([r.model_dump() for r in self.train_cfg.rewards]))
+        self.examples = run_examples(self.run)
+        self.spec_id = proving.spec_id_of(self.train_cfg.rewards)
+        self.sequence = time.time_ns() // 1000
+        self.snapshot: pb.PolicySnapshotRef | None = None
+        self.sync()
+
+    # -- the policy
+    def sync(self, version: int | None = None) -> pb.PolicySnapshotRef:
+        """Download (resuming) and load snapshot ``version`` (default: the current one)."""
+        manifest = self.client.manifest(version)
+        path = self.workdir / f"{self.node_id}-v{manifest.snapshot.version}.safetensors"
+        if not path.is_file():
+            self.client.download_snapshot(path, manifest=manifest)
+        self.model.load_state_dict(load_file(str(path)))
+        self.snapshot = manifest.snapshot
+        self.trainer.version = manifest.snapshot.version
+        return self.snapshot
+
+    def heartbeat(self, computed: pb.PolicySnapshotRef | None = None, **throughput) -> pb.HeartbeatResponse:
+        return self.client.heartbeat(self.snapshot.version, computed=computed, **throughput)
+
+    # -- a round's work
+    def sample(self, hb: pb.HeartbeatResponse) -> RoundWork:
+        """Sample, score and prove the groups assigned in ``hb`` with the version the round is bound
+        to (loaded first if the node holds another one)."""
+        if not hb.may_sample:
+            raise RuntimeError(f"the coordinator does not let node {self.node_id} sample now "
+                               f"(staleness {pb.Staleness.Name(hb.staleness)}): sync the snapshot first")
+        if hb.sample_version != self.snapshot.version:
+            self.sync(hb.sample_version)
+        examples = [self.examples[i] for i in hb.prompt_indices]
+        g = self.train_cfg.grpo.group_size
+        keys = group_keys(self.run_seed, self.node_id, hb.current_round, hb.prompt_indices, g)
+        texts, rollouts = self.trainer.rollout(examples, seed=0, noise_keys=keys)
+        scored = self.trainer.score(examples, texts, rollouts)
+        proofs = proving.proofs_from_batch(
+            scored, examples, texts, self.identity, run_id=self.run_id, snapshot_sha256=self.snapshot.sha256,
+            round_index=hb.current_round, first_sequence=self.sequence, policy_version=self.snapshot.version,
+            reward_spec_id=self.spec_id)
+        self.sequence += len(proofs)
+        groups = [proofs[i:i + g] for i in range(0, len(proofs), g)]
+        return RoundWork(hb.current_round, self.snapshot.version, examples, scored, groups)
+
+    def submit(self, work: RoundWork, groups: Sequence[int] | None = None) -> pb.SubmitProofsResponse:
+        """Submit the work's groups (all by default); records which were accepted and the ticket."""
+        chosen = range(len(work.groups)) if groups is None else groups
+        reply = self.client.submit_proofs([p for i in chosen for p in work.groups[i]])
+        by_id = {work.groups[i][0].group_id: i for i in chosen}
+        for v in reply.verdicts:
+            work.verdicts.append(v)
+            if v.accepted and by_id.get(v.group_id) is not None:
+                work.accepted.append(by_id[v.group_id])
+        if reply.HasField("ticket"):
+            work.ticket = reply.ticket
+        return reply
+
+    def accepted_batch(self, work: RoundWork) -> ScoredBatch | None:
+        """What this node's gradient rests on: only its accepted groups (None when there are none)."""
+        if not work.accepted:
+            return None
+        g = self.train_cfg.grpo
+        return work.scored.select_groups(sorted(work.accepted), g.loss_type, g.max_completion_length)
+
+    # -- a new version
+    def report(self, version: int, sha256: bytes) -> pb.HeartbeatResponse:
+        """Report the parameter hash this node computed for ``version`` (what publication counts)."""
+        return self.heartbeat(computed=pb.PolicySnapshotRef(version=version, sha256=sha256))
+
+    def save_and_upload(self, version: int) -> pb.UploadSnapshotResponse:
+        """Save the model's weights as a snapshot file and upload it as ``version``."""
+        sha = proving.save_snapshot(self.model, self.workdir)
+        path = self.workdir / f"{sha.hex()}.safetensors"
+        return self.client.upload_snapshot(path, pb.PolicySnapshotRef(version=version, sha256=sha))
