@@ -464,6 +464,7 @@ def bench_submit(args, tmp: Path) -> dict:
     from grpo_swarm.coordinator.service import start_server
     from grpo_swarm.node import proving
     from grpo_swarm.node.models import load_model
+    from grpo_swarm.node.noise import group_keys
     from grpo_swarm.node.rewards import build_reward_functions
     from grpo_swarm.node.swarm_config import run_examples, train_config_from_run
     from grpo_swarm.node.trainer import GRPOTrainer
@@ -496,7 +497,9 @@ def bench_submit(args, tmp: Path) -> dict:
             hb = c.heartbeat(0)
             assert hb.may_sample and len(hb.prompt_indices) == ppr, hb
             ex = [examples[i] for i in hb.prompt_indices]
-            texts, rollouts = trainer.rollout(ex, seed=1000 + n)
+            keys = group_keys(int(spec["run_seed"]), c.identity.node_id, hb.current_round, hb.prompt_indices,
+                              tc.grpo.group_size)  # the run's keyed noise: what the spot-check recomputes
+            texts, rollouts = trainer.rollout(ex, seed=1000 + n, noise_keys=keys)
             batch = trainer.score(ex, texts, rollouts)
             batches.append(proving.proofs_from_batch(
                 batch, ex, texts, c.identity, run_id=spec["run_id"], snapshot_sha256=r.current.sha256,
