@@ -6,8 +6,14 @@
   on error. Reward functions are resolved too (``--no-resolve-rewards`` skips that; it imports torch).
 * ``serve --config run.toml --data-dir DIR`` runs the gRPC service (:mod:`.service`) until
   SIGINT/SIGTERM; a second start on the same DIR resumes the run from its protocol log.
-* ``status --data-dir DIR`` prints the run, nodes (version, staleness, last seen, throughput) and
-  accepted/rejected counts by reason, read from DIR's files (works while serving or not).
+* ``status --data-dir DIR`` prints the run, nodes (version, staleness, last seen, throughput,
+  announced addresses, banned) and accepted/rejected counts by reason, read from DIR's files
+  (works while serving or not).
+* ``ban NODE_ID --reason TEXT -d DIR [--address HOST:PORT]`` and ``unban NODE_ID -d DIR`` act on a
+  *running* coordinator through its Admin method, signed with DIR's ``coordinator.key`` (the only
+  key the coordinator accepts for it), so its in-memory state and its log change together. Exit 0
+  done, 1 refused or unreachable (the status and the coordinator's message are printed), 2 when
+  the key cannot be read.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .config import ConfigError, load_run_config, resolve_rewards, template_text
 
@@ -166,6 +173,67 @@ def status(
         out.print(json.dumps(report, sort_keys=True), markup=False)
     else:
         render_status(report, out if out.is_terminal else Console(width=200, highlight=False))
+
+
+def _admin(action: int, node_id: str, reason: str, data_dir: Path, address: str, tls_ca: Optional[Path],
+           timeout: float) -> None:
+    from grpo_swarm.protocol.client import CoordinatorClient, CoordinatorError
+    from grpo_swarm.protocol.identity import Identity, IdentityError
+
+    from .core import KEY_FILE
+
+    try:
+        identity = Identity.load(data_dir / KEY_FILE)
+        roots = tls_ca.read_bytes() if tls_ca is not None else None
+    except (IdentityError, OSError) as exc:
+        err.print(f"[red]cannot read the coordinator's key:[/red] {exc}")
+        raise typer.Exit(2)
+    with CoordinatorClient(address, identity, coordinator_key=identity.public_key_bytes, root_certificates=roots,
+                           timeout_s=timeout, retries=2, retry_deadline_s=timeout) as client:
+        try:
+            reply = client.admin(action, node_id, reason)
+        except CoordinatorError as exc:
+            err.print(f"[red]{exc.code}:[/red] {escape(exc.detail)}")
+            raise typer.Exit(1)
+    out.print(f"{reply.detail} (log entry {reply.log_index})", markup=False)
+
+
+_ADDRESS = typer.Option("127.0.0.1:7450", "--address", "-a", help="the running coordinator's HOST:PORT")
+_DATA_DIR = typer.Option(..., "--data-dir", "-d", help="the coordinator's data directory (its coordinator.key "
+                                                       "signs the request)")
+_TLS_CA = typer.Option(None, "--tls-ca", help="CA certificate (PEM) of a coordinator served with TLS")
+_TIMEOUT = typer.Option(30.0, "--timeout", help="seconds to wait for the coordinator")
+
+
+@app.command()
+def ban(
+    node_id: str = typer.Argument(..., help="the node id (32 hex digits) to ban"),
+    reason: str = typer.Option(..., "--reason", "-r", help="why (logged; at most 256 characters)"),
+    data_dir: Path = _DATA_DIR,
+    address: str = _ADDRESS,
+    tls_ca: Optional[Path] = _TLS_CA,
+    timeout: float = _TIMEOUT,
+) -> None:
+    """Ban a node on the running coordinator (logged node_banned; its requests are refused from now on)."""
+    from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+
+    _admin(pb.ADMIN_BAN, node_id, reason, data_dir, address, tls_ca, timeout)
+
+
+@app.command()
+def unban(
+    node_id: str = typer.Argument(..., help="the banned node id to readmit"),
+    reason: str = typer.Option("", "--reason", "-r", help="why (logged; at most 256 characters)"),
+    data_dir: Path = _DATA_DIR,
+    address: str = _ADDRESS,
+    tls_ca: Optional[Path] = _TLS_CA,
+    timeout: float = _TIMEOUT,
+) -> None:
+    """Lift a node's ban on the running coordinator (logged node_unbanned; reports against it so far
+    no longer count)."""
+    from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+
+    _admin(pb.ADMIN_UNBAN, node_id, reason, data_dir, address, tls_ca, timeout)
 
 
 if __name__ == "__main__":  # pragma: no cover

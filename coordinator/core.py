@@ -27,6 +27,15 @@ average their gradients into version current + 1 and report its state-dict hash 
 in round r). UploadSnapshot is accepted only from a node that reported the hash, when reports from
 more than ``swarm.publish_quorum`` (0.5) of round r's verified sample weight back it; refusals are
 logged as ``upload_refused``. Fresh keys have no weight, so sybils add nothing.
+
+Swarm (:mod:`grpo_swarm.protocol.peers`): nodes report the libp2p multiaddrs they announce (Register,
+Heartbeat; kept in ``coordinator.sqlite``) and every reply hands them the live peers' addresses
+(seen within 3 heartbeat intervals, not banned, the caller excluded, newest first, at most 32).
+When a round closes each participant gets a final admission ticket (samples and completion tokens
+as recorded in ``round_closed``), returned by its next Heartbeat. A participant that excluded
+another from the round's averaging reports it (ReportPeer, logged ``peer_reported``); reports from
+more than half of the round's other participants ban it. The operator bans and unbans through the
+Admin method, signed with the coordinator's own key (``grpo-coordinator ban/unban``).
 """
 
 from __future__ import annotations
@@ -40,6 +49,16 @@ from typing import Callable
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.assignment import assign_prompts
+from grpo_swarm.protocol.errors import ProtocolError
+from grpo_swarm.protocol.peers import (
+    MAX_ADMIN_REASON_CHARS,
+    MAX_PEERS,
+    MAX_REPORT_EVIDENCE_BYTES,
+    MAX_REPORT_REASON_CHARS,
+    PEER_TTL_INTERVALS,
+    ReportRefused,
+    check_multiaddrs,
+)
 from grpo_swarm.protocol.recorder import RunRecorder
 from grpo_swarm.protocol.run_spec import AuditHooks
 from grpo_swarm.protocol.identity import Identity, node_id_from_public_key
@@ -178,6 +197,20 @@ class Coordinator:
     def is_banned(self, node_id: str) -> bool:
         return self.state.is_banned(node_id)
 
+    def _multiaddrs(self, public_key: bytes, addrs) -> list[str]:
+        try:
+            return check_multiaddrs(list(addrs), public_key)
+        except ProtocolError as e:
+            raise RequestError("INVALID_ARGUMENT", e.detail) from None
+
+    def peers(self, node_id: str | None) -> list[pb.PeerAddress]:
+        """The live peers' addresses (see the module docstring), ``node_id`` excluded."""
+        since = now_ms() - int(PEER_TTL_INTERVALS * self.cfg.swarm.heartbeat_interval_s * 1000)
+        self.metrics.nodes_active.set(self.store.active_nodes(since))
+        return [pb.PeerAddress(node_id=n, multiaddrs=addrs, last_seen_ms=seen)
+                for n, addrs, seen in self.store.peers(since, exclude=node_id, limit=MAX_PEERS,
+                                                       is_banned=self.state.is_banned)]
+
     def _refresh_gauges(self) -> None:
         m, st = self.metrics, self.state
         m.nodes.set(len(st.keys))
@@ -190,6 +223,7 @@ class Coordinator:
         if request.run_id and request.run_id != self.spec.run_id:
             raise RequestError("FAILED_PRECONDITION", f"this coordinator serves run {self.spec.run_id!r}, "
                                                       f"not {request.run_id!r}")
+        addrs = self._multiaddrs(public_key, request.multiaddrs)
         with self.lock:
             node_id = self.state.node_for_key(public_key)
             new = node_id is None
@@ -199,17 +233,22 @@ class Coordinator:
                 raise RequestError("PERMISSION_DENIED", f"node {node_id} is banned")
             self.store.node_registered(node_id, public_key,
                                        request.hardware if request.HasField("hardware") else None)
+            if addrs:
+                self.store.set_multiaddrs(node_id, addrs)
             self._refresh_gauges()
             return pb.RegisterResponse(
                 run_id=self.spec.run_id, node_id=node_id,
                 run_config_json=json.dumps(self.cfg.model_dump(mode="json"), sort_keys=True),
                 run_spec_json=json.dumps(self.spec.to_payload(), sort_keys=True), current=self.current,
                 current_round=self.state.current_round, coordinator_public_key=self.identity.public_key_bytes,
-                newly_registered=new)
+                newly_registered=new, peers=self.peers(node_id))
 
-    def heartbeat(self, node_id: str, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+    def heartbeat(self, node_id: str, request: pb.HeartbeatRequest, public_key: bytes | None = None) -> pb.HeartbeatResponse:
         eta = self.spec.max_staleness
         with self.lock:
+            if request.multiaddrs and public_key is None:
+                public_key = next(k for k, n in self.state.keys.items() if n == node_id)
+            addrs = self._multiaddrs(public_key, request.multiaddrs) if request.multiaddrs else []
             st = self.state
             cur = st.current_version
             v = request.policy_version
@@ -232,6 +271,8 @@ class Coordinator:
                     raise RequestError("INVALID_ARGUMENT", f"{name} must be a finite number >= 0, got {x}")
             self.store.heartbeat(node_id, v, request.completions_per_s, request.tokens_per_s,
                                  request.hardware if request.HasField("hardware") else None)
+            if addrs:
+                self.store.set_multiaddrs(node_id, addrs)
             self.metrics.staleness.labels("heartbeat").observe(lag)
             self._maybe_close_round(timed_out_only=True)
             may = staleness in (pb.STALENESS_CURRENT, pb.STALENESS_BEHIND) and not st.is_banned(node_id)
@@ -240,11 +281,15 @@ class Coordinator:
             bound = self.recorder.dispatch(node_id, st.current_round, v) if may else 0
             prompts = assign_prompts(self.spec.run_seed, node_id, st.current_round, self.spec.dataset_size,
                                      self.spec.prompts_per_round)
-            return pb.HeartbeatResponse(
+            reply = pb.HeartbeatResponse(
                 current=self.current, current_round=st.current_round, lag=lag, staleness=staleness,
                 min_version=max(0, cur - eta), may_sample=may, prompt_indices=prompts,
                 round_samples_accepted=self.round_samples(), round_samples_target=self.cfg.swarm.samples_per_round,
-                sample_version=bound)
+                sample_version=bound, peers=self.peers(node_id))
+            ticket = self.recorder.final_tickets.get(node_id)
+            if ticket is not None:  # its final ticket of the last closed round
+                reply.round_ticket.CopyFrom(ticket)
+            return reply
 
     def manifest(self, version: int | None) -> pb.SnapshotManifest:
         with self.lock:
@@ -288,7 +333,8 @@ class Coordinator:
                     last_index = self.log.head()[0] - 1
                 out.ticket.CopyFrom(sign_ticket(pb.AdmissionTicket(
                     run_id=self.spec.run_id, round_index=round_index, node_id=node_id, node_public_key=public_key,
-                    accepted_samples=count, policy_version=cur, time_ms=now_ms(), log_index=last_index), self.identity))
+                    accepted_samples=count, accepted_tokens=self.recorder.round_tokens.get(node_id, 0),
+                    policy_version=cur, time_ms=now_ms(), log_index=last_index, final=False), self.identity))
             out.round_closed = self._maybe_close_round()
             out.current_round = st.current_round
             self._refresh_gauges()
@@ -305,6 +351,49 @@ class Coordinator:
         self.metrics.rounds_closed.inc()
         self._refresh_gauges()
         return True
+
+    # -- peers and operators
+    def report_peer(self, node_id: str, envelope: pb.SignedEnvelope, report: pb.PeerReport) -> pb.PeerReportResponse:
+        """A participant's report against another participant of a closed round (see
+        :mod:`grpo_swarm.protocol.peers` for the rule); RequestError when refused (nothing logged)."""
+        if len(report.reason) > MAX_REPORT_REASON_CHARS:
+            raise RequestError("INVALID_ARGUMENT", f"reason is longer than {MAX_REPORT_REASON_CHARS} characters")
+        if len(report.evidence) > MAX_REPORT_EVIDENCE_BYTES:
+            raise RequestError("INVALID_ARGUMENT", f"evidence is larger than {MAX_REPORT_EVIDENCE_BYTES} bytes")
+        with self.lock:
+            if report.round_index >= self.state.current_round:
+                raise RequestError("FAILED_PRECONDITION", f"round {report.round_index} has not closed (the open "
+                                                          f"round is {self.state.current_round})")
+            try:
+                index, tally, repeated = self.recorder.report_peer(node_id, report, envelope)
+            except ReportRefused as refused:
+                raise RequestError(refused.status, refused.detail) from None
+            banned = self.state.is_banned(report.peer_node_id)
+            return pb.PeerReportResponse(log_index=index, reporters=len(tally.reporters), needed=tally.needed,
+                                         banned=banned, repeated=repeated)
+
+    def admin(self, request: pb.AdminRequest) -> pb.AdminResponse:
+        """An operator's ban or unban (the caller checked that the coordinator's key signed it)."""
+        node_id, reason = request.node_id, request.reason
+        if len(reason) > MAX_ADMIN_REASON_CHARS:
+            raise RequestError("INVALID_ARGUMENT", f"reason is longer than {MAX_ADMIN_REASON_CHARS} characters")
+        with self.lock:
+            if node_id not in self.state.keys.values():
+                raise RequestError("NOT_FOUND", f"no registered node {node_id[:64]!r}")
+            banned = self.state.is_banned(node_id)
+            if request.action == pb.ADMIN_BAN:
+                if not reason.strip():
+                    raise RequestError("INVALID_ARGUMENT", "a ban needs a reason")
+                if banned:
+                    raise RequestError("FAILED_PRECONDITION", f"node {node_id} is already banned")
+                entry = self.recorder.ban(node_id, f"operator: {reason}", by="operator")
+                return pb.AdminResponse(log_index=entry.index, detail=f"banned {node_id}")
+            if request.action == pb.ADMIN_UNBAN:
+                if not banned:
+                    raise RequestError("FAILED_PRECONDITION", f"node {node_id} is not banned")
+                entry = self.recorder.unban(node_id, reason)
+                return pb.AdminResponse(log_index=entry.index, detail=f"unbanned {node_id}")
+            raise RequestError("INVALID_ARGUMENT", f"unknown admin action {request.action}")
 
     # -- snapshot upload
     def check_upload(self, node_id: str, header: pb.UploadSnapshotHeader) -> Tally:

@@ -6,7 +6,8 @@ keeps serving): the size (gRPC's own limit, RESOURCE_EXHAUSTED); a SignedEnvelop
 (INVALID_ARGUMENT) and is signed (UNAUTHENTICATED); the method's payload kind
 (INVALID_ARGUMENT); the time window and a fresh nonce (UNAUTHENTICATED); the signer's rate limit
 (RESOURCE_EXHAUSTED; an UploadSnapshot stream counts as one request); a registered, unbanned key, except for Register and GetLog
-(PERMISSION_DENIED); the payload (INVALID_ARGUMENT). Then the method runs; its refusals come as
+(PERMISSION_DENIED); for Admin, the coordinator's own key and no other (PERMISSION_DENIED); the payload
+(INVALID_ARGUMENT). Then the method runs; its refusals come as
 :class:`~.core.RequestError` with their own status. Every call is counted in
 ``grpo_coordinator_requests{method, code}``.
 """
@@ -40,6 +41,7 @@ from .core import Coordinator, RequestError
 from .limits import NonceWindow, RateLimiter
 
 OPEN_METHODS = frozenset({"Register", "GetLog"})  # any valid key may call these
+ADMIN_METHODS = frozenset({"Admin"})  # only the coordinator's own key may call these
 MAX_LOG_ENTRIES_PER_CALL = 100_000
 
 
@@ -104,7 +106,12 @@ class CoordinatorService:
             raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"rate limit: at most {self.limits.rate_per_s:g} requests/s per key")
         node_id = self.c.node_id_of(key)
-        if method not in OPEN_METHODS:
+        if method in ADMIN_METHODS:
+            if key != self.c.identity.public_key_bytes:
+                raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
+                               f"{method} must be signed by the coordinator's own key "
+                               f"({self.c.identity.public_key_bytes.hex()[:16]}...), not {key.hex()[:16]}...")
+        elif method not in OPEN_METHODS:
             if node_id is None:
                 raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
                                f"key {node_id_from_public_key(key)} is not registered (call Register first)")
@@ -152,7 +159,13 @@ class CoordinatorService:
         return self.c.register(bytes(env.signer_public_key), self._payload(pb.RegisterRequest, env))
 
     def heartbeat(self, env, node_id):
-        return self.c.heartbeat(node_id, self._payload(pb.HeartbeatRequest, env))
+        return self.c.heartbeat(node_id, self._payload(pb.HeartbeatRequest, env), bytes(env.signer_public_key))
+
+    def report_peer(self, env, node_id):
+        return self.c.report_peer(node_id, env, self._payload(pb.PeerReport, env))
+
+    def admin(self, env, node_id):
+        return self.c.admin(self._payload(pb.AdminRequest, env))
 
     def manifest(self, env, node_id):
         req = self._payload(pb.SnapshotManifestRequest, env)
@@ -295,6 +308,8 @@ class CoordinatorService:
             "DownloadSnapshot": grpc.unary_stream_rpc_method_handler(self.download),
             "GetLog": grpc.unary_stream_rpc_method_handler(self.get_log),
             "UploadSnapshot": grpc.stream_unary_rpc_method_handler(self.upload),
+            "ReportPeer": self._unary("ReportPeer", self.report_peer),
+            "Admin": self._unary("Admin", self.admin),
         })
 
 

@@ -2,7 +2,9 @@
 
 Reads the protocol log and ``coordinator.sqlite`` read-only (SQLite WAL lets it run beside a
 serving coordinator): current version and round, and per node its registration, last heartbeat,
-policy version and lag, throughput, accepted samples and rejected proofs by reason code.
+policy version and lag, throughput, the number of libp2p multiaddrs it announces, whether it is
+banned (``node_banned`` / ``node_unbanned``; reports against it by round participants), accepted
+samples and rejected proofs by reason code.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from rich.table import Table
 from grpo_swarm.protocol.log import (
     NODE_BANNED,
     NODE_REGISTERED,
+    NODE_UNBANNED,
+    PEER_REPORTED,
     PROOFS_ACCEPTED,
     PROOFS_REJECTED,
     ROUND_CLOSED,
@@ -41,7 +45,7 @@ def read_status(data_dir: str | Path) -> dict:
         raise StatusError(f"no protocol log at {log_path}: is {data_dir} a coordinator data directory?")
     run: dict = {"run_id": None, "version": None, "round": 0, "entries": 0, "max_staleness": 0}
     nodes: dict[str, dict] = defaultdict(lambda: {"accepted_samples": 0, "accepted_groups": 0,
-                                                  "rejected": Counter(), "banned": False})
+                                                  "rejected": Counter(), "banned": False, "reported": 0})
     rejected_total: Counter = Counter()
     accepted_total = 0
     round_samples = 0
@@ -76,6 +80,10 @@ def read_status(data_dir: str | Path) -> dict:
                 round_samples = 0
             elif e.kind == NODE_BANNED:
                 nodes[p["node_id"]]["banned"] = True
+            elif e.kind == NODE_UNBANNED:
+                nodes[p["node_id"]]["banned"] = False
+            elif e.kind == PEER_REPORTED:
+                nodes[p["peer_node_id"]]["reported"] += 1
     except LogError as e:
         raise StatusError(f"{log_path}: {e}") from None
     finally:
@@ -101,6 +109,7 @@ def read_status(data_dir: str | Path) -> dict:
             "last_seen_s": round((now - hb.last_seen_ms) / 1000, 1) if hb is not None else None,
             "completions_per_s": hb.completions_per_s if hb is not None else None,
             "accelerator": (hb.hardware.accelerator or "cpu") if hb is not None else None,
+            "multiaddrs": len(hb.multiaddrs) if hb is not None else 0, "reported": s["reported"],
             "accepted_groups": s["accepted_groups"], "accepted_samples": s["accepted_samples"],
             "rejected": dict(s["rejected"]),
         })
@@ -115,14 +124,15 @@ def render_status(report: dict, console: Console) -> None:
                   markup=False)
     rej = ", ".join(f"{k} {v}" for k, v in sorted(report["rejected"].items())) or "none"
     console.print(f"accepted samples {report['accepted_samples']}; rejected proofs: {rej}", markup=False)
-    table = Table("node", "version", "lag", "last seen", "compl/s", "device", "accepted", "rejected by reason")
+    table = Table("node", "version", "lag", "last seen", "compl/s", "device", "addrs", "accepted", "rejected by reason")
     for r in report["nodes"]:
         lag = "-" if r["lag"] is None else f"{r['lag']}{' STALE' if r['stale'] else ''}"
         table.add_row(
-            r["node_id"][:16] + (" (banned)" if r["banned"] else ""),
+            r["node_id"][:16] + (" (banned)" if r["banned"] else "")
+            + (f" (reported {r['reported']}x)" if r["reported"] else ""),
             "-" if r["version"] is None else str(r["version"]), lag,
             "-" if r["last_seen_s"] is None else f"{r['last_seen_s']:g}s ago",
             "-" if r["completions_per_s"] is None else f"{r['completions_per_s']:.1f}",
-            r["accelerator"] or "-", str(r["accepted_samples"]),
+            r["accelerator"] or "-", str(r["multiaddrs"]), str(r["accepted_samples"]),
             ", ".join(f"{k} {v}" for k, v in sorted(r["rejected"].items())) or "-")
     console.print(table)

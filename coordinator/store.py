@@ -2,7 +2,8 @@
 
 * ``salts`` — the secret spot-check salt of each round, written (durably) before its commitment
   is logged, so a restarted coordinator can still reveal it;
-* ``nodes`` — each node's latest heartbeat: policy version, hardware, throughput, last seen.
+* ``nodes`` — each node's latest heartbeat: policy version, hardware, throughput, last seen, and
+  the libp2p multiaddrs it announces (JSON list; what :meth:`CoordinatorStore.peers` hands out).
 
 Parameter-hash reports are not kept here: they decide publication, so they are protocol log
 entries (``hash_reported``), and a restart rebuilds them from the log
@@ -15,10 +16,12 @@ under the caller's lock (``check_same_thread=False``), plus read-only opens for 
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 
@@ -32,8 +35,10 @@ CREATE TABLE IF NOT EXISTS nodes (
     version INTEGER,
     completions_per_s REAL NOT NULL DEFAULT 0,
     tokens_per_s REAL NOT NULL DEFAULT 0,
-    hardware BLOB
+    hardware BLOB,
+    multiaddrs TEXT
 );
+CREATE INDEX IF NOT EXISTS nodes_last_seen ON nodes(last_seen_ms);
 DROP TABLE IF EXISTS reports;
 """
 
@@ -48,6 +53,7 @@ class NodeRow:
     completions_per_s: float
     tokens_per_s: float
     hardware: pb.HardwareSummary
+    multiaddrs: tuple[str, ...] = ()
 
 
 def _now_ms() -> int:
@@ -67,6 +73,11 @@ class CoordinatorStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            if "multiaddrs" not in self._columns():  # a file from before the swarm's rendezvous
+                self._db.execute("ALTER TABLE nodes ADD COLUMN multiaddrs TEXT")
+
+    def _columns(self) -> set[str]:
+        return {row[1] for row in self._db.execute("PRAGMA table_info(nodes)")}
 
     def close(self) -> None:
         self._db.close()
@@ -95,12 +106,37 @@ class CoordinatorStore:
             (_now_ms(), version, completions_per_s, tokens_per_s,
              hardware.SerializeToString() if hardware is not None else None, node_id))
 
+    def set_multiaddrs(self, node_id: str, multiaddrs: list[str]) -> None:
+        """Replace the node's announced addresses (already checked by the caller)."""
+        self._db.execute("UPDATE nodes SET multiaddrs = ? WHERE node_id = ?",
+                         (json.dumps(list(multiaddrs)) if multiaddrs else None, node_id))
+
+    def peers(self, since_ms: int, *, exclude: str | None = None, limit: int = 32,
+              is_banned: Callable[[str], bool] = lambda n: False) -> list[tuple[str, list[str], int]]:
+        """(node id, multiaddrs, last seen) of nodes with addresses seen at or after ``since_ms``,
+        not banned, other than ``exclude``; most recently seen first, at most ``limit``."""
+        out = []
+        for node_id, addrs, seen in self._db.execute(
+                "SELECT node_id, multiaddrs, last_seen_ms FROM nodes WHERE multiaddrs IS NOT NULL AND "
+                "last_seen_ms >= ? ORDER BY last_seen_ms DESC, node_id", (since_ms,)):
+            if len(out) >= limit:
+                break
+            if node_id != exclude and not is_banned(node_id):
+                out.append((node_id, json.loads(addrs), seen))
+        return out
+
+    def active_nodes(self, since_ms: int) -> int:
+        return self._db.execute("SELECT count(*) FROM nodes WHERE last_seen_ms >= ?", (since_ms,)).fetchone()[0]
+
     def nodes(self) -> list[NodeRow]:
         rows = []
+        has_addrs = "multiaddrs" in self._columns()  # a read-only open of an older file has none
         for r in self._db.execute("SELECT node_id, public_key, registered_ms, last_seen_ms, version, "
-                                  "completions_per_s, tokens_per_s, hardware FROM nodes ORDER BY registered_ms"):
+                                  "completions_per_s, tokens_per_s, hardware, "
+                                  + ("multiaddrs" if has_addrs else "NULL") + " FROM nodes ORDER BY registered_ms"):
             hw = pb.HardwareSummary()
             if r[7]:
                 hw.ParseFromString(r[7])
-            rows.append(NodeRow(r[0], bytes(r[1]), r[2], r[3], r[4], r[5], r[6], hw))
+            rows.append(NodeRow(r[0], bytes(r[1]), r[2], r[3], r[4], r[5], r[6], hw,
+                                tuple(json.loads(r[8])) if r[8] else ()))
         return rows

@@ -14,6 +14,8 @@ hivemind), so verifiers can use it alone. Modules:
   :mod:`.audit_cli` is the ``grpo-audit`` command;
 * :mod:`.publication` — who may publish the next snapshot (a quorum of the producing round's
   verified work), shared by the recorder and the audit;
+* :mod:`.peers` — the swarm's peers: multiaddr checks, reports against round participants and
+  the ban by a majority of a round's other participants, shared by the recorder and the audit;
 * :mod:`.errors` — ProtocolError and the stable ReasonCode enum;
 * :mod:`.rpc` — the coordinator's gRPC API as both sides see it (method paths, limits, signed
   snapshot manifests and admission tickets); :mod:`.client` is its client (needs grpcio).

@@ -7,7 +7,15 @@ same reason code, registrations / snapshots / rounds / bans consistent. It stops
 entry. Snapshot publication is replayed with :mod:`.publication`'s rule: every hash report must
 carry the weight its reporter had in the producing round, and every snapshot_published after the
 first (the initial weights) must be version current + 1 backed by a logged quorum of reports from
-that round's participants; a logged refusal must be one the rule makes. Checks the
+that round's participants; a logged refusal must be one the rule makes. A round_closed that
+records ``samples`` and ``tokens`` (what the final admission tickets say) must list exactly the
+nodes with accepted, unvoided work in the round (not banned), with the samples and completion
+tokens their accepted proofs add up to, and the current version. Peer reports are replayed with
+:mod:`.peers`' rule: each ``peer_reported`` must carry a report envelope signed by its reporter, a
+participant (not banned) of that closed round, against another participant, logged once; a
+report that gives the peer a majority of its round's other participants must be followed at once
+by its ban (``"by": "reports"``, naming those reporters), and no ban may claim reports without one.
+``node_unbanned`` must lift a standing ban. Checks the
 :class:`AuditHooks` cannot do (no reward recomputation, tokenizer or model) are counted as
 skipped, never passed silently. :func:`write_report` writes per-node tables and plots.
 The log's payloads are described in :mod:`.payloads`; :mod:`.report` writes per-node tables and plots.
@@ -29,6 +37,8 @@ from .log import (
     HASH_REPORTED,
     NODE_BANNED,
     NODE_REGISTERED,
+    NODE_UNBANNED,
+    PEER_REPORTED,
     PROOFS_ACCEPTED,
     PROOFS_REJECTED,
     ROUND_CLOSED,
@@ -43,7 +53,10 @@ from .log import (
 )
 from .payloads import SALT_SIZE, hex_bytes, unb64
 from .recorder import evidence_failure
-from .proofs import MAX_PROOF_BYTES, parse_proof
+from .hygiene import parse_request
+from .peers import MAX_REPORT_EVIDENCE_BYTES, MAX_REPORT_REASON_CHARS, PeerReports, ReportRefused, ban_payload
+from .proofs import MAX_PROOF_BYTES, check_envelope, parse_envelope, parse_proof
+from .rpc import REQUEST_KIND
 from .publication import Publication, PublicationRefused
 from .run_spec import AuditHooks, RunSpec, load_hooks
 from .verify import InMemoryVerifierState, Verdict, Verifier
@@ -204,6 +217,11 @@ class _Replay:
         self.salted = False
         self.snapshot_seen = False
         self.publication = Publication()
+        self.peers = PeerReports()
+        self.round_samples: Counter = Counter()  # node -> accepted proofs in the open round (voided: dropped)
+        self.round_tokens: Counter = Counter()
+        self.pending_ban: tuple[Any, int] | None = None  # (tally, report index) a ban by reports must follow
+        self.ban_by_reports_due = False
 
     def run(self, entries: Iterable[LogEntry]) -> None:
         for e in entries:
@@ -214,6 +232,7 @@ class _Replay:
             self.r.entries += 1
             self.r.kinds[e.kind] += 1
             try:
+                self.ban_by_reports_due = self.ban_follows(e)
                 self.apply(e)
             except _Bad as bad:
                 self.r.problem = AuditProblem(e.index, e.kind, str(bad))
@@ -221,6 +240,26 @@ class _Replay:
             except (ValueError, TypeError, KeyError, AttributeError) as err:
                 self.r.problem = AuditProblem(e.index, e.kind, f"malformed payload: {type(err).__name__}: {err}")
                 return
+        if self.pending_ban is not None:  # a live log read between a deciding report and its ban
+            tally, index = self.pending_ban
+            self.r.notes.append(f"the log ends after entry {index}, which gives node {tally.peer} a majority of "
+                                f"reports; its ban should be the next entry")
+
+    def ban_follows(self, e: LogEntry) -> bool:
+        """A report that gave its peer a majority must be followed by the peer's ban, at once: True
+        when ``e`` is that ban (checked against the replayed reports)."""
+        if self.pending_ban is None:
+            return False
+        tally, index = self.pending_ban
+        self.pending_ban = None
+        if e.kind != NODE_BANNED or e.payload.get("by") != "reports" or e.payload.get("node_id") != tally.peer:
+            raise _Bad(f"entry {index} gave node {tally.peer} reports from {len(tally.reporters)} of the "
+                       f"{tally.others} other participants of round {tally.round} ({tally.needed} ban it), "
+                       "but its ban does not follow")
+        if dict(e.payload) != ban_payload(tally, index):
+            raise _Bad(f"the ban by reports does not match the replayed reports: round {tally.round}, "
+                       f"reporters {list(tally.reporters)}, evidence index {index}")
+        return True
 
     # -- entries
     def apply(self, e: LogEntry) -> None:
@@ -246,8 +285,22 @@ class _Replay:
             node_id = p["node_id"]
             if node_id not in st.keys.values():
                 raise _Bad(f"banned node {node_id} is not registered")
+            if p.get("by") == "reports":
+                if not self.ban_by_reports_due:
+                    raise _Bad(f"a ban of {node_id} by reports that no majority of its round's reports asked for")
+                self.r.replayed["bans_by_reports"] += 1
             st.ban(node_id)
             self.r.nodes[node_id].banned = True
+        elif e.kind == NODE_UNBANNED:
+            node_id = self._node(p["node_id"])
+            if not st.is_banned(node_id):
+                raise _Bad(f"unbans node {node_id}, which is not banned")
+            st.banned.discard(node_id)
+            self.peers.unbanned(node_id)
+            self.r.nodes[node_id].banned = False
+            self.r.replayed["unbans"] += 1
+        elif e.kind == PEER_REPORTED:
+            self.peer_reported(e)
         elif e.kind == SNAPSHOT_PUBLISHED:
             version, sha = p["version"], hex_bytes(p["sha256"], "sha256", 32)
             if not isinstance(version, int) or isinstance(version, bool) or version < 0:
@@ -306,6 +359,8 @@ class _Replay:
         stats = self.r.nodes[node_id]
         stats.accepted_groups += 1
         stats.accepted_samples += len(proofs)
+        self.round_samples[node_id] += len(proofs)
+        self.round_tokens[node_id] += sum(q.num_completion_tokens for q in proofs)
         cur = self.state.current_version
         for q in proofs:
             stats.reward_sum += q.reward_total
@@ -374,6 +429,8 @@ class _Replay:
         if failed is not None:
             self.state.record_failure(*failed)
             self.r.nodes[failed[0]].failed_checks += 1
+            self.round_samples.pop(failed[0], None)  # the node's round is voided, as it was live
+            self.round_tokens.pop(failed[0], None)
 
     def dispatched(self, e: LogEntry) -> None:
         p, st = e.payload, self.state
@@ -409,6 +466,21 @@ class _Replay:
         for n, w in weights.items():
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
                 raise _Bad(f"weight of {n} must be a finite number >= 0")
+        if "samples" in p or "tokens" in p:  # what the final tickets say: the accepted work, replayed
+            expected = sorted(n for n in self.round_samples if not st.is_banned(n))
+            if participants != expected:
+                raise _Bad(f"participants {participants} are not the nodes with accepted, unvoided work in the "
+                           f"round {expected}")
+            for name, counted in (("samples", self.round_samples), ("tokens", self.round_tokens)):
+                want = {n: counted[n] for n in expected}
+                if p.get(name) != want:
+                    raise _Bad(f"{name} {p.get(name)} are not what the round's accepted proofs add up to {want}")
+            if p.get("version") != st.current_version:
+                raise _Bad(f"closed at version {p.get('version')!r}, the current version is {st.current_version}")
+            self.r.replayed["final_tickets"] += len(participants)
+        self.peers.round_closed(p["round"], participants)
+        self.round_samples.clear()
+        self.round_tokens.clear()
         next_salt: bytes | None = b""
         if self.salted:
             salt = hex_bytes(p["spot_check_salt"], "spot_check_salt", SALT_SIZE)
@@ -420,6 +492,37 @@ class _Replay:
             raise _Bad("an unsalted run reveals a salt")
         st.close_round(next_salt)
         self.r.replayed["rounds"] += 1
+
+    # -- peer reports (protocol.peers)
+    def peer_reported(self, e: LogEntry) -> None:
+        p, st = e.payload, self.state
+        reporter = self._node(p["node_id"])
+        try:
+            env = check_envelope(parse_envelope(unb64(p["envelope"], "envelope")), expected_kind=REQUEST_KIND["ReportPeer"])
+            report = parse_request(pb.PeerReport, env.payload)
+        except ProtocolError as err:
+            raise _Bad(f"the report envelope is not a signed PeerReport: {err}") from None
+        if node_id_from_public_key(env.signer_public_key) != reporter:
+            raise _Bad(f"the report envelope is signed by {node_id_from_public_key(env.signer_public_key)}, not by "
+                       f"the reporter {reporter}")
+        if (report.round_index, report.peer_node_id, report.reason) != (p["round"], p["peer_node_id"], p["reason"]):
+            raise _Bad("round / peer_node_id / reason differ from the signed report")
+        if len(report.reason) > MAX_REPORT_REASON_CHARS or len(report.evidence) > MAX_REPORT_EVIDENCE_BYTES:
+            raise _Bad("the report's reason or evidence is over its limit")
+        if st.is_banned(reporter):
+            raise _Bad(f"a report by {reporter}, which is banned")
+        r, peer = report.round_index, report.peer_node_id
+        try:
+            self.peers.check(reporter, r, peer)
+        except ReportRefused as refused:
+            raise _Bad(f"a report the rule refuses ({refused.status}): {refused.detail}") from None
+        if self.peers.reported(reporter, r, peer) is not None:
+            raise _Bad(f"{reporter} already reported {peer} for round {r} (a report is logged once)")
+        self.peers.record(reporter, r, peer, e.index)
+        tally = self.peers.tally(r, peer, st.is_banned)
+        if tally.majority and not st.is_banned(peer):
+            self.pending_ban = (tally, e.index)
+        self.r.replayed["peer_reports"] += 1
 
     # -- snapshot publication (protocol.publication)
     def _node(self, node_id: Any) -> str:

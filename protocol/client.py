@@ -117,7 +117,10 @@ class CoordinatorClient:
         Heartbeat (the latest report wins), GetSnapshotManifest; and SubmitProofs, because the
         coordinator refuses replayed proof sequences: if the first attempt was committed before the
         connection broke, the retry gets REPLAYED_SEQUENCE verdicts instead of counting the
-        proofs twice (its ticket still counts them: tickets are cumulative per node and round)."""
+        proofs twice (its ticket still counts them: tickets are cumulative per node and round);
+        ReportPeer, because a repeated report is answered without counting it again. Admin is retried
+        too: a ban or unban committed before the connection broke is refused FAILED_PRECONDITION
+        ("already banned" / "not banned") on the retry, which says what state the node is in."""
         call = self.channel.unary_unary(method_path(method), request_serializer=_identity,
                                         response_deserializer=reply_cls.FromString)
         attempts = self.retry.attempts()
@@ -157,8 +160,11 @@ class CoordinatorClient:
                                                f"not the pinned {self.coordinator_key.hex()[:16]}...")
 
     # -- methods
-    def register(self, run_id: str = "", hardware: pb.HardwareSummary | None = None) -> pb.RegisterResponse:
-        req = pb.RegisterRequest(run_id=run_id)
+    def register(self, run_id: str = "", hardware: pb.HardwareSummary | None = None, *,
+                 multiaddrs: Sequence[str] = ()) -> pb.RegisterResponse:
+        """Register (or re-register) the key; ``multiaddrs``: the libp2p addresses this node announces
+        (each ending in ``/p2p/<its own peer id>``). The reply lists the live peers' addresses."""
+        req = pb.RegisterRequest(run_id=run_id, multiaddrs=list(multiaddrs))
         if hardware is not None:
             req.hardware.CopyFrom(hardware)
         reply = self._unary("Register", req, pb.RegisterResponse)
@@ -172,14 +178,35 @@ class CoordinatorClient:
 
     def heartbeat(self, policy_version: int, *, computed: pb.PolicySnapshotRef | None = None,
                   completions_per_s: float = 0.0, tokens_per_s: float = 0.0,
-                  hardware: pb.HardwareSummary | None = None) -> pb.HeartbeatResponse:
+                  hardware: pb.HardwareSummary | None = None, multiaddrs: Sequence[str] = ()) -> pb.HeartbeatResponse:
+        """Report in; the reply carries the live peers' addresses and, after a round this node took part
+        in closed, its final ticket of that round (``round_ticket``, checked here: the coordinator's
+        signature, this node, final). ``multiaddrs`` replaces the announced addresses (empty: unchanged)."""
         req = pb.HeartbeatRequest(policy_version=policy_version, completions_per_s=completions_per_s,
-                                  tokens_per_s=tokens_per_s)
+                                  tokens_per_s=tokens_per_s, multiaddrs=list(multiaddrs))
         if computed is not None:
             req.computed.CopyFrom(computed)
         if hardware is not None:
             req.hardware.CopyFrom(hardware)
-        return self._unary("Heartbeat", req, pb.HeartbeatResponse)
+        reply = self._unary("Heartbeat", req, pb.HeartbeatResponse)
+        if reply.HasField("round_ticket"):
+            t = reply.round_ticket
+            verify_ticket(t, self.coordinator_key, run_id=self.run_id, require_final=True)
+            if t.node_id != self.identity.node_id:
+                raise ProtocolError("MALFORMED", f"the round ticket names node {t.node_id}, not this node")
+        return reply
+
+    def report_peer(self, round_index: int, peer_node_id: str, reason: str, evidence: bytes = b"") -> pb.PeerReportResponse:
+        """Report a participant of closed round ``round_index`` that this node (a participant too)
+        excluded from that round's averaging; reason <= 256 characters, evidence <= 64 KiB. Repeating
+        a report is harmless (``repeated`` in the reply)."""
+        req = pb.PeerReport(round_index=round_index, peer_node_id=peer_node_id, reason=reason, evidence=evidence)
+        return self._unary("ReportPeer", req, pb.PeerReportResponse)
+
+    def admin(self, action: int, node_id: str, reason: str = "") -> pb.AdminResponse:
+        """An operator's ``pb.ADMIN_BAN`` / ``pb.ADMIN_UNBAN``: this client's identity must be the
+        coordinator's own key (refused PERMISSION_DENIED otherwise)."""
+        return self._unary("Admin", pb.AdminRequest(action=action, node_id=node_id, reason=reason), pb.AdminResponse)
 
     def manifest(self, version: int | None = None) -> pb.SnapshotManifest:
         req = pb.SnapshotManifestRequest(version=version or 0, latest=version is None)

@@ -60,8 +60,10 @@ NODE_BANNED = "node_banned"
 HASH_REPORTED = "hash_reported"  # a node's parameter hash for the next version (protocol.publication)
 UPLOAD_REFUSED = "upload_refused"  # a snapshot upload the publication rule refused, and why
 ROUND_DISPATCHED = "round_dispatched"  # a node's first Heartbeat in a round: the version it must sample with
+PEER_REPORTED = "peer_reported"  # a round participant reports another it excluded from averaging (protocol.peers)
+NODE_UNBANNED = "node_unbanned"  # the operator lifted a ban
 KINDS = (RUN_STARTED, NODE_REGISTERED, SNAPSHOT_PUBLISHED, PROOFS_ACCEPTED, PROOFS_REJECTED, ROUND_CLOSED, NODE_BANNED,
-         HASH_REPORTED, UPLOAD_REFUSED, ROUND_DISPATCHED)
+         HASH_REPORTED, UPLOAD_REFUSED, ROUND_DISPATCHED, PEER_REPORTED, NODE_UNBANNED)
 
 _ENTRY_KEYS = {"index", "prev_hash", "time_ms", "kind", "payload", "signer", "signature", "hash"}
 

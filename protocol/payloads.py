@@ -30,8 +30,25 @@ proofs_accepted        ``{"node_id", "group_id", "round", "version", "proofs": [
 proofs_rejected        ``{"node_id" or null, "code", "detail", "member" or null, "evidence":
                        {"proofs": [b64]} | {"bytes": b64, "size", "sha256": hex, "truncated"}}``
 round_closed           ``{"round", "participants": [node_id], "weights": {node_id: w},
-                       "spot_check_salt": hex or null, "next_spot_check_commitment": hex or null}``
-node_banned            ``{"node_id", "reason", "evidence_index" or null}``
+                       "samples": {node_id: n}, "tokens": {node_id: n}, "version",
+                       "spot_check_salt": hex or null, "next_spot_check_commitment": hex or null}``;
+                       ``samples`` / ``tokens``: each participant's accepted proofs and the sum of
+                       their ``num_completion_tokens`` in the round, ``version`` the current
+                       version at the close (all three absent in older logs): what the final
+                       admission tickets say (:func:`.recorder.final_ticket`)
+node_banned            ``{"node_id", "reason", "evidence_index" or null}``, plus ``"by"``:
+                       ``"operator"`` (``grpo-coordinator ban``) or ``"reports"`` (then also
+                       ``"round"`` and ``"reporters"`` [node_id, sorted], and ``evidence_index`` is
+                       the deciding peer_reported entry, the entry right before; :mod:`.peers`);
+                       absent for a ban after ``ban_after_failures`` failed checks
+node_unbanned          ``{"node_id", "reason", "by": "operator"}``: the operator lifted the ban;
+                       reports against the node made before it no longer count
+peer_reported          ``{"node_id" (the reporter), "round", "peer_node_id", "reason", "envelope":
+                       b64}``: a participant of closed round ``round`` reports another participant
+                       it excluded from that round's averaging; ``envelope`` is the reporter's
+                       signed SignedEnvelope around its PeerReport (with the evidence, <= 64 KiB)
+round_dispatched       ``{"node_id", "round", "version"}``: the version the node's first Heartbeat
+                       of the round bound it to sample that round's prompts with
 =====================  ===========================================================================
 """
 

@@ -11,6 +11,15 @@ Snapshot publication follows :mod:`.publication`: :meth:`RunRecorder.report_hash
 changed parameter-hash report (``hash_reported``, with the reporter's weight in the producing
 round), :meth:`RunRecorder.publish_snapshot` refuses a version > 0 without a quorum of them, and
 :meth:`RunRecorder.refuse_upload` logs an upload the rule refused (``upload_refused``).
+
+Round close: ``round_closed`` records each participant's accepted samples and completion tokens
+(``samples``, ``tokens``) and the version current at the close; :attr:`RunRecorder.final_tickets`
+holds the final admission ticket of each participant of the last closed round, derived from that
+entry alone (:func:`final_ticket`), so a restarted recorder signs the very same tickets again.
+
+Peers (:mod:`.peers`): :meth:`RunRecorder.report_peer` logs a round participant's report against
+another (``peer_reported``) and bans the peer right after the report that gives it a majority of
+its round's other participants; :meth:`RunRecorder.unban` lifts a ban (``node_unbanned``).
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ from .log import (
     HASH_REPORTED,
     NODE_BANNED,
     NODE_REGISTERED,
+    NODE_UNBANNED,
+    PEER_REPORTED,
     PROOFS_ACCEPTED,
     PROOFS_REJECTED,
     ROUND_CLOSED,
@@ -39,9 +50,11 @@ from .log import (
     LogError,
     ProtocolLog,
 )
-from .payloads import SALT_SIZE, hex_bytes, unb64, accepted_payload, rejected_payload
+from .payloads import SALT_SIZE, b64, hex_bytes, unb64, accepted_payload, rejected_payload
+from .peers import PeerReports, ReportTally, ban_payload
 from .proofs import parse_proof
 from .publication import Publication, PublicationRefused, Tally, refused_payload
+from .rpc import sign_ticket
 from .run_spec import AuditHooks, RunSpec
 from .verify import EVIDENCE_CODES, InMemoryVerifierState, Verdict
 
@@ -63,8 +76,11 @@ class RunRecorder:
         self.salted = salted
         self._on_salt = on_salt
         self.round_accepted: Counter[str] = Counter()  # node -> accepted proofs this round
+        self.round_tokens: Counter[str] = Counter()  # node -> completion tokens of those proofs
         self.hooks = hooks or AuditHooks()
         self.publication = Publication(spec.publish_quorum)  # replaced by the restored one on resume
+        self.peers = PeerReports()  # replaced by the restored one on resume
+        self.final_tickets: dict[str, pb.AdmissionTicket] = {}  # node -> its ticket of the last closed round
         if _resume:
             return
         self._salt = self._draw_salt(0)
@@ -89,18 +105,24 @@ class RunRecorder:
         """A recorder that continues ``log`` (written by ``identity``): the state is rebuilt from its
         entries (:func:`restore_state`, which checks the chain), ``salts`` are the stored secrets.
         LogError when the log is empty, broken or not signed by ``identity``."""
-        publication = Publication()
+        publication, peers, round_tokens = Publication(), PeerReports(), Counter()
         spec, state, round_accepted = restore_state(log.entries(), salts, trusted=[identity.public_key_bytes],
-                                                    publication=publication)
+                                                    publication=publication, peers=peers, round_tokens=round_tokens)
         publication.quorum = spec.publish_quorum
         rec = cls(log, identity, spec, salted=spec.spot_check_commitment is not None, hooks=hooks, urandom=urandom,
                   on_salt=on_salt, _resume=True)
         if rec.salted and state.spot_check_salt is None:
             raise LogError(f"the secret spot-check salt of the open round {state.current_round} is not stored")
-        rec.spec, rec.state, rec.round_accepted = spec, state, round_accepted
-        rec.publication = publication
+        rec.spec, rec.state, rec.round_accepted, rec.round_tokens = spec, state, round_accepted, round_tokens
+        rec.publication, rec.peers = publication, peers
         rec._salt = state.spot_check_salt or b""
         rec.verifier = rec.hooks.verifier(state, spec.policy)
+        closed = log.last(ROUND_CLOSED)
+        if closed is not None:
+            rec._issue_final_tickets(closed)
+        last = log.last()
+        if last is not None and last.kind == PEER_REPORTED:  # stopped between a deciding report and its ban
+            rec._ban_if_reported(last.payload["round"], last.payload["peer_node_id"], last.index)
         return rec
 
     def register(self, public_key: bytes) -> str:
@@ -136,10 +158,51 @@ class RunRecorder:
         """Log an upload the publication rule refused, with its reason and the support it had."""
         return self.log.append(UPLOAD_REFUSED, refused_payload(node_id, version, sha256, refusal), self.identity)
 
-    def ban(self, node_id: str, reason: str, evidence_index: int | None = None) -> None:
-        self.state.ban(node_id)
-        self.log.append(NODE_BANNED, {"node_id": node_id, "reason": reason, "evidence_index": evidence_index},
-                        self.identity)
+    def ban(self, node_id: str, reason: str, evidence_index: int | None = None, *, by: str | None = None) -> LogEntry:
+        """Ban ``node_id`` (logged ``node_banned``); ``by`` = "operator" for an operator's ban."""
+        payload = {"node_id": node_id, "reason": reason, "evidence_index": evidence_index}
+        if by is not None:
+            payload["by"] = by
+        return self._ban(payload)
+
+    def _ban(self, payload: dict) -> LogEntry:
+        entry = self.log.append(NODE_BANNED, payload, self.identity)
+        self.state.ban(payload["node_id"])
+        return entry
+
+    def unban(self, node_id: str, reason: str = "") -> LogEntry:
+        """Lift a ban (logged ``node_unbanned``). The reports against the node made so far stop
+        counting; its failed-check count stays (its next failure past the limit bans it again)."""
+        if not self.state.is_banned(node_id):
+            raise ValueError(f"node {node_id} is not banned")
+        entry = self.log.append(NODE_UNBANNED, {"node_id": node_id, "reason": reason, "by": "operator"}, self.identity)
+        self.state.banned.discard(node_id)
+        self.peers.unbanned(node_id)
+        return entry
+
+    def report_peer(self, reporter: str, report: pb.PeerReport,
+                    envelope: pb.SignedEnvelope) -> tuple[int, ReportTally, bool]:
+        """A participant's report against another participant of a closed round (:mod:`.peers`):
+        logged once (``peer_reported``, with the signed ``envelope`` it came in), and the peer banned
+        right after the report that gives it a majority. Returns (log index of the report, the tally,
+        whether this call repeated an earlier report). ReportRefused (nothing logged) when the rule
+        refuses it."""
+        r, peer = report.round_index, report.peer_node_id
+        self.peers.check(reporter, r, peer)
+        earlier = self.peers.reported(reporter, r, peer)
+        if earlier is not None:
+            return earlier, self.peers.tally(r, peer, self.state.is_banned), True
+        entry = self.log.append(PEER_REPORTED, {"node_id": reporter, "round": r, "peer_node_id": peer,
+                                                "reason": report.reason,
+                                                "envelope": b64(envelope.SerializeToString())}, self.identity)
+        self.peers.record(reporter, r, peer, entry.index)
+        return entry.index, self._ban_if_reported(r, peer, entry.index), False
+
+    def _ban_if_reported(self, round_index: int, peer: str, report_index: int) -> ReportTally:
+        tally = self.peers.tally(round_index, peer, self.state.is_banned)
+        if tally.majority and not self.state.is_banned(peer):
+            self._ban(ban_payload(tally, report_index))
+        return tally
 
     def dispatch(self, node_id: str, round_index: int, version: int) -> int:
         """Bind the version ``node_id`` must sample round ``round_index`` with (its first Heartbeat in
@@ -154,8 +217,11 @@ class RunRecorder:
 
     def _record(self, proofs: Sequence[RewardProof], verdict: Verdict, now_ms: int | None) -> LogEntry:
         if verdict.accepted:
-            self.round_accepted[node_id_from_public_key(proofs[0].node_public_key)] += len(proofs)
-            return self.log.append(PROOFS_ACCEPTED, accepted_payload(proofs, verdict), self.identity, time_ms=now_ms)
+            node_id = node_id_from_public_key(proofs[0].node_public_key)
+            entry = self.log.append(PROOFS_ACCEPTED, accepted_payload(proofs, verdict), self.identity, time_ms=now_ms)
+            self.round_accepted[node_id] += len(proofs)
+            self.round_tokens[node_id] += sum(p.num_completion_tokens for p in proofs)
+            return entry
         entry = self.log.append(PROOFS_REJECTED, rejected_payload(verdict, proofs=proofs), self.identity, time_ms=now_ms)
         if verdict.code in EVIDENCE_CODES:  # the verifier burned the group and voided the round
             self._penalise(node_id_from_public_key(proofs[0].node_public_key), entry.index)
@@ -164,6 +230,7 @@ class RunRecorder:
     def _penalise(self, node_id: str, evidence_index: int) -> None:
         """A failed check voids the node's admission count for this round; enough of them ban it."""
         self.round_accepted.pop(node_id, None)
+        self.round_tokens.pop(node_id, None)
         limit = self.spec.policy.ban_after_failures
         failures = self.state.failures.get(node_id, 0)
         if limit and failures >= limit and not self.state.is_banned(node_id):
@@ -194,8 +261,10 @@ class RunRecorder:
         return verdict
 
     def close_round(self, weights: Mapping[str, float] | None = None) -> LogEntry:
-        """Close the current round: participants = nodes (not banned) with proofs accepted during it;
-        weights default to their share of those proofs. Reveals this round's salt, commits to the next."""
+        """Close the current round: participants = nodes (not banned) with proofs accepted during it
+        (and not voided since); weights default to their share of those proofs. Records each
+        participant's samples and tokens, issues the final tickets (:attr:`final_tickets`). Reveals
+        this round's salt, commits to the next."""
         participants = sorted(n for n in self.round_accepted if not self.state.is_banned(n))
         if weights is None:
             total = sum(self.round_accepted[n] for n in participants)
@@ -205,25 +274,54 @@ class RunRecorder:
             "round": self.state.current_round,
             "participants": participants,
             "weights": dict(weights),
+            "samples": {n: self.round_accepted[n] for n in participants},
+            "tokens": {n: self.round_tokens[n] for n in participants},
+            "version": self.state.current_version,
             "spot_check_salt": self._salt.hex() if self.salted else None,
             "next_spot_check_commitment": hashlib.sha256(next_salt).hexdigest() if self.salted else None,
         }
         entry = self.log.append(ROUND_CLOSED, payload, self.identity)
         self.publication.round_closed(entry.payload["round"], entry.payload["weights"])
+        self.peers.round_closed(entry.payload["round"], participants)
         self._salt = next_salt
         self.state.close_round(next_salt)
         self.round_accepted.clear()
+        self.round_tokens.clear()
+        self._issue_final_tickets(entry)
         return entry
+
+    def _issue_final_tickets(self, entry: LogEntry) -> None:
+        """The final tickets of the round ``entry`` (a round_closed) closed; none for an older log's
+        entry without samples and tokens."""
+        keys = {n: k for k, n in self.state.keys.items()}
+        p = entry.payload
+        self.final_tickets = {} if "samples" not in p else {
+            n: final_ticket(self.spec.run_id, entry, n, keys[n], self.identity) for n in p["participants"]}
+
+
+def final_ticket(run_id: str, entry: LogEntry, node_id: str, public_key: bytes, identity: Identity) -> pb.AdmissionTicket:
+    """The final admission ticket of participant ``node_id`` of the round closed by ``entry`` (a
+    round_closed with samples, tokens and version): everything in it comes from the entry, so it
+    is the same ticket whenever it is made (Ed25519 signatures are deterministic)."""
+    p = entry.payload
+    return sign_ticket(pb.AdmissionTicket(
+        run_id=run_id, round_index=p["round"], node_id=node_id, node_public_key=bytes(public_key),
+        accepted_samples=p["samples"][node_id], accepted_tokens=p["tokens"][node_id], policy_version=p["version"],
+        time_ms=entry.time_ms, log_index=entry.index, final=True), identity)
 
 
 def restore_state(entries: Iterable[LogEntry], salts: Mapping[int, bytes], *,
                   trusted: Iterable[bytes] | None = None,
-                  publication: Publication | None = None) -> tuple[RunSpec, InMemoryVerifierState, Counter]:
+                  publication: Publication | None = None, peers: PeerReports | None = None,
+                  round_tokens: Counter | None = None) -> tuple[RunSpec, InMemoryVerifierState, Counter]:
     """The verifier state at the end of a log, without re-verifying proofs (the log is the
     recorder's own; its chain and signatures are checked): (spec, state, accepted proofs per node
     in the open round). ``salts`` maps round -> secret salt. ``publication``, when given, is fed
-    the round closes, hash reports and publications (the producing round and its standing reports).
-    LogError on a broken or empty log."""
+    the round closes, hash reports and publications (the producing round and its standing reports);
+    ``peers`` the round closes, peer reports and unbans; ``round_tokens`` gets the completion tokens
+    per node in the open round. LogError on a broken or empty log."""
+    if round_tokens is None:
+        round_tokens = Counter()
     checker = ChainChecker(trusted)
     spec: RunSpec | None = None
     state: InMemoryVerifierState | None = None
@@ -245,6 +343,13 @@ def restore_state(entries: Iterable[LogEntry], salts: Mapping[int, bytes], *,
             state.register(hex_bytes(p["public_key"], "public_key", PUBLIC_KEY_SIZE))
         elif e.kind == NODE_BANNED:
             state.ban(p["node_id"])
+        elif e.kind == NODE_UNBANNED:
+            state.banned.discard(p["node_id"])
+            if peers is not None:
+                peers.unbanned(p["node_id"])
+        elif e.kind == PEER_REPORTED:
+            if peers is not None:
+                peers.record(p["node_id"], p["round"], p["peer_node_id"], e.index)
         elif e.kind == SNAPSHOT_PUBLISHED:
             state.publish_snapshot(p["version"], hex_bytes(p["sha256"], "sha256", 32))
             if publication is not None:
@@ -257,19 +362,24 @@ def restore_state(entries: Iterable[LogEntry], salts: Mapping[int, bytes], *,
             proofs = [parse_proof(unb64(b, "proof"), verify=False) for b in p["proofs"]]
             state.record_accepted(p["node_id"], p["group_id"], max(q.sequence for q in proofs))
             round_accepted[p["node_id"]] += len(proofs)
+            round_tokens[p["node_id"]] += sum(q.num_completion_tokens for q in proofs)
         elif e.kind == PROOFS_REJECTED:
             failed = evidence_failure(p)
             if failed is not None:
                 state.record_failure(*failed)
                 round_accepted.pop(failed[0], None)
+                round_tokens.pop(failed[0], None)
         elif e.kind == ROUND_DISPATCHED:
             state.record_dispatch(p["node_id"], p["round"], p["version"])
         elif e.kind == ROUND_CLOSED:
             salted = spec.spot_check_commitment is not None
             state.close_round(salts.get(state.current_round + 1) if salted else b"")
             round_accepted.clear()
+            round_tokens.clear()
             if publication is not None:
                 publication.round_closed(p["round"], p["weights"])
+            if peers is not None:
+                peers.round_closed(p["round"], p["participants"])
     if spec is None:
         raise LogError("the log has no run_started entry")
     return spec, state, round_accepted

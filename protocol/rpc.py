@@ -8,7 +8,10 @@ without generated stubs (``grpc.method_handlers_generic_handler`` on the server,
 
 Manifests and tickets are signed with the coordinator's Ed25519 key over their canonical bytes
 (:mod:`.canonical`) without the ``signature`` field; :func:`verify_manifest` and
-:func:`verify_ticket` raise :class:`~.errors.ProtocolError` naming what is wrong.
+:func:`verify_ticket` raise :class:`~.errors.ProtocolError` naming what is wrong. Tickets come in
+two kinds: interim ones from SubmitProofs while a round is open, and final ones (``final = true``)
+issued when it closes (Heartbeat's ``round_ticket``) — averaging admits only final tickets
+(``verify_ticket(..., require_final=True)``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, node_id_from_pu
 
 SERVICE = "grpo_swarm.v1.Coordinator"
 METHODS = ("Register", "Heartbeat", "GetSnapshotManifest", "DownloadSnapshot", "SubmitProofs", "UploadSnapshot",
-           "GetLog")
+           "GetLog", "ReportPeer", "Admin")
 # the payload kind each method's envelope must carry
 REQUEST_KIND = {
     "Register": "grpo_swarm.v1.RegisterRequest",
@@ -37,6 +40,8 @@ REQUEST_KIND = {
     "SubmitProofs": "grpo_swarm.v1.ProofBatch",
     "UploadSnapshot": "grpo_swarm.v1.UploadSnapshotHeader",
     "GetLog": "grpo_swarm.v1.GetLogRequest",
+    "ReportPeer": "grpo_swarm.v1.PeerReport",
+    "Admin": "grpo_swarm.v1.AdminRequest",
 }
 UPLOAD_CHUNK_KIND = "grpo_swarm.v1.SnapshotChunk"
 DEFAULT_CHUNK_SIZE = 4 << 20  # 4 MiB: large messages keep gRPC near socket speed
@@ -160,9 +165,11 @@ def sign_ticket(ticket: pb.AdmissionTicket, identity: Identity) -> pb.AdmissionT
 
 
 def verify_ticket(ticket: pb.AdmissionTicket, coordinator_key: bytes | None = None, *, run_id: str | None = None,
-                  round_index: int | None = None) -> None:
+                  round_index: int | None = None, require_final: bool = False) -> None:
     """Check an admission ticket: the coordinator's signature, the node id matching the key, and
-    (when given) the run and round. What an averaging peer checks before counting a gradient."""
+    (when given) the run and round; with ``require_final``, that it is a final ticket (issued when
+    the round closed, not an interim one from SubmitProofs). What an averaging peer checks before
+    counting a gradient: ``verify_ticket(t, key, run_id=run, round_index=r, require_final=True)``."""
     _check_signed(ticket, "coordinator_public_key", coordinator_key, "AdmissionTicket")
     if len(ticket.node_public_key) != PUBLIC_KEY_SIZE or ticket.node_id != node_id_from_public_key(
             ticket.node_public_key):
@@ -172,6 +179,9 @@ def verify_ticket(ticket: pb.AdmissionTicket, coordinator_key: bytes | None = No
     if round_index is not None and ticket.round_index != round_index:
         raise ProtocolError(ReasonCode.STALE_VERSION,
                             f"AdmissionTicket is for round {ticket.round_index}, not {round_index}")
+    if require_final and not ticket.final:
+        raise ProtocolError(ReasonCode.STALE_VERSION, f"AdmissionTicket of round {ticket.round_index} is an interim "
+                                                      "ticket (final = false): the round had not closed")
 
 
 def hardware_summary(accelerator: str = "", accelerator_memory_bytes: int = 0, software: str = "") -> pb.HardwareSummary:

@@ -1,0 +1,190 @@
+"""The swarm's peers as the coordinator sees them: announced addresses, reports against peers, and
+the rule that bans a peer by reports.
+
+One implementation, used by the coordinator's :class:`~.recorder.RunRecorder` (live),
+:func:`~.recorder.restore_state` (after a restart) and the offline audit (:mod:`.audit`), so the
+three cannot disagree about a log.
+
+**Addresses.** Nodes report the libp2p multiaddrs their averaging DHT announces (Register and
+Heartbeat); the coordinator keeps them and hands every node the addresses of the live peers, so
+peers find each other without the coordinator running libp2p. :func:`check_multiaddrs` is a light
+syntactic check (hivemind is not a coordinator dependency): at most :data:`MAX_MULTIADDRS`, each at
+most :data:`MAX_MULTIADDR_CHARS` printable ASCII characters, "/"-separated non-empty components,
+at least one before the final ``/p2p/<peer id>`` — and that peer id must be the node's own (the
+libp2p id of its Ed25519 node key, :mod:`.identity`), so that no node can announce addresses under
+another's identity.
+
+**Reports.** After round r closes, its participants (``round_closed`` participants: accepted work,
+not voided, not banned) average their gradients. A member that excludes another from that average
+reports it (ReportPeer: the round, the peer, a reason, evidence). The rule
+(:class:`PeerReports`):
+
+* only a participant of round r may report for round r (others: ``PERMISSION_DENIED``, not
+  counted, not logged), r must be closed, and the reported peer must be another participant of r
+  (``FAILED_PRECONDITION`` / ``INVALID_ARGUMENT``, not logged);
+* each (reporter, round, peer) is logged once (``peer_reported``, with the reporter's signed
+  envelope, so the audit can check who reported); a repeat is answered, not logged again;
+* the peer is banned (``node_banned`` with ``"by": "reports"``, the round and the reporters, the
+  evidence index being the report that tipped it, logged right after that report) as soon as its
+  reporters for round r that are not banned are **more than half of round r's other
+  participants**: with n participants, ⌊(n − 1) / 2⌋ + 1 reports. 3 participants: 2 reports ban
+  the third, 1 does not. 2 participants: one report bans the other — in a round of two the two
+  sides' word weighs the same, and the first report wins (the other node is banned and can no
+  longer report); reporters banned since no longer count;
+* a node unbanned by the operator starts afresh: the reports against it made before the unban no
+  longer count.
+
+What it costs an attacker: banning an honest node takes reports from more than half of the other
+participants of one round — nodes that did accepted, spot-checked work in that round. Fresh keys
+(sybils) are not participants of any round and cannot report at all.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+from .errors import ProtocolError, ReasonCode
+from .identity import base58_encode, peer_id_from_public_key
+
+MAX_MULTIADDRS = 8
+MAX_MULTIADDR_CHARS = 256
+MAX_PEERS = 32  # addresses handed out per reply
+PEER_TTL_INTERVALS = 3  # a peer is live when seen within this many heartbeat intervals
+MAX_REPORT_REASON_CHARS = 256
+MAX_REPORT_EVIDENCE_BYTES = 64 * 1024
+MAX_ADMIN_REASON_CHARS = 256
+
+# status names of refusals (the gRPC status the coordinator answers with)
+INVALID_ARGUMENT = "INVALID_ARGUMENT"
+PERMISSION_DENIED = "PERMISSION_DENIED"
+FAILED_PRECONDITION = "FAILED_PRECONDITION"
+
+_COMPONENT = re.compile(r"[A-Za-z0-9._~:%+\-=@,\[\]]+\Z")
+_BASE58 = re.compile(r"[1-9A-HJ-NP-Za-km-z]+\Z")
+_NODE_ID = re.compile(r"[0-9a-f]{32}\Z")
+
+IsBanned = Callable[[str], bool]
+
+
+def peer_id_of(public_key: bytes) -> str:
+    """The base58 libp2p peer id (``12D3KooW...``) of a node's Ed25519 public key."""
+    return base58_encode(peer_id_from_public_key(bytes(public_key)))
+
+
+def check_multiaddrs(addrs: Sequence[str], public_key: bytes) -> list[str]:
+    """``addrs`` as announced by the node with ``public_key``, duplicates dropped (first kept);
+    ProtocolError(MALFORMED) naming the first bad one."""
+    addrs = list(addrs)
+    if len(addrs) > MAX_MULTIADDRS:
+        raise ProtocolError(ReasonCode.MALFORMED, f"{len(addrs)} multiaddrs, at most {MAX_MULTIADDRS}")
+    own = peer_id_of(public_key)
+    out: list[str] = []
+    for i, a in enumerate(addrs):
+        what = f"multiaddrs[{i}]"
+        if not isinstance(a, str) or not a:
+            raise ProtocolError(ReasonCode.MALFORMED, f"{what} is empty")
+        if len(a) > MAX_MULTIADDR_CHARS:
+            raise ProtocolError(ReasonCode.MALFORMED, f"{what} is longer than {MAX_MULTIADDR_CHARS} characters")
+        if not a.startswith("/"):
+            raise ProtocolError(ReasonCode.MALFORMED, f"{what} {a[:64]!r} does not start with '/'")
+        parts = a[1:].split("/")
+        bad = next((p for p in parts if not _COMPONENT.match(p)), None)
+        if bad is not None:
+            raise ProtocolError(ReasonCode.MALFORMED, f"{what} {a[:64]!r} has an empty or invalid component {bad[:32]!r}")
+        if len(parts) < 3 or parts[-2] != "p2p" or not _BASE58.match(parts[-1]):
+            raise ProtocolError(ReasonCode.MALFORMED, f"{what} {a[:64]!r} must be an address followed by "
+                                                      "/p2p/<peer id>")
+        if parts[-1] != own:
+            raise ProtocolError(ReasonCode.MALFORMED, f"{what} names peer {parts[-1][:16]}..., not this node's "
+                                                      f"own peer id {own}")
+        if a not in out:
+            out.append(a)
+    return out
+
+
+def is_node_id(value: object) -> bool:
+    return isinstance(value, str) and bool(_NODE_ID.match(value))
+
+
+class ReportRefused(Exception):
+    """The rule refuses a report; ``status`` is the gRPC status name to answer with."""
+
+    def __init__(self, status: str, detail: str):
+        super().__init__(f"{status}: {detail}")
+        self.status, self.detail = status, detail
+
+
+@dataclass(frozen=True)
+class ReportTally:
+    round: int
+    peer: str
+    reporters: tuple[str, ...]  # participants of the round, not banned, that reported the peer (sorted)
+    others: int  # the round's participants other than the peer
+    needed: int  # reports that ban: more than half of ``others``
+
+    @property
+    def majority(self) -> bool:
+        return len(self.reporters) >= self.needed
+
+
+def reports_needed(participants: int) -> int:
+    """Reports that ban a participant of a round of ``participants``: more than half of the others."""
+    return (participants - 1) // 2 + 1
+
+
+class PeerReports:
+    """The participants of every closed round and the reports logged against them. Feed it round
+    closes, reports and unbans in log order."""
+
+    def __init__(self) -> None:
+        self.participants: dict[int, frozenset[str]] = {}
+        self.reports: dict[tuple[int, str], dict[str, int]] = {}  # (round, peer) -> reporter -> log index
+
+    # -- what the log records
+    def round_closed(self, round_index: int, participants: Iterable[str]) -> None:
+        self.participants[int(round_index)] = frozenset(str(n) for n in participants)
+
+    def record(self, reporter: str, round_index: int, peer: str, log_index: int) -> None:
+        self.reports.setdefault((round_index, peer), {}).setdefault(reporter, log_index)
+
+    def unbanned(self, node_id: str) -> None:
+        """The operator's pardon: reports against ``node_id`` made so far no longer count."""
+        for key in [k for k in self.reports if k[1] == node_id]:
+            del self.reports[key]
+
+    # -- the rule
+    def check(self, reporter: str, round_index: int, peer: str) -> None:
+        """ReportRefused unless ``reporter`` may report ``peer`` for ``round_index``."""
+        if not is_node_id(peer):
+            raise ReportRefused(INVALID_ARGUMENT, f"peer_node_id {str(peer)[:40]!r} is not a node id (32 hex digits)")
+        if peer == reporter:
+            raise ReportRefused(INVALID_ARGUMENT, "a node cannot report itself")
+        members = self.participants.get(round_index)
+        if members is None:
+            raise ReportRefused(FAILED_PRECONDITION, f"round {round_index} has not closed: only the members of a "
+                                                     "closed round's averaging can report for it")
+        if reporter not in members:
+            raise ReportRefused(PERMISSION_DENIED, f"node {reporter} is not a participant of round {round_index}: "
+                                                   "only its participants may report for it")
+        if peer not in members:
+            raise ReportRefused(FAILED_PRECONDITION, f"node {peer} is not a participant of round {round_index}")
+
+    def reported(self, reporter: str, round_index: int, peer: str) -> int | None:
+        """The log index of ``reporter``'s report of ``peer`` for ``round_index``, None if none."""
+        return self.reports.get((round_index, peer), {}).get(reporter)
+
+    def tally(self, round_index: int, peer: str, is_banned: IsBanned) -> ReportTally:
+        members = self.participants.get(round_index, frozenset())
+        others = len(members - {peer})
+        reporters = tuple(sorted(n for n in self.reports.get((round_index, peer), {}) if not is_banned(n)))
+        return ReportTally(round_index, peer, reporters, others, reports_needed(others + 1))
+
+
+def ban_payload(tally: ReportTally, evidence_index: int) -> dict:
+    """The ``node_banned`` payload of a ban by reports."""
+    return {"node_id": tally.peer, "reason": f"reported by {len(tally.reporters)} of the {tally.others} other "
+                                             f"participants of round {tally.round} ({', '.join(tally.reporters)})",
+            "evidence_index": evidence_index, "by": "reports", "round": tally.round,
+            "reporters": list(tally.reporters)}
