@@ -1,0 +1,546 @@
+"""Verified gradient averaging over hivemind: :class:`VerifiedAverager`.
+
+One round, as the join loop sees it::
+
+    averager = VerifiedAverager(model.parameters(), dht=dht, prefix="run42-grads", identity=identity,
+                                coordinator_key=coordinator_key, run_id="run42",
+                                weight_mode=weight_mode_for_loss(cfg.grpo.loss_type), norm_bound=1e4)
+    trainer.compute_gradients(batch)                     # this node's gradient in param.grad
+    result = averager.average(round_index, ticket_bytes, [p.grad for p in trainer.trainable])
+    if result.ok:
+        result.copy_to([p.grad for p in trainer.trainable])  # the swarm's gradient, the same bytes everywhere
+        trainer.apply_gradients()
+    else:
+        ...  # result.attempts say who was excluded, accused or failed; the local gradient is untouched
+
+How a round goes (hivemind 1.1.12's DecentralizedAverager underneath, not a home-made all-reduce):
+
+1. :meth:`VerifiedAverager.average` checks this node's own ticket and gradient (shapes, finite,
+   norm ≤ ``norm_bound``), copies the gradient into the averager's buffers and puts a signed gather
+   entry in ``step()`` (:mod:`.tickets`): ticket bytes, round, attempt, committed norm, accusations.
+   Matchmaking uses a group key per round, so peers of different rounds never group.
+2. In the averager process, :meth:`VerifiedAverager._aggregate_with_group` runs *before any part is
+   reduced*: every member checks every slot (:func:`.tickets.group_verdicts`) and plans the group
+   from the verdicts alone (:class:`.reduction.GroupPlan`): contributors reduce equal shares,
+   excluded members are auxiliary with share 0 and their parts are refused. Every honest member
+   reaches the same verdicts, so nobody waits for an excluded peer.
+3. :class:`.reduction.VerifiedAllReduceRunner` reduces with ticket weights, validates every part,
+   and hands every peer the same bytes for every share. A timeout, ban or failed reducer aborts the
+   attempt everywhere; the local snapshot is restored and the attempt reported as failed — a
+   partial average is never a success.
+4. Peers caught sending invalid data are accused in the next attempt's gather (up to
+   ``max_attempts`` per round) and excluded there by everyone, so the retry is the average of the
+   remaining valid members.
+
+Everything the averager process returns crosses hivemind's MPFuture by pickling, so the reports are
+plain dataclasses of str/int/float/dict (peer ids in base58). No data a peer sent is unpickled:
+tickets are protobuf, gather entries msgpack, tensor parts hivemind's protobuf.
+
+Timeouts are always set (hivemind's defaults are ``None``: a silent peer would hang the group):
+``matchmaking_timeout`` bounds finding a group, ``sender_timeout`` the wait for a sender's next
+part, ``reducer_timeout`` (> sender_timeout) the wait for a reducer's next average,
+``allreduce_timeout`` one attempt's reduction, ``round_timeout`` the whole :meth:`average` call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import AsyncIterator  # typing's, not collections.abc's: hivemind's handler registry reads its _name
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.matchmaking import Matchmaking
+from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
+from hivemind.compression import CompressionBase, NoCompression
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import achain, anext, as_aiter, azip, enter_asynchronously
+
+from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+from grpo_swarm.protocol.identity import Identity, base58_decode, base58_encode
+
+from .matchmaking import PatientMatchmaking
+from .reduction import NORM_TOLERANCE, GroupPlan, VerifiedAllReduceRunner, check_compression
+from .tickets import (
+    WEIGHT_MODES,
+    GatherClaim,
+    RoundRules,
+    SlotVerdict,
+    accusation_list,
+    check_own_ticket,
+    encode_gather,
+    group_verdicts,
+    is_valid_public_key,
+)
+
+logger = logging.getLogger(__name__)
+
+WIRE_NAME = "VerifiedAverager"  # RPC handler names: "{prefix}::VerifiedAverager.rpc_*", whatever the Python class
+ALLREDUCE_GRACE_S = 5.0  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
+
+
+class LocalGradientError(ValueError):
+    """This node's own gradient cannot enter a round (shape, dtype, NaN/inf, norm above the bound)."""
+
+
+@dataclass
+class AttemptReport:
+    """One matchmaking + all-reduce attempt, as this member saw it. Peer ids are base58 strings;
+    reasons read ``"REASON: detail"``."""
+
+    ok: bool = False
+    attempt: int = 0
+    group_id: str = ""
+    members: list[str] = field(default_factory=list)  # every slot of the group, in slot order
+    weights: dict[str, float] = field(default_factory=dict)  # contributors -> ticket weight
+    excluded: dict[str, str] = field(default_factory=dict)  # left out before the reduction, and why
+    accused: dict[str, str] = field(default_factory=dict)  # caught sending/returning invalid data
+    failed: dict[str, str] = field(default_factory=dict)  # stopped, timed out, disconnected, refused
+    refused: dict[str, str] = field(default_factory=dict)  # excluded peers that sent parts anyway
+    weight_claims_ignored: dict[str, float] = field(default_factory=dict)  # claimed weight != ticket weight
+    failed_size: int = 0
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def total_weight(self) -> float:
+        return sum(self.weights.values())
+
+    def accused_pairs(self) -> list[tuple[bytes, str]]:
+        """(raw peer id, reason) for the next attempt's gather."""
+        return [(base58_decode(p), r.split(":", 1)[0]) for p, r in self.accused.items()]
+
+
+@dataclass
+class RoundResult:
+    """The outcome of :meth:`VerifiedAverager.average`: ``grads`` (the averaged tensors, same shapes
+    as the input) when ``ok``, else None; every attempt's report."""
+
+    ok: bool
+    round_index: int
+    grads: list[torch.Tensor] | None
+    attempts: list[AttemptReport]
+    seconds: float
+    error: str | None = None
+
+    @property
+    def last(self) -> AttemptReport | None:
+        return self.attempts[-1] if self.attempts else None
+
+    @property
+    def excluded(self) -> dict[str, str]:
+        """Everyone left out of the last attempt before the reduction, with the reason."""
+        return dict(self.last.excluded) if self.last else {}
+
+    @property
+    def accused(self) -> dict[str, str]:
+        """Everyone this member caught sending or returning invalid data in any attempt: what the join
+        loop reports to the coordinator."""
+        out: dict[str, str] = {}
+        for a in self.attempts:
+            for p, r in a.accused.items():
+                out.setdefault(p, r)
+        return out
+
+    def copy_to(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Copy the averaged gradient into ``tensors`` (e.g. the parameters' ``.grad``)."""
+        if not self.ok or self.grads is None:
+            raise RuntimeError(f"round {self.round_index} failed: {self.error}")
+        with torch.no_grad():
+            for dst, src in zip(tensors, self.grads, strict=True):
+                dst.copy_(src)
+
+    def summary(self) -> str:
+        parts = [f"round {self.round_index}: {'ok' if self.ok else 'FAILED'} in {self.seconds:.2f} s, "
+                 f"{len(self.attempts)} attempt(s)"]
+        for a in self.attempts:
+            parts.append(f"  attempt {a.attempt}: {'ok' if a.ok else 'failed'} group of {len(a.members)}, "
+                         f"weight {a.total_weight:g}, excluded {a.excluded}, accused {a.accused}, "
+                         f"failed {a.failed}, error {a.error}")
+        return "\n".join(parts)
+
+
+def tensors_sha256(tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 of the tensors' raw bytes, in order (what must be equal on every honest peer)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _b58(peer_id: PeerID | bytes) -> str:
+    return base58_encode(peer_id.to_bytes() if isinstance(peer_id, PeerID) else bytes(peer_id))
+
+
+class VerifiedAverager(DecentralizedAverager):
+    """Averages this node's gradient with the round's other ticket-holders (see the module docstring).
+
+    :param tensors: parameters or gradient tensors; only their shapes are used (the averager keeps
+      float32 CPU buffers of its own, shared with its background process)
+    :param dht: a started hivemind DHT whose peer id is ``identity``'s (:func:`.dht.start_dht`)
+    :param prefix: the swarm's averaging namespace (no dots), the same on every peer of the run
+    :param identity: this node's key: signs the gather entries
+    :param coordinator_key: the coordinator's Ed25519 public key (32 bytes): signs the tickets
+    :param run_id: tickets of other runs are refused
+    :param weight_mode: ``sequences`` (grpo, dr_grpo) or ``tokens`` (bnpo, dapo), see
+      :func:`.tickets.weight_mode_for_loss`
+    :param norm_bound: no member may commit to (or send) a gradient with a larger L2 norm
+    :param compression: ``NoCompression()`` or ``Float16Compression()``
+    :param ticket_type: protobuf class tickets parse as (an extended schema in tests until the
+      coordinator's ticket carries ``accepted_tokens``)
+    :param require_final_ticket: only count tickets the coordinator marked final
+    :param min_contributors: an attempt with fewer valid members fails (the same everywhere)
+    :param max_attempts: attempts per round (a retry excludes peers accused in earlier attempts)
+    """
+
+    # each class collects its own RPC handlers (ServicerBase caches them per class, by name)
+    _rpc_handlers = None
+    _stub_type = None
+    runner_class = VerifiedAllReduceRunner
+
+    def __init__(
+        self,
+        tensors: Iterable[torch.Tensor],
+        *,
+        dht,
+        prefix: str,
+        identity: Identity,
+        coordinator_key: bytes,
+        run_id: str,
+        weight_mode: str,
+        norm_bound: float,
+        compression: CompressionBase | None = None,
+        ticket_type: type = pb.AdmissionTicket,
+        require_final_ticket: bool = False,
+        target_group_size: int | None = None,
+        min_group_size: int = 2,
+        min_contributors: int = 2,
+        min_matchmaking_time: float = 2.0,
+        request_timeout: float = 1.0,
+        matchmaking_timeout: float = 30.0,
+        sender_timeout: float = 5.0,
+        reducer_timeout: float | None = None,
+        allreduce_timeout: float = 60.0,
+        round_timeout: float | None = None,
+        max_attempts: int = 2,
+        part_size_bytes: int = DEFAULT_PART_SIZE_BYTES,
+        client_mode: bool | None = None,
+        start: bool = True,
+        **kwargs,
+    ):
+        compression = NoCompression() if compression is None else compression
+        check_compression(compression)
+        if weight_mode not in WEIGHT_MODES:
+            raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {weight_mode!r}")
+        if not is_valid_public_key(coordinator_key):
+            raise ValueError("coordinator_key must be a 32-byte Ed25519 public key")
+        if not (math.isfinite(norm_bound) and norm_bound > 0):
+            raise ValueError("norm_bound must be a positive finite number")
+        reducer_timeout = 2 * sender_timeout if reducer_timeout is None else reducer_timeout
+        if not 0 < sender_timeout < reducer_timeout:
+            raise ValueError("timeouts must satisfy 0 < sender_timeout < reducer_timeout")
+        if not 0 < request_timeout < min_matchmaking_time < matchmaking_timeout:
+            raise ValueError("timeouts must satisfy 0 < request_timeout < min_matchmaking_time < matchmaking_timeout")
+        if allreduce_timeout <= reducer_timeout:
+            raise ValueError("allreduce_timeout must exceed reducer_timeout")
+        if max_attempts < 1 or min_contributors < 1:
+            raise ValueError("max_attempts and min_contributors must be >= 1")
+        if dht.peer_id.to_bytes() != identity.peer_id:
+            raise ValueError(f"the DHT runs as {dht.peer_id}, not as this identity ({identity.peer_id_base58}): "
+                             "start it with grpo_swarm.node.swarm.dht.start_dht(identity)")
+        buffers = [torch.zeros(tuple(t.shape), dtype=torch.float32) for t in tensors]
+        if not buffers:
+            raise ValueError("nothing to average")
+        # set before DecentralizedAverager.__init__: the background process is forked from this state
+        self.identity = identity
+        self.coordinator_key = bytes(coordinator_key)
+        self.run_id = run_id
+        self.weight_mode = weight_mode
+        self.norm_bound = float(norm_bound)
+        self.ticket_type = ticket_type
+        self.require_final_ticket = require_final_ticket
+        self.min_contributors = min_contributors
+        self.min_group_size, self.target_group_size = min_group_size, target_group_size
+        self.matchmaking_timeout = matchmaking_timeout
+        self.verified_allreduce_timeout = allreduce_timeout
+        self.max_attempts = max_attempts
+        self.round_timeout = (round_timeout if round_timeout is not None
+                              else max_attempts * (matchmaking_timeout + allreduce_timeout))
+        self.tolerance = NORM_TOLERANCE[type(compression)]
+        self._rules: RoundRules | None = None  # the current round's rules, in the background process
+        self._round_min_contributors = min_contributors
+        self._finished_groups: dict[bytes, None] = {}  # recently left group ids (insertion-ordered)
+        self._round_lock = threading.Lock()
+        super().__init__(
+            buffers, dht, start=False, prefix=prefix, target_group_size=target_group_size,
+            min_group_size=min_group_size, min_matchmaking_time=min_matchmaking_time,
+            request_timeout=request_timeout, part_size_bytes=part_size_bytes,
+            allreduce_timeout=allreduce_timeout + ALLREDUCE_GRACE_S, next_chunk_timeout=sender_timeout,
+            sender_timeout=sender_timeout, reducer_timeout=reducer_timeout, compression=compression,
+            client_mode=client_mode, allow_state_sharing=False, **kwargs)
+        if start:
+            self.run_in_background(await_ready=True)
+
+    def __del__(self):
+        if hasattr(self, "_parent_pid"):  # __init__ may have refused its arguments before hivemind's
+            super().__del__()
+
+    @classmethod
+    def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
+        handle_name = f"{WIRE_NAME}.{method_name}"
+        return f"{namespace}::{handle_name}" if namespace is not None else handle_name
+
+    # ------------------------------------------------------------------ the caller's side
+    def round_rules(self, round_index: int, expected_peers: Iterable[bytes] | None = None) -> RoundRules:
+        expected = None
+        if expected_peers is not None:
+            expected = frozenset(bytes(k) for k in expected_peers)
+            if not all(is_valid_public_key(k) for k in expected):
+                raise ValueError("expected_peers must be 32-byte node public keys")
+        return RoundRules(coordinator_key=self.coordinator_key, run_id=self.run_id, round_index=int(round_index),
+                          norm_bound=self.norm_bound, weight_mode=self.weight_mode, expected_keys=expected,
+                          require_final=self.require_final_ticket, ticket_type=self.ticket_type)
+
+    def check_local_gradient(self, grads: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+        """(float32 CPU copies of ``grads``, their L2 norm); LocalGradientError if they cannot enter a round.
+        Own tensors are checked here because reducers never check their own sender's parts."""
+        if len(grads) != len(self._averaged_tensors):
+            raise LocalGradientError(f"expected {len(self._averaged_tensors)} tensors, got {len(grads)}")
+        out = []
+        for i, (g, buf) in enumerate(zip(grads, self._averaged_tensors)):
+            if g is None or tuple(g.shape) != tuple(buf.shape) or not torch.is_floating_point(g):
+                raise LocalGradientError(f"tensor {i} must be a floating tensor of shape {tuple(buf.shape)}")
+            g = g.detach().to(device="cpu", dtype=torch.float32)
+            if not bool(torch.isfinite(g).all()):
+                raise LocalGradientError(f"tensor {i} holds NaN or infinite values")
+            out.append(g)
+        norm = self.commit_norm(out)
+        if not norm <= self.norm_bound:
+            raise LocalGradientError(f"gradient norm {norm:.6g} is above norm_bound {self.norm_bound:g}")
+        return out, norm
+
+    @staticmethod
+    def commit_norm(grads: Sequence[torch.Tensor]) -> float:
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+    def gather_entry(self, claim: GatherClaim) -> bytes:
+        return encode_gather(self.identity, claim)
+
+    def average(self, round_index: int, ticket_bytes: bytes, grads: Sequence[torch.Tensor], *,
+                expected_peers: Iterable[bytes] | None = None, max_attempts: int | None = None) -> RoundResult:
+        """Average ``grads`` with this round's peers; see the module docstring.
+
+        ``ticket_bytes``: this node's serialized AdmissionTicket for ``round_index``.
+        ``expected_peers``: the round's node public keys, when the coordinator lists them: others are
+        excluded, matchmaking waits for all of them (``min_matchmaking_time`` for stragglers), and an
+        attempt needs a strict majority of them as valid contributors — two disjoint groups can then
+        never both succeed in one round (without the list, ``min_group_size`` / ``min_contributors``
+        apply, and a split swarm can average in two groups).
+        ``max_attempts``: overrides the constructor's for this round.
+        Raises LocalGradientError / ProtocolError / ValueError for this node's own bad input (nothing
+        is sent then); a failed round is a result with ``ok=False``, never an exception.
+        """
+        with self._round_lock:
+            started = time.monotonic()
+            rules = self.round_rules(round_index, expected_peers)
+            claims = self.check_own_ticket(ticket_bytes, rules)
+            weight = claims.weight(self.weight_mode)
+            local, norm = self.check_local_gradient(grads)
+            group_size = len(rules.expected_keys) if rules.expected_keys is not None else None
+            self._outer_pipe.send(("_set_round", [round_index, rules.expected_keys, group_size], {}))
+            deadline = started + self.round_timeout
+            accusations: tuple[tuple[bytes, str], ...] = ()
+            attempts: list[AttemptReport] = []
+            for attempt in range(max_attempts or self.max_attempts):
+                remaining = deadline - time.monotonic()
+                if remaining <= self.matchmaking_kwargs["min_matchmaking_time"]:
+                    break
+                with self.get_tensors() as buffers:
+                    for buf, g in zip(buffers, local):
+                        buf.copy_(g)
+                claim = GatherClaim(bytes(ticket_bytes), int(round_index), attempt, norm, accusations)
+                entry = self.gather_entry(claim)
+                report = self._attempt(entry, weight, min(self.matchmaking_timeout, remaining))
+                report.attempt = attempt
+                attempts.append(report)
+                if report.ok:
+                    with self.get_tensors() as buffers:
+                        averaged = [b.clone() for b in buffers]
+                    return RoundResult(True, round_index, averaged, attempts, time.monotonic() - started)
+                accusations = accusation_list([*accusations, *report.accused_pairs()])
+            last = attempts[-1].error if attempts else "no time left for an attempt"
+            return RoundResult(False, round_index, None, attempts, time.monotonic() - started,
+                               error=last or "the round did not complete")
+
+    def check_own_ticket(self, ticket_bytes: bytes, rules: RoundRules):
+        return check_own_ticket(ticket_bytes, self.identity, rules)
+
+    def _attempt(self, entry: bytes, weight: float, timeout: float) -> AttemptReport:
+        try:
+            report = self.step(gather=entry, weight=weight, timeout=timeout, allow_retries=True)
+        except Exception as e:  # noqa: BLE001 - no group, timeouts: a failed attempt, reported
+            return AttemptReport(error=f"{type(e).__name__}: {e}"[:500])
+        if not isinstance(report, AttemptReport):
+            return AttemptReport(error=f"unexpected step result {type(report).__name__}")
+        return report
+
+    # ------------------------------------------------------------------ the averager process
+    async def _set_round(self, round_index: int, expected_keys: frozenset[bytes] | None, group_size: int | None):
+        """Runs in the averager process before a round's steps (the control pipe keeps the order)."""
+        self._rules = self.round_rules(round_index, expected_keys)
+        if type(self._matchmaking) is Matchmaking:  # hivemind builds it inside _run_internal: swap the class
+            self._matchmaking.__class__ = PatientMatchmaking
+        # a group key per round: peers still in another round can never join this one's groups
+        self._matchmaking.group_key_manager.prefix = f"{self.prefix}_r{int(round_index)}"
+        # with the round's peers known: wait for all of them, and never average fewer than a strict
+        # majority of them, so that two disjoint groups can never both succeed in one round
+        if group_size is None:
+            target, min_size, min_contributors = self.target_group_size, self.min_group_size, self.min_contributors
+        else:
+            majority = group_size // 2 + 1
+            target = group_size
+            min_size = min(max(self.min_group_size, majority), group_size)
+            min_contributors = min(max(self.min_contributors, majority), group_size)
+        self._matchmaking.target_group_size = self._matchmaking.potential_leaders.target_group_size = target
+        self._matchmaking.min_group_size = min_size
+        self._round_min_contributors = min_contributors
+
+    def verdicts(self, group_info: GroupInfo, rules: RoundRules) -> list[SlotVerdict]:
+        return group_verdicts([p.to_bytes() for p in group_info.peer_ids], group_info.gathered, rules)
+
+    def _refuse_group(self, group_id: bytes, reason: str) -> None:
+        """Resolve the group's runner future with an error, so that parts a groupmate sends early are
+        answered at once instead of waiting on a future nobody will set."""
+        future = self._running_groups.get(group_id)
+        if future is not None and not future.done():
+            future.set_exception(RuntimeError(reason))
+            future.exception()  # retrieved: no "never retrieved" warning
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs) -> AttemptReport:
+        # never raise: hivemind would retry with another group inside the same step, and the caller
+        # would not learn what happened; every outcome is a report
+        report = AttemptReport(group_id=group_info.group_id.hex(), members=[_b58(p) for p in group_info.peer_ids])
+        started = time.monotonic()
+        try:
+            await self._verified_round(group_info, report, **kwargs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - reported, with the traceback in the log
+            logger.exception("verified averaging round failed")
+            report.ok = False
+            report.error = f"internal error: {type(e).__name__}: {e}"[:500]
+            self._refuse_group(group_info.group_id, report.error)
+        finally:
+            self._finished_groups[group_info.group_id] = None
+            while len(self._finished_groups) > 256:
+                self._finished_groups.pop(next(iter(self._finished_groups)))
+        report.seconds = time.monotonic() - started
+        return report
+
+    async def _verified_round(self, group_info: GroupInfo, report: AttemptReport, **kwargs) -> None:
+        kwargs.pop("weight", None)  # the sender-chosen step weight: replaced by the ticket's
+        try:
+            if self._rules is None:
+                raise RuntimeError("no round was set")
+            verdicts = await asyncio.get_event_loop().run_in_executor(None, self.verdicts, group_info, self._rules)
+            plan = GroupPlan.from_verdicts(group_info.peer_ids, verdicts)
+        except Exception as e:  # noqa: BLE001 - a malformed group (duplicate peers, ...): refuse it
+            report.error = f"group refused: {type(e).__name__}: {e}"
+            self._refuse_group(group_info.group_id, report.error)
+            return
+        for v in plan.verdicts:
+            if v.ok:
+                report.weights[_b58(v.peer_id)] = v.weight
+            else:
+                report.excluded[_b58(v.peer_id)] = f"{v.reason.value}: {v.detail}"
+        mine = plan.verdict(self.peer_id)
+        if not mine.ok:
+            report.error = f"this node was excluded: {mine.reason.value}: {mine.detail}"
+        elif len(plan.contributors) < self._round_min_contributors:
+            report.error = f"only {len(plan.contributors)} valid member(s), need {self._round_min_contributors}"
+        elif plan.reducers == 0:
+            report.error = "no valid member can reduce (all are in client mode)"
+        if report.error is not None:
+            self._refuse_group(group_info.group_id, report.error)
+            return
+
+        async with enter_asynchronously(self.get_tensors()) as local_tensors:
+            snapshot = [t.detach().clone() for t in local_tensors]
+            runner = self.make_runner(
+                plan=plan, compression=kwargs["compression"], tolerance=self.tolerance, p2p=self._p2p,
+                servicer_type=type(self), prefix=self.prefix, tensors=local_tensors, group_id=group_info.group_id,
+                weight=mine.weight, sender_timeout=kwargs["sender_timeout"], reducer_timeout=kwargs["reducer_timeout"],
+                part_size_bytes=kwargs["part_size_bytes"], tensor_infos=kwargs.get("tensor_infos"))
+            try:
+                self._running_groups[group_info.group_id].set_result(runner)  # shielded: see rpc_aggregate_part
+                await asyncio.wait_for(self._consume(runner, local_tensors), self.verified_allreduce_timeout)
+            except asyncio.TimeoutError:
+                runner.abort(f"the reduction did not finish within {self.verified_allreduce_timeout} s")
+            except Exception as e:  # noqa: BLE001 - the runner's abort surfaces here: reported below
+                if not runner.aborted:
+                    logger.warning("the reduction failed unexpectedly", exc_info=True)
+                runner.abort(f"{type(e).__name__}: {e}")
+                report.error = f"{type(e).__name__}: {e}"[:500]
+            finally:
+                report.ok = runner.succeeded()
+                if not report.ok:
+                    runner.abort("the attempt failed")
+                    # never leave a partial average behind: the caller gets its own gradient back
+                    for t, s in zip(local_tensors, snapshot):
+                        t.copy_(s)
+        if not report.ok:
+            report.error = runner.abort_reason or report.error or "the reduction did not complete"
+        reasons = lambda d: {_b58(p): f"{r.value}: {detail}" for p, (r, detail) in d.items()}  # noqa: E731
+        report.accused = reasons(runner.accused)
+        report.failed = reasons(runner.failures)
+        report.refused = {_b58(p): r for p, r in runner.refused.items()}
+        report.weight_claims_ignored = {_b58(p): w for p, w in runner.weight_claims.items()}
+        report.failed_size = runner.tensor_part_container.failed_size
+
+    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+                                 ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """hivemind's handler, except that the group's runner future is awaited through ``shield``: in
+        hivemind a groupmate that opens a stream before the runner exists and then hangs up cancels
+        the handler task, and with it the group's future — the round then fails for everyone (one
+        cheap way for any member to sabotage a round; seen in the swarm tests as InvalidStateError)."""
+        request = await anext(stream)
+        if request.group_id in self._finished_groups:
+            # a groupmate still sending to a group we already left (we aborted or finished): tell it
+            # now, instead of hivemind's wait for our *next* group to register
+            yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED)
+            return
+        if request.group_id not in self._running_groups:
+            try:  # the leader's BEGIN_ALLREDUCE may reach the sender before us: wait a little for it
+                await asyncio.wait_for(self._pending_groups_registered.wait(), self.request_timeout)
+            except asyncio.TimeoutError:
+                pass
+        future = self._running_groups.get(request.group_id)
+        if future is None:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+        try:
+            group = await asyncio.shield(future)
+        except Exception:  # noqa: BLE001 - the group was refused (excluded, too few members, ...)
+            yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED)
+            return
+        async for message in group.rpc_aggregate_part(achain(as_aiter(request), stream), context):
+            yield message
+
+    def make_runner(self, **kwargs) -> VerifiedAllReduceRunner:
+        return self.runner_class(**kwargs)
+
+    async def _consume(self, runner: VerifiedAllReduceRunner, tensors: Sequence[torch.Tensor]) -> None:
+        # the runner yields whole averaged tensors (not deltas): copy them as they are
+        async for tensor, averaged in azip(as_aiter(*tensors), runner):
+            tensor.copy_(averaged)
+
+    async def _run_allreduce_inplace_(self, *args, **kwargs):
+        raise NotImplementedError("VerifiedAverager runs its reduction in _aggregate_with_group")

@@ -1,0 +1,157 @@
+"""Start this node's hivemind DHT under its own Ed25519 node key.
+
+The DHT's libp2p identity *is* the node key (:meth:`Identity.write_libp2p_identity` writes it in
+the format p2pd reads), so the peer id every groupmate sees embeds the public key the coordinator
+signed tickets for: no key directory is needed to tell who sent what (see
+:mod:`grpo_swarm.protocol.identity`).
+
+:func:`start_dht` adds what hivemind leaves to the caller:
+
+* ``check_if_identity_free=False`` — hivemind's check parses the key file as RSA and raises on an
+  Ed25519 one as soon as there are initial peers;
+* initial peers are checked to be full multiaddrs (``.../p2p/<peer id>``), which p2pd needs;
+* the start is retried with exponential back-off (hivemind tries once: a p2pd bootstrap failure is
+  fatal, even with ``ensure_bootstrap_success=False``) — first all peers together, then, when
+  that fails, each peer alone, so that one dead entry in the list cannot block the others;
+* a failure ends in :class:`DHTStartError` naming every peer's last error and what to check
+  (addresses, open ports, NAT and ``--client-mode``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from grpo_swarm.protocol.identity import Identity
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST_MADDRS = ("/ip4/0.0.0.0/tcp/0",)
+
+BOOTSTRAP_HINTS = (
+    "Check that: (1) each initial peer address is a full multiaddr of a running node, e.g. "
+    "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... (copy it from that node's log); "
+    "(2) its TCP port is open in its firewall and reachable from this machine (try `nc -vz HOST PORT`); "
+    "(3) if THIS machine is behind NAT or a firewall that refuses incoming connections, join with "
+    "--client-mode (client_mode=True: it sends its gradients but reduces no part for others), or "
+    "announce a reachable public address with announce_maddrs; "
+    "(4) host_maddrs binds a free port on an interface the peers can reach."
+)
+
+
+class DHTStartError(RuntimeError):
+    """The DHT could not be started or could not reach any initial peer; the message says what to check."""
+
+
+def libp2p_identity_path(identity: Identity, identity_path: str | Path | None) -> Path:
+    """Where the libp2p copy of the node key goes: ``identity_path``, else next to the key file."""
+    if identity_path is not None:
+        return Path(identity_path).expanduser()
+    if identity.path is None:
+        raise ValueError("the identity has no key file: pass identity_path= for its libp2p copy")
+    return Path(identity.path).with_name(Path(identity.path).name + ".libp2p")
+
+
+def check_initial_peers(initial_peers: Sequence[str]) -> list[str]:
+    """Initial peers as strings; ValueError naming any that lacks the ``/p2p/<peer id>`` part."""
+    peers = [str(p) for p in initial_peers]
+    for p in peers:
+        if "/p2p/" not in p or not p.startswith("/"):
+            raise ValueError(f"initial peer {p!r} is not a full multiaddr: it needs the /p2p/<peer id> part, "
+                             "e.g. /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...")
+    return peers
+
+
+def start_dht(
+    identity: Identity,
+    *,
+    identity_path: str | Path | None = None,
+    initial_peers: Sequence[str] = (),
+    host_maddrs: Sequence[str] = DEFAULT_HOST_MADDRS,
+    announce_maddrs: Sequence[str] | None = None,
+    client_mode: bool = False,
+    attempts: int = 3,
+    backoff_s: float = 1.0,
+    max_backoff_s: float = 15.0,
+    startup_timeout: float = 15.0,
+    **dht_kwargs,
+):
+    """A started ``hivemind.DHT`` whose peer id is ``identity``'s.
+
+    ``attempts`` rounds are tried, ``backoff_s · 2^k`` seconds apart (capped at ``max_backoff_s``):
+    each round tries all ``initial_peers`` together, then each one alone. Without initial peers
+    this node starts a new swarm (one try). Extra keyword arguments go to ``hivemind.DHT``
+    (and from there to DHTNode and P2P), e.g. ``wait_timeout``, ``bootstrap_timeout``.
+    Raises :class:`DHTStartError` with the per-peer errors and what to check.
+    """
+    import hivemind  # heavy import, kept out of module import
+
+    if attempts < 1:
+        raise ValueError("attempts must be >= 1")
+    peers = check_initial_peers(initial_peers)
+    path = libp2p_identity_path(identity, identity_path)
+    identity.write_libp2p_identity(path)
+    kwargs = dict(host_maddrs=list(host_maddrs), identity_path=str(path), check_if_identity_free=False,
+                  client_mode=client_mode, startup_timeout=startup_timeout, **dht_kwargs)
+    if announce_maddrs is not None:
+        kwargs["announce_maddrs"] = list(announce_maddrs)
+
+    def try_start(with_peers: list[str]):
+        dht = hivemind.DHT(initial_peers=with_peers or None, start=False, **kwargs)
+        try:
+            dht.run_in_background(await_ready=True, timeout=startup_timeout + 30)
+        except BaseException:
+            _reap(dht)
+            raise
+        return dht
+
+    if not peers:
+        try:
+            dht = try_start([])
+        except Exception as e:
+            raise DHTStartError(f"could not start a DHT node on {list(host_maddrs)}: {type(e).__name__}: {e}. "
+                                "Check that the port is free and the address is one of this machine's.") from e
+        return _checked(dht, identity)
+
+    last_error: dict[str, str] = {}
+    candidates = [peers] + ([[p] for p in peers] if len(peers) > 1 else [])
+    for attempt in range(attempts):
+        if attempt:
+            delay = min(max_backoff_s, backoff_s * 2 ** (attempt - 1))
+            log.warning("DHT bootstrap attempt %d/%d failed; retrying in %.1f s", attempt, attempts, delay)
+            time.sleep(delay)
+        for group in candidates:
+            try:
+                return _checked(try_start(group), identity)
+            except Exception as e:  # noqa: BLE001 - every failure is reported below
+                for p in group:
+                    last_error[p] = f"{type(e).__name__}: {_short(e)}"
+    detail = "; ".join(f"{p} -> {err}" for p, err in last_error.items())
+    raise DHTStartError(f"could not join the swarm DHT through any of {len(peers)} initial peer(s) after {attempts} "
+                        f"attempt(s). Last errors: {detail}. {BOOTSTRAP_HINTS}")
+
+
+def _checked(dht, identity: Identity):
+    got = dht.peer_id.to_bytes()
+    if got != identity.peer_id:
+        _reap(dht)
+        raise DHTStartError(f"the DHT started as peer {dht.peer_id} instead of the node key's "
+                            f"{identity.peer_id_base58}: the identity file was not used")
+    return dht
+
+
+def _reap(dht) -> None:
+    try:
+        if dht.is_alive():
+            dht.shutdown()
+        else:
+            dht.join(1.0)
+    except Exception:  # noqa: BLE001 - best effort clean-up after a failed start
+        pass
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

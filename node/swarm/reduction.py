@@ -1,0 +1,397 @@
+"""hivemind's butterfly all-reduce, made strict: trusted weights, validated parts, same bytes everywhere.
+
+:class:`VerifiedAllReduceRunner` (an ``AllReduceRunner``) and :class:`ValidatingReducer` (a
+``TensorPartReducer``) change hivemind 1.1.12's reduction in four ways:
+
+* **Weights from tickets.** The reducer ignores the ``weight`` each sender puts on its messages
+  and uses the table built from the verified tickets; a claim that differs is recorded.
+* **Every incoming part is checked before it is accumulated** (it would otherwise be added with
+  broadcasting, in whatever dtype and compression the sender chose): compression type, dtype,
+  shape, byte length, finite values, magnitude and — summed over the sender's parts — norm, which
+  may not exceed the norm the sender committed to in its signed gather. A violation raises
+  :class:`PartRejected` (a ``BannedException``) *before* ``super().accumulate_part``; the local
+  sender is never checked there (the averager checks its own gradient before the round). Parts an
+  excluded peer sends are refused (PROTOCOL_VIOLATION) without looking at them.
+* **Every result is the same bytes on every peer.** hivemind returns ``average - sender_part`` and
+  each peer adds its own delta back, so peers end up float noise apart (≈5e-7, 1e-3 with fp16).
+  Here a reducer compresses each averaged part once and sends those bytes to every sender;
+  receivers take them as they are (the container collects averages, not deltas), and the
+  reducer's own share goes through the same compress → decompress round trip. Results returned
+  by other reducers are checked too (compression, dtype, shape, finite, and a norm no larger than
+  the weighted mean of the senders' committed norms, which any honest average satisfies).
+* **No partial success.** The first ban or failed reducer aborts the runner at once
+  (:meth:`VerifiedAllReduceRunner.abort`), and the abort answers every open stream with
+  CANCELLED, so the other members abort too instead of finishing with local values in a failed
+  share. Content violations are *accusations* (the averager names the peer in its next
+  attempt's gather and everyone excludes it); timeouts, disconnects and refusals are *failures*
+  (a crash or an honest abort looks the same, so nobody is excluded for them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import AsyncIterator  # typing's, as hivemind's handlers are annotated
+
+import torch
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.compression import (
+    CompressionBase,
+    CompressionInfo,
+    Float16Compression,
+    NoCompression,
+    deserialize_torch_tensor,
+)
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import aenumerate, aiter_with_timeout, amap_in_executor, attach_event_on_finished
+
+from .tickets import Reason, SlotVerdict
+
+# relative slack on norm checks: the sender's float32 norm vs the reducer's float64 sum of parts
+# (no compression), plus fp16 rounding of every element (2^-11 relative) with Float16Compression
+NORM_TOLERANCE = {NoCompression: 1e-4, Float16Compression: 2e-3}
+_BYTES_PER_VALUE = {NoCompression: 4, Float16Compression: 2}
+SUPPORTED_COMPRESSION = tuple(NORM_TOLERANCE)
+
+
+def check_compression(compression: CompressionBase) -> None:
+    if type(compression) not in SUPPORTED_COMPRESSION:
+        raise ValueError(f"compression must be one of {[c.__name__ for c in SUPPORTED_COMPRESSION]}, got "
+                         f"{type(compression).__name__} (8-bit and PowerSGD averaging are not verified yet)")
+
+
+class PartRejected(BannedException):
+    """A part broke the rules; raised before it is accumulated. ``reason`` is a :class:`Reason`."""
+
+    def __init__(self, reason: Reason, detail: str):
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+class RoundAborted(AllreduceException):
+    """The runner stopped at the first ban or failure: this attempt cannot be a complete average."""
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """How a verified group runs: one mode, share, weight and norm bound per slot (slot order)."""
+
+    peer_ids: tuple[PeerID, ...]
+    verdicts: tuple[SlotVerdict, ...]
+    modes: tuple[AveragingMode, ...]
+    fractions: tuple[float, ...]
+
+    @classmethod
+    def from_verdicts(cls, peer_ids: Sequence[PeerID], verdicts: Sequence[SlotVerdict]) -> GroupPlan:
+        """Valid members send; valid non-client members reduce equal shares (claimed bandwidths are
+        ignored); excluded members are auxiliary with share 0, so nobody sends them anything."""
+        modes, fractions = [], []
+        for v in verdicts:
+            if not v.ok:
+                modes.append(AveragingMode.AUX)
+                fractions.append(0.0)
+            elif v.client_mode:
+                modes.append(AveragingMode.CLIENT)
+                fractions.append(0.0)
+            else:
+                modes.append(AveragingMode.NODE)
+                fractions.append(1.0)
+        return cls(tuple(peer_ids), tuple(verdicts), tuple(modes), tuple(fractions))
+
+    def verdict(self, peer_id: PeerID) -> SlotVerdict:
+        return self.verdicts[self.peer_ids.index(peer_id)]
+
+    @property
+    def contributors(self) -> list[SlotVerdict]:
+        return [v for v in self.verdicts if v.ok]
+
+    @property
+    def reducers(self) -> int:
+        return sum(m == AveragingMode.NODE for m in self.modes)
+
+
+def _limit(norm: float, tolerance: float) -> float:
+    return norm * (1.0 + tolerance) + 1e-30
+
+
+class ValidatingReducer(TensorPartReducer):
+    """A TensorPartReducer that accumulates with the ticket weights and checks every remote part."""
+
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, weights: Sequence[float],
+                 committed_norms: Sequence[float], local_index: int, tolerance: float):
+        super().__init__(part_shapes, num_senders)
+        assert len(weights) == len(committed_norms) == num_senders
+        self.weights = [float(w) for w in weights]
+        self.limits = [_limit(float(n), tolerance) for n in committed_norms]
+        self.squares = [0.0] * num_senders  # float64 running sum of squares of each sender's parts
+        self.local_index = local_index
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
+                              weight: float = 1.0) -> torch.Tensor:
+        if self.finished.is_set():
+            raise AllreduceException("the reducer was finalized")
+        if not 0 <= sender_index < self.num_senders:
+            raise AllreduceException(f"unknown sender index {sender_index}")
+        if sender_index != self.local_index:
+            self.check_part(sender_index, part_index, tensor_part)
+        # the claimed ``weight`` is ignored: the ticket's weight is the only one that counts
+        return await super().accumulate_part(sender_index, part_index, tensor_part, weight=self.weights[sender_index])
+
+    def check_part(self, sender_index: int, part_index: int, part: torch.Tensor) -> None:
+        """PartRejected unless ``part`` is a finite float32 tensor of the expected shape whose values
+        and (running) norm stay within the sender's committed norm."""
+        if not 0 <= part_index < self.num_parts:
+            raise PartRejected(Reason.BAD_SHAPE, f"part {part_index} beyond the {self.num_parts} parts of this share")
+        expected = self.part_shapes[part_index]
+        if not isinstance(part, torch.Tensor) or part.shape != expected:
+            shape = tuple(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
+            raise PartRejected(Reason.BAD_SHAPE, f"part {part_index} has shape {shape}, expected {tuple(expected)}")
+        if part.dtype != torch.float32:
+            raise PartRejected(Reason.BAD_DTYPE, f"part {part_index} is {part.dtype}, expected torch.float32")
+        if part.requires_grad:
+            raise PartRejected(Reason.MALFORMED_PART, f"part {part_index} requires grad")
+        if part.numel() == 0:
+            return
+        if not bool(torch.isfinite(part).all()):
+            raise PartRejected(Reason.NON_FINITE, f"part {part_index} holds NaN or infinite values")
+        limit = self.limits[sender_index]
+        peak = float(part.abs().max())
+        if peak > limit:
+            raise PartRejected(Reason.MAGNITUDE, f"part {part_index} has a value of magnitude {peak:.6g} > the "
+                                                 f"committed norm {limit:.6g}")
+        squares = self.squares[sender_index] + float(part.double().square().sum())
+        if math.sqrt(squares) > limit:
+            raise PartRejected(Reason.NORM_EXCEEDED, f"parts up to {part_index} have norm {math.sqrt(squares):.6g} > "
+                                                     f"the committed norm {limit:.6g}")
+        self.squares[sender_index] = squares
+
+
+class VerifiedAllReduceRunner(AllReduceRunner):
+    """An AllReduceRunner that follows a :class:`GroupPlan` (see the module docstring).
+
+    After the run, :meth:`succeeded` says whether every share was averaged over every contributor;
+    ``accused`` / ``failures`` / ``refused`` / ``weight_claims`` say what went wrong and who did it.
+    """
+
+    reducer_class = ValidatingReducer
+
+    def __init__(self, *, plan: GroupPlan, compression: CompressionBase, tolerance: float, **kwargs):
+        check_compression(compression)
+        self.plan = plan
+        verdicts = {p: v for p, v in zip(plan.peer_ids, plan.verdicts)}
+        super().__init__(ordered_peer_ids=plan.peer_ids, peer_fractions=plan.fractions, modes=plan.modes,
+                         compression=compression, **kwargs)
+        self.compression = compression
+        self.expected_type = compression.compression_type
+        self.bytes_per_value = _BYTES_PER_VALUE[type(compression)]
+        self.tolerance = tolerance
+        # receivers collect averages, not deltas: a failed reducer's parts would be local values
+        # (never used: any failure aborts the attempt and the averager restores its snapshot)
+        self.tensor_part_container.return_deltas = False
+        self.weights = [verdicts[p].weight for p in self.sender_peer_ids]
+        norms = [verdicts[p].committed_norm for p in self.sender_peer_ids]
+        local_index = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else -1
+        self.tensor_part_reducer.finished.set()  # the base class's reducer is replaced; keep its __del__ quiet
+        self.tensor_part_reducer = self.reducer_class(
+            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids),
+            weights=self.weights, committed_norms=norms, local_index=local_index, tolerance=tolerance)
+        # the part sizes every reducer must return, by slot (read once, before anything consumes them)
+        self.part_numels_by_peer = [[part.numel() for part, _ in parts]
+                                    for parts in self.tensor_part_container._input_parts_by_peer]
+        # any honest average of a share has norm <= the weighted mean of the senders' committed norms
+        total = sum(self.weights)
+        self.output_limit = _limit(sum(w * n for w, n in zip(self.weights, norms)) / total, tolerance) if total else 0.0
+        self.output_squares = [0.0] * self.group_size
+        self._results: dict[int, asyncio.Future] = {}
+        self.accused: dict[PeerID, tuple[Reason, str]] = {}
+        self.failures: dict[PeerID, tuple[Reason, str]] = {}
+        self.refused: dict[PeerID, str] = {}
+        self.weight_claims: dict[PeerID, float] = {}
+        self.abort_reason: str | None = None
+
+    # ---- outcome
+    @property
+    def aborted(self) -> bool:
+        return self.abort_reason is not None
+
+    def succeeded(self) -> bool:
+        f = self._future
+        return (f.done() and not f.cancelled() and f.exception() is None and not self.aborted
+                and not self.accused and not self.failures and self.tensor_part_container.failed_size == 0)
+
+    def abort(self, reason: str) -> None:
+        """Stop everything now: open streams answer CANCELLED, waiting parts fail, outputs stop."""
+        if not self._future.done():
+            self.abort_reason = reason
+            self.finalize(exception=RoundAborted(reason))
+
+    def accuse(self, peer_id: PeerID, reason: Reason, detail: str) -> None:
+        if not self._future.done() and peer_id != self.peer_id:
+            self.accused.setdefault(peer_id, (reason, detail))
+        self.abort(f"{peer_id} {reason.value}: {detail}")
+
+    def fail(self, peer_id: PeerID, reason: Reason, detail: str) -> None:
+        if not self._future.done() and peer_id not in self.accused:
+            self.failures.setdefault(peer_id, (reason, detail))
+        self.abort(f"{peer_id} {reason.value}: {detail}")
+
+    def finalize(self, *, cancel: bool = False, exception: BaseException | None = None):
+        super().finalize(cancel=cancel, exception=exception)
+        if cancel or exception is not None:
+            self._results.clear()  # after a success, late senders may still be collecting these
+
+    # ---- senders: bans are failures, recorded once, and abort the attempt
+    async def _ban_sender(self, peer_id: PeerID):
+        # no partial averages: instead of reducing on without the sender (hivemind), stop here
+        if self._future.done():
+            return
+        self.banned_senders.add(peer_id)
+        self.fail(peer_id, Reason.SENDER_FAILED, "stopped sending, timed out or disconnected")
+
+    async def _handle_missing_senders(self):
+        try:
+            await asyncio.wait_for(self.all_senders_started.wait(), self.sender_timeout)
+        except asyncio.TimeoutError:
+            for peer_id in self.sender_peer_ids:
+                if peer_id not in self.active_senders:
+                    self.fail(peer_id, Reason.SENDER_FAILED, f"sent nothing within {self.sender_timeout} s")
+
+    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+                                 ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        if context.remote_id not in self.sender_peer_ids:
+            # an excluded (or unknown) peer: refused unread, as the deterministic verdict says
+            self.refused.setdefault(context.remote_id, Reason.NOT_A_SENDER.value)
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        if self._future.done():
+            yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED)
+            return
+        async for message in super().rpc_aggregate_part(stream, context):
+            yield message
+
+    def _decode_input(self, sender_index: int, part_index: int, msg: averaging_pb2.AveragingData) -> torch.Tensor:
+        """Wire-level checks of an incoming part (before decoding it), then decode. Runs in a thread."""
+        if part_index >= self.tensor_part_reducer.num_parts:
+            raise PartRejected(Reason.BAD_SHAPE,
+                               f"more than the {self.tensor_part_reducer.num_parts} parts of this share")
+        numel = self.tensor_part_reducer.part_shapes[part_index].numel()
+        return self._decode(msg.tensor_part, numel, f"part {part_index}")
+
+    def _decode(self, tp, numel: int, what: str) -> torch.Tensor:
+        if tp.compression != self.expected_type:
+            raise PartRejected(Reason.BAD_COMPRESSION, f"{what} uses compression {tp.compression}, expected "
+                                                       f"{self.expected_type}")
+        if tp.dtype != "float32":
+            raise PartRejected(Reason.BAD_DTYPE, f"{what} declares dtype {tp.dtype[:32]!r}, expected float32")
+        if list(tp.size) != [numel]:
+            raise PartRejected(Reason.BAD_SHAPE, f"{what} has shape {list(tp.size)[:8]}, expected [{numel}]")
+        if tp.requires_grad:
+            raise PartRejected(Reason.MALFORMED_PART, f"{what} requires grad")
+        if len(tp.buffer) != numel * self.bytes_per_value:
+            raise PartRejected(Reason.MALFORMED_PART, f"{what} has {len(tp.buffer)} bytes, expected "
+                                                      f"{numel * self.bytes_per_value}")
+        try:
+            return deserialize_torch_tensor(tp)
+        except Exception as e:  # noqa: BLE001 - undecodable data is the sender's fault
+            raise PartRejected(Reason.MALFORMED_PART, f"{what} does not decode: {type(e).__name__}") from None
+
+    async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int):
+        sender = self.sender_peer_ids[sender_index]
+        num_parts = self.tensor_part_reducer.num_parts
+        received = delivered = 0
+        try:
+            async for index, tensor_part, claimed in amap_in_executor(
+                    lambda item: (item[0], self._decode_input(sender_index, item[0], item[1]), item[1].weight),
+                    aenumerate(stream), max_prefetch=self.tensor_part_container.prefetch):
+                if claimed != self.weights[sender_index]:
+                    self.weight_claims.setdefault(sender, float(claimed))
+                averaged = await self.tensor_part_reducer.accumulate_part(sender_index, index, tensor_part)
+                received = index + 1
+                result = await self._serialized_result(index, averaged)
+                if self.aborted:  # aborted while waiting: never hand out a partial average
+                    break
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=result)
+                delivered += 1
+        except PartRejected as e:
+            self.accuse(sender, e.reason, f"{e.detail} (as a sender)")
+        except (AllreduceException, asyncio.CancelledError):
+            task = asyncio.current_task()
+            if not self.aborted or (task is not None and task.cancelling()):
+                raise  # a real cancellation, or a failure that is not our abort
+        finally:
+            if received != num_parts and not self._future.done():
+                self.fail(sender, Reason.SENDER_FAILED, f"sent {received} of {num_parts} parts")
+        if self.aborted and delivered < num_parts:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED)
+
+    async def _serialized_result(self, part_index: int, averaged: torch.Tensor):
+        """The compressed averaged part, computed once and sent as the same bytes to every sender."""
+        future = self._results.get(part_index)
+        if future is None:
+            info = CompressionInfo.from_tensor(averaged, key=part_index)
+            future = asyncio.get_event_loop().run_in_executor(None, self.compression.compress, averaged, info, False)
+            self._results[part_index] = future
+        return await future
+
+    # ---- receivers
+    def _decode_output(self, peer_index: int, part_index: int, msg: averaging_pb2.AveragingData) -> torch.Tensor:
+        numels = self.part_numels_by_peer[peer_index]
+        if part_index >= len(numels):
+            raise PartRejected(Reason.BAD_SHAPE, f"more than the {len(numels)} averaged parts expected")
+        tensor = self._decode(msg.tensor_part, numels[part_index], f"averaged part {part_index}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise PartRejected(Reason.NON_FINITE, f"averaged part {part_index} holds NaN or infinite values")
+        squares = self.output_squares[peer_index] + float(tensor.double().square().sum())
+        if math.sqrt(squares) > self.output_limit:
+            raise PartRejected(Reason.NORM_EXCEEDED, f"averaged parts up to {part_index} have norm "
+                                                     f"{math.sqrt(squares):.6g} > {self.output_limit:.6g}, the "
+                                                     "weighted mean of the committed norms")
+        self.output_squares[peer_index] = squares
+        return tensor
+
+    async def _communicate_with_peer(self, peer_id: PeerID):
+        """Send our parts of one share to its reducer and take back its averages as they are."""
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        loop = asyncio.get_event_loop()
+        if peer_id == self.peer_id:
+            sender_index = self.sender_peer_ids.index(peer_id)
+            for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+                averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part)
+                serialized = await self._serialized_result(part_index, averaged)
+                # our own share takes the same compress -> decompress round trip as everybody else's copy
+                local = await loop.run_in_executor(None, deserialize_torch_tensor, serialized)
+                if self.aborted:
+                    return
+                self.tensor_part_container.register_processed_part(peer_index, part_index, local)
+            return
+
+        expected = self.tensor_part_container.num_parts_by_peer[peer_index]
+        part_index = 0
+        try:
+            done_sending = asyncio.Event()
+            inputs = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs)
+            if self.should_delay_results(self.peer_id):
+                await done_sending.wait()
+            async for msg in aiter_with_timeout(stream, self.reducer_timeout):
+                if msg.code != averaging_pb2.AVERAGED_PART:
+                    raise AllreduceException(f"answered {averaging_pb2.MessageCode.Name(msg.code)}")
+                tensor = await loop.run_in_executor(None, self._decode_output, peer_index, part_index, msg)
+                if self.aborted:
+                    return
+                self.tensor_part_container.register_processed_part(peer_index, part_index, tensor)
+                part_index += 1
+            if part_index != expected:
+                raise AllreduceException(f"returned {part_index} of {expected} averaged parts")
+        except PartRejected as e:
+            self.accuse(peer_id, e.reason, f"{e.detail} (as a reducer)")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - timeouts, disconnects, refusals: the attempt fails
+            detail = "timed out" if isinstance(e, asyncio.TimeoutError) else f"{type(e).__name__}: {e}"
+            self.fail(peer_id, Reason.REDUCER_FAILED, detail[:300])
+

@@ -1,0 +1,374 @@
+"""What each member puts in hivemind's ``gather`` and how every member checks every slot of a group.
+
+hivemind's leader relays the gathered entries of a group unsigned, so each member signs its own:
+
+    entry     = msgpack([payload, signature])
+    payload   = msgpack([GATHER_VERSION, ticket_bytes, round_index, attempt, committed_norm,
+                         [[accused_peer_id, reason], ...]])
+    signature = Ed25519(node key, GATHER_DOMAIN || payload)
+
+``ticket_bytes`` is the coordinator-signed ``AdmissionTicket`` (protobuf bytes), ``committed_norm``
+the L2 norm of the member's whole gradient (its parts are held to it during the reduction), and
+the accusations name peers this member caught sending invalid data in an earlier attempt of the
+same round (they are excluded from the retry). The signature is checked against the public key
+inside the slot's libp2p peer id (Ed25519 peer ids embed the key), so a leader cannot alter or
+swap entries without the slot failing. Nothing a peer sends is unpickled: msgpack of bytes, ints,
+floats and strings only, with size limits and no extension types.
+
+:func:`group_verdicts` turns a group's ``(peer ids, gathered entries)`` into one
+:class:`SlotVerdict` per slot. It depends only on the gathered bytes and this round's settings
+(coordinator key, run id, round, norm bound, weight mode, expected peers), which every honest
+member shares: all honest members reach the same verdicts, so an excluded member is left out the
+same way everywhere (no timeouts, no partial averages).
+
+Reduction weights come from the ticket, never from what a sender claims: the verified number of
+sequences (``grpo``, ``dr_grpo``) or of completion tokens (``bnpo``, ``dapo``) — see
+:func:`weight_mode_for_loss`. :class:`TicketClaims` reads them through ``getattr`` so that the
+fields the coordinator does not issue yet (``accepted_tokens``, ``final``) are picked up as soon
+as the schema has them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import msgpack
+
+from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+from grpo_swarm.protocol.errors import ProtocolError, ReasonCode
+from grpo_swarm.protocol.hygiene import parse_request
+from grpo_swarm.protocol.identity import (
+    PUBLIC_KEY_SIZE,
+    SIGNATURE_SIZE,
+    Identity,
+    public_key_from_peer_id,
+    verify_signature,
+)
+from grpo_swarm.protocol.rpc import verify_ticket
+
+GATHER_DOMAIN = b"grpo-swarm/v1/gather\n"
+GATHER_VERSION = 1
+MAX_TICKET_BYTES = 4096
+MAX_ACCUSATIONS = 64
+MAX_REASON_CHARS = 64
+MAX_PEER_ID_BYTES = 64
+MAX_ENTRY_BYTES = MAX_TICKET_BYTES + MAX_ACCUSATIONS * (MAX_PEER_ID_BYTES + MAX_REASON_CHARS + 8) + 512
+
+WEIGHT_MODES = ("sequences", "tokens")
+_LOSS_WEIGHT_MODE = {"grpo": "sequences", "dr_grpo": "sequences", "bnpo": "tokens", "dapo": "tokens"}
+
+
+class Reason(str, Enum):
+    """Why a slot was excluded before the reduction, or a peer banned during it."""
+
+    # -- before the reduction (every honest member reaches the same verdict)
+    MALFORMED_GATHER = "MALFORMED_GATHER"  # entry does not decode / wrong structure or types
+    BAD_PEER_ID = "BAD_PEER_ID"  # not an Ed25519 peer id: no key to check the entry against
+    BAD_GATHER_SIGNATURE = "BAD_GATHER_SIGNATURE"  # entry not signed by the slot's peer key
+    TICKET_MALFORMED = "TICKET_MALFORMED"
+    TICKET_BAD_SIGNATURE = "TICKET_BAD_SIGNATURE"  # not signed by the coordinator (forged or altered)
+    TICKET_WRONG_SIGNER = "TICKET_WRONG_SIGNER"  # signed by a key that is not the coordinator's
+    TICKET_WRONG_RUN = "TICKET_WRONG_RUN"
+    TICKET_WRONG_ROUND = "TICKET_WRONG_ROUND"  # a ticket of another round
+    TICKET_OF_ANOTHER_NODE = "TICKET_OF_ANOTHER_NODE"  # ticket key is not the slot's peer key
+    TICKET_NOT_FINAL = "TICKET_NOT_FINAL"
+    WRONG_ROUND = "WRONG_ROUND"  # the entry is for another round
+    NO_WEIGHT = "NO_WEIGHT"  # the ticket gives no positive weight in this weight mode
+    NORM_OVER_BOUND = "NORM_OVER_BOUND"  # committed gradient norm not finite or above the bound
+    NOT_IN_ROUND = "NOT_IN_ROUND"  # not among the round's expected peers
+    ACCUSED = "ACCUSED"  # a valid member caught it sending invalid data earlier in this round
+    NOT_A_CONTRIBUTOR = "NOT_A_CONTRIBUTOR"  # declared itself auxiliary
+    # -- during the reduction: invalid content (an accusation, excluded from the retry)
+    BAD_COMPRESSION = "BAD_COMPRESSION"
+    BAD_DTYPE = "BAD_DTYPE"
+    BAD_SHAPE = "BAD_SHAPE"
+    NON_FINITE = "NON_FINITE"
+    MAGNITUDE = "MAGNITUDE"
+    NORM_EXCEEDED = "NORM_EXCEEDED"  # parts' norm above the committed norm
+    MALFORMED_PART = "MALFORMED_PART"
+    NOT_A_SENDER = "NOT_A_SENDER"  # an excluded or unknown peer sent parts (refused, not counted)
+    # -- during the reduction: failures (not accusations: could be a crash or an abort)
+    SENDER_FAILED = "SENDER_FAILED"  # stopped, timed out or disconnected while sending
+    REDUCER_FAILED = "REDUCER_FAILED"  # did not return its share (error code, timeout, disconnect)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# content violations that make the catching member accuse the peer in its next attempt's gather
+ACCUSATION_REASONS = frozenset({Reason.BAD_COMPRESSION, Reason.BAD_DTYPE, Reason.BAD_SHAPE, Reason.NON_FINITE,
+                                Reason.MAGNITUDE, Reason.NORM_EXCEEDED, Reason.MALFORMED_PART})
+
+_TICKET_REASON = {
+    ReasonCode.BAD_SIGNATURE: Reason.TICKET_BAD_SIGNATURE,
+    ReasonCode.UNKNOWN_KEY: Reason.TICKET_WRONG_SIGNER,
+    ReasonCode.WRONG_RUN: Reason.TICKET_WRONG_RUN,
+    ReasonCode.STALE_VERSION: Reason.TICKET_WRONG_ROUND,
+}
+
+
+def weight_mode_for_loss(loss_type: str) -> str:
+    """``sequences`` for grpo / dr_grpo (their step loss is a mean over sequences), ``tokens`` for
+    bnpo / dapo (a mean over all completion tokens of the step); see :func:`grpo.sequence_token_weights`."""
+    try:
+        return _LOSS_WEIGHT_MODE[loss_type]
+    except KeyError:
+        raise ValueError(f"unknown loss type {loss_type!r}; expected one of {sorted(_LOSS_WEIGHT_MODE)}") from None
+
+
+# ---- tickets ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TicketClaims:
+    """What the averaging reads from a verified ticket. Fields the schema does not have yet read as
+    None (``accepted_tokens``, ``final``); ``sequences`` falls back to ``accepted_samples`` (one
+    sample is one completion, i.e. one sequence)."""
+
+    run_id: str
+    round_index: int
+    node_public_key: bytes
+    sequences: int
+    tokens: int | None
+    final: bool | None
+
+    @classmethod
+    def from_ticket(cls, ticket) -> TicketClaims:
+        seqs = getattr(ticket, "accepted_sequences", None)
+        if seqs is None:
+            seqs = ticket.accepted_samples
+        tokens = getattr(ticket, "accepted_tokens", None)
+        final = getattr(ticket, "final", None)
+        return cls(run_id=ticket.run_id, round_index=int(ticket.round_index),
+                   node_public_key=bytes(ticket.node_public_key), sequences=int(seqs),
+                   tokens=None if tokens is None else int(tokens), final=None if final is None else bool(final))
+
+    def weight(self, mode: str) -> float:
+        """The reduction weight in ``mode``; 0 when the ticket has no count of that kind."""
+        if mode == "sequences":
+            return float(self.sequences)
+        if mode == "tokens":
+            return float(self.tokens) if self.tokens is not None else 0.0
+        raise ValueError(f"weight mode must be one of {WEIGHT_MODES}, got {mode!r}")
+
+
+def parse_ticket(data: bytes, ticket_type=pb.AdmissionTicket):
+    """Parse ticket bytes (no unknown fields, size-limited); ProtocolError(MALFORMED/OVERSIZED)."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise ProtocolError(ReasonCode.MALFORMED, "ticket must be bytes")
+    if len(data) > MAX_TICKET_BYTES:
+        raise ProtocolError(ReasonCode.OVERSIZED, f"ticket is {len(data)} bytes > {MAX_TICKET_BYTES}")
+    return parse_request(ticket_type, bytes(data), "AdmissionTicket")
+
+
+# ---- gather entries --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GatherClaim:
+    """One member's signed gather payload."""
+
+    ticket_bytes: bytes
+    round_index: int
+    attempt: int
+    committed_norm: float
+    accusations: tuple[tuple[bytes, str], ...] = ()
+
+
+def encode_gather(identity: Identity, claim: GatherClaim) -> bytes:
+    """The signed gather entry of ``claim`` (see the module docstring)."""
+    if len(claim.accusations) > MAX_ACCUSATIONS:
+        raise ValueError(f"at most {MAX_ACCUSATIONS} accusations per entry")
+    accusations = sorted([bytes(p), str(r)[:MAX_REASON_CHARS]] for p, r in claim.accusations)
+    payload = msgpack.packb([GATHER_VERSION, bytes(claim.ticket_bytes), int(claim.round_index), int(claim.attempt),
+                             float(claim.committed_norm), accusations], use_bin_type=True)
+    return msgpack.packb([payload, identity.sign(GATHER_DOMAIN + payload)], use_bin_type=True)
+
+
+def _no_ext(code, data):
+    raise ValueError("msgpack extension types are not allowed")
+
+
+def strict_unpack(data: bytes, max_bytes: int):
+    """msgpack → plain Python (bytes, str, int, float, list, None); no extension types, bounded size."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) > max_bytes:
+        raise ValueError(f"msgpack data must be bytes of at most {max_bytes}")
+    # msgpack >= 1.0 bounds every str/bin/array/map length by len(data), checked above
+    return msgpack.unpackb(bytes(data), raw=False, use_list=True, strict_map_key=True, ext_hook=_no_ext)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def decode_hivemind_entry(raw: bytes) -> tuple[object, object, bytes]:
+    """hivemind's gathered entry ``msgpack([bandwidth, mode, msgpack(user_gather)])`` → (bandwidth,
+    mode id, our entry bytes). Raises ValueError on anything else."""
+    outer = strict_unpack(raw, MAX_ENTRY_BYTES + 256)
+    if not (isinstance(outer, list) and len(outer) == 3 and isinstance(outer[2], bytes)):
+        raise ValueError("hivemind entry is not [bandwidth, mode, gather]")
+    inner = strict_unpack(outer[2], MAX_ENTRY_BYTES + 16)
+    if not isinstance(inner, bytes):
+        raise ValueError("gather is not a byte string")
+    return outer[0], outer[1], inner
+
+
+def decode_gather(entry: bytes) -> tuple[bytes, bytes, GatherClaim]:
+    """(payload, signature, claim) of a signed entry; ValueError if it is malformed (not checked: the signature)."""
+    top = strict_unpack(entry, MAX_ENTRY_BYTES)
+    if not (isinstance(top, list) and len(top) == 2 and isinstance(top[0], bytes) and isinstance(top[1], bytes)):
+        raise ValueError("entry is not [payload, signature]")
+    payload, signature = top
+    if len(signature) != SIGNATURE_SIZE:
+        raise ValueError("signature has the wrong length")
+    body = strict_unpack(payload, MAX_ENTRY_BYTES)
+    if not (isinstance(body, list) and len(body) == 6 and body[0] == GATHER_VERSION and _is_int(body[0])):
+        raise ValueError(f"payload is not a version-{GATHER_VERSION} gather")
+    _, ticket_bytes, round_index, attempt, norm, accusations = body
+    if not isinstance(ticket_bytes, bytes) or len(ticket_bytes) > MAX_TICKET_BYTES:
+        raise ValueError("ticket is not bytes of bounded size")
+    if not (_is_int(round_index) and _is_int(attempt) and round_index >= 0 and attempt >= 0):
+        raise ValueError("round and attempt must be non-negative integers")
+    if not isinstance(norm, float):
+        raise ValueError("committed norm must be a float")
+    if not isinstance(accusations, list) or len(accusations) > MAX_ACCUSATIONS:
+        raise ValueError("accusations must be a bounded list")
+    acc = []
+    for item in accusations:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], bytes) and isinstance(item[1], str)
+                and len(item[0]) <= MAX_PEER_ID_BYTES and len(item[1]) <= MAX_REASON_CHARS):
+            raise ValueError("an accusation is not [peer id, reason]")
+        acc.append((item[0], item[1]))
+    return payload, signature, GatherClaim(ticket_bytes, round_index, attempt, norm, tuple(acc))
+
+
+# ---- verdicts --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RoundRules:
+    """This round's settings, the same on every honest member."""
+
+    coordinator_key: bytes
+    run_id: str
+    round_index: int
+    norm_bound: float
+    weight_mode: str
+    expected_keys: frozenset[bytes] | None = None  # node public keys of the round's peers (None: anyone)
+    require_final: bool = False
+    ticket_type: type = pb.AdmissionTicket
+
+
+@dataclass
+class SlotVerdict:
+    """One group slot after verification. ``ok`` slots contribute with ``weight``; the others are
+    left out (auxiliary, share 0, their parts refused)."""
+
+    peer_id: bytes
+    ok: bool
+    reason: Reason | None = None
+    detail: str = ""
+    public_key: bytes = b""
+    weight: float = 0.0
+    committed_norm: float = 0.0
+    client_mode: bool = False
+    accusations: tuple[tuple[bytes, str], ...] = ()
+    accused_by: list[bytes] = field(default_factory=list)
+
+    def reject(self, reason: Reason, detail: str) -> SlotVerdict:
+        self.ok, self.reason, self.detail = False, reason, detail
+        return self
+
+
+def verify_slot(peer_id: bytes, raw_entry: bytes, rules: RoundRules) -> SlotVerdict:
+    """Check one slot: peer key, gather signature, ticket (signature, run, round, node key, final),
+    entry round, committed norm, weight and round membership."""
+    v = SlotVerdict(peer_id=bytes(peer_id), ok=True)
+    try:
+        _, mode_id, entry = decode_hivemind_entry(raw_entry)
+        payload, signature, claim = decode_gather(entry)
+    except Exception as e:  # noqa: BLE001 - any decoding failure is the sender's fault
+        return v.reject(Reason.MALFORMED_GATHER, f"{type(e).__name__}: {e}")
+    if not _is_int(mode_id) or mode_id not in (0, 1, 2):
+        return v.reject(Reason.MALFORMED_GATHER, "the hivemind averaging mode is not 0, 1 or 2")
+    v.client_mode = mode_id == 1  # hivemind AveragingMode.CLIENT: cannot accept connections, reduces nothing
+    if mode_id == 2:  # AveragingMode.AUX: sends nothing
+        return v.reject(Reason.NOT_A_CONTRIBUTOR, "the member declared itself auxiliary")
+    try:
+        v.public_key = public_key_from_peer_id(bytes(peer_id))
+    except ProtocolError as e:
+        return v.reject(Reason.BAD_PEER_ID, e.detail)
+    if not verify_signature(v.public_key, GATHER_DOMAIN + payload, signature):
+        return v.reject(Reason.BAD_GATHER_SIGNATURE, "the gather entry is not signed by the slot's peer key")
+    v.accusations = claim.accusations
+    try:
+        ticket = parse_ticket(claim.ticket_bytes, rules.ticket_type)
+        verify_ticket(ticket, rules.coordinator_key, run_id=rules.run_id, round_index=rules.round_index)
+    except ProtocolError as e:
+        return v.reject(_TICKET_REASON.get(e.code, Reason.TICKET_MALFORMED), e.detail)
+    claims = TicketClaims.from_ticket(ticket)
+    if claims.node_public_key != v.public_key:
+        return v.reject(Reason.TICKET_OF_ANOTHER_NODE,
+                        f"ticket is for node key {claims.node_public_key.hex()[:16]}..., the slot is "
+                        f"{v.public_key.hex()[:16]}...")
+    if rules.require_final and not claims.final:
+        return v.reject(Reason.TICKET_NOT_FINAL, "the round needs the coordinator's final ticket")
+    if claim.round_index != rules.round_index:
+        return v.reject(Reason.WRONG_ROUND, f"entry is for round {claim.round_index}, not {rules.round_index}")
+    norm = claim.committed_norm
+    if not (math.isfinite(norm) and 0.0 <= norm <= rules.norm_bound):
+        return v.reject(Reason.NORM_OVER_BOUND, f"committed gradient norm {norm!r} is not in [0, {rules.norm_bound}]")
+    v.committed_norm = norm
+    v.weight = claims.weight(rules.weight_mode)
+    if not (math.isfinite(v.weight) and v.weight > 0):
+        what = "completion tokens" if rules.weight_mode == "tokens" else "sequences"
+        return v.reject(Reason.NO_WEIGHT, f"the ticket gives no verified {what}")
+    if rules.expected_keys is not None and v.public_key not in rules.expected_keys:
+        return v.reject(Reason.NOT_IN_ROUND, "the peer is not among this round's peers")
+    return v
+
+
+def group_verdicts(peer_ids: Sequence[bytes], gathered: Sequence[bytes], rules: RoundRules) -> list[SlotVerdict]:
+    """Verdicts for every slot of a group, in slot order. After the per-slot checks, a peer named in
+    the accusations of any valid slot is excluded (one pass: accusations of valid slots only)."""
+    if len(peer_ids) != len(gathered):
+        raise ValueError("peer ids and gathered entries differ in length")
+    if len(set(map(bytes, peer_ids))) != len(peer_ids):
+        raise ValueError("a peer appears twice in the group")
+    verdicts = [verify_slot(p, g, rules) for p, g in zip(peer_ids, gathered)]
+    accusers: dict[bytes, list[tuple[bytes, str]]] = {}
+    for v in verdicts:
+        if v.ok:
+            for accused, reason in v.accusations:
+                accusers.setdefault(bytes(accused), []).append((v.peer_id, reason))
+    for v in verdicts:
+        if v.ok and v.peer_id in accusers:
+            v.accused_by = [a for a, _ in accusers[v.peer_id]]
+            reasons = ", ".join(sorted({r for _, r in accusers[v.peer_id]}))
+            v.reject(Reason.ACCUSED, f"caught sending invalid data earlier in this round ({reasons}) by "
+                                     f"{len(v.accused_by)} member(s)")
+    return verdicts
+
+
+def accusation_list(accused: Iterable[tuple[bytes, str]]) -> tuple[tuple[bytes, str], ...]:
+    """Deduplicated (peer id, reason) pairs, at most :data:`MAX_ACCUSATIONS`."""
+    seen: dict[bytes, str] = {}
+    for p, r in accused:
+        seen.setdefault(bytes(p), str(r))
+    return tuple(sorted(seen.items()))[:MAX_ACCUSATIONS]
+
+
+def check_own_ticket(ticket_bytes: bytes, identity: Identity, rules: RoundRules) -> TicketClaims:
+    """Check this node's own ticket before a round (the same checks its groupmates make); raises
+    ProtocolError or ValueError naming what is wrong."""
+    ticket = parse_ticket(ticket_bytes, rules.ticket_type)
+    verify_ticket(ticket, rules.coordinator_key, run_id=rules.run_id, round_index=rules.round_index)
+    claims = TicketClaims.from_ticket(ticket)
+    if claims.node_public_key != identity.public_key_bytes:
+        raise ValueError("the ticket was issued to another node key")
+    if rules.require_final and not claims.final:
+        raise ValueError("the round needs the coordinator's final ticket")
+    if not claims.weight(rules.weight_mode) > 0:
+        raise ValueError(f"the ticket gives no weight in mode {rules.weight_mode!r}")
+    return claims
+
+
+def is_valid_public_key(key: bytes) -> bool:
+    return isinstance(key, (bytes, bytearray)) and len(key) == PUBLIC_KEY_SIZE

@@ -1,0 +1,117 @@
+"""Test-only hostile averagers: a :class:`VerifiedAverager` that misbehaves on the wire.
+
+Its behaviour is chosen per round (``behaviours``: round index -> name, set before the averager
+process is forked). It skips the checks of its own ticket and gradient, and — in the rounds where
+its own verdict would leave it out — of its groupmates' gather entries, so it joins and sends
+whatever the behaviour says; the honest peers must cope:
+
+* ``claimed_weight``  — honest parts, but every message claims weight 1e6
+* ``nan``             — NaN in every part it sends
+* ``inf_fp16``        — an infinity in every part, sent through Float16Compression (→ ±65504)
+* ``shape1``          — a shape-[1] part instead of its first part (it would broadcast)
+* ``float64``         — parts sent as float64
+* ``fp16_on_none``    — Float16Compression parts to an uncompressed averager
+* ``norm_lie``        — a gradient 3 x larger than the norm it commits to (values stay plausible)
+* ``over_bound``      — a huge gradient (1e5 x), honestly committed: its norm is above the bound
+* ``stall``           — sends its first part, writes ``stall_marker`` and hangs (the test kills it)
+
+Ticket misbehaviours (forged, another round's, another node's) only change the ticket bytes the
+peer script passes in; the averager itself then behaves honestly but is not allowed to check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import torch
+from hivemind.compression import CompressionInfo, Float16Compression, NoCompression
+from hivemind.proto import averaging_pb2
+
+from grpo_swarm.node.swarm.averaging import VerifiedAverager
+from grpo_swarm.node.swarm.reduction import VerifiedAllReduceRunner
+from grpo_swarm.node.swarm.tickets import SlotVerdict, TicketClaims, parse_ticket
+
+NORM_LIE_FACTOR = 3.0  # per-value magnitudes stay plausible: only the norm check can catch it
+OVER_BOUND_FACTOR = 1e5
+SKIPS_CHECKS = {"forged_ticket", "other_round_ticket", "other_node_ticket", "over_bound"}
+
+
+class HostileRunner(VerifiedAllReduceRunner):
+    def __init__(self, *, behaviour: str, stall_marker: str | None, **kwargs):
+        self.behaviour, self.stall_marker = behaviour, stall_marker
+        super().__init__(**kwargs)
+
+    def _corrupt(self, part: torch.Tensor, info: CompressionInfo, first: bool):
+        b = self.behaviour
+        if b == "nan":
+            part = part.clone()
+            part[::7] = float("nan")
+        elif b == "inf_fp16":
+            part = part.clone()
+            part[0] = float("inf")
+            return Float16Compression().compress(part, info)
+        elif b == "shape1" and first:
+            return NoCompression().compress(torch.tensor([1e-3]), info)
+        elif b == "float64":
+            return NoCompression().compress(part.double(), info)
+        elif b == "fp16_on_none":
+            return Float16Compression().compress(part, info)
+        return self.compression.compress(part, info)
+
+    async def _generate_input_for_peer(self, peer_index: int):
+        parts = list(self.tensor_part_container._input_parts_by_peer[peer_index])
+        self.tensor_part_container._inputs_consumed_by_peer[peer_index] = True
+        weight = 1e6 if self.behaviour == "claimed_weight" else self.weight
+        for i, (part, info) in enumerate(parts):
+            msg = averaging_pb2.AveragingData(tensor_part=self._corrupt(part, info, i == 0), weight=weight)
+            if i == 0:
+                msg.code, msg.group_id = averaging_pb2.PART_FOR_AVERAGING, self.group_id
+            yield msg
+            if self.behaviour == "stall":
+                if self.stall_marker:
+                    Path(self.stall_marker).write_text("stalled")
+                await asyncio.sleep(3600)
+
+
+class HostileAverager(VerifiedAverager):
+    """Same wire name as the honest class (handlers are ``VerifiedAverager.rpc_*``)."""
+
+    runner_class = HostileRunner
+
+    def __init__(self, *args, behaviours: dict[int, str], stall_marker: str | None = None, **kwargs):
+        self.behaviours = {int(k): v for k, v in behaviours.items()}
+        self.stall_marker = stall_marker
+        super().__init__(*args, **kwargs)
+
+    def behaviour(self, round_index: int) -> str:
+        return self.behaviours.get(int(round_index), "honest")
+
+    # -- caller side: no checks of its own ticket or gradient; the committed norm may lie
+    def check_own_ticket(self, ticket_bytes, rules):
+        return TicketClaims.from_ticket(parse_ticket(ticket_bytes, self.ticket_type))
+
+    def check_local_gradient(self, grads):
+        out = [g.detach().float() for g in grads]
+        norm = self.commit_norm(out)
+        if self.behaviour(self._round_for_commit) == "norm_lie":
+            norm /= NORM_LIE_FACTOR  # the caller multiplied its gradient: commit to the honest-looking norm
+        return out, norm
+
+    def average(self, round_index, ticket_bytes, grads, **kwargs):
+        self._round_for_commit = round_index
+        return super().average(round_index, ticket_bytes, grads, **kwargs)
+
+    # -- averager process: where its own verdict would leave it out, every slot is fine by it (it
+    # then sends anyway); otherwise it reduces honestly — a reducer with wrong weights would corrupt
+    # its share undetected, which is the untrusted-reducer problem these tests do not cover
+    def verdicts(self, group_info, rules):
+        if self.behaviour(rules.round_index) not in SKIPS_CHECKS:
+            return super().verdicts(group_info, rules)
+        return [SlotVerdict(peer_id=p.to_bytes(), ok=True, weight=1.0, committed_norm=float("inf"))
+                for p in group_info.peer_ids]
+
+    def make_runner(self, **kwargs):
+        return HostileRunner(behaviour=self.behaviour(self._rules.round_index), stall_marker=self.stall_marker,
+                             **kwargs)
+

@@ -1,0 +1,171 @@
+"""One swarm peer for tests/test_swarm_averaging.py, run as ``python tests/swarm_peer.py CONFIG.json``.
+
+It starts its DHT from its node key file (peer 0 first; the others bootstrap from peer 0's address
+file), builds four averagers (small tensors without and with fp16 compression; the tiny model's
+parameters weighted by sequences and by tokens) and plays the test's plan round by round. A round
+starts when all its participants have reached it (files ``ready-<round>-<peer>`` in the shared
+work folder). Each round's outcome goes to ``r<round>-p<peer>.json`` (report, plain JSON) and
+``r<round>-p<peer>.safetensors`` (local and averaged tensors): the test reads only those formats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+BARRIER_TIMEOUT_S = 180.0
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def wait_for(paths: list[Path], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(p.exists() for p in paths):
+        if time.monotonic() > deadline:
+            missing = [p.name for p in paths if not p.exists()]
+            raise TimeoutError(f"{what}: still missing {missing} after {timeout} s")
+        time.sleep(0.05)
+
+
+def main(config_path: str) -> int:
+    cfg = json.loads(Path(config_path).read_text())
+    import torch
+
+    torch.set_num_threads(1)
+    from hivemind.compression import Float16Compression, NoCompression
+    from safetensors.torch import save_file
+    from swarm_hostile import NORM_LIE_FACTOR, OVER_BOUND_FACTOR, HostileAverager
+    from swarm_world import (
+        GROUPS,
+        NORM_BOUND,
+        RUN_ID,
+        SMALL_SHAPES,
+        gradient,
+        make_ticket,
+        make_trainer,
+        small_grads,
+        ticket_type,
+        union_batch,
+    )
+
+    from grpo_swarm.node.swarm.averaging import VerifiedAverager, tensors_sha256
+    from grpo_swarm.node.swarm.dht import start_dht
+    from grpo_swarm.protocol.identity import Identity
+
+    me = int(cfg["index"])
+    work = Path(cfg["workdir"])
+    timing = cfg["timing"]
+    identity = Identity.load(cfg["key_path"])
+    coordinator = Identity.from_seed(bytes.fromhex(cfg["coordinator_seed"]))
+    node_keys = [bytes.fromhex(k) for k in cfg["node_keys"]]
+    events = open(work / f"events-p{me}.log", "a", buffering=1)
+
+    def event(text: str) -> None:
+        events.write(f"{time.time():.3f} {text}\n")
+
+    t0 = time.monotonic()
+    loopback = ["/ip4/127.0.0.1/tcp/0"]
+    maddrs_file = work / "maddrs-p0.json"
+    if me == 0:
+        dht = start_dht(identity, identity_path=work / f"p{me}.libp2p", host_maddrs=loopback)
+        write_atomic(maddrs_file, json.dumps([str(m) for m in dht.get_visible_maddrs()]).encode())
+    else:
+        wait_for([maddrs_file], BARRIER_TIMEOUT_S, "peer 0's address")
+        dht = start_dht(identity, identity_path=work / f"p{me}.libp2p", host_maddrs=loopback,
+                        initial_peers=json.loads(maddrs_file.read_text()))
+    event(f"dht {dht.peer_id} up after {time.monotonic() - t0:.2f} s")
+
+    trainer = make_trainer()
+    batch = union_batch(trainer)
+    completion_sha = tensors_sha256([batch.rollouts.completion_ids, batch.rollouts.completion_mask])
+
+    hostile = cfg["role"] == "hostile"
+    cls = HostileAverager if hostile else VerifiedAverager
+    extra = {}
+    if hostile:
+        extra = dict(behaviours={r["round"]: r["behaviour"].get(str(me), "honest") for r in cfg["plan"]},
+                     stall_marker=str(work / f"stalled-p{me}"))
+    common = dict(dht=dht, identity=identity, coordinator_key=coordinator.public_key_bytes, run_id=RUN_ID,
+                  norm_bound=NORM_BOUND, ticket_type=ticket_type(), target_group_size=len(node_keys),
+                  min_group_size=2, min_contributors=2, **timing, **extra)
+    small = [torch.zeros(s) for s in SMALL_SHAPES]
+    averagers = {
+        "small_none": cls(small, prefix="small", weight_mode="sequences", compression=NoCompression(),
+                          part_size_bytes=4096, **common),
+        "small_fp16": cls(small, prefix="smallfp16", weight_mode="sequences", compression=Float16Compression(),
+                          part_size_bytes=2048, **common),
+        "model_seq": cls(trainer.trainable, prefix="modelseq", weight_mode="sequences", part_size_bytes=1 << 16,
+                         **common),
+        "model_tok": cls(trainer.trainable, prefix="modeltok", weight_mode="tokens", part_size_bytes=1 << 16,
+                         **common),
+    }
+    event(f"averagers up after {time.monotonic() - t0:.2f} s")
+    write_atomic(work / f"started-p{me}", b"1")
+
+    for rnd in cfg["plan"]:
+        r, participants = int(rnd["round"]), [int(p) for p in rnd["participants"]]
+        if me not in participants:
+            continue
+        write_atomic(work / f"ready-{r}-{me}", b"1")
+        wait_for([work / f"ready-{r}-{p}" for p in participants], BARRIER_TIMEOUT_S, f"round {r} barrier")
+        behaviour = rnd["behaviour"].get(str(me), "honest")
+        if rnd["kind"] == "grpo":
+            grads, seqs, toks = gradient(trainer, batch, GROUPS[rnd["K"]][me], rnd["loss_type"])
+        else:
+            grads, seqs, toks = small_grads(r, me), cfg["small_weights"][me], 0
+        if behaviour == "norm_lie":
+            grads = [g * NORM_LIE_FACTOR for g in grads]
+        elif behaviour == "over_bound":
+            grads = [g * OVER_BOUND_FACTOR for g in grads]
+        ticket = make_ticket(coordinator, identity.public_key_bytes, r, seqs, toks)
+        if behaviour == "forged_ticket":  # inflate the weight after the coordinator signed
+            t = ticket_type().FromString(ticket)
+            t.accepted_samples *= 100
+            ticket = t.SerializeToString()
+        elif behaviour == "other_round_ticket":
+            ticket = make_ticket(coordinator, identity.public_key_bytes, r + 100, seqs, toks)
+        elif behaviour == "other_node_ticket":
+            ticket = make_ticket(coordinator, node_keys[0], r, seqs, toks)
+        expected = [node_keys[p] for p in participants]
+        out = {"round": r, "index": me, "behaviour": behaviour, "peer_id": identity.peer_id_base58,
+               "weights": {"sequences": seqs, "tokens": toks}, "completion_sha": completion_sha}
+        event(f"round {r} start ({behaviour})")
+        started = time.monotonic()
+        try:
+            res = averagers[rnd["averager"]].average(r, ticket, grads, expected_peers=expected,
+                                                     max_attempts=rnd.get("max_attempts"))
+            out.update(ok=res.ok, error=res.error, seconds=res.seconds,
+                       attempts=[dataclasses.asdict(a) for a in res.attempts],
+                       sha256=tensors_sha256(res.grads) if res.ok else None)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            res = None
+            out.update(ok=False, error=f"raised {type(e).__name__}: {e}", seconds=time.monotonic() - started,
+                       attempts=[], sha256=None, traceback=traceback.format_exc())
+        event(f"round {r} done ok={out['ok']} in {out['seconds']:.2f} s")
+        tensors = {f"local.{k}": g.detach().float().contiguous() for k, g in enumerate(grads)}
+        if res is not None and res.ok:
+            tensors.update({f"avg.{k}": g.contiguous() for k, g in enumerate(res.grads)})
+        save_file(tensors, str(work / f"r{r}-p{me}.safetensors"))
+        write_atomic(work / f"r{r}-p{me}.json", json.dumps(out).encode())
+
+    write_atomic(work / f"finished-p{me}", b"1")
+    event("finished")
+    for av in averagers.values():
+        av.shutdown()
+    dht.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,473 @@
+"""Verified gradient averaging (node/swarm/averaging.py) between real hivemind peers on loopback.
+
+One module-scoped swarm of three peer processes (tests/swarm_peer.py; peer 2 turns hostile in the
+later rounds, tests/swarm_hostile.py) plays a fixed plan of rounds; each test checks the rounds it
+is about from the files the peers wrote (JSON reports and safetensors, never pickles):
+
+* rounds 0-7: each peer computes the real GRPO gradient of the tiny model on its own groups; the
+  verified average equals the gradient one trainer computes on the union of the groups, for every
+  loss type, with 3 and with 2 peers;
+* an honest round without compression and one with fp16: every peer holds the same bytes;
+* hostile rounds: a forged ticket, another round's ticket, another node's ticket, a claimed weight
+  above the ticket's, NaN parts, an infinity through fp16, a shape-[1] part, float64 parts,
+  fp16 parts to an uncompressed averager, a gradient 3x its committed norm, a norm above the
+  bound: the honest peers end with the honest-only weighted mean and report why;
+* the last round: the hostile peer stalls mid-round and is SIGKILLed; the others fail the round
+  cleanly, within the averaging timeout.
+
+Fast unit tests of the gather entries and verdicts, and a DHT start/bootstrap test, come first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo_swarm.node.swarm.averaging import LocalGradientError, VerifiedAverager, tensors_sha256
+from grpo_swarm.node.swarm.dht import DHTStartError, start_dht
+from grpo_swarm.node.swarm.tickets import (
+    GatherClaim,
+    Reason,
+    RoundRules,
+    TicketClaims,
+    encode_gather,
+    group_verdicts,
+    parse_ticket,
+    weight_mode_for_loss,
+)
+from grpo_swarm.protocol.identity import Identity
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from swarm_world import (
+    LOSS_TYPES,
+    NORM_BOUND,
+    NUM_GROUPS,
+    RUN_ID,
+    gradient,
+    make_ticket,
+    make_trainer,
+    small_grads,  # noqa: E402
+    ticket_type,
+    union_batch,
+)
+
+HERE = Path(__file__).resolve().parent
+A, B, H = 0, 1, 2
+SMALL_WEIGHTS = [3, 5, 7]
+TIMING = dict(min_matchmaking_time=2.0, request_timeout=1.0, matchmaking_timeout=15.0, sender_timeout=3.0,
+              reducer_timeout=6.0, allreduce_timeout=12.0, max_attempts=3)
+SWARM_TIMEOUT_S = 420.0
+
+# ---- the plan -------------------------------------------------------------------------------------
+PLAN: list[dict] = []
+GRPO_ROUNDS: dict[tuple[int, str], int] = {}
+for _k in (3, 2):
+    for _loss in LOSS_TYPES:
+        GRPO_ROUNDS[(_k, _loss)] = len(PLAN)
+        PLAN.append(dict(round=len(PLAN), kind="grpo", K=_k, loss_type=_loss, participants=list(range(_k)),
+                         averager="model_tok" if weight_mode_for_loss(_loss) == "tokens" else "model_seq",
+                         behaviour={}))
+
+
+def _small(averager: str, behaviour: str | None = None, **extra) -> int:
+    rnd = dict(round=len(PLAN), kind="small", participants=[A, B, H], averager=averager,
+               behaviour={str(H): behaviour} if behaviour else {}, **extra)
+    PLAN.append(rnd)
+    return rnd["round"]
+
+
+HONEST_ROUNDS = {"none": _small("small_none"), "fp16": _small("small_fp16")}
+# excluded before the reduction: the hostile peer gets one attempt (the others need only one)
+EXCLUDED_ROUNDS = {
+    "forged_ticket": (_small("small_none", "forged_ticket"), Reason.TICKET_BAD_SIGNATURE),
+    "other_round_ticket": (_small("small_none", "other_round_ticket"), Reason.TICKET_WRONG_ROUND),
+    "other_node_ticket": (_small("small_none", "other_node_ticket"), Reason.TICKET_OF_ANOTHER_NODE),
+    "over_bound": (_small("small_none", "over_bound"), Reason.NORM_OVER_BOUND),
+}
+CLAIMED_WEIGHT_ROUND = _small("small_none", "claimed_weight")
+# caught during the reduction: the first attempt fails everywhere, the retry excludes the sender
+CAUGHT_ROUNDS = {
+    "nan": (_small("small_none", "nan"), Reason.NON_FINITE),
+    "inf_fp16": (_small("small_fp16", "inf_fp16"), Reason.MAGNITUDE),
+    "shape1": (_small("small_none", "shape1"), Reason.BAD_SHAPE),
+    "float64": (_small("small_none", "float64"), Reason.BAD_DTYPE),
+    "fp16_on_none": (_small("small_none", "fp16_on_none"), Reason.BAD_COMPRESSION),
+    "norm_lie": (_small("small_none", "norm_lie"), Reason.NORM_EXCEEDED),
+}
+KILL_ROUND = _small("small_none", "stall", max_attempts=1)
+HOSTILE_ONE_ATTEMPT = {r for r, _ in EXCLUDED_ROUNDS.values()} | {CLAIMED_WEIGHT_ROUND}
+
+
+# ---- fast checks without a network ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def keys():
+    coordinator = Identity.from_seed(bytes(range(32)))
+    nodes = [Identity.from_seed(bytes([i + 1]) * 32) for i in range(3)]
+    return coordinator, nodes
+
+
+def _slot(identity: Identity, entry: bytes) -> tuple[bytes, bytes]:
+    import msgpack  # hivemind wraps our entry: [bandwidth, mode, msgpack(entry)]
+
+    return identity.peer_id, msgpack.packb([None, 0, msgpack.packb(entry)])
+
+
+def _rules(coordinator, round_index=4, mode="sequences", **kw) -> RoundRules:
+    return RoundRules(coordinator_key=coordinator.public_key_bytes, run_id=RUN_ID, round_index=round_index,
+                      norm_bound=NORM_BOUND, weight_mode=mode, ticket_type=ticket_type(), **kw)
+
+
+def test_verdicts_name_every_bad_slot(keys):
+    coordinator, (n0, n1, n2) = keys
+    forger = Identity.from_seed(b"\x09" * 32)
+
+    def entry(who, ticket=None, round_index=4, norm=1.0, accusations=(), signer=None):
+        ticket = make_ticket(coordinator, who.public_key_bytes, 4, 6, 60) if ticket is None else ticket
+        return encode_gather(signer or who, GatherClaim(ticket, round_index, 0, norm, tuple(accusations)))
+
+    good = _slot(n0, entry(n0))
+    altered = ticket_type().FromString(make_ticket(coordinator, n1.public_key_bytes, 4, 6))
+    altered.accepted_samples = 600  # after the coordinator signed it
+    cases = {
+        Reason.BAD_GATHER_SIGNATURE: _slot(n1, entry(n1, signer=n2)),
+        Reason.TICKET_BAD_SIGNATURE: _slot(n1, entry(n1, altered.SerializeToString())),
+        Reason.TICKET_WRONG_SIGNER: _slot(n1, entry(n1, make_ticket(forger, n1.public_key_bytes, 4, 6))),
+        Reason.TICKET_WRONG_ROUND: _slot(n1, entry(n1, make_ticket(coordinator, n1.public_key_bytes, 3, 6))),
+        Reason.TICKET_WRONG_RUN: _slot(n1, entry(n1, make_ticket(coordinator, n1.public_key_bytes, 4, 6,
+                                                                  run_id="other"))),
+        Reason.TICKET_OF_ANOTHER_NODE: _slot(n1, entry(n1, make_ticket(coordinator, n2.public_key_bytes, 4, 6))),
+        Reason.TICKET_MALFORMED: _slot(n1, entry(n1, b"\xff\xff garbage")),
+        Reason.WRONG_ROUND: _slot(n1, entry(n1, round_index=5)),
+        Reason.NORM_OVER_BOUND: _slot(n1, entry(n1, norm=2 * NORM_BOUND)),
+        Reason.NO_WEIGHT: _slot(n1, entry(n1, make_ticket(coordinator, n1.public_key_bytes, 4, 0))),
+        Reason.MALFORMED_GATHER: (n1.peer_id, b"\x93\x01\x02"),
+    }
+    for reason, bad in cases.items():
+        verdicts = group_verdicts([good[0], bad[0]], [good[1], bad[1]], _rules(coordinator))
+        assert verdicts[0].ok and verdicts[0].weight == 6.0, reason
+        assert not verdicts[1].ok and verdicts[1].reason == reason, (reason, verdicts[1].reason, verdicts[1].detail)
+    # nan norm, and the last byte of the gather signature flipped
+    v = group_verdicts(*zip(_slot(n1, entry(n1, norm=float("nan")))), _rules(coordinator))[0]
+    assert v.reason == Reason.NORM_OVER_BOUND
+    raw = entry(n1)
+    v = group_verdicts(*zip(_slot(n1, raw[:-1] + bytes([raw[-1] ^ 1]))), _rules(coordinator))[0]
+    assert v.reason == Reason.BAD_GATHER_SIGNATURE
+    # tokens mode weighs by the ticket's completion tokens; outside the expected peers is excluded
+    v0, v1 = group_verdicts(*zip(good, _slot(n1, entry(n1))),
+                            _rules(coordinator, mode="tokens", expected_keys=frozenset({n0.public_key_bytes})))
+    assert v0.ok and v0.weight == 60.0 and v1.reason == Reason.NOT_IN_ROUND
+    # an accusation by a valid member excludes the accused everywhere, whatever order the slots are in
+    accusing = _slot(n1, entry(n1, accusations=[(n2.peer_id, "NON_FINITE")]))
+    accused = _slot(n2, entry(n2))
+    for order in ([good, accusing, accused], [accused, good, accusing]):
+        verdicts = {v.peer_id: v for v in group_verdicts(*zip(*order), _rules(coordinator))}
+        assert verdicts[n2.peer_id].reason == Reason.ACCUSED and verdicts[n0.peer_id].ok and verdicts[n1.peer_id].ok
+    with pytest.raises(ValueError, match="twice"):
+        group_verdicts([good[0], good[0]], [good[1], good[1]], _rules(coordinator))
+
+
+def test_weight_modes_follow_the_loss_normalisation(keys):
+    coordinator, (n0, _, _) = keys
+    assert [weight_mode_for_loss(x) for x in LOSS_TYPES] == ["sequences", "tokens", "sequences", "tokens"]
+    claims = TicketClaims.from_ticket(parse_ticket(make_ticket(coordinator, n0.public_key_bytes, 1, 8, 41),
+                                                   ticket_type()))
+    assert claims.weight("sequences") == 8.0 and claims.weight("tokens") == 41.0 and not claims.final
+    # the coordinator's own schema (no accepted_tokens yet) parses, and gives no token weight
+    from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+    from grpo_swarm.protocol.rpc import sign_ticket
+
+    plain = sign_ticket(pb.AdmissionTicket(run_id=RUN_ID, round_index=1, node_id=n0.node_id,
+                                           node_public_key=n0.public_key_bytes, accepted_samples=8), coordinator)
+    claims = TicketClaims.from_ticket(parse_ticket(plain.SerializeToString()))
+    assert claims.weight("sequences") == 8.0 and claims.weight("tokens") == 0.0
+
+
+def test_dht_from_node_key_file_and_bootstrap_errors(tmp_path, keys):
+    coordinator, _ = keys
+    ident = Identity.generate()
+    ident.save(tmp_path / "node.key")
+    ident = Identity.load(tmp_path / "node.key")
+    loopback = ["/ip4/127.0.0.1/tcp/0"]
+    dht = start_dht(ident, host_maddrs=loopback)  # libp2p copy of the key next to the key file
+    try:
+        assert dht.peer_id.to_base58() == ident.peer_id_base58
+        assert (tmp_path / "node.key.libp2p").stat().st_mode & 0o077 == 0
+        other = Identity.generate()
+        with pytest.raises(ValueError, match="/p2p/"):
+            start_dht(other, identity_path=tmp_path / "o", initial_peers=["/ip4/127.0.0.1/tcp/1"])
+        dead = f"/ip4/127.0.0.1/tcp/1/p2p/{Identity.generate().peer_id_base58}"
+        t0 = time.monotonic()
+        with pytest.raises(DHTStartError) as err:
+            start_dht(other, identity_path=tmp_path / "o", initial_peers=[dead], host_maddrs=loopback,
+                      attempts=2, backoff_s=0.1)
+        assert time.monotonic() - t0 < 30
+        for hint in ("tcp/1", "port", "NAT", "--client-mode"):
+            assert hint in str(err.value)
+        # one dead entry in the list does not block the live one
+        live = [str(m) for m in dht.get_visible_maddrs()]
+        joined = start_dht(other, identity_path=tmp_path / "o", initial_peers=[dead, *live], host_maddrs=loopback)
+        joined.shutdown()
+        # the averager refuses this node's own bad input before sending anything
+        averager = VerifiedAverager([torch.zeros(4)], dht=dht, prefix="unit", identity=ident,
+                                    coordinator_key=coordinator.public_key_bytes, run_id=RUN_ID,
+                                    weight_mode="sequences", norm_bound=10.0, ticket_type=ticket_type())
+        try:
+            ticket = make_ticket(coordinator, ident.public_key_bytes, 0, 4)
+            with pytest.raises(LocalGradientError, match="NaN"):
+                averager.average(0, ticket, [torch.tensor([0.0, float("nan"), 0, 0])])
+            with pytest.raises(LocalGradientError, match="norm"):
+                averager.average(0, ticket, [torch.full((4,), 100.0)])
+            with pytest.raises(LocalGradientError, match="shape"):
+                averager.average(0, ticket, [torch.zeros(5)])
+            with pytest.raises(ValueError, match="another node"):
+                averager.average(0, make_ticket(coordinator, other.public_key_bytes, 0, 4), [torch.zeros(4)])
+            with pytest.raises(Exception, match="round"):
+                averager.average(1, ticket, [torch.zeros(4)])
+        finally:
+            averager.shutdown()
+        with pytest.raises(ValueError, match="identity"):
+            VerifiedAverager([torch.zeros(4)], dht=dht, prefix="unit", identity=other,
+                             coordinator_key=coordinator.public_key_bytes, run_id=RUN_ID, weight_mode="sequences",
+                             norm_bound=10.0, start=False)
+    finally:
+        dht.shutdown()
+
+
+# ---- the swarm ------------------------------------------------------------------------------------
+class Swarm:
+    def __init__(self, work: Path, peer_ids: list[str]):
+        self.work, self.peer_ids = work, peer_ids
+        self.kill_time: float | None = None
+
+    def report(self, round_index: int, peer: int) -> dict:
+        path = self.work / f"r{round_index}-p{peer}.json"
+        assert path.exists(), f"peer {peer} wrote no result for round {round_index}\n{self.logs()}"
+        return json.loads(path.read_text())
+
+    def tensors(self, round_index: int, peer: int, kind: str) -> list[torch.Tensor]:
+        from safetensors.torch import load_file
+
+        data = load_file(str(self.work / f"r{round_index}-p{peer}.safetensors"))
+        n = sum(1 for k in data if k.startswith(f"{kind}."))
+        assert n, f"peer {peer} has no {kind} tensors for round {round_index}"
+        return [data[f"{kind}.{i}"] for i in range(n)]
+
+    def logs(self, lines: int = 40) -> str:
+        out = []
+        for p in sorted(self.work.glob("peer*.log")) + sorted(self.work.glob("events-*.log")):
+            tail = p.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {p.name}\n" + "\n".join(tail))
+        return "\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory, keys):
+    coordinator, _ = keys
+    work = tmp_path_factory.mktemp("swarm")
+    nodes = [Identity.generate() for _ in range(3)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    procs = []
+
+    def attempts(i: int, rnd: dict) -> int | None:
+        if "max_attempts" in rnd:
+            return rnd["max_attempts"]
+        if i == H and rnd["behaviour"]:  # no retry alone after the others are done; one retry when caught
+            return 1 if rnd["round"] in HOSTILE_ONE_ATTEMPT else 2
+        return None  # the averager's max_attempts
+
+    try:
+        for i, node in enumerate(nodes):
+            node.save(work / f"node{i}.key")
+            peer_plan = [dict(rnd, max_attempts=attempts(i, rnd)) for rnd in PLAN]
+            cfg = dict(index=i, workdir=str(work), key_path=str(work / f"node{i}.key"),
+                       coordinator_seed=bytes(range(32)).hex(), node_keys=[n.public_key_bytes.hex() for n in nodes],
+                       role="hostile" if i == H else "honest", timing=TIMING, plan=peer_plan,
+                       small_weights=SMALL_WEIGHTS)
+            (work / f"peer{i}.json").write_text(json.dumps(cfg))
+            log = open(work / f"peer{i}.log", "wb")
+            procs.append(subprocess.Popen([sys.executable, str(HERE / "swarm_peer.py"), str(work / f"peer{i}.json")],
+                                          stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        swarm = Swarm(work, [n.peer_id_base58 for n in nodes])
+        deadline = time.monotonic() + SWARM_TIMEOUT_S
+        killed = False
+        while not all((work / f"finished-p{i}").exists() for i in (A, B)):
+            assert time.monotonic() < deadline, f"the swarm did not finish in {SWARM_TIMEOUT_S} s\n{swarm.logs()}"
+            for i in (A, B, H):
+                if procs[i].poll() not in (None, 0) and not (i == H and killed):
+                    pytest.fail(f"peer {i} exited with {procs[i].returncode}\n{swarm.logs()}")
+            if not killed and (work / f"stalled-p{H}").exists():
+                os.killpg(procs[H].pid, signal.SIGKILL)  # the hostile peer's whole process group: p2pd too
+                killed, swarm.kill_time = True, time.time()
+            time.sleep(0.1)
+        yield swarm
+    finally:
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def union_gradients():
+    """The reference: one trainer's gradient on all groups, for each loss type (computed here)."""
+    torch.set_num_threads(1)
+    trainer = make_trainer()
+    batch = union_batch(trainer)
+    sha = tensors_sha256([batch.rollouts.completion_ids, batch.rollouts.completion_mask])
+    return sha, {loss: gradient(trainer, batch, range(NUM_GROUPS), loss)[0] for loss in LOSS_TYPES}
+
+
+def _weighted(grads_by_peer: list[list[torch.Tensor]], weights: list[float]) -> list[torch.Tensor]:
+    total = sum(weights)
+    return [sum(w * g[k].double() for w, g in zip(weights, grads_by_peer)) / total
+            for k in range(len(grads_by_peer[0]))]
+
+
+def _max_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x.double() - y.double()).abs().max()) for x, y in zip(a, b))
+
+
+def _scale(a: list[torch.Tensor]) -> float:
+    return max(float(x.abs().max()) for x in a)
+
+
+def _same_bytes(swarm: Swarm, r: int, peers) -> str:
+    shas = {p: swarm.report(r, p)["sha256"] for p in peers}
+    assert None not in shas.values() and len(set(shas.values())) == 1, f"round {r}: {shas}"
+    for p in peers:  # and the files hold what the reports hash
+        assert tensors_sha256(swarm.tensors(r, p, "avg")) == shas[p]
+    return next(iter(shas.values()))
+
+
+@pytest.mark.parametrize("k", [3, 2])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_swarm_gradient_equals_the_union_gradient(swarm, union_gradients, k, loss_type):
+    sha, union = union_gradients
+    r = GRPO_ROUNDS[(k, loss_type)]
+    reports = [swarm.report(r, p) for p in range(k)]
+    for rep in reports:
+        assert rep["ok"], rep
+        assert rep["completion_sha"] == sha, "the peers sampled other completions than this process"
+    _same_bytes(swarm, r, range(k))
+    averaged = swarm.tensors(r, A, "avg")
+    err = _max_err(averaged, union[loss_type]) / _scale(union[loss_type])
+    mode = weight_mode_for_loss(loss_type)
+    weights = [rep["weights"][mode] for rep in reports]
+    assert reports[0]["attempts"][-1]["weights"] == {swarm.peer_ids[p]: float(w) for p, w in enumerate(weights)}
+    print(f"\n{loss_type} K={k}: weights {mode} {weights}, max |avg - union| / max |union| = {err:.2e}, "
+          f"round {max(rep['seconds'] for rep in reports):.2f} s")
+    assert err <= 1e-6
+    # the weighting matters: the other mode's weights would miss by far more (when they differ)
+    other = [rep["weights"]["tokens" if mode == "sequences" else "sequences"] for rep in reports]
+    if [w / sum(weights) for w in weights] != [w / sum(other) for w in other]:
+        wrong = _weighted([swarm.tensors(r, p, "local") for p in range(k)], other)
+        assert _max_err(wrong, union[loss_type]) / _scale(union[loss_type]) > 1e-3
+
+
+@pytest.mark.parametrize("compression", ["none", "fp16"])
+def test_honest_round_gives_every_peer_the_same_bytes(swarm, compression):
+    r = HONEST_ROUNDS[compression]
+    assert all(swarm.report(r, p)["ok"] for p in (A, B, H))
+    _same_bytes(swarm, r, (A, B, H))
+    expected = _weighted([small_grads(r, p) for p in (A, B, H)], SMALL_WEIGHTS)
+    err = _max_err(swarm.tensors(r, A, "avg"), expected)
+    print(f"\n{compression}: max |avg - weighted mean| = {err:.2e}")
+    assert err <= (1e-6 if compression == "none" else 2e-3)
+
+
+def _honest_mean(r: int) -> list[torch.Tensor]:
+    return _weighted([small_grads(r, A), small_grads(r, B)], SMALL_WEIGHTS[:2])
+
+
+def _check_honest_result(swarm: Swarm, r: int, tol: float = 1e-6) -> list[dict]:
+    reports = [swarm.report(r, p) for p in (A, B)]
+    for rep in reports:
+        assert rep["ok"], rep
+    _same_bytes(swarm, r, (A, B))
+    assert _max_err(swarm.tensors(r, A, "avg"), _honest_mean(r)) <= tol
+    return reports
+
+
+@pytest.mark.parametrize("scenario", list(EXCLUDED_ROUNDS))
+def test_hostile_member_is_excluded_before_the_reduction(swarm, scenario):
+    r, reason = EXCLUDED_ROUNDS[scenario]
+    hostile = swarm.peer_ids[H]
+    for rep in _check_honest_result(swarm, r):
+        # (normally one attempt; a matchmaking race can add one, and H is left out of every attempt)
+        for attempt in rep["attempts"]:
+            if hostile in attempt["members"]:
+                assert attempt["excluded"][hostile].startswith(reason.value + ":"), attempt["excluded"]
+                assert hostile not in attempt["weights"]
+        assert hostile in rep["attempts"][-1]["members"]
+        print(f"\n{scenario}: {rep['seconds']:.2f} s, {rep['attempts'][-1]['excluded'][hostile]}")
+    assert not swarm.report(r, H)["ok"]
+
+
+def test_claimed_weight_above_the_ticket_is_ignored(swarm):
+    r = CLAIMED_WEIGHT_ROUND
+    reports = [swarm.report(r, p) for p in (A, B)]
+    assert all(rep["ok"] for rep in reports)
+    _same_bytes(swarm, r, (A, B, H))  # the hostile peer's content was honest: it gets the same average
+    expected = _weighted([small_grads(r, p) for p in (A, B, H)], SMALL_WEIGHTS)
+    assert _max_err(swarm.tensors(r, A, "avg"), expected) <= 1e-6
+    for rep in reports:
+        assert rep["attempts"][-1]["weight_claims_ignored"] == {swarm.peer_ids[H]: 1e6}
+        assert rep["attempts"][-1]["weights"][swarm.peer_ids[H]] == SMALL_WEIGHTS[H]
+
+
+@pytest.mark.parametrize("scenario", list(CAUGHT_ROUNDS))
+def test_invalid_parts_fail_the_attempt_and_the_retry_excludes_the_sender(swarm, scenario):
+    r, reason = CAUGHT_ROUNDS[scenario]
+    tol = 2e-3 if scenario == "inf_fp16" else 1e-6
+    reports = _check_honest_result(swarm, r, tol)
+    hostile = swarm.peer_ids[H]
+    for rep in reports:
+        first, last = rep["attempts"][0], rep["attempts"][-1]
+        assert not first["ok"] and len(rep["attempts"]) >= 2
+        assert hostile not in last["weights"]
+        if hostile in last["members"]:  # it came back for the retry: everyone left it out, before reducing
+            assert last["excluded"][hostile].startswith("ACCUSED:"), last["excluded"]
+    caught = [a["accused"].get(hostile) for rep in reports for a in rep["attempts"]]
+    assert any(c is not None and c.startswith(reason.value + ":") for c in caught), caught
+    print(f"\n{scenario}: {max(rep['seconds'] for rep in reports):.2f} s; caught: {caught}")
+
+
+def test_killed_member_fails_the_round_cleanly_within_the_timeout(swarm):
+    """The first honest peer to notice the dead member aborts; the abort reaches the other one as a
+    failed reducer (CANCELLED), so it may name that peer instead of the dead one."""
+    r = KILL_ROUND
+    assert swarm.kill_time is not None, "the hostile peer never stalled"
+    noticed = []
+    for p in (A, B):
+        rep = swarm.report(r, p)
+        assert not rep["ok"] and rep["error"] and len(rep["attempts"]) == 1 and "traceback" not in rep
+        attempt = rep["attempts"][0]
+        assert attempt["failed"] and not attempt["accused"], attempt
+        noticed.append(swarm.peer_ids[H] in attempt["failed"])
+        assert rep["seconds"] < TIMING["allreduce_timeout"], rep["seconds"]
+        print(f"\nkilled member: peer {p} failed in {rep['seconds']:.2f} s: {attempt['failed']}")
+    assert any(noticed)
+
+
+def test_every_round_is_accounted_for(swarm):
+    """No honest round took longer than its timeouts allow, and the honest peers never raised."""
+    limit = TIMING["max_attempts"] * (TIMING["matchmaking_timeout"] + TIMING["allreduce_timeout"])
+    for rnd in PLAN:
+        for p in rnd["participants"]:
+            if p == H and rnd["behaviour"]:
+                continue
+            rep = swarm.report(rnd["round"], p)
+            assert "traceback" not in rep, rep
+            assert rep["seconds"] < limit
+    assert math.isfinite(limit)
