@@ -83,6 +83,16 @@ def union_batch(trainer):
 
     examples = arithmetic_examples(NUM_GROUPS, seed=1, max_operand=4)
     texts, rollouts = trainer.rollout(examples, seed=5)
+    # the random tiny model never samples EOS: end the completions at varied lengths, as an EOS would,
+    # so that token weights (bnpo, dapo) and sequence weights (grpo, dr_grpo) differ between peers
+    n, width = rollouts.completion_ids.shape
+    lengths = torch.tensor([1 + (7 * i) % width for i in range(n)])
+    keep = torch.arange(width)[None, :] < lengths[:, None]
+    rollouts.completion_mask = rollouts.completion_mask * keep
+    rollouts.completion_ids = torch.where(keep, rollouts.completion_ids, torch.full_like(rollouts.completion_ids,
+                                                                                         trainer.pad_id))
+    rollouts.behaviour_logps = rollouts.behaviour_logps * keep
+    rollouts.truncated = rollouts.truncated & (lengths >= width)
     batch = trainer.score(examples, texts, rollouts)
     batch.advantages = grpo.group_advantages(torch.arange(NUM_GROUPS * GROUP_SIZE, dtype=torch.float32) % 3,
                                              GROUP_SIZE)

@@ -84,7 +84,8 @@ from .tickets import (
 logger = logging.getLogger(__name__)
 
 WIRE_NAME = "VerifiedAverager"  # RPC handler names: "{prefix}::VerifiedAverager.rpc_*", whatever the Python class
-ALLREDUCE_GRACE_S = 5.0  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
+ALLREDUCE_GRACE_S = 5.0
+SELF_EXCLUDED = "this node was excluded"  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
 
 
 class LocalGradientError(ValueError):
@@ -376,6 +377,8 @@ class VerifiedAverager(DecentralizedAverager):
                         averaged = [b.clone() for b in buffers]
                     return RoundResult(True, round_index, averaged, attempts, time.monotonic() - started)
                 accusations = accusation_list([*accusations, *report.accused_pairs()])
+                if (report.error or "").startswith(SELF_EXCLUDED):
+                    break  # the verdicts are deterministic: a retry in this round would exclude us again
             last = attempts[-1].error if attempts else "no time left for an attempt"
             return RoundResult(False, round_index, None, attempts, time.monotonic() - started,
                                error=last or "the round did not complete")
@@ -463,7 +466,7 @@ class VerifiedAverager(DecentralizedAverager):
                 report.excluded[_b58(v.peer_id)] = f"{v.reason.value}: {v.detail}"
         mine = plan.verdict(self.peer_id)
         if not mine.ok:
-            report.error = f"this node was excluded: {mine.reason.value}: {mine.detail}"
+            report.error = f"{SELF_EXCLUDED}: {mine.reason.value}: {mine.detail}"
         elif len(plan.contributors) < self._round_min_contributors:
             report.error = f"only {len(plan.contributors)} valid member(s), need {self._round_min_contributors}"
         elif plan.reducers == 0:

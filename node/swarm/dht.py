@@ -155,3 +155,40 @@ def _reap(dht) -> None:
 def _short(e: BaseException, limit: int = 300) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+async def _connect_in_dht(maddrs: list[str], dht, node) -> list[str]:
+    """(Runs in the DHT's process.) Dial each peer and ping it so it enters the routing table;
+    returns the peer ids reached."""
+    import asyncio
+
+    from hivemind.p2p import PeerID
+    from multiaddr import Multiaddr
+
+    known = {info.peer_id for info in await node.p2p.list_peers()}
+    reached = []
+    for text in maddrs:
+        ma = Multiaddr(text)
+        peer = PeerID.from_base58(ma.value_for_protocol("p2p"))
+        if peer in known or peer == node.peer_id:
+            continue
+        try:
+            await asyncio.wait_for(node.p2p._client.connect(peer, [ma.decapsulate(Multiaddr(f"/p2p/{peer}"))]), 5)
+            if await node.protocol.call_ping(peer) is not None:
+                reached.append(peer.to_base58())
+                known.add(peer)
+        except Exception as e:  # noqa: BLE001 - an unreachable peer is skipped; the next heartbeat retries
+            log.info("could not reach DHT peer %s: %s", text, _short(e))
+    return reached
+
+
+def connect_peers(dht, maddrs: Sequence[str]) -> list[str]:
+    """Join peers the coordinator lists after this DHT started (a node that started a fresh DHT
+    because no peer was known yet must merge with the others): dial and ping each one not yet
+    connected. Returns the peer ids newly reached."""
+    import functools
+
+    maddrs = [m for m in check_initial_peers(maddrs)]
+    if not maddrs:
+        return []
+    return dht.run_coroutine(functools.partial(_connect_in_dht, maddrs))

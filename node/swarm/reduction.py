@@ -47,7 +47,7 @@ from hivemind.compression import (
 )
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import aenumerate, aiter_with_timeout, amap_in_executor, attach_event_on_finished
+from hivemind.utils.asyncio import achain, anext, as_aiter
 
 from .tickets import Reason, SlotVerdict
 
@@ -262,16 +262,38 @@ class VerifiedAllReduceRunner(AllReduceRunner):
 
     async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
                                  ) -> AsyncIterator[averaging_pb2.AveragingData]:
-        if context.remote_id not in self.sender_peer_ids:
+        """A sender's parts for our share in, the averages out (hivemind's handler, reorganised so that
+        the stream stays open until the sender has every average: see :meth:`_accumulate_parts_streaming`)."""
+        remote = context.remote_id
+        if remote not in self.sender_peer_ids:
             # an excluded (or unknown) peer: refused unread, as the deterministic verdict says
-            self.refused.setdefault(context.remote_id, Reason.NOT_A_SENDER.value)
+            self.refused.setdefault(remote, Reason.NOT_A_SENDER.value)
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         if self._future.done():
             yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED)
             return
-        async for message in super().rpc_aggregate_part(stream, context):
-            yield message
+        sender_index = self.sender_peer_ids.index(remote)
+        self.active_senders.add(remote)
+        if len(self.active_senders) == len(self.sender_peer_ids):
+            self.all_senders_started.set()
+        try:
+            request = await asyncio.wait_for(anext(stream), self.sender_timeout)
+            reason_to_reject = self._check_reasons_to_reject(request, context)
+            if reason_to_reject is not None:
+                yield reason_to_reject
+                return
+            if request.code != averaging_pb2.PART_FOR_AVERAGING:
+                yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
+                raise AllreduceException(f"sent {averaging_pb2.MessageCode.Name(request.code)} instead of a part")
+            async for message in self._accumulate_parts_streaming(achain(as_aiter(request), stream), sender_index):
+                yield message
+        except BaseException as e:
+            await self._ban_sender(remote)  # a failure (timeout, disconnect), unless the attempt is over
+            if isinstance(e, Exception):
+                yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
+            else:
+                raise  # CancelledError and the like
 
     def _decode_input(self, sender_index: int, part_index: int, msg: averaging_pb2.AveragingData) -> torch.Tensor:
         """Wire-level checks of an incoming part (before decoding it), then decode. Runs in a thread."""
@@ -300,22 +322,47 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             raise PartRejected(Reason.MALFORMED_PART, f"{what} does not decode: {type(e).__name__}") from None
 
     async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int):
+        """Check, accumulate and answer each of the sender's ``num_parts`` parts, then wait for the
+        sender to end its input before returning.
+
+        The wait matters: the stream is closed when this handler returns, and p2pd can drop the last
+        messages still in flight at that moment (seen in the swarm tests as a reducer's stream ending
+        cleanly after 8 of 10 averages — in stock hivemind a silent partial average). The sender ends
+        its input only once it holds every average (:meth:`_communicate_with_peer`)."""
         sender = self.sender_peer_ids[sender_index]
         num_parts = self.tensor_part_reducer.num_parts
+        delay = self.should_delay_results(sender)  # a client-mode sender reads only after sending all
+        loop = asyncio.get_event_loop()
+        parts = stream.__aiter__()
         received = delivered = 0
+        held: list = []
         try:
-            async for index, tensor_part, claimed in amap_in_executor(
-                    lambda item: (item[0], self._decode_input(sender_index, item[0], item[1]), item[1].weight),
-                    aenumerate(stream), max_prefetch=self.tensor_part_container.prefetch):
-                if claimed != self.weights[sender_index]:
-                    self.weight_claims.setdefault(sender, float(claimed))
+            for index in range(num_parts):
+                try:
+                    msg = await asyncio.wait_for(anext(parts), self.sender_timeout)
+                except StopAsyncIteration:
+                    break
+                tensor_part = await loop.run_in_executor(None, self._decode_input, sender_index, index, msg)
+                if msg.weight != self.weights[sender_index]:
+                    self.weight_claims.setdefault(sender, float(msg.weight))
                 averaged = await self.tensor_part_reducer.accumulate_part(sender_index, index, tensor_part)
                 received = index + 1
                 result = await self._serialized_result(index, averaged)
                 if self.aborted:  # aborted while waiting: never hand out a partial average
                     break
+                if delay:
+                    held.append(result)
+                    continue
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=result)
                 delivered += 1
+            if received == num_parts and not self.aborted:
+                for result in held:
+                    yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=result)
+                    delivered += 1
+                try:  # the sender's end of input: it holds every average now
+                    await asyncio.wait_for(anext(parts), self.sender_timeout)
+                except (StopAsyncIteration, asyncio.TimeoutError):
+                    pass  # (an extra message or a silent sender changes nothing: all parts are in)
         except PartRejected as e:
             self.accuse(sender, e.reason, f"{e.detail} (as a sender)")
         except (AllreduceException, asyncio.CancelledError):
@@ -371,13 +418,25 @@ class VerifiedAllReduceRunner(AllReduceRunner):
 
         expected = self.tensor_part_container.num_parts_by_peer[peer_index]
         part_index = 0
+        sent_all, results_in = asyncio.Event(), asyncio.Event()
+
+        async def inputs():
+            async for message in self._generate_input_for_peer(peer_index):
+                yield message
+            sent_all.set()
+            # keep our input open until every average is in: the reducer returns (closing the
+            # stream) when our input ends, and p2pd can drop messages in flight at a close
+            await results_in.wait()
+
         try:
-            done_sending = asyncio.Event()
-            inputs = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
-            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs)
+            stream = (await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs())).__aiter__()
             if self.should_delay_results(self.peer_id):
-                await done_sending.wait()
-            async for msg in aiter_with_timeout(stream, self.reducer_timeout):
+                await sent_all.wait()
+            while part_index < expected:
+                try:
+                    msg = await asyncio.wait_for(anext(stream), self.reducer_timeout)
+                except StopAsyncIteration:
+                    raise AllreduceException(f"returned {part_index} of {expected} averaged parts") from None
                 if msg.code != averaging_pb2.AVERAGED_PART:
                     raise AllreduceException(f"answered {averaging_pb2.MessageCode.Name(msg.code)}")
                 tensor = await loop.run_in_executor(None, self._decode_output, peer_index, part_index, msg)
@@ -385,8 +444,13 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                     return
                 self.tensor_part_container.register_processed_part(peer_index, part_index, tensor)
                 part_index += 1
-            if part_index != expected:
-                raise AllreduceException(f"returned {part_index} of {expected} averaged parts")
+            # every average is in: end our input, and read on to the end of the stream (which follows),
+            # so that the end-of-input message leaves before this stream is closed
+            results_in.set()
+            try:
+                await asyncio.wait_for(anext(stream), self.sender_timeout)
+            except (StopAsyncIteration, asyncio.TimeoutError):
+                pass
         except PartRejected as e:
             self.accuse(peer_id, e.reason, f"{e.detail} (as a reducer)")
         except asyncio.CancelledError:
@@ -394,4 +458,6 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         except Exception as e:  # noqa: BLE001 - timeouts, disconnects, refusals: the attempt fails
             detail = "timed out" if isinstance(e, asyncio.TimeoutError) else f"{type(e).__name__}: {e}"
             self.fail(peer_id, Reason.REDUCER_FAILED, detail[:300])
+        finally:
+            results_in.set()
 
