@@ -47,7 +47,7 @@ from hivemind.compression import (
 )
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import achain, anext, as_aiter
+from hivemind.utils.asyncio import achain, amap_in_executor, anext, as_aiter
 
 from .tickets import Reason, SlotVerdict
 
@@ -156,15 +156,18 @@ class ValidatingReducer(TensorPartReducer):
             raise PartRejected(Reason.MALFORMED_PART, f"part {part_index} requires grad")
         if part.numel() == 0:
             return
-        if not bool(torch.isfinite(part).all()):
+        # one float64 pass: a NaN/inf anywhere makes the norm non-finite (squares of float32 values
+        # cannot overflow float64), and a norm within the limit bounds every value's magnitude too
+        squared = float(torch.linalg.vector_norm(part, dtype=torch.float64)) ** 2
+        if not math.isfinite(squared):
             raise PartRejected(Reason.NON_FINITE, f"part {part_index} holds NaN or infinite values")
         limit = self.limits[sender_index]
-        peak = float(part.abs().max())
-        if peak > limit:
-            raise PartRejected(Reason.MAGNITUDE, f"part {part_index} has a value of magnitude {peak:.6g} > the "
-                                                 f"committed norm {limit:.6g}")
-        squares = self.squares[sender_index] + float(part.double().square().sum())
+        squares = self.squares[sender_index] + squared
         if math.sqrt(squares) > limit:
+            peak = float(part.abs().max())
+            if peak > limit:
+                raise PartRejected(Reason.MAGNITUDE, f"part {part_index} has a value of magnitude {peak:.6g} > the "
+                                                     f"committed norm {limit:.6g}")
             raise PartRejected(Reason.NORM_EXCEEDED, f"parts up to {part_index} have norm {math.sqrt(squares):.6g} > "
                                                      f"the committed norm {limit:.6g}")
         self.squares[sender_index] = squares
@@ -332,19 +335,24 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         sender = self.sender_peer_ids[sender_index]
         num_parts = self.tensor_part_reducer.num_parts
         delay = self.should_delay_results(sender)  # a client-mode sender reads only after sending all
-        loop = asyncio.get_event_loop()
         parts = stream.__aiter__()
         received = delivered = 0
         held: list = []
-        try:
+
+        async def counted():  # exactly num_parts messages (or fewer), never the end-of-input after them
             for index in range(num_parts):
                 try:
-                    msg = await asyncio.wait_for(anext(parts), self.sender_timeout)
+                    yield index, await asyncio.wait_for(anext(parts), self.sender_timeout)
                 except StopAsyncIteration:
-                    break
-                tensor_part = await loop.run_in_executor(None, self._decode_input, sender_index, index, msg)
-                if msg.weight != self.weights[sender_index]:
-                    self.weight_claims.setdefault(sender, float(msg.weight))
+                    return
+
+        try:
+            # decoding the next part (in a thread) overlaps with waiting for the others' current part
+            async for index, tensor_part, claimed in amap_in_executor(
+                    lambda item: (item[0], self._decode_input(sender_index, item[0], item[1]), item[1].weight),
+                    counted(), max_prefetch=self.tensor_part_container.prefetch):
+                if claimed != self.weights[sender_index]:
+                    self.weight_claims.setdefault(sender, float(claimed))
                 averaged = await self.tensor_part_reducer.accumulate_part(sender_index, index, tensor_part)
                 received = index + 1
                 result = await self._serialized_result(index, averaged)
@@ -390,9 +398,10 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         if part_index >= len(numels):
             raise PartRejected(Reason.BAD_SHAPE, f"more than the {len(numels)} averaged parts expected")
         tensor = self._decode(msg.tensor_part, numels[part_index], f"averaged part {part_index}")
-        if not bool(torch.isfinite(tensor).all()):
+        squared = float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2 if tensor.numel() else 0.0
+        if not math.isfinite(squared):
             raise PartRejected(Reason.NON_FINITE, f"averaged part {part_index} holds NaN or infinite values")
-        squares = self.output_squares[peer_index] + float(tensor.double().square().sum())
+        squares = self.output_squares[peer_index] + squared
         if math.sqrt(squares) > self.output_limit:
             raise PartRejected(Reason.NORM_EXCEEDED, f"averaged parts up to {part_index} have norm "
                                                      f"{math.sqrt(squares):.6g} > {self.output_limit:.6g}, the "
