@@ -32,6 +32,13 @@ How a round goes (hivemind 1.1.12's DecentralizedAverager underneath, not a home
    ``max_attempts`` per round) and excluded there by everyone, so the retry is the average of the
    remaining valid members.
 
+Three hivemind 1.1.12 behaviours that broke rounds in the swarm tests are worked around here:
+a peer assembled a partial group at its first DHT declaration (:mod:`.matchmaking`); a groupmate
+hanging up before the runner existed cancelled the group's runner future for everyone
+(:meth:`VerifiedAverager.rpc_aggregate_part` awaits it through ``shield``); a late part for a group
+already left waited for the *next* group to register (it is answered CANCELLED at once). A fourth,
+p2pd dropping the last messages of a stream at close, is handled in :mod:`.reduction`.
+
 Everything the averager process returns crosses hivemind's MPFuture by pickling, so the reports are
 plain dataclasses of str/int/float/dict (peer ids in base58). No data a peer sent is unpickled:
 tickets are protobuf, gather entries msgpack, tensor parts hivemind's protobuf.
