@@ -104,7 +104,7 @@ CAUGHT_ROUNDS = {
     "norm_lie": (_small("small_none", "norm_lie"), Reason.NORM_EXCEEDED),
 }
 KILL_ROUND = _small("small_none", "stall", max_attempts=1)
-HOSTILE_ONE_ATTEMPT = {r for r, _ in EXCLUDED_ROUNDS.values()} | {CLAIMED_WEIGHT_ROUND}
+HOSTILE_ONE_ATTEMPT = {r for r, _ in EXCLUDED_ROUNDS.values()}
 
 
 # ---- fast checks without a network ----------------------------------------------------------------
@@ -403,14 +403,16 @@ def _check_honest_result(swarm: Swarm, r: int, tol: float = 1e-6) -> list[dict]:
 def test_hostile_member_is_excluded_before_the_reduction(swarm, scenario):
     r, reason = EXCLUDED_ROUNDS[scenario]
     hostile = swarm.peer_ids[H]
+    seen = []
     for rep in _check_honest_result(swarm, r):
         # (normally one attempt; a matchmaking race can add one, and H is left out of every attempt)
         for attempt in rep["attempts"]:
             if hostile in attempt["members"]:
                 assert attempt["excluded"][hostile].startswith(reason.value + ":"), attempt["excluded"]
                 assert hostile not in attempt["weights"]
-        assert hostile in rep["attempts"][-1]["members"]
-        print(f"\n{scenario}: {rep['seconds']:.2f} s, {rep['attempts'][-1]['excluded'][hostile]}")
+                seen.append(attempt["excluded"][hostile])
+        print(f"\n{scenario}: {rep['seconds']:.2f} s, {len(rep['attempts'])} attempt(s), {seen[-1:]}")
+    assert seen, "the hostile peer never met the honest ones"
     assert not swarm.report(r, H)["ok"]
 
 
@@ -432,9 +434,11 @@ def test_invalid_parts_fail_the_attempt_and_the_retry_excludes_the_sender(swarm,
     tol = 2e-3 if scenario == "inf_fp16" else 1e-6
     reports = _check_honest_result(swarm, r, tol)
     hostile = swarm.peer_ids[H]
+    # the attempt with the hostile sender fails for everyone in it (a peer that hivemind's matchmaking
+    # left out of that group — it happens — sees only the retry)
+    assert any(not a["ok"] for rep in reports for a in rep["attempts"])
     for rep in reports:
-        first, last = rep["attempts"][0], rep["attempts"][-1]
-        assert not first["ok"] and len(rep["attempts"]) >= 2
+        last = rep["attempts"][-1]
         assert hostile not in last["weights"]
         if hostile in last["members"]:  # it came back for the retry: everyone left it out, before reducing
             assert last["excluded"][hostile].startswith("ACCUSED:"), last["excluded"]
