@@ -278,7 +278,12 @@ class Coordinator:
             may = staleness in (pb.STALENESS_CURRENT, pb.STALENESS_BEHIND) and not st.is_banned(node_id)
             # the first Heartbeat of a round binds the version its prompts must be sampled with, so
             # that a node cannot sample with each of the η + 1 allowed versions and keep the best
-            bound = self.recorder.dispatch(node_id, st.current_round, v) if may else 0
+            if may and request.sample:
+                bound = self.recorder.dispatch(node_id, st.current_round, v)
+                if self.round_started_ms is None:  # the round's clock starts when a node starts sampling it
+                    self.round_started_ms = now_ms()
+            else:  # a liveness or report heartbeat: binds nothing (tells the binding if there is one)
+                bound = st.dispatched_version(node_id, st.current_round) or 0
             prompts = assign_prompts(self.spec.run_seed, node_id, st.current_round, self.spec.dataset_size,
                                      self.spec.prompts_per_round)
             reply = pb.HeartbeatResponse(
@@ -286,6 +291,8 @@ class Coordinator:
                 min_version=max(0, cur - eta), may_sample=may, prompt_indices=prompts,
                 round_samples_accepted=self.round_samples(), round_samples_target=self.cfg.swarm.samples_per_round,
                 sample_version=bound, peers=self.peers(node_id))
+            reply.round_participants.extend(sorted(bytes(t.node_public_key)
+                                                   for t in self.recorder.final_tickets.values()))
             ticket = self.recorder.final_tickets.get(node_id)
             if ticket is not None:  # its final ticket of the last closed round
                 reply.round_ticket.CopyFrom(ticket)
@@ -343,11 +350,12 @@ class Coordinator:
     def _maybe_close_round(self, timed_out_only: bool = False) -> bool:
         samples = self.round_samples()
         full = samples >= self.cfg.swarm.samples_per_round and not timed_out_only
-        late = samples > 0 and now_ms() - self.round_started_ms >= self.cfg.swarm.round_timeout_s * 1000
+        started = self.round_started_ms
+        late = samples > 0 and started is not None and now_ms() - started >= self.cfg.swarm.round_timeout_s * 1000
         if not (full or late):
             return False
-        entry = self.recorder.close_round()
-        self.round_started_ms = entry.time_ms
+        self.recorder.close_round()
+        self.round_started_ms = None  # the next round's clock starts at its first dispatch
         self.metrics.rounds_closed.inc()
         self._refresh_gauges()
         return True
@@ -435,12 +443,17 @@ class Coordinator:
                                              total_reports=tally.reports)
 
 
-def _round_start_ms(log: ProtocolLog) -> int:
-    """Time of the entry that opened the current round (the last round_closed, else run_started)."""
-    from grpo_swarm.protocol.log import ROUND_CLOSED, RUN_STARTED
+def _round_start_ms(log: ProtocolLog) -> int | None:
+    """When the open round's clock started: its first round_dispatched entry (a node started
+    sampling it), None while no node has. A round's timeout counts from there, not from the
+    previous close, so a round nobody worked on does not time out the moment a node shows up."""
+    from grpo_swarm.protocol.log import ROUND_CLOSED, ROUND_DISPATCHED, RUN_STARTED
 
-    entry = log.last(ROUND_CLOSED, RUN_STARTED)
-    return entry.time_ms if entry is not None else now_ms()
+    opened = log.last(ROUND_CLOSED, RUN_STARTED)
+    for entry in log.entries(opened.index if opened is not None else 0):
+        if entry.kind == ROUND_DISPATCHED:
+            return entry.time_ms
+    return None
 
 
 def _check_same_run(logged: dict, configured: dict, data_dir: Path) -> None:

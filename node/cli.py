@@ -1,4 +1,5 @@
-"""``grpo-node``: the node's command line (``train`` runs single-node GRPO, no network)."""
+"""``grpo-node``: the node's command line (``train`` runs single-node GRPO, no network; ``join``
+takes part in a swarm run)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,83 @@ def train(
     last = result.history[-1] if result.history else {}
     console.print(f"done: {len(result.history)} steps, final reward {last.get('reward_mean', float('nan')):.3f}; "
                   f"metrics in {result.output_dir / 'metrics.jsonl'}, weights in {result.output_dir / 'final'}")
+
+
+@app.command()
+def join(
+    coordinator: str = typer.Option(..., "--coordinator", help="the run's coordinator, HOST:PORT"),
+    identity: Optional[Path] = typer.Option(None, help="node key file (default ~/.grpo-swarm/node.key; created if absent)"),
+    workdir: Path = typer.Option(Path("swarm-node"), help="snapshots and swarm.jsonl go here"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    backend: str = typer.Option("transformers", help="transformers (vllm cannot sample the run's keyed noise yet)"),
+    host_maddr: list[str] = typer.Option(["/ip4/0.0.0.0/tcp/0"], "--host-maddr", help="libp2p listen address (repeatable)"),
+    announce_maddr: list[str] = typer.Option([], "--announce-maddr", help="public address peers should dial (repeatable)"),
+    initial_peer: list[str] = typer.Option([], "--initial-peer", help="extra DHT peer multiaddr (repeatable)"),
+    client_mode: bool = typer.Option(False, "--client-mode", help="behind NAT: send gradients, accept no connections"),
+    compression: str = typer.Option("none", help="averaging compression: none | fp16"),
+    rounds: Optional[int] = typer.Option(None, help="stop after this many rounds"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="node-side override, e.g. --set run.threads=2"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="a line per round instead of the live table"),
+) -> None:
+    """Join a swarm run: sample, prove, average verified gradients with the other peers, step."""
+    from grpo_swarm.protocol.identity import default_key_path
+
+    from .swarm.join import JoinOptions, SwarmPeer
+    from .swarm.view import RoundView
+
+    if backend not in ("transformers", "auto"):
+        console.print("[red]error:[/red] only --backend transformers samples with the run's keyed noise (proof of "
+                      "sampling); vLLM support is not built yet")
+        raise typer.Exit(2)
+    overrides = list(set_) + ([f"model.device={_toml_value(device)}"] if device != "auto" else [])
+    opts = JoinOptions(coordinator=coordinator, identity_path=identity or default_key_path(), workdir=workdir,
+                       overrides=overrides, host_maddrs=host_maddr, announce_maddrs=announce_maddr or None,
+                       initial_peers=initial_peer, client_mode=client_mode, compression=compression, rounds=rounds)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with RoundView(workdir, quiet=quiet, console=console) as view:
+        try:
+            peer = SwarmPeer(opts, on_round=view)
+        except Exception as exc:  # noqa: BLE001 - say what failed at start-up and stop
+            console.print(f"[red]could not join:[/red] {type(exc).__name__}: {exc}")
+            raise typer.Exit(1)
+        console.print(f"node {peer.participant.node_id} joined run {peer.participant.run_id} at "
+                      f"v{peer.participant.snapshot.version}; DHT {peer.maddrs[:1]}")
+        try:
+            peer.run()
+        except KeyboardInterrupt:
+            console.print("leaving the swarm (Ctrl-C)")
+        finally:
+            peer.close()
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/swarm-demo"), "--out", "-o", help="where the run, logs and report go"),
+    nodes: int = typer.Option(3, min=1, max=8, help="node processes"),
+    rounds: int = typer.Option(30, min=1, help="rounds each node takes part in"),
+    timeout: float = typer.Option(600.0, help="give up after this many seconds"),
+) -> None:
+    """A whole swarm on this machine: a coordinator and N nodes on loopback (separate processes)
+    train the embedded tiny-model run; then the audit of the log, the reward curve and per-node
+    contributions."""
+    from .swarm.demo import run_demo
+
+    try:
+        result = run_demo(out, nodes=nodes, rounds=rounds, timeout_s=timeout, echo=console.print)
+    except (RuntimeError, TimeoutError) as exc:
+        console.print(f"[red]demo failed:[/red] {exc}")
+        raise typer.Exit(1)
+    curve = result.reward_curve()
+    if curve:
+        console.print(f"reward: {curve[0][1]:.3f} at v{curve[0][0]} -> {curve[-1][1]:.3f} at v{curve[-1][0]}")
+    for name, records in result.rounds.items():
+        console.print(f"{name}: {sum(r['accepted'] for r in records)} accepted samples, "
+                      f"{sum(r['averaged'] for r in records)}/{len(records)} rounds averaged")
+    console.print(f"grpo-audit verify: {'passed' if result.audit_ok else 'FAILED: ' + str(result.audit_problem)}")
+    if result.report:
+        console.print(f"report: {Path(result.report.get('reward_by_version.png', '')).parent}")
+    if not result.audit_ok or any(result.node_exit_codes):
+        raise typer.Exit(1)
 
 
 def _toml_value(value) -> str:

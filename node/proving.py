@@ -38,6 +38,7 @@ from grpo_swarm.protocol.verify import Recomputed, SpotCheckUnavailable, normali
 
 from .data import PromptExample, load_dataset_spec, render_prompt
 from .noise import completion_noise, shortfalls
+from .swarm.training_state import model_weights
 from .rewards import BUILTIN_REWARDS, RewardFunction, build_reward_functions
 from .rollout import SamplingParams, processed_logprobs
 from .trainer import ScoredBatch
@@ -333,7 +334,7 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> bytes:
         h.update(struct.pack(">I", len(name.encode())) + name.encode())
         h.update(struct.pack(">I", len(dtype)) + dtype)
         h.update(struct.pack(f">I{t.dim()}Q", t.dim(), *t.shape))
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim: one element
     return h.digest()
 
 
@@ -381,7 +382,7 @@ def snapshot_loader(base_model, directory: str | os.PathLike | None = None, *, k
         if state_dict_sha256(state) != sha256:
             raise SpotCheckUnavailable(f"snapshot file {path.name} does not hash to its name")
         m = copy.deepcopy(base_model)
-        m.load_state_dict(state, strict=True)
+        m.load_state_dict(model_weights(state), strict=True)  # a swarm version also carries optimizer state
         m.eval()
         cache[sha256] = m
         while len(cache) > keep:

@@ -178,12 +178,15 @@ class CoordinatorClient:
 
     def heartbeat(self, policy_version: int, *, computed: pb.PolicySnapshotRef | None = None,
                   completions_per_s: float = 0.0, tokens_per_s: float = 0.0,
-                  hardware: pb.HardwareSummary | None = None, multiaddrs: Sequence[str] = ()) -> pb.HeartbeatResponse:
+                  hardware: pb.HardwareSummary | None = None, multiaddrs: Sequence[str] = (),
+                  sample: bool = True) -> pb.HeartbeatResponse:
         """Report in; the reply carries the live peers' addresses and, after a round this node took part
         in closed, its final ticket of that round (``round_ticket``, checked here: the coordinator's
-        signature, this node, final). ``multiaddrs`` replaces the announced addresses (empty: unchanged)."""
+        signature, this node, final). ``multiaddrs`` replaces the announced addresses (empty: unchanged).
+        ``sample``: this heartbeat asks for the round's assignment and binds ``policy_version`` as the
+        version to sample it with (the round's first such heartbeat binds); False for liveness and reports."""
         req = pb.HeartbeatRequest(policy_version=policy_version, completions_per_s=completions_per_s,
-                                  tokens_per_s=tokens_per_s, multiaddrs=list(multiaddrs))
+                                  tokens_per_s=tokens_per_s, multiaddrs=list(multiaddrs), sample=sample)
         if computed is not None:
             req.computed.CopyFrom(computed)
         if hardware is not None:

@@ -163,7 +163,7 @@ async def _connect_in_dht(maddrs: list[str], dht, node) -> list[str]:
     import asyncio
 
     from hivemind.p2p import PeerID
-    from multiaddr import Multiaddr
+    from hivemind.utils.multiaddr import Multiaddr
 
     known = {info.peer_id for info in await node.p2p.list_peers()}
     reached = []
@@ -192,3 +192,12 @@ def connect_peers(dht, maddrs: Sequence[str]) -> list[str]:
     if not maddrs:
         return []
     return dht.run_coroutine(functools.partial(_connect_in_dht, maddrs))
+
+
+async def _peer_ids_in_dht(dht, node) -> list[str]:
+    return [p.peer_id.to_base58() for p in await node.p2p.list_peers()]
+
+
+def connected_peers(dht) -> list[str]:
+    """Base58 peer ids this DHT's p2p daemon is connected to (for the live view and tests)."""
+    return dht.run_coroutine(_peer_ids_in_dht)

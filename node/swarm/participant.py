@@ -28,6 +28,7 @@ from ..noise import group_keys
 from ..rewards import build_reward_functions
 from ..swarm_config import run_examples, train_config_from_run
 from ..trainer import GRPOTrainer, ScoredBatch
+from .training_state import load_training_state, training_state
 
 
 @dataclass
@@ -79,7 +80,8 @@ class Participant:
         path = self.workdir / f"{self.node_id}-v{manifest.snapshot.version}.safetensors"
         if not path.is_file():
             self.client.download_snapshot(path, manifest=manifest)
-        self.model.load_state_dict(load_file(str(path)))
+        t = self.trainer
+        load_training_state(self.model, t.optimizer, t.trainable, load_file(str(path)), t.scheduler)
         self.snapshot = manifest.snapshot
         self.trainer.version = manifest.snapshot.version
         return self.snapshot
@@ -132,10 +134,23 @@ class Participant:
     # -- a new version
     def report(self, version: int, sha256: bytes) -> pb.HeartbeatResponse:
         """Report the parameter hash this node computed for ``version`` (what publication counts)."""
-        return self.heartbeat(computed=pb.PolicySnapshotRef(version=version, sha256=sha256))
+        return self.heartbeat(computed=pb.PolicySnapshotRef(version=version, sha256=sha256), sample=False)
+
+    def training_state(self) -> dict:
+        """This node's weights and optimizer state: what a version is (:mod:`.training_state`)."""
+        t = self.trainer
+        return training_state(self.model, t.optimizer, t.trainable, t.scheduler)
+
+    def state_sha256(self) -> bytes:
+        return proving.state_dict_sha256(self.training_state())
 
     def save_and_upload(self, version: int) -> pb.UploadSnapshotResponse:
-        """Save the model's weights as a snapshot file and upload it as ``version``."""
-        sha = proving.save_snapshot(self.model, self.workdir)
+        """Save this node's training state as a snapshot file and upload it as ``version``."""
+        from safetensors.torch import save_file
+
+        state = self.training_state()
+        sha = proving.state_dict_sha256(state)
         path = self.workdir / f"{sha.hex()}.safetensors"
+        if not path.exists():
+            save_file(state, str(path))
         return self.client.upload_snapshot(path, pb.PolicySnapshotRef(version=version, sha256=sha))

@@ -1,0 +1,288 @@
+"""``grpo-node join``: one swarm peer's loop.
+
+Per round (synchronous: every peer samples with the version the swarm holds, the round's accepted
+work is averaged, every honest peer takes the same step)::
+
+    heartbeat ─ assignment, bound version ─► sample (keyed noise) ─► proofs ─► SubmitProofs
+        ─► wait for the round to close ─► final ticket ─► gradient of the accepted groups
+        ─► verified averaging with the round's other ticket holders ─► AdamW step ─► version + 1
+        ─► report its parameter hash ─► (the designated peer) upload ─► wait for the publication
+        ─► a peer whose hash differs from the published one loads the snapshot
+
+A peer without a final ticket (nothing accepted, late, voided) skips the averaging and loads the
+new version once it is published. An averaging round that fails (too few peers, timeouts, a
+peer caught cheating) takes no step: the swarm samples the next round with the same version.
+Peers that the averaging excluded are reported to the coordinator (``ReportPeer``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+from grpo_swarm.protocol.client import CoordinatorClient, CoordinatorError
+from grpo_swarm.protocol.identity import Identity
+
+from .dht import connected_peers
+from .participant import Participant, RoundWork
+
+log = logging.getLogger(__name__)
+UPLOAD_FALLBACK_S = 10.0  # a contributor uploads itself when the designated one has not published by then
+
+
+@dataclass
+class JoinOptions:
+    coordinator: str
+    identity_path: Path
+    workdir: Path
+    overrides: Sequence[str] = ()
+    host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",)
+    announce_maddrs: Sequence[str] | None = None
+    initial_peers: Sequence[str] = ()
+    client_mode: bool = False
+    compression: str = "none"  # none | fp16
+    norm_bound: float = 1e4
+    rounds: int | None = None  # stop after this many rounds (None: until interrupted)
+    poll_s: float = 0.2
+
+
+@dataclass
+class RoundRecord:
+    """What one round did, for the live view and ``swarm.jsonl``."""
+
+    round: int
+    version: int
+    reward_mean: float | None = None
+    samples: int = 0
+    accepted: int = 0
+    averaged: bool = False
+    peers: int = 0
+    excluded: dict = field(default_factory=dict)
+    published: bool = False
+    resynced: bool = False
+    lag: int = 0
+    dht_peers: int = 0  # peers this node's DHT is connected to
+    seconds: float = 0.0
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def weight_mode_for(loss_type: str) -> str:
+    from .tickets import weight_mode_for_loss
+
+    return weight_mode_for_loss(loss_type)
+
+
+class SwarmPeer:
+    """A participant, its DHT and its verified averager, and the round loop that drives them."""
+
+    def __init__(self, opts: JoinOptions, *, on_round: Callable[[RoundRecord], None] | None = None):
+        from hivemind.compression import Float16Compression, NoCompression
+
+        from .averaging import VerifiedAverager
+        from .dht import start_dht
+
+        self.opts, self.on_round = opts, on_round
+        self.identity = Identity.load_or_create(opts.identity_path)
+        self.client = CoordinatorClient(opts.coordinator, self.identity, timeout_s=60)
+        self.participant = p = Participant(self.client, opts.workdir, overrides=opts.overrides)
+        peers = list(opts.initial_peers) + [a for peer in p.reply.peers for a in peer.multiaddrs]
+        self.dht = start_dht(self.identity, initial_peers=peers, host_maddrs=opts.host_maddrs,
+                             announce_maddrs=opts.announce_maddrs, client_mode=opts.client_mode)
+        own = self.identity.peer_id_base58
+        # the coordinator takes at most 8, each ending in this node's own peer id
+        self.maddrs = [str(a) for a in self.dht.get_visible_maddrs() if str(a).endswith(f"/p2p/{own}")][:8]
+        swarm = p.run["swarm"]
+        self.averager = VerifiedAverager(
+            [t for t in p.trainer.trainable], dht=self.dht, prefix=f"{_safe(p.run_id)}-grads", identity=self.identity,
+            coordinator_key=bytes(p.reply.coordinator_public_key), run_id=p.run_id,
+            weight_mode=weight_mode_for(p.train_cfg.grpo.loss_type), norm_bound=opts.norm_bound,
+            compression=Float16Compression() if opts.compression == "fp16" else NoCompression(),
+            require_final_ticket=True, min_group_size=1, min_contributors=1,
+            matchmaking_timeout=float(swarm.get("matchmaking_timeout_s", 30.0)),
+            allreduce_timeout=float(swarm.get("averaging_timeout_s", 120.0)), client_mode=opts.client_mode)
+        self.round_timeout_s = float(swarm.get("round_timeout_s", 600.0))
+        self.heartbeat()  # announce the DHT addresses
+
+    # -- coordinator
+    def heartbeat(self, sample: bool = False, **kw) -> pb.HeartbeatResponse:
+        """A heartbeat; only ``sample=True`` (just before sampling) binds the round's version."""
+        return self.participant.heartbeat(multiaddrs=self.maddrs, sample=sample, **kw)
+
+    def _meet(self, hb: pb.HeartbeatResponse) -> None:
+        """Dial the live peers the coordinator lists that this DHT does not know yet."""
+        from .dht import connect_peers
+
+        maddrs = [m for peer in hb.peers for m in peer.multiaddrs]
+        if maddrs:
+            try:
+                connect_peers(self.dht, maddrs)  # peers already connected are skipped
+            except Exception as e:  # noqa: BLE001 - the next round retries
+                log.warning("could not dial listed peers: %s", e)
+
+    def close(self) -> None:
+        for part in (self.averager, self.dht):
+            try:
+                part.shutdown()
+            except Exception:  # noqa: BLE001 - leaving anyway
+                pass
+        self.client.close()
+
+    # -- the loop
+    def run(self) -> None:
+        done = 0
+        while self.opts.rounds is None or done < self.opts.rounds:
+            record = self.round()
+            done += 1
+            if self.on_round is not None:
+                self.on_round(record)
+
+    def round(self) -> RoundRecord:
+        p, t0 = self.participant, time.monotonic()
+        hb = self.heartbeat()
+        self._meet(hb)
+        resynced = False
+        if hb.current.version != p.snapshot.version:  # sample with the swarm's current policy
+            p.sync()
+            resynced = True
+        hb = self.heartbeat(sample=True)
+        if not hb.may_sample:
+            return RoundRecord(hb.current_round, p.snapshot.version, resynced=resynced, seconds=time.monotonic() - t0,
+                               note=f"may not sample ({pb.Staleness.Name(hb.staleness)})")
+        work = p.sample(hb)
+        p.submit(work)
+        record = RoundRecord(work.round_index, work.version, samples=sum(len(g) for g in work.groups),
+                             accepted=work.accepted_samples, lag=hb.lag, resynced=resynced,
+                             reward_mean=float(work.scored.rewards.total.mean()),
+                             dht_peers=len(connected_peers(self.dht)))
+        closed = self._wait_for_close(work.round_index)
+        ticket = closed.round_ticket if closed.HasField("round_ticket") else None
+        self._participants = [bytes(k) for k in closed.round_participants]
+        if ticket is None or ticket.round_index != work.round_index:
+            record.note = "no final ticket (nothing accepted): waiting for the next version"
+            self._follow_publication(p.snapshot.version + 1, None, record)
+        else:
+            if closed.current.version != p.snapshot.version:
+                # sampled with an older version (allowed within η): the gradient is taken at the swarm's
+                # current weights, like every other participant's, the behaviour log-probs correcting it
+                p.sync()
+                record.resynced = True
+            try:
+                self._average_and_step(work, ticket, record)
+            except CoordinatorError as e:  # a refused report or upload: take the swarm's version instead
+                record.note = f"{e.method}: {e.code}: {e.detail}"[:200]
+                p.sync()
+                record.resynced = True
+        record.seconds = time.monotonic() - t0
+        return record
+
+    def _wait_for_close(self, round_index: int) -> pb.HeartbeatResponse:
+        deadline = time.monotonic() + self.round_timeout_s + 30.0
+        while True:
+            hb = self.heartbeat()
+            if hb.current_round > round_index or time.monotonic() > deadline:
+                return hb
+            time.sleep(self.opts.poll_s)
+
+    def _average_and_step(self, work: RoundWork, ticket: pb.AdmissionTicket, record: RoundRecord) -> None:
+        p = self.participant
+        trainer = p.trainer
+        trainer.optimizer.zero_grad(set_to_none=False)
+        for t in trainer.trainable:
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
+        batch = p.accepted_batch(work)
+        if batch is not None:
+            trainer.compute_gradients(trainer.prepare(batch))
+        grads = [t.grad for t in trainer.trainable]
+        result = self.averager.average(work.round_index, ticket.SerializeToString(), grads,
+                                       expected_peers=list(self._participants) or None)
+        last = result.last
+        record.peers = len(last.weights) if last is not None else 0
+        record.excluded = {**result.excluded, **result.accused}
+        self._report_excluded(work.round_index, record.excluded)
+        if not result.ok:
+            trainer.optimizer.zero_grad(set_to_none=False)
+            record.note = f"averaging failed: {result.error}"
+            return
+        result.copy_to(grads)
+        optimizer_before = copy.deepcopy(trainer.optimizer.state_dict())
+        trainer.apply_gradients()
+        record.averaged = True
+        version = trainer.version
+        sha = p.state_sha256()  # weights and optimizer state: what every honest peer computed alike
+        p.report(version, sha)
+        if self._is_uploader(result):
+            try:
+                p.save_and_upload(version)
+            except CoordinatorError as e:  # another peer published first, or the quorum is not there yet
+                log.info("upload of v%d: %s", version, e)
+        if not self._follow_publication(version, sha, record):
+            # the swarm did not publish this step: back to the published weights and moments
+            trainer.optimizer.load_state_dict(optimizer_before)
+            p.sync()
+            record.resynced = True
+
+    def _is_uploader(self, result) -> bool:
+        """The contributor with the smallest node id uploads; the others only report their hash."""
+        ids = sorted(n for n in (_node_id_of_peer(peer) for peer in result.last.weights) if n is not None)
+        return not ids or ids[0] == self.participant.node_id
+
+    def _follow_publication(self, version: int, sha: bytes | None, record: RoundRecord) -> bool:
+        """Wait for ``version`` to be published; load it unless this node computed the same bytes.
+        False when it was not published in time."""
+        p = self.participant
+        start = time.monotonic()
+        uploaded = False
+        while time.monotonic() - start < self.round_timeout_s:
+            cur = self.heartbeat().current
+            if cur.version >= version:
+                record.published = True
+                if sha is not None and cur.version == version and bytes(cur.sha256) == sha:
+                    p.snapshot = pb.PolicySnapshotRef(version=version, sha256=sha)
+                else:
+                    p.sync()
+                    record.resynced = True
+                return True
+            if sha is not None and not uploaded and time.monotonic() - start > UPLOAD_FALLBACK_S:
+                uploaded = True  # the designated uploader is late or gone: publish it ourselves
+                try:
+                    p.save_and_upload(version)
+                except CoordinatorError as e:
+                    log.info("fallback upload of v%d: %s", version, e)
+            time.sleep(self.opts.poll_s)
+        record.note = f"v{version} was not published within {self.round_timeout_s:.0f} s"
+        return False
+
+    def _report_excluded(self, round_index: int, excluded: dict) -> None:
+        for peer, reason in excluded.items():
+            node_id = _node_id_of_peer(peer)
+            if node_id is None or node_id == self.participant.node_id:
+                continue
+            try:
+                self.client.report_peer(round_index, node_id, str(reason)[:256])
+            except CoordinatorError as e:
+                log.info("report of %s: %s", node_id, e)
+
+
+def _node_id_of_peer(peer: str) -> str | None:
+    """The node id of an Ed25519 libp2p peer id (base58), None if it is not one."""
+    from grpo_swarm.protocol.identity import public_key_from_peer_id, node_id_from_public_key
+
+    try:
+        return node_id_from_public_key(public_key_from_peer_id(peer))
+    except Exception:  # noqa: BLE001 - not an Ed25519 peer id
+        return None
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)

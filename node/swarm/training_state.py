@@ -1,0 +1,61 @@
+"""What a swarm version is: the policy's weights *and* its optimizer state (AdamW moments and
+step counts, the LR schedule's position), in one safetensors file whose state-dict hash is what
+peers report and the coordinator publishes.
+
+Every honest peer applies the same averaged gradient with the same optimizer state, so all of
+them compute bit-identical versions; a peer that loads a published version (it joined late, was
+left out of a round, or lost a vote) takes the moments too, so its next step is the others' step.
+Optimizer tensors live under ``optimizer/`` keys; model loaders skip them
+(:func:`model_weights`). Version 0 (the coordinator's initial snapshot) has none: a fresh AdamW.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+OPTIMIZER_PREFIX = "optimizer/"
+_MOMENTS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def model_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's own tensors of a snapshot (optimizer state left out)."""
+    return {k: v for k, v in tensors.items() if not k.startswith(OPTIMIZER_PREFIX)}
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list,
+                   scheduler=None) -> dict[str, torch.Tensor]:
+    """Weights + optimizer state as flat, contiguous CPU tensors (what a version file holds)."""
+    out = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    for i, p in enumerate(params):
+        state = optimizer.state.get(p) or {}
+        for name in _MOMENTS:
+            if name in state:
+                t = state[name]
+                t = t if torch.is_tensor(t) else torch.tensor(float(t))
+                out[f"{OPTIMIZER_PREFIX}{i}/{name}"] = t.detach().cpu().clone().contiguous()
+    if scheduler is not None:
+        out[f"{OPTIMIZER_PREFIX}scheduler_last_epoch"] = torch.tensor(int(scheduler.last_epoch), dtype=torch.int64)
+    return out
+
+
+def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list,
+                        tensors: Mapping[str, torch.Tensor], scheduler=None) -> None:
+    """Load a version file's tensors: the weights (strict), and the optimizer state it carries —
+    none means a fresh optimizer (version 0)."""
+    model.load_state_dict(model_weights(tensors), strict=True)
+    optimizer.state.clear()
+    for i, p in enumerate(params):
+        state = {}
+        for name in _MOMENTS:
+            t = tensors.get(f"{OPTIMIZER_PREFIX}{i}/{name}")
+            if t is not None:
+                state[name] = t.to(p.device).clone() if name != "step" else t.clone()
+        if state:
+            optimizer.state[p] = state
+    if scheduler is not None:
+        last = tensors.get(f"{OPTIMIZER_PREFIX}scheduler_last_epoch")
+        scheduler.last_epoch = int(last) if last is not None else 0
+        for group, lr in zip(optimizer.param_groups, scheduler.get_lr() if last is not None else scheduler.base_lrs):
+            group["lr"] = lr
