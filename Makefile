@@ -1,4 +1,5 @@
-# Two entry points for a fresh machine: `make demo` (train the embedded CPU demo) and `make test`.
+# Two entry points for a fresh machine: `make demo` (a local swarm: a coordinator and 3 nodes train the
+# embedded tiny-model run, then the audit) and `make test`.
 # Everything installs into .venv from this repo's own files.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -6,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-single test bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -20,6 +21,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/grpo-node demo --out runs/swarm-demo
+
+demo-single: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/grpo-node train --output-dir runs/demo
 
 test: install

@@ -119,7 +119,7 @@ def join(
 def demo(
     out: Path = typer.Option(Path("runs/swarm-demo"), "--out", "-o", help="where the run, logs and report go"),
     nodes: int = typer.Option(3, min=1, max=8, help="node processes"),
-    rounds: int = typer.Option(30, min=1, help="rounds each node takes part in"),
+    rounds: int = typer.Option(100, min=1, help="rounds each node takes part in"),
     timeout: float = typer.Option(600.0, help="give up after this many seconds"),
 ) -> None:
     """A whole swarm on this machine: a coordinator and N nodes on loopback (separate processes)

@@ -297,10 +297,12 @@ def test_round_times_out_with_some_samples(tmp_path):
     try:
         node = HonestNode(s.address, tmp_path)
         import time
+        time.sleep(0.6)  # nobody sampled the round yet: its clock has not started
+        _, groups = node.round_proofs()  # the first dispatch starts it
+        first = node.client.submit_proofs([p for g in groups[:1] for p in g])
+        assert not first.round_closed
         time.sleep(0.6)
-        assert node.client.heartbeat(0).current_round == 0  # nothing accepted yet: stays open
-        _, groups = node.round_proofs()
-        assert node.client.submit_proofs([p for g in groups for p in g]).round_closed
+        assert node.client.heartbeat(0).current_round == 1  # open 0.6 s with some samples: closed
     finally:
         s.stop()
 
