@@ -33,6 +33,11 @@ The spot-check's tolerance: with recomputed log-probabilities ``lp'``, position 
 An honest node's shortfall is 0 up to the numerical difference between its sampling pass and the
 verifier's forward pass; a forged token's shortfall is the gap between the perturbed scores of the
 argmax and of the token chosen.
+
+Measured (bench/sampling_check.py, bench/RESULTS.md; fp32, CPU): 0 honest rejections in 1,000
+SmolLM2-135M completions (31,980 tokens) and 1,000 tiny-model ones (14,466), every sampled token the
+recomputed argmax (max honest shortfall 0); at the default tolerance 0.05 a forged runner-up token
+is detected at 97.3 % of SmolLM2 positions (95.2 % on the tiny model), a random other token at 100 %.
 """
 
 from __future__ import annotations

@@ -65,6 +65,35 @@ def test_bench_snapshots_quick_prints_one_json_line():
     assert res["config"]["quick"] is True and res["config"]["proof_nodes"] == 4
 
 
+SAMPLING_RUN_KEYS = ("model", "temperature", "top_p", "honest", "forgery", "timing")
+
+
+@pytest.mark.slow
+def test_bench_sampling_check_tiny_no_honest_rejections():
+    """bench/sampling_check.py on the tiny model, a few completions at T=1 and at T=0.7, top-p 0.9:
+    every honest completion passes the verifier's recomputation (its logits are the ones the bench
+    analyses), and the forgery figures are fractions."""
+    res = run_bench("sampling_check.py", "--models", "tiny", "--completions", "16", "--sampling", "0.7:0.9",
+                    "--sampling-completions", "8", "--threads", "1", keys=("runs", "tolerances", "threads"),
+                    timeout=120)
+    assert res["tolerances"] == {"sampling": 0.05, "logprob_mean_abs": 1e-3, "logprob_max_abs": 1e-2}
+    assert [(r["temperature"], r["top_p"]) for r in res["runs"]] == [(1.0, 1.0), (0.7, 0.9)]
+    for r, n in zip(res["runs"], (16, 8)):
+        for key in SAMPLING_RUN_KEYS:
+            assert key in r, key
+        honest = r["honest"]
+        assert honest["completions"] == n and honest["tokens"] >= n
+        assert honest["rejections"] == {"rejected": 0, "sampling": 0, "logprob_mean": 0, "logprob_max": 0}
+        assert honest["shortfall"]["max"] <= res["tolerances"]["sampling"] and honest["argmax_flips"] == 0
+        assert honest["verifier_logits_match"] is True
+        forgery = r["forgery"]
+        assert forgery["positions"] == honest["tokens"]
+        assert set(forgery["runner_up_pass"]) == {"0.0001", "0.001", "0.01", "0.05", "0.1", "0.5"}
+        for t, passed in forgery["runner_up_pass"].items():
+            assert 0 <= passed <= 1 and forgery["runner_up_detected"][t] == pytest.approx(1 - passed)
+        assert r["timing"]["recompute_per_completion_s"] > 0 and r["timing"]["sample_per_completion_s"] > 0
+
+
 # ------------------------------------------------------------------------------------------- flops.py
 
 
