@@ -78,6 +78,13 @@ class Attacker(HonestNode):
     def submit(self, proofs):
         return self.client.submit_proofs(proofs)
 
+    def edit_logprobs(self, group, member: int, delta: float) -> list:
+        """``group`` with member ``member``'s claimed log-probs shifted by ``delta``, re-signed."""
+        f = proof_fields(group[member])
+        f["behaviour_logprobs"] = [x + delta for x in f["behaviour_logprobs"]]
+        edited = sign_proof(build_reward_proof(**f, node_public_key=self.identity.public_key_bytes), self.identity)
+        return [edited if q.completion_index == member else q for q in group]
+
 
 def verdict_of(reply, i=0):
     v = reply.verdicts[i]
@@ -105,11 +112,7 @@ def test_edited_logprob_is_caught_and_cannot_be_retried(served, tmp_path):
     round are refused TICKET_VOIDED: no ticket for the round."""
     node = Attacker(served.address, tmp_path)
     hb, groups = node.round_proofs(seed=1)
-    f = proof_fields(groups[0][1])
-    f["behaviour_logprobs"] = [x + 0.5 for x in f["behaviour_logprobs"]]
-    edited = [q for q in groups[0] if q.completion_index != 1] + [
-        sign_proof(build_reward_proof(**f, node_public_key=node.identity.public_key_bytes), node.identity)]
-    reply = node.submit(edited)
+    reply = node.submit(node.edit_logprobs(groups[0], 1, +0.5))
     assert verdict_of(reply) == "SPOT_CHECK_FAILED" and not reply.HasField("ticket")
     retry = node.submit(node.resign(groups[0]))  # the honest group, re-signed: the coin is not re-rolled
     assert verdict_of(retry) == "GROUP_BURNED"
@@ -197,10 +200,7 @@ def test_three_failed_checks_ban_the_key(tmp_path):
         honest = HonestNode(served.address, tmp_path / "honest")
         for r in range(3):
             hb, groups = cheat.round_proofs(seed=10 + r)
-            f = proof_fields(groups[0][0])
-            f["behaviour_logprobs"] = [x - 1.0 for x in f["behaviour_logprobs"]]
-            bad = [sign_proof(build_reward_proof(**f, node_public_key=cheat.identity.public_key_bytes), cheat.identity)]
-            assert verdict_of(cheat.submit(bad + list(groups[0][1:]))) == "SPOT_CHECK_FAILED"
+            assert verdict_of(cheat.submit(cheat.edit_logprobs(groups[0], 0, -1.0))) == "SPOT_CHECK_FAILED"
             if r < 2:  # the honest node closes the round (2 groups x G = 8 samples)
                 _, hg = honest.round_proofs(seed=20 + r)
                 assert honest.client.submit_proofs([p for g in hg for p in g]).round_closed
@@ -226,11 +226,7 @@ def test_penalties_survive_a_coordinator_restart(tmp_path):
     try:
         node = Attacker(served.address, tmp_path)
         hb, groups = node.round_proofs(seed=6)
-        f = proof_fields(groups[0][2])
-        f["behaviour_logprobs"] = [x + 0.5 for x in f["behaviour_logprobs"]]
-        bad = [q for q in groups[0] if q.completion_index != 2] + [
-            sign_proof(build_reward_proof(**f, node_public_key=node.identity.public_key_bytes), node.identity)]
-        assert verdict_of(node.submit(bad)) == "SPOT_CHECK_FAILED"
+        assert verdict_of(node.submit(node.edit_logprobs(groups[0], 2, +0.5))) == "SPOT_CHECK_FAILED"
     finally:
         served.stop()
     coordinator = Coordinator(served.cfg, served.data_dir)  # the same data dir: state from the log
