@@ -55,7 +55,7 @@ def prompts_for(name: str, tokenizer, count: int) -> list[list[int]]:
         examples = arithmetic_examples(count, seed=0)
         texts = [render_prompt(tokenizer, ex, use_chat_template=False) for ex in examples]
     else:
-        examples = load_dataset_spec("gsm8k", split="train", seed=0, size=count)
+        examples = load_dataset_spec("gsm8k", split="train", seed=0, size=count)[:count]
         texts = [render_prompt(tokenizer, ex, use_chat_template=True) for ex in examples]
     return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
