@@ -28,6 +28,7 @@ import torch
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.client import CoordinatorClient, CoordinatorError
+from grpo_swarm.protocol.errors import ProtocolError
 from grpo_swarm.protocol.identity import Identity
 
 from .dht import connected_peers
@@ -139,9 +140,19 @@ class SwarmPeer:
 
     # -- the loop
     def run(self) -> None:
-        done = 0
+        done, failures = 0, 0
         while self.opts.rounds is None or done < self.opts.rounds:
-            record = self.round()
+            try:
+                record = self.round()
+                failures = 0
+            except (CoordinatorError, ProtocolError, RuntimeError, ValueError, OSError) as e:
+                # a volunteer node rides out a coordinator restart, a bad round or a full disk warning
+                # instead of exiting; the loop resynchronises at the next round's heartbeat
+                failures += 1
+                record = RoundRecord(-1, self.participant.snapshot.version,
+                                     note=f"error: {type(e).__name__}: {e}"[:200])
+                log.warning("round failed (%d in a row): %s", failures, e)
+                time.sleep(min(30.0, 2.0 * failures))
             done += 1
             if self.on_round is not None:
                 self.on_round(record)
