@@ -145,7 +145,7 @@ class SwarmPeer:
             try:
                 record = self.round()
                 failures = 0
-            except (CoordinatorError, ProtocolError, RuntimeError, ValueError, OSError) as e:
+            except (CoordinatorError, ProtocolError, RuntimeError, ValueError, ArithmeticError, OSError) as e:
                 # a volunteer node rides out a coordinator restart, a bad round or a full disk warning
                 # instead of exiting; the loop resynchronises at the next round's heartbeat
                 failures += 1
