@@ -212,9 +212,11 @@ def test_dht_from_node_key_file_and_bootstrap_errors(tmp_path, keys):
         assert time.monotonic() - t0 < 30
         for hint in ("tcp/1", "port", "NAT", "--client-mode"):
             assert hint in str(err.value)
-        # one dead entry in the list does not block the live one
+        # two dead entries of three known peers do not block the live one
         live = [str(m) for m in dht.get_visible_maddrs()]
-        joined = start_dht(other, identity_path=tmp_path / "o", initial_peers=[dead, *live], host_maddrs=loopback)
+        dead2 = f"/ip4/127.0.0.1/tcp/2/p2p/{Identity.generate().peer_id_base58}"
+        joined = start_dht(other, identity_path=tmp_path / "o", initial_peers=[dead, dead2, *live],
+                           host_maddrs=loopback)
         joined.shutdown()
         # the averager refuses this node's own bad input before sending anything
         averager = VerifiedAverager([torch.zeros(4)], dht=dht, prefix="unit", identity=ident,
