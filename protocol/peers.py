@@ -129,9 +129,13 @@ class ReportTally:
         return len(self.reporters) >= self.needed
 
 
+MIN_REPORTS_TO_BAN = 2  # one accuser alone never bans: in a round of two it would be one word against another
+
+
 def reports_needed(participants: int) -> int:
-    """Reports that ban a participant of a round of ``participants``: more than half of the others."""
-    return (participants - 1) // 2 + 1
+    """Reports that ban a participant of a round of ``participants``: more than half of the others,
+    and never fewer than :data:`MIN_REPORTS_TO_BAN` (a round of 2 cannot ban by reports: operators can)."""
+    return max(MIN_REPORTS_TO_BAN, (participants - 1) // 2 + 1)
 
 
 class PeerReports:

@@ -530,10 +530,13 @@ class Verifier:
         salt = self.state.spot_check_salt
         if salt is None:
             return None
+        if not proofs:
+            return []
         rate = self.policy.spot_check_rate
+        node_id = node_id_from_public_key(proofs[0].node_public_key)  # one signer per group (checked)
         return [p.completion_index for p in proofs
-                if spot_check_selected(p.run_id, node_id_from_public_key(p.node_public_key), p.round_index,
-                                       p.prompt_index, p.completion_index, rate, salt)]
+                if spot_check_selected(p.run_id, node_id, p.round_index, p.prompt_index, p.completion_index, rate,
+                                       salt)]
 
     # -- the checks
     def _check_group(self, proofs: list[RewardProof], now_ms: int | None, skipped: list[str]) -> tuple[int, ...]:

@@ -188,7 +188,7 @@ def connect_peers(dht, maddrs: Sequence[str]) -> list[str]:
     connected. Returns the peer ids newly reached."""
     import functools
 
-    maddrs = [m for m in check_initial_peers(maddrs)]
+    maddrs = check_initial_peers(maddrs)
     if not maddrs:
         return []
     return dht.run_coroutine(functools.partial(_connect_in_dht, maddrs))

@@ -77,12 +77,6 @@ class RoundRecord:
         return dict(self.__dict__)
 
 
-def weight_mode_for(loss_type: str) -> str:
-    from .tickets import weight_mode_for_loss
-
-    return weight_mode_for_loss(loss_type)
-
-
 class SwarmPeer:
     """A participant, its DHT and its verified averager, and the round loop that drives them."""
 
@@ -91,6 +85,7 @@ class SwarmPeer:
 
         from .averaging import VerifiedAverager
         from .dht import start_dht
+        from .tickets import weight_mode_for_loss
 
         self.opts, self.on_round = opts, on_round
         self.identity = Identity.load_or_create(opts.identity_path)
@@ -106,7 +101,7 @@ class SwarmPeer:
         self.averager = VerifiedAverager(
             [t for t in p.trainer.trainable], dht=self.dht, prefix=f"{_safe(p.run_id)}-grads", identity=self.identity,
             coordinator_key=bytes(p.reply.coordinator_public_key), run_id=p.run_id,
-            weight_mode=weight_mode_for(p.train_cfg.grpo.loss_type), norm_bound=opts.norm_bound,
+            weight_mode=weight_mode_for_loss(p.train_cfg.grpo.loss_type), norm_bound=opts.norm_bound,
             compression=Float16Compression() if opts.compression == "fp16" else NoCompression(),
             require_final_ticket=True, min_group_size=1, min_contributors=1,
             matchmaking_timeout=float(swarm.get("matchmaking_timeout_s", 30.0)),

@@ -50,8 +50,13 @@ def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
         state = {}
         for name in _MOMENTS:
             t = tensors.get(f"{OPTIMIZER_PREFIX}{i}/{name}")
-            if t is not None:
-                state[name] = t.to(p.device).clone() if name != "step" else t.clone()
+            if t is None:
+                continue
+            expected = () if name == "step" else tuple(p.shape)
+            if tuple(t.shape) != expected or not torch.is_floating_point(t):
+                raise ValueError(f"version file: {OPTIMIZER_PREFIX}{i}/{name} has shape {tuple(t.shape)} and dtype "
+                                 f"{t.dtype}, expected {expected} floating point")
+            state[name] = t.to(p.device).clone() if name != "step" else t.clone()
         if state:
             optimizer.state[p] = state
     if scheduler is not None:
