@@ -31,7 +31,7 @@ from grpo_swarm.protocol.client import CoordinatorClient, CoordinatorError
 from grpo_swarm.protocol.errors import ProtocolError
 from grpo_swarm.protocol.identity import Identity
 
-from .dht import connected_peers
+from .dht import connect_peers, connected_peers
 from .participant import Participant, RoundWork
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class SwarmPeer:
         self.maddrs = [str(a) for a in self.dht.get_visible_maddrs() if str(a).endswith(f"/p2p/{own}")][:8]
         swarm = p.run["swarm"]
         self.averager = VerifiedAverager(
-            [t for t in p.trainer.trainable], dht=self.dht, prefix=f"{_safe(p.run_id)}-grads", identity=self.identity,
+            p.trainer.trainable, dht=self.dht, prefix=f"{_safe(p.run_id)}-grads", identity=self.identity,
             coordinator_key=bytes(p.reply.coordinator_public_key), run_id=p.run_id,
             weight_mode=weight_mode_for_loss(p.train_cfg.grpo.loss_type), norm_bound=opts.norm_bound,
             compression=Float16Compression() if opts.compression == "fp16" else NoCompression(),
@@ -116,8 +116,6 @@ class SwarmPeer:
 
     def _meet(self, hb: pb.HeartbeatResponse) -> None:
         """Dial the live peers the coordinator lists that this DHT does not know yet."""
-        from .dht import connect_peers
-
         maddrs = [m for peer in hb.peers for m in peer.multiaddrs]
         if maddrs:
             try:
