@@ -13,6 +13,10 @@ whatever the behaviour says; the honest peers must cope:
 * ``fp16_on_none``    — Float16Compression parts to an uncompressed averager
 * ``norm_lie``        — a gradient 3 x larger than the norm it commits to (values stay plausible)
 * ``over_bound``      — a huge gradient (1e5 x), honestly committed: its norm is above the bound
+* ``wrong_average``   — reduces honestly, then returns its share's average shifted by a few
+  percent of its norm (the same wrong bytes to everyone; plausible norm and values)
+* ``sketch_lie``      — honest parts and average, but in the share audit it lies about its sketch
+  of the parts it sent to another reducer (framing that reducer)
 * ``stall``           — sends its first part, writes ``stall_marker`` and hangs (the test kills it)
 
 Ticket misbehaviours (forged, another round's, another node's) only change the ticket bytes the
@@ -22,8 +26,10 @@ peer script passes in; the averager itself then behaves honestly but is not allo
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from hivemind.compression import CompressionInfo, Float16Compression, NoCompression
 from hivemind.proto import averaging_pb2
@@ -34,6 +40,7 @@ from grpo_swarm.node.swarm.tickets import SlotVerdict, TicketClaims, parse_ticke
 
 NORM_LIE_FACTOR = 3.0  # per-value magnitudes stay plausible: only the norm check can catch it
 OVER_BOUND_FACTOR = 1e5
+WRONG_AVERAGE_SHIFT = 0.03  # x mean |value|, alternating sign: ~2-3 % of the share's norm
 SKIPS_CHECKS = {"forged_ticket", "other_round_ticket", "other_node_ticket", "over_bound"}
 
 
@@ -58,6 +65,13 @@ class HostileRunner(VerifiedAllReduceRunner):
         elif b == "fp16_on_none":
             return Float16Compression().compress(part, info)
         return self.compression.compress(part, info)
+
+    async def _serialized_result(self, part_index: int, averaged: torch.Tensor):
+        if self.behaviour == "wrong_average" and part_index not in self._results:
+            shift = torch.ones_like(averaged)
+            shift[1::2] = -1
+            averaged = averaged + WRONG_AVERAGE_SHIFT * averaged.abs().mean() * shift
+        return await super()._serialized_result(part_index, averaged)
 
     async def _generate_input_for_peer(self, peer_index: int):
         parts = list(self.tensor_part_container._input_parts_by_peer[peer_index])
@@ -103,13 +117,20 @@ class HostileAverager(VerifiedAverager):
         return super().average(round_index, ticket_bytes, grads, **kwargs)
 
     # -- averager process: where its own verdict would leave it out, every slot is fine by it (it
-    # then sends anyway); otherwise it reduces honestly — a reducer with wrong weights would corrupt
-    # its share undetected, which is the untrusted-reducer problem these tests do not cover
+    # then sends anyway); otherwise it reduces honestly, except as ``wrong_average`` says
     def verdicts(self, group_info, rules):
         if self.behaviour(rules.round_index) not in SKIPS_CHECKS:
             return super().verdicts(group_info, rules)
         return [SlotVerdict(peer_id=p.to_bytes(), ok=True, weight=1.0, committed_norm=float("inf"))
                 for p in group_info.peer_ids]
+
+    def _sketch_round(self, runner, seed, inputs, outputs):
+        mine, my_outputs, norms, received = super()._sketch_round(runner, seed, inputs, outputs)
+        if self.behaviour(self._rules.round_index) == "sketch_lie":
+            own = runner.ordered_peer_ids.index(runner.peer_id)
+            j = next(j for j, s in enumerate(mine) if s is not None and j != own)
+            mine[j] = mine[j] + 0.2 * np.linalg.norm(mine[j]) / math.sqrt(len(mine[j]))
+        return mine, my_outputs, norms, received
 
     def make_runner(self, **kwargs):
         return HostileRunner(behaviour=self.behaviour(self._rules.round_index), stall_marker=self.stall_marker,

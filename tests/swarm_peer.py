@@ -146,7 +146,7 @@ def main(config_path: str) -> int:
             res = averagers[rnd["averager"]].average(r, ticket, grads, expected_peers=expected,
                                                      max_attempts=rnd.get("max_attempts"))
             out.update(ok=res.ok, error=res.error, seconds=res.seconds,
-                       attempts=[dataclasses.asdict(a) for a in res.attempts],
+                       attempts=[dataclasses.asdict(a) for a in res.attempts], reportable=res.reportable(),
                        sha256=tensors_sha256(res.grads) if res.ok else None)
         except Exception as e:  # noqa: BLE001 - reported to the test
             res = None

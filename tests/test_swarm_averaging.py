@@ -11,7 +11,10 @@ is about from the files the peers wrote (JSON reports and safetensors, never pic
 * hostile rounds: a forged ticket, another round's ticket, another node's ticket, a claimed weight
   above the ticket's, NaN parts, an infinity through fp16, a shape-[1] part, float64 parts,
   fp16 parts to an uncompressed averager, a gradient 3x its committed norm, a norm above the
-  bound: the honest peers end with the honest-only weighted mean and report why;
+  bound, a reducer returning a wrong average (fp32 and fp16): the honest peers end with the
+  honest-only weighted mean and report why;
+* a sender lying about its sketch in the share audit: its reducer names it, the other honest peer
+  does not report the reducer;
 * the last round: the hostile peer stalls mid-round and is SIGKILLed; the others fail the round
   cleanly, within the averaging timeout.
 
@@ -102,7 +105,11 @@ CAUGHT_ROUNDS = {
     "float64": (_small("small_none", "float64"), Reason.BAD_DTYPE),
     "fp16_on_none": (_small("small_none", "fp16_on_none"), Reason.BAD_COMPRESSION),
     "norm_lie": (_small("small_none", "norm_lie"), Reason.NORM_EXCEEDED),
+    # a reducer returning a wrong average for its share, caught by the share audit after the reduction
+    "wrong_average": (_small("small_none", "wrong_average"), Reason.WRONG_AVERAGE),
+    "wrong_average_fp16": (_small("small_fp16", "wrong_average"), Reason.WRONG_AVERAGE),
 }
+SKETCH_LIE_ROUND = _small("small_none", "sketch_lie")
 KILL_ROUND = _small("small_none", "stall", max_attempts=1)
 HOSTILE_ONE_ATTEMPT = {r for r, _ in EXCLUDED_ROUNDS.values()}
 
@@ -433,7 +440,7 @@ def test_claimed_weight_above_the_ticket_is_ignored(swarm):
 @pytest.mark.parametrize("scenario", list(CAUGHT_ROUNDS))
 def test_invalid_parts_fail_the_attempt_and_the_retry_excludes_the_sender(swarm, scenario):
     r, reason = CAUGHT_ROUNDS[scenario]
-    tol = 2e-3 if scenario == "inf_fp16" else 1e-6
+    tol = 2e-3 if "fp16" in scenario else 1e-6
     reports = _check_honest_result(swarm, r, tol)
     hostile = swarm.peer_ids[H]
     # the attempt with the hostile sender fails for everyone in it (a peer that hivemind's matchmaking
@@ -447,6 +454,29 @@ def test_invalid_parts_fail_the_attempt_and_the_retry_excludes_the_sender(swarm,
     caught = [a["accused"].get(hostile) for rep in reports for a in rep["attempts"]]
     assert any(c is not None and c.startswith(reason.value + ":") for c in caught), caught
     print(f"\n{scenario}: {max(rep['seconds'] for rep in reports):.2f} s; caught: {caught}")
+
+
+def test_sender_lying_about_its_sketch_is_named_by_the_reducer_and_the_reducer_is_not_reported(swarm):
+    """A sender that lies in the share audit about what it sent makes its reducer's average look wrong
+    to everyone but that reducer, which holds the parts and names the liar (SKETCH_MISMATCH). The
+    other honest peer can only blame the reducer: it leaves both out of the retry and reports the
+    reducer to nobody, as the reducer's next signed gather names the liar."""
+    r, hostile = SKETCH_LIE_ROUND, swarm.peer_ids[H]
+    reports = {p: swarm.report(r, p) for p in (A, B)}
+    caught = {p: [a["accused"].get(hostile, "") for a in reports[p]["attempts"]] for p in (A, B)}
+    framed = [p for p in (A, B) if any(c.startswith("SKETCH_MISMATCH:") for c in caught[p])]
+    assert len(framed) == 1, reports
+    f = framed[0]
+    o = B if f == A else A
+    blamed = [a["accused"].get(swarm.peer_ids[f], "") for a in reports[o]["attempts"]]
+    assert any(b.startswith("WRONG_AVERAGE:") for b in blamed), reports[o]
+    assert swarm.peer_ids[f] not in reports[o]["reportable"], reports[o]["reportable"]
+    assert reports[f]["reportable"][hostile].startswith("SKETCH_MISMATCH:")
+    for p in (A, B):  # whatever completed holds honest values only (the liar's parts were honest)
+        if reports[p]["ok"]:
+            _same_bytes(swarm, r, [p])
+    print(f"\nsketch lie: reducer {f} named the liar; peer {o} blamed the reducer, reported "
+          f"{sorted(reports[o]['reportable'])}")
 
 
 def test_killed_member_fails_the_round_cleanly_within_the_timeout(swarm):

@@ -28,7 +28,11 @@ How a round goes (hivemind 1.1.12's DecentralizedAverager underneath, not a home
    and hands every peer the same bytes for every share. A timeout, ban or failed reducer aborts the
    attempt everywhere; the local snapshot is restored and the attempt reported as failed — a
    partial average is never a success.
-4. Peers caught sending invalid data are accused in the next attempt's gather (up to
+4. **The share audit** (:mod:`.share_audit`): before anyone takes the result, the members reveal
+   the nonces they committed to in their gather, and check every reducer's average against the
+   senders' sketches in a secret projection drawn from those nonces. A wrong average (the same
+   wrong values to everyone) fails the attempt and its reducer is accused.
+5. Peers caught sending invalid data are accused in the next attempt's gather (up to
    ``max_attempts`` per round) and excluded there by everyone, so the retry is the average of the
    remaining valid members.
 
@@ -55,6 +59,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -63,10 +68,11 @@ from typing import AsyncIterator  # typing's, not collections.abc's: hivemind's 
 
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
-from hivemind.compression import CompressionBase, NoCompression
+from hivemind.compression import CompressionBase, Float16Compression, NoCompression
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, anext, as_aiter, azip, enter_asynchronously
@@ -76,9 +82,28 @@ from grpo_swarm.protocol.identity import Identity, base58_decode, base58_encode
 
 from .matchmaking import PatientMatchmaking
 from .reduction import NORM_TOLERANCE, GroupPlan, VerifiedAllReduceRunner, check_compression
+from .share_audit import (
+    MAX_AUDIT_ENTRY_BYTES,
+    PHASE_REVEAL,
+    PHASE_SKETCH,
+    AuditEntryError,
+    Findings,
+    Sender,
+    audit_seed,
+    check_reveal,
+    check_sketch_body,
+    commitment,
+    decode_entry,
+    encode_entry,
+    judge,
+    nonce_for,
+    sketch_body,
+)
+from .share_sketch import Projection, flat_views, sketch_parts, sketch_share
 from .tickets import (
     WEIGHT_MODES,
     GatherClaim,
+    Reason,
     RoundRules,
     SlotVerdict,
     accusation_list,
@@ -114,6 +139,8 @@ class AttemptReport:
     failed: dict[str, str] = field(default_factory=dict)  # stopped, timed out, disconnected, refused
     refused: dict[str, str] = field(default_factory=dict)  # excluded peers that sent parts anyway
     weight_claims_ignored: dict[str, float] = field(default_factory=dict)  # claimed weight != ticket weight
+    # the accusations in every signed gather entry of the group: accuser -> {accused: reason}
+    accusations_seen: dict[str, dict[str, str]] = field(default_factory=dict)
     failed_size: int = 0
     error: str | None = None
     seconds: float = 0.0
@@ -156,6 +183,26 @@ class RoundResult:
         for a in self.attempts:
             for p, r in a.accused.items():
                 out.setdefault(p, r)
+        return out
+
+    def reportable(self) -> dict[str, str]:
+        """Who to report to the coordinator, and why: everyone excluded or accused, except a reducer
+        accused of WRONG_AVERAGE unless a later attempt showed its signed gather without a
+        SKETCH_MISMATCH accusation of its own (a sender that lies about its sketch makes an honest
+        reducer look wrong to everyone but that reducer; when the reducer names it, one word stands
+        against another and neither is reported for it: see :mod:`.share_audit`)."""
+        out = {**self.excluded, **self.accused}
+        for peer, reason in list(out.items()):
+            if Reason.WRONG_AVERAGE.value not in reason:
+                continue
+            # gathers signed after the accusation: the next attempt's on (an exclusion for it is
+            # decided in the attempt whose gathers already carry the reducer's answer)
+            first = next(i + (Reason.WRONG_AVERAGE.value in a.accused.get(peer, "")) for i, a in enumerate(self.attempts)
+                         if Reason.WRONG_AVERAGE.value in a.accused.get(peer, "") + a.excluded.get(peer, ""))
+            later = [a.accusations_seen[peer] for a in self.attempts[first:] if peer in a.accusations_seen]
+            disputed = any(r.startswith(Reason.SKETCH_MISMATCH.value) for seen in later for r in seen.values())
+            if disputed or not later:
+                del out[peer]
         return out
 
     def copy_to(self, tensors: Sequence[torch.Tensor]) -> None:
@@ -207,6 +254,8 @@ class VerifiedAverager(DecentralizedAverager):
     :param require_final_ticket: only count tickets the coordinator marked final
     :param min_contributors: an attempt with fewer valid members fails (the same everywhere)
     :param max_attempts: attempts per round (a retry excludes peers accused in earlier attempts)
+    :param audit_reducers: run the share audit after each reduction (:mod:`.share_audit`)
+    :param audit_timeout: seconds for the audit's two exchanges together
     """
 
     # each class collects its own RPC handlers (ServicerBase caches them per class, by name)
@@ -240,6 +289,8 @@ class VerifiedAverager(DecentralizedAverager):
         round_timeout: float | None = None,
         max_attempts: int = 2,
         part_size_bytes: int = DEFAULT_PART_SIZE_BYTES,
+        audit_reducers: bool = True,
+        audit_timeout: float | None = None,
         client_mode: bool | None = None,
         start: bool = True,
         **kwargs,
@@ -283,6 +334,10 @@ class VerifiedAverager(DecentralizedAverager):
         self.round_timeout = (round_timeout if round_timeout is not None
                               else max_attempts * (matchmaking_timeout + allreduce_timeout))
         self.tolerance = NORM_TOLERANCE[type(compression)]
+        self.audit_reducers = audit_reducers
+        self.audit_timeout = 2 * reducer_timeout if audit_timeout is None else audit_timeout
+        self._audit_secret = os.urandom(32)  # nonces derive from it in both processes (forked after this)
+        self._audit_stores: dict[tuple[bytes, int], dict[bytes, bytes]] = {}  # (group, phase) -> caller -> entry
         self._rules: RoundRules | None = None  # the current round's rules, in the background process
         self._round_min_contributors = min_contributors
         self._finished_groups: dict[bytes, None] = {}  # recently left group ids (insertion-ordered)
@@ -374,7 +429,8 @@ class VerifiedAverager(DecentralizedAverager):
                 with self.get_tensors() as buffers:
                     for buf, g in zip(buffers, local):
                         buf.copy_(g)
-                claim = GatherClaim(bytes(ticket_bytes), int(round_index), attempt, norm, accusations)
+                nonce = nonce_for(self._audit_secret, round_index, attempt)
+                claim = GatherClaim(bytes(ticket_bytes), int(round_index), attempt, norm, accusations, commitment(nonce))
                 entry = self.gather_entry(claim)
                 report = self._attempt(entry, weight, min(self.matchmaking_timeout, remaining))
                 report.attempt = attempt
@@ -467,6 +523,8 @@ class VerifiedAverager(DecentralizedAverager):
             self._refuse_group(group_info.group_id, report.error)
             return
         for v in plan.verdicts:
+            if v.public_key and v.reason != Reason.BAD_GATHER_SIGNATURE:  # an entry signed by its key
+                report.accusations_seen[_b58(v.peer_id)] = {_b58(p): r for p, r in v.accusations}
             if v.ok:
                 report.weights[_b58(v.peer_id)] = v.weight
             else:
@@ -489,9 +547,12 @@ class VerifiedAverager(DecentralizedAverager):
                 servicer_type=type(self), prefix=self.prefix, tensors=local_tensors, group_id=group_info.group_id,
                 weight=mine.weight, sender_timeout=kwargs["sender_timeout"], reducer_timeout=kwargs["reducer_timeout"],
                 part_size_bytes=kwargs["part_size_bytes"], tensor_infos=kwargs.get("tensor_infos"))
+            audit = None if self.audit_reducers else Findings()
             try:
                 self._running_groups[group_info.group_id].set_result(runner)  # shielded: see rpc_aggregate_part
                 await asyncio.wait_for(self._consume(runner, local_tensors), self.verified_allreduce_timeout)
+                if self.audit_reducers and runner.succeeded():
+                    audit = await self._audit_shares(group_info, plan, runner, snapshot, local_tensors)
             except asyncio.TimeoutError:
                 runner.abort(f"the reduction did not finish within {self.verified_allreduce_timeout} s")
             except Exception as e:  # noqa: BLE001 - the runner's abort surfaces here: reported below
@@ -500,20 +561,172 @@ class VerifiedAverager(DecentralizedAverager):
                 runner.abort(f"{type(e).__name__}: {e}")
                 report.error = f"{type(e).__name__}: {e}"[:500]
             finally:
-                report.ok = runner.succeeded()
+                report.ok = runner.succeeded() and audit is not None and audit.clean
                 if not report.ok:
                     runner.abort("the attempt failed")
                     # never leave a partial average behind: the caller gets its own gradient back
                     for t, s in zip(local_tensors, snapshot):
                         t.copy_(s)
-        if not report.ok:
-            report.error = runner.abort_reason or report.error or "the reduction did not complete"
         reasons = lambda d: {_b58(p): f"{r.value}: {detail}" for p, (r, detail) in d.items()}  # noqa: E731
         report.accused = reasons(runner.accused)
         report.failed = reasons(runner.failures)
+        if audit is not None and not audit.clean:
+            report.accused.update({_b58(p): f"{r.value}: {d}" for p, (r, d) in audit.accused.items()})
+            report.failed.update({_b58(p): f"{r.value}: {d}" for p, (r, d) in audit.failed.items()})
+            first = next(iter({**audit.accused, **audit.failed}.items()))
+            report.error = f"share audit: {_b58(first[0])} {first[1][0].value}: {first[1][1]}"[:500]
+        if not report.ok:
+            report.error = report.error or runner.abort_reason or "the reduction did not complete"
         report.refused = {_b58(p): r for p, r in runner.refused.items()}
         report.weight_claims_ignored = {_b58(p): w for p, w in runner.weight_claims.items()}
         report.failed_size = runner.tensor_part_container.failed_size
+
+    # ---- the share audit (see .share_audit)
+    async def _audit_shares(self, group_info: GroupInfo, plan: GroupPlan, runner: VerifiedAllReduceRunner,
+                            inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> Findings:
+        """Reveal, sketch and judge; never raises (a failure is a finding)."""
+        found = Findings()
+        group_id, me = group_info.group_id, self.peer_id.to_bytes()
+        deadline = asyncio.get_event_loop().time() + self.audit_timeout
+        senders = [Sender(p.to_bytes(), float(w), plan.verdict(p).committed_norm)
+                   for p, w in zip(runner.sender_peer_ids, runner.weights)]
+        keys = {v.peer_id: v.public_key for v in plan.contributors}
+        servers = [p for p, m in zip(plan.peer_ids, plan.modes) if m == AveragingMode.NODE and p != self.peer_id]
+        try:
+            nonce = nonce_for(self._audit_secret, self._rules.round_index, plan.verdict(self.peer_id).attempt)
+            reveals = await self._exchange(group_id, PHASE_REVEAL, nonce, keys, servers, deadline, found)
+            nonces = []
+            for s in senders:
+                if s.peer_id in reveals:
+                    try:
+                        nonces.append(check_reveal(reveals[s.peer_id], plan.verdict(PeerID(s.peer_id)).nonce_commitment))
+                    except AuditEntryError as e:
+                        found.accuse(s.peer_id, Reason.BAD_AUDIT_ENTRY, str(e))
+            if not found.clean:
+                return found
+            seed = audit_seed(group_id, nonces)
+            computed = await asyncio.get_event_loop().run_in_executor(
+                None, self._sketch_round, runner, seed, inputs, outputs)
+            mine, my_outputs, output_norms, received = computed
+            bodies = await self._exchange(group_id, PHASE_SKETCH, sketch_body(mine, my_outputs), keys, servers,
+                                          deadline, found)
+            sketches = {}
+            for s in senders:
+                if s.peer_id in bodies:
+                    try:
+                        sketches[s.peer_id] = check_sketch_body(bodies[s.peer_id], runner.group_size)
+                    except AuditEntryError as e:
+                        found.accuse(s.peer_id, Reason.BAD_AUDIT_ENTRY, str(e))
+            if not found.clean:
+                return found
+            numels = [runner.layout.numel(j) for j in range(runner.layout.num_shares)]
+            verdict = judge(me=me, senders=senders, reducers=[p.to_bytes() for p in plan.peer_ids],
+                            share_numels=numels, my_outputs=my_outputs, output_norms=output_norms,
+                            sketches=sketches, received=received,
+                            fp16=isinstance(runner.compression, Float16Compression))
+            found.accused.update(verdict.accused)
+            found.failed.update(verdict.failed)
+        except Exception as e:  # noqa: BLE001 - our own failure: the attempt fails, nobody is accused
+            logger.warning("the share audit failed", exc_info=True)
+            found.fail(me, Reason.AUDIT_FAILED, f"{type(e).__name__}: {e}"[:300])
+        return found
+
+    def _sketch_round(self, runner: VerifiedAllReduceRunner, seed: bytes, inputs: Sequence[torch.Tensor],
+                      outputs: Sequence[torch.Tensor]):
+        """This member's sketches (runs in a thread): of what it sent to each share, of each share's
+        average, each share's average norm, and — for its own share — of what each sender sent."""
+        layout = runner.layout
+        projections = [Projection.draw(seed, j, layout.rows[j]) if layout.numel(j) else None
+                       for j in range(layout.num_shares)]
+        ins, outs = flat_views(inputs), flat_views(outputs)
+        mine = [sketch_share(layout, j, ins, p) if p is not None else None for j, p in enumerate(projections)]
+        my_outputs = [sketch_share(layout, j, outs, p) if p is not None else None for j, p in enumerate(projections)]
+        local = runner.ordered_peer_ids.index(runner.peer_id)
+        norms = []
+        for j in range(layout.num_shares):
+            if j != local:
+                norms.append(runner.output_norm(j))
+            else:
+                squares = sum(float(torch.linalg.vector_norm(outs[s.tensor_index][s.start: s.start + s.numel],
+                                                             dtype=torch.float64)) ** 2 for s in layout.spans[j])
+                norms.append(math.sqrt(squares))
+        received = None
+        if projections[local] is not None and runner.tensor_part_reducer.received is not None:
+            received = {}
+            for sender in runner.sender_peer_ids:
+                got = runner.received_parts(sender)
+                if got is not None:
+                    parts, norm = got
+                    received[sender.to_bytes()] = (sketch_parts(layout, local, parts, projections[local]), norm)
+        return mine, my_outputs, norms, received
+
+    async def _exchange(self, group_id: bytes, phase: int, body, keys: dict[bytes, bytes], servers: Sequence[PeerID],
+                        deadline: float, found: Findings) -> dict[bytes, object]:
+        """Every contributor's body for ``phase``: push ours to every reducing member and collect what
+        they hold (entries relayed for client-mode members), until all are in or ``deadline``.
+        Members still missing then are failures."""
+        loop = asyncio.get_event_loop()
+        entry = encode_entry(self.identity, group_id, phase, body)
+        store = self._audit_store(group_id, phase, create=True)
+        store[self.peer_id.to_bytes()] = entry
+        bodies: dict[bytes, object] = {}
+
+        def absorb(raw_entries):
+            for raw in raw_entries:
+                try:
+                    signer, content = decode_entry(bytes(raw), keys, group_id, phase)
+                except AuditEntryError:
+                    continue  # relayed or garbled: the signer's own copy may still arrive
+                bodies.setdefault(signer, content)
+
+        request = pb.ShareAuditExchange(group_id=group_id, phase=phase, entries=[entry])
+
+        async def call(peer: PeerID):
+            try:
+                stub = type(self).get_stub(self._p2p, peer, namespace=self.prefix)
+                response = await asyncio.wait_for(stub.rpc_share_audit(request), self.request_timeout)
+                absorb(response.entries[: 2 * len(keys)])
+            except Exception as e:  # noqa: BLE001 - unreachable now: retried until the deadline
+                logger.debug(f"share audit exchange with {peer} failed: {e!r}")
+
+        delay = 0.02
+        while True:
+            absorb(list(store.values()))
+            if set(keys) <= set(bodies):
+                break
+            if loop.time() >= deadline:
+                for peer in set(keys) - set(bodies):
+                    found.fail(peer, Reason.AUDIT_FAILED, f"no audit entry (phase {phase}) within "
+                                                          f"{self.audit_timeout} s")
+                break
+            await asyncio.gather(*(call(p) for p in servers))
+            absorb(list(store.values()))
+            if not set(keys) <= set(bodies):
+                await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+                delay = min(delay * 2, 0.25)
+        return bodies
+
+    def _audit_store(self, group_id: bytes, phase: int, create: bool) -> dict[bytes, bytes] | None:
+        key = (bytes(group_id), int(phase))
+        store = self._audit_stores.get(key)
+        if store is None and create:
+            store = self._audit_stores[key] = {}
+            while len(self._audit_stores) > 32:
+                self._audit_stores.pop(next(iter(self._audit_stores)))
+        return store
+
+    async def rpc_share_audit(self, request: pb.ShareAuditExchange, context: P2PContext) -> pb.ShareAuditExchange:
+        """A groupmate's audit entry in, every entry we hold for that (group, phase) out. Entries are
+        kept only for groups we are in, one per caller (the authenticated libp2p peer)."""
+        known = bytes(request.group_id) in self._running_groups or (bytes(request.group_id), request.phase) in \
+            self._audit_stores
+        store = self._audit_store(request.group_id, request.phase, create=known) if request.phase in (
+            PHASE_REVEAL, PHASE_SKETCH) else None
+        if store is None:
+            return pb.ShareAuditExchange(group_id=request.group_id, phase=request.phase)
+        if request.entries and len(request.entries[0]) <= MAX_AUDIT_ENTRY_BYTES:
+            store.setdefault(context.remote_id.to_bytes(), bytes(request.entries[0]))
+        return pb.ShareAuditExchange(group_id=request.group_id, phase=request.phase, entries=list(store.values()))
 
     async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
                                  ) -> AsyncIterator[averaging_pb2.AveragingData]:
@@ -545,7 +758,7 @@ class VerifiedAverager(DecentralizedAverager):
             yield message
 
     def make_runner(self, **kwargs) -> VerifiedAllReduceRunner:
-        return self.runner_class(**kwargs)
+        return self.runner_class(keep_parts=self.audit_reducers, **kwargs)
 
     async def _consume(self, runner: VerifiedAllReduceRunner, tensors: Sequence[torch.Tensor]) -> None:
         # the runner yields whole averaged tensors (not deltas): copy them as they are

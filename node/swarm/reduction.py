@@ -54,6 +54,7 @@ from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, amap_in_executor, anext, as_aiter
 
+from .share_sketch import ShareLayout
 from .tickets import Reason, SlotVerdict
 
 # relative slack on norm checks: the sender's float32 norm vs the reducer's float64 sum of parts
@@ -127,8 +128,11 @@ class ValidatingReducer(TensorPartReducer):
     """A TensorPartReducer that accumulates with the ticket weights and checks every remote part."""
 
     def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, weights: Sequence[float],
-                 committed_norms: Sequence[float], local_index: int, tolerance: float):
+                 committed_norms: Sequence[float], local_index: int, tolerance: float, keep_parts: bool = False):
         super().__init__(part_shapes, num_senders)
+        # the parts each remote sender sent, kept for the share audit (it checks their sketches)
+        self.received: list[dict[int, torch.Tensor]] | None = (
+            [{} for _ in range(num_senders)] if keep_parts else None)
         assert len(weights) == len(committed_norms) == num_senders
         self.weights = [float(w) for w in weights]
         self.limits = [_limit(float(n), tolerance) for n in committed_norms]
@@ -143,6 +147,8 @@ class ValidatingReducer(TensorPartReducer):
             raise AllreduceException(f"unknown sender index {sender_index}")
         if sender_index != self.local_index:
             self.check_part(sender_index, part_index, tensor_part)
+            if self.received is not None:
+                self.received[sender_index][part_index] = tensor_part
         # the claimed ``weight`` is ignored: the ticket's weight is the only one that counts
         return await super().accumulate_part(sender_index, part_index, tensor_part, weight=self.weights[sender_index])
 
@@ -187,7 +193,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
 
     reducer_class = ValidatingReducer
 
-    def __init__(self, *, plan: GroupPlan, compression: CompressionBase, tolerance: float, **kwargs):
+    def __init__(self, *, plan: GroupPlan, compression: CompressionBase, tolerance: float, keep_parts: bool = False,
+                 **kwargs):
         check_compression(compression)
         self.plan = plan
         verdicts = {p: v for p, v in zip(plan.peer_ids, plan.verdicts)}
@@ -206,10 +213,13 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         self.tensor_part_reducer.finished.set()  # the base class's reducer is replaced; keep its __del__ quiet
         self.tensor_part_reducer = self.reducer_class(
             tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids),
-            weights=self.weights, committed_norms=norms, local_index=local_index, tolerance=tolerance)
+            weights=self.weights, committed_norms=norms, local_index=local_index, tolerance=tolerance,
+            keep_parts=keep_parts)
         # the part sizes every reducer must return, by slot (read once, before anything consumes them)
         self.part_numels_by_peer = [[part.numel() for part, _ in parts]
                                     for parts in self.tensor_part_container._input_parts_by_peer]
+        self.layout = ShareLayout.from_partition(self.part_numels_by_peer,
+                                                 self.tensor_part_container.num_parts_by_tensor)
         # any honest average of a share has norm <= the weighted mean of the senders' committed norms
         total = sum(self.weights)
         self.output_limit = _limit(sum(w * n for w, n in zip(self.weights, norms)) / total, tolerance) if total else 0.0
@@ -396,6 +406,19 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             future = asyncio.get_event_loop().run_in_executor(None, self.compression.compress, averaged, info, False)
             self._results[part_index] = future
         return await future
+
+    def received_parts(self, sender: PeerID) -> tuple[list[torch.Tensor], float] | None:
+        """The parts a remote sender sent to our share, in order, and their norm (None: not kept)."""
+        reducer = self.tensor_part_reducer
+        if reducer.received is None or sender not in self.sender_peer_ids or sender == self.peer_id:
+            return None
+        index = self.sender_peer_ids.index(sender)
+        parts = reducer.received[index]
+        return [parts[i] for i in range(reducer.num_parts)], math.sqrt(reducer.squares[index])
+
+    def output_norm(self, peer_index: int) -> float:
+        """The norm of the averages a remote reducer returned (checked against the output limit)."""
+        return math.sqrt(self.output_squares[peer_index])
 
     # ---- receivers
     def _decode_output(self, peer_index: int, part_index: int, msg: averaging_pb2.AveragingData) -> torch.Tensor:

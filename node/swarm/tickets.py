@@ -4,13 +4,15 @@ hivemind's leader relays the gathered entries of a group unsigned, so each membe
 
     entry     = msgpack([payload, signature])
     payload   = msgpack([GATHER_VERSION, ticket_bytes, round_index, attempt, committed_norm,
-                         [[accused_peer_id, reason], ...]])
+                         [[accused_peer_id, reason], ...], nonce_commitment])
     signature = Ed25519(node key, GATHER_DOMAIN || payload)
 
 ``ticket_bytes`` is the coordinator-signed ``AdmissionTicket`` (protobuf bytes), ``committed_norm``
 the L2 norm of the member's whole gradient (its parts are held to it during the reduction), and
 the accusations name peers this member caught sending invalid data in an earlier attempt of the
-same round (they are excluded from the retry). The signature is checked against the public key
+same round (they are excluded from the retry). ``nonce_commitment`` is SHA-256 of the nonce the
+member reveals after the reduction, from which the group draws the secret projections that check
+every reducer's average (:mod:`.share_audit`). The signature is checked against the public key
 inside the slot's libp2p peer id (Ed25519 peer ids embed the key), so a leader cannot alter or
 swap entries without the slot failing. Nothing a peer sends is unpickled: msgpack of bytes, ints,
 floats and strings only, with size limits and no extension types.
@@ -50,7 +52,8 @@ from grpo_swarm.protocol.identity import (
 from grpo_swarm.protocol.rpc import verify_ticket
 
 GATHER_DOMAIN = b"grpo-swarm/v1/gather\n"
-GATHER_VERSION = 1
+GATHER_VERSION = 2
+NONCE_COMMITMENT_BYTES = 32
 MAX_TICKET_BYTES = 4096
 MAX_ACCUSATIONS = 64
 MAX_REASON_CHARS = 64
@@ -93,6 +96,12 @@ class Reason(str, Enum):
     # -- during the reduction: failures (not accusations: could be a crash or an abort)
     SENDER_FAILED = "SENDER_FAILED"  # stopped, timed out or disconnected while sending
     REDUCER_FAILED = "REDUCER_FAILED"  # did not return its share (error code, timeout, disconnect)
+    # -- after the reduction: the share audit (see .share_audit)
+    WRONG_AVERAGE = "WRONG_AVERAGE"  # its share's average fails the secret-projection check
+    SKETCH_MISMATCH = "SKETCH_MISMATCH"  # its sketch differs from the parts it sent (seen by their reducer)
+    SKETCH_IMPLAUSIBLE = "SKETCH_IMPLAUSIBLE"  # a sketch too large for its committed norm
+    BAD_AUDIT_ENTRY = "BAD_AUDIT_ENTRY"  # malformed / wrongly signed / wrong nonce in the audit exchange
+    AUDIT_FAILED = "AUDIT_FAILED"  # no audit entry in time, or outputs differing between members (a failure)
 
     def __str__(self) -> str:
         return self.value
@@ -100,7 +109,9 @@ class Reason(str, Enum):
 
 # content violations that make the catching member accuse the peer in its next attempt's gather
 ACCUSATION_REASONS = frozenset({Reason.BAD_COMPRESSION, Reason.BAD_DTYPE, Reason.BAD_SHAPE, Reason.NON_FINITE,
-                                Reason.MAGNITUDE, Reason.NORM_EXCEEDED, Reason.MALFORMED_PART})
+                                Reason.MAGNITUDE, Reason.NORM_EXCEEDED, Reason.MALFORMED_PART,
+                                Reason.WRONG_AVERAGE, Reason.SKETCH_MISMATCH, Reason.SKETCH_IMPLAUSIBLE,
+                                Reason.BAD_AUDIT_ENTRY})
 
 _TICKET_REASON = {
     ReasonCode.BAD_SIGNATURE: Reason.TICKET_BAD_SIGNATURE,
@@ -172,6 +183,7 @@ class GatherClaim:
     attempt: int
     committed_norm: float
     accusations: tuple[tuple[bytes, str], ...] = ()
+    nonce_commitment: bytes = bytes(NONCE_COMMITMENT_BYTES)
 
 
 def encode_gather(identity: Identity, claim: GatherClaim) -> bytes:
@@ -180,7 +192,8 @@ def encode_gather(identity: Identity, claim: GatherClaim) -> bytes:
         raise ValueError(f"at most {MAX_ACCUSATIONS} accusations per entry")
     accusations = sorted([bytes(p), str(r)[:MAX_REASON_CHARS]] for p, r in claim.accusations)
     payload = msgpack.packb([GATHER_VERSION, bytes(claim.ticket_bytes), int(claim.round_index), int(claim.attempt),
-                             float(claim.committed_norm), accusations], use_bin_type=True)
+                             float(claim.committed_norm), accusations, bytes(claim.nonce_commitment)],
+                            use_bin_type=True)
     return msgpack.packb([payload, identity.sign(GATHER_DOMAIN + payload)], use_bin_type=True)
 
 
@@ -221,9 +234,9 @@ def decode_gather(entry: bytes) -> tuple[bytes, bytes, GatherClaim]:
     if len(signature) != SIGNATURE_SIZE:
         raise ValueError("signature has the wrong length")
     body = strict_unpack(payload, MAX_ENTRY_BYTES)
-    if not (isinstance(body, list) and len(body) == 6 and body[0] == GATHER_VERSION and _is_int(body[0])):
+    if not (isinstance(body, list) and len(body) == 7 and body[0] == GATHER_VERSION and _is_int(body[0])):
         raise ValueError(f"payload is not a version-{GATHER_VERSION} gather")
-    _, ticket_bytes, round_index, attempt, norm, accusations = body
+    _, ticket_bytes, round_index, attempt, norm, accusations, nonce_commitment = body
     if not isinstance(ticket_bytes, bytes) or len(ticket_bytes) > MAX_TICKET_BYTES:
         raise ValueError("ticket is not bytes of bounded size")
     if not (_is_int(round_index) and _is_int(attempt) and round_index >= 0 and attempt >= 0):
@@ -238,7 +251,9 @@ def decode_gather(entry: bytes) -> tuple[bytes, bytes, GatherClaim]:
                 and len(item[0]) <= MAX_PEER_ID_BYTES and len(item[1]) <= MAX_REASON_CHARS):
             raise ValueError("an accusation is not [peer id, reason]")
         acc.append((item[0], item[1]))
-    return payload, signature, GatherClaim(ticket_bytes, round_index, attempt, norm, tuple(acc))
+    if not (isinstance(nonce_commitment, bytes) and len(nonce_commitment) == NONCE_COMMITMENT_BYTES):
+        raise ValueError(f"nonce commitment is not {NONCE_COMMITMENT_BYTES} bytes")
+    return payload, signature, GatherClaim(ticket_bytes, round_index, attempt, norm, tuple(acc), nonce_commitment)
 
 
 # ---- verdicts --------------------------------------------------------------------------------------
@@ -271,6 +286,8 @@ class SlotVerdict:
     client_mode: bool = False
     accusations: tuple[tuple[bytes, str], ...] = ()
     accused_by: list[bytes] = field(default_factory=list)
+    nonce_commitment: bytes = b""
+    attempt: int = 0
 
     def reject(self, reason: Reason, detail: str) -> SlotVerdict:
         self.ok, self.reason, self.detail = False, reason, detail
@@ -298,6 +315,7 @@ def verify_slot(peer_id: bytes, raw_entry: bytes, rules: RoundRules) -> SlotVerd
     if not verify_signature(v.public_key, GATHER_DOMAIN + payload, signature):
         return v.reject(Reason.BAD_GATHER_SIGNATURE, "the gather entry is not signed by the slot's peer key")
     v.accusations = claim.accusations
+    v.nonce_commitment, v.attempt = claim.nonce_commitment, claim.attempt
     try:
         ticket = parse_ticket(claim.ticket_bytes, rules.ticket_type)
         verify_ticket(ticket, rules.coordinator_key, run_id=rules.run_id, round_index=rules.round_index)

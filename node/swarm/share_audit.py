@@ -1,0 +1,222 @@
+"""The share audit: after a reduction, every member checks every reducer's average.
+
+A reducer sees the parts of its share and returns their weighted average; nobody else sees those
+parts, so a reducer could return a wrong average (the same wrong values to everyone) and every
+other check would pass. After a successful reduction, and before anyone applies it:
+
+1. **Reveal.** Each member holds every average, then reveals the nonce it committed to in its
+   signed gather entry (``commitment(nonce)``). The seed is SHA-256 of the group id and all the
+   contributors' nonces: nobody knows it until every honest member holds its averages, so no
+   reducer can fit a wrong average to the projection, and nobody can grind it (the nonces were
+   committed before the group formed).
+2. **Sketch.** Each member sends, for every share, the sketch (:mod:`.share_sketch`, a secret
+   random projection drawn from the seed) of the values it sent to that share's reducer, and the
+   sketch of the average it received.
+3. **Judge** (:func:`judge`, every member on its own): for each share, the sketch of the average
+   must equal the ticket-weighted mean of the senders' sketches up to rounding
+   (:func:`.share_sketch.share_tolerance`); otherwise the reducer is accused (WRONG_AVERAGE). A
+   sender could lie about its sketch to frame an honest reducer, but that reducer holds the parts it
+   received and checks each sender's sketch against them (SKETCH_MISMATCH). A reducer's own values
+   for its own share are seen by nobody, so its sketch of them is only held to its committed norm
+   (SKETCH_IMPLAUSIBLE, as is any sketch): a cheating reducer's change to its share is bounded by
+   a few times the change it could make as a sender anyway. Members whose copies of a share's
+   average differ fail the attempt (AUDIT_FAILED: the reducer or the member could be lying).
+
+Any finding fails the attempt (the averager restores its gradient); accusations go into the next
+attempt's gather as usual. When a reducer that others accuse of WRONG_AVERAGE accuses a sender of
+SKETCH_MISMATCH in turn, third parties cannot tell who lied (only the reducer saw the parts): both
+are left out of the retry and neither is reported to the coordinator for it
+(:meth:`.averaging.RoundResult.reportable`).
+
+Entries are ``msgpack([payload, Ed25519(key, AUDIT_DOMAIN || payload)])`` with ``payload =
+msgpack([AUDIT_VERSION, group_id, phase, signer_peer_id, body])``; members relay each other's
+entries (client-mode members cannot be called), and every receiver checks each signature against
+the signer's key from the group's gather. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy as np
+
+from grpo_swarm.protocol.identity import SIGNATURE_SIZE, Identity, verify_signature
+
+from .share_sketch import RHO_SKETCH, SKETCH_DIMS, Z, plausible, rounding, share_residual, share_tolerance
+from .tickets import Reason, strict_unpack
+
+AUDIT_DOMAIN = b"grpo-swarm/v1/share-audit\n"
+AUDIT_VERSION = 1
+PHASE_REVEAL = 1
+PHASE_SKETCH = 2
+NONCE_BYTES = 32
+MAX_GROUP = 256
+MAX_AUDIT_ENTRY_BYTES = 2 * MAX_GROUP * (SKETCH_DIMS * 9 + 8) + 1024
+
+
+class AuditEntryError(ValueError):
+    """An audit entry that does not decode, is not signed by its member, or is for another group/phase."""
+
+
+def nonce_for(secret: bytes, round_index: int, attempt: int) -> bytes:
+    """This member's nonce for one attempt: derived from a per-process secret, so both of the
+    averager's processes know it without passing it around."""
+    return hmac.new(secret, b"nonce" + int(round_index).to_bytes(8, "big") + int(attempt).to_bytes(4, "big"),
+                    hashlib.sha256).digest()
+
+
+def commitment(nonce: bytes) -> bytes:
+    return hashlib.sha256(AUDIT_DOMAIN + b"nonce\n" + nonce).digest()
+
+
+def audit_seed(group_id: bytes, nonces: Sequence[bytes]) -> bytes:
+    """The group's projection seed: the group id and every contributor's nonce, in slot order."""
+    h = hashlib.sha256(AUDIT_DOMAIN + b"seed\n" + len(group_id).to_bytes(2, "big") + group_id)
+    for n in nonces:
+        h.update(n)
+    return h.digest()
+
+
+def encode_entry(identity: Identity, group_id: bytes, phase: int, body) -> bytes:
+    payload = msgpack.packb([AUDIT_VERSION, bytes(group_id), int(phase), identity.peer_id, body], use_bin_type=True)
+    return msgpack.packb([payload, identity.sign(AUDIT_DOMAIN + payload)], use_bin_type=True)
+
+
+def decode_entry(raw: bytes, keys: Mapping[bytes, bytes], group_id: bytes, phase: int) -> tuple[bytes, object]:
+    """(signer peer id, body) of a signed entry, checked against the signer's key in ``keys`` (peer
+    id -> public key: the group's contributors), the group and the phase."""
+    try:
+        top = strict_unpack(raw, MAX_AUDIT_ENTRY_BYTES)
+        if not (isinstance(top, list) and len(top) == 2 and all(isinstance(x, bytes) for x in top)
+                and len(top[1]) == SIGNATURE_SIZE):
+            raise ValueError("entry is not [payload, signature]")
+        payload, signature = top
+        body = strict_unpack(payload, MAX_AUDIT_ENTRY_BYTES)
+    except ValueError as e:
+        raise AuditEntryError(f"malformed: {e}") from None
+    if not (isinstance(body, list) and len(body) == 5 and body[0] == AUDIT_VERSION):
+        raise AuditEntryError(f"not a version-{AUDIT_VERSION} audit entry")
+    if body[1] != bytes(group_id) or body[2] != phase:
+        raise AuditEntryError("for another group or phase")
+    signer = body[3]
+    if not isinstance(signer, bytes) or signer not in keys:
+        raise AuditEntryError("not signed by a contributor of the group")
+    if not verify_signature(keys[signer], AUDIT_DOMAIN + payload, signature):
+        raise AuditEntryError("not signed by the member's key")
+    return signer, body[4]
+
+
+def reveal_body(nonce: bytes) -> bytes:
+    return bytes(nonce)
+
+
+def check_reveal(body, nonce_commitment: bytes) -> bytes:
+    if not (isinstance(body, bytes) and len(body) == NONCE_BYTES):
+        raise AuditEntryError(f"the nonce is not {NONCE_BYTES} bytes")
+    if not hmac.compare_digest(commitment(body), nonce_commitment):
+        raise AuditEntryError("the nonce does not match its commitment in the gather")
+    return body
+
+
+def sketch_body(inputs: Sequence[np.ndarray | None], outputs: Sequence[np.ndarray | None]) -> list:
+    as_list = lambda s: None if s is None else [float(v) for v in np.asarray(s, dtype=np.float64)]  # noqa: E731
+    return [[as_list(s) for s in inputs], [as_list(s) for s in outputs]]
+
+
+def check_sketch_body(body, num_shares: int) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
+    def vector(x):
+        if x is None:
+            return None
+        if not (isinstance(x, list) and len(x) == SKETCH_DIMS and all(isinstance(v, float) for v in x)):
+            raise AuditEntryError(f"a sketch is not {SKETCH_DIMS} floats")
+        v = np.asarray(x, dtype=np.float64)
+        if not np.all(np.isfinite(v)):
+            raise AuditEntryError("a sketch is not finite")
+        return v
+
+    if not (isinstance(body, list) and len(body) == 2 and all(isinstance(b, list) and len(b) == num_shares
+                                                               for b in body)):
+        raise AuditEntryError(f"sketches are not [inputs, outputs] of {num_shares} shares each")
+    return [vector(x) for x in body[0]], [vector(x) for x in body[1]]
+
+
+@dataclass(frozen=True)
+class Sender:
+    peer_id: bytes
+    weight: float
+    committed_norm: float
+
+
+@dataclass
+class Findings:
+    """What the audit found: accusations (content, go into the next gather) and failures."""
+
+    accused: dict[bytes, tuple[Reason, str]] = field(default_factory=dict)
+    failed: dict[bytes, tuple[Reason, str]] = field(default_factory=dict)
+
+    def accuse(self, peer: bytes, reason: Reason, detail: str) -> None:
+        self.accused.setdefault(bytes(peer), (reason, detail))
+
+    def fail(self, peer: bytes, reason: Reason, detail: str) -> None:
+        self.failed.setdefault(bytes(peer), (reason, detail))
+
+    @property
+    def clean(self) -> bool:
+        return not self.accused and not self.failed
+
+
+def judge(*, me: bytes, senders: Sequence[Sender], reducers: Sequence[bytes], share_numels: Sequence[int],
+          my_outputs: Sequence[np.ndarray | None], output_norms: Sequence[float],
+          sketches: Mapping[bytes, tuple[list, list]], received: Mapping[bytes, tuple[np.ndarray, float]] | None,
+          fp16: bool) -> Findings:
+    """Check every non-empty share. ``reducers[j]``: the peer reducing share j; ``my_outputs[j]`` /
+    ``output_norms[j]``: this member's sketch and norm of share j's average; ``sketches``: every
+    sender's (inputs, outputs) sketches by peer; ``received``: when this member reduces a share,
+    each remote sender's (sketch, norm) of the parts it received from them."""
+    found = Findings()
+    my_share = reducers.index(me) if me in reducers else -1
+    for s in senders:
+        for j, numel in enumerate(share_numels):
+            if numel and not plausible(sketches[s.peer_id][0][j], s.committed_norm):
+                found.accuse(s.peer_id, Reason.SKETCH_IMPLAUSIBLE, f"its sketch of share {j} is too large for "
+                                                                   f"its committed norm {s.committed_norm:.6g}")
+    if received is not None and my_share >= 0:
+        rel, absolute = rounding(fp16, share_numels[my_share])
+        for peer, (mine, norm) in received.items():
+            claimed = sketches[peer][0][my_share]
+            gap = float(np.max(np.abs(np.asarray(claimed) - mine)))
+            limit = Z * (rel * norm + absolute)
+            if not gap <= limit:
+                found.accuse(peer, Reason.SKETCH_MISMATCH, f"its sketch of the parts it sent this reducer is off "
+                                                           f"by {gap:.3g} > {limit:.3g}")
+    weights = [s.weight for s in senders]
+    norms = [s.committed_norm for s in senders]
+    for j, numel in enumerate(share_numels):
+        if not numel:
+            continue
+        reducer = reducers[j]
+        for s in senders:  # every member must hold the same average of share j
+            theirs = sketches[s.peer_id][1][j]
+            limit = Z * RHO_SKETCH * output_norms[j] + 1e-30
+            if s.peer_id != me and (theirs is None or not float(np.max(np.abs(theirs - my_outputs[j]))) <= limit):
+                found.fail(reducer, Reason.AUDIT_FAILED, f"members hold different averages of share {j}")
+        inputs = [sketches[s.peer_id][0][j] for s in senders]
+        if any(x is None for x in inputs):
+            continue  # that sender is accused of SKETCH_IMPLAUSIBLE above
+        residual = share_residual(my_outputs[j], inputs, weights)
+        tolerance = share_tolerance(output_norms[j], weights, norms, numel, fp16=fp16)
+        worst = float(np.max(np.abs(residual)))
+        if not worst <= tolerance:
+            if reducer == me:
+                if not any(r == Reason.SKETCH_MISMATCH for r, _ in found.accused.values()):
+                    found.fail(me, Reason.AUDIT_FAILED, f"share {j}: the senders' sketches do not add up "
+                                                        f"({worst:.3g} > {tolerance:.3g})")
+            else:
+                found.accuse(reducer, Reason.WRONG_AVERAGE, f"its average of share {j} is off by {worst:.3g} > "
+                                                            f"{tolerance:.3g} in a secret projection")
+    return found
+

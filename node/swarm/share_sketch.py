@@ -1,0 +1,197 @@
+"""Secret random projections of gradient shares: the arithmetic of the share audit.
+
+A group's flattened gradient is split into shares, one per reducer, each a list of hivemind parts
+(:class:`ShareLayout`, read from the all-reduce's own partition). For share ``j`` and a seed, the
+projection is ``r_d[e] = U[e mod ROW, d] * V[row(e), d]`` for ``d < SKETCH_DIMS``: every part is
+padded to whole rows of ``ROW`` values, ``U`` (ROW x dims) is shared by the share's rows and ``V``
+(rows x dims) weights each row. A sketch ``R x`` is then one (rows x ROW) @ (ROW x dims) product
+per contiguous span — memory-bound, about one read of the gradient — and, being linear, the sketch
+of a weighted average is the weighted average of the sketches.
+
+``U`` and ``V`` are uniform on [-sqrt(3), sqrt(3)) from SHAKE-256 of the seed (24-bit integers, so
+every platform draws the same values; unit variance, so ``E[(r.x)^2] = |x|^2``). The products are
+computed in float32 and summed over rows in float64; different machines may differ in the last
+bits, which :func:`share_tolerance` covers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+ROW = 1024
+SKETCH_DIMS = 8
+Z = 8.0  # tolerance in units of the worst-case error's norm (honest residuals stay far below it)
+JL_FACTOR = 5.0  # a sketch larger than JL_FACTOR * sqrt(dims) * committed norm cannot be honest
+RHO_SKETCH = 2.0 ** -16  # float32 products, summation order, accumulation (relative to the norms)
+RHO_FP16 = 2.0 ** -11  # fp16 rounding, relative (normal numbers)
+FP16_ABS = 2.0 ** -25  # fp16 rounding, absolute (subnormal numbers)
+_SEED_DOMAIN = b"grpo-swarm/v1/share-projection\n"
+
+
+@dataclass(frozen=True)
+class Span:
+    """``numel`` consecutive values of tensor ``tensor_index`` from ``start``, whose first value
+    opens row ``row_offset`` of the share."""
+
+    tensor_index: int
+    start: int
+    numel: int
+    row_offset: int
+
+
+@dataclass(frozen=True)
+class ShareLayout:
+    """Per share: its parts (one Span each, in part order), its contiguous spans (parts merged where
+    rows stay aligned) and its number of rows."""
+
+    parts: tuple[tuple[Span, ...], ...]
+    spans: tuple[tuple[Span, ...], ...]
+    rows: tuple[int, ...]
+
+    @classmethod
+    def from_partition(cls, part_sizes_by_share: Sequence[Sequence[int]], parts_by_tensor: Sequence[int]
+                       ) -> ShareLayout:
+        """The layout of hivemind's partition: ``part_sizes_by_share[j]`` the sizes of share j's parts
+        (shares in peer order, parts in order); ``parts_by_tensor[t]`` how many parts tensor t was cut into."""
+        tensor_of_part = [t for t, n in enumerate(parts_by_tensor) for _ in range(n)]
+        if len(tensor_of_part) != sum(len(s) for s in part_sizes_by_share):
+            raise ValueError("the parts of the shares do not add up to the parts of the tensors")
+        parts, spans, rows = [], [], []
+        index, offset_in_tensor, previous_tensor = 0, 0, -1
+        for sizes in part_sizes_by_share:
+            share_parts, share_spans, row = [], [], 0
+            for numel in sizes:
+                t = tensor_of_part[index]
+                if t != previous_tensor:
+                    offset_in_tensor, previous_tensor = 0, t
+                part = Span(t, offset_in_tensor, int(numel), row)
+                share_parts.append(part)
+                last = share_spans[-1] if share_spans else None
+                if (last is not None and last.tensor_index == t and last.start + last.numel == part.start
+                        and last.numel % ROW == 0):
+                    share_spans[-1] = Span(t, last.start, last.numel + part.numel, last.row_offset)
+                else:
+                    share_spans.append(part)
+                row += -(-int(numel) // ROW)
+                offset_in_tensor += int(numel)
+                index += 1
+            parts.append(tuple(share_parts))
+            spans.append(tuple(share_spans))
+            rows.append(row)
+        return cls(tuple(parts), tuple(spans), tuple(rows))
+
+    @property
+    def num_shares(self) -> int:
+        return len(self.rows)
+
+    def numel(self, share: int) -> int:
+        return sum(p.numel for p in self.parts[share])
+
+
+def _uniform(seed: bytes, label: bytes, count: int) -> torch.Tensor:
+    """``count`` float32 values uniform on [-sqrt(3), sqrt(3)), the same on every platform."""
+    raw = hashlib.shake_256(seed + label).digest(4 * count)
+    ints = np.frombuffer(raw, dtype="<i4") >> 8  # 24-bit signed integers: exact in float32
+    return torch.from_numpy((ints.astype(np.float32) * np.float32(math.sqrt(3.0) / 2 ** 23)).copy())
+
+
+@dataclass(frozen=True)
+class Projection:
+    """The secret projection of one share: ``U`` (ROW x dims) and ``V`` (rows x dims)."""
+
+    U: torch.Tensor
+    V: torch.Tensor
+
+    @classmethod
+    def draw(cls, seed: bytes, share: int, rows: int, dims: int = SKETCH_DIMS) -> Projection:
+        base = hashlib.sha256(_SEED_DOMAIN + seed + share.to_bytes(4, "big")).digest()
+        return cls(_uniform(base, b"U", ROW * dims).view(ROW, dims), _uniform(base, b"V", rows * dims).view(rows, dims))
+
+    @property
+    def dims(self) -> int:
+        return self.U.shape[1]
+
+    def block(self, values: torch.Tensor, row_offset: int) -> torch.Tensor:
+        """The sketch (float64, dims) of ``values`` (1-D float32) laid out from row ``row_offset``."""
+        n = values.numel()
+        full = n // ROW
+        out = torch.zeros(self.dims, dtype=torch.float64)
+        if full:
+            products = values[: full * ROW].reshape(full, ROW) @ self.U
+            out += (products.double() * self.V[row_offset: row_offset + full].double()).sum(0)
+        if n > full * ROW:
+            tail = values[full * ROW:] @ self.U[: n - full * ROW]
+            out += tail.double() * self.V[row_offset + full].double()
+        return out
+
+
+def sketch_share(layout: ShareLayout, share: int, flat_tensors: Sequence[torch.Tensor], proj: Projection) -> np.ndarray:
+    """The sketch of share ``share`` of ``flat_tensors`` (1-D float32 views of the averaged tensors)."""
+    total = torch.zeros(proj.dims, dtype=torch.float64)
+    for span in layout.spans[share]:
+        total += proj.block(flat_tensors[span.tensor_index][span.start: span.start + span.numel], span.row_offset)
+    return total.numpy()
+
+
+def sketch_parts(layout: ShareLayout, share: int, parts: Sequence[torch.Tensor], proj: Projection) -> np.ndarray:
+    """The sketch of share ``share`` given as its parts (1-D float32, in part order): what a reducer
+    received from one sender."""
+    if len(parts) != len(layout.parts[share]):
+        raise ValueError(f"share {share} has {len(layout.parts[share])} parts, got {len(parts)}")
+    total = torch.zeros(proj.dims, dtype=torch.float64)
+    index = 0
+    for span in layout.spans[share]:
+        pieces, covered = [], 0
+        while covered < span.numel:
+            pieces.append(parts[index].reshape(-1))
+            covered += layout.parts[share][index].numel
+            index += 1
+        values = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        total += proj.block(values, span.row_offset)
+    return total.numpy()
+
+
+def rounding(fp16: bool, numel: int) -> tuple[float, float]:
+    """(relative, absolute) bound on the norm of one rounding of ``numel`` values: fp16 compression
+    or float32 arithmetic."""
+    if fp16:
+        return RHO_FP16 + RHO_SKETCH, FP16_ABS * math.sqrt(numel)
+    return RHO_SKETCH, 1e-30
+
+
+def share_tolerance(out_norm: float, weights: Sequence[float], input_norms: Sequence[float], numel: int, *,
+                    fp16: bool) -> float:
+    """The largest honest |residual| of any one sketch dimension of a share: ``Z`` times the norm of
+    the worst rounding (the output's compression, each sender's input compression, float32 sums).
+    Against a projection drawn after the output was fixed, an error vector ``e`` shows as roughly
+    N(0, |e|^2) per dimension, so honest residuals stay ~Z times below this."""
+    rel, absolute = rounding(fp16, numel)
+    total = sum(weights)
+    inputs = sum(w * n for w, n in zip(weights, input_norms)) / total if total else 0.0
+    return Z * (rel * (out_norm + inputs) + 2 * absolute)
+
+
+def share_residual(out_sketch: np.ndarray, in_sketches: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """sketch(average) - weighted mean of the senders' sketches (zero up to rounding for an honest reducer)."""
+    total = float(sum(weights))
+    mean = sum(float(w) * np.asarray(s, dtype=np.float64) for w, s in zip(weights, in_sketches)) / total
+    return np.asarray(out_sketch, dtype=np.float64) - mean
+
+
+def plausible(sketch: np.ndarray, committed_norm: float) -> bool:
+    """Whether a sketch could come from values with norm <= ``committed_norm`` (a Johnson–Lindenstrauss
+    bound: honest sketches have E|s|^2 = dims * |x|^2; ``JL_FACTOR`` leaves a wide margin)."""
+    s = np.asarray(sketch, dtype=np.float64)
+    if s.shape != (SKETCH_DIMS,) or not np.all(np.isfinite(s)):
+        return False
+    return float(np.linalg.norm(s)) <= JL_FACTOR * math.sqrt(SKETCH_DIMS) * committed_norm * (1 + 1e-6) + 1e-30
+
+
+def flat_views(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.detach().reshape(-1) for t in tensors]
