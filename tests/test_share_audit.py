@@ -1,0 +1,218 @@
+"""The share audit's arithmetic and verdicts without a network (node/swarm/share_sketch.py,
+share_audit.py; the multi-process cases are in tests/test_swarm_averaging.py): the layout follows
+hivemind's own partition, sketches are linear and the same on every platform, an honest average
+passes under many projections and a wrong one fails, a lying sender is named by its reducer, the
+signed entries refuse what was not signed for this group and phase, and the coordinator report
+leaves out a reducer whose word stands against a sender's."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from hivemind.averaging.partition import TensorPartContainer
+from hivemind.compression import Float16Compression, NoCompression
+
+from grpo_swarm.node.swarm.averaging import AttemptReport, RoundResult
+from grpo_swarm.node.swarm.share_audit import (
+    PHASE_REVEAL,
+    PHASE_SKETCH,
+    AuditEntryError,
+    Sender,
+    audit_seed,
+    check_reveal,
+    check_sketch_body,
+    commitment,
+    decode_entry,
+    encode_entry,
+    judge,
+    nonce_for,
+    sketch_body,
+)
+from grpo_swarm.node.swarm.share_sketch import (
+    ROW,
+    SKETCH_DIMS,
+    Projection,
+    ShareLayout,
+    flat_views,
+    plausible,
+    share_residual,
+    share_tolerance,
+    sketch_parts,
+    sketch_share,
+)
+from grpo_swarm.node.swarm.tickets import Reason
+from grpo_swarm.protocol.identity import Identity
+
+SHAPES = [(3000,), (40, 25), (7,), (20000,)]
+WEIGHTS = [3.0, 5.0, 7.0]
+
+
+def _layout(tensors, compression=NoCompression(), part_size_bytes=8192):
+    c = TensorPartContainer(tensors, [1.0] * len(WEIGHTS), compression=compression, part_size_bytes=part_size_bytes)
+    parts = [[p for p, _ in ps] for ps in c._input_parts_by_peer]
+    return ShareLayout.from_partition([[p.numel() for p in ps] for ps in parts], c.num_parts_by_tensor), parts
+
+
+def _grads(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [0.1 * torch.randn(s, generator=g) for s in SHAPES]
+
+
+def test_layout_follows_hiveminds_partition_and_sketches_of_parts_match():
+    xs = _grads(0)
+    layout, parts = _layout(xs, part_size_bytes=4 * ROW * 3 + 40)  # parts not a multiple of a row
+    flat = flat_views(xs)
+    for j in range(layout.num_shares):
+        assert len(layout.parts[j]) == len(parts[j])
+        for span, part in zip(layout.parts[j], parts[j]):  # each part is where the layout says
+            assert torch.equal(flat[span.tensor_index][span.start: span.start + span.numel], part)
+        proj = Projection.draw(b"seed", j, layout.rows[j])
+        by_share = sketch_share(layout, j, flat, proj)
+        by_parts = sketch_parts(layout, j, [p.clone() for p in parts[j]], proj)
+        np.testing.assert_allclose(by_parts, by_share, rtol=1e-5, atol=1e-6)
+
+
+def test_projection_is_portable_and_seeded():
+    p = Projection.draw(b"seed", 2, 5)
+    assert p.U.shape == (ROW, SKETCH_DIMS) and p.V.shape == (5, SKETCH_DIMS) and p.U.dtype == torch.float32
+    # the values are SHAKE-256 integers scaled: pin them, so another platform must draw the same
+    digest = hashlib.sha256(p.U.numpy().tobytes() + p.V.numpy().tobytes()).hexdigest()
+    assert digest == "0ad6ab538a56ec97dbdacca71b744a02ee5c3b50f6c24630523fe821cb6d3ac3"
+    assert not torch.equal(p.U, Projection.draw(b"seed", 1, 5).U)
+    assert not torch.equal(p.U, Projection.draw(b"other", 2, 5).U)
+    assert abs(float(p.U.pow(2).mean()) - 1.0) < 0.05  # unit variance: E[(r.x)^2] = |x|^2
+    assert float(p.U.abs().max()) <= 3 ** 0.5
+
+
+@pytest.mark.parametrize("compression", [NoCompression(), Float16Compression()], ids=["none", "fp16"])
+def test_honest_average_passes_and_a_wrong_one_fails(compression):
+    fp16 = isinstance(compression, Float16Compression)
+    xs = [_grads(i) for i in range(3)]
+    layout, _ = _layout(xs[0], compression)
+    sent = [[t.half().float() for t in x] if fp16 else x for x in xs]
+    avg = [sum(w * s[k] for w, s in zip(WEIGHTS, sent)) / sum(WEIGHTS) for k in range(len(SHAPES))]
+    if fp16:
+        avg = [a.half().float() for a in avg]
+    norms = [float(torch.cat([t.reshape(-1) for t in x]).norm()) for x in xs]
+    for trial in range(20):
+        for j in range(layout.num_shares):
+            proj = Projection.draw(bytes([trial]), j, layout.rows[j])
+            ins = [sketch_share(layout, j, flat_views(x), proj) for x in xs]
+            assert all(plausible(s, n) for s, n in zip(ins, norms))
+            out_norm = float(torch.sqrt(sum(flat_views(avg)[s.tensor_index][s.start:s.start + s.numel].double().pow(2)
+                                            .sum() for s in layout.spans[j])))
+            tol = share_tolerance(out_norm, WEIGHTS, norms, layout.numel(j), fp16=fp16)
+            honest = np.abs(share_residual(sketch_share(layout, j, flat_views(avg), proj), ins, WEIGHTS)).max()
+            assert honest < 0.2 * tol
+            bad = [a.clone() for a in avg]
+            span = layout.spans[j][0]
+            flat_views(bad)[span.tensor_index][span.start] += 0.05 * out_norm  # 5 % of the share's norm
+            wrong = np.abs(share_residual(sketch_share(layout, j, flat_views(bad), proj), ins, WEIGHTS)).max()
+            assert wrong > tol
+
+
+def test_plausibility_bounds_a_sketch_by_the_committed_norm():
+    x = torch.randn(50000)
+    layout = ShareLayout.from_partition([[50000]], [1])
+    proj = Projection.draw(b"s", 0, layout.rows[0])
+    s = sketch_share(layout, 0, [x], proj)
+    assert plausible(s, float(x.norm()))
+    assert not plausible(s * 100, float(x.norm()))
+    assert not plausible(np.full(SKETCH_DIMS, np.nan), 1.0)
+    assert not plausible(s[:3], float(x.norm()))
+
+
+def _peers(n=3):
+    ids = [Identity.from_seed(bytes([i + 7]) * 32) for i in range(n)]
+    return ids, {i.peer_id: i.public_key_bytes for i in ids}
+
+
+def test_entries_are_bound_to_signer_group_and_phase():
+    ids, keys = _peers()
+    gid = b"group-1"
+    nonce = nonce_for(b"secret", 4, 0)
+    entry = encode_entry(ids[0], gid, PHASE_REVEAL, nonce)
+    signer, body = decode_entry(entry, keys, gid, PHASE_REVEAL)
+    assert signer == ids[0].peer_id and check_reveal(body, commitment(nonce)) == nonce
+    with pytest.raises(AuditEntryError, match="another group"):
+        decode_entry(entry, keys, b"group-2", PHASE_REVEAL)
+    with pytest.raises(AuditEntryError, match="another group or phase"):
+        decode_entry(entry, keys, gid, PHASE_SKETCH)
+    with pytest.raises(AuditEntryError, match="contributor"):
+        decode_entry(entry, {ids[1].peer_id: ids[1].public_key_bytes}, gid, PHASE_REVEAL)
+    tampered = bytearray(entry)
+    tampered[-70] ^= 1
+    with pytest.raises(AuditEntryError):
+        decode_entry(bytes(tampered), keys, gid, PHASE_REVEAL)
+    with pytest.raises(AuditEntryError, match="commitment"):
+        check_reveal(nonce_for(b"secret", 4, 1), commitment(nonce))
+    # the seed needs every nonce: one member's change changes it
+    assert audit_seed(gid, [b"a" * 32, b"b" * 32]) != audit_seed(gid, [b"a" * 32, b"c" * 32])
+    with pytest.raises(AuditEntryError, match="floats"):
+        check_sketch_body([[[1.0] * 3], [None]], 1)
+    with pytest.raises(AuditEntryError, match="finite"):
+        check_sketch_body([[[float("inf")] * SKETCH_DIMS], [None]], 1)
+
+
+def _judge_world(lie_share=None, wrong_share=None, liar=1):
+    """Three members, each reducing one share; member 0 judges. Returns judge()'s findings."""
+    ids, _ = _peers()
+    me = ids[0].peer_id
+    xs = [_grads(i) for i in range(3)]
+    layout, _ = _layout(xs[0])
+    avg = [sum(w * x[k] for w, x in zip(WEIGHTS, xs)) / sum(WEIGHTS) for k in range(len(SHAPES))]
+    if wrong_share is not None:
+        span = layout.spans[wrong_share][0]
+        flat_views(avg)[span.tensor_index][span.start] += 1.0
+    norms = [float(torch.cat([t.reshape(-1) for t in x]).norm()) for x in xs]
+    projs = [Projection.draw(b"seed", j, layout.rows[j]) for j in range(3)]
+    sketches = {}
+    for i, ident in enumerate(ids):
+        ins = [sketch_share(layout, j, flat_views(xs[i]), projs[j]) for j in range(3)]
+        if i == liar and lie_share is not None:
+            ins[lie_share] = ins[lie_share] + 0.5
+        outs = [sketch_share(layout, j, flat_views(avg), projs[j]) for j in range(3)]
+        sketches[ident.peer_id] = check_sketch_body(sketch_body(ins, outs), 3)
+    # member 0 reduces share 0: what it received from 1 and 2 (their true parts)
+    received = {ids[i].peer_id: (sketch_share(layout, 0, flat_views(xs[i]), projs[0]),
+                                 float(torch.sqrt(sum(flat_views(xs[i])[s.tensor_index][s.start:s.start + s.numel]
+                                                      .double().pow(2).sum() for s in layout.spans[0]))))
+                for i in (1, 2)}
+    out_norms = [float(torch.sqrt(sum(flat_views(avg)[s.tensor_index][s.start:s.start + s.numel].double().pow(2)
+                                      .sum() for s in layout.spans[j]))) for j in range(3)]
+    return ids, judge(me=me, senders=[Sender(i.peer_id, w, n) for i, w, n in zip(ids, WEIGHTS, norms)],
+                      reducers=[i.peer_id for i in ids], share_numels=[layout.numel(j) for j in range(3)],
+                      my_outputs=sketches[me][1], output_norms=out_norms, sketches=sketches, received=received,
+                      fp16=False)
+
+
+def test_judge_honest_wrong_average_and_lying_sender():
+    ids, found = _judge_world()
+    assert found.clean
+    ids, found = _judge_world(wrong_share=2)
+    assert list(found.accused) == [ids[2].peer_id] and found.accused[ids[2].peer_id][0] == Reason.WRONG_AVERAGE
+    # member 1 lies about what it sent to share 0 (member 0's): member 0 holds the parts and names it
+    ids, found = _judge_world(lie_share=0, liar=1)
+    assert found.accused == {ids[1].peer_id: found.accused[ids[1].peer_id]}
+    assert found.accused[ids[1].peer_id][0] == Reason.SKETCH_MISMATCH
+    # member 2 lies about share 1 (member 1's): member 0 can only blame that reducer
+    ids, found = _judge_world(lie_share=1, liar=2)
+    assert list(found.accused) == [ids[1].peer_id] and found.accused[ids[1].peer_id][0] == Reason.WRONG_AVERAGE
+
+
+def test_reportable_leaves_out_a_reducer_that_names_a_liar():
+    r, s = "reducer", "sender"
+    blamed = AttemptReport(attempt=0, accused={r: "WRONG_AVERAGE: off"})
+    named = AttemptReport(attempt=1, excluded={r: "ACCUSED: (WRONG_AVERAGE) by 1", s: "ACCUSED: (SKETCH_MISMATCH)"},
+                          accusations_seen={r: {s: "SKETCH_MISMATCH"}, s: {r: "WRONG_AVERAGE"}})
+    silent = AttemptReport(attempt=1, excluded={r: "ACCUSED: (WRONG_AVERAGE) by 1"}, accusations_seen={r: {}})
+    assert r not in RoundResult(False, 3, None, [blamed, named], 1.0).reportable()
+    assert RoundResult(False, 3, None, [blamed, named], 1.0).reportable()[s].startswith("ACCUSED")
+    assert r in RoundResult(False, 3, None, [blamed, silent], 1.0).reportable()
+    # never seen again after the accusation: one word against another is possible, so not reported
+    assert r not in RoundResult(False, 3, None, [blamed], 1.0).reportable()
+    other = AttemptReport(attempt=0, accused={s: "NON_FINITE: part 0"})
+    assert RoundResult(False, 3, None, [other], 1.0).reportable() == {s: "NON_FINITE: part 0"}
