@@ -55,6 +55,7 @@ from swarm_world import (
     NORM_BOUND,
     NUM_GROUPS,
     RUN_ID,
+    SMALL_SHAPES,
     gradient,
     make_ticket,
     make_trainer,
@@ -389,6 +390,13 @@ def test_honest_round_gives_every_peer_the_same_bytes(swarm, compression):
     r = HONEST_ROUNDS[compression]
     assert all(swarm.report(r, p)["ok"] for p in (A, B, H))
     _same_bytes(swarm, r, (A, B, H))
+    # each member sends (K-1)/K of its gradient as parts and as many averages back, in fp32 or fp16
+    values = sum(math.prod(s) for s in SMALL_SHAPES)
+    for p in (A, B, H):
+        attempt = swarm.report(r, p)["attempts"][-1]
+        expected_bytes = 4 / 3 * values * (4 if compression == "none" else 2)
+        assert 0.75 * expected_bytes < attempt["bytes_sent"] < 1.25 * expected_bytes, attempt["bytes_sent"]
+        assert 0.75 * expected_bytes < attempt["bytes_received"] < 1.25 * expected_bytes
     expected = _weighted([small_grads(r, p) for p in (A, B, H)], SMALL_WEIGHTS)
     err = _max_err(swarm.tensors(r, A, "avg"), expected)
     print(f"\n{compression}: max |avg - weighted mean| = {err:.2e}")

@@ -142,6 +142,8 @@ class AttemptReport:
     # the accusations in every signed gather entry of the group: accuser -> {accused: reason}
     accusations_seen: dict[str, dict[str, str]] = field(default_factory=dict)
     failed_size: int = 0
+    bytes_sent: int = 0  # tensor payloads this member sent / received (parts and averages)
+    bytes_received: int = 0
     error: str | None = None
     seconds: float = 0.0
 
@@ -184,6 +186,14 @@ class RoundResult:
             for p, r in a.accused.items():
                 out.setdefault(p, r)
         return out
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(a.bytes_sent for a in self.attempts)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(a.bytes_received for a in self.attempts)
 
     def reportable(self) -> dict[str, str]:
         """Who to report to the coordinator, and why: everyone excluded or accused, except a reducer
@@ -580,6 +590,7 @@ class VerifiedAverager(DecentralizedAverager):
         report.refused = {_b58(p): r for p, r in runner.refused.items()}
         report.weight_claims_ignored = {_b58(p): w for p, w in runner.weight_claims.items()}
         report.failed_size = runner.tensor_part_container.failed_size
+        report.bytes_sent, report.bytes_received = runner.bytes_sent, runner.bytes_received
 
     # ---- the share audit (see .share_audit)
     async def _audit_shares(self, group_info: GroupInfo, plan: GroupPlan, runner: VerifiedAllReduceRunner,

@@ -230,6 +230,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         self.refused: dict[PeerID, str] = {}
         self.weight_claims: dict[PeerID, float] = {}
         self.abort_reason: str | None = None
+        self.bytes_sent = self.bytes_received = 0  # tensor payloads on the wire (parts and averages)
 
     # ---- outcome
     @property
@@ -354,12 +355,16 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         received = delivered = 0
         held: list = []
 
+        item_bytes: dict[int, bytes] = {}
+
         async def counted():  # exactly num_parts messages (or fewer), never the end-of-input after them
             for index in range(num_parts):
                 try:
-                    yield index, await asyncio.wait_for(anext(parts), self.sender_timeout)
+                    message = await asyncio.wait_for(anext(parts), self.sender_timeout)
                 except StopAsyncIteration:
                     return
+                item_bytes[index] = message.tensor_part.buffer
+                yield index, message
 
         try:
             # decoding the next part (in a thread) overlaps with waiting for the others' current part
@@ -370,6 +375,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                     self.weight_claims.setdefault(sender, float(claimed))
                 averaged = await self.tensor_part_reducer.accumulate_part(sender_index, index, tensor_part)
                 received = index + 1
+                self.bytes_received += len(item_bytes.pop(index, b""))
                 result = await self._serialized_result(index, averaged)
                 if self.aborted:  # aborted while waiting: never hand out a partial average
                     break
@@ -377,10 +383,12 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                     held.append(result)
                     continue
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=result)
+                self.bytes_sent += len(result.buffer)
                 delivered += 1
             if received == num_parts and not self.aborted:
                 for result in held:
                     yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=result)
+                    self.bytes_sent += len(result.buffer)
                     delivered += 1
                 try:  # the sender's end of input: it holds every average now
                     await asyncio.wait_for(anext(parts), self.sender_timeout)
@@ -459,6 +467,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
 
         async def inputs():
             async for message in self._generate_input_for_peer(peer_index):
+                self.bytes_sent += len(message.tensor_part.buffer)
                 yield message
             sent_all.set()
             # keep our input open until every average is in: the reducer returns (closing the
@@ -476,6 +485,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                     raise AllreduceException(f"returned {part_index} of {expected} averaged parts") from None
                 if msg.code != averaging_pb2.AVERAGED_PART:
                     raise AllreduceException(f"answered {averaging_pb2.MessageCode.Name(msg.code)}")
+                self.bytes_received += len(msg.tensor_part.buffer)
                 tensor = await loop.run_in_executor(None, self._decode_output, peer_index, part_index, msg)
                 if self.aborted:
                     return
