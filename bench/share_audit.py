@@ -52,7 +52,7 @@ def world(compression):
     if fp16:
         avg = [a.half().float() for a in avg]
     norms = [float(torch.cat([t.reshape(-1) for t in x]).norm()) for x in xs]
-    return xs, avg, layout, norms, fp16
+    return sent, avg, layout, norms, fp16
 
 
 def share_norm(layout, j, flat):
@@ -63,7 +63,7 @@ def share_norm(layout, j, flat):
 def run(trials: int, fractions: list[float]) -> dict:
     out: dict = {}
     for name, compression in (("none", NoCompression()), ("fp16", Float16Compression())):
-        xs, avg, layout, norms, fp16 = world(compression)
+        sent, avg, layout, norms, fp16 = world(compression)
         j = 1
         flat_avg = flat_views(avg)
         n_out = share_norm(layout, j, flat_avg)
@@ -73,8 +73,8 @@ def run(trials: int, fractions: list[float]) -> dict:
         caught = {f"{kind}_{f:g}": 0 for kind in ("dense", "one_value") for f in fractions}
         for trial in range(trials):
             proj = Projection.draw(trial.to_bytes(8, "big"), j, layout.rows[j])
-            ins = [sketch_share(layout, j, flat_views(x), proj) for x in xs]
-            tol = share_tolerance(n_out, WEIGHTS, norms, numel, fp16=fp16)
+            ins = [sketch_share(layout, j, flat_views(x), proj) for x in sent]
+            tol = share_tolerance(n_out, WEIGHTS, norms, numel, fp16_output=fp16)
             honest = float(np.max(np.abs(share_residual(sketch_share(layout, j, flat_avg, proj), ins, WEIGHTS))))
             worst_honest = max(worst_honest, honest / tol)
             rejected += honest > tol

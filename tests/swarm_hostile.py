@@ -134,5 +134,5 @@ class HostileAverager(VerifiedAverager):
 
     def make_runner(self, **kwargs):
         return HostileRunner(behaviour=self.behaviour(self._rules.round_index), stall_marker=self.stall_marker,
-                             **kwargs)
+                             keep_parts=self.audit_reducers, **kwargs)
 

@@ -43,7 +43,7 @@ def main(config_path: str) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from hivemind.compression import Float16Compression, NoCompression
+    from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
     from safetensors.torch import save_file
     from swarm_hostile import NORM_LIE_FACTOR, OVER_BOUND_FACTOR, HostileAverager
     from swarm_world import (
@@ -104,6 +104,8 @@ def main(config_path: str) -> int:
         "small_none": cls(small, prefix="small", weight_mode="sequences", compression=NoCompression(),
                           part_size_bytes=4096, **common),
         "small_fp16": cls(small, prefix="smallfp16", weight_mode="sequences", compression=Float16Compression(),
+                          part_size_bytes=2048, **common),
+        "small_8bit": cls(small, prefix="small8bit", weight_mode="sequences", compression=Uniform8BitQuantization(),
                           part_size_bytes=2048, **common),
         "model_seq": cls(trainer.trainable, prefix="modelseq", weight_mode="sequences", part_size_bytes=1 << 16,
                          **common),

@@ -100,11 +100,11 @@ def test_honest_average_passes_and_a_wrong_one_fails(compression):
     for trial in range(20):
         for j in range(layout.num_shares):
             proj = Projection.draw(bytes([trial]), j, layout.rows[j])
-            ins = [sketch_share(layout, j, flat_views(x), proj) for x in xs]
+            ins = [sketch_share(layout, j, flat_views(x), proj) for x in sent]  # what the reducer added up
             assert all(plausible(s, n) for s, n in zip(ins, norms))
             out_norm = float(torch.sqrt(sum(flat_views(avg)[s.tensor_index][s.start:s.start + s.numel].double().pow(2)
                                             .sum() for s in layout.spans[j])))
-            tol = share_tolerance(out_norm, WEIGHTS, norms, layout.numel(j), fp16=fp16)
+            tol = share_tolerance(out_norm, WEIGHTS, norms, layout.numel(j), fp16_output=fp16)
             honest = np.abs(share_residual(sketch_share(layout, j, flat_views(avg), proj), ins, WEIGHTS)).max()
             assert honest < 0.2 * tol
             bad = [a.clone() for a in avg]
@@ -186,7 +186,7 @@ def _judge_world(lie_share=None, wrong_share=None, liar=1):
     return ids, judge(me=me, senders=[Sender(i.peer_id, w, n) for i, w, n in zip(ids, WEIGHTS, norms)],
                       reducers=[i.peer_id for i in ids], share_numels=[layout.numel(j) for j in range(3)],
                       my_outputs=sketches[me][1], output_norms=out_norms, sketches=sketches, received=received,
-                      fp16=False)
+                      fp16_output=False)
 
 
 def test_judge_honest_wrong_average_and_lying_sender():

@@ -634,7 +634,7 @@ class VerifiedAverager(DecentralizedAverager):
             verdict = judge(me=me, senders=senders, reducers=[p.to_bytes() for p in plan.peer_ids],
                             share_numels=numels, my_outputs=my_outputs, output_norms=output_norms,
                             sketches=sketches, received=received,
-                            fp16=isinstance(runner.compression, Float16Compression))
+                            fp16_output=isinstance(runner.output_compression, Float16Compression))
             found.accused.update(verdict.accused)
             found.failed.update(verdict.failed)
         except Exception as e:  # noqa: BLE001 - our own failure: the attempt fails, nobody is accused
@@ -650,9 +650,12 @@ class VerifiedAverager(DecentralizedAverager):
         projections = [Projection.draw(seed, j, layout.rows[j]) if layout.numel(j) else None
                        for j in range(layout.num_shares)]
         ins, outs = flat_views(inputs), flat_views(outputs)
-        mine = [sketch_share(layout, j, ins, p) if p is not None else None for j, p in enumerate(projections)]
-        my_outputs = [sketch_share(layout, j, outs, p) if p is not None else None for j, p in enumerate(projections)]
         local = runner.ordered_peer_ids.index(runner.peer_id)
+        sent = runner.sent_parts  # lossy compression: what each reducer decoded, else the raw values
+        mine = [None if p is None else
+                sketch_parts(layout, j, sent[j], p) if sent is not None and j != local else
+                sketch_share(layout, j, ins, p) for j, p in enumerate(projections)]
+        my_outputs = [sketch_share(layout, j, outs, p) if p is not None else None for j, p in enumerate(projections)]
         norms = []
         for j in range(layout.num_shares):
             if j != local:

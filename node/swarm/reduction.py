@@ -48,6 +48,7 @@ from hivemind.compression import (
     CompressionInfo,
     Float16Compression,
     NoCompression,
+    Uniform8BitQuantization,
     deserialize_torch_tensor,
 )
 from hivemind.p2p import P2PContext, PeerID
@@ -58,16 +59,31 @@ from .share_sketch import ShareLayout
 from .tickets import Reason, SlotVerdict
 
 # relative slack on norm checks: the sender's float32 norm vs the reducer's float64 sum of parts
-# (no compression), plus fp16 rounding of every element (2^-11 relative) with Float16Compression
-NORM_TOLERANCE = {NoCompression: 1e-4, Float16Compression: 2e-3}
-_BYTES_PER_VALUE = {NoCompression: 4, Float16Compression: 2}
+# (no compression), plus fp16 rounding of every element (2^-11 relative) where averages travel in
+# fp16. 8-bit parts never exceed the norm of what they encode (each code is its bucket's mean).
+NORM_TOLERANCE = {NoCompression: 1e-4, Float16Compression: 2e-3, Uniform8BitQuantization: 2e-3}
 SUPPORTED_COMPRESSION = tuple(NORM_TOLERANCE)
+_CODEBOOK = 256  # Uniform8BitQuantization: int64 codebook size, 256 float32 codes, one uint8 per value
+
+
+def wire_bytes(compression: CompressionBase, numel: int) -> int:
+    """The exact byte length of ``numel`` values in ``compression``'s serialisation."""
+    if isinstance(compression, Uniform8BitQuantization):
+        return 8 + 4 * _CODEBOOK + numel
+    return numel * (2 if isinstance(compression, Float16Compression) else 4)
+
+
+def output_compression(compression: CompressionBase) -> CompressionBase:
+    """What reducers send averages in: the parts' compression, except that averages of 8-bit parts
+    travel in fp16 — its rounding is a bounded fraction of each value, which the share audit's
+    tolerance needs (an 8-bit code's error depends on the values only the reducer saw)."""
+    return Float16Compression() if isinstance(compression, Uniform8BitQuantization) else compression
 
 
 def check_compression(compression: CompressionBase) -> None:
     if type(compression) not in SUPPORTED_COMPRESSION:
         raise ValueError(f"compression must be one of {[c.__name__ for c in SUPPORTED_COMPRESSION]}, got "
-                         f"{type(compression).__name__} (8-bit and PowerSGD averaging are not verified yet)")
+                         f"{type(compression).__name__} (PowerSGD and quantile/blockwise 8-bit are not verified)")
 
 
 class PartRejected(BannedException):
@@ -201,8 +217,11 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         super().__init__(ordered_peer_ids=plan.peer_ids, peer_fractions=plan.fractions, modes=plan.modes,
                          compression=compression, **kwargs)
         self.compression = compression
-        self.expected_type = compression.compression_type
-        self.bytes_per_value = _BYTES_PER_VALUE[type(compression)]
+        self.output_compression = output_compression(compression)
+        # the values our parts decode to at their reducers, by slot (kept for the share audit when
+        # compression is lossy: our sketch must be of exactly what each reducer added up)
+        self.sent_parts: list[list[torch.Tensor]] | None = (
+            [[] for _ in range(self.group_size)] if keep_parts and not isinstance(compression, NoCompression) else None)
         self.tolerance = tolerance
         # receivers collect averages, not deltas: a failed reducer's parts would be local values
         # (never used: any failure aborts the attempt and the averager restores its snapshot)
@@ -320,21 +339,23 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             raise PartRejected(Reason.BAD_SHAPE,
                                f"more than the {self.tensor_part_reducer.num_parts} parts of this share")
         numel = self.tensor_part_reducer.part_shapes[part_index].numel()
-        return self._decode(msg.tensor_part, numel, f"part {part_index}")
+        return self._decode(msg.tensor_part, numel, f"part {part_index}", self.compression)
 
-    def _decode(self, tp, numel: int, what: str) -> torch.Tensor:
-        if tp.compression != self.expected_type:
-            raise PartRejected(Reason.BAD_COMPRESSION, f"{what} uses compression {tp.compression}, expected "
-                                                       f"{self.expected_type}")
+    def _decode(self, tp, numel: int, what: str, compression: CompressionBase) -> torch.Tensor:
+        expected = compression.compression_type
+        if tp.compression != expected:
+            raise PartRejected(Reason.BAD_COMPRESSION, f"{what} uses compression {tp.compression}, expected {expected}")
         if tp.dtype != "float32":
             raise PartRejected(Reason.BAD_DTYPE, f"{what} declares dtype {tp.dtype[:32]!r}, expected float32")
         if list(tp.size) != [numel]:
             raise PartRejected(Reason.BAD_SHAPE, f"{what} has shape {list(tp.size)[:8]}, expected [{numel}]")
         if tp.requires_grad:
             raise PartRejected(Reason.MALFORMED_PART, f"{what} requires grad")
-        if len(tp.buffer) != numel * self.bytes_per_value:
+        if len(tp.buffer) != wire_bytes(compression, numel):
             raise PartRejected(Reason.MALFORMED_PART, f"{what} has {len(tp.buffer)} bytes, expected "
-                                                      f"{numel * self.bytes_per_value}")
+                                                      f"{wire_bytes(compression, numel)}")
+        if isinstance(compression, Uniform8BitQuantization) and int.from_bytes(tp.buffer[:8], "little") != _CODEBOOK:
+            raise PartRejected(Reason.MALFORMED_PART, f"{what} does not have a {_CODEBOOK}-entry codebook")
         try:
             return deserialize_torch_tensor(tp)
         except Exception as e:  # noqa: BLE001 - undecodable data is the sender's fault
@@ -411,7 +432,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         future = self._results.get(part_index)
         if future is None:
             info = CompressionInfo.from_tensor(averaged, key=part_index)
-            future = asyncio.get_event_loop().run_in_executor(None, self.compression.compress, averaged, info, False)
+            future = asyncio.get_event_loop().run_in_executor(None, self.output_compression.compress, averaged, info,
+                                                              False)
             self._results[part_index] = future
         return await future
 
@@ -433,7 +455,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         numels = self.part_numels_by_peer[peer_index]
         if part_index >= len(numels):
             raise PartRejected(Reason.BAD_SHAPE, f"more than the {len(numels)} averaged parts expected")
-        tensor = self._decode(msg.tensor_part, numels[part_index], f"averaged part {part_index}")
+        tensor = self._decode(msg.tensor_part, numels[part_index], f"averaged part {part_index}",
+                              self.output_compression)
         squared = float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2 if tensor.numel() else 0.0
         if not math.isfinite(squared):
             raise PartRejected(Reason.NON_FINITE, f"averaged part {part_index} holds NaN or infinite values")
@@ -468,6 +491,9 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         async def inputs():
             async for message in self._generate_input_for_peer(peer_index):
                 self.bytes_sent += len(message.tensor_part.buffer)
+                if self.sent_parts is not None:
+                    decoded = await loop.run_in_executor(None, deserialize_torch_tensor, message.tensor_part)
+                    self.sent_parts[peer_index].append(decoded.reshape(-1))
                 yield message
             sent_all.set()
             # keep our input open until every average is in: the reducer returns (closing the

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -46,7 +47,7 @@ import numpy as np
 
 from grpo_swarm.protocol.identity import SIGNATURE_SIZE, Identity, verify_signature
 
-from .share_sketch import RHO_SKETCH, SKETCH_DIMS, Z, plausible, rounding, share_residual, share_tolerance
+from .share_sketch import SKETCH_DIMS, plausible, share_residual, share_tolerance, sketch_tolerance
 from .tickets import Reason, strict_unpack
 
 AUDIT_DOMAIN = b"grpo-swarm/v1/share-audit\n"
@@ -172,11 +173,12 @@ class Findings:
 def judge(*, me: bytes, senders: Sequence[Sender], reducers: Sequence[bytes], share_numels: Sequence[int],
           my_outputs: Sequence[np.ndarray | None], output_norms: Sequence[float],
           sketches: Mapping[bytes, tuple[list, list]], received: Mapping[bytes, tuple[np.ndarray, float]] | None,
-          fp16: bool) -> Findings:
+          fp16_output: bool) -> Findings:
     """Check every non-empty share. ``reducers[j]``: the peer reducing share j; ``my_outputs[j]`` /
     ``output_norms[j]``: this member's sketch and norm of share j's average; ``sketches``: every
     sender's (inputs, outputs) sketches by peer; ``received``: when this member reduces a share,
-    each remote sender's (sketch, norm) of the parts it received from them."""
+    each remote sender's (sketch, norm) of the parts it received from them (decoded: the values it
+    added up, of which the sender's sketch must be, exactly)."""
     found = Findings()
     my_share = reducers.index(me) if me in reducers else -1
     for s in senders:
@@ -185,11 +187,10 @@ def judge(*, me: bytes, senders: Sequence[Sender], reducers: Sequence[bytes], sh
                 found.accuse(s.peer_id, Reason.SKETCH_IMPLAUSIBLE, f"its sketch of share {j} is too large for "
                                                                    f"its committed norm {s.committed_norm:.6g}")
     if received is not None and my_share >= 0:
-        rel, absolute = rounding(fp16, share_numels[my_share])
         for peer, (mine, norm) in received.items():
             claimed = sketches[peer][0][my_share]
-            gap = float(np.max(np.abs(np.asarray(claimed) - mine)))
-            limit = Z * (rel * norm + absolute)
+            gap = float(np.max(np.abs(np.asarray(claimed) - mine))) if claimed is not None else math.inf
+            limit = sketch_tolerance(norm)
             if not gap <= limit:
                 found.accuse(peer, Reason.SKETCH_MISMATCH, f"its sketch of the parts it sent this reducer is off "
                                                            f"by {gap:.3g} > {limit:.3g}")
@@ -201,14 +202,14 @@ def judge(*, me: bytes, senders: Sequence[Sender], reducers: Sequence[bytes], sh
         reducer = reducers[j]
         for s in senders:  # every member must hold the same average of share j
             theirs = sketches[s.peer_id][1][j]
-            limit = Z * RHO_SKETCH * output_norms[j] + 1e-30
+            limit = sketch_tolerance(output_norms[j])
             if s.peer_id != me and (theirs is None or not float(np.max(np.abs(theirs - my_outputs[j]))) <= limit):
                 found.fail(reducer, Reason.AUDIT_FAILED, f"members hold different averages of share {j}")
         inputs = [sketches[s.peer_id][0][j] for s in senders]
         if any(x is None for x in inputs):
             continue  # that sender is accused of SKETCH_IMPLAUSIBLE above
         residual = share_residual(my_outputs[j], inputs, weights)
-        tolerance = share_tolerance(output_norms[j], weights, norms, numel, fp16=fp16)
+        tolerance = share_tolerance(output_norms[j], weights, norms, numel, fp16_output=fp16_output)
         worst = float(np.max(np.abs(residual)))
         if not worst <= tolerance:
             if reducer == me:

@@ -157,24 +157,24 @@ def sketch_parts(layout: ShareLayout, share: int, parts: Sequence[torch.Tensor],
     return total.numpy()
 
 
-def rounding(fp16: bool, numel: int) -> tuple[float, float]:
-    """(relative, absolute) bound on the norm of one rounding of ``numel`` values: fp16 compression
-    or float32 arithmetic."""
-    if fp16:
-        return RHO_FP16 + RHO_SKETCH, FP16_ABS * math.sqrt(numel)
-    return RHO_SKETCH, 1e-30
-
-
 def share_tolerance(out_norm: float, weights: Sequence[float], input_norms: Sequence[float], numel: int, *,
-                    fp16: bool) -> float:
+                    fp16_output: bool) -> float:
     """The largest honest |residual| of any one sketch dimension of a share: ``Z`` times the norm of
-    the worst rounding (the output's compression, each sender's input compression, float32 sums).
-    Against a projection drawn after the output was fixed, an error vector ``e`` shows as roughly
-    N(0, |e|^2) per dimension, so honest residuals stay ~Z times below this."""
-    rel, absolute = rounding(fp16, numel)
+    the worst rounding — the average's fp16 compression when averages travel in fp16, and float32
+    sums everywhere (senders sketch exactly the values their reducer added up, so their own
+    compression adds nothing). Against a projection drawn after the average was fixed, an error
+    vector ``e`` shows as roughly N(0, |e|^2) per dimension, so honest residuals stay far below this."""
     total = sum(weights)
     inputs = sum(w * n for w, n in zip(weights, input_norms)) / total if total else 0.0
-    return Z * (rel * (out_norm + inputs) + 2 * absolute)
+    tolerance = RHO_SKETCH * (out_norm + inputs)
+    if fp16_output:
+        tolerance += RHO_FP16 * out_norm + FP16_ABS * math.sqrt(numel)
+    return Z * tolerance
+
+
+def sketch_tolerance(norm: float) -> float:
+    """The largest honest gap between two sketches of the same values (float32 sums in another order)."""
+    return Z * RHO_SKETCH * norm + 1e-30
 
 
 def share_residual(out_sketch: np.ndarray, in_sketches: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
