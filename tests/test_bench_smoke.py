@@ -181,3 +181,25 @@ def test_trl_stepper_takes_real_steps():
     assert stepper.prompt_token_ids(prompts) == [loaded.tokenizer(p, add_special_tokens=False).input_ids
                                                  for p in prompts]
     torch.testing.assert_close(torch.tensor(r.prompt_lengths, dtype=torch.float), torch.tensor([4.0] * 4 + [7.0] * 4))
+
+
+# ------------------------------------------------------------------------------------------- averaging.py
+
+AVERAGING_KEYS = ("values", "none", "fp16", "speedup_vs_stock", "check_overhead", "results_equal", "config")
+
+
+@pytest.mark.slow
+def test_bench_averaging_tiny_ours_and_stock_agree():
+    """bench/averaging.py on ~20k values, one round of ours and of stock hivemind per compression, three
+    real peer processes on loopback: both give the exact weighted mean, ours the same bytes everywhere."""
+    res = run_bench("averaging.py", "--size", "20000", "--rounds", "1", "--warmup", "0", "--variants", "ours,stock",
+                    keys=AVERAGING_KEYS, timeout=120)
+    assert res["values"] == pytest.approx(20000, rel=0.01) and res["results_equal"] is True
+    for comp in ("none", "fp16"):
+        block = res[comp]
+        assert block["payload_bytes_per_peer"] > 0
+        for v in ("ours", "stock"):
+            assert block[v]["ok"] and block[v]["results_ok"] and block[v]["round_s"] > 0 and block[v]["cpu_s"] > 0
+        assert block["ours"]["same_bytes_on_every_peer"] is True
+        assert block["ours_vs_stock_max_rel_diff"] <= (1e-5 if comp == "none" else 4e-3)
+        assert res["speedup_vs_stock"][comp] > 0

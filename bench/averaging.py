@@ -1,0 +1,647 @@
+"""Verified gradient averaging (node/swarm/averaging.py) against stock hivemind, 3 peers, same run.
+
+    python bench/averaging.py                          # SmolLM2-135M-sized gradients, loopback
+    python bench/averaging.py --uplink 100mbit --size 0.25 --rounds 2   # capped uplinks (root)
+    python bench/averaging.py --size 20000 --rounds 1 --warmup 0        # smoke run, seconds
+
+Three peer processes (this script with ``--peer``), each with its own hivemind DHT under its own
+Ed25519 node key, average the same gradients: random float32 tensors with SmolLM2-135M's parameter
+shapes (272 tensors, 134,515,008 values, computed from its config; nothing is loaded). ``--size`` scales that: a fraction (0.25) or a number of values (20000) keeps the 272
+tensors' relative sizes as 1-D tensors. Peer ``i``'s gradient is fixed for the run; tickets give
+the peers weights 3, 5, 7 (the stock averager gets the same weights as ``step(weight=...)``), so
+every variant computes the same weighted mean. For each compression (``none`` = fp32, ``fp16``) a
+fresh pair of averagers runs ``--warmup`` + ``--rounds`` rounds of each variant, the variants
+interleaved round by round (order reversed every other round):
+
+* ``ours``: :class:`VerifiedAverager` with real coordinator-signed tickets (a coordinator key made
+  here, as the tests do), ``--part-size`` bytes per part;
+* ``ours_noaudit``: the same averager with its share audit off (``audit_reducers=False``, switched
+  between rounds; where the averager has no audit this is the same as ``ours``);
+* ``ours_nocheck``: the same averager with every check off: no audit, and (a bench-only subclass)
+  no finite/norm pass over the local gradient, no float64 norm check of incoming parts or returned
+  averages — the runner and reducer classes are swapped in ``make_runner``. The gather/ticket
+  verdicts, the trusted weights and the same-bytes-everywhere reduction stay;
+* ``stock``: hivemind's ``DecentralizedAverager`` at its default part size (``--stock-part-size``);
+* ``stock_tuned``: the same stock averager at ``--part-size`` (to tell part size from code).
+
+A peer's round time runs from a file barrier (all three peers) to the averaged gradient being in a
+separate output buffer, including the copy into the averager's buffers (both sides need it) and
+matchmaking (target and minimum group size 3, ``min_matchmaking_time`` 2 s: a full group starts at
+once). ``round_s`` = median over the measured rounds of the slowest peer's time; ``allreduce_s`` the
+same for the reduction alone (ours: ``_aggregate_with_group``, i.e. verdicts + snapshot + reduction;
+stock: its ``_aggregate_with_group``). CPU: user + system seconds of each peer's whole process tree
+(main, DHT and averager processes, p2pd) from the start barrier to the end barrier, summed over the
+peers; ``cpu_s_per_gb`` divides by the payload all peers sent (parts to other reducers plus
+averages back to other senders, at 4 or 2 bytes a value: ``payload_bytes_per_peer``).
+``speedup_vs_stock`` = stock ``round_s`` / ours ``round_s`` per compression (same compression);
+``speedup_best_vs_stock_fp32`` = stock fp32 / ours' fastest compression; ``check_overhead`` =
+ours / ours_nocheck - 1, ``audit_overhead`` = ours / ours_noaudit - 1 (``*_allreduce``: the same
+from ``allreduce_s``). Correctness: each peer keeps a strided sample (~1M values) of its last
+round's result; ``results_equal`` says every variant matches the exact weighted mean (relative
+max error ≤ 1e-5 fp32, 4e-3 fp16) and ours' results are the same bytes (SHA-256) on every peer.
+
+``--uplink RATE`` (root): each peer runs in its own network namespace on a bridge
+(:mod:`netns_link`), its veth capped with ``tc tbf rate RATE burst --tbf-burst``; DHTs bind to the
+namespace addresses. Adds ``wire_bytes_per_peer`` (the veth's tx_bytes per round: payload plus
+TCP/IP, TLS, yamux and DHT traffic) and ``efficiency`` = (payload bytes per peer / cap) / round_s.
+Without root, ``uplink_skipped`` says why and the loopback run is done instead.
+
+Prints ONE JSON line; progress goes to stderr, each peer's log to its work folder (kept with
+``--keep``).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import netns_link  # noqa: E402
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+                    attention_bias=False, mlp_bias=False)
+SMOLLM2_135M_VALUES = 134_515_008
+VARIANTS = ("ours", "ours_noaudit", "ours_nocheck", "stock", "stock_tuned")
+COMPRESSIONS = ("none", "fp16")
+BYTES_PER_VALUE = {"none": 4, "fp16": 2}
+TOLERANCE = {"none": 1e-5, "fp16": 4e-3}  # max |result - exact| / max |exact|
+WEIGHTS = (3, 5, 7)
+PEERS = 3
+GRAD_SCALE = 1e-3  # gradient values ~ N(0, 1e-6): norm ~ 11.6 at full size, well under NORM_BOUND
+NORM_BOUND = 1e4
+SAMPLE_VALUES = 1_000_000
+RUN_ID = "bench-averaging"
+BARRIER_TIMEOUT_S = 900.0
+
+
+def log(msg: str) -> None:
+    print(f"[averaging {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- shapes and gradients --------------------------------------------------------------------------
+def smollm2_shapes(cfg: dict = SMOLLM2_135M) -> list[tuple[int, ...]]:
+    """SmolLM2-135M's parameter shapes in ``model.parameters()`` order (the tied embedding once), from
+    its config: the same list ``LlamaForCausalLM.from_config`` builds (checked against it once), without
+    importing transformers (7 s here)."""
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    layer = [(q, h), (kv, h), (kv, h), (h, q), (inter, h), (inter, h), (h, inter), (h,), (h,)]
+    shapes = [(v, h), *layer * cfg["num_hidden_layers"], (h,)]
+    assert cfg["tie_word_embeddings"] and sum(math.prod(s) for s in shapes) == SMOLLM2_135M_VALUES
+    return shapes
+
+
+def scaled_shapes(shapes: list[tuple[int, ...]], size: float) -> list[tuple[int, ...]]:
+    """``size`` ≥ 1 (or exactly the full count): that many values; < 1: that fraction. A full size keeps
+    the real shapes; otherwise 1-D tensors with the same relative sizes (at least 1 value each)."""
+    total = sum(math.prod(s) for s in shapes)
+    target = int(size) if size > 1 else int(round(size * total))
+    if target >= total:
+        return shapes
+    f = target / total
+    return [(max(1, int(round(math.prod(s) * f))),) for s in shapes]
+
+
+def make_grads(shapes, index: int):
+    import torch
+
+    g = torch.Generator().manual_seed(7919 * (index + 1))
+    return [torch.randn(s, generator=g).mul_(GRAD_SCALE) for s in shapes]
+
+
+def sample(tensors, stride: int):
+    """A strided sample of every tensor, concatenated (1-D float32)."""
+    import torch
+
+    return torch.cat([t.detach().reshape(-1)[::stride] for t in tensors]).float().contiguous()
+
+
+def share_values(shapes, part_size_bytes: int, compression: str) -> list[int]:
+    """Values each of the 3 equal-share reducers averages, split exactly as hivemind splits them."""
+    import torch
+    from hivemind.averaging.partition import TensorPartContainer
+
+    tensors = [torch.empty(s, device="meta") for s in shapes]
+    container = TensorPartContainer(tensors, [1.0] * PEERS, compression=compression_of(compression),
+                                    part_size_bytes=part_size_bytes)
+    return [sum(p.numel() for p, _ in parts) for parts in container._input_parts_by_peer]
+
+
+def payload_per_peer(shares: list[int], compression: str) -> list[int]:
+    """Bytes each peer sends in one round: its parts of the others' shares, and its own share's
+    averages to each other sender."""
+    total, n, b = sum(shares), len(shares), BYTES_PER_VALUE[compression]
+    return [((total - s) + s * (n - 1)) * b for s in shares]
+
+
+def compression_of(name: str):
+    from hivemind.compression import Float16Compression, NoCompression
+
+    return {"none": NoCompression, "fp16": Float16Compression}[name]()
+
+
+# ---- peer process ----------------------------------------------------------------------------------
+def averager_classes():
+    """The bench-only subclasses (imported in the peer processes only)."""
+    from grpo_swarm.node.swarm.averaging import VerifiedAverager
+    from grpo_swarm.node.swarm.reduction import (
+        PartRejected,
+        Reason,
+        ValidatingReducer,
+        VerifiedAllReduceRunner,
+    )
+    from hivemind.averaging import DecentralizedAverager
+
+    class UncheckedReducer(ValidatingReducer):
+        def check_part(self, sender_index, part_index, part):
+            pass  # no shape/dtype/finite/norm checks of incoming parts
+
+    class UncheckedRunner(VerifiedAllReduceRunner):
+        reducer_class = UncheckedReducer
+
+        def _decode_output(self, peer_index, part_index, msg):
+            numels = self.part_numels_by_peer[peer_index]
+            if part_index >= len(numels):
+                raise PartRejected(Reason.BAD_SHAPE, "too many averaged parts")
+            return self._decode(msg.tensor_part, numels[part_index], f"averaged part {part_index}")
+
+    class BenchVerifiedAverager(VerifiedAverager):
+        """VerifiedAverager with switches for its validation and its share audit (same wire name and
+        protocol; the audit switch is the constructor's ``audit_reducers``, where the averager has one)."""
+
+        _rpc_handlers = None
+        _stub_type = None
+        checks = True
+        check_s = 0.0
+
+        def set_mode(self, checks: bool, audit: bool) -> None:
+            self._bench_mode(bool(checks), bool(audit))
+            self._outer_pipe.send(("_bench_set_mode", [bool(checks), bool(audit)], {}))
+
+        def _bench_mode(self, checks: bool, audit: bool) -> None:
+            self.checks = checks
+            if hasattr(self, "audit_reducers"):
+                self.audit_reducers = audit
+
+        async def _bench_set_mode(self, checks: bool, audit: bool) -> None:
+            self._bench_mode(checks, audit)  # in the averager process, before the step that follows
+
+        def check_local_gradient(self, grads):
+            t = time.perf_counter()
+            try:
+                if self.checks:
+                    return super().check_local_gradient(grads)
+                return [g.detach() for g in grads], 0.0
+            finally:
+                self.check_s = time.perf_counter() - t
+
+        def make_runner(self, **kwargs):
+            self.runner_class = VerifiedAllReduceRunner if self.checks else UncheckedRunner
+            return super().make_runner(**kwargs)
+
+    class StockAverager(DecentralizedAverager):
+        """hivemind's DecentralizedAverager; step() returns the reduction's duration, and the part
+        size can be changed between steps."""
+
+        _rpc_handlers = None
+        _stub_type = None
+
+        def set_part_size(self, part_size_bytes: int) -> None:
+            self._outer_pipe.send(("_bench_set_part_size", [int(part_size_bytes)], {}))
+
+        async def _bench_set_part_size(self, part_size_bytes: int) -> None:
+            self.allreduce_kwargs["part_size_bytes"] = part_size_bytes
+
+        async def _aggregate_with_group(self, group_info, min_vector_size, **kwargs):
+            t = time.monotonic()
+            await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+            return {"allreduce_s": time.monotonic() - t, "group_size": len(group_info.peer_ids)}
+
+    return BenchVerifiedAverager, StockAverager
+
+
+class Barrier:
+    def __init__(self, work: Path, index: int):
+        self.work, self.index = work, index
+
+    def __call__(self, tag: str, timeout: float = BARRIER_TIMEOUT_S) -> None:
+        (self.work / f"b-{tag}-{self.index}").write_bytes(b"")
+        paths = [self.work / f"b-{tag}-{i}" for i in range(PEERS)]
+        deadline = time.monotonic() + timeout
+        while not all(p.exists() for p in paths):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"barrier {tag}: missing {[p.name for p in paths if not p.exists()]}")
+            time.sleep(0.005)
+
+
+def tree_cpu_s() -> float:
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def peer_main(config_path: str) -> int:
+    cfg = json.loads(Path(config_path).read_text())
+    import hashlib
+
+    import torch
+
+    torch.set_num_threads(1)
+    from grpo_swarm.node.swarm.dht import start_dht
+    from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+    from grpo_swarm.protocol.identity import Identity, node_id_from_public_key
+    from grpo_swarm.protocol.rpc import sign_ticket
+    from safetensors.torch import save_file
+
+    me, work = int(cfg["index"]), Path(cfg["workdir"])
+    barrier = Barrier(work, me)
+    tx_path = cfg.get("tx_bytes_path")
+
+    def tx_bytes() -> int | None:
+        return int(Path(tx_path).read_text()) if tx_path else None
+
+    t0 = time.monotonic()
+    identity = Identity.from_seed(bytes.fromhex(cfg["node_seeds"][me]))
+    coordinator = Identity.from_seed(bytes.fromhex(cfg["coordinator_seed"]))
+    node_keys = [Identity.from_seed(bytes.fromhex(s)).public_key_bytes for s in cfg["node_seeds"]]
+    host = [f"/ip4/{cfg['host']}/tcp/0"]
+    maddrs_file = work / "maddrs-p0.json"
+    if me == 0:
+        dht = start_dht(identity, identity_path=work / f"p{me}.libp2p", host_maddrs=host)
+        tmp = maddrs_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps([str(m) for m in dht.get_visible_maddrs()]))
+        os.replace(tmp, maddrs_file)
+    else:
+        deadline = time.monotonic() + 120
+        while not maddrs_file.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("peer 0's address file never appeared")
+            time.sleep(0.05)
+        dht = start_dht(identity, identity_path=work / f"p{me}.libp2p", host_maddrs=host,
+                        initial_peers=json.loads(maddrs_file.read_text()))
+    shapes = [tuple(s) for s in cfg["shapes"]]
+    grads = make_grads(shapes, me)
+    out = [torch.empty_like(g) for g in grads]
+    stride = cfg["sample_stride"]
+    samples = {"grad": sample(grads, stride)}
+    weight = WEIGHTS[me]
+    startup_s = time.monotonic() - t0
+
+    def ticket(round_index: int) -> bytes:
+        t = pb.AdmissionTicket(run_id=RUN_ID, round_index=round_index, node_id=node_id_from_public_key(
+            identity.public_key_bytes), node_public_key=identity.public_key_bytes, accepted_samples=weight,
+            policy_version=0, time_ms=1)
+        return sign_ticket(t, coordinator).SerializeToString()
+
+    OursCls, StockCls = averager_classes()
+    timing = cfg["timing"]
+    report = {"index": me, "peer_id": identity.peer_id_base58, "startup_s": round(startup_s, 2), "phases": {}}
+    ours_round = 0
+    for comp in cfg["compressions"]:
+        t = time.monotonic()
+        compression = compression_of(comp)
+        variants = cfg["variants"]
+        ours = stock = None
+        if any(v.startswith("ours") for v in variants):
+            ours = OursCls(
+                grads, dht=dht, prefix=f"bench_ours_{comp}", identity=identity,
+                coordinator_key=coordinator.public_key_bytes, run_id=RUN_ID, weight_mode="sequences",
+                norm_bound=NORM_BOUND, compression=compression, target_group_size=PEERS, min_group_size=PEERS,
+                min_contributors=PEERS, min_matchmaking_time=timing["min_matchmaking_time"],
+                request_timeout=timing["request_timeout"], matchmaking_timeout=timing["matchmaking_timeout"],
+                sender_timeout=timing["sender_timeout"], reducer_timeout=timing["reducer_timeout"],
+                allreduce_timeout=timing["allreduce_timeout"], max_attempts=1, part_size_bytes=cfg["part_size"])
+        if {"stock", "stock_tuned"} & set(variants):
+            stock = StockCls(
+                [torch.zeros_like(g) for g in grads], dht, start=True, prefix=f"bench_stock_{comp}",
+                target_group_size=PEERS, min_group_size=PEERS, min_matchmaking_time=timing["min_matchmaking_time"],
+                request_timeout=timing["request_timeout"], part_size_bytes=cfg["stock_part_size"],
+                compression=compression, next_chunk_timeout=timing["sender_timeout"],
+                sender_timeout=timing["sender_timeout"], reducer_timeout=timing["reducer_timeout"],
+                allreduce_timeout=timing["allreduce_timeout"], allow_state_sharing=False)
+        phase = {"averagers_up_s": round(time.monotonic() - t, 2), "rounds": [], "sha256": {},
+                 "audit_switch": ours is not None and hasattr(ours, "audit_reducers")}
+        report["phases"][comp] = phase
+        total_rounds = cfg["warmup"] + cfg["rounds"]
+        for r in range(total_rounds):
+            order = variants if r % 2 == 0 else list(reversed(variants))
+            for v in order:
+                if v.startswith("ours"):
+                    ours.set_mode(checks=v != "ours_nocheck", audit=v == "ours")
+                elif stock is not None:
+                    stock.set_part_size(cfg["part_size"] if v == "stock_tuned" else cfg["stock_part_size"])
+                barrier(f"{comp}-{r}-{v}-start")
+                cpu0, tx0, start = tree_cpu_s(), tx_bytes(), time.perf_counter()
+                rec = {"variant": v, "round": r, "warmup": r < cfg["warmup"]}
+                try:
+                    if v.startswith("ours"):
+                        res = ours.average(ours_round, ticket(ours_round), grads, expected_peers=node_keys)
+                        ours_round += 1
+                        rec.update(ok=res.ok, average_s=res.seconds, check_s=ours.check_s,
+                                   allreduce_s=res.last.seconds if res.last else None, error=res.error)
+                        if res.ok:
+                            res.copy_to(out)
+                        del res
+                    else:
+                        with stock.get_tensors() as bufs:
+                            for b, g in zip(bufs, grads):
+                                b.copy_(g)
+                        s = time.perf_counter()
+                        got = stock.step(weight=float(weight), timeout=timing["matchmaking_timeout"],
+                                         allow_retries=False)
+                        rec.update(ok=True, step_s=time.perf_counter() - s, allreduce_s=got["allreduce_s"])
+                        with stock.get_tensors() as bufs:
+                            for o, b in zip(out, bufs):
+                                o.copy_(b)
+                except Exception as e:  # noqa: BLE001 - reported
+                    rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
+                rec["seconds"] = time.perf_counter() - start
+                barrier(f"{comp}-{r}-{v}-done")
+                rec["cpu_s"] = tree_cpu_s() - cpu0
+                if tx0 is not None:
+                    rec["tx_bytes"] = tx_bytes() - tx0
+                phase["rounds"].append(rec)
+                if r == total_rounds - 1 and rec["ok"]:
+                    samples[f"{comp}.{v}"] = sample(out, stride)
+                    if v.startswith("ours"):
+                        h = hashlib.sha256()
+                        for o in out:
+                            h.update(o.numpy().tobytes())
+                        phase["sha256"][v] = h.hexdigest()
+        for a in (ours, stock):
+            if a is not None:
+                a.shutdown()
+        del ours, stock
+    save_file(samples, str(work / f"sample-p{me}.safetensors"))
+    out_path = work / f"peer-{me}.json"
+    out_path.with_suffix(".tmp").write_text(json.dumps(report))
+    os.replace(out_path.with_suffix(".tmp"), out_path)
+    barrier("end", timeout=120)
+    dht.shutdown()
+    return 0
+
+
+# ---- orchestration ---------------------------------------------------------------------------------
+def stop_peers(procs: list[subprocess.Popen]) -> None:
+    """Terminate the peer processes we started and everything they started (p2pd, averager and DHT
+    processes), by pid."""
+    import psutil
+
+    victims = []
+    for p in procs:
+        if p.poll() is None:
+            try:
+                victims += [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+            except psutil.Error:
+                pass
+    for v in victims:
+        try:
+            v.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(victims, timeout=5)
+    for v in alive:
+        try:
+            v.kill()
+        except psutil.Error:
+            pass
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def rnd(x, digits=3):
+    return None if x is None else round(x, digits)
+
+
+def summarize(args, peers: list[dict], samples: list[dict], shapes, uplink_bits: float | None) -> dict:
+    res: dict = {}
+    exact = sum(w * s["grad"].double() for w, s in zip(WEIGHTS, samples)) / sum(WEIGHTS)
+    scale = float(exact.abs().max()) or 1.0
+    equal = True
+    for comp in args.compressions:
+        shares_tuned = share_values(shapes, args.part_size, comp)
+        payload = {"tuned": payload_per_peer(shares_tuned, comp),
+                   "stock": payload_per_peer(share_values(shapes, args.stock_part_size, comp), comp)}
+        block: dict = {"audit_switch": all(p["phases"][comp]["audit_switch"] for p in peers),
+                       "averagers_up_s": max(p["phases"][comp]["averagers_up_s"] for p in peers),
+                       "payload_bytes_per_peer": max(payload["tuned"]),
+                       "payload_bytes_all_peers": sum(payload["tuned"])}
+        for v in args.variants:
+            pay = payload["stock" if v == "stock" else "tuned"]
+            rows = [[r for r in p["phases"][comp]["rounds"] if r["variant"] == v] for p in peers]
+            measured = list(zip(*[[r for r in rs if not r["warmup"]] for rs in rows]))  # per round: 3 peers
+            oks = all(r["ok"] for rs in rows for r in rs)
+            round_s = [max(r["seconds"] for r in rr) for rr in measured]
+            allreduce = [max((r.get("allreduce_s") or 0.0) for r in rr) for rr in measured]
+            cpu = [sum(r["cpu_s"] for r in rr) for rr in measured]
+            d = {"ok": oks, "round_s": rnd(median(round_s)), "allreduce_s": rnd(median(allreduce)),
+                 "round_s_all": [rnd(x, 2) for x in round_s], "cpu_s": rnd(median(cpu), 2),
+                 "cpu_s_per_gb": rnd(median(cpu) / (sum(pay) / 1e9), 2) if cpu else None,
+                 "warmup_round_s": rnd(median([max(r["seconds"] for r in rr) for rr in
+                                               zip(*[[r for r in rs if r["warmup"]] for rs in rows])]), 2)}
+            if v.startswith("ours"):
+                d["local_check_s"] = rnd(median([max(r.get("check_s") or 0 for r in rr) for rr in measured]))
+                d["average_call_s"] = rnd(median([max(r.get("average_s") or 0 for r in rr) for rr in measured]))
+            errors = [r["error"] for rs in rows for r in rs if not r["ok"]]
+            if errors:
+                d["errors"] = errors[:3]
+            if all("tx_bytes" in r for rr in measured for r in rr) and measured:
+                d["wire_bytes_per_peer"] = int(median([max(r["tx_bytes"] for r in rr) for rr in measured]))
+            if uplink_bits and d["round_s"]:
+                d["efficiency"] = rnd(max(pay) * 8 / uplink_bits / d["round_s"])
+                d["efficiency_allreduce"] = rnd(max(pay) * 8 / uplink_bits / d["allreduce_s"]) if d["allreduce_s"] \
+                    else None
+            key = f"{comp}.{v}"
+            if all(key in s for s in samples):
+                err = max(float((s[key].double() - exact).abs().max()) for s in samples) / scale
+                d["max_rel_error"] = float(f"{err:.3g}")
+                d["results_ok"] = err <= TOLERANCE[comp]
+                equal &= d["results_ok"]
+            else:
+                d["results_ok"] = False
+                equal = False
+            if v.startswith("ours"):
+                shas = {p["phases"][comp]["sha256"].get(v) for p in peers}
+                d["same_bytes_on_every_peer"] = len(shas) == 1 and None not in shas
+                equal &= d["same_bytes_on_every_peer"]
+            equal &= oks
+            block[v] = d
+        if "ours" in block and "stock" in block and block["ours"]["round_s"]:
+            key = f"{comp}.ours", f"{comp}.stock"
+            if all(k in s for s in samples for k in key):
+                block["ours_vs_stock_max_rel_diff"] = float(f"{max(float((s[key[0]] - s[key[1]]).abs().max()) for s in samples) / scale:.3g}")
+        res[comp] = block
+    def ratio(a, b, field="round_s"):
+        return {c: rnd(res[c][a][field] / res[c][b][field]) for c in args.compressions
+                if a in res[c] and b in res[c] and res[c][a][field] and res[c][b][field]}
+    res["speedup_vs_stock"] = ratio("stock", "ours")
+    res["speedup_vs_stock_allreduce"] = ratio("stock", "ours", "allreduce_s")
+    res["speedup_vs_stock_tuned"] = ratio("stock_tuned", "ours")
+    # tuned including the compression: ours' best round against stock at fp32 (hivemind's default)
+    best = [res[c]["ours"]["round_s"] for c in args.compressions if "ours" in res[c] and res[c]["ours"]["round_s"]]
+    if best and "none" in res and "stock" in res["none"] and res["none"]["stock"]["round_s"]:
+        res["speedup_best_vs_stock_fp32"] = rnd(res["none"]["stock"]["round_s"] / min(best))
+    res["check_overhead"] = {c: rnd(v - 1) for c, v in ratio("ours", "ours_nocheck").items()}
+    res["check_overhead_allreduce"] = {c: rnd(v - 1) for c, v in ratio("ours", "ours_nocheck", "allreduce_s").items()}
+    res["audit_overhead"] = {c: rnd(v - 1) for c, v in ratio("ours", "ours_noaudit").items()}
+    res["results_equal"] = bool(equal)
+    return res
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=float, default=1.0,
+                    help="a fraction of SmolLM2-135M's 134.5M values (<= 1) or a number of values (> 1)")
+    ap.add_argument("--rounds", type=int, default=3, help="measured rounds of each variant and compression")
+    ap.add_argument("--warmup", type=int, default=1, help="rounds before those, not counted")
+    ap.add_argument("--compressions", default=",".join(COMPRESSIONS), help="none (fp32) and/or fp16")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"some of {','.join(VARIANTS)}")
+    ap.add_argument("--part-size", type=int, default=1 << 19,
+                    help="ours' (and stock_tuned's) part_size_bytes (compressed bytes per part)")
+    ap.add_argument("--stock-part-size", type=int, default=1 << 19, help="stock's part_size_bytes (hivemind default)")
+    ap.add_argument("--uplink", default=None, help="cap each peer's uplink (tc rate: 100mbit, 1gbit; root only)")
+    ap.add_argument("--tbf-burst", default="2mbit")
+    ap.add_argument("--tbf-latency", default="50ms")
+    ap.add_argument("--min-matchmaking-time", type=float, default=2.0)
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (peer logs, reports)")
+    ap.add_argument("--peer", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.compressions = [c for c in args.compressions.split(",") if c]
+    args.variants = [v for v in args.variants.split(",") if v]
+    if not set(args.compressions) <= set(COMPRESSIONS) or not set(args.variants) <= set(VARIANTS):
+        ap.error(f"compressions among {COMPRESSIONS}, variants among {VARIANTS}")
+    if args.rounds < 1 or args.warmup < 0 or args.size <= 0:
+        ap.error("--rounds >= 1, --warmup >= 0, --size > 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.peer:
+        return peer_main(args.peer)
+    result_fd = os.dup(1)  # the JSON line goes here; everything else to stderr
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGINT raises KeyboardInterrupt: both clean up
+    started = time.perf_counter()
+    shapes = scaled_shapes(smollm2_shapes(), args.size)
+    values = sum(math.prod(s) for s in shapes)
+    res: dict = {"values": values, "tensors": len(shapes)}
+    net = None
+    uplink_bits = None
+    if args.uplink:
+        uplink_bits = netns_link.rate_bits(args.uplink)
+        why = netns_link.unavailable()
+        if why:
+            res["uplink_skipped"] = why
+            log(f"--uplink {args.uplink} skipped: {why}; running on loopback")
+            uplink_bits = None
+    payload = max(payload_per_peer(share_values(shapes, args.part_size, "none"), "none"))
+    floor = (uplink_bits / 8 * 0.2) if uplink_bits else 20e6  # bytes/s no honest run falls below
+    allreduce_timeout = max(120.0, 3 * payload / floor)
+    timing = dict(min_matchmaking_time=args.min_matchmaking_time, request_timeout=1.0,
+                  matchmaking_timeout=max(30.0, 4 * args.min_matchmaking_time), sender_timeout=30.0,
+                  reducer_timeout=60.0, allreduce_timeout=allreduce_timeout)
+    work = Path(tempfile.mkdtemp(prefix="bench-averaging-"))
+    procs: list[subprocess.Popen] = []
+    logs = []
+    ok = False
+    try:
+        if uplink_bits:
+            netns_link.remove_stale()
+            net = netns_link.CappedBridge(PEERS, args.uplink, burst=args.tbf_burst, latency=args.tbf_latency).open()
+            log(f"capped links: {net.describe()}")
+        seeds = [bytes([i + 1]) * 32 for i in range(PEERS)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+               "HIVEMIND_LOGLEVEL": os.environ.get("HIVEMIND_LOGLEVEL", "WARNING")}
+        for i in range(PEERS):
+            cfg = dict(index=i, workdir=str(work), shapes=shapes, node_seeds=[s.hex() for s in seeds],
+                       coordinator_seed=bytes(range(32)).hex(), host=net.address(i) if net else "127.0.0.1",
+                       tx_bytes_path=net.tx_bytes_path(i) if net else None, compressions=args.compressions,
+                       variants=args.variants, warmup=args.warmup, rounds=args.rounds, part_size=args.part_size,
+                       stock_part_size=args.stock_part_size, timing=timing,
+                       sample_stride=max(1, values // SAMPLE_VALUES))
+            path = work / f"peer-{i}.config.json"
+            path.write_text(json.dumps(cfg))
+            logf = open(work / f"peer-{i}.log", "w")
+            logs.append(logf)
+            prefix = net.exec_prefix(i) if net else []
+            procs.append(subprocess.Popen([*prefix, sys.executable, str(Path(__file__).resolve()), "--peer", str(path)],
+                                          stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(HERE.parent)))
+        log(f"{PEERS} peers started ({values:,} values in {len(shapes)} tensors, variants {args.variants}, "
+            f"compressions {args.compressions}, {args.warmup} + {args.rounds} rounds); work folder {work}")
+        seen = set()
+        while True:
+            codes = [p.poll() for p in procs]
+            if any(c not in (None, 0) for c in codes):
+                bad = [i for i, c in enumerate(codes) if c not in (None, 0)]
+                raise RuntimeError(f"peer(s) {bad} exited with {[codes[i] for i in bad]}: "
+                                   + " | ".join((work / f"peer-{i}.log").read_text()[-1500:] for i in bad))
+            if all(c == 0 for c in codes):
+                break
+            for f in sorted(work.glob("b-*-done-0")):
+                if f.name not in seen:
+                    seen.add(f.name)
+                    log(f"  {f.name[2:-7]} done")
+            time.sleep(0.5)
+        from safetensors.torch import load_file
+
+        peers = [json.loads((work / f"peer-{i}.json").read_text()) for i in range(PEERS)]
+        samples = [load_file(str(work / f"sample-p{i}.safetensors")) for i in range(PEERS)]
+        res.update(summarize(args, peers, samples, shapes, uplink_bits))
+        res["startup_s"] = max(p["startup_s"] for p in peers)
+        ok = True
+    except BaseException as e:
+        res["error"] = f"{type(e).__name__}: {e}"[:3000]
+        log(f"failed: {res['error']}")
+    finally:
+        stop_peers(procs)
+        for f in logs:
+            f.close()
+        if net is not None:
+            net.close()
+        if args.keep or not ok:
+            log(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    res["config"] = {
+        "peers": PEERS, "weights": list(WEIGHTS), "variants": args.variants, "compressions": args.compressions,
+        "rounds": args.rounds, "warmup": args.warmup, "part_size": args.part_size,
+        "stock_part_size": args.stock_part_size, "size": args.size, "timing": timing,
+        "link": net.describe() if net is not None else "loopback 127.0.0.1",
+        "uplink": args.uplink if uplink_bits else None, "cpus": os.cpu_count(),
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 2), "wall_s": round(time.perf_counter() - started, 1),
+    }
+    os.write(result_fd, (json.dumps(res) + "\n").encode())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
