@@ -1,35 +1,60 @@
 """The whole swarm in separate processes on loopback: `grpo-coordinator serve` and three
 `grpo-node join` processes (real hivemind DHTs and verified averagers), through `grpo-node demo`'s
-runner. After every round every peer holds the published version (the same bytes), the log's
-rounds list the participants and their ticket weights, and `grpo-audit verify` passes."""
+runner, for 30 rounds. The mean reward rises; after every round every peer holds the same bytes
+(weights + optimizer state), those of the snapshot the coordinator published; the log's rounds
+list the participants and their ticket weights, and `grpo-audit verify` passes.
+
+Rounds: in five 30-round runs (other node keys, run seeds 0-4) the mean reward of the last 10
+rounds exceeded that of the first 10 by 0.059-0.16 (3.2-7x; first 10 rounds: 0.017-0.027).
+Without learning the two means differ by sampling noise alone (384 completions a round, a
+difference's standard error under 0.01), so the +0.03 / 2x bar cannot be passed by chance."""
 
 from __future__ import annotations
 
 import pytest
-
 from grpo_swarm.node.swarm.demo import run_demo
 from grpo_swarm.protocol.log import read_log
 
+ROUNDS = 30
+
 
 @pytest.mark.slow
-def test_three_nodes_average_every_round_and_publish_one_policy(tmp_path):
-    result = run_demo(tmp_path / "demo", nodes=3, rounds=4, timeout_s=400, echo=lambda *_: None)
+def test_three_nodes_learn_and_hold_the_published_policy_after_every_round(tmp_path):
+    result = run_demo(tmp_path / "demo", nodes=3, rounds=ROUNDS, timeout_s=400, echo=lambda *_: None, report=False)
     assert result.node_exit_codes == [0, 0, 0], (tmp_path / "demo" / "logs")
     assert result.audit_ok, result.audit_problem
     records = [r for rs in result.rounds.values() for r in rs]
-    assert len(records) == 12
+    assert len(records) == 3 * ROUNDS
+    assert not any(r["note"].startswith("error") for r in records), records
     averaged = [r for r in records if r["averaged"]]
-    assert len(averaged) >= 9, records  # a round a node joined late may be averaged without it
+    assert len(averaged) >= 3 * ROUNDS - 3, records  # a round a node joined late may be averaged without it
     assert all(r["published"] for r in averaged)
     entries = list(read_log(tmp_path / "demo" / "coordinator" / "protocol.sqlite"))
-    published = [e.payload for e in entries if e.kind == "snapshot_published"][1:]
-    assert len(published) >= 3
+    publications = [e.payload for e in entries if e.kind == "snapshot_published"]
+    snapshots = {int(p["version"]): p["sha256"] for p in publications}
     rounds = {e.payload["round"]: e.payload for e in entries if e.kind == "round_closed"}
-    for pub in published:
-        r = rounds[pub["round"]]
-        # everyone who held a ticket in the producing round reported the same bytes: unanimous quorum
-        assert set(pub["reporters"]) == set(r["participants"]) and pub["support_weight"] == pytest.approx(1.0)
+    assert len(rounds) >= ROUNDS
+    for r in rounds.values():  # each closed round lists its participants and their ticket weights
         assert set(r["weights"]) == set(r["participants"]) and sum(r["weights"].values()) == pytest.approx(1.0)
-    # after the last round every node holds the last published version (resynced ones loaded it)
-    last = published[-1]["version"]
-    assert all(rs[-1]["version"] <= last for rs in result.rounds.values())
+    for pub in publications[1:]:
+        # everyone who held a ticket in the producing round reported the same bytes: unanimous quorum
+        assert set(pub["reporters"]) == set(rounds[pub["round"]]["participants"])
+        assert pub["support_weight"] == pytest.approx(1.0)
+    assert len(publications) >= ROUNDS - 2
+    # after every round every peer holds one published snapshot's exact bytes, the same one
+    held: dict[int, set] = {}
+    for node, rs in result.rounds.items():
+        for r in rs:
+            assert r["sha256"] == snapshots.get(r["held_version"]), (node, r)
+            held.setdefault(r["round"], set()).add((r["held_version"], r["sha256"]))
+    assert all(len(h) == 1 for h in held.values()), held
+    # the swarm learns: the mean reward of the last third of the rounds well above the first third's
+    by_round: dict[int, list[float]] = {}
+    for r in records:
+        if r["reward_mean"] is not None:
+            by_round.setdefault(r["round"], []).append(r["reward_mean"])
+    curve = [sum(x) / len(x) for _, x in sorted(by_round.items())]
+    third = ROUNDS // 3
+    first, last = sum(curve[:third]) / third, sum(curve[-third:]) / third
+    print(f"\nmean reward: first {third} rounds {first:.3f}, last {third} rounds {last:.3f}")
+    assert last > first + 0.03 and last > 2 * first, curve

@@ -64,58 +64,168 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float, what: str) -
     raise TimeoutError(f"{what} was not ready within {timeout_s:.0f} s")
 
 
-def run_demo(out_dir: str | Path, *, nodes: int = 3, rounds: int = 30, config_text: str | None = None,
-             timeout_s: float = 600.0, echo=print, node_args: tuple[str, ...] = ()) -> DemoResult:
-    """Run the swarm demo in ``out_dir`` (created; a previous run there is replaced)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / "coordinator", out / "port"):
-        if stale.is_dir():
-            import shutil
+class LocalSwarm:
+    """A coordinator and ``grpo-node join`` processes on loopback, in ``out_dir`` (what ``grpo-node
+    demo`` runs; tests drive it to kill and restart nodes). Each process runs in its own session, so
+    that stopping a node reaches its hivemind helpers and p2pd too. Use it as a context manager::
 
-            shutil.rmtree(stale)
-        elif stale.exists():
-            stale.unlink()
-    text = config_text or demo_config_text()
-    # the round closes as soon as every node's groups are in: N nodes x prompts x G
-    text = text.replace("samples_per_round = 384", f"samples_per_round = {nodes * 8 * 16}")
-    (out / "run.toml").write_text(text)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    coord = subprocess.Popen(
-        [*_bin("grpo-coordinator"), "serve", "-c", str(out / "run.toml"), "-d", str(out / "coordinator"),
-         "--port", "0", "--port-file", str(out / "port")],
-        stdout=open(logs / "coordinator.log", "w"), stderr=subprocess.STDOUT, env=env)
-    procs: list[subprocess.Popen] = []
-    result = DemoResult(out)
-    try:
-        port = _wait_for(out / "port", coord, 120, "the coordinator")
-        echo(f"coordinator serving on 127.0.0.1:{port}; starting {nodes} nodes for {rounds} rounds")
+        with LocalSwarm(out, nodes=3) as swarm:
+            swarm.start_coordinator()
+            for i in range(3):
+                swarm.start_node(i, rounds=10)
+            ...
+            swarm.kill_node(2)  # SIGKILL: node 2's whole process group
+    """
+
+    def __init__(self, out_dir: str | Path, *, nodes: int = 3, config_text: str | None = None,
+                 env: dict | None = None):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stale in (self.out / "coordinator", self.out / "port"):  # a previous run there is replaced
+            if stale.is_dir():
+                import shutil
+
+                shutil.rmtree(stale)
+            elif stale.exists():
+                stale.unlink()
+        text = config_text or demo_config_text()
+        # the round closes as soon as every node's groups are in: N nodes x prompts x G
+        text = text.replace("samples_per_round = 384", f"samples_per_round = {nodes * 8 * 16}")
+        (self.out / "run.toml").write_text(text)
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                    **(env or {})}
+        self.logs = self.out / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.coordinator: subprocess.Popen | None = None
+        self.address: str | None = None
+        self.nodes: dict[int, subprocess.Popen] = {}
         for i in range(nodes):
-            workdir = out / f"node{i}"
-            if (workdir / "swarm.jsonl").exists():
-                (workdir / "swarm.jsonl").unlink()
-            procs.append(subprocess.Popen(
-                [*_bin("grpo-node"), "join", "--coordinator", f"127.0.0.1:{port}",
-                 "--identity", str(workdir / "node.key"), "--workdir", str(workdir), "--rounds", str(rounds),
-                 "--host-maddr", "/ip4/127.0.0.1/tcp/0", "--quiet", "--set", "run.threads=1", *node_args],
-                stdout=open(logs / f"node{i}.log", "w"), stderr=subprocess.STDOUT, env=env))
+            stale = self.workdir(i) / "swarm.jsonl"
+            if stale.exists():
+                stale.unlink()
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def workdir(self, i: int) -> Path:
+        return self.out / f"node{i}"
+
+    def start_coordinator(self, timeout_s: float = 120.0) -> str:
+        """Start ``grpo-coordinator serve``; its ``HOST:PORT`` once it serves."""
+        with open(self.logs / "coordinator.log", "w") as log:  # the child keeps its own copy
+            self.coordinator = subprocess.Popen(
+                [*_bin("grpo-coordinator"), "serve", "-c", str(self.out / "run.toml"), "-d",
+                 str(self.out / "coordinator"), "--port", "0", "--port-file", str(self.out / "port")],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        port = _wait_for(self.out / "port", self.coordinator, timeout_s, "the coordinator")
+        self.address = f"127.0.0.1:{port}"
+        return self.address
+
+    def join_args(self, i: int, rounds: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+        """``grpo-node join``'s arguments for node ``i`` (its key and work directory are out/node<i>)."""
+        workdir = self.workdir(i)
+        return ["join", "--coordinator", str(self.address), "--identity", str(workdir / "node.key"),
+                "--workdir", str(workdir), *(["--rounds", str(rounds)] if rounds is not None else []),
+                "--host-maddr", "/ip4/127.0.0.1/tcp/0", "--quiet", "--set", "run.threads=1", *extra]
+
+    def start_node(self, i: int, *, rounds: int | None = None, extra: tuple[str, ...] = (),
+                   program: list[str] | None = None) -> subprocess.Popen:
+        """Start node ``i`` (again, after a kill: same key and work directory; its log is appended to).
+        ``program`` replaces the ``grpo-node`` command (it gets the same ``join ...`` arguments)."""
+        if self.address is None:
+            raise RuntimeError("start the coordinator first")
+        old = self.nodes.get(i)
+        if old is not None and old.poll() is None:
+            raise RuntimeError(f"node {i} is still running")
+        with open(self.logs / f"node{i}.log", "a") as log:
+            self.nodes[i] = proc = subprocess.Popen(
+                [*(program or _bin("grpo-node")), *self.join_args(i, rounds, extra)],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        return proc
+
+    def kill_node(self, i: int) -> None:
+        """SIGKILL node ``i`` with everything it started (its DHT and averager processes, p2pd)."""
+        proc = self.nodes[i]
+        _killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def records(self, i: int) -> list[dict]:
+        """Node ``i``'s ``swarm.jsonl`` records so far (a line being written is left out)."""
+        path = self.workdir(i) / "swarm.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().split("\n")[:-1]:  # complete lines only
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # torn by a kill mid-write
+                continue
+        return out
+
+    def stop_nodes(self, grace_s: float = 5.0) -> None:
+        """Ctrl-C to every running node's main process (it leaves the swarm cleanly, unless this process
+        was started with SIGINT ignored, which its children inherit), then, after ``grace_s``, SIGKILL
+        to every node's process group: what is left of it, or of an exited node (p2pd, helpers)."""
+        running = [p for p in self.nodes.values() if p.poll() is None]
+        if grace_s > 0:
+            for p in running:
+                p.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + grace_s
+            for p in running:
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+        for p in self.nodes.values():
+            _killpg(p.pid, signal.SIGKILL)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def stop(self) -> None:
+        self.stop_nodes()
+        if self.coordinator is not None and self.coordinator.poll() is None:
+            self.coordinator.send_signal(signal.SIGTERM)
+            try:
+                self.coordinator.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                _killpg(self.coordinator.pid, signal.SIGKILL)
+                self.coordinator.wait(timeout=30)
+
+    def audit(self, result: DemoResult | None = None, *, report: bool = True) -> DemoResult:
+        """``grpo-audit verify`` of the coordinator's log (and ``report`` of it): into ``result``."""
+        result = result or DemoResult(self.out)
+        _audit(result, self.out, report=report)
+        return result
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):  # the group is gone
+        pass
+
+
+def run_demo(out_dir: str | Path, *, nodes: int = 3, rounds: int = 30, config_text: str | None = None,
+             timeout_s: float = 600.0, echo=print, node_args: tuple[str, ...] = (), report: bool = True) -> DemoResult:
+    """Run the swarm demo in ``out_dir`` (created; a previous run there is replaced). ``report=False``
+    leaves out the report's figures (the audit still runs)."""
+    swarm = LocalSwarm(out_dir, nodes=nodes, config_text=config_text)
+    out = swarm.out
+    result = DemoResult(out)
+    with swarm:
+        address = swarm.start_coordinator()
+        echo(f"coordinator serving on {address}; starting {nodes} nodes for {rounds} rounds")
+        procs = [swarm.start_node(i, rounds=rounds, extra=node_args) for i in range(nodes)]
         _follow(out, procs, nodes, timeout_s, echo)
         result.node_exit_codes = [p.wait(timeout=30) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        coord.send_signal(signal.SIGTERM)
-        try:
-            coord.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            coord.kill()
     for i in range(nodes):
-        path = out / f"node{i}" / "swarm.jsonl"
-        result.rounds[f"node{i}"] = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    _audit(result, out)
+        result.rounds[f"node{i}"] = swarm.records(i)
+    _audit(result, out, report=report)
     return result
 
 
@@ -128,7 +238,7 @@ def _follow(out: Path, procs, nodes: int, timeout_s: float, echo) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the demo's nodes did not finish within {timeout_s:.0f} s (logs in {out / 'logs'})")
         if path.exists():
-            lines = path.read_text().splitlines()
+            lines = path.read_text().split("\n")[:-1]  # complete lines only
             for line in lines[seen:]:
                 r = json.loads(line)
                 reward = "-" if r["reward_mean"] is None else f"{r['reward_mean']:.3f}"
@@ -138,9 +248,8 @@ def _follow(out: Path, procs, nodes: int, timeout_s: float, echo) -> None:
         time.sleep(0.5)
 
 
-def _audit(result: DemoResult, out: Path) -> None:
+def _audit(result: DemoResult, out: Path, *, report: bool = True) -> None:
     from grpo_swarm.protocol.audit import audit
-    from grpo_swarm.protocol.report import write_report
     from grpo_swarm.protocol.run_spec import load_hooks
 
     log_path = out / "coordinator" / "protocol.sqlite"
@@ -154,4 +263,7 @@ def _audit(result: DemoResult, out: Path) -> None:
     audited = audit(log_path, hooks)
     result.audit_ok = audited.ok
     result.audit_problem = None if audited.ok else str(audited.problem)
-    result.report = {k: str(v) for k, v in write_report(audited, out / "report").items()}
+    if report:
+        from grpo_swarm.protocol.report import write_report
+
+        result.report = {k: str(v) for k, v in write_report(audited, out / "report").items()}

@@ -70,7 +70,11 @@ class RoundRecord:
     resynced: bool = False
     lag: int = 0
     dht_peers: int = 0  # peers this node's DHT is connected to
+    averaging_s: float = 0.0  # time in the verified averaging (0 when it took no part)
     seconds: float = 0.0
+    held_version: int = -1  # the version this node holds when the round ends
+    sha256: str = ""  # hash of the weights + optimizer state it holds then (what the publication names)
+    ended: float = 0.0  # wall-clock time (Unix seconds) the round ended at
     note: str = ""
 
     def to_json(self) -> dict:
@@ -79,6 +83,10 @@ class RoundRecord:
 
 class SwarmPeer:
     """A participant, its DHT and its verified averager, and the round loop that drives them."""
+
+    # builds the averager (VerifiedAverager's keyword arguments); None: VerifiedAverager itself.
+    # Tests put a misbehaving averager here (tests/swarm_join_node.py)
+    averager_factory: Callable[..., object] | None = None
 
     def __init__(self, opts: JoinOptions, *, on_round: Callable[[RoundRecord], None] | None = None):
         from hivemind.compression import Float16Compression, NoCompression
@@ -98,7 +106,8 @@ class SwarmPeer:
         # the coordinator takes at most 8, each ending in this node's own peer id
         self.maddrs = [str(a) for a in self.dht.get_visible_maddrs() if str(a).endswith(f"/p2p/{own}")][:8]
         swarm = p.run["swarm"]
-        self.averager = VerifiedAverager(
+        self._held: tuple | None = None  # (snapshot ref, version, state hash) of what this node holds
+        self.averager = (self.averager_factory or VerifiedAverager)(
             p.trainer.trainable, dht=self.dht, prefix=f"{_safe(p.run_id)}-grads", identity=self.identity,
             coordinator_key=bytes(p.reply.coordinator_public_key), run_id=p.run_id,
             weight_mode=weight_mode_for_loss(p.train_cfg.grpo.loss_type), norm_bound=opts.norm_bound,
@@ -147,6 +156,8 @@ class SwarmPeer:
                 log.warning("round failed (%d in a row): %s", failures, e)
                 time.sleep(min(30.0, 2.0 * failures))
             done += 1
+            record.held_version, record.sha256 = self._held_state()
+            record.ended = time.time()
             if self.on_round is not None:
                 self.on_round(record)
 
@@ -208,11 +219,13 @@ class SwarmPeer:
         if batch is not None:
             trainer.compute_gradients(trainer.prepare(batch))
         grads = [t.grad for t in trainer.trainable]
+        started = time.monotonic()
         result = self.averager.average(work.round_index, ticket.SerializeToString(), grads,
                                        expected_peers=list(self._participants) or None)
+        record.averaging_s = time.monotonic() - started
         last = result.last
         record.peers = len(last.weights) if last is not None else 0
-        record.excluded = {**result.excluded, **result.accused}
+        record.excluded = result.reportable()
         self._report_excluded(work.round_index, record.excluded)
         if not result.ok:
             trainer.optimizer.zero_grad(set_to_none=False)
@@ -253,6 +266,7 @@ class SwarmPeer:
                 record.published = True
                 if sha is not None and cur.version == version and bytes(cur.sha256) == sha:
                     p.snapshot = pb.PolicySnapshotRef(version=version, sha256=sha)
+                    self._held = (p.snapshot, version, sha)  # computed just now: no need to hash it again
                 else:
                     p.sync()
                     record.resynced = True
@@ -266,6 +280,19 @@ class SwarmPeer:
             time.sleep(self.opts.poll_s)
         record.note = f"v{version} was not published within {self.round_timeout_s:.0f} s"
         return False
+
+    def _held_state(self) -> tuple[int, str]:
+        """(version, hex hash of the weights + optimizer state) this node holds now. Hashed again only
+        when the state changed (a step, a loaded snapshot), else the last hash is reused."""
+        p = self.participant
+        try:
+            key = (p.snapshot, p.trainer.version)
+            if self._held is None or self._held[0] is not key[0] or self._held[1] != key[1]:
+                self._held = (*key, p.state_sha256())
+            return key[1], self._held[2].hex()
+        except Exception as e:  # noqa: BLE001 - only the record lacks it
+            log.warning("could not hash the held state: %s", e)
+            return p.trainer.version, ""
 
     def _report_excluded(self, round_index: int, excluded: dict) -> None:
         for peer, reason in excluded.items():

@@ -1,0 +1,187 @@
+"""`grpo-node join` through failures, in real processes on loopback: `grpo-coordinator serve` and
+three node processes (real hivemind DHTs and verified averagers) with the demo's run
+(node/configs/swarm-demo.toml), driven by :class:`grpo_swarm.node.swarm.demo.LocalSwarm`.
+
+* a member that vanishes mid-round: it hangs in the middle of a reduction and its whole process
+  group is SIGKILLed; the other two finish that round within the averaging timeout, and the
+  member, restarted with the same key and work directory, holds the published snapshot and is
+  averaged with them again within 60 s of its restart;
+* a hostile member (NaN in every part it sends, tests/swarm_hostile.py through
+  tests/swarm_join_node.py): the honest peers' round still succeeds without it, they exclude it
+  with the reason, report it to the coordinator, and their two reports ban it.
+
+In both, after every round every honest peer holds the same bytes (weights + optimizer state),
+those of the snapshot the coordinator published for that version, and `grpo-audit verify` passes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tomllib
+from grpo_swarm.node.swarm.demo import LocalSwarm, demo_config_text
+from grpo_swarm.node.swarm.join import _node_id_of_peer
+from grpo_swarm.protocol.client import CoordinatorClient, CoordinatorError
+from grpo_swarm.protocol.identity import Identity
+from grpo_swarm.protocol.log import read_log
+
+HERE = Path(__file__).resolve().parent
+SWARM = tomllib.loads(demo_config_text())["swarm"]
+
+
+def hostile(behaviour: str, first_round: int, marker: Path | None = None) -> list[str]:
+    """The program of a node whose averager does ``behaviour`` from ``first_round`` on."""
+    return [sys.executable, str(HERE / "swarm_join_node.py"), behaviour, str(first_round), str(marker or "")]
+
+
+def logs(swarm: LocalSwarm, lines: int = 30) -> str:
+    out = []
+    for path in sorted(swarm.logs.glob("*.log")):
+        out.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+    return "\n".join(out)
+
+
+def wait_until(condition, timeout_s: float, swarm: LocalSwarm, what: str, running: tuple[int, ...] = ()):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        for i in running:
+            code = swarm.nodes[i].poll()
+            assert code is None, f"node {i} exited with {code} while waiting for {what}\n{logs(swarm)}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s\n{logs(swarm)}"
+        time.sleep(0.05)
+
+
+def log_entries(swarm: LocalSwarm) -> list:
+    return list(read_log(swarm.out / "coordinator" / "protocol.sqlite"))
+
+
+def published(entries) -> dict[int, str]:
+    """version -> hex state hash of every snapshot the coordinator published."""
+    return {int(e.payload["version"]): e.payload["sha256"] for e in entries if e.kind == "snapshot_published"}
+
+
+def assert_one_policy(records: dict[int, list[dict]], snapshots: dict[int, str]) -> None:
+    """After every round each of these peers holds a published snapshot's exact bytes, and in each
+    round they all hold the same one."""
+    by_round: dict[int, dict[int, tuple[int, str]]] = {}
+    for node, recs in records.items():
+        for r in recs:
+            assert not r["note"].startswith("error"), (node, r)
+            assert r["sha256"] and r["sha256"] == snapshots.get(r["held_version"]), (node, r, snapshots)
+            by_round.setdefault(r["round"], {})[node] = (r["held_version"], r["sha256"])
+    for rnd, held in by_round.items():
+        assert len(set(held.values())) == 1, (rnd, held)
+
+
+def audit_ok(swarm: LocalSwarm) -> None:
+    result = swarm.audit(report=False)
+    assert result.audit_ok, result.audit_problem
+
+
+@pytest.mark.slow
+def test_a_member_killed_mid_averaging_restarts_resyncs_and_rejoins(tmp_path):
+    first_stall = 2  # two ordinary rounds first
+    marker = tmp_path / "stalled"
+    victim = 2
+    with LocalSwarm(tmp_path / "swarm", nodes=3) as swarm:
+        swarm.start_coordinator()
+        for i in (0, 1):
+            swarm.start_node(i)
+        swarm.start_node(victim, program=hostile("stall", first_stall, marker))
+        # the victim sends its first part of a reduction and hangs there: kill it (and its p2pd) now
+        wait_until(marker.exists, 120, swarm, "stalled reduction", running=(0, 1, 2))
+        before = len(swarm.records(victim))
+        swarm.kill_node(victim)
+        killed_at = time.time()
+        swarm.start_node(victim)  # the plain `grpo-node join`, same key and work directory
+        restarted_at = time.time()
+
+        def rejoined() -> bool:
+            mine = [r for r in swarm.records(victim)[before:] if r["averaged"] and r["peers"] == 3]
+            return bool(mine) and all(any(r["round"] == mine[0]["round"] for r in swarm.records(i)) for i in (0, 1))
+
+        wait_until(rejoined, 75, swarm, "round averaged by all three after the restart", running=(0, 1, victim))
+        swarm.stop_nodes(grace_s=0)
+        records = {i: swarm.records(i) for i in range(3)}
+        entries = log_entries(swarm)
+        swarm.stop()
+        audit_ok(swarm)
+
+    # the round the victim died in: the survivors finished it within the averaging timeout
+    killed_round = min(r["round"] for i in (0, 1) for r in records[i] if r["ended"] > killed_at and r["round"] >= 0)
+    assert killed_round >= first_stall
+    assert not any(r["round"] == killed_round for r in records[victim]), "the victim finished the round it died in"
+    for i in (0, 1):
+        (r,) = [r for r in records[i] if r["round"] == killed_round]
+        print(f"\nnode {i}, round {killed_round}: averaged={r['averaged']} peers={r['peers']} "
+              f"averaging {r['averaging_s']:.1f} s, done {r['ended'] - killed_at:.1f} s after the kill; {r['note']}")
+        assert r["ended"] - killed_at < SWARM["averaging_timeout_s"], r
+        assert r["averaging_s"] < SWARM["averaging_timeout_s"], r
+        if r["averaged"]:  # the retry without the dead member (2 of the 3 participants: a majority)
+            assert r["peers"] == 2, r
+    # the victim came back: its first record holds the published snapshot (checked below for every
+    # record), and it was averaged with both others within 60 s of its restart
+    back = records[victim][before:]
+    assert back, "no record after the restart"
+    first_with_all = next(r for r in back if r["averaged"] and r["peers"] == 3)
+    print(f"restarted node averaged with all three in round {first_with_all['round']}, "
+          f"{first_with_all['ended'] - restarted_at:.1f} s after its restart")
+    assert first_with_all["ended"] - restarted_at < 60.0, first_with_all
+    # before the kill every round was averaged by all three; after the victim's return too
+    for i in (0, 1):
+        assert all(r["averaged"] and r["peers"] == 3 for r in records[i] if r["round"] < first_stall), records[i]
+        (r,) = [r for r in records[i] if r["round"] == first_with_all["round"]]
+        assert r["averaged"] and r["peers"] == 3, r
+    snapshots = published(entries)
+    assert_one_policy({i: records[i] for i in (0, 1)}, snapshots)
+    assert_one_policy({victim: back}, snapshots)
+    assert_one_policy({i: [r for r in records[i] if r["round"] != killed_round] for i in range(3)}, snapshots)
+
+
+@pytest.mark.slow
+def test_a_hostile_member_is_excluded_reported_and_banned(tmp_path):
+    first_nan = 1  # one honest round, then NaN in every part it sends
+    bad = 2
+    with LocalSwarm(tmp_path / "swarm", nodes=3) as swarm:
+        swarm.start_coordinator()
+        for i in (0, 1):
+            swarm.start_node(i, rounds=first_nan + 1)
+        swarm.start_node(bad, rounds=first_nan + 1, program=hostile("nan", first_nan))
+        wait_until(lambda: all(p.poll() is not None for p in swarm.nodes.values()), 150, swarm, "end of the rounds")
+        assert [swarm.nodes[i].returncode for i in range(3)] == [0, 0, 0], logs(swarm)
+        records = {i: swarm.records(i) for i in range(3)}
+        bad_key = Identity.load(swarm.workdir(bad) / "node.key")
+        # the coordinator refuses the banned node from now on
+        client = CoordinatorClient(swarm.address, bad_key, timeout_s=30)
+        try:
+            with pytest.raises(CoordinatorError, match="banned"):
+                client.register()
+        finally:
+            client.close()
+        entries = log_entries(swarm)
+        swarm.stop()
+        audit_ok(swarm)
+
+    bad_peer = bad_key.peer_id_base58
+    bad_node = _node_id_of_peer(bad_peer)
+    for i in (0, 1):
+        (r,) = [r for r in records[i] if r["round"] == first_nan]
+        print(f"\nnode {i}, round {first_nan}: averaged={r['averaged']} peers={r['peers']} "
+              f"in {r['averaging_s']:.1f} s; excluded {r['excluded']}")
+        assert r["averaged"] and r["peers"] == 2, r  # the honest pair's average
+        assert list(r["excluded"]) == [bad_peer], r["excluded"]
+    (r,) = [r for r in records[bad] if r["round"] == first_nan]
+    assert not r["averaged"], r
+    reports = [e.payload for e in entries if e.kind == "peer_reported"]
+    honest_ids = {_node_id_of_peer(Identity.load(swarm.workdir(i) / "node.key").peer_id_base58) for i in (0, 1)}
+    assert {p["node_id"] for p in reports if p["peer_node_id"] == bad_node} == honest_ids, reports
+    assert all(p["peer_node_id"] == bad_node and p["reason"] for p in reports), reports
+    bans = [e.payload for e in entries if e.kind == "node_banned"]
+    assert [b["node_id"] for b in bans] == [bad_node], bans
+    # honest rounds: all three; the hostile round: the honest pair; one policy throughout
+    for i in (0, 1):
+        assert all(r["averaged"] and r["peers"] == 3 for r in records[i] if r["round"] < first_nan), records[i]
+    assert_one_policy({i: records[i] for i in (0, 1)}, published(entries))
