@@ -82,6 +82,9 @@ class Participant:
             self.client.download_snapshot(path, manifest=manifest)
         t = self.trainer
         load_training_state(self.model, t.optimizer, t.trainable, load_file(str(path)), t.scheduler)
+        for old in self.workdir.glob(f"{self.node_id}-v*.safetensors"):  # one version kept: no disk growth
+            if old != path:
+                old.unlink(missing_ok=True)
         self.snapshot = manifest.snapshot
         self.trainer.version = manifest.snapshot.version
         return self.snapshot
@@ -151,6 +154,8 @@ class Participant:
         state = self.training_state()
         sha = proving.state_dict_sha256(state)
         path = self.workdir / f"{sha.hex()}.safetensors"
-        if not path.exists():
-            save_file(state, str(path))
-        return self.client.upload_snapshot(path, pb.PolicySnapshotRef(version=version, sha256=sha))
+        save_file(state, str(path))
+        try:
+            return self.client.upload_snapshot(path, pb.PolicySnapshotRef(version=version, sha256=sha))
+        finally:  # published or refused, the file is not read again (a retry saves it anew)
+            path.unlink(missing_ok=True)
