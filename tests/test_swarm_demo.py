@@ -1,8 +1,9 @@
 """The whole swarm in separate processes on loopback: `grpo-coordinator serve` and three
 `grpo-node join` processes (real hivemind DHTs and verified averagers), through `grpo-node demo`'s
 runner, for 30 rounds. The mean reward rises; after every round every peer holds the same bytes
-(weights + optimizer state), those of the snapshot the coordinator published; the log's rounds
-list the participants and their ticket weights, and `grpo-audit verify` passes.
+(weights + optimizer state), those of the snapshot the coordinator published, and every peer that
+took the step computed them itself; the log's rounds list the participants and their ticket
+weights, and `grpo-audit verify` passes.
 
 Rounds: in five 30-round runs (other node keys, run seeds 0-4) the mean reward of the last 10
 rounds exceeded that of the first 10 by 0.059-0.16 (3.2-7x; first 10 rounds: 0.017-0.027).
@@ -28,7 +29,8 @@ def test_three_nodes_learn_and_hold_the_published_policy_after_every_round(tmp_p
     assert not any(r["note"].startswith("error") for r in records), records
     averaged = [r for r in records if r["averaged"]]
     assert len(averaged) >= 3 * ROUNDS - 3, records  # a round a node joined late may be averaged without it
-    assert all(r["published"] for r in averaged)
+    # every peer that stepped computed the published bytes itself (it kept its own state: no resync)
+    assert all(r["published"] and not r["resynced"] for r in averaged), [r for r in averaged if r["resynced"]]
     entries = list(read_log(tmp_path / "demo" / "coordinator" / "protocol.sqlite"))
     publications = [e.payload for e in entries if e.kind == "snapshot_published"]
     snapshots = {int(p["version"]): p["sha256"] for p in publications}
@@ -37,9 +39,10 @@ def test_three_nodes_learn_and_hold_the_published_policy_after_every_round(tmp_p
     for r in rounds.values():  # each closed round lists its participants and their ticket weights
         assert set(r["weights"]) == set(r["participants"]) and sum(r["weights"].values()) == pytest.approx(1.0)
     for pub in publications[1:]:
-        # everyone who held a ticket in the producing round reported the same bytes: unanimous quorum
-        assert set(pub["reporters"]) == set(rounds[pub["round"]]["participants"])
-        assert pub["support_weight"] == pytest.approx(1.0)
+        # published on the reports of more than half the producing round's weight (a slow peer's
+        # report may come after the publication; it then finds the published bytes are its own)
+        assert set(pub["reporters"]) <= set(rounds[pub["round"]]["participants"])
+        assert pub["support_weight"] > 0.5
     assert len(publications) >= ROUNDS - 2
     # after every round every peer holds one published snapshot's exact bytes, the same one
     held: dict[int, set] = {}

@@ -36,6 +36,7 @@ from .participant import Participant, RoundWork
 
 log = logging.getLogger(__name__)
 UPLOAD_FALLBACK_S = 10.0  # a contributor uploads itself when the designated one has not published by then
+UPLOAD_RETRY_S = 0.5  # a refused upload (the others' reports not in yet) is tried again after this, doubling
 
 
 @dataclass
@@ -237,13 +238,16 @@ class SwarmPeer:
         record.averaged = True
         version = trainer.version
         sha = p.state_sha256()  # weights and optimizer state: what every honest peer computed alike
-        p.report(version, sha)
-        if self._is_uploader(result):
-            try:
-                p.save_and_upload(version)
-            except CoordinatorError as e:  # another peer published first, or the quorum is not there yet
-                log.info("upload of v%d: %s", version, e)
-        if not self._follow_publication(version, sha, record):
+        try:
+            p.report(version, sha)
+        except CoordinatorError as e:
+            # a majority's reports suffice: when they published this version before ours came in, the
+            # report is refused (only the next version can be reported); the publication says whether
+            # the published bytes are ours
+            if self.heartbeat().current.version < version:
+                raise
+            log.info("report of v%d came after its publication: %s", version, e.detail)
+        if not self._follow_publication(version, sha, record, uploader=self._is_uploader(result)):
             # the swarm did not publish this step: back to the published weights and moments
             trainer.optimizer.load_state_dict(optimizer_before)
             p.sync()
@@ -254,30 +258,39 @@ class SwarmPeer:
         ids = sorted(n for n in (_node_id_of_peer(peer) for peer in result.last.weights) if n is not None)
         return not ids or ids[0] == self.participant.node_id
 
-    def _follow_publication(self, version: int, sha: bytes | None, record: RoundRecord) -> bool:
+    def _follow_publication(self, version: int, sha: bytes | None, record: RoundRecord, *,
+                            uploader: bool = False) -> bool:
         """Wait for ``version`` to be published; load it unless this node computed the same bytes.
-        False when it was not published in time."""
+        With ``sha`` (this node computed the version), upload it: at once when it is the designated
+        ``uploader``, after UPLOAD_FALLBACK_S otherwise; a refused upload (the quorum of reports is
+        not in yet) is tried again, after UPLOAD_RETRY_S, doubling. False when it was not published in
+        time."""
         p = self.participant
         start = time.monotonic()
-        uploaded = False
-        while time.monotonic() - start < self.round_timeout_s:
-            cur = self.heartbeat().current
-            if cur.version >= version:
-                record.published = True
-                if sha is not None and cur.version == version and bytes(cur.sha256) == sha:
-                    p.snapshot = pb.PolicySnapshotRef(version=version, sha256=sha)
-                    self._held = (p.snapshot, version, sha)  # computed just now: no need to hash it again
-                else:
-                    p.sync()
-                    record.resynced = True
-                return True
-            if sha is not None and not uploaded and time.monotonic() - start > UPLOAD_FALLBACK_S:
-                uploaded = True  # the designated uploader is late or gone: publish it ourselves
-                try:
-                    p.save_and_upload(version)
-                except CoordinatorError as e:
-                    log.info("fallback upload of v%d: %s", version, e)
-            time.sleep(self.opts.poll_s)
+        next_upload = start + (0.0 if uploader else UPLOAD_FALLBACK_S)
+        pause = UPLOAD_RETRY_S
+        try:
+            while time.monotonic() - start < self.round_timeout_s:
+                cur = self.heartbeat().current
+                if cur.version >= version:
+                    record.published = True
+                    if sha is not None and cur.version == version and bytes(cur.sha256) == sha:
+                        p.snapshot = pb.PolicySnapshotRef(version=version, sha256=sha)
+                        self._held = (p.snapshot, version, sha)  # computed just now: no need to hash it again
+                    else:
+                        p.sync()
+                        record.resynced = True
+                    return True
+                if sha is not None and time.monotonic() >= next_upload:
+                    try:
+                        p.save_and_upload(version, sha256=sha)
+                        continue  # published: the next heartbeat says so
+                    except CoordinatorError as e:  # no quorum yet, or another peer published first
+                        log.info("upload of v%d: %s: %s", version, e.code, e.detail)
+                        next_upload, pause = time.monotonic() + pause, min(2 * pause, UPLOAD_FALLBACK_S)
+                time.sleep(self.opts.poll_s)
+        finally:
+            p.discard_uploads()
         record.note = f"v{version} was not published within {self.round_timeout_s:.0f} s"
         return False
 

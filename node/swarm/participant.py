@@ -10,6 +10,7 @@ so a restarted node continues above what the coordinator last accepted from its 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,15 +148,26 @@ class Participant:
     def state_sha256(self) -> bytes:
         return proving.state_dict_sha256(self.training_state())
 
-    def save_and_upload(self, version: int) -> pb.UploadSnapshotResponse:
-        """Save this node's training state as a snapshot file and upload it as ``version``."""
+    def save_and_upload(self, version: int, sha256: bytes | None = None) -> pb.UploadSnapshotResponse:
+        """Save this node's training state as a snapshot file and upload it as ``version``. With
+        ``sha256`` (the state's hash, already computed) a file saved for it earlier is sent again
+        without hashing or saving the state anew; :meth:`discard_uploads` removes the files."""
         from safetensors.torch import save_file
 
-        state = self.training_state()
-        sha = proving.state_dict_sha256(state)
-        path = self.workdir / f"{sha.hex()}.safetensors"
-        save_file(state, str(path))
-        try:
-            return self.client.upload_snapshot(path, pb.PolicySnapshotRef(version=version, sha256=sha))
-        finally:  # published or refused, the file is not read again (a retry saves it anew)
-            path.unlink(missing_ok=True)
+        path = None if sha256 is None else self.workdir / f"{bytes(sha256).hex()}.safetensors"
+        if path is None or not path.exists():
+            state = self.training_state()
+            sha256 = proving.state_dict_sha256(state)
+            path = self.workdir / f"{sha256.hex()}.safetensors"
+            if not path.exists():
+                tmp = path.with_name(path.name + ".tmp")
+                save_file(state, str(tmp))
+                os.replace(tmp, path)  # never a half-written file under the final name
+        return self.client.upload_snapshot(path, pb.PolicySnapshotRef(version=version, sha256=sha256))
+
+    def discard_uploads(self) -> None:
+        """Remove the state files saved for uploads (the coordinator keeps what it published)."""
+        for path in self.workdir.glob("*.safetensors*"):
+            stem = path.name.split(".", 1)[0]
+            if len(stem) == 64 and all(c in "0123456789abcdef" for c in stem):
+                path.unlink(missing_ok=True)
