@@ -49,6 +49,10 @@ namespace addresses. Adds ``wire_bytes_per_peer`` (the veth's tx_bytes per round
 TCP/IP, TLS, yamux and DHT traffic) and ``efficiency`` = (payload bytes per peer / cap) / round_s.
 Without root, ``uplink_skipped`` says why and the loopback run is done instead.
 
+``--micro``: no peers; times the single operations the checks use (finite test vs float32/float64
+norms of the whole gradient, float64 vs float32 norm of one part, a fresh clone vs a copy into an
+existing buffer, compress/decompress of one part) in one process, one thread.
+
 Prints ONE JSON line; progress goes to stderr, each peer's log to its work folder (kept with
 ``--keep``).
 """
@@ -427,6 +431,63 @@ def peer_main(config_path: str) -> int:
     return 0
 
 
+# ---- micro: what the checks cost, operation by operation --------------------------------------------
+def micro_main(args) -> int:
+    """One process, one thread: the per-round operations the checks add or could use instead, on this
+    run's gradient (median of 3). Prints one JSON line."""
+    import torch
+    from hivemind.compression import CompressionInfo
+    from hivemind.compression.serialization import deserialize_torch_tensor
+
+    torch.set_num_threads(1)
+    shapes = scaled_shapes(smollm2_shapes(), args.size)
+    g = make_grads(shapes, 0)
+    values = sum(x.numel() for x in g)
+
+    def timed(fn, n=3):
+        xs = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            xs.append(time.perf_counter() - t)
+        return statistics.median(xs)
+
+    res: dict = {"values": values, "threads": 1}
+    whole = {
+        "isfinite_all": lambda: [bool(torch.isfinite(x).all()) for x in g],
+        "norm32": lambda: float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in g]))),
+        "norm64": lambda: [float(torch.linalg.vector_norm(x, dtype=torch.float64)) for x in g],
+        "clone_fresh": lambda: [x.clone() for x in g],
+    }
+    for name, fn in whole.items():
+        res[f"{name}_s"] = rnd(timed(fn), 4)
+    buf = [x.clone() for x in g]
+    res["copy_into_existing_s"] = rnd(timed(lambda: [b.copy_(x) for b, x in zip(buf, g)]), 4)
+    part_values = args.part_size // 4
+    flat = max(g, key=lambda x: x.numel()).reshape(-1)
+    parts = flat[: part_values * max(1, min(100, flat.numel() // part_values))].split(part_values)
+
+    def per_part(fn):
+        return 1e3 * timed(lambda: [fn(p) for p in parts]) / len(parts)
+
+    res["part_values"] = part_values
+    res["part_norm64_ms"] = rnd(per_part(lambda p: float(torch.linalg.vector_norm(p, dtype=torch.float64))), 4)
+    res["part_norm32_ms"] = rnd(per_part(lambda p: float(torch.linalg.vector_norm(p))), 4)
+    for name in ("none", "fp16", "uint8"):
+        comp, info = compression_of(name), CompressionInfo.from_tensor(parts[0], key=0)
+        res[f"part_compress_{name}_ms"] = rnd(per_part(lambda p: comp.compress(p, info, False)), 4)
+        ser = [comp.compress(p, info, False) for p in parts]
+        res[f"part_decompress_{name}_ms"] = rnd(1e3 * timed(lambda: [deserialize_torch_tensor(x) for x in ser])
+                                                / len(ser), 4)
+    # a peer checks the parts it reduces (2 senders x 1/3) and the averages it gets back (2 reducers x 1/3)
+    checked_parts = 2 * (2 * values / 3) / part_values
+    res["per_peer_part_checks_norm64_s"] = rnd(checked_parts * res["part_norm64_ms"] / 1e3, 4)
+    res["per_peer_part_checks_norm32_s"] = rnd(checked_parts * res["part_norm32_ms"] / 1e3, 4)
+    res["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(res), flush=True)
+    return 0
+
+
 # ---- orchestration ---------------------------------------------------------------------------------
 def stop_peers(procs: list[subprocess.Popen]) -> None:
     """Terminate the peer processes we started and everything they started (p2pd, averager and DHT
@@ -561,6 +622,8 @@ def parse_args(argv=None):
     ap.add_argument("--tbf-latency", default="50ms")
     ap.add_argument("--min-matchmaking-time", type=float, default=2.0)
     ap.add_argument("--keep", action="store_true", help="keep the work folder (peer logs, reports)")
+    ap.add_argument("--micro", action="store_true",
+                    help="only time the single operations the checks use (one process, one thread)")
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.compressions = [c for c in args.compressions.split(",") if c]
@@ -576,6 +639,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.peer:
         return peer_main(args.peer)
+    if args.micro:
+        return micro_main(args)
     result_fd = os.dup(1)  # the JSON line goes here; everything else to stderr
     os.dup2(2, 1)
     sys.stdout = sys.stderr
