@@ -644,7 +644,8 @@ def main(argv=None) -> int:
     result_fd = os.dup(1)  # the JSON line goes here; everything else to stderr
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGINT raises KeyboardInterrupt: both clean up
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # both clean up (peers, namespaces)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt even if started with SIGINT ignored
     started = time.perf_counter()
     shapes = scaled_shapes(smollm2_shapes(), args.size)
     values = sum(math.prod(s) for s in shapes)
