@@ -120,6 +120,36 @@ ALLREDUCE_GRACE_S = 5.0
 SELF_EXCLUDED = "this node was excluded"  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
 
 
+AUDIT_POLL_S = 1.0  # an audit exchange call waits this long at most for the callee to hold every entry
+
+
+class AuditStore:
+    """The audit entries this member holds for one (group, phase): its own and those pushed to it
+    (by the authenticated caller); who is expected is known once its own audit of the group began."""
+
+    def __init__(self):
+        self.entries: dict[bytes, bytes] = {}
+        self.expected: frozenset[bytes] | None = None
+        self.changed = asyncio.Event()
+
+    def add(self, peer: bytes, entry: bytes) -> None:
+        if peer not in self.entries:
+            self.entries[peer] = entry
+            self.changed.set()
+
+    def expect(self, peers) -> None:
+        self.expected = frozenset(peers)
+        self.changed.set()
+
+    def complete(self) -> bool:
+        return self.expected is not None and self.expected <= set(self.entries)
+
+    async def wait_complete(self) -> None:
+        while not self.complete():
+            self.changed.clear()
+            await self.changed.wait()
+
+
 class LocalGradientError(ValueError):
     """This node's own gradient cannot enter a round (shape, dtype, NaN/inf, norm above the bound)."""
 
@@ -347,7 +377,7 @@ class VerifiedAverager(DecentralizedAverager):
         self.audit_reducers = audit_reducers
         self.audit_timeout = 2 * reducer_timeout if audit_timeout is None else audit_timeout
         self._audit_secret = os.urandom(32)  # nonces derive from it in both processes (forked after this)
-        self._audit_stores: dict[tuple[bytes, int], dict[bytes, bytes]] = {}  # (group, phase) -> caller -> entry
+        self._audit_stores: dict[tuple[bytes, int], AuditStore] = {}  # (group, phase) -> entries held
         self._rules: RoundRules | None = None  # the current round's rules, in the background process
         self._round_min_contributors = min_contributors
         self._finished_groups: dict[bytes, None] = {}  # recently left group ids (insertion-ordered)
@@ -387,15 +417,16 @@ class VerifiedAverager(DecentralizedAverager):
         Own tensors are checked here because reducers never check their own sender's parts."""
         if len(grads) != len(self._averaged_tensors):
             raise LocalGradientError(f"expected {len(self._averaged_tensors)} tensors, got {len(grads)}")
-        out = []
+        out, norms = [], []
         for i, (g, buf) in enumerate(zip(grads, self._averaged_tensors)):
             if g is None or tuple(g.shape) != tuple(buf.shape) or not torch.is_floating_point(g):
                 raise LocalGradientError(f"tensor {i} must be a floating tensor of shape {tuple(buf.shape)}")
             g = g.detach().to(device="cpu", dtype=torch.float32)
-            if not bool(torch.isfinite(g).all()):
-                raise LocalGradientError(f"tensor {i} holds NaN or infinite values")
+            norms.append(float(torch.linalg.vector_norm(g)))  # NaN/inf anywhere make it non-finite
+            if not math.isfinite(norms[-1]):
+                raise LocalGradientError(f"tensor {i} holds NaN or infinite values (or overflows float32)")
             out.append(g)
-        norm = self.commit_norm(out)
+        norm = math.sqrt(sum(n * n for n in norms))
         if not norm <= self.norm_bound:
             raise LocalGradientError(f"gradient norm {norm:.6g} is above norm_bound {self.norm_bound:g}")
         return out, norm
@@ -408,7 +439,8 @@ class VerifiedAverager(DecentralizedAverager):
         return encode_gather(self.identity, claim)
 
     def average(self, round_index: int, ticket_bytes: bytes, grads: Sequence[torch.Tensor], *,
-                expected_peers: Iterable[bytes] | None = None, max_attempts: int | None = None) -> RoundResult:
+                expected_peers: Iterable[bytes] | None = None, max_attempts: int | None = None,
+                out: Sequence[torch.Tensor] | None = None) -> RoundResult:
         """Average ``grads`` with this round's peers; see the module docstring.
 
         ``ticket_bytes``: this node's serialized AdmissionTicket for ``round_index``.
@@ -418,6 +450,8 @@ class VerifiedAverager(DecentralizedAverager):
         never both succeed in one round (without the list, ``min_group_size`` / ``min_contributors``
         apply, and a split swarm can average in two groups).
         ``max_attempts``: overrides the constructor's for this round.
+        ``out``: tensors (e.g. the gradients themselves) to write the average into on success, which
+        the result then holds; by default the result holds new tensors.
         Raises LocalGradientError / ProtocolError / ValueError for this node's own bad input (nothing
         is sent then); a failed round is a result with ``ok=False``, never an exception.
         """
@@ -446,8 +480,13 @@ class VerifiedAverager(DecentralizedAverager):
                 report.attempt = attempt
                 attempts.append(report)
                 if report.ok:
-                    with self.get_tensors() as buffers:
-                        averaged = [b.clone() for b in buffers]
+                    with self.get_tensors() as buffers, torch.no_grad():
+                        if out is None:
+                            averaged = [b.clone() for b in buffers]
+                        else:
+                            averaged = list(out)
+                            for dst, b in zip(averaged, buffers, strict=True):
+                                dst.copy_(b)
                     return RoundResult(True, round_index, averaged, attempts, time.monotonic() - started)
                 accusations = accusation_list([*accusations, *report.accused_pairs()])
                 if (report.error or "").startswith(SELF_EXCLUDED):
@@ -488,6 +527,16 @@ class VerifiedAverager(DecentralizedAverager):
         self._matchmaking.target_group_size = self._matchmaking.potential_leaders.target_group_size = target
         self._matchmaking.min_group_size = min_size
         self._round_min_contributors = min_contributors
+
+    def _snapshot_of(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """A copy of the local gradient (to restore after a failed attempt, and for the audit), in
+        buffers kept between rounds: allocating half a gigabyte each round costs more than copying it."""
+        buffers = getattr(self, "_snapshot_buffers", None)
+        if buffers is None or [b.shape for b in buffers] != [t.shape for t in tensors]:
+            buffers = self._snapshot_buffers = [torch.empty_like(t) for t in tensors]
+        for b, t in zip(buffers, tensors):
+            b.copy_(t)
+        return buffers
 
     def verdicts(self, group_info: GroupInfo, rules: RoundRules) -> list[SlotVerdict]:
         return group_verdicts([p.to_bytes() for p in group_info.peer_ids], group_info.gathered, rules)
@@ -551,7 +600,7 @@ class VerifiedAverager(DecentralizedAverager):
             return
 
         async with enter_asynchronously(self.get_tensors()) as local_tensors:
-            snapshot = [t.detach().clone() for t in local_tensors]
+            snapshot = self._snapshot_of(local_tensors)
             runner = self.make_runner(
                 plan=plan, compression=kwargs["compression"], tolerance=self.tolerance, p2p=self._p2p,
                 servicer_type=type(self), prefix=self.prefix, tensors=local_tensors, group_id=group_info.group_id,
@@ -677,12 +726,14 @@ class VerifiedAverager(DecentralizedAverager):
     async def _exchange(self, group_id: bytes, phase: int, body, keys: dict[bytes, bytes], servers: Sequence[PeerID],
                         deadline: float, found: Findings) -> dict[bytes, object]:
         """Every contributor's body for ``phase``: push ours to every reducing member and collect what
-        they hold (entries relayed for client-mode members), until all are in or ``deadline``.
-        Members still missing then are failures."""
+        they hold (entries relayed for client-mode members), until all are in or ``deadline``. A
+        call returns as soon as the callee holds every entry (long poll), so nobody sleeps on a
+        timer. Members still missing at the deadline are failures."""
         loop = asyncio.get_event_loop()
         entry = encode_entry(self.identity, group_id, phase, body)
         store = self._audit_store(group_id, phase, create=True)
-        store[self.peer_id.to_bytes()] = entry
+        store.expect(keys)
+        store.add(self.peer_id.to_bytes(), entry)
         bodies: dict[bytes, object] = {}
 
         def absorb(raw_entries):
@@ -698,14 +749,19 @@ class VerifiedAverager(DecentralizedAverager):
         async def call(peer: PeerID):
             try:
                 stub = type(self).get_stub(self._p2p, peer, namespace=self.prefix)
-                response = await asyncio.wait_for(stub.rpc_share_audit(request), self.request_timeout)
+                response = await asyncio.wait_for(stub.rpc_share_audit(request), self.request_timeout + AUDIT_POLL_S)
                 absorb(response.entries[: 2 * len(keys)])
             except Exception as e:  # noqa: BLE001 - unreachable now: retried until the deadline
                 logger.debug(f"share audit exchange with {peer} failed: {e!r}")
 
-        delay = 0.02
+        async def own_store():  # entries pushed to us (client-mode members reach nobody else)
+            try:
+                await asyncio.wait_for(store.wait_complete(), AUDIT_POLL_S)
+            except asyncio.TimeoutError:
+                pass
+
         while True:
-            absorb(list(store.values()))
+            absorb(list(store.entries.values()))
             if set(keys) <= set(bodies):
                 break
             if loop.time() >= deadline:
@@ -713,34 +769,36 @@ class VerifiedAverager(DecentralizedAverager):
                     found.fail(peer, Reason.AUDIT_FAILED, f"no audit entry (phase {phase}) within "
                                                           f"{self.audit_timeout} s")
                 break
-            await asyncio.gather(*(call(p) for p in servers))
-            absorb(list(store.values()))
-            if not set(keys) <= set(bodies):
-                await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
-                delay = min(delay * 2, 0.25)
+            await asyncio.gather(own_store(), *(call(p) for p in servers))
         return bodies
 
-    def _audit_store(self, group_id: bytes, phase: int, create: bool) -> dict[bytes, bytes] | None:
+    def _audit_store(self, group_id: bytes, phase: int, create: bool) -> AuditStore | None:
         key = (bytes(group_id), int(phase))
         store = self._audit_stores.get(key)
         if store is None and create:
-            store = self._audit_stores[key] = {}
+            store = self._audit_stores[key] = AuditStore()
             while len(self._audit_stores) > 32:
                 self._audit_stores.pop(next(iter(self._audit_stores)))
         return store
 
     async def rpc_share_audit(self, request: pb.ShareAuditExchange, context: P2PContext) -> pb.ShareAuditExchange:
-        """A groupmate's audit entry in, every entry we hold for that (group, phase) out. Entries are
-        kept only for groups we are in, one per caller (the authenticated libp2p peer)."""
-        known = bytes(request.group_id) in self._running_groups or (bytes(request.group_id), request.phase) in \
-            self._audit_stores
-        store = self._audit_store(request.group_id, request.phase, create=known) if request.phase in (
-            PHASE_REVEAL, PHASE_SKETCH) else None
+        """A groupmate's audit entry in; every entry we hold for that (group, phase) out, once we hold
+        them all or after ``AUDIT_POLL_S``. Entries are kept only for groups we are in, one per
+        caller (the authenticated libp2p peer)."""
+        group_id = bytes(request.group_id)
+        known = group_id in self._running_groups or (group_id, request.phase) in self._audit_stores
+        store = (self._audit_store(group_id, request.phase, create=known)
+                 if request.phase in (PHASE_REVEAL, PHASE_SKETCH) else None)
         if store is None:
             return pb.ShareAuditExchange(group_id=request.group_id, phase=request.phase)
         if request.entries and len(request.entries[0]) <= MAX_AUDIT_ENTRY_BYTES:
-            store.setdefault(context.remote_id.to_bytes(), bytes(request.entries[0]))
-        return pb.ShareAuditExchange(group_id=request.group_id, phase=request.phase, entries=list(store.values()))
+            store.add(context.remote_id.to_bytes(), bytes(request.entries[0]))
+        try:
+            await asyncio.wait_for(store.wait_complete(), AUDIT_POLL_S)
+        except asyncio.TimeoutError:
+            pass
+        return pb.ShareAuditExchange(group_id=request.group_id, phase=request.phase,
+                                     entries=list(store.entries.values()))
 
     async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
                                  ) -> AsyncIterator[averaging_pb2.AveragingData]:

@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import AsyncIterator  # typing's, as hivemind's handlers are annotated
 
+import numpy as np
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
@@ -52,7 +54,7 @@ from hivemind.compression import (
     deserialize_torch_tensor,
 )
 from hivemind.p2p import P2PContext, PeerID
-from hivemind.proto import averaging_pb2
+from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import achain, amap_in_executor, anext, as_aiter
 
 from .share_sketch import ShareLayout
@@ -78,6 +80,30 @@ def output_compression(compression: CompressionBase) -> CompressionBase:
     travel in fp16 — its rounding is a bounded fraction of each value, which the share audit's
     tolerance needs (an 8-bit code's error depends on the values only the reducer saw)."""
     return Float16Compression() if isinstance(compression, Uniform8BitQuantization) else compression
+
+
+# decoded parts are read-only views of the received bytes (never written: reducers add them into
+# their own accumulator); torch warns once that it cannot mark such tensors read-only
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def decode_values(tp: runtime_pb2.Tensor, compression: CompressionBase) -> torch.Tensor:
+    """The float32 values of a checked serialised part (1-D): hivemind's format, decoded without its
+    intermediate copies (fp32: a view of the bytes; fp16: one conversion)."""
+    if isinstance(compression, NoCompression):
+        return torch.from_numpy(np.frombuffer(tp.buffer, dtype=np.float32))
+    if isinstance(compression, Float16Compression):
+        return torch.from_numpy(np.frombuffer(tp.buffer, dtype=np.float16)).float()
+    return deserialize_torch_tensor(tp).reshape(-1)
+
+
+def encode_values(values: torch.Tensor, compression: CompressionBase) -> runtime_pb2.Tensor:
+    """hivemind's serialisation of a float32 part, the same bytes as ``compression.compress``."""
+    if isinstance(compression, Float16Compression):
+        half = values.clamp(Float16Compression.FP16_MIN, Float16Compression.FP16_MAX).to(torch.float16)
+        return runtime_pb2.Tensor(compression=compression.compression_type, buffer=half.numpy().tobytes(),
+                                  size=values.shape, dtype="float32", requires_grad=False)
+    return compression.compress(values, CompressionInfo.from_tensor(values), False)
 
 
 def check_compression(compression: CompressionBase) -> None:
@@ -183,11 +209,12 @@ class ValidatingReducer(TensorPartReducer):
             raise PartRejected(Reason.MALFORMED_PART, f"part {part_index} requires grad")
         if part.numel() == 0:
             return
-        # one float64 pass: a NaN/inf anywhere makes the norm non-finite (squares of float32 values
-        # cannot overflow float64), and a norm within the limit bounds every value's magnitude too
-        squared = float(torch.linalg.vector_norm(part, dtype=torch.float64)) ** 2
+        # one pass: a NaN/inf anywhere makes the norm non-finite (so do values whose squares overflow
+        # float32, ~1.8e19: far above any bound), and a norm within the limit bounds every value too
+        squared = float(torch.linalg.vector_norm(part)) ** 2
         if not math.isfinite(squared):
-            raise PartRejected(Reason.NON_FINITE, f"part {part_index} holds NaN or infinite values")
+            raise PartRejected(Reason.NON_FINITE, f"part {part_index} holds NaN or infinite values (or values "
+                                                  "whose squares overflow float32)")
         limit = self.limits[sender_index]
         squares = self.squares[sender_index] + squared
         if math.sqrt(squares) > limit:
@@ -357,7 +384,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         if isinstance(compression, Uniform8BitQuantization) and int.from_bytes(tp.buffer[:8], "little") != _CODEBOOK:
             raise PartRejected(Reason.MALFORMED_PART, f"{what} does not have a {_CODEBOOK}-entry codebook")
         try:
-            return deserialize_torch_tensor(tp)
+            return decode_values(tp, compression)
         except Exception as e:  # noqa: BLE001 - undecodable data is the sender's fault
             raise PartRejected(Reason.MALFORMED_PART, f"{what} does not decode: {type(e).__name__}") from None
 
@@ -431,9 +458,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         """The compressed averaged part, computed once and sent as the same bytes to every sender."""
         future = self._results.get(part_index)
         if future is None:
-            info = CompressionInfo.from_tensor(averaged, key=part_index)
-            future = asyncio.get_event_loop().run_in_executor(None, self.output_compression.compress, averaged, info,
-                                                              False)
+            future = asyncio.get_event_loop().run_in_executor(None, encode_values, averaged, self.output_compression)
             self._results[part_index] = future
         return await future
 
@@ -457,7 +482,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             raise PartRejected(Reason.BAD_SHAPE, f"more than the {len(numels)} averaged parts expected")
         tensor = self._decode(msg.tensor_part, numels[part_index], f"averaged part {part_index}",
                               self.output_compression)
-        squared = float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2 if tensor.numel() else 0.0
+        squared = float(torch.linalg.vector_norm(tensor)) ** 2 if tensor.numel() else 0.0
         if not math.isfinite(squared):
             raise PartRejected(Reason.NON_FINITE, f"averaged part {part_index} holds NaN or infinite values")
         squares = self.output_squares[peer_index] + squared
@@ -478,7 +503,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                 averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part)
                 serialized = await self._serialized_result(part_index, averaged)
                 # our own share takes the same compress -> decompress round trip as everybody else's copy
-                local = await loop.run_in_executor(None, deserialize_torch_tensor, serialized)
+                local = await loop.run_in_executor(None, decode_values, serialized, self.output_compression)
                 if self.aborted:
                     return
                 self.tensor_part_container.register_processed_part(peer_index, part_index, local)
@@ -492,8 +517,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             async for message in self._generate_input_for_peer(peer_index):
                 self.bytes_sent += len(message.tensor_part.buffer)
                 if self.sent_parts is not None:
-                    decoded = await loop.run_in_executor(None, deserialize_torch_tensor, message.tensor_part)
-                    self.sent_parts[peer_index].append(decoded.reshape(-1))
+                    decoded = await loop.run_in_executor(None, decode_values, message.tensor_part, self.compression)
+                    self.sent_parts[peer_index].append(decoded)
                 yield message
             sent_all.set()
             # keep our input open until every average is in: the reducer returns (closing the
