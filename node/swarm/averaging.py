@@ -378,6 +378,7 @@ class VerifiedAverager(DecentralizedAverager):
         self.audit_timeout = 2 * reducer_timeout if audit_timeout is None else audit_timeout
         self._audit_secret = os.urandom(32)  # nonces derive from it in both processes (forked after this)
         self._audit_stores: dict[tuple[bytes, int], AuditStore] = {}  # (group, phase) -> entries held
+        self._background_calls: set = set()
         self._rules: RoundRules | None = None  # the current round's rules, in the background process
         self._round_min_contributors = min_contributors
         self._finished_groups: dict[bytes, None] = {}  # recently left group ids (insertion-ordered)
@@ -726,9 +727,10 @@ class VerifiedAverager(DecentralizedAverager):
     async def _exchange(self, group_id: bytes, phase: int, body, keys: dict[bytes, bytes], servers: Sequence[PeerID],
                         deadline: float, found: Findings) -> dict[bytes, object]:
         """Every contributor's body for ``phase``: push ours to every reducing member and collect what
-        they hold (entries relayed for client-mode members), until all are in or ``deadline``. A
-        call returns as soon as the callee holds every entry (long poll), so nobody sleeps on a
-        timer. Members still missing at the deadline are failures."""
+        they and our own store hold (entries relayed for client-mode members), until all are in or
+        ``deadline``. A call returns as soon as the callee holds every entry (long poll), and entries
+        pushed to us wake us at once, so nobody sleeps on a timer. Members still missing at the
+        deadline are failures."""
         loop = asyncio.get_event_loop()
         entry = encode_entry(self.identity, group_id, phase, body)
         store = self._audit_store(group_id, phase, create=True)
@@ -746,30 +748,40 @@ class VerifiedAverager(DecentralizedAverager):
 
         request = pb.ShareAuditExchange(group_id=group_id, phase=phase, entries=[entry])
 
-        async def call(peer: PeerID):
+        async def call(peer: PeerID, delay: float):
+            await asyncio.sleep(delay)
             try:
                 stub = type(self).get_stub(self._p2p, peer, namespace=self.prefix)
                 response = await asyncio.wait_for(stub.rpc_share_audit(request), self.request_timeout + AUDIT_POLL_S)
                 absorb(response.entries[: 2 * len(keys)])
-            except Exception as e:  # noqa: BLE001 - unreachable now: retried until the deadline
+            except Exception as e:  # noqa: BLE001 - unreachable now: called again until the deadline
                 logger.debug(f"share audit exchange with {peer} failed: {e!r}")
+            return peer
 
-        async def own_store():  # entries pushed to us (client-mode members reach nobody else)
-            try:
-                await asyncio.wait_for(store.wait_complete(), AUDIT_POLL_S)
-            except asyncio.TimeoutError:
-                pass
-
+        # every server is called at least once (the call carries our entry to it); a call that
+        # returns while entries are missing is made again; we stop as soon as every entry is in
+        calls = {asyncio.ensure_future(call(p, 0.0)) for p in servers}
         while True:
             absorb(list(store.entries.values()))
             if set(keys) <= set(bodies):
                 break
-            if loop.time() >= deadline:
+            now = loop.time()
+            if now >= deadline:
                 for peer in set(keys) - set(bodies):
                     found.fail(peer, Reason.AUDIT_FAILED, f"no audit entry (phase {phase}) within "
                                                           f"{self.audit_timeout} s")
                 break
-            await asyncio.gather(own_store(), *(call(p) for p in servers))
+            store.changed.clear()
+            changed = asyncio.ensure_future(store.changed.wait())
+            done, calls = await asyncio.wait(calls | {changed}, timeout=min(AUDIT_POLL_S, deadline - now),
+                                             return_when=asyncio.FIRST_COMPLETED)
+            calls.discard(changed)
+            changed.cancel()
+            for task in done - {changed}:
+                calls.add(asyncio.ensure_future(call(task.result(), 0.05)))
+        for task in calls:  # (left to finish on their own: cancelling could drop an entry in flight)
+            self._background_calls.add(task)
+            task.add_done_callback(self._background_calls.discard)
         return bodies
 
     def _audit_store(self, group_id: bytes, phase: int, create: bool) -> AuditStore | None:
