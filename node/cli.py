@@ -79,7 +79,7 @@ def join(
     announce_maddr: list[str] = typer.Option([], "--announce-maddr", help="public address peers should dial (repeatable)"),
     initial_peer: list[str] = typer.Option([], "--initial-peer", help="extra DHT peer multiaddr (repeatable)"),
     client_mode: bool = typer.Option(False, "--client-mode", help="behind NAT: send gradients, accept no connections"),
-    compression: str = typer.Option("none", help="averaging compression: none | fp16"),
+    compression: str = typer.Option("none", help="averaging compression: none | fp16 | 8bit"),
     rounds: Optional[int] = typer.Option(None, help="stop after this many rounds"),
     set_: list[str] = typer.Option([], "--set", "-s", help="node-side override, e.g. --set run.threads=2"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="a line per round instead of the live table"),
@@ -87,12 +87,15 @@ def join(
     """Join a swarm run: sample, prove, average verified gradients with the other peers, step."""
     from grpo_swarm.protocol.identity import default_key_path
 
-    from .swarm.join import JoinOptions, SwarmPeer
+    from .swarm.join import COMPRESSIONS, JoinOptions, SwarmPeer
     from .swarm.view import RoundView
 
     if backend not in ("transformers", "auto"):
         console.print("[red]error:[/red] only --backend transformers samples with the run's keyed noise (proof of "
                       "sampling); vLLM support is not built yet")
+        raise typer.Exit(2)
+    if compression not in COMPRESSIONS:
+        console.print(f"[red]error:[/red] --compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
         raise typer.Exit(2)
     overrides = list(set_) + ([f"model.device={_toml_value(device)}"] if device != "auto" else [])
     opts = JoinOptions(coordinator=coordinator, identity_path=identity or default_key_path(), workdir=workdir,

@@ -53,3 +53,11 @@ def test_missing_model_is_named(tmp_path):
     proc = run("train", "--model", str(tmp_path / "missing"), "--steps", "1", "-o", str(tmp_path / "o"), "-q")
     assert proc.returncode == 1
     assert "missing" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_join_refuses_what_it_cannot_do_before_contacting_anyone(tmp_path):
+    """Bad join options fail at once with exit 2 and name the option (no coordinator is running)."""
+    proc = run("join", "--coordinator", "127.0.0.1:1", "--workdir", str(tmp_path), "--compression", "4bit", timeout=120)
+    assert proc.returncode == 2 and "--compression must be one of none, fp16, 8bit" in proc.stdout + proc.stderr
+    proc = run("join", "--coordinator", "127.0.0.1:1", "--workdir", str(tmp_path), "--backend", "vllm", timeout=120)
+    assert proc.returncode == 2 and "keyed noise" in proc.stdout + proc.stderr

@@ -80,7 +80,7 @@ def test_projection_is_portable_and_seeded():
     assert p.U.shape == (ROW, SKETCH_DIMS) and p.V.shape == (5, SKETCH_DIMS) and p.U.dtype == torch.float32
     # the values are SHAKE-256 integers scaled: pin them, so another platform must draw the same
     digest = hashlib.sha256(p.U.numpy().tobytes() + p.V.numpy().tobytes()).hexdigest()
-    assert digest == "0ad6ab538a56ec97dbdacca71b744a02ee5c3b50f6c24630523fe821cb6d3ac3"
+    assert digest == "52ed9431fee6d26f322b24cd33b84dafe5bc610f928eaeb84c1571843c57411e"
     assert not torch.equal(p.U, Projection.draw(b"seed", 1, 5).U)
     assert not torch.equal(p.U, Projection.draw(b"other", 2, 5).U)
     assert abs(float(p.U.pow(2).mean()) - 1.0) < 0.05  # unit variance: E[(r.x)^2] = |x|^2
@@ -106,7 +106,7 @@ def test_honest_average_passes_and_a_wrong_one_fails(compression):
                                             .sum() for s in layout.spans[j])))
             tol = share_tolerance(out_norm, WEIGHTS, norms, layout.numel(j), fp16_output=fp16)
             honest = np.abs(share_residual(sketch_share(layout, j, flat_views(avg), proj), ins, WEIGHTS)).max()
-            assert honest < 0.2 * tol
+            assert honest < 0.5 * tol  # ~7 sigma of the honest rounding; the tolerance is ~14
             bad = [a.clone() for a in avg]
             span = layout.spans[j][0]
             flat_views(bad)[span.tensor_index][span.start] += 0.05 * out_norm  # 5 % of the share's norm

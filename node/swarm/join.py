@@ -35,6 +35,17 @@ from .dht import connect_peers, connected_peers
 from .participant import Participant, RoundWork
 
 log = logging.getLogger(__name__)
+COMPRESSIONS = ("none", "fp16", "8bit")
+
+
+def compression_named(name: str):
+    """hivemind compression for ``--compression``: fp32, fp16, or 8-bit parts with fp16 averages."""
+    from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
+
+    kinds = {"none": NoCompression, "fp16": Float16Compression, "8bit": Uniform8BitQuantization}
+    if name not in kinds:
+        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {name!r}")
+    return kinds[name]()
 UPLOAD_FALLBACK_S = 10.0  # a contributor uploads itself when the designated one has not published by then
 UPLOAD_RETRY_S = 0.5  # a refused upload (the others' reports not in yet) is tried again after this, doubling
 
@@ -49,7 +60,7 @@ class JoinOptions:
     announce_maddrs: Sequence[str] | None = None
     initial_peers: Sequence[str] = ()
     client_mode: bool = False
-    compression: str = "none"  # none | fp16
+    compression: str = "none"  # none | fp16 | 8bit (see COMPRESSIONS)
     norm_bound: float = 1e4
     rounds: int | None = None  # stop after this many rounds (None: until interrupted)
     poll_s: float = 0.2
@@ -72,6 +83,8 @@ class RoundRecord:
     lag: int = 0
     dht_peers: int = 0  # peers this node's DHT is connected to
     averaging_s: float = 0.0  # time in the verified averaging (0 when it took no part)
+    bytes_sent: int = 0  # gradient parts and averages this node sent in the averaging (all attempts)
+    bytes_received: int = 0
     seconds: float = 0.0
     held_version: int = -1  # the version this node holds when the round ends
     sha256: str = ""  # hash of the weights + optimizer state it holds then (what the publication names)
@@ -90,8 +103,6 @@ class SwarmPeer:
     averager_factory: Callable[..., object] | None = None
 
     def __init__(self, opts: JoinOptions, *, on_round: Callable[[RoundRecord], None] | None = None):
-        from hivemind.compression import Float16Compression, NoCompression
-
         from .averaging import VerifiedAverager
         from .dht import start_dht
         from .tickets import weight_mode_for_loss
@@ -112,7 +123,7 @@ class SwarmPeer:
             p.trainer.trainable, dht=self.dht, prefix=f"{_safe(p.run_id)}-grads", identity=self.identity,
             coordinator_key=bytes(p.reply.coordinator_public_key), run_id=p.run_id,
             weight_mode=weight_mode_for_loss(p.train_cfg.grpo.loss_type), norm_bound=opts.norm_bound,
-            compression=Float16Compression() if opts.compression == "fp16" else NoCompression(),
+            compression=compression_named(opts.compression),
             require_final_ticket=True, min_group_size=1, min_contributors=1,
             matchmaking_timeout=float(swarm.get("matchmaking_timeout_s", 30.0)),
             allreduce_timeout=float(swarm.get("averaging_timeout_s", 120.0)), client_mode=opts.client_mode)
@@ -222,8 +233,9 @@ class SwarmPeer:
         grads = [t.grad for t in trainer.trainable]
         started = time.monotonic()
         result = self.averager.average(work.round_index, ticket.SerializeToString(), grads,
-                                       expected_peers=list(self._participants) or None)
+                                       expected_peers=list(self._participants) or None, out=grads)
         record.averaging_s = time.monotonic() - started
+        record.bytes_sent, record.bytes_received = result.bytes_sent, result.bytes_received
         last = result.last
         record.peers = len(last.weights) if last is not None else 0
         record.excluded = result.reportable()
@@ -232,7 +244,6 @@ class SwarmPeer:
             trainer.optimizer.zero_grad(set_to_none=False)
             record.note = f"averaging failed: {result.error}"
             return
-        result.copy_to(grads)
         optimizer_before = copy.deepcopy(trainer.optimizer.state_dict())
         trainer.apply_gradients()
         record.averaged = True

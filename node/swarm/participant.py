@@ -10,6 +10,7 @@ so a restarted node continues above what the coordinator last accepted from its 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from grpo_swarm.protocol.client import CoordinatorClient
 from grpo_swarm.protocol.rpc import hardware_summary
 
 from .. import proving
+from ..hardware import fit_groups_per_microbatch, probe
 from ..data import PromptExample
 from ..models import load_model
 from ..noise import group_keys
@@ -30,6 +32,17 @@ from ..rewards import build_reward_functions
 from ..swarm_config import run_examples, train_config_from_run
 from ..trainer import GRPOTrainer, ScoredBatch
 from .training_state import load_training_state, training_state
+
+log = logging.getLogger(__name__)
+
+
+def _device(overrides: Sequence[str]) -> str:
+    """The device ``--device`` / ``--set model.device=...`` asked for (auto by default)."""
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.strip() == "model.device":
+            return value.strip().strip("'\"") or "auto"
+    return "auto"
 
 
 @dataclass
@@ -58,7 +71,11 @@ class Participant:
         self.client, self.identity = client, client.identity
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.reply = client.register(hardware=hardware_summary(software=software))
+        self.hardware = probe(_device(overrides))
+        gpu = self.hardware.device.startswith("cuda")
+        self.reply = client.register(hardware=hardware_summary(
+            accelerator=self.hardware.name if gpu else "", accelerator_memory_bytes=self.hardware.total_bytes if gpu else 0,
+            software=software))
         self.run_id, self.node_id = self.reply.run_id, self.reply.node_id
         self.run = json.loads(self.reply.run_config_json)
         self.spec = json.loads(self.reply.run_spec_json)
@@ -68,11 +85,34 @@ class Participant:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.trainer = GRPOTrainer(self.model, self.tokenizer, self.train_cfg,
                                    build_reward_functions([r.model_dump() for r in self.train_cfg.rewards]))
+        if not any(o.split("=", 1)[0].strip() == "optim.groups_per_microbatch" for o in overrides):
+            self._fit_microbatch()
         self.examples = run_examples(self.run)
         self.spec_id = proving.spec_id_of(self.train_cfg.rewards)
         self.sequence = time.time_ns() // 1000
         self.snapshot: pb.PolicySnapshotRef | None = None
         self.sync()
+
+    def _fit_microbatch(self) -> None:
+        """Size the training micro-batch to this machine's free memory (it changes memory use only,
+        never the gradient); ``--set optim.groups_per_microbatch=N`` overrides it."""
+        cfg, t = self.train_cfg, self.trainer
+        dtype_bytes = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4
+        free = probe(self.hardware.device).free_bytes
+        # the weights (and the reference's) are loaded already: fit counts them among the fixed costs
+        loaded = sum(p.numel() * p.element_size() for m in (self.model, t.ref_model) if m is not None
+                     for p in m.parameters())
+        try:
+            cfg.optim.groups_per_microbatch = fit_groups_per_microbatch(
+                self.model, t.ref_model, free_bytes=free + loaded,
+                group_size=cfg.grpo.group_size,
+                tokens_per_sequence=cfg.data.max_prompt_length + cfg.grpo.max_completion_length,
+                max_groups=int(self.run["swarm"].get("prompts_per_round", 8)), dtype_bytes=dtype_bytes)
+        except MemoryError as e:
+            log.warning("%s; training one group per micro-batch", e)
+            cfg.optim.groups_per_microbatch = 1
+        log.info("%s: %.1f GiB free, %d group(s) per micro-batch", self.hardware.name, free / 2**30,
+                 cfg.optim.groups_per_microbatch)
 
     # -- the policy
     def sync(self, version: int | None = None) -> pb.PolicySnapshotRef:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 ROW = 1024
-SKETCH_DIMS = 8
+SKETCH_DIMS = 16
 Z = 8.0  # tolerance in units of the worst-case error's norm (honest residuals stay far below it)
 JL_FACTOR = 5.0  # a sketch larger than JL_FACTOR * sqrt(dims) * committed norm cannot be honest
 RHO_SKETCH = 2.0 ** -16  # float32 products, summation order, accumulation (relative to the norms)
@@ -119,16 +119,18 @@ class Projection:
 
     def block(self, values: torch.Tensor, row_offset: int) -> torch.Tensor:
         """The sketch (float64, dims) of ``values`` (1-D float32) laid out from row ``row_offset``."""
-        n = values.numel()
+        # numpy's sgemm runs this (rows x ROW) @ (ROW x dims) product ~2x faster than torch's on CPU
+        x = values.detach().contiguous().numpy()
+        u, v = self.U.numpy(), self.V.numpy()
+        n = x.shape[0]
         full = n // ROW
-        out = torch.zeros(self.dims, dtype=torch.float64)
+        out = np.zeros(self.dims, dtype=np.float64)
         if full:
-            products = values[: full * ROW].reshape(full, ROW) @ self.U
-            out += (products.double() * self.V[row_offset: row_offset + full].double()).sum(0)
+            products = x[: full * ROW].reshape(full, ROW) @ u
+            out += np.einsum("rd,rd->d", products, v[row_offset: row_offset + full], dtype=np.float64)
         if n > full * ROW:
-            tail = values[full * ROW:] @ self.U[: n - full * ROW]
-            out += tail.double() * self.V[row_offset + full].double()
-        return out
+            out += (x[full * ROW:] @ u[: n - full * ROW]).astype(np.float64) * v[row_offset + full]
+        return torch.from_numpy(out)
 
 
 def sketch_share(layout: ShareLayout, share: int, flat_tensors: Sequence[torch.Tensor], proj: Projection) -> np.ndarray:

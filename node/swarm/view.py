@@ -11,13 +11,18 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-COLUMNS = ("round", "version", "reward", "accepted", "averaged", "peers", "excluded", "lag", "s", "note")
+COLUMNS = ("round", "version", "reward", "accepted", "averaged", "peers", "excluded", "lag", "sent", "s", "note")
 
 
 def _row(r) -> list[str]:
     reward = "-" if r.reward_mean is None else f"{r.reward_mean:.3f}"
     return [str(r.round), str(r.version), reward, f"{r.accepted}/{r.samples}", "yes" if r.averaged else "no",
-            str(r.peers), ",".join(k[:8] for k in r.excluded) or "-", str(r.lag), f"{r.seconds:.1f}", r.note[:60]]
+            str(r.peers), ",".join(k[:8] for k in r.excluded) or "-", str(r.lag), _mb(r.bytes_sent), f"{r.seconds:.1f}",
+            r.note[:60]]
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
 
 
 class RoundView:
