@@ -386,7 +386,8 @@ def peer_main(config_path: str) -> int:
                         ours_round += 1
                         rec.update(ok=res.ok, average_s=res.seconds, check_s=ours.check_s,
                                    bytes_sent=getattr(res, "bytes_sent", None),
-                                   allreduce_s=res.last.seconds if res.last else None, error=res.error)
+                                   allreduce_s=res.last.seconds if res.last else None, error=res.error,
+                                   audit_s=getattr(res.last, "audit_seconds", None))
                         if res.ok:
                             res.copy_to(out)
                         elif res.last is not None:

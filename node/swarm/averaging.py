@@ -174,6 +174,7 @@ class AttemptReport:
     failed_size: int = 0
     bytes_sent: int = 0  # tensor payloads this member sent / received (parts and averages)
     bytes_received: int = 0
+    audit_seconds: dict[str, float] = field(default_factory=dict)  # the share audit's steps
     error: str | None = None
     seconds: float = 0.0
 
@@ -612,7 +613,8 @@ class VerifiedAverager(DecentralizedAverager):
                 self._running_groups[group_info.group_id].set_result(runner)  # shielded: see rpc_aggregate_part
                 await asyncio.wait_for(self._consume(runner, local_tensors), self.verified_allreduce_timeout)
                 if self.audit_reducers and runner.succeeded():
-                    audit = await self._audit_shares(group_info, plan, runner, snapshot, local_tensors)
+                    audit = await self._audit_shares(group_info, plan, runner, snapshot, local_tensors,
+                                                     report.audit_seconds)
             except asyncio.TimeoutError:
                 runner.abort(f"the reduction did not finish within {self.verified_allreduce_timeout} s")
             except Exception as e:  # noqa: BLE001 - the runner's abort surfaces here: reported below
@@ -644,9 +646,18 @@ class VerifiedAverager(DecentralizedAverager):
 
     # ---- the share audit (see .share_audit)
     async def _audit_shares(self, group_info: GroupInfo, plan: GroupPlan, runner: VerifiedAllReduceRunner,
-                            inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> Findings:
-        """Reveal, sketch and judge; never raises (a failure is a finding)."""
+                            inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
+                            seconds: dict[str, float]) -> Findings:
+        """Reveal, sketch and judge; never raises (a failure is a finding). ``seconds`` gets each step's time."""
         found = Findings()
+        clock = time.monotonic()
+
+        def lap(step: str) -> None:
+            nonlocal clock
+            now = time.monotonic()
+            seconds[step] = round(now - clock, 4)
+            clock = now
+
         group_id, me = group_info.group_id, self.peer_id.to_bytes()
         deadline = asyncio.get_event_loop().time() + self.audit_timeout
         senders = [Sender(p.to_bytes(), float(w), plan.verdict(p).committed_norm)
@@ -656,6 +667,7 @@ class VerifiedAverager(DecentralizedAverager):
         try:
             nonce = nonce_for(self._audit_secret, self._rules.round_index, plan.verdict(self.peer_id).attempt)
             reveals = await self._exchange(group_id, PHASE_REVEAL, nonce, keys, servers, deadline, found)
+            lap("reveal")
             nonces = []
             for s in senders:
                 if s.peer_id in reveals:
@@ -669,8 +681,10 @@ class VerifiedAverager(DecentralizedAverager):
             computed = await asyncio.get_event_loop().run_in_executor(
                 None, self._sketch_round, runner, seed, inputs, outputs)
             mine, my_outputs, output_norms, received = computed
+            lap("sketch")
             bodies = await self._exchange(group_id, PHASE_SKETCH, sketch_body(mine, my_outputs), keys, servers,
                                           deadline, found)
+            lap("exchange")
             sketches = {}
             for s in senders:
                 if s.peer_id in bodies:
@@ -687,6 +701,7 @@ class VerifiedAverager(DecentralizedAverager):
                             fp16_output=isinstance(runner.output_compression, Float16Compression))
             found.accused.update(verdict.accused)
             found.failed.update(verdict.failed)
+            lap("judge")
         except Exception as e:  # noqa: BLE001 - our own failure: the attempt fails, nobody is accused
             logger.warning("the share audit failed", exc_info=True)
             found.fail(me, Reason.AUDIT_FAILED, f"{type(e).__name__}: {e}"[:300])

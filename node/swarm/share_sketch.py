@@ -143,19 +143,12 @@ def sketch_share(layout: ShareLayout, share: int, flat_tensors: Sequence[torch.T
 
 def sketch_parts(layout: ShareLayout, share: int, parts: Sequence[torch.Tensor], proj: Projection) -> np.ndarray:
     """The sketch of share ``share`` given as its parts (1-D float32, in part order): what a reducer
-    received from one sender."""
+    received from one sender. Each part opens a row of its own, so parts are sketched one by one."""
     if len(parts) != len(layout.parts[share]):
         raise ValueError(f"share {share} has {len(layout.parts[share])} parts, got {len(parts)}")
     total = torch.zeros(proj.dims, dtype=torch.float64)
-    index = 0
-    for span in layout.spans[share]:
-        pieces, covered = [], 0
-        while covered < span.numel:
-            pieces.append(parts[index].reshape(-1))
-            covered += layout.parts[share][index].numel
-            index += 1
-        values = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        total += proj.block(values, span.row_offset)
+    for span, part in zip(layout.parts[share], parts):
+        total += proj.block(part.reshape(-1), span.row_offset)
     return total.numpy()
 
 
