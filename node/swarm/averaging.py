@@ -716,9 +716,9 @@ class VerifiedAverager(DecentralizedAverager):
                        for j in range(layout.num_shares)]
         ins, outs = flat_views(inputs), flat_views(outputs)
         local = runner.ordered_peer_ids.index(runner.peer_id)
-        sent = runner.sent_parts  # lossy compression: what each reducer decoded, else the raw values
+        lossy = runner.sent_parts is not None  # then sketch what each reducer decoded, not the raw values
         mine = [None if p is None else
-                sketch_parts(layout, j, sent[j], p) if sent is not None and j != local else
+                sketch_parts(layout, j, runner.sent_values(j), p) if lossy and j != local else
                 sketch_share(layout, j, ins, p) for j, p in enumerate(projections)]
         my_outputs = [sketch_share(layout, j, outs, p) if p is not None else None for j, p in enumerate(projections)]
         norms = []

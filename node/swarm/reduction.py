@@ -172,8 +172,9 @@ class ValidatingReducer(TensorPartReducer):
     def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, weights: Sequence[float],
                  committed_norms: Sequence[float], local_index: int, tolerance: float, keep_parts: bool = False):
         super().__init__(part_shapes, num_senders)
-        # the parts each remote sender sent, kept for the share audit (it checks their sketches)
-        self.received: list[dict[int, torch.Tensor]] | None = (
+        # the parts each remote sender sent, as received (serialised: fp16 / 8-bit stay small), kept
+        # for the share audit, which checks each sender's sketch against them (filled by the runner)
+        self.received: list[dict[int, runtime_pb2.Tensor]] | None = (
             [{} for _ in range(num_senders)] if keep_parts else None)
         assert len(weights) == len(committed_norms) == num_senders
         self.weights = [float(w) for w in weights]
@@ -189,8 +190,6 @@ class ValidatingReducer(TensorPartReducer):
             raise AllreduceException(f"unknown sender index {sender_index}")
         if sender_index != self.local_index:
             self.check_part(sender_index, part_index, tensor_part)
-            if self.received is not None:
-                self.received[sender_index][part_index] = tensor_part
         # the claimed ``weight`` is ignored: the ticket's weight is the only one that counts
         return await super().accumulate_part(sender_index, part_index, tensor_part, weight=self.weights[sender_index])
 
@@ -227,6 +226,19 @@ class ValidatingReducer(TensorPartReducer):
         self.squares[sender_index] = squares
 
 
+class _Decoded(Sequence):
+    """Serialised parts, decoded one at a time when read (the audit sketches them in order)."""
+
+    def __init__(self, parts: Sequence[runtime_pb2.Tensor], compression: CompressionBase):
+        self.parts, self.compression = parts, compression
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, index):
+        return decode_values(self.parts[index], self.compression)
+
+
 class VerifiedAllReduceRunner(AllReduceRunner):
     """An AllReduceRunner that follows a :class:`GroupPlan` (see the module docstring).
 
@@ -245,9 +257,9 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                          compression=compression, **kwargs)
         self.compression = compression
         self.output_compression = output_compression(compression)
-        # the values our parts decode to at their reducers, by slot (kept for the share audit when
-        # compression is lossy: our sketch must be of exactly what each reducer added up)
-        self.sent_parts: list[list[torch.Tensor]] | None = (
+        # our parts as sent, by slot (kept for the share audit when compression is lossy: our sketch
+        # must be of exactly what each reducer decoded and added up)
+        self.sent_parts: list[list[runtime_pb2.Tensor]] | None = (
             [[] for _ in range(self.group_size)] if keep_parts and not isinstance(compression, NoCompression) else None)
         self.tolerance = tolerance
         # receivers collect averages, not deltas: a failed reducer's parts would be local values
@@ -412,6 +424,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                 except StopAsyncIteration:
                     return
                 item_bytes[index] = message.tensor_part.buffer
+                if self.tensor_part_reducer.received is not None:
+                    self.tensor_part_reducer.received[sender_index][index] = message.tensor_part
                 yield index, message
 
         try:
@@ -463,13 +477,21 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         return await future
 
     def received_parts(self, sender: PeerID) -> tuple[list[torch.Tensor], float] | None:
-        """The parts a remote sender sent to our share, in order, and their norm (None: not kept)."""
+        """The values a remote sender sent to our share, decoded part by part as they are read, and
+        their norm (None: not kept)."""
         reducer = self.tensor_part_reducer
         if reducer.received is None or sender not in self.sender_peer_ids or sender == self.peer_id:
             return None
         index = self.sender_peer_ids.index(sender)
         parts = reducer.received[index]
-        return [parts[i] for i in range(reducer.num_parts)], math.sqrt(reducer.squares[index])
+        return _Decoded([parts[i] for i in range(reducer.num_parts)], self.compression), \
+            math.sqrt(reducer.squares[index])
+
+    def sent_values(self, peer_index: int) -> Sequence[torch.Tensor] | None:
+        """What the reducer of slot ``peer_index`` decoded from our parts (None: not kept)."""
+        if self.sent_parts is None:
+            return None
+        return _Decoded(self.sent_parts[peer_index], self.compression)
 
     def output_norm(self, peer_index: int) -> float:
         """The norm of the averages a remote reducer returned (checked against the output limit)."""
@@ -517,8 +539,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             async for message in self._generate_input_for_peer(peer_index):
                 self.bytes_sent += len(message.tensor_part.buffer)
                 if self.sent_parts is not None:
-                    decoded = await loop.run_in_executor(None, decode_values, message.tensor_part, self.compression)
-                    self.sent_parts[peer_index].append(decoded)
+                    self.sent_parts[peer_index].append(message.tensor_part)
                 yield message
             sent_all.set()
             # keep our input open until every average is in: the reducer returns (closing the
