@@ -83,10 +83,12 @@ from grpo_swarm.protocol.identity import Identity, base58_decode, base58_encode
 from .matchmaking import PatientMatchmaking
 from .reduction import NORM_TOLERANCE, GroupPlan, VerifiedAllReduceRunner, check_compression
 from .share_audit import (
+    AUDIT_POLL_S,
     MAX_AUDIT_ENTRY_BYTES,
     PHASE_REVEAL,
     PHASE_SKETCH,
     AuditEntryError,
+    AuditStore,
     Findings,
     Sender,
     audit_seed,
@@ -116,38 +118,8 @@ from .tickets import (
 logger = logging.getLogger(__name__)
 
 WIRE_NAME = "VerifiedAverager"  # RPC handler names: "{prefix}::VerifiedAverager.rpc_*", whatever the Python class
-ALLREDUCE_GRACE_S = 5.0
-SELF_EXCLUDED = "this node was excluded"  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
-
-
-AUDIT_POLL_S = 1.0  # an audit exchange call waits this long at most for the callee to hold every entry
-
-
-class AuditStore:
-    """The audit entries this member holds for one (group, phase): its own and those pushed to it
-    (by the authenticated caller); who is expected is known once its own audit of the group began."""
-
-    def __init__(self):
-        self.entries: dict[bytes, bytes] = {}
-        self.expected: frozenset[bytes] | None = None
-        self.changed = asyncio.Event()
-
-    def add(self, peer: bytes, entry: bytes) -> None:
-        if peer not in self.entries:
-            self.entries[peer] = entry
-            self.changed.set()
-
-    def expect(self, peers) -> None:
-        self.expected = frozenset(peers)
-        self.changed.set()
-
-    def complete(self) -> bool:
-        return self.expected is not None and self.expected <= set(self.entries)
-
-    async def wait_complete(self) -> None:
-        while not self.complete():
-            self.changed.clear()
-            await self.changed.wait()
+ALLREDUCE_GRACE_S = 5.0  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
+SELF_EXCLUDED = "this node was excluded"
 
 
 class LocalGradientError(ValueError):
@@ -232,14 +204,13 @@ class RoundResult:
         SKETCH_MISMATCH accusation of its own (a sender that lies about its sketch makes an honest
         reducer look wrong to everyone but that reducer; when the reducer names it, one word stands
         against another and neither is reported for it: see :mod:`.share_audit`)."""
+        wrong = Reason.WRONG_AVERAGE.value
         out = {**self.excluded, **self.accused}
-        for peer, reason in list(out.items()):
-            if Reason.WRONG_AVERAGE.value not in reason:
-                continue
-            # gathers signed after the accusation: the next attempt's on (an exclusion for it is
-            # decided in the attempt whose gathers already carry the reducer's answer)
-            first = next(i + (Reason.WRONG_AVERAGE.value in a.accused.get(peer, "")) for i, a in enumerate(self.attempts)
-                         if Reason.WRONG_AVERAGE.value in a.accused.get(peer, "") + a.excluded.get(peer, ""))
+        for peer in [p for p, reason in out.items() if wrong in reason]:
+            # the gathers signed after the accusation: from the attempt after the one where we accused
+            # it, or from the one that excluded it (its gathers already carry the reducer's answer)
+            first = next(i + 1 if wrong in a.accused.get(peer, "") else i for i, a in enumerate(self.attempts)
+                         if wrong in a.accused.get(peer, "") + a.excluded.get(peer, ""))
             later = [a.accusations_seen[peer] for a in self.attempts[first:] if peer in a.accusations_seen]
             disputed = any(r.startswith(Reason.SKETCH_MISMATCH.value) for seen in later for r in seen.values())
             if disputed or not later:
@@ -799,6 +770,13 @@ class VerifiedAverager(DecentralizedAverager):
             task.add_done_callback(self._background_calls.discard)
         return bodies
 
+    def _group_senders(self, group_id: bytes) -> frozenset[bytes] | None:
+        """The contributors of a group we are reducing with (None before its runner exists)."""
+        future = self._running_groups.get(group_id)
+        if future is None or not future.done() or future.cancelled() or future.exception() is not None:
+            return None
+        return frozenset(p.to_bytes() for p in future.result().sender_peer_ids)
+
     def _audit_store(self, group_id: bytes, phase: int, create: bool) -> AuditStore | None:
         key = (bytes(group_id), int(phase))
         store = self._audit_stores.get(key)
@@ -811,15 +789,18 @@ class VerifiedAverager(DecentralizedAverager):
     async def rpc_share_audit(self, request: pb.ShareAuditExchange, context: P2PContext) -> pb.ShareAuditExchange:
         """A groupmate's audit entry in; every entry we hold for that (group, phase) out, once we hold
         them all or after ``AUDIT_POLL_S``. Entries are kept only for groups we are in, one per
-        caller (the authenticated libp2p peer)."""
+        caller (the authenticated libp2p peer), and only from the group's contributors: anyone else
+        (a sybil told the group id) could otherwise crowd the answers."""
         group_id = bytes(request.group_id)
         known = group_id in self._running_groups or (group_id, request.phase) in self._audit_stores
         store = (self._audit_store(group_id, request.phase, create=known)
                  if request.phase in (PHASE_REVEAL, PHASE_SKETCH) else None)
         if store is None:
             return pb.ShareAuditExchange(group_id=request.group_id, phase=request.phase)
-        if request.entries and len(request.entries[0]) <= MAX_AUDIT_ENTRY_BYTES:
-            store.add(context.remote_id.to_bytes(), bytes(request.entries[0]))
+        members = store.expected if store.expected is not None else self._group_senders(group_id)
+        caller = context.remote_id.to_bytes()
+        if request.entries and len(request.entries[0]) <= MAX_AUDIT_ENTRY_BYTES and members and caller in members:
+            store.add(caller, bytes(request.entries[0]))
         try:
             await asyncio.wait_for(store.wait_complete(), AUDIT_POLL_S)
         except asyncio.TimeoutError:

@@ -36,6 +36,7 @@ the signer's key from the group's gather. Nothing is unpickled.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import math
@@ -57,6 +58,36 @@ PHASE_SKETCH = 2
 NONCE_BYTES = 32
 MAX_GROUP = 256
 MAX_AUDIT_ENTRY_BYTES = 2 * MAX_GROUP * (SKETCH_DIMS * 9 + 8) + 1024
+
+
+AUDIT_POLL_S = 1.0  # an audit exchange call waits this long at most for the callee to hold every entry
+
+
+class AuditStore:
+    """The audit entries this member holds for one (group, phase): its own and those pushed to it
+    (by the authenticated caller); who is expected is known once its own audit of the group began."""
+
+    def __init__(self):
+        self.entries: dict[bytes, bytes] = {}
+        self.expected: frozenset[bytes] | None = None
+        self.changed = asyncio.Event()
+
+    def add(self, peer: bytes, entry: bytes) -> None:
+        if peer not in self.entries:
+            self.entries[peer] = entry
+            self.changed.set()
+
+    def expect(self, peers) -> None:
+        self.expected = frozenset(peers)
+        self.changed.set()
+
+    def complete(self) -> bool:
+        return self.expected is not None and self.expected <= set(self.entries)
+
+    async def wait_complete(self) -> None:
+        while not self.complete():
+            self.changed.clear()
+            await self.changed.wait()
 
 
 class AuditEntryError(ValueError):
