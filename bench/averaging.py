@@ -273,18 +273,21 @@ class Barrier:
             time.sleep(0.005)
 
 
-def tree_cpu_s() -> float:
+def tree_cpu_s() -> tuple[float, float]:
+    """User + system CPU seconds of this peer's process tree, and of its p2pd daemons alone."""
     import psutil
 
     me = psutil.Process()
-    total = 0.0
+    total = daemon = 0.0
     for p in [me, *me.children(recursive=True)]:
         try:
             t = p.cpu_times()
             total += t.user + t.system
+            if p.name().startswith("p2pd"):
+                daemon += t.user + t.system
         except psutil.Error:
             pass
-    return total
+    return total, daemon
 
 
 def peer_main(config_path: str) -> int:
@@ -382,15 +385,13 @@ def peer_main(config_path: str) -> int:
                 rec = {"variant": v, "round": r, "warmup": r < cfg["warmup"]}
                 try:
                     if v.startswith("ours"):
-                        res = ours.average(ours_round, ticket(ours_round), grads, expected_peers=node_keys)
+                        res = ours.average(ours_round, ticket(ours_round), grads, expected_peers=node_keys, out=out)
                         ours_round += 1
                         rec.update(ok=res.ok, average_s=res.seconds, check_s=ours.check_s,
                                    bytes_sent=getattr(res, "bytes_sent", None),
                                    allreduce_s=res.last.seconds if res.last else None, error=res.error,
                                    audit_s=getattr(res.last, "audit_seconds", None))
-                        if res.ok:
-                            res.copy_to(out)
-                        elif res.last is not None:
+                        if not res.ok and res.last is not None:
                             rec["failure"] = {"accused": res.last.accused, "failed": res.last.failed}
                         del res
                     else:
@@ -408,7 +409,8 @@ def peer_main(config_path: str) -> int:
                     rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
                 rec["seconds"] = time.perf_counter() - start
                 barrier(f"{comp}-{r}-{v}-done")
-                rec["cpu_s"] = tree_cpu_s() - cpu0
+                cpu1 = tree_cpu_s()
+                rec["cpu_s"], rec["cpu_s_p2pd"] = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
                 if tx0 is not None:
                     rec["tx_bytes"] = tx_bytes() - tx0
                 phase["rounds"].append(rec)
@@ -484,6 +486,33 @@ def micro_main(args) -> int:
     checked_parts = 2 * (2 * values / 3) / part_values
     res["per_peer_part_checks_norm64_s"] = rnd(checked_parts * res["part_norm64_ms"] / 1e3, 4)
     res["per_peer_part_checks_norm32_s"] = rnd(checked_parts * res["part_norm32_ms"] / 1e3, 4)
+    # the share audit's sketch of the whole gradient: one (rows x ROW) @ (ROW x dims) product
+    import numpy as np
+
+    from grpo_swarm.node.swarm.share_sketch import ROW, Projection
+
+    rows = -(-values // ROW)
+    proj = Projection.draw(b"micro", 0, rows)
+    whole_flat = torch.cat([x.reshape(-1) for x in g])
+    full = values // ROW
+    u, v = proj.U.numpy(), proj.V.numpy()
+    # numpy's BLAS threads are set by OPENBLAS_NUM_THREADS before start (run with =1 to compare one thread)
+    res["sketch_numpy_s"] = rnd(timed(lambda: np.einsum("rd,rd->d", whole_flat[: full * ROW].numpy().reshape(full, ROW) @ u,
+                                                        v[:full], dtype=np.float64)), 4)
+    res["openblas_num_threads"] = os.environ.get("OPENBLAS_NUM_THREADS")
+    res["sketch_torch_s"] = rnd(timed(lambda: proj.block(whole_flat, 0)), 4)
+    halves = [p.half() for p in whole_flat.split(part_values)]
+    scratch = torch.empty(part_values)
+
+    def sketch_fp16(reuse: bool):
+        row = 0
+        for h in halves:
+            x = scratch[: h.numel()].copy_(h) if reuse else h.float()
+            proj.block(x, row)
+            row += -(-h.numel() // ROW)
+
+    res["sketch_fp16_fresh_decode_s"] = rnd(timed(lambda: sketch_fp16(False)), 4)
+    res["sketch_fp16_scratch_decode_s"] = rnd(timed(lambda: sketch_fp16(True)), 4)
     res["loadavg_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(res), flush=True)
     return 0
@@ -545,8 +574,10 @@ def summarize(args, peers: list[dict], samples: list[dict], shapes, uplink_bits:
             round_s = [max(r["seconds"] for r in rr) for rr in measured]
             allreduce = [max((r.get("allreduce_s") or 0.0) for r in rr) for rr in measured]
             cpu = [sum(r["cpu_s"] for r in rr) for rr in measured]
+            cpu_p2pd = [sum(r.get("cpu_s_p2pd", 0.0) for r in rr) for rr in measured]
             d = {"ok": oks, "round_s": rnd(median(round_s)), "allreduce_s": rnd(median(allreduce)),
                  "round_s_all": [rnd(x, 2) for x in round_s], "cpu_s": rnd(median(cpu), 2),
+                 "cpu_s_p2pd": rnd(median(cpu_p2pd), 2),
                  "cpu_s_per_gb": rnd(median(cpu) / (sum(pay) / 1e9), 2) if cpu else None,
                  "warmup_round_s": rnd(median([max(r["seconds"] for r in rr) for rr in
                                                zip(*[[r for r in rs if r["warmup"]] for rs in rows])]), 2)}
@@ -557,6 +588,10 @@ def summarize(args, peers: list[dict], samples: list[dict], shapes, uplink_bits:
                     d["bytes_sent_per_peer_reported"] = int(median(sent))  # by the averager itself
                 d["local_check_s"] = rnd(median([max(r.get("check_s") or 0 for r in rr) for rr in measured]))
                 d["average_call_s"] = rnd(median([max(r.get("average_s") or 0 for r in rr) for rr in measured]))
+                steps = sorted({k for rr in measured for r in rr for k in (r.get("audit_s") or {})})
+                if steps:  # the share audit's steps: median over rounds of the slowest peer
+                    d["audit_steps_s"] = {k: rnd(median([max((r.get("audit_s") or {}).get(k, 0.0) for r in rr)
+                                                         for rr in measured])) for k in steps}
             errors = [r["error"] + (f" {r['failure']}" if r.get("failure") else "") for rs in rows for r in rs
                       if not r["ok"]]
             if errors:
@@ -615,7 +650,7 @@ def parse_args(argv=None):
     ap.add_argument("--compressions", default=",".join(DEFAULT_COMPRESSIONS),
                     help="some of none (fp32), fp16, uint8 (hivemind Uniform8BitQuantization)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"some of {','.join(VARIANTS)}")
-    ap.add_argument("--part-size", type=int, default=1 << 19,
+    ap.add_argument("--part-size", type=int, default=4 << 20,
                     help="ours' (and stock_tuned's) part_size_bytes (compressed bytes per part)")
     ap.add_argument("--stock-part-size", type=int, default=1 << 19, help="stock's part_size_bytes (hivemind default)")
     ap.add_argument("--uplink", default=None, help="cap each peer's uplink (tc rate: 100mbit, 1gbit; root only)")

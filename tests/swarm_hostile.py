@@ -17,6 +17,8 @@ whatever the behaviour says; the honest peers must cope:
   percent of its norm (the same wrong bytes to everyone; plausible norm and values)
 * ``sketch_lie``      — honest parts and average, but in the share audit it lies about its sketch
   of the parts it sent to another reducer (framing that reducer)
+* ``malformed``       — its last part's message is bytes that do not parse (a tensor field longer
+  than the message)
 * ``stall``           — sends its first part, writes ``stall_marker`` and hangs (the test kills it)
 
 Ticket misbehaviours (forged, another round's, another node's) only change the ticket bytes the
@@ -42,6 +44,18 @@ NORM_LIE_FACTOR = 3.0  # per-value magnitudes stay plausible: only the norm chec
 OVER_BOUND_FACTOR = 1e5
 WRONG_AVERAGE_SHIFT = 0.03  # x mean |value|, alternating sign: ~2-3 % of the share's norm
 SKIPS_CHECKS = {"forged_ticket", "other_round_ticket", "other_node_ticket", "over_bound"}
+
+
+class _Garbled:
+    """A message whose bytes are given (hivemind's P2P sends what SerializeToString returns)."""
+
+    tensor_part = None
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 - the protobuf method hivemind calls
+        return self.raw
 
 
 class HostileRunner(VerifiedAllReduceRunner):
@@ -81,6 +95,8 @@ class HostileRunner(VerifiedAllReduceRunner):
             msg = averaging_pb2.AveragingData(tensor_part=self._corrupt(part, info, i == 0), weight=weight)
             if i == 0:
                 msg.code, msg.group_id = averaging_pb2.PART_FOR_AVERAGING, self.group_id
+            if self.behaviour == "malformed" and i == len(parts) - 1:
+                msg = _Garbled(msg.SerializeToString()[:-5])  # its tensor's declared length overruns the message
             yield msg
             if self.behaviour == "stall":
                 if self.stall_marker:
@@ -124,13 +140,13 @@ class HostileAverager(VerifiedAverager):
         return [SlotVerdict(peer_id=p.to_bytes(), ok=True, weight=1.0, committed_norm=float("inf"))
                 for p in group_info.peer_ids]
 
-    def _sketch_round(self, runner, seed, inputs, outputs):
-        mine, my_outputs, norms, received = super()._sketch_round(runner, seed, inputs, outputs)
+    def _sketch_round(self, runner, projections, inputs, outputs):
+        mine, my_outputs, norms = super()._sketch_round(runner, projections, inputs, outputs)
         if self.behaviour(self._rules.round_index) == "sketch_lie":
             own = runner.ordered_peer_ids.index(runner.peer_id)
             j = next(j for j, s in enumerate(mine) if s is not None and j != own)
             mine[j] = mine[j] + 0.2 * np.linalg.norm(mine[j]) / math.sqrt(len(mine[j]))
-        return mine, my_outputs, norms, received
+        return mine, my_outputs, norms
 
     def make_runner(self, **kwargs):
         return HostileRunner(behaviour=self.behaviour(self._rules.round_index), stall_marker=self.stall_marker,

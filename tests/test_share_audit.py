@@ -183,23 +183,25 @@ def _judge_world(lie_share=None, wrong_share=None, liar=1):
                 for i in (1, 2)}
     out_norms = [float(torch.sqrt(sum(flat_views(avg)[s.tensor_index][s.start:s.start + s.numel].double().pow(2)
                                       .sum() for s in layout.spans[j]))) for j in range(3)]
+    calls = []  # judge() asks for the reducer's own sketches of what it received only when needed
     return ids, judge(me=me, senders=[Sender(i.peer_id, w, n) for i, w, n in zip(ids, WEIGHTS, norms)],
                       reducers=[i.peer_id for i in ids], share_numels=[layout.numel(j) for j in range(3)],
-                      my_outputs=sketches[me][1], output_norms=out_norms, sketches=sketches, received=received,
-                      fp16_output=False)
+                      my_outputs=sketches[me][1], output_norms=out_norms, sketches=sketches,
+                      received=lambda: calls.append(1) or received, fp16_output=False), calls
 
 
 def test_judge_honest_wrong_average_and_lying_sender():
-    ids, found = _judge_world()
-    assert found.clean
-    ids, found = _judge_world(wrong_share=2)
+    ids, found, calls = _judge_world()
+    assert found.clean and not calls  # nothing to dispute: the reducer's received parts are not sketched
+    ids, found, calls = _judge_world(wrong_share=2)
     assert list(found.accused) == [ids[2].peer_id] and found.accused[ids[2].peer_id][0] == Reason.WRONG_AVERAGE
+    assert not calls  # another reducer's share is wrong: member 0's own share adds up
     # member 1 lies about what it sent to share 0 (member 0's): member 0 holds the parts and names it
-    ids, found = _judge_world(lie_share=0, liar=1)
-    assert found.accused == {ids[1].peer_id: found.accused[ids[1].peer_id]}
+    ids, found, calls = _judge_world(lie_share=0, liar=1)
+    assert found.accused == {ids[1].peer_id: found.accused[ids[1].peer_id]} and calls == [1]
     assert found.accused[ids[1].peer_id][0] == Reason.SKETCH_MISMATCH
     # member 2 lies about share 1 (member 1's): member 0 can only blame that reducer
-    ids, found = _judge_world(lie_share=1, liar=2)
+    ids, found, calls = _judge_world(lie_share=1, liar=2)
     assert list(found.accused) == [ids[1].peer_id] and found.accused[ids[1].peer_id][0] == Reason.WRONG_AVERAGE
 
 

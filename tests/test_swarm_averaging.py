@@ -106,6 +106,7 @@ CAUGHT_ROUNDS = {
     "float64": (_small("small_none", "float64"), Reason.BAD_DTYPE),
     "fp16_on_none": (_small("small_none", "fp16_on_none"), Reason.BAD_COMPRESSION),
     "norm_lie": (_small("small_none", "norm_lie"), Reason.NORM_EXCEEDED),
+    "malformed": (_small("small_none", "malformed"), Reason.MALFORMED_PART),  # bytes that do not parse
     # a reducer returning a wrong average for its share, caught by the share audit after the reduction
     "wrong_average": (_small("small_none", "wrong_average"), Reason.WRONG_AVERAGE),
     "wrong_average_fp16": (_small("small_fp16", "wrong_average"), Reason.WRONG_AVERAGE),

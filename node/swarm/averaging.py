@@ -26,8 +26,9 @@ How a round goes (hivemind 1.1.12's DecentralizedAverager underneath, not a home
    reaches the same verdicts, so nobody waits for an excluded peer.
 3. :class:`.reduction.VerifiedAllReduceRunner` reduces with ticket weights, validates every part,
    and hands every peer the same bytes for every share. A timeout, ban or failed reducer aborts the
-   attempt everywhere; the local snapshot is restored and the attempt reported as failed — a
-   partial average is never a success.
+   attempt everywhere and it is reported as failed — a partial average is never a success. Averages
+   are written into separate output buffers, never over the local gradient, which the caller gets
+   only after a success.
 4. **The share audit** (:mod:`.share_audit`): before anyone takes the result, the members reveal
    the nonces they committed to in their gather, and check every reducer's average against the
    senders' sketches in a secret projection drawn from those nonces. A wrong average (the same
@@ -56,6 +57,7 @@ part, ``reducer_timeout`` (> sender_timeout) the wait for a reducer's next avera
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
@@ -66,16 +68,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import AsyncIterator  # typing's, not collections.abc's: hivemind's handler registry reads its _name
 
+import numpy as np
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import Matchmaking
-from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import achain, anext, as_aiter, azip, enter_asynchronously
+from hivemind.utils.asyncio import achain, anext, as_aiter, enter_asynchronously
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.identity import Identity, base58_decode, base58_encode
@@ -114,10 +116,14 @@ from .tickets import (
     group_verdicts,
     is_valid_public_key,
 )
+from .wire import WireAveragingData
 
 logger = logging.getLogger(__name__)
 
 WIRE_NAME = "VerifiedAverager"  # RPC handler names: "{prefix}::VerifiedAverager.rpc_*", whatever the Python class
+# bytes per part (hivemind's default: 512 KiB). Parts travel without protobuf copies (.wire), so what
+# remains is a per-message cost: 4 MiB parts average faster (bench/averaging.py --part-size)
+PART_SIZE_BYTES = 4 << 20
 ALLREDUCE_GRACE_S = 5.0  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
 SELF_EXCLUDED = "this node was excluded"
 
@@ -300,7 +306,7 @@ class VerifiedAverager(DecentralizedAverager):
         allreduce_timeout: float = 60.0,
         round_timeout: float | None = None,
         max_attempts: int = 2,
-        part_size_bytes: int = DEFAULT_PART_SIZE_BYTES,
+        part_size_bytes: int = PART_SIZE_BYTES,
         audit_reducers: bool = True,
         audit_timeout: float | None = None,
         client_mode: bool | None = None,
@@ -330,6 +336,10 @@ class VerifiedAverager(DecentralizedAverager):
         buffers = [torch.zeros(tuple(t.shape), dtype=torch.float32) for t in tensors]
         if not buffers:
             raise ValueError("nothing to average")
+        # the averages are written here, never over the local gradient (hivemind's in-place way): the
+        # gradient stays intact for the audit and for a retry, and nothing needs restoring after a
+        # failed attempt. Shared with the averager process (forked after this).
+        self._output_buffers = [torch.zeros_like(b).share_memory_() for b in buffers]
         # set before DecentralizedAverager.__init__: the background process is forked from this state
         self.identity = identity
         self.coordinator_key = bytes(coordinator_key)
@@ -453,12 +463,12 @@ class VerifiedAverager(DecentralizedAverager):
                 report.attempt = attempt
                 attempts.append(report)
                 if report.ok:
-                    with self.get_tensors() as buffers, torch.no_grad():
+                    with self.get_tensors(), torch.no_grad():
                         if out is None:
-                            averaged = [b.clone() for b in buffers]
+                            averaged = [b.clone() for b in self._output_buffers]
                         else:
                             averaged = list(out)
-                            for dst, b in zip(averaged, buffers, strict=True):
+                            for dst, b in zip(averaged, self._output_buffers, strict=True):
                                 dst.copy_(b)
                     return RoundResult(True, round_index, averaged, attempts, time.monotonic() - started)
                 accusations = accusation_list([*accusations, *report.accused_pairs()])
@@ -500,16 +510,6 @@ class VerifiedAverager(DecentralizedAverager):
         self._matchmaking.target_group_size = self._matchmaking.potential_leaders.target_group_size = target
         self._matchmaking.min_group_size = min_size
         self._round_min_contributors = min_contributors
-
-    def _snapshot_of(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """A copy of the local gradient (to restore after a failed attempt, and for the audit), in
-        buffers kept between rounds: allocating half a gigabyte each round costs more than copying it."""
-        buffers = getattr(self, "_snapshot_buffers", None)
-        if buffers is None or [b.shape for b in buffers] != [t.shape for t in tensors]:
-            buffers = self._snapshot_buffers = [torch.empty_like(t) for t in tensors]
-        for b, t in zip(buffers, tensors):
-            b.copy_(t)
-        return buffers
 
     def verdicts(self, group_info: GroupInfo, rules: RoundRules) -> list[SlotVerdict]:
         return group_verdicts([p.to_bytes() for p in group_info.peer_ids], group_info.gathered, rules)
@@ -573,18 +573,18 @@ class VerifiedAverager(DecentralizedAverager):
             return
 
         async with enter_asynchronously(self.get_tensors()) as local_tensors:
-            snapshot = self._snapshot_of(local_tensors)
             runner = self.make_runner(
                 plan=plan, compression=kwargs["compression"], tolerance=self.tolerance, p2p=self._p2p,
-                servicer_type=type(self), prefix=self.prefix, tensors=local_tensors, group_id=group_info.group_id,
+                servicer_type=type(self), prefix=self.prefix, tensors=local_tensors, outputs=self._output_buffers,
+                group_id=group_info.group_id,
                 weight=mine.weight, sender_timeout=kwargs["sender_timeout"], reducer_timeout=kwargs["reducer_timeout"],
                 part_size_bytes=kwargs["part_size_bytes"], tensor_infos=kwargs.get("tensor_infos"))
             audit = None if self.audit_reducers else Findings()
             try:
                 self._running_groups[group_info.group_id].set_result(runner)  # shielded: see rpc_aggregate_part
-                await asyncio.wait_for(self._consume(runner, local_tensors), self.verified_allreduce_timeout)
+                await asyncio.wait_for(self._consume(runner), self.verified_allreduce_timeout)
                 if self.audit_reducers and runner.succeeded():
-                    audit = await self._audit_shares(group_info, plan, runner, snapshot, local_tensors,
+                    audit = await self._audit_shares(group_info, plan, runner, local_tensors, self._output_buffers,
                                                      report.audit_seconds)
             except asyncio.TimeoutError:
                 runner.abort(f"the reduction did not finish within {self.verified_allreduce_timeout} s")
@@ -595,11 +595,8 @@ class VerifiedAverager(DecentralizedAverager):
                 report.error = f"{type(e).__name__}: {e}"[:500]
             finally:
                 report.ok = runner.succeeded() and audit is not None and audit.clean
-                if not report.ok:
+                if not report.ok:  # (the caller reads the output buffers only after a success)
                     runner.abort("the attempt failed")
-                    # never leave a partial average behind: the caller gets its own gradient back
-                    for t, s in zip(local_tensors, snapshot):
-                        t.copy_(s)
         reasons = lambda d: {_b58(p): f"{r.value}: {detail}" for p, (r, detail) in d.items()}  # noqa: E731
         report.accused = reasons(runner.accused)
         report.failed = reasons(runner.failures)
@@ -614,6 +611,7 @@ class VerifiedAverager(DecentralizedAverager):
         report.weight_claims_ignored = {_b58(p): w for p, w in runner.weight_claims.items()}
         report.failed_size = runner.tensor_part_container.failed_size
         report.bytes_sent, report.bytes_received = runner.bytes_sent, runner.bytes_received
+        runner.release()
 
     # ---- the share audit (see .share_audit)
     async def _audit_shares(self, group_info: GroupInfo, plan: GroupPlan, runner: VerifiedAllReduceRunner,
@@ -649,9 +647,11 @@ class VerifiedAverager(DecentralizedAverager):
             if not found.clean:
                 return found
             seed = audit_seed(group_id, nonces)
+            projections = [Projection.draw(seed, j, runner.layout.rows[j]) if runner.layout.numel(j) else None
+                           for j in range(runner.layout.num_shares)]
             computed = await asyncio.get_event_loop().run_in_executor(
-                None, self._sketch_round, runner, seed, inputs, outputs)
-            mine, my_outputs, output_norms, received = computed
+                None, self._sketch_round, runner, projections, inputs, outputs)
+            mine, my_outputs, output_norms = computed
             lap("sketch")
             bodies = await self._exchange(group_id, PHASE_SKETCH, sketch_body(mine, my_outputs), keys, servers,
                                           deadline, found)
@@ -666,10 +666,11 @@ class VerifiedAverager(DecentralizedAverager):
             if not found.clean:
                 return found
             numels = [runner.layout.numel(j) for j in range(runner.layout.num_shares)]
-            verdict = judge(me=me, senders=senders, reducers=[p.to_bytes() for p in plan.peer_ids],
-                            share_numels=numels, my_outputs=my_outputs, output_norms=output_norms,
-                            sketches=sketches, received=received,
-                            fp16_output=isinstance(runner.output_compression, Float16Compression))
+            verdict = await asyncio.get_event_loop().run_in_executor(None, functools.partial(
+                judge, me=me, senders=senders, reducers=[p.to_bytes() for p in plan.peer_ids],
+                share_numels=numels, my_outputs=my_outputs, output_norms=output_norms, sketches=sketches,
+                received=functools.partial(self._received_sketches, runner, projections),
+                fp16_output=isinstance(runner.output_compression, Float16Compression)))
             found.accused.update(verdict.accused)
             found.failed.update(verdict.failed)
             lap("judge")
@@ -678,13 +679,11 @@ class VerifiedAverager(DecentralizedAverager):
             found.fail(me, Reason.AUDIT_FAILED, f"{type(e).__name__}: {e}"[:300])
         return found
 
-    def _sketch_round(self, runner: VerifiedAllReduceRunner, seed: bytes, inputs: Sequence[torch.Tensor],
-                      outputs: Sequence[torch.Tensor]):
+    def _sketch_round(self, runner: VerifiedAllReduceRunner, projections: Sequence[Projection | None],
+                      inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]):
         """This member's sketches (runs in a thread): of what it sent to each share, of each share's
-        average, each share's average norm, and — for its own share — of what each sender sent."""
+        average, and each share's average norm."""
         layout = runner.layout
-        projections = [Projection.draw(seed, j, layout.rows[j]) if layout.numel(j) else None
-                       for j in range(layout.num_shares)]
         ins, outs = flat_views(inputs), flat_views(outputs)
         local = runner.ordered_peer_ids.index(runner.peer_id)
         lossy = runner.sent_parts is not None  # then sketch what each reducer decoded, not the raw values
@@ -696,19 +695,27 @@ class VerifiedAverager(DecentralizedAverager):
         for j in range(layout.num_shares):
             if j != local:
                 norms.append(runner.output_norm(j))
-            else:
-                squares = sum(float(torch.linalg.vector_norm(outs[s.tensor_index][s.start: s.start + s.numel],
-                                                             dtype=torch.float64)) ** 2 for s in layout.spans[j])
+            else:  # float32 norms (a tolerance needs no more), their squares summed in float64
+                squares = sum(float(torch.linalg.vector_norm(outs[s.tensor_index][s.start: s.start + s.numel])) ** 2
+                              for s in layout.spans[j])
                 norms.append(math.sqrt(squares))
-        received = None
-        if projections[local] is not None and runner.tensor_part_reducer.received is not None:
-            received = {}
-            for sender in runner.sender_peer_ids:
-                got = runner.received_parts(sender)
-                if got is not None:
-                    parts, norm = got
-                    received[sender.to_bytes()] = (sketch_parts(layout, local, parts, projections[local]), norm)
-        return mine, my_outputs, norms, received
+        return mine, my_outputs, norms
+
+    @staticmethod
+    def _received_sketches(runner: VerifiedAllReduceRunner, projections: Sequence[Projection | None]
+                           ) -> dict[bytes, tuple[np.ndarray, float]] | None:
+        """For our own share, the sketch and norm of what each remote sender sent us (:func:`judge`
+        asks for it only when our share does not add up)."""
+        local = runner.ordered_peer_ids.index(runner.peer_id)
+        if projections[local] is None or runner.tensor_part_reducer.received is None:
+            return None
+        received = {}
+        for sender in runner.sender_peer_ids:
+            got = runner.received_parts(sender)
+            if got is not None:
+                parts, norm = got
+                received[sender.to_bytes()] = (sketch_parts(runner.layout, local, parts, projections[local]), norm)
+        return received
 
     async def _exchange(self, group_id: bytes, phase: int, body, keys: dict[bytes, bytes], servers: Sequence[PeerID],
                         deadline: float, found: Findings) -> dict[bytes, object]:
@@ -808,8 +815,8 @@ class VerifiedAverager(DecentralizedAverager):
         return pb.ShareAuditExchange(group_id=request.group_id, phase=request.phase,
                                      entries=list(store.entries.values()))
 
-    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
-                                 ) -> AsyncIterator[averaging_pb2.AveragingData]:
+    async def rpc_aggregate_part(self, stream: AsyncIterator[WireAveragingData], context: P2PContext
+                                 ) -> AsyncIterator[WireAveragingData]:
         """hivemind's handler, except that the group's runner future is awaited through ``shield``: in
         hivemind a groupmate that opens a stream before the runner exists and then hangs up cancels
         the handler task, and with it the group's future — the round then fails for everyone (one
@@ -840,10 +847,11 @@ class VerifiedAverager(DecentralizedAverager):
     def make_runner(self, **kwargs) -> VerifiedAllReduceRunner:
         return self.runner_class(keep_parts=self.audit_reducers, **kwargs)
 
-    async def _consume(self, runner: VerifiedAllReduceRunner, tensors: Sequence[torch.Tensor]) -> None:
-        # the runner yields whole averaged tensors (not deltas): copy them as they are
-        async for tensor, averaged in azip(as_aiter(*tensors), runner):
-            tensor.copy_(averaged)
+    @staticmethod
+    async def _consume(runner: VerifiedAllReduceRunner) -> None:
+        """Run the reduction: the runner writes each averaged part into the output buffers itself."""
+        async for _ in runner:
+            pass
 
     async def _run_allreduce_inplace_(self, *args, **kwargs):
         raise NotImplementedError("VerifiedAverager runs its reduction in _aggregate_with_group")

@@ -1,7 +1,7 @@
 """hivemind's butterfly all-reduce, made strict: trusted weights, validated parts, same bytes everywhere.
 
 :class:`VerifiedAllReduceRunner` (an ``AllReduceRunner``) and :class:`ValidatingReducer` (a
-``TensorPartReducer``) change hivemind 1.1.12's reduction in five ways:
+``TensorPartReducer``) change hivemind 1.1.12's reduction in six ways:
 
 * **Weights from tickets.** The reducer ignores the ``weight`` each sender puts on its messages
   and uses the table built from the verified tickets; a claim that differs is recorded.
@@ -30,6 +30,10 @@
   still in flight at that close (seen here: a stream ending cleanly after 8 of 10 averages; in stock
   hivemind that is a silent partial average). Here the sender keeps its input open until it has
   every average, and the reducer returns only after that end of input.
+* **Fewer copies.** Messages are encoded and decoded by :mod:`.wire` (protobuf's bytes without its
+  copies; a message that does not parse is the sender's MALFORMED_PART), and each averaged part is
+  copied straight into the caller's output buffers (:class:`PartwiseOutputs`), never over the
+  local gradient.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from typing import AsyncIterator  # typing's, as hivemind's handlers are annotat
 import numpy as np
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
-from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartContainer, TensorPartReducer
 from hivemind.compression import (
     CompressionBase,
     CompressionInfo,
@@ -59,6 +63,7 @@ from hivemind.utils.asyncio import achain, amap_in_executor, anext, as_aiter
 
 from .share_sketch import ShareLayout
 from .tickets import Reason, SlotVerdict
+from .wire import WireAveragingData, WireTensor
 
 # relative slack on norm checks: the sender's float32 norm vs the reducer's float64 sum of parts
 # (no compression), plus fp16 rounding of every element (2^-11 relative) where averages travel in
@@ -87,23 +92,35 @@ def output_compression(compression: CompressionBase) -> CompressionBase:
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
-def decode_values(tp: runtime_pb2.Tensor, compression: CompressionBase) -> torch.Tensor:
+def decode_values(tp: WireTensor | runtime_pb2.Tensor, compression: CompressionBase,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
     """The float32 values of a checked serialised part (1-D): hivemind's format, decoded without its
-    intermediate copies (fp32: a view of the bytes; fp16: one conversion)."""
+    intermediate copies (fp32: a view of the bytes; fp16: one conversion, into ``scratch`` if given
+    and large enough — the result is then a view of it)."""
     if isinstance(compression, NoCompression):
         return torch.from_numpy(np.frombuffer(tp.buffer, dtype=np.float32))
     if isinstance(compression, Float16Compression):
-        return torch.from_numpy(np.frombuffer(tp.buffer, dtype=np.float16)).float()
-    return deserialize_torch_tensor(tp).reshape(-1)
+        half = torch.from_numpy(np.frombuffer(tp.buffer, dtype=np.float16))
+        if scratch is not None and scratch.numel() >= half.numel():
+            return scratch[: half.numel()].copy_(half)
+        return half.float()
+    return deserialize_torch_tensor(tp.to_protobuf() if isinstance(tp, WireTensor) else tp).reshape(-1)
 
 
-def encode_values(values: torch.Tensor, compression: CompressionBase) -> runtime_pb2.Tensor:
-    """hivemind's serialisation of a float32 part, the same bytes as ``compression.compress``."""
+def encode_values(values: torch.Tensor, compression: CompressionBase) -> WireTensor:
+    """hivemind's serialisation of a float32 part (the same bytes as ``compression.compress``), its
+    buffer a view of the values (fp32) or of one converted copy (fp16): never written afterwards."""
+    values = values.detach().reshape(-1).contiguous()
+    if isinstance(compression, NoCompression):
+        return WireTensor(memoryview(values.numpy()).cast("B"), tuple(values.shape), "float32",
+                          compression.compression_type)
     if isinstance(compression, Float16Compression):
-        half = values.clamp(Float16Compression.FP16_MIN, Float16Compression.FP16_MAX).to(torch.float16)
-        return runtime_pb2.Tensor(compression=compression.compression_type, buffer=half.numpy().tobytes(),
-                                  size=values.shape, dtype="float32", requires_grad=False)
-    return compression.compress(values, CompressionInfo.from_tensor(values), False)
+        # converting first, then clamping the fp16 values, gives hivemind's clamp-then-convert bytes
+        # (values past FP16_MAX round to it or to inf, which the clamp takes back to FP16_MAX)
+        half = values.to(torch.float16).clamp_(Float16Compression.FP16_MIN, Float16Compression.FP16_MAX)
+        return WireTensor(memoryview(half.numpy()).cast("B"), tuple(values.shape), "float32",
+                          compression.compression_type)
+    return WireTensor.from_protobuf(compression.compress(values, CompressionInfo.from_tensor(values), False))
 
 
 def check_compression(compression: CompressionBase) -> None:
@@ -174,7 +191,7 @@ class ValidatingReducer(TensorPartReducer):
         super().__init__(part_shapes, num_senders)
         # the parts each remote sender sent, as received (serialised: fp16 / 8-bit stay small), kept
         # for the share audit, which checks each sender's sketch against them (filled by the runner)
-        self.received: list[dict[int, runtime_pb2.Tensor]] | None = (
+        self.received: list[dict[int, WireTensor]] | None = (
             [{} for _ in range(num_senders)] if keep_parts else None)
         assert len(weights) == len(committed_norms) == num_senders
         self.weights = [float(w) for w in weights]
@@ -227,16 +244,51 @@ class ValidatingReducer(TensorPartReducer):
 
 
 class _Decoded(Sequence):
-    """Serialised parts, decoded one at a time when read (the audit sketches them in order)."""
+    """Serialised parts, decoded one at a time when read, each into the same scratch buffer: a part
+    read is valid until the next read (the audit sketches them in order, one at a time)."""
 
-    def __init__(self, parts: Sequence[runtime_pb2.Tensor], compression: CompressionBase):
+    def __init__(self, parts: Sequence[WireTensor | runtime_pb2.Tensor], compression: CompressionBase):
         self.parts, self.compression = parts, compression
+        self.scratch: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.parts)
 
     def __getitem__(self, index):
-        return decode_values(self.parts[index], self.compression)
+        if self.scratch is None and isinstance(self.compression, Float16Compression):
+            self.scratch = torch.empty(max((len(p.buffer) // 2 for p in self.parts), default=0))
+        return decode_values(self.parts[index], self.compression, self.scratch)
+
+
+class PartwiseOutputs(TensorPartContainer):
+    """hivemind's TensorPartContainer, except that the averaged parts are copied straight into
+    ``outputs`` as they are registered (hivemind concatenates each tensor's parts into a new tensor,
+    which the caller then copies): set as the class of a runner's container, with ``outputs``."""
+
+    outputs: Sequence[torch.Tensor]
+
+    async def iterate_output_tensors(self):
+        """Yield each output tensor once all its averaged parts are written into it."""
+        assert not self._outputs_consumed, "output tensors are already iterated"
+        self._outputs_consumed = True
+        peer_index = taken = 0
+        for tensor_index, out in enumerate(self.outputs):
+            flat, offset = out.view(-1), 0
+            for _ in range(self.num_parts_by_tensor[tensor_index]):
+                while taken >= self.num_parts_by_peer[peer_index]:
+                    taken, peer_index = 0, peer_index + 1
+                if not self._output_parts_by_peer[peer_index]:
+                    self._output_part_available[peer_index].clear()
+                    await self._output_part_available[peer_index].wait()
+                    if self.finished.is_set():
+                        raise AllreduceException("All-reduce was terminated during iteration")
+                part = self._output_parts_by_peer[peer_index].popleft()
+                flat[offset: offset + part.numel()].copy_(part.reshape(-1))
+                offset += part.numel()
+                taken += 1
+            if offset != flat.numel():
+                raise AllreduceException(f"tensor {tensor_index}: {offset} averaged values, expected {flat.numel()}")
+            yield out
 
 
 class VerifiedAllReduceRunner(AllReduceRunner):
@@ -249,7 +301,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
     reducer_class = ValidatingReducer
 
     def __init__(self, *, plan: GroupPlan, compression: CompressionBase, tolerance: float, keep_parts: bool = False,
-                 **kwargs):
+                 outputs: Sequence[torch.Tensor] | None = None, **kwargs):
         check_compression(compression)
         self.plan = plan
         verdicts = {p: v for p, v in zip(plan.peer_ids, plan.verdicts)}
@@ -259,7 +311,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         self.output_compression = output_compression(compression)
         # our parts as sent, by slot (kept for the share audit when compression is lossy: our sketch
         # must be of exactly what each reducer decoded and added up)
-        self.sent_parts: list[list[runtime_pb2.Tensor]] | None = (
+        self.sent_parts: list[list[WireTensor | runtime_pb2.Tensor]] | None = (
             [[] for _ in range(self.group_size)] if keep_parts and not isinstance(compression, NoCompression) else None)
         self.tolerance = tolerance
         # receivers collect averages, not deltas: a failed reducer's parts would be local values
@@ -289,6 +341,21 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         self.weight_claims: dict[PeerID, float] = {}
         self.abort_reason: str | None = None
         self.bytes_sent = self.bytes_received = 0  # tensor payloads on the wire (parts and averages)
+        if outputs is not None:  # each averaged part goes straight to its place (no torch.cat, no second copy)
+            if [tuple(o.shape) for o in outputs] != [tuple(t.shape) for t in self.tensor_part_container.local_tensors]:
+                raise ValueError("the output tensors must have the shapes of the averaged tensors")
+            self.tensor_part_container.__class__ = PartwiseOutputs
+            self.tensor_part_container.outputs = outputs
+
+    def release(self) -> None:
+        """Drop the parts kept for the audit and the encoded averages (the round is over): they are
+        hundreds of megabytes, and the runner may wait for the garbage collector."""
+        if self.tensor_part_reducer.received is not None:
+            self.tensor_part_reducer.received = [{} for _ in self.tensor_part_reducer.received]
+        if self.sent_parts is not None:
+            self.sent_parts = [[] for _ in self.sent_parts]
+        self._results.clear()
+
 
     # ---- outcome
     @property
@@ -337,8 +404,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                 if peer_id not in self.active_senders:
                     self.fail(peer_id, Reason.SENDER_FAILED, f"sent nothing within {self.sender_timeout} s")
 
-    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
-                                 ) -> AsyncIterator[averaging_pb2.AveragingData]:
+    async def rpc_aggregate_part(self, stream: AsyncIterator[WireAveragingData], context: P2PContext
+                                 ) -> AsyncIterator[WireAveragingData]:
         """A sender's parts for our share in, the averages out (hivemind's handler, reorganised so that
         the stream stays open until the sender has every average: see :meth:`_accumulate_parts_streaming`)."""
         remote = context.remote_id
@@ -356,6 +423,11 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             self.all_senders_started.set()
         try:
             request = await asyncio.wait_for(anext(stream), self.sender_timeout)
+            if request.malformed is not None:
+                self.accuse(remote, Reason.MALFORMED_PART, f"its first message is malformed: {request.malformed} "
+                                                           "(as a sender)")
+                yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+                return
             reason_to_reject = self._check_reasons_to_reject(request, context)
             if reason_to_reject is not None:
                 yield reason_to_reject
@@ -372,15 +444,19 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             else:
                 raise  # CancelledError and the like
 
-    def _decode_input(self, sender_index: int, part_index: int, msg: averaging_pb2.AveragingData) -> torch.Tensor:
+    def _decode_input(self, sender_index: int, part_index: int, msg: WireAveragingData) -> torch.Tensor:
         """Wire-level checks of an incoming part (before decoding it), then decode. Runs in a thread."""
+        if msg.malformed is not None:
+            raise PartRejected(Reason.MALFORMED_PART, f"part {part_index} is malformed: {msg.malformed}")
         if part_index >= self.tensor_part_reducer.num_parts:
             raise PartRejected(Reason.BAD_SHAPE,
                                f"more than the {self.tensor_part_reducer.num_parts} parts of this share")
         numel = self.tensor_part_reducer.part_shapes[part_index].numel()
         return self._decode(msg.tensor_part, numel, f"part {part_index}", self.compression)
 
-    def _decode(self, tp, numel: int, what: str, compression: CompressionBase) -> torch.Tensor:
+    def _decode(self, tp: WireTensor | None, numel: int, what: str, compression: CompressionBase) -> torch.Tensor:
+        if tp is None:
+            raise PartRejected(Reason.MALFORMED_PART, f"{what} carries no tensor")
         expected = compression.compression_type
         if tp.compression != expected:
             raise PartRejected(Reason.BAD_COMPRESSION, f"{what} uses compression {tp.compression}, expected {expected}")
@@ -393,14 +469,14 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         if len(tp.buffer) != wire_bytes(compression, numel):
             raise PartRejected(Reason.MALFORMED_PART, f"{what} has {len(tp.buffer)} bytes, expected "
                                                       f"{wire_bytes(compression, numel)}")
-        if isinstance(compression, Uniform8BitQuantization) and int.from_bytes(tp.buffer[:8], "little") != _CODEBOOK:
+        if isinstance(compression, Uniform8BitQuantization) and int.from_bytes(bytes(tp.buffer[:8]), "little") != _CODEBOOK:
             raise PartRejected(Reason.MALFORMED_PART, f"{what} does not have a {_CODEBOOK}-entry codebook")
         try:
             return decode_values(tp, compression)
         except Exception as e:  # noqa: BLE001 - undecodable data is the sender's fault
             raise PartRejected(Reason.MALFORMED_PART, f"{what} does not decode: {type(e).__name__}") from None
 
-    async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int):
+    async def _accumulate_parts_streaming(self, stream: AsyncIterator[WireAveragingData], sender_index: int):
         """Check, accumulate and answer each of the sender's ``num_parts`` parts, then wait for the
         sender to end its input before returning.
 
@@ -415,7 +491,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         received = delivered = 0
         held: list = []
 
-        item_bytes: dict[int, bytes] = {}
+        item_bytes: dict[int, int] = {}
 
         async def counted():  # exactly num_parts messages (or fewer), never the end-of-input after them
             for index in range(num_parts):
@@ -423,7 +499,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                     message = await asyncio.wait_for(anext(parts), self.sender_timeout)
                 except StopAsyncIteration:
                     return
-                item_bytes[index] = message.tensor_part.buffer
+                item_bytes[index] = 0 if message.tensor_part is None else len(message.tensor_part.buffer)
                 if self.tensor_part_reducer.received is not None:
                     self.tensor_part_reducer.received[sender_index][index] = message.tensor_part
                 yield index, message
@@ -437,20 +513,20 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                     self.weight_claims.setdefault(sender, float(claimed))
                 averaged = await self.tensor_part_reducer.accumulate_part(sender_index, index, tensor_part)
                 received = index + 1
-                self.bytes_received += len(item_bytes.pop(index, b""))
+                self.bytes_received += item_bytes.pop(index, 0)
                 result = await self._serialized_result(index, averaged)
                 if self.aborted:  # aborted while waiting: never hand out a partial average
                     break
                 if delay:
                     held.append(result)
                     continue
-                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=result)
-                self.bytes_sent += len(result.buffer)
+                yield result
+                self.bytes_sent += len(result.tensor_part.buffer)
                 delivered += 1
             if received == num_parts and not self.aborted:
                 for result in held:
-                    yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=result)
-                    self.bytes_sent += len(result.buffer)
+                    yield result
+                    self.bytes_sent += len(result.tensor_part.buffer)
                     delivered += 1
                 try:  # the sender's end of input: it holds every average now
                     await asyncio.wait_for(anext(parts), self.sender_timeout)
@@ -468,11 +544,18 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         if self.aborted and delivered < num_parts:
             yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED)
 
-    async def _serialized_result(self, part_index: int, averaged: torch.Tensor):
-        """The compressed averaged part, computed once and sent as the same bytes to every sender."""
+    async def _serialized_result(self, part_index: int, averaged: torch.Tensor) -> WireAveragingData:
+        """The message with the compressed averaged part, encoded once (in a thread) and sent as the
+        same bytes to every sender."""
         future = self._results.get(part_index)
         if future is None:
-            future = asyncio.get_event_loop().run_in_executor(None, encode_values, averaged, self.output_compression)
+            def encode() -> WireAveragingData:
+                message = WireAveragingData(code=averaging_pb2.AVERAGED_PART,
+                                            tensor_part=encode_values(averaged, self.output_compression))
+                message.SerializeToString()
+                return message
+
+            future = asyncio.get_event_loop().run_in_executor(None, encode)
             self._results[part_index] = future
         return await future
 
@@ -498,7 +581,9 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         return math.sqrt(self.output_squares[peer_index])
 
     # ---- receivers
-    def _decode_output(self, peer_index: int, part_index: int, msg: averaging_pb2.AveragingData) -> torch.Tensor:
+    def _decode_output(self, peer_index: int, part_index: int, msg: WireAveragingData) -> torch.Tensor:
+        if msg.malformed is not None:
+            raise PartRejected(Reason.MALFORMED_PART, f"averaged part {part_index} is malformed: {msg.malformed}")
         numels = self.part_numels_by_peer[peer_index]
         if part_index >= len(numels):
             raise PartRejected(Reason.BAD_SHAPE, f"more than the {len(numels)} averaged parts expected")
@@ -515,6 +600,23 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         self.output_squares[peer_index] = squares
         return tensor
 
+    async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[WireAveragingData]:
+        """Our parts for one share as messages (hivemind's, encoded by :mod:`.wire`: one copy each),
+        encoded in a thread ahead of the sending."""
+        parts = self.tensor_part_container.get_raw_input_parts(peer_index)
+
+        def encode(item) -> WireAveragingData:
+            index, part = item
+            message = WireAveragingData(code=averaging_pb2.PART_FOR_AVERAGING if index == 0 else 0,
+                                        group_id=self.group_id if index == 0 else b"",
+                                        tensor_part=encode_values(part, self.compression), weight=self.weight)
+            message.SerializeToString()
+            return message
+
+        async for message in amap_in_executor(encode, as_aiter(*enumerate(parts)),
+                                              max_prefetch=self.tensor_part_container.prefetch):
+            yield message
+
     async def _communicate_with_peer(self, peer_id: PeerID):
         """Send our parts of one share to its reducer and take back its averages as they are."""
         peer_index = self.ordered_peer_ids.index(peer_id)
@@ -525,7 +627,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                 averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part)
                 serialized = await self._serialized_result(part_index, averaged)
                 # our own share takes the same compress -> decompress round trip as everybody else's copy
-                local = await loop.run_in_executor(None, decode_values, serialized, self.output_compression)
+                local = await loop.run_in_executor(None, decode_values, serialized.tensor_part,
+                                                   self.output_compression)
                 if self.aborted:
                     return
                 self.tensor_part_container.register_processed_part(peer_index, part_index, local)
@@ -537,7 +640,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
 
         async def inputs():
             async for message in self._generate_input_for_peer(peer_index):
-                self.bytes_sent += len(message.tensor_part.buffer)
+                self.bytes_sent += 0 if message.tensor_part is None else len(message.tensor_part.buffer)
                 if self.sent_parts is not None:
                     self.sent_parts[peer_index].append(message.tensor_part)
                 yield message
@@ -555,9 +658,11 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                     msg = await asyncio.wait_for(anext(stream), self.reducer_timeout)
                 except StopAsyncIteration:
                     raise AllreduceException(f"returned {part_index} of {expected} averaged parts") from None
-                if msg.code != averaging_pb2.AVERAGED_PART:
-                    raise AllreduceException(f"answered {averaging_pb2.MessageCode.Name(msg.code)}")
-                self.bytes_received += len(msg.tensor_part.buffer)
+                if msg.code != averaging_pb2.AVERAGED_PART and msg.malformed is None:
+                    name = averaging_pb2.MessageCode.Name(msg.code) if msg.code in averaging_pb2.MessageCode.values() \
+                        else str(msg.code)
+                    raise AllreduceException(f"answered {name}")
+                self.bytes_received += 0 if msg.tensor_part is None else len(msg.tensor_part.buffer)
                 tensor = await loop.run_in_executor(None, self._decode_output, peer_index, part_index, msg)
                 if self.aborted:
                     return

@@ -16,7 +16,8 @@ other check would pass. After a successful reduction, and before anyone applies 
    must equal the ticket-weighted mean of the senders' sketches up to rounding
    (:func:`.share_sketch.share_tolerance`); otherwise the reducer is accused (WRONG_AVERAGE). A
    sender could lie about its sketch to frame an honest reducer, but that reducer holds the parts it
-   received and checks each sender's sketch against them (SKETCH_MISMATCH). A reducer's own values
+   received and, when its share does not add up, checks each sender's sketch against them
+   (SKETCH_MISMATCH). A reducer's own values
    for its own share are seen by nobody, so its sketch of them is only held to its committed norm
    (SKETCH_IMPLAUSIBLE, as is any sketch): a cheating reducer's change to its share is bounded by
    a few times the change it could make as a sender anyway. Members whose copies of a share's
@@ -40,7 +41,7 @@ import asyncio
 import hashlib
 import hmac
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgpack
@@ -203,13 +204,16 @@ class Findings:
 
 def judge(*, me: bytes, senders: Sequence[Sender], reducers: Sequence[bytes], share_numels: Sequence[int],
           my_outputs: Sequence[np.ndarray | None], output_norms: Sequence[float],
-          sketches: Mapping[bytes, tuple[list, list]], received: Mapping[bytes, tuple[np.ndarray, float]] | None,
+          sketches: Mapping[bytes, tuple[list, list]],
+          received: Callable[[], Mapping[bytes, tuple[np.ndarray, float]] | None] | None,
           fp16_output: bool) -> Findings:
     """Check every non-empty share. ``reducers[j]``: the peer reducing share j; ``my_outputs[j]`` /
     ``output_norms[j]``: this member's sketch and norm of share j's average; ``sketches``: every
-    sender's (inputs, outputs) sketches by peer; ``received``: when this member reduces a share,
-    each remote sender's (sketch, norm) of the parts it received from them (decoded: the values it
-    added up, of which the sender's sketch must be, exactly)."""
+    sender's (inputs, outputs) sketches by peer; ``received``: when this member reduces a share, a
+    function giving each remote sender's (sketch, norm) of the parts it received from them (decoded:
+    the values it added up, of which the sender's sketch must be, exactly). It costs a pass over the
+    share per sender, so it is called only when this member's own share does not add up — the only
+    time a sender's lie matters (lies that cancel out leave an honest average)."""
     found = Findings()
     my_share = reducers.index(me) if me in reducers else -1
     for s in senders:
@@ -217,16 +221,28 @@ def judge(*, me: bytes, senders: Sequence[Sender], reducers: Sequence[bytes], sh
             if numel and not plausible(sketches[s.peer_id][0][j], s.committed_norm):
                 found.accuse(s.peer_id, Reason.SKETCH_IMPLAUSIBLE, f"its sketch of share {j} is too large for "
                                                                    f"its committed norm {s.committed_norm:.6g}")
-    if received is not None and my_share >= 0:
-        for peer, (mine, norm) in received.items():
-            claimed = sketches[peer][0][my_share]
-            gap = float(np.max(np.abs(np.asarray(claimed) - mine))) if claimed is not None else math.inf
-            limit = sketch_tolerance(norm)
-            if not gap <= limit:
-                found.accuse(peer, Reason.SKETCH_MISMATCH, f"its sketch of the parts it sent this reducer is off "
-                                                           f"by {gap:.3g} > {limit:.3g}")
     weights = [s.weight for s in senders]
     norms = [s.committed_norm for s in senders]
+
+    def off_by(j: int) -> tuple[float, float] | None:
+        """Share j's worst residual and its tolerance (None: a sender sent no sketch of it)."""
+        inputs = [sketches[s.peer_id][0][j] for s in senders]
+        if any(x is None for x in inputs):
+            return None  # that sender is accused of SKETCH_IMPLAUSIBLE above
+        residual = share_residual(my_outputs[j], inputs, weights)
+        tolerance = share_tolerance(output_norms[j], weights, norms, share_numels[j], fp16_output=fp16_output)
+        return float(np.max(np.abs(residual))), tolerance
+
+    if received is not None and my_share >= 0 and share_numels[my_share]:
+        mine = off_by(my_share)
+        if mine is not None and not mine[0] <= mine[1]:
+            for peer, (sketch, norm) in (received() or {}).items():
+                claimed = sketches[peer][0][my_share]
+                gap = float(np.max(np.abs(np.asarray(claimed) - sketch))) if claimed is not None else math.inf
+                limit = sketch_tolerance(norm)
+                if not gap <= limit:
+                    found.accuse(peer, Reason.SKETCH_MISMATCH, f"its sketch of the parts it sent this reducer is "
+                                                               f"off by {gap:.3g} > {limit:.3g}")
     for j, numel in enumerate(share_numels):
         if not numel:
             continue
@@ -236,12 +252,10 @@ def judge(*, me: bytes, senders: Sequence[Sender], reducers: Sequence[bytes], sh
             limit = sketch_tolerance(output_norms[j])
             if s.peer_id != me and (theirs is None or not float(np.max(np.abs(theirs - my_outputs[j]))) <= limit):
                 found.fail(reducer, Reason.AUDIT_FAILED, f"members hold different averages of share {j}")
-        inputs = [sketches[s.peer_id][0][j] for s in senders]
-        if any(x is None for x in inputs):
-            continue  # that sender is accused of SKETCH_IMPLAUSIBLE above
-        residual = share_residual(my_outputs[j], inputs, weights)
-        tolerance = share_tolerance(output_norms[j], weights, norms, numel, fp16_output=fp16_output)
-        worst = float(np.max(np.abs(residual)))
+        result = off_by(j)
+        if result is None:
+            continue
+        worst, tolerance = result
         if not worst <= tolerance:
             if reducer == me:
                 if not any(r == Reason.SKETCH_MISMATCH for r, _ in found.accused.values()):
@@ -251,4 +265,3 @@ def judge(*, me: bytes, senders: Sequence[Sender], reducers: Sequence[bytes], sh
                 found.accuse(reducer, Reason.WRONG_AVERAGE, f"its average of share {j} is off by {worst:.3g} > "
                                                             f"{tolerance:.3g} in a secret projection")
     return found
-

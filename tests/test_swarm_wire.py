@@ -1,0 +1,122 @@
+"""The copy-free AveragingData codec (grpo_swarm.node.swarm.wire) against protobuf's own encoding,
+and its strictness on bytes a peer made up."""
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hivemind.compression import CompressionInfo, Float16Compression, NoCompression, Uniform8BitQuantization
+from hivemind.compression.serialization import deserialize_torch_tensor
+from hivemind.proto import averaging_pb2, runtime_pb2
+
+from grpo_swarm.node.swarm.reduction import decode_values, encode_values
+from grpo_swarm.node.swarm.wire import WireAveragingData, WireTensor
+
+
+def _pb_message(values: torch.Tensor, **fields) -> averaging_pb2.AveragingData:
+    tensor = runtime_pb2.Tensor(buffer=values.numpy().tobytes(), size=list(values.shape), dtype="float32",
+                                compression=runtime_pb2.CompressionType.FLOAT16, requires_grad=False, chunks=3)
+    return averaging_pb2.AveragingData(tensor_part=tensor, **fields)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(code=averaging_pb2.PART_FOR_AVERAGING, group_id=b"g" * 32, weight=3.0),
+    dict(weight=7.25), dict(code=averaging_pb2.AVERAGED_PART), dict(peer_id=b"p" * 38, weight=-1.5), {}])
+def test_encoding_is_protobufs_and_decoding_reads_it(fields):
+    values = torch.randn(1000)
+    reference = _pb_message(values, **fields)
+    tensor = WireTensor(memoryview(values.numpy()).cast("B"), (1000,), "float32",
+                        runtime_pb2.CompressionType.FLOAT16, chunks=3)
+    ours = WireAveragingData(tensor_part=tensor, **fields)
+    assert ours.SerializeToString() == reference.SerializeToString()
+    assert tensor.byte_size() == reference.tensor_part.ByteSize()
+
+    got = WireAveragingData()
+    got.ParseFromString(reference.SerializeToString())
+    assert got.malformed is None
+    assert (got.code, got.group_id, got.peer_id, got.weight) == (reference.code, reference.group_id,
+                                                                 reference.peer_id, reference.weight)
+    part = got.tensor_part
+    assert (part.size, part.dtype, part.compression, part.chunks, part.requires_grad) == \
+        ((1000,), "float32", runtime_pb2.CompressionType.FLOAT16, 3, False)
+    assert isinstance(part.buffer, memoryview) and bytes(part.buffer) == reference.tensor_part.buffer
+
+
+def test_messages_without_a_tensor_and_protobufs_replies_round_trip():
+    for code in (averaging_pb2.CANCELLED, averaging_pb2.BAD_GROUP_ID, averaging_pb2.PROTOCOL_VIOLATION):
+        raw = averaging_pb2.AveragingData(code=code).SerializeToString()
+        got = WireAveragingData()
+        got.ParseFromString(raw)
+        assert got.malformed is None and got.code == code and got.tensor_part is None
+        assert WireAveragingData(code=code).SerializeToString() == raw
+
+
+@pytest.mark.parametrize("compression", [NoCompression(), Float16Compression(), Uniform8BitQuantization()])
+def test_encode_values_gives_hiveminds_bytes(compression):
+    values = torch.randn(4096) * 3
+    values[:4] = torch.tensor([1e6, -1e6, 65519.0, 65521.0])  # past fp16's range: clamped alike
+    ours = encode_values(values, compression)
+    theirs = compression.compress(values, CompressionInfo.from_tensor(values), False)
+    assert bytes(ours.buffer) == theirs.buffer
+    assert (ours.size, ours.dtype, ours.compression) == (tuple(theirs.size), theirs.dtype, theirs.compression)
+    wire = WireAveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=ours).SerializeToString()
+    assert wire == averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=theirs).SerializeToString()
+    back = WireAveragingData()
+    back.ParseFromString(wire)
+    decoded = decode_values(back.tensor_part, compression)
+    assert torch.equal(decoded, deserialize_torch_tensor(theirs).reshape(-1))
+
+
+def test_decoded_values_are_views_of_the_received_bytes():
+    values = torch.arange(256, dtype=torch.float32)
+    raw = WireAveragingData(tensor_part=encode_values(values, NoCompression())).SerializeToString()
+    got = WireAveragingData()
+    got.ParseFromString(raw)
+    decoded = decode_values(got.tensor_part, NoCompression())
+    assert torch.equal(decoded, values)
+    start = np.frombuffer(raw, dtype=np.uint8).ctypes.data
+    assert start <= decoded.data_ptr() < start + len(raw)  # no copy was made
+
+
+def _malformed(raw: bytes) -> str | None:
+    got = WireAveragingData()
+    got.ParseFromString(raw)
+    if got.malformed is not None:
+        assert got.tensor_part is None and got.code == 0  # nothing half-read is left behind
+    return got.malformed
+
+
+def test_made_up_bytes_are_refused_with_what_is_wrong():
+    good = _pb_message(torch.randn(8), code=averaging_pb2.PART_FOR_AVERAGING, weight=1.0).SerializeToString()
+    assert _malformed(good) is None
+    cases = {
+        good[:-3]: "past the end",  # cut inside the weight
+        good[:20]: "declares",  # cut inside the tensor
+        good + b"\x08\x05": "appears twice",  # a second code
+        good + b"\x30\x01": "unknown field 6",
+        b"\x0a\x00": "wire type 2, expected 0",  # code sent as bytes
+        b"\x22\x02\x38\x01": "tensor_part has unknown field 7",
+        b"\x22\x03\x12\x01\x80": "past the end",  # an unfinished varint inside the packed sizes
+        b"\x08" + b"\xff" * 11: "longer than ten bytes",
+        b"\x22\x02\x18\x02": "not a bool",
+        b"\x22\x04\x22\x02\xff\xfe": "not UTF-8",
+        b"\x22\x06\x12\x04" + b"\x80\x80\x80\x80": "past the end",
+        b"\x22\x07\x12\x05" + b"\xff\xff\xff\xff\x1f": "out of range for a uint32",
+        b"\x22\x0b\x12\x09" + b"\x01" * 9: "more than 8 dimensions",
+        b"\x08" + b"\xff" * 9 + b"\x01": None,  # a ten-byte varint: -1, a valid (negative) int32 enum
+    }
+    for raw, expected in cases.items():
+        problem = _malformed(raw)
+        if expected is None:
+            assert problem is None, raw
+        else:
+            assert problem is not None and expected in problem, (raw, problem)
+
+
+def test_double_and_negative_fields_match_protobuf():
+    raw = averaging_pb2.AveragingData(code=-1, weight=struct.unpack("<d", b"\x01" * 8)[0]).SerializeToString()
+    got = WireAveragingData()
+    got.ParseFromString(raw)
+    assert got.malformed is None and got.code == -1
+    assert WireAveragingData(code=-1, weight=got.weight).SerializeToString() == raw
