@@ -65,6 +65,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator  # typing's, not collections.abc's: hivemind's handler registry reads its _name
 
@@ -121,9 +122,10 @@ from .wire import WireAveragingData
 logger = logging.getLogger(__name__)
 
 WIRE_NAME = "VerifiedAverager"  # RPC handler names: "{prefix}::VerifiedAverager.rpc_*", whatever the Python class
-# bytes per part (hivemind's default: 512 KiB). Parts travel without protobuf copies (.wire), so what
-# remains is a per-message cost: 4 MiB parts average faster (bench/averaging.py --part-size)
-PART_SIZE_BYTES = 4 << 20
+# bytes per part (hivemind's default: 512 KiB). Parts travel without protobuf copies (.wire), so larger
+# parts cost less CPU (4 MiB: fastest on loopback), but over a capped home link smaller ones pipeline
+# better (1 MiB: 0.80 of the link's speed against 0.77 at 4 MiB; bench/RESULTS.md)
+PART_SIZE_BYTES = 1 << 20
 ALLREDUCE_GRACE_S = 5.0  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
 SELF_EXCLUDED = "this node was excluded"
 
@@ -306,7 +308,7 @@ class VerifiedAverager(DecentralizedAverager):
         allreduce_timeout: float = 60.0,
         round_timeout: float | None = None,
         max_attempts: int = 2,
-        part_size_bytes: int = PART_SIZE_BYTES,
+        part_size_bytes: int | None = None,
         audit_reducers: bool = True,
         audit_timeout: float | None = None,
         client_mode: bool | None = None,
@@ -368,7 +370,7 @@ class VerifiedAverager(DecentralizedAverager):
         super().__init__(
             buffers, dht, start=False, prefix=prefix, target_group_size=target_group_size,
             min_group_size=min_group_size, min_matchmaking_time=min_matchmaking_time,
-            request_timeout=request_timeout, part_size_bytes=part_size_bytes,
+            request_timeout=request_timeout, part_size_bytes=part_size_bytes or PART_SIZE_BYTES,
             allreduce_timeout=allreduce_timeout + ALLREDUCE_GRACE_S, next_chunk_timeout=sender_timeout,
             sender_timeout=sender_timeout, reducer_timeout=reducer_timeout, compression=compression,
             client_mode=client_mode, allow_state_sharing=False, **kwargs)
@@ -687,10 +689,14 @@ class VerifiedAverager(DecentralizedAverager):
         ins, outs = flat_views(inputs), flat_views(outputs)
         local = runner.ordered_peer_ids.index(runner.peer_id)
         lossy = runner.sent_parts is not None  # then sketch what each reducer decoded, not the raw values
-        mine = [None if p is None else
-                sketch_parts(layout, j, runner.sent_values(j), p) if lossy and j != local else
-                sketch_share(layout, j, ins, p) for j, p in enumerate(projections)]
-        my_outputs = [sketch_share(layout, j, outs, p) if p is not None else None for j, p in enumerate(projections)]
+        # the averages in a second thread while this one does the inputs (the products release the GIL)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(lambda: [sketch_share(layout, j, outs, p) if p is not None else None
+                                           for j, p in enumerate(projections)])
+            mine = [None if p is None else
+                    sketch_parts(layout, j, runner.sent_values(j), p) if lossy and j != local else
+                    sketch_share(layout, j, ins, p) for j, p in enumerate(projections)]
+            my_outputs = pending.result()
         norms = []
         for j in range(layout.num_shares):
             if j != local:

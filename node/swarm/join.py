@@ -36,6 +36,7 @@ from .participant import Participant, RoundWork
 
 log = logging.getLogger(__name__)
 COMPRESSIONS = ("none", "fp16", "8bit")
+PART_SIZE_LIMITS = (64 << 10, 16 << 20)  # --part-size: larger parts cost less CPU, smaller ones pipeline better
 
 
 def compression_named(name: str):
@@ -61,6 +62,7 @@ class JoinOptions:
     initial_peers: Sequence[str] = ()
     client_mode: bool = False
     compression: str = "none"  # none | fp16 | 8bit (see COMPRESSIONS)
+    part_size_bytes: int | None = None  # averaging part size (None: the averager's, 1 MiB); see PART_SIZE_LIMITS
     norm_bound: float = 1e4
     rounds: int | None = None  # stop after this many rounds (None: until interrupted)
     poll_s: float = 0.2
@@ -123,7 +125,7 @@ class SwarmPeer:
             p.trainer.trainable, dht=self.dht, prefix=f"{_safe(p.run_id)}-grads", identity=self.identity,
             coordinator_key=bytes(p.reply.coordinator_public_key), run_id=p.run_id,
             weight_mode=weight_mode_for_loss(p.train_cfg.grpo.loss_type), norm_bound=opts.norm_bound,
-            compression=compression_named(opts.compression),
+            compression=compression_named(opts.compression), part_size_bytes=opts.part_size_bytes,
             require_final_ticket=True, min_group_size=1, min_contributors=1,
             matchmaking_timeout=float(swarm.get("matchmaking_timeout_s", 30.0)),
             allreduce_timeout=float(swarm.get("averaging_timeout_s", 120.0)), client_mode=opts.client_mode)
