@@ -123,8 +123,7 @@ logger = logging.getLogger(__name__)
 
 WIRE_NAME = "VerifiedAverager"  # RPC handler names: "{prefix}::VerifiedAverager.rpc_*", whatever the Python class
 # bytes per part (hivemind's default: 512 KiB). Parts travel without protobuf copies (.wire), so larger
-# parts cost less CPU (4 MiB: fastest on loopback), but over a capped home link smaller ones pipeline
-# better (1 MiB: 0.80 of the link's speed against 0.77 at 4 MiB; bench/RESULTS.md)
+# parts cost less CPU, but over a capped home link smaller ones keep the uplink busier (bench/RESULTS.md)
 PART_SIZE_BYTES = 1 << 20
 ALLREDUCE_GRACE_S = 5.0  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
 SELF_EXCLUDED = "this node was excluded"
