@@ -254,6 +254,54 @@ def test_dht_from_node_key_file_and_bootstrap_errors(tmp_path, keys):
         dht.shutdown()
 
 
+def test_share_audit_handler_keeps_only_the_groups_contributors(tmp_path, keys):
+    """rpc_share_audit as a sybil calls it (any libp2p peer told the group id): its entries are never
+    stored, so it cannot crowd the answers a member reads (at most 2·K entries); unknown groups get
+    an empty answer and no store (no memory for made-up group ids); a member's first entry stays."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from hivemind.p2p import P2PContext, PeerID
+
+    from grpo_swarm.node.swarm.share_audit import MAX_AUDIT_ENTRY_BYTES, PHASE_REVEAL
+    from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+
+    coordinator, nodes = keys
+    ident = Identity.generate()
+    dht = start_dht(ident, identity_path=tmp_path / "k", host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    averager = VerifiedAverager([torch.zeros(4)], dht=dht, prefix="unit", identity=ident,
+                                coordinator_key=coordinator.public_key_bytes, run_id=RUN_ID,
+                                weight_mode="sequences", norm_bound=10.0, ticket_type=ticket_type(), start=False)
+    members = [PeerID(ident.peer_id), PeerID(nodes[0].peer_id)]
+    sybils = [PeerID(Identity.generate().peer_id) for _ in range(8)]
+    group = b"G" * 32
+
+    async def call(caller: PeerID, entry: bytes, group_id: bytes = group) -> list[bytes]:
+        request = pb.ShareAuditExchange(group_id=group_id, phase=PHASE_REVEAL, entries=[entry])
+        context = P2PContext(handle_name="rpc_share_audit", local_id=members[0], remote_id=caller)
+        return list((await averager.rpc_share_audit(request, context)).entries)
+
+    async def scenario():
+        assert await call(sybils[0], b"x", group_id=b"U" * 32) == []  # a group we are not in
+        assert not averager._audit_stores
+        runner = asyncio.get_running_loop().create_future()
+        runner.set_result(SimpleNamespace(sender_peer_ids=members))  # the group's reduction is running
+        averager._running_groups[group] = runner
+        for i, sybil in enumerate(sybils):
+            assert await call(sybil, b"sybil %d" % i) == []
+        assert await call(members[1], b"member") == [b"member"]
+        assert await call(members[1], b"member, again") == [b"member"]  # one entry per caller: the first
+        assert await call(sybils[0], b"sybil") == [b"member"]  # sybils still only read
+        too_big = b"m" * (MAX_AUDIT_ENTRY_BYTES + 1)
+        assert await call(members[0], too_big) == [b"member"]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        averager.shutdown()
+        dht.shutdown()
+
+
 # ---- the swarm ------------------------------------------------------------------------------------
 class Swarm:
     def __init__(self, work: Path, peer_ids: list[str]):
