@@ -49,10 +49,8 @@ SKIPS_CHECKS = {"forged_ticket", "other_round_ticket", "other_node_ticket", "ove
 class _Garbled:
     """A message whose bytes are given (hivemind's P2P sends what SerializeToString returns)."""
 
-    tensor_part = None
-
-    def __init__(self, raw: bytes):
-        self.raw = raw
+    def __init__(self, raw: bytes, tensor_part):
+        self.raw, self.tensor_part = raw, tensor_part
 
     def SerializeToString(self) -> bytes:  # noqa: N802 - the protobuf method hivemind calls
         return self.raw
@@ -96,7 +94,8 @@ class HostileRunner(VerifiedAllReduceRunner):
             if i == 0:
                 msg.code, msg.group_id = averaging_pb2.PART_FOR_AVERAGING, self.group_id
             if self.behaviour == "malformed" and i == len(parts) - 1:
-                msg = _Garbled(msg.SerializeToString()[:-5])  # its tensor's declared length overruns the message
+                # its tensor's declared length overruns the message
+                msg = _Garbled(msg.SerializeToString()[:-5], msg.tensor_part)
             yield msg
             if self.behaviour == "stall":
                 if self.stall_marker:

@@ -356,7 +356,6 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             self.sent_parts = [[] for _ in self.sent_parts]
         self._results.clear()
 
-
     # ---- outcome
     @property
     def aborted(self) -> bool:
@@ -550,10 +549,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         future = self._results.get(part_index)
         if future is None:
             def encode() -> WireAveragingData:
-                message = WireAveragingData(code=averaging_pb2.AVERAGED_PART,
-                                            tensor_part=encode_values(averaged, self.output_compression))
-                message.SerializeToString()
-                return message
+                return WireAveragingData(code=averaging_pb2.AVERAGED_PART,
+                                         tensor_part=encode_values(averaged, self.output_compression)).encoded()
 
             future = asyncio.get_event_loop().run_in_executor(None, encode)
             self._results[part_index] = future
@@ -607,11 +604,9 @@ class VerifiedAllReduceRunner(AllReduceRunner):
 
         def encode(item) -> WireAveragingData:
             index, part = item
-            message = WireAveragingData(code=averaging_pb2.PART_FOR_AVERAGING if index == 0 else 0,
-                                        group_id=self.group_id if index == 0 else b"",
-                                        tensor_part=encode_values(part, self.compression), weight=self.weight)
-            message.SerializeToString()
-            return message
+            return WireAveragingData(code=averaging_pb2.PART_FOR_AVERAGING if index == 0 else 0,
+                                     group_id=self.group_id if index == 0 else b"",
+                                     tensor_part=encode_values(part, self.compression), weight=self.weight).encoded()
 
         async for message in amap_in_executor(encode, as_aiter(*enumerate(parts)),
                                               max_prefetch=self.tensor_part_container.prefetch):
@@ -640,7 +635,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
 
         async def inputs():
             async for message in self._generate_input_for_peer(peer_index):
-                self.bytes_sent += 0 if message.tensor_part is None else len(message.tensor_part.buffer)
+                self.bytes_sent += len(message.tensor_part.buffer)
                 if self.sent_parts is not None:
                     self.sent_parts[peer_index].append(message.tensor_part)
                 yield message

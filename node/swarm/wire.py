@@ -220,6 +220,11 @@ class WireAveragingData:
             self._encoded = b"".join(parts)
         return self._encoded
 
+    def encoded(self) -> WireAveragingData:
+        """This message, its bytes built now (e.g. in a worker thread, ahead of the sending)."""
+        self.SerializeToString()
+        return self
+
     def ParseFromString(self, data: bytes) -> None:  # noqa: N802 - the protobuf method hivemind's P2P calls
         """Read ``data``, keeping views into it; never raises (see ``malformed``)."""
         self.__init__()
