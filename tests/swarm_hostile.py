@@ -18,7 +18,7 @@ whatever the behaviour says; the honest peers must cope:
 * ``sketch_lie``      — honest parts and average, but in the share audit it lies about its sketch
   of the parts it sent to another reducer (framing that reducer)
 * ``malformed``       — its last part's message is bytes that do not parse (a tensor field longer
-  than the message)
+  than the message); ``malformed_first``: its first (no readable group id)
 * ``stall``           — sends its first part, writes ``stall_marker`` and hangs (the test kills it)
 
 Ticket misbehaviours (forged, another round's, another node's) only change the ticket bytes the
@@ -93,7 +93,7 @@ class HostileRunner(VerifiedAllReduceRunner):
             msg = averaging_pb2.AveragingData(tensor_part=self._corrupt(part, info, i == 0), weight=weight)
             if i == 0:
                 msg.code, msg.group_id = averaging_pb2.PART_FOR_AVERAGING, self.group_id
-            if self.behaviour == "malformed" and i == len(parts) - 1:
+            if (self.behaviour, i) in (("malformed", len(parts) - 1), ("malformed_first", 0)):
                 # its tensor's declared length overruns the message
                 msg = _Garbled(msg.SerializeToString()[:-5], msg.tensor_part)
             yield msg

@@ -107,6 +107,7 @@ CAUGHT_ROUNDS = {
     "fp16_on_none": (_small("small_none", "fp16_on_none"), Reason.BAD_COMPRESSION),
     "norm_lie": (_small("small_none", "norm_lie"), Reason.NORM_EXCEEDED),
     "malformed": (_small("small_none", "malformed"), Reason.MALFORMED_PART),  # bytes that do not parse
+    "malformed_first": (_small("small_none", "malformed_first"), Reason.MALFORMED_PART),  # before any group id
     # a reducer returning a wrong average for its share, caught by the share audit after the reduction
     "wrong_average": (_small("small_none", "wrong_average"), Reason.WRONG_AVERAGE),
     "wrong_average_fp16": (_small("small_fp16", "wrong_average"), Reason.WRONG_AVERAGE),

@@ -789,6 +789,24 @@ class VerifiedAverager(DecentralizedAverager):
             return None
         return frozenset(p.to_bytes() for p in future.result().sender_peer_ids)
 
+    async def _group_expecting(self, peer: PeerID) -> bytes | None:
+        """The one running group whose reduction has ``peer`` as a sender (None: none, or several),
+        waiting, like a well-formed first part, for the group to register and its runner to exist."""
+        if not self._running_groups:
+            try:
+                await asyncio.wait_for(self._pending_groups_registered.wait(), self.request_timeout)
+            except asyncio.TimeoutError:
+                return None
+        groups = []
+        for group_id, future in list(self._running_groups.items()):
+            try:
+                runner = await asyncio.shield(future)
+            except Exception:  # noqa: BLE001 - a refused group expects nobody
+                continue
+            if peer in runner.sender_peer_ids:
+                groups.append(group_id)
+        return groups[0] if len(groups) == 1 else None
+
     def _audit_store(self, group_id: bytes, phase: int, create: bool) -> AuditStore | None:
         key = (bytes(group_id), int(phase))
         store = self._audit_stores.get(key)
@@ -827,17 +845,25 @@ class VerifiedAverager(DecentralizedAverager):
         the handler task, and with it the group's future — the round then fails for everyone (one
         cheap way for any member to sabotage a round; seen in the swarm tests as InvalidStateError)."""
         request = await anext(stream)
-        if request.group_id in self._finished_groups:
+        group_id = request.group_id
+        if request.malformed is not None:
+            # no group id to read: the group whose runner expects this (authenticated) sender gets it
+            # and accuses it, as it would a malformed later part
+            group_id = await self._group_expecting(context.remote_id)
+            if group_id is None:
+                yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+                return
+        if group_id in self._finished_groups:
             # a groupmate still sending to a group we already left (we aborted or finished): tell it
             # now, instead of hivemind's wait for our *next* group to register
             yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED)
             return
-        if request.group_id not in self._running_groups:
+        if group_id not in self._running_groups:
             try:  # the leader's BEGIN_ALLREDUCE may reach the sender before us: wait a little for it
                 await asyncio.wait_for(self._pending_groups_registered.wait(), self.request_timeout)
             except asyncio.TimeoutError:
                 pass
-        future = self._running_groups.get(request.group_id)
+        future = self._running_groups.get(group_id)
         if future is None:
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             return
