@@ -22,6 +22,8 @@ interleaved round by round (order reversed every other round):
   no finite/norm pass over the local gradient, no float64 norm check of incoming parts or returned
   averages — the runner and reducer classes are swapped in ``make_runner``. The gather/ticket
   verdicts, the trusted weights and the same-bytes-everywhere reduction stay;
+* ``ours_streamreads``: ``ours`` reading every stream message through hivemind's ``StreamReader``
+  (``direct_reads=False``, switched between rounds) instead of straight into the part's buffer;
 * ``stock``: hivemind's ``DecentralizedAverager`` at its default part size (``--stock-part-size``);
 * ``stock_tuned``: the same stock averager at ``--part-size`` (to tell part size from code).
 
@@ -36,7 +38,8 @@ peers; ``cpu_s_per_gb`` divides by the tensor payload all peers sent (parts to t
 plus averages back to the other senders: ``payload_bytes_per_peer``, 10^9 bytes a GB).
 ``speedup_vs_stock`` = stock ``round_s`` / ours ``round_s`` per compression (same compression);
 ``speedup_best_vs_stock_fp32`` = stock fp32 / ours' fastest compression; ``check_overhead`` =
-ours / ours_nocheck - 1, ``audit_overhead`` = ours / ours_noaudit - 1 (``*_allreduce``: the same
+ours / ours_nocheck - 1, ``audit_overhead`` = ours / ours_noaudit - 1, ``direct_reads_speedup`` =
+ours_streamreads / ours (``*_allreduce``: the same
 from ``allreduce_s``). Correctness: each peer keeps a strided sample (~1M values) of its last
 round's result; ``results_equal`` says every variant matches the exact weighted mean (relative
 max error ≤ 1e-5 fp32, 4e-3 fp16; relative L2 error ≤ 5e-2 uint8) and ours' results are the same
@@ -84,7 +87,7 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
                     attention_bias=False, mlp_bias=False)
 SMOLLM2_135M_VALUES = 134_515_008
-VARIANTS = ("ours", "ours_noaudit", "ours_nocheck", "stock", "stock_tuned")
+VARIANTS = ("ours", "ours_noaudit", "ours_nocheck", "ours_streamreads", "stock", "stock_tuned")
 COMPRESSIONS = ("none", "fp16", "uint8")
 DEFAULT_COMPRESSIONS = ("none", "fp16")
 TOLERANCE = {"none": 1e-5, "fp16": 4e-3,  # max |result - exact| / max |exact|
@@ -213,17 +216,20 @@ def averager_classes():
         checks = True
         check_s = 0.0
 
-        def set_mode(self, checks: bool, audit: bool) -> None:
-            self._bench_mode(bool(checks), bool(audit))
-            self._outer_pipe.send(("_bench_set_mode", [bool(checks), bool(audit)], {}))
+        def set_mode(self, checks: bool, audit: bool, direct: bool = True) -> None:
+            mode = [bool(checks), bool(audit), bool(direct)]
+            self._bench_mode(*mode)
+            self._outer_pipe.send(("_bench_set_mode", mode, {}))
 
-        def _bench_mode(self, checks: bool, audit: bool) -> None:
+        def _bench_mode(self, checks: bool, audit: bool, direct: bool) -> None:
             self.checks = checks
             if hasattr(self, "audit_reducers"):
                 self.audit_reducers = audit
+            if hasattr(self, "direct_reads"):
+                self.direct_reads = direct
 
-        async def _bench_set_mode(self, checks: bool, audit: bool) -> None:
-            self._bench_mode(checks, audit)  # in the averager process, before the step that follows
+        async def _bench_set_mode(self, checks: bool, audit: bool, direct: bool) -> None:
+            self._bench_mode(checks, audit, direct)  # in the averager process, before the step that follows
 
         def check_local_gradient(self, grads):
             t = time.perf_counter()
@@ -377,7 +383,8 @@ def peer_main(config_path: str) -> int:
             order = variants if r % 2 == 0 else list(reversed(variants))
             for v in order:
                 if v.startswith("ours"):
-                    ours.set_mode(checks=v != "ours_nocheck", audit=v == "ours")
+                    ours.set_mode(checks=v != "ours_nocheck", audit=v in ("ours", "ours_streamreads"),
+                                  direct=v != "ours_streamreads")
                 elif stock is not None:
                     stock.set_part_size(cfg["part_size"] if v == "stock_tuned" else cfg["stock_part_size"])
                 barrier(f"{comp}-{r}-{v}-start")
@@ -637,6 +644,7 @@ def summarize(args, peers: list[dict], samples: list[dict], shapes, uplink_bits:
     res["check_overhead"] = {c: rnd(v - 1) for c, v in ratio("ours", "ours_nocheck").items()}
     res["check_overhead_allreduce"] = {c: rnd(v - 1) for c, v in ratio("ours", "ours_nocheck", "allreduce_s").items()}
     res["audit_overhead"] = {c: rnd(v - 1) for c, v in ratio("ours", "ours_noaudit").items()}
+    res["direct_reads_speedup"] = ratio("ours_streamreads", "ours")
     res["results_equal"] = bool(equal)
     return res
 

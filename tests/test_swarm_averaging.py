@@ -439,7 +439,8 @@ def test_swarm_gradient_equals_the_union_gradient(swarm, union_gradients, k, los
 @pytest.mark.parametrize("compression", ["none", "fp16", "8bit"])
 def test_honest_round_gives_every_peer_the_same_bytes(swarm, compression):
     r = HONEST_ROUNDS[compression]
-    assert all(swarm.report(r, p)["ok"] for p in (A, B, H))
+    reports = [swarm.report(r, p) for p in (A, B, H)]
+    assert all(rep["ok"] for rep in reports), json.dumps(reports, indent=1)[:6000]
     _same_bytes(swarm, r, (A, B, H))
     # each member sends (K-1)/K of its gradient as parts and as many averages back, in fp32 or fp16
     values = sum(math.prod(s) for s in SMALL_SHAPES)

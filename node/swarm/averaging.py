@@ -83,6 +83,7 @@ from hivemind.utils.asyncio import achain, anext, as_aiter, enter_asynchronously
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.identity import Identity, base58_decode, base58_encode
 
+from .direct_reads import install_direct_reads
 from .matchmaking import PatientMatchmaking
 from .reduction import NORM_TOLERANCE, GroupPlan, VerifiedAllReduceRunner, check_compression
 from .share_audit import (
@@ -275,6 +276,7 @@ class VerifiedAverager(DecentralizedAverager):
     :param max_attempts: attempts per round (a retry excludes peers accused in earlier attempts)
     :param audit_reducers: run the share audit after each reduction (:mod:`.share_audit`)
     :param audit_timeout: seconds for the audit's two exchanges together
+    :param direct_reads: read large stream messages straight into their buffers (:mod:`.direct_reads`)
     """
 
     # each class collects its own RPC handlers (ServicerBase caches them per class, by name)
@@ -310,6 +312,7 @@ class VerifiedAverager(DecentralizedAverager):
         part_size_bytes: int | None = None,
         audit_reducers: bool = True,
         audit_timeout: float | None = None,
+        direct_reads: bool = True,
         client_mode: bool | None = None,
         start: bool = True,
         **kwargs,
@@ -358,6 +361,7 @@ class VerifiedAverager(DecentralizedAverager):
                               else max_attempts * (matchmaking_timeout + allreduce_timeout))
         self.tolerance = NORM_TOLERANCE[type(compression)]
         self.audit_reducers = audit_reducers
+        self.direct_reads = direct_reads
         self.audit_timeout = 2 * reducer_timeout if audit_timeout is None else audit_timeout
         self._audit_secret = os.urandom(32)  # nonces derive from it in both processes (forked after this)
         self._audit_stores: dict[tuple[bytes, int], AuditStore] = {}  # (group, phase) -> entries held
@@ -384,6 +388,21 @@ class VerifiedAverager(DecentralizedAverager):
     def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
         handle_name = f"{WIRE_NAME}.{method_name}"
         return f"{namespace}::{handle_name}" if namespace is not None else handle_name
+
+    async def add_p2p_handlers(self, p2p, wrapper=None, *, namespace: str | None = None, **kwargs) -> None:
+        before = set(p2p._client.control.handlers)
+        await super().add_p2p_handlers(p2p, wrapper, namespace=namespace, **kwargs)
+        if p2p is self._p2p:  # the averager's own replica, not one lent by a caller
+            self._install_direct_reads(sorted(set(p2p._client.control.handlers) - before))
+
+    def _install_direct_reads(self, handler_names: list[str] = ()) -> None:
+        """Once per replica: our streams (and in client mode, with no handlers, our calls) read
+        large parts directly while `direct_reads` is on."""
+        if not getattr(self._p2p, "_direct_reads", False):
+            # the largest honest message: an average of an 8-bit part, sent back in fp16 (2x the part)
+            max_message = 4 * self.allreduce_kwargs["part_size_bytes"] + (1 << 20)
+            install_direct_reads(self._p2p, list(handler_names), max_message, enabled=lambda: self.direct_reads)
+            self._p2p._direct_reads = True
 
     # ------------------------------------------------------------------ the caller's side
     def round_rules(self, round_index: int, expected_peers: Iterable[bytes] | None = None) -> RoundRules:
@@ -528,6 +547,7 @@ class VerifiedAverager(DecentralizedAverager):
         # would not learn what happened; every outcome is a report
         report = AttemptReport(group_id=group_info.group_id.hex(), members=[_b58(p) for p in group_info.peer_ids])
         started = time.monotonic()
+        self._install_direct_reads()  # client mode registers no handlers
         try:
             await self._verified_round(group_info, report, **kwargs)
         except asyncio.CancelledError:
