@@ -572,3 +572,23 @@ def test_every_round_is_accounted_for(swarm):
             assert "traceback" not in rep, rep
             assert rep["seconds"] < limit
     assert math.isfinite(limit)
+
+
+def test_a_retry_after_timeouts_waits_for_the_members_still_timing_out():
+    """After an attempt that failed on timeouts / cancels with nobody accused, a partial group waits
+    a reducer timeout longer (its other members learn of the failure up to that much later than we
+    did: seen as an honest member left out of the round on a slow machine); after an accusation, or
+    with no group at all, the usual wait; never past the attempt's timeout."""
+    from types import SimpleNamespace
+
+    from grpo_swarm.node.swarm.averaging import AttemptReport
+
+    me = SimpleNamespace(matchmaking_kwargs={"min_matchmaking_time": 2.0}, allreduce_kwargs={"reducer_timeout": 6.0})
+    wait = lambda attempts, timeout=15.0: VerifiedAverager._matchmaking_wait(me, attempts, timeout)  # noqa: E731
+    timed_out = AttemptReport(members=["a", "b", "c"], failed={"c": "REDUCER_FAILED: timed out"})
+    accused = AttemptReport(members=["a", "b", "c"], failed={"b": "x"}, accused={"c": "NAN_OR_INF: part 0"})
+    assert wait([]) == 2.0
+    assert wait([timed_out]) == 8.0
+    assert wait([accused]) == 2.0
+    assert wait([AttemptReport(error="could not find a group")]) == 2.0
+    assert wait([timed_out], timeout=5.0) == 4.0

@@ -78,6 +78,7 @@ from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
+from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import achain, anext, as_aiter, enter_asynchronously
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
@@ -479,7 +480,8 @@ class VerifiedAverager(DecentralizedAverager):
                 nonce = nonce_for(self._audit_secret, round_index, attempt)
                 claim = GatherClaim(bytes(ticket_bytes), int(round_index), attempt, norm, accusations, commitment(nonce))
                 entry = self.gather_entry(claim)
-                report = self._attempt(entry, weight, min(self.matchmaking_timeout, remaining))
+                timeout = min(self.matchmaking_timeout, remaining)
+                report = self._attempt(entry, weight, timeout, self._matchmaking_wait(attempts, timeout))
                 report.attempt = attempt
                 attempts.append(report)
                 if report.ok:
@@ -501,9 +503,21 @@ class VerifiedAverager(DecentralizedAverager):
     def check_own_ticket(self, ticket_bytes: bytes, rules: RoundRules):
         return check_own_ticket(ticket_bytes, self.identity, rules)
 
-    def _attempt(self, entry: bytes, weight: float, timeout: float) -> AttemptReport:
+    def _matchmaking_wait(self, attempts: Sequence[AttemptReport], timeout: float) -> float:
+        """Seconds a partial group waits for the rest (a full group starts at once). After an attempt
+        that failed on timeouts or cancels, with nobody accused, its other members come back only
+        once their own timeouts expire (up to a reducer timeout after us): a retry that started
+        without them would leave honest peers out of the round."""
+        wait = self.matchmaking_kwargs["min_matchmaking_time"]
+        last = attempts[-1] if attempts else None
+        if last is not None and last.members and last.failed and not last.accused:
+            wait += self.allreduce_kwargs["reducer_timeout"]
+        return min(wait, 0.8 * timeout)
+
+    def _attempt(self, entry: bytes, weight: float, timeout: float, wait: float) -> AttemptReport:
         try:
-            report = self.step(gather=entry, weight=weight, timeout=timeout, allow_retries=True)
+            report = self.step(gather=entry, weight=weight, timeout=timeout, allow_retries=True,
+                               scheduled_time=get_dht_time() + wait)
         except Exception as e:  # noqa: BLE001 - no group, timeouts: a failed attempt, reported
             return AttemptReport(error=f"{type(e).__name__}: {e}"[:500])
         if not isinstance(report, AttemptReport):
