@@ -205,3 +205,10 @@ def test_bench_averaging_tiny_ours_and_stock_agree():
         assert block["ours"]["same_bytes_on_every_peer"] is True
         assert block["ours_vs_stock_max_rel_diff"] <= (1e-5 if comp == "none" else 4e-3)
         assert res["speedup_vs_stock"][comp] > 0
+
+
+def test_bench_p2p_transport_both_variants_receive_everything():
+    res = run_bench("p2p_transport.py", "--total-mib", "8", "--message-kib", "1024", "--repeats", "1",
+                    keys=("streamreader", "direct", "recv_cpu_ratio", "wall_ratio", "config"), timeout=180)
+    for variant in ("streamreader", "direct"):  # the bench asserts every byte arrived
+        assert res[variant]["wall_s"] > 0 and res[variant]["recv_cpu_s_per_gb"] > 0
