@@ -34,6 +34,15 @@ def framed(payload: bytes) -> bytes:
     return b"\x00" + len(payload).to_bytes(8, "big") + payload
 
 
+async def part_of_a_message(size: int, sent: int):
+    """A direct-reading stream whose peer has sent the first ``sent`` bytes of a ``size``-byte message."""
+    (reader, keep), (_, writer) = await stream_pair()
+    read_directly(reader, MAX)
+    writer.write(framed(os.urandom(size))[:sent])
+    await writer.drain()
+    return reader, writer, keep
+
+
 async def read_framed(reader):
     marker = await reader.readexactly(1)
     size = int.from_bytes(await reader.readexactly(8), "big")
@@ -69,7 +78,7 @@ def test_messages_of_every_size_arrive_intact_between_small_reads(loop_name):
     assert [m for m, _ in got] == [b"\x00"] * len(payloads)
     assert [bytes(p) for _, p in got] == payloads
     # large reads come back in their own buffer, small ones from the StreamReader
-    assert [isinstance(p, bytearray) for _, p in got] == [n >= 65536 for n in sizes]
+    assert [isinstance(p, memoryview) for _, p in got] == [n >= 65536 for n in sizes]
 
 
 @pytest.mark.parametrize("loop_name", sorted(LOOPS))
@@ -89,12 +98,31 @@ def test_a_message_already_held_by_the_reader_is_not_lost(loop_name):
 
 
 @pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_announced_but_unsent_bytes_commit_no_memory(loop_name):
+    """Streams that announce the largest allowed message and send almost nothing cost what they send
+    (a zero-filled buffer would commit every announced byte at once)."""
+    import psutil
+
+    async def main():
+        rss = psutil.Process().memory_info().rss
+        streams = [await part_of_a_message(MAX, 1000) for _ in range(8)]  # 64 MiB announced
+        reads = [asyncio.create_task(read_framed(reader)) for reader, _, _ in streams]
+        await asyncio.sleep(0.2)
+        grown = psutil.Process().memory_info().rss - rss
+        for task in reads:
+            task.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
+        return grown, [t.cancelled() for t in reads]
+
+    grown, cancelled = run(loop_name, main)
+    assert cancelled == [True] * 8  # all eight were still waiting for their message
+    assert grown < 16 << 20, grown
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
 def test_a_stream_closed_mid_message_raises_incomplete_read(loop_name):
     async def main():
-        (reader, keep), (_, writer) = await stream_pair()
-        read_directly(reader, MAX)
-        writer.write(framed(os.urandom(500_000))[:200_000])
-        await writer.drain()
+        reader, writer, keep = await part_of_a_message(500_000, 200_000)
         writer.close()
         with pytest.raises(asyncio.IncompleteReadError) as e:
             await read_framed(reader)
@@ -107,10 +135,7 @@ def test_a_stream_closed_mid_message_raises_incomplete_read(loop_name):
 @pytest.mark.parametrize("loop_name", sorted(LOOPS))
 def test_a_read_cancelled_mid_message_leaves_the_stream_unreadable(loop_name):
     async def main():
-        (reader, keep), (_, writer) = await stream_pair()
-        read_directly(reader, MAX)
-        writer.write(framed(os.urandom(500_000))[:300_000])
-        await writer.drain()
+        reader, writer, keep = await part_of_a_message(500_000, 300_000)
         task = asyncio.create_task(read_framed(reader))
         await asyncio.sleep(0.1)
         task.cancel()

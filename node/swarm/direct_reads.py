@@ -5,17 +5,21 @@ socket into a fresh chunk, are appended to the reader's growing buffer, and are 
 with the transport paused and resumed every 128 KiB. For the averager's parts (megabytes each)
 that is most of the Python side of receiving. Here a read of at least `min_size` bytes takes what
 the reader already holds and then lets the transport `recv_into` the message's own buffer (an
-`asyncio.BufferedProtocol` for the length of one message), returning that `bytearray`; smaller
-reads are left to the reader. A read longer than `max_size` is refused before anything is
-allocated (`MessageTooLarge`): a peer's 9-byte header cannot make us reserve gigabytes, and nobody
-can make us buffer more than one legitimate message. Only the P2P instance it is installed on is
-affected.
+`asyncio.BufferedProtocol` for the length of one message), returning a writable `memoryview` of
+it; smaller reads are left to the reader. A read longer than `max_size` is refused before anything
+is allocated (`MessageTooLarge`): a peer's 9-byte header cannot make us reserve gigabytes, and
+nobody can make us buffer more than one legitimate message. The buffer is left uninitialised
+(`numpy.empty`, not a zero-filled `bytearray`), so memory is committed only as bytes arrive: many
+streams announcing large messages and sending nothing cost us what they send, as with hivemind's
+own reader. Only the P2P instance it is installed on is affected.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any, Callable
+
+import numpy as np
 
 MIN_DIRECT_READ = 64 << 10
 
@@ -32,7 +36,7 @@ class _MessageFiller(asyncio.BufferedProtocol):
     """
 
     def __init__(self, transport: asyncio.BaseTransport, stream_protocol: asyncio.BaseProtocol,
-                 buffer: bytearray, filled: int):
+                 buffer: memoryview, filled: int):
         self.transport, self.stream_protocol = transport, stream_protocol
         self.view, self.filled = memoryview(buffer), filled
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -76,7 +80,7 @@ class _MessageFiller(asyncio.BufferedProtocol):
 def _direct_readexactly(reader: asyncio.StreamReader, min_size: int, max_size: int):
     small_read = reader.readexactly
 
-    async def readexactly(n: int) -> bytes | bytearray:
+    async def readexactly(n: int) -> bytes | memoryview:
         transport = reader._transport
         if n < min_size or transport is None or reader._exception is not None:
             return await small_read(n)
@@ -84,7 +88,7 @@ def _direct_readexactly(reader: asyncio.StreamReader, min_size: int, max_size: i
             error = MessageTooLarge(f"the peer announced a message of {n} bytes; at most {max_size} are read")
             reader.set_exception(error)
             raise error
-        message = bytearray(n)
+        message = memoryview(np.empty(n, dtype=np.uint8))  # pages are committed as bytes arrive
         held = min(len(reader._buffer), n)
         message[:held] = memoryview(reader._buffer)[:held]
         del reader._buffer[:held]
@@ -110,8 +114,8 @@ def _direct_readexactly(reader: asyncio.StreamReader, min_size: int, max_size: i
 
 
 def read_directly(reader: asyncio.StreamReader, max_size: int, min_size: int = MIN_DIRECT_READ) -> None:
-    """Makes `reader.readexactly(n)` for n ≥ min_size read straight into the returned bytearray,
-    and refuse n > max_size."""
+    """Makes `reader.readexactly(n)` for n ≥ min_size read straight into the returned buffer, and
+    refuse n > max_size."""
     reader.readexactly = _direct_readexactly(reader, min_size, max_size)
 
 
