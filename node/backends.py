@@ -4,7 +4,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .rollout import RolloutBackend, TransformersBackend, eos_and_pad_ids
+
+BACKENDS = ("transformers", "vllm", "auto")
+
+
+def resolve_backend(requested: str, device: str = "auto") -> str:
+    """``transformers`` or ``vllm`` for ``grpo-node join --backend requested --device device``; ``auto``
+    is vllm on CUDA when vLLM imports, else transformers. Raises ValueError saying what is missing."""
+    from .rollout_vllm import _import_vllm, vllm_importable
+
+    if requested not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+    if requested == "transformers":
+        return requested
+    gpu = device != "cpu" and torch.cuda.is_available()
+    if requested == "auto":
+        return "vllm" if gpu and vllm_importable() else "transformers"
+    if device == "cpu":
+        raise ValueError("--backend vllm needs a GPU: use --device cuda or auto")
+    try:
+        _import_vllm()
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+    return "vllm"
 
 
 def make_backend(cfg, model, tokenizer) -> RolloutBackend:

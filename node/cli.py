@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .config import ConfigError, load_config
@@ -74,7 +75,8 @@ def join(
     identity: Optional[Path] = typer.Option(None, help="node key file (default ~/.grpo-swarm/node.key; created if absent)"),
     workdir: Path = typer.Option(Path("swarm-node"), help="snapshots and swarm.jsonl go here"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    backend: str = typer.Option("transformers", help="transformers (vllm cannot sample the run's keyed noise yet)"),
+    backend: str = typer.Option("transformers", help="transformers | vllm (GPU, the vllm extra) | auto (vllm on CUDA "
+                                                      "when it imports)"),
     host_maddr: list[str] = typer.Option(["/ip4/0.0.0.0/tcp/0"], "--host-maddr", help="libp2p listen address (repeatable)"),
     announce_maddr: list[str] = typer.Option([], "--announce-maddr", help="public address peers should dial (repeatable)"),
     initial_peer: list[str] = typer.Option([], "--initial-peer", help="extra DHT peer multiaddr (repeatable)"),
@@ -92,9 +94,12 @@ def join(
     from .swarm.join import COMPRESSIONS, PART_SIZE_LIMITS, JoinOptions, SwarmPeer
     from .swarm.view import RoundView
 
-    if backend not in ("transformers", "auto"):
-        console.print("[red]error:[/red] only --backend transformers samples with the run's keyed noise (proof of "
-                      "sampling); vLLM support is not built yet")
+    from .backends import resolve_backend
+
+    try:  # both backends sample with the run's keyed noise; vllm needs its install and a GPU
+        backend = resolve_backend(backend, device)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")  # escape: the hint's [vllm] is not markup
         raise typer.Exit(2)
     if compression not in COMPRESSIONS:
         console.print(f"[red]error:[/red] --compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
@@ -103,7 +108,8 @@ def join(
         console.print(f"[red]error:[/red] --part-size must be between {PART_SIZE_LIMITS[0]} and {PART_SIZE_LIMITS[1]} "
                       f"bytes, got {part_size}")
         raise typer.Exit(2)
-    overrides = list(set_) + ([f"model.device={_toml_value(device)}"] if device != "auto" else [])
+    overrides = ([f"model.backend={_toml_value(backend)}"] + list(set_)  # an explicit --set model.backend wins
+                 + ([f"model.device={_toml_value(device)}"] if device != "auto" else []))
     opts = JoinOptions(coordinator=coordinator, identity_path=identity or default_key_path(), workdir=workdir,
                        overrides=overrides, host_maddrs=host_maddr, announce_maddrs=announce_maddr or None,
                        initial_peers=initial_peer, client_mode=client_mode, compression=compression,

@@ -68,6 +68,16 @@ def position_seeds(keys: torch.Tensor, first: int, count: int) -> torch.Tensor:
     return fmix_(x)
 
 
+def row_seeds(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """s(t) for each row at its own position ``positions[r]`` (rows of a batch at different steps,
+    e.g. in a vLLM batch): int32 [rows]; the same bits as :func:`position_seeds`."""
+    t = positions.to(device=keys.device, dtype=torch.int64) & MASK32
+    t = torch.where(t >= 1 << 31, t - (1 << 32), t).to(torch.int32)
+    x = fmix_(keys[:, 0] ^ t)
+    x ^= keys[:, 1]
+    return fmix_(x)
+
+
 def gumbel_from_seeds(seeds: torch.Tensor, vocab: int) -> torch.Tensor:
     """g for every token under each position seed: float32 [*seeds.shape, V]."""
     x = seeds[..., None] ^ token_table(vocab, seeds.device)

@@ -1,34 +1,39 @@
 """vLLM generation backend (GPU only), behind the same interface as :class:`~.rollout.TransformersBackend`.
 
-``VLLMBackend.generate(prompt_ids, group_size, params, seed)`` returns a :class:`~.rollout.RolloutBatch`
-and ``load_weights(state_dict)`` pushes the current policy into the running engine.
+``VLLMBackend.generate(prompt_ids, group_size, params, seed, noise_keys=None)`` returns a
+:class:`~.rollout.RolloutBatch`; ``load_weights(state_dict)`` pushes a policy into the running engine
+and ``sync_weights(model)`` does so only when the model's parameters changed since the last push.
 
 vLLM is an optional extra (``pip install 'grpo-swarm[vllm]'``): it needs a GPU and pins its own CUDA
 build of torch, so it is imported lazily, only when :class:`VLLMBackend` builds an engine.
 
-Behaviour log-probabilities
-    GRPO's behaviour correction needs the log-probability of each sampled token under the
-    distribution it was actually drawn from (after temperature, top-k and top-p). vLLM reports that
-    only when the engine is built with ``logprobs_mode="processed_logprobs"`` (vLLM >= 0.10.2; the
-    default ``raw_logprobs`` ignores temperature and truncation). :class:`VLLMBackend` sets it when it
-    builds the ``LLM`` itself; an ``LLM`` passed in must have been built with it (a warning is issued
-    when the engine says otherwise). Each token's log-prob is requested with ``logprobs=0``: vLLM
-    then returns exactly the sampled token's entry.
+Sampling: the run's keyed noise (proof of sampling)
+    Every completion is sampled as the transformers backend samples it: at position ``t`` the token
+    is ``argmax(processed log-probs + keyed Gumbel noise)`` with the completion's row key
+    (``noise_keys``, group-major; default :func:`~.rollout.seed_noise_keys` of ``seed``, as the
+    transformers backend). vLLM's own RNG is not used: the engine is built with
+    :class:`~.vllm_keyed_sampling.KeyedNoiseLogitsProcessor`, each completion is its own request
+    (``n=1``: every completion has its own key; prefix caching shares the prompt's KV blocks) whose
+    ``SamplingParams.extra_args`` carry the key and our temperature / top-k / top-p, and the engine
+    itself samples greedily (temperature 0) from the processor's forced logits.
 
-Seeds
-    Prompt ``i`` gets its own ``SamplingParams`` with ``seed + i * G``; vLLM gives the ``k``-th of its
-    ``n = G`` completions ``seed + i * G + k``, so every completion of a step has a distinct seed.
+Behaviour log-probabilities
+    The processed log-prob of each chosen token, recorded by the processor in this process
+    (:func:`~.vllm_keyed_sampling.take_behaviour_logprobs`). The engine's reported logprobs would be
+    those of the forced one-hot row (0) and are not requested. The engine must therefore run in this
+    process: the backend sets ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (unless already set) when it builds
+    the engine; an ``LLM`` passed in must have been built in-process with the processor, else
+    ``generate`` raises (missing records).
 
 Weight updates
     ``load_weights`` calls ``LLM.apply_model(fn)`` (vLLM >= 0.10; it runs ``fn`` on the model in every
     worker), with ``fn`` calling vLLM's own ``model.load_weights`` (which takes Hugging Face parameter
     names), then resets the prefix cache (its KV entries were computed with the old weights). Older
     engines without ``apply_model`` fall back to
-    ``llm.llm_engine.model_executor.driver_worker.model_runner.model``. When it builds the engine,
-    the backend sets ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (unless already set) so the engine runs in
-    this process and ``apply_model`` hands the tensors over by reference; with multiprocessing on,
-    vLLM pickles the function and the weights to the engine process, which needs
-    ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` and copies every tensor.
+    ``llm.llm_engine.model_executor.driver_worker.model_runner.model``. In-process, ``apply_model``
+    hands the tensors over by reference. The trainer calls ``sync_weights(model)`` before each
+    rollout: the engine holds its own copy of the policy, which an optimizer step or a snapshot load
+    does not touch.
 
 SamplingParams without vLLM
     The backend builds its sampling parameters through :meth:`VLLMBackend.sampling_params`. When vLLM
@@ -37,27 +42,31 @@ SamplingParams without vLLM
     record what a real engine would have received.
 
 What is tested, what is not
-    ``tests/test_rollout_vllm.py`` tests :func:`outputs_to_rollout_batch` (the conversion of vLLM's
-    output objects into a batch) and ``generate``/``load_weights`` against a FAKE engine that only
-    mimics vLLM's output objects. Nothing here has been run against a real vLLM engine: building the
-    ``LLM``, the ``processed_logprobs`` mode, seeding, stop tokens, ``apply_model`` weight loading and
-    the prefix-cache reset are UNTESTED in this repository (no GPU in CI).
+    ``tests/test_rollout_vllm.py`` tests the conversion of vLLM's output objects into a batch and
+    ``generate``/``load_weights``/``sync_weights`` against a FAKE engine that only mimics vLLM's
+    output objects; ``tests/test_vllm_keyed_sampling.py`` runs ``generate`` on a FAKE engine that
+    drives the logits processor through vLLM's batch protocol on a tiny transformers model and checks
+    that the completions and behaviour log-probs equal ``TransformersBackend``'s for the same keys and
+    pass the verifier's spot-check. Nothing here has been run against a real vLLM engine: building
+    the ``LLM`` with the processor, the processor inside the engine, stop tokens, ``apply_model``
+    weight loading, the prefix-cache reset, and whether bf16 engine logits stay within the verifier's
+    tolerances are UNTESTED in this repository (no GPU, no vLLM on the machines it was built on).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import warnings
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
 
-from .rollout import RolloutBatch, SamplingParams
+from . import vllm_keyed_sampling as keyed
+from .rollout import RolloutBatch, SamplingParams, seed_noise_keys
 
 VLLM_INSTALL_HINT = "the vllm backend needs a GPU and `pip install 'grpo-swarm[vllm]'`"
-PROCESSED_LOGPROBS = "processed_logprobs"
 
 
 @dataclass
@@ -73,6 +82,7 @@ class SamplingParamsStandIn:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     detokenize: bool = True
+    extra_args: dict[str, Any] | None = None
 
 
 def _import_vllm():
@@ -83,13 +93,27 @@ def _import_vllm():
     return vllm
 
 
+def vllm_importable() -> bool:
+    try:
+        _import_vllm()
+    except ImportError:
+        return False
+    return True
+
+
 def _load_weights_into(weights: list[tuple[str, torch.Tensor]], model) -> None:
     """Runs inside a vLLM worker (module level, so it pickles when the engine is in another process)."""
     model.load_weights(weights)
 
 
+def weights_fingerprint(model: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer of ``model`` is written in place (optimizer step,
+    ``load_state_dict``) or replaced: torch's per-tensor version counters, with the tensors' ids."""
+    return tuple((name, id(t), t._version) for name, t in model.state_dict(keep_vars=True).items())
+
+
 class VLLMBackend:
-    """Grouped sampling with a vLLM engine: one request per prompt with ``n = group_size``."""
+    """Grouped sampling with a vLLM engine under the run's keyed noise: one request per completion."""
 
     def __init__(
         self,
@@ -105,16 +129,18 @@ class VLLMBackend:
             raise ValueError("at least one EOS token id is needed to end completions")
         self.eos = [int(t) for t in eos_token_ids]
         self.pad_id = int(pad_token_id)
+        self._pushed: tuple | None = None  # weights_fingerprint of the policy last pushed
         if isinstance(model_path_or_llm, (str, os.PathLike)):
             vllm = _import_vllm()
-            # In-process engine: apply_model then passes the weights by reference (see module docstring).
+            # In-process engine: the processor's records and apply_model's tensors stay in this process.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            llm_kwargs.setdefault("logprobs_mode", PROCESSED_LOGPROBS)
+            processors = list(llm_kwargs.pop("logits_processors", None) or [])
             # We send token ids and read token ids: no tokenizer needed in the engine.
             llm_kwargs.setdefault("skip_tokenizer_init", True)
             self.llm = vllm.LLM(
                 model=str(model_path_or_llm), gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
-                enable_prefix_caching=enable_prefix_caching, **llm_kwargs,
+                enable_prefix_caching=enable_prefix_caching,
+                logits_processors=processors + [keyed.KeyedNoiseLogitsProcessor], **llm_kwargs,
             )
             self._params_cls = vllm.SamplingParams
         else:
@@ -125,45 +151,44 @@ class VLLMBackend:
                 self._params_cls = _import_vllm().SamplingParams
             except ImportError:
                 self._params_cls = SamplingParamsStandIn  # an injected stand-in engine (tests)
-            self._warn_if_raw_logprobs()
 
-    def _warn_if_raw_logprobs(self) -> None:
-        mode = getattr(getattr(getattr(self.llm, "llm_engine", None), "model_config", None), "logprobs_mode", None)
-        if mode is not None and str(getattr(mode, "value", mode)) != PROCESSED_LOGPROBS:
-            warnings.warn(
-                f"the vLLM engine reports logprobs_mode={mode!r}: behaviour log-probs will ignore temperature, "
-                f"top-k and top-p; build the LLM with logprobs_mode={PROCESSED_LOGPROBS!r}", stacklevel=3,
-            )
-
-    def sampling_params(self, params: SamplingParams, group_size: int, seed: int, prompt_index: int = 0):
-        """The per-prompt vLLM ``SamplingParams`` (``SamplingParamsStandIn`` when vLLM is absent)."""
+    def sampling_params(self, params: SamplingParams, key: tuple[int, int], record_id: str):
+        """One completion's vLLM ``SamplingParams`` (``SamplingParamsStandIn`` when vLLM is absent):
+        greedy for the engine, our sampling and the noise key in ``extra_args`` for the processor."""
         return self._params_cls(
-            n=group_size,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k if params.top_k > 0 else -1,
+            n=1,
+            temperature=0.0,  # the processor leaves one finite logit: greedy picks exactly that token
             max_tokens=params.max_new_tokens,
-            logprobs=0,  # the sampled token's own log-prob only
-            seed=seed + prompt_index * group_size,
             stop_token_ids=list(self.eos),
             detokenize=False,
+            extra_args=keyed.keyed_request_args(key, params, record_id),
         )
 
     def generate(
         self, prompt_ids: Sequence[Sequence[int]], group_size: int, params: SamplingParams, seed: int,
         noise_keys: Sequence[tuple[int, int]] | None = None,
     ) -> RolloutBatch:
-        if noise_keys is not None:
-            # vLLM's sampler draws its own noise; swarm proofs need the run's keyed noise
-            raise NotImplementedError("the vLLM backend cannot sample with the run's keyed noise (proof of sampling) "
-                                      "yet: swarm nodes sample with --backend transformers")
+        """Sample ``group_size`` completions per prompt. ``noise_keys``: each row's key (group-major,
+        :func:`.noise.group_keys`), which fixes its completion; default: keys derived from ``seed``."""
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("every prompt needs at least one token")
+        if noise_keys is None:
+            noise_keys = seed_noise_keys(seed, len(prompt_ids), group_size)
+        if len(noise_keys) != len(prompt_ids) * group_size:
+            raise ValueError(f"{len(noise_keys)} noise keys for {len(prompt_ids)} prompts x G={group_size}")
         # TokensPrompt is a TypedDict: a plain dict with the same key is the same thing.
-        prompts = [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_ids]
-        per_prompt = [self.sampling_params(params, group_size, seed, i) for i in range(len(prompts))]
-        outputs = self.llm.generate(prompts, per_prompt, use_tqdm=False)
-        return outputs_to_rollout_batch(outputs, prompt_ids, group_size, self.pad_id, eos_token_ids=self.eos)
+        prompts = [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_ids for _ in range(group_size)]
+        call = uuid.uuid4().hex  # record ids unique across calls and engines in this process
+        records = [f"{call}-{r}" for r in range(len(prompts))]
+        per_row = [self.sampling_params(params, key, rec) for key, rec in zip(noise_keys, records)]
+        try:
+            outputs = self.llm.generate(prompts, per_row, use_tqdm=False)
+            completions = read_completions(outputs, prompts)
+            logps = keyed.take_behaviour_logprobs(records, [len(ids) for ids, _ in completions])
+        finally:
+            keyed.discard(records)
+        return completions_to_rollout_batch(completions, logps, prompt_ids, group_size, self.pad_id,
+                                            eos_token_ids=self.eos)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         weights = [(name, t.detach()) for name, t in state_dict.items()]
@@ -174,67 +199,73 @@ class VLLMBackend:
         if hasattr(self.llm, "reset_prefix_cache"):
             self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
+    def sync_weights(self, model: torch.nn.Module) -> bool:
+        """Push ``model``'s weights into the engine unless they are those pushed last; True if pushed."""
+        fingerprint = weights_fingerprint(model)
+        if fingerprint == self._pushed:
+            return False
+        self.load_weights(model.state_dict())
+        self._pushed = fingerprint
+        return True
 
-def outputs_to_rollout_batch(
-    request_outputs: Sequence[Any],
+
+def read_completions(request_outputs: Sequence[Any], prompts: Sequence[Any]) -> list[tuple[list[int], str]]:
+    """``(token ids, finish_reason)`` of each vLLM ``RequestOutput`` (one request per completion, in
+    the order sent; each with one ``CompletionOutput``)."""
+    if len(request_outputs) != len(prompts):
+        raise ValueError(f"{len(request_outputs)} vLLM outputs for {len(prompts)} requests")
+    rows = []
+    for i, (request, prompt) in enumerate(zip(request_outputs, prompts)):
+        sent = getattr(request, "prompt_token_ids", None)
+        if sent is not None and list(sent) != list(prompt["prompt_token_ids"]):
+            raise ValueError(f"vLLM output {i} belongs to another prompt (outputs out of order?)")
+        if len(request.outputs) != 1:
+            raise ValueError(f"request {i}: {len(request.outputs)} completions, expected 1")
+        (completion,) = request.outputs
+        if completion.finish_reason not in ("stop", "length"):
+            raise ValueError(f"request {i}: completion finished with {completion.finish_reason!r} "
+                             "(expected 'stop' or 'length')")
+        rows.append(([int(t) for t in completion.token_ids], completion.finish_reason))
+    return rows
+
+
+def completions_to_rollout_batch(
+    completions: Sequence[tuple[Sequence[int], str]],
+    behaviour_logps: Sequence[Sequence[float]],
     prompt_ids: Sequence[Sequence[int]],
     group_size: int,
     pad_token_id: int,
     eos_token_ids: Iterable[int] = (),
 ) -> RolloutBatch:
-    """Convert vLLM ``RequestOutput``s (one per prompt, in prompt order) into a group-major batch.
-
-    Each request's ``outputs`` holds ``group_size`` ``CompletionOutput``s with ``token_ids``,
-    ``logprobs`` (per position, a dict token id -> ``Logprob(logprob=...)`` containing the sampled
-    token) and ``finish_reason``. Every returned token is a real token (the EOS that ended a
-    ``"stop"`` completion included); ``truncated`` is ``finish_reason == "length"`` unless the last
-    token is one of ``eos_token_ids`` (an EOS sampled exactly at the length limit counts as finished,
-    as in :class:`~.rollout.TransformersBackend`).
-    """
-    if len(request_outputs) != len(prompt_ids):
-        raise ValueError(f"{len(request_outputs)} vLLM outputs for {len(prompt_ids)} prompts")
+    """A group-major batch from each completion's ``(token ids, finish_reason)`` (row ``j * G + k`` is
+    prompt ``j``'s ``k``-th) and its tokens' behaviour log-probs. Every returned token is a real token
+    (the EOS that ended a ``"stop"`` completion included); ``truncated`` is ``finish_reason ==
+    "length"`` unless the last token is one of ``eos_token_ids`` (an EOS sampled exactly at the
+    length limit counts as finished, as in :class:`~.rollout.TransformersBackend`)."""
+    n = len(prompt_ids) * group_size
+    if len(completions) != n or len(behaviour_logps) != n:
+        raise ValueError(f"{len(completions)} completions and {len(behaviour_logps)} log-prob rows "
+                         f"for {len(prompt_ids)} prompts x G={group_size}")
     eos = {int(t) for t in eos_token_ids}
-    rows: list[tuple[list[int], list[float], bool]] = []
-    for i, (request, prompt) in enumerate(zip(request_outputs, prompt_ids)):
-        sent = getattr(request, "prompt_token_ids", None)
-        if sent is not None and list(sent) != [int(t) for t in prompt]:
-            raise ValueError(f"vLLM output {i} belongs to another prompt (outputs out of order?)")
-        completions = sorted(request.outputs, key=lambda c: getattr(c, "index", 0))
-        if len(completions) != group_size:
-            raise ValueError(f"prompt {i}: {len(completions)} completions, expected G={group_size}")
-        for completion in completions:
-            ids = [int(t) for t in completion.token_ids]
-            if completion.logprobs is None:
-                raise ValueError("vLLM returned no log-probabilities: SamplingParams(logprobs=0) is required")
-            if len(completion.logprobs) != len(ids):
-                raise ValueError(f"prompt {i}: {len(ids)} tokens but {len(completion.logprobs)} log-prob entries")
-            logps = []
-            for t, (tok, entry) in enumerate(zip(ids, completion.logprobs)):
-                if tok not in entry:
-                    raise ValueError(f"prompt {i}, position {t}: no log-prob for the sampled token {tok}")
-                logps.append(float(entry[tok].logprob))
-            reason = completion.finish_reason
-            if reason not in ("stop", "length"):
-                raise ValueError(f"prompt {i}: completion finished with {reason!r} (expected 'stop' or 'length')")
-            truncated = reason == "length" and not (ids and ids[-1] in eos)
-            rows.append((ids, logps, truncated))
-
-    n = len(rows)
-    width = max(1, max(len(ids) for ids, _, _ in rows))
+    width = max(1, max(len(ids) for ids, _ in completions))
     completion_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.float32)
     behaviour = torch.zeros((n, width), dtype=torch.float32)
-    for r, (ids, logps, _) in enumerate(rows):
+    truncated = []
+    for r, ((ids, reason), logps) in enumerate(zip(completions, behaviour_logps)):
+        if len(logps) != len(ids):
+            raise ValueError(f"completion {r}: {len(ids)} tokens but {len(logps)} log-probs")
         if ids:
-            completion_ids[r, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            completion_ids[r, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
             mask[r, : len(ids)] = 1.0
-            behaviour[r, : len(ids)] = torch.as_tensor(logps, dtype=torch.float32)
+            behaviour[r, : len(ids)] = torch.as_tensor(list(logps), dtype=torch.float32)
+        truncated.append(reason == "length" and not (ids and ids[-1] in eos))
     batch = RolloutBatch(
         prompt_ids=[torch.as_tensor([int(t) for t in p], dtype=torch.long) for p in prompt_ids],
         completion_ids=completion_ids,
         completion_mask=mask,
         behaviour_logps=behaviour,
-        truncated=torch.tensor([t for _, _, t in rows], dtype=torch.bool),
+        truncated=torch.tensor(truncated, dtype=torch.bool),
         group_size=group_size,
     )
     batch.validate()

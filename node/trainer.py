@@ -152,6 +152,9 @@ class GRPOTrainer:
         completions a swarm node must produce (:mod:`.noise`), else they derive from ``seed``."""
         texts, ids = self.encode_prompts(examples)
         kw = {} if noise_keys is None else {"noise_keys": noise_keys}
+        sync = getattr(self.backend, "sync_weights", None)
+        if sync is not None:  # an engine with its own copy of the policy (vLLM): give it the current weights
+            sync(self.model)
         with self._amp():
             batch = self.backend.generate(ids, self.cfg.grpo.group_size, self.params, seed, **kw)
         batch.policy_version = self.version
