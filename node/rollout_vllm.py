@@ -23,7 +23,10 @@ Behaviour log-probabilities
     those of the forced one-hot row (0) and are not requested. The engine must therefore run in this
     process: the backend sets ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (unless already set) when it builds
     the engine; an ``LLM`` passed in must have been built in-process with the processor, else
-    ``generate`` raises (missing records).
+    ``generate`` raises (missing records). It also sets ``VLLM_USE_V2_MODEL_RUNNER=0`` (the newest
+    vLLM's model runner V2 has another logits-processor interface) and, where the engine has the
+    option, ``async_scheduling=False`` (the processor reads each request's position from its output
+    ids list, which must be exact at every step).
 
 Weight updates
     ``load_weights`` calls ``LLM.apply_model(fn)`` (vLLM >= 0.10; it runs ``fn`` on the model in every
@@ -48,13 +51,14 @@ What is tested, what is not
     drives the logits processor through vLLM's batch protocol on a tiny transformers model and checks
     that the completions and behaviour log-probs equal ``TransformersBackend``'s for the same keys and
     pass the verifier's spot-check. Nothing here has been run against a real vLLM engine: building
-    the ``LLM`` with the processor, the processor inside the engine, stop tokens, ``apply_model``
-    weight loading, the prefix-cache reset, and whether bf16 engine logits stay within the verifier's
-    tolerances are UNTESTED in this repository (no GPU, no vLLM on the machines it was built on).
+    the ``LLM`` with the processor (and the model-runner / async-scheduling settings above), the
+    processor inside the engine, stop tokens, ``apply_model`` weight loading, the prefix-cache reset,
+    and whether the engine's logits (bf16 or fp32) stay within the verifier's tolerances are UNTESTED in this repository (no GPU, no vLLM on the machines it was built on).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import uuid
@@ -91,6 +95,12 @@ def _import_vllm():
     except ImportError as exc:
         raise ImportError(f"{VLLM_INSTALL_HINT} ({exc})") from exc
     return vllm
+
+
+def _engine_args_cls():
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs
 
 
 def vllm_importable() -> bool:
@@ -134,6 +144,11 @@ class VLLMBackend:
             vllm = _import_vllm()
             # In-process engine: the processor's records and apply_model's tensors stay in this process.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            # Newest vLLM defaults to model runner V2, whose logits-processor interface is another one.
+            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+            if "async_scheduling" in {f.name for f in dataclasses.fields(_engine_args_cls())}:
+                # the processor reads positions from the output ids list: keep it exact at every step
+                llm_kwargs.setdefault("async_scheduling", False)
             processors = list(llm_kwargs.pop("logits_processors", None) or [])
             # We send token ids and read token ids: no tokenizer needed in the engine.
             llm_kwargs.setdefault("skip_tokenizer_init", True)
