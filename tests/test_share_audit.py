@@ -32,6 +32,7 @@ from grpo_swarm.node.swarm.share_audit import (
     sketch_body,
 )
 from grpo_swarm.node.swarm.share_sketch import (
+    HALF_BLOCK_ROWS,
     ROW,
     SKETCH_DIMS,
     Projection,
@@ -42,6 +43,7 @@ from grpo_swarm.node.swarm.share_sketch import (
     share_tolerance,
     sketch_parts,
     sketch_share,
+    sketch_tolerance,
 )
 from grpo_swarm.node.swarm.tickets import Reason
 from grpo_swarm.protocol.identity import Identity
@@ -73,6 +75,17 @@ def test_layout_follows_hiveminds_partition_and_sketches_of_parts_match():
         by_share = sketch_share(layout, j, flat, proj)
         by_parts = sketch_parts(layout, j, [p.clone() for p in parts[j]], proj)
         np.testing.assert_allclose(by_parts, by_share, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("numel", [5, ROW, 3 * ROW + 17, (HALF_BLOCK_ROWS + 3) * ROW, (2 * HALF_BLOCK_ROWS) * ROW + 1])
+def test_a_float16_block_sketches_as_its_float32_values(numel):
+    # fp16 parts are sketched from their bytes, converted a block of rows at a time: the sketch must be
+    # that of the exact float32 values (up to float32 summation order), wherever the blocks end
+    half = (0.1 * torch.randn(numel, generator=torch.Generator().manual_seed(numel))).half()
+    proj = Projection.draw(b"seed", 0, -(-numel // ROW) + 2)
+    got, want = proj.block(half, 2).numpy(), proj.block(half.float(), 2).numpy()
+    assert not np.array_equal(want, np.zeros_like(want))
+    np.testing.assert_allclose(got, want, rtol=0, atol=sketch_tolerance(float(half.float().norm())))
 
 
 def test_projection_is_portable_and_seeded():

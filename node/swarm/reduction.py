@@ -244,20 +244,20 @@ class ValidatingReducer(TensorPartReducer):
 
 
 class _Decoded(Sequence):
-    """Serialised parts, decoded one at a time when read, each into the same scratch buffer: a part
-    read is valid until the next read (the audit sketches them in order, one at a time)."""
+    """Serialised parts, decoded one at a time when read: fp32 and fp16 parts as views of their bytes
+    (float16 tensors for fp16, which :meth:`.share_sketch.Projection.block` converts in cache-sized
+    blocks as it sketches), 8-bit parts into a new tensor each."""
 
     def __init__(self, parts: Sequence[WireTensor | runtime_pb2.Tensor], compression: CompressionBase):
         self.parts, self.compression = parts, compression
-        self.scratch: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.parts)
 
     def __getitem__(self, index):
-        if self.scratch is None and isinstance(self.compression, Float16Compression):
-            self.scratch = torch.empty(max((len(p.buffer) // 2 for p in self.parts), default=0))
-        return decode_values(self.parts[index], self.compression, self.scratch)
+        if isinstance(self.compression, Float16Compression):
+            return torch.from_numpy(np.frombuffer(self.parts[index].buffer, dtype=np.float16))
+        return decode_values(self.parts[index], self.compression)
 
 
 class PartwiseOutputs(TensorPartContainer):
@@ -557,7 +557,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         return await future
 
     def received_parts(self, sender: PeerID) -> tuple[list[torch.Tensor], float] | None:
-        """The values a remote sender sent to our share, decoded part by part as they are read, and
+        """The values a remote sender sent to our share (fp16: float16 views), decoded part by part as read, and
         their norm (None: not kept)."""
         reducer = self.tensor_part_reducer
         if reducer.received is None or sender not in self.sender_peer_ids or sender == self.peer_id:
@@ -568,7 +568,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             math.sqrt(reducer.squares[index])
 
     def sent_values(self, peer_index: int) -> Sequence[torch.Tensor] | None:
-        """What the reducer of slot ``peer_index`` decoded from our parts (None: not kept)."""
+        """What the reducer of slot ``peer_index`` decoded from our parts (fp16: float16 views; None: not kept)."""
         if self.sent_parts is None:
             return None
         return _Decoded(self.sent_parts[peer_index], self.compression)
