@@ -120,12 +120,15 @@ class HostileAverager(VerifiedAverager):
     def check_own_ticket(self, ticket_bytes, rules):
         return TicketClaims.from_ticket(parse_ticket(ticket_bytes, self.ticket_type))
 
-    def check_local_gradient(self, grads):
+    def load_local_gradient(self, grads):
         out = [g.detach().float() for g in grads]
+        with self.get_tensors() as buffers:
+            for buf, g in zip(buffers, out):
+                buf.copy_(g)
         norm = self.commit_norm(out)
         if self.behaviour(self._round_for_commit) == "norm_lie":
             norm /= NORM_LIE_FACTOR  # the caller multiplied its gradient: commit to the honest-looking norm
-        return out, norm
+        return norm
 
     def average(self, round_index, ticket_bytes, grads, **kwargs):
         self._round_for_commit = round_index

@@ -93,11 +93,14 @@ def test_projection_is_portable_and_seeded():
     assert p.U.shape == (ROW, SKETCH_DIMS) and p.V.shape == (5, SKETCH_DIMS) and p.U.dtype == torch.float32
     # the values are SHAKE-256 integers scaled: pin them, so another platform must draw the same
     digest = hashlib.sha256(p.U.numpy().tobytes() + p.V.numpy().tobytes()).hexdigest()
-    assert digest == "52ed9431fee6d26f322b24cd33b84dafe5bc610f928eaeb84c1571843c57411e"
+    assert digest == "699b565c0e48a1036356e70fdb27d4f0bce42d20bfb3d13c89206f7ff8c6fe3f"
     assert not torch.equal(p.U, Projection.draw(b"seed", 1, 5).U)
     assert not torch.equal(p.U, Projection.draw(b"other", 2, 5).U)
     assert abs(float(p.U.pow(2).mean()) - 1.0) < 0.05  # unit variance: E[(r.x)^2] = |x|^2
     assert float(p.U.abs().max()) <= 3 ** 0.5
+    v = Projection.draw(b"seed", 2, 4096).V  # row weights: 8-bit draws, also unit variance, and 256 levels
+    assert abs(float(v.pow(2).mean()) - 1.0) < 0.02 and abs(float(v.mean())) < 0.02
+    assert float(v.abs().max()) <= 3 ** 0.5 and v.unique().numel() == 256
 
 
 @pytest.mark.parametrize("compression", [NoCompression(), Float16Compression()], ids=["none", "fp16"])

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_swarm.node.swarm.averaging import LocalGradientError, VerifiedAverager, tensors_sha256
+from grpo_swarm.node.swarm.averaging import LOAD_CHUNK, LocalGradientError, VerifiedAverager, tensors_sha256
 from grpo_swarm.node.swarm.dht import DHTStartError, start_dht
 from grpo_swarm.node.swarm.tickets import (
     GatherClaim,
@@ -245,6 +245,23 @@ def test_dht_from_node_key_file_and_bootstrap_errors(tmp_path, keys):
                 averager.average(0, make_ticket(coordinator, other.public_key_bytes, 0, 4), [torch.zeros(4)])
             with pytest.raises(Exception, match="round"):
                 averager.average(1, ticket, [torch.zeros(4)])
+        finally:
+            averager.shutdown()
+        # the gradient is copied and measured chunk by chunk: the norm is the whole tensor's, and a NaN
+        # in the last chunk of a tensor is still caught
+        big = 2 * LOAD_CHUNK + 5
+        averager = VerifiedAverager([torch.zeros(3), torch.zeros(big)], dht=dht, prefix="chunks", identity=ident,
+                                    coordinator_key=coordinator.public_key_bytes, run_id=RUN_ID,
+                                    weight_mode="sequences", norm_bound=1e4, ticket_type=ticket_type())
+        try:
+            grads = [torch.tensor([1.0, -2.0, 2.0]), torch.randn(big, generator=torch.Generator().manual_seed(1))]
+            norm = averager.load_local_gradient(grads)
+            assert norm == pytest.approx(float(torch.cat(grads).double().norm()), rel=1e-5)  # float32 chunk norms
+            with averager.get_tensors() as buffers:
+                assert all(torch.equal(b, g) for b, g in zip(buffers, grads))
+            grads[1][-1] = float("nan")
+            with pytest.raises(LocalGradientError, match="tensor 1 holds NaN"):
+                averager.load_local_gradient(grads)
         finally:
             averager.shutdown()
         with pytest.raises(ValueError, match="identity"):

@@ -127,6 +127,7 @@ WIRE_NAME = "VerifiedAverager"  # RPC handler names: "{prefix}::VerifiedAverager
 # bytes per part (hivemind's default: 512 KiB). Parts travel without protobuf copies (.wire), so larger
 # parts cost less CPU, but over a capped home link smaller ones keep the uplink busier (bench/RESULTS.md)
 PART_SIZE_BYTES = 1 << 20
+LOAD_CHUNK = 1 << 18  # values copied, then measured, at a time: 1 MiB of float32, still in cache for the norm
 ALLREDUCE_GRACE_S = 5.0  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
 SELF_EXCLUDED = "this node was excluded"
 
@@ -416,24 +417,32 @@ class VerifiedAverager(DecentralizedAverager):
                           norm_bound=self.norm_bound, weight_mode=self.weight_mode, expected_keys=expected,
                           require_final=self.require_final_ticket, ticket_type=self.ticket_type)
 
-    def check_local_gradient(self, grads: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
-        """(float32 CPU copies of ``grads``, their L2 norm); LocalGradientError if they cannot enter a round.
-        Own tensors are checked here because reducers never check their own sender's parts."""
+    def load_local_gradient(self, grads: Sequence[torch.Tensor]) -> float:
+        """Copy ``grads`` into the averager's buffers and return their L2 norm; LocalGradientError if
+        they cannot enter a round. Own tensors are checked here because reducers never check their own
+        sender's parts. The norm is taken of each chunk just after copying it, while it is in cache:
+        one read of the gradient for the copy and the check together."""
         if len(grads) != len(self._averaged_tensors):
             raise LocalGradientError(f"expected {len(self._averaged_tensors)} tensors, got {len(grads)}")
-        out, norms = [], []
         for i, (g, buf) in enumerate(zip(grads, self._averaged_tensors)):
             if g is None or tuple(g.shape) != tuple(buf.shape) or not torch.is_floating_point(g):
                 raise LocalGradientError(f"tensor {i} must be a floating tensor of shape {tuple(buf.shape)}")
-            g = g.detach().to(device="cpu", dtype=torch.float32)
-            norms.append(float(torch.linalg.vector_norm(g)))  # NaN/inf anywhere make it non-finite
-            if not math.isfinite(norms[-1]):
-                raise LocalGradientError(f"tensor {i} holds NaN or infinite values (or overflows float32)")
-            out.append(g)
-        norm = math.sqrt(sum(n * n for n in norms))
+        squares = 0.0
+        with self.get_tensors() as buffers, torch.no_grad():
+            for i, (g, buf) in enumerate(zip(grads, buffers)):
+                src, dst = g.detach().to(device="cpu", dtype=torch.float32).reshape(-1), buf.view(-1)
+                tensor_squares = 0.0
+                for start in range(0, dst.numel(), LOAD_CHUNK):
+                    chunk = dst[start: start + LOAD_CHUNK]
+                    chunk.copy_(src[start: start + LOAD_CHUNK])
+                    tensor_squares += float(torch.linalg.vector_norm(chunk)) ** 2  # NaN/inf make it non-finite
+                if not math.isfinite(tensor_squares):
+                    raise LocalGradientError(f"tensor {i} holds NaN or infinite values (or overflows float32)")
+                squares += tensor_squares
+        norm = math.sqrt(squares)
         if not norm <= self.norm_bound:
             raise LocalGradientError(f"gradient norm {norm:.6g} is above norm_bound {self.norm_bound:g}")
-        return out, norm
+        return norm
 
     @staticmethod
     def commit_norm(grads: Sequence[torch.Tensor]) -> float:
@@ -464,7 +473,7 @@ class VerifiedAverager(DecentralizedAverager):
             rules = self.round_rules(round_index, expected_peers)
             claims = self.check_own_ticket(ticket_bytes, rules)
             weight = claims.weight(self.weight_mode)
-            local, norm = self.check_local_gradient(grads)
+            norm = self.load_local_gradient(grads)  # a round never writes these buffers: retries reuse them
             group_size = len(rules.expected_keys) if rules.expected_keys is not None else None
             self._outer_pipe.send(("_set_round", [round_index, rules.expected_keys, group_size], {}))
             deadline = started + self.round_timeout
@@ -474,9 +483,6 @@ class VerifiedAverager(DecentralizedAverager):
                 remaining = deadline - time.monotonic()
                 if remaining <= self.matchmaking_kwargs["min_matchmaking_time"]:
                     break
-                with self.get_tensors() as buffers:
-                    for buf, g in zip(buffers, local):
-                        buf.copy_(g)
                 nonce = nonce_for(self._audit_secret, round_index, attempt)
                 claim = GatherClaim(bytes(ticket_bytes), int(round_index), attempt, norm, accusations, commitment(nonce))
                 entry = self.gather_entry(claim)
@@ -730,15 +736,8 @@ class VerifiedAverager(DecentralizedAverager):
                     sketch_parts(layout, j, runner.sent_values(j), p) if lossy and j != local else
                     sketch_share(layout, j, ins, p) for j, p in enumerate(projections)]
             my_outputs = pending.result()
-        norms = []
-        for j in range(layout.num_shares):
-            if j != local:
-                norms.append(runner.output_norm(j))
-            else:  # float32 norms (a tolerance needs no more), their squares summed in float64
-                squares = sum(float(torch.linalg.vector_norm(outs[s.tensor_index][s.start: s.start + s.numel])) ** 2
-                              for s in layout.spans[j])
-                norms.append(math.sqrt(squares))
-        return mine, my_outputs, norms
+        # float32 norms of each averaged part as received (ours: as decoded), squares summed in float64
+        return mine, my_outputs, [runner.output_norm(j) for j in range(layout.num_shares)]
 
     @staticmethod
     def _received_sketches(runner: VerifiedAllReduceRunner, projections: Sequence[Projection | None]

@@ -574,7 +574,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         return _Decoded(self.sent_parts[peer_index], self.compression)
 
     def output_norm(self, peer_index: int) -> float:
-        """The norm of the averages a remote reducer returned (checked against the output limit)."""
+        """The norm of the averages of share ``peer_index`` as received (a remote reducer's: checked against
+        the output limit) or as we decoded our own."""
         return math.sqrt(self.output_squares[peer_index])
 
     # ---- receivers
@@ -612,6 +613,12 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                                               max_prefetch=self.tensor_part_container.prefetch):
             yield message
 
+    def _decode_own_average(self, tp: WireTensor) -> tuple[torch.Tensor, float]:
+        """Our own share's averaged part as every receiver decodes it, and its squared norm (taken
+        while it is in cache, for the share audit's tolerance)."""
+        values = decode_values(tp, self.output_compression)
+        return values, float(torch.linalg.vector_norm(values)) ** 2 if values.numel() else 0.0
+
     async def _communicate_with_peer(self, peer_id: PeerID):
         """Send our parts of one share to its reducer and take back its averages as they are."""
         peer_index = self.ordered_peer_ids.index(peer_id)
@@ -622,10 +629,10 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                 averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part)
                 serialized = await self._serialized_result(part_index, averaged)
                 # our own share takes the same compress -> decompress round trip as everybody else's copy
-                local = await loop.run_in_executor(None, decode_values, serialized.tensor_part,
-                                                   self.output_compression)
+                local, squared = await loop.run_in_executor(None, self._decode_own_average, serialized.tensor_part)
                 if self.aborted:
                     return
+                self.output_squares[peer_index] += squared
                 self.tensor_part_container.register_processed_part(peer_index, part_index, local)
             return
 

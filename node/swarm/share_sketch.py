@@ -8,8 +8,10 @@ padded to whole rows of ``ROW`` values, ``U`` (ROW x dims) is shared by the shar
 per contiguous span — memory-bound, about one read of the gradient — and, being linear, the sketch
 of a weighted average is the weighted average of the sketches.
 
-``U`` and ``V`` are uniform on [-sqrt(3), sqrt(3)) from SHAKE-256 of the seed (24-bit integers, so
-every platform draws the same values; unit variance, so ``E[(r.x)^2] = |x|^2``). The products are
+``U`` and ``V`` are uniform on [-sqrt(3), sqrt(3)) from SHAKE-256 of the seed (``U`` from 24-bit
+integers, ``V`` — one weight per row and dimension, 16 per 1,024 values — from 8-bit ones: a quarter
+of the bytes to hash, and a row weight needs no finer steps), so every platform draws the same
+values; unit variance, so ``E[(r.x)^2] = |x|^2``. The products are
 computed in float32 and summed over rows in float64; different machines may differ in the last
 bits, which :func:`share_tolerance` covers.
 """
@@ -102,6 +104,13 @@ def _uniform(seed: bytes, label: bytes, count: int) -> torch.Tensor:
     return torch.from_numpy((ints.astype(np.float32) * np.float32(math.sqrt(3.0) / 2 ** 23)).copy())
 
 
+def _uniform8(seed: bytes, label: bytes, count: int) -> torch.Tensor:
+    """``count`` float32 values uniform on the 256 midpoints of [-sqrt(3), sqrt(3)) (variance 1 - 2^-16),
+    from one byte each, the same on every platform."""
+    ints = np.frombuffer(hashlib.shake_256(seed + label).digest(count), dtype=np.int8).astype(np.float32)
+    return torch.from_numpy((ints + np.float32(0.5)) * np.float32(math.sqrt(3.0) / 128))
+
+
 @dataclass(frozen=True)
 class Projection:
     """The secret projection of one share: ``U`` (ROW x dims) and ``V`` (rows x dims)."""
@@ -112,7 +121,7 @@ class Projection:
     @classmethod
     def draw(cls, seed: bytes, share: int, rows: int, dims: int = SKETCH_DIMS) -> Projection:
         base = hashlib.sha256(_SEED_DOMAIN + seed + share.to_bytes(4, "big")).digest()
-        return cls(_uniform(base, b"U", ROW * dims).view(ROW, dims), _uniform(base, b"V", rows * dims).view(rows, dims))
+        return cls(_uniform(base, b"U", ROW * dims).view(ROW, dims), _uniform8(base, b"V", rows * dims).view(rows, dims))
 
     @property
     def dims(self) -> int:
