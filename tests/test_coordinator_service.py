@@ -5,6 +5,7 @@ a quorum of verified work, staleness, rounds, the log over GetLog and Prometheus
 from __future__ import annotations
 
 import hashlib
+import time
 import urllib.request
 
 import grpc
@@ -158,6 +159,20 @@ def test_rate_limit(tmp_path):
         s.stop()
 
 
+def settled(read, quiet_s: float = 0.3, timeout_s: float = 10.0):
+    """``read()`` once it has returned the same value for ``quiet_s``."""
+    deadline = time.monotonic() + timeout_s
+    value, since = read(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+    return value
+
+
 def test_download_resumes_and_checks_chunks(tmp_path):
     s = Served(tmp_path, chunk_size=64 << 10)
     try:
@@ -176,8 +191,10 @@ def test_download_resumes_and_checks_chunks(tmp_path):
             last = f.read(1)
             f.seek(3 * m.chunk_size - 1)
             f.write(b"\x00" if last != b"\x00" else b"\x01")
-        served_before = s.coordinator.metrics.registry.get_sample_value(
-            "grpo_coordinator_bytes_served_total", {"method": "DownloadSnapshot"})
+        # the first stream's server side may still be sending (and counting) a chunk after the client
+        # left it: sample the counter once it has settled
+        served_before = settled(lambda: s.coordinator.metrics.registry.get_sample_value(
+            "grpo_coordinator_bytes_served_total", {"method": "DownloadSnapshot"}))
         client.download_snapshot(dest, manifest=m)
         assert hashlib.sha256(dest.read_bytes()).digest() == m.file_sha256 and not part.exists()
         served_after = s.coordinator.metrics.registry.get_sample_value(
