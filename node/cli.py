@@ -148,9 +148,12 @@ def demo(
     except (RuntimeError, TimeoutError) as exc:
         console.print(f"[red]demo failed:[/red] {exc}")
         raise typer.Exit(1)
-    curve = result.reward_curve()
-    if curve:
-        console.print(f"reward: {curve[0][1]:.3f} at v{curve[0][0]} -> {curve[-1][1]:.3f} at v{curve[-1][0]}")
+    windows = result.reward_windows()
+    if windows:
+        span = lambda w: f"{w[2]:.3f} (v{w[0]}–{w[1]})"  # noqa: E731
+        best = max(windows, key=lambda w: w[2])
+        console.print(f"reward, mean over up to 10 versions: {span(windows[0])} -> {span(windows[-1])}; "
+                      f"best {span(best)}")
     for name, records in result.rounds.items():
         console.print(f"{name}: {sum(r['accepted'] for r in records)} accepted samples, "
                       f"{sum(r['averaged'] for r in records)}/{len(records)} rounds averaged")

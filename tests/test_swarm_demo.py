@@ -13,7 +13,7 @@ difference's standard error under 0.01), so the +0.03 / 2x bar cannot be passed 
 from __future__ import annotations
 
 import pytest
-from grpo_swarm.node.swarm.demo import run_demo
+from grpo_swarm.node.swarm.demo import DemoResult, run_demo
 from grpo_swarm.protocol.log import read_log
 
 ROUNDS = 30
@@ -61,3 +61,15 @@ def test_three_nodes_learn_and_hold_the_published_policy_after_every_round(tmp_p
     first, last = sum(curve[:third]) / third, sum(curve[-third:]) / third
     print(f"\nmean reward: first {third} rounds {first:.3f}, last {third} rounds {last:.3f}")
     assert last > first + 0.03 and last > 2 * first, curve
+
+
+def test_reward_windows_average_versions_over_nodes():
+    # node a sampled v0..v24, node b v0..v24 with other rewards and one round without a reward
+    rounds = {"a": [{"version": v, "reward_mean": v / 100} for v in range(25)],
+              "b": [{"version": v, "reward_mean": None if v == 3 else v / 100 + 0.1} for v in range(25)]}
+    windows = DemoResult(out_dir=None, rounds=rounds).reward_windows()
+    assert [(w[0], w[1]) for w in windows] == [(0, 9), (10, 19), (20, 24)]
+    # versions 0-9: a's 0.00..0.09 and b's (all but v3) + 0.1, each version the mean of its nodes
+    per_version = [(v / 100 + (v / 100 + 0.1)) / 2 if v != 3 else v / 100 for v in range(10)]
+    assert windows[0][2] == pytest.approx(sum(per_version) / 10)
+    assert windows[2][2] == pytest.approx(sum(v / 100 + 0.05 for v in range(20, 25)) / 5)

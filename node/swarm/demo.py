@@ -39,6 +39,13 @@ class DemoResult:
                     by_version.setdefault(r["version"], []).append(r["reward_mean"])
         return [(v, sum(x) / len(x)) for v, x in sorted(by_version.items())]
 
+    def reward_windows(self, window: int = 10) -> list[tuple[int, int, float]]:
+        """(first version, last version, mean reward) of consecutive runs of ``window`` versions of the
+        curve: one round's reward is too noisy to compare (a few dozen completions)."""
+        curve = self.reward_curve()
+        return [(chunk[0][0], chunk[-1][0], sum(r for _, r in chunk) / len(chunk))
+                for chunk in (curve[i: i + window] for i in range(0, len(curve), window))]
+
 
 def demo_config_text() -> str:
     return resources.files("grpo_swarm.node").joinpath("configs", DEMO_CONFIG).read_text()
