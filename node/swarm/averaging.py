@@ -86,6 +86,7 @@ from grpo_swarm.protocol.identity import Identity, base58_decode, base58_encode
 
 from .direct_reads import install_direct_reads
 from .matchmaking import PatientMatchmaking
+from .memory import keep_freed_memory
 from .reduction import NORM_TOLERANCE, GroupPlan, VerifiedAllReduceRunner, check_compression
 from .share_audit import (
     AUDIT_POLL_S,
@@ -390,6 +391,11 @@ class VerifiedAverager(DecentralizedAverager):
     def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
         handle_name = f"{WIRE_NAME}.{method_name}"
         return f"{namespace}::{handle_name}" if namespace is not None else handle_name
+
+    def run(self):
+        """The averager process (hivemind's): its malloc keeps freed buffers for the next round (.memory)."""
+        keep_freed_memory()
+        super().run()
 
     async def add_p2p_handlers(self, p2p, wrapper=None, *, namespace: str | None = None, **kwargs) -> None:
         before = set(p2p._client.control.handlers)
