@@ -6,8 +6,10 @@ system when it is freed (4 MiB blocks are mmap-ed, or trimmed off the top of the
 round faults every page in again and the kernel zeroes it: 0.10 s against 0.04 s for 360 MB on this
 machine (bench/RESULTS.md). Fixing malloc's mmap threshold at its maximum (32 MiB: every part comes
 from the heap) and not trimming the heap keeps those pages: the process stays at its peak resident
-size, which every round reaches anyway. ``GRPO_SWARM_KEEP_FREED_MEMORY=0`` leaves malloc as it is
-(a process that gives memory back between rounds, at that cost).
+size, which every round reaches anyway. The same holds for a peak that a burst of (hostile) messages
+caused — each at most the direct reads' cap (:mod:`.direct_reads`); glibc gives such memory back only
+where it lies at the heap's top, so no bound is promised. ``GRPO_SWARM_KEEP_FREED_MEMORY=0`` leaves
+malloc as it is (memory given back between rounds, at the cost above).
 """
 
 from __future__ import annotations
