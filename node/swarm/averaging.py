@@ -81,12 +81,12 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import achain, anext, as_aiter, enter_asynchronously
 
+from grpo_swarm.node import allocator
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.identity import Identity, base58_decode, base58_encode
 
 from .direct_reads import install_direct_reads
 from .matchmaking import PatientMatchmaking
-from .memory import keep_freed_memory
 from .reduction import NORM_TOLERANCE, GroupPlan, VerifiedAllReduceRunner, check_compression
 from .share_audit import (
     AUDIT_POLL_S,
@@ -280,6 +280,7 @@ class VerifiedAverager(DecentralizedAverager):
     :param audit_reducers: run the share audit after each reduction (:mod:`.share_audit`)
     :param audit_timeout: seconds for the audit's two exchanges together
     :param direct_reads: read large stream messages straight into their buffers (:mod:`.direct_reads`)
+    :param keep_freed_memory: the averager process keeps freed memory for reuse (node/allocator.py)
     """
 
     # each class collects its own RPC handlers (ServicerBase caches them per class, by name)
@@ -316,6 +317,7 @@ class VerifiedAverager(DecentralizedAverager):
         audit_reducers: bool = True,
         audit_timeout: float | None = None,
         direct_reads: bool = True,
+        keep_freed_memory: bool = True,
         client_mode: bool | None = None,
         start: bool = True,
         **kwargs,
@@ -365,6 +367,7 @@ class VerifiedAverager(DecentralizedAverager):
         self.tolerance = NORM_TOLERANCE[type(compression)]
         self.audit_reducers = audit_reducers
         self.direct_reads = direct_reads
+        self.keep_freed_memory = keep_freed_memory
         self.audit_timeout = 2 * reducer_timeout if audit_timeout is None else audit_timeout
         self._audit_secret = os.urandom(32)  # nonces derive from it in both processes (forked after this)
         self._audit_stores: dict[tuple[bytes, int], AuditStore] = {}  # (group, phase) -> entries held
@@ -393,8 +396,11 @@ class VerifiedAverager(DecentralizedAverager):
         return f"{namespace}::{handle_name}" if namespace is not None else handle_name
 
     def run(self):
-        """The averager process (hivemind's): its malloc keeps freed buffers for the next round (.memory)."""
-        keep_freed_memory()
+        """The averager process (hivemind's): with ``keep_freed_memory``, its malloc keeps the part buffers
+        a round frees for the next round (node/allocator.py; a forked averager inherits the caller's
+        setting, a bench's or a spawned one would not)."""
+        if self.keep_freed_memory:
+            allocator.keep_freed_memory()
         super().run()
 
     async def add_p2p_handlers(self, p2p, wrapper=None, *, namespace: str | None = None, **kwargs) -> None:

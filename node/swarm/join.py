@@ -128,7 +128,8 @@ class SwarmPeer:
             compression=compression_named(opts.compression), part_size_bytes=opts.part_size_bytes,
             require_final_ticket=True, min_group_size=1, min_contributors=1,
             matchmaking_timeout=float(swarm.get("matchmaking_timeout_s", 30.0)),
-            allreduce_timeout=float(swarm.get("averaging_timeout_s", 120.0)), client_mode=opts.client_mode)
+            allreduce_timeout=float(swarm.get("averaging_timeout_s", 120.0)), client_mode=opts.client_mode,
+            keep_freed_memory=p.train_cfg.run.keep_freed_memory)
         self.round_timeout_s = float(swarm.get("round_timeout_s", 600.0))
         self.heartbeat()  # announce the DHT addresses
 
