@@ -60,17 +60,12 @@ def group_keys(run_seed: int, node_id: str, round_index: int, prompt_indices: Se
 
 def position_seeds(keys: torch.Tensor, first: int, count: int) -> torch.Tensor:
     """s(t) for t = first .. first + count - 1 and each row: int32 [count, rows]."""
-    t = torch.arange(first, first + count, dtype=torch.int64, device=keys.device) & MASK32
-    t = torch.where(t >= 1 << 31, t - (1 << 32), t).to(torch.int32)
-    x = keys[None, :, 0] ^ t[:, None]
-    x = fmix_(x)
-    x ^= keys[None, :, 1]
-    return fmix_(x)
+    return row_seeds(keys, torch.arange(first, first + count, dtype=torch.int64)[:, None])
 
 
 def row_seeds(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """s(t) for each row at its own position ``positions[r]`` (rows of a batch at different steps,
-    e.g. in a vLLM batch): int32 [rows]; the same bits as :func:`position_seeds`."""
+    e.g. in a vLLM batch): int32 [rows], or any shape ``positions`` broadcasts with [rows] to."""
     t = positions.to(device=keys.device, dtype=torch.int64) & MASK32
     t = torch.where(t >= 1 << 31, t - (1 << 32), t).to(torch.int32)
     x = fmix_(keys[:, 0] ^ t)

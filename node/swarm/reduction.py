@@ -92,18 +92,18 @@ def output_compression(compression: CompressionBase) -> CompressionBase:
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
-def decode_values(tp: WireTensor | runtime_pb2.Tensor, compression: CompressionBase,
-                  scratch: torch.Tensor | None = None) -> torch.Tensor:
+def float16_view(tp: WireTensor | runtime_pb2.Tensor) -> torch.Tensor:
+    """A checked fp16 part's values as a float16 view of its bytes (no copy)."""
+    return torch.from_numpy(np.frombuffer(tp.buffer, dtype=np.float16))
+
+
+def decode_values(tp: WireTensor | runtime_pb2.Tensor, compression: CompressionBase) -> torch.Tensor:
     """The float32 values of a checked serialised part (1-D): hivemind's format, decoded without its
-    intermediate copies (fp32: a view of the bytes; fp16: one conversion, into ``scratch`` if given
-    and large enough — the result is then a view of it)."""
+    intermediate copies (fp32: a view of the bytes; fp16: one conversion)."""
     if isinstance(compression, NoCompression):
         return torch.from_numpy(np.frombuffer(tp.buffer, dtype=np.float32))
     if isinstance(compression, Float16Compression):
-        half = torch.from_numpy(np.frombuffer(tp.buffer, dtype=np.float16))
-        if scratch is not None and scratch.numel() >= half.numel():
-            return scratch[: half.numel()].copy_(half)
-        return half.float()
+        return float16_view(tp).float()
     return deserialize_torch_tensor(tp.to_protobuf() if isinstance(tp, WireTensor) else tp).reshape(-1)
 
 
@@ -256,7 +256,7 @@ class _Decoded(Sequence):
 
     def __getitem__(self, index):
         if isinstance(self.compression, Float16Compression):
-            return torch.from_numpy(np.frombuffer(self.parts[index].buffer, dtype=np.float16))
+            return float16_view(self.parts[index])
         return decode_values(self.parts[index], self.compression)
 
 
