@@ -423,8 +423,11 @@ class Coordinator:
             self.recorder.refuse_upload(node_id, version, sha256, refused)
             raise RequestError("FAILED_PRECONDITION", refused.detail) from None
 
-    def publish_upload(self, node_id: str, header: pb.UploadSnapshotHeader, path: Path) -> pb.UploadSnapshotResponse:
-        """Publish a fully received upload (its size and file hash already checked by the caller)."""
+    def publish_upload(self, node_id: str, header: pb.UploadSnapshotHeader, path: Path, *,
+                       chunk_hashes: tuple[list[bytes], bytes, int] | None = None) -> pb.UploadSnapshotResponse:
+        """Publish a fully received upload (its size and file hash already checked by the caller;
+        ``chunk_hashes``: the file's :func:`~grpo_swarm.protocol.rpc.file_chunk_hashes`, when the
+        caller took them as the bytes arrived)."""
         sha = snapshot_state_sha256(path)  # outside the lock: reads the whole file
         if sha != bytes(header.snapshot.sha256):
             raise RequestError("INVALID_ARGUMENT", f"the uploaded tensors hash to {sha.hex()[:16]}..., not the "
@@ -433,7 +436,7 @@ class Coordinator:
             version = header.snapshot.version
             # again: another upload may have been published, or a round closed, while this one streamed
             tally = self._publication_tally(node_id, version, sha)
-            self.snapshots.add(path, version, sha)
+            self.snapshots.add(path, version, sha, chunk_hashes=chunk_hashes)
             index = self.recorder.publish_snapshot(version, sha, uploader=node_id).index
             self.snapshots.prune(self.keep_snapshots)
             self.metrics.snapshots_published.inc()

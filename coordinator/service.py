@@ -14,7 +14,6 @@ keeps serving): the size (gRPC's own limit, RESOURCE_EXHAUSTED); a SignedEnvelop
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from concurrent import futures
@@ -33,6 +32,7 @@ from grpo_swarm.protocol.rpc import (
     REQUEST_KIND,
     SERVICE,
     UPLOAD_CHUNK_KIND,
+    ChunkHasher,
     channel_options,
     iter_file_chunks,
 )
@@ -245,7 +245,8 @@ class CoordinatorService:
                 raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{header.total_bytes} bytes announced, "
                                                                    f"{free} free on the coordinator's disk")
             tmp = self.c.snapshots.upload_path(f"{node_id}-{header.snapshot.version}-{os.getpid()}")
-            received, h = 0, hashlib.sha256()
+            # the download chunks' hashes are taken as the bytes arrive (outside the coordinator's lock)
+            received, hashes = 0, ChunkHasher(self.c.snapshots.chunk_size)
             with open(tmp, "wb") as f:
                 for data in request_iterator:
                     chunk = self._open_chunk(data, key)
@@ -256,7 +257,7 @@ class CoordinatorService:
                     if received > header.total_bytes:
                         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                        f"more than the announced {header.total_bytes} bytes")
-                    h.update(chunk.data)
+                    hashes.update(chunk.data)
                     f.write(chunk.data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -264,9 +265,9 @@ class CoordinatorService:
             if received != header.total_bytes:
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                f"received {received} bytes, announced {header.total_bytes}")
-            if h.digest() != bytes(header.file_sha256):
+            if hashes.whole.digest() != bytes(header.file_sha256):
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "uploaded bytes do not match file_sha256")
-            reply = self.c.publish_upload(node_id, header, tmp)
+            reply = self.c.publish_upload(node_id, header, tmp, chunk_hashes=hashes.result())
             tmp = None
         except Exception as exc:  # noqa: BLE001
             self._fail(method, context, exc)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
@@ -42,15 +43,28 @@ class SnapshotError(Exception):
 def snapshot_state_sha256(path: str | os.PathLike) -> bytes:
     """The state-dict hash of a safetensors file; SnapshotError when it is not a readable one."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     from grpo_swarm.node.proving import state_dict_sha256
 
+    class OneAtATime(Mapping):  # the file's tensors read as the hash reaches them: one in memory at a time
+        def __init__(self, f):
+            self.f, self.names = f, list(f.keys())
+
+        def __getitem__(self, name):
+            return self.f.get_tensor(name)
+
+        def __iter__(self):
+            return iter(self.names)
+
+        def __len__(self):
+            return len(self.names)
+
     try:
-        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return state_dict_sha256(OneAtATime(f))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise SnapshotError(f"{path} is not a readable safetensors file: {e}") from None
-    return state_dict_sha256(state)
 
 
 class SnapshotFiles:
@@ -72,14 +86,16 @@ class SnapshotFiles:
         return self.dir / f"{UPLOAD_PREFIX}{tag}"
 
     # -- publishing
-    def add(self, src: str | os.PathLike, version: int, state_sha256: bytes) -> pb.SnapshotManifest:
+    def add(self, src: str | os.PathLike, version: int, state_sha256: bytes, *,
+            chunk_hashes: tuple[list[bytes], bytes, int] | None = None) -> pb.SnapshotManifest:
         """Move ``src`` (a safetensors file whose state-dict hash the caller has checked) into the
-        store as ``version``, hash its chunks, write the signed manifest; returns the manifest.
-        The caller logs ``snapshot_published`` afterwards."""
+        store as ``version``, hash its chunks (unless ``chunk_hashes``, taken with this store's chunk
+        size, are given), write the signed manifest; returns the manifest. The caller logs
+        ``snapshot_published`` afterwards."""
         dest = self.path_for(state_sha256)
         if Path(src) != dest:
             os.replace(src, dest)
-        chunks, file_sha, size = file_chunk_hashes(dest, self.chunk_size)
+        chunks, file_sha, size = chunk_hashes or file_chunk_hashes(dest, self.chunk_size)
         manifest = pb.SnapshotManifest(
             run_id=self.run_id, snapshot=pb.PolicySnapshotRef(version=version, sha256=bytes(state_sha256)),
             format=FORMAT, total_bytes=size, chunk_size=self.chunk_size, chunk_sha256=chunks, file_sha256=file_sha,

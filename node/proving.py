@@ -334,7 +334,8 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> bytes:
         h.update(struct.pack(">I", len(name.encode())) + name.encode())
         h.update(struct.pack(">I", len(dtype)) + dtype)
         h.update(struct.pack(f">I{t.dim()}Q", t.dim(), *t.shape))
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim: one element
+        if t.numel():  # the tensor's own bytes, not a copy (0-dim: one element)
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.digest()
 
 

@@ -96,30 +96,46 @@ class NonceSource:
 
 
 # ---- snapshot files ------------------------------------------------------------------------------
+class ChunkHasher:
+    """SHA-256 of each ``chunk_size`` piece and of the whole of a byte stream fed in pieces of any
+    size (an upload as it arrives: no second read of the file)."""
+
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_SIZE}")
+        self.chunk_size = chunk_size
+        self.whole = hashlib.sha256()
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self._piece, self._filled = hashlib.sha256(), 0
+
+    def update(self, data) -> None:
+        view = memoryview(data).cast("B")
+        self.whole.update(view)
+        self.size += len(view)
+        while len(view):
+            take = min(len(view), self.chunk_size - self._filled)
+            self._piece.update(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == self.chunk_size:
+                self.chunks.append(self._piece.digest())
+                self._piece, self._filled = hashlib.sha256(), 0
+
+    def result(self) -> tuple[list[bytes], bytes, int]:
+        """(SHA-256 of each chunk, SHA-256 of the whole, size) of what was fed so far."""
+        tail = [self._piece.digest()] if self._filled else []
+        return self.chunks + tail, self.whole.digest(), self.size
+
+
 def file_chunk_hashes(path: str | os.PathLike, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[list[bytes], bytes, int]:
     """(SHA-256 of each chunk, SHA-256 of the whole file, size) of a file, read once."""
-    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
-        raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_SIZE}")
-    whole = hashlib.sha256()
-    chunks: list[bytes] = []
-    size = 0
+    hasher = ChunkHasher(chunk_size)
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(chunk_size)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            # a short read mid-file is possible in principle: fill the chunk before hashing it
-            while n < chunk_size:
-                m = f.readinto(view[n:])
-                if not m:
-                    break
-                n += m
-            whole.update(view[:n])
-            chunks.append(hashlib.sha256(view[:n]).digest())
-            size += n
-    return chunks, whole.digest(), size
+        while n := f.readinto(buf):
+            hasher.update(memoryview(buf)[:n])
+    return hasher.result()
 
 
 def sign_manifest(manifest: pb.SnapshotManifest, identity: Identity) -> pb.SnapshotManifest:

@@ -17,6 +17,7 @@ from grpo_swarm.protocol.errors import ProtocolError
 from grpo_swarm.protocol.identity import Identity
 from grpo_swarm.protocol.log import LogError, ProtocolLog
 from grpo_swarm.protocol.rpc import (
+    ChunkHasher,
     file_chunk_hashes,
     sign_manifest,
     sign_ticket,
@@ -82,6 +83,21 @@ def test_store_round_trips(tmp_path):
     CoordinatorStore(tmp_path / "old.sqlite").close()
     with sqlite3.connect(tmp_path / "old.sqlite") as old:
         assert old.execute("SELECT name FROM sqlite_master WHERE name = 'reports'").fetchone() is None
+
+
+@pytest.mark.parametrize("length", [0, 999, 1000, 256_000, 256_123])
+def test_chunk_hashes_of_a_stream_in_uneven_pieces_equal_the_files(tmp_path, length):
+    data = bytes((i * 7 + i // 251) % 256 for i in range(length))
+    f = tmp_path / "blob"
+    f.write_bytes(data)
+    expected = ([hashlib.sha256(data[i:i + 1000]).digest() for i in range(0, length, 1000)],
+                hashlib.sha256(data).digest(), length)
+    assert file_chunk_hashes(f, 1000) == expected
+    hasher, at, step = ChunkHasher(1000), 0, 1
+    while at < length:  # pieces of 1, 2, 4, ... 2048 bytes, then again: inside, across and over chunk ends
+        hasher.update(data[at: at + step])
+        at, step = at + step, step * 2 if step < 2048 else 1
+    assert hasher.result() == expected
 
 
 def test_manifest_and_ticket_signatures(tmp_path):

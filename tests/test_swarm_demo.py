@@ -31,6 +31,11 @@ def test_three_nodes_learn_and_hold_the_published_policy_after_every_round(tmp_p
     assert len(averaged) >= 3 * ROUNDS - 3, records  # a round a node joined late may be averaged without it
     # every peer that stepped computed the published bytes itself (it kept its own state: no resync)
     assert all(r["published"] and not r["resynced"] for r in averaged), [r for r in averaged if r["resynced"]]
+    # each record says where its time went: every step of an averaged round, adding up to its time
+    for r in averaged:
+        assert {"sample", "submit", "wait", "gradient", "averaging", "step", "publish"} <= set(r["phases"]), r
+        assert all(v >= 0 for v in r["phases"].values()), r
+        assert r["seconds"] - 0.05 <= sum(r["phases"].values()) <= r["seconds"] + 0.01, r
     entries = list(read_log(tmp_path / "demo" / "coordinator" / "protocol.sqlite"))
     publications = [e.payload for e in entries if e.kind == "snapshot_published"]
     snapshots = {int(p["version"]): p["sha256"] for p in publications}

@@ -195,3 +195,28 @@ def test_a_hostile_member_is_excluded_reported_and_banned(tmp_path):
         honest = [r for r in records[i] if r["round"] < first_nan]
         assert all(r["averaged"] and r["peers"] == members[r["round"]] for r in honest), (records[i], members)
     assert_one_policy({i: records[i] for i in (0, 1)}, published(entries))
+
+
+@pytest.mark.slow
+def test_a_swarm_restarted_all_at_once_meets_again(tmp_path):
+    """Both nodes stop and start again at once: the coordinator still lists each one's old, dead
+    address (peers seen within three heartbeats), so neither can bootstrap through it; each starts
+    a DHT of its own, dials the address the coordinator lists at its next round, and they average
+    together again."""
+    text = demo_config_text().replace("heartbeat_interval_s = 2.0", "heartbeat_interval_s = 20.0")
+    assert "heartbeat_interval_s = 20.0" in text
+    with LocalSwarm(tmp_path / "swarm", nodes=2, config_text=text) as swarm:
+        swarm.start_coordinator()
+        first = [swarm.start_node(i, rounds=1) for i in (0, 1)]
+        for i, proc in enumerate(first):
+            assert proc.wait(timeout=180) == 0, logs(swarm)
+        before = {i: len(swarm.records(i)) for i in (0, 1)}
+        assert all(r["averaged"] for i in (0, 1) for r in swarm.records(i)), logs(swarm)
+        again = [swarm.start_node(i, rounds=2) for i in (0, 1)]
+        for proc in again:
+            assert proc.wait(timeout=240) == 0, logs(swarm)
+        after = {i: swarm.records(i)[before[i]:] for i in (0, 1)}
+        node_logs = {i: (swarm.logs / f"node{i}.log").read_text(errors="replace") for i in (0, 1)}
+    for i in (0, 1):
+        assert "the coordinator listed answered" in node_logs[i], node_logs[i][-3000:]
+        assert any(r["averaged"] and r["peers"] == 2 for r in after[i]), after[i]

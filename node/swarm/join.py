@@ -17,7 +17,7 @@ Peers that the averaging excluded are reported to the coordinator (``ReportPeer`
 
 from __future__ import annotations
 
-import copy
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -92,9 +92,20 @@ class RoundRecord:
     sha256: str = ""  # hash of the weights + optimizer state it holds then (what the publication names)
     ended: float = 0.0  # wall-clock time (Unix seconds) the round ended at
     note: str = ""
+    # seconds in each step (meet, sync, sample, submit, wait, gradient, averaging, step, publish)
+    phases: dict = field(default_factory=dict)
+
+    def lap(self, phase: str) -> None:
+        """Add the time since the last lap (or the record's start) to ``phase``."""
+        now = time.monotonic()
+        self.phases[phase] = round(self.phases.get(phase, 0.0) + now - self._clock, 3)
+        self._clock = now
+
+    def __post_init__(self):
+        self._clock = time.monotonic()
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
 class SwarmPeer:
@@ -106,16 +117,13 @@ class SwarmPeer:
 
     def __init__(self, opts: JoinOptions, *, on_round: Callable[[RoundRecord], None] | None = None):
         from .averaging import VerifiedAverager
-        from .dht import start_dht
         from .tickets import weight_mode_for_loss
 
         self.opts, self.on_round = opts, on_round
         self.identity = Identity.load_or_create(opts.identity_path)
         self.client = CoordinatorClient(opts.coordinator, self.identity, timeout_s=60)
         self.participant = p = Participant(self.client, opts.workdir, overrides=opts.overrides)
-        peers = list(opts.initial_peers) + [a for peer in p.reply.peers for a in peer.multiaddrs]
-        self.dht = start_dht(self.identity, initial_peers=peers, host_maddrs=opts.host_maddrs,
-                             announce_maddrs=opts.announce_maddrs, client_mode=opts.client_mode)
+        self.dht = self._start_dht([a for peer in p.reply.peers for a in peer.multiaddrs])
         own = self.identity.peer_id_base58
         # the coordinator takes at most 8, each ending in this node's own peer id
         self.maddrs = [str(a) for a in self.dht.get_visible_maddrs() if str(a).endswith(f"/p2p/{own}")][:8]
@@ -132,6 +140,27 @@ class SwarmPeer:
             keep_freed_memory=p.train_cfg.run.keep_freed_memory)
         self.round_timeout_s = float(swarm.get("round_timeout_s", 600.0))
         self.heartbeat()  # announce the DHT addresses
+
+    def _start_dht(self, listed: Sequence[str]):
+        """This node's DHT, joined through ``--initial-peer`` and the peers the coordinator listed. When
+        only listed peers were tried and none answered, they may just have left (the coordinator lists
+        peers seen within the last few heartbeats): the node starts a DHT of its own and each round
+        dials the peers then listed (:meth:`_meet`), saying what to check should none ever answer.
+        Peers the user named must answer: that failure ends the join."""
+        from .dht import DHTStartError, start_dht
+
+        opts = self.opts
+        start = functools.partial(start_dht, self.identity, host_maddrs=opts.host_maddrs,
+                                  announce_maddrs=opts.announce_maddrs, client_mode=opts.client_mode)
+        try:
+            return start(initial_peers=list(opts.initial_peers) + list(listed))
+        except DHTStartError as e:
+            if opts.initial_peers or not listed:
+                raise
+            log.warning("none of the %d address(es) the coordinator listed answered (%s); starting this node's "
+                        "own DHT — every round dials the peers the coordinator lists then, and the live view's "
+                        "dht column shows who was reached", len(listed), e)
+            return start(initial_peers=[])
 
     # -- coordinator
     def heartbeat(self, sample: bool = False, **kw) -> pb.HeartbeatResponse:
@@ -178,23 +207,31 @@ class SwarmPeer:
 
     def round(self) -> RoundRecord:
         p, t0 = self.participant, time.monotonic()
+        timing = RoundRecord(-1, -1)  # the laps, before the round's record exists
         hb = self.heartbeat()
         self._meet(hb)
+        timing.lap("meet")
         resynced = False
         if hb.current.version != p.snapshot.version:  # sample with the swarm's current policy
             p.sync()
             resynced = True
+            timing.lap("sync")
         hb = self.heartbeat(sample=True)
         if not hb.may_sample:
+            timing.lap("meet")
             return RoundRecord(hb.current_round, p.snapshot.version, resynced=resynced, seconds=time.monotonic() - t0,
-                               note=f"may not sample ({pb.Staleness.Name(hb.staleness)})")
+                               note=f"may not sample ({pb.Staleness.Name(hb.staleness)})", phases=timing.phases)
         work = p.sample(hb)
+        timing.lap("sample")
         p.submit(work)
+        timing.lap("submit")
         record = RoundRecord(work.round_index, work.version, samples=sum(len(g) for g in work.groups),
                              accepted=work.accepted_samples, lag=hb.lag, resynced=resynced,
                              reward_mean=float(work.scored.rewards.total.mean()),
-                             dht_peers=len(connected_peers(self.dht)))
+                             dht_peers=len(connected_peers(self.dht)), phases=timing.phases)
+        record._clock = timing._clock  # (the laps go on from the last one)
         closed = self._wait_for_close(work.round_index)
+        record.lap("wait")
         ticket = closed.round_ticket if closed.HasField("round_ticket") else None
         self._participants = [bytes(k) for k in closed.round_participants]
         if ticket is None or ticket.round_index != work.round_index:
@@ -206,12 +243,14 @@ class SwarmPeer:
                 # current weights, like every other participant's, the behaviour log-probs correcting it
                 p.sync()
                 record.resynced = True
+                record.lap("sync")
             try:
                 self._average_and_step(work, ticket, record)
             except CoordinatorError as e:  # a refused report or upload: take the swarm's version instead
                 record.note = f"{e.method}: {e.code}: {e.detail}"[:200]
                 p.sync()
                 record.resynced = True
+                record.lap("sync")
         record.seconds = time.monotonic() - t0
         return record
 
@@ -234,10 +273,12 @@ class SwarmPeer:
         if batch is not None:
             trainer.compute_gradients(trainer.prepare(batch))
         grads = [t.grad for t in trainer.trainable]
+        record.lap("gradient")
         started = time.monotonic()
         result = self.averager.average(work.round_index, ticket.SerializeToString(), grads,
                                        expected_peers=list(self._participants) or None, out=grads)
         record.averaging_s = time.monotonic() - started
+        record.lap("averaging")
         record.bytes_sent, record.bytes_received = result.bytes_sent, result.bytes_received
         last = result.last
         record.peers = len(last.weights) if last is not None else 0
@@ -247,7 +288,6 @@ class SwarmPeer:
             trainer.optimizer.zero_grad(set_to_none=False)
             record.note = f"averaging failed: {result.error}"
             return
-        optimizer_before = copy.deepcopy(trainer.optimizer.state_dict())
         trainer.apply_gradients()
         record.averaged = True
         version = trainer.version
@@ -261,11 +301,13 @@ class SwarmPeer:
             if self.heartbeat().current.version < version:
                 raise
             log.info("report of v%d came after its publication: %s", version, e.detail)
+        record.lap("step")
         if not self._follow_publication(version, sha, record, uploader=self._is_uploader(result)):
-            # the swarm did not publish this step: back to the published weights and moments
-            trainer.optimizer.load_state_dict(optimizer_before)
+            # the swarm did not publish this step: back to the published weights and moments (a
+            # version file holds both; version 0's none means a fresh optimizer)
             p.sync()
             record.resynced = True
+            record.lap("sync")
 
     def _is_uploader(self, result) -> bool:
         """The contributor with the smallest node id uploads; the others only report their hash."""
@@ -305,6 +347,7 @@ class SwarmPeer:
                 time.sleep(self.opts.poll_s)
         finally:
             p.discard_uploads()
+            record.lap("publish")
         record.note = f"v{version} was not published within {self.round_timeout_s:.0f} s"
         return False
 

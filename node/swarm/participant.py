@@ -180,13 +180,13 @@ class Participant:
         """Report the parameter hash this node computed for ``version`` (what publication counts)."""
         return self.heartbeat(computed=pb.PolicySnapshotRef(version=version, sha256=sha256), sample=False)
 
-    def training_state(self) -> dict:
+    def training_state(self, copy: bool = True) -> dict:
         """This node's weights and optimizer state: what a version is (:mod:`.training_state`)."""
         t = self.trainer
-        return training_state(self.model, t.optimizer, t.trainable, t.scheduler)
+        return training_state(self.model, t.optimizer, t.trainable, t.scheduler, copy=copy)
 
     def state_sha256(self) -> bytes:
-        return proving.state_dict_sha256(self.training_state())
+        return proving.state_dict_sha256(self.training_state(copy=False))  # hashed in place
 
     def save_and_upload(self, version: int, sha256: bytes | None = None) -> pb.UploadSnapshotResponse:
         """Save this node's training state as a snapshot file and upload it as ``version``. With
@@ -196,8 +196,9 @@ class Participant:
 
         path = None if sha256 is None else self.workdir / f"{bytes(sha256).hex()}.safetensors"
         if path is None or not path.exists():
-            state = self.training_state()
-            sha256 = proving.state_dict_sha256(state)
+            state = self.training_state()  # copies: safetensors refuses tied weights' shared storage
+            # the hash just computed names the state it was computed from (the coordinator checks it)
+            sha256 = proving.state_dict_sha256(state) if sha256 is None else bytes(sha256)
             path = self.workdir / f"{sha256.hex()}.safetensors"
             if not path.exists():
                 tmp = path.with_name(path.name + ".tmp")

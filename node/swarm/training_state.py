@@ -25,16 +25,21 @@ def model_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list,
-                   scheduler=None) -> dict[str, torch.Tensor]:
-    """Weights + optimizer state as flat, contiguous CPU tensors (what a version file holds)."""
-    out = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+                   scheduler=None, *, copy: bool = True) -> dict[str, torch.Tensor]:
+    """Weights + optimizer state as contiguous CPU tensors (what a version file holds). With
+    ``copy=False`` CPU tensors are the live ones (tied weights share storage), enough to hash them."""
+    def own(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().cpu()  # (a GPU tensor is copied anyway)
+        return t.clone().contiguous() if copy else t.contiguous()
+
+    out = {k: own(v) for k, v in model.state_dict().items()}
     for i, p in enumerate(params):
         state = optimizer.state.get(p) or {}
         for name in _MOMENTS:
             if name in state:
                 t = state[name]
                 t = t if torch.is_tensor(t) else torch.tensor(float(t))
-                out[f"{OPTIMIZER_PREFIX}{i}/{name}"] = t.detach().cpu().clone().contiguous()
+                out[f"{OPTIMIZER_PREFIX}{i}/{name}"] = own(t)
     if scheduler is not None:
         out[f"{OPTIMIZER_PREFIX}scheduler_last_epoch"] = torch.tensor(int(scheduler.last_epoch), dtype=torch.int64)
     return out

@@ -11,14 +11,23 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-COLUMNS = ("round", "version", "reward", "accepted", "averaged", "peers", "excluded", "lag", "sent", "s", "note")
+COLUMNS = ("round", "version", "reward", "accepted", "averaged", "peers", "excluded", "lag", "sent", "s", "slowest",
+           "note")
 
 
 def _row(r) -> list[str]:
     reward = "-" if r.reward_mean is None else f"{r.reward_mean:.3f}"
     return [str(r.round), str(r.version), reward, f"{r.accepted}/{r.samples}", "yes" if r.averaged else "no",
             str(r.peers), ",".join(k[:8] for k in r.excluded) or "-", str(r.lag), _mb(r.bytes_sent), f"{r.seconds:.1f}",
-            r.note[:60]]
+            _slowest(r.phases), r.note[:60]]
+
+
+def _slowest(phases: dict) -> str:
+    """The step the round spent most time in, e.g. ``sample:41.2`` (``-`` before any)."""
+    if not phases:
+        return "-"
+    name = max(phases, key=phases.get)
+    return f"{name}:{phases[name]:.1f}"
 
 
 def _mb(n: int) -> str:
