@@ -302,9 +302,10 @@ class CoordinatorClient:
         header = pb.UploadSnapshotHeader(snapshot=snapshot, total_bytes=path.stat().st_size, file_sha256=h.digest())
 
         def messages() -> Iterable[bytes]:
-            yield self.seal(header)
-            for off, data in iter_file_chunks(path, 0, chunk_size):
-                yield self.seal(pb.SnapshotChunk(offset=off, data=data))
+            sealed = seal_envelope(header, self.identity, nonce=self._nonce())
+            yield pb.UploadPart(header=sealed).SerializeToString()
+            for off, data in iter_file_chunks(path, 0, chunk_size):  # unsigned: the header's file hash binds them
+                yield pb.UploadPart(chunk=pb.SnapshotChunk(offset=off, data=data)).SerializeToString()
 
         # not retried: the chunks come from a generator that a retry would have to rewind; a node
         # whose upload broke calls again (the coordinator keeps nothing of a broken upload)

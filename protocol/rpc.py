@@ -43,7 +43,6 @@ REQUEST_KIND = {
     "ReportPeer": "grpo_swarm.v1.PeerReport",
     "Admin": "grpo_swarm.v1.AdminRequest",
 }
-UPLOAD_CHUNK_KIND = "grpo_swarm.v1.SnapshotChunk"
 DEFAULT_CHUNK_SIZE = 4 << 20  # 4 MiB: large messages keep gRPC near socket speed
 MAX_CHUNK_SIZE = 16 << 20
 # gRPC message limits: one request (an envelope around a proof batch or an upload chunk) and one

@@ -15,7 +15,7 @@ from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.canonical import is_repeated_field
 from grpo_swarm.protocol.hygiene import MAX_STORABLE_UINT64
 from grpo_swarm.protocol.proofs import build_reward_proof, now_ms, seal_envelope, sign_proof
-from grpo_swarm.protocol.rpc import REQUEST_KIND, UPLOAD_CHUNK_KIND, method_path
+from grpo_swarm.protocol.rpc import REQUEST_KIND, method_path
 
 from coordinator_world import HonestNode, Served, write_run_toml
 
@@ -38,8 +38,9 @@ def _raw(bytes_):
 def send(client, method: str, sealed: bytes) -> None:
     """One raw request (already sealed) to ``method``; the RpcError of a refusal propagates."""
     path = method_path(method)
-    if method == "UploadSnapshot":
-        client.channel.stream_unary(path, request_serializer=_raw)(iter([sealed]), timeout=20)
+    if method == "UploadSnapshot":  # the envelope opens the stream as its first UploadPart
+        opening = pb.UploadPart(header=pb.SignedEnvelope.FromString(sealed)).SerializeToString()
+        client.channel.stream_unary(path, request_serializer=_raw)(iter([opening]), timeout=20)
     elif method in STREAMED:
         list(client.channel.unary_stream(path, request_serializer=_raw)(sealed, timeout=20))
     else:
@@ -160,8 +161,9 @@ def test_unknown_fields_in_payloads_are_refused(served):
 
 
 def test_upload_chunks_are_checked_too(served, tmp_path):
-    """The chunks of an upload go through the same door: a chunk with offset 2**64-1, or with an
-    unknown field, is refused INVALID_ARGUMENT after an acceptable header."""
+    """The chunks of an upload go through the same door: after an acceptable header, a chunk with
+    offset 2**64-1, a chunk with an unknown field, a second header, or bytes that are not the
+    file the signed header names are refused INVALID_ARGUMENT; nothing is published."""
     node = HonestNode(served.address, tmp_path)
     _, groups = node.round_proofs()
     assert node.client.submit_proofs([p for g in groups for p in g]).round_closed  # 8 samples close round 0
@@ -171,13 +173,26 @@ def test_upload_chunks_are_checked_too(served, tmp_path):
                                      file_sha256=hashlib.sha256(b"0123456789").digest())
     c = node.client
     upload = c.channel.stream_unary(method_path("UploadSnapshot"), request_serializer=_raw)
-    bad_offset = c.seal(pb.SnapshotChunk(offset=U64_MAX, data=b"0123456789"))
-    code, detail = refusal(lambda: upload(iter([c.seal(header), bad_offset]), timeout=20))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "SnapshotChunk.offset" in detail, detail
-    unknown = seal_envelope(pb.SnapshotChunk(offset=0, data=b"0123456789").SerializeToString() + UNKNOWN_FIELD,
-                            c.identity, nonce=c._nonce(), kind=UPLOAD_CHUNK_KIND).SerializeToString()
-    code, detail = refusal(lambda: upload(iter([c.seal(header), unknown]), timeout=20))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "SnapshotChunk has unknown fields" in detail, detail
+
+    def opening() -> bytes:  # a fresh nonce each time
+        return pb.UploadPart(header=pb.SignedEnvelope.FromString(c.seal(header))).SerializeToString()
+
+    def chunk(offset: int, data: bytes) -> bytes:
+        return pb.UploadPart(chunk=pb.SnapshotChunk(offset=offset, data=data)).SerializeToString()
+
+    code, detail = refusal(lambda: upload(iter([opening(), chunk(U64_MAX, b"0123456789")]), timeout=20))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "offset" in detail, detail
+    inner = pb.SnapshotChunk(offset=0, data=b"0123456789").SerializeToString() + UNKNOWN_FIELD
+    unknown = b"\x12" + bytes([len(inner)]) + inner  # UploadPart.chunk with an unknown field inside
+    code, detail = refusal(lambda: upload(iter([opening(), unknown]), timeout=20))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "unknown fields" in detail, detail
+    code, detail = refusal(lambda: upload(iter([opening(), opening()]), timeout=20))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "chunk alone" in detail, detail
+    code, detail = refusal(lambda: upload(iter([chunk(0, b"0123456789")]), timeout=20))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "header alone" in detail, detail
+    # the chunks are not signed: the signed header's file hash is what binds them
+    code, detail = refusal(lambda: upload(iter([opening(), chunk(0, b"0123456780")]), timeout=20))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "file_sha256" in detail, detail
     assert c.heartbeat(0).current.version == 0
 
 
