@@ -213,3 +213,15 @@ def test_bench_p2p_transport_both_variants_receive_everything():
                     keys=("streamreader", "direct", "recv_cpu_ratio", "wall_ratio", "config"), timeout=180)
     for variant in ("streamreader", "direct"):  # the bench asserts every byte arrived
         assert res[variant]["wall_s"] > 0 and res[variant]["recv_cpu_s_per_gb"] > 0
+
+
+@pytest.mark.slow
+def test_bench_swarm_rounds_tiny_says_where_each_round_went():
+    """bench/swarm_rounds.py on the demo's tiny run: 2 nodes, 3 rounds (the first left out): every
+    node averaged and held the published bytes, and each step of a round has its time."""
+    res = run_bench("swarm_rounds.py", "--model", "tiny", "--nodes", "2", "--rounds", "3",
+                    keys=("round_s", "phases_s", "snapshot_bytes", "ok"), timeout=240)
+    assert res["ok"] is True and res["rounds_measured"] == 2 and res["exit_codes"] == [0, 0]
+    assert {"sample", "submit", "wait", "gradient", "averaging", "step", "publish"} <= set(res["phases_s"])
+    assert 0 < sum(res["phases_s"].values()) <= 2 * res["round_s"]
+    assert res["snapshot_bytes"] > 1_000_000  # the tiny model's weights and AdamW moments

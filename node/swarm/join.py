@@ -47,7 +47,9 @@ def compression_named(name: str):
     if name not in kinds:
         raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {name!r}")
     return kinds[name]()
-UPLOAD_FALLBACK_S = 10.0  # a contributor uploads itself when the designated one has not published by then
+UPLOAD_FALLBACK_S = 10.0  # a contributor uploads itself when the designated one has not published by then,
+FALLBACK_BYTES_PER_S = 50e6  # plus the time the designated one's upload takes at this rate: a fallback that
+# starts while the real upload streams only slows it (saving 1.7 GB for SmolLM2 and being refused)
 UPLOAD_RETRY_S = 0.5  # a refused upload (the others' reports not in yet) is tried again after this, doubling
 
 
@@ -318,12 +320,12 @@ class SwarmPeer:
                             uploader: bool = False) -> bool:
         """Wait for ``version`` to be published; load it unless this node computed the same bytes.
         With ``sha`` (this node computed the version), upload it: at once when it is the designated
-        ``uploader``, after UPLOAD_FALLBACK_S otherwise; a refused upload (the quorum of reports is
-        not in yet) is tried again, after UPLOAD_RETRY_S, doubling. False when it was not published in
-        time."""
+        ``uploader``, otherwise after :meth:`_fallback_delay` (10 s + the upload's time at 50 MB/s); a
+        refused upload (the quorum of reports is not in yet) is tried again, after UPLOAD_RETRY_S,
+        doubling. False when it was not published in time."""
         p = self.participant
         start = time.monotonic()
-        next_upload = start + (0.0 if uploader else UPLOAD_FALLBACK_S)
+        next_upload = start + (0.0 if uploader else self._fallback_delay())
         pause = UPLOAD_RETRY_S
         try:
             while time.monotonic() - start < self.round_timeout_s:
@@ -350,6 +352,11 @@ class SwarmPeer:
             record.lap("publish")
         record.note = f"v{version} was not published within {self.round_timeout_s:.0f} s"
         return False
+
+    def _fallback_delay(self) -> float:
+        """Seconds a non-designated contributor waits before uploading the version itself."""
+        size = sum(t.nbytes for t in self.participant.training_state(copy=False).values())
+        return UPLOAD_FALLBACK_S + size / FALLBACK_BYTES_PER_S
 
     def _held_state(self) -> tuple[int, str]:
         """(version, hex hash of the weights + optimizer state) this node holds now. Hashed again only

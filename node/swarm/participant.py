@@ -196,7 +196,12 @@ class Participant:
 
         path = None if sha256 is None else self.workdir / f"{bytes(sha256).hex()}.safetensors"
         if path is None or not path.exists():
-            state = self.training_state()  # copies: safetensors refuses tied weights' shared storage
+            state = self.training_state(copy=False)
+            storages: set[int] = set()
+            for name, t in state.items():  # tied weights share storage, which safetensors refuses: copy those
+                if t.untyped_storage().data_ptr() in storages:
+                    state[name] = t.clone()
+                storages.add(t.untyped_storage().data_ptr())
             # the hash just computed names the state it was computed from (the coordinator checks it)
             sha256 = proving.state_dict_sha256(state) if sha256 is None else bytes(sha256)
             path = self.workdir / f"{sha256.hex()}.safetensors"

