@@ -97,17 +97,22 @@ class RoundRecord:
     # seconds in each step (meet, sync, sample, submit, wait, gradient, averaging, step, publish)
     phases: dict = field(default_factory=dict)
 
-    def lap(self, phase: str) -> None:
-        """Add the time since the last lap (or the record's start) to ``phase``."""
-        now = time.monotonic()
-        self.phases[phase] = round(self.phases.get(phase, 0.0) + now - self._clock, 3)
-        self._clock = now
-
-    def __post_init__(self):
-        self._clock = time.monotonic()
-
     def to_json(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        return dict(self.__dict__)
+
+
+class PhaseClock:
+    """Seconds a round spends in each of its steps, lap by lap."""
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def lap(self, phase: str) -> None:
+        """Add the time since the last lap (or the start) to ``phase``."""
+        now = time.monotonic()
+        self.phases[phase] = round(self.phases.get(phase, 0.0) + now - self._last, 3)
+        self._last = now
 
 
 class SwarmPeer:
@@ -141,6 +146,7 @@ class SwarmPeer:
             allreduce_timeout=float(swarm.get("averaging_timeout_s", 120.0)), client_mode=opts.client_mode,
             keep_freed_memory=p.train_cfg.run.keep_freed_memory)
         self.round_timeout_s = float(swarm.get("round_timeout_s", 600.0))
+        self._clock = PhaseClock()
         self.heartbeat()  # announce the DHT addresses
 
     def _start_dht(self, listed: Sequence[str]):
@@ -209,31 +215,30 @@ class SwarmPeer:
 
     def round(self) -> RoundRecord:
         p, t0 = self.participant, time.monotonic()
-        timing = RoundRecord(-1, -1)  # the laps, before the round's record exists
+        self._clock = PhaseClock()  # the round's steps, lapped by the methods below too
         hb = self.heartbeat()
         self._meet(hb)
-        timing.lap("meet")
+        self._clock.lap("meet")
         resynced = False
         if hb.current.version != p.snapshot.version:  # sample with the swarm's current policy
             p.sync()
             resynced = True
-            timing.lap("sync")
+            self._clock.lap("sync")
         hb = self.heartbeat(sample=True)
         if not hb.may_sample:
-            timing.lap("meet")
+            self._clock.lap("meet")
             return RoundRecord(hb.current_round, p.snapshot.version, resynced=resynced, seconds=time.monotonic() - t0,
-                               note=f"may not sample ({pb.Staleness.Name(hb.staleness)})", phases=timing.phases)
+                               note=f"may not sample ({pb.Staleness.Name(hb.staleness)})", phases=self._clock.phases)
         work = p.sample(hb)
-        timing.lap("sample")
+        self._clock.lap("sample")
         p.submit(work)
-        timing.lap("submit")
+        self._clock.lap("submit")
         record = RoundRecord(work.round_index, work.version, samples=sum(len(g) for g in work.groups),
                              accepted=work.accepted_samples, lag=hb.lag, resynced=resynced,
                              reward_mean=float(work.scored.rewards.total.mean()),
-                             dht_peers=len(connected_peers(self.dht)), phases=timing.phases)
-        record._clock = timing._clock  # (the laps go on from the last one)
+                             dht_peers=len(connected_peers(self.dht)), phases=self._clock.phases)
         closed = self._wait_for_close(work.round_index)
-        record.lap("wait")
+        self._clock.lap("wait")
         ticket = closed.round_ticket if closed.HasField("round_ticket") else None
         self._participants = [bytes(k) for k in closed.round_participants]
         if ticket is None or ticket.round_index != work.round_index:
@@ -245,14 +250,14 @@ class SwarmPeer:
                 # current weights, like every other participant's, the behaviour log-probs correcting it
                 p.sync()
                 record.resynced = True
-                record.lap("sync")
+                self._clock.lap("sync")
             try:
                 self._average_and_step(work, ticket, record)
             except CoordinatorError as e:  # a refused report or upload: take the swarm's version instead
                 record.note = f"{e.method}: {e.code}: {e.detail}"[:200]
                 p.sync()
                 record.resynced = True
-                record.lap("sync")
+                self._clock.lap("sync")
         record.seconds = time.monotonic() - t0
         return record
 
@@ -275,12 +280,12 @@ class SwarmPeer:
         if batch is not None:
             trainer.compute_gradients(trainer.prepare(batch))
         grads = [t.grad for t in trainer.trainable]
-        record.lap("gradient")
+        self._clock.lap("gradient")
         started = time.monotonic()
         result = self.averager.average(work.round_index, ticket.SerializeToString(), grads,
                                        expected_peers=list(self._participants) or None, out=grads)
         record.averaging_s = time.monotonic() - started
-        record.lap("averaging")
+        self._clock.lap("averaging")
         record.bytes_sent, record.bytes_received = result.bytes_sent, result.bytes_received
         last = result.last
         record.peers = len(last.weights) if last is not None else 0
@@ -303,13 +308,13 @@ class SwarmPeer:
             if self.heartbeat().current.version < version:
                 raise
             log.info("report of v%d came after its publication: %s", version, e.detail)
-        record.lap("step")
+        self._clock.lap("step")
         if not self._follow_publication(version, sha, record, uploader=self._is_uploader(result)):
             # the swarm did not publish this step: back to the published weights and moments (a
             # version file holds both; version 0's none means a fresh optimizer)
             p.sync()
             record.resynced = True
-            record.lap("sync")
+            self._clock.lap("sync")
 
     def _is_uploader(self, result) -> bool:
         """The contributor with the smallest node id uploads; the others only report their hash."""
@@ -349,7 +354,7 @@ class SwarmPeer:
                 time.sleep(self.opts.poll_s)
         finally:
             p.discard_uploads()
-            record.lap("publish")
+            self._clock.lap("publish")
         record.note = f"v{version} was not published within {self.round_timeout_s:.0f} s"
         return False
 
