@@ -14,7 +14,7 @@ round (averagers and caches warming up) is left out.
 Prints ONE JSON line: per step of a round (``phases`` of ``swarm.jsonl``: meet, sync, sample, submit,
 wait, gradient, averaging, step, publish) the median over the measured rounds of the slowest node,
 the round's median seconds, the snapshot's size, and ``ok`` (every node averaged every measured
-round and held the published bytes after it). Progress goes to stderr; the work folder is kept
+round and saw its version published). Progress goes to stderr; the work folder is kept
 with ``--keep``.
 """
 
@@ -82,16 +82,14 @@ def run_config(args) -> str:
 
 def summarize(records: dict[int, list[dict]], snapshot_bytes: int | None, seconds: float) -> dict:
     rounds = sorted({r["round"] for rs in records.values() for r in rs if r["round"] >= 0})[1:]  # warm-up left out
-    by_round = {k: [r for rs in records.values() for r in rs if r["round"] == k] for k in rounds}
-    phases = sorted({p for rs in by_round.values() for r in rs for p in r.get("phases", {})})
-    slowest = {p: statistics.median(max(r.get("phases", {}).get(p, 0.0) for r in rs) for rs in by_round.values())
-               for p in phases} if rounds else {}
+    by_round = [[r for rs in records.values() for r in rs if r["round"] == k] for k in rounds]
+    phases = sorted({p for rs in by_round for r in rs for p in r["phases"]})
+    slowest = {p: round(statistics.median(max(r["phases"].get(p, 0.0) for r in rs) for rs in by_round), 2)
+               for p in phases}
+    round_s = round(statistics.median(max(r["seconds"] for r in rs) for rs in by_round), 2) if rounds else None
     ok = bool(rounds) and all(len(rs) == len(records) and all(r["averaged"] and r["published"] for r in rs)
-                              for rs in by_round.values())
-    return {"rounds_measured": len(rounds), "round_s": round(statistics.median(max(r["seconds"] for r in rs)
-                                                                               for rs in by_round.values()), 2)
-            if rounds else None,
-            "phases_s": {p: round(v, 2) for p, v in slowest.items()}, "snapshot_bytes": snapshot_bytes,
+                              for rs in by_round)
+    return {"rounds_measured": len(rounds), "round_s": round_s, "phases_s": slowest, "snapshot_bytes": snapshot_bytes,
             "wall_s": round(seconds, 1), "ok": ok}
 
 

@@ -47,6 +47,8 @@ def compression_named(name: str):
     if name not in kinds:
         raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {name!r}")
     return kinds[name]()
+
+
 UPLOAD_FALLBACK_S = 10.0  # a contributor uploads itself when the designated one has not published by then,
 FALLBACK_BYTES_PER_S = 50e6  # plus the time the designated one's upload takes at this rate: a fallback that
 # starts while the real upload streams only slows it (saving 1.7 GB for SmolLM2 and being refused)
@@ -360,7 +362,7 @@ class SwarmPeer:
 
     def _fallback_delay(self) -> float:
         """Seconds a non-designated contributor waits before uploading the version itself."""
-        size = sum(t.nbytes for t in self.participant.training_state(copy=False).values())
+        size = sum(t.nbytes for t in self.participant.training_state().values())
         return UPLOAD_FALLBACK_S + size / FALLBACK_BYTES_PER_S
 
     def _held_state(self) -> tuple[int, str]:

@@ -31,7 +31,7 @@ from ..noise import group_keys
 from ..rewards import build_reward_functions
 from ..swarm_config import run_examples, train_config_from_run
 from ..trainer import GRPOTrainer, ScoredBatch
-from .training_state import load_training_state, training_state
+from .training_state import load_training_state, training_state, untied
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +180,13 @@ class Participant:
         """Report the parameter hash this node computed for ``version`` (what publication counts)."""
         return self.heartbeat(computed=pb.PolicySnapshotRef(version=version, sha256=sha256), sample=False)
 
-    def training_state(self, copy: bool = True) -> dict:
-        """This node's weights and optimizer state: what a version is (:mod:`.training_state`)."""
+    def training_state(self) -> dict:
+        """This node's weights and optimizer state, the live tensors: what a version is (:mod:`.training_state`)."""
         t = self.trainer
-        return training_state(self.model, t.optimizer, t.trainable, t.scheduler, copy=copy)
+        return training_state(self.model, t.optimizer, t.trainable, t.scheduler)
 
     def state_sha256(self) -> bytes:
-        return proving.state_dict_sha256(self.training_state(copy=False))  # hashed in place
+        return proving.state_dict_sha256(self.training_state())
 
     def save_and_upload(self, version: int, sha256: bytes | None = None) -> pb.UploadSnapshotResponse:
         """Save this node's training state as a snapshot file and upload it as ``version``. With
@@ -196,12 +196,7 @@ class Participant:
 
         path = None if sha256 is None else self.workdir / f"{bytes(sha256).hex()}.safetensors"
         if path is None or not path.exists():
-            state = self.training_state(copy=False)
-            storages: set[int] = set()
-            for name, t in state.items():  # tied weights share storage, which safetensors refuses: copy those
-                if t.untyped_storage().data_ptr() in storages:
-                    state[name] = t.clone()
-                storages.add(t.untyped_storage().data_ptr())
+            state = untied(self.training_state())
             # the hash just computed names the state it was computed from (the coordinator checks it)
             sha256 = proving.state_dict_sha256(state) if sha256 is None else bytes(sha256)
             path = self.workdir / f"{sha256.hex()}.safetensors"

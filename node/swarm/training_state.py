@@ -25,23 +25,33 @@ def model_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list,
-                   scheduler=None, *, copy: bool = True) -> dict[str, torch.Tensor]:
-    """Weights + optimizer state as contiguous CPU tensors (what a version file holds). With
-    ``copy=False`` CPU tensors are the live ones (tied weights share storage), enough to hash them."""
-    def own(t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().cpu()  # (a GPU tensor is copied anyway)
-        return t.clone().contiguous() if copy else t.contiguous()
+                   scheduler=None) -> dict[str, torch.Tensor]:
+    """Weights + optimizer state as contiguous CPU tensors (what a version file holds): the live
+    ones, not copies (tied weights share storage: :func:`untied` before saving)."""
+    def live(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().cpu().contiguous()  # (a GPU tensor is copied anyway)
 
-    out = {k: own(v) for k, v in model.state_dict().items()}
+    out = {k: live(v) for k, v in model.state_dict().items()}
     for i, p in enumerate(params):
         state = optimizer.state.get(p) or {}
         for name in _MOMENTS:
             if name in state:
                 t = state[name]
                 t = t if torch.is_tensor(t) else torch.tensor(float(t))
-                out[f"{OPTIMIZER_PREFIX}{i}/{name}"] = own(t)
+                out[f"{OPTIMIZER_PREFIX}{i}/{name}"] = live(t)
     if scheduler is not None:
         out[f"{OPTIMIZER_PREFIX}scheduler_last_epoch"] = torch.tensor(int(scheduler.last_epoch), dtype=torch.int64)
+    return out
+
+
+def untied(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with a copy of each tensor whose storage an earlier one holds (tied weights), which
+    safetensors refuses to save; the others as they are."""
+    out, storages = {}, set()
+    for name, t in state.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if ptr in storages else t
+        storages.add(ptr)
     return out
 
 
