@@ -428,7 +428,10 @@ class Coordinator:
         """Publish a fully received upload (its size and file hash already checked by the caller;
         ``chunk_hashes``: the file's :func:`~grpo_swarm.protocol.rpc.file_chunk_hashes`, when the
         caller took them as the bytes arrived)."""
-        sha = snapshot_state_sha256(path)  # outside the lock: reads the whole file
+        try:
+            sha = snapshot_state_sha256(path)  # outside the lock: reads the whole file
+        except SnapshotError:  # the uploader's bytes, not our failure (the message would name our file)
+            raise RequestError("INVALID_ARGUMENT", "the upload is not a readable safetensors file") from None
         if sha != bytes(header.snapshot.sha256):
             raise RequestError("INVALID_ARGUMENT", f"the uploaded tensors hash to {sha.hex()[:16]}..., not the "
                                                    f"claimed {header.snapshot.sha256.hex()[:16]}...")

@@ -193,6 +193,9 @@ def test_upload_chunks_are_checked_too(served, tmp_path):
     # the chunks are not signed: the signed header's file hash is what binds them
     code, detail = refusal(lambda: upload(iter([opening(), chunk(0, b"0123456780")]), timeout=20))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "file_sha256" in detail, detail
+    # the bytes the signed header names, but not a safetensors file: the uploader's fault, said so
+    code, detail = refusal(lambda: upload(iter([opening(), chunk(0, b"0123456789")]), timeout=20))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a readable safetensors file" in detail, detail
     assert c.heartbeat(0).current.version == 0
 
 
