@@ -30,7 +30,8 @@ logged as ``upload_refused``. Fresh keys have no weight, so sybils add nothing.
 
 Swarm (:mod:`grpo_swarm.protocol.peers`): nodes report the libp2p multiaddrs they announce (Register,
 Heartbeat; kept in ``coordinator.sqlite``) and every reply hands them the live peers' addresses
-(seen within 3 heartbeat intervals, not banned, the caller excluded, newest first, at most 32).
+(seen within 3 heartbeat intervals, not banned, the caller excluded, at most 32: peers with verified work
+in the open or a recent round first, then the newest others).
 When a round closes each participant gets a final admission ticket (samples and completion tokens
 as recorded in ``round_closed``), returned by its next Heartbeat. A participant that excluded
 another from the round's averaging reports it (ReportPeer, logged ``peer_reported``); reports from
@@ -56,6 +57,7 @@ from grpo_swarm.protocol.peers import (
     MAX_REPORT_EVIDENCE_BYTES,
     MAX_REPORT_REASON_CHARS,
     PEER_TTL_INTERVALS,
+    PREFERRED_CANDIDATES,
     ReportRefused,
     check_multiaddrs,
 )
@@ -207,8 +209,10 @@ class Coordinator:
         """The live peers' addresses (see the module docstring), ``node_id`` excluded."""
         since = now_ms() - int(PEER_TTL_INTERVALS * self.cfg.swarm.heartbeat_interval_s * 1000)
         self.metrics.nodes_active.set(self.store.active_nodes(since))
+        workers = sorted(self.recorder.round_accepted) + self.recorder.peers.recent_participants(PREFERRED_CANDIDATES)
         return [pb.PeerAddress(node_id=n, multiaddrs=addrs, last_seen_ms=seen)
                 for n, addrs, seen in self.store.peers(since, exclude=node_id, limit=MAX_PEERS,
+                                                       prefer=workers[:PREFERRED_CANDIDATES],
                                                        is_banned=self.state.is_banned)]
 
     def _refresh_gauges(self) -> None:

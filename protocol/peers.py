@@ -14,6 +14,13 @@ at least one before the final ``/p2p/<peer id>`` — and that peer id must be th
 libp2p id of its Ed25519 node key, :mod:`.identity`), so that no node can announce addresses under
 another's identity.
 
+**Listing.** The addresses handed out (at most :data:`MAX_PEERS` per reply, live peers only) put
+the peers with verified work first: those with accepted proofs in the open round, then the
+participants of closed rounds, most recent round first (:meth:`PeerReports.recent_participants`);
+only then the others, most recently seen first. Fresh keys cost nothing, so a list of the newest
+peers alone could be filled by many keys announcing dead addresses, leaving a joiner nobody to
+reach; a place ahead of them costs accepted, spot-checked work in a recent round.
+
 **Reports.** After round r closes, its participants (``round_closed`` participants: accepted work,
 not voided, not banned) average their gradients. A member that excludes another from that average
 reports it (ReportPeer: the round, the peer, a reason, evidence). The rule
@@ -41,6 +48,7 @@ participants of one round — nodes that did accepted, spot-checked work in that
 
 from __future__ import annotations
 
+import heapq
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -51,6 +59,7 @@ from .identity import base58_encode, peer_id_from_public_key
 MAX_MULTIADDRS = 8
 MAX_MULTIADDR_CHARS = 256
 MAX_PEERS = 32  # addresses handed out per reply
+PREFERRED_CANDIDATES = 4 * MAX_PEERS  # peers with verified work looked up per reply (some may be silent)
 PEER_TTL_INTERVALS = 3  # a peer is live when seen within this many heartbeat intervals
 MAX_REPORT_REASON_CHARS = 256
 MAX_REPORT_EVIDENCE_BYTES = 64 * 1024
@@ -145,10 +154,13 @@ class PeerReports:
     def __init__(self) -> None:
         self.participants: dict[int, frozenset[str]] = {}
         self.reports: dict[tuple[int, str], dict[str, int]] = {}  # (round, peer) -> reporter -> log index
+        self.last_round: dict[str, int] = {}  # node -> the last closed round it took part in
 
     # -- what the log records
     def round_closed(self, round_index: int, participants: Iterable[str]) -> None:
         self.participants[int(round_index)] = frozenset(str(n) for n in participants)
+        for n in self.participants[int(round_index)]:
+            self.last_round[n] = max(int(round_index), self.last_round.get(n, -1))
 
     def record(self, reporter: str, round_index: int, peer: str, log_index: int) -> None:
         self.reports.setdefault((round_index, peer), {}).setdefault(reporter, log_index)
@@ -157,6 +169,11 @@ class PeerReports:
         """The operator's pardon: reports against ``node_id`` made so far no longer count."""
         for key in [k for k in self.reports if k[1] == node_id]:
             del self.reports[key]
+
+    def recent_participants(self, limit: int) -> list[str]:
+        """At most ``limit`` nodes that took part in a closed round, the most recent round first (node id
+        order within a round): who the coordinator lists first (see **Listing** above)."""
+        return [n for _, n in heapq.nsmallest(limit, ((-r, n) for n, r in self.last_round.items()))]
 
     # -- the rule
     def check(self, reporter: str, round_index: int, peer: str) -> None:

@@ -171,6 +171,66 @@ def test_addresses_are_reported_and_handed_out(tmp_path):
         coordinator.close()
 
 
+def test_peers_with_verified_work_are_listed_before_many_fresh_keys(tmp_path):
+    """An attacker registers 40 fresh keys announcing dead addresses after the honest nodes, more
+    than a reply lists (32). A joiner is still handed the honest peers first: those with accepted work
+    in the open round, then the participants of closed rounds (latest round first), then the fresh
+    keys, newest first; a banned worker is not listed. It holds across a restart (rebuilt from the log)."""
+    s = Served(tmp_path, samples_per_round=16)
+    nodes = {}
+    try:
+        for name in "abc":
+            (tmp_path / name).mkdir()
+            nodes[name] = HonestNode(s.address, tmp_path / name)
+            nodes[name].client.heartbeat(0, multiaddrs=[addr(nodes[name].identity, f"10.0.1.{len(nodes)}")])
+        a, b, c = nodes["a"], nodes["b"], nodes["c"]
+        submit_round(a, seed=0)
+        assert submit_round(b, seed=1).round_closed  # round 0: a and b
+        sybils = []
+        for i in range(40):
+            key = Identity.generate()
+            client = s.client(key)
+            client.register(multiaddrs=[addr(key, "203.0.113.1", 5000 + i)])
+            sybils.append((key, client))
+            time.sleep(0.002)  # each newer than the last
+        newest_sybils = [k.node_id for k, _ in reversed(sybils)]
+        joiner = s.client()
+        listed = [p.node_id for p in joiner.register().peers]
+        assert len(listed) == 32
+        assert listed[:2] == sorted([a.identity.node_id, b.identity.node_id])  # round 0's participants
+        assert listed[2:] == newest_sybils[:30]  # c has no work yet: the fresh keys are newer than it
+
+        submit_round(c, seed=2)  # accepted work in the open round 1 comes first
+        listed = [p.node_id for p in joiner.heartbeat(0).peers]
+        assert listed[:3] == [c.identity.node_id] + sorted([a.identity.node_id, b.identity.node_id])
+        assert listed[3:] == newest_sybils[:29]
+
+        admin = admin_client(s)
+        admin.admin(pb.ADMIN_BAN, b.identity.node_id, "test")
+        admin.close()
+        listed = [p.node_id for p in joiner.heartbeat(0).peers]
+        assert listed[:2] == [c.identity.node_id, a.identity.node_id] and b.identity.node_id not in listed
+        # a fresh key does not get ahead by heartbeating, and a worker is never listed to itself
+        sybils[0][1].heartbeat(0)
+        assert [p.node_id for p in a.client.heartbeat(0).peers][:2] == [c.identity.node_id, sybils[0][0].node_id]
+        for _, client in sybils:
+            client.close()
+        joiner.close()
+    finally:
+        for n in nodes.values():
+            n.client.close()
+        s.stop()
+    coordinator = Coordinator(s.cfg, s.data_dir)  # restarted: the workers come from the log
+    server, port, _ = start_server(coordinator)
+    try:
+        with CoordinatorClient(f"127.0.0.1:{port}", Identity.generate(), timeout_s=30) as again:
+            assert [p.node_id for p in again.register().peers][:3] == [c.identity.node_id, a.identity.node_id,
+                                                                       sybils[0][0].node_id]
+    finally:
+        server.stop(0).wait()
+        coordinator.close()
+
+
 # ---- final tickets -------------------------------------------------------------------------------
 def test_final_tickets_carry_the_rounds_verified_samples_and_tokens(tmp_path):
     """Round 0: n1 and n2 do honest work; the cheater's first group is accepted, then it fails a
