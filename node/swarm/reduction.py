@@ -32,8 +32,8 @@
   every average, and the reducer returns only after that end of input.
 * **Fewer copies.** Messages are encoded and decoded by :mod:`.wire` (protobuf's bytes without its
   copies; a message that does not parse is the sender's MALFORMED_PART), and each averaged part is
-  copied straight into the caller's output buffers (:class:`PartwiseOutputs`), never over the
-  local gradient.
+  decoded straight into its place in the caller's output buffers, its norm taken chunk by chunk
+  while in cache (:func:`decode_into`, :class:`PartwiseOutputs`), never over the local gradient.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ from .wire import WireAveragingData, WireTensor
 NORM_TOLERANCE = {NoCompression: 1e-4, Float16Compression: 2e-3, Uniform8BitQuantization: 2e-3}
 SUPPORTED_COMPRESSION = tuple(NORM_TOLERANCE)
 _CODEBOOK = 256  # Uniform8BitQuantization: int64 codebook size, 256 float32 codes, one uint8 per value
+DECODE_CHUNK = 1 << 17  # values decoded into place, then measured, at a time: 512 KiB of float32, in L2
 
 
 def wire_bytes(compression: CompressionBase, numel: int) -> int:
@@ -105,6 +106,20 @@ def decode_values(tp: WireTensor | runtime_pb2.Tensor, compression: CompressionB
     if isinstance(compression, Float16Compression):
         return float16_view(tp).float()
     return deserialize_torch_tensor(tp.to_protobuf() if isinstance(tp, WireTensor) else tp).reshape(-1)
+
+
+def decode_into(tp: WireTensor | runtime_pb2.Tensor, compression: CompressionBase, dst: torch.Tensor) -> float:
+    """Decode a checked serialised part straight into ``dst`` (1-D float32, as many values) a chunk at
+    a time, and return the sum of squares of the decoded values, each chunk's taken while it is in
+    cache (float32 per chunk, summed in float64). fp16 parts convert from their bytes: no float32
+    copy is allocated, then read again for the norm and again to be copied into place."""
+    src = float16_view(tp) if isinstance(compression, Float16Compression) else decode_values(tp, compression)
+    squares = 0.0
+    for start in range(0, dst.numel(), DECODE_CHUNK):
+        chunk = dst[start: start + DECODE_CHUNK]
+        chunk.copy_(src[start: start + DECODE_CHUNK])
+        squares += float(torch.dot(chunk, chunk))
+    return squares
 
 
 def encode_values(values: torch.Tensor, compression: CompressionBase) -> WireTensor:
@@ -261,9 +276,10 @@ class _Decoded(Sequence):
 
 
 class PartwiseOutputs(TensorPartContainer):
-    """hivemind's TensorPartContainer, except that the averaged parts are copied straight into
-    ``outputs`` as they are registered (hivemind concatenates each tensor's parts into a new tensor,
-    which the caller then copies): set as the class of a runner's container, with ``outputs``."""
+    """hivemind's TensorPartContainer, except that the averaged parts land straight in ``outputs``
+    (hivemind concatenates each tensor's parts into a new tensor, which the caller then copies): the
+    runner decodes them into place, and a part registered from elsewhere is copied there. Set as
+    the class of a runner's container, with ``outputs``."""
 
     outputs: Sequence[torch.Tensor]
 
@@ -283,7 +299,9 @@ class PartwiseOutputs(TensorPartContainer):
                     if self.finished.is_set():
                         raise AllreduceException("All-reduce was terminated during iteration")
                 part = self._output_parts_by_peer[peer_index].popleft()
-                flat[offset: offset + part.numel()].copy_(part.reshape(-1))
+                dst = flat[offset: offset + part.numel()]
+                if part.data_ptr() != dst.data_ptr():  # (a part decoded into its place needs no copy)
+                    dst.copy_(part.reshape(-1))
                 offset += part.numel()
                 taken += 1
             if offset != flat.numel():
@@ -454,6 +472,15 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         return self._decode(msg.tensor_part, numel, f"part {part_index}", self.compression)
 
     def _decode(self, tp: WireTensor | None, numel: int, what: str, compression: CompressionBase) -> torch.Tensor:
+        self._check_wire(tp, numel, what, compression)
+        try:
+            return decode_values(tp, compression)
+        except Exception as e:  # noqa: BLE001 - undecodable data is the sender's fault
+            raise PartRejected(Reason.MALFORMED_PART, f"{what} does not decode: {type(e).__name__}") from None
+
+    @staticmethod
+    def _check_wire(tp: WireTensor | None, numel: int, what: str, compression: CompressionBase) -> None:
+        """PartRejected unless ``tp`` is ``numel`` float32 values in ``compression``, byte for byte."""
         if tp is None:
             raise PartRejected(Reason.MALFORMED_PART, f"{what} carries no tensor")
         expected = compression.compression_type
@@ -470,10 +497,6 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                                                       f"{wire_bytes(compression, numel)}")
         if isinstance(compression, Uniform8BitQuantization) and int.from_bytes(bytes(tp.buffer[:8]), "little") != _CODEBOOK:
             raise PartRejected(Reason.MALFORMED_PART, f"{what} does not have a {_CODEBOOK}-entry codebook")
-        try:
-            return decode_values(tp, compression)
-        except Exception as e:  # noqa: BLE001 - undecodable data is the sender's fault
-            raise PartRejected(Reason.MALFORMED_PART, f"{what} does not decode: {type(e).__name__}") from None
 
     async def _accumulate_parts_streaming(self, stream: AsyncIterator[WireAveragingData], sender_index: int):
         """Check, accumulate and answer each of the sender's ``num_parts`` parts, then wait for the
@@ -579,15 +602,37 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         return math.sqrt(self.output_squares[peer_index])
 
     # ---- receivers
+    def _output_slot(self, peer_index: int, part_index: int) -> torch.Tensor | None:
+        """Where averaged part ``part_index`` of share ``peer_index`` goes in the output tensors (a 1-D
+        view), or None when the runner has no output tensors of its own."""
+        outputs = getattr(self.tensor_part_container, "outputs", None)
+        if outputs is None:
+            return None
+        span = self.layout.parts[peer_index][part_index]
+        return outputs[span.tensor_index].view(-1)[span.start: span.start + span.numel]
+
+    def _decode_average(self, peer_index: int, part_index: int, tp: WireTensor) -> tuple[torch.Tensor, float]:
+        """An averaged part decoded into its place in the outputs (or a new tensor), and its squared norm."""
+        slot = self._output_slot(peer_index, part_index)
+        if slot is None:
+            values = decode_values(tp, self.output_compression)
+            return values, float(torch.linalg.vector_norm(values)) ** 2 if values.numel() else 0.0
+        return slot, decode_into(tp, self.output_compression, slot)
+
     def _decode_output(self, peer_index: int, part_index: int, msg: WireAveragingData) -> torch.Tensor:
         if msg.malformed is not None:
             raise PartRejected(Reason.MALFORMED_PART, f"averaged part {part_index} is malformed: {msg.malformed}")
         numels = self.part_numels_by_peer[peer_index]
         if part_index >= len(numels):
             raise PartRejected(Reason.BAD_SHAPE, f"more than the {len(numels)} averaged parts expected")
-        tensor = self._decode(msg.tensor_part, numels[part_index], f"averaged part {part_index}",
-                              self.output_compression)
-        squared = float(torch.linalg.vector_norm(tensor)) ** 2 if tensor.numel() else 0.0
+        what = f"averaged part {part_index}"
+        self._check_wire(msg.tensor_part, numels[part_index], what, self.output_compression)
+        try:
+            # written into the outputs before the checks below: a failed check aborts the attempt, and
+            # outputs are read only after a success
+            tensor, squared = self._decode_average(peer_index, part_index, msg.tensor_part)
+        except Exception as e:  # noqa: BLE001 - undecodable data is the reducer's fault
+            raise PartRejected(Reason.MALFORMED_PART, f"{what} does not decode: {type(e).__name__}") from None
         if not math.isfinite(squared):
             raise PartRejected(Reason.NON_FINITE, f"averaged part {part_index} holds NaN or infinite values")
         squares = self.output_squares[peer_index] + squared
@@ -613,12 +658,6 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                                               max_prefetch=self.tensor_part_container.prefetch):
             yield message
 
-    def _decode_own_average(self, tp: WireTensor) -> tuple[torch.Tensor, float]:
-        """Our own share's averaged part as every receiver decodes it, and its squared norm (taken
-        while it is in cache, for the share audit's tolerance)."""
-        values = decode_values(tp, self.output_compression)
-        return values, float(torch.linalg.vector_norm(values)) ** 2 if values.numel() else 0.0
-
     async def _communicate_with_peer(self, peer_id: PeerID):
         """Send our parts of one share to its reducer and take back its averages as they are."""
         peer_index = self.ordered_peer_ids.index(peer_id)
@@ -629,7 +668,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                 averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part)
                 serialized = await self._serialized_result(part_index, averaged)
                 # our own share takes the same compress -> decompress round trip as everybody else's copy
-                local, squared = await loop.run_in_executor(None, self._decode_own_average, serialized.tensor_part)
+                local, squared = await loop.run_in_executor(None, self._decode_average, peer_index, part_index,
+                                                            serialized.tensor_part)
                 if self.aborted:
                     return
                 self.output_squares[peer_index] += squared
