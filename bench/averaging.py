@@ -179,33 +179,45 @@ def compression_of(name: str):
 # ---- peer process ----------------------------------------------------------------------------------
 def averager_classes():
     """The bench-only subclasses (imported in the peer processes only)."""
-    import inspect
-
     from grpo_swarm.node.swarm.averaging import VerifiedAverager
     from grpo_swarm.node.swarm.reduction import (
         PartRejected,
         Reason,
         ValidatingReducer,
         VerifiedAllReduceRunner,
+        decode_values,
+        float16_view,
     )
     from hivemind.averaging import DecentralizedAverager
+    from hivemind.compression import Float16Compression
 
     class UncheckedReducer(ValidatingReducer):
         def check_part(self, sender_index, part_index, part):
             pass  # no shape/dtype/finite/norm checks of incoming parts
 
     class UncheckedRunner(VerifiedAllReduceRunner):
+        """The runner's wire checks and decoding, without measuring what it decodes."""
+
         reducer_class = UncheckedReducer
 
+        def _decode_input(self, sender_index, part_index, msg):
+            numel = self.tensor_part_reducer.part_shapes[part_index].numel()
+            self._check_wire(msg.tensor_part, numel, f"part {part_index}", self.compression)
+            return decode_values(msg.tensor_part, self.compression)
+
         def _decode_output(self, peer_index, part_index, msg):
-            # the base class's wire checks and decoding, without its float64 finite/norm pass
             numels = self.part_numels_by_peer[peer_index]
             if part_index >= len(numels):
                 raise PartRejected(Reason.BAD_SHAPE, "too many averaged parts")
-            args = [msg.tensor_part, numels[part_index], f"averaged part {part_index}"]
-            if "compression" in inspect.signature(self._decode).parameters:  # (since 8-bit parts)
-                args.append(getattr(self, "output_compression", self.compression))
-            return self._decode(*args)
+            self._check_wire(msg.tensor_part, numels[part_index], f"averaged part {part_index}",
+                             self.output_compression)
+            fp16 = isinstance(self.output_compression, Float16Compression)
+            values = float16_view(msg.tensor_part) if fp16 else decode_values(msg.tensor_part, self.output_compression)
+            slot = self._output_slot(peer_index, part_index)
+            if slot is None:
+                return values.float()
+            slot.copy_(values)  # into its place, in one pass (as the checked runner, less the norm)
+            return slot
 
     class BenchVerifiedAverager(VerifiedAverager):
         """VerifiedAverager with switches for its validation and its share audit (same wire name and

@@ -10,7 +10,7 @@ from hivemind.compression import CompressionInfo, Float16Compression, NoCompress
 from hivemind.compression.serialization import deserialize_torch_tensor
 from hivemind.proto import averaging_pb2, runtime_pb2
 
-from grpo_swarm.node.swarm.reduction import decode_values, encode_values
+from grpo_swarm.node.swarm.reduction import DECODE_CHUNK, decode_into, decode_values, encode_values
 from grpo_swarm.node.swarm.wire import WireAveragingData, WireTensor
 
 
@@ -66,6 +66,24 @@ def test_encode_values_gives_hiveminds_bytes(compression):
     back.ParseFromString(wire)
     decoded = decode_values(back.tensor_part, compression)
     assert torch.equal(decoded, deserialize_torch_tensor(theirs).reshape(-1))
+
+
+@pytest.mark.parametrize("compression", [NoCompression(), Float16Compression(), Uniform8BitQuantization()])
+def test_decoding_into_place_gives_the_values_and_their_squares(compression):
+    # 2.5 chunks: the last chunk is a partial one, and a bad value there must still show
+    values = torch.randn(DECODE_CHUNK * 5 // 2) * 0.01
+    tp = encode_values(values, compression)
+    expected = decode_values(tp, compression)
+    into = torch.full_like(expected, 7.0)
+    squares = decode_into(tp, compression, into)
+    assert torch.equal(into, expected)
+    assert squares == pytest.approx(float(expected.double().square().sum()), rel=1e-5)  # float32 per chunk
+    if not isinstance(compression, Uniform8BitQuantization):  # (8-bit has no NaN/Inf to carry)
+        for bad in (float("nan"), float("inf")):  # written into the bytes: fp16 encoding would clamp inf
+            tainted = encode_values(values.clone(), compression)
+            dtype = np.float16 if isinstance(compression, Float16Compression) else np.float32
+            np.frombuffer(tainted.buffer, dtype=dtype)[-1] = bad
+            assert not np.isfinite(decode_into(tainted, compression, into))
 
 
 def test_decoded_values_are_views_of_the_received_bytes():
