@@ -615,8 +615,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         """An averaged part decoded into its place in the outputs (or a new tensor), and its squared norm."""
         slot = self._output_slot(peer_index, part_index)
         if slot is None:
-            values = decode_values(tp, self.output_compression)
-            return values, float(torch.linalg.vector_norm(values)) ** 2 if values.numel() else 0.0
+            slot = torch.empty(self.part_numels_by_peer[peer_index][part_index])
         return slot, decode_into(tp, self.output_compression, slot)
 
     def _decode_output(self, peer_index: int, part_index: int, msg: WireAveragingData) -> torch.Tensor:
