@@ -1,7 +1,10 @@
 """The copy-free AveragingData codec (grpo_swarm.node.swarm.wire) against protobuf's own encoding,
 and its strictness on bytes a peer made up."""
 
+import asyncio
 import struct
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +13,13 @@ from hivemind.compression import CompressionInfo, Float16Compression, NoCompress
 from hivemind.compression.serialization import deserialize_torch_tensor
 from hivemind.proto import averaging_pb2, runtime_pb2
 
-from grpo_swarm.node.swarm.reduction import DECODE_CHUNK, decode_into, decode_values, encode_values
+from grpo_swarm.node.swarm.reduction import (
+    DECODE_CHUNK,
+    decode_into,
+    decode_values,
+    encode_values,
+    in_thread_to_the_end,
+)
 from grpo_swarm.node.swarm.wire import WireAveragingData, WireTensor
 
 
@@ -84,6 +93,27 @@ def test_decoding_into_place_gives_the_values_and_their_squares(compression):
             dtype = np.float16 if isinstance(compression, Float16Compression) else np.float32
             np.frombuffer(tainted.buffer, dtype=dtype)[-1] = bad
             assert not np.isfinite(decode_into(tainted, compression, into))
+
+
+def test_a_cancelled_decode_is_waited_for_before_the_cancellation_arrives():
+    # a thread writing into the output buffers must be done before the next attempt may reuse them
+    started, writes = threading.Event(), []
+
+    def slow_write():
+        started.set()
+        time.sleep(0.3)
+        writes.append("done")
+
+    async def main():
+        task = asyncio.create_task(in_thread_to_the_end(slow_write))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return list(writes)
+
+    assert asyncio.run(main()) == ["done"]
 
 
 def test_decoded_values_are_views_of_the_received_bytes():

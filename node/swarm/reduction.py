@@ -122,6 +122,18 @@ def decode_into(tp: WireTensor | runtime_pb2.Tensor, compression: CompressionBas
     return squares
 
 
+async def in_thread_to_the_end(fn, *args):
+    """``fn(*args)`` in the default executor. If the caller is cancelled meanwhile, it still waits for
+    ``fn`` to return before re-raising: averages are decoded into the output buffers, which the next
+    attempt reuses, so no thread of a cancelled attempt may still be writing there when it begins."""
+    future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
 def encode_values(values: torch.Tensor, compression: CompressionBase) -> WireTensor:
     """hivemind's serialisation of a float32 part (the same bytes as ``compression.compress``), its
     buffer a view of the values (fp32) or of one converted copy (fp16): never written afterwards."""
@@ -660,14 +672,13 @@ class VerifiedAllReduceRunner(AllReduceRunner):
     async def _communicate_with_peer(self, peer_id: PeerID):
         """Send our parts of one share to its reducer and take back its averages as they are."""
         peer_index = self.ordered_peer_ids.index(peer_id)
-        loop = asyncio.get_event_loop()
         if peer_id == self.peer_id:
             sender_index = self.sender_peer_ids.index(peer_id)
             for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
                 averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part)
                 serialized = await self._serialized_result(part_index, averaged)
                 # our own share takes the same compress -> decompress round trip as everybody else's copy
-                local, squared = await loop.run_in_executor(None, self._decode_average, peer_index, part_index,
+                local, squared = await in_thread_to_the_end(self._decode_average, peer_index, part_index,
                                                             serialized.tensor_part)
                 if self.aborted:
                     return
@@ -704,7 +715,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                         else str(msg.code)
                     raise AllreduceException(f"answered {name}")
                 self.bytes_received += 0 if msg.tensor_part is None else len(msg.tensor_part.buffer)
-                tensor = await loop.run_in_executor(None, self._decode_output, peer_index, part_index, msg)
+                tensor = await in_thread_to_the_end(self._decode_output, peer_index, part_index, msg)
                 if self.aborted:
                     return
                 self.tensor_part_container.register_processed_part(peer_index, part_index, tensor)
