@@ -37,7 +37,8 @@ from hivemind.compression import CompressionInfo, Float16Compression, NoCompress
 from hivemind.proto import averaging_pb2
 
 from grpo_swarm.node.swarm.averaging import VerifiedAverager
-from grpo_swarm.node.swarm.reduction import VerifiedAllReduceRunner
+from grpo_swarm.node.swarm.reduction import VerifiedAllReduceRunner, encode_values
+from grpo_swarm.node.swarm.wire import WireAveragingData, WireTensor
 from grpo_swarm.node.swarm.tickets import SlotVerdict, TicketClaims, parse_ticket
 
 NORM_LIE_FACTOR = 3.0  # per-value magnitudes stay plausible: only the norm check can catch it
@@ -79,6 +80,17 @@ class HostileRunner(VerifiedAllReduceRunner):
         return self.compression.compress(part, info)
 
     async def _serialized_result(self, part_index: int, averaged: torch.Tensor):
+        if self.behaviour in ("nan_average", "inf_average", "short_average") and part_index not in self._results:
+            # the average's bytes themselves lie (the encoder would clamp an fp16 inf: written in after)
+            tp = encode_values(averaged.clone(), self.output_compression)
+            if self.behaviour == "short_average":  # its header still declares every value
+                tp = WireTensor(tp.buffer[:-4], tp.size, tp.dtype, tp.compression)
+            else:
+                dtype = np.float16 if isinstance(self.output_compression, Float16Compression) else np.float32
+                np.frombuffer(tp.buffer, dtype=dtype)[::7] = math.nan if self.behaviour == "nan_average" else math.inf
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(WireAveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=tp).encoded())
+            self._results[part_index] = future
         if self.behaviour == "wrong_average" and part_index not in self._results:
             shift = torch.ones_like(averaged)
             shift[1::2] = -1

@@ -112,6 +112,10 @@ CAUGHT_ROUNDS = {
     "wrong_average": (_small("small_none", "wrong_average"), Reason.WRONG_AVERAGE),
     "wrong_average_fp16": (_small("small_fp16", "wrong_average"), Reason.WRONG_AVERAGE),
     "wrong_average_8bit": (_small("small_8bit", "wrong_average"), Reason.WRONG_AVERAGE),
+    # a reducer whose averages' bytes lie, caught by every receiver as it decodes them into place
+    "nan_average": (_small("small_none", "nan_average"), Reason.NON_FINITE),
+    "inf_average_fp16": (_small("small_fp16", "inf_average"), Reason.NON_FINITE),
+    "short_average": (_small("small_none", "short_average"), Reason.MALFORMED_PART),
 }
 SKETCH_LIE_ROUND = _small("small_none", "sketch_lie")
 KILL_ROUND = _small("small_none", "stall", max_attempts=1)
