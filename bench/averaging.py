@@ -35,7 +35,9 @@ same for the reduction alone (ours: ``_aggregate_with_group``, i.e. verdicts + s
 stock: its ``_aggregate_with_group``). CPU: user + system seconds of each peer's whole process tree
 (main, DHT and averager processes, p2pd) from the start barrier to the end barrier, summed over the
 peers; ``cpu_s_per_gb`` divides by the tensor payload all peers sent (parts to the other reducers
-plus averages back to the other senders: ``payload_bytes_per_peer``, 10^9 bytes a GB).
+plus averages back to the other senders: ``payload_bytes_per_peer``, 10^9 bytes a GB);
+``minor_faults`` the same processes' minor page faults less p2pd's, summed over the peers (fresh
+memory touched in the round: every fault is a page the kernel zeroes).
 ``speedup_vs_stock`` = stock ``round_s`` / ours ``round_s`` per compression (same compression);
 ``speedup_best_vs_stock_fp32`` = stock fp32 / ours' fastest compression; ``check_overhead`` =
 ours / ours_nocheck - 1, ``audit_overhead`` = ours / ours_noaudit - 1, ``direct_reads_speedup`` =
@@ -294,21 +296,34 @@ class Barrier:
             time.sleep(0.005)
 
 
-def tree_cpu_s() -> tuple[float, float]:
-    """User + system CPU seconds of this peer's process tree, and of its p2pd daemons alone."""
+def tree_cpu_s() -> tuple[float, float, int]:
+    """User + system CPU seconds of this peer's process tree, of its p2pd daemons alone, and the
+    minor page faults of its Python processes (fresh memory touched: each costs a zeroed page)."""
     import psutil
 
     me = psutil.Process()
     total = daemon = 0.0
+    faults = 0
     for p in [me, *me.children(recursive=True)]:
         try:
             t = p.cpu_times()
             total += t.user + t.system
             if p.name().startswith("p2pd"):
                 daemon += t.user + t.system
+            else:
+                faults += minor_faults(p.pid)
         except psutil.Error:
             pass
-    return total, daemon
+    return total, daemon, faults
+
+
+def minor_faults(pid: int) -> int:
+    """Minor page faults of a process so far (field 10 of /proc/PID/stat; 0 where unreadable)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat[stat.rindex(")") + 2:].split()[7])  # fields after "comm)": state is field 3
 
 
 def peer_main(config_path: str) -> int:
@@ -433,6 +448,7 @@ def peer_main(config_path: str) -> int:
                 barrier(f"{comp}-{r}-{v}-done")
                 cpu1 = tree_cpu_s()
                 rec["cpu_s"], rec["cpu_s_p2pd"] = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+                rec["minor_faults"] = cpu1[2] - cpu0[2]
                 if tx0 is not None:
                     rec["tx_bytes"] = tx_bytes() - tx0
                 phase["rounds"].append(rec)
@@ -607,6 +623,7 @@ def summarize(args, peers: list[dict], samples: list[dict], shapes, uplink_bits:
             d = {"ok": oks, "round_s": rnd(median(round_s)), "allreduce_s": rnd(median(allreduce)),
                  "round_s_all": [rnd(x, 2) for x in round_s], "cpu_s": rnd(median(cpu), 2),
                  "cpu_s_p2pd": rnd(median(cpu_p2pd), 2),
+                 "minor_faults": int(median([sum(r.get("minor_faults", 0) for r in rr) for rr in measured])),
                  "cpu_s_per_gb": rnd(median(cpu) / (sum(pay) / 1e9), 2) if cpu else None,
                  "warmup_round_s": rnd(median([max(r["seconds"] for r in rr) for rr in
                                                zip(*[[r for r in rs if r["warmup"]] for rs in rows])]), 2)}

@@ -200,6 +200,7 @@ def test_bench_averaging_tiny_ours_and_stock_agree():
         for v in ("ours", "stock"):
             assert block[v]["ok"] and block[v]["results_ok"] and block[v]["round_s"] > 0 and block[v]["cpu_s"] > 0
             assert block[v]["payload_bytes_per_peer"] > 0
+            assert block[v]["minor_faults"] > 0  # read from /proc: a round touches some fresh memory
         # the bench's payload formula (hivemind's partition) is what the averager itself reports sending
         assert block["ours"]["bytes_sent_per_peer_reported"] == block["ours"]["payload_bytes_per_peer"]
         assert block["ours"]["same_bytes_on_every_peer"] is True
