@@ -116,6 +116,29 @@ def test_a_cancelled_decode_is_waited_for_before_the_cancellation_arrives():
     assert asyncio.run(main()) == ["done"]
 
 
+def test_a_decode_cancelled_twice_is_still_waited_for():
+    # an abort and a timeout may both cancel the same attempt: the second cancel must not end the wait
+    started, writes = threading.Event(), []
+
+    def slow_write():
+        started.set()
+        time.sleep(0.3)
+        writes.append("done")
+
+    async def main():
+        task = asyncio.create_task(in_thread_to_the_end(slow_write))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return list(writes)
+
+    assert asyncio.run(main()) == ["done"]
+
+
 def test_decoded_values_are_views_of_the_received_bytes():
     values = torch.arange(256, dtype=torch.float32)
     raw = WireAveragingData(tensor_part=encode_values(values, NoCompression())).SerializeToString()

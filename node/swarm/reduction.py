@@ -130,7 +130,11 @@ async def in_thread_to_the_end(fn, *args):
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
-        await asyncio.wait([future])
+        while not future.done():  # a second cancel (abort, then a timeout) must not cut the wait short
+            try:
+                await asyncio.wait([future])
+            except asyncio.CancelledError:
+                pass
         raise
 
 
