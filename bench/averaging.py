@@ -296,7 +296,7 @@ class Barrier:
             time.sleep(0.005)
 
 
-def tree_cpu_s() -> tuple[float, float, int]:
+def tree_usage() -> tuple[float, float, int]:
     """User + system CPU seconds of this peer's process tree, of its p2pd daemons alone, and the
     minor page faults of its Python processes (fresh memory touched: each costs a zeroed page)."""
     import psutil
@@ -418,7 +418,7 @@ def peer_main(config_path: str) -> int:
                 elif stock is not None:
                     stock.set_part_size(cfg["part_size"] if v == "stock_tuned" else cfg["stock_part_size"])
                 barrier(f"{comp}-{r}-{v}-start")
-                cpu0, tx0, start = tree_cpu_s(), tx_bytes(), time.perf_counter()
+                cpu0, tx0, start = tree_usage(), tx_bytes(), time.perf_counter()
                 rec = {"variant": v, "round": r, "warmup": r < cfg["warmup"]}
                 try:
                     if v.startswith("ours"):
@@ -446,7 +446,7 @@ def peer_main(config_path: str) -> int:
                     rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
                 rec["seconds"] = time.perf_counter() - start
                 barrier(f"{comp}-{r}-{v}-done")
-                cpu1 = tree_cpu_s()
+                cpu1 = tree_usage()
                 rec["cpu_s"], rec["cpu_s_p2pd"] = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
                 rec["minor_faults"] = cpu1[2] - cpu0[2]
                 if tx0 is not None:
