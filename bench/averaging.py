@@ -27,10 +27,12 @@ interleaved round by round (order reversed every other round):
 * ``stock``: hivemind's ``DecentralizedAverager`` at its default part size (``--stock-part-size``);
 * ``stock_tuned``: the same stock averager at ``--part-size`` (to tell part size from code).
 
-A peer's round time runs from a file barrier (all three peers) to the averaged gradient being in a
-separate output buffer, including the copy into the averager's buffers (both sides need it) and
-matchmaking (target and minimum group size 3, ``min_matchmaking_time`` 2 s: a full group starts at
-once). ``round_s`` = median over the measured rounds of the slowest peer's time; ``allreduce_s`` the
+A peer's round time runs from a file barrier (all three peers) to the averaged gradient being where
+a trainer reads it, including matchmaking (target and minimum group size 3, ``min_matchmaking_time``
+2 s: a full group starts at once). Neither side copies the gradient in that time, as a trainer on
+the CPU would not: ours reads it from :meth:`VerifiedAverager.gradient_buffers` (filled once, as the
+join loop's backward pass fills them) and leaves the average in its ``result_buffers``; stock's
+tensors get the gradient before the barrier (it averages them in place) and hold the average after. ``round_s`` = median over the measured rounds of the slowest peer's time; ``allreduce_s`` the
 same for the reduction alone (ours: ``_aggregate_with_group``, i.e. verdicts + snapshot + reduction;
 stock: its ``_aggregate_with_group``). CPU: user + system seconds of each peer's whole process tree
 (main, DHT and averager processes, p2pd) from the start barrier to the end barrier, summed over the
@@ -405,6 +407,9 @@ def peer_main(config_path: str) -> int:
                 compression=compression, next_chunk_timeout=timing["sender_timeout"],
                 sender_timeout=timing["sender_timeout"], reducer_timeout=timing["reducer_timeout"],
                 allreduce_timeout=timing["allreduce_timeout"], allow_state_sharing=False)
+        if ours is not None:  # as a CPU trainer's backward pass would leave it (the join loop binds .grad)
+            for b, g in zip(ours.gradient_buffers(), grads):
+                b.copy_(g)
         phase = {"averagers_up_s": round(time.monotonic() - t, 2), "rounds": [], "sha256": {},
                  "audit_switch": ours is not None and hasattr(ours, "audit_reducers")}
         report["phases"][comp] = phase
@@ -417,12 +422,18 @@ def peer_main(config_path: str) -> int:
                                   direct=v != "ours_streamreads")
                 elif stock is not None:
                     stock.set_part_size(cfg["part_size"] if v == "stock_tuned" else cfg["stock_part_size"])
+                if not v.startswith("ours"):  # stock averages in place: the gradient is written anew each round
+                    with stock.get_tensors() as bufs:
+                        for b, g in zip(bufs, grads):
+                            b.copy_(g)
                 barrier(f"{comp}-{r}-{v}-start")
                 cpu0, tx0, start = tree_usage(), tx_bytes(), time.perf_counter()
                 rec = {"variant": v, "round": r, "warmup": r < cfg["warmup"]}
+                result = None
                 try:
                     if v.startswith("ours"):
-                        res = ours.average(ours_round, ticket(ours_round), grads, expected_peers=node_keys, out=out)
+                        res = ours.average(ours_round, ticket(ours_round), ours.gradient_buffers(),
+                                           expected_peers=node_keys, out=ours.result_buffers())
                         ours_round += 1
                         rec.update(ok=res.ok, average_s=res.seconds, check_s=ours.check_s,
                                    bytes_sent=getattr(res, "bytes_sent", None),
@@ -430,23 +441,22 @@ def peer_main(config_path: str) -> int:
                                    audit_s=getattr(res.last, "audit_seconds", None))
                         if not res.ok and res.last is not None:
                             rec["failure"] = {"accused": res.last.accused, "failed": res.last.failed}
+                        result = res.grads
                         del res
                     else:
-                        with stock.get_tensors() as bufs:
-                            for b, g in zip(bufs, grads):
-                                b.copy_(g)
                         s = time.perf_counter()
                         got = stock.step(weight=float(weight), timeout=timing["matchmaking_timeout"],
                                          allow_retries=False)
                         rec.update(ok=True, step_s=time.perf_counter() - s, allreduce_s=got["allreduce_s"])
-                        with stock.get_tensors() as bufs:
-                            for o, b in zip(out, bufs):
-                                o.copy_(b)
+                        result = stock._averaged_tensors  # (read after the timing, outside its lock: idle now)
                 except Exception as e:  # noqa: BLE001 - reported
                     rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
                 rec["seconds"] = time.perf_counter() - start
                 barrier(f"{comp}-{r}-{v}-done")
                 cpu1 = tree_usage()
+                if rec["ok"] and result is not None:  # outside the timing: the bench's copy of the result
+                    for o, b in zip(out, result):
+                        o.copy_(b)
                 rec["cpu_s"], rec["cpu_s_p2pd"] = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
                 rec["minor_faults"] = cpu1[2] - cpu0[2]
                 if tx0 is not None:

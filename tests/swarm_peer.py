@@ -144,9 +144,18 @@ def main(config_path: str) -> int:
                "weights": {"sequences": seqs, "tokens": toks}, "completion_sha": completion_sha}
         event(f"round {r} start ({behaviour})")
         started = time.monotonic()
+        averager, kwargs = averagers[rnd["averager"]], {}
+        if rnd["kind"] == "grpo" and me != 0 and behaviour == "honest":
+            # peers 1 and 2 take the in-place path a CPU trainer takes (the gradient already in the
+            # averager's input buffers, the result left in its output buffers); peer 0 copies both ways
+            for b, g in zip(averager.gradient_buffers(), grads):
+                b.copy_(g)
+            grads, kwargs = averager.gradient_buffers(), {"out": averager.result_buffers()}
         try:
-            res = averagers[rnd["averager"]].average(r, ticket, grads, expected_peers=expected,
-                                                     max_attempts=rnd.get("max_attempts"))
+            res = averager.average(r, ticket, grads, expected_peers=expected, max_attempts=rnd.get("max_attempts"),
+                                   **kwargs)
+            if kwargs:
+                assert all(a is b for a, b in zip(res.grads or kwargs["out"], kwargs["out"])), "the result was copied"
             out.update(ok=res.ok, error=res.error, seconds=res.seconds,
                        attempts=[dataclasses.asdict(a) for a in res.attempts], reportable=res.reportable(),
                        sha256=tensors_sha256(res.grads) if res.ok else None)

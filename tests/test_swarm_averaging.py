@@ -266,6 +266,19 @@ def test_dht_from_node_key_file_and_bootstrap_errors(tmp_path, keys):
             grads[1][-1] = float("nan")
             with pytest.raises(LocalGradientError, match="tensor 1 holds NaN"):
                 averager.load_local_gradient(grads)
+            # a gradient computed in the averager's own buffers is checked where it is, not copied
+            buffers = averager.gradient_buffers()
+            buffers[0].copy_(torch.tensor([3.0, 0.0, -4.0]))
+            buffers[1].zero_()
+            with averager.get_tensors() as held:
+                assert all(b.data_ptr() == h.data_ptr() for b, h in zip(buffers, held))
+            assert averager.load_local_gradient(buffers) == pytest.approx(5.0)
+            buffers[1][-1] = float("inf")
+            with pytest.raises(LocalGradientError, match="tensor 1 holds NaN or infinite"):
+                averager.load_local_gradient(buffers)
+            buffers[1][-1] = 1e5
+            with pytest.raises(LocalGradientError, match="norm"):
+                averager.load_local_gradient(buffers)
         finally:
             averager.shutdown()
         with pytest.raises(ValueError, match="identity"):

@@ -29,6 +29,8 @@ def test_three_nodes_learn_and_hold_the_published_policy_after_every_round(tmp_p
     assert not any(r["note"].startswith("error") for r in records), records
     averaged = [r for r in records if r["averaged"]]
     assert len(averaged) >= 3 * ROUNDS - 3, records  # a round a node joined late may be averaged without it
+    # on the CPU the gradient is computed in the averager's buffers and the step reads the average there
+    assert all(r["grads_in_place"] for r in averaged), records
     # every peer that stepped computed the published bytes itself (it kept its own state: no resync)
     assert all(r["published"] and not r["resynced"] for r in averaged), [r for r in averaged if r["resynced"]]
     # each record says where its time went: every step of an averaged round, adding up to its time

@@ -13,6 +13,10 @@ One round, as the join loop sees it::
     else:
         ...  # result.attempts say who was excluded, accused or failed; the local gradient is untouched
 
+A trainer on the CPU can skip both copies: bind ``param.grad`` to :meth:`VerifiedAverager.gradient_buffers`
+before the backward pass (the round then only checks them), and pass ``out=averager.result_buffers()``
+(the join loop does both, :mod:`.join`).
+
 How a round goes (hivemind 1.1.12's DecentralizedAverager underneath, not a home-made all-reduce):
 
 1. :meth:`VerifiedAverager.average` checks this node's own ticket and gradient (shapes, finite,
@@ -246,6 +250,12 @@ class RoundResult:
         return "\n".join(parts)
 
 
+def _is_buffer(t: torch.Tensor, buf: torch.Tensor) -> bool:
+    """Whether ``t`` is exactly ``buf``'s memory (same place, shape, dtype, layout): nothing to copy."""
+    return (t.device.type == "cpu" and t.dtype == buf.dtype and t.shape == buf.shape and t.is_contiguous()
+            and t.data_ptr() == buf.data_ptr())
+
+
 def tensors_sha256(tensors: Iterable[torch.Tensor]) -> str:
     """SHA-256 of the tensors' raw bytes, in order (what must be equal on every honest peer)."""
     h = hashlib.sha256()
@@ -442,12 +452,16 @@ class VerifiedAverager(DecentralizedAverager):
         squares = 0.0
         with self.get_tensors() as buffers, torch.no_grad():
             for i, (g, buf) in enumerate(zip(grads, buffers)):
-                src, dst = g.detach().to(device="cpu", dtype=torch.float32).reshape(-1), buf.view(-1)
+                dst = buf.view(-1)
                 tensor_squares = 0.0
-                for start in range(0, dst.numel(), LOAD_CHUNK):
-                    chunk = dst[start: start + LOAD_CHUNK]
-                    chunk.copy_(src[start: start + LOAD_CHUNK])
-                    tensor_squares += float(torch.dot(chunk, chunk))  # NaN/inf (or squares past float32) too
+                if _is_buffer(g, buf):  # computed in place (gradient_buffers): check only, one read
+                    tensor_squares = float(torch.dot(dst, dst))
+                else:
+                    src = g.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+                    for start in range(0, dst.numel(), LOAD_CHUNK):
+                        chunk = dst[start: start + LOAD_CHUNK]
+                        chunk.copy_(src[start: start + LOAD_CHUNK])
+                        tensor_squares += float(torch.dot(chunk, chunk))  # NaN/inf (or squares past float32) too
                 if not math.isfinite(tensor_squares):
                     raise LocalGradientError(f"tensor {i} holds NaN or infinite values (or overflows float32)")
                 squares += tensor_squares
@@ -455,6 +469,17 @@ class VerifiedAverager(DecentralizedAverager):
         if not norm <= self.norm_bound:
             raise LocalGradientError(f"gradient norm {norm:.6g} is above norm_bound {self.norm_bound:g}")
         return norm
+
+    def gradient_buffers(self) -> list[torch.Tensor]:
+        """The averager's input tensors (float32, CPU, shared with its process). A trainer on the CPU can
+        compute its gradient straight into them (bound as ``param.grad``): :meth:`average` then checks
+        them where they are instead of copying them in. Nothing may write them while a round runs."""
+        return list(self._averaged_tensors)
+
+    def result_buffers(self) -> list[torch.Tensor]:
+        """Where the last successful round's average is (float32, CPU), until the next round starts:
+        as :meth:`average`'s ``out``, the result is these tensors and nothing is copied."""
+        return list(self._output_buffers)
 
     @staticmethod
     def commit_norm(grads: Sequence[torch.Tensor]) -> float:
@@ -476,7 +501,8 @@ class VerifiedAverager(DecentralizedAverager):
         apply, and a split swarm can average in two groups).
         ``max_attempts``: overrides the constructor's for this round.
         ``out``: tensors (e.g. the gradients themselves) to write the average into on success, which
-        the result then holds; by default the result holds new tensors.
+        the result then holds (:meth:`result_buffers`: no copy); by default the result holds new tensors.
+        ``grads`` may be :meth:`gradient_buffers` themselves (computed in place): checked, not copied.
         Raises LocalGradientError / ProtocolError / ValueError for this node's own bad input (nothing
         is sent then); a failed round is a result with ``ok=False``, never an exception.
         """
@@ -509,7 +535,8 @@ class VerifiedAverager(DecentralizedAverager):
                         else:
                             averaged = list(out)
                             for dst, b in zip(averaged, self._output_buffers, strict=True):
-                                dst.copy_(b)
+                                if not _is_buffer(dst, b):
+                                    dst.copy_(b)
                     return RoundResult(True, round_index, averaged, attempts, time.monotonic() - started)
                 accusations = accusation_list([*accusations, *report.accused_pairs()])
                 if (report.error or "").startswith(SELF_EXCLUDED):

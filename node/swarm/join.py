@@ -89,6 +89,7 @@ class RoundRecord:
     lag: int = 0
     dht_peers: int = 0  # peers this node's DHT is connected to
     averaging_s: float = 0.0  # time in the verified averaging (0 when it took no part)
+    grads_in_place: bool = False  # the gradient was computed in the averager's buffers (no copies)
     bytes_sent: int = 0  # gradient parts and averages this node sent in the averaging (all attempts)
     bytes_received: int = 0
     seconds: float = 0.0
@@ -263,6 +264,24 @@ class SwarmPeer:
         record.seconds = time.monotonic() - t0
         return record
 
+    def _bind_gradients(self, params) -> bool:
+        """On the CPU, make the averager's input buffers the parameters' ``.grad`` (zeroed), so that the
+        backward pass writes the gradient where the round reads it: no copy in, and (with the result
+        buffers as ``out``) none out — two passes over the gradient a round. False (copies) when any
+        parameter is not a float32 CPU tensor of the buffers' shape, or the averager has no buffers."""
+        buffers = getattr(self.averager, "gradient_buffers", None)
+        if buffers is None:
+            return False
+        buffers = buffers()
+        if len(buffers) != len(params) or not all(
+                t.device.type == "cpu" and t.dtype == b.dtype and t.shape == b.shape for t, b in zip(params, buffers)):
+            return False
+        with torch.no_grad():
+            for t, b in zip(params, buffers):
+                if t.grad is None or t.grad.data_ptr() != b.data_ptr():
+                    t.grad = b.zero_()  # (an already bound one was zeroed with the others)
+        return True
+
     def _wait_for_close(self, round_index: int) -> pb.HeartbeatResponse:
         deadline = time.monotonic() + self.round_timeout_s + 30.0
         while True:
@@ -275,6 +294,7 @@ class SwarmPeer:
         p = self.participant
         trainer = p.trainer
         trainer.optimizer.zero_grad(set_to_none=False)
+        bound = record.grads_in_place = self._bind_gradients(trainer.trainable)
         for t in trainer.trainable:
             if t.grad is None:
                 t.grad = torch.zeros_like(t)
@@ -285,7 +305,11 @@ class SwarmPeer:
         self._clock.lap("gradient")
         started = time.monotonic()
         result = self.averager.average(work.round_index, ticket.SerializeToString(), grads,
-                                       expected_peers=list(self._participants) or None, out=grads)
+                                       expected_peers=list(self._participants) or None,
+                                       out=self.averager.result_buffers() if bound else grads)
+        if bound and result.ok:  # the step reads the average where the round left it
+            for t, averaged in zip(trainer.trainable, result.grads, strict=True):
+                t.grad = averaged
         record.averaging_s = time.monotonic() - started
         self._clock.lap("averaging")
         record.bytes_sent, record.bytes_received = result.bytes_sent, result.bytes_received
