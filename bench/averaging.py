@@ -32,8 +32,9 @@ a trainer reads it, including matchmaking (target and minimum group size 3, ``mi
 2 s: a full group starts at once). Neither side copies the gradient in that time, as a trainer on
 the CPU would not: ours reads it from :meth:`VerifiedAverager.gradient_buffers` (filled once, as the
 join loop's backward pass fills them) and leaves the average in its ``result_buffers``; stock's
-tensors get the gradient before the barrier (it averages them in place) and hold the average after. ``round_s`` = median over the measured rounds of the slowest peer's time; ``allreduce_s`` the
-same for the reduction alone (ours: ``_aggregate_with_group``, i.e. verdicts + snapshot + reduction;
+tensors get the gradient before the barrier (it averages them in place) and hold the average after.
+``round_s`` = median over the measured rounds of the slowest peer's time; ``allreduce_s`` the same
+for the reduction alone (ours: ``_aggregate_with_group``, i.e. verdicts + snapshot + reduction;
 stock: its ``_aggregate_with_group``). CPU: user + system seconds of each peer's whole process tree
 (main, DHT and averager processes, p2pd) from the start barrier to the end barrier, summed over the
 peers; ``cpu_s_per_gb`` divides by the tensor payload all peers sent (parts to the other reducers
