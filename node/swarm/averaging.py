@@ -457,15 +457,14 @@ class VerifiedAverager(DecentralizedAverager):
         with self.get_tensors() as buffers, torch.no_grad():
             for i, (g, buf) in enumerate(zip(grads, buffers)):
                 dst = buf.view(-1)
+                in_place = _is_buffer(g, buf)  # computed in the buffers (gradient_buffers): checked, not copied
+                src = dst if in_place else g.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
                 tensor_squares = 0.0
-                if _is_buffer(g, buf):  # computed in place (gradient_buffers): check only, one read
-                    tensor_squares = float(torch.dot(dst, dst))
-                else:
-                    src = g.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
-                    for start in range(0, dst.numel(), LOAD_CHUNK):
-                        chunk = dst[start: start + LOAD_CHUNK]
+                for start in range(0, dst.numel(), LOAD_CHUNK):
+                    chunk = dst[start: start + LOAD_CHUNK]
+                    if not in_place:
                         chunk.copy_(src[start: start + LOAD_CHUNK])
-                        tensor_squares += float(torch.dot(chunk, chunk))  # NaN/inf (or squares past float32) too
+                    tensor_squares += float(torch.dot(chunk, chunk))  # NaN/inf (or squares past float32) too
                 if not math.isfinite(tensor_squares):
                     raise LocalGradientError(f"tensor {i} holds NaN or infinite values (or overflows float32)")
                 squares += tensor_squares
