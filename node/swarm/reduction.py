@@ -9,7 +9,7 @@
   broadcasting, in whatever dtype and compression the sender chose): compression type, dtype,
   shape, byte length, finite values, magnitude and — summed over the sender's parts — norm, which
   may not exceed the norm the sender committed to in its signed gather. A violation raises
-  :class:`PartRejected` (a ``BannedException``) *before* ``super().accumulate_part``; the local
+  :class:`PartRejected` (a ``BannedException``) *before* it is accumulated; the local
   sender is never checked there (the averager checks its own gradient before the round). Parts an
   excluded peer sends are refused (PROTOCOL_VIOLATION) without looking at them.
 * **Every result is the same bytes on every peer.** hivemind returns ``average - sender_part`` and
@@ -34,6 +34,8 @@
   copies; a message that does not parse is the sender's MALFORMED_PART), and each averaged part is
   decoded straight into its place in the caller's output buffers, its norm taken chunk by chunk
   while in cache (:func:`decode_into`, :class:`PartwiseOutputs`), never over the local gradient.
+  The reducer forms each average without a zeroed accumulator or a final division: the first
+  sender's part times ``weight / total`` starts it (:meth:`ValidatingReducer.reset_accumulators`).
 """
 
 from __future__ import annotations
@@ -229,6 +231,22 @@ class ValidatingReducer(TensorPartReducer):
         self.limits = [_limit(float(n), tolerance) for n in committed_norms]
         self.squares = [0.0] * num_senders  # float64 running sum of squares of each sender's parts
         self.local_index = local_index
+        self.total_weight = sum(self.weights)
+
+    def reset_accumulators(self):
+        """Move on to the next part (hivemind's, without the accumulator: hivemind zeroes a new one for
+        every part, adds each sender's part weighted and divides at the end; here the first sender's
+        part, times weight / total, becomes it and the others are added to it: two passes over every
+        part fewer, the same average up to rounding)."""
+        if self.current_part_index >= self.num_parts - 1:
+            self.finalize()
+            return
+        self.current_part_index += 1
+        self.current_part_accumulated_from = 0
+        self.current_part_future = asyncio.Future()
+        self.num_current_senders = sum(self.current_part_index < failed for failed in self.sender_failed_after)
+        self.accumulator = None
+        self.denominator = 0.0
 
     async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
                               weight: float = 1.0) -> torch.Tensor:
@@ -238,8 +256,40 @@ class ValidatingReducer(TensorPartReducer):
             raise AllreduceException(f"unknown sender index {sender_index}")
         if sender_index != self.local_index:
             self.check_part(sender_index, part_index, tensor_part)
-        # the claimed ``weight`` is ignored: the ticket's weight is the only one that counts
-        return await super().accumulate_part(sender_index, part_index, tensor_part, weight=self.weights[sender_index])
+        # hivemind's accumulate_part, with the accumulation above; the claimed ``weight`` is ignored:
+        # the ticket's weight is the only one that counts
+        weight = self.weights[sender_index]
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            finished = asyncio.create_task(self.finished.wait())
+            await asyncio.wait({self.current_part_future, finished}, return_when=asyncio.FIRST_COMPLETED)
+            finished.cancel()
+            if self.finished.is_set():
+                raise AllreduceException("the reducer was finalized")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        if part_index != self.current_part_index:
+            raise AllreduceException(f"part {part_index} came after the reducer moved past it")
+        future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            scale = weight / self.total_weight if self.total_weight else 0.0
+            if self.accumulator is None:
+                self.accumulator = torch.mul(tensor_part, scale)
+            else:
+                self.accumulator.add_(tensor_part, alpha=scale)
+            self.current_part_accumulated_from += 1
+            self.denominator += weight
+            self.check_current_part_finished()
+        return await future
+
+    def check_current_part_finished(self):
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from == self.num_current_senders:
+            average = self.accumulator
+            if self.denominator != self.total_weight and self.denominator > 0:  # (a sender left: hivemind's rule)
+                average = average.mul_(self.total_weight / self.denominator)
+            self.current_part_future.set_result(average)
+            self.reset_accumulators()
 
     def check_part(self, sender_index: int, part_index: int, part: torch.Tensor) -> None:
         """PartRejected unless ``part`` is a finite float32 tensor of the expected shape whose values

@@ -1,0 +1,53 @@
+"""The reducer's arithmetic on its own: ticket weights, claimed weights ignored, and the average it
+forms without hivemind's zeroed accumulator (node/swarm/reduction.py, ValidatingReducer)."""
+
+import asyncio
+
+import pytest
+import torch
+
+from grpo_swarm.node.swarm.reduction import PartRejected, ValidatingReducer
+
+
+def reducer(weights, shapes=((5,), (3,))):
+    return ValidatingReducer([torch.Size(s) for s in shapes], len(weights), weights=weights,
+                             committed_norms=[1e3] * len(weights), local_index=0, tolerance=1e-4)
+
+
+def parts(seed, shapes=((5,), (3,))):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g) for s in shapes]
+
+
+def test_the_average_is_the_ticket_weighted_mean_whatever_the_order_and_claims():
+    async def run():
+        weights = [3.0, 5.0, 7.0]
+        red = reducer(weights)
+        inputs = [parts(i) for i in range(3)]
+        # senders arrive out of order, claim weight 100, and part 1 is sent before part 0 is done
+        tasks = [asyncio.create_task(red.accumulate_part(s, p, inputs[s][p], weight=100.0))
+                 for p in (1, 0) for s in (2, 0, 1)]
+        results = await asyncio.gather(*tasks)
+        for (p, s), got in zip([(p, s) for p in (1, 0) for s in (2, 0, 1)], results):
+            expected = sum(w * x[p] for w, x in zip(weights, inputs)) / sum(weights)
+            assert torch.allclose(got, expected, rtol=1e-6, atol=1e-7), (p, s)
+        assert red.finished.is_set()
+        # every sender of a part gets the very same tensor (one average, encoded once)
+        assert results[0] is results[1] is results[2] and results[3] is results[4] is results[5]
+
+    asyncio.run(run())
+
+
+def test_a_remote_part_that_breaks_the_rules_is_refused_before_it_is_added():
+    async def run():
+        red = reducer([1.0, 1.0])
+        with pytest.raises(PartRejected):
+            await red.accumulate_part(1, 0, torch.tensor([float("nan")] * 5))
+        assert red.accumulator is None and red.current_part_accumulated_from == 0
+        with pytest.raises(PartRejected):
+            await red.accumulate_part(1, 0, torch.ones(1))  # would broadcast
+        local = asyncio.create_task(red.accumulate_part(0, 0, torch.ones(5)))
+        remote = asyncio.create_task(red.accumulate_part(1, 0, torch.full((5,), 3.0)))
+        assert torch.equal(await local, torch.full((5,), 2.0)) and (await remote) is (await local)
+
+    asyncio.run(run())
