@@ -266,6 +266,13 @@ def test_dht_from_node_key_file_and_bootstrap_errors(tmp_path, keys):
             grads[1][-1] = float("nan")
             with pytest.raises(LocalGradientError, match="tensor 1 holds NaN"):
                 averager.load_local_gradient(grads)
+            # a bfloat16 gradient is converted into the buffers chunk by chunk (and checked as converted)
+            half = [g.bfloat16() for g in grads]
+            half[1][-1] = 0.0
+            norm = averager.load_local_gradient(half)
+            assert norm == pytest.approx(float(torch.cat([h.float() for h in half]).double().norm()), rel=1e-5)
+            with averager.get_tensors() as buffers:
+                assert all(torch.equal(b, h.float()) for b, h in zip(buffers, half))
             # a gradient computed in the averager's own buffers is checked where it is, not copied
             buffers = averager.gradient_buffers()
             buffers[0].copy_(torch.tensor([3.0, 0.0, -4.0]))

@@ -458,7 +458,10 @@ class VerifiedAverager(DecentralizedAverager):
             for i, (g, buf) in enumerate(zip(grads, buffers)):
                 dst = buf.view(-1)
                 in_place = _is_buffer(g, buf)  # computed in the buffers (gradient_buffers): checked, not copied
-                src = dst if in_place else g.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+                if not in_place and g.device.type != "cpu":  # one transfer straight into the buffer, checked there
+                    buf.copy_(g.detach())
+                    in_place = True
+                src = None if in_place else g.detach().reshape(-1)  # (copy_ converts bf16 & co. a chunk at a time)
                 tensor_squares = 0.0
                 for start in range(0, dst.numel(), LOAD_CHUNK):
                     chunk = dst[start: start + LOAD_CHUNK]
