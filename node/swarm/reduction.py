@@ -271,22 +271,21 @@ class ValidatingReducer(TensorPartReducer):
         if part_index != self.current_part_index:
             raise AllreduceException(f"part {part_index} came after the reducer moved past it")
         future = self.current_part_future
-        if part_index < self.sender_failed_after[sender_index]:
-            scale = weight / self.total_weight if self.total_weight else 0.0
-            if self.accumulator is None:
-                self.accumulator = torch.mul(tensor_part, scale)
-            else:
-                self.accumulator.add_(tensor_part, alpha=scale)
-            self.current_part_accumulated_from += 1
-            self.denominator += weight
-            self.check_current_part_finished()
+        scale = weight / self.total_weight if self.total_weight else 0.0
+        if self.accumulator is None:
+            self.accumulator = torch.mul(tensor_part, scale)
+        else:
+            self.accumulator.add_(tensor_part, alpha=scale)
+        self.current_part_accumulated_from += 1
+        self.denominator += weight
+        self.check_current_part_finished()
         return await future
 
     def check_current_part_finished(self):
         assert self.current_part_accumulated_from <= self.num_current_senders
         if self.current_part_accumulated_from == self.num_current_senders:
             average = self.accumulator
-            if self.denominator != self.total_weight and self.denominator > 0:  # (a sender left: hivemind's rule)
+            if self.current_part_accumulated_from < self.num_senders and self.denominator > 0:  # (a sender left)
                 average = average.mul_(self.total_weight / self.denominator)
             self.current_part_future.set_result(average)
             self.reset_accumulators()
