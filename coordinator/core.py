@@ -71,7 +71,7 @@ from grpo_swarm.protocol.rpc import DEFAULT_CHUNK_SIZE, sign_ticket
 
 from .config import ConfigError, RunConfig
 from .metrics import CoordinatorMetrics
-from .snapshots import SnapshotError, SnapshotFiles, snapshot_state_sha256
+from .snapshots import SnapshotError, SnapshotFiles, check_readable, snapshot_state_sha256
 from .store import CoordinatorStore
 
 KEY_FILE = "coordinator.key"
@@ -428,12 +428,18 @@ class Coordinator:
             raise RequestError("FAILED_PRECONDITION", refused.detail) from None
 
     def publish_upload(self, node_id: str, header: pb.UploadSnapshotHeader, path: Path, *,
-                       chunk_hashes: tuple[list[bytes], bytes, int] | None = None) -> pb.UploadSnapshotResponse:
+                       chunk_hashes: tuple[list[bytes], bytes, int] | None = None,
+                       state_sha256: bytes | None = None) -> pb.UploadSnapshotResponse:
         """Publish a fully received upload (its size and file hash already checked by the caller;
-        ``chunk_hashes``: the file's :func:`~grpo_swarm.protocol.rpc.file_chunk_hashes`, when the
-        caller took them as the bytes arrived)."""
+        ``chunk_hashes``: the file's :func:`~grpo_swarm.protocol.rpc.file_chunk_hashes`, and
+        ``state_sha256``: its state-dict hash, when the caller took them as the bytes arrived — a
+        canonical version file's; otherwise the file is read again to hash it)."""
         try:
-            sha = snapshot_state_sha256(path)  # outside the lock: reads the whole file
+            if state_sha256 is None:
+                sha = snapshot_state_sha256(path)  # outside the lock: reads the whole file
+            else:
+                check_readable(path)  # (a canonical file is a valid safetensors file: this checks it is)
+                sha = state_sha256
         except SnapshotError:  # the uploader's bytes, not our failure (the message would name our file)
             raise RequestError("INVALID_ARGUMENT", "the upload is not a readable safetensors file") from None
         if sha != bytes(header.snapshot.sha256):

@@ -35,9 +35,11 @@ from grpo_swarm.protocol.rpc import (
     channel_options,
     iter_file_chunks,
 )
+from grpo_swarm.protocol.version_file import NotCanonical, StreamingStateHash
 
 from .core import Coordinator, RequestError
 from .limits import NonceWindow, RateLimiter
+from .upload_hashing import BackgroundFeed
 
 OPEN_METHODS = frozenset({"Register", "GetLog"})  # any valid key may call these
 ADMIN_METHODS = frozenset({"Admin"})  # only the coordinator's own key may call these
@@ -246,29 +248,40 @@ class CoordinatorService:
                 raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{header.total_bytes} bytes announced, "
                                                                    f"{free} free on the coordinator's disk")
             tmp = self.c.snapshots.upload_path(f"{node_id}-{header.snapshot.version}-{os.getpid()}")
-            # the download chunks' hashes are taken as the bytes arrive (outside the coordinator's lock)
-            received, hashes = 0, ChunkHasher(self.c.snapshots.chunk_size)
-            with open(tmp, "wb") as f:
-                for data in request_iterator:
-                    chunk = self._open_chunk(data)
-                    if chunk.offset != received:
-                        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"chunk offset {chunk.offset}, expected {received}")
-                    received += len(chunk.data)
-                    if received > header.total_bytes:
-                        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"more than the announced {header.total_bytes} bytes")
-                    hashes.update(chunk.data)
-                    f.write(chunk.data)
-                f.flush()
-                os.fsync(f.fileno())
+            # the file's hashes are taken as the bytes arrive, in threads beside this one (outside
+            # the coordinator's lock); a canonical version file's state hash too
+            received, hashes, state_hash = 0, ChunkHasher(self.c.snapshots.chunk_size), StreamingStateHash()
+            feeds = [BackgroundFeed(hashes), BackgroundFeed(state_hash)]
+            try:
+                with open(tmp, "wb") as f:
+                    for data in request_iterator:
+                        chunk = self._open_chunk(data)
+                        if chunk.offset != received:
+                            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                                           f"chunk offset {chunk.offset}, expected {received}")
+                        received += len(chunk.data)
+                        if received > header.total_bytes:
+                            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                                           f"more than the announced {header.total_bytes} bytes")
+                        for feed in feeds:
+                            feed.update(chunk.data)
+                        f.write(chunk.data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            finally:
+                for feed in feeds:
+                    feed.close()
             self.c.metrics.bytes_received.inc(received)
             if received != header.total_bytes:
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                f"received {received} bytes, announced {header.total_bytes}")
             if hashes.whole.digest() != bytes(header.file_sha256):
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "uploaded bytes do not match file_sha256")
-            reply = self.c.publish_upload(node_id, header, tmp, chunk_hashes=hashes.result())
+            try:
+                state_sha256 = state_hash.result()
+            except NotCanonical:  # a valid upload still: publish_upload reads the file to hash it
+                state_sha256 = None
+            reply = self.c.publish_upload(node_id, header, tmp, chunk_hashes=hashes.result(), state_sha256=state_sha256)
             tmp = None
         except Exception as exc:  # noqa: BLE001
             self._fail(method, context, exc)

@@ -15,7 +15,9 @@ finish them, so :class:`SnapshotFiles` deletes them when it opens the folder (co
 one coordinator owns a data directory, so none of them can still be in use).
 
 The state-dict hash (what proofs and the log name) is :func:`state_dict_sha256` of the tensors:
-:func:`snapshot_state_sha256` reads a file and computes it (torch + safetensors).
+:func:`snapshot_state_sha256` reads a file and computes it (torch + safetensors); an upload in
+canonical form (:mod:`grpo_swarm.protocol.version_file`) is hashed as it arrives instead, and only
+:func:`check_readable` opens the file.
 """
 
 from __future__ import annotations
@@ -63,6 +65,19 @@ def snapshot_state_sha256(path: str | os.PathLike) -> bytes:
     try:
         with safe_open(str(path), framework="pt") as f:
             return state_dict_sha256(OneAtATime(f))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise SnapshotError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def check_readable(path: str | os.PathLike) -> None:
+    """SnapshotError unless safetensors can open the file and read its tensor table (the data is
+    not read)."""
+    from safetensors import SafetensorError
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise SnapshotError(f"{path} is not a readable safetensors file: {e}") from None
 

@@ -22,7 +22,6 @@ import hashlib
 import math
 import numbers
 import os
-import struct
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -34,6 +33,7 @@ from grpo_swarm.protocol.identity import Identity
 from grpo_swarm.protocol.proofs import RewardProof, build_reward_proof, group_id_for, prompt_hash, sign_proof
 from grpo_swarm.protocol.identity import node_id_from_public_key
 from grpo_swarm.protocol.sampling_noise import row_key
+from grpo_swarm.protocol import version_file
 from grpo_swarm.protocol.verify import Recomputed, SpotCheckUnavailable, normalise_reward_specs, reward_spec_id
 
 from .data import PromptExample, load_dataset_spec, render_prompt
@@ -327,13 +327,10 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> bytes:
     """SHA-256 of a state dict in a canonical form: for each tensor, by name ascending,
     ``u32(len(name)) || name || u32(len(dtype)) || dtype || u32(ndim) || u64(dim)... || raw bytes``
     (contiguous, native little-endian). Tied weights are hashed under each name."""
-    h = hashlib.sha256(b"grpo-swarm/v1/state-dict\n")
+    h = hashlib.sha256(version_file.DOMAIN)
     for name in sorted(state_dict):
         t = state_dict[name].detach().cpu().contiguous()
-        dtype = str(t.dtype).encode()
-        h.update(struct.pack(">I", len(name.encode())) + name.encode())
-        h.update(struct.pack(">I", len(dtype)) + dtype)
-        h.update(struct.pack(f">I{t.dim()}Q", t.dim(), *t.shape))
+        h.update(version_file.tensor_prefix(name, str(t.dtype), t.shape))
         if t.numel():  # the tensor's own bytes, not a copy (0-dim: one element)
             h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.digest()

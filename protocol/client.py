@@ -37,6 +37,7 @@ from .identity import Identity
 from .log import LogEntry, parse_jsonl_line
 from .proofs import seal_envelope
 from .retry import TRANSIENT_CODES, Attempts, RetryPolicy
+from .version_file import VersionFileWriter
 from .rpc import (
     NonceSource,
     channel_options,
@@ -294,17 +295,30 @@ class CoordinatorClient:
 
     def upload_snapshot(self, path: str | os.PathLike, snapshot: pb.PolicySnapshotRef, *,
                         chunk_size: int = 4 << 20, timeout_s: float | None = None) -> pb.UploadSnapshotResponse:
+        """Upload a version file from disk (read twice: once for its hash, once to send it)."""
         path = Path(path)
         h = hashlib.sha256()
         with open(path, "rb") as f:
             while block := f.read(1 << 22):
                 h.update(block)
-        header = pb.UploadSnapshotHeader(snapshot=snapshot, total_bytes=path.stat().st_size, file_sha256=h.digest())
+        return self._upload(path.stat().st_size, h.digest(), lambda: iter_file_chunks(path, 0, chunk_size),
+                            snapshot, timeout_s)
+
+    def upload_version(self, writer: VersionFileWriter, snapshot: pb.PolicySnapshotRef, *, file_sha256: bytes | None = None,
+                       chunk_size: int = 4 << 20, timeout_s: float | None = None) -> pb.UploadSnapshotResponse:
+        """Upload a version file produced from tensors in memory (``file_sha256``: its hash, when
+        already computed)."""
+        return self._upload(writer.total_bytes, file_sha256 or writer.sha256(), lambda: writer.chunks(chunk_size),
+                            snapshot, timeout_s)
+
+    def _upload(self, total_bytes: int, file_sha256: bytes, chunks, snapshot: pb.PolicySnapshotRef,
+                timeout_s: float | None) -> pb.UploadSnapshotResponse:
+        header = pb.UploadSnapshotHeader(snapshot=snapshot, total_bytes=total_bytes, file_sha256=file_sha256)
 
         def messages() -> Iterable[bytes]:
             sealed = seal_envelope(header, self.identity, nonce=self._nonce())
             yield pb.UploadPart(header=sealed).SerializeToString()
-            for off, data in iter_file_chunks(path, 0, chunk_size):  # unsigned: the header's file hash binds them
+            for off, data in chunks():  # unsigned: the header's file hash binds them
                 yield pb.UploadPart(chunk=pb.SnapshotChunk(offset=off, data=data)).SerializeToString()
 
         # not retried: the chunks come from a generator that a retry would have to rewind; a node

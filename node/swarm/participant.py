@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.client import CoordinatorClient
 from grpo_swarm.protocol.rpc import hardware_summary
+from grpo_swarm.protocol.version_file import VersionFileWriter
 
 from .. import proving
 from ..hardware import fit_groups_per_microbatch, probe
@@ -31,9 +33,17 @@ from ..noise import group_keys
 from ..rewards import build_reward_functions
 from ..swarm_config import run_examples, train_config_from_run
 from ..trainer import GRPOTrainer, ScoredBatch
-from .training_state import load_training_state, training_state, untied
+from .training_state import load_training_state, training_state, version_file
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedUpload:
+    """A version file ready to stream, and its SHA-256."""
+
+    writer: VersionFileWriter
+    file_sha256: bytes
 
 
 def _device(overrides: Sequence[str]) -> str:
@@ -188,27 +198,24 @@ class Participant:
     def state_sha256(self) -> bytes:
         return proving.state_dict_sha256(self.training_state())
 
-    def save_and_upload(self, version: int, sha256: bytes | None = None) -> pb.UploadSnapshotResponse:
-        """Save this node's training state as a snapshot file and upload it as ``version``. With
-        ``sha256`` (the state's hash, already computed) a file saved for it earlier is sent again
-        without hashing or saving the state anew; :meth:`discard_uploads` removes the files."""
-        from safetensors.torch import save_file
+    def hash_version(self, *, upload: bool = False) -> tuple[bytes, PreparedUpload | None]:
+        """The hash of this node's training state; with ``upload``, also its version file, whose
+        SHA-256 (the upload's header needs it) is taken in a second thread meanwhile (hashlib
+        releases the GIL): an uploader's two passes over the state cost about one."""
+        if not upload:
+            return self.state_sha256(), None
+        writer = version_file(self.training_state())
+        with ThreadPoolExecutor(1) as pool:
+            file_sha256 = pool.submit(writer.sha256)
+            sha = self.state_sha256()
+            return sha, PreparedUpload(writer, file_sha256.result())
 
-        path = None if sha256 is None else self.workdir / f"{bytes(sha256).hex()}.safetensors"
-        if path is None or not path.exists():
-            state = untied(self.training_state())
-            # the hash just computed names the state it was computed from (the coordinator checks it)
-            sha256 = proving.state_dict_sha256(state) if sha256 is None else bytes(sha256)
-            path = self.workdir / f"{sha256.hex()}.safetensors"
-            if not path.exists():
-                tmp = path.with_name(path.name + ".tmp")
-                save_file(state, str(tmp))
-                os.replace(tmp, path)  # never a half-written file under the final name
-        return self.client.upload_snapshot(path, pb.PolicySnapshotRef(version=version, sha256=sha256))
-
-    def discard_uploads(self) -> None:
-        """Remove the state files saved for uploads (the coordinator keeps what it published)."""
-        for path in self.workdir.glob("*.safetensors*"):
-            stem = path.name.split(".", 1)[0]
-            if len(stem) == 64 and all(c in "0123456789abcdef" for c in stem):
-                path.unlink(missing_ok=True)
+    def upload(self, version: int, sha256: bytes, prepared: PreparedUpload | None = None) -> pb.UploadSnapshotResponse:
+        """Upload this node's training state as ``version`` (``sha256``: its state hash), streamed
+        from the live tensors as a canonical version file: nothing is saved to disk first. The state
+        must not change meanwhile (the join loop steps only after publication)."""
+        if prepared is None:
+            writer = version_file(self.training_state())
+            prepared = PreparedUpload(writer, writer.sha256())
+        return self.client.upload_version(prepared.writer, pb.PolicySnapshotRef(version=version, sha256=sha256),
+                                          file_sha256=prepared.file_sha256)

@@ -1,6 +1,7 @@
 """What a swarm version is: the policy's weights *and* its optimizer state (AdamW moments and
 step counts, the LR schedule's position), in one safetensors file whose state-dict hash is what
-peers report and the coordinator publishes.
+peers report and the coordinator publishes; a node uploads it in canonical form straight from the
+live tensors (:func:`version_file`).
 
 Every honest peer applies the same averaged gradient with the same optimizer state, so all of
 them compute bit-identical versions; a peer that loads a published version (it joined late, was
@@ -15,6 +16,8 @@ from typing import Mapping
 
 import torch
 
+from grpo_swarm.protocol.version_file import CODE_OF_TORCH_NAME, Entry, VersionFileWriter
+
 OPTIMIZER_PREFIX = "optimizer/"
 _MOMENTS = ("exp_avg", "exp_avg_sq", "step")
 
@@ -27,7 +30,7 @@ def model_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list,
                    scheduler=None) -> dict[str, torch.Tensor]:
     """Weights + optimizer state as contiguous CPU tensors (what a version file holds): the live
-    ones, not copies (tied weights share storage: :func:`untied` before saving)."""
+    ones, not copies (tied weights share storage)."""
     def live(t: torch.Tensor) -> torch.Tensor:
         return t.detach().cpu().contiguous()  # (a GPU tensor is copied anyway)
 
@@ -44,15 +47,20 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, par
     return out
 
 
-def untied(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` with a copy of each tensor whose storage an earlier one holds (tied weights), which
-    safetensors refuses to save; the others as they are."""
-    out, storages = {}, set()
+def version_file(state: Mapping[str, torch.Tensor]) -> VersionFileWriter:
+    """The canonical version file of ``state`` (:mod:`grpo_swarm.protocol.version_file`), read from
+    the tensors where they are: nothing is copied or written until its chunks are taken. Tied
+    weights need no copy (their bytes appear under each name). The tensors must not change while
+    the writer is in use."""
+    tensors = []
     for name, t in state.items():
-        ptr = t.untyped_storage().data_ptr()
-        out[name] = t.clone() if ptr in storages else t
-        storages.add(ptr)
-    return out
+        t = t.detach().cpu().contiguous()
+        code = CODE_OF_TORCH_NAME.get(str(t.dtype))
+        if code is None:
+            raise ValueError(f"{name}: a version file cannot hold {t.dtype}")
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        tensors.append((Entry(name, code, tuple(t.shape), t.numel() * t.element_size()), memoryview(raw)))
+    return VersionFileWriter(tensors)
 
 
 def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list,
