@@ -248,12 +248,12 @@ class CoordinatorService:
                 raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{header.total_bytes} bytes announced, "
                                                                    f"{free} free on the coordinator's disk")
             tmp = self.c.snapshots.upload_path(f"{node_id}-{header.snapshot.version}-{os.getpid()}")
-            # the file's hashes are taken as the bytes arrive, in threads beside this one (outside
-            # the coordinator's lock); a canonical version file's state hash too
+            # the file's hashes are taken, and its bytes written, as they arrive, each in a thread beside
+            # this one (outside the coordinator's lock); a canonical version file's state hash too
             received, hashes, state_hash = 0, ChunkHasher(self.c.snapshots.chunk_size), StreamingStateHash()
-            feeds = [BackgroundFeed(hashes), BackgroundFeed(state_hash)]
-            try:
-                with open(tmp, "wb") as f:
+            with open(tmp, "wb") as f:
+                feeds = [BackgroundFeed(hashes), BackgroundFeed(state_hash), BackgroundFeed(f, method="write")]
+                try:
                     for data in request_iterator:
                         chunk = self._open_chunk(data)
                         if chunk.offset != received:
@@ -265,12 +265,14 @@ class CoordinatorService:
                                            f"more than the announced {header.total_bytes} bytes")
                         for feed in feeds:
                             feed.update(chunk.data)
-                        f.write(chunk.data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            finally:
+                except BaseException:  # the refusal is what the uploader hears, not a feed's own failure
+                    for feed in feeds:
+                        feed.close(check=False)
+                    raise
                 for feed in feeds:
                     feed.close()
+                f.flush()
+                os.fsync(f.fileno())
             self.c.metrics.bytes_received.inc(received)
             if received != header.total_bytes:
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,

@@ -26,7 +26,7 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import grpc
 
@@ -37,7 +37,6 @@ from .identity import Identity
 from .log import LogEntry, parse_jsonl_line
 from .proofs import seal_envelope
 from .retry import TRANSIENT_CODES, Attempts, RetryPolicy
-from .version_file import VersionFileWriter
 from .rpc import (
     NonceSource,
     channel_options,
@@ -45,9 +44,11 @@ from .rpc import (
     chunk_range,
     iter_file_chunks,
     method_path,
+    upload_chunk_message,
     verify_manifest,
     verify_ticket,
 )
+from .version_file import VersionFileWriter
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -301,25 +302,27 @@ class CoordinatorClient:
         with open(path, "rb") as f:
             while block := f.read(1 << 22):
                 h.update(block)
-        return self._upload(path.stat().st_size, h.digest(), lambda: iter_file_chunks(path, 0, chunk_size),
+        return self._upload(path.stat().st_size, h.digest(),
+                            lambda: ((off, [data]) for off, data in iter_file_chunks(path, 0, chunk_size)),
                             snapshot, timeout_s)
 
     def upload_version(self, writer: VersionFileWriter, snapshot: pb.PolicySnapshotRef, *, file_sha256: bytes | None = None,
                        chunk_size: int = 4 << 20, timeout_s: float | None = None) -> pb.UploadSnapshotResponse:
         """Upload a version file produced from tensors in memory (``file_sha256``: its hash, when
         already computed)."""
-        return self._upload(writer.total_bytes, file_sha256 or writer.sha256(), lambda: writer.chunks(chunk_size),
+        return self._upload(writer.total_bytes, file_sha256 or writer.sha256(), lambda: writer.chunk_pieces(chunk_size),
                             snapshot, timeout_s)
 
-    def _upload(self, total_bytes: int, file_sha256: bytes, chunks, snapshot: pb.PolicySnapshotRef,
+    def _upload(self, total_bytes: int, file_sha256: bytes, chunks: Callable[[], Iterable[tuple[int, list]]],
+                snapshot: pb.PolicySnapshotRef,
                 timeout_s: float | None) -> pb.UploadSnapshotResponse:
         header = pb.UploadSnapshotHeader(snapshot=snapshot, total_bytes=total_bytes, file_sha256=file_sha256)
 
         def messages() -> Iterable[bytes]:
             sealed = seal_envelope(header, self.identity, nonce=self._nonce())
             yield pb.UploadPart(header=sealed).SerializeToString()
-            for off, data in chunks():  # unsigned: the header's file hash binds them
-                yield pb.UploadPart(chunk=pb.SnapshotChunk(offset=off, data=data)).SerializeToString()
+            for off, pieces in chunks():  # unsigned: the header's file hash binds them
+                yield upload_chunk_message(off, pieces)
 
         # not retried: the chunks come from a generator that a retry would have to rewind; a node
         # whose upload broke calls again (the coordinator keeps nothing of a broken upload)

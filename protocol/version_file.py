@@ -90,19 +90,25 @@ class VersionFileWriter:
             h.update(piece)
         return h.digest()
 
-    def chunks(self, chunk_size: int) -> Iterator[tuple[int, bytes]]:
-        """(offset, bytes) pieces of the file in ``chunk_size`` steps (the last may be shorter)."""
-        buf, filled, offset = bytearray(chunk_size), 0, 0
+    def chunk_pieces(self, chunk_size: int) -> Iterator[tuple[int, list[memoryview]]]:
+        """(offset, views) per ``chunk_size`` piece of the file (the last may be shorter): views of
+        the header and the tensors' own bytes, which together make the chunk — nothing copied yet."""
+        views, filled, offset = [], 0, 0
         for piece in self.pieces():
             while piece.nbytes:
                 take = min(piece.nbytes, chunk_size - filled)
-                buf[filled: filled + take] = piece[:take]
+                views.append(piece[:take])
                 filled, piece = filled + take, piece[take:]
                 if filled == chunk_size:
-                    yield offset, bytes(buf)
-                    offset, filled = offset + chunk_size, 0
+                    yield offset, views
+                    views, filled, offset = [], 0, offset + chunk_size
         if filled:
-            yield offset, bytes(buf[:filled])
+            yield offset, views
+
+    def chunks(self, chunk_size: int) -> Iterator[tuple[int, bytes]]:
+        """(offset, bytes) pieces of the file in ``chunk_size`` steps."""
+        for offset, views in self.chunk_pieces(chunk_size):
+            yield offset, b"".join(views)
 
 
 class NotCanonical(Exception):

@@ -22,6 +22,7 @@ from grpo_swarm.node import proving
 from grpo_swarm.node.swarm.training_state import version_file
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.client import CoordinatorError
+from grpo_swarm.protocol.rpc import upload_chunk_message
 from grpo_swarm.protocol.version_file import NotCanonical, StreamingStateHash
 
 from coordinator_world import HonestNode, Served
@@ -138,7 +139,7 @@ def test_a_background_feed_keeps_order_and_hands_back_errors():
         feed.update(p)
     with pytest.raises(ValueError, match="sink broke"):
         feed.close()
-    assert not any(t.name.startswith("hash-") and t.is_alive() for t in threading.enumerate())
+    assert not any(t.name.startswith("feed-") and t.is_alive() for t in threading.enumerate())
 
 
 def test_a_canonical_upload_is_published_from_its_streamed_hash_and_a_lying_one_refused(tmp_path, monkeypatch):
@@ -171,3 +172,13 @@ def test_a_canonical_upload_is_published_from_its_streamed_hash_and_a_lying_one_
         assert published.read_bytes() == file_bytes(state)
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("offset", [0, 1, 127, 128, 300, 4 << 20, 1 << 40])
+@pytest.mark.parametrize("sizes", [(1,), (5, 0, 7), (127,), (128,), (70_000, 3)])
+def test_chunk_messages_are_protobufs_bytes(offset, sizes):
+    pieces = [memoryview(bytes(range(256)) * (n // 256 + 1))[:n] for n in sizes]
+    data = b"".join(pieces)
+    expected = pb.UploadPart(chunk=pb.SnapshotChunk(offset=offset, data=data)).SerializeToString()
+    assert upload_chunk_message(offset, pieces) == expected
+    assert pb.UploadPart.FromString(expected).chunk.data == data
