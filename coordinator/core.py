@@ -412,8 +412,8 @@ class Coordinator:
         """RequestError unless ``node_id`` may upload this version now (a refusal by the publication
         rule is logged, FAILED_PRECONDITION); the tally of its hash."""
         ref = header.snapshot
-        if len(ref.sha256) != 32 or len(header.file_sha256) != 32:
-            raise RequestError("INVALID_ARGUMENT", "snapshot.sha256 and file_sha256 must be 32 bytes")
+        if len(ref.sha256) != 32 or len(header.file_sha256) not in (0, 32):
+            raise RequestError("INVALID_ARGUMENT", "snapshot.sha256 must be 32 bytes, file_sha256 32 or none")
         if header.total_bytes <= 0:
             raise RequestError("INVALID_ARGUMENT", "total_bytes must be > 0")
         with self.lock:

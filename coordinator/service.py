@@ -277,11 +277,14 @@ class CoordinatorService:
             if received != header.total_bytes:
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                f"received {received} bytes, announced {header.total_bytes}")
-            if hashes.whole.digest() != bytes(header.file_sha256):
+            if header.file_sha256 and hashes.whole.digest() != bytes(header.file_sha256):
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "uploaded bytes do not match file_sha256")
             try:
                 state_sha256 = state_hash.result()
-            except NotCanonical:  # a valid upload still: publish_upload reads the file to hash it
+            except NotCanonical as e:  # a valid upload still: publish_upload reads the file to hash it
+                if not header.file_sha256:  # nothing else binds the bytes to the signed header
+                    raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "an upload without file_sha256 must be a "
+                                                                     f"canonical version file: {e}") from None
                 state_sha256 = None
             reply = self.c.publish_upload(node_id, header, tmp, chunk_hashes=hashes.result(), state_sha256=state_sha256)
             tmp = None

@@ -306,12 +306,11 @@ class CoordinatorClient:
                             lambda: ((off, [data]) for off, data in iter_file_chunks(path, 0, chunk_size)),
                             snapshot, timeout_s)
 
-    def upload_version(self, writer: VersionFileWriter, snapshot: pb.PolicySnapshotRef, *, file_sha256: bytes | None = None,
+    def upload_version(self, writer: VersionFileWriter, snapshot: pb.PolicySnapshotRef, *,
                        chunk_size: int = 4 << 20, timeout_s: float | None = None) -> pb.UploadSnapshotResponse:
-        """Upload a version file produced from tensors in memory (``file_sha256``: its hash, when
-        already computed)."""
-        return self._upload(writer.total_bytes, file_sha256 or writer.sha256(), lambda: writer.chunk_pieces(chunk_size),
-                            snapshot, timeout_s)
+        """Upload a canonical version file produced from tensors in memory, read once: no file hash
+        in the header (the state hash binds a canonical file's bytes)."""
+        return self._upload(writer.total_bytes, b"", lambda: writer.chunk_pieces(chunk_size), snapshot, timeout_s)
 
     def _upload(self, total_bytes: int, file_sha256: bytes, chunks: Callable[[], Iterable[tuple[int, list]]],
                 snapshot: pb.PolicySnapshotRef,

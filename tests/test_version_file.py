@@ -163,6 +163,12 @@ def test_a_canonical_upload_is_published_from_its_streamed_hash_and_a_lying_one_
         with pytest.raises(CoordinatorError) as info:
             node.client.upload_version(version_file(lie), pb.PolicySnapshotRef(version=1, sha256=sha))
         assert info.value.code == "INVALID_ARGUMENT" and "not the claimed" in info.value.detail
+        # without a file hash the bytes must be canonical: a file with metadata is refused, with the reason
+        plain = save(state, metadata={"note": "not canonical"})
+        with pytest.raises(CoordinatorError) as info:
+            node.client._upload(len(plain), b"", lambda: iter([(0, [plain])]), pb.PolicySnapshotRef(version=1, sha256=sha),
+                                timeout_s=60)
+        assert info.value.code == "INVALID_ARGUMENT" and "canonical version file" in info.value.detail
         reply = node.client.upload_version(version_file(state), pb.PolicySnapshotRef(version=1, sha256=sha),
                                            chunk_size=1 << 16)
         assert reply.published == pb.PolicySnapshotRef(version=1, sha256=sha)

@@ -32,7 +32,7 @@ from grpo_swarm.protocol.errors import ProtocolError
 from grpo_swarm.protocol.identity import Identity
 
 from .dht import connect_peers, connected_peers
-from .participant import Participant, PreparedUpload, RoundWork
+from .participant import Participant, RoundWork
 
 log = logging.getLogger(__name__)
 COMPRESSIONS = ("none", "fp16", "8bit")
@@ -324,10 +324,7 @@ class SwarmPeer:
         trainer.apply_gradients()
         record.averaged = True
         version = trainer.version
-        uploader = self._is_uploader(result)
-        # weights and optimizer state: what every honest peer computed alike (the uploader also
-        # hashes the file it will send, at the same time)
-        sha, prepared = p.hash_version(upload=uploader)
+        sha = p.state_sha256()  # weights and optimizer state: what every honest peer computed alike
         try:
             p.report(version, sha)
         except CoordinatorError as e:
@@ -338,7 +335,7 @@ class SwarmPeer:
                 raise
             log.info("report of v%d came after its publication: %s", version, e.detail)
         self._clock.lap("step")
-        if not self._follow_publication(version, sha, record, uploader=uploader, prepared=prepared):
+        if not self._follow_publication(version, sha, record, uploader=self._is_uploader(result)):
             # the swarm did not publish this step: back to the published weights and moments (a
             # version file holds both; version 0's none means a fresh optimizer)
             p.sync()
@@ -351,7 +348,7 @@ class SwarmPeer:
         return not ids or ids[0] == self.participant.node_id
 
     def _follow_publication(self, version: int, sha: bytes | None, record: RoundRecord, *,
-                            uploader: bool = False, prepared: PreparedUpload | None = None) -> bool:
+                            uploader: bool = False) -> bool:
         """Wait for ``version`` to be published; load it unless this node computed the same bytes.
         With ``sha`` (this node computed the version), upload it: at once when it is the designated
         ``uploader``, otherwise after :meth:`_fallback_delay` (10 s + the upload's time at 50 MB/s); a
@@ -375,7 +372,7 @@ class SwarmPeer:
                     return True
                 if sha is not None and time.monotonic() >= next_upload:
                     try:
-                        p.upload(version, sha, prepared)
+                        p.upload(version, sha)
                         continue  # published: the next heartbeat says so
                     except CoordinatorError as e:  # no quorum yet, or another peer published first
                         log.info("upload of v%d: %s: %s", version, e.code, e.detail)

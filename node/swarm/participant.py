@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +22,6 @@ from safetensors.torch import load_file
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.client import CoordinatorClient
 from grpo_swarm.protocol.rpc import hardware_summary
-from grpo_swarm.protocol.version_file import VersionFileWriter
 
 from .. import proving
 from ..hardware import fit_groups_per_microbatch, probe
@@ -36,14 +34,6 @@ from ..trainer import GRPOTrainer, ScoredBatch
 from .training_state import load_training_state, training_state, version_file
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PreparedUpload:
-    """A version file ready to stream, and its SHA-256."""
-
-    writer: VersionFileWriter
-    file_sha256: bytes
 
 
 def _device(overrides: Sequence[str]) -> str:
@@ -198,24 +188,9 @@ class Participant:
     def state_sha256(self) -> bytes:
         return proving.state_dict_sha256(self.training_state())
 
-    def hash_version(self, *, upload: bool = False) -> tuple[bytes, PreparedUpload | None]:
-        """The hash of this node's training state; with ``upload``, also its version file, whose
-        SHA-256 (the upload's header needs it) is taken in a second thread meanwhile (hashlib
-        releases the GIL): an uploader's two passes over the state cost about one."""
-        if not upload:
-            return self.state_sha256(), None
-        writer = version_file(self.training_state())
-        with ThreadPoolExecutor(1) as pool:
-            file_sha256 = pool.submit(writer.sha256)
-            sha = self.state_sha256()
-            return sha, PreparedUpload(writer, file_sha256.result())
-
-    def upload(self, version: int, sha256: bytes, prepared: PreparedUpload | None = None) -> pb.UploadSnapshotResponse:
+    def upload(self, version: int, sha256: bytes) -> pb.UploadSnapshotResponse:
         """Upload this node's training state as ``version`` (``sha256``: its state hash), streamed
-        from the live tensors as a canonical version file: nothing is saved to disk first. The state
-        must not change meanwhile (the join loop steps only after publication)."""
-        if prepared is None:
-            writer = version_file(self.training_state())
-            prepared = PreparedUpload(writer, writer.sha256())
-        return self.client.upload_version(prepared.writer, pb.PolicySnapshotRef(version=version, sha256=sha256),
-                                          file_sha256=prepared.file_sha256)
+        from the live tensors as a canonical version file: nothing is saved, and the state is read
+        once. It must not change meanwhile (the join loop steps only after publication)."""
+        return self.client.upload_version(version_file(self.training_state()),
+                                          pb.PolicySnapshotRef(version=version, sha256=sha256))
