@@ -252,19 +252,21 @@ class CoordinatorService:
             # this one (outside the coordinator's lock); a canonical version file's state hash too
             received, hashes, state_hash = 0, ChunkHasher(self.c.snapshots.chunk_size), StreamingStateHash()
             with open(tmp, "wb") as f:
-                feeds = [BackgroundFeed(hashes), BackgroundFeed(state_hash), BackgroundFeed(f, method="write")]
+                feeds = [BackgroundFeed(hashes.whole), BackgroundFeed(hashes, method="update_chunks"),
+                         BackgroundFeed(state_hash), BackgroundFeed(f, method="write")]
                 try:
-                    for data in request_iterator:
-                        chunk = self._open_chunk(data)
+                    for message in request_iterator:
+                        chunk = self._open_chunk(message)
                         if chunk.offset != received:
                             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                            f"chunk offset {chunk.offset}, expected {received}")
-                        received += len(chunk.data)
+                        data = chunk.data  # (each read of a protobuf bytes field is a new copy)
+                        received += len(data)
                         if received > header.total_bytes:
                             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                            f"more than the announced {header.total_bytes} bytes")
                         for feed in feeds:
-                            feed.update(chunk.data)
+                            feed.update(data)
                 except BaseException:  # the refusal is what the uploader hears, not a feed's own failure
                     for feed in feeds:
                         feed.close(check=False)

@@ -1,7 +1,7 @@
 """Hashing and writing an upload while it arrives, off the thread that receives it.
 
 An upload is hashed three ways: the whole file and each download chunk (:class:`ChunkHasher`, for
-the manifest) and, for a canonical version file, its state-dict hash
+the manifest; a thread each) and, for a canonical version file, its state-dict hash
 (:class:`~grpo_swarm.protocol.version_file.StreamingStateHash`, which spares the coordinator a
 second read of the file). Each hasher, and the file's writer, gets its own thread, fed through a
 short queue, so hashing (hashlib releases the GIL) and writing run beside the receiving of the

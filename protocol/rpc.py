@@ -109,8 +109,13 @@ class ChunkHasher:
         self._piece, self._filled = hashlib.sha256(), 0
 
     def update(self, data) -> None:
+        self.whole.update(data)
+        self.update_chunks(data)
+
+    def update_chunks(self, data) -> None:
+        """The chunks' hashes (and the size) alone, for a caller that feeds :attr:`whole` itself
+        (in another thread: the two hashes are two passes over the bytes)."""
         view = memoryview(data).cast("B")
-        self.whole.update(view)
         self.size += len(view)
         while len(view):
             take = min(len(view), self.chunk_size - self._filled)
