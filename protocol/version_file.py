@@ -141,6 +141,8 @@ class StreamingStateHash:
                 self._feed(view)
         except NotCanonical as e:
             self.failure = str(e)
+        except Exception as e:  # noqa: BLE001 - whatever the bytes make the parsing raise: not canonical
+            self.failure = f"the header does not parse: {type(e).__name__}"
 
     def result(self) -> bytes:
         if self.failure is None and (self._plan is None or self._index < len(self._plan) or self._left):

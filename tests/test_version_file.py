@@ -101,6 +101,9 @@ def mutations(data: bytes):
                                                   separators=(",", ":"))
     yield "other dtype", _reheader(data, {**h, "z.weight": {**h["z.weight"], "dtype": "I32"}}, separators=(",", ":"))
     yield "not safetensors", b"\x10\0\0\0\0\0\0\0" + b"not json at all!" + data[24:]
+    yield "a dimension past 64 bits", _reheader(data, {**h, "z.weight": {**h["z.weight"], "shape": [2 ** 70]}},
+                                                separators=(",", ":"))
+    yield "deeply nested JSON", _with_text(data, "[" * 100_000 + "]" * 100_000)
     yield "save_file's order", save({k: v.clone() for k, v in a_state().items()})
 
 
