@@ -226,3 +226,13 @@ def test_bench_swarm_rounds_tiny_says_where_each_round_went():
     assert {"sample", "submit", "wait", "gradient", "averaging", "step", "publish"} <= set(res["phases_s"])
     assert 0 < sum(res["phases_s"].values()) <= 2 * res["round_s"]
     assert res["snapshot_bytes"] > 1_000_000  # the tiny model's weights and AdamW moments
+
+
+def test_bench_publication_both_uploads_do_the_whole_work():
+    """bench/publication.py on a small state: both kinds of upload reach the coordinator's hash check
+    (refused there, as the bench intends), and the JSON line has both timings."""
+    res = run_bench("publication.py", "--size", "0.01", "--repeats", "1",
+                    keys=("streamed_s", "saved_s", "speedup", "version_bytes", "refused_as_expected"), timeout=240)
+    assert res["refused_as_expected"] is True
+    assert res["version_bytes"] > 4 * 0.01 * 134_515_008 * 3 * 0.9  # weights + two moments, float32
+    assert res["streamed_s"] > 0 and res["saved_s"] > 0
