@@ -127,13 +127,11 @@ class StreamingStateHash:
         self._index, self._left = 0, 0
         self._hash = hashlib.sha256(DOMAIN)
         self.failure: str | None = None
-        self.size = 0
 
     def update(self, data) -> None:
         if self.failure is not None:
             return
         view = memoryview(data).cast("B")
-        self.size += view.nbytes
         try:
             if self._plan is None:
                 view = self._read_header(view)
