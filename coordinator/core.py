@@ -73,6 +73,7 @@ from .config import ConfigError, RunConfig
 from .metrics import CoordinatorMetrics
 from .snapshots import SnapshotError, SnapshotFiles, check_readable, snapshot_state_sha256
 from .store import CoordinatorStore
+from .uploads import InFlightUploads
 
 KEY_FILE = "coordinator.key"
 LOG_FILE = "protocol.sqlite"
@@ -144,6 +145,7 @@ class Coordinator:
         self.store = CoordinatorStore(self.dir / STORE_FILE)
         self.log = ProtocolLog(self.dir / LOG_FILE)
         self.snapshots = SnapshotFiles(self.dir / SNAPSHOT_DIR, self.identity, cfg.run.id, chunk_size)
+        self.uploads = InFlightUploads()  # the UploadSnapshot streams being received
 
         def payload_for(dataset_size: int, eos: tuple, vocab: int) -> dict:
             return cfg.run_spec(dataset_size, eos_token_ids=eos, vocab_size=vocab).to_payload()
@@ -300,6 +302,9 @@ class Coordinator:
             ticket = self.recorder.final_tickets.get(node_id)
             if ticket is not None:  # its final ticket of the last closed round
                 reply.round_ticket.CopyFrom(ticket)
+            upload = self.uploads.progress(cur + 1)
+            if upload is not None:
+                reply.upload.CopyFrom(upload)
             return reply
 
     def manifest(self, version: int | None) -> pb.SnapshotManifest:

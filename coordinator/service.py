@@ -231,7 +231,7 @@ class CoordinatorService:
 
     def upload(self, request_iterator, context):
         method = "UploadSnapshot"
-        tmp = None
+        tmp = flight = None
         try:
             first = next(request_iterator, None)
             if first is None:
@@ -243,10 +243,14 @@ class CoordinatorService:
             env, node_id = self._open(method, opening.header.SerializeToString())
             header = self._payload(pb.UploadSnapshotHeader, env)
             self.c.check_upload(node_id, header)
-            free = shutil.disk_usage(self.c.snapshots.dir).free
+            version = header.snapshot.version
+            # (the other streams in flight will need what they announced)
+            free = shutil.disk_usage(self.c.snapshots.dir).free - self.c.uploads.reserved_bytes()
             if header.total_bytes > free:
                 raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{header.total_bytes} bytes announced, "
-                                                                   f"{free} free on the coordinator's disk")
+                                                                   f"{max(free, 0)} free on the coordinator's disk "
+                                                                   "beside the uploads in flight")
+            flight = self.c.uploads.start(node_id, version, header.total_bytes)
             tmp = self.c.snapshots.upload_path(f"{node_id}-{header.snapshot.version}-{os.getpid()}")
             # the file's hashes are taken, and its bytes written, as they arrive, each in a thread beside
             # this one (outside the coordinator's lock); a canonical version file's state hash too
@@ -267,6 +271,10 @@ class CoordinatorService:
                                            f"more than the announced {header.total_bytes} bytes")
                         for feed in feeds:
                             feed.update(data)
+                        flight.advance(received)
+                        if self.c.state.current_version >= version:  # another upload won the race
+                            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                                           f"version {version} was published while this upload streamed")
                 except BaseException:  # the refusal is what the uploader hears, not a feed's own failure
                     for feed in feeds:
                         feed.close(check=False)
@@ -293,6 +301,8 @@ class CoordinatorService:
         except Exception as exc:  # noqa: BLE001
             self._fail(method, context, exc)
         finally:
+            if flight is not None:
+                self.c.uploads.end(flight)
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
         self._ok(method)

@@ -32,7 +32,7 @@ import grpc
 
 from . import grpo_swarm_pb2 as pb
 from . import partfiles
-from .errors import ProtocolError
+from .errors import CoordinatorError, ProtocolError
 from .identity import Identity
 from .log import LogEntry, parse_jsonl_line
 from .proofs import seal_envelope
@@ -48,17 +48,10 @@ from .rpc import (
     verify_manifest,
     verify_ticket,
 )
+from .upload_call import DEFAULT_STALL_S, UploadCall
 from .version_file import VersionFileWriter
 
 DEFAULT_TIMEOUT_S = 60.0
-
-
-class CoordinatorError(Exception):
-    """A call the coordinator refused or that failed in transport: ``code`` is the gRPC status name."""
-
-    def __init__(self, method: str, code: str, detail: str):
-        super().__init__(f"{method}: {code}: {detail}")
-        self.method, self.code, self.detail = method, code, detail
 
 
 def _identity(x: bytes) -> bytes:
@@ -295,7 +288,8 @@ class CoordinatorClient:
         return reply
 
     def upload_snapshot(self, path: str | os.PathLike, snapshot: pb.PolicySnapshotRef, *,
-                        chunk_size: int = 4 << 20, timeout_s: float | None = None) -> pb.UploadSnapshotResponse:
+                        chunk_size: int = 4 << 20, timeout_s: float | None = None,
+                        stall_s: float = DEFAULT_STALL_S) -> pb.UploadSnapshotResponse:
         """Upload a version file from disk (read twice: once for its hash, once to send it)."""
         path = Path(path)
         h = hashlib.sha256()
@@ -304,17 +298,29 @@ class CoordinatorClient:
                 h.update(block)
         return self._upload(path.stat().st_size, h.digest(),
                             lambda: ((off, [data]) for off, data in iter_file_chunks(path, 0, chunk_size)),
-                            snapshot, timeout_s)
+                            snapshot, timeout_s=timeout_s, stall_s=stall_s).result()
 
     def upload_version(self, writer: VersionFileWriter, snapshot: pb.PolicySnapshotRef, *,
-                       chunk_size: int = 4 << 20, timeout_s: float | None = None) -> pb.UploadSnapshotResponse:
+                       chunk_size: int = 4 << 20, timeout_s: float | None = None,
+                       stall_s: float = DEFAULT_STALL_S) -> pb.UploadSnapshotResponse:
         """Upload a canonical version file produced from tensors in memory, read once: no file hash
         in the header (the state hash binds a canonical file's bytes)."""
-        return self._upload(writer.total_bytes, b"", lambda: writer.chunk_pieces(chunk_size), snapshot, timeout_s)
+        return self.start_upload_version(writer, snapshot, chunk_size=chunk_size, timeout_s=timeout_s,
+                                         stall_s=stall_s).result()
+
+    def start_upload_version(self, writer: VersionFileWriter, snapshot: pb.PolicySnapshotRef, *,
+                             chunk_size: int = 4 << 20, timeout_s: float | None = None,
+                             stall_s: float = DEFAULT_STALL_S) -> UploadCall:
+        """:meth:`upload_version` in the background: the stream in flight (its tensors must not
+        change until it is done)."""
+        return self._upload(writer.total_bytes, b"", lambda: writer.chunk_pieces(chunk_size), snapshot,
+                            timeout_s=timeout_s, stall_s=stall_s)
 
     def _upload(self, total_bytes: int, file_sha256: bytes, chunks: Callable[[], Iterable[tuple[int, list]]],
-                snapshot: pb.PolicySnapshotRef,
-                timeout_s: float | None) -> pb.UploadSnapshotResponse:
+                snapshot: pb.PolicySnapshotRef, *, timeout_s: float | None = None,
+                stall_s: float = DEFAULT_STALL_S) -> UploadCall:
+        """The stream, started. No deadline for the whole call unless ``timeout_s`` (a large version
+        over a home uplink takes many minutes); it fails once gRPC has taken nothing for ``stall_s``."""
         header = pb.UploadSnapshotHeader(snapshot=snapshot, total_bytes=total_bytes, file_sha256=file_sha256)
 
         def messages() -> Iterable[bytes]:
@@ -327,10 +333,7 @@ class CoordinatorClient:
         # whose upload broke calls again (the coordinator keeps nothing of a broken upload)
         call = self.channel.stream_unary(method_path("UploadSnapshot"), request_serializer=_identity,
                                          response_deserializer=pb.UploadSnapshotResponse.FromString)
-        try:
-            return call(messages(), timeout=timeout_s or self.timeout_s)
-        except grpc.RpcError as e:
-            raise CoordinatorError("UploadSnapshot", e.code().name, e.details() or "") from None
+        return UploadCall(lambda it: call.future(it, timeout=timeout_s), messages(), total_bytes, stall_s=stall_s)
 
     def get_log(self, from_index: int = 0, max_entries: int = 0, timeout_s: float | None = None) -> Iterator[LogEntry]:
         next_index, left = from_index, max_entries

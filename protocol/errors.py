@@ -43,3 +43,11 @@ class ProtocolError(Exception):
 
     def __reduce__(self):  # picklable across processes (multiprocessing, hivemind MPFuture)
         return (type(self), (self.code, self.detail))
+
+
+class CoordinatorError(Exception):
+    """A call the coordinator refused or that failed in transport: ``code`` is the gRPC status name."""
+
+    def __init__(self, method: str, code: str, detail: str):
+        super().__init__(f"{method}: {code}: {detail}")
+        self.method, self.code, self.detail = method, code, detail

@@ -170,14 +170,14 @@ def test_a_canonical_upload_is_published_from_its_streamed_hash_and_a_lying_one_
         plain = save(state, metadata={"note": "not canonical"})
         with pytest.raises(CoordinatorError) as info:
             node.client._upload(len(plain), b"", lambda: iter([(0, [plain])]), pb.PolicySnapshotRef(version=1, sha256=sha),
-                                timeout_s=60)
+                                timeout_s=60).result()
         assert info.value.code == "INVALID_ARGUMENT" and "canonical version file" in info.value.detail
         # cut mid-way: refused for its length, nothing left on disk, no hashing thread left running
         writer = version_file(state)
         half = list(writer.chunk_pieces(1 << 16))[: writer.total_bytes // (2 << 16)]
         with pytest.raises(CoordinatorError) as info:
             node.client._upload(writer.total_bytes, b"", lambda: iter(half), pb.PolicySnapshotRef(version=1, sha256=sha),
-                                timeout_s=60)
+                                timeout_s=60).result()
         assert info.value.code == "INVALID_ARGUMENT" and "announced" in info.value.detail
         assert not [p for p in (s.data_dir / "snapshots").iterdir() if p.name.startswith(".upload")]
         assert not [t for t in threading.enumerate() if t.name.startswith("feed-")]

@@ -6,7 +6,8 @@ work is averaged, every honest peer takes the same step)::
     heartbeat ─ assignment, bound version ─► sample (keyed noise) ─► proofs ─► SubmitProofs
         ─► wait for the round to close ─► final ticket ─► gradient of the accepted groups
         ─► verified averaging with the round's other ticket holders ─► AdamW step ─► version + 1
-        ─► report its parameter hash ─► (the designated peer) upload ─► wait for the publication
+        ─► report its parameter hash ─► wait for the publication (the designated peer uploads; the
+           others race it only when it stalls or crawls: :mod:`.publication`)
         ─► a peer whose hash differs from the published one loads the snapshot
 
 A peer without a final ticket (nothing accepted, late, voided) skips the averaging and loads the
@@ -33,6 +34,7 @@ from grpo_swarm.protocol.identity import Identity
 
 from .dht import connect_peers, connected_peers
 from .participant import Participant, RoundWork
+from .publication import PublicationFollower, designated
 
 log = logging.getLogger(__name__)
 COMPRESSIONS = ("none", "fp16", "8bit")
@@ -49,10 +51,6 @@ def compression_named(name: str):
     return kinds[name]()
 
 
-UPLOAD_FALLBACK_S = 10.0  # a contributor uploads itself when the designated one has not published by then,
-FALLBACK_BYTES_PER_S = 50e6  # plus the time the designated one's upload takes at this rate: a fallback that
-# starts while the real upload streams only slows it (saving 1.7 GB for SmolLM2 and being refused)
-UPLOAD_RETRY_S = 0.5  # a refused upload (the others' reports not in yet) is tried again after this, doubling
 
 
 @dataclass
@@ -92,6 +90,7 @@ class RoundRecord:
     grads_in_place: bool = False  # the gradient was computed in the averager's buffers (no copies)
     bytes_sent: int = 0  # gradient parts and averages this node sent in the averaging (all attempts)
     bytes_received: int = 0
+    upload_bytes: int = 0  # bytes this node streamed to the coordinator uploading versions
     seconds: float = 0.0
     held_version: int = -1  # the version this node holds when the round ends
     sha256: str = ""  # hash of the weights + optimizer state it holds then (what the publication names)
@@ -149,6 +148,7 @@ class SwarmPeer:
             allreduce_timeout=float(swarm.get("averaging_timeout_s", 120.0)), client_mode=opts.client_mode,
             keep_freed_memory=p.train_cfg.run.keep_freed_memory)
         self.round_timeout_s = float(swarm.get("round_timeout_s", 600.0))
+        self._publication = PublicationFollower(p, self.heartbeat, timeout_s=self.round_timeout_s, poll_s=opts.poll_s)
         self._clock = PhaseClock()
         self.heartbeat()  # announce the DHT addresses
 
@@ -344,49 +344,31 @@ class SwarmPeer:
 
     def _is_uploader(self, result) -> bool:
         """The contributor with the smallest node id uploads; the others only report their hash."""
-        ids = sorted(n for n in (_node_id_of_peer(peer) for peer in result.last.weights) if n is not None)
-        return not ids or ids[0] == self.participant.node_id
+        ids = [n for n in (_node_id_of_peer(peer) for peer in result.last.weights) if n is not None]
+        return designated(ids, self.participant.node_id)
 
     def _follow_publication(self, version: int, sha: bytes | None, record: RoundRecord, *,
                             uploader: bool = False) -> bool:
-        """Wait for ``version`` to be published; load it unless this node computed the same bytes.
-        With ``sha`` (this node computed the version), upload it: at once when it is the designated
-        ``uploader``, otherwise after :meth:`_fallback_delay` (10 s + the upload's time at 50 MB/s); a
-        refused upload (the quorum of reports is not in yet) is tried again, after UPLOAD_RETRY_S,
-        doubling. False when it was not published in time."""
-        p = self.participant
-        start = time.monotonic()
-        next_upload = start + (0.0 if uploader else self._fallback_delay())
-        pause = UPLOAD_RETRY_S
+        """Wait for ``version`` to be published (uploading it as :mod:`.publication` says when this
+        node computed it: ``sha``); load it unless this node computed the same bytes. False when no
+        upload progressed for a round's timeout."""
+        p, follower = self.participant, self._publication
         try:
-            while time.monotonic() - start < self.round_timeout_s:
-                cur = self.heartbeat().current
-                if cur.version >= version:
-                    record.published = True
-                    if sha is not None and cur.version == version and bytes(cur.sha256) == sha:
-                        p.snapshot = pb.PolicySnapshotRef(version=version, sha256=sha)
-                        self._held = (p.snapshot, version, sha)  # computed just now: no need to hash it again
-                    else:
-                        p.sync()
-                        record.resynced = True
-                    return True
-                if sha is not None and time.monotonic() >= next_upload:
-                    try:
-                        p.upload(version, sha)
-                        continue  # published: the next heartbeat says so
-                    except CoordinatorError as e:  # no quorum yet, or another peer published first
-                        log.info("upload of v%d: %s: %s", version, e.code, e.detail)
-                        next_upload, pause = time.monotonic() + pause, min(2 * pause, UPLOAD_FALLBACK_S)
-                time.sleep(self.opts.poll_s)
+            published = follower.follow(version, sha, uploader=uploader)
         finally:
+            record.upload_bytes += follower.bytes_sent
             self._clock.lap("publish")
-        record.note = f"v{version} was not published within {self.round_timeout_s:.0f} s"
-        return False
-
-    def _fallback_delay(self) -> float:
-        """Seconds a non-designated contributor waits before uploading the version itself."""
-        size = sum(t.nbytes for t in self.participant.training_state().values())
-        return UPLOAD_FALLBACK_S + size / FALLBACK_BYTES_PER_S
+        if published is None:
+            record.note = follower.note
+            return False
+        record.published = True
+        if sha is not None and published.version == version and bytes(published.sha256) == sha:
+            p.snapshot = pb.PolicySnapshotRef(version=version, sha256=sha)
+            self._held = (p.snapshot, version, sha)  # computed just now: no need to hash it again
+        else:
+            p.sync()
+            record.resynced = True
+        return True
 
     def _held_state(self) -> tuple[int, str]:
         """(version, hex hash of the weights + optimizer state) this node holds now. Hashed again only

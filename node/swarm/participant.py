@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.client import CoordinatorClient
 from grpo_swarm.protocol.rpc import hardware_summary
+from grpo_swarm.protocol.upload_call import DEFAULT_STALL_S, UploadCall
 
 from .. import proving
 from ..hardware import fit_groups_per_microbatch, probe
@@ -188,8 +189,14 @@ class Participant:
         return proving.state_dict_sha256(self.training_state())
 
     def upload(self, version: int, sha256: bytes) -> pb.UploadSnapshotResponse:
-        """Upload this node's training state as ``version`` (``sha256``: its state hash), streamed
-        from the live tensors as a canonical version file: nothing is saved, and the state is read
-        once. It must not change meanwhile (the join loop steps only after publication)."""
-        return self.client.upload_version(version_file(self.training_state()),
-                                          pb.PolicySnapshotRef(version=version, sha256=sha256))
+        """Upload this node's training state as ``version`` (``sha256``: its state hash) and wait for
+        the coordinator's reply (see :meth:`start_upload`)."""
+        return self.start_upload(version, sha256).result()
+
+    def start_upload(self, version: int, sha256: bytes, *, stall_s: float = DEFAULT_STALL_S) -> UploadCall:
+        """Start uploading this node's training state as ``version``, streamed from the live tensors as
+        a canonical version file: nothing is saved, and the state is read once. It must not change
+        until the call is done (the join loop steps only after publication, and cancels the call
+        first when another peer published)."""
+        return self.client.start_upload_version(version_file(self.training_state()),
+                                                pb.PolicySnapshotRef(version=version, sha256=sha256), stall_s=stall_s)

@@ -11,14 +11,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-COLUMNS = ("round", "version", "reward", "accepted", "averaged", "peers", "excluded", "lag", "sent", "s", "slowest",
-           "note")
+COLUMNS = ("round", "version", "reward", "accepted", "averaged", "peers", "excluded", "lag", "sent", "uploaded", "s",
+           "slowest", "note")
 
 
 def _row(r) -> list[str]:
     reward = "-" if r.reward_mean is None else f"{r.reward_mean:.3f}"
     return [str(r.round), str(r.version), reward, f"{r.accepted}/{r.samples}", "yes" if r.averaged else "no",
-            str(r.peers), ",".join(k[:8] for k in r.excluded) or "-", str(r.lag), _mb(r.bytes_sent), f"{r.seconds:.1f}",
+            str(r.peers), ",".join(k[:8] for k in r.excluded) or "-", str(r.lag), _mb(r.bytes_sent),
+            _mb(r.upload_bytes) if r.upload_bytes else "-", f"{r.seconds:.1f}",
             _slowest(r.phases), r.note[:60]]
 
 

@@ -1,0 +1,78 @@
+"""The UploadSnapshot streams a coordinator is receiving: who sends which version, how far along.
+
+Heartbeats tell waiting contributors about the next version's upload that is furthest ahead
+(:meth:`InFlightUploads.progress`), so that on a slow link they let it finish instead of all
+uploading the same gigabytes at once, and start their own only when it stalls or crawls. The bytes
+still announced by streams in flight are reserved against the disk (:meth:`reserved_bytes`).
+Thread-safe: each stream runs in its own gRPC worker thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+@dataclass(eq=False)  # compared and hashed by identity: two streams may look alike
+class Flight:
+    """One stream: updated by its handler (:meth:`advance`), read by heartbeats."""
+
+    node_id: str
+    version: int
+    total_bytes: int
+    started: float = field(default_factory=_now)
+    received: int = 0
+    last_chunk: float = field(default_factory=_now)
+
+    def advance(self, received: int) -> None:
+        self.received, self.last_chunk = received, _now()
+
+    def seconds_left(self, now: float) -> float:
+        """At the rate so far; infinite before the first byte."""
+        if self.received <= 0:
+            return float("inf")
+        return (self.total_bytes - self.received) * (now - self.started) / self.received
+
+    def progress(self, now: float) -> pb.UploadProgress:
+        return pb.UploadProgress(version=self.version, node_id=self.node_id, bytes_received=self.received,
+                                 total_bytes=self.total_bytes, elapsed_ms=int(1000 * (now - self.started)),
+                                 idle_ms=int(1000 * (now - self.last_chunk)))
+
+
+class InFlightUploads:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._flights: set[Flight] = set()
+
+    def start(self, node_id: str, version: int, total_bytes: int) -> Flight:
+        flight = Flight(node_id, version, total_bytes)
+        with self._lock:
+            self._flights.add(flight)
+        return flight
+
+    def end(self, flight: Flight) -> None:
+        with self._lock:
+            self._flights.discard(flight)
+
+    def progress(self, version: int) -> pb.UploadProgress | None:
+        """The stream of ``version`` that will end first at its rate so far (the one furthest along
+        before any has a rate), None when none streams."""
+        now = _now()
+        with self._lock:
+            flights = [f for f in self._flights if f.version == version]
+            if not flights:
+                return None
+            best = min(flights, key=lambda f: (f.seconds_left(now), -f.received))
+            return best.progress(now)
+
+    def reserved_bytes(self) -> int:
+        """Bytes the streams in flight have announced but not yet sent."""
+        with self._lock:
+            return sum(max(0, f.total_bytes - f.received) for f in self._flights)

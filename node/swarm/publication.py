@@ -1,0 +1,152 @@
+"""Following a new version to its publication: who uploads it, when another contributor races, when
+to give up.
+
+Every contributor of a round computes the same version and reports its hash; one upload of its
+bytes publishes it. The designated contributor (:func:`designated`) uploads at once. The others wait
+and watch the coordinator's view of the upload in flight (``HeartbeatResponse.upload``): they start
+their own only when none streams after a grace period, when it has stalled, or when at its rate so
+far it would end more than ``RACE_FACTOR`` times later than their own would at their measured
+upload rate (:func:`should_race`) — so on a slow home uplink they let the designated upload run
+instead of all sending the same gigabytes at once, and a designated peer that stalls or trickles
+(it may be hostile) holds the swarm back by at most that factor. The first complete upload
+publishes; the coordinator refuses the others mid-stream.
+
+A node learns its own upload rate from its uploads, raced or not (:class:`UploadRate`); before the
+first it assumes ``ASSUMED_BYTES_PER_S``, so it races a slow designated uploader once and then knows.
+The wait gives up only after ``timeout_s`` in which no upload made progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+from grpo_swarm.protocol.errors import CoordinatorError
+from grpo_swarm.protocol.upload_call import DEFAULT_STALL_S, UploadCall
+
+from .participant import Participant
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 10.0  # how long the designated contributor has to open its upload before others start theirs
+STALL_S = 20.0  # an upload in flight that received nothing for this long has stalled
+RACE_FACTOR = 2.0  # race an upload in flight only when it would end this many times later than ours
+ASSUMED_BYTES_PER_S = 50e6  # this node's upload rate before it has measured one
+RETRY_S = 0.5  # a refused upload (the others' reports not in yet) is tried again after this, doubling
+MAX_RETRY_S = 10.0
+MIN_MEASURED_S = 2.0  # an upload shorter than this says little about the link (gRPC's buffers)
+
+
+def designated(contributors: list[str], node_id: str) -> bool:
+    """Whether ``node_id`` uploads at once: the contributor with the smallest node id does."""
+    return not contributors or min(contributors) == node_id
+
+
+class UploadRate:
+    """This node's upload rate in bytes per second, from its own uploads (the latest counts most)."""
+
+    def __init__(self, assumed: float = ASSUMED_BYTES_PER_S):
+        self.measured: float | None = None
+        self.assumed = assumed
+
+    def observe(self, call: UploadCall) -> None:
+        elapsed = call.last_progress - call.started
+        if call.sent <= 0 or elapsed < MIN_MEASURED_S:
+            return
+        rate = call.sent / elapsed
+        self.measured = rate if self.measured is None else 0.5 * (self.measured + rate)
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.measured if self.measured is not None else self.assumed
+
+
+def should_race(flight: pb.UploadProgress | None, total_bytes: int, own_bytes_per_s: float, *,
+                stall_s: float = STALL_S, race_factor: float = RACE_FACTOR) -> bool:
+    """Whether a contributor that is not designated starts its own upload now (after the grace
+    period): none streams; it stalled; or at its rate so far it would end more than ``race_factor``
+    times later than ours would at ``own_bytes_per_s``."""
+    if flight is None:
+        return True
+    if flight.idle_ms >= 1000 * stall_s:
+        return True
+    elapsed_s = flight.elapsed_ms / 1000
+    if flight.bytes_received <= 0 or elapsed_s <= 0:
+        return elapsed_s >= stall_s  # opened but nothing arrived: stalled from the start
+    left_s = (flight.total_bytes - flight.bytes_received) * elapsed_s / flight.bytes_received
+    return left_s > race_factor * total_bytes / own_bytes_per_s
+
+
+class PublicationFollower:
+    """Waits for a version's publication, uploading it when this node should (see the module)."""
+
+    def __init__(self, participant: Participant, heartbeat: Callable[[], pb.HeartbeatResponse], *,
+                 timeout_s: float, poll_s: float = 0.2, rate: UploadRate | None = None, grace_s: float = GRACE_S,
+                 stall_s: float = STALL_S, upload_stall_s: float = DEFAULT_STALL_S):
+        self.participant, self.heartbeat = participant, heartbeat
+        self.timeout_s, self.poll_s, self.grace_s, self.stall_s = timeout_s, poll_s, grace_s, stall_s
+        self.upload_stall_s = upload_stall_s
+        self.rate = rate or UploadRate()
+        self.bytes_sent = 0  # by this node's uploads in the last follow()
+        self.note = ""
+
+    def follow(self, version: int, sha: bytes | None, *, uploader: bool = False) -> pb.PolicySnapshotRef | None:
+        """Wait until ``version`` (or a later one) is published and return what was; None after
+        ``timeout_s`` without progress. With ``sha`` (this node computed the version) upload it as
+        the module says: at once when ``uploader``, else when :func:`should_race`."""
+        p = self.participant
+        start = last_progress = time.monotonic()
+        next_try, pause = start + (0.0 if uploader else self.grace_s), RETRY_S
+        total = None
+        call: UploadCall | None = None
+        self.bytes_sent, self.note = 0, ""
+        try:
+            while True:
+                hb = self.heartbeat()
+                if hb.current.version >= version:
+                    return hb.current
+                now = time.monotonic()
+                flight = hb.upload if hb.HasField("upload") and hb.upload.version == version else None
+                if flight is not None and flight.idle_ms < 1000 * self.stall_s:
+                    last_progress = now  # someone's upload moves
+                if call is not None:  # (its progress shows in the coordinator's view above, once accepted)
+                    if call.done() or call.stalled():
+                        self._finish(call, version)
+                        call, next_try, pause = None, now + pause, min(2 * pause, MAX_RETRY_S)
+                        continue
+                elif sha is not None and now >= next_try:
+                    if total is None:
+                        total = sum(t.nbytes for t in p.training_state().values())
+                    if uploader or should_race(flight, total, self.rate.bytes_per_s, stall_s=self.stall_s):
+                        if not uploader:
+                            log.info("v%d: %s; uploading it too", version, _why(flight))
+                        call = p.start_upload(version, sha, stall_s=self.upload_stall_s)
+                        continue
+                if now - last_progress > self.timeout_s:
+                    self.note = f"v{version} was not published: no upload progressed for {self.timeout_s:.0f} s"
+                    return None
+                time.sleep(self.poll_s)
+        finally:
+            if call is not None:
+                if not call.done():
+                    call.cancel()  # another peer's upload published it first
+                self._finish(call, version, quiet=True)
+
+    def _finish(self, call: UploadCall, version: int, quiet: bool = False) -> None:
+        self.rate.observe(call)
+        self.bytes_sent += call.sent
+        try:
+            call.result(poll_s=0.0)
+        except CoordinatorError as e:  # no quorum yet, another peer published first, a stall
+            if not quiet:
+                log.info("upload of v%d: %s: %s", version, e.code, e.detail)
+
+
+def _why(flight: pb.UploadProgress | None) -> str:
+    if flight is None:
+        return "no upload of it in flight"
+    return (f"the upload in flight from {flight.node_id[:12]} has {flight.bytes_received} of "
+            f"{flight.total_bytes} bytes after {flight.elapsed_ms / 1000:.0f} s "
+            f"(idle {flight.idle_ms / 1000:.0f} s)")

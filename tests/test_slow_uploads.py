@@ -1,0 +1,185 @@
+"""Publishing a version over slow links: uploads without a whole-call deadline, the coordinator's
+view of the upload in flight, contributors that let a slow upload finish and race a stalled or
+crawling one, and uploads that lose the race refused mid-stream (a real coordinator on loopback,
+real participants; the slow link is a sender that sleeps between chunks)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from grpo_swarm.coordinator import service as service_module
+from grpo_swarm.node.swarm.publication import PublicationFollower, UploadRate, should_race
+from grpo_swarm.node.swarm.training_state import version_file
+from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+from grpo_swarm.protocol.client import CoordinatorError
+from grpo_swarm.protocol.upload_call import DEFAULT_STALL_S
+
+from coordinator_world import HonestNode, Served
+
+CHUNK = 1 << 15
+
+
+class SlowLink(HonestNode):
+    """A participant whose uploads send a chunk every ``delay_s``, and pause ``pause_s`` before chunk
+    ``pause_at`` (a link that stalls)."""
+
+    delay_s = 0.0
+    pause_at: int | None = None
+    pause_s = 0.0
+
+    def start_upload(self, version, sha256, *, stall_s=DEFAULT_STALL_S):
+        writer, link = version_file(self.training_state()), self
+
+        class Throttled:
+            total_bytes = writer.total_bytes
+
+            def chunk_pieces(self, chunk_size):
+                for i, item in enumerate(writer.chunk_pieces(chunk_size)):
+                    if i == link.pause_at:
+                        time.sleep(link.pause_s)
+                    time.sleep(link.delay_s)
+                    yield item
+
+        return self.client.start_upload_version(Throttled(), pb.PolicySnapshotRef(version=version, sha256=sha256),
+                                                chunk_size=CHUNK, stall_s=stall_s)
+
+
+@pytest.fixture()
+def swarm(tmp_path):
+    """A coordinator whose round 0 closed with two contributors, A and B (equal weight), that both
+    reported the same version 1: either may publish it, neither alone."""
+    s = Served(tmp_path, samples_per_round=16)
+    a, b = SlowLink(s.address, tmp_path / "a"), SlowLink(s.address, tmp_path / "b")
+    try:
+        for node in (a, b):
+            _, groups = node.round_proofs()
+            node.client.submit_proofs([p for g in groups for p in g])
+        assert s.coordinator.state.current_round == 1
+        for node in (a, b):
+            with torch.no_grad():
+                for t in node.model.parameters():
+                    t.mul_(1.01)
+        sha = a.state_sha256()
+        assert b.state_sha256() == sha
+        for node in (a, b):
+            node.report(1, sha)
+        yield s, a, b, sha
+    finally:
+        for node in (a, b):
+            node.client.close()
+        s.stop()
+
+
+def chunks_of(node) -> int:
+    return -(-version_file(node.training_state()).total_bytes // CHUNK)
+
+
+def test_should_race():
+    def flight(received, total=1000, elapsed_s=10.0, idle_s=0.0):
+        return pb.UploadProgress(version=1, bytes_received=received, total_bytes=total, elapsed_ms=int(elapsed_s * 1000),
+                                 idle_ms=int(idle_s * 1000))
+
+    assert should_race(None, 1000, 100.0)  # nothing streams
+    # 500 of 1000 bytes in 10 s: 10 s left; ours would take 10 s (at 100 B/s) or 2 s (at 500 B/s)
+    assert not should_race(flight(500), 1000, 100.0)
+    assert should_race(flight(500), 1000, 500.0)
+    assert should_race(flight(500, idle_s=25.0), 1000, 1.0)  # stalled, however slow we are
+    assert not should_race(flight(0, elapsed_s=1.0), 1000, 1e9)  # just opened: give it time
+    assert should_race(flight(0, elapsed_s=30.0), 1000, 1.0)  # opened, nothing ever came
+
+
+def test_an_upload_has_no_call_deadline_but_a_stalled_one_is_cancelled(swarm):
+    s, a, _, sha = swarm
+    a.client.timeout_s = 1.0  # every other call's deadline: an upload must outlive it
+    n = chunks_of(a)
+    a.pause_at, a.pause_s = 2, 4.0
+    call = a.start_upload(1, sha, stall_s=1.0)
+    with pytest.raises(CoordinatorError) as info:
+        call.result()
+    assert info.value.code == "DEADLINE_EXCEEDED" and "no progress for 1 s" in info.value.detail
+    assert 0 < call.sent < call.total_bytes
+    deadline = time.monotonic() + 10
+    while s.coordinator.uploads.progress(1) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)  # the coordinator sees the cancelled stream end
+    assert s.coordinator.uploads.progress(1) is None
+    assert not [p for p in (s.data_dir / "snapshots").iterdir() if p.name.startswith(".upload")]
+    a.pause_at, a.delay_s = None, 2.5 / n  # ~2.5 s in all: longer than the 1 s call timeout
+    started = time.monotonic()
+    reply = a.start_upload(1, sha, stall_s=2.0).result()
+    assert time.monotonic() - started > 1.5
+    assert reply.published == pb.PolicySnapshotRef(version=1, sha256=sha)
+
+
+def test_a_waiting_contributor_lets_a_slow_upload_finish(swarm):
+    s, a, b, sha = swarm
+    a.delay_s = 4.0 / chunks_of(a)  # ~4 s: longer than B's timeout without progress
+    seen: list[pb.UploadProgress] = []
+
+    def b_heartbeat():
+        hb = b.heartbeat()
+        if hb.HasField("upload"):
+            seen.append(pb.UploadProgress.FromString(hb.upload.SerializeToString()))
+        return hb
+
+    rate = UploadRate()
+    rate.measured = 1000.0  # B measured a link far slower than A's: racing would not help
+    fa = PublicationFollower(a, a.heartbeat, timeout_s=2.0, poll_s=0.05)
+    fb = PublicationFollower(b, b_heartbeat, timeout_s=2.0, poll_s=0.05, rate=rate, grace_s=0.2)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("a", fa.follow(1, sha, uploader=True)))
+    t.start()
+    published = fb.follow(1, sha)
+    t.join(30)
+    assert published == pb.PolicySnapshotRef(version=1, sha256=sha) == result["a"]
+    assert fb.bytes_sent == 0  # B never uploaded
+    assert fa.bytes_sent >= version_file(a.training_state()).total_bytes
+    assert seen and {f.node_id for f in seen} == {a.node_id}
+    assert [f.bytes_received for f in seen] == sorted(f.bytes_received for f in seen)
+    assert seen[-1].bytes_received > seen[0].bytes_received
+    assert not b.heartbeat().HasField("upload")  # nothing of version 2 streams
+
+
+@pytest.mark.parametrize("link", ["crawls", "stalls"])
+def test_a_crawling_or_stalled_upload_is_raced_and_the_loser_refused_mid_stream(swarm, link):
+    s, a, b, sha = swarm
+    n = chunks_of(a)
+    if link == "crawls":
+        a.delay_s = 60.0 / n  # a minute: B (assumed 50 MB/s, not measured) would take milliseconds
+    else:
+        a.pause_at, a.pause_s = 2, 3.0
+    slow = a.start_upload(1, sha, stall_s=30.0)
+    fb = PublicationFollower(b, b.heartbeat, timeout_s=10.0, poll_s=0.05, grace_s=0.3, stall_s=1.0)
+    started = time.monotonic()
+    published = fb.follow(1, sha)
+    assert published == pb.PolicySnapshotRef(version=1, sha256=sha)
+    assert time.monotonic() - started < 5.0
+    assert fb.bytes_sent >= version_file(b.training_state()).total_bytes
+    with pytest.raises(CoordinatorError) as info:
+        slow.result()
+    assert info.value.code == "FAILED_PRECONDITION" and "published while this upload streamed" in info.value.detail
+    assert slow.sent < slow.total_bytes  # refused at its next chunk, not after sending everything
+    assert s.coordinator.log.last("snapshot_published").payload["uploader"] == b.node_id
+
+
+def test_uploads_in_flight_reserve_the_disk(swarm, monkeypatch):
+    s, a, b, sha = swarm
+    total = version_file(a.training_state()).total_bytes
+    real = service_module.shutil.disk_usage
+
+    def tight(path):  # room for one version and a half
+        return real(path)._replace(free=int(1.5 * total))
+
+    monkeypatch.setattr(service_module.shutil, "disk_usage", tight)
+    a.delay_s = 3.0 / chunks_of(a)
+    first = a.start_upload(1, sha)
+    deadline = time.monotonic() + 10
+    while s.coordinator.uploads.progress(1) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(CoordinatorError) as info:
+        b.upload(1, sha)
+    assert info.value.code == "RESOURCE_EXHAUSTED" and "beside the uploads in flight" in info.value.detail
+    assert first.result().published.version == 1
