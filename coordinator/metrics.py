@@ -30,7 +30,10 @@ class CoordinatorMetrics:
                                    buckets=STALENESS_BUCKETS, registry=r)
         self.bytes_served = Counter("grpo_coordinator_bytes_served", "bytes sent by streaming methods", ["method"],
                                     registry=r)
-        self.bytes_received = Counter("grpo_coordinator_bytes_received", "snapshot bytes uploaded", registry=r)
+        self.bytes_received = Counter("grpo_coordinator_bytes_received",
+                                      "snapshot bytes uploaded (as they arrive, refused uploads' too)", registry=r)
+        self.uploads_in_flight = Gauge("grpo_coordinator_uploads_in_flight", "UploadSnapshot streams being received",
+                                       registry=r)
         self.requests = Counter("grpo_coordinator_requests", "requests by method and gRPC status", ["method", "code"],
                                 registry=r)
         self.snapshots_published = Counter("grpo_coordinator_snapshots_published", "snapshots published",

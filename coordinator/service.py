@@ -251,6 +251,7 @@ class CoordinatorService:
                                                                    f"{max(free, 0)} free on the coordinator's disk "
                                                                    "beside the uploads in flight")
             flight = self.c.uploads.start(node_id, version, header.total_bytes)
+            self.c.metrics.uploads_in_flight.inc()
             tmp = self.c.snapshots.upload_path(f"{node_id}-{header.snapshot.version}-{os.getpid()}")
             # the file's hashes are taken, and its bytes written, as they arrive, each in a thread beside
             # this one (outside the coordinator's lock); a canonical version file's state hash too
@@ -272,6 +273,7 @@ class CoordinatorService:
                         for feed in feeds:
                             feed.update(data)
                         flight.advance(received)
+                        self.c.metrics.bytes_received.inc(len(data))
                         if self.c.state.current_version >= version:  # another upload won the race
                             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                                            f"version {version} was published while this upload streamed")
@@ -283,7 +285,6 @@ class CoordinatorService:
                     feed.close()
                 f.flush()
                 os.fsync(f.fileno())
-            self.c.metrics.bytes_received.inc(received)
             if received != header.total_bytes:
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                f"received {received} bytes, announced {header.total_bytes}")
@@ -303,6 +304,7 @@ class CoordinatorService:
         finally:
             if flight is not None:
                 self.c.uploads.end(flight)
+                self.c.metrics.uploads_in_flight.dec()
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
         self._ok(method)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from grpo_swarm.coordinator import service as service_module
-from grpo_swarm.node.swarm.publication import PublicationFollower, UploadRate, should_race
+from grpo_swarm.node.swarm.publication import PublicationFollower, UploadRate, should_abandon, should_race
 from grpo_swarm.node.swarm.training_state import version_file
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.client import CoordinatorError
@@ -92,6 +92,24 @@ def test_should_race():
     assert should_race(flight(0, elapsed_s=30.0), 1000, 1.0)  # opened, nothing ever came
 
 
+def test_should_abandon():
+    class Own:  # an UploadCall's counters: 200 of 1000 bytes in 4 s, 16 s left
+        started, last_progress, sent, total_bytes = 0.0, 4.0, 200, 1000
+
+    def flight(received, elapsed_s, node="other"):
+        return pb.UploadProgress(version=1, node_id=node, bytes_received=received, total_bytes=1000,
+                                 elapsed_ms=int(elapsed_s * 1000))
+
+    assert should_abandon(Own(), flight(800, 4.0), "me")  # 1 s left against our 16
+    assert not should_abandon(Own(), flight(100, 4.0), "me")  # 36 s left
+    assert not should_abandon(Own(), flight(800, 4.0, node="me"), "me")  # the one ending first is ours
+    assert not should_abandon(Own(), flight(800, 1.0), "me")  # its rate not measured long enough
+    assert not should_abandon(Own(), None, "me")
+    young = Own()
+    young.last_progress = 1.0
+    assert not should_abandon(young, flight(800, 4.0), "me")  # ours not measured long enough
+
+
 def test_an_upload_has_no_call_deadline_but_a_stalled_one_is_cancelled(swarm):
     s, a, _, sha = swarm
     a.client.timeout_s = 1.0  # every other call's deadline: an upload must outlive it
@@ -135,7 +153,8 @@ def test_a_waiting_contributor_lets_a_slow_upload_finish(swarm):
     published = fb.follow(1, sha)
     t.join(30)
     assert published == pb.PolicySnapshotRef(version=1, sha256=sha) == result["a"]
-    assert fb.bytes_sent == 0  # B never uploaded
+    assert fb.bytes_sent == 0 and fb.uploads == 0  # B never uploaded
+    assert fa.uploads == 1 and not fa.gave_way
     assert fa.bytes_sent >= version_file(a.training_state()).total_bytes
     assert seen and {f.node_id for f in seen} == {a.node_id}
     assert [f.bytes_received for f in seen] == sorted(f.bytes_received for f in seen)
@@ -163,6 +182,9 @@ def test_a_crawling_or_stalled_upload_is_raced_and_the_loser_refused_mid_stream(
     assert info.value.code == "FAILED_PRECONDITION" and "published while this upload streamed" in info.value.detail
     assert slow.sent < slow.total_bytes  # refused at its next chunk, not after sending everything
     assert s.coordinator.log.last("snapshot_published").payload["uploader"] == b.node_id
+    metric = s.coordinator.metrics.registry.get_sample_value
+    assert metric("grpo_coordinator_uploads_in_flight") == 0
+    assert metric("grpo_coordinator_bytes_received_total") > slow.total_bytes  # the refused one's bytes count too
 
 
 def test_uploads_in_flight_reserve_the_disk(swarm, monkeypatch):
@@ -183,3 +205,24 @@ def test_uploads_in_flight_reserve_the_disk(swarm, monkeypatch):
         b.upload(1, sha)
     assert info.value.code == "RESOURCE_EXHAUSTED" and "beside the uploads in flight" in info.value.detail
     assert first.result().published.version == 1
+
+
+def test_a_designated_uploader_on_a_slow_link_gives_way_to_a_faster_one(swarm):
+    s, a, b, sha = swarm
+    a.delay_s = 60.0 / chunks_of(a)  # A, designated, on a crawling link
+    b.delay_s = 5.0 / chunks_of(b)  # B: 5 s
+    fa = PublicationFollower(a, a.heartbeat, timeout_s=30.0, poll_s=0.05)
+    fb = PublicationFollower(b, b.heartbeat, timeout_s=30.0, poll_s=0.05, grace_s=0.3)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("a", fa.follow(1, sha, uploader=True)))
+    started = time.monotonic()
+    t.start()
+    assert fb.follow(1, sha) == pb.PolicySnapshotRef(version=1, sha256=sha)
+    t.join(30)
+    assert result["a"] == pb.PolicySnapshotRef(version=1, sha256=sha)
+    assert time.monotonic() - started < 15.0
+    total = version_file(a.training_state()).total_bytes
+    assert fa.gave_way and fa.uploads == 1 and fa.bytes_sent < total / 3  # A cancelled it: B's would end first
+    assert fa.rate.measured is not None and fa.rate.measured < fb.rate.measured  # and learned its link is slow
+    assert fb.uploads == 1 and fb.bytes_sent >= total
+    assert s.coordinator.log.last("snapshot_published").payload["uploader"] == b.node_id

@@ -9,7 +9,9 @@ far it would end more than ``RACE_FACTOR`` times later than their own would at t
 upload rate (:func:`should_race`) — so on a slow home uplink they let the designated upload run
 instead of all sending the same gigabytes at once, and a designated peer that stalls or trickles
 (it may be hostile) holds the swarm back by at most that factor. The first complete upload
-publishes; the coordinator refuses the others mid-stream.
+publishes; the coordinator refuses the others mid-stream, and an uploader that sees another upload
+ending before its own cancels it (:func:`should_abandon`; once a version, so that a peer showing
+a fast upload that then stalls costs the others one stall at most).
 
 A node learns its own upload rate from its uploads, raced or not (:class:`UploadRate`); before the
 first it assumes ``ASSUMED_BYTES_PER_S``, so it races a slow designated uploader once and then knows.
@@ -65,18 +67,37 @@ class UploadRate:
 
 def should_race(flight: pb.UploadProgress | None, total_bytes: int, own_bytes_per_s: float, *,
                 stall_s: float = STALL_S, race_factor: float = RACE_FACTOR) -> bool:
-    """Whether a contributor that is not designated starts its own upload now (after the grace
-    period): none streams; it stalled; or at its rate so far it would end more than ``race_factor``
-    times later than ours would at ``own_bytes_per_s``."""
+    """Whether a contributor starts an upload now (a designated one at once, the others after the
+    grace period): none streams; it stalled; or at its rate so far it would end more than
+    ``race_factor`` times later than ours would at ``own_bytes_per_s``."""
     if flight is None:
         return True
     if flight.idle_ms >= 1000 * stall_s:
         return True
-    elapsed_s = flight.elapsed_ms / 1000
-    if flight.bytes_received <= 0 or elapsed_s <= 0:
-        return elapsed_s >= stall_s  # opened but nothing arrived: stalled from the start
-    left_s = (flight.total_bytes - flight.bytes_received) * elapsed_s / flight.bytes_received
+    left_s = seconds_left(flight)
+    if left_s is None:
+        return flight.elapsed_ms >= 1000 * stall_s  # opened but nothing arrived: stalled from the start
     return left_s > race_factor * total_bytes / own_bytes_per_s
+
+
+def seconds_left(flight: pb.UploadProgress) -> float | None:
+    """When an upload in flight will end at its rate so far; None before its first byte."""
+    if flight.bytes_received <= 0 or flight.elapsed_ms <= 0:
+        return None
+    return (flight.total_bytes - flight.bytes_received) * (flight.elapsed_ms / 1000) / flight.bytes_received
+
+
+def should_abandon(own: UploadCall, flight: pb.UploadProgress | None, node_id: str) -> bool:
+    """Whether to cancel our upload in flight: another one (the coordinator reports the one that will
+    end first) will end before ours, both rates measured over ``MIN_MEASURED_S`` at least. Only
+    the first complete upload publishes; the rest of ours would be spent for nothing."""
+    if flight is None or flight.node_id == node_id or flight.elapsed_ms < 1000 * MIN_MEASURED_S:
+        return False
+    elapsed = own.last_progress - own.started
+    theirs = seconds_left(flight)
+    if theirs is None or elapsed < MIN_MEASURED_S or own.sent <= 0:
+        return False
+    return theirs < (own.total_bytes - own.sent) * elapsed / own.sent
 
 
 class PublicationFollower:
@@ -90,18 +111,21 @@ class PublicationFollower:
         self.upload_stall_s = upload_stall_s
         self.rate = rate or UploadRate()
         self.bytes_sent = 0  # by this node's uploads in the last follow()
+        self.uploads = 0  # uploads this node started in the last follow()
+        self.gave_way = False  # whether it cancelled one because another would end first
         self.note = ""
 
     def follow(self, version: int, sha: bytes | None, *, uploader: bool = False) -> pb.PolicySnapshotRef | None:
         """Wait until ``version`` (or a later one) is published and return what was; None after
         ``timeout_s`` without progress. With ``sha`` (this node computed the version) upload it as
-        the module says: at once when ``uploader``, else when :func:`should_race`."""
+        the module says: at once when ``uploader``, else when :func:`should_race` after the grace
+        period; an upload of ours that another will beat is cancelled (:func:`should_abandon`)."""
         p = self.participant
         start = last_progress = time.monotonic()
         next_try, pause = start + (0.0 if uploader else self.grace_s), RETRY_S
         total = None
         call: UploadCall | None = None
-        self.bytes_sent, self.note = 0, ""
+        self.bytes_sent, self.uploads, self.gave_way, self.note = 0, 0, False, ""
         try:
             while True:
                 hb = self.heartbeat()
@@ -110,19 +134,26 @@ class PublicationFollower:
                 now = time.monotonic()
                 flight = hb.upload if hb.HasField("upload") and hb.upload.version == version else None
                 if flight is not None and flight.idle_ms < 1000 * self.stall_s:
-                    last_progress = now  # someone's upload moves
-                if call is not None:  # (its progress shows in the coordinator's view above, once accepted)
-                    if call.done() or call.stalled():
-                        self._finish(call, version)
+                    last_progress = now  # an upload moves (ours shows here too, once accepted)
+                if call is not None:
+                    # once: a peer that shows a fast upload and then stalls must not stall us twice
+                    beaten = not self.gave_way and should_abandon(call, flight, p.node_id)
+                    if beaten:
+                        self.gave_way = True
+                        log.info("v%d: %s will end first; cancelling this node's upload", version, _why(flight))
+                        call.cancel()
+                    if beaten or call.done() or call.stalled():
+                        self._finish(call, version, quiet=beaten)
                         call, next_try, pause = None, now + pause, min(2 * pause, MAX_RETRY_S)
                         continue
                 elif sha is not None and now >= next_try:
                     if total is None:
                         total = sum(t.nbytes for t in p.training_state().values())
-                    if uploader or should_race(flight, total, self.rate.bytes_per_s, stall_s=self.stall_s):
-                        if not uploader:
-                            log.info("v%d: %s; uploading it too", version, _why(flight))
+                    if should_race(flight, total, self.rate.bytes_per_s, stall_s=self.stall_s):
+                        if flight is not None or self.uploads:
+                            log.info("v%d: %s; uploading it", version, _why(flight))
                         call = p.start_upload(version, sha, stall_s=self.upload_stall_s)
+                        self.uploads += 1
                         continue
                 if now - last_progress > self.timeout_s:
                     self.note = f"v{version} was not published: no upload progressed for {self.timeout_s:.0f} s"
