@@ -236,3 +236,20 @@ def test_bench_publication_both_uploads_do_the_whole_work():
     assert res["refused_as_expected"] is True
     assert res["version_bytes"] > 4 * 0.01 * 134_515_008 * 3 * 0.9  # weights + two moments, float32
     assert res["streamed_s"] > 0 and res["saved_s"] > 0
+
+
+@pytest.mark.slow
+def test_bench_publication_links_publishes_over_capped_uplinks():
+    """bench/publication_links.py, smallest run: over 1 Gbit/s links the honest contributors publish
+    with one upload's bytes (the other gives way or never starts), and a stalled designated uploader
+    is raced. Without root (or namespaces) the bench says why it skipped, and so does this test."""
+    res = run_bench("publication_links.py", "--uplink", "1gbit", "--size", "0.01", "--scenarios", "honest,stalled",
+                    keys=(), timeout=400)
+    if "skipped" in res:
+        pytest.skip(res["skipped"])
+    for scenario in ("honest", "stalled"):
+        assert res[scenario]["publish_s"] is not None, res[scenario]
+    version = res["honest"]["version_bytes"]
+    assert res["honest"]["designated"]["bytes_sent"] >= version  # the designated upload published it
+    assert res["honest"]["other"]["bytes_sent"] < version
+    assert res["stalled"]["other"]["bytes_sent"] >= version > res["stalled"]["designated"]["bytes_sent"]
