@@ -129,6 +129,10 @@ def model_setup(cfg: RunConfig, *, spot_check: bool = True) -> Callable[[dict, P
     return build
 
 
+MAX_VERSION_GROWTH = 4  # an uploaded version's size against the current one's (weights -> + AdamW moments)
+VERSION_SLACK_BYTES = 512 << 20  # ... plus this (headers, a small model's first version)
+
+
 class Coordinator:
     """One run's coordinator state. Thread-safe: every method takes the instance lock."""
 
@@ -422,7 +426,16 @@ class Coordinator:
         if header.total_bytes <= 0:
             raise RequestError("INVALID_ARGUMENT", "total_bytes must be > 0")
         with self.lock:
-            return self._publication_tally(node_id, ref.version, bytes(ref.sha256))
+            tally = self._publication_tally(node_id, ref.version, bytes(ref.sha256))
+            # the same tensors every version (version 0 without the optimizer's moments): a stream may
+            # not reserve the disk for much more than that
+            current = self.snapshots.manifest(self.state.current_version).total_bytes
+            limit = MAX_VERSION_GROWTH * current + VERSION_SLACK_BYTES
+            if header.total_bytes > limit:
+                raise RequestError("INVALID_ARGUMENT", f"total_bytes {header.total_bytes} is more than {limit} "
+                                                       f"({MAX_VERSION_GROWTH} x the current version's {current} "
+                                                       f"bytes + {VERSION_SLACK_BYTES >> 20} MiB)")
+            return tally
 
     def _publication_tally(self, node_id: str, version: int, sha256: bytes) -> Tally:
         """The rule's tally, or the refusal logged (evidence of who tried what) and raised."""

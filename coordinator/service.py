@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -40,6 +42,7 @@ from grpo_swarm.protocol.version_file import NotCanonical, StreamingStateHash
 from .core import Coordinator, RequestError
 from .limits import NonceWindow, RateLimiter
 from .upload_hashing import BackgroundFeed
+from .uploads import Flight
 
 OPEN_METHODS = frozenset({"Register", "GetLog"})  # any valid key may call these
 ADMIN_METHODS = frozenset({"Admin"})  # only the coordinator's own key may call these
@@ -53,6 +56,7 @@ class ServerLimits:
     window_s: float = 120.0  # allowed |client time - server time|
     max_request_bytes: int = MAX_REQUEST_BYTES
     workers: int = 16
+    upload_idle_s: float = 120.0  # an upload stream that sends nothing for this long is cancelled
 
 
 class _Refused(Exception):
@@ -252,6 +256,10 @@ class CoordinatorService:
                                                                    "beside the uploads in flight")
             flight = self.c.uploads.start(node_id, version, header.total_bytes)
             self.c.metrics.uploads_in_flight.inc()
+            # a stream with no deadline (a large version over a slow link) must not hold a worker and its
+            # disk reservation for ever once its sender stops sending
+            threading.Thread(target=_cancel_when_idle, args=(flight, context, self.limits.upload_idle_s),
+                             name="upload-watchdog", daemon=True).start()
             tmp = self.c.snapshots.upload_path(f"{node_id}-{header.snapshot.version}-{os.getpid()}")
             # the file's hashes are taken, and its bytes written, as they arrive, each in a thread beside
             # this one (outside the coordinator's lock); a canonical version file's state hash too
@@ -300,6 +308,9 @@ class CoordinatorService:
             reply = self.c.publish_upload(node_id, header, tmp, chunk_hashes=hashes.result(), state_sha256=state_sha256)
             tmp = None
         except Exception as exc:  # noqa: BLE001
+            if flight is not None and flight.cancelled:
+                exc = _Refused(grpc.StatusCode.DEADLINE_EXCEEDED, f"nothing arrived for {self.limits.upload_idle_s:.0f} s "
+                                                                 f"after {flight.received} bytes")
             self._fail(method, context, exc)
         finally:
             if flight is not None:
@@ -347,6 +358,17 @@ class CoordinatorService:
             "ReportPeer": self._unary("ReportPeer", self.report_peer),
             "Admin": self._unary("Admin", self.admin),
         })
+
+
+def _cancel_when_idle(flight: Flight, context: grpc.ServicerContext, idle_s: float) -> None:
+    """Cancel the upload's RPC once ``flight`` has received nothing for ``idle_s``; return when it ends."""
+    while not flight.ended:
+        idle = time.monotonic() - flight.last_chunk
+        if idle > idle_s:
+            flight.cancelled = True
+            context.cancel()
+            return
+        time.sleep(min(1.0, idle_s - idle + 0.01))
 
 
 def start_server(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0, *,

@@ -30,6 +30,8 @@ class Flight:
     started: float = field(default_factory=_now)
     received: int = 0
     last_chunk: float = field(default_factory=_now)
+    ended: bool = False
+    cancelled: bool = False  # by the server's idle watchdog
 
     def advance(self, received: int) -> None:
         self.received, self.last_chunk = received, _now()
@@ -60,6 +62,7 @@ class InFlightUploads:
     def end(self, flight: Flight) -> None:
         with self._lock:
             self._flights.discard(flight)
+            flight.ended = True
 
     def progress(self, version: int) -> pb.UploadProgress | None:
         """The stream of ``version`` that will end first at its rate so far (the one furthest along

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from grpo_swarm.coordinator import service as service_module
+from grpo_swarm.coordinator.service import ServerLimits
 from grpo_swarm.node.swarm.publication import PublicationFollower, UploadRate, should_abandon, should_race
 from grpo_swarm.node.swarm.training_state import version_file
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
@@ -50,9 +51,13 @@ class SlowLink(HonestNode):
 
 @pytest.fixture()
 def swarm(tmp_path):
+    yield from two_contributors(tmp_path)
+
+
+def two_contributors(tmp_path, **served):
     """A coordinator whose round 0 closed with two contributors, A and B (equal weight), that both
     reported the same version 1: either may publish it, neither alone."""
-    s = Served(tmp_path, samples_per_round=16)
+    s = Served(tmp_path, samples_per_round=16, **served)
     a, b = SlowLink(s.address, tmp_path / "a"), SlowLink(s.address, tmp_path / "b")
     try:
         for node in (a, b):
@@ -190,6 +195,12 @@ def test_a_crawling_or_stalled_upload_is_raced_and_the_loser_refused_mid_stream(
 def test_uploads_in_flight_reserve_the_disk(swarm, monkeypatch):
     s, a, b, sha = swarm
     total = version_file(a.training_state()).total_bytes
+    # nobody reserves the whole disk by announcing it: at most 4 x the current version + 512 MiB
+    current = s.coordinator.manifest(None).total_bytes
+    with pytest.raises(CoordinatorError) as info:
+        b.client._upload(4 * current + (512 << 20) + 1, b"", lambda: iter(()), pb.PolicySnapshotRef(version=1, sha256=sha),
+                         timeout_s=30).result()
+    assert info.value.code == "INVALID_ARGUMENT" and "the current version's" in info.value.detail
     real = service_module.shutil.disk_usage
 
     def tight(path):  # room for one version and a half
@@ -226,3 +237,29 @@ def test_a_designated_uploader_on_a_slow_link_gives_way_to_a_faster_one(swarm):
     assert fa.rate.measured is not None and fa.rate.measured < fb.rate.measured  # and learned its link is slow
     assert fb.uploads == 1 and fb.bytes_sent >= total
     assert s.coordinator.log.last("snapshot_published").payload["uploader"] == b.node_id
+
+
+def test_the_coordinator_cancels_an_upload_that_stops_sending(tmp_path):
+    world = two_contributors(tmp_path, limits=ServerLimits(upload_idle_s=1.0))
+    s, a, b, sha = next(world)
+    try:
+        a.pause_at, a.pause_s = 1, 6.0  # one chunk, then silence with the stream open
+        call = a.start_upload(1, sha, stall_s=30.0)  # the client would wait far longer
+        deadline = time.monotonic() + 5
+        while s.coordinator.uploads.progress(1) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert s.coordinator.uploads.progress(1) is not None and s.coordinator.uploads.reserved_bytes() > 0
+        started = time.monotonic()
+        while s.coordinator.uploads.progress(1) is not None and time.monotonic() - started < 10:
+            time.sleep(0.05)
+        assert time.monotonic() - started < 4.0  # freed by the coordinator, not by the sender's return
+        assert s.coordinator.uploads.reserved_bytes() == 0
+        assert s.coordinator.metrics.registry.get_sample_value("grpo_coordinator_uploads_in_flight") == 0
+        assert not [p for p in (s.data_dir / "snapshots").iterdir() if p.name.startswith(".upload")]
+        with pytest.raises(CoordinatorError) as info:
+            call.result()
+        assert info.value.code == "CANCELLED"
+        b.delay_s = 0.0
+        assert b.upload(1, sha).published.version == 1  # the others publish as usual
+    finally:
+        world.close()
