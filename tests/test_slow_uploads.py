@@ -263,3 +263,34 @@ def test_the_coordinator_cancels_an_upload_that_stops_sending(tmp_path):
         assert b.upload(1, sha).published.version == 1  # the others publish as usual
     finally:
         world.close()
+
+
+def test_a_peer_that_shows_a_fast_upload_and_stalls_makes_the_others_give_way_once(swarm):
+    """The attack on giving way: B opens a fast upload, stops half-way, and does it again. A gives
+    way the first time, races again once B's stream is idle, and does not give way the second time."""
+    s, a, b, sha = swarm
+    n = chunks_of(b)
+    a.delay_s = 8.0 / chunks_of(a)  # A: 8 s for the whole version
+    b.delay_s, b.pause_at, b.pause_s = 2.5 / (n // 2), n // 2, 60.0  # B: half of it in 2.5 s, then silence
+    fa = PublicationFollower(a, a.heartbeat, timeout_s=30.0, poll_s=0.05, stall_s=1.0)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("a", fa.follow(1, sha, uploader=True)))
+    started = time.monotonic()
+    t.start()
+    calls = []
+    try:
+        calls.append(b.start_upload(1, sha, stall_s=60.0))
+        while not fa.gave_way and time.monotonic() - started < 10:
+            time.sleep(0.05)
+        assert fa.gave_way  # the first time, A believed B
+        time.sleep(3.0)  # B silent: A races again; then B shows another fast start
+        calls[0].cancel()
+        calls.append(b.start_upload(1, sha, stall_s=60.0))
+        t.join(30)
+    finally:
+        for call in calls:
+            call.cancel()
+    assert result["a"] == pb.PolicySnapshotRef(version=1, sha256=sha)
+    assert s.coordinator.log.last("snapshot_published").payload["uploader"] == a.node_id
+    assert fa.uploads == 2 and fa.bytes_sent >= version_file(a.training_state()).total_bytes
+    assert time.monotonic() - started < 20.0
