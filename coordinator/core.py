@@ -17,9 +17,11 @@ Data directory::
 Rounds: a round closes when the swarm's accepted samples in it reach ``swarm.samples_per_round``
 (the submission that crosses it gets ``round_closed``), or, once it has any accepted sample, when
 it has been open ``swarm.round_timeout_s`` (checked at each heartbeat and submission; its start is
-the time of the log entry that opened it, so a restart keeps it). Staleness: with current version v a node
-may sample with versions >= v - η (heartbeats tell it, ``may_sample``); older proofs are rejected
-``STALE_VERSION`` by the verifier.
+the time of the log entry that opened it, so a restart keeps it) — but not while the version the last
+closed round produced is being uploaded and moving (:meth:`Coordinator._publication_streaming`):
+closing would drop the reports behind that upload; the upload's publication then closes it.
+Staleness: with current version v a node may sample with versions >= v - η (heartbeats tell it,
+``may_sample``); older proofs are rejected ``STALE_VERSION`` by the verifier.
 
 Publication (:mod:`grpo_swarm.protocol.publication`): after round r closes, its participants
 average their gradients into version current + 1 and report its state-dict hash in a Heartbeat
@@ -73,7 +75,7 @@ from .config import ConfigError, RunConfig
 from .metrics import CoordinatorMetrics
 from .snapshots import SnapshotError, SnapshotFiles, check_readable, snapshot_state_sha256
 from .store import CoordinatorStore
-from .uploads import InFlightUploads
+from .uploads import PROGRESSING_S, InFlightUploads
 
 KEY_FILE = "coordinator.key"
 LOG_FILE = "protocol.sqlite"
@@ -284,7 +286,7 @@ class Coordinator:
             if addrs:
                 self.store.set_multiaddrs(node_id, addrs)
             self.metrics.staleness.labels("heartbeat").observe(lag)
-            self._maybe_close_round(timed_out_only=True)
+            self._maybe_close_round()  # (a full round closes at the submission that fills it, unless held)
             may = staleness in (pb.STALENESS_CURRENT, pb.STALENESS_BEHIND) and not st.is_banned(node_id)
             # the first Heartbeat of a round binds the version its prompts must be sampled with, so
             # that a node cannot sample with each of the η + 1 allowed versions and keep the best
@@ -360,18 +362,27 @@ class Coordinator:
             self._refresh_gauges()
             return out
 
-    def _maybe_close_round(self, timed_out_only: bool = False) -> bool:
+    def _maybe_close_round(self) -> bool:
         samples = self.round_samples()
-        full = samples >= self.cfg.swarm.samples_per_round and not timed_out_only
+        full = samples >= self.cfg.swarm.samples_per_round
         started = self.round_started_ms
         late = samples > 0 and started is not None and now_ms() - started >= self.cfg.swarm.round_timeout_s * 1000
-        if not (full or late):
+        if not (full or late) or self._publication_streaming():
             return False
         self.recorder.close_round()
         self.round_started_ms = None  # the next round's clock starts at its first dispatch
         self.metrics.rounds_closed.inc()
         self._refresh_gauges()
         return True
+
+    def _publication_streaming(self) -> bool:
+        """Whether the version the last closed round produced is being uploaded, and moving. The open
+        round then stays open: closing it would make it the producing round and drop the reports
+        behind that upload (a slow link's minutes of it, and the round's verified work)."""
+        if self.recorder.publication.round is None:
+            return False
+        flight = self.uploads.progress(self.state.current_version + 1)
+        return flight is not None and flight.idle_ms < 1000 * PROGRESSING_S
 
     # -- peers and operators
     def report_peer(self, node_id: str, envelope: pb.SignedEnvelope, report: pb.PeerReport) -> pb.PeerReportResponse:
@@ -469,6 +480,7 @@ class Coordinator:
             tally = self._publication_tally(node_id, version, sha)
             self.snapshots.add(path, version, sha, chunk_hashes=chunk_hashes)
             index = self.recorder.publish_snapshot(version, sha, uploader=node_id).index
+            self._maybe_close_round()  # one held open by this upload
             self.snapshots.prune(self.keep_snapshots)
             self.metrics.snapshots_published.inc()
             self._refresh_gauges()

@@ -2,7 +2,8 @@
 
 Heartbeats tell waiting contributors about the next version's upload that is furthest ahead
 (:meth:`InFlightUploads.progress`), so that on a slow link they let it finish instead of all
-uploading the same gigabytes at once, and start their own only when it stalls or crawls. The bytes
+uploading the same gigabytes at once, and start their own only when it stalls or crawls; while it
+moves, the coordinator keeps the open round from closing (which would drop the reports behind it). The bytes
 still announced by streams in flight are reserved against the disk (:meth:`reserved_bytes`).
 Thread-safe: each stream runs in its own gRPC worker thread.
 """
@@ -14,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+
+PROGRESSING_S = 20.0  # an upload that received something within this long is moving (node/swarm/publication.py's STALL_S)
 
 
 def _now() -> float:

@@ -294,3 +294,33 @@ def test_a_peer_that_shows_a_fast_upload_and_stalls_makes_the_others_give_way_on
     assert s.coordinator.log.last("snapshot_published").payload["uploader"] == a.node_id
     assert fa.uploads == 2 and fa.bytes_sent >= version_file(a.training_state()).total_bytes
     assert time.monotonic() - started < 20.0
+
+
+def test_the_next_round_stays_open_while_the_version_uploads(tmp_path):
+    """Nodes that join during a slow publication sample the next round; closing it (full, or timed
+    out) would make it the producing round and drop the reports behind the upload in flight."""
+    world = two_contributors(tmp_path, round_timeout_s=1.0)
+    s, a, b, sha = next(world)
+    c, d = HonestNode(s.address, tmp_path / "c"), HonestNode(s.address, tmp_path / "d")
+    try:
+        a.delay_s = 5.0 / chunks_of(a)
+        call = a.start_upload(1, sha, stall_s=30.0)
+        deadline = time.monotonic() + 5
+        while s.coordinator.uploads.progress(1) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        _, groups = c.round_proofs()
+        c.client.submit_proofs([p for g in groups for p in g])
+        time.sleep(1.5)  # past round 1's timeout
+        assert c.heartbeat().current_round == 1  # held open: the upload moves
+        _, groups = d.round_proofs()
+        reply = d.client.submit_proofs([p for g in groups for p in g])
+        assert not reply.round_closed and s.coordinator.round_samples() >= 16  # full, and held
+        assert call.result().published == pb.PolicySnapshotRef(version=1, sha256=sha)  # round 0's work counts
+        hb = c.heartbeat()
+        assert hb.current_round == 2 and hb.current.version == 1  # closed by the publication
+        closed = s.coordinator.log.last("round_closed").payload
+        assert closed["round"] == 1 and set(closed["weights"]) == {c.node_id, d.node_id}
+    finally:
+        for node in (c, d):
+            node.client.close()
+        world.close()
