@@ -16,7 +16,9 @@ from grpo_swarm.coordinator.service import ServerLimits
 from grpo_swarm.node.swarm.publication import PublicationFollower, UploadRate, should_abandon, should_race
 from grpo_swarm.node.swarm.training_state import version_file
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+from grpo_swarm.protocol.audit import audit
 from grpo_swarm.protocol.client import CoordinatorError
+from grpo_swarm.protocol.run_spec import load_hooks
 from grpo_swarm.protocol.upload_call import DEFAULT_STALL_S
 
 from coordinator_world import HonestNode, Served
@@ -320,6 +322,11 @@ def test_the_next_round_stays_open_while_the_version_uploads(tmp_path):
         assert hb.current_round == 2 and hb.current.version == 1  # closed by the publication
         closed = s.coordinator.log.last("round_closed").payload
         assert closed["round"] == 1 and set(closed["weights"]) == {c.node_id, d.node_id}
+        entries = list(c.client.get_log())  # the held round replays like any other
+        hooks = load_hooks(entries[0].payload, model="tiny", snapshots=str(s.data_dir / "snapshots"),
+                           allow_plugin_rewards=True)
+        result = audit(entries, hooks, trusted_signers=[c.reply.coordinator_public_key])
+        assert result.ok, result.problem
     finally:
         for node in (c, d):
             node.client.close()
