@@ -42,7 +42,7 @@ from grpo_swarm.protocol.version_file import NotCanonical, StreamingStateHash
 from .core import Coordinator, RequestError
 from .limits import NonceWindow, RateLimiter
 from .upload_hashing import BackgroundFeed
-from .uploads import Flight
+from .uploads import Flight, TooManyUploads
 
 OPEN_METHODS = frozenset({"Register", "GetLog"})  # any valid key may call these
 ADMIN_METHODS = frozenset({"Admin"})  # only the coordinator's own key may call these
@@ -254,7 +254,11 @@ class CoordinatorService:
                 raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{header.total_bytes} bytes announced, "
                                                                    f"{max(free, 0)} free on the coordinator's disk "
                                                                    "beside the uploads in flight")
-            flight = self.c.uploads.start(node_id, version, header.total_bytes)
+            try:  # half the workers at most: the rest serve heartbeats and submissions
+                flight = self.c.uploads.start(node_id, version, header.total_bytes,
+                                              max_streams=max(1, self.limits.workers // 2))
+            except TooManyUploads as e:
+                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
             self.c.metrics.uploads_in_flight.inc()
             # a stream with no deadline (a large version over a slow link) must not hold a worker and its
             # disk reservation for ever once its sender stops sending

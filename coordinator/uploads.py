@@ -51,14 +51,24 @@ class Flight:
                                  idle_ms=int(1000 * (now - self.last_chunk)))
 
 
+class TooManyUploads(Exception):
+    pass
+
+
 class InFlightUploads:
     def __init__(self):
         self._lock = threading.Lock()
         self._flights: set[Flight] = set()
 
-    def start(self, node_id: str, version: int, total_bytes: int) -> Flight:
+    def start(self, node_id: str, version: int, total_bytes: int, *, max_streams: int) -> Flight:
+        """A new stream; TooManyUploads when ``node_id`` already has one in flight or ``max_streams``
+        are (each holds a server worker for as long as its sender keeps it moving)."""
         flight = Flight(node_id, version, total_bytes)
         with self._lock:
+            if any(f.node_id == node_id for f in self._flights):
+                raise TooManyUploads(f"an upload from node {node_id} is already in flight")
+            if len(self._flights) >= max_streams:
+                raise TooManyUploads(f"{len(self._flights)} uploads are in flight, the most this coordinator takes")
             self._flights.add(flight)
         return flight
 

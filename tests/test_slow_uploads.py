@@ -287,6 +287,8 @@ def test_a_peer_that_shows_a_fast_upload_and_stalls_makes_the_others_give_way_on
         assert fa.gave_way  # the first time, A believed B
         time.sleep(3.0)  # B silent: A races again; then B shows another fast start
         calls[0].cancel()
+        while any(f.node_id == b.node_id for f in s.coordinator.uploads._flights):
+            time.sleep(0.02)  # (one stream per node at a time)
         calls.append(b.start_upload(1, sha, stall_s=60.0))
         t.join(30)
     finally:
@@ -330,4 +332,25 @@ def test_the_next_round_stays_open_while_the_version_uploads(tmp_path):
     finally:
         for node in (c, d):
             node.client.close()
+        world.close()
+
+
+def test_one_upload_stream_per_node_and_at_most_half_the_workers(tmp_path):
+    """Each stream holds a server worker while its sender keeps it moving: one per node, and no more
+    than half the workers in all, so heartbeats and submissions are still served."""
+    world = two_contributors(tmp_path, limits=ServerLimits(workers=2))
+    s, a, b, sha = next(world)
+    try:
+        a.delay_s = 3.0 / chunks_of(a)
+        first = a.start_upload(1, sha)
+        deadline = time.monotonic() + 5
+        while s.coordinator.uploads.progress(1) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for node, why in ((a, "already in flight"), (b, "the most this coordinator takes")):
+            with pytest.raises(CoordinatorError) as info:
+                node.upload(1, sha)
+            assert info.value.code == "RESOURCE_EXHAUSTED" and why in info.value.detail
+        assert b.heartbeat().upload.node_id == a.node_id  # the other worker still answers
+        assert first.result().published.version == 1
+    finally:
         world.close()
