@@ -18,7 +18,8 @@ Rounds: a round closes when the swarm's accepted samples in it reach ``swarm.sam
 (the submission that crosses it gets ``round_closed``), or, once it has any accepted sample, when
 it has been open ``swarm.round_timeout_s`` (checked at each heartbeat and submission; its start is
 the time of the log entry that opened it, so a restart keeps it) — but not while the version the last
-closed round produced is being uploaded and moving (:meth:`Coordinator._publication_streaming`):
+closed round produced is being uploaded, moving and due within a round's timeout
+(:meth:`Coordinator._publication_streaming`):
 closing would drop the reports behind that upload; the upload's publication then closes it.
 Staleness: with current version v a node may sample with versions >= v - η (heartbeats tell it,
 ``may_sample``); older proofs are rejected ``STALE_VERSION`` by the verifier.
@@ -69,7 +70,7 @@ from grpo_swarm.protocol.identity import Identity, node_id_from_public_key
 from grpo_swarm.protocol.log import LogError, ProtocolLog
 from grpo_swarm.protocol.proofs import now_ms
 from grpo_swarm.protocol.publication import PublicationRefused, Tally
-from grpo_swarm.protocol.rpc import DEFAULT_CHUNK_SIZE, sign_ticket
+from grpo_swarm.protocol.rpc import DEFAULT_CHUNK_SIZE, sign_ticket, upload_seconds_left
 
 from .config import ConfigError, RunConfig
 from .metrics import CoordinatorMetrics
@@ -376,13 +377,17 @@ class Coordinator:
         return True
 
     def _publication_streaming(self) -> bool:
-        """Whether the version the last closed round produced is being uploaded, and moving. The open
-        round then stays open: closing it would make it the producing round and drop the reports
-        behind that upload (a slow link's minutes of it, and the round's verified work)."""
+        """Whether the version the last closed round produced is being uploaded, moving, and due
+        within ``round_timeout_s`` at its rate. The open round then stays open: closing it would make
+        it the producing round and drop the reports behind that upload (a slow link's minutes of it,
+        and the round's verified work). A trickle is not waited for."""
         if self.recorder.publication.round is None:
             return False
         flight = self.uploads.progress(self.state.current_version + 1)
-        return flight is not None and flight.idle_ms < 1000 * PROGRESSING_S
+        if flight is None or flight.idle_ms >= 1000 * PROGRESSING_S:
+            return False
+        left = upload_seconds_left(flight)
+        return left is None or left <= self.cfg.swarm.round_timeout_s
 
     # -- peers and operators
     def report_peer(self, node_id: str, envelope: pb.SignedEnvelope, report: pb.PeerReport) -> pb.PeerReportResponse:

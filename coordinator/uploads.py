@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+from grpo_swarm.protocol.rpc import upload_seconds_left
 
 PROGRESSING_S = 20.0  # an upload that received something within this long is moving (node/swarm/publication.py's STALL_S)
 
@@ -38,12 +39,6 @@ class Flight:
 
     def advance(self, received: int) -> None:
         self.received, self.last_chunk = received, _now()
-
-    def seconds_left(self, now: float) -> float:
-        """At the rate so far; infinite before the first byte."""
-        if self.received <= 0:
-            return float("inf")
-        return (self.total_bytes - self.received) * (now - self.started) / self.received
 
     def progress(self, now: float) -> pb.UploadProgress:
         return pb.UploadProgress(version=self.version, node_id=self.node_id, bytes_received=self.received,
@@ -85,8 +80,10 @@ class InFlightUploads:
             flights = [f for f in self._flights if f.version == version]
             if not flights:
                 return None
-            best = min(flights, key=lambda f: (f.seconds_left(now), -f.received))
-            return best.progress(now)
+            progress = [f.progress(now) for f in flights]
+        left = [upload_seconds_left(p) for p in progress]
+        return min(zip(progress, left), key=lambda pl: (float("inf") if pl[1] is None else pl[1],
+                                                        -pl[0].bytes_received))[0]
 
     def reserved_bytes(self) -> int:
         """Bytes the streams in flight have announced but not yet sent."""

@@ -245,6 +245,13 @@ def upload_chunk_message(offset: int, pieces) -> bytes:
     return b"".join([b"\x12", _varint(len(inner) + size), inner, *pieces])  # UploadPart.chunk = 2
 
 
+def upload_seconds_left(progress: pb.UploadProgress) -> float | None:
+    """When an upload in flight will end at its rate so far; None before its first byte."""
+    if progress.bytes_received <= 0 or progress.elapsed_ms <= 0:
+        return None
+    return (progress.total_bytes - progress.bytes_received) * (progress.elapsed_ms / 1000) / progress.bytes_received
+
+
 def expected_chunks(total_bytes: int, chunk_size: int) -> int:
     return -(-total_bytes // chunk_size)
 

@@ -303,19 +303,19 @@ def test_a_peer_that_shows_a_fast_upload_and_stalls_makes_the_others_give_way_on
 def test_the_next_round_stays_open_while_the_version_uploads(tmp_path):
     """Nodes that join during a slow publication sample the next round; closing it (full, or timed
     out) would make it the producing round and drop the reports behind the upload in flight."""
-    world = two_contributors(tmp_path, round_timeout_s=1.0)
+    world = two_contributors(tmp_path, round_timeout_s=2.0)
     s, a, b, sha = next(world)
     c, d = HonestNode(s.address, tmp_path / "c"), HonestNode(s.address, tmp_path / "d")
     try:
-        a.delay_s = 5.0 / chunks_of(a)
+        a.delay_s = 4.0 / chunks_of(a)
         call = a.start_upload(1, sha, stall_s=30.0)
         deadline = time.monotonic() + 5
         while s.coordinator.uploads.progress(1) is None and time.monotonic() < deadline:
             time.sleep(0.02)
         _, groups = c.round_proofs()
         c.client.submit_proofs([p for g in groups for p in g])
-        time.sleep(1.5)  # past round 1's timeout
-        assert c.heartbeat().current_round == 1  # held open: the upload moves
+        time.sleep(2.2)  # past round 1's timeout
+        assert c.heartbeat().current_round == 1  # held open: the upload moves and ends within 2 s
         _, groups = d.round_proofs()
         reply = d.client.submit_proofs([p for g in groups for p in g])
         assert not reply.round_closed and s.coordinator.round_samples() >= 16  # full, and held
@@ -332,6 +332,29 @@ def test_the_next_round_stays_open_while_the_version_uploads(tmp_path):
     finally:
         for node in (c, d):
             node.client.close()
+        world.close()
+
+
+def test_a_trickling_upload_does_not_hold_the_next_round(tmp_path):
+    """An upload that at its rate would end later than a round's timeout is not waited for."""
+    world = two_contributors(tmp_path, round_timeout_s=2.0)
+    s, a, b, sha = next(world)
+    c = HonestNode(s.address, tmp_path / "c")
+    try:
+        a.pause_at, a.pause_s = 2, 60.0  # two chunks, then a trickle far slower than that
+        call = a.start_upload(1, sha, stall_s=30.0)
+        deadline = time.monotonic() + 5
+        while s.coordinator.uploads.progress(1) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        _, groups = c.round_proofs()
+        c.client.submit_proofs([p for g in groups for p in g])
+        time.sleep(2.2)
+        flight = s.coordinator.uploads.progress(1)
+        assert flight is not None and flight.bytes_received > 0 and flight.idle_ms < 20_000  # moving, ...
+        assert c.heartbeat().current_round == 2  # ... and round 1 closed on time
+        call.cancel()
+    finally:
+        c.client.close()
         world.close()
 
 

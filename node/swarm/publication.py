@@ -26,6 +26,7 @@ from typing import Callable
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.errors import CoordinatorError
+from grpo_swarm.protocol.rpc import upload_seconds_left
 from grpo_swarm.protocol.upload_call import DEFAULT_STALL_S, UploadCall
 
 from .participant import Participant
@@ -74,17 +75,10 @@ def should_race(flight: pb.UploadProgress | None, total_bytes: int, own_bytes_pe
         return True
     if flight.idle_ms >= 1000 * stall_s:
         return True
-    left_s = seconds_left(flight)
+    left_s = upload_seconds_left(flight)
     if left_s is None:
         return flight.elapsed_ms >= 1000 * stall_s  # opened but nothing arrived: stalled from the start
     return left_s > race_factor * total_bytes / own_bytes_per_s
-
-
-def seconds_left(flight: pb.UploadProgress) -> float | None:
-    """When an upload in flight will end at its rate so far; None before its first byte."""
-    if flight.bytes_received <= 0 or flight.elapsed_ms <= 0:
-        return None
-    return (flight.total_bytes - flight.bytes_received) * (flight.elapsed_ms / 1000) / flight.bytes_received
 
 
 def should_abandon(own: UploadCall, flight: pb.UploadProgress | None, node_id: str) -> bool:
@@ -94,7 +88,7 @@ def should_abandon(own: UploadCall, flight: pb.UploadProgress | None, node_id: s
     if flight is None or flight.node_id == node_id or flight.elapsed_ms < 1000 * MIN_MEASURED_S:
         return False
     elapsed = own.last_progress - own.started
-    theirs = seconds_left(flight)
+    theirs = upload_seconds_left(flight)
     if theirs is None or elapsed < MIN_MEASURED_S or own.sent <= 0:
         return False
     return theirs < (own.total_bytes - own.sent) * elapsed / own.sent
