@@ -13,7 +13,13 @@ import torch
 
 from grpo_swarm.coordinator import service as service_module
 from grpo_swarm.coordinator.service import ServerLimits
-from grpo_swarm.node.swarm.publication import PublicationFollower, UploadRate, should_abandon, should_race
+from grpo_swarm.node.swarm.publication import (
+    PublicationFollower,
+    UploadRate,
+    poll_interval,
+    should_abandon,
+    should_race,
+)
 from grpo_swarm.node.swarm.training_state import version_file
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.audit import audit
@@ -97,6 +103,17 @@ def test_should_race():
     assert should_race(flight(500, idle_s=25.0), 1000, 1.0)  # stalled, however slow we are
     assert not should_race(flight(0, elapsed_s=1.0), 1000, 1e9)  # just opened: give it time
     assert should_race(flight(0, elapsed_s=30.0), 1000, 1.0)  # opened, nothing ever came
+
+
+def test_poll_interval():
+    def flight(received, elapsed_s=10.0):
+        return pb.UploadProgress(version=1, bytes_received=received, total_bytes=1000, elapsed_ms=int(elapsed_s * 1000))
+
+    assert poll_interval(None, 0.2) == 0.2
+    assert poll_interval(flight(0), 0.2) == 0.2  # no rate yet
+    assert poll_interval(flight(999), 0.2) == 0.2  # nearly done: as often as asked
+    assert poll_interval(flight(500), 0.2) == 0.5  # 10 s left: a twentieth of it
+    assert poll_interval(flight(10), 0.2) == 2.0  # minutes left: every 2 s at most
 
 
 def test_should_abandon():
