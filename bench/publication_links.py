@@ -57,7 +57,7 @@ def contributor(args) -> int:
     """One contributor, in its namespace: close round 0, report version 1, follow it to publication."""
     from grpo_swarm.node import proving
     from grpo_swarm.node.swarm.participant import Participant
-    from grpo_swarm.node.swarm.publication import PublicationFollower, designated
+    from grpo_swarm.node.swarm.publication import PublicationFollower, upload_rank
     from grpo_swarm.node.swarm.training_state import version_file
     from grpo_swarm.protocol import grpo_swarm_pb2 as pb
     from grpo_swarm.protocol.client import CoordinatorClient, CoordinatorError
@@ -96,7 +96,8 @@ def contributor(args) -> int:
             raise RuntimeError("round 0 did not close")
         time.sleep(0.2)
     ids = [node_id_from_public_key(bytes(k)) for k in hb.round_participants]
-    is_designated = designated(ids, node.node_id)
+    rank = upload_rank(ids, node.node_id)
+    is_designated = rank == 0
     sha = proving.state_dict_sha256(state)
     node.report(1, sha)
     started = time.monotonic()
@@ -116,7 +117,7 @@ def contributor(args) -> int:
             out.update(bytes_sent=0, uploads=0, gave_way=False)
     else:
         follower = PublicationFollower(node, node.heartbeat, timeout_s=600.0, poll_s=0.2)
-        published = follower.follow(1, sha, uploader=is_designated)
+        published = follower.follow(1, sha, rank=rank)
         out.update(published_s=time.monotonic() - started if published is not None else None,
                    bytes_sent=follower.bytes_sent, uploads=follower.uploads, gave_way=follower.gave_way,
                    measured_rate=follower.rate.measured, note=follower.note)

@@ -6,6 +6,9 @@ The node is the real command (``grpo_swarm.node.cli``: the same round loop, view
 only its averager is :class:`swarm_hostile.HostileAverager`, doing ``BEHAVIOUR`` (``nan``,
 ``stall``, ... see tests/swarm_hostile.py) in every round from ``FIRST_ROUND`` on and honest
 averaging before. ``MARKER``: the file a ``stall`` writes once it hangs mid-reduction ("" for none).
+
+``stall_upload`` (the averager stays honest): every version this node uploads sends its header and
+first chunk, then nothing for ``UPLOAD_STALL_S``, the stream held open (a broken or hostile uploader).
 """
 
 from __future__ import annotations
@@ -17,12 +20,45 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+UPLOAD_STALL_S = 40.0
+
+
+def stall_uploads() -> None:
+    import time
+
+    from grpo_swarm.node.swarm.participant import Participant
+    from grpo_swarm.node.swarm.training_state import version_file
+    from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+    from grpo_swarm.protocol.upload_call import DEFAULT_STALL_S
+
+    def start_upload(self, version, sha256, *, stall_s=DEFAULT_STALL_S):
+        writer = version_file(self.training_state())
+
+        class Stalling:
+            total_bytes = writer.total_bytes
+
+            def chunk_pieces(self, chunk_size):
+                for i, item in enumerate(writer.chunk_pieces(chunk_size)):
+                    if i == 1:
+                        time.sleep(UPLOAD_STALL_S)
+                    yield item
+
+        return self.client.start_upload_version(Stalling(), pb.PolicySnapshotRef(version=version, sha256=sha256),
+                                                chunk_size=1 << 18, stall_s=stall_s)
+
+    Participant.start_upload = start_upload
+
+
 def main() -> None:
     behaviour, first, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     from grpo_swarm.node.cli import app
     from grpo_swarm.node.swarm.join import SwarmPeer
     from swarm_hostile import HostileAverager
 
+    if behaviour == "stall_upload":
+        stall_uploads()
+        app(sys.argv[4:], prog_name="grpo-node")
+        return
     behaviours = {r: behaviour for r in range(first, first + 10_000)}
     SwarmPeer.averager_factory = functools.partial(HostileAverager, behaviours=behaviours,
                                                    stall_marker=marker or None)

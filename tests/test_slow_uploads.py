@@ -18,6 +18,7 @@ from grpo_swarm.node.swarm.publication import (
     UploadRate,
     poll_interval,
     should_abandon,
+    upload_rank,
     should_race,
 )
 from grpo_swarm.node.swarm.training_state import version_file
@@ -105,6 +106,13 @@ def test_should_race():
     assert should_race(flight(0, elapsed_s=30.0), 1000, 1.0)  # opened, nothing ever came
 
 
+def test_upload_rank():
+    assert upload_rank(["b", "a", "c"], "a") == 0
+    assert upload_rank(["b", "a", "c"], "c") == 2
+    assert upload_rank([], "a") == 0  # alone: upload at once
+    assert upload_rank([f"n{i:02d}" for i in range(20)], "n15") == 6  # ranks past 6 wait as long as 6
+
+
 def test_poll_interval():
     def flight(received, elapsed_s=10.0):
         return pb.UploadProgress(version=1, bytes_received=received, total_bytes=1000, elapsed_ms=int(elapsed_s * 1000))
@@ -172,7 +180,7 @@ def test_a_waiting_contributor_lets_a_slow_upload_finish(swarm):
     fa = PublicationFollower(a, a.heartbeat, timeout_s=2.0, poll_s=0.05)
     fb = PublicationFollower(b, b_heartbeat, timeout_s=2.0, poll_s=0.05, rate=rate, grace_s=0.2)
     result = {}
-    t = threading.Thread(target=lambda: result.setdefault("a", fa.follow(1, sha, uploader=True)))
+    t = threading.Thread(target=lambda: result.setdefault("a", fa.follow(1, sha, rank=0)))
     t.start()
     published = fb.follow(1, sha)
     t.join(30)
@@ -244,7 +252,7 @@ def test_a_designated_uploader_on_a_slow_link_gives_way_to_a_faster_one(swarm):
     fa = PublicationFollower(a, a.heartbeat, timeout_s=30.0, poll_s=0.05)
     fb = PublicationFollower(b, b.heartbeat, timeout_s=30.0, poll_s=0.05, grace_s=0.3)
     result = {}
-    t = threading.Thread(target=lambda: result.setdefault("a", fa.follow(1, sha, uploader=True)))
+    t = threading.Thread(target=lambda: result.setdefault("a", fa.follow(1, sha, rank=0)))
     started = time.monotonic()
     t.start()
     assert fb.follow(1, sha) == pb.PolicySnapshotRef(version=1, sha256=sha)
@@ -293,7 +301,7 @@ def test_a_peer_that_shows_a_fast_upload_and_stalls_makes_the_others_give_way_on
     b.delay_s, b.pause_at, b.pause_s = 2.5 / (n // 2), n // 2, 60.0  # B: half of it in 2.5 s, then silence
     fa = PublicationFollower(a, a.heartbeat, timeout_s=30.0, poll_s=0.05, stall_s=1.0)
     result = {}
-    t = threading.Thread(target=lambda: result.setdefault("a", fa.follow(1, sha, uploader=True)))
+    t = threading.Thread(target=lambda: result.setdefault("a", fa.follow(1, sha, rank=0)))
     started = time.monotonic()
     t.start()
     calls = []

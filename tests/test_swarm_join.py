@@ -8,7 +8,10 @@ three node processes (real hivemind DHTs and verified averagers) with the demo's
   averaged with them again within 60 s of its restart;
 * a hostile member (NaN in every part it sends, tests/swarm_hostile.py through
   tests/swarm_join_node.py): the honest peers' round still succeeds without it, they exclude it
-  with the reason, report it to the coordinator, and their two reports ban it.
+  with the reason, report it to the coordinator, and their two reports ban it;
+* a designated uploader that stalls every upload after its first chunk: the next contributor by
+  node id races it after the grace period and publishes each version (the third sends nothing),
+  and the swarm keeps one policy.
 
 In both, after every round every honest peer holds the same bytes (weights + optimizer state),
 those of the snapshot the coordinator published for that version; `grpo-audit verify` passes on the
@@ -220,3 +223,39 @@ def test_a_swarm_restarted_all_at_once_meets_again(tmp_path):
     for i in (0, 1):
         assert "the coordinator listed answered" in node_logs[i], node_logs[i][-3000:]
         assert any(r["averaged"] and r["peers"] == 2 for r in after[i]), after[i]
+
+
+@pytest.mark.slow
+def test_a_designated_uploader_that_stalls_is_raced_every_round(tmp_path):
+    rounds = 2
+    with LocalSwarm(tmp_path / "swarm", nodes=3) as swarm:
+        keys = {i: Identity.load_or_create(swarm.workdir(i) / "node.key") for i in range(3)}
+        # the contributor with the smallest node id uploads each version first: make it the stalling one
+        bad = min(keys, key=lambda i: keys[i].node_id)
+        swarm.start_coordinator()
+        for i in range(3):
+            swarm.start_node(i, rounds=rounds, program=hostile("stall_upload", 0) if i == bad else None)
+        wait_until(lambda: all(p.poll() is not None for p in swarm.nodes.values()), 240, swarm, "end of the rounds")
+        assert [swarm.nodes[i].returncode for i in range(3)] == [0, 0, 0], logs(swarm)
+        records = {i: swarm.records(i) for i in range(3)}
+        entries = log_entries(swarm)
+        swarm.stop()
+        audit_ok(swarm)
+
+    uploaders = {int(e.payload["version"]): e.payload.get("uploader") for e in entries if e.kind == "snapshot_published"}
+    assert sorted(uploaders) == list(range(rounds + 1)), uploaders
+    honest_ids = {keys[i].node_id for i in range(3) if i != bad}
+    assert all(uploaders[v] in honest_ids for v in range(1, rounds + 1)), uploaders
+    version_bytes = (tmp_path / "swarm" / "coordinator" / "snapshots").glob("*.safetensors")
+    size = max(p.stat().st_size for p in version_bytes)
+    for rnd in range(rounds):
+        mine = {i: next(r for r in records[i] if r["round"] == rnd) for i in range(3)}
+        print(f"\nround {rnd}: uploaded " + ", ".join(f"node {i} {r['upload_bytes']}" for i, r in mine.items())
+              + f" of {size}; publish " + ", ".join(f"{r['phases'].get('publish', 0):.1f} s" for r in mine.values()))
+        assert all(r["averaged"] and r["published"] and r["peers"] == 3 for r in mine.values()), mine
+        assert mine[bad]["upload_bytes"] < size
+        # one rank at a time: the next contributor by node id raced it, the third never needed to
+        assert sorted(r["upload_bytes"] for i, r in mine.items() if i != bad)[0] == 0
+        assert sorted(r["upload_bytes"] for i, r in mine.items() if i != bad)[1] >= size
+        assert all(r["phases"]["publish"] < 30 for r in mine.values()), mine  # the 10 s grace, then a fast upload
+    assert_one_policy(records, published(entries))

@@ -7,7 +7,7 @@ work is averaged, every honest peer takes the same step)::
         ─► wait for the round to close ─► final ticket ─► gradient of the accepted groups
         ─► verified averaging with the round's other ticket holders ─► AdamW step ─► version + 1
         ─► report its parameter hash ─► wait for the publication (the designated peer uploads; the
-           others race it only when it stalls or crawls: :mod:`.publication`)
+           others, one rank at a time, race it only when it stalls or crawls: :mod:`.publication`)
         ─► a peer whose hash differs from the published one loads the snapshot
 
 A peer without a final ticket (nothing accepted, late, voided) skips the averaging and loads the
@@ -34,7 +34,7 @@ from grpo_swarm.protocol.identity import Identity
 
 from .dht import connect_peers, connected_peers
 from .participant import Participant, RoundWork
-from .publication import PublicationFollower, designated
+from .publication import PublicationFollower, upload_rank
 
 log = logging.getLogger(__name__)
 COMPRESSIONS = ("none", "fp16", "8bit")
@@ -335,26 +335,26 @@ class SwarmPeer:
                 raise
             log.info("report of v%d came after its publication: %s", version, e.detail)
         self._clock.lap("step")
-        if not self._follow_publication(version, sha, record, uploader=self._is_uploader(result)):
+        if not self._follow_publication(version, sha, record, rank=self._upload_rank(result)):
             # the swarm did not publish this step: back to the published weights and moments (a
             # version file holds both; version 0's none means a fresh optimizer)
             p.sync()
             record.resynced = True
             self._clock.lap("sync")
 
-    def _is_uploader(self, result) -> bool:
-        """The contributor with the smallest node id uploads; the others only report their hash."""
+    def _upload_rank(self, result) -> int:
+        """This node's rank among the round's averaging contributors by node id (0 uploads at once)."""
         ids = [n for n in (_node_id_of_peer(peer) for peer in result.last.weights) if n is not None]
-        return designated(ids, self.participant.node_id)
+        return upload_rank(ids, self.participant.node_id)
 
     def _follow_publication(self, version: int, sha: bytes | None, record: RoundRecord, *,
-                            uploader: bool = False) -> bool:
+                            rank: int = 1) -> bool:
         """Wait for ``version`` to be published (uploading it as :mod:`.publication` says when this
         node computed it: ``sha``); load it unless this node computed the same bytes. False when no
         upload progressed for a round's timeout."""
         p, follower = self.participant, self._publication
         try:
-            published = follower.follow(version, sha, uploader=uploader)
+            published = follower.follow(version, sha, rank=rank)
         finally:
             record.upload_bytes += follower.bytes_sent
             self._clock.lap("publish")

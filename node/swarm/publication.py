@@ -2,9 +2,11 @@
 to give up.
 
 Every contributor of a round computes the same version and reports its hash; one upload of its
-bytes publishes it. The designated contributor (:func:`designated`) uploads at once. The others wait
-and watch the coordinator's view of the upload in flight (``HeartbeatResponse.upload``): they start
-their own only when none streams after a grace period, when it has stalled, or when at its rate so
+bytes publishes it. The designated contributor (rank 0 of :func:`upload_rank`: the smallest node id)
+uploads at once. The others wait and watch the coordinator's view of the upload in flight
+(``HeartbeatResponse.upload``); rank k may start its own after k grace periods (so that when the
+designated one fails, one other races at a time, not all of them), and then only when none
+streams, when it has stalled, or when at its rate so
 far it would end more than ``RACE_FACTOR`` times later than their own would at their measured
 upload rate (:func:`should_race`) — so on a slow home uplink they let the designated upload run
 instead of all sending the same gigabytes at once, and a designated peer that stalls or trickles
@@ -33,7 +35,8 @@ from .participant import Participant
 
 log = logging.getLogger(__name__)
 
-GRACE_S = 10.0  # how long the designated contributor has to open its upload before others start theirs
+GRACE_S = 10.0  # how long each contributor before a node (by rank) has to upload before it may race
+MAX_RANK = 6  # contributors ranked further wait as long as this one
 STALL_S = 20.0  # an upload in flight that received nothing for this long has stalled
 RACE_FACTOR = 2.0  # race an upload in flight only when it would end this many times later than ours
 ASSUMED_BYTES_PER_S = 50e6  # this node's upload rate before it has measured one
@@ -43,9 +46,11 @@ MIN_MEASURED_S = 2.0  # an upload shorter than this says little about the link (
 MAX_POLL_S = 2.0  # heartbeats while a long upload runs: a 100-node swarm waiting minutes need not poll at 5 Hz
 
 
-def designated(contributors: list[str], node_id: str) -> bool:
-    """Whether ``node_id`` uploads at once: the contributor with the smallest node id does."""
-    return not contributors or min(contributors) == node_id
+def upload_rank(contributors: list[str], node_id: str) -> int:
+    """``node_id``'s place among the contributors by node id: 0 uploads at once (also when the list
+    is empty), k waits k grace periods before it may race (at most ``MAX_RANK``)."""
+    ids = sorted(set(contributors))
+    return min(ids.index(node_id) if node_id in ids else len(ids), MAX_RANK)
 
 
 class UploadRate:
@@ -117,14 +122,15 @@ class PublicationFollower:
         self.gave_way = False  # whether it cancelled one because another would end first
         self.note = ""
 
-    def follow(self, version: int, sha: bytes | None, *, uploader: bool = False) -> pb.PolicySnapshotRef | None:
+    def follow(self, version: int, sha: bytes | None, *, rank: int = 1) -> pb.PolicySnapshotRef | None:
         """Wait until ``version`` (or a later one) is published and return what was; None after
         ``timeout_s`` without progress. With ``sha`` (this node computed the version) upload it as
-        the module says: at once when ``uploader``, else when :func:`should_race` after the grace
-        period; an upload of ours that another will beat is cancelled (:func:`should_abandon`)."""
+        the module says: at once at ``rank`` 0, else after ``rank`` grace periods when
+        :func:`should_race`; an upload of ours that another will beat is cancelled
+        (:func:`should_abandon`)."""
         p = self.participant
         start = last_progress = time.monotonic()
-        next_try, pause = start + (0.0 if uploader else self.grace_s), RETRY_S
+        next_try, pause = start + min(rank, MAX_RANK) * self.grace_s, RETRY_S
         total = None
         call: UploadCall | None = None
         self.bytes_sent, self.uploads, self.gave_way, self.note = 0, 0, False, ""
