@@ -264,7 +264,7 @@ class CoordinatorService:
             # disk reservation for ever once its sender stops sending
             threading.Thread(target=_cancel_when_idle, args=(flight, context, self.limits.upload_idle_s),
                              name="upload-watchdog", daemon=True).start()
-            tmp = self.c.snapshots.upload_path(f"{node_id}-{header.snapshot.version}-{os.getpid()}")
+            tmp = self.c.snapshots.upload_path(f"{node_id}-{version}-{os.getpid()}")
             # the file's hashes are taken, and its bytes written, as they arrive, each in a thread beside
             # this one (outside the coordinator's lock); a canonical version file's state hash too
             received, hashes, state_hash = 0, ChunkHasher(self.c.snapshots.chunk_size), StreamingStateHash()

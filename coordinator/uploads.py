@@ -3,8 +3,8 @@
 Heartbeats tell waiting contributors about the next version's upload that is furthest ahead
 (:meth:`InFlightUploads.progress`), so that on a slow link they let it finish instead of all
 uploading the same gigabytes at once, and start their own only when it stalls or crawls; while it
-moves, the coordinator keeps the open round from closing (which would drop the reports behind it). The bytes
-still announced by streams in flight are reserved against the disk (:meth:`reserved_bytes`).
+moves, the coordinator keeps the open round from closing (which would drop the reports behind it).
+The bytes still announced by streams in flight are reserved against the disk (:meth:`reserved_bytes`).
 Thread-safe: each stream runs in its own gRPC worker thread.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.rpc import upload_seconds_left
 
-PROGRESSING_S = 20.0  # an upload that received something within this long is moving (node/swarm/publication.py's STALL_S)
+PROGRESSING_S = 20.0  # an upload that received something this recently moves (the nodes' STALL_S too)
 
 
 def _now() -> float:
@@ -44,6 +44,11 @@ class Flight:
         return pb.UploadProgress(version=self.version, node_id=self.node_id, bytes_received=self.received,
                                  total_bytes=self.total_bytes, elapsed_ms=int(1000 * (now - self.started)),
                                  idle_ms=int(1000 * (now - self.last_chunk)))
+
+
+def _ends_first(p: pb.UploadProgress) -> tuple[float, int]:
+    left = upload_seconds_left(p)
+    return (float("inf") if left is None else left, -p.bytes_received)
 
 
 class TooManyUploads(Exception):
@@ -81,9 +86,7 @@ class InFlightUploads:
             if not flights:
                 return None
             progress = [f.progress(now) for f in flights]
-        left = [upload_seconds_left(p) for p in progress]
-        return min(zip(progress, left), key=lambda pl: (float("inf") if pl[1] is None else pl[1],
-                                                        -pl[0].bytes_received))[0]
+        return min(progress, key=_ends_first)
 
     def reserved_bytes(self) -> int:
         """Bytes the streams in flight have announced but not yet sent."""

@@ -47,11 +47,6 @@ class UploadCall:
     def stalled(self) -> bool:
         return not self.done() and time.monotonic() - self.last_progress > self.stall_s
 
-    def rate(self) -> float | None:
-        """Bytes per second so far; None before any second of sending."""
-        elapsed = self.last_progress - self.started
-        return self.sent / elapsed if self.sent and elapsed >= 1.0 else None
-
     def result(self, poll_s: float = 0.25) -> pb.UploadSnapshotResponse:
         """Wait for the coordinator's reply; CoordinatorError when it refused the upload, the stream
         broke, it stalled (DEADLINE_EXCEEDED, after cancelling it) or it was cancelled (CANCELLED)."""

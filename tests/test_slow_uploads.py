@@ -70,8 +70,7 @@ def two_contributors(tmp_path, **served):
     a, b = SlowLink(s.address, tmp_path / "a"), SlowLink(s.address, tmp_path / "b")
     try:
         for node in (a, b):
-            _, groups = node.round_proofs()
-            node.client.submit_proofs([p for g in groups for p in g])
+            submit_round(node)
         assert s.coordinator.state.current_round == 1
         for node in (a, b):
             with torch.no_grad():
@@ -86,6 +85,19 @@ def two_contributors(tmp_path, **served):
         for node in (a, b):
             node.client.close()
         s.stop()
+
+
+def streaming(s, timeout_s: float) -> None:
+    """Wait until the coordinator receives an upload of version 1."""
+    deadline = time.monotonic() + timeout_s
+    while s.coordinator.uploads.progress(1) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def submit_round(node):
+    """``node``'s proofs of its assignment in the open round, submitted: the coordinator's reply."""
+    _, groups = node.round_proofs()
+    return node.client.submit_proofs([p for g in groups for p in g])
 
 
 def chunks_of(node) -> int:
@@ -236,9 +248,7 @@ def test_uploads_in_flight_reserve_the_disk(swarm, monkeypatch):
     monkeypatch.setattr(service_module.shutil, "disk_usage", tight)
     a.delay_s = 3.0 / chunks_of(a)
     first = a.start_upload(1, sha)
-    deadline = time.monotonic() + 10
-    while s.coordinator.uploads.progress(1) is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    streaming(s, 10)
     with pytest.raises(CoordinatorError) as info:
         b.upload(1, sha)
     assert info.value.code == "RESOURCE_EXHAUSTED" and "beside the uploads in flight" in info.value.detail
@@ -272,9 +282,7 @@ def test_the_coordinator_cancels_an_upload_that_stops_sending(tmp_path):
     try:
         a.pause_at, a.pause_s = 1, 6.0  # one chunk, then silence with the stream open
         call = a.start_upload(1, sha, stall_s=30.0)  # the client would wait far longer
-        deadline = time.monotonic() + 5
-        while s.coordinator.uploads.progress(1) is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        streaming(s, 5)
         assert s.coordinator.uploads.progress(1) is not None and s.coordinator.uploads.reserved_bytes() > 0
         started = time.monotonic()
         while s.coordinator.uploads.progress(1) is not None and time.monotonic() - started < 10:
@@ -334,15 +342,11 @@ def test_the_next_round_stays_open_while_the_version_uploads(tmp_path):
     try:
         a.delay_s = 4.0 / chunks_of(a)
         call = a.start_upload(1, sha, stall_s=30.0)
-        deadline = time.monotonic() + 5
-        while s.coordinator.uploads.progress(1) is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        _, groups = c.round_proofs()
-        c.client.submit_proofs([p for g in groups for p in g])
+        streaming(s, 5)
+        submit_round(c)
         time.sleep(2.2)  # past round 1's timeout
         assert c.heartbeat().current_round == 1  # held open: the upload moves and ends within 2 s
-        _, groups = d.round_proofs()
-        reply = d.client.submit_proofs([p for g in groups for p in g])
+        reply = submit_round(d)
         assert not reply.round_closed and s.coordinator.round_samples() >= 16  # full, and held
         assert call.result().published == pb.PolicySnapshotRef(version=1, sha256=sha)  # round 0's work counts
         hb = c.heartbeat()
@@ -368,11 +372,8 @@ def test_a_trickling_upload_does_not_hold_the_next_round(tmp_path):
     try:
         a.pause_at, a.pause_s = 2, 60.0  # two chunks, then a trickle far slower than that
         call = a.start_upload(1, sha, stall_s=30.0)
-        deadline = time.monotonic() + 5
-        while s.coordinator.uploads.progress(1) is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        _, groups = c.round_proofs()
-        c.client.submit_proofs([p for g in groups for p in g])
+        streaming(s, 5)
+        submit_round(c)
         time.sleep(2.2)
         flight = s.coordinator.uploads.progress(1)
         assert flight is not None and flight.bytes_received > 0 and flight.idle_ms < 20_000  # moving, ...
@@ -391,9 +392,7 @@ def test_one_upload_stream_per_node_and_at_most_half_the_workers(tmp_path):
     try:
         a.delay_s = 3.0 / chunks_of(a)
         first = a.start_upload(1, sha)
-        deadline = time.monotonic() + 5
-        while s.coordinator.uploads.progress(1) is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        streaming(s, 5)
         for node, why in ((a, "already in flight"), (b, "the most this coordinator takes")):
             with pytest.raises(CoordinatorError) as info:
                 node.upload(1, sha)

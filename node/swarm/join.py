@@ -51,8 +51,6 @@ def compression_named(name: str):
     return kinds[name]()
 
 
-
-
 @dataclass
 class JoinOptions:
     coordinator: str

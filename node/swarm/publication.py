@@ -53,6 +53,12 @@ def upload_rank(contributors: list[str], node_id: str) -> int:
     return min(ids.index(node_id) if node_id in ids else len(ids), MAX_RANK)
 
 
+def measured_rate(call: UploadCall) -> float | None:
+    """Bytes per second ``call`` has sent so far; None before ``MIN_MEASURED_S`` of sending."""
+    elapsed = call.last_progress - call.started
+    return call.sent / elapsed if call.sent > 0 and elapsed >= MIN_MEASURED_S else None
+
+
 class UploadRate:
     """This node's upload rate in bytes per second, from its own uploads (the latest counts most)."""
 
@@ -61,11 +67,9 @@ class UploadRate:
         self.assumed = assumed
 
     def observe(self, call: UploadCall) -> None:
-        elapsed = call.last_progress - call.started
-        if call.sent <= 0 or elapsed < MIN_MEASURED_S:
-            return
-        rate = call.sent / elapsed
-        self.measured = rate if self.measured is None else 0.5 * (self.measured + rate)
+        rate = measured_rate(call)
+        if rate is not None:
+            self.measured = rate if self.measured is None else 0.5 * (self.measured + rate)
 
     @property
     def bytes_per_s(self) -> float:
@@ -93,11 +97,8 @@ def should_abandon(own: UploadCall, flight: pb.UploadProgress | None, node_id: s
     the first complete upload publishes; the rest of ours would be spent for nothing."""
     if flight is None or flight.node_id == node_id or flight.elapsed_ms < 1000 * MIN_MEASURED_S:
         return False
-    elapsed = own.last_progress - own.started
-    theirs = upload_seconds_left(flight)
-    if theirs is None or elapsed < MIN_MEASURED_S or own.sent <= 0:
-        return False
-    return theirs < (own.total_bytes - own.sent) * elapsed / own.sent
+    ours, theirs = measured_rate(own), upload_seconds_left(flight)
+    return ours is not None and theirs is not None and theirs < (own.total_bytes - own.sent) / ours
 
 
 def poll_interval(flight: pb.UploadProgress | None, poll_s: float) -> float:
