@@ -7,6 +7,8 @@ single-digit addition.
 
 from __future__ import annotations
 
+import math
+
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -78,6 +80,28 @@ class OptimSettings(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     groups_per_microbatch: int = Field(8, ge=1, description="gradient accumulation unit")
     warmup_steps: int = Field(0, ge=0)
+    lr_decay: Literal["none", "cosine"] = Field("none", description="after the warm-up: a constant lr, or a cosine "
+                                                                    "down to min_lr over lr_decay_steps")
+    lr_decay_steps: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_decay(self) -> "OptimSettings":
+        if self.lr_decay == "cosine" and self.lr_decay_steps < 1:
+            raise ValueError("lr_decay_steps: a cosine decay needs at least 1 step")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr: {self.min_lr:g} is above lr {self.lr:g}")
+        return self
+
+    def lr_factor(self, step: int) -> float:
+        """The multiple of ``lr`` for optimizer step ``step`` (0 = the first): the linear warm-up, then
+        ``lr_decay``. A pure function of the step, so every swarm peer steps with the same lr."""
+        factor = min(1.0, (step + 1) / (self.warmup_steps + 1))
+        if self.lr_decay == "cosine":
+            done = min(1.0, max(0, step - self.warmup_steps) / self.lr_decay_steps)
+            floor = self.min_lr / self.lr
+            factor *= floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * done))
+        return factor
 
 
 class RunSettings(Section):

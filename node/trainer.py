@@ -124,9 +124,7 @@ class GRPOTrainer:
             betas=cfg.optim.adam_betas, weight_decay=cfg.optim.weight_decay,
             fused=self.device.type in ("cpu", "cuda"),
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / (cfg.optim.warmup_steps + 1))
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: cfg.optim.lr_factor(s))
         self.version = 0  # number of optimizer steps taken: the policy version
         self.step_count = 0
         self._autocast = (

@@ -402,13 +402,38 @@ class InMemoryVerifierState:
             raise ValueError(f"snapshot version {version} is older than the current {self.current_version}")
         self.snapshots[version] = bytes(sha256)
         self.current_version = version
+        # check 8 refuses versions below current - η before it looks a hash up
+        for old in [v for v in self.snapshots if v < version - self.max_staleness]:
+            del self.snapshots[old]
 
     def close_round(self, next_salt: bytes | None = b"") -> None:
         self.current_round += 1
         self.spot_check_salt = next_salt
+        self.forget_rounds_before(self.current_round - self.max_round_lag)
+
+    def forget_rounds_before(self, round_index: int) -> None:
+        """Drop what is kept per round (accepted and burned groups, voided rounds, dispatches) for
+        rounds below ``round_index``: check 9 refuses proofs of those rounds before it looks any of it
+        up, so a long run's state stays the size of its open rounds, not of its history."""
+        def recent(group_id: str) -> bool:
+            r = round_of_group(group_id)
+            return r is not None and r >= round_index
+
+        self.accepted_groups = {g for g in self.accepted_groups if recent(g)}
+        self.burned_groups = {g for g in self.burned_groups if recent(g)}
+        self.voided = {(n, r) for n, r in self.voided if r >= round_index}
+        self.dispatched = {(n, r): v for (n, r), v in self.dispatched.items() if r >= round_index}
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+def round_of_group(group_id: str) -> int | None:
+    """The round of a ``<node id>/<round>/<prompt>`` group id (None for any other string)."""
+    parts = str(group_id).split("/")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return int(parts[1])
+
+
 def _lp(text: str) -> bytes:
     raw = text.encode("utf-8")
     return struct.pack(">I", len(raw)) + raw

@@ -653,3 +653,41 @@ def test_a_failed_check_burns_the_group_and_voids_the_round(world, honest):
     assert v.verify_group(g1).code is ReasonCode.TICKET_VOIDED
     state.close_round()  # the next round is a fresh start (the ban threshold counts across rounds)
     assert state.failures[NODE.node_id] == 1
+
+
+def test_a_long_run_keeps_only_its_open_rounds_and_old_work_stays_refused(world, honest):
+    """The state drops per-round records once check 9 refuses their round anyway (and hashes of versions
+    check 8 refuses), so it does not grow with the run's length — and what it dropped cannot be
+    resubmitted: an old round's accepted or burned group, re-signed with fresh sequence numbers, is
+    refused as not open."""
+    state = world.run_spec(max_round_lag=1).new_state(b"")
+    state.register(NODE.public_key_bytes)
+    state.publish_snapshot(0, world.shas[0])
+    v = world.verifier(state, spot_check_rate=1.0)
+    g0, g1 = honest["node"][0], honest["node"][1]
+    assert v.verify_group(g0).accepted
+    bad = [forge(p, NODE, behaviour_logprobs=[x + 0.5 for x in p.behaviour_logprobs]) if p.completion_index == 0 else p
+           for p in g1]
+    assert v.verify_group(bad).code is ReasonCode.SPOT_CHECK_FAILED
+    state.record_dispatch(NODE.node_id, 0, 0)
+    state.close_round()  # round 1 open; round 0 is within the lag of 1: nothing dropped yet
+    assert state.group_accepted(g0[0].group_id) and state.group_burned(g1[0].group_id)
+    assert state.round_voided(NODE.node_id, 0) and state.dispatched_version(NODE.node_id, 0) == 0
+    for r in range(1, 60):
+        state.record_dispatch(NODE.node_id, r, 0)
+        state.record_dispatch(OTHER.node_id, r, 0)
+        state.close_round()
+    for version in range(1, 40):
+        state.publish_snapshot(version, bytes([version]) * 32)
+    assert state.current_round == 60
+    assert not state.accepted_groups and not state.burned_groups and not state.voided
+    assert set(state.dispatched) == {(n.node_id, 59) for n in (NODE, OTHER)}  # rounds 59..60 are kept
+    assert sorted(state.snapshots) == [38, 39]  # versions current - η .. current
+    state.snapshots[0] = world.shas[0]  # (so that only the round, not the version, can refuse them)
+    state.current_version = 0
+    seq = 1000
+    for group in (g0, g1):  # the accepted one and the burned one, with sequences never used
+        resigned = [forge(p, NODE, sequence=seq + p.completion_index) for p in group]
+        seq += len(group)
+        verdict = v.verify_group(resigned)
+        assert verdict.code is ReasonCode.UNASSIGNED_PROMPT and "round 0 is not open" in verdict.detail

@@ -2,6 +2,7 @@
 checkpoints, and clear failures on bad input."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -187,3 +188,33 @@ def test_clip_gradients_leaves_non_finite_gradients_alone():
     grads = [torch.tensor([1.0, float("nan")]), torch.tensor([2.0])]
     norm = clip_gradients(grads, 1.0)
     assert torch.isnan(norm) and grads[1].item() == 2.0
+
+
+def test_cosine_decay_after_warmup_drives_the_optimizer_lr():
+    trainer, cfg = make_trainer("optim.lr=0.01", "optim.warmup_steps=2", "optim.lr_decay='cosine'",
+                                "optim.lr_decay_steps=4", "optim.min_lr=0.001")
+    expected = [0.01 / 3, 0.02 / 3, 0.01, 0.01 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))), 0.0055]
+    assert [cfg.optim.lr_factor(s) * 0.01 for s in range(5)] == pytest.approx(expected)
+    assert cfg.optim.lr_factor(6) * 0.01 == pytest.approx(0.001) == cfg.optim.lr_factor(10_000) * 0.01
+    seen = []
+    for t in trainer.trainable:
+        t.grad = torch.zeros_like(t)
+    for _ in range(8):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])  # the lr the next step uses
+        trainer.apply_gradients()
+    assert seen == pytest.approx([cfg.optim.lr * cfg.optim.lr_factor(s) for s in range(8)])
+    assert seen[-1] == pytest.approx(0.001)
+    # without a decay the lr stays at its value after the warm-up, as before
+    plain = load_config(None, ["optim.lr=0.01", "optim.warmup_steps=2"]).optim
+    assert [plain.lr_factor(s) for s in (0, 2, 50_000)] == pytest.approx([1 / 3, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["optim.lr_decay='cosine'"], "lr_decay_steps"),
+    (["optim.lr=0.001", "optim.min_lr=0.01"], "min_lr"),
+    (["optim.lr_decay='linear'"], "lr_decay"),
+])
+def test_bad_decay_settings_name_the_field(overrides, field):
+    from grpo_swarm.node.config import ConfigError
+    with pytest.raises(ConfigError, match=field):
+        load_config(None, overrides)
