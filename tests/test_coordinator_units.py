@@ -176,4 +176,11 @@ def test_resumed_recorder_continues_the_run(world, tmp_path):
         RunRecorder.resume(log2, COORDINATOR, salts={}, hooks=world.hooks)
     with pytest.raises(LogError):
         RunRecorder.resume(log2, Identity.generate(), salts=salts, hooks=world.hooks)
+    # a restart reads the accepted proofs for their sequences without validating them again (its own
+    # signed entries): one that does not decode is a broken log, named with its entry
+    bad = log2.append("proofs_accepted", {"node_id": nodes[0].node_id, "group_id": f"{nodes[0].node_id}/1/0",
+                                          "round": 1, "proofs": ["bm90IGEgcHJvb2Y="]}, COORDINATOR)
+    with pytest.raises(LogError, match="does not decode") as caught:
+        RunRecorder.resume(log2, COORDINATOR, salts=salts, hooks=world.hooks)
+    assert caught.value.index == bad.index
     log2.close()
