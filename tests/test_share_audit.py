@@ -15,7 +15,7 @@ import torch
 from hivemind.averaging.partition import TensorPartContainer
 from hivemind.compression import Float16Compression, NoCompression
 
-from grpo_swarm.node.swarm.averaging import AttemptReport, RoundResult
+from grpo_swarm.node.swarm.round_report import AttemptReport, RoundResult
 from grpo_swarm.node.swarm.share_audit import (
     PHASE_REVEAL,
     PHASE_SKETCH,

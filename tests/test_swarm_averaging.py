@@ -622,7 +622,7 @@ def test_a_retry_after_timeouts_waits_for_the_members_still_timing_out():
     with no group at all, the usual wait; never past the attempt's timeout."""
     from types import SimpleNamespace
 
-    from grpo_swarm.node.swarm.averaging import AttemptReport
+    from grpo_swarm.node.swarm.round_report import AttemptReport
 
     me = SimpleNamespace(matchmaking_kwargs={"min_matchmaking_time": 2.0}, allreduce_kwargs={"reducer_timeout": 6.0})
     wait = lambda attempts, timeout=15.0: VerifiedAverager._matchmaking_wait(me, attempts, timeout)  # noqa: E731

@@ -33,7 +33,7 @@ How a round goes (hivemind 1.1.12's DecentralizedAverager underneath, not a home
    attempt everywhere and it is reported as failed — a partial average is never a success. Averages
    are written into separate output buffers, never over the local gradient, which the caller gets
    only after a success.
-4. **The share audit** (:mod:`.share_audit`): before anyone takes the result, the members reveal
+4. **The share audit** (:mod:`.share_audit`, its RPC side in :mod:`.share_audit_rpc`): before anyone takes the result, the members reveal
    the nonces they committed to in their gather, and check every reducer's average against the
    senders' sketches in a secret projection drawn from those nonces. A wrong average (the same
    wrong values to everyone) fails the attempt and its reducer is accused.
@@ -61,7 +61,6 @@ part, ``reducer_timeout`` (> sender_timeout) the wait for a reducer's next avera
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import hashlib
 import logging
@@ -70,17 +69,13 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import AsyncIterator  # typing's, not collections.abc's: hivemind's handler registry reads its _name
 
-import numpy as np
 import torch
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import Matchmaking
-from hivemind.compression import CompressionBase, Float16Compression, NoCompression
+from hivemind.compression import CompressionBase, NoCompression
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
@@ -88,31 +83,14 @@ from hivemind.utils.asyncio import achain, anext, as_aiter, enter_asynchronously
 
 from grpo_swarm.node import allocator
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
-from grpo_swarm.protocol.identity import Identity, base58_decode, base58_encode
+from grpo_swarm.protocol.identity import Identity, base58_encode
 
 from .direct_reads import install_direct_reads
 from .matchmaking import PatientMatchmaking
 from .reduction import NORM_TOLERANCE, GroupPlan, VerifiedAllReduceRunner, check_compression
-from .share_audit import (
-    AUDIT_POLL_S,
-    MAX_AUDIT_ENTRY_BYTES,
-    PHASE_REVEAL,
-    PHASE_SKETCH,
-    AuditEntryError,
-    AuditStore,
-    Findings,
-    Sender,
-    audit_seed,
-    check_reveal,
-    check_sketch_body,
-    commitment,
-    decode_entry,
-    encode_entry,
-    judge,
-    nonce_for,
-    sketch_body,
-)
-from .share_sketch import Projection, flat_views, sketch_parts, sketch_share
+from .round_report import AttemptReport, RoundResult
+from .share_audit import AuditStore, Findings, commitment, nonce_for
+from .share_audit_rpc import ShareAuditRPC
 from .tickets import (
     WEIGHT_MODES,
     GatherClaim,
@@ -142,115 +120,6 @@ class LocalGradientError(ValueError):
     """This node's own gradient cannot enter a round (shape, dtype, NaN/inf, norm above the bound)."""
 
 
-@dataclass
-class AttemptReport:
-    """One matchmaking + all-reduce attempt, as this member saw it. Peer ids are base58 strings;
-    reasons read ``"REASON: detail"``."""
-
-    ok: bool = False
-    attempt: int = 0
-    group_id: str = ""
-    members: list[str] = field(default_factory=list)  # every slot of the group, in slot order
-    weights: dict[str, float] = field(default_factory=dict)  # contributors -> ticket weight
-    excluded: dict[str, str] = field(default_factory=dict)  # left out before the reduction, and why
-    accused: dict[str, str] = field(default_factory=dict)  # caught sending/returning invalid data
-    failed: dict[str, str] = field(default_factory=dict)  # stopped, timed out, disconnected, refused
-    refused: dict[str, str] = field(default_factory=dict)  # excluded peers that sent parts anyway
-    weight_claims_ignored: dict[str, float] = field(default_factory=dict)  # claimed weight != ticket weight
-    # the accusations in every signed gather entry of the group: accuser -> {accused: reason}
-    accusations_seen: dict[str, dict[str, str]] = field(default_factory=dict)
-    failed_size: int = 0
-    bytes_sent: int = 0  # tensor payloads this member sent / received (parts and averages)
-    bytes_received: int = 0
-    audit_seconds: dict[str, float] = field(default_factory=dict)  # the share audit's steps
-    error: str | None = None
-    seconds: float = 0.0
-
-    @property
-    def total_weight(self) -> float:
-        return sum(self.weights.values())
-
-    def accused_pairs(self) -> list[tuple[bytes, str]]:
-        """(raw peer id, reason) for the next attempt's gather."""
-        return [(base58_decode(p), r.split(":", 1)[0]) for p, r in self.accused.items()]
-
-
-@dataclass
-class RoundResult:
-    """The outcome of :meth:`VerifiedAverager.average`: ``grads`` (the averaged tensors, same shapes
-    as the input) when ``ok``, else None; every attempt's report."""
-
-    ok: bool
-    round_index: int
-    grads: list[torch.Tensor] | None
-    attempts: list[AttemptReport]
-    seconds: float
-    error: str | None = None
-
-    @property
-    def last(self) -> AttemptReport | None:
-        return self.attempts[-1] if self.attempts else None
-
-    @property
-    def excluded(self) -> dict[str, str]:
-        """Everyone left out of the last attempt before the reduction, with the reason."""
-        return dict(self.last.excluded) if self.last else {}
-
-    @property
-    def accused(self) -> dict[str, str]:
-        """Everyone this member caught sending or returning invalid data in any attempt: what the join
-        loop reports to the coordinator."""
-        out: dict[str, str] = {}
-        for a in self.attempts:
-            for p, r in a.accused.items():
-                out.setdefault(p, r)
-        return out
-
-    @property
-    def bytes_sent(self) -> int:
-        return sum(a.bytes_sent for a in self.attempts)
-
-    @property
-    def bytes_received(self) -> int:
-        return sum(a.bytes_received for a in self.attempts)
-
-    def reportable(self) -> dict[str, str]:
-        """Who to report to the coordinator, and why: everyone excluded or accused, except a reducer
-        accused of WRONG_AVERAGE unless a later attempt showed its signed gather without a
-        SKETCH_MISMATCH accusation of its own (a sender that lies about its sketch makes an honest
-        reducer look wrong to everyone but that reducer; when the reducer names it, one word stands
-        against another and neither is reported for it: see :mod:`.share_audit`)."""
-        wrong = Reason.WRONG_AVERAGE.value
-        out = {**self.excluded, **self.accused}
-        for peer in [p for p, reason in out.items() if wrong in reason]:
-            # the gathers signed after the accusation: from the attempt after the one where we accused
-            # it, or from the one that excluded it (its gathers already carry the reducer's answer)
-            first = next(i + 1 if wrong in a.accused.get(peer, "") else i for i, a in enumerate(self.attempts)
-                         if wrong in a.accused.get(peer, "") + a.excluded.get(peer, ""))
-            later = [a.accusations_seen[peer] for a in self.attempts[first:] if peer in a.accusations_seen]
-            disputed = any(r.startswith(Reason.SKETCH_MISMATCH.value) for seen in later for r in seen.values())
-            if disputed or not later:
-                del out[peer]
-        return out
-
-    def copy_to(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Copy the averaged gradient into ``tensors`` (e.g. the parameters' ``.grad``)."""
-        if not self.ok or self.grads is None:
-            raise RuntimeError(f"round {self.round_index} failed: {self.error}")
-        with torch.no_grad():
-            for dst, src in zip(tensors, self.grads, strict=True):
-                dst.copy_(src)
-
-    def summary(self) -> str:
-        parts = [f"round {self.round_index}: {'ok' if self.ok else 'FAILED'} in {self.seconds:.2f} s, "
-                 f"{len(self.attempts)} attempt(s)"]
-        for a in self.attempts:
-            parts.append(f"  attempt {a.attempt}: {'ok' if a.ok else 'failed'} group of {len(a.members)}, "
-                         f"weight {a.total_weight:g}, excluded {a.excluded}, accused {a.accused}, "
-                         f"failed {a.failed}, error {a.error}")
-        return "\n".join(parts)
-
-
 def _is_buffer(t: torch.Tensor, buf: torch.Tensor) -> bool:
     """Whether ``t`` is exactly ``buf``'s memory (same place, shape, dtype, layout): nothing to copy."""
     return (t.device.type == "cpu" and t.dtype == buf.dtype and t.shape == buf.shape and t.is_contiguous()
@@ -269,7 +138,7 @@ def _b58(peer_id: PeerID | bytes) -> str:
     return base58_encode(peer_id.to_bytes() if isinstance(peer_id, PeerID) else bytes(peer_id))
 
 
-class VerifiedAverager(DecentralizedAverager):
+class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
     """Averages this node's gradient with the round's other ticket-holders (see the module docstring).
 
     :param tensors: parameters or gradient tensors; only their shapes are used (the averager keeps
@@ -699,174 +568,6 @@ class VerifiedAverager(DecentralizedAverager):
         report.bytes_sent, report.bytes_received = runner.bytes_sent, runner.bytes_received
         runner.release()
 
-    # ---- the share audit (see .share_audit)
-    async def _audit_shares(self, group_info: GroupInfo, plan: GroupPlan, runner: VerifiedAllReduceRunner,
-                            inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
-                            seconds: dict[str, float]) -> Findings:
-        """Reveal, sketch and judge; never raises (a failure is a finding). ``seconds`` gets each step's time."""
-        found = Findings()
-        clock = time.monotonic()
-
-        def lap(step: str) -> None:
-            nonlocal clock
-            now = time.monotonic()
-            seconds[step] = round(now - clock, 4)
-            clock = now
-
-        group_id, me = group_info.group_id, self.peer_id.to_bytes()
-        deadline = asyncio.get_event_loop().time() + self.audit_timeout
-        senders = [Sender(p.to_bytes(), float(w), plan.verdict(p).committed_norm)
-                   for p, w in zip(runner.sender_peer_ids, runner.weights)]
-        keys = {v.peer_id: v.public_key for v in plan.contributors}
-        servers = [p for p, m in zip(plan.peer_ids, plan.modes) if m == AveragingMode.NODE and p != self.peer_id]
-        try:
-            nonce = nonce_for(self._audit_secret, self._rules.round_index, plan.verdict(self.peer_id).attempt)
-            reveals = await self._exchange(group_id, PHASE_REVEAL, nonce, keys, servers, deadline, found)
-            lap("reveal")
-            nonces = []
-            for s in senders:
-                if s.peer_id in reveals:
-                    try:
-                        nonces.append(check_reveal(reveals[s.peer_id], plan.verdict(PeerID(s.peer_id)).nonce_commitment))
-                    except AuditEntryError as e:
-                        found.accuse(s.peer_id, Reason.BAD_AUDIT_ENTRY, str(e))
-            if not found.clean:
-                return found
-            seed = audit_seed(group_id, nonces)
-            projections = [Projection.draw(seed, j, runner.layout.rows[j]) if runner.layout.numel(j) else None
-                           for j in range(runner.layout.num_shares)]
-            computed = await asyncio.get_event_loop().run_in_executor(
-                None, self._sketch_round, runner, projections, inputs, outputs)
-            mine, my_outputs, output_norms = computed
-            lap("sketch")
-            bodies = await self._exchange(group_id, PHASE_SKETCH, sketch_body(mine, my_outputs), keys, servers,
-                                          deadline, found)
-            lap("exchange")
-            sketches = {}
-            for s in senders:
-                if s.peer_id in bodies:
-                    try:
-                        sketches[s.peer_id] = check_sketch_body(bodies[s.peer_id], runner.group_size)
-                    except AuditEntryError as e:
-                        found.accuse(s.peer_id, Reason.BAD_AUDIT_ENTRY, str(e))
-            if not found.clean:
-                return found
-            numels = [runner.layout.numel(j) for j in range(runner.layout.num_shares)]
-            verdict = await asyncio.get_event_loop().run_in_executor(None, functools.partial(
-                judge, me=me, senders=senders, reducers=[p.to_bytes() for p in plan.peer_ids],
-                share_numels=numels, my_outputs=my_outputs, output_norms=output_norms, sketches=sketches,
-                received=functools.partial(self._received_sketches, runner, projections),
-                fp16_output=isinstance(runner.output_compression, Float16Compression)))
-            found.accused.update(verdict.accused)
-            found.failed.update(verdict.failed)
-            lap("judge")
-        except Exception as e:  # noqa: BLE001 - our own failure: the attempt fails, nobody is accused
-            logger.warning("the share audit failed", exc_info=True)
-            found.fail(me, Reason.AUDIT_FAILED, f"{type(e).__name__}: {e}"[:300])
-        return found
-
-    def _sketch_round(self, runner: VerifiedAllReduceRunner, projections: Sequence[Projection | None],
-                      inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]):
-        """This member's sketches (runs in a thread): of what it sent to each share, of each share's
-        average, and each share's average norm."""
-        layout = runner.layout
-        ins, outs = flat_views(inputs), flat_views(outputs)
-        local = runner.ordered_peer_ids.index(runner.peer_id)
-        lossy = runner.sent_parts is not None  # then sketch what each reducer decoded, not the raw values
-        # the averages in a second thread while this one does the inputs (the products release the GIL)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(lambda: [sketch_share(layout, j, outs, p) if p is not None else None
-                                           for j, p in enumerate(projections)])
-            mine = [None if p is None else
-                    sketch_parts(layout, j, runner.sent_values(j), p) if lossy and j != local else
-                    sketch_share(layout, j, ins, p) for j, p in enumerate(projections)]
-            my_outputs = pending.result()
-        # float32 norms of each averaged part as received (ours: as decoded), squares summed in float64
-        return mine, my_outputs, [runner.output_norm(j) for j in range(layout.num_shares)]
-
-    @staticmethod
-    def _received_sketches(runner: VerifiedAllReduceRunner, projections: Sequence[Projection | None]
-                           ) -> dict[bytes, tuple[np.ndarray, float]] | None:
-        """For our own share, the sketch and norm of what each remote sender sent us (:func:`judge`
-        asks for it only when our share does not add up)."""
-        local = runner.ordered_peer_ids.index(runner.peer_id)
-        if projections[local] is None or runner.tensor_part_reducer.received is None:
-            return None
-        received = {}
-        for sender in runner.sender_peer_ids:
-            got = runner.received_parts(sender)
-            if got is not None:
-                parts, norm = got
-                received[sender.to_bytes()] = (sketch_parts(runner.layout, local, parts, projections[local]), norm)
-        return received
-
-    async def _exchange(self, group_id: bytes, phase: int, body, keys: dict[bytes, bytes], servers: Sequence[PeerID],
-                        deadline: float, found: Findings) -> dict[bytes, object]:
-        """Every contributor's body for ``phase``: push ours to every reducing member and collect what
-        they and our own store hold (entries relayed for client-mode members), until all are in or
-        ``deadline``. A call returns as soon as the callee holds every entry (long poll), and entries
-        pushed to us wake us at once, so nobody sleeps on a timer. Members still missing at the
-        deadline are failures."""
-        loop = asyncio.get_event_loop()
-        entry = encode_entry(self.identity, group_id, phase, body)
-        store = self._audit_store(group_id, phase, create=True)
-        store.expect(keys)
-        store.add(self.peer_id.to_bytes(), entry)
-        bodies: dict[bytes, object] = {}
-
-        def absorb(raw_entries):
-            for raw in raw_entries:
-                try:
-                    signer, content = decode_entry(bytes(raw), keys, group_id, phase)
-                except AuditEntryError:
-                    continue  # relayed or garbled: the signer's own copy may still arrive
-                bodies.setdefault(signer, content)
-
-        request = pb.ShareAuditExchange(group_id=group_id, phase=phase, entries=[entry])
-
-        async def call(peer: PeerID, delay: float):
-            await asyncio.sleep(delay)
-            try:
-                stub = type(self).get_stub(self._p2p, peer, namespace=self.prefix)
-                response = await asyncio.wait_for(stub.rpc_share_audit(request), self.request_timeout + AUDIT_POLL_S)
-                absorb(response.entries[: 2 * len(keys)])
-            except Exception as e:  # noqa: BLE001 - unreachable now: called again until the deadline
-                logger.debug(f"share audit exchange with {peer} failed: {e!r}")
-            return peer
-
-        # every server is called at least once (the call carries our entry to it); a call that
-        # returns while entries are missing is made again; we stop as soon as every entry is in
-        calls = {asyncio.ensure_future(call(p, 0.0)) for p in servers}
-        while True:
-            absorb(list(store.entries.values()))
-            if set(keys) <= set(bodies):
-                break
-            now = loop.time()
-            if now >= deadline:
-                for peer in set(keys) - set(bodies):
-                    found.fail(peer, Reason.AUDIT_FAILED, f"no audit entry (phase {phase}) within "
-                                                          f"{self.audit_timeout} s")
-                break
-            store.changed.clear()
-            changed = asyncio.ensure_future(store.changed.wait())
-            done, calls = await asyncio.wait(calls | {changed}, timeout=min(AUDIT_POLL_S, deadline - now),
-                                             return_when=asyncio.FIRST_COMPLETED)
-            calls.discard(changed)
-            changed.cancel()
-            for task in done - {changed}:
-                calls.add(asyncio.ensure_future(call(task.result(), 0.05)))
-        for task in calls:  # (left to finish on their own: cancelling could drop an entry in flight)
-            self._background_calls.add(task)
-            task.add_done_callback(self._background_calls.discard)
-        return bodies
-
-    def _group_senders(self, group_id: bytes) -> frozenset[bytes] | None:
-        """The contributors of a group we are reducing with (None before its runner exists)."""
-        future = self._running_groups.get(group_id)
-        if future is None or not future.done() or future.cancelled() or future.exception() is not None:
-            return None
-        return frozenset(p.to_bytes() for p in future.result().sender_peer_ids)
-
     async def _group_expecting(self, peer: PeerID) -> bytes | None:
         """The one running group whose reduction has ``peer`` as a sender (None: none, or several),
         waiting, like a well-formed first part, for the group to register and its runner to exist."""
@@ -884,37 +585,6 @@ class VerifiedAverager(DecentralizedAverager):
             if peer in runner.sender_peer_ids:
                 groups.append(group_id)
         return groups[0] if len(groups) == 1 else None
-
-    def _audit_store(self, group_id: bytes, phase: int, create: bool) -> AuditStore | None:
-        key = (bytes(group_id), int(phase))
-        store = self._audit_stores.get(key)
-        if store is None and create:
-            store = self._audit_stores[key] = AuditStore()
-            while len(self._audit_stores) > 32:
-                self._audit_stores.pop(next(iter(self._audit_stores)))
-        return store
-
-    async def rpc_share_audit(self, request: pb.ShareAuditExchange, context: P2PContext) -> pb.ShareAuditExchange:
-        """A groupmate's audit entry in; every entry we hold for that (group, phase) out, once we hold
-        them all or after ``AUDIT_POLL_S``. Entries are kept only for groups we are in, one per
-        caller (the authenticated libp2p peer), and only from the group's contributors: anyone else
-        (a sybil told the group id) could otherwise crowd the answers."""
-        group_id = bytes(request.group_id)
-        known = group_id in self._running_groups or (group_id, request.phase) in self._audit_stores
-        store = (self._audit_store(group_id, request.phase, create=known)
-                 if request.phase in (PHASE_REVEAL, PHASE_SKETCH) else None)
-        if store is None:
-            return pb.ShareAuditExchange(group_id=request.group_id, phase=request.phase)
-        members = store.expected if store.expected is not None else self._group_senders(group_id)
-        caller = context.remote_id.to_bytes()
-        if request.entries and len(request.entries[0]) <= MAX_AUDIT_ENTRY_BYTES and members and caller in members:
-            store.add(caller, bytes(request.entries[0]))
-        try:
-            await asyncio.wait_for(store.wait_complete(), AUDIT_POLL_S)
-        except asyncio.TimeoutError:
-            pass
-        return pb.ShareAuditExchange(group_id=request.group_id, phase=request.phase,
-                                     entries=list(store.entries.values()))
 
     async def rpc_aggregate_part(self, stream: AsyncIterator[WireAveragingData], context: P2PContext
                                  ) -> AsyncIterator[WireAveragingData]:

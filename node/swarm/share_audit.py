@@ -27,7 +27,7 @@ Any finding fails the attempt (the averager restores its gradient); accusations 
 attempt's gather as usual. When a reducer that others accuse of WRONG_AVERAGE accuses a sender of
 SKETCH_MISMATCH in turn, third parties cannot tell who lied (only the reducer saw the parts): both
 are left out of the retry and neither is reported to the coordinator for it
-(:meth:`.averaging.RoundResult.reportable`).
+(:meth:`.round_report.RoundResult.reportable`).
 
 Entries are ``msgpack([payload, Ed25519(key, AUDIT_DOMAIN || payload)])`` with ``payload =
 msgpack([AUDIT_VERSION, group_id, phase, signer_peer_id, body])``; members relay each other's

@@ -1,0 +1,126 @@
+"""What a verified averaging round reports: :class:`AttemptReport` per attempt, :class:`RoundResult` per
+round (:meth:`.averaging.VerifiedAverager.average`'s return value).
+
+Reports cross hivemind's MPFuture from the averager process by pickling, so they are plain
+dataclasses of str/int/float/dict, with peer ids in base58.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from grpo_swarm.protocol.identity import base58_decode
+
+from .tickets import Reason
+
+
+@dataclass
+class AttemptReport:
+    """One matchmaking + all-reduce attempt, as this member saw it. Peer ids are base58 strings;
+    reasons read ``"REASON: detail"``."""
+
+    ok: bool = False
+    attempt: int = 0
+    group_id: str = ""
+    members: list[str] = field(default_factory=list)  # every slot of the group, in slot order
+    weights: dict[str, float] = field(default_factory=dict)  # contributors -> ticket weight
+    excluded: dict[str, str] = field(default_factory=dict)  # left out before the reduction, and why
+    accused: dict[str, str] = field(default_factory=dict)  # caught sending/returning invalid data
+    failed: dict[str, str] = field(default_factory=dict)  # stopped, timed out, disconnected, refused
+    refused: dict[str, str] = field(default_factory=dict)  # excluded peers that sent parts anyway
+    weight_claims_ignored: dict[str, float] = field(default_factory=dict)  # claimed weight != ticket weight
+    # the accusations in every signed gather entry of the group: accuser -> {accused: reason}
+    accusations_seen: dict[str, dict[str, str]] = field(default_factory=dict)
+    failed_size: int = 0
+    bytes_sent: int = 0  # tensor payloads this member sent / received (parts and averages)
+    bytes_received: int = 0
+    audit_seconds: dict[str, float] = field(default_factory=dict)  # the share audit's steps
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def total_weight(self) -> float:
+        return sum(self.weights.values())
+
+    def accused_pairs(self) -> list[tuple[bytes, str]]:
+        """(raw peer id, reason) for the next attempt's gather."""
+        return [(base58_decode(p), r.split(":", 1)[0]) for p, r in self.accused.items()]
+
+
+@dataclass
+class RoundResult:
+    """The outcome of :meth:`VerifiedAverager.average`: ``grads`` (the averaged tensors, same shapes
+    as the input) when ``ok``, else None; every attempt's report."""
+
+    ok: bool
+    round_index: int
+    grads: list[torch.Tensor] | None
+    attempts: list[AttemptReport]
+    seconds: float
+    error: str | None = None
+
+    @property
+    def last(self) -> AttemptReport | None:
+        return self.attempts[-1] if self.attempts else None
+
+    @property
+    def excluded(self) -> dict[str, str]:
+        """Everyone left out of the last attempt before the reduction, with the reason."""
+        return dict(self.last.excluded) if self.last else {}
+
+    @property
+    def accused(self) -> dict[str, str]:
+        """Everyone this member caught sending or returning invalid data in any attempt: what the join
+        loop reports to the coordinator."""
+        out: dict[str, str] = {}
+        for a in self.attempts:
+            for p, r in a.accused.items():
+                out.setdefault(p, r)
+        return out
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(a.bytes_sent for a in self.attempts)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(a.bytes_received for a in self.attempts)
+
+    def reportable(self) -> dict[str, str]:
+        """Who to report to the coordinator, and why: everyone excluded or accused, except a reducer
+        accused of WRONG_AVERAGE unless a later attempt showed its signed gather without a
+        SKETCH_MISMATCH accusation of its own (a sender that lies about its sketch makes an honest
+        reducer look wrong to everyone but that reducer; when the reducer names it, one word stands
+        against another and neither is reported for it: see :mod:`.share_audit`)."""
+        wrong = Reason.WRONG_AVERAGE.value
+        out = {**self.excluded, **self.accused}
+        for peer in [p for p, reason in out.items() if wrong in reason]:
+            # the gathers signed after the accusation: from the attempt after the one where we accused
+            # it, or from the one that excluded it (its gathers already carry the reducer's answer)
+            first = next(i + 1 if wrong in a.accused.get(peer, "") else i for i, a in enumerate(self.attempts)
+                         if wrong in a.accused.get(peer, "") + a.excluded.get(peer, ""))
+            later = [a.accusations_seen[peer] for a in self.attempts[first:] if peer in a.accusations_seen]
+            disputed = any(r.startswith(Reason.SKETCH_MISMATCH.value) for seen in later for r in seen.values())
+            if disputed or not later:
+                del out[peer]
+        return out
+
+    def copy_to(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Copy the averaged gradient into ``tensors`` (e.g. the parameters' ``.grad``)."""
+        if not self.ok or self.grads is None:
+            raise RuntimeError(f"round {self.round_index} failed: {self.error}")
+        with torch.no_grad():
+            for dst, src in zip(tensors, self.grads, strict=True):
+                dst.copy_(src)
+
+    def summary(self) -> str:
+        parts = [f"round {self.round_index}: {'ok' if self.ok else 'FAILED'} in {self.seconds:.2f} s, "
+                 f"{len(self.attempts)} attempt(s)"]
+        for a in self.attempts:
+            parts.append(f"  attempt {a.attempt}: {'ok' if a.ok else 'failed'} group of {len(a.members)}, "
+                         f"weight {a.total_weight:g}, excluded {a.excluded}, accused {a.accused}, "
+                         f"failed {a.failed}, error {a.error}")
+        return "\n".join(parts)

@@ -1,0 +1,257 @@
+"""The share audit over the averager's p2p connection: its steps after a reduction and its RPC.
+
+:class:`ShareAuditRPC` is mixed into :class:`.averaging.VerifiedAverager` and runs in its background
+process: :meth:`~ShareAuditRPC._audit_shares` reveals this member's nonce, sketches what it sent and
+received (:mod:`.share_sketch`), exchanges the signed sketches with the group and judges every
+reducer (:func:`.share_audit.judge`); ``rpc_share_audit`` is the handler the exchanges call
+(entries relayed by reducing members for client-mode ones). The protocol, its entries and the
+verdicts are in :mod:`.share_audit`.
+
+It uses the averager's ``identity``, ``peer_id``, ``prefix``, ``_p2p``, ``request_timeout``,
+``audit_timeout``, ``_rules``, ``_audit_secret``, ``_audit_stores``, ``_background_calls`` and
+``_running_groups``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from hivemind.averaging.allreduce import AveragingMode
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.compression import Float16Compression
+from hivemind.p2p import P2PContext, PeerID
+
+from grpo_swarm.protocol import grpo_swarm_pb2 as pb
+
+from .reduction import GroupPlan, VerifiedAllReduceRunner
+from .share_audit import (
+    AUDIT_POLL_S,
+    MAX_AUDIT_ENTRY_BYTES,
+    PHASE_REVEAL,
+    PHASE_SKETCH,
+    AuditEntryError,
+    AuditStore,
+    Findings,
+    Sender,
+    audit_seed,
+    check_reveal,
+    check_sketch_body,
+    decode_entry,
+    encode_entry,
+    judge,
+    nonce_for,
+    sketch_body,
+)
+from .share_sketch import Projection, flat_views, sketch_parts, sketch_share
+from .tickets import Reason
+
+logger = logging.getLogger(__name__)
+
+
+class ShareAuditRPC:
+    """The averager's share-audit steps and RPC handler (see the module docstring)."""
+
+    async def _audit_shares(self, group_info: GroupInfo, plan: GroupPlan, runner: VerifiedAllReduceRunner,
+                            inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
+                            seconds: dict[str, float]) -> Findings:
+        """Reveal, sketch and judge; never raises (a failure is a finding). ``seconds`` gets each step's time."""
+        found = Findings()
+        clock = time.monotonic()
+
+        def lap(step: str) -> None:
+            nonlocal clock
+            now = time.monotonic()
+            seconds[step] = round(now - clock, 4)
+            clock = now
+
+        group_id, me = group_info.group_id, self.peer_id.to_bytes()
+        deadline = asyncio.get_event_loop().time() + self.audit_timeout
+        senders = [Sender(p.to_bytes(), float(w), plan.verdict(p).committed_norm)
+                   for p, w in zip(runner.sender_peer_ids, runner.weights)]
+        keys = {v.peer_id: v.public_key for v in plan.contributors}
+        servers = [p for p, m in zip(plan.peer_ids, plan.modes) if m == AveragingMode.NODE and p != self.peer_id]
+        try:
+            nonce = nonce_for(self._audit_secret, self._rules.round_index, plan.verdict(self.peer_id).attempt)
+            reveals = await self._exchange(group_id, PHASE_REVEAL, nonce, keys, servers, deadline, found)
+            lap("reveal")
+            nonces = []
+            for s in senders:
+                if s.peer_id in reveals:
+                    try:
+                        nonces.append(check_reveal(reveals[s.peer_id], plan.verdict(PeerID(s.peer_id)).nonce_commitment))
+                    except AuditEntryError as e:
+                        found.accuse(s.peer_id, Reason.BAD_AUDIT_ENTRY, str(e))
+            if not found.clean:
+                return found
+            seed = audit_seed(group_id, nonces)
+            projections = [Projection.draw(seed, j, runner.layout.rows[j]) if runner.layout.numel(j) else None
+                           for j in range(runner.layout.num_shares)]
+            computed = await asyncio.get_event_loop().run_in_executor(
+                None, self._sketch_round, runner, projections, inputs, outputs)
+            mine, my_outputs, output_norms = computed
+            lap("sketch")
+            bodies = await self._exchange(group_id, PHASE_SKETCH, sketch_body(mine, my_outputs), keys, servers,
+                                          deadline, found)
+            lap("exchange")
+            sketches = {}
+            for s in senders:
+                if s.peer_id in bodies:
+                    try:
+                        sketches[s.peer_id] = check_sketch_body(bodies[s.peer_id], runner.group_size)
+                    except AuditEntryError as e:
+                        found.accuse(s.peer_id, Reason.BAD_AUDIT_ENTRY, str(e))
+            if not found.clean:
+                return found
+            numels = [runner.layout.numel(j) for j in range(runner.layout.num_shares)]
+            verdict = await asyncio.get_event_loop().run_in_executor(None, functools.partial(
+                judge, me=me, senders=senders, reducers=[p.to_bytes() for p in plan.peer_ids],
+                share_numels=numels, my_outputs=my_outputs, output_norms=output_norms, sketches=sketches,
+                received=functools.partial(self._received_sketches, runner, projections),
+                fp16_output=isinstance(runner.output_compression, Float16Compression)))
+            found.accused.update(verdict.accused)
+            found.failed.update(verdict.failed)
+            lap("judge")
+        except Exception as e:  # noqa: BLE001 - our own failure: the attempt fails, nobody is accused
+            logger.warning("the share audit failed", exc_info=True)
+            found.fail(me, Reason.AUDIT_FAILED, f"{type(e).__name__}: {e}"[:300])
+        return found
+
+    def _sketch_round(self, runner: VerifiedAllReduceRunner, projections: Sequence[Projection | None],
+                      inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]):
+        """This member's sketches (runs in a thread): of what it sent to each share, of each share's
+        average, and each share's average norm."""
+        layout = runner.layout
+        ins, outs = flat_views(inputs), flat_views(outputs)
+        local = runner.ordered_peer_ids.index(runner.peer_id)
+        lossy = runner.sent_parts is not None  # then sketch what each reducer decoded, not the raw values
+        # the averages in a second thread while this one does the inputs (the products release the GIL)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(lambda: [sketch_share(layout, j, outs, p) if p is not None else None
+                                           for j, p in enumerate(projections)])
+            mine = [None if p is None else
+                    sketch_parts(layout, j, runner.sent_values(j), p) if lossy and j != local else
+                    sketch_share(layout, j, ins, p) for j, p in enumerate(projections)]
+            my_outputs = pending.result()
+        # float32 norms of each averaged part as received (ours: as decoded), squares summed in float64
+        return mine, my_outputs, [runner.output_norm(j) for j in range(layout.num_shares)]
+
+    @staticmethod
+    def _received_sketches(runner: VerifiedAllReduceRunner, projections: Sequence[Projection | None]
+                           ) -> dict[bytes, tuple[np.ndarray, float]] | None:
+        """For our own share, the sketch and norm of what each remote sender sent us (:func:`judge`
+        asks for it only when our share does not add up)."""
+        local = runner.ordered_peer_ids.index(runner.peer_id)
+        if projections[local] is None or runner.tensor_part_reducer.received is None:
+            return None
+        received = {}
+        for sender in runner.sender_peer_ids:
+            got = runner.received_parts(sender)
+            if got is not None:
+                parts, norm = got
+                received[sender.to_bytes()] = (sketch_parts(runner.layout, local, parts, projections[local]), norm)
+        return received
+
+    async def _exchange(self, group_id: bytes, phase: int, body, keys: dict[bytes, bytes], servers: Sequence[PeerID],
+                        deadline: float, found: Findings) -> dict[bytes, object]:
+        """Every contributor's body for ``phase``: push ours to every reducing member and collect what
+        they and our own store hold (entries relayed for client-mode members), until all are in or
+        ``deadline``. A call returns as soon as the callee holds every entry (long poll), and entries
+        pushed to us wake us at once, so nobody sleeps on a timer. Members still missing at the
+        deadline are failures."""
+        loop = asyncio.get_event_loop()
+        entry = encode_entry(self.identity, group_id, phase, body)
+        store = self._audit_store(group_id, phase, create=True)
+        store.expect(keys)
+        store.add(self.peer_id.to_bytes(), entry)
+        bodies: dict[bytes, object] = {}
+
+        def absorb(raw_entries):
+            for raw in raw_entries:
+                try:
+                    signer, content = decode_entry(bytes(raw), keys, group_id, phase)
+                except AuditEntryError:
+                    continue  # relayed or garbled: the signer's own copy may still arrive
+                bodies.setdefault(signer, content)
+
+        request = pb.ShareAuditExchange(group_id=group_id, phase=phase, entries=[entry])
+
+        async def call(peer: PeerID, delay: float):
+            await asyncio.sleep(delay)
+            try:
+                stub = type(self).get_stub(self._p2p, peer, namespace=self.prefix)
+                response = await asyncio.wait_for(stub.rpc_share_audit(request), self.request_timeout + AUDIT_POLL_S)
+                absorb(response.entries[: 2 * len(keys)])
+            except Exception as e:  # noqa: BLE001 - unreachable now: called again until the deadline
+                logger.debug(f"share audit exchange with {peer} failed: {e!r}")
+            return peer
+
+        # every server is called at least once (the call carries our entry to it); a call that
+        # returns while entries are missing is made again; we stop as soon as every entry is in
+        calls = {asyncio.ensure_future(call(p, 0.0)) for p in servers}
+        while True:
+            absorb(list(store.entries.values()))
+            if set(keys) <= set(bodies):
+                break
+            now = loop.time()
+            if now >= deadline:
+                for peer in set(keys) - set(bodies):
+                    found.fail(peer, Reason.AUDIT_FAILED, f"no audit entry (phase {phase}) within "
+                                                          f"{self.audit_timeout} s")
+                break
+            store.changed.clear()
+            changed = asyncio.ensure_future(store.changed.wait())
+            done, calls = await asyncio.wait(calls | {changed}, timeout=min(AUDIT_POLL_S, deadline - now),
+                                             return_when=asyncio.FIRST_COMPLETED)
+            calls.discard(changed)
+            changed.cancel()
+            for task in done - {changed}:
+                calls.add(asyncio.ensure_future(call(task.result(), 0.05)))
+        for task in calls:  # (left to finish on their own: cancelling could drop an entry in flight)
+            self._background_calls.add(task)
+            task.add_done_callback(self._background_calls.discard)
+        return bodies
+
+    def _group_senders(self, group_id: bytes) -> frozenset[bytes] | None:
+        """The contributors of a group we are reducing with (None before its runner exists)."""
+        future = self._running_groups.get(group_id)
+        if future is None or not future.done() or future.cancelled() or future.exception() is not None:
+            return None
+        return frozenset(p.to_bytes() for p in future.result().sender_peer_ids)
+
+    def _audit_store(self, group_id: bytes, phase: int, create: bool) -> AuditStore | None:
+        key = (bytes(group_id), int(phase))
+        store = self._audit_stores.get(key)
+        if store is None and create:
+            store = self._audit_stores[key] = AuditStore()
+            while len(self._audit_stores) > 32:
+                self._audit_stores.pop(next(iter(self._audit_stores)))
+        return store
+
+    async def rpc_share_audit(self, request: pb.ShareAuditExchange, context: P2PContext) -> pb.ShareAuditExchange:
+        """A groupmate's audit entry in; every entry we hold for that (group, phase) out, once we hold
+        them all or after ``AUDIT_POLL_S``. Entries are kept only for groups we are in, one per
+        caller (the authenticated libp2p peer), and only from the group's contributors: anyone else
+        (a sybil told the group id) could otherwise crowd the answers."""
+        group_id = bytes(request.group_id)
+        known = group_id in self._running_groups or (group_id, request.phase) in self._audit_stores
+        store = (self._audit_store(group_id, request.phase, create=known)
+                 if request.phase in (PHASE_REVEAL, PHASE_SKETCH) else None)
+        if store is None:
+            return pb.ShareAuditExchange(group_id=request.group_id, phase=request.phase)
+        members = store.expected if store.expected is not None else self._group_senders(group_id)
+        caller = context.remote_id.to_bytes()
+        if request.entries and len(request.entries[0]) <= MAX_AUDIT_ENTRY_BYTES and members and caller in members:
+            store.add(caller, bytes(request.entries[0]))
+        try:
+            await asyncio.wait_for(store.wait_complete(), AUDIT_POLL_S)
+        except asyncio.TimeoutError:
+            pass
+        return pb.ShareAuditExchange(group_id=request.group_id, phase=request.phase,
+                                     entries=list(store.entries.values()))
