@@ -16,6 +16,9 @@ interleaved round by round (order reversed every other round):
 
 * ``ours``: :class:`VerifiedAverager` with real coordinator-signed tickets (a coordinator key made
   here, as the tests do), ``--part-size`` bytes per part;
+  and its share audit reading ``--audit-fraction`` of the rows (default: the averager's);
+* ``ours_fullaudit``: the same averager auditing every row (``audit_fraction=1``, switched between
+  rounds);
 * ``ours_noaudit``: the same averager with its share audit off (``audit_reducers=False``, switched
   between rounds; where the averager has no audit this is the same as ``ours``);
 * ``ours_nocheck``: the same averager with every check off: no audit, and (a bench-only subclass)
@@ -92,7 +95,7 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
                     attention_bias=False, mlp_bias=False)
 SMOLLM2_135M_VALUES = 134_515_008
-VARIANTS = ("ours", "ours_noaudit", "ours_nocheck", "ours_streamreads", "stock", "stock_tuned")
+VARIANTS = ("ours", "ours_fullaudit", "ours_noaudit", "ours_nocheck", "ours_streamreads", "stock", "stock_tuned")
 COMPRESSIONS = ("none", "fp16", "uint8")
 DEFAULT_COMPRESSIONS = ("none", "fp16")
 TOLERANCE = {"none": 1e-5, "fp16": 4e-3,  # max |result - exact| / max |exact|
@@ -233,20 +236,22 @@ def averager_classes():
         checks = True
         check_s = 0.0
 
-        def set_mode(self, checks: bool, audit: bool, direct: bool = True) -> None:
-            mode = [bool(checks), bool(audit), bool(direct)]
+        def set_mode(self, checks: bool, audit: bool, direct: bool = True, audit_fraction: float | None = None) -> None:
+            mode = [bool(checks), bool(audit), bool(direct), audit_fraction]
             self._bench_mode(*mode)
             self._outer_pipe.send(("_bench_set_mode", mode, {}))
 
-        def _bench_mode(self, checks: bool, audit: bool, direct: bool) -> None:
+        def _bench_mode(self, checks: bool, audit: bool, direct: bool, audit_fraction: float | None) -> None:
             self.checks = checks
             if hasattr(self, "audit_reducers"):
                 self.audit_reducers = audit
             if hasattr(self, "direct_reads"):
                 self.direct_reads = direct
+            if audit_fraction is not None and hasattr(self, "audit_fraction"):
+                self.audit_fraction = audit_fraction  # read where the gather entry is signed (the caller)
 
-        async def _bench_set_mode(self, checks: bool, audit: bool, direct: bool) -> None:
-            self._bench_mode(checks, audit, direct)  # in the averager process, before the step that follows
+        async def _bench_set_mode(self, checks: bool, audit: bool, direct: bool, audit_fraction: float | None) -> None:
+            self._bench_mode(checks, audit, direct, audit_fraction)  # in the averager process, before the next step
 
         def load_local_gradient(self, grads):
             t = time.perf_counter()
@@ -408,6 +413,8 @@ def peer_main(config_path: str) -> int:
                 compression=compression, next_chunk_timeout=timing["sender_timeout"],
                 sender_timeout=timing["sender_timeout"], reducer_timeout=timing["reducer_timeout"],
                 allreduce_timeout=timing["allreduce_timeout"], allow_state_sharing=False)
+        # "ours" audits --audit-fraction of the rows, or the averager's default (ours_fullaudit switches it to 1)
+        ours_fraction = cfg["audit_fraction"] if cfg["audit_fraction"] is not None else getattr(ours, "audit_fraction", None)
         if ours is not None:  # as a CPU trainer's backward pass would leave it (the join loop binds .grad)
             for b, g in zip(ours.gradient_buffers(), grads):
                 b.copy_(g)
@@ -419,8 +426,9 @@ def peer_main(config_path: str) -> int:
             order = variants if r % 2 == 0 else list(reversed(variants))
             for v in order:
                 if v.startswith("ours"):
-                    ours.set_mode(checks=v != "ours_nocheck", audit=v in ("ours", "ours_streamreads"),
-                                  direct=v != "ours_streamreads")
+                    ours.set_mode(checks=v != "ours_nocheck", audit=v in ("ours", "ours_fullaudit", "ours_streamreads"),
+                                  direct=v != "ours_streamreads",
+                                  audit_fraction=1.0 if v == "ours_fullaudit" else ours_fraction)
                 elif stock is not None:
                     stock.set_part_size(cfg["part_size"] if v == "stock_tuned" else cfg["stock_part_size"])
                 if not v.startswith("ours"):  # stock averages in place: the gradient is written anew each round
@@ -695,6 +703,8 @@ def summarize(args, peers: list[dict], samples: list[dict], shapes, uplink_bits:
     res["check_overhead"] = {c: rnd(v - 1) for c, v in ratio("ours", "ours_nocheck").items()}
     res["check_overhead_allreduce"] = {c: rnd(v - 1) for c, v in ratio("ours", "ours_nocheck", "allreduce_s").items()}
     res["audit_overhead"] = {c: rnd(v - 1) for c, v in ratio("ours", "ours_noaudit").items()}
+    res["full_audit_check_overhead"] = {c: rnd(v - 1) for c, v in ratio("ours_fullaudit", "ours_nocheck").items()}
+    res["noaudit_check_overhead"] = {c: rnd(v - 1) for c, v in ratio("ours_noaudit", "ours_nocheck").items()}
     res["direct_reads_speedup"] = ratio("ours_streamreads", "ours")
     res["results_equal"] = bool(equal)
     return res
@@ -712,6 +722,8 @@ def parse_args(argv=None):
     ap.add_argument("--part-size", type=int, default=1 << 20,
                     help="ours' (and stock_tuned's) part_size_bytes (compressed bytes per part; 1 MiB is the "
                          "averager's default, 4 MiB is faster on loopback)")
+    ap.add_argument("--audit-fraction", type=float, default=None,
+                    help="ours' share audit reads this fraction of the rows (default: the averager's)")
     ap.add_argument("--stock-part-size", type=int, default=1 << 19, help="stock's part_size_bytes (hivemind default)")
     ap.add_argument("--uplink", default=None, help="cap each peer's uplink (tc rate: 100mbit, 1gbit; root only)")
     ap.add_argument("--tbf-burst", default="2mbit")
@@ -778,7 +790,7 @@ def main(argv=None) -> int:
                        coordinator_seed=bytes(range(32)).hex(), host=net.address(i) if net else "127.0.0.1",
                        tx_bytes_path=net.tx_bytes_path(i) if net else None, compressions=args.compressions,
                        variants=args.variants, warmup=args.warmup, rounds=args.rounds, part_size=args.part_size,
-                       stock_part_size=args.stock_part_size, timing=timing,
+                       stock_part_size=args.stock_part_size, audit_fraction=args.audit_fraction, timing=timing,
                        sample_stride=max(1, values // SAMPLE_VALUES))
             path = work / f"peer-{i}.config.json"
             path.write_text(json.dumps(cfg))
@@ -826,7 +838,7 @@ def main(argv=None) -> int:
     res["config"] = {
         "peers": PEERS, "weights": list(WEIGHTS), "variants": args.variants, "compressions": args.compressions,
         "rounds": args.rounds, "warmup": args.warmup, "part_size": args.part_size,
-        "stock_part_size": args.stock_part_size, "size": args.size, "timing": timing,
+        "audit_fraction": args.audit_fraction, "stock_part_size": args.stock_part_size, "size": args.size, "timing": timing,
         "link": net.describe() if net is not None else "loopback 127.0.0.1",
         "uplink": args.uplink if uplink_bits else None, "cpus": os.cpu_count(),
         "loadavg_1m_at_end": round(os.getloadavg()[0], 2), "wall_s": round(time.perf_counter() - started, 1),

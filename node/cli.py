@@ -84,6 +84,9 @@ def join(
     compression: str = typer.Option("none", help="averaging compression: none | fp16 | 8bit"),
     part_size: Optional[int] = typer.Option(None, help="averaging part size in bytes (default 1 MiB; 4 MiB on fast "
                                                        "links, where the CPU is the bottleneck)"),
+    audit_fraction: Optional[float] = typer.Option(None, help="share of each reducer's rows the share audit reads "
+                                                              "(2^-10..1, default 0.25; the group reads the "
+                                                              "largest any member asks for)"),
     rounds: Optional[int] = typer.Option(None, help="stop after this many rounds"),
     set_: list[str] = typer.Option([], "--set", "-s", help="node-side override, e.g. --set run.threads=2"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="a line per round instead of the live table"),
@@ -92,6 +95,7 @@ def join(
     from grpo_swarm.protocol.identity import default_key_path
 
     from .swarm.join import COMPRESSIONS, PART_SIZE_LIMITS, JoinOptions, SwarmPeer
+    from .swarm.share_sketch import DEFAULT_AUDIT_FRACTION, check_audit_fraction
     from .swarm.view import RoundView
 
     from .backends import resolve_backend
@@ -108,12 +112,17 @@ def join(
         console.print(f"[red]error:[/red] --part-size must be between {PART_SIZE_LIMITS[0]} and {PART_SIZE_LIMITS[1]} "
                       f"bytes, got {part_size}")
         raise typer.Exit(2)
+    try:
+        audit_fraction = check_audit_fraction(DEFAULT_AUDIT_FRACTION if audit_fraction is None else audit_fraction)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] --audit-fraction: {exc}")
+        raise typer.Exit(2)
     overrides = ([f"model.backend={_toml_value(backend)}"] + list(set_)  # an explicit --set model.backend wins
                  + ([f"model.device={_toml_value(device)}"] if device != "auto" else []))
     opts = JoinOptions(coordinator=coordinator, identity_path=identity or default_key_path(), workdir=workdir,
                        overrides=overrides, host_maddrs=host_maddr, announce_maddrs=announce_maddr or None,
                        initial_peers=initial_peer, client_mode=client_mode, compression=compression,
-                       part_size_bytes=part_size, rounds=rounds)
+                       part_size_bytes=part_size, audit_fraction=audit_fraction, rounds=rounds)
     workdir.mkdir(parents=True, exist_ok=True)
     with RoundView(workdir, quiet=quiet, console=console) as view:
         try:

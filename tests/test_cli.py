@@ -70,3 +70,5 @@ def test_join_refuses_what_it_cannot_do_before_contacting_anyone(tmp_path):
     assert proc.returncode == 2 and "--backend must be one of transformers, vllm, auto" in proc.stdout + proc.stderr
     proc = run("join", "--coordinator", "127.0.0.1:1", "--workdir", str(tmp_path), "--part-size", "100", timeout=120)
     assert proc.returncode == 2 and "--part-size must be between 65536 and 16777216 bytes, got 100" in proc.stdout + proc.stderr
+    proc = run("join", "--coordinator", "127.0.0.1:1", "--workdir", str(tmp_path), "--audit-fraction", "0", timeout=120)
+    assert proc.returncode == 2 and "--audit-fraction: the audit fraction must be a number in" in proc.stdout + proc.stderr

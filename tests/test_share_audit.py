@@ -37,6 +37,7 @@ from grpo_swarm.node.swarm.share_sketch import (
     SKETCH_DIMS,
     Projection,
     ShareLayout,
+    always_audited,
     flat_views,
     plausible,
     share_residual,
@@ -128,6 +129,43 @@ def test_honest_average_passes_and_a_wrong_one_fails(compression):
             flat_views(bad)[span.tensor_index][span.start] += 0.05 * out_norm  # 5 % of the share's norm
             wrong = np.abs(share_residual(sketch_share(layout, j, flat_views(bad), proj), ins, WEIGHTS)).max()
             assert wrong > tol
+
+
+def test_a_sampled_audit_reads_its_secret_rows_and_catches_a_change_there():
+    # sampling rows is the full projection with the other rows' weights zeroed, for float32 and
+    # float16 values, for whole spans and for parts; small parts are always read; a reducer that
+    # changes m rows, not knowing the seed, escapes about (1 - f)^m of the audits
+    x = torch.randn(3_000_000)
+    layout = ShareLayout.from_partition([[1_000_000, 1_000_000, 500, 999_500]], [2, 2])
+    assert always_audited(layout, 0) == [(1954, 1)]
+    for fraction in (0.25, 0.05):
+        proj = Projection.draw(b"seed", 0, layout.rows[0], fraction=fraction, always=always_audited(layout, 0))
+        assert abs(len(proj.sampled) / layout.rows[0] - fraction) < 0.03 and 1954 in proj.sampled
+        weights = torch.zeros(layout.rows[0], 1)
+        weights[torch.from_numpy(proj.sampled)] = 1.0
+        full = Projection(proj.U, proj.V * weights)
+        for values in (x, x.half()):
+            flat = [values[:2_000_000].float(), values[2_000_000:].float()]
+            parts = [values[:1_000_000], values[1_000_000:2_000_000], values[2_000_000:2_000_500], values[2_000_500:]]
+            want, atol = sketch_share(layout, 0, flat, full), sketch_tolerance(float(values.float().norm()))
+            np.testing.assert_allclose(sketch_share(layout, 0, flat, proj), want, rtol=0, atol=atol)
+            np.testing.assert_allclose(sketch_parts(layout, 0, parts, proj), want, rtol=0, atol=atol)  # float16 blocks
+    flat = [x[:2_000_000], x[2_000_000:]]
+    tol = share_tolerance(float(x.norm()), [1.0], [float(x.norm())], x.numel(), fp16_output=False)
+
+    def caught(rows, seed, fraction=0.25):
+        proj = Projection.draw(seed, 0, layout.rows[0], fraction=fraction, always=always_audited(layout, 0))
+        bad = [t.clone() for t in flat]
+        for r in rows:  # one value per row, moved by 1 % of the share's norm
+            bad[0 if r < 1954 else 1][r * ROW if r < 1954 else (r - 1954) * ROW] += 0.01 * x.norm()
+        return np.abs(sketch_share(layout, 0, bad, proj) - sketch_share(layout, 0, flat, proj)).max() > tol
+
+    assert all(caught([1954], bytes([s])) for s in range(10))  # the 500-value part: read at any fraction
+    assert all(caught(range(0, 1900, 19), bytes([s])) for s in range(10))  # 100 rows: escape 0.75^100
+    escaped_one = sum(not caught([7], bytes([s])) for s in range(200)) / 200
+    escaped_four = sum(not caught([7, 300, 901, 1500], bytes([s])) for s in range(200)) / 200
+    assert 0.62 < escaped_one < 0.87 and 0.2 < escaped_four < 0.44  # 0.75 and 0.32
+    assert all(caught([7], bytes([s]), fraction=1.0) for s in range(10))
 
 
 def test_plausibility_bounds_a_sketch_by_the_committed_norm():

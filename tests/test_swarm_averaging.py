@@ -37,6 +37,7 @@ import torch
 
 from grpo_swarm.node.swarm.averaging import LOAD_CHUNK, LocalGradientError, VerifiedAverager, tensors_sha256
 from grpo_swarm.node.swarm.dht import DHTStartError, start_dht
+from grpo_swarm.node.swarm.reduction import GroupPlan
 from grpo_swarm.node.swarm.tickets import (
     GatherClaim,
     Reason,
@@ -145,9 +146,10 @@ def test_verdicts_name_every_bad_slot(keys):
     coordinator, (n0, n1, n2) = keys
     forger = Identity.from_seed(b"\x09" * 32)
 
-    def entry(who, ticket=None, round_index=4, norm=1.0, accusations=(), signer=None):
+    def entry(who, ticket=None, round_index=4, norm=1.0, accusations=(), signer=None, audit_fraction=1.0):
         ticket = make_ticket(coordinator, who.public_key_bytes, 4, 6, 60) if ticket is None else ticket
-        return encode_gather(signer or who, GatherClaim(ticket, round_index, 0, norm, tuple(accusations)))
+        return encode_gather(signer or who, GatherClaim(ticket, round_index, 0, norm, tuple(accusations),
+                                                        audit_fraction=audit_fraction))
 
     good = _slot(n0, entry(n0))
     altered = ticket_type().FromString(make_ticket(coordinator, n1.public_key_bytes, 4, 6))
@@ -176,6 +178,15 @@ def test_verdicts_name_every_bad_slot(keys):
     raw = entry(n1)
     v = group_verdicts(*zip(_slot(n1, raw[:-1] + bytes([raw[-1] ^ 1]))), _rules(coordinator))[0]
     assert v.reason == Reason.BAD_GATHER_SIGNATURE
+    # the audit fraction: a signed float in [2^-10, 1]; the group audits the largest its contributors ask
+    for fraction in (0.0, 1.5, float("nan"), -0.25, 2.0 ** -11):
+        v = group_verdicts(*zip(_slot(n1, entry(n1, audit_fraction=fraction))), _rules(coordinator))[0]
+        assert v.reason == Reason.MALFORMED_GATHER and "audit fraction" in v.detail, (fraction, v.detail)
+    slots = [_slot(n0, entry(n0, audit_fraction=0.125)), _slot(n1, entry(n1, audit_fraction=0.5)),
+             _slot(n2, entry(n2, norm=2 * NORM_BOUND))]  # excluded: its fraction (1.0) does not count
+    verdicts = group_verdicts(*zip(*slots), _rules(coordinator))
+    assert [v.ok for v in verdicts] == [True, True, False]
+    assert GroupPlan.from_verdicts([p for p, _ in slots], verdicts).audit_fraction == 0.5
     # tokens mode weighs by the ticket's completion tokens; outside the expected peers is excluded
     v0, v1 = group_verdicts(*zip(good, _slot(n1, entry(n1))),
                             _rules(coordinator, mode="tokens", expected_keys=frozenset({n0.public_key_bytes})))
@@ -633,3 +644,36 @@ def test_a_retry_after_timeouts_waits_for_the_members_still_timing_out():
     assert wait([accused]) == 2.0
     assert wait([AttemptReport(error="could not find a group")]) == 2.0
     assert wait([timed_out], timeout=5.0) == 4.0
+
+
+def test_a_forked_averager_can_sketch_in_two_threads_at_once():
+    # the averager process is forked from a caller that set torch's threads; its audit then runs
+    # parallel ops in two fresh threads. Without rebuilding the pool first, about one fork in seven
+    # failed with "Invalid thread pool!" (an AUDIT_FAILED round).
+    script = """
+import os, sys, threading, torch
+from grpo_swarm.node.swarm.averaging import rebuild_thread_pool_after_fork
+torch.set_num_threads(1)
+x, half = torch.randn(1 << 20), torch.randn(1 << 20).half()
+failed = 0
+for _ in range(40):
+    pid = os.fork()
+    if pid == 0:
+        rebuild_thread_pool_after_fork()
+        errors = []
+        def work():
+            try:
+                torch.empty(1 << 20).copy_(half)
+                torch.index_select(x.view(1024, 1024), 0, torch.arange(0, 1024, 2))
+            except RuntimeError as e:
+                errors.append(e)
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        os._exit(1 if errors else 0)
+    failed += os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0
+print(failed)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "0", proc.stdout + proc.stderr[-2000:]

@@ -91,6 +91,7 @@ from .reduction import NORM_TOLERANCE, GroupPlan, VerifiedAllReduceRunner, check
 from .round_report import AttemptReport, RoundResult
 from .share_audit import AuditStore, Findings, commitment, nonce_for
 from .share_audit_rpc import ShareAuditRPC
+from .share_sketch import DEFAULT_AUDIT_FRACTION, check_audit_fraction
 from .tickets import (
     WEIGHT_MODES,
     GatherClaim,
@@ -138,6 +139,13 @@ def _b58(peer_id: PeerID | bytes) -> str:
     return base58_encode(peer_id.to_bytes() if isinstance(peer_id, PeerID) else bytes(peer_id))
 
 
+def rebuild_thread_pool_after_fork() -> None:
+    """Rebuild torch's intra-op thread pool in a forked process, from one thread. torch rebuilds it
+    lazily in the first thread that needs it, and two threads doing so at once can find none
+    ("Invalid thread pool!", about one fork in seven here) — the audit sketches in two threads."""
+    torch.set_num_threads(torch.get_num_threads())
+
+
 class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
     """Averages this node's gradient with the round's other ticket-holders (see the module docstring).
 
@@ -159,6 +167,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
     :param max_attempts: attempts per round (a retry excludes peers accused in earlier attempts)
     :param audit_reducers: run the share audit after each reduction (:mod:`.share_audit`)
     :param audit_timeout: seconds for the audit's two exchanges together
+    :param audit_fraction: the share of each share's rows the audit reads, asked for in the gather (the
+      group takes its contributors' largest; :mod:`.share_sketch`)
     :param direct_reads: read large stream messages straight into their buffers (:mod:`.direct_reads`)
     :param keep_freed_memory: the averager process keeps freed memory for reuse (node/allocator.py)
     """
@@ -196,6 +206,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         part_size_bytes: int | None = None,
         audit_reducers: bool = True,
         audit_timeout: float | None = None,
+        audit_fraction: float = DEFAULT_AUDIT_FRACTION,
         direct_reads: bool = True,
         keep_freed_memory: bool = True,
         client_mode: bool | None = None,
@@ -246,6 +257,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                               else max_attempts * (matchmaking_timeout + allreduce_timeout))
         self.tolerance = NORM_TOLERANCE[type(compression)]
         self.audit_reducers = audit_reducers
+        self.audit_fraction = check_audit_fraction(audit_fraction)
         self.direct_reads = direct_reads
         self.keep_freed_memory = keep_freed_memory
         self.audit_timeout = 2 * reducer_timeout if audit_timeout is None else audit_timeout
@@ -283,6 +295,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         tenth of a second, and the whole group waits for that member."""
         if self.keep_freed_memory:
             allocator.keep_freed_memory()
+        rebuild_thread_pool_after_fork()
         gc.freeze()
         super().run()
 
@@ -397,7 +410,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                 if remaining <= self.matchmaking_kwargs["min_matchmaking_time"]:
                     break
                 nonce = nonce_for(self._audit_secret, round_index, attempt)
-                claim = GatherClaim(bytes(ticket_bytes), int(round_index), attempt, norm, accusations, commitment(nonce))
+                claim = GatherClaim(bytes(ticket_bytes), int(round_index), attempt, norm, accusations, commitment(nonce),
+                                    self.audit_fraction)
                 entry = self.gather_entry(claim)
                 timeout = min(self.matchmaking_timeout, remaining)
                 report = self._attempt(entry, weight, timeout, self._matchmaking_wait(attempts, timeout))

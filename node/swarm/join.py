@@ -35,6 +35,7 @@ from grpo_swarm.protocol.identity import Identity
 from .dht import connect_peers, connected_peers
 from .participant import Participant, RoundWork
 from .publication import PublicationFollower, upload_rank
+from .share_sketch import DEFAULT_AUDIT_FRACTION
 
 log = logging.getLogger(__name__)
 COMPRESSIONS = ("none", "fp16", "8bit")
@@ -64,6 +65,7 @@ class JoinOptions:
     compression: str = "none"  # none | fp16 | 8bit (see COMPRESSIONS)
     part_size_bytes: int | None = None  # averaging part size (None: the averager's, 1 MiB); see PART_SIZE_LIMITS
     norm_bound: float = 1e4
+    audit_fraction: float = DEFAULT_AUDIT_FRACTION  # rows the share audit reads (share_sketch.py)
     rounds: int | None = None  # stop after this many rounds (None: until interrupted)
     poll_s: float = 0.2
 
@@ -141,7 +143,7 @@ class SwarmPeer:
             coordinator_key=bytes(p.reply.coordinator_public_key), run_id=p.run_id,
             weight_mode=weight_mode_for_loss(p.train_cfg.grpo.loss_type), norm_bound=opts.norm_bound,
             compression=compression_named(opts.compression), part_size_bytes=opts.part_size_bytes,
-            require_final_ticket=True, min_group_size=1, min_contributors=1,
+            audit_fraction=opts.audit_fraction, require_final_ticket=True, min_group_size=1, min_contributors=1,
             matchmaking_timeout=float(swarm.get("matchmaking_timeout_s", 30.0)),
             allreduce_timeout=float(swarm.get("averaging_timeout_s", 120.0)), client_mode=opts.client_mode,
             keep_freed_memory=p.train_cfg.run.keep_freed_memory)

@@ -211,6 +211,11 @@ class GroupPlan:
     def reducers(self) -> int:
         return sum(m == AveragingMode.NODE for m in self.modes)
 
+    @property
+    def audit_fraction(self) -> float:
+        """The share audit's fraction of rows: the largest any contributor asked for in its signed gather."""
+        return max((v.audit_fraction for v in self.contributors), default=1.0)
+
 
 def _limit(norm: float, tolerance: float) -> float:
     return norm * (1.0 + tolerance) + 1e-30

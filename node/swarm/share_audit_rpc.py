@@ -49,7 +49,7 @@ from .share_audit import (
     nonce_for,
     sketch_body,
 )
-from .share_sketch import Projection, flat_views, sketch_parts, sketch_share
+from .share_sketch import Projection, always_audited, flat_views, sketch_parts, sketch_share
 from .tickets import Reason
 
 logger = logging.getLogger(__name__)
@@ -91,8 +91,9 @@ class ShareAuditRPC:
             if not found.clean:
                 return found
             seed = audit_seed(group_id, nonces)
-            projections = [Projection.draw(seed, j, runner.layout.rows[j]) if runner.layout.numel(j) else None
-                           for j in range(runner.layout.num_shares)]
+            layout, fraction = runner.layout, plan.audit_fraction
+            projections = [Projection.draw(seed, j, layout.rows[j], fraction=fraction, always=always_audited(layout, j))
+                           if layout.numel(j) else None for j in range(layout.num_shares)]
             computed = await asyncio.get_event_loop().run_in_executor(
                 None, self._sketch_round, runner, projections, inputs, outputs)
             mine, my_outputs, output_norms = computed

@@ -8,6 +8,13 @@ padded to whole rows of ``ROW`` values, ``U`` (ROW x dims) is shared by the shar
 per contiguous span — memory-bound, about one read of the gradient — and, being linear, the sketch
 of a weighted average is the weighted average of the sketches.
 
+**Sampled rows.** With an audit fraction ``f < 1`` the seed also picks, for every share, a secret
+random subset of its rows — each row with probability ``f``, rows of small parts (at most
+``ALWAYS_AUDITED_ROWS`` rows: norms, biases, a tensor's short last part) always — and the projection
+weights only those (``V`` is zero elsewhere, so the sketch stays linear and only the sampled rows are
+read). A reducer that alters ``m`` rows of its average, not knowing the seed, escapes one audit with
+probability about ``(1 - f)^m``.
+
 ``U`` and ``V`` are uniform on [-sqrt(3), sqrt(3)) from SHAKE-256 of the seed (``U`` from 24-bit
 integers, ``V`` — one weight per row and dimension, 16 per 1,024 values — from 8-bit ones: a quarter
 of the bytes to hash, and a row weight needs no finer steps), so every platform draws the same
@@ -28,6 +35,9 @@ import torch
 
 ROW = 1024
 SKETCH_DIMS = 16
+ALWAYS_AUDITED_ROWS = 8  # parts of at most this many rows are sketched whole at any audit fraction
+MIN_AUDIT_FRACTION = 2.0 ** -10
+DEFAULT_AUDIT_FRACTION = 0.25  # the trade-off: README, "What the averaging checks"
 HALF_BLOCK_ROWS = 128  # float16 rows converted at a time: 512 KiB of float32, within a core's L2
 Z = 8.0  # tolerance in units of the worst-case error's norm (honest residuals stay far below it)
 JL_FACTOR = 5.0  # a sketch larger than JL_FACTOR * sqrt(dims) * committed norm cannot be honest
@@ -111,17 +121,44 @@ def _uniform8(seed: bytes, label: bytes, count: int) -> torch.Tensor:
     return torch.from_numpy((ints + np.float32(0.5)) * np.float32(math.sqrt(3.0) / 128))
 
 
+def check_audit_fraction(fraction) -> float:
+    """``fraction`` as a float in [MIN_AUDIT_FRACTION, 1]; ValueError naming it otherwise."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+            math.isfinite(fraction) and MIN_AUDIT_FRACTION <= fraction <= 1.0):
+        raise ValueError(f"the audit fraction must be a number in [{MIN_AUDIT_FRACTION}, 1], got {fraction!r}")
+    return float(fraction)
+
+
+def sampled_rows(seed: bytes, rows: int, fraction: float, always: Iterable[tuple[int, int]] = ()) -> np.ndarray | None:
+    """The sorted rows (int64) of a share that the audit reads: each with probability ``fraction``,
+    from 32-bit draws of SHAKE-256(seed), plus the ``(first row, count)`` ranges in ``always``.
+    None: all of them (``fraction`` 1)."""
+    if fraction >= 1.0:
+        return None
+    draws = np.frombuffer(hashlib.shake_256(seed + b"S").digest(4 * rows), dtype="<u4")
+    keep = draws < np.uint32(min(int(fraction * 2 ** 32), 2 ** 32 - 1))
+    for first, count in always:
+        keep[first: first + count] = True
+    return np.flatnonzero(keep).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class Projection:
-    """The secret projection of one share: ``U`` (ROW x dims) and ``V`` (rows x dims)."""
+    """The secret projection of one share: ``U`` (ROW x dims), ``V`` (rows x dims) and the rows it reads
+    (``sampled``, sorted; None: all)."""
 
     U: torch.Tensor
     V: torch.Tensor
+    sampled: np.ndarray | None = None
 
     @classmethod
-    def draw(cls, seed: bytes, share: int, rows: int, dims: int = SKETCH_DIMS) -> Projection:
+    def draw(cls, seed: bytes, share: int, rows: int, dims: int = SKETCH_DIMS, *, fraction: float = 1.0,
+             always: Iterable[tuple[int, int]] = ()) -> Projection:
+        """The projection of share ``share`` (``rows`` rows) for ``seed``; with ``fraction`` < 1 it
+        reads only the rows :func:`sampled_rows` picks (``always``: row ranges it reads anyway)."""
         base = hashlib.sha256(_SEED_DOMAIN + seed + share.to_bytes(4, "big")).digest()
-        return cls(_uniform(base, b"U", ROW * dims).view(ROW, dims), _uniform8(base, b"V", rows * dims).view(rows, dims))
+        return cls(_uniform(base, b"U", ROW * dims).view(ROW, dims), _uniform8(base, b"V", rows * dims).view(rows, dims),
+                   sampled_rows(base, rows, check_audit_fraction(fraction), always))
 
     @property
     def dims(self) -> int:
@@ -137,6 +174,8 @@ class Projection:
         n = x.shape[0]
         full = n // ROW
         out = np.zeros(self.dims, dtype=np.float64)
+        if self.sampled is not None:
+            return self._sampled_block(x, v, row_offset, out)
         if full:
             rows = x[: full * ROW].view(full, ROW)
             products = (_products_of_half(rows, self.U) if x.dtype == torch.float16 else rows @ self.U).numpy()
@@ -145,6 +184,50 @@ class Projection:
             tail = x[full * ROW:].float()
             out += (tail @ self.U[: n - full * ROW]).numpy().astype(np.float64) * v[row_offset + full]
         return torch.from_numpy(out)
+
+    def _sampled_block(self, x: torch.Tensor, v: np.ndarray, row_offset: int, out: np.ndarray) -> torch.Tensor:
+        """:meth:`block` over the sampled rows only: they are gathered (a copy of ``fraction`` of the
+        values) and multiplied as one block, so the unsampled rows are never read."""
+        n = x.shape[0]
+        full = n // ROW
+        lo, hi, end = np.searchsorted(self.sampled, [row_offset, row_offset + full, row_offset + full + 1])
+        if hi > lo:
+            picked = torch.from_numpy(self.sampled[lo:hi] - row_offset)
+            products = _gathered_products(x[: full * ROW].view(full, ROW), picked, self.U).numpy()
+            out += np.einsum("rd,rd->d", products, v[self.sampled[lo:hi]], dtype=np.float64)
+        if n > full * ROW and end > hi:  # the short last row is sampled
+            tail = x[full * ROW:].float()
+            out += (tail @ self.U[: n - full * ROW]).numpy().astype(np.float64) * v[row_offset + full]
+        return torch.from_numpy(out)
+
+
+def always_audited(layout: ShareLayout, share: int) -> list[tuple[int, int]]:
+    """The (first row, count) ranges of share ``share``'s parts of at most ALWAYS_AUDITED_ROWS rows."""
+    ranges = []
+    for part in layout.parts[share]:
+        rows = -(-part.numel // ROW)
+        if rows <= ALWAYS_AUDITED_ROWS:
+            ranges.append((part.row_offset, rows))
+    return ranges
+
+
+def _gathered_products(rows: torch.Tensor, picked: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """``rows[picked].float() @ U``, gathered a block of rows at a time into a scratch that stays in
+    cache (float16 rows converted there too): the sampled rows are read once, never copied out to
+    memory and read back."""
+    products = torch.empty(picked.shape[0], U.shape[1])
+    k = min(HALF_BLOCK_ROWS, picked.shape[0])
+    scratch = torch.empty(k, ROW)
+    half = torch.empty(k, ROW, dtype=torch.float16) if rows.dtype == torch.float16 else None
+    for r in range(0, picked.shape[0], HALF_BLOCK_ROWS):
+        n = min(HALF_BLOCK_ROWS, picked.shape[0] - r)
+        if half is None:
+            torch.index_select(rows, 0, picked[r: r + n], out=scratch[:n])
+        else:
+            torch.index_select(rows, 0, picked[r: r + n], out=half[:n])
+            scratch[:n].copy_(half[:n])
+        torch.mm(scratch[:n], U, out=products[r: r + n])
+    return products
 
 
 def _products_of_half(rows: torch.Tensor, U: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ hivemind's leader relays the gathered entries of a group unsigned, so each membe
 
     entry     = msgpack([payload, signature])
     payload   = msgpack([GATHER_VERSION, ticket_bytes, round_index, attempt, committed_norm,
-                         [[accused_peer_id, reason], ...], nonce_commitment])
+                         [[accused_peer_id, reason], ...], nonce_commitment, audit_fraction])
     signature = Ed25519(node key, GATHER_DOMAIN || payload)
 
 ``ticket_bytes`` is the coordinator-signed ``AdmissionTicket`` (protobuf bytes), ``committed_norm``
@@ -12,7 +12,9 @@ the L2 norm of the member's whole gradient (its parts are held to it during the 
 the accusations name peers this member caught sending invalid data in an earlier attempt of the
 same round (they are excluded from the retry). ``nonce_commitment`` is SHA-256 of the nonce the
 member reveals after the reduction, from which the group draws the secret projections that check
-every reducer's average (:mod:`.share_audit`). The signature is checked against the public key
+every reducer's average (:mod:`.share_audit`); ``audit_fraction`` the share of rows this member
+wants that audit to read (the group reads the largest fraction its contributors ask for, so nobody
+can lower it for the others). The signature is checked against the public key
 inside the slot's libp2p peer id (Ed25519 peer ids embed the key), so a leader cannot alter or
 swap entries without the slot failing. Nothing a peer sends is unpickled: msgpack of bytes, ints,
 floats and strings only, with size limits and no extension types.
@@ -51,8 +53,10 @@ from grpo_swarm.protocol.identity import (
 )
 from grpo_swarm.protocol.rpc import verify_ticket
 
+from .share_sketch import check_audit_fraction
+
 GATHER_DOMAIN = b"grpo-swarm/v1/gather\n"
-GATHER_VERSION = 2
+GATHER_VERSION = 3
 NONCE_COMMITMENT_BYTES = 32
 MAX_TICKET_BYTES = 4096
 MAX_ACCUSATIONS = 64
@@ -184,6 +188,7 @@ class GatherClaim:
     committed_norm: float
     accusations: tuple[tuple[bytes, str], ...] = ()
     nonce_commitment: bytes = bytes(NONCE_COMMITMENT_BYTES)
+    audit_fraction: float = 1.0
 
 
 def encode_gather(identity: Identity, claim: GatherClaim) -> bytes:
@@ -192,7 +197,8 @@ def encode_gather(identity: Identity, claim: GatherClaim) -> bytes:
         raise ValueError(f"at most {MAX_ACCUSATIONS} accusations per entry")
     accusations = sorted([bytes(p), str(r)[:MAX_REASON_CHARS]] for p, r in claim.accusations)
     payload = msgpack.packb([GATHER_VERSION, bytes(claim.ticket_bytes), int(claim.round_index), int(claim.attempt),
-                             float(claim.committed_norm), accusations, bytes(claim.nonce_commitment)],
+                             float(claim.committed_norm), accusations, bytes(claim.nonce_commitment),
+                             float(claim.audit_fraction)],
                             use_bin_type=True)
     return msgpack.packb([payload, identity.sign(GATHER_DOMAIN + payload)], use_bin_type=True)
 
@@ -234,9 +240,9 @@ def decode_gather(entry: bytes) -> tuple[bytes, bytes, GatherClaim]:
     if len(signature) != SIGNATURE_SIZE:
         raise ValueError("signature has the wrong length")
     body = strict_unpack(payload, MAX_ENTRY_BYTES)
-    if not (isinstance(body, list) and len(body) == 7 and body[0] == GATHER_VERSION and _is_int(body[0])):
+    if not (isinstance(body, list) and len(body) == 8 and body[0] == GATHER_VERSION and _is_int(body[0])):
         raise ValueError(f"payload is not a version-{GATHER_VERSION} gather")
-    _, ticket_bytes, round_index, attempt, norm, accusations, nonce_commitment = body
+    _, ticket_bytes, round_index, attempt, norm, accusations, nonce_commitment, audit_fraction = body
     if not isinstance(ticket_bytes, bytes) or len(ticket_bytes) > MAX_TICKET_BYTES:
         raise ValueError("ticket is not bytes of bounded size")
     if not (_is_int(round_index) and _is_int(attempt) and round_index >= 0 and attempt >= 0):
@@ -253,7 +259,11 @@ def decode_gather(entry: bytes) -> tuple[bytes, bytes, GatherClaim]:
         acc.append((item[0], item[1]))
     if not (isinstance(nonce_commitment, bytes) and len(nonce_commitment) == NONCE_COMMITMENT_BYTES):
         raise ValueError(f"nonce commitment is not {NONCE_COMMITMENT_BYTES} bytes")
-    return payload, signature, GatherClaim(ticket_bytes, round_index, attempt, norm, tuple(acc), nonce_commitment)
+    if not isinstance(audit_fraction, float):
+        raise ValueError("audit fraction must be a float")
+    check_audit_fraction(audit_fraction)
+    return payload, signature, GatherClaim(ticket_bytes, round_index, attempt, norm, tuple(acc), nonce_commitment,
+                                           audit_fraction)
 
 
 # ---- verdicts --------------------------------------------------------------------------------------
@@ -288,6 +298,7 @@ class SlotVerdict:
     accused_by: list[bytes] = field(default_factory=list)
     nonce_commitment: bytes = b""
     attempt: int = 0
+    audit_fraction: float = 1.0
 
     def reject(self, reason: Reason, detail: str) -> SlotVerdict:
         self.ok, self.reason, self.detail = False, reason, detail
@@ -315,7 +326,7 @@ def verify_slot(peer_id: bytes, raw_entry: bytes, rules: RoundRules) -> SlotVerd
     if not verify_signature(v.public_key, GATHER_DOMAIN + payload, signature):
         return v.reject(Reason.BAD_GATHER_SIGNATURE, "the gather entry is not signed by the slot's peer key")
     v.accusations = claim.accusations
-    v.nonce_commitment, v.attempt = claim.nonce_commitment, claim.attempt
+    v.nonce_commitment, v.attempt, v.audit_fraction = claim.nonce_commitment, claim.attempt, claim.audit_fraction
     try:
         ticket = parse_ticket(claim.ticket_bytes, rules.ticket_type)
         verify_ticket(ticket, rules.coordinator_key, run_id=rules.run_id, round_index=rules.round_index)
