@@ -6,9 +6,12 @@ under fresh secret projections:
 
 * honest rejections over ``--trials`` projections per compression (must be 0);
 * detection rate of a reducer that changes its share by a fraction of its norm, spread over every
-  value (alternating sign) or put on one value, for each fraction in ``--fractions``;
-* the cost: seconds to sketch one SmolLM2-135M-sized gradient (134.5M values) — a member sketches
-  its inputs and every average once per round, a reducer also the parts it received.
+  value (alternating sign) or put on one value, for each fraction in ``--fractions``, with the
+  audit reading ``--audit-fraction`` of the rows (default: the averager's; a one-value change is
+  then caught about that often, in the audits whose secret rows include it);
+* the cost: seconds to sketch one SmolLM2-135M-sized gradient (134.5M values) at that fraction and
+  reading every row — a member sketches its inputs and every average once per round, a reducer
+  also the parts it received.
 
 Prints one JSON line.
 """
@@ -26,8 +29,10 @@ from hivemind.averaging.partition import TensorPartContainer
 from hivemind.compression import Float16Compression, NoCompression
 
 from grpo_swarm.node.swarm.share_sketch import (
+    DEFAULT_AUDIT_FRACTION,
     Projection,
     ShareLayout,
+    always_audited,
     flat_views,
     share_residual,
     share_tolerance,
@@ -60,7 +65,7 @@ def share_norm(layout, j, flat):
                          for s in layout.spans[j]))
 
 
-def run(trials: int, fractions: list[float]) -> dict:
+def run(trials: int, fractions: list[float], audit_fraction: float) -> dict:
     out: dict = {}
     for name, compression in (("none", NoCompression()), ("fp16", Float16Compression())):
         sent, avg, layout, norms, fp16 = world(compression)
@@ -72,7 +77,8 @@ def run(trials: int, fractions: list[float]) -> dict:
         worst_honest, rejected = 0.0, 0
         caught = {f"{kind}_{f:g}": 0 for kind in ("dense", "one_value") for f in fractions}
         for trial in range(trials):
-            proj = Projection.draw(trial.to_bytes(8, "big"), j, layout.rows[j])
+            proj = Projection.draw(trial.to_bytes(8, "big"), j, layout.rows[j], fraction=audit_fraction,
+                                   always=always_audited(layout, j))
             ins = [sketch_share(layout, j, flat_views(x), proj) for x in sent]
             tol = share_tolerance(n_out, WEIGHTS, norms, numel, fp16_output=fp16)
             honest = float(np.max(np.abs(share_residual(sketch_share(layout, j, flat_avg, proj), ins, WEIGHTS))))
@@ -97,18 +103,23 @@ def run(trials: int, fractions: list[float]) -> dict:
     x = torch.randn(SMOLLM2_VALUES // 1024 * 1024)
     layout = ShareLayout.from_partition([[131072] * (x.numel() // 131072) + [x.numel() % 131072]],
                                         [x.numel() // 131072 + 1])
-    proj = Projection.draw(b"cost", 0, layout.rows[0])
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        sketch_share(layout, 0, [x], proj)
-        times.append(time.perf_counter() - t)
+    sampled = Projection.draw(b"cost", 0, layout.rows[0], fraction=audit_fraction, always=always_audited(layout, 0))
+    full = Projection(sampled.U, sampled.V)
+    times: dict[str, list[float]] = {"sampled": [], "full": []}
+    for _ in range(3):  # alternated
+        for name, proj in (("sampled", sampled), ("full", full)):
+            t = time.perf_counter()
+            sketch_share(layout, 0, [x], proj)
+            times[name].append(time.perf_counter() - t)
     t = time.perf_counter()
     x.sum()
     read = time.perf_counter() - t
-    out["sketch_s_per_smollm2_gradient"] = round(sorted(times)[1], 4)
+    out["sketch_s_per_smollm2_gradient"] = round(sorted(times["sampled"])[1], 4)
+    out["sketch_s_every_row"] = round(sorted(times["full"])[1], 4)
+    out["sketch_cost_vs_every_row"] = round(sorted(times["sampled"])[1] / sorted(times["full"])[1], 3)
     out["sum_s_same_tensor"] = round(read, 4)
     out["trials"] = trials
+    out["audit_fraction"] = audit_fraction
     return out
 
 
@@ -116,9 +127,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03])
+    ap.add_argument("--audit-fraction", type=float, default=DEFAULT_AUDIT_FRACTION,
+                    help="share of the rows the audit reads (1: every row)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    print(json.dumps(run(args.trials, args.fractions)))
+    print(json.dumps(run(args.trials, args.fractions, args.audit_fraction)))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -211,14 +212,27 @@ def always_audited(layout: ShareLayout, share: int) -> list[tuple[int, int]]:
     return ranges
 
 
+_scratches = threading.local()
+
+
+def _scratch(dtype: torch.dtype) -> torch.Tensor:
+    """This thread's HALF_BLOCK_ROWS x ROW block of ``dtype``, reused: a fresh 512 KiB block per part
+    is fresh pages from the kernel each time (a part's sketch is a few hundred microseconds)."""
+    key = str(dtype)
+    block = getattr(_scratches, key, None)
+    if block is None:
+        block = torch.empty(HALF_BLOCK_ROWS, ROW, dtype=dtype)
+        setattr(_scratches, key, block)
+    return block
+
+
 def _gathered_products(rows: torch.Tensor, picked: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     """``rows[picked].float() @ U``, gathered a block of rows at a time into a scratch that stays in
     cache (float16 rows converted there too): the sampled rows are read once, never copied out to
     memory and read back."""
     products = torch.empty(picked.shape[0], U.shape[1])
-    k = min(HALF_BLOCK_ROWS, picked.shape[0])
-    scratch = torch.empty(k, ROW)
-    half = torch.empty(k, ROW, dtype=torch.float16) if rows.dtype == torch.float16 else None
+    scratch = _scratch(torch.float32)
+    half = _scratch(torch.float16) if rows.dtype == torch.float16 else None
     for r in range(0, picked.shape[0], HALF_BLOCK_ROWS):
         n = min(HALF_BLOCK_ROWS, picked.shape[0] - r)
         if half is None:
@@ -235,7 +249,7 @@ def _products_of_half(rows: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     that stays in cache: memory is read at 2 bytes a value instead of written and re-read at 4
     (1.2x faster alone, bench/RESULTS.md; more when peers share the memory bus)."""
     products = torch.empty(rows.shape[0], U.shape[1])
-    scratch = torch.empty(min(HALF_BLOCK_ROWS, rows.shape[0]), ROW)
+    scratch = _scratch(torch.float32)
     for r in range(0, rows.shape[0], HALF_BLOCK_ROWS):
         block = scratch[: min(HALF_BLOCK_ROWS, rows.shape[0] - r)]
         block.copy_(rows[r: r + block.shape[0]])
