@@ -10,8 +10,9 @@ other check would pass. After a successful reduction, and before anyone applies 
    reducer can fit a wrong average to the projection, and nobody can grind it (the nonces were
    committed before the group formed).
 2. **Sketch.** Each member sends, for every share, the sketch (:mod:`.share_sketch`, a secret
-   random projection drawn from the seed) of the values it sent to that share's reducer, and the
-   sketch of the average it received.
+   random projection drawn from the seed, reading the rows the seed samples at the group's audit
+   fraction: the largest its contributors signed for) of the values it sent to that share's
+   reducer, and the sketch of the average it received.
 3. **Judge** (:func:`judge`, every member on its own): for each share, the sketch of the average
    must equal the ticket-weighted mean of the senders' sketches up to rounding
    (:func:`.share_sketch.share_tolerance`); otherwise the reducer is accused (WRONG_AVERAGE). A

@@ -187,8 +187,8 @@ class Projection:
         return torch.from_numpy(out)
 
     def _sampled_block(self, x: torch.Tensor, v: np.ndarray, row_offset: int, out: np.ndarray) -> torch.Tensor:
-        """:meth:`block` over the sampled rows only: they are gathered (a copy of ``fraction`` of the
-        values) and multiplied as one block, so the unsampled rows are never read."""
+        """:meth:`block` over the sampled rows only, gathered in cache-sized blocks
+        (:func:`_gathered_products`): the unsampled rows are never read."""
         n = x.shape[0]
         full = n // ROW
         lo, hi, end = np.searchsorted(self.sampled, [row_offset, row_offset + full, row_offset + full + 1])
