@@ -98,7 +98,10 @@ def main(config_path: str) -> int:
                      stall_marker=str(work / f"stalled-p{me}"))
     common = dict(dht=dht, identity=identity, coordinator_key=coordinator.public_key_bytes, run_id=RUN_ID,
                   norm_bound=NORM_BOUND, ticket_type=ticket_type(), target_group_size=len(node_keys),
-                  min_group_size=2, min_contributors=2, **timing, **extra)
+                  min_group_size=2, min_contributors=2, **timing, **extra,
+                  # members ask for different audit fractions: every round must still agree on the
+                  # group's (the largest a contributor asks for), or honest sketches would not match
+                  audit_fraction=(0.25, 0.5, 0.125)[me % 3])
     small = [torch.zeros(s) for s in SMALL_SHAPES]
     averagers = {
         "small_none": cls(small, prefix="small", weight_mode="sequences", compression=NoCompression(),

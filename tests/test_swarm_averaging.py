@@ -2,7 +2,9 @@
 
 One module-scoped swarm of three peer processes (tests/swarm_peer.py; peer 2 turns hostile in the
 later rounds, tests/swarm_hostile.py) plays a fixed plan of rounds; each test checks the rounds it
-is about from the files the peers wrote (JSON reports and safetensors, never pickles):
+is about from the files the peers wrote (JSON reports and safetensors, never pickles). The peers
+ask for different share-audit fractions (0.25, 0.5, 0.125), so every audited round also checks that
+the group agrees on one (the largest a contributor signed for):
 
 * rounds 0-7: each peer computes the real GRPO gradient of the tiny model on its own groups; the
   verified average equals the gradient one trainer computes on the union of the groups, for every
