@@ -17,6 +17,8 @@ whatever the behaviour says; the honest peers must cope:
   percent of its norm (the same wrong bytes to everyone; plausible norm and values)
 * ``sketch_lie``      — honest parts and average, but in the share audit it lies about its sketch
   of the parts it sent to another reducer (framing that reducer)
+* ``withhold_sketch`` — reduces honestly, reveals its nonce, then sends no sketch (what a cheating
+  reducer would do on learning that the revealed rows would catch it)
 * ``malformed``       — its last part's message is bytes that do not parse (a tensor field longer
   than the message); ``malformed_first``: its first (no readable group id)
 * ``stall``           — sends its first part, writes ``stall_marker`` and hangs (the test kills it)
@@ -39,7 +41,8 @@ from hivemind.proto import averaging_pb2
 from grpo_swarm.node.swarm.averaging import VerifiedAverager
 from grpo_swarm.node.swarm.reduction import VerifiedAllReduceRunner, encode_values
 from grpo_swarm.node.swarm.wire import WireAveragingData, WireTensor
-from grpo_swarm.node.swarm.tickets import SlotVerdict, TicketClaims, parse_ticket
+from grpo_swarm.node.swarm.share_audit import PHASE_SKETCH
+from grpo_swarm.node.swarm.tickets import Reason, SlotVerdict, TicketClaims, parse_ticket
 
 NORM_LIE_FACTOR = 3.0  # per-value magnitudes stay plausible: only the norm check can catch it
 OVER_BOUND_FACTOR = 1e5
@@ -161,6 +164,12 @@ class HostileAverager(VerifiedAverager):
             j = next(j for j, s in enumerate(mine) if s is not None and j != own)
             mine[j] = mine[j] + 0.2 * np.linalg.norm(mine[j]) / math.sqrt(len(mine[j]))
         return mine, my_outputs, norms
+
+    async def _exchange(self, group_id, phase, body, keys, servers, deadline, found):
+        if phase == PHASE_SKETCH and self.behaviour(self._rules.round_index) == "withhold_sketch":
+            found.fail(self.peer_id.to_bytes(), Reason.AUDIT_FAILED, "withheld its sketch")
+            return {}
+        return await super()._exchange(group_id, phase, body, keys, servers, deadline, found)
 
     def make_runner(self, **kwargs):
         return HostileRunner(behaviour=self.behaviour(self._rules.round_index), stall_marker=self.stall_marker,

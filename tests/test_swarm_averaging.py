@@ -15,6 +15,8 @@ the group agrees on one (the largest a contributor signed for):
   fp16 parts to an uncompressed averager, a gradient 3x its committed norm, a norm above the
   bound, a reducer returning a wrong average (fp32 and fp16): the honest peers end with the
   honest-only weighted mean and report why;
+* a reducer that falls silent in the share audit once the seed is revealed: accused and reported
+  like one caught (AUDIT_WITHHELD), so silence buys no fresh draw of the audited rows;
 * a sender lying about its sketch in the share audit: its reducer names it, the other honest peer
   does not report the reducer;
 * the last round: the hostile peer stalls mid-round and is SIGKILLed; the others fail the round
@@ -115,6 +117,8 @@ CAUGHT_ROUNDS = {
     "wrong_average": (_small("small_none", "wrong_average"), Reason.WRONG_AVERAGE),
     "wrong_average_fp16": (_small("small_fp16", "wrong_average"), Reason.WRONG_AVERAGE),
     "wrong_average_8bit": (_small("small_8bit", "wrong_average"), Reason.WRONG_AVERAGE),
+    # a reducer silent in the audit once the seed is out: accused as if caught, or silence would be a free retry
+    "withhold_sketch": (_small("small_none", "withhold_sketch"), Reason.AUDIT_WITHHELD),
     # a reducer whose averages' bytes lie, caught by every receiver as it decodes them into place
     "nan_average": (_small("small_none", "nan_average"), Reason.NON_FINITE),
     "inf_average_fp16": (_small("small_fp16", "inf_average"), Reason.NON_FINITE),
@@ -573,6 +577,13 @@ def test_invalid_parts_fail_the_attempt_and_the_retry_excludes_the_sender(swarm,
     caught = [a["accused"].get(hostile) for rep in reports for a in rep["attempts"]]
     assert any(c is not None and c.startswith(reason.value + ":") for c in caught), caught
     print(f"\n{scenario}: {max(rep['seconds'] for rep in reports):.2f} s; caught: {caught}")
+
+
+def test_a_member_silent_in_the_audit_is_reported_like_one_caught(swarm):
+    r, hostile = CAUGHT_ROUNDS["withhold_sketch"][0], swarm.peer_ids[H]
+    for p in (A, B):
+        reportable = swarm.report(r, p)["reportable"]
+        assert reportable.get(hostile, "").startswith("AUDIT_WITHHELD:"), reportable
 
 
 def test_sender_lying_about_its_sketch_is_named_by_the_reducer_and_the_reducer_is_not_reported(swarm):

@@ -25,7 +25,10 @@ other check would pass. After a successful reduction, and before anyone applies 
    average differ fail the attempt (AUDIT_FAILED: the reducer or the member could be lying).
 
 Any finding fails the attempt (the averager restores its gradient); accusations go into the next
-attempt's gather as usual. When a reducer that others accuse of WRONG_AVERAGE accuses a sender of
+attempt's gather as usual. A contributor whose reveal or sketch does not arrive in time is accused
+too (AUDIT_WITHHELD), not merely failed: once the seed is revealed a reducer knows whether the
+sampled rows would catch its wrong average, and silence must cost it what being caught does, or
+it would be a free retry. When a reducer that others accuse of WRONG_AVERAGE accuses a sender of
 SKETCH_MISMATCH in turn, third parties cannot tell who lied (only the reducer saw the parts): both
 are left out of the retry and neither is reported to the coordinator for it
 (:meth:`.round_report.RoundResult.reportable`).

@@ -165,7 +165,8 @@ class ShareAuditRPC:
         they and our own store hold (entries relayed for client-mode members), until all are in or
         ``deadline``. A call returns as soon as the callee holds every entry (long poll), and entries
         pushed to us wake us at once, so nobody sleeps on a timer. Members still missing at the
-        deadline are failures."""
+        deadline are accused (AUDIT_WITHHELD), as if caught: a reducer that learns from the revealed
+        seed that its wrong average would be caught could otherwise fall silent and try again."""
         loop = asyncio.get_event_loop()
         entry = encode_entry(self.identity, group_id, phase, body)
         store = self._audit_store(group_id, phase, create=True)
@@ -203,8 +204,8 @@ class ShareAuditRPC:
             now = loop.time()
             if now >= deadline:
                 for peer in set(keys) - set(bodies):
-                    found.fail(peer, Reason.AUDIT_FAILED, f"no audit entry (phase {phase}) within "
-                                                          f"{self.audit_timeout} s")
+                    found.accuse(peer, Reason.AUDIT_WITHHELD, f"no audit entry (phase {phase}) within "
+                                                              f"{self.audit_timeout} s")
                 break
             store.changed.clear()
             changed = asyncio.ensure_future(store.changed.wait())

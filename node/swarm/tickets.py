@@ -105,7 +105,9 @@ class Reason(str, Enum):
     SKETCH_MISMATCH = "SKETCH_MISMATCH"  # its sketch differs from the parts it sent (seen by their reducer)
     SKETCH_IMPLAUSIBLE = "SKETCH_IMPLAUSIBLE"  # a sketch too large for its committed norm
     BAD_AUDIT_ENTRY = "BAD_AUDIT_ENTRY"  # malformed / wrongly signed / wrong nonce in the audit exchange
-    AUDIT_FAILED = "AUDIT_FAILED"  # no audit entry in time, or outputs differing between members (a failure)
+    AUDIT_WITHHELD = "AUDIT_WITHHELD"  # no reveal or sketch in time after the reduction (an accusation:
+    # silent once the seed is known, a reducer caught by a sampled audit would get a free retry)
+    AUDIT_FAILED = "AUDIT_FAILED"  # outputs differing between members, or our own audit broke (a failure)
 
     def __str__(self) -> str:
         return self.value
@@ -115,7 +117,7 @@ class Reason(str, Enum):
 ACCUSATION_REASONS = frozenset({Reason.BAD_COMPRESSION, Reason.BAD_DTYPE, Reason.BAD_SHAPE, Reason.NON_FINITE,
                                 Reason.MAGNITUDE, Reason.NORM_EXCEEDED, Reason.MALFORMED_PART,
                                 Reason.WRONG_AVERAGE, Reason.SKETCH_MISMATCH, Reason.SKETCH_IMPLAUSIBLE,
-                                Reason.BAD_AUDIT_ENTRY})
+                                Reason.BAD_AUDIT_ENTRY, Reason.AUDIT_WITHHELD})
 
 _TICKET_REASON = {
     ReasonCode.BAD_SIGNATURE: Reason.TICKET_BAD_SIGNATURE,
