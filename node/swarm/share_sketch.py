@@ -167,7 +167,8 @@ class Projection:
 
     def block(self, values: torch.Tensor, row_offset: int) -> torch.Tensor:
         """The sketch (float64, dims) of ``values`` (1-D float32, or float16: the exact float32 values
-        of those) laid out from row ``row_offset``."""
+        of those) laid out from row ``row_offset``; with sampled rows only those are read (gathered
+        in cache-sized blocks, :func:`_gathered_products`)."""
         # torch's single-thread sgemm runs this (rows x ROW) @ (ROW x dims) product ~1.4x faster than
         # numpy's OpenBLAS (bench/averaging.py --micro); the row weights are summed in float64
         x = values.detach().reshape(-1).contiguous()
@@ -175,28 +176,20 @@ class Projection:
         n = x.shape[0]
         full = n // ROW
         out = np.zeros(self.dims, dtype=np.float64)
-        if self.sampled is not None:
-            return self._sampled_block(x, v, row_offset, out)
-        if full:
-            rows = x[: full * ROW].view(full, ROW)
-            products = (_products_of_half(rows, self.U) if x.dtype == torch.float16 else rows @ self.U).numpy()
-            out += np.einsum("rd,rd->d", products, v[row_offset: row_offset + full], dtype=np.float64)
-        if n > full * ROW:
-            tail = x[full * ROW:].float()
-            out += (tail @ self.U[: n - full * ROW]).numpy().astype(np.float64) * v[row_offset + full]
-        return torch.from_numpy(out)
-
-    def _sampled_block(self, x: torch.Tensor, v: np.ndarray, row_offset: int, out: np.ndarray) -> torch.Tensor:
-        """:meth:`block` over the sampled rows only, gathered in cache-sized blocks
-        (:func:`_gathered_products`): the unsampled rows are never read."""
-        n = x.shape[0]
-        full = n // ROW
-        lo, hi, end = np.searchsorted(self.sampled, [row_offset, row_offset + full, row_offset + full + 1])
-        if hi > lo:
-            picked = torch.from_numpy(self.sampled[lo:hi] - row_offset)
-            products = _gathered_products(x[: full * ROW].view(full, ROW), picked, self.U).numpy()
-            out += np.einsum("rd,rd->d", products, v[self.sampled[lo:hi]], dtype=np.float64)
-        if n > full * ROW and end > hi:  # the short last row is sampled
+        rows = x[: full * ROW].view(full, ROW)
+        if self.sampled is None:
+            if full:
+                products = (_products_of_half(rows, self.U) if x.dtype == torch.float16 else rows @ self.U).numpy()
+                out += np.einsum("rd,rd->d", products, v[row_offset: row_offset + full], dtype=np.float64)
+            tail_read = True
+        else:
+            lo, hi, end = np.searchsorted(self.sampled, [row_offset, row_offset + full, row_offset + full + 1])
+            if hi > lo:
+                picked = torch.from_numpy(self.sampled[lo:hi] - row_offset)
+                products = _gathered_products(rows, picked, self.U).numpy()
+                out += np.einsum("rd,rd->d", products, v[self.sampled[lo:hi]], dtype=np.float64)
+            tail_read = end > hi  # the short last row is sampled
+        if n > full * ROW and tail_read:
             tail = x[full * ROW:].float()
             out += (tail @ self.U[: n - full * ROW]).numpy().astype(np.float64) * v[row_offset + full]
         return torch.from_numpy(out)
