@@ -17,6 +17,9 @@ whatever the behaviour says; the honest peers must cope:
   percent of its norm (the same wrong bytes to everyone; plausible norm and values)
 * ``sketch_lie``      — honest parts and average, but in the share audit it lies about its sketch
   of the parts it sent to another reducer (framing that reducer)
+* ``sketch_equivocate`` — honest parts and average, but it signs two different sketch entries: the
+  honest one for the reducer it frames, one that makes that reducer's average look wrong for the
+  other members (what it answers them with too)
 * ``withhold_sketch`` — reduces honestly, reveals its nonce, then sends no sketch (what a cheating
   reducer would do on learning that the revealed rows would catch it)
 * ``malformed``       — its last part's message is bytes that do not parse (a tensor field longer
@@ -36,13 +39,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from hivemind.compression import CompressionInfo, Float16Compression, NoCompression
+from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 
 from grpo_swarm.node.swarm.averaging import VerifiedAverager
 from grpo_swarm.node.swarm.reduction import VerifiedAllReduceRunner, encode_values
 from grpo_swarm.node.swarm.wire import WireAveragingData, WireTensor
-from grpo_swarm.node.swarm.share_audit import PHASE_SKETCH
+from grpo_swarm.node.swarm.share_audit import AUDIT_POLL_S, PHASE_SKETCH, encode_entry
 from grpo_swarm.node.swarm.tickets import Reason, SlotVerdict, TicketClaims, parse_ticket
+from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 
 NORM_LIE_FACTOR = 3.0  # per-value magnitudes stay plausible: only the norm check can catch it
 OVER_BOUND_FACTOR = 1e5
@@ -159,6 +164,7 @@ class HostileAverager(VerifiedAverager):
 
     def _sketch_round(self, runner, projections, inputs, outputs):
         mine, my_outputs, norms = super()._sketch_round(runner, projections, inputs, outputs)
+        self._sketched_with = runner
         if self.behaviour(self._rules.round_index) == "sketch_lie":
             own = runner.ordered_peer_ids.index(runner.peer_id)
             j = next(j for j, s in enumerate(mine) if s is not None and j != own)
@@ -169,7 +175,43 @@ class HostileAverager(VerifiedAverager):
         if phase == PHASE_SKETCH and self.behaviour(self._rules.round_index) == "withhold_sketch":
             found.fail(self.peer_id.to_bytes(), Reason.AUDIT_FAILED, "withheld its sketch")
             return {}
+        if phase == PHASE_SKETCH and self.behaviour(self._rules.round_index) == "sketch_equivocate":
+            return await self._equivocate(group_id, body, keys, servers, found)
         return await super()._exchange(group_id, phase, body, keys, servers, deadline, found)
+
+    async def _equivocate(self, group_id, body, keys, servers, found):
+        """Push the honest entry to the framed reducer, the framing one to every other reducer (and
+        answer each caller the same way: :meth:`rpc_share_audit`)."""
+        target = min(servers, key=lambda p: p.to_bytes())
+        j = self._sketched_with.ordered_peer_ids.index(target)
+        inputs, outputs = body
+        v = np.asarray(inputs[j])
+        framed = list(inputs)
+        framed[j] = [float(x) for x in v + 0.2 * np.linalg.norm(v) / math.sqrt(len(v))]
+        honest = encode_entry(self.identity, group_id, PHASE_SKETCH, body)
+        framing = encode_entry(self.identity, group_id, PHASE_SKETCH, [framed, outputs])
+        self._equivocation = (bytes(group_id), target.to_bytes(), honest, framing)
+        store = self._audit_store(group_id, PHASE_SKETCH, create=True)
+        store.expect(keys)
+        store.add(honest)
+        for peer in servers:
+            request = pb.ShareAuditExchange(group_id=group_id, phase=PHASE_SKETCH,
+                                            entries=[honest if peer == target else framing])
+            try:
+                stub = type(self).get_stub(self._p2p, peer, namespace=self.prefix)
+                await asyncio.wait_for(stub.rpc_share_audit(request), self.request_timeout + AUDIT_POLL_S)
+            except Exception:  # noqa: BLE001 - the others read us anyway
+                pass
+        found.fail(self.peer_id.to_bytes(), Reason.AUDIT_FAILED, "equivocated")
+        return store.bodies()
+
+    async def rpc_share_audit(self, request: pb.ShareAuditExchange, context: P2PContext) -> pb.ShareAuditExchange:
+        response = await super().rpc_share_audit(request, context)
+        group_id, target, honest, framing = getattr(self, "_equivocation", (None,) * 4)
+        if bytes(request.group_id) == group_id and context.remote_id.to_bytes() != target:
+            entries = [framing if e == honest else e for e in response.entries]
+            response = pb.ShareAuditExchange(group_id=request.group_id, phase=request.phase, entries=entries)
+        return response
 
     def make_runner(self, **kwargs):
         return HostileRunner(behaviour=self.behaviour(self._rules.round_index), stall_marker=self.stall_marker,

@@ -3,7 +3,8 @@ share_audit.py; the multi-process cases are in tests/test_swarm_averaging.py): t
 hivemind's own partition, sketches are linear and the same on every platform, an honest average
 passes under many projections and a wrong one fails, a lying sender is named by its reducer, the
 signed entries refuse what was not signed for this group and phase, and the coordinator report
-leaves out a reducer whose word stands against a sender's."""
+leaves out a reducer whose word stands against a sender's, and a member that signs two different
+entries is held to both."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from grpo_swarm.node.swarm.share_audit import (
     PHASE_REVEAL,
     PHASE_SKETCH,
     AuditEntryError,
+    AuditStore,
     Sender,
     audit_seed,
     check_reveal,
@@ -211,6 +213,39 @@ def test_entries_are_bound_to_signer_group_and_phase():
         check_sketch_body([[[float("inf")] * SKETCH_DIMS], [None]], 1)
 
 
+def test_the_store_judges_with_first_entries_and_keeps_the_proof_of_equivocation():
+    """An entry store as a member's audit exchange fills it: pushes before the group's keys are known
+    wait unchecked; afterwards only valid entries count, the first of each signer is kept for good,
+    and a second, differently signed one is kept as the proof — but the same signed payload framed
+    differently by a relayer (the framing is not signed) is not taken for equivocation."""
+    import msgpack
+
+    ids, keys = _peers()
+    gid = b"group-1"
+    store = AuditStore(gid, PHASE_SKETCH)
+    honest = encode_entry(ids[1], gid, PHASE_SKETCH, [[None], [None]])
+    store.push(ids[1].peer_id, honest)
+    store.push(ids[1].peer_id, b"again")  # one unchecked push per caller
+    assert store.entries() == [honest] and not store.complete()
+    store.expect(keys)
+    assert store.bodies() == {ids[1].peer_id: [[None], [None]]} and not store.complete()
+    assert store.add(b"garbage") is None
+    assert store.add(encode_entry(ids[0], b"group-2", PHASE_SKETCH, [[None], [None]])) is None
+    store.add(encode_entry(ids[0], gid, PHASE_SKETCH, [[None], [None]]))
+    # a relayer re-frames ids[2]'s entry: a bin32 header instead of bin8 (same payload, same signature)
+    first = encode_entry(ids[2], gid, PHASE_SKETCH, [[None], [None]])
+    payload, signature = msgpack.unpackb(first)
+    reframed = b"\x92" + b"\xc6" + len(payload).to_bytes(4, "big") + payload + msgpack.packb(signature)
+    assert reframed != first and msgpack.unpackb(reframed) == [payload, signature]
+    assert store.add(first) == store.add(reframed) == ids[2].peer_id
+    assert store.complete() and not store.equivocators()
+    lie = encode_entry(ids[1], gid, PHASE_SKETCH, [[[1.0] * SKETCH_DIMS], [None]])
+    assert store.add(lie) == ids[1].peer_id
+    assert store.equivocators() == {ids[1].peer_id}
+    assert store.bodies()[ids[1].peer_id] == [[None], [None]]  # the first stays what we judge with
+    assert lie in store.entries() and honest in store.entries()  # the proof goes out with our answers
+
+
 def _judge_world(lie_share=None, wrong_share=None, liar=1):
     """Three members, each reducing one share; member 0 judges. Returns judge()'s findings."""
     ids, _ = _peers()
@@ -268,6 +303,13 @@ def test_reportable_leaves_out_a_reducer_that_names_a_liar():
     assert r not in RoundResult(False, 3, None, [blamed, named], 1.0).reportable()
     assert RoundResult(False, 3, None, [blamed, named], 1.0).reportable()[s].startswith("ACCUSED")
     assert r in RoundResult(False, 3, None, [blamed, silent], 1.0).reportable()
+    # a sender that held its entry back until the reducer gave up: the reducer names it as silent
+    held_back = AttemptReport(attempt=1, excluded={r: "ACCUSED: (WRONG_AVERAGE) by 1"},
+                              accusations_seen={r: {s: "AUDIT_WITHHELD"}})
+    assert r not in RoundResult(False, 3, None, [blamed, held_back], 1.0).reportable()
+    unrelated = AttemptReport(attempt=1, excluded={r: "ACCUSED: (WRONG_AVERAGE) by 1"},
+                              accusations_seen={r: {s: "NON_FINITE"}})
+    assert r in RoundResult(False, 3, None, [blamed, unrelated], 1.0).reportable()
     # never seen again after the accusation: one word against another is possible, so not reported
     assert r not in RoundResult(False, 3, None, [blamed], 1.0).reportable()
     other = AttemptReport(attempt=0, accused={s: "NON_FINITE: part 0"})

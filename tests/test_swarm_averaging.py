@@ -125,6 +125,7 @@ CAUGHT_ROUNDS = {
     "short_average": (_small("small_none", "short_average"), Reason.MALFORMED_PART),
 }
 SKETCH_LIE_ROUND = _small("small_none", "sketch_lie")
+EQUIVOCATE_ROUND = _small("small_none", "sketch_equivocate")
 KILL_ROUND = _small("small_none", "stall", max_attempts=1)
 HOSTILE_ONE_ATTEMPT = {r for r, _ in EXCLUDED_ROUNDS.values()}
 
@@ -584,6 +585,32 @@ def test_a_member_silent_in_the_audit_is_reported_like_one_caught(swarm):
     for p in (A, B):
         reportable = swarm.report(r, p)["reportable"]
         assert reportable.get(hostile, "").startswith("AUDIT_WITHHELD:"), reportable
+
+
+def test_a_member_signing_two_sketches_frames_nobody(swarm):
+    """The equivocator shows the reducer it frames its honest sketch and everyone else a framing one.
+    Each honest member reads every reducer's whole view before judging, so no honest member ever
+    blames the other: one that reads both entries accuses the signer (BAD_AUDIT_ENTRY), and one that
+    took the framing entry as the first it held is the framed reducer itself, which names the liar
+    (SKETCH_MISMATCH). Who sees both first is a race (a member done before the second entry reaches
+    anyone applies an average it checked), so at least one honest member catches it, and whatever
+    completed is the ticket-weighted mean of its attempt's members' honest gradients."""
+    r, hostile = EQUIVOCATE_ROUND, swarm.peer_ids[H]
+    caught = []
+    for p, other in ((A, B), (B, A)):
+        rep = swarm.report(r, p)
+        for attempt in rep["attempts"]:
+            assert swarm.peer_ids[other] not in attempt["accused"], attempt
+        assert swarm.peer_ids[other] not in rep["reportable"], rep["reportable"]
+        reason = rep["reportable"].get(hostile, "")
+        caught += [reason] if reason.startswith(("BAD_AUDIT_ENTRY:", "SKETCH_MISMATCH:")) else []
+        if rep["ok"]:
+            weights = rep["attempts"][-1]["weights"]
+            members = [q for q in (A, B, H) if swarm.peer_ids[q] in weights]
+            expected = _weighted([small_grads(r, q) for q in members], [weights[swarm.peer_ids[q]] for q in members])
+            assert _max_err(swarm.tensors(r, p, "avg"), expected) <= 1e-6
+    assert caught, "no honest member caught the equivocator"
+    print(f"\nequivocation: caught as {caught}; ok: {[swarm.report(r, p)['ok'] for p in (A, B)]}")
 
 
 def test_sender_lying_about_its_sketch_is_named_by_the_reducer_and_the_reducer_is_not_reported(swarm):

@@ -16,6 +16,10 @@ from grpo_swarm.protocol.identity import base58_decode
 
 from .tickets import Reason
 
+# what a reducer accused of WRONG_AVERAGE may answer with in its next gather (see reportable())
+AUDIT_COUNTER_ACCUSATIONS = tuple(r.value for r in (Reason.SKETCH_MISMATCH, Reason.AUDIT_WITHHELD,
+                                                    Reason.BAD_AUDIT_ENTRY))
+
 
 @dataclass
 class AttemptReport:
@@ -91,10 +95,11 @@ class RoundResult:
 
     def reportable(self) -> dict[str, str]:
         """Who to report to the coordinator, and why: everyone excluded or accused, except a reducer
-        accused of WRONG_AVERAGE unless a later attempt showed its signed gather without a
-        SKETCH_MISMATCH accusation of its own (a sender that lies about its sketch makes an honest
-        reducer look wrong to everyone but that reducer; when the reducer names it, one word stands
-        against another and neither is reported for it: see :mod:`.share_audit`)."""
+        accused of WRONG_AVERAGE unless a later attempt showed its signed gather without an audit
+        accusation of its own (SKETCH_MISMATCH, AUDIT_WITHHELD, BAD_AUDIT_ENTRY). A sender that lies
+        about its sketch, or holds its entry back until the reducer has given up, makes an honest
+        reducer look wrong to others; when the reducer names it, one word stands against another and
+        neither is reported for it: see :mod:`.share_audit`."""
         wrong = Reason.WRONG_AVERAGE.value
         out = {**self.excluded, **self.accused}
         for peer in [p for p, reason in out.items() if wrong in reason]:
@@ -103,7 +108,7 @@ class RoundResult:
             first = next(i + 1 if wrong in a.accused.get(peer, "") else i for i, a in enumerate(self.attempts)
                          if wrong in a.accused.get(peer, "") + a.excluded.get(peer, ""))
             later = [a.accusations_seen[peer] for a in self.attempts[first:] if peer in a.accusations_seen]
-            disputed = any(r.startswith(Reason.SKETCH_MISMATCH.value) for seen in later for r in seen.values())
+            disputed = any(r.startswith(AUDIT_COUNTER_ACCUSATIONS) for seen in later for r in seen.values())
             if disputed or not later:
                 del out[peer]
         return out

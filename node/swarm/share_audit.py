@@ -69,25 +69,77 @@ AUDIT_POLL_S = 1.0  # an audit exchange call waits this long at most for the cal
 
 
 class AuditStore:
-    """The audit entries this member holds for one (group, phase): its own and those pushed to it
-    (by the authenticated caller); who is expected is known once its own audit of the group began."""
+    """The audit entries this member holds for one (group, phase), by signer.
 
-    def __init__(self):
-        self.entries: dict[bytes, bytes] = {}
-        self.expected: frozenset[bytes] | None = None
+    ``first``: each contributor's first valid entry — what this member judges with and what it
+    answers callers with, never replaced. ``second``: a valid entry of the same signer with a
+    different signed payload, kept as the proof that the signer equivocated (it travels in the
+    answers, so every member that reads them sees it too). Pushes arriving before this member's own
+    audit knows the group's keys wait in ``pending``, one per caller, and are answered raw (whoever
+    reads them checks the signatures)."""
+
+    def __init__(self, group_id: bytes, phase: int):
+        self.group_id, self.phase = bytes(group_id), int(phase)
+        self.keys: dict[bytes, bytes] | None = None
+        self.pending: dict[bytes, bytes] = {}
+        self.first: dict[bytes, tuple[bytes, bytes, object]] = {}  # signer -> (raw, payload, body)
+        self.second: dict[bytes, bytes] = {}  # signer -> raw entry with another payload
+        self._filed: dict[bytes, bytes] = {}  # raw entries already checked -> signer (answers repeat them)
         self.changed = asyncio.Event()
 
-    def add(self, peer: bytes, entry: bytes) -> None:
-        if peer not in self.entries:
-            self.entries[peer] = entry
-            self.changed.set()
+    @property
+    def expected(self) -> frozenset[bytes] | None:
+        return None if self.keys is None else frozenset(self.keys)
 
-    def expect(self, peers) -> None:
-        self.expected = frozenset(peers)
+    def push(self, caller: bytes, raw: bytes) -> None:
+        """An entry a caller sent us: before the keys are known only its first is kept (unchecked)."""
+        if self.keys is None:
+            if caller not in self.pending:
+                self.pending[caller] = raw
+                self.changed.set()
+        else:
+            self.add(raw)
+
+    def expect(self, keys: Mapping[bytes, bytes]) -> None:
+        """The group's contributors (peer id -> key): from now on entries are checked as they come."""
+        self.keys = dict(keys)
+        pending, self.pending = self.pending, {}
+        for raw in pending.values():
+            self.add(raw)
         self.changed.set()
 
+    def add(self, raw: bytes) -> bytes | None:
+        """File a signed entry (ours, pushed or relayed); its signer, or None if it is not valid."""
+        assert self.keys is not None, "expect() the group's keys first"
+        raw = bytes(raw)
+        if raw in self._filed:
+            return self._filed[raw]
+        try:
+            signer, payload, body = decode_signed(raw, self.keys, self.group_id, self.phase)
+        except AuditEntryError:
+            return None  # relayed or garbled: the signer's own copy may still arrive
+        self._filed[raw] = signer
+        held = self.first.get(signer)
+        if held is None:
+            self.first[signer] = (raw, payload, body)
+            self.changed.set()
+        elif held[1] != payload and signer not in self.second:
+            self.second[signer] = raw
+            self.changed.set()
+        return signer
+
+    def bodies(self) -> dict[bytes, object]:
+        return {signer: body for signer, (_, _, body) in self.first.items()}
+
+    def equivocators(self) -> frozenset[bytes]:
+        return frozenset(self.second)
+
+    def entries(self) -> list[bytes]:
+        """What we answer with: every first entry, every proof of equivocation, pushes not yet checked."""
+        return [raw for raw, _, _ in self.first.values()] + list(self.second.values()) + list(self.pending.values())
+
     def complete(self) -> bool:
-        return self.expected is not None and self.expected <= set(self.entries)
+        return self.keys is not None and self.keys.keys() <= self.first.keys()
 
     async def wait_complete(self) -> None:
         while not self.complete():
@@ -126,6 +178,14 @@ def encode_entry(identity: Identity, group_id: bytes, phase: int, body) -> bytes
 def decode_entry(raw: bytes, keys: Mapping[bytes, bytes], group_id: bytes, phase: int) -> tuple[bytes, object]:
     """(signer peer id, body) of a signed entry, checked against the signer's key in ``keys`` (peer
     id -> public key: the group's contributors), the group and the phase."""
+    signer, _, body = decode_signed(raw, keys, group_id, phase)
+    return signer, body
+
+
+def decode_signed(raw: bytes, keys: Mapping[bytes, bytes], group_id: bytes, phase: int
+                  ) -> tuple[bytes, bytes, object]:
+    """:func:`decode_entry`, with the signed payload (two payloads signed by one member for the same
+    group and phase prove it equivocated; the outer framing is not signed, so it is not compared)."""
     try:
         top = strict_unpack(raw, MAX_AUDIT_ENTRY_BYTES)
         if not (isinstance(top, list) and len(top) == 2 and all(isinstance(x, bytes) for x in top)
@@ -144,7 +204,7 @@ def decode_entry(raw: bytes, keys: Mapping[bytes, bytes], group_id: bytes, phase
         raise AuditEntryError("not signed by a contributor of the group")
     if not verify_signature(keys[signer], AUDIT_DOMAIN + payload, signature):
         raise AuditEntryError("not signed by the member's key")
-    return signer, body[4]
+    return signer, bytes(payload), body[4]
 
 
 def reveal_body(nonce: bytes) -> bytes:

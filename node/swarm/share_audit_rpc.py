@@ -43,7 +43,6 @@ from .share_audit import (
     audit_seed,
     check_reveal,
     check_sketch_body,
-    decode_entry,
     encode_entry,
     judge,
     nonce_for,
@@ -161,64 +160,81 @@ class ShareAuditRPC:
 
     async def _exchange(self, group_id: bytes, phase: int, body, keys: dict[bytes, bytes], servers: Sequence[PeerID],
                         deadline: float, found: Findings) -> dict[bytes, object]:
-        """Every contributor's body for ``phase``: push ours to every reducing member and collect what
-        they and our own store hold (entries relayed for client-mode members), until all are in or
-        ``deadline``. A call returns as soon as the callee holds every entry (long poll), and entries
-        pushed to us wake us at once, so nobody sleeps on a timer. Members still missing at the
-        deadline are accused (AUDIT_WITHHELD), as if caught: a reducer that learns from the revealed
-        seed that its wrong average would be caught could otherwise fall silent and try again."""
+        """Every contributor's body for ``phase`` as this member holds it (the first valid entry of
+        each). We push ours to every reducing member and read what each holds, until we hold every
+        entry and every reducing member has answered with every entry. A call returns as soon as the
+        callee holds every entry (long poll); a call made again carries the entries the callee lacked
+        in its last answer (a client-mode member's entries reach the others only that way), and
+        entries pushed to us wake us at once, so nobody sleeps on a timer.
+
+        Reading every reducer's whole view is what makes equivocation visible: a member that signs
+        two different entries (a framing sketch for some members, the honest one for the reducer it
+        frames) is seen doing so by whoever reads both, and accused (BAD_AUDIT_ENTRY); no member
+        judges a reducer on entries that reducer did not hold too. A contributor whose entry is still
+        missing at ``deadline`` is accused (AUDIT_WITHHELD), as if caught: a reducer that learns from
+        the revealed seed that its wrong average would be caught could otherwise fall silent and try
+        again. Once we hold every entry, reducers get ``request_timeout + AUDIT_POLL_S`` more (even
+        past the deadline: an entry held back to the last moment must not frame them) to answer with
+        every entry, and one that does not is accused the same way."""
         loop = asyncio.get_event_loop()
         entry = encode_entry(self.identity, group_id, phase, body)
         store = self._audit_store(group_id, phase, create=True)
         store.expect(keys)
-        store.add(self.peer_id.to_bytes(), entry)
-        bodies: dict[bytes, object] = {}
-
-        def absorb(raw_entries):
-            for raw in raw_entries:
-                try:
-                    signer, content = decode_entry(bytes(raw), keys, group_id, phase)
-                except AuditEntryError:
-                    continue  # relayed or garbled: the signer's own copy may still arrive
-                bodies.setdefault(signer, content)
-
-        request = pb.ShareAuditExchange(group_id=group_id, phase=phase, entries=[entry])
+        store.add(entry)
+        me = self.peer_id.to_bytes()
+        answered: set[PeerID] = set()  # reducers whose answer held every contributor's entry
+        held_by: dict[PeerID, set[bytes]] = {}  # the signers each reducer's last answer held
 
         async def call(peer: PeerID, delay: float):
             await asyncio.sleep(delay)
+            relayed = [raw for signer, (raw, _, _) in list(store.first.items())
+                       if signer != me and signer not in held_by.get(peer, keys.keys())]
+            request = pb.ShareAuditExchange(group_id=group_id, phase=phase, entries=[entry, *relayed])
             try:
                 stub = type(self).get_stub(self._p2p, peer, namespace=self.prefix)
                 response = await asyncio.wait_for(stub.rpc_share_audit(request), self.request_timeout + AUDIT_POLL_S)
-                absorb(response.entries[: 2 * len(keys)])
+                signers = {store.add(bytes(raw)) for raw in response.entries[: 2 * len(keys)]}
+                held_by[peer] = signers
+                if keys.keys() <= signers:
+                    answered.add(peer)
             except Exception as e:  # noqa: BLE001 - unreachable now: called again until the deadline
                 logger.debug(f"share audit exchange with {peer} failed: {e!r}")
             return peer
 
         # every server is called at least once (the call carries our entry to it); a call that
-        # returns while entries are missing is made again; we stop as soon as every entry is in
+        # returns without every entry is made again; we stop once every entry and every answer is in
         calls = {asyncio.ensure_future(call(p, 0.0)) for p in servers}
+        complete_at = None
         while True:
-            absorb(list(store.entries.values()))
-            if set(keys) <= set(bodies):
-                break
             now = loop.time()
-            if now >= deadline:
-                for peer in set(keys) - set(bodies):
+            if store.complete():
+                complete_at = now if complete_at is None else complete_at
+                if answered >= set(servers):
+                    break
+            limit = deadline if complete_at is None else max(deadline, complete_at + self.request_timeout + AUDIT_POLL_S)
+            if now >= limit:
+                for peer in set(keys) - set(store.first):
                     found.accuse(peer, Reason.AUDIT_WITHHELD, f"no audit entry (phase {phase}) within "
                                                               f"{self.audit_timeout} s")
+                for peer in set(servers) - answered if complete_at is not None else ():
+                    found.accuse(peer.to_bytes(), Reason.AUDIT_WITHHELD, f"did not answer the audit exchange "
+                                                                         f"(phase {phase}) with every entry")
                 break
             store.changed.clear()
             changed = asyncio.ensure_future(store.changed.wait())
-            done, calls = await asyncio.wait(calls | {changed}, timeout=min(AUDIT_POLL_S, deadline - now),
+            done, calls = await asyncio.wait(calls | {changed}, timeout=min(AUDIT_POLL_S, limit - now),
                                              return_when=asyncio.FIRST_COMPLETED)
             calls.discard(changed)
             changed.cancel()
             for task in done - {changed}:
-                calls.add(asyncio.ensure_future(call(task.result(), 0.05)))
+                if task.result() not in answered:
+                    calls.add(asyncio.ensure_future(call(task.result(), 0.05)))
+        for signer in store.equivocators():
+            found.accuse(signer, Reason.BAD_AUDIT_ENTRY, f"signed two different audit entries (phase {phase})")
         for task in calls:  # (left to finish on their own: cancelling could drop an entry in flight)
             self._background_calls.add(task)
             task.add_done_callback(self._background_calls.discard)
-        return bodies
+        return store.bodies()
 
     def _group_senders(self, group_id: bytes) -> frozenset[bytes] | None:
         """The contributors of a group we are reducing with (None before its runner exists)."""
@@ -231,7 +247,7 @@ class ShareAuditRPC:
         key = (bytes(group_id), int(phase))
         store = self._audit_stores.get(key)
         if store is None and create:
-            store = self._audit_stores[key] = AuditStore()
+            store = self._audit_stores[key] = AuditStore(group_id, phase)
             while len(self._audit_stores) > 32:
                 self._audit_stores.pop(next(iter(self._audit_stores)))
         return store
@@ -240,7 +256,9 @@ class ShareAuditRPC:
         """A groupmate's audit entry in; every entry we hold for that (group, phase) out, once we hold
         them all or after ``AUDIT_POLL_S``. Entries are kept only for groups we are in, one per
         caller (the authenticated libp2p peer), and only from the group's contributors: anyone else
-        (a sybil told the group id) could otherwise crowd the answers."""
+        (a sybil told the group id) could otherwise crowd the answers. Before our own audit of the
+        group knows its keys, only the caller's first entry is kept, unchecked; afterwards every valid
+        entry a caller relays is filed by its signer (:class:`.share_audit.AuditStore`)."""
         group_id = bytes(request.group_id)
         known = group_id in self._running_groups or (group_id, request.phase) in self._audit_stores
         store = (self._audit_store(group_id, request.phase, create=known)
@@ -249,11 +267,14 @@ class ShareAuditRPC:
             return pb.ShareAuditExchange(group_id=request.group_id, phase=request.phase)
         members = store.expected if store.expected is not None else self._group_senders(group_id)
         caller = context.remote_id.to_bytes()
-        if request.entries and len(request.entries[0]) <= MAX_AUDIT_ENTRY_BYTES and members and caller in members:
-            store.add(caller, bytes(request.entries[0]))
+        if request.entries and members and caller in members:
+            # the caller's own entry first, then (once we know the group's keys) entries it relays
+            for raw in request.entries[: 2 * len(members)]:
+                if len(raw) <= MAX_AUDIT_ENTRY_BYTES:
+                    store.push(caller, bytes(raw))
         try:
             await asyncio.wait_for(store.wait_complete(), AUDIT_POLL_S)
         except asyncio.TimeoutError:
             pass
         return pb.ShareAuditExchange(group_id=request.group_id, phase=request.phase,
-                                     entries=list(store.entries.values()))
+                                     entries=store.entries())
