@@ -108,6 +108,10 @@ def main(config_path: str) -> int:
                           part_size_bytes=4096, **common),
         "small_fp16": cls(small, prefix="smallfp16", weight_mode="sequences", compression=Float16Compression(),
                           part_size_bytes=2048, **common),
+        # peer 1 in client mode: it reduces nothing, serves no calls, and its audit entries reach
+        # the others only through the reducers (relayed) and their answers
+        "small_client": cls(small, prefix="smallclient", weight_mode="sequences", compression=NoCompression(),
+                            part_size_bytes=4096, client_mode=me == 1, **common),
         "small_8bit": cls(small, prefix="small8bit", weight_mode="sequences", compression=Uniform8BitQuantization(),
                           part_size_bytes=2048, **common),
         "model_seq": cls(trainer.trainable, prefix="modelseq", weight_mode="sequences", part_size_bytes=1 << 16,

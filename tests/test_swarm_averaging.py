@@ -95,6 +95,7 @@ def _small(averager: str, behaviour: str | None = None, **extra) -> int:
 
 
 HONEST_ROUNDS = {"none": _small("small_none"), "fp16": _small("small_fp16"), "8bit": _small("small_8bit")}
+CLIENT_MODE_ROUND = _small("small_client")  # peer B in client mode
 # excluded before the reduction: the hostile peer gets one attempt (the others need only one)
 EXCLUDED_ROUNDS = {
     "forged_ticket": (_small("small_none", "forged_ticket"), Reason.TICKET_BAD_SIGNATURE),
@@ -517,6 +518,24 @@ def test_honest_round_gives_every_peer_the_same_bytes(swarm, compression):
     print(f"\n{compression}: max |avg - weighted mean| = {err:.2e}, relative norm {rel:.2e}")
     assert err <= {"none": 1e-6, "fp16": 2e-3, "8bit": 0.2}[compression]
     assert rel <= {"none": 1e-6, "fp16": 1e-3, "8bit": 0.03}[compression]
+
+
+def test_a_client_mode_member_averages_and_audits_through_the_reducers(swarm):
+    """B runs in client mode (behind NAT: nobody can call it). It sends its whole gradient to the two
+    reducers, gets every average back, and takes part in the share audit only through them: its
+    entries reach the other members relayed in the reducers' answers. Every member ends with the
+    same checked bytes."""
+    r = CLIENT_MODE_ROUND
+    reports = [swarm.report(r, p) for p in (A, B, H)]
+    assert all(rep["ok"] for rep in reports), json.dumps(reports, indent=1)[:6000]
+    _same_bytes(swarm, r, (A, B, H))
+    expected = _weighted([small_grads(r, p) for p in (A, B, H)], SMALL_WEIGHTS)
+    assert _max_err(swarm.tensors(r, A, "avg"), expected) <= 1e-6
+    values = sum(math.prod(s) for s in SMALL_SHAPES)
+    client = reports[B]["attempts"][-1]
+    assert 0.9 * 4 * values < client["bytes_sent"] < 1.1 * 4 * values  # all of it, to the reducers
+    for rep in reports:  # everyone judged both reducers' shares
+        assert "judge" in rep["attempts"][-1]["audit_seconds"], rep["attempts"][-1]
 
 
 def _honest_mean(r: int) -> list[torch.Tensor]:
