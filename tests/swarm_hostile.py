@@ -22,6 +22,8 @@ whatever the behaviour says; the honest peers must cope:
   other members (what it answers them with too)
 * ``withhold_sketch`` — reduces honestly, reveals its nonce, then sends no sketch (what a cheating
   reducer would do on learning that the revealed rows would catch it)
+* ``reordered_view``  — in its first attempt of the round it holds the group in another slot order
+  (as a member would that a hostile leader sent a different group); honest otherwise
 * ``malformed``       — its last part's message is bytes that do not parse (a tensor field longer
   than the message); ``malformed_first``: its first (no readable group id)
 * ``stall``           — sends its first part, writes ``stall_marker`` and hangs (the test kills it)
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hivemind.compression import CompressionInfo, Float16Compression, NoCompression
+from hivemind.averaging.group_info import GroupInfo
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 
@@ -212,6 +215,14 @@ class HostileAverager(VerifiedAverager):
             entries = [framing if e == honest else e for e in response.entries]
             response = pb.ShareAuditExchange(group_id=request.group_id, phase=request.phase, entries=entries)
         return response
+
+    async def _aggregate_with_group(self, group_info, min_vector_size, **kwargs):
+        if self.behaviour(self._rules.round_index) == "reordered_view" and \
+                self._rules.round_index not in getattr(self, "_reordered", set()):
+            self._reordered = getattr(self, "_reordered", set()) | {self._rules.round_index}
+            rotated = lambda xs: tuple(xs[1:]) + tuple(xs[:1])  # noqa: E731
+            group_info = GroupInfo(group_info.group_id, rotated(group_info.peer_ids), rotated(group_info.gathered))
+        return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
 
     def make_runner(self, **kwargs):
         return HostileRunner(behaviour=self.behaviour(self._rules.round_index), stall_marker=self.stall_marker,

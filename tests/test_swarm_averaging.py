@@ -127,6 +127,7 @@ CAUGHT_ROUNDS = {
 }
 SKETCH_LIE_ROUND = _small("small_none", "sketch_lie")
 EQUIVOCATE_ROUND = _small("small_none", "sketch_equivocate")
+REORDERED_VIEW_ROUND = _small("small_none", "reordered_view")
 KILL_ROUND = _small("small_none", "stall", max_attempts=1)
 HOSTILE_ONE_ATTEMPT = {r for r, _ in EXCLUDED_ROUNDS.values()}
 
@@ -630,6 +631,26 @@ def test_a_member_signing_two_sketches_frames_nobody(swarm):
             assert _max_err(swarm.tensors(r, p, "avg"), expected) <= 1e-6
     assert caught, "no honest member caught the equivocator"
     print(f"\nequivocation: caught as {caught}; ok: {[swarm.report(r, p)['ok'] for p in (A, B)]}")
+
+
+def test_members_shown_different_groups_blame_nobody_and_retry(swarm):
+    """H holds the group in another slot order in its first attempt, as a member would that a hostile
+    leader showed a different group under the same id. Reducers refuse streams from a groupmate whose
+    view of the group differs (GROUP_VIEW_MISMATCH, a failure): nobody is accused — else parts cut by
+    one plan, checked by another, would get honest members accused — and the retry, with one view,
+    gives all three the same bytes."""
+    r, hostile = REORDERED_VIEW_ROUND, swarm.peer_ids[H]
+    reports = [swarm.report(r, p) for p in (A, B, H)]
+    assert all(rep["ok"] for rep in reports), json.dumps(reports, indent=1)[:6000]
+    _same_bytes(swarm, r, (A, B, H))
+    assert _max_err(swarm.tensors(r, A, "avg"), _weighted([small_grads(r, p) for p in (A, B, H)], SMALL_WEIGHTS)) <= 1e-6
+    for rep in reports:
+        assert all(not a["accused"] for a in rep["attempts"]), rep["attempts"]
+        assert not rep["reportable"], rep["reportable"]
+    mismatches = [reason for rep in reports[:2] for a in rep["attempts"] for reason in a["failed"].values()
+                  if reason.startswith("GROUP_VIEW_MISMATCH:")]
+    assert mismatches, [a["failed"] for rep in reports for a in rep["attempts"]]
+    assert any(hostile in a["failed"] for rep in reports[:2] for a in rep["attempts"])
 
 
 def test_sender_lying_about_its_sketch_is_named_by_the_reducer_and_the_reducer_is_not_reported(swarm):

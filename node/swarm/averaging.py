@@ -93,6 +93,7 @@ from .share_audit import AuditStore, Findings, commitment, nonce_for
 from .share_audit_rpc import ShareAuditRPC
 from .share_sketch import DEFAULT_AUDIT_FRACTION, check_audit_fraction
 from .tickets import (
+    GROUP_VIEW_BYTES,
     WEIGHT_MODES,
     GatherClaim,
     Reason,
@@ -101,6 +102,7 @@ from .tickets import (
     accusation_list,
     check_own_ticket,
     encode_gather,
+    group_view,
     group_verdicts,
     is_valid_public_key,
 )
@@ -545,7 +547,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             runner = self.make_runner(
                 plan=plan, compression=kwargs["compression"], tolerance=self.tolerance, p2p=self._p2p,
                 servicer_type=type(self), prefix=self.prefix, tensors=local_tensors, outputs=self._output_buffers,
-                group_id=group_info.group_id,
+                group_id=group_info.group_id + group_view(group_info.group_id, [p.to_bytes() for p in group_info.peer_ids],
+                                                          group_info.gathered),
                 weight=mine.weight, sender_timeout=kwargs["sender_timeout"], reducer_timeout=kwargs["reducer_timeout"],
                 part_size_bytes=kwargs["part_size_bytes"], tensor_infos=kwargs.get("tensor_infos"))
             audit = None if self.audit_reducers else Findings()
@@ -607,7 +610,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         the handler task, and with it the group's future — the round then fails for everyone (one
         cheap way for any member to sabotage a round; seen in the swarm tests as InvalidStateError)."""
         request = await anext(stream)
-        group_id = request.group_id
+        # a sender's first message names the group as hivemind's id followed by its view's digest
+        group_id = request.group_id[:-GROUP_VIEW_BYTES] if len(request.group_id) > GROUP_VIEW_BYTES else b""
         if request.malformed is not None:
             # no group id to read: the group whose runner expects this (authenticated) sender gets it
             # and accuses it, as it would a malformed later part

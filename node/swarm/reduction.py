@@ -1,7 +1,7 @@
 """hivemind's butterfly all-reduce, made strict: trusted weights, validated parts, same bytes everywhere.
 
 :class:`VerifiedAllReduceRunner` (an ``AllReduceRunner``) and :class:`ValidatingReducer` (a
-``TensorPartReducer``) change hivemind 1.1.12's reduction in six ways:
+``TensorPartReducer``) change hivemind 1.1.12's reduction in seven ways:
 
 * **Weights from tickets.** The reducer ignores the ``weight`` each sender puts on its messages
   and uses the table built from the verified tickets; a claim that differs is recorded.
@@ -30,6 +30,11 @@
   still in flight at that close (seen here: a stream ending cleanly after 8 of 10 averages; in stock
   hivemind that is a silent partial average). Here the sender keeps its input open until it has
   every average, and the reducer returns only after that end of input.
+* **One view of the group.** Each sender's first message names the group by hivemind's id
+  followed by the digest of its view of the group (:func:`.tickets.group_view`: members, slot
+  order, gather entries); a reducer whose view differs refuses the stream and records a failure
+  (GROUP_VIEW_MISMATCH). A hostile leader can show members different groups under one id; without
+  this, parts cut by one plan would be checked by another and honest members accused.
 * **Fewer copies.** Messages are encoded and decoded by :mod:`.wire` (protobuf's bytes without its
   copies; a message that does not parse is the sender's MALFORMED_PART), and each averaged part is
   decoded straight into its place in the caller's output buffers, its norm taken chunk by chunk
@@ -64,7 +69,7 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import achain, amap_in_executor, anext, as_aiter
 
 from .share_sketch import ShareLayout
-from .tickets import Reason, SlotVerdict
+from .tickets import GROUP_VIEW_BYTES, Reason, SlotVerdict
 from .wire import WireAveragingData, WireTensor
 
 # relative slack on norm checks: the sender's float32 norm vs the reducer's float64 sum of parts
@@ -515,6 +520,9 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                                                            "(as a sender)")
                 yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
                 return
+            if request.group_id != self.group_id and request.group_id[:-GROUP_VIEW_BYTES] == self.group_id[:-GROUP_VIEW_BYTES]:
+                self.fail(remote, Reason.GROUP_VIEW_MISMATCH, "its view of the group (members, order, gather entries) "
+                                                               "differs from ours: the leader sent us different groups")
             reason_to_reject = self._check_reasons_to_reject(request, context)
             if reason_to_reject is not None:
                 yield reason_to_reject

@@ -89,7 +89,7 @@ class ShareAuditRPC:
                         found.accuse(s.peer_id, Reason.BAD_AUDIT_ENTRY, str(e))
             if not found.clean:
                 return found
-            seed = audit_seed(group_id, nonces)
+            seed = audit_seed(runner.group_id, nonces)  # hivemind's id and the digest of the group's view
             layout, fraction = runner.layout, plan.audit_fraction
             projections = [Projection.draw(seed, j, layout.rows[j], fraction=fraction, always=always_audited(layout, j))
                            if layout.numel(j) else None for j in range(layout.num_shares)]

@@ -34,6 +34,7 @@ as the schema has them.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,8 @@ class Reason(str, Enum):
     MALFORMED_PART = "MALFORMED_PART"
     NOT_A_SENDER = "NOT_A_SENDER"  # an excluded or unknown peer sent parts (refused, not counted)
     # -- during the reduction: failures (not accusations: could be a crash or an abort)
+    GROUP_VIEW_MISMATCH = "GROUP_VIEW_MISMATCH"  # a groupmate holds another view of the group (its members,
+    # their order, their gather entries): the leader showed us different groups (no member is to blame)
     SENDER_FAILED = "SENDER_FAILED"  # stopped, timed out or disconnected while sending
     REDUCER_FAILED = "REDUCER_FAILED"  # did not return its share (error code, timeout, disconnect)
     # -- after the reduction: the share audit (see .share_audit)
@@ -376,6 +379,24 @@ def group_verdicts(peer_ids: Sequence[bytes], gathered: Sequence[bytes], rules: 
             v.reject(Reason.ACCUSED, f"caught sending invalid data earlier in this round ({reasons}) by "
                                      f"{len(v.accused_by)} member(s)")
     return verdicts
+
+
+GROUP_VIEW_DOMAIN = b"grpo-swarm/v1/group-view\n"
+GROUP_VIEW_BYTES = 32
+
+
+def group_view(group_id: bytes, peer_ids: Sequence[bytes], gathered: Sequence[bytes]) -> bytes:
+    """A digest of everything a member's plan for the group rests on: hivemind's group id, the
+    members in slot order and their gather entries. The leader alone sends each member its group
+    (hivemind's BEGIN_ALLREDUCE), so a hostile leader could show members different groups under
+    one group id; reductions carry this digest and refuse a groupmate whose view differs
+    (:data:`Reason.GROUP_VIEW_MISMATCH`, a failure), so members never judge each other's parts
+    by different plans."""
+    h = hashlib.sha256(GROUP_VIEW_DOMAIN + len(group_id).to_bytes(2, "big") + bytes(group_id))
+    h.update(len(peer_ids).to_bytes(4, "big"))
+    for peer, entry in zip(peer_ids, gathered, strict=True):
+        h.update(len(peer).to_bytes(4, "big") + bytes(peer) + len(entry).to_bytes(4, "big") + bytes(entry))
+    return h.digest()
 
 
 def accusation_list(accused: Iterable[tuple[bytes, str]]) -> tuple[tuple[bytes, str], ...]:
