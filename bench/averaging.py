@@ -188,14 +188,8 @@ def compression_of(name: str):
 def averager_classes():
     """The bench-only subclasses (imported in the peer processes only)."""
     from grpo_swarm.node.swarm.averaging import VerifiedAverager
-    from grpo_swarm.node.swarm.reduction import (
-        PartRejected,
-        Reason,
-        ValidatingReducer,
-        VerifiedAllReduceRunner,
-        decode_values,
-        float16_view,
-    )
+    from grpo_swarm.node.swarm.part_codec import decode_values, float16_view
+    from grpo_swarm.node.swarm.reduction import PartRejected, Reason, ValidatingReducer, VerifiedAllReduceRunner
     from hivemind.averaging import DecentralizedAverager
     from hivemind.compression import Float16Compression
 

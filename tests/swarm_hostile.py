@@ -46,7 +46,8 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 
 from grpo_swarm.node.swarm.averaging import VerifiedAverager
-from grpo_swarm.node.swarm.reduction import VerifiedAllReduceRunner, encode_values
+from grpo_swarm.node.swarm.part_codec import encode_values
+from grpo_swarm.node.swarm.reduction import VerifiedAllReduceRunner
 from grpo_swarm.node.swarm.wire import WireAveragingData, WireTensor
 from grpo_swarm.node.swarm.share_audit import AUDIT_POLL_S, PHASE_SKETCH, encode_entry
 from grpo_swarm.node.swarm.tickets import Reason, SlotVerdict, TicketClaims, parse_ticket

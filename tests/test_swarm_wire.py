@@ -13,13 +13,8 @@ from hivemind.compression import CompressionInfo, Float16Compression, NoCompress
 from hivemind.compression.serialization import deserialize_torch_tensor
 from hivemind.proto import averaging_pb2, runtime_pb2
 
-from grpo_swarm.node.swarm.reduction import (
-    DECODE_CHUNK,
-    decode_into,
-    decode_values,
-    encode_values,
-    in_thread_to_the_end,
-)
+from grpo_swarm.node.swarm.part_codec import DECODE_CHUNK, decode_into, decode_values, encode_values
+from grpo_swarm.node.swarm.reduction import in_thread_to_the_end
 from grpo_swarm.node.swarm.wire import WireAveragingData, WireTensor
 
 

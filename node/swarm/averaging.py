@@ -25,7 +25,7 @@ How a round goes (hivemind 1.1.12's DecentralizedAverager underneath, not a home
    Matchmaking uses a group key per round, so peers of different rounds never group.
 2. In the averager process, :meth:`VerifiedAverager._aggregate_with_group` runs *before any part is
    reduced*: every member checks every slot (:func:`.tickets.group_verdicts`) and plans the group
-   from the verdicts alone (:class:`.reduction.GroupPlan`): contributors reduce equal shares,
+   from the verdicts alone (:class:`.group_plan.GroupPlan`): contributors reduce equal shares,
    excluded members are auxiliary with share 0 and their parts are refused. Every honest member
    reaches the same verdicts, so nobody waits for an excluded peer.
 3. :class:`.reduction.VerifiedAllReduceRunner` reduces with ticket weights, validates every part,
@@ -87,7 +87,9 @@ from grpo_swarm.protocol.identity import Identity, base58_encode
 
 from .direct_reads import install_direct_reads
 from .matchmaking import PatientMatchmaking
-from .reduction import NORM_TOLERANCE, GroupPlan, VerifiedAllReduceRunner, check_compression
+from .group_plan import GroupPlan
+from .part_codec import NORM_TOLERANCE, check_compression
+from .reduction import VerifiedAllReduceRunner
 from .round_report import AttemptReport, RoundResult
 from .share_audit import AuditStore, Findings, commitment, nonce_for
 from .share_audit_rpc import ShareAuditRPC

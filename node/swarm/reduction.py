@@ -38,7 +38,7 @@
 * **Fewer copies.** Messages are encoded and decoded by :mod:`.wire` (protobuf's bytes without its
   copies; a message that does not parse is the sender's MALFORMED_PART), and each averaged part is
   decoded straight into its place in the caller's output buffers, its norm taken chunk by chunk
-  while in cache (:func:`decode_into`, :class:`PartwiseOutputs`), never over the local gradient.
+  while in cache (:func:`.part_codec.decode_into`, :class:`PartwiseOutputs`), never over the local gradient.
   The reducer forms each average without a zeroed accumulator or a final division: the first
   sender's part times ``weight / total`` starts it (:meth:`ValidatingReducer.reset_accumulators`).
 """
@@ -47,87 +47,31 @@ from __future__ import annotations
 
 import asyncio
 import math
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import AsyncIterator  # typing's, as hivemind's handlers are annotated
 
-import numpy as np
 import torch
-from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartContainer, TensorPartReducer
-from hivemind.compression import (
-    CompressionBase,
-    CompressionInfo,
-    Float16Compression,
-    NoCompression,
-    Uniform8BitQuantization,
-    deserialize_torch_tensor,
-)
+from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import achain, amap_in_executor, anext, as_aiter
 
+from .group_plan import GroupPlan
+from .part_codec import (
+    CODEBOOK,
+    check_compression,
+    decode_into,
+    decode_values,
+    encode_values,
+    float16_view,
+    output_compression,
+    wire_bytes,
+)
 from .share_sketch import ShareLayout
-from .tickets import GROUP_VIEW_BYTES, Reason, SlotVerdict
+from .tickets import GROUP_VIEW_BYTES, Reason
 from .wire import WireAveragingData, WireTensor
-
-# relative slack on norm checks: the sender's float32 norm vs the reducer's float64 sum of parts
-# (no compression), plus fp16 rounding of every element (2^-11 relative) where averages travel in
-# fp16. 8-bit parts never exceed the norm of what they encode (each code is its bucket's mean).
-NORM_TOLERANCE = {NoCompression: 1e-4, Float16Compression: 2e-3, Uniform8BitQuantization: 2e-3}
-SUPPORTED_COMPRESSION = tuple(NORM_TOLERANCE)
-_CODEBOOK = 256  # Uniform8BitQuantization: int64 codebook size, 256 float32 codes, one uint8 per value
-DECODE_CHUNK = 1 << 17  # values decoded into place, then measured, at a time: 512 KiB of float32, in L2
-
-
-def wire_bytes(compression: CompressionBase, numel: int) -> int:
-    """The exact byte length of ``numel`` values in ``compression``'s serialisation."""
-    if isinstance(compression, Uniform8BitQuantization):
-        return 8 + 4 * _CODEBOOK + numel
-    return numel * (2 if isinstance(compression, Float16Compression) else 4)
-
-
-def output_compression(compression: CompressionBase) -> CompressionBase:
-    """What reducers send averages in: the parts' compression, except that averages of 8-bit parts
-    travel in fp16 — its rounding is a bounded fraction of each value, which the share audit's
-    tolerance needs (an 8-bit code's error depends on the values only the reducer saw)."""
-    return Float16Compression() if isinstance(compression, Uniform8BitQuantization) else compression
-
-
-# decoded parts are read-only views of the received bytes (never written: reducers add them into
-# their own accumulator); torch warns once that it cannot mark such tensors read-only
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-
-def float16_view(tp: WireTensor | runtime_pb2.Tensor) -> torch.Tensor:
-    """A checked fp16 part's values as a float16 view of its bytes (no copy)."""
-    return torch.from_numpy(np.frombuffer(tp.buffer, dtype=np.float16))
-
-
-def decode_values(tp: WireTensor | runtime_pb2.Tensor, compression: CompressionBase) -> torch.Tensor:
-    """The float32 values of a checked serialised part (1-D): hivemind's format, decoded without its
-    intermediate copies (fp32: a view of the bytes; fp16: one conversion)."""
-    if isinstance(compression, NoCompression):
-        return torch.from_numpy(np.frombuffer(tp.buffer, dtype=np.float32))
-    if isinstance(compression, Float16Compression):
-        return float16_view(tp).float()
-    return deserialize_torch_tensor(tp.to_protobuf() if isinstance(tp, WireTensor) else tp).reshape(-1)
-
-
-def decode_into(tp: WireTensor | runtime_pb2.Tensor, compression: CompressionBase, dst: torch.Tensor) -> float:
-    """Decode a checked serialised part straight into ``dst`` (1-D float32, as many values) a chunk at
-    a time, and return the sum of squares of the decoded values, each chunk's taken while it is in
-    cache (float32 per chunk, summed in float64). fp16 parts convert from their bytes: no float32
-    copy is allocated, then read again for the norm and again to be copied into place."""
-    src = float16_view(tp) if isinstance(compression, Float16Compression) else decode_values(tp, compression)
-    squares = 0.0
-    for start in range(0, dst.numel(), DECODE_CHUNK):
-        chunk = dst[start: start + DECODE_CHUNK]
-        chunk.copy_(src[start: start + DECODE_CHUNK])
-        squares += float(torch.dot(chunk, chunk))
-    return squares
-
 
 async def in_thread_to_the_end(fn, *args):
     """``fn(*args)`` in the default executor. If the caller is cancelled meanwhile, it still waits for
@@ -145,28 +89,6 @@ async def in_thread_to_the_end(fn, *args):
         raise
 
 
-def encode_values(values: torch.Tensor, compression: CompressionBase) -> WireTensor:
-    """hivemind's serialisation of a float32 part (the same bytes as ``compression.compress``), its
-    buffer a view of the values (fp32) or of one converted copy (fp16): never written afterwards."""
-    values = values.detach().reshape(-1).contiguous()
-    if isinstance(compression, NoCompression):
-        return WireTensor(memoryview(values.numpy()).cast("B"), tuple(values.shape), "float32",
-                          compression.compression_type)
-    if isinstance(compression, Float16Compression):
-        # converting first, then clamping the fp16 values, gives hivemind's clamp-then-convert bytes
-        # (values past FP16_MAX round to it or to inf, which the clamp takes back to FP16_MAX)
-        half = values.to(torch.float16).clamp_(Float16Compression.FP16_MIN, Float16Compression.FP16_MAX)
-        return WireTensor(memoryview(half.numpy()).cast("B"), tuple(values.shape), "float32",
-                          compression.compression_type)
-    return WireTensor.from_protobuf(compression.compress(values, CompressionInfo.from_tensor(values), False))
-
-
-def check_compression(compression: CompressionBase) -> None:
-    if type(compression) not in SUPPORTED_COMPRESSION:
-        raise ValueError(f"compression must be one of {[c.__name__ for c in SUPPORTED_COMPRESSION]}, got "
-                         f"{type(compression).__name__} (PowerSGD and quantile/blockwise 8-bit are not verified)")
-
-
 class PartRejected(BannedException):
     """A part broke the rules; raised before it is accumulated. ``reason`` is a :class:`Reason`."""
 
@@ -177,49 +99,6 @@ class PartRejected(BannedException):
 
 class RoundAborted(AllreduceException):
     """The runner stopped at the first ban or failure: this attempt cannot be a complete average."""
-
-
-@dataclass(frozen=True)
-class GroupPlan:
-    """How a verified group runs: one mode, share, weight and norm bound per slot (slot order)."""
-
-    peer_ids: tuple[PeerID, ...]
-    verdicts: tuple[SlotVerdict, ...]
-    modes: tuple[AveragingMode, ...]
-    fractions: tuple[float, ...]
-
-    @classmethod
-    def from_verdicts(cls, peer_ids: Sequence[PeerID], verdicts: Sequence[SlotVerdict]) -> GroupPlan:
-        """Valid members send; valid non-client members reduce equal shares (claimed bandwidths are
-        ignored); excluded members are auxiliary with share 0, so nobody sends them anything."""
-        modes, fractions = [], []
-        for v in verdicts:
-            if not v.ok:
-                modes.append(AveragingMode.AUX)
-                fractions.append(0.0)
-            elif v.client_mode:
-                modes.append(AveragingMode.CLIENT)
-                fractions.append(0.0)
-            else:
-                modes.append(AveragingMode.NODE)
-                fractions.append(1.0)
-        return cls(tuple(peer_ids), tuple(verdicts), tuple(modes), tuple(fractions))
-
-    def verdict(self, peer_id: PeerID) -> SlotVerdict:
-        return self.verdicts[self.peer_ids.index(peer_id)]
-
-    @property
-    def contributors(self) -> list[SlotVerdict]:
-        return [v for v in self.verdicts if v.ok]
-
-    @property
-    def reducers(self) -> int:
-        return sum(m == AveragingMode.NODE for m in self.modes)
-
-    @property
-    def audit_fraction(self) -> float:
-        """The share audit's fraction of rows: the largest any contributor asked for in its signed gather."""
-        return max((v.audit_fraction for v in self.contributors), default=1.0)
 
 
 def _limit(norm: float, tolerance: float) -> float:
@@ -573,8 +452,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         if len(tp.buffer) != wire_bytes(compression, numel):
             raise PartRejected(Reason.MALFORMED_PART, f"{what} has {len(tp.buffer)} bytes, expected "
                                                       f"{wire_bytes(compression, numel)}")
-        if isinstance(compression, Uniform8BitQuantization) and int.from_bytes(bytes(tp.buffer[:8]), "little") != _CODEBOOK:
-            raise PartRejected(Reason.MALFORMED_PART, f"{what} does not have a {_CODEBOOK}-entry codebook")
+        if isinstance(compression, Uniform8BitQuantization) and int.from_bytes(bytes(tp.buffer[:8]), "little") != CODEBOOK:
+            raise PartRejected(Reason.MALFORMED_PART, f"{what} does not have a {CODEBOOK}-entry codebook")
 
     async def _accumulate_parts_streaming(self, stream: AsyncIterator[WireAveragingData], sender_index: int):
         """Check, accumulate and answer each of the sender's ``num_parts`` parts, then wait for the

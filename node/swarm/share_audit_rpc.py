@@ -30,7 +30,8 @@ from hivemind.p2p import P2PContext, PeerID
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 
-from .reduction import GroupPlan, VerifiedAllReduceRunner
+from .group_plan import GroupPlan
+from .reduction import VerifiedAllReduceRunner
 from .share_audit import (
     AUDIT_POLL_S,
     MAX_AUDIT_ENTRY_BYTES,

@@ -116,12 +116,6 @@ class Reason(str, Enum):
         return self.value
 
 
-# content violations that make the catching member accuse the peer in its next attempt's gather
-ACCUSATION_REASONS = frozenset({Reason.BAD_COMPRESSION, Reason.BAD_DTYPE, Reason.BAD_SHAPE, Reason.NON_FINITE,
-                                Reason.MAGNITUDE, Reason.NORM_EXCEEDED, Reason.MALFORMED_PART,
-                                Reason.WRONG_AVERAGE, Reason.SKETCH_MISMATCH, Reason.SKETCH_IMPLAUSIBLE,
-                                Reason.BAD_AUDIT_ENTRY, Reason.AUDIT_WITHHELD})
-
 _TICKET_REASON = {
     ReasonCode.BAD_SIGNATURE: Reason.TICKET_BAD_SIGNATURE,
     ReasonCode.UNKNOWN_KEY: Reason.TICKET_WRONG_SIGNER,
