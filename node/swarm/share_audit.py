@@ -36,7 +36,11 @@ are left out of the retry and neither is reported to the coordinator for it
 Entries are ``msgpack([payload, Ed25519(key, AUDIT_DOMAIN || payload)])`` with ``payload =
 msgpack([AUDIT_VERSION, group_id, phase, signer_peer_id, body])``; members relay each other's
 entries (client-mode members cannot be called), and every receiver checks each signature against
-the signer's key from the group's gather. Nothing is unpickled.
+the signer's key from the group's gather. Nothing is unpickled. Each member judges with the first
+valid entry it holds from each signer (:class:`AuditStore`), and only after every reducer has
+answered with its own first entries: a member that signed two different payloads (to show a
+reducer one sketch and the others a framing one) is accused by whoever reads both
+(BAD_AUDIT_ENTRY), and nobody judges a reducer on entries it did not hold too.
 """
 
 from __future__ import annotations
