@@ -519,7 +519,7 @@ class _Replay:
         if self.peers.reported(reporter, r, peer) is not None:
             raise _Bad(f"{reporter} already reported {peer} for round {r} (a report is logged once)")
         self.peers.record(reporter, r, peer, e.index)
-        tally = self.peers.tally(r, peer, st.is_banned)
+        tally = self.peers.decisive_tally(r, peer, st.is_banned)
         if tally.majority and not st.is_banned(peer):
             self.pending_ban = (tally, e.index)
         self.r.replayed["peer_reports"] += 1

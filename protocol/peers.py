@@ -32,18 +32,23 @@ reports it (ReportPeer: the round, the peer, a reason, evidence). The rule
 * each (reporter, round, peer) is logged once (``peer_reported``, with the reporter's signed
   envelope, so the audit can check who reported); a repeat is answered, not logged again;
 * the peer is banned (``node_banned`` with ``"by": "reports"``, the round and the reporters, the
-  evidence index being the report that tipped it, logged right after that report) as soon as its
-  reporters for round r that are not banned are **more than half of round r's other
-  participants**: with n participants, ⌊(n − 1) / 2⌋ + 1 reports. 3 participants: 2 reports ban
-  the third, 1 does not. 2 participants: one report bans the other — in a round of two the two
-  sides' word weighs the same, and the first report wins (the other node is banned and can no
-  longer report); reporters banned since no longer count;
+  evidence index being the report that tipped it, logged right after that report) as soon as, for
+  some closed round r it took part in, the participants of round r (not banned) that reported it —
+  for round r or any round within :data:`REPORT_WINDOW_ROUNDS` of it, before or after — are **more
+  than half of round r's other participants** (:meth:`PeerReports.decisive_tally`), and at least :data:`MIN_REPORTS_TO_BAN`: with n participants,
+  max(2, ⌊(n − 1) / 2⌋ + 1) distinct reporters. 3 participants: 2 reporters ban the third, 1 does
+  not; a round of 2 cannot ban by reports (one word against another: operators can). Each reporter
+  counts once however often it reports. The window exists because members report only what they
+  caught themselves (never another member's accusation, or one hostile member's word would become
+  everybody's), and the first catch aborts the attempt, which can stop the others from seeing the
+  same parts: a peer that misbehaves round after round is caught first-hand by different members
+  in different rounds. Reporters banned since no longer count;
 * a node unbanned by the operator starts afresh: the reports against it made before the unban no
   longer count.
 
 What it costs an attacker: banning an honest node takes reports from more than half of the other
-participants of one round — nodes that did accepted, spot-checked work in that round. Fresh keys
-(sybils) are not participants of any round and cannot report at all.
+participants of one round — distinct nodes that did accepted, spot-checked work in that round. Fresh
+keys (sybils) are not participants of any round and cannot report at all.
 """
 
 from __future__ import annotations
@@ -130,6 +135,7 @@ class ReportTally:
     round: int
     peer: str
     reporters: tuple[str, ...]  # participants of the round, not banned, that reported the peer (sorted)
+    # for this round or one within REPORT_WINDOW_ROUNDS of it
     others: int  # the round's participants other than the peer
     needed: int  # reports that ban: more than half of ``others``
 
@@ -138,6 +144,9 @@ class ReportTally:
         return len(self.reporters) >= self.needed
 
 
+# reports count for a round from this many rounds before or after it: members catch a peer first-hand
+# (nobody reports another's accusation), and an abort can stop the second from seeing what the first saw
+REPORT_WINDOW_ROUNDS = 8
 MIN_REPORTS_TO_BAN = 2  # one accuser alone never bans: in a round of two it would be one word against another
 
 
@@ -197,15 +206,30 @@ class PeerReports:
         return self.reports.get((round_index, peer), {}).get(reporter)
 
     def tally(self, round_index: int, peer: str, is_banned: IsBanned) -> ReportTally:
+        """Round ``round_index``'s participants (not banned) that reported ``peer`` for any round
+        within :data:`REPORT_WINDOW_ROUNDS` of it, before or after."""
         members = self.participants.get(round_index, frozenset())
-        others = len(members - {peer})
-        reporters = tuple(sorted(n for n in self.reports.get((round_index, peer), {}) if not is_banned(n)))
-        return ReportTally(round_index, peer, reporters, others, reports_needed(others + 1))
+        others = members - {peer}
+        reporters: set[str] = set()
+        for r in range(round_index - REPORT_WINDOW_ROUNDS + 1, round_index + REPORT_WINDOW_ROUNDS):
+            reporters.update(n for n in self.reports.get((r, peer), {}) if n in others and not is_banned(n))
+        return ReportTally(round_index, peer, tuple(sorted(reporters)), len(others), reports_needed(len(others) + 1))
+
+    def decisive_tally(self, round_index: int, peer: str, is_banned: IsBanned) -> ReportTally:
+        """After a report for ``round_index``: the first closed round within the window (its report
+        may complete another round's majority) whose tally bans ``peer``, else ``round_index``'s tally."""
+        for r in range(round_index - REPORT_WINDOW_ROUNDS + 1, round_index + REPORT_WINDOW_ROUNDS):
+            if r in self.participants and peer in self.participants[r]:
+                tally = self.tally(r, peer, is_banned)
+                if tally.majority:
+                    return tally
+        return self.tally(round_index, peer, is_banned)
 
 
 def ban_payload(tally: ReportTally, evidence_index: int) -> dict:
     """The ``node_banned`` payload of a ban by reports."""
     return {"node_id": tally.peer, "reason": f"reported by {len(tally.reporters)} of the {tally.others} other "
-                                             f"participants of round {tally.round} ({', '.join(tally.reporters)})",
+                                             f"participants of round {tally.round} (for rounds within "
+                                             f"{REPORT_WINDOW_ROUNDS} of it: {', '.join(tally.reporters)})",
             "evidence_index": evidence_index, "by": "reports", "round": tally.round,
             "reporters": list(tally.reporters)}

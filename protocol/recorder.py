@@ -199,7 +199,7 @@ class RunRecorder:
         return entry.index, self._ban_if_reported(r, peer, entry.index), False
 
     def _ban_if_reported(self, round_index: int, peer: str, report_index: int) -> ReportTally:
-        tally = self.peers.tally(round_index, peer, self.state.is_banned)
+        tally = self.peers.decisive_tally(round_index, peer, self.state.is_banned)
         if tally.majority and not self.state.is_banned(peer):
             self._ban(ban_payload(tally, report_index))
         return tally

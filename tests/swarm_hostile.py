@@ -22,6 +22,8 @@ whatever the behaviour says; the honest peers must cope:
   other members (what it answers them with too)
 * ``withhold_sketch`` — reduces honestly, reveals its nonce, then sends no sketch (what a cheating
   reducer would do on learning that the revealed rows would catch it)
+* ``false_accusation`` — honest parts, but its first gather entry accuses ``accuse_target`` (a
+  member it never saw misbehave) of NON_FINITE parts
 * ``reordered_view``  — in its first attempt of the round it holds the group in another slot order
   (as a member would that a hostile leader sent a different group); honest otherwise
 * ``malformed``       — its last part's message is bytes that do not parse (a tensor field longer
@@ -35,6 +37,7 @@ peer script passes in; the averager itself then behaves honestly but is not allo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from pathlib import Path
 
@@ -132,9 +135,11 @@ class HostileAverager(VerifiedAverager):
 
     runner_class = HostileRunner
 
-    def __init__(self, *args, behaviours: dict[int, str], stall_marker: str | None = None, **kwargs):
+    def __init__(self, *args, behaviours: dict[int, str], stall_marker: str | None = None,
+                 accuse_target: bytes = b"", **kwargs):
         self.behaviours = {int(k): v for k, v in behaviours.items()}
         self.stall_marker = stall_marker
+        self.accuse_target = accuse_target
         super().__init__(*args, **kwargs)
 
     def behaviour(self, round_index: int) -> str:
@@ -153,6 +158,11 @@ class HostileAverager(VerifiedAverager):
         if self.behaviour(self._round_for_commit) == "norm_lie":
             norm /= NORM_LIE_FACTOR  # the caller multiplied its gradient: commit to the honest-looking norm
         return norm
+
+    def gather_entry(self, claim):
+        if self.behaviour(claim.round_index) == "false_accusation":
+            claim = dataclasses.replace(claim, accusations=((self.accuse_target, "NON_FINITE"), *claim.accusations))
+        return super().gather_entry(claim)
 
     def average(self, round_index, ticket_bytes, grads, **kwargs):
         self._round_for_commit = round_index

@@ -128,6 +128,7 @@ CAUGHT_ROUNDS = {
 SKETCH_LIE_ROUND = _small("small_none", "sketch_lie")
 EQUIVOCATE_ROUND = _small("small_none", "sketch_equivocate")
 REORDERED_VIEW_ROUND = _small("small_none", "reordered_view")
+FALSE_ACCUSATION_ROUND = _small("small_none", "false_accusation")  # H accuses A, who did nothing
 KILL_ROUND = _small("small_none", "stall", max_attempts=1)
 HOSTILE_ONE_ATTEMPT = {r for r, _ in EXCLUDED_ROUNDS.values()}
 
@@ -659,6 +660,21 @@ def test_members_shown_different_groups_blame_nobody_and_retry(swarm):
     mismatches = [reason for rep in reports for a in rep["attempts"] for reason in a["failed"].values()
                   if reason.startswith("GROUP_VIEW_MISMATCH:")]
     assert mismatches, [a["failed"] for rep in reports for a in rep["attempts"]]
+
+
+def test_one_members_accusation_is_not_relayed_to_the_coordinator(swarm):
+    """H's gather entry accuses A of something A never did. Every member excludes A (verdicts are the
+    same everywhere, and a real accusation must keep its target out of the retry), but only the
+    accuser reports it: were B to report everyone it excluded for another's accusation, one hostile
+    member's word would make the majority a ban needs."""
+    r = FALSE_ACCUSATION_ROUND
+    a, b, h = (swarm.report(r, p) for p in (A, B, H))
+    assert not a["ok"] and "ACCUSED" in a["error"], a["error"]
+    assert b["ok"] and set(b["attempts"][-1]["weights"]) == {swarm.peer_ids[B], swarm.peer_ids[H]}
+    assert b["attempts"][-1]["excluded"][swarm.peer_ids[A]].startswith("ACCUSED:")
+    assert swarm.peer_ids[A] not in b["reportable"], b["reportable"]
+    assert _max_err(swarm.tensors(r, B, "avg"), _weighted([small_grads(r, B), small_grads(r, H)],
+                                                           SMALL_WEIGHTS[1:])) <= 1e-6
 
 
 def test_sender_lying_about_its_sketch_is_named_by_the_reducer_and_the_reducer_is_not_reported(swarm):

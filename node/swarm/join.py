@@ -52,6 +52,11 @@ def compression_named(name: str):
     return kinds[name]()
 
 
+class NodeBanned(RuntimeError):
+    """The coordinator refuses this node: it was banned (by reports of its round's members or by the
+    operator). Retrying cannot help; the run's operator can lift it (``grpo-coordinator unban``)."""
+
+
 @dataclass
 class JoinOptions:
     coordinator: str
@@ -203,6 +208,8 @@ class SwarmPeer:
                 record = self.round()
                 failures = 0
             except (CoordinatorError, ProtocolError, RuntimeError, ValueError, ArithmeticError, OSError) as e:
+                if isinstance(e, CoordinatorError) and e.code == "PERMISSION_DENIED" and "banned" in e.detail:
+                    raise NodeBanned(f"the coordinator refuses this node: {e.detail}") from None
                 # a volunteer node rides out a coordinator restart, a bad round or a full disk warning
                 # instead of exiting; the loop resynchronises at the next round's heartbeat
                 failures += 1

@@ -94,14 +94,19 @@ class RoundResult:
         return sum(a.bytes_received for a in self.attempts)
 
     def reportable(self) -> dict[str, str]:
-        """Who to report to the coordinator, and why: everyone excluded or accused, except a reducer
+        """Who to report to the coordinator, and why: everyone this member accused or excluded on its
+        own evidence (not for another member's accusation: that member reports for itself), except a reducer
         accused of WRONG_AVERAGE unless a later attempt showed its signed gather without an audit
         accusation of its own (SKETCH_MISMATCH, AUDIT_WITHHELD, BAD_AUDIT_ENTRY). A sender that lies
         about its sketch, or holds its entry back until the reducer has given up, makes an honest
         reducer look wrong to others; when the reducer names it, one word stands against another and
         neither is reported for it: see :mod:`.share_audit`."""
         wrong = Reason.WRONG_AVERAGE.value
-        out = {**self.excluded, **self.accused}
+        # what this member saw for itself: its own accusations, and exclusions it verified from signed
+        # bytes (tickets, gathers); not exclusions for another member's accusation (ACCUSED): relayed
+        # by every honest member, one hostile member's word would make the majority a ban needs
+        hearsay = Reason.ACCUSED.value + ":"
+        out = {**{p: r for p, r in self.excluded.items() if not r.startswith(hearsay)}, **self.accused}
         for peer in [p for p, reason in out.items() if wrong in reason]:
             # the gathers signed after the accusation: from the attempt after the one where we accused
             # it, or from the one that excluded it (its gathers already carry the reducer's answer)
