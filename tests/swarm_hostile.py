@@ -24,6 +24,7 @@ whatever the behaviour says; the honest peers must cope:
   reducer would do on learning that the revealed rows would catch it)
 * ``false_accusation`` — honest parts, but its first gather entry accuses ``accuse_target`` (a
   member it never saw misbehave) of NON_FINITE parts
+* ``accuse_all``      — honest parts, but its first gather entry accuses every other member
 * ``reordered_view``  — in its first attempt of the round it holds the group in another slot order
   (as a member would that a hostile leader sent a different group); honest otherwise
 * ``malformed``       — its last part's message is bytes that do not parse (a tensor field longer
@@ -136,10 +137,10 @@ class HostileAverager(VerifiedAverager):
     runner_class = HostileRunner
 
     def __init__(self, *args, behaviours: dict[int, str], stall_marker: str | None = None,
-                 accuse_target: bytes = b"", **kwargs):
+                 accuse_target: bytes = b"", accuse_all: tuple[bytes, ...] = (), **kwargs):
         self.behaviours = {int(k): v for k, v in behaviours.items()}
         self.stall_marker = stall_marker
-        self.accuse_target = accuse_target
+        self.accuse_target, self.accuse_all = accuse_target, tuple(accuse_all)
         super().__init__(*args, **kwargs)
 
     def behaviour(self, round_index: int) -> str:
@@ -162,6 +163,8 @@ class HostileAverager(VerifiedAverager):
     def gather_entry(self, claim):
         if self.behaviour(claim.round_index) == "false_accusation":
             claim = dataclasses.replace(claim, accusations=((self.accuse_target, "NON_FINITE"), *claim.accusations))
+        elif self.behaviour(claim.round_index) == "accuse_all":
+            claim = dataclasses.replace(claim, accusations=tuple((p, "NON_FINITE") for p in self.accuse_all))
         return super().gather_entry(claim)
 
     def average(self, round_index, ticket_bytes, grads, **kwargs):

@@ -129,6 +129,7 @@ SKETCH_LIE_ROUND = _small("small_none", "sketch_lie")
 EQUIVOCATE_ROUND = _small("small_none", "sketch_equivocate")
 REORDERED_VIEW_ROUND = _small("small_none", "reordered_view")
 FALSE_ACCUSATION_ROUND = _small("small_none", "false_accusation")  # H accuses A, who did nothing
+ACCUSE_ALL_ROUND = _small("small_none", "accuse_all")  # H accuses both A and B
 KILL_ROUND = _small("small_none", "stall", max_attempts=1)
 HOSTILE_ONE_ATTEMPT = {r for r, _ in EXCLUDED_ROUNDS.values()}
 
@@ -207,6 +208,14 @@ def test_verdicts_name_every_bad_slot(keys):
     for order in ([good, accusing, accused], [accused, good, accusing]):
         verdicts = {v.peer_id: v for v in group_verdicts(*zip(*order), _rules(coordinator))}
         assert verdicts[n2.peer_id].reason == Reason.ACCUSED and verdicts[n0.peer_id].ok and verdicts[n1.peer_id].ok
+    # accusing more than half of the group's other members is not believed: the accuser is left out
+    everyone = _slot(n1, entry(n1, accusations=[(n0.peer_id, "NON_FINITE"), (n2.peer_id, "NON_FINITE")]))
+    verdicts = {v.peer_id: v for v in group_verdicts(*zip(good, everyone, accused), _rules(coordinator))}
+    assert verdicts[n1.peer_id].reason == Reason.ACCUSES_MOST, verdicts[n1.peer_id]
+    assert verdicts[n0.peer_id].ok and verdicts[n2.peer_id].ok
+    # in a group of two, one accusation is half of one other: the accused is left out, as before
+    verdicts = {v.peer_id: v for v in group_verdicts(*zip(accusing, accused), _rules(coordinator))}
+    assert verdicts[n2.peer_id].reason == Reason.ACCUSED and verdicts[n1.peer_id].ok
     with pytest.raises(ValueError, match="twice"):
         group_verdicts([good[0], good[0]], [good[1], good[1]], _rules(coordinator))
 
@@ -675,6 +684,21 @@ def test_one_members_accusation_is_not_relayed_to_the_coordinator(swarm):
     assert swarm.peer_ids[A] not in b["reportable"], b["reportable"]
     assert _max_err(swarm.tensors(r, B, "avg"), _weighted([small_grads(r, B), small_grads(r, H)],
                                                            SMALL_WEIGHTS[1:])) <= 1e-6
+
+
+def test_a_member_accusing_most_of_its_group_is_left_out_instead(swarm):
+    """H's gather accuses both other members. Believed, it would leave every honest member out of
+    every round; with an honest majority no member catches most of its group at once, so H is left
+    out instead (ACCUSES_MOST), A and B average, and each reports H: the signed accusation list is
+    evidence each of them checked itself."""
+    r, hostile = ACCUSE_ALL_ROUND, swarm.peer_ids[H]
+    reports = [swarm.report(r, p) for p in (A, B)]
+    for rep in reports:
+        assert rep["ok"], rep
+        assert rep["attempts"][-1]["excluded"][hostile].startswith("ACCUSES_MOST:"), rep["attempts"][-1]
+        assert rep["reportable"][hostile].startswith("ACCUSES_MOST:"), rep["reportable"]
+    _same_bytes(swarm, r, (A, B))
+    assert _max_err(swarm.tensors(r, A, "avg"), _honest_mean(r)) <= 1e-6
 
 
 def test_sender_lying_about_its_sketch_is_named_by_the_reducer_and_the_reducer_is_not_reported(swarm):

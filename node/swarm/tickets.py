@@ -88,6 +88,7 @@ class Reason(str, Enum):
     NORM_OVER_BOUND = "NORM_OVER_BOUND"  # committed gradient norm not finite or above the bound
     NOT_IN_ROUND = "NOT_IN_ROUND"  # not among the round's expected peers
     ACCUSED = "ACCUSED"  # a valid member caught it sending invalid data earlier in this round
+    ACCUSES_MOST = "ACCUSES_MOST"  # its accusations name more than half of the group's other members
     NOT_A_CONTRIBUTOR = "NOT_A_CONTRIBUTOR"  # declared itself auxiliary
     # -- during the reduction: invalid content (an accusation, excluded from the retry)
     BAD_COMPRESSION = "BAD_COMPRESSION"
@@ -354,13 +355,23 @@ def verify_slot(peer_id: bytes, raw_entry: bytes, rules: RoundRules) -> SlotVerd
 
 
 def group_verdicts(peer_ids: Sequence[bytes], gathered: Sequence[bytes], rules: RoundRules) -> list[SlotVerdict]:
-    """Verdicts for every slot of a group, in slot order. After the per-slot checks, a peer named in
-    the accusations of any valid slot is excluded (one pass: accusations of valid slots only)."""
+    """Verdicts for every slot of a group, in slot order. After the per-slot checks, in a group of
+    three or more valid members, a member whose accusations name more than half of the others is
+    excluded (ACCUSES_MOST) and its accusations ignored: with an honest majority no member catches
+    most of its group, and one hostile member accusing everyone would otherwise stop every round.
+    Then a peer named in the accusations of any remaining valid slot is excluded (one pass)."""
     if len(peer_ids) != len(gathered):
         raise ValueError("peer ids and gathered entries differ in length")
     if len(set(map(bytes, peer_ids))) != len(peer_ids):
         raise ValueError("a peer appears twice in the group")
     verdicts = [verify_slot(p, g, rules) for p, g in zip(peer_ids, gathered)]
+    valid = {v.peer_id for v in verdicts if v.ok}
+    if len(valid) >= 3:
+        for v in [v for v in verdicts if v.ok]:
+            named = {bytes(a) for a, _ in v.accusations} & (valid - {v.peer_id})
+            if 2 * len(named) > len(valid) - 1:
+                v.reject(Reason.ACCUSES_MOST, f"its accusations name {len(named)} of the {len(valid) - 1} other "
+                                              "members: not believed")
     accusers: dict[bytes, list[tuple[bytes, str]]] = {}
     for v in verdicts:
         if v.ok:
