@@ -194,7 +194,9 @@ def test_bench_averaging_tiny_ours_and_stock_agree():
     real peer processes on loopback: both give the exact weighted mean, ours the same bytes everywhere."""
     res = run_bench("averaging.py", "--size", "20000", "--rounds", "1", "--warmup", "0", "--variants", "ours,stock",
                     keys=AVERAGING_KEYS, timeout=120)
-    assert res["values"] == pytest.approx(20000, rel=0.01) and res["results_equal"] is True
+    status = {c: {v: {k: res[c][v].get(k) for k in ("ok", "results_ok", "max_rel_error", "same_bytes_on_every_peer")}
+                  for v in ("ours", "stock")} for c in ("none", "fp16")}
+    assert res["values"] == pytest.approx(20000, rel=0.01) and res["results_equal"] is True, status
     for comp in ("none", "fp16"):
         block = res[comp]
         for v in ("ours", "stock"):
