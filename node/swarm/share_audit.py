@@ -88,7 +88,7 @@ class AuditStore:
         self.pending: dict[bytes, bytes] = {}
         self.first: dict[bytes, tuple[bytes, bytes, object]] = {}  # signer -> (raw, payload, body)
         self.second: dict[bytes, bytes] = {}  # signer -> raw entry with another payload
-        self._filed: dict[bytes, bytes] = {}  # raw entries already checked -> signer (answers repeat them)
+        self._filed: dict[bytes, bytes] = {}  # raw entries kept -> signer (answers repeat them: checked once)
         self.changed = asyncio.Event()
 
     @property
@@ -122,14 +122,15 @@ class AuditStore:
             signer, payload, body = decode_signed(raw, self.keys, self.group_id, self.phase)
         except AuditEntryError:
             return None  # relayed or garbled: the signer's own copy may still arrive
-        self._filed[raw] = signer
         held = self.first.get(signer)
         if held is None:
             self.first[signer] = (raw, payload, body)
-            self.changed.set()
         elif held[1] != payload and signer not in self.second:
             self.second[signer] = raw
-            self.changed.set()
+        else:
+            return signer  # (only what is kept is remembered: endless payloads cost checks, not memory)
+        self._filed[raw] = signer
+        self.changed.set()
         return signer
 
     def bodies(self) -> dict[bytes, object]:

@@ -183,8 +183,10 @@ class ShareAuditRPC:
         store.expect(keys)
         store.add(entry)
         me = self.peer_id.to_bytes()
-        answered: set[PeerID] = set()  # reducers whose answer held every contributor's entry
         held_by: dict[PeerID, set[bytes]] = {}  # the signers each reducer's last answer held
+
+        def answered() -> set[PeerID]:  # reducers whose last answer held every contributor's entry
+            return {p for p, signers in held_by.items() if keys.keys() <= signers}
 
         async def call(peer: PeerID, delay: float):
             await asyncio.sleep(delay)
@@ -194,10 +196,7 @@ class ShareAuditRPC:
             try:
                 stub = type(self).get_stub(self._p2p, peer, namespace=self.prefix)
                 response = await asyncio.wait_for(stub.rpc_share_audit(request), self.request_timeout + AUDIT_POLL_S)
-                signers = {store.add(bytes(raw)) for raw in response.entries[: 2 * len(keys)]}
-                held_by[peer] = signers
-                if keys.keys() <= signers:
-                    answered.add(peer)
+                held_by[peer] = {store.add(bytes(raw)) for raw in response.entries[: 2 * len(keys)]}
             except Exception as e:  # noqa: BLE001 - unreachable now: called again until the deadline
                 logger.debug(f"share audit exchange with {peer} failed: {e!r}")
             return peer
@@ -210,14 +209,14 @@ class ShareAuditRPC:
             now = loop.time()
             if store.complete():
                 complete_at = now if complete_at is None else complete_at
-                if answered >= set(servers):
+                if answered() >= set(servers):
                     break
             limit = deadline if complete_at is None else max(deadline, complete_at + self.request_timeout + AUDIT_POLL_S)
             if now >= limit:
                 for peer in set(keys) - set(store.first):
                     found.accuse(peer, Reason.AUDIT_WITHHELD, f"no audit entry (phase {phase}) within "
                                                               f"{self.audit_timeout} s")
-                for peer in set(servers) - answered if complete_at is not None else ():
+                for peer in set(servers) - answered() if complete_at is not None else ():
                     found.accuse(peer.to_bytes(), Reason.AUDIT_WITHHELD, f"did not answer the audit exchange "
                                                                          f"(phase {phase}) with every entry")
                 break
@@ -228,7 +227,7 @@ class ShareAuditRPC:
             calls.discard(changed)
             changed.cancel()
             for task in done - {changed}:
-                if task.result() not in answered:
+                if task.result() not in answered():
                     calls.add(asyncio.ensure_future(call(task.result(), 0.05)))
         for signer in store.equivocators():
             found.accuse(signer, Reason.BAD_AUDIT_ENTRY, f"signed two different audit entries (phase {phase})")
