@@ -533,6 +533,7 @@ def micro_main(args) -> int:
         ser = [comp.compress(p, info, False) for p in parts]
         res[f"part_decompress_{name}_ms"] = rnd(1e3 * timed(lambda: [deserialize_torch_tensor(x) for x in ser])
                                                 / len(ser), 4)
+    res.update(micro_decode_under_gil(parts))
     # a peer checks the parts it reduces (2 senders x 1/3) and the averages it gets back (2 reducers x 1/3)
     checked_parts = 2 * (2 * values / 3) / part_values
     res["per_peer_part_checks_norm64_s"] = rnd(checked_parts * res["part_norm64_ms"] / 1e3, 4)
@@ -574,6 +575,63 @@ def micro_main(args) -> int:
     res["loadavg_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(res), flush=True)
     return 0
+
+
+def micro_decode_under_gil(parts) -> dict:
+    """An averaged part decoded into place and measured, ms per part, in a worker thread, alone and
+    while another thread runs Python (as the averager's event loop does while parts stream): the
+    decoder as it is (whole-part operations) against measuring it chunk by chunk (128 Ki values, as
+    before). Each torch call re-takes the GIL, which a busy thread holds up to the switch interval."""
+    import threading
+
+    import torch
+
+    from grpo_swarm.node.swarm.part_codec import decode_into, decode_values, encode_values
+
+    chunk = 1 << 17
+
+    def chunked(tp, compression, dst):
+        src = decode_values(tp, compression)
+        squares = 0.0
+        for start in range(0, dst.numel(), chunk):
+            piece = dst[start: start + chunk]
+            piece.copy_(src[start: start + chunk])
+            squares += float(torch.dot(piece, piece))
+        return squares
+
+    out: dict = {}
+    dsts = [torch.empty_like(p) for p in parts]
+    for name in ("none", "fp16"):
+        comp = compression_of(name)
+        wires = [encode_values(p, comp) for p in parts]
+        for load in ("idle", "busy"):
+            stop = threading.Event()
+
+            def spin():
+                while not stop.is_set():
+                    sum(range(1000))
+
+            spinner = threading.Thread(target=spin, daemon=True)
+            if load == "busy":
+                spinner.start()
+            for label, fn in (("whole", decode_into), ("chunked", chunked)):
+                times: list[float] = []
+
+                def work():
+                    for _ in range(3):
+                        t = time.perf_counter()
+                        for w, d in zip(wires, dsts):
+                            fn(w, comp, d)
+                        times.append(time.perf_counter() - t)
+
+                worker = threading.Thread(target=work)
+                worker.start()
+                worker.join()
+                out[f"part_decode_{name}_{label}_{load}_ms"] = rnd(1e3 * statistics.median(times) / len(parts), 4)
+            stop.set()
+            if load == "busy":
+                spinner.join()
+    return out
 
 
 # ---- orchestration ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from hivemind.compression import CompressionInfo, Float16Compression, NoCompress
 from hivemind.compression.serialization import deserialize_torch_tensor
 from hivemind.proto import averaging_pb2, runtime_pb2
 
-from grpo_swarm.node.swarm.part_codec import DECODE_CHUNK, decode_into, decode_values, encode_values
+from grpo_swarm.node.swarm.part_codec import decode_into, decode_values, encode_values
 from grpo_swarm.node.swarm.reduction import in_thread_to_the_end
 from grpo_swarm.node.swarm.wire import WireAveragingData, WireTensor
 
@@ -74,14 +74,16 @@ def test_encode_values_gives_hiveminds_bytes(compression):
 
 @pytest.mark.parametrize("compression", [NoCompression(), Float16Compression(), Uniform8BitQuantization()])
 def test_decoding_into_place_gives_the_values_and_their_squares(compression):
-    # 2.5 chunks: the last chunk is a partial one, and a bad value there must still show
-    values = torch.randn(DECODE_CHUNK * 5 // 2) * 0.01
+    # a 1.25 MiB part of an odd length: a bad value in its very last place must still show
+    values = torch.randn((5 << 16) + 3, generator=torch.Generator().manual_seed(0)) * 0.01
     tp = encode_values(values, compression)
     expected = decode_values(tp, compression)
     into = torch.full_like(expected, 7.0)
     squares = decode_into(tp, compression, into)
     assert torch.equal(into, expected)
-    assert squares == pytest.approx(float(expected.double().square().sum()), rel=1e-5)  # float32 per chunk
+    # a float32 dot: 8-bit values repeat a few levels, the worst case for its rounding (1.5e-5 seen)
+    rel = 1e-4 if isinstance(compression, Uniform8BitQuantization) else 1e-5
+    assert squares == pytest.approx(float(expected.double().square().sum()), rel=rel)
     if not isinstance(compression, Uniform8BitQuantization):  # (8-bit has no NaN/Inf to carry)
         for bad in (float("nan"), float("inf")):  # written into the bytes: fp16 encoding would clamp inf
             tainted = encode_values(values.clone(), compression)

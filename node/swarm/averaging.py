@@ -347,13 +347,14 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                 if not in_place and g.device.type != "cpu":  # one transfer straight into the buffer, checked there
                     buf.copy_(g.detach())
                     in_place = True
-                src = None if in_place else g.detach().reshape(-1)  # (copy_ converts bf16 & co. a chunk at a time)
-                tensor_squares = 0.0
-                for start in range(0, dst.numel(), LOAD_CHUNK):
-                    chunk = dst[start: start + LOAD_CHUNK]
-                    if not in_place:
+                if in_place:  # one call: each torch call from a thread waits for the GIL anew
+                    tensor_squares = float(torch.dot(dst, dst))  # NaN/inf (or squares past float32) too
+                else:  # (copy_ converts bf16 & co. a chunk at a time)
+                    src, tensor_squares = g.detach().reshape(-1), 0.0
+                    for start in range(0, dst.numel(), LOAD_CHUNK):
+                        chunk = dst[start: start + LOAD_CHUNK]
                         chunk.copy_(src[start: start + LOAD_CHUNK])
-                    tensor_squares += float(torch.dot(chunk, chunk))  # NaN/inf (or squares past float32) too
+                        tensor_squares += float(torch.dot(chunk, chunk))
                 if not math.isfinite(tensor_squares):
                     raise LocalGradientError(f"tensor {i} holds NaN or infinite values (or overflows float32)")
                 squares += tensor_squares

@@ -33,7 +33,6 @@ from .wire import WireTensor
 NORM_TOLERANCE = {NoCompression: 1e-4, Float16Compression: 2e-3, Uniform8BitQuantization: 2e-3}
 SUPPORTED_COMPRESSION = tuple(NORM_TOLERANCE)
 CODEBOOK = 256  # Uniform8BitQuantization: int64 codebook size, 256 float32 codes, one uint8 per value
-DECODE_CHUNK = 1 << 17  # values decoded into place, then measured, at a time: 512 KiB of float32, in L2
 
 
 def wire_bytes(compression: CompressionBase, numel: int) -> int:
@@ -71,17 +70,17 @@ def decode_values(tp: WireTensor | runtime_pb2.Tensor, compression: CompressionB
 
 
 def decode_into(tp: WireTensor | runtime_pb2.Tensor, compression: CompressionBase, dst: torch.Tensor) -> float:
-    """Decode a checked serialised part straight into ``dst`` (1-D float32, as many values) a chunk at
-    a time, and return the sum of squares of the decoded values, each chunk's taken while it is in
-    cache (float32 per chunk, summed in float64). fp16 parts convert from their bytes: no float32
-    copy is allocated, then read again for the norm and again to be copied into place."""
-    src = float16_view(tp) if isinstance(compression, Float16Compression) else decode_values(tp, compression)
-    squares = 0.0
-    for start in range(0, dst.numel(), DECODE_CHUNK):
-        chunk = dst[start: start + DECODE_CHUNK]
-        chunk.copy_(src[start: start + DECODE_CHUNK])
-        squares += float(torch.dot(chunk, chunk))
-    return squares
+    """Decode a checked serialised part straight into ``dst`` (1-D float32, as many values) and return
+    the sum of squares of the decoded values. Two whole-part operations: each torch call a worker
+    thread makes waits for the GIL again, which the averager's busy event loop holds up to the switch
+    interval, so a part measured chunk by chunk waited far longer than it computed (bench/RESULTS.md)."""
+    if isinstance(compression, NoCompression):  # the bytes are the values: measure them, then copy them in
+        src = decode_values(tp, compression)
+        squares = float(torch.dot(src, src))
+        dst.copy_(src)
+        return squares
+    dst.copy_(float16_view(tp) if isinstance(compression, Float16Compression) else decode_values(tp, compression))
+    return float(torch.dot(dst, dst))
 
 
 def encode_values(values: torch.Tensor, compression: CompressionBase) -> WireTensor:
