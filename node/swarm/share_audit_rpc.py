@@ -49,7 +49,7 @@ from .share_audit import (
     nonce_for,
     sketch_body,
 )
-from .share_sketch import Projection, always_audited, flat_views, sketch_parts, sketch_share
+from .share_sketch import Projection, ShareLayout, always_audited, flat_views, sketch_parts, sketch_share
 from .tickets import Reason
 
 logger = logging.getLogger(__name__)
@@ -91,9 +91,9 @@ class ShareAuditRPC:
             if not found.clean:
                 return found
             seed = audit_seed(runner.group_id, nonces)  # hivemind's id and the digest of the group's view
-            layout, fraction = runner.layout, plan.audit_fraction
-            projections = [Projection.draw(seed, j, layout.rows[j], fraction=fraction, always=always_audited(layout, j))
-                           if layout.numel(j) else None for j in range(layout.num_shares)]
+            # drawn in a thread (SHAKE-256 of a few MB): the loop keeps answering the others' audit calls
+            projections = await asyncio.get_event_loop().run_in_executor(
+                None, self._draw_projections, runner.layout, seed, plan.audit_fraction)
             computed = await asyncio.get_event_loop().run_in_executor(
                 None, self._sketch_round, runner, projections, inputs, outputs)
             mine, my_outputs, output_norms = computed
@@ -123,6 +123,12 @@ class ShareAuditRPC:
             logger.warning("the share audit failed", exc_info=True)
             found.fail(me, Reason.AUDIT_FAILED, f"{type(e).__name__}: {e}"[:300])
         return found
+
+    @staticmethod
+    def _draw_projections(layout: ShareLayout, seed: bytes, fraction: float) -> list[Projection | None]:
+        """Each share's secret projection for ``seed`` (None for an empty share)."""
+        return [Projection.draw(seed, j, layout.rows[j], fraction=fraction, always=always_audited(layout, j))
+                if layout.numel(j) else None for j in range(layout.num_shares)]
 
     def _sketch_round(self, runner: VerifiedAllReduceRunner, projections: Sequence[Projection | None],
                       inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]):
