@@ -13,7 +13,7 @@ from hivemind.compression import CompressionInfo, Float16Compression, NoCompress
 from hivemind.compression.serialization import deserialize_torch_tensor
 from hivemind.proto import averaging_pb2, runtime_pb2
 
-from grpo_swarm.node.swarm.part_codec import decode_into, decode_values, encode_values
+from grpo_swarm.node.swarm.part_codec import decode_into, decode_values, encode_values, sum_of_squares
 from grpo_swarm.node.swarm.reduction import in_thread_to_the_end
 from grpo_swarm.node.swarm.wire import WireAveragingData, WireTensor
 
@@ -170,3 +170,22 @@ def test_double_and_negative_fields_match_protobuf():
     got.ParseFromString(raw)
     assert got.malformed is None and got.code == -1
     assert WireAveragingData(code=-1, weight=got.weight).SerializeToString() == raw
+
+
+def test_sum_of_squares_keeps_crafted_small_values_from_vanishing_in_rounding():
+    # a few large values, then millions of small ones: one float32 dot over the whole 16 MiB part
+    # (the largest part size) loses 4e-4 of the squares, past the fp32 bound's 1e-4 tolerance
+    values = torch.full((4 << 20,), 0.01)
+    values[:16] = 250.0
+    exact = float(values.double().square().sum())
+    assert abs(float(torch.dot(values, values)) - exact) / exact > 1e-4  # what the rows prevent
+    assert sum_of_squares(values) == pytest.approx(exact, rel=1e-6)
+    odd = values[: (3 << 12) + 5]  # rows and a tail
+    assert sum_of_squares(odd) == pytest.approx(float(odd.double().square().sum()), rel=1e-6)
+    for bad in (float("nan"), float("inf")):
+        tainted = odd.clone()
+        tainted[-1] = bad  # in the tail
+        assert not np.isfinite(sum_of_squares(tainted))
+        tainted = odd.clone()
+        tainted[7] = bad  # in a row
+        assert not np.isfinite(sum_of_squares(tainted))

@@ -88,7 +88,7 @@ from grpo_swarm.protocol.identity import Identity, base58_encode
 from .direct_reads import install_direct_reads
 from .matchmaking import PatientMatchmaking
 from .group_plan import GroupPlan
-from .part_codec import NORM_TOLERANCE, check_compression
+from .part_codec import NORM_TOLERANCE, check_compression, sum_of_squares
 from .reduction import VerifiedAllReduceRunner
 from .round_report import AttemptReport, RoundResult
 from .share_audit import AuditStore, Findings, commitment, nonce_for
@@ -347,8 +347,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                 if not in_place and g.device.type != "cpu":  # one transfer straight into the buffer, checked there
                     buf.copy_(g.detach())
                     in_place = True
-                if in_place:  # one call: each torch call from a thread waits for the GIL anew
-                    tensor_squares = float(torch.dot(dst, dst))  # NaN/inf (or squares past float32) too
+                if in_place:  # whole-tensor calls: each torch call from a thread waits for the GIL anew
+                    tensor_squares = sum_of_squares(dst)  # NaN/inf (or squares past float32) too
                 else:  # (copy_ converts bf16 & co. a chunk at a time)
                     src, tensor_squares = g.detach().reshape(-1), 0.0
                     for start in range(0, dst.numel(), LOAD_CHUNK):

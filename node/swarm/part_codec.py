@@ -33,6 +33,7 @@ from .wire import WireTensor
 NORM_TOLERANCE = {NoCompression: 1e-4, Float16Compression: 2e-3, Uniform8BitQuantization: 2e-3}
 SUPPORTED_COMPRESSION = tuple(NORM_TOLERANCE)
 CODEBOOK = 256  # Uniform8BitQuantization: int64 codebook size, 256 float32 codes, one uint8 per value
+SQUARES_ROW = 4096  # values per float32 partial sum of squares (the partial sums are added in float64)
 
 
 def wire_bytes(compression: CompressionBase, numel: int) -> int:
@@ -69,18 +70,35 @@ def decode_values(tp: WireTensor | runtime_pb2.Tensor, compression: CompressionB
     return deserialize_torch_tensor(tp.to_protobuf() if isinstance(tp, WireTensor) else tp).reshape(-1)
 
 
+def sum_of_squares(values: torch.Tensor) -> float:
+    """The sum of squares of 1-D float32 ``values`` in at most three whole-tensor calls (each torch call
+    from a worker thread waits for the GIL anew): float32 dots of rows of SQUARES_ROW values, added in
+    float64. One float32 dot over a whole part would let a sender's crafted values (a few large ones,
+    then many small ones) vanish in rounding: up to 4e-4 of the squares in a 16 MiB part, past the
+    bounds' tolerance; rows keep that below 1e-6. NaN/inf (or squares past float32) come out non-finite."""
+    full = values.numel() - values.numel() % SQUARES_ROW
+    squares = 0.0
+    if full:
+        rows = values[:full].view(-1, SQUARES_ROW)
+        squares = float(torch.linalg.vecdot(rows, rows).sum(dtype=torch.float64))
+    if full < values.numel():
+        tail = values[full:]
+        squares += float(torch.dot(tail, tail))
+    return squares
+
+
 def decode_into(tp: WireTensor | runtime_pb2.Tensor, compression: CompressionBase, dst: torch.Tensor) -> float:
     """Decode a checked serialised part straight into ``dst`` (1-D float32, as many values) and return
-    the sum of squares of the decoded values. Two whole-part operations: each torch call a worker
-    thread makes waits for the GIL again, which the averager's busy event loop holds up to the switch
+    the sum of squares of the decoded values. Whole-part operations: each torch call a worker thread
+    makes waits for the GIL again, which the averager's busy event loop holds up to the switch
     interval, so a part measured chunk by chunk waited far longer than it computed (bench/RESULTS.md)."""
     if isinstance(compression, NoCompression):  # the bytes are the values: measure them, then copy them in
         src = decode_values(tp, compression)
-        squares = float(torch.dot(src, src))
+        squares = sum_of_squares(src)
         dst.copy_(src)
         return squares
     dst.copy_(float16_view(tp) if isinstance(compression, Float16Compression) else decode_values(tp, compression))
-    return float(torch.dot(dst, dst))
+    return sum_of_squares(dst)
 
 
 def encode_values(values: torch.Tensor, compression: CompressionBase) -> WireTensor:

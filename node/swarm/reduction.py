@@ -67,6 +67,7 @@ from .part_codec import (
     encode_values,
     float16_view,
     output_compression,
+    sum_of_squares,
     wire_bytes,
 )
 from .share_sketch import ShareLayout
@@ -196,7 +197,7 @@ class ValidatingReducer(TensorPartReducer):
             return
         # one pass: a NaN/inf anywhere makes the norm non-finite (so do values whose squares overflow
         # float32, ~1.8e19: far above any bound), and a norm within the limit bounds every value too
-        squared = float(torch.linalg.vector_norm(part)) ** 2
+        squared = sum_of_squares(part.reshape(-1))
         if not math.isfinite(squared):
             raise PartRejected(Reason.NON_FINITE, f"part {part_index} holds NaN or infinite values (or values "
                                                   "whose squares overflow float32)")
