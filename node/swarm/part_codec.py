@@ -79,7 +79,7 @@ def sum_of_squares(values: torch.Tensor) -> float:
     full = values.numel() - values.numel() % SQUARES_ROW
     squares = 0.0
     if full:
-        rows = values[:full].view(-1, SQUARES_ROW)
+        rows = values[:full].reshape(-1, SQUARES_ROW)  # (a view of contiguous values)
         squares = float(torch.linalg.vecdot(rows, rows).sum(dtype=torch.float64))
     if full < values.numel():
         tail = values[full:]
