@@ -493,6 +493,8 @@ def micro_main(args) -> int:
     from hivemind.compression import CompressionInfo
     from hivemind.compression.serialization import deserialize_torch_tensor
 
+    from grpo_swarm.node.swarm.part_codec import sum_of_squares
+
     torch.set_num_threads(1)
     shapes = scaled_shapes(smollm2_shapes(), args.size)
     g = make_grads(shapes, 0)
@@ -512,6 +514,11 @@ def micro_main(args) -> int:
         "norm32": lambda: float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in g]))),
         "norm64": lambda: [float(torch.linalg.vector_norm(x, dtype=torch.float64)) for x in g],
         "clone_fresh": lambda: [x.clone() for x in g],
+        # the checks' sum of squares (float32 row norms added in float64), and row dots (linalg.vecdot,
+        # which writes every product to a temporary first: session 20)
+        "sum_of_squares": lambda: [sum_of_squares(x.reshape(-1)) for x in g],
+        "rows_vecdot": lambda: [float(torch.linalg.vecdot(r, r).sum(dtype=torch.float64))
+                                for r in (x.reshape(-1)[: x.numel() // 4096 * 4096].view(-1, 4096) for x in g)],
     }
     for name, fn in whole.items():
         res[f"{name}_s"] = rnd(timed(fn), 4)
@@ -527,6 +534,7 @@ def micro_main(args) -> int:
     res["part_values"] = part_values
     res["part_norm64_ms"] = rnd(per_part(lambda p: float(torch.linalg.vector_norm(p, dtype=torch.float64))), 4)
     res["part_norm32_ms"] = rnd(per_part(lambda p: float(torch.linalg.vector_norm(p))), 4)
+    res["part_sum_of_squares_ms"] = rnd(per_part(sum_of_squares), 4)
     for name in ("none", "fp16", "uint8"):
         comp, info = compression_of(name), CompressionInfo.from_tensor(parts[0], key=0)
         res[f"part_compress_{name}_ms"] = rnd(per_part(lambda p: comp.compress(p, info, False)), 4)

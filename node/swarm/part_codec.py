@@ -3,10 +3,11 @@
 hivemind's serialisation of a part (``NoCompression``: float32, ``Float16Compression``,
 ``Uniform8BitQuantization``), encoded and decoded without its intermediate copies: a part's exact
 byte length for a number of values (:func:`wire_bytes`, checked before anything is decoded), what
-averages travel in (:func:`output_compression`), decoding into place with the norm taken chunk
-by chunk (:func:`decode_into`), and the rounding slack each compression needs in norm checks
-(:data:`NORM_TOLERANCE`). PowerSGD and the quantile/blockwise 8-bit codecs are refused: their
-results are not weighted means of the senders' values, which the checks and the audit need.
+averages travel in (:func:`output_compression`), sums of squares a sender cannot round away
+(:func:`sum_of_squares`), decoding into place and measuring (:func:`decode_into`), and the rounding
+slack each compression needs in norm checks (:data:`NORM_TOLERANCE`). PowerSGD and the
+quantile/blockwise 8-bit codecs are refused: their results are not weighted means of the senders'
+values, which the checks and the audit need.
 """
 
 from __future__ import annotations
@@ -71,16 +72,19 @@ def decode_values(tp: WireTensor | runtime_pb2.Tensor, compression: CompressionB
 
 
 def sum_of_squares(values: torch.Tensor) -> float:
-    """The sum of squares of 1-D float32 ``values`` in at most three whole-tensor calls (each torch call
-    from a worker thread waits for the GIL anew): float32 dots of rows of SQUARES_ROW values, added in
-    float64. One float32 dot over a whole part would let a sender's crafted values (a few large ones,
+    """The sum of squares of 1-D float32 ``values`` in two torch calls (each torch call from a worker
+    thread waits for the GIL anew): the float32 norms of rows of SQUARES_ROW values, squared and added
+    in float64. One float32 dot over a whole part would let a sender's crafted values (a few large ones,
     then many small ones) vanish in rounding: up to 4e-4 of the squares in a 16 MiB part, past the
-    bounds' tolerance; rows keep that below 1e-6. NaN/inf (or squares past float32) come out non-finite."""
+    bounds' tolerance; rows keep that below 1e-6. Row norms, not row dots: ``linalg.vecdot`` writes
+    every product to a temporary as large as the values (fresh pages: 14× a dot's time on a large
+    tensor), the norm reads them once. NaN/inf (or squares past float32) come out non-finite."""
     full = values.numel() - values.numel() % SQUARES_ROW
     squares = 0.0
     if full:
         rows = values[:full].reshape(-1, SQUARES_ROW)  # (a view of contiguous values)
-        squares = float(torch.linalg.vecdot(rows, rows).sum(dtype=torch.float64))
+        norms = torch.linalg.vector_norm(rows, dim=1).numpy().astype(np.float64)
+        squares = float(np.dot(norms, norms))
     if full < values.numel():
         tail = values[full:]
         squares += float(torch.dot(tail, tail))
