@@ -2,6 +2,7 @@
 and its strictness on bytes a peer made up."""
 
 import asyncio
+import resource
 import struct
 import threading
 import time
@@ -189,3 +190,22 @@ def test_sum_of_squares_keeps_crafted_small_values_from_vanishing_in_rounding():
         tainted = odd.clone()
         tainted[7] = bad  # in a row
         assert not np.isfinite(sum_of_squares(tainted))
+
+
+def test_sum_of_squares_reads_the_values_without_a_temporary_of_their_size():
+    # the local gradient's check runs it over every tensor each round: a temporary as large as the
+    # input (linalg.vecdot multiplies first, then sums) is fresh pages every call (bench/RESULTS.md,
+    # session 20: 0.4 s a round at SmolLM2 size)
+    values = torch.randn(16 << 20)  # 64 MiB, past any allocator cache
+    pages = values.numel() * 4 // 4096
+    sum_of_squares(values)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        sum_of_squares(values)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    rows = values.view(-1, 4096)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.linalg.vecdot(rows, rows).sum()
+    vecdot_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert vecdot_faults > pages // 2  # what the check would cost with row dots (the test can tell)
+    assert faults < pages // 20, f"{faults} page faults for 3 sums over {pages} pages"
