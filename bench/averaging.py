@@ -493,7 +493,7 @@ def micro_main(args) -> int:
     from hivemind.compression import CompressionInfo
     from hivemind.compression.serialization import deserialize_torch_tensor
 
-    from grpo_swarm.node.swarm.part_codec import sum_of_squares
+    from grpo_swarm.node.swarm.part_codec import SQUARES_ROW, sum_of_squares
 
     torch.set_num_threads(1)
     shapes = scaled_shapes(smollm2_shapes(), args.size)
@@ -518,7 +518,8 @@ def micro_main(args) -> int:
         # which writes every product to a temporary first: session 20)
         "sum_of_squares": lambda: [sum_of_squares(x.reshape(-1)) for x in g],
         "rows_vecdot": lambda: [float(torch.linalg.vecdot(r, r).sum(dtype=torch.float64))
-                                for r in (x.reshape(-1)[: x.numel() // 4096 * 4096].view(-1, 4096) for x in g)],
+                                for r in (x.reshape(-1)[: x.numel() // SQUARES_ROW * SQUARES_ROW].view(-1, SQUARES_ROW)
+                                          for x in g)],
     }
     for name, fn in whole.items():
         res[f"{name}_s"] = rnd(timed(fn), 4)
