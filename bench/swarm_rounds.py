@@ -14,9 +14,9 @@ round (averagers and caches warming up) is left out.
 
 Prints ONE JSON line: per step of a round (``phases`` of ``swarm.jsonl``: meet, sync, sample, submit,
 wait, gradient, averaging, step, publish) the median over the measured rounds of the slowest node,
-the round's median seconds, the snapshot's size, and ``ok`` (every node averaged every measured
-round and saw its version published). Progress goes to stderr; the work folder is kept
-with ``--keep``.
+the round's median seconds, ``audit_s`` (the share audit's part of the averaging, same median) and
+``audit_share_of_round``, the snapshot's size, and ``ok`` (every node averaged every measured round
+and saw its version published). Progress goes to stderr; the work folder is kept with ``--keep``.
 
 ``--uplink RATE`` (root): the coordinator and each node run in their own network namespace on a
 bridge (:mod:`netns_link`), every uplink capped with ``tc tbf rate RATE burst 2mbit``; the nodes'
@@ -100,8 +100,10 @@ def summarize(records: dict[int, list[dict]], snapshot_bytes: int | None, second
     ok = bool(rounds) and all(len(rs) == len(records) and all(r["averaged"] and r["published"] for r in rs)
                               for rs in by_round)
     upload = [sum(r.get("upload_bytes", 0) for r in rs) for rs in by_round]
-    return {"rounds_measured": len(rounds), "round_s": round_s, "phases_s": slowest, "snapshot_bytes": snapshot_bytes,
-            "upload_bytes": upload, "wall_s": round(seconds, 1), "ok": ok}
+    audit_s = round(statistics.median(max(r.get("audit_s", 0.0) for r in rs) for rs in by_round), 3) if rounds else None
+    return {"rounds_measured": len(rounds), "round_s": round_s, "phases_s": slowest, "audit_s": audit_s,
+            "audit_share_of_round": round(audit_s / round_s, 4) if round_s else None,
+            "snapshot_bytes": snapshot_bytes, "upload_bytes": upload, "wall_s": round(seconds, 1), "ok": ok}
 
 
 def namespaced_swarm(net):

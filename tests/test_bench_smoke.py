@@ -228,6 +228,9 @@ def test_bench_swarm_rounds_tiny_says_where_each_round_went():
     assert {"sample", "submit", "wait", "gradient", "averaging", "step", "publish"} <= set(res["phases_s"])
     assert 0 < sum(res["phases_s"].values()) <= 2 * res["round_s"]
     assert res["snapshot_bytes"] > 1_000_000  # the tiny model's weights and AdamW moments
+    # every round is audited (the demo's fraction): the audit took time, and less than its averaging
+    assert 0 < res["audit_s"] < res["phases_s"]["averaging"], res
+    assert res["audit_share_of_round"] == pytest.approx(res["audit_s"] / res["round_s"], rel=1e-2, abs=1e-4)
 
 
 def test_bench_publication_both_uploads_do_the_whole_work():

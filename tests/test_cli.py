@@ -57,18 +57,19 @@ def test_missing_model_is_named(tmp_path):
 
 
 def test_join_refuses_what_it_cannot_do_before_contacting_anyone(tmp_path):
-    """Bad join options fail at once with exit 2 and name the option (no coordinator is running)."""
-    proc = run("join", "--coordinator", "127.0.0.1:1", "--workdir", str(tmp_path), "--compression", "4bit", timeout=120)
-    assert proc.returncode == 2 and "--compression must be one of none, fp16, 8bit" in proc.stdout + proc.stderr
-    proc = run("join", "--coordinator", "127.0.0.1:1", "--workdir", str(tmp_path), "--backend", "vllm", "--device", "cpu",
-               timeout=120)
-    assert proc.returncode == 2 and "--backend vllm needs a GPU" in proc.stdout + proc.stderr
+    """Bad join options fail at once with exit 2 and name the option (no coordinator is running).
+    The refusals run as concurrent processes: each spends its seconds importing torch and hivemind."""
+    cases = [(["--compression", "4bit"], "--compression must be one of none, fp16, 8bit"),
+             (["--backend", "vllm", "--device", "cpu"], "--backend vllm needs a GPU"),
+             (["--backend", "trt"], "--backend must be one of transformers, vllm, auto"),
+             (["--part-size", "100"], "--part-size must be between 65536 and 16777216 bytes, got 100"),
+             (["--audit-fraction", "0"], "--audit-fraction: the audit fraction must be a number in")]
     if importlib.util.find_spec("vllm") is None:  # here: vllm is let through only when it imports
-        proc = run("join", "--coordinator", "127.0.0.1:1", "--workdir", str(tmp_path), "--backend", "vllm", timeout=120)
-        assert proc.returncode == 2 and "pip install 'grpo-swarm[vllm]'" in proc.stdout + proc.stderr
-    proc = run("join", "--coordinator", "127.0.0.1:1", "--workdir", str(tmp_path), "--backend", "trt", timeout=120)
-    assert proc.returncode == 2 and "--backend must be one of transformers, vllm, auto" in proc.stdout + proc.stderr
-    proc = run("join", "--coordinator", "127.0.0.1:1", "--workdir", str(tmp_path), "--part-size", "100", timeout=120)
-    assert proc.returncode == 2 and "--part-size must be between 65536 and 16777216 bytes, got 100" in proc.stdout + proc.stderr
-    proc = run("join", "--coordinator", "127.0.0.1:1", "--workdir", str(tmp_path), "--audit-fraction", "0", timeout=120)
-    assert proc.returncode == 2 and "--audit-fraction: the audit fraction must be a number in" in proc.stdout + proc.stderr
+        cases.append((["--backend", "vllm"], "pip install 'grpo-swarm[vllm]'"))
+    procs = [subprocess.Popen([str(BIN), "join", "--coordinator", "127.0.0.1:1", "--workdir", str(tmp_path / str(i)),
+                               *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+             for i, (args, _) in enumerate(cases)]
+    for proc, (args, expected) in zip(procs, cases):
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 2 and expected in out, (args, proc.returncode, out[-2000:])

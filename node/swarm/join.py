@@ -92,6 +92,7 @@ class RoundRecord:
     lag: int = 0
     dht_peers: int = 0  # peers this node's DHT is connected to
     averaging_s: float = 0.0  # time in the verified averaging (0 when it took no part)
+    audit_s: float = 0.0  # of which the share audit of the attempt that decided the round (reveal, sketch, ...)
     grads_in_place: bool = False  # the gradient was computed in the averager's buffers (no copies)
     bytes_sent: int = 0  # gradient parts and averages this node sent in the averaging (all attempts)
     bytes_received: int = 0
@@ -321,6 +322,7 @@ class SwarmPeer:
         self._clock.lap("averaging")
         record.bytes_sent, record.bytes_received = result.bytes_sent, result.bytes_received
         last = result.last
+        record.audit_s = sum(last.audit_seconds.values()) if last is not None else 0.0
         record.peers = len(last.weights) if last is not None else 0
         record.excluded = result.reportable()
         self._report_excluded(work.round_index, record.excluded)
