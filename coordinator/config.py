@@ -90,6 +90,10 @@ class SwarmSettings(Section):
                                                          "completion) before a node's key is banned; 0 = never")
     matchmaking_timeout_s: float = Field(30.0, gt=0, description="averaging: time to form a group")
     averaging_timeout_s: float = Field(120.0, gt=0, description="averaging: time for one all-reduce")
+    straggler_wait: float = Field(
+        1.0, ge=0, le=10, description="averaging: a partial group waits for the round's missing peers up to this "
+                                      "many times the node's own time from the round's close to its averaging (its "
+                                      "gradient), at least 2 s and at most half of matchmaking_timeout_s")
     min_peers: int = Field(2, ge=1, description="peers needed before a round starts")
     heartbeat_interval_s: float = Field(10.0, gt=0, description="how often nodes report to the coordinator")
     round_timeout_s: float = Field(
@@ -100,7 +104,7 @@ class SwarmSettings(Section):
                     "rejected TIME_SKEW; None = max(600, (max_staleness + max_round_lag + 1) × round_timeout_s)")
 
     @field_validator("sampling_tolerance", "matchmaking_timeout_s", "averaging_timeout_s", "heartbeat_interval_s",
-                     "round_timeout_s",
+                     "round_timeout_s", "straggler_wait",
                      "max_proof_time_skew_s")
     @classmethod
     def _finite(cls, v: float | None) -> float | None:

@@ -159,10 +159,14 @@ def main(config_path: str) -> int:
             for b, g in zip(averager.gradient_buffers(), grads):
                 b.copy_(g)
             grads, kwargs = averager.gradient_buffers(), {"out": averager.result_buffers()}
+        if str(me) in rnd.get("delay", {}):  # a slower gradient: this member reaches the averaging late
+            time.sleep(float(rnd["delay"][str(me)]))
+        if "straggler_wait" in rnd:
+            kwargs["straggler_wait"] = float(rnd["straggler_wait"])
         try:
             res = averager.average(r, ticket, grads, expected_peers=expected, max_attempts=rnd.get("max_attempts"),
                                    **kwargs)
-            if kwargs:
+            if "out" in kwargs:
                 assert all(a is b for a, b in zip(res.grads or kwargs["out"], kwargs["out"])), "the result was copied"
             out.update(ok=res.ok, error=res.error, seconds=res.seconds,
                        attempts=[dataclasses.asdict(a) for a in res.attempts], reportable=res.reportable(),

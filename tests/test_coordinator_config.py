@@ -97,6 +97,8 @@ def test_run_spec_feeds_a_run_recorder(tmp_path):
         ("swarm.min_peers", 0),
         ("swarm.averaging_timeout_s", 0),
         ("swarm.matchmaking_timeout_s", float("inf")),
+        ("swarm.straggler_wait", -0.5),
+        ("swarm.straggler_wait", float("nan")),
         ("run.seed", -1),
         ("run.seed", 2**64),
         ("run.id", "has space"),

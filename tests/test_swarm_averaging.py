@@ -96,6 +96,8 @@ def _small(averager: str, behaviour: str | None = None, **extra) -> int:
 
 HONEST_ROUNDS = {"none": _small("small_none"), "fp16": _small("small_fp16"), "8bit": _small("small_8bit")}
 CLIENT_MODE_ROUND = _small("small_client")  # peer B in client mode
+# H reaches the averaging 5 s after A and B (a slower gradient); they wait for it up to 8 s
+LATE_ROUND = _small("small_none", delay={str(H): 5.0}, straggler_wait=8.0)
 # excluded before the reduction: the hostile peer gets one attempt (the others need only one)
 EXCLUDED_ROUNDS = {
     "forged_ticket": (_small("small_none", "forged_ticket"), Reason.TICKET_BAD_SIGNATURE),
@@ -279,6 +281,9 @@ def test_dht_from_node_key_file_and_bootstrap_errors(tmp_path, keys):
                 averager.average(0, make_ticket(coordinator, other.public_key_bytes, 0, 4), [torch.zeros(4)])
             with pytest.raises(Exception, match="round"):
                 averager.average(1, ticket, [torch.zeros(4)])
+            for bad in (-1.0, float("nan"), float("inf")):
+                with pytest.raises(ValueError, match="straggler_wait"):
+                    averager.average(0, ticket, [torch.zeros(4)], straggler_wait=bad)
         finally:
             averager.shutdown()
         # the gradient is copied and measured chunk by chunk: the norm is the whole tensor's, and a NaN
@@ -531,6 +536,22 @@ def test_honest_round_gives_every_peer_the_same_bytes(swarm, compression):
     assert rel <= {"none": 1e-6, "fp16": 1e-3, "8bit": 0.03}[compression]
 
 
+def test_a_member_later_than_min_matchmaking_time_still_makes_the_group(swarm):
+    """With a straggler wait, a partial group of the round's expected peers waits for a member whose
+    gradient took 5 s longer (more than the 2 s min_matchmaking_time that would start without it:
+    its verified work would be lost), and the full group starts as soon as it arrives."""
+    reports = [swarm.report(LATE_ROUND, p) for p in (A, B, H)]
+    assert all(rep["ok"] for rep in reports), json.dumps(reports, indent=1)[:6000]
+    for rep in reports:
+        assert len(rep["attempts"]) == 1 and len(rep["attempts"][0]["weights"]) == 3, rep["attempts"]
+    # A and B waited for H (started 5 s after them), and not for the whole 8 s
+    assert 4.0 < reports[A]["seconds"] < 8.0 + TIMING["allreduce_timeout"], reports[A]["seconds"]
+    _same_bytes(swarm, LATE_ROUND, (A, B, H))
+    err = _max_err(swarm.tensors(LATE_ROUND, A, "avg"),
+                   _weighted([small_grads(LATE_ROUND, p) for p in (A, B, H)], SMALL_WEIGHTS))
+    assert err <= 1e-6
+
+
 def test_a_client_mode_member_averages_and_audits_through_the_reducers(swarm):
     """B runs in client mode (behind NAT: nobody can call it). It sends its whole gradient to the two
     reducers, gets every average back, and takes part in the share audit only through them: its
@@ -764,7 +785,7 @@ def test_a_retry_after_timeouts_waits_for_the_members_still_timing_out():
     from grpo_swarm.node.swarm.round_report import AttemptReport
 
     me = SimpleNamespace(matchmaking_kwargs={"min_matchmaking_time": 2.0}, allreduce_kwargs={"reducer_timeout": 6.0})
-    wait = lambda attempts, timeout=15.0: VerifiedAverager._matchmaking_wait(me, attempts, timeout)  # noqa: E731
+    wait = lambda attempts, timeout=15.0, **kw: VerifiedAverager._matchmaking_wait(me, attempts, timeout, **kw)  # noqa: E731
     timed_out = AttemptReport(members=["a", "b", "c"], failed={"c": "REDUCER_FAILED: timed out"})
     accused = AttemptReport(members=["a", "b", "c"], failed={"b": "x"}, accused={"c": "NAN_OR_INF: part 0"})
     assert wait([]) == 2.0
@@ -772,6 +793,11 @@ def test_a_retry_after_timeouts_waits_for_the_members_still_timing_out():
     assert wait([accused]) == 2.0
     assert wait([AttemptReport(error="could not find a group")]) == 2.0
     assert wait([timed_out], timeout=5.0) == 4.0
+    # a straggler wait longer than min_matchmaking_time replaces it, in every attempt, within the same cap
+    assert wait([], straggler_wait=7.0) == 7.0
+    assert wait([], straggler_wait=0.5) == 2.0
+    assert wait([timed_out], timeout=30.0, straggler_wait=7.0) == 13.0
+    assert wait([], timeout=5.0, straggler_wait=7.0) == 4.0
 
 
 def test_a_forked_averager_can_sketch_in_two_threads_at_once():

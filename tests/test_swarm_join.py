@@ -276,3 +276,23 @@ def test_a_designated_uploader_that_stalls_is_raced_every_round(tmp_path):
         assert sorted(r["upload_bytes"] for i, r in mine.items() if i != bad)[1] >= size
         assert all(r["phases"]["publish"] < 30 for r in mine.values()), mine  # the 10 s grace, then a fast upload
     assert_one_policy(records, published(entries))
+
+
+def test_the_straggler_wait_scales_with_the_nodes_own_gradient_time():
+    """A partial group waits for the round's missing peers ``swarm.straggler_wait`` times this node's
+    own time from the round's close to its averaging, at least 2 s (tiny models: the averager's old
+    fixed wait) and at most half the matchmaking timeout (a peer that is gone costs one such wait)."""
+    from types import SimpleNamespace
+
+    from grpo_swarm.node.swarm.join import MIN_STRAGGLER_WAIT_S, SwarmPeer
+
+    peer = SimpleNamespace(straggler_wait=1.0, matchmaking_timeout_s=30.0)
+    wait = lambda own_s: SwarmPeer._straggler_wait(peer, own_s)  # noqa: E731
+    assert MIN_STRAGGLER_WAIT_S == 2.0
+    assert wait(0.05) == 2.0 and wait(-1.0) == 2.0
+    assert wait(7.5) == 7.5  # SmolLM2 here: the others finish their gradients within about that
+    assert wait(40.0) == 15.0
+    peer.straggler_wait = 0.5
+    assert wait(10.0) == 5.0
+    peer.straggler_wait = 0.0
+    assert wait(10.0) == 2.0

@@ -383,22 +383,27 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
 
     def average(self, round_index: int, ticket_bytes: bytes, grads: Sequence[torch.Tensor], *,
                 expected_peers: Iterable[bytes] | None = None, max_attempts: int | None = None,
-                out: Sequence[torch.Tensor] | None = None) -> RoundResult:
+                out: Sequence[torch.Tensor] | None = None, straggler_wait: float = 0.0) -> RoundResult:
         """Average ``grads`` with this round's peers; see the module docstring.
 
         ``ticket_bytes``: this node's serialized AdmissionTicket for ``round_index``.
         ``expected_peers``: the round's node public keys, when the coordinator lists them: others are
-        excluded, matchmaking waits for all of them (``min_matchmaking_time`` for stragglers), and an
-        attempt needs a strict majority of them as valid contributors — two disjoint groups can then
+        excluded, matchmaking waits for all of them (``min_matchmaking_time`` or ``straggler_wait`` for
+        stragglers), and an attempt needs a strict majority of them as valid contributors — two disjoint groups can then
         never both succeed in one round (without the list, ``min_group_size`` / ``min_contributors``
         apply, and a split swarm can average in two groups).
         ``max_attempts``: overrides the constructor's for this round.
+        ``straggler_wait``: seconds a partial group waits for the rest when longer than
+        ``min_matchmaking_time`` (a full group still starts at once): the round's peers reach the
+        averaging as far apart as their gradients take, and one left out loses its verified work.
         ``out``: tensors (e.g. the gradients themselves) to write the average into on success, which
         the result then holds (:meth:`result_buffers`: no copy); by default the result holds new tensors.
         ``grads`` may be :meth:`gradient_buffers` themselves (computed in place): checked, not copied.
         Raises LocalGradientError / ProtocolError / ValueError for this node's own bad input (nothing
         is sent then); a failed round is a result with ``ok=False``, never an exception.
         """
+        if not (isinstance(straggler_wait, (int, float)) and math.isfinite(straggler_wait) and straggler_wait >= 0):
+            raise ValueError(f"straggler_wait must be a finite number of seconds >= 0, got {straggler_wait!r}")
         with self._round_lock:
             started = time.monotonic()
             rules = self.round_rules(round_index, expected_peers)
@@ -419,7 +424,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                                     self.audit_fraction)
                 entry = self.gather_entry(claim)
                 timeout = min(self.matchmaking_timeout, remaining)
-                report = self._attempt(entry, weight, timeout, self._matchmaking_wait(attempts, timeout))
+                report = self._attempt(entry, weight, timeout, self._matchmaking_wait(attempts, timeout, straggler_wait))
                 report.attempt = attempt
                 attempts.append(report)
                 if report.ok:
@@ -442,12 +447,14 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
     def check_own_ticket(self, ticket_bytes: bytes, rules: RoundRules):
         return check_own_ticket(ticket_bytes, self.identity, rules)
 
-    def _matchmaking_wait(self, attempts: Sequence[AttemptReport], timeout: float) -> float:
-        """Seconds a partial group waits for the rest (a full group starts at once). After an attempt
-        that failed on timeouts or cancels, with nobody accused, its other members come back only
-        once their own timeouts expire (up to a reducer timeout after us): a retry that started
-        without them would leave honest peers out of the round."""
-        wait = self.matchmaking_kwargs["min_matchmaking_time"]
+    def _matchmaking_wait(self, attempts: Sequence[AttemptReport], timeout: float, straggler_wait: float = 0.0
+                          ) -> float:
+        """Seconds a partial group waits for the rest (a full group starts at once): the larger of
+        ``min_matchmaking_time`` and ``straggler_wait``. After an attempt that failed on timeouts or
+        cancels, with nobody accused, its other members come back only once their own timeouts expire
+        (up to a reducer timeout after us): a retry that started without them would leave honest peers
+        out of the round."""
+        wait = max(self.matchmaking_kwargs["min_matchmaking_time"], straggler_wait)
         last = attempts[-1] if attempts else None
         if last is not None and last.members and last.failed and not last.accused:
             wait += self.allreduce_kwargs["reducer_timeout"]

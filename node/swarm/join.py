@@ -39,6 +39,7 @@ from .share_sketch import DEFAULT_AUDIT_FRACTION
 
 log = logging.getLogger(__name__)
 COMPRESSIONS = ("none", "fp16", "8bit")
+MIN_STRAGGLER_WAIT_S = 2.0  # the averager's min_matchmaking_time: the wait when gradients take no time
 PART_SIZE_LIMITS = (64 << 10, 16 << 20)  # --part-size: larger parts cost less CPU, smaller ones pipeline better
 
 
@@ -154,6 +155,9 @@ class SwarmPeer:
             allreduce_timeout=float(swarm.get("averaging_timeout_s", 120.0)), client_mode=opts.client_mode,
             keep_freed_memory=p.train_cfg.run.keep_freed_memory)
         self.round_timeout_s = float(swarm.get("round_timeout_s", 600.0))
+        self.straggler_wait = float(swarm.get("straggler_wait", 1.0))
+        self.matchmaking_timeout_s = float(swarm.get("matchmaking_timeout_s", 30.0))
+        self._closed_at = time.monotonic()  # when this node learnt that its round closed (its ticket)
         self._publication = PublicationFollower(p, self.heartbeat, timeout_s=self.round_timeout_s, poll_s=opts.poll_s)
         self._clock = PhaseClock()
         self.heartbeat()  # announce the DHT addresses
@@ -250,6 +254,7 @@ class SwarmPeer:
                              dht_peers=len(connected_peers(self.dht)), phases=self._clock.phases)
         closed = self._wait_for_close(work.round_index)
         self._clock.lap("wait")
+        self._closed_at = time.monotonic()
         ticket = closed.round_ticket if closed.HasField("round_ticket") else None
         self._participants = [bytes(k) for k in closed.round_participants]
         if ticket is None or ticket.round_index != work.round_index:
@@ -271,6 +276,15 @@ class SwarmPeer:
                 self._clock.lap("sync")
         record.seconds = time.monotonic() - t0
         return record
+
+    def _straggler_wait(self, own_s: float) -> float:
+        """How long a partial group waits for the round's missing peers: ``swarm.straggler_wait`` times
+        this node's own time from the round's close to its averaging (a resync and the gradient), within
+        [MIN_STRAGGLER_WAIT_S, matchmaking_timeout_s / 2]. Peers get their final tickets together but
+        reach the averaging as far apart as their gradients take (SmolLM2 on a shared 2-core machine:
+        7-10 s); one that misses the group loses its verified work and the round's step."""
+        cap = self.matchmaking_timeout_s / 2
+        return min(max(MIN_STRAGGLER_WAIT_S, self.straggler_wait * max(own_s, 0.0)), cap)
 
     def _bind_gradients(self, params) -> bool:
         """On the CPU, make the averager's input buffers the parameters' ``.grad`` (zeroed), so that the
@@ -314,7 +328,8 @@ class SwarmPeer:
         started = time.monotonic()
         result = self.averager.average(work.round_index, ticket.SerializeToString(), grads,
                                        expected_peers=list(self._participants) or None,
-                                       out=self.averager.result_buffers() if bound else grads)
+                                       out=self.averager.result_buffers() if bound else grads,
+                                       straggler_wait=self._straggler_wait(started - self._closed_at))
         if bound and result.ok:  # the step reads the average where the round left it
             for t, averaged in zip(trainer.trainable, result.grads, strict=True):
                 t.grad = averaged
