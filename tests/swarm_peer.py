@@ -163,6 +163,9 @@ def main(config_path: str) -> int:
             time.sleep(float(rnd["delay"][str(me)]))
         if "straggler_wait" in rnd:
             kwargs["straggler_wait"] = float(rnd["straggler_wait"])
+        if rnd.get("round_over_when_others_done"):  # as join asks the coordinator for a published version
+            kwargs["round_over"] = lambda r=r, ps=participants: all(
+                (work / f"r{r}-p{q}.json").exists() for q in ps if q != me)
         try:
             res = averager.average(r, ticket, grads, expected_peers=expected, max_attempts=rnd.get("max_attempts"),
                                    **kwargs)

@@ -39,7 +39,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_swarm.node.swarm.averaging import LOAD_CHUNK, LocalGradientError, VerifiedAverager, tensors_sha256
+from grpo_swarm.node.swarm.averaging import (
+    LOAD_CHUNK,
+    ROUND_WENT_ON,
+    LocalGradientError,
+    VerifiedAverager,
+    tensors_sha256,
+)
 from grpo_swarm.node.swarm.dht import DHTStartError, start_dht
 from grpo_swarm.node.swarm.group_plan import GroupPlan
 from grpo_swarm.node.swarm.tickets import (
@@ -98,6 +104,8 @@ HONEST_ROUNDS = {"none": _small("small_none"), "fp16": _small("small_fp16"), "8b
 CLIENT_MODE_ROUND = _small("small_client")  # peer B in client mode
 # H reaches the averaging 5 s after A and B (a slower gradient); they wait for it up to 8 s
 LATE_ROUND = _small("small_none", delay={str(H): 5.0}, straggler_wait=8.0)
+# ... and with the default 2 s wait it is left out; told the round went on, it does not retry
+LEFT_OUT_ROUND = _small("small_none", delay={str(H): 5.0}, round_over_when_others_done=True)
 # excluded before the reduction: the hostile peer gets one attempt (the others need only one)
 EXCLUDED_ROUNDS = {
     "forged_ticket": (_small("small_none", "forged_ticket"), Reason.TICKET_BAD_SIGNATURE),
@@ -550,6 +558,19 @@ def test_a_member_later_than_min_matchmaking_time_still_makes_the_group(swarm):
     err = _max_err(swarm.tensors(LATE_ROUND, A, "avg"),
                    _weighted([small_grads(LATE_ROUND, p) for p in (A, B, H)], SMALL_WEIGHTS))
     assert err <= 1e-6
+
+
+def test_a_member_left_out_of_its_round_does_not_retry_once_the_round_went_on(swarm):
+    """5 s late with the 2 s wait, the member misses the group: the other two average without it (a
+    strict majority of the round's three). Its attempt finds no group; asked whether the round went
+    on (join asks the coordinator for a newer version), it stops instead of spending another
+    matchmaking timeout on a retry that nobody would join."""
+    a, b, h = (swarm.report(LEFT_OUT_ROUND, p) for p in (A, B, H))
+    assert a["ok"] and b["ok"], (a, b)
+    assert len(a["attempts"][-1]["weights"]) == 2 and swarm.peer_ids[H] not in a["attempts"][-1]["weights"]
+    assert not h["ok"] and len(h["attempts"]) == 1, h
+    assert ROUND_WENT_ON in h["error"], h["error"]
+    assert h["seconds"] < TIMING["matchmaking_timeout"] + 5.0, h["seconds"]
 
 
 def test_a_client_mode_member_averages_and_audits_through_the_reducers(swarm):

@@ -296,3 +296,25 @@ def test_the_straggler_wait_scales_with_the_nodes_own_gradient_time():
     assert wait(10.0) == 5.0
     peer.straggler_wait = 0.0
     assert wait(10.0) == 2.0
+
+
+def test_a_node_asks_the_coordinator_whether_its_round_went_on():
+    """The averager's ``round_over``: True once the coordinator serves a version after the one the
+    node's gradient was taken at; False before, and when the coordinator cannot be asked."""
+    from types import SimpleNamespace
+
+    from grpo_swarm.node.swarm.join import SwarmPeer
+
+    served = {"version": 4}
+
+    def heartbeat():
+        if served["version"] is None:
+            raise CoordinatorError("Heartbeat", "UNAVAILABLE", "connection refused")
+        return SimpleNamespace(current=SimpleNamespace(version=served["version"]))
+
+    peer = SimpleNamespace(heartbeat=heartbeat)
+    assert SwarmPeer._published_after(peer, 4) is False
+    served["version"] = 5
+    assert SwarmPeer._published_after(peer, 4) is True
+    served["version"] = None
+    assert SwarmPeer._published_after(peer, 4) is False

@@ -68,7 +68,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import AsyncIterator  # typing's, not collections.abc's: hivemind's handler registry reads its _name
 
 import torch
@@ -119,6 +119,7 @@ PART_SIZE_BYTES = 1 << 20
 LOAD_CHUNK = 1 << 16  # values copied, then measured, at a time: 256 KiB of float32, still in L2 for the norm
 ALLREDUCE_GRACE_S = 5.0  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
 SELF_EXCLUDED = "this node was excluded"
+ROUND_WENT_ON = "the round went on without this node (no retry)"
 
 
 class LocalGradientError(ValueError):
@@ -383,7 +384,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
 
     def average(self, round_index: int, ticket_bytes: bytes, grads: Sequence[torch.Tensor], *,
                 expected_peers: Iterable[bytes] | None = None, max_attempts: int | None = None,
-                out: Sequence[torch.Tensor] | None = None, straggler_wait: float = 0.0) -> RoundResult:
+                out: Sequence[torch.Tensor] | None = None, straggler_wait: float = 0.0,
+                round_over: Callable[[], bool] | None = None) -> RoundResult:
         """Average ``grads`` with this round's peers; see the module docstring.
 
         ``ticket_bytes``: this node's serialized AdmissionTicket for ``round_index``.
@@ -396,6 +398,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         ``straggler_wait``: seconds a partial group waits for the rest when longer than
         ``min_matchmaking_time`` (a full group still starts at once): the round's peers reach the
         averaging as far apart as their gradients take, and one left out loses its verified work.
+        ``round_over``: asked after a failed attempt; True (e.g. the coordinator already published the
+        round's version) ends the round without a retry.
         ``out``: tensors (e.g. the gradients themselves) to write the average into on success, which
         the result then holds (:meth:`result_buffers`: no copy); by default the result holds new tensors.
         ``grads`` may be :meth:`gradient_buffers` themselves (computed in place): checked, not copied.
@@ -440,6 +444,9 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                 accusations = accusation_list([*accusations, *report.accused_pairs()])
                 if (report.error or "").startswith(SELF_EXCLUDED):
                     break  # the verdicts are deterministic: a retry in this round would exclude us again
+                if round_over is not None and round_over():
+                    report.error = f"{report.error or 'failed'}; {ROUND_WENT_ON}"
+                    break  # the others averaged without us: a retry would wait a matchmaking timeout for nobody
             last = attempts[-1].error if attempts else "no time left for an attempt"
             return RoundResult(False, round_index, None, attempts, time.monotonic() - started,
                                error=last or "the round did not complete")

@@ -286,6 +286,16 @@ class SwarmPeer:
         cap = self.matchmaking_timeout_s / 2
         return min(max(MIN_STRAGGLER_WAIT_S, self.straggler_wait * max(own_s, 0.0)), cap)
 
+    def _published_after(self, version: int) -> bool:
+        """Whether the coordinator already serves a version after ``version`` (the one this node's
+        gradient was taken at): the round was averaged and published without this node. False when
+        the coordinator cannot be asked (the averager then retries as it would)."""
+        try:
+            return self.heartbeat().current.version > version
+        except Exception as e:  # noqa: BLE001 - a retry costs time, not correctness
+            log.warning("could not ask the coordinator whether the round went on: %s", e)
+            return False
+
     def _bind_gradients(self, params) -> bool:
         """On the CPU, make the averager's input buffers the parameters' ``.grad`` (zeroed), so that the
         backward pass writes the gradient where the round reads it: no copy in, and (with the result
@@ -329,7 +339,8 @@ class SwarmPeer:
         result = self.averager.average(work.round_index, ticket.SerializeToString(), grads,
                                        expected_peers=list(self._participants) or None,
                                        out=self.averager.result_buffers() if bound else grads,
-                                       straggler_wait=self._straggler_wait(started - self._closed_at))
+                                       straggler_wait=self._straggler_wait(started - self._closed_at),
+                                       round_over=lambda: self._published_after(p.snapshot.version))
         if bound and result.ok:  # the step reads the average where the round left it
             for t, averaged in zip(trainer.trainable, result.grads, strict=True):
                 t.grad = averaged
