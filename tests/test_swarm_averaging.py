@@ -806,7 +806,10 @@ def test_a_retry_after_timeouts_waits_for_the_members_still_timing_out():
     from grpo_swarm.node.swarm.round_report import AttemptReport
 
     me = SimpleNamespace(matchmaking_kwargs={"min_matchmaking_time": 2.0}, allreduce_kwargs={"reducer_timeout": 6.0})
-    wait = lambda attempts, timeout=15.0, **kw: VerifiedAverager._matchmaking_wait(me, attempts, timeout, **kw)  # noqa: E731
+
+    def wait(attempts, timeout=15.0, **kw):
+        return VerifiedAverager._matchmaking_wait(me, attempts, timeout, **kw)
+
     timed_out = AttemptReport(members=["a", "b", "c"], failed={"c": "REDUCER_FAILED: timed out"})
     accused = AttemptReport(members=["a", "b", "c"], failed={"b": "x"}, accused={"c": "NAN_OR_INF: part 0"})
     assert wait([]) == 2.0

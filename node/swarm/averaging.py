@@ -391,9 +391,9 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         ``ticket_bytes``: this node's serialized AdmissionTicket for ``round_index``.
         ``expected_peers``: the round's node public keys, when the coordinator lists them: others are
         excluded, matchmaking waits for all of them (``min_matchmaking_time`` or ``straggler_wait`` for
-        stragglers), and an attempt needs a strict majority of them as valid contributors — two disjoint groups can then
-        never both succeed in one round (without the list, ``min_group_size`` / ``min_contributors``
-        apply, and a split swarm can average in two groups).
+        stragglers), and an attempt needs a strict majority of them as valid contributors — two
+        disjoint groups can then never both succeed in one round (without the list,
+        ``min_group_size`` / ``min_contributors`` apply, and a split swarm can average in two groups).
         ``max_attempts``: overrides the constructor's for this round.
         ``straggler_wait``: seconds a partial group waits for the rest when longer than
         ``min_matchmaking_time`` (a full group still starts at once): the round's peers reach the
@@ -428,7 +428,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                                     self.audit_fraction)
                 entry = self.gather_entry(claim)
                 timeout = min(self.matchmaking_timeout, remaining)
-                report = self._attempt(entry, weight, timeout, self._matchmaking_wait(attempts, timeout, straggler_wait))
+                wait = self._matchmaking_wait(attempts, timeout, straggler_wait)
+                report = self._attempt(entry, weight, timeout, wait)
                 report.attempt = attempt
                 attempts.append(report)
                 if report.ok:
