@@ -73,6 +73,7 @@ from typing import AsyncIterator  # typing's, not collections.abc's: hivemind's 
 
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.compression import CompressionBase, NoCompression
@@ -120,6 +121,7 @@ LOAD_CHUNK = 1 << 16  # values copied, then measured, at a time: 256 KiB of floa
 ALLREDUCE_GRACE_S = 5.0  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
 SELF_EXCLUDED = "this node was excluded"
 ROUND_WENT_ON = "the round went on without this node (no retry)"
+ROUND_OVER_POLL_S = 3.0  # while looking for a group, how often the caller's round_over is asked
 
 
 class LocalGradientError(ValueError):
@@ -398,8 +400,9 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         ``straggler_wait``: seconds a partial group waits for the rest when longer than
         ``min_matchmaking_time`` (a full group still starts at once): the round's peers reach the
         averaging as far apart as their gradients take, and one left out loses its verified work.
-        ``round_over``: asked after a failed attempt; True (e.g. the coordinator already published the
-        round's version) ends the round without a retry.
+        ``round_over``: asked after a failed attempt and every few seconds while looking for a group;
+        True (e.g. the coordinator already published the round's version) ends the round at once,
+        without a retry.
         ``out``: tensors (e.g. the gradients themselves) to write the average into on success, which
         the result then holds (:meth:`result_buffers`: no copy); by default the result holds new tensors.
         ``grads`` may be :meth:`gradient_buffers` themselves (computed in place): checked, not copied.
@@ -429,7 +432,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                 entry = self.gather_entry(claim)
                 timeout = min(self.matchmaking_timeout, remaining)
                 wait = self._matchmaking_wait(attempts, timeout, straggler_wait)
-                report = self._attempt(entry, weight, timeout, wait)
+                report = self._attempt(entry, weight, timeout, wait, round_over)
                 report.attempt = attempt
                 attempts.append(report)
                 if report.ok:
@@ -445,8 +448,9 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                 accusations = accusation_list([*accusations, *report.accused_pairs()])
                 if (report.error or "").startswith(SELF_EXCLUDED):
                     break  # the verdicts are deterministic: a retry in this round would exclude us again
-                if round_over is not None and round_over():
-                    report.error = f"{report.error or 'failed'}; {ROUND_WENT_ON}"
+                if ROUND_WENT_ON in (report.error or "") or (round_over is not None and round_over()):
+                    if ROUND_WENT_ON not in (report.error or ""):
+                        report.error = f"{report.error or 'failed'}; {ROUND_WENT_ON}"
                     break  # the others averaged without us: a retry would wait a matchmaking timeout for nobody
             last = attempts[-1].error if attempts else "no time left for an attempt"
             return RoundResult(False, round_index, None, attempts, time.monotonic() - started,
@@ -468,15 +472,37 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             wait += self.allreduce_kwargs["reducer_timeout"]
         return min(wait, 0.8 * timeout)
 
-    def _attempt(self, entry: bytes, weight: float, timeout: float, wait: float) -> AttemptReport:
+    def _attempt(self, entry: bytes, weight: float, timeout: float, wait: float,
+                 round_over: Callable[[], bool] | None = None) -> AttemptReport:
         try:
-            report = self.step(gather=entry, weight=weight, timeout=timeout, allow_retries=True,
-                               scheduled_time=get_dht_time() + wait)
+            control = self.step(gather=entry, weight=weight, timeout=timeout, allow_retries=True,
+                                scheduled_time=get_dht_time() + wait, wait=False)
+            report = self._step_result(control, round_over)
         except Exception as e:  # noqa: BLE001 - no group, timeouts: a failed attempt, reported
             return AttemptReport(error=f"{type(e).__name__}: {e}"[:500])
         if not isinstance(report, AttemptReport):
             return AttemptReport(error=f"unexpected step result {type(report).__name__}")
         return report
+
+    @staticmethod
+    def _step_result(control: StepControl, round_over: Callable[[], bool] | None):
+        """The step's result. With ``round_over``: asked every ROUND_OVER_POLL_S while the step is still
+        looking for a group; True cancels the search (hivemind's StepControl.cancel, which ends its
+        matchmaking) and waits for the step to wind down, so the next round's step never meets a
+        search still running. Once the round's version is out, no group this node could find would
+        hold a majority of the round's peers, so nothing is lost."""
+        if round_over is None:
+            return control.result()
+        while True:
+            try:
+                return control.result(timeout=ROUND_OVER_POLL_S)
+            except TimeoutError:
+                if control.stage == AveragingStage.LOOKING_FOR_GROUP and round_over():
+                    control.cancel()
+                    deadline = time.monotonic() + ROUND_OVER_POLL_S
+                    while control.stage != AveragingStage.FINISHED and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    return AttemptReport(error=f"cancelled while looking for a group; {ROUND_WENT_ON}")
 
     # ------------------------------------------------------------------ the averager process
     async def _set_round(self, round_index: int, expected_keys: frozenset[bytes] | None, group_size: int | None):
