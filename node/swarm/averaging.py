@@ -448,9 +448,9 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                 accusations = accusation_list([*accusations, *report.accused_pairs()])
                 if (report.error or "").startswith(SELF_EXCLUDED):
                     break  # the verdicts are deterministic: a retry in this round would exclude us again
-                if ROUND_WENT_ON in (report.error or "") or (round_over is not None and round_over()):
-                    if ROUND_WENT_ON not in (report.error or ""):
-                        report.error = f"{report.error or 'failed'}; {ROUND_WENT_ON}"
+                if ROUND_WENT_ON not in (report.error or "") and round_over is not None and round_over():
+                    report.error = f"{report.error or 'failed'}; {ROUND_WENT_ON}"
+                if ROUND_WENT_ON in (report.error or ""):
                     break  # the others averaged without us: a retry would wait a matchmaking timeout for nobody
             last = attempts[-1].error if attempts else "no time left for an attempt"
             return RoundResult(False, round_index, None, attempts, time.monotonic() - started,

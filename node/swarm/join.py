@@ -157,7 +157,6 @@ class SwarmPeer:
         self.round_timeout_s = float(swarm.get("round_timeout_s", 600.0))
         self.straggler_wait = float(swarm.get("straggler_wait", 1.0))
         self.matchmaking_timeout_s = float(swarm.get("matchmaking_timeout_s", 30.0))
-        self._closed_at = time.monotonic()  # when this node learnt that its round closed (its ticket)
         self._publication = PublicationFollower(p, self.heartbeat, timeout_s=self.round_timeout_s, poll_s=opts.poll_s)
         self._clock = PhaseClock()
         self.heartbeat()  # announce the DHT addresses
@@ -254,7 +253,7 @@ class SwarmPeer:
                              dht_peers=len(connected_peers(self.dht)), phases=self._clock.phases)
         closed = self._wait_for_close(work.round_index)
         self._clock.lap("wait")
-        self._closed_at = time.monotonic()
+        closed_at = time.monotonic()  # the straggler wait is measured from here
         ticket = closed.round_ticket if closed.HasField("round_ticket") else None
         self._participants = [bytes(k) for k in closed.round_participants]
         if ticket is None or ticket.round_index != work.round_index:
@@ -268,7 +267,7 @@ class SwarmPeer:
                 record.resynced = True
                 self._clock.lap("sync")
             try:
-                self._average_and_step(work, ticket, record)
+                self._average_and_step(work, ticket, record, closed_at)
             except CoordinatorError as e:  # a refused report or upload: take the swarm's version instead
                 record.note = f"{e.method}: {e.code}: {e.detail}"[:200]
                 p.sync()
@@ -322,7 +321,8 @@ class SwarmPeer:
                 return hb
             time.sleep(self.opts.poll_s)
 
-    def _average_and_step(self, work: RoundWork, ticket: pb.AdmissionTicket, record: RoundRecord) -> None:
+    def _average_and_step(self, work: RoundWork, ticket: pb.AdmissionTicket, record: RoundRecord,
+                          closed_at: float) -> None:
         p = self.participant
         trainer = p.trainer
         trainer.optimizer.zero_grad(set_to_none=False)
@@ -339,7 +339,7 @@ class SwarmPeer:
         result = self.averager.average(work.round_index, ticket.SerializeToString(), grads,
                                        expected_peers=list(self._participants) or None,
                                        out=self.averager.result_buffers() if bound else grads,
-                                       straggler_wait=self._straggler_wait(started - self._closed_at),
+                                       straggler_wait=self._straggler_wait(started - closed_at),
                                        round_over=lambda: self._published_after(p.snapshot.version))
         if bound and result.ok:  # the step reads the average where the round left it
             for t, averaged in zip(trainer.trainable, result.grads, strict=True):
