@@ -147,7 +147,10 @@ def main(config_path: str) -> int:
             ticket = make_ticket(coordinator, identity.public_key_bytes, r + 100, seqs, toks)
         elif behaviour == "other_node_ticket":
             ticket = make_ticket(coordinator, node_keys[0], r, seqs, toks)
-        expected = [node_keys[p] for p in participants]
+        # the round's peers as the coordinator names them; a member left out of them (a sybil) still
+        # averages, counting itself in
+        named = [int(p) for p in rnd.get("expected", participants)]
+        expected = [node_keys[p] for p in (named if me in named else participants)]
         out = {"round": r, "index": me, "behaviour": behaviour, "peer_id": identity.peer_id_base58,
                "weights": {"sequences": seqs, "tokens": toks}, "completion_sha": completion_sha}
         event(f"round {r} start ({behaviour})")

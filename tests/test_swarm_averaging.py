@@ -107,6 +107,9 @@ CLIENT_MODE_ROUND = _small("small_client")  # peer B in client mode
 LATE_ROUND = _small("small_none", delay={str(H): 5.0}, straggler_wait=8.0)
 # ... and with the default 2 s wait it is left out; told the round went on, it does not retry
 LEFT_OUT_ROUND = _small("small_none", delay={str(H): 5.0}, round_over_when_others_done=True)
+# the coordinator names only A and B; H (a key outside the round, as any fresh key is) goes looking for
+# their group anyway: without the key check it could take a slot and start the group without A or B
+SYBIL_ROUND = _small("small_none", expected=[A, B], max_attempts=1, round_over_when_others_done=True)
 # excluded before the reduction: the hostile peer gets one attempt (the others need only one)
 EXCLUDED_ROUNDS = {
     "forged_ticket": (_small("small_none", "forged_ticket"), Reason.TICKET_BAD_SIGNATURE),
@@ -229,6 +232,29 @@ def test_verdicts_name_every_bad_slot(keys):
     assert verdicts[n2.peer_id].reason == Reason.ACCUSED and verdicts[n1.peer_id].ok
     with pytest.raises(ValueError, match="twice"):
         group_verdicts([good[0], good[0]], [good[1], good[1]], _rules(coordinator))
+
+
+def test_matchmaking_admits_only_the_rounds_keys(keys):
+    """The matchmaking's key check (the swarm test's SYBIL_ROUND shows it in a real round): a peer id
+    counts when it holds one of the round's node keys; a sha256 peer id (RSA, no key inside) never
+    does; without the round's keys (no coordinator list) anyone does, as in stock hivemind."""
+    import hashlib
+
+    from hivemind.p2p import P2PContext, PeerID
+    from hivemind.proto import averaging_pb2
+
+    from grpo_swarm.node.swarm.matchmaking import PatientMatchmaking
+
+    _, (n0, n1, n2) = keys
+    matchmaking = PatientMatchmaking.__new__(PatientMatchmaking)  # the check reads round_keys only
+    rsa_like = PeerID(b"\x12\x20" + hashlib.sha256(b"rsa key").digest())
+    assert all(matchmaking.is_round_peer(PeerID(n.peer_id)) for n in (n0, n1, n2)) and matchmaking.is_round_peer(rsa_like)
+    matchmaking.round_keys = frozenset({n0.public_key_bytes, n1.public_key_bytes})
+    assert matchmaking.is_round_peer(PeerID(n0.peer_id)) and matchmaking.is_round_peer(PeerID(n1.peer_id))
+    assert not matchmaking.is_round_peer(PeerID(n2.peer_id)) and not matchmaking.is_round_peer(rsa_like)
+    context = P2PContext(handle_name="rpc_join_group", local_id=PeerID(n0.peer_id), remote_id=PeerID(n2.peer_id))
+    refusal = matchmaking._check_reasons_to_reject(averaging_pb2.JoinRequest(), context)
+    assert refusal is not None and refusal.code == averaging_pb2.PROTOCOL_VIOLATION
 
 
 def test_weight_modes_follow_the_loss_normalisation(keys):
@@ -574,6 +600,25 @@ def test_a_member_left_out_of_its_round_does_not_retry_once_the_round_went_on(sw
     assert ROUND_WENT_ON in h["error"], h["error"]
     assert "cancelled while looking for a group" in h["error"], h["error"]
     assert h["seconds"] < ROUND_OVER_POLL_S + 5.0 < TIMING["matchmaking_timeout"], h["seconds"]
+
+
+def test_a_key_outside_the_round_cannot_take_a_slot_in_its_groups(swarm):
+    """A sybil knows everything hivemind's matchmaking asks for (the schema hash and the round's group
+    key follow from public facts), and a group counts as full at the round's number of peers. If a
+    leader let it in, the group would start without one of the round's peers, the verdicts would
+    exclude the sybil, and the round would fail or go on without that peer: one cheap key could knock
+    an honest peer out of every round. Leaders refuse keys outside the round and followers never ask
+    them, so A and B average together in their one attempt, and H never shares a group with them."""
+    a, b, h = (swarm.report(SYBIL_ROUND, p) for p in (A, B, H))
+    assert a["ok"] and b["ok"], json.dumps([a, b], indent=1)[:6000]
+    honest = {swarm.peer_ids[A], swarm.peer_ids[B]}
+    for rep in (a, b):
+        assert len(rep["attempts"]) == 1 and set(rep["attempts"][0]["members"]) == honest, rep["attempts"]
+    assert not h["ok"], h
+    for attempt in h["attempts"]:
+        assert not honest & set(attempt["members"]), attempt
+    _same_bytes(swarm, SYBIL_ROUND, (A, B))
+    assert _max_err(swarm.tensors(SYBIL_ROUND, A, "avg"), _honest_mean(SYBIL_ROUND)) <= 1e-6
 
 
 def test_a_client_mode_member_averages_and_audits_through_the_reducers(swarm):

@@ -22,7 +22,8 @@ How a round goes (hivemind 1.1.12's DecentralizedAverager underneath, not a home
 1. :meth:`VerifiedAverager.average` checks this node's own ticket and gradient (shapes, finite,
    norm ≤ ``norm_bound``), copies the gradient into the averager's buffers and puts a signed gather
    entry in ``step()`` (:mod:`.tickets`): ticket bytes, round, attempt, committed norm, accusations.
-   Matchmaking uses a group key per round, so peers of different rounds never group.
+   Matchmaking uses a group key per round, so peers of different rounds never group, and with the
+   round's peers known it admits only their keys (:mod:`.matchmaking`): a fresh key cannot take a slot.
 2. In the averager process, :meth:`VerifiedAverager._aggregate_with_group` runs *before any part is
    reduced*: every member checks every slot (:func:`.tickets.group_verdicts`) and plans the group
    from the verdicts alone (:class:`.group_plan.GroupPlan`): contributors reduce equal shares,
@@ -510,6 +511,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         self._rules = self.round_rules(round_index, expected_keys)
         if type(self._matchmaking) is Matchmaking:  # hivemind builds it inside _run_internal: swap the class
             self._matchmaking.__class__ = PatientMatchmaking
+        self._matchmaking.round_keys = expected_keys  # only the round's peers may take a slot in its groups
         # a group key per round: peers still in another round can never join this one's groups
         self._matchmaking.group_key_manager.prefix = f"{self.prefix}_r{int(round_index)}"
         # with the round's peers known: wait for all of them, and never average fewer than a strict

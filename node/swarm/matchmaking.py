@@ -8,6 +8,13 @@ the swarm tests saw two-peer groups form in ~2 of 22 rounds, splitting the round
 averages. :class:`PatientMatchmaking` assembles a partial group only once the step's scheduled time
 (start + ``min_matchmaking_time``) has passed; a full group still starts at once, and a group of
 at least ``min_group_size`` still starts when the time is really up.
+
+It also keeps the round to its peers. hivemind admits any follower that knows the schema hash and
+the round's group key, both computable from public facts, and a group counts as full at the round's
+number of peers: one fresh key taking a slot would start the group without the last honest peer,
+and the verdicts would then exclude the key but not bring that peer back. With the round's node keys
+set (``round_keys``), a leader refuses followers whose peer id holds another key, and a follower
+never asks such a leader.
 """
 
 from __future__ import annotations
@@ -17,10 +24,31 @@ import asyncio
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import Matchmaking
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
+
+from grpo_swarm.protocol.identity import public_key_from_peer_id
+from grpo_swarm.protocol.errors import ProtocolError
 
 
 class PatientMatchmaking(Matchmaking):
+    round_keys: frozenset[bytes] | None = None  # node public keys of the round's peers; None: anyone
+
+    def is_round_peer(self, peer_id: PeerID) -> bool:
+        if self.round_keys is None:
+            return True
+        try:
+            return public_key_from_peer_id(peer_id.to_bytes()) in self.round_keys
+        except ProtocolError:  # not an Ed25519 peer id: no node key at all
+            return False
+
+    def _check_reasons_to_reject(self, request: averaging_pb2.JoinRequest, context: P2PContext
+                                 ) -> averaging_pb2.MessageFromLeader | None:
+        if not self.is_round_peer(context.remote_id):
+            return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+        return super()._check_reasons_to_reject(request, context)
+
     async def _request_join_potential_leaders(self, step: StepControl) -> GroupInfo:
         """hivemind's loop, except that a partial group waits for the scheduled time."""
         assert self.is_looking_for_group
@@ -28,6 +56,8 @@ class PatientMatchmaking(Matchmaking):
             while True:
                 try:
                     next_leader = await self.potential_leaders.pop_next_leader()  # TimeoutError on (re)declaring
+                    if not self.is_round_peer(next_leader):
+                        continue
                     group = await self._request_join_group(next_leader)
                     if group is not None:
                         return group
