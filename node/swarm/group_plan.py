@@ -28,13 +28,14 @@ class GroupPlan:
     @classmethod
     def from_verdicts(cls, peer_ids: Sequence[PeerID], verdicts: Sequence[SlotVerdict]) -> GroupPlan:
         """Valid members send; valid non-client members reduce equal shares (claimed bandwidths are
-        ignored); excluded members are auxiliary with share 0, so nobody sends them anything."""
+        ignored), except those a disputed accusation stops (:func:`.tickets.group_verdicts`); excluded
+        members are auxiliary with share 0, so nobody sends them anything."""
         modes, fractions = [], []
         for v in verdicts:
             if not v.ok:
                 modes.append(AveragingMode.AUX)
                 fractions.append(0.0)
-            elif v.client_mode:
+            elif v.client_mode or v.reduces_nothing:  # cannot serve, or one side of a disputed accusation
                 modes.append(AveragingMode.CLIENT)
                 fractions.append(0.0)
             else:

@@ -32,6 +32,7 @@ class AttemptReport:
     members: list[str] = field(default_factory=list)  # every slot of the group, in slot order
     weights: dict[str, float] = field(default_factory=dict)  # contributors -> ticket weight
     excluded: dict[str, str] = field(default_factory=dict)  # left out before the reduction, and why
+    reduces_nothing: dict[str, str] = field(default_factory=dict)  # contributors without a share (disputed accusations)
     accused: dict[str, str] = field(default_factory=dict)  # caught sending/returning invalid data
     failed: dict[str, str] = field(default_factory=dict)  # stopped, timed out, disconnected, refused
     refused: dict[str, str] = field(default_factory=dict)  # excluded peers that sent parts anyway
