@@ -173,7 +173,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
       coordinator's ticket carries ``accepted_tokens``)
     :param require_final_ticket: only count tickets the coordinator marked final
     :param min_contributors: an attempt with fewer valid members fails (the same everywhere)
-    :param max_attempts: attempts per round (a retry excludes peers accused in earlier attempts)
+    :param max_attempts: attempts per round (a retry excludes peers two members accused in earlier
+      attempts; a cheat one member caught takes up to two retries: see :func:`.tickets.group_verdicts`)
     :param audit_reducers: run the share audit after each reduction (:mod:`.share_audit`)
     :param audit_timeout: seconds for the audit's two exchanges together
     :param audit_fraction: the share of each share's rows the audit reads, asked for in the gather (the
@@ -211,7 +212,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         reducer_timeout: float | None = None,
         allreduce_timeout: float = 60.0,
         round_timeout: float | None = None,
-        max_attempts: int = 2,
+        max_attempts: int = 3,
         part_size_bytes: int | None = None,
         audit_reducers: bool = True,
         audit_timeout: float | None = None,
