@@ -91,6 +91,30 @@ def test_a_float16_block_sketches_as_its_float32_values(numel):
     np.testing.assert_allclose(got, want, rtol=0, atol=sketch_tolerance(float(half.float().norm())))
 
 
+@pytest.mark.parametrize("fraction", [1.0, 0.25])
+def test_a_sender_sketches_its_fp16_parts_without_keeping_them(fraction):
+    # with Float16Compression a sender sketches its float32 gradient rounded through float16 in the
+    # sketch's own blocks, instead of keeping the parts it sent: the sketch must be that of the
+    # bytes hivemind sent (values past float16's range clamped, as its compress does), whole spans
+    # and short tails alike, and must differ from the sketch of the unrounded values
+    from hivemind.compression import CompressionInfo
+
+    xs = _grads(7)
+    xs[0].view(-1)[:3] = torch.tensor([1e6, -1e6, 65519.0])  # past the range, and at its rounding edge
+    layout, parts = _layout(xs, Float16Compression(), part_size_bytes=4 * ROW * 3 + 40)
+    flat = flat_views(xs)
+    for j in range(layout.num_shares):
+        proj = Projection.draw(b"seed", j, layout.rows[j], fraction=fraction, always=always_audited(layout, j))
+        sent = [torch.from_numpy(np.frombuffer(Float16Compression().compress(
+            part, CompressionInfo.from_tensor(part)).buffer, dtype=np.float16).copy()) for part in parts[j]]
+        want = sketch_parts(layout, j, sent, proj)
+        got = sketch_share(layout, j, flat, proj, through_fp16=True)
+        norm = float(torch.cat([t.float() for t in sent]).norm())
+        np.testing.assert_allclose(got, want, rtol=0, atol=sketch_tolerance(norm) * 1e-3)
+        if j == 0 and fraction == 1.0:  # the clamped values are in share 0's first row
+            assert np.abs(sketch_share(layout, j, flat, proj) - want).max() > sketch_tolerance(norm)
+
+
 def test_projection_is_portable_and_seeded():
     p = Projection.draw(b"seed", 2, 5)
     assert p.U.shape == (ROW, SKETCH_DIMS) and p.V.shape == (5, SKETCH_DIMS) and p.U.dtype == torch.float32

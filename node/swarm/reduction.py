@@ -283,9 +283,10 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         self.compression = compression
         self.output_compression = output_compression(compression)
         # our parts as sent, by slot (kept for the share audit when compression is lossy: our sketch
-        # must be of exactly what each reducer decoded and added up)
+        # must be of exactly what each reducer decoded and added up; fp16's rounding the audit redoes)
         self.sent_parts: list[list[WireTensor | runtime_pb2.Tensor]] | None = (
-            [[] for _ in range(self.group_size)] if keep_parts and not isinstance(compression, NoCompression) else None)
+            [[] for _ in range(self.group_size)]
+            if keep_parts and not isinstance(compression, (NoCompression, Float16Compression)) else None)
         self.tolerance = tolerance
         # receivers collect averages, not deltas: a failed reducer's parts would be local values
         # (never used: any failure aborts the attempt and the averager restores its snapshot)

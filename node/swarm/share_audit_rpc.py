@@ -137,14 +137,17 @@ class ShareAuditRPC:
         layout = runner.layout
         ins, outs = flat_views(inputs), flat_views(outputs)
         local = runner.ordered_peer_ids.index(runner.peer_id)
-        lossy = runner.sent_parts is not None  # then sketch what each reducer decoded, not the raw values
+        # what each reducer decoded, not the raw values: with fp16 the same rounding, redone here; with
+        # 8-bit (bucket means of a whole part) the parts as sent, kept by the runner
+        lossy = runner.sent_parts is not None
+        rounded = isinstance(runner.compression, Float16Compression)
         # the averages in a second thread while this one does the inputs (the products release the GIL)
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(lambda: [sketch_share(layout, j, outs, p) if p is not None else None
                                            for j, p in enumerate(projections)])
             mine = [None if p is None else
                     sketch_parts(layout, j, runner.sent_values(j), p) if lossy and j != local else
-                    sketch_share(layout, j, ins, p) for j, p in enumerate(projections)]
+                    sketch_share(layout, j, ins, p, through_fp16=rounded and j != local) for j, p in enumerate(projections)]
             my_outputs = pending.result()
         # float32 norms of each averaged part as received (ours: as decoded), squares summed in float64
         return mine, my_outputs, [runner.output_norm(j) for j in range(layout.num_shares)]

@@ -46,6 +46,7 @@ RHO_SKETCH = 2.0 ** -16  # float32 products, summation order, accumulation (rela
 RHO_FP16 = 2.0 ** -11  # fp16 rounding, relative (normal numbers)
 FP16_ABS = 2.0 ** -25  # fp16 rounding, absolute (subnormal numbers)
 _SEED_DOMAIN = b"grpo-swarm/v1/share-projection\n"
+FP16_MIN, FP16_MAX = float(torch.finfo(torch.float16).min), float(torch.finfo(torch.float16).max)
 
 
 @dataclass(frozen=True)
@@ -165,10 +166,12 @@ class Projection:
     def dims(self) -> int:
         return self.U.shape[1]
 
-    def block(self, values: torch.Tensor, row_offset: int) -> torch.Tensor:
+    def block(self, values: torch.Tensor, row_offset: int, through_fp16: bool = False) -> torch.Tensor:
         """The sketch (float64, dims) of ``values`` (1-D float32, or float16: the exact float32 values
         of those) laid out from row ``row_offset``; with sampled rows only those are read (gathered
-        in cache-sized blocks, :func:`_gathered_products`)."""
+        in cache-sized blocks, :func:`_gathered_products`). ``through_fp16``: of float32 values as
+        hivemind's Float16Compression delivers them (clamped, rounded to float16), rounded in the
+        cache-sized blocks, so a sender need not keep what it sent."""
         # torch's single-thread sgemm runs this (rows x ROW) @ (ROW x dims) product ~1.4x faster than
         # numpy's OpenBLAS (bench/averaging.py --micro); the row weights are summed in float64
         x = values.detach().reshape(-1).contiguous()
@@ -179,18 +182,21 @@ class Projection:
         rows = x[: full * ROW].view(full, ROW)
         if self.sampled is None:
             if full:
-                products = (_products_of_half(rows, self.U) if x.dtype == torch.float16 else rows @ self.U).numpy()
+                products = (_products_in_blocks(rows, self.U, through_fp16) if x.dtype == torch.float16 or through_fp16
+                            else rows @ self.U).numpy()
                 out += np.einsum("rd,rd->d", products, v[row_offset: row_offset + full], dtype=np.float64)
             tail_read = True
         else:
             lo, hi, end = np.searchsorted(self.sampled, [row_offset, row_offset + full, row_offset + full + 1])
             if hi > lo:
                 picked = torch.from_numpy(self.sampled[lo:hi] - row_offset)
-                products = _gathered_products(rows, picked, self.U).numpy()
+                products = _gathered_products(rows, picked, self.U, through_fp16).numpy()
                 out += np.einsum("rd,rd->d", products, v[self.sampled[lo:hi]], dtype=np.float64)
             tail_read = end > hi  # the short last row is sampled
         if n > full * ROW and tail_read:
             tail = x[full * ROW:].float()
+            if through_fp16:
+                tail = _round_through_fp16(tail.clone(), torch.empty(tail.shape, dtype=torch.float16))
             out += (tail @ self.U[: n - full * ROW]).numpy().astype(np.float64) * v[row_offset + full]
         return torch.from_numpy(out)
 
@@ -219,42 +225,60 @@ def _scratch(dtype: torch.dtype) -> torch.Tensor:
     return block
 
 
-def _gathered_products(rows: torch.Tensor, picked: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+def _round_through_fp16(block: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """``block`` (float32) in place as Float16Compression delivers it: clamped to float16's range
+    (else values past it would become inf), rounded to float16 and back."""
+    block.clamp_(FP16_MIN, FP16_MAX)
+    half.copy_(block)
+    return block.copy_(half)
+
+
+def _gathered_products(rows: torch.Tensor, picked: torch.Tensor, U: torch.Tensor, through_fp16: bool = False
+                       ) -> torch.Tensor:
     """``rows[picked].float() @ U``, gathered a block of rows at a time into a scratch that stays in
-    cache (float16 rows converted there too): the sampled rows are read once, never copied out to
-    memory and read back."""
+    cache (float16 rows converted there too, float32 ones rounded through float16 there if asked):
+    the sampled rows are read once, never copied out to memory and read back."""
     products = torch.empty(picked.shape[0], U.shape[1])
     scratch = _scratch(torch.float32)
-    half = _scratch(torch.float16) if rows.dtype == torch.float16 else None
+    half = _scratch(torch.float16) if rows.dtype == torch.float16 or through_fp16 else None
     for r in range(0, picked.shape[0], HALF_BLOCK_ROWS):
         n = min(HALF_BLOCK_ROWS, picked.shape[0] - r)
-        if half is None:
-            torch.index_select(rows, 0, picked[r: r + n], out=scratch[:n])
-        else:
+        if rows.dtype == torch.float16:
             torch.index_select(rows, 0, picked[r: r + n], out=half[:n])
             scratch[:n].copy_(half[:n])
+        else:
+            torch.index_select(rows, 0, picked[r: r + n], out=scratch[:n])
+            if through_fp16:
+                _round_through_fp16(scratch[:n], half[:n])
         torch.mm(scratch[:n], U, out=products[r: r + n])
     return products
 
 
-def _products_of_half(rows: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """``rows.float() @ U`` for float16 ``rows``, converted a block of rows at a time into a scratch
-    that stays in cache: memory is read at 2 bytes a value instead of written and re-read at 4
-    (1.2x faster alone, bench/RESULTS.md; more when peers share the memory bus)."""
+def _products_in_blocks(rows: torch.Tensor, U: torch.Tensor, through_fp16: bool = False) -> torch.Tensor:
+    """``rows.float() @ U`` for float16 ``rows`` (or float32 ones rounded through float16), converted
+    a block of rows at a time into a scratch that stays in cache: float16 memory is read at 2 bytes
+    a value instead of written and re-read at 4 (1.2x faster alone, bench/RESULTS.md; more when
+    peers share the memory bus)."""
     products = torch.empty(rows.shape[0], U.shape[1])
     scratch = _scratch(torch.float32)
+    half = _scratch(torch.float16) if through_fp16 and rows.dtype != torch.float16 else None
     for r in range(0, rows.shape[0], HALF_BLOCK_ROWS):
         block = scratch[: min(HALF_BLOCK_ROWS, rows.shape[0] - r)]
         block.copy_(rows[r: r + block.shape[0]])
+        if half is not None:
+            _round_through_fp16(block, half[: block.shape[0]])
         torch.mm(block, U, out=products[r: r + block.shape[0]])
     return products
 
 
-def sketch_share(layout: ShareLayout, share: int, flat_tensors: Sequence[torch.Tensor], proj: Projection) -> np.ndarray:
-    """The sketch of share ``share`` of ``flat_tensors`` (1-D float32 views of the averaged tensors)."""
+def sketch_share(layout: ShareLayout, share: int, flat_tensors: Sequence[torch.Tensor], proj: Projection,
+                 through_fp16: bool = False) -> np.ndarray:
+    """The sketch of share ``share`` of ``flat_tensors`` (1-D float32 views of the averaged tensors;
+    ``through_fp16``: as Float16Compression delivers them, :meth:`Projection.block`)."""
     total = torch.zeros(proj.dims, dtype=torch.float64)
     for span in layout.spans[share]:
-        total += proj.block(flat_tensors[span.tensor_index][span.start: span.start + span.numel], span.row_offset)
+        total += proj.block(flat_tensors[span.tensor_index][span.start: span.start + span.numel], span.row_offset,
+                            through_fp16)
     return total.numpy()
 
 
