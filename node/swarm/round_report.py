@@ -132,6 +132,7 @@ class RoundResult:
                  f"{len(self.attempts)} attempt(s)"]
         for a in self.attempts:
             parts.append(f"  attempt {a.attempt}: {'ok' if a.ok else 'failed'} group of {len(a.members)}, "
-                         f"weight {a.total_weight:g}, excluded {a.excluded}, accused {a.accused}, "
+                         f"weight {a.total_weight:g}, excluded {a.excluded}, reduces nothing "
+                         f"{sorted(a.reduces_nothing)}, accused {a.accused}, "
                          f"failed {a.failed}, error {a.error}")
         return "\n".join(parts)
