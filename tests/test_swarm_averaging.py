@@ -295,6 +295,16 @@ def test_two_members_word_excludes_and_one_members_word_stops_both_reducing(keys
     # two who accuse each other, alone: nobody can reduce, the attempt will fail (no reducer)
     got = verdicts(slot(n1, [n2]), slot(n2, [n1]))
     assert got == {n1.peer_id: stops, n2.peer_id: stops}, got
+    # the share audit calls every contributor that accepts calls, not only the reducers: with A and B
+    # stopped (A framed by B, B accusing H: nobody else would reduce, so only the accusers stop), H
+    # reduces alone, and A and B must still reach each other directly
+    from hivemind.p2p import PeerID
+
+    disputed = [slot(n0, [n1]), slot(n1, [n2]), slot(n2), slot(n3, client=True)]
+    plan = GroupPlan.from_verdicts([PeerID(q) for q, _ in disputed],
+                                   group_verdicts(*zip(*disputed), _rules(coordinator)))
+    assert plan.modes == (AveragingMode.CLIENT, AveragingMode.CLIENT, AveragingMode.NODE, AveragingMode.CLIENT)
+    assert plan.audit_servers(PeerID(n0.peer_id)) == [PeerID(n1.peer_id), PeerID(n2.peer_id)]
     # accusing more than half of the others: the accuser is left out and its accusations ignored
     got = verdicts(slot(n0), slot(n1, [n0, n2]), slot(n2))
     assert got[n1.peer_id] == (False, Reason.ACCUSES_MOST, False) and got[n0.peer_id] == got[n2.peer_id] == ok, got

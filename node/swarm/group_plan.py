@@ -50,6 +50,13 @@ class GroupPlan:
     def contributors(self) -> list[SlotVerdict]:
         return [v for v in self.verdicts if v.ok]
 
+    def audit_servers(self, me: PeerID) -> list[PeerID]:
+        """The members the share audit calls: every other contributor that accepts calls, reducing
+        or not. Members a disputed accusation stopped from reducing must reach each other directly:
+        through the reducers alone, a sole reducer that is the disputed cheat could withhold their
+        entries and have them accuse each other of silence (seen in a full test run)."""
+        return [p for p, v in zip(self.peer_ids, self.verdicts) if v.ok and not v.client_mode and p != me]
+
     @property
     def reducers(self) -> int:
         return sum(m == AveragingMode.NODE for m in self.modes)

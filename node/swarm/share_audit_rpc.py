@@ -23,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.compression import Float16Compression
 from hivemind.p2p import P2PContext, PeerID
@@ -76,7 +75,7 @@ class ShareAuditRPC:
         senders = [Sender(p.to_bytes(), float(w), plan.verdict(p).committed_norm)
                    for p, w in zip(runner.sender_peer_ids, runner.weights)]
         keys = {v.peer_id: v.public_key for v in plan.contributors}
-        servers = [p for p, m in zip(plan.peer_ids, plan.modes) if m == AveragingMode.NODE and p != self.peer_id]
+        servers = plan.audit_servers(self.peer_id)
         try:
             nonce = nonce_for(self._audit_secret, self._rules.round_index, plan.verdict(self.peer_id).attempt)
             reveals = await self._exchange(group_id, PHASE_REVEAL, nonce, keys, servers, deadline, found)
@@ -171,8 +170,9 @@ class ShareAuditRPC:
     async def _exchange(self, group_id: bytes, phase: int, body, keys: dict[bytes, bytes], servers: Sequence[PeerID],
                         deadline: float, found: Findings) -> dict[bytes, object]:
         """Every contributor's body for ``phase`` as this member holds it (the first valid entry of
-        each). We push ours to every reducing member and read what each holds, until we hold every
-        entry and every reducing member has answered with every entry. A call returns as soon as the
+        each). We push ours to every member that accepts calls (``servers``: reducers and members a
+        disputed accusation stopped from reducing; not client-mode ones) and read what each holds,
+        until we hold every entry and every server has answered with every entry. A call returns as soon as the
         callee holds every entry (long poll); a call made again carries the entries the callee lacked
         in its last answer (a client-mode member's entries reach the others only that way), and
         entries pushed to us wake us at once, so nobody sleeps on a timer.
@@ -183,7 +183,7 @@ class ShareAuditRPC:
         judges a reducer on entries that reducer did not hold too. A contributor whose entry is still
         missing at ``deadline`` is accused (AUDIT_WITHHELD), as if caught: a reducer that learns from
         the revealed seed that its wrong average would be caught could otherwise fall silent and try
-        again. Once we hold every entry, reducers get ``request_timeout + AUDIT_POLL_S`` more (even
+        again. Once we hold every entry, servers get ``request_timeout + AUDIT_POLL_S`` more (even
         past the deadline: an entry held back to the last moment must not frame them) to answer with
         every entry, and one that does not is accused the same way."""
         loop = asyncio.get_event_loop()
