@@ -341,3 +341,26 @@ def test_reportable_leaves_out_a_reducer_that_names_a_liar():
     assert r not in RoundResult(False, 3, None, [blamed], 1.0).reportable()
     other = AttemptReport(attempt=0, accused={s: "NON_FINITE: part 0"})
     assert RoundResult(False, 3, None, [other], 1.0).reportable() == {s: "NON_FINITE: part 0"}
+
+
+def test_a_disputed_wrong_average_is_left_out_of_the_next_gathers():
+    """An honest member framed into blaming a reducer, then seeing the reducer name the liar, drops
+    that accusation: kept with its true accusation of the liar, it would accuse most of a group of
+    three and be left out (ACCUSES_MOST: seen in the equivocation test). It keeps it when the
+    reducer names this member itself, or only repeats a counter it had already made."""
+    from grpo_swarm.node.swarm.round_report import withdrawn_wrong_averages
+
+    me, r, s = "me", "reducer", "sender"
+    blamed = AttemptReport(attempt=0, accused={r: "WRONG_AVERAGE: off"}, accusations_seen={r: {}})
+    names_liar = AttemptReport(attempt=1, accusations_seen={r: {s: "BAD_AUDIT_ENTRY"}})
+    assert withdrawn_wrong_averages([blamed, names_liar], me) == {r}
+    assert withdrawn_wrong_averages([blamed], me) == set()  # not seen again yet
+    names_me = AttemptReport(attempt=1, accusations_seen={r: {me: "SKETCH_MISMATCH"}})
+    assert withdrawn_wrong_averages([blamed, names_me], me) == set()
+    unrelated = AttemptReport(attempt=1, accusations_seen={r: {s: "NON_FINITE"}})
+    assert withdrawn_wrong_averages([blamed, unrelated], me) == set()
+    # a counter made before the accusation shields nothing: the reducer must answer this one
+    old_counter = AttemptReport(attempt=1, accused={r: "WRONG_AVERAGE: off again"},
+                                accusations_seen={r: {s: "SKETCH_MISMATCH"}})
+    repeated = AttemptReport(attempt=2, accusations_seen={r: {s: "SKETCH_MISMATCH"}})
+    assert withdrawn_wrong_averages([AttemptReport(attempt=0), old_counter, repeated], me) == set()

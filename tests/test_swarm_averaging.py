@@ -502,17 +502,21 @@ def swarm(tmp_path_factory, keys):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     procs = []
 
-    def attempts(i: int, rnd: dict) -> int | None:
+    def attempts(i: int, rnd: dict) -> dict:
         if "max_attempts" in rnd:
-            return rnd["max_attempts"]
-        if i == H and rnd["behaviour"]:  # no retry alone after the others are done; one retry when caught
-            return 1 if rnd["round"] in HOSTILE_ONE_ATTEMPT else 2
-        return None  # the averager's max_attempts
+            return dict(max_attempts=rnd["max_attempts"])
+        if i == H and rnd["behaviour"]:
+            if rnd["round"] in HOSTILE_ONE_ATTEMPT:
+                return dict(max_attempts=1)
+            # as many attempts as the others (a member caught by one needs a second catch), but no
+            # retry alone once they are done (a search for nobody would hold up the next round)
+            return dict(max_attempts=None, round_over_when_others_done=True)
+        return dict(max_attempts=None)  # the averager's max_attempts
 
     try:
         for i, node in enumerate(nodes):
             node.save(work / f"node{i}.key")
-            peer_plan = [dict(rnd, max_attempts=attempts(i, rnd)) for rnd in PLAN]
+            peer_plan = [dict(rnd, **attempts(i, rnd)) for rnd in PLAN]
             cfg = dict(index=i, workdir=str(work), key_path=str(work / f"node{i}.key"),
                        coordinator_seed=bytes(range(32)).hex(), node_keys=[n.public_key_bytes.hex() for n in nodes],
                        role="hostile" if i == H else "honest", timing=TIMING, plan=peer_plan,

@@ -86,14 +86,14 @@ from hivemind.utils.asyncio import achain, anext, as_aiter, enter_asynchronously
 
 from grpo_swarm.node import allocator
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
-from grpo_swarm.protocol.identity import Identity, base58_encode
+from grpo_swarm.protocol.identity import Identity, base58_decode, base58_encode
 
 from .direct_reads import install_direct_reads
 from .matchmaking import PatientMatchmaking
 from .group_plan import GroupPlan
 from .part_codec import NORM_TOLERANCE, check_compression, sum_of_squares
 from .reduction import VerifiedAllReduceRunner
-from .round_report import AttemptReport, RoundResult
+from .round_report import AttemptReport, RoundResult, withdrawn_wrong_averages
 from .share_audit import AuditStore, Findings, commitment, nonce_for
 from .share_audit_rpc import ShareAuditRPC
 from .share_sketch import DEFAULT_AUDIT_FRACTION, check_audit_fraction
@@ -449,6 +449,9 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                                     dst.copy_(b)
                     return RoundResult(True, round_index, averaged, attempts, time.monotonic() - started)
                 accusations = accusation_list([*accusations, *report.accused_pairs()])
+                withdrawn = {base58_decode(p) for p in withdrawn_wrong_averages(attempts, self.peer_id.to_base58())}
+                accusations = tuple((p, r) for p, r in accusations
+                                    if not (p in withdrawn and r == Reason.WRONG_AVERAGE.value))
                 if (report.error or "").startswith(SELF_EXCLUDED):
                     break  # the verdicts are deterministic: a retry in this round would exclude us again
                 if ROUND_WENT_ON not in (report.error or "") and round_over is not None and round_over():

@@ -55,6 +55,30 @@ class AttemptReport:
         return [(base58_decode(p), r.split(":", 1)[0]) for p, r in self.accused.items()]
 
 
+def withdrawn_wrong_averages(attempts: Sequence[AttemptReport], me: str) -> set[str]:
+    """Reducers this member accused of WRONG_AVERAGE and then saw, in a later attempt's signed gather,
+    name someone else for an audit offence it had not named before (SKETCH_MISMATCH,
+    AUDIT_WITHHELD, BAD_AUDIT_ENTRY). One word then stands against another (a sender lying about its
+    sketch makes an honest reducer look wrong to everyone but the reducer), so the accusation is left
+    out of this member's next gathers: else, added to its true accusation of the liar, it would
+    make this member accuse most of its group (ACCUSES_MOST). A counter naming this member is no
+    reason (it knows what it sent), nor is one the reducer had already made (it would make one
+    counter a shield for every later wrong average)."""
+    wrong = Reason.WRONG_AVERAGE.value + ":"
+    out = set()
+    for i, attempt in enumerate(attempts):
+        for peer, reason in attempt.accused.items():
+            if not reason.startswith(wrong):
+                continue
+            before = set(attempt.accusations_seen.get(peer, {}).items())
+            for later in attempts[i + 1:]:
+                counters = [(named, r) for named, r in later.accusations_seen.get(peer, {}).items()
+                            if r.startswith(AUDIT_COUNTER_ACCUSATIONS) and named != me]
+                if any(c not in before for c in counters):
+                    out.add(peer)
+    return out
+
+
 @dataclass
 class RoundResult:
     """The outcome of :meth:`VerifiedAverager.average`: ``grads`` (the averaged tensors, same shapes
