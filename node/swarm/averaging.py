@@ -39,9 +39,8 @@ How a round goes (hivemind 1.1.12's DecentralizedAverager underneath, not a home
    senders' sketches in a secret projection drawn from those nonces. A wrong average (the same
    wrong values to everyone) fails the attempt and its reducer is accused.
 5. Peers caught sending invalid data are accused in the next attempt's gather (up to
-   ``max_attempts`` per round). One named by two members is excluded there by everyone; one named by
-   a single member stays, but neither it nor its accuser reduces a share (:func:`.tickets.group_verdicts`),
-   so one member's word alone never costs another its round.
+   ``max_attempts`` per round) and excluded there by everyone, so the retry is the average of the
+   remaining valid members.
 
 Three hivemind 1.1.12 behaviours that broke rounds in the swarm tests are worked around here:
 a peer assembled a partial group at its first DHT declaration (:mod:`.matchmaking`); a groupmate
@@ -173,8 +172,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
       coordinator's ticket carries ``accepted_tokens``)
     :param require_final_ticket: only count tickets the coordinator marked final
     :param min_contributors: an attempt with fewer valid members fails (the same everywhere)
-    :param max_attempts: attempts per round (a retry excludes peers two members accused in earlier
-      attempts; a cheat one member caught takes up to two retries: see :func:`.tickets.group_verdicts`)
+    :param max_attempts: attempts per round (a retry excludes peers accused in earlier attempts; a
+      third lets an accusation withdrawn in a dispute count no more: :func:`.round_report.withdrawn_wrong_averages`)
     :param audit_reducers: run the share audit after each reduction (:mod:`.share_audit`)
     :param audit_timeout: seconds for the audit's two exchanges together
     :param audit_fraction: the share of each share's rows the audit reads, asked for in the gather (the
@@ -581,8 +580,6 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                 report.accusations_seen[_b58(v.peer_id)] = {_b58(p): r for p, r in v.accusations}
             if v.ok:
                 report.weights[_b58(v.peer_id)] = v.weight
-                if v.reduces_nothing:
-                    report.reduces_nothing[_b58(v.peer_id)] = v.reduces_nothing
             else:
                 report.excluded[_b58(v.peer_id)] = f"{v.reason.value}: {v.detail}"
         mine = plan.verdict(self.peer_id)
@@ -591,7 +588,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         elif len(plan.contributors) < self._round_min_contributors:
             report.error = f"only {len(plan.contributors)} valid member(s), need {self._round_min_contributors}"
         elif plan.reducers == 0:
-            report.error = "no valid member can reduce (all are in client mode or in disputes)"
+            report.error = "no valid member can reduce (all are in client mode)"
         if report.error is not None:
             self._refuse_group(group_info.group_id, report.error)
             return

@@ -28,14 +28,13 @@ class GroupPlan:
     @classmethod
     def from_verdicts(cls, peer_ids: Sequence[PeerID], verdicts: Sequence[SlotVerdict]) -> GroupPlan:
         """Valid members send; valid non-client members reduce equal shares (claimed bandwidths are
-        ignored), except those a disputed accusation stops (:func:`.tickets.group_verdicts`); excluded
-        members are auxiliary with share 0, so nobody sends them anything."""
+        ignored); excluded members are auxiliary with share 0, so nobody sends them anything."""
         modes, fractions = [], []
         for v in verdicts:
             if not v.ok:
                 modes.append(AveragingMode.AUX)
                 fractions.append(0.0)
-            elif v.client_mode or v.reduces_nothing:  # cannot serve, or one side of a disputed accusation
+            elif v.client_mode:
                 modes.append(AveragingMode.CLIENT)
                 fractions.append(0.0)
             else:
@@ -51,10 +50,8 @@ class GroupPlan:
         return [v for v in self.verdicts if v.ok]
 
     def audit_servers(self, me: PeerID) -> list[PeerID]:
-        """The members the share audit calls: every other contributor that accepts calls, reducing
-        or not. Members a disputed accusation stopped from reducing must reach each other directly:
-        through the reducers alone, a sole reducer that is the disputed cheat could withhold their
-        entries and have them accuse each other of silence (seen in a full test run)."""
+        """The members the share audit calls: every other contributor that accepts calls (not the
+        client-mode ones, whose entries reach the others only through these)."""
         return [p for p, v in zip(self.peer_ids, self.verdicts) if v.ok and not v.client_mode and p != me]
 
     @property

@@ -32,7 +32,6 @@ class AttemptReport:
     members: list[str] = field(default_factory=list)  # every slot of the group, in slot order
     weights: dict[str, float] = field(default_factory=dict)  # contributors -> ticket weight
     excluded: dict[str, str] = field(default_factory=dict)  # left out before the reduction, and why
-    reduces_nothing: dict[str, str] = field(default_factory=dict)  # contributors without a share (disputed accusations)
     accused: dict[str, str] = field(default_factory=dict)  # caught sending/returning invalid data
     failed: dict[str, str] = field(default_factory=dict)  # stopped, timed out, disconnected, refused
     refused: dict[str, str] = field(default_factory=dict)  # excluded peers that sent parts anyway
@@ -156,7 +155,6 @@ class RoundResult:
                  f"{len(self.attempts)} attempt(s)"]
         for a in self.attempts:
             parts.append(f"  attempt {a.attempt}: {'ok' if a.ok else 'failed'} group of {len(a.members)}, "
-                         f"weight {a.total_weight:g}, excluded {a.excluded}, reduces nothing "
-                         f"{sorted(a.reduces_nothing)}, accused {a.accused}, "
+                         f"weight {a.total_weight:g}, excluded {a.excluded}, accused {a.accused}, "
                          f"failed {a.failed}, error {a.error}")
         return "\n".join(parts)

@@ -294,7 +294,6 @@ class SlotVerdict:
     weight: float = 0.0
     committed_norm: float = 0.0
     client_mode: bool = False
-    reduces_nothing: str = ""  # why a valid member reduces no share in this attempt (a disputed accusation)
     accusations: tuple[tuple[bytes, str], ...] = ()
     accused_by: list[bytes] = field(default_factory=list)
     nonce_commitment: bytes = b""
@@ -360,17 +359,7 @@ def group_verdicts(peer_ids: Sequence[bytes], gathered: Sequence[bytes], rules: 
     three or more valid members, a member whose accusations name more than half of the others is
     excluded (ACCUSES_MOST) and its accusations ignored: with an honest majority no member catches
     most of its group, and one hostile member accusing everyone would otherwise stop every round.
-
-    Then the accusations of the remaining valid members (one pass):
-
-    * a peer named by **two or more** of them is excluded (ACCUSED);
-    * a peer named by **one** of them stays a contributor, but neither it nor its accuser reduces a
-      share in this attempt (:attr:`SlotVerdict.reduces_nothing`). Nobody else can tell which of the
-      two lied. If the accused cheated as a sender, its parts now go to other reducers, which catch
-      it first-hand (a second accuser) or get honest parts; if it cheated as a reducer, it reduces
-      nothing; if the accuser lied, its target loses nothing. If that leaves no reducer, only the
-      accusers stop reducing.
-    """
+    Then a peer named in the accusations of any remaining valid slot is excluded (one pass)."""
     if len(peer_ids) != len(gathered):
         raise ValueError("peer ids and gathered entries differ in length")
     if len(set(map(bytes, peer_ids))) != len(peer_ids):
@@ -383,39 +372,18 @@ def group_verdicts(peer_ids: Sequence[bytes], gathered: Sequence[bytes], rules: 
             if 2 * len(named) > len(valid) - 1:
                 v.reject(Reason.ACCUSES_MOST, f"its accusations name {len(named)} of the {len(valid) - 1} other "
                                               "members: not believed")
-    accusers: dict[bytes, dict[bytes, str]] = {}  # accused -> {accuser: reason}
+    accusers: dict[bytes, list[tuple[bytes, str]]] = {}
     for v in verdicts:
         if v.ok:
             for accused, reason in v.accusations:
-                if bytes(accused) != v.peer_id:
-                    accusers.setdefault(bytes(accused), {}).setdefault(v.peer_id, reason)
+                accusers.setdefault(bytes(accused), []).append((v.peer_id, reason))
     for v in verdicts:
-        named_by = accusers.get(v.peer_id, {})
-        if v.ok and len(named_by) >= 2:
-            v.accused_by = sorted(named_by)
-            reasons = ", ".join(sorted(set(named_by.values())))
+        if v.ok and v.peer_id in accusers:
+            v.accused_by = [a for a, _ in accusers[v.peer_id]]
+            reasons = ", ".join(sorted({r for _, r in accusers[v.peer_id]}))
             v.reject(Reason.ACCUSED, f"caught sending invalid data earlier in this round ({reasons}) by "
-                                     f"{len(named_by)} members")
-    _stop_disputed_reducers(verdicts, accusers)
+                                     f"{len(v.accused_by)} member(s)")
     return verdicts
-
-
-def _stop_disputed_reducers(verdicts: Sequence[SlotVerdict], accusers: dict[bytes, dict[bytes, str]]) -> None:
-    """One valid member's word against another's: neither reduces (see :func:`group_verdicts`)."""
-    by_peer = {v.peer_id: v for v in verdicts if v.ok}
-    pairs = [(accuser, accused, reason) for accused, named_by in accusers.items() if accused in by_peer
-             and len(named_by) == 1 for accuser, reason in named_by.items() if accuser in by_peer]
-    if not pairs:
-        return
-    why: dict[bytes, list[str]] = {}
-    for accuser, accused, reason in pairs:
-        why.setdefault(accused, []).append(f"accused of {reason} by one member")
-        why.setdefault(accuser, []).append(f"the only member accusing another ({reason})")
-    stopped = set(why)
-    if all(v.client_mode or v.peer_id in stopped for v in by_peer.values()):
-        stopped = {accuser for accuser, _, _ in pairs}  # nobody would reduce: the accused keep their shares
-    for peer in stopped:
-        by_peer[peer].reduces_nothing = "; ".join(why[peer]) + ": reduces no share in this attempt"
 
 
 GROUP_VIEW_DOMAIN = b"grpo-swarm/v1/group-view\n"
