@@ -819,10 +819,10 @@ def test_sender_lying_about_its_sketch_is_named_by_the_reducer_and_the_reducer_i
     """A sender that lies in the share audit about what it sent makes its reducer's average look wrong
     to everyone but that reducer, which holds the parts and names the liar (SKETCH_MISMATCH). The
     other honest peer can only blame the reducer (WRONG_AVERAGE), and reports it to nobody, as the
-    reducer's next signed gather names the liar. With the liar's own blame that is two words against
-    the reducer, which is left out of the retry; the liar, named by one member, stays, and if it lies
-    again it is to the other honest reducer, which then names it first-hand too. Either way each
-    honest member reports only the liar, if anyone."""
+    reducer's next signed gather names the liar. Both are left out of the retry; seeing the reducer
+    name the liar, the other peer drops its accusation from its later gathers. Which honest reducer
+    the liar meets is a race, so: at least one names it, one of them was blamed by the other, and
+    each honest member reports only the liar, if anyone."""
     r, hostile = SKETCH_LIE_ROUND, swarm.peer_ids[H]
     reports = {p: swarm.report(r, p) for p in (A, B)}
     caught = {p: [a["accused"].get(hostile, "") for a in reports[p]["attempts"]] for p in (A, B)}
