@@ -170,8 +170,8 @@ class ShareAuditRPC:
     async def _exchange(self, group_id: bytes, phase: int, body, keys: dict[bytes, bytes], servers: Sequence[PeerID],
                         deadline: float, found: Findings) -> dict[bytes, object]:
         """Every contributor's body for ``phase`` as this member holds it (the first valid entry of
-        each). We push ours to every member that accepts calls (``servers``: reducers and members a
-        disputed accusation stopped from reducing; not client-mode ones) and read what each holds,
+        each). We push ours to every member that accepts calls (``servers``,
+        :meth:`.group_plan.GroupPlan.audit_servers`: not client-mode ones) and read what each holds,
         until we hold every entry and every server has answered with every entry. A call returns as soon as the
         callee holds every entry (long poll); a call made again carries the entries the callee lacked
         in its last answer (a client-mode member's entries reach the others only that way), and
