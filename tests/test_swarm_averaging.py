@@ -112,6 +112,10 @@ SYBIL_ROUND = _small("small_none", expected=[A, B], max_attempts=1)
 LATE_ROUND = _small("small_none", delay={str(H): 5.0}, straggler_wait=8.0)
 # ... and with the default 2 s wait it is left out; told the round went on, it does not retry
 LEFT_OUT_ROUND = _small("small_none", delay={str(H): 5.0}, round_over_when_others_done=True)
+# ... and once more with the cancel of its search lost on the way (see swarm_hostile's lost_cancel):
+# the leftover search must not take H's slot in the next round's group with its old gather entry
+LOST_CANCEL_ROUND = _small("small_none", "lost_cancel", delay={str(H): 5.0}, round_over_when_others_done=True)
+AFTER_LOST_CANCEL_ROUND = _small("small_none", max_attempts=1)
 # excluded before the reduction: the hostile peer gets one attempt (the others need only one)
 EXCLUDED_ROUNDS = {
     "forged_ticket": (_small("small_none", "forged_ticket"), Reason.TICKET_BAD_SIGNATURE),
@@ -257,6 +261,50 @@ def test_matchmaking_admits_only_the_rounds_keys(keys):
     context = P2PContext(handle_name="rpc_join_group", local_id=PeerID(n0.peer_id), remote_id=PeerID(n2.peer_id))
     refusal = matchmaking._check_reasons_to_reject(averaging_pb2.JoinRequest(), context)
     assert refusal is not None and refusal.code == averaging_pb2.PROTOCOL_VIOLATION
+
+
+def test_matchmaking_keeps_a_search_to_its_round(keys):
+    """The matchmaking's round check (the swarm test's LOST_CANCEL_ROUND shows it in a real round): a
+    step carrying an earlier round's gather entry, or one already cancelled, is over, and a leader
+    refuses a follower whose entry is for another round or does not decode, before hivemind's own
+    checks (which here answer NOT_LOOKING_FOR_GROUP: no search is running)."""
+    import asyncio
+
+    import msgpack
+    from hivemind.averaging.control import StepControl
+    from hivemind.p2p import P2PContext, PeerID
+    from hivemind.proto import averaging_pb2
+    from hivemind.utils.mpfuture import MPFuture
+
+    from grpo_swarm.node.swarm.matchmaking import PatientMatchmaking
+
+    coordinator, (n0, n1, _) = keys
+    MPFuture()  # the process's first MPFuture must be a plain one (hivemind sets its backend up on the class)
+
+    def data_for_gather(round_index):
+        claim = GatherClaim(make_ticket(coordinator, n1.public_key_bytes, round_index, 6), round_index, 0, 1.0, ())
+        return msgpack.packb([None, 0, msgpack.packb(encode_gather(n1, claim))])
+
+    def step(round_index):
+        control = StepControl(scheduled_time=0.0, deadline=1e12, allow_retries=True, weight=1.0,
+                              data_for_gather=data_for_gather(round_index))
+        control.attach(MPFuture(), MPFuture())
+        return control
+
+    matchmaking = PatientMatchmaking.__new__(PatientMatchmaking)
+    assert not matchmaking.step_is_over(step(6))  # no round set yet: any round's search goes on
+    matchmaking.round_index = 7
+    current, earlier = step(7), step(6)
+    assert not matchmaking.step_is_over(current) and matchmaking.step_is_over(earlier)
+    current.cancel()
+    assert matchmaking.step_is_over(current)
+
+    matchmaking.step_control, matchmaking.lock_looking_for_group = None, asyncio.Lock()
+    context = P2PContext(handle_name="rpc_join_group", local_id=PeerID(n0.peer_id), remote_id=PeerID(n1.peer_id))
+    codes = {r: matchmaking._check_reasons_to_reject(averaging_pb2.JoinRequest(gather=g), context).code
+             for r, g in ((6, data_for_gather(6)), (7, data_for_gather(7)), ("junk", b"\x93junk"))}
+    assert codes == {6: averaging_pb2.BAD_GROUP_KEY, 7: averaging_pb2.NOT_LOOKING_FOR_GROUP,
+                     "junk": averaging_pb2.BAD_GROUP_KEY}, codes
 
 
 def test_the_share_audit_calls_every_contributor_that_accepts_calls(keys):
@@ -626,6 +674,23 @@ def test_a_member_left_out_of_its_round_does_not_retry_once_the_round_went_on(sw
     assert ROUND_WENT_ON in h["error"], h["error"]
     assert "cancelled while looking for a group" in h["error"], h["error"]
     assert h["seconds"] < ROUND_OVER_POLL_S + 5.0 < TIMING["matchmaking_timeout"], h["seconds"]
+
+
+def test_a_search_whose_cancel_was_lost_does_not_outlive_its_round(swarm):
+    """hivemind cancels a step's search without waiting for it, and Python 3.11 can lose a cancel. H's
+    search in the round it was left out of loses its cancel: it must still end (seeing the cancel
+    pending, or its round gone), not live on into the next round and join that round's group with
+    its old gather entry (the verdicts would then leave H out, while its real step found no group).
+    In the next round all three average in one attempt."""
+    h = swarm.report(LOST_CANCEL_ROUND, H)
+    assert not h["ok"] and ROUND_WENT_ON in h["error"], h
+    reports = [swarm.report(AFTER_LOST_CANCEL_ROUND, p) for p in (A, B, H)]
+    assert all(rep["ok"] for rep in reports), json.dumps(reports, indent=1)[:6000]
+    for rep in reports:
+        assert len(rep["attempts"]) == 1 and len(rep["attempts"][0]["weights"]) == 3, rep["attempts"]
+    _same_bytes(swarm, AFTER_LOST_CANCEL_ROUND, (A, B, H))
+    expected = _weighted([small_grads(AFTER_LOST_CANCEL_ROUND, p) for p in (A, B, H)], SMALL_WEIGHTS)
+    assert _max_err(swarm.tensors(AFTER_LOST_CANCEL_ROUND, A, "avg"), expected) <= 1e-6
 
 
 def test_a_key_outside_the_round_cannot_take_a_slot_in_its_groups(swarm):

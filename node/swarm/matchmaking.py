@@ -15,6 +15,14 @@ number of peers: one fresh key taking a slot would start the group without the l
 and the verdicts would then exclude the key but not bring that peer back. With the round's node keys
 set (``round_keys``), a leader refuses followers whose peer id holds another key, and a follower
 never asks such a leader.
+
+And it keeps a search to its round. hivemind cancels a step's search without waiting for it, and a
+cancel can be lost on the way (Python 3.11's ``asyncio.wait_for`` drops one that arrives with the
+result it awaits): the search then lives on, and once the averager moves to the next round's group
+key it joins that round's groups with its old gather entry, whose verdict leaves this node out of
+the round. So a search ends as soon as its cancel is seen pending, its step is over, or the round
+(``round_index``) went on; a leader refuses followers whose entry is for another round, and refuses
+everyone while its own search is such a leftover.
 """
 
 from __future__ import annotations
@@ -28,12 +36,15 @@ from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 
-from grpo_swarm.protocol.identity import public_key_from_peer_id
 from grpo_swarm.protocol.errors import ProtocolError
+from grpo_swarm.protocol.identity import public_key_from_peer_id
+
+from .tickets import gather_round
 
 
 class PatientMatchmaking(Matchmaking):
     round_keys: frozenset[bytes] | None = None  # node public keys of the round's peers; None: anyone
+    round_index: int | None = None  # the round this node averages now; None: not set yet
 
     def is_round_peer(self, peer_id: PeerID) -> bool:
         if self.round_keys is None:
@@ -43,11 +54,39 @@ class PatientMatchmaking(Matchmaking):
         except ProtocolError:  # not an Ed25519 peer id: no node key at all
             return False
 
+    def is_other_round(self, data_for_gather: bytes) -> bool:
+        return self.round_index is not None and gather_round(data_for_gather) != self.round_index
+
+    def step_is_over(self, step: StepControl) -> bool:
+        """True for a search that must not go on: its step finished or was cancelled, or it carries
+        the gather entry of a round this node has left."""
+        return step.done() or self.is_other_round(step.data_for_gather)
+
     def _check_reasons_to_reject(self, request: averaging_pb2.JoinRequest, context: P2PContext
                                  ) -> averaging_pb2.MessageFromLeader | None:
         if not self.is_round_peer(context.remote_id):
             return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+        if self.step_control is not None and self.step_is_over(self.step_control):
+            return averaging_pb2.MessageFromLeader(code=averaging_pb2.NOT_LOOKING_FOR_GROUP)
+        if self.is_other_round(request.gather):  # a leftover search of the follower's: its slot would be lost
+            return averaging_pb2.MessageFromLeader(code=averaging_pb2.BAD_GROUP_KEY)
         return super()._check_reasons_to_reject(request, context)
+
+    def _search_must_end(self, step: StepControl) -> bool:
+        """Asked before every join request: a cancel seen pending (and lost on the way, or this task
+        would have stopped) or a step that is over ends the search; a step still live whose round
+        went on is cancelled, so that hivemind's step ends too instead of retrying."""
+        task = asyncio.current_task()
+        if task is not None and getattr(task, "cancelling", lambda: 0)():  # Python >= 3.11 counts cancels
+            return True
+        if not self.step_is_over(step):
+            return False
+        if not step.done():
+            try:
+                step.cancel()
+            except Exception:  # noqa: BLE001 - already finishing: nothing left to cancel
+                pass
+        return True
 
     async def _request_join_potential_leaders(self, step: StepControl) -> GroupInfo:
         """hivemind's loop, except that a partial group waits for the scheduled time."""
@@ -55,7 +94,11 @@ class PatientMatchmaking(Matchmaking):
         async with self.potential_leaders.begin_search(step, self.group_key_manager, declare=not self.client_mode):
             while True:
                 try:
+                    if self._search_must_end(step):
+                        break
                     next_leader = await self.potential_leaders.pop_next_leader()  # TimeoutError on (re)declaring
+                    if self._search_must_end(step):
+                        break
                     if not self.is_round_peer(next_leader):
                         continue
                     group = await self._request_join_group(next_leader)

@@ -231,6 +231,15 @@ def decode_hivemind_entry(raw: bytes) -> tuple[object, object, bytes]:
     return outer[0], outer[1], inner
 
 
+def gather_round(raw: bytes) -> int | None:
+    """The round a hivemind gathered entry (or a step's ``data_for_gather``) claims, unverified; None
+    when it does not decode. Enough to tell a search of another round: the verdicts check the rest."""
+    try:
+        return decode_gather(decode_hivemind_entry(raw)[2])[2].round_index
+    except Exception:  # noqa: BLE001 - a peer's bytes: anything that does not decode has no round
+        return None
+
+
 def decode_gather(entry: bytes) -> tuple[bytes, bytes, GatherClaim]:
     """(payload, signature, claim) of a signed entry; ValueError if it is malformed (not checked: the signature)."""
     top = strict_unpack(entry, MAX_ENTRY_BYTES)
