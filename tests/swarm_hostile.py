@@ -30,6 +30,7 @@ whatever the behaviour says; the honest peers must cope:
 * ``malformed``       — its last part's message is bytes that do not parse (a tensor field longer
   than the message); ``malformed_first``: its first (no readable group id)
 * ``stall``           — sends its first part, writes ``stall_marker`` and hangs (the test kills it)
+* ``stall_always``    — in every attempt, sends its first part and then nothing, its connection open
 * ``lost_cancel``     — a runtime fault, not an attack: the cancel of its search in this round is
   lost once, as Python 3.11's ``asyncio.wait_for`` loses one that arrives with the awaited result,
   and the search then runs on until it finds a leader
@@ -152,6 +153,8 @@ class HostileRunner(VerifiedAllReduceRunner):
             if self.behaviour == "stall":
                 if self.stall_marker:
                     Path(self.stall_marker).write_text("stalled")
+                await asyncio.sleep(3600)
+            elif self.behaviour == "stall_always":
                 await asyncio.sleep(3600)
 
 

@@ -150,6 +150,8 @@ EQUIVOCATE_ROUND = _small("small_none", "sketch_equivocate")
 REORDERED_VIEW_ROUND = _small("small_none", "reordered_view")
 FALSE_ACCUSATION_ROUND = _small("small_none", "false_accusation")  # H accuses A, who did nothing
 ACCUSE_ALL_ROUND = _small("small_none", "accuse_all")  # H accuses both A and B
+# a ticket holder that joins every attempt, sends its first part and then nothing
+STALL_ROUND = _small("small_none", "stall_always")
 KILL_ROUND = _small("small_none", "stall", max_attempts=1)
 HOSTILE_ONE_ATTEMPT = {r for r, _ in EXCLUDED_ROUNDS.values()}
 
@@ -922,6 +924,31 @@ def test_killed_member_fails_the_round_cleanly_within_the_timeout(swarm):
         assert rep["seconds"] < TIMING["allreduce_timeout"], rep["seconds"]
         print(f"\nkilled member: peer {p} failed in {rep['seconds']:.2f} s: {attempt['failed']}")
     assert any(noticed)
+
+
+def test_a_member_that_stalls_every_attempt_is_left_out_of_the_retry(swarm):
+    """H holds a valid ticket, joins every attempt, sends its first part and then nothing, its
+    connection open. A stall used to be only a failure (a crash looks the same), so H could fail
+    every attempt of the round for the price of one ticket. Now a member whose wait on H times out
+    while the attempt is live saw H stall first-hand and names it (STALLED) in its next gather: the
+    retry excludes H and A and B average without it. Nobody saw an honest member stall (the abort
+    reaches them as ends and CANCELLED, not silence), and the stall is not reported to the
+    coordinator: a dropped link looks the same."""
+    r, hostile = STALL_ROUND, swarm.peer_ids[H]
+    a, b, h = (swarm.report(r, p) for p in (A, B, H))
+    assert a["ok"] and b["ok"], json.dumps([a, b], indent=1)[:6000]
+    assert not h["ok"], h
+    honest = {swarm.peer_ids[A], swarm.peer_ids[B]}
+    for rep in (a, b):
+        first, last = rep["attempts"][0], rep["attempts"][-1]
+        assert not first["ok"] and len(first["weights"]) == 3, first
+        assert set(last["weights"]) == honest, last
+        assert last["excluded"].get(hostile, "").startswith("ACCUSED") and "STALLED" in last["excluded"][hostile]
+        assert all(set(att["stalled"]) <= {hostile} for att in rep["attempts"]), rep["attempts"]
+        assert hostile not in rep["reportable"], rep["reportable"]
+    assert any(hostile in att["stalled"] for rep in (a, b) for att in rep["attempts"][:-1])
+    _same_bytes(swarm, r, (A, B))
+    assert _max_err(swarm.tensors(r, A, "avg"), _honest_mean(r)) <= 1e-6
 
 
 def test_every_round_is_accounted_for(swarm):

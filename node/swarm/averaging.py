@@ -40,7 +40,9 @@ How a round goes (hivemind 1.1.12's DecentralizedAverager underneath, not a home
    wrong values to everyone) fails the attempt and its reducer is accused.
 5. Peers caught sending invalid data are accused in the next attempt's gather (up to
    ``max_attempts`` per round) and excluded there by everyone, so the retry is the average of the
-   remaining valid members.
+   remaining valid members. So are peers this member saw stall (a wait on them timed out while the
+   attempt was live: STALLED), or one member stalling every attempt would fail the round; they are
+   not reported to the coordinator, since a dropped link looks the same.
 
 Three hivemind 1.1.12 behaviours that broke rounds in the swarm tests are worked around here:
 a peer assembled a partial group at its first DHT declaration (:mod:`.matchmaking`); a groupmate
@@ -623,6 +625,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         reasons = lambda d: {_b58(p): f"{r.value}: {detail}" for p, (r, detail) in d.items()}  # noqa: E731
         report.accused = reasons(runner.accused)
         report.failed = reasons(runner.failures)
+        report.stalled = {_b58(p): detail for p, detail in runner.stalled.items() if p not in runner.accused}
         if audit is not None and not audit.clean:
             report.accused.update({_b58(p): f"{r.value}: {d}" for p, (r, d) in audit.accused.items()})
             report.failed.update({_b58(p): f"{r.value}: {d}" for p, (r, d) in audit.failed.items()})

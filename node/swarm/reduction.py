@@ -24,7 +24,12 @@
   CANCELLED, so the other members abort too instead of finishing with local values in a failed
   share. Content violations are *accusations* (the averager names the peer in its next
   attempt's gather and everyone excludes it); timeouts, disconnects and refusals are *failures*
-  (a crash or an honest abort looks the same, so nobody is excluded for them).
+  (a crash or an honest abort looks the same). A failure seen as silence — a wait on a peer timed
+  out while the attempt was still live — is also *stalled* (:meth:`~VerifiedAllReduceRunner.stalled_on`):
+  the averager names it in the next gather too, or one member stalling every attempt would fail
+  the round. Ends, refusals and CANCELLED are not: another member's abort causes them, while the
+  timeouts are ordered (sender < reducer) so that the member waiting on the silent peer itself
+  times out first.
 * **A stream closes only once its sender holds every average.** hivemind's reducer handler
   returns, closing the stream, right after answering the last part, and p2pd can drop messages
   still in flight at that close (seen here: a stream ending cleanly after 8 of 10 averages; in stock
@@ -311,6 +316,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         self._results: dict[int, asyncio.Future] = {}
         self.accused: dict[PeerID, tuple[Reason, str]] = {}
         self.failures: dict[PeerID, tuple[Reason, str]] = {}
+        self.stalled: dict[PeerID, str] = {}  # failures seen as silence while the attempt was live
         self.refused: dict[PeerID, str] = {}
         self.weight_claims: dict[PeerID, float] = {}
         self.abort_reason: str | None = None
@@ -356,6 +362,12 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             self.failures.setdefault(peer_id, (reason, detail))
         self.abort(f"{peer_id} {reason.value}: {detail}")
 
+    def stalled_on(self, peer_id: PeerID, reason: Reason, detail: str) -> None:
+        """A wait on ``peer_id`` timed out: a failure, and stalled if this attempt was still live."""
+        if not self._future.done() and peer_id != self.peer_id and peer_id not in self.accused:
+            self.stalled.setdefault(peer_id, f"{reason.value}: {detail}")
+        self.fail(peer_id, reason, detail)
+
     def finalize(self, *, cancel: bool = False, exception: BaseException | None = None):
         super().finalize(cancel=cancel, exception=exception)
         if cancel or exception is not None:
@@ -375,7 +387,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         except asyncio.TimeoutError:
             for peer_id in self.sender_peer_ids:
                 if peer_id not in self.active_senders:
-                    self.fail(peer_id, Reason.SENDER_FAILED, f"sent nothing within {self.sender_timeout} s")
+                    self.stalled_on(peer_id, Reason.SENDER_FAILED, f"sent nothing within {self.sender_timeout} s")
 
     async def rpc_aggregate_part(self, stream: AsyncIterator[WireAveragingData], context: P2PContext
                                  ) -> AsyncIterator[WireAveragingData]:
@@ -414,6 +426,9 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             async for message in self._accumulate_parts_streaming(achain(as_aiter(request), stream), sender_index):
                 yield message
         except BaseException as e:
+            if isinstance(e, asyncio.TimeoutError):  # the stream is open, its first message never came
+                self.stalled_on(remote, Reason.SENDER_FAILED, f"opened its stream, then sent nothing for "
+                                                              f"{self.sender_timeout} s")
             await self._ban_sender(remote)  # a failure (timeout, disconnect), unless the attempt is over
             if isinstance(e, Exception):
                 yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
@@ -480,6 +495,10 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                     message = await asyncio.wait_for(anext(parts), self.sender_timeout)
                 except StopAsyncIteration:
                     return
+                except asyncio.TimeoutError:
+                    self.stalled_on(sender, Reason.SENDER_FAILED, f"sent {index} of {num_parts} parts, then "
+                                                                  f"nothing for {self.sender_timeout} s")
+                    raise
                 item_bytes[index] = 0 if message.tensor_part is None else len(message.tensor_part.buffer)
                 if self.tensor_part_reducer.received is not None:
                     self.tensor_part_reducer.received[sender_index][index] = message.tensor_part
@@ -678,9 +697,11 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             self.accuse(peer_id, e.reason, f"{e.detail} (as a reducer)")
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 - timeouts, disconnects, refusals: the attempt fails
-            detail = "timed out" if isinstance(e, asyncio.TimeoutError) else f"{type(e).__name__}: {e}"
-            self.fail(peer_id, Reason.REDUCER_FAILED, detail[:300])
+        except asyncio.TimeoutError:
+            self.stalled_on(peer_id, Reason.REDUCER_FAILED, f"returned {part_index} of {expected} averages, then "
+                                                            f"nothing for {self.reducer_timeout} s")
+        except Exception as e:  # noqa: BLE001 - disconnects, refusals: the attempt fails
+            self.fail(peer_id, Reason.REDUCER_FAILED, f"{type(e).__name__}: {e}"[:300])
         finally:
             results_in.set()
 

@@ -34,6 +34,7 @@ class AttemptReport:
     excluded: dict[str, str] = field(default_factory=dict)  # left out before the reduction, and why
     accused: dict[str, str] = field(default_factory=dict)  # caught sending/returning invalid data
     failed: dict[str, str] = field(default_factory=dict)  # stopped, timed out, disconnected, refused
+    stalled: dict[str, str] = field(default_factory=dict)  # the failed seen as silence while the attempt was live
     refused: dict[str, str] = field(default_factory=dict)  # excluded peers that sent parts anyway
     weight_claims_ignored: dict[str, float] = field(default_factory=dict)  # claimed weight != ticket weight
     # the accusations in every signed gather entry of the group: accuser -> {accused: reason}
@@ -50,8 +51,9 @@ class AttemptReport:
         return sum(self.weights.values())
 
     def accused_pairs(self) -> list[tuple[bytes, str]]:
-        """(raw peer id, reason) for the next attempt's gather."""
-        return [(base58_decode(p), r.split(":", 1)[0]) for p, r in self.accused.items()]
+        """(raw peer id, reason) for the next attempt's gather: the accused, and the stalled (STALLED)."""
+        return [*((base58_decode(p), r.split(":", 1)[0]) for p, r in self.accused.items()),
+                *((base58_decode(p), Reason.STALLED.value) for p in self.stalled if p not in self.accused)]
 
 
 def withdrawn_wrong_averages(attempts: Sequence[AttemptReport], me: str) -> set[str]:

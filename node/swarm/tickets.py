@@ -104,6 +104,9 @@ class Reason(str, Enum):
     # their order, their gather entries): the leader showed us different groups (no member is to blame)
     SENDER_FAILED = "SENDER_FAILED"  # stopped, timed out or disconnected while sending
     REDUCER_FAILED = "REDUCER_FAILED"  # did not return its share (error code, timeout, disconnect)
+    STALLED = "STALLED"  # a failure seen first-hand as silence: a wait on it timed out while the attempt was
+    # live (not an end, refusal or CANCELLED, which another member's abort also causes). Named in the next
+    # gather, so that a member stalling every attempt cannot fail the round; never reported (a dropped link)
     # -- after the reduction: the share audit (see .share_audit)
     WRONG_AVERAGE = "WRONG_AVERAGE"  # its share's average fails the secret-projection check
     SKETCH_MISMATCH = "SKETCH_MISMATCH"  # its sketch differs from the parts it sent (seen by their reducer)
@@ -390,7 +393,7 @@ def group_verdicts(peer_ids: Sequence[bytes], gathered: Sequence[bytes], rules: 
         if v.ok and v.peer_id in accusers:
             v.accused_by = [a for a, _ in accusers[v.peer_id]]
             reasons = ", ".join(sorted({r for _, r in accusers[v.peer_id]}))
-            v.reject(Reason.ACCUSED, f"caught sending invalid data earlier in this round ({reasons}) by "
+            v.reject(Reason.ACCUSED, f"named earlier in this round ({reasons}) by "
                                      f"{len(v.accused_by)} member(s)")
     return verdicts
 
