@@ -43,6 +43,7 @@ from grpo_swarm.node.swarm.averaging import (
     LOAD_CHUNK,
     ROUND_OVER_POLL_S,
     ROUND_WENT_ON,
+    SELF_EXCLUDED,
     LocalGradientError,
     VerifiedAverager,
     tensors_sha256,
@@ -150,8 +151,8 @@ EQUIVOCATE_ROUND = _small("small_none", "sketch_equivocate")
 REORDERED_VIEW_ROUND = _small("small_none", "reordered_view")
 FALSE_ACCUSATION_ROUND = _small("small_none", "false_accusation")  # H accuses A, who did nothing
 ACCUSE_ALL_ROUND = _small("small_none", "accuse_all")  # H accuses both A and B
-# a ticket holder that joins every attempt, sends its first part and then nothing
-STALL_ROUND = _small("small_none", "stall_always")
+# a ticket holder that joins every attempt (as many as the others make), sends its first part and then nothing
+STALL_ROUND = _small("small_none", "stall_always", max_attempts=TIMING["max_attempts"])
 KILL_ROUND = _small("small_none", "stall", max_attempts=1)
 HOSTILE_ONE_ATTEMPT = {r for r, _ in EXCLUDED_ROUNDS.values()}
 
@@ -937,10 +938,11 @@ def test_a_member_that_stalls_every_attempt_is_left_out_of_the_retry(swarm):
     r, hostile = STALL_ROUND, swarm.peer_ids[H]
     a, b, h = (swarm.report(r, p) for p in (A, B, H))
     assert a["ok"] and b["ok"], json.dumps([a, b], indent=1)[:6000]
-    assert not h["ok"], h
+    assert not h["ok"] and len(h["attempts"]) == 2 and SELF_EXCLUDED in h["error"], h
     honest = {swarm.peer_ids[A], swarm.peer_ids[B]}
     for rep in (a, b):
-        first, last = rep["attempts"][0], rep["attempts"][-1]
+        assert len(rep["attempts"]) == 2, rep["attempts"]  # H joined both: the second excluded it
+        first, last = rep["attempts"]
         assert not first["ok"] and len(first["weights"]) == 3, first
         assert set(last["weights"]) == honest, last
         assert last["excluded"].get(hostile, "").startswith("ACCUSED") and "STALLED" in last["excluded"][hostile]
