@@ -90,6 +90,10 @@ class SwarmSettings(Section):
                                                          "completion) before a node's key is banned; 0 = never")
     matchmaking_timeout_s: float = Field(30.0, gt=0, description="averaging: time to form a group")
     averaging_timeout_s: float = Field(120.0, gt=0, description="averaging: time for one all-reduce")
+    sender_timeout_s: float = Field(
+        5.0, gt=0, description="averaging: a sender that sends nothing for this long, or a reducer that returns "
+                               "nothing for twice this, has stalled: the attempt fails and the retry leaves it out "
+                               "(raise it for slow uplinks: one part per reducer must cross the slowest in time)")
     straggler_wait: float = Field(
         1.0, ge=0, le=10, description="averaging: a partial group waits for the round's missing peers up to this "
                                       "many times the node's own time from the round's close to its averaging (its "
@@ -104,7 +108,7 @@ class SwarmSettings(Section):
                     "rejected TIME_SKEW; None = max(600, (max_staleness + max_round_lag + 1) × round_timeout_s)")
 
     @field_validator("sampling_tolerance", "matchmaking_timeout_s", "averaging_timeout_s", "heartbeat_interval_s",
-                     "round_timeout_s", "straggler_wait",
+                     "round_timeout_s", "straggler_wait", "sender_timeout_s",
                      "max_proof_time_skew_s")
     @classmethod
     def _finite(cls, v: float | None) -> float | None:
@@ -201,6 +205,9 @@ def _cross_checks(cfg: RunConfig) -> list[str]:
                         f"grpo.group_size ({cfg.grpo.group_size})")
     if cfg.data.size is not None and cfg.swarm.prompts_per_round > cfg.data.size:
         problems.append(f"swarm.prompts_per_round: {cfg.swarm.prompts_per_round} exceeds data.size ({cfg.data.size})")
+    if cfg.swarm.averaging_timeout_s <= 2 * cfg.swarm.sender_timeout_s:
+        problems.append(f"swarm.sender_timeout_s: {cfg.swarm.sender_timeout_s:g} leaves no time for a reducer (twice "
+                        f"it) within swarm.averaging_timeout_s ({cfg.swarm.averaging_timeout_s:g})")
     if cfg.grpo.delta is not None and cfg.grpo.delta <= 1 + cfg.grpo.eps_high:
         problems.append(f"grpo.delta: must exceed 1 + epsilon_high ({1 + cfg.grpo.eps_high:g})")
     return problems

@@ -98,6 +98,8 @@ def test_run_spec_feeds_a_run_recorder(tmp_path):
         ("swarm.averaging_timeout_s", 0),
         ("swarm.matchmaking_timeout_s", float("inf")),
         ("swarm.straggler_wait", -0.5),
+        ("swarm.sender_timeout_s", 0),
+        ("swarm.sender_timeout_s", float("nan")),
         ("swarm.straggler_wait", float("nan")),
         ("run.seed", -1),
         ("run.seed", 2**64),
@@ -126,6 +128,7 @@ def test_invalid_field_is_named(field, value):
         (("grpo.delta", 1.2), "grpo.delta"),  # must exceed 1 + ε_high
         (("rewards.1.name", "gsm8k_accuracy"), "rewards.1.name"),  # duplicate
         (("data.size", 4), "swarm.prompts_per_round"),
+        (("swarm.sender_timeout_s", 60.0), "swarm.sender_timeout_s"),  # a reducer's 120 s = the all-reduce's
     ],
 )
 def test_cross_field_errors_are_named(change, field):
@@ -198,3 +201,14 @@ def test_cli_check_config_errors(tmp_path):
     assert _cli("check-config", str(path), "--no-resolve-rewards", cwd=tmp_path).returncode == 0
     r = _cli("check-config", str(path), cwd=tmp_path)
     assert r.returncode == 2 and "rewards.1.name" in r.stderr and "format_rewrd" in r.stderr
+
+
+def test_the_nodes_take_the_runs_averaging_timeouts():
+    """What ``grpo-node join`` hands its averager: the run's timeouts, the reducer's twice the sender's."""
+    from grpo_swarm.node.swarm.join import averaging_timeouts
+
+    cfg = parse_run_config(_set(_set(_template(), "swarm.sender_timeout_s", 7.5), "swarm.averaging_timeout_s", 40.0))
+    swarm = cfg.model_dump()["swarm"]
+    assert averaging_timeouts(swarm) == dict(matchmaking_timeout=30.0, allreduce_timeout=40.0, sender_timeout=7.5,
+                                             reducer_timeout=15.0)
+    assert averaging_timeouts(parse_run_config(_template()).model_dump()["swarm"])["sender_timeout"] == 5.0

@@ -151,9 +151,8 @@ class SwarmPeer:
             weight_mode=weight_mode_for_loss(p.train_cfg.grpo.loss_type), norm_bound=opts.norm_bound,
             compression=compression_named(opts.compression), part_size_bytes=opts.part_size_bytes,
             audit_fraction=opts.audit_fraction, require_final_ticket=True, min_group_size=1, min_contributors=1,
-            matchmaking_timeout=float(swarm.get("matchmaking_timeout_s", 30.0)),
-            allreduce_timeout=float(swarm.get("averaging_timeout_s", 120.0)), client_mode=opts.client_mode,
-            keep_freed_memory=p.train_cfg.run.keep_freed_memory)
+            client_mode=opts.client_mode, keep_freed_memory=p.train_cfg.run.keep_freed_memory,
+            **averaging_timeouts(swarm))
         self.round_timeout_s = float(swarm.get("round_timeout_s", 600.0))
         self.straggler_wait = float(swarm.get("straggler_wait", 1.0))
         self.matchmaking_timeout_s = float(swarm.get("matchmaking_timeout_s", 30.0))
@@ -427,6 +426,15 @@ class SwarmPeer:
                 self.client.report_peer(round_index, node_id, str(reason)[:256])
             except CoordinatorError as e:
                 log.info("report of %s: %s", node_id, e)
+
+
+def averaging_timeouts(swarm: dict) -> dict[str, float]:
+    """The averager's timeouts from the run's ``[swarm]`` section: every peer takes the same, so that a
+    member waiting on a silent peer times out before anyone waiting on that member."""
+    sender = float(swarm.get("sender_timeout_s", 5.0))
+    return dict(matchmaking_timeout=float(swarm.get("matchmaking_timeout_s", 30.0)),
+                allreduce_timeout=float(swarm.get("averaging_timeout_s", 120.0)),
+                sender_timeout=sender, reducer_timeout=2 * sender)
 
 
 def _node_id_of_peer(peer: str) -> str | None:
