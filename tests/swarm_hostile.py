@@ -31,6 +31,8 @@ whatever the behaviour says; the honest peers must cope:
   than the message); ``malformed_first``: its first (no readable group id)
 * ``stall``           — sends its first part, writes ``stall_marker`` and hangs (the test kills it)
 * ``stall_always``    — in every attempt, sends its first part and then nothing, its connection open
+* ``drip``            — in every attempt, sends its parts ``drip_gap`` apart (just under the reducers'
+  sender timeout), so that its share of a reducer's work outlasts the all-reduce timeout
 * ``lost_cancel``     — a runtime fault, not an attack: the cancel of its search in this round is
   lost once, as Python 3.11's ``asyncio.wait_for`` loses one that arrives with the awaited result,
   and the search then runs on until it finds a leader
@@ -99,8 +101,8 @@ class _Garbled:
 
 
 class HostileRunner(VerifiedAllReduceRunner):
-    def __init__(self, *, behaviour: str, stall_marker: str | None, **kwargs):
-        self.behaviour, self.stall_marker = behaviour, stall_marker
+    def __init__(self, *, behaviour: str, stall_marker: str | None, drip_gap: float = 0.0, **kwargs):
+        self.behaviour, self.stall_marker, self.drip_gap = behaviour, stall_marker, drip_gap
         super().__init__(**kwargs)
 
     def _corrupt(self, part: torch.Tensor, info: CompressionInfo, first: bool):
@@ -156,6 +158,8 @@ class HostileRunner(VerifiedAllReduceRunner):
                 await asyncio.sleep(3600)
             elif self.behaviour == "stall_always":
                 await asyncio.sleep(3600)
+            elif self.behaviour == "drip":
+                await asyncio.sleep(self.drip_gap)
 
 
 class HostileAverager(VerifiedAverager):
@@ -272,5 +276,5 @@ class HostileAverager(VerifiedAverager):
 
     def make_runner(self, **kwargs):
         return HostileRunner(behaviour=self.behaviour(self._rules.round_index), stall_marker=self.stall_marker,
-                             keep_parts=self.audit_reducers, **kwargs)
+                             drip_gap=0.8 * kwargs["sender_timeout"], keep_parts=self.audit_reducers, **kwargs)
 

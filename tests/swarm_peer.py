@@ -115,6 +115,10 @@ def main(config_path: str) -> int:
                             part_size_bytes=4096, client_mode=me == 1, **common),
         "small_8bit": cls(small, prefix="small8bit", weight_mode="sequences", compression=Uniform8BitQuantization(),
                           part_size_bytes=2048, **common),
+        # small parts (about 11 a share): a sender dripping them just under sender_timeout outlasts the
+        # all-reduce timeout
+        "small_drip": cls(small, prefix="smalldrip", weight_mode="sequences", compression=NoCompression(),
+                          part_size_bytes=512, **common),
         "model_seq": cls(trainer.trainable, prefix="modelseq", weight_mode="sequences", part_size_bytes=1 << 16,
                          **common),
         "model_tok": cls(trainer.trainable, prefix="modeltok", weight_mode="tokens", part_size_bytes=1 << 16,

@@ -153,6 +153,8 @@ FALSE_ACCUSATION_ROUND = _small("small_none", "false_accusation")  # H accuses A
 ACCUSE_ALL_ROUND = _small("small_none", "accuse_all")  # H accuses both A and B
 # a ticket holder that joins every attempt (as many as the others make), sends its first part and then nothing
 STALL_ROUND = _small("small_none", "stall_always", max_attempts=TIMING["max_attempts"])
+# ... and one that sends its parts just under the sender timeout apart: its share outlasts the all-reduce
+DRIP_ROUND = _small("small_drip", "drip", max_attempts=TIMING["max_attempts"])
 KILL_ROUND = _small("small_none", "stall", max_attempts=1)
 HOSTILE_ONE_ATTEMPT = {r for r, _ in EXCLUDED_ROUNDS.values()}
 
@@ -949,6 +951,30 @@ def test_a_member_that_stalls_every_attempt_is_left_out_of_the_retry(swarm):
         assert all(set(att["stalled"]) <= {hostile} for att in rep["attempts"]), rep["attempts"]
         assert hostile not in rep["reportable"], rep["reportable"]
     assert any(hostile in att["stalled"] for rep in (a, b) for att in rep["attempts"][:-1])
+    _same_bytes(swarm, r, (A, B))
+    assert _max_err(swarm.tensors(r, A, "avg"), _honest_mean(r)) <= 1e-6
+
+
+def test_a_member_that_drips_its_parts_is_left_out_of_the_retry(swarm):
+    """H sends each part 0.8 sender timeouts after the last: nobody's wait on it times out, but a
+    reducer's share then needs about 11 × 2.4 s, past the all-reduce timeout (12 s). At that deadline
+    a reducer whose share still waits for H's part while the other sender's is in names H (STALLED)
+    before it aborts; the retry leaves H out and A and B average. Without the naming, every attempt
+    would end at the deadline, unnamed."""
+    r, hostile = DRIP_ROUND, swarm.peer_ids[H]
+    a, b, h = (swarm.report(r, p) for p in (A, B, H))
+    assert a["ok"] and b["ok"], json.dumps([a, b], indent=1)[:6000]
+    assert not h["ok"], h
+    honest = {swarm.peer_ids[A], swarm.peer_ids[B]}
+    for rep in (a, b):
+        assert len(rep["attempts"]) == 2, rep["attempts"]
+        first, last = rep["attempts"]
+        assert set(last["weights"]) == honest, last
+        assert last["excluded"].get(hostile, "").startswith("ACCUSED") and "STALLED" in last["excluded"][hostile]
+        assert all(set(att["stalled"]) <= {hostile} for att in rep["attempts"]), rep["attempts"]
+        assert hostile not in rep["reportable"], rep["reportable"]
+    named = [att["stalled"][hostile] for rep in (a, b) for att in rep["attempts"][:1] if hostile in att["stalled"]]
+    assert named and all("all-reduce deadline" in n for n in named), named
     _same_bytes(swarm, r, (A, B))
     assert _max_err(swarm.tensors(r, A, "avg"), _honest_mean(r)) <= 1e-6
 

@@ -83,7 +83,7 @@ from hivemind.compression import CompressionBase, NoCompression
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
-from hivemind.utils.asyncio import achain, anext, as_aiter, enter_asynchronously
+from hivemind.utils.asyncio import achain, anext, as_aiter, cancel_and_wait, enter_asynchronously
 
 from grpo_swarm.node import allocator
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
@@ -607,12 +607,10 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             audit = None if self.audit_reducers else Findings()
             try:
                 self._running_groups[group_info.group_id].set_result(runner)  # shielded: see rpc_aggregate_part
-                await asyncio.wait_for(self._consume(runner), self.verified_allreduce_timeout)
+                await self._consume_until(runner, self.verified_allreduce_timeout)
                 if self.audit_reducers and runner.succeeded():
                     audit = await self._audit_shares(group_info, plan, runner, local_tensors, self._output_buffers,
                                                      report.audit_seconds)
-            except asyncio.TimeoutError:
-                runner.abort(f"the reduction did not finish within {self.verified_allreduce_timeout} s")
             except Exception as e:  # noqa: BLE001 - the runner's abort surfaces here: reported below
                 if not runner.aborted:
                     logger.warning("the reduction failed unexpectedly", exc_info=True)
@@ -703,6 +701,23 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         """Run the reduction: the runner writes each averaged part into the output buffers itself."""
         async for _ in runner:
             pass
+
+    async def _consume_until(self, runner: VerifiedAllReduceRunner, timeout: float) -> None:
+        """:meth:`_consume` for at most ``timeout`` seconds. At the deadline the runner first names the
+        senders its share still waits for (a sender dripping its parts just under the timeouts), then
+        aborts: cancelling the reduction first would finalize it and lose what it was waiting for."""
+        task = asyncio.ensure_future(self._consume(runner))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if done:
+            task.result()
+            return
+        runner.name_laggards()
+        runner.abort(f"the reduction did not finish within {timeout} s")
+        await cancel_and_wait(task)
 
     async def _run_allreduce_inplace_(self, *args, **kwargs):
         raise NotImplementedError("VerifiedAverager runs its reduction in _aggregate_with_group")

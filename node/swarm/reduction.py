@@ -368,6 +368,27 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             self.stalled.setdefault(peer_id, f"{reason.value}: {detail}")
         self.fail(peer_id, reason, detail)
 
+    def name_laggards(self) -> None:
+        """At the all-reduce deadline: the senders whose part this member's share still waits for while
+        another remote sender's is in are stalled too (first-hand, like a silence), or a sender
+        dripping its parts just under ``sender_timeout`` apart would fail every attempt unnamed. With
+        no remote part in, nobody is named: this member's own link may be the slow one."""
+        reducer = self.tensor_part_reducer
+        index = reducer.current_part_index
+        if self._future.done() or not 0 <= index < reducer.num_parts:
+            return
+        remote = [i for i in range(reducer.num_senders)
+                  if i != reducer.local_index and reducer.sender_failed_after[i] == float("inf")]
+        if not any(reducer.num_parts_received[i] > index for i in remote):
+            return
+        late = [self.sender_peer_ids[i] for i in remote if reducer.num_parts_received[i] <= index]
+        detail = f"its part {index} of {reducer.num_parts} was still missing at the all-reduce deadline, others' were in"
+        for peer_id in late:
+            if peer_id not in self.accused:
+                self.stalled.setdefault(peer_id, f"{Reason.SENDER_FAILED.value}: {detail}")
+        for peer_id in late:
+            self.fail(peer_id, Reason.SENDER_FAILED, detail)
+
     def finalize(self, *, cancel: bool = False, exception: BaseException | None = None):
         super().finalize(cancel=cancel, exception=exception)
         if cancel or exception is not None:
