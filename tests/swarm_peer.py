@@ -180,6 +180,7 @@ def main(config_path: str) -> int:
                 assert all(a is b for a, b in zip(res.grads or kwargs["out"], kwargs["out"])), "the result was copied"
             out.update(ok=res.ok, error=res.error, seconds=res.seconds,
                        attempts=[dataclasses.asdict(a) for a in res.attempts], reportable=res.reportable(),
+                       left_out_as_stalled=res.left_out_as_stalled,
                        sha256=tensors_sha256(res.grads) if res.ok else None)
         except Exception as e:  # noqa: BLE001 - reported to the test
             res = None

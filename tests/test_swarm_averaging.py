@@ -941,6 +941,7 @@ def test_a_member_that_stalls_every_attempt_is_left_out_of_the_retry(swarm):
     a, b, h = (swarm.report(r, p) for p in (A, B, H))
     assert a["ok"] and b["ok"], json.dumps([a, b], indent=1)[:6000]
     assert not h["ok"] and len(h["attempts"]) == 2 and SELF_EXCLUDED in h["error"], h
+    assert h["left_out_as_stalled"] and not a["left_out_as_stalled"]  # join then tells its operator what to check
     honest = {swarm.peer_ids[A], swarm.peer_ids[B]}
     for rep in (a, b):
         assert len(rep["attempts"]) == 2, rep["attempts"]  # H joined both: the second excluded it
@@ -964,7 +965,7 @@ def test_a_member_that_drips_its_parts_is_left_out_of_the_retry(swarm):
     r, hostile = DRIP_ROUND, swarm.peer_ids[H]
     a, b, h = (swarm.report(r, p) for p in (A, B, H))
     assert a["ok"] and b["ok"], json.dumps([a, b], indent=1)[:6000]
-    assert not h["ok"], h
+    assert not h["ok"] and h["left_out_as_stalled"], h
     honest = {swarm.peer_ids[A], swarm.peer_ids[B]}
     for rep in (a, b):
         assert len(rep["attempts"]) == 2, rep["attempts"]

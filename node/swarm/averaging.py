@@ -94,7 +94,7 @@ from .matchmaking import PatientMatchmaking
 from .group_plan import GroupPlan
 from .part_codec import NORM_TOLERANCE, check_compression, sum_of_squares
 from .reduction import VerifiedAllReduceRunner
-from .round_report import AttemptReport, RoundResult, withdrawn_wrong_averages
+from .round_report import SELF_EXCLUDED, AttemptReport, RoundResult, withdrawn_wrong_averages
 from .share_audit import AuditStore, Findings, commitment, nonce_for
 from .share_audit_rpc import ShareAuditRPC
 from .share_sketch import DEFAULT_AUDIT_FRACTION, check_audit_fraction
@@ -122,7 +122,6 @@ WIRE_NAME = "VerifiedAverager"  # RPC handler names: "{prefix}::VerifiedAverager
 PART_SIZE_BYTES = 1 << 20
 LOAD_CHUNK = 1 << 16  # values copied, then measured, at a time: 256 KiB of float32, still in L2 for the norm
 ALLREDUCE_GRACE_S = 5.0  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
-SELF_EXCLUDED = "this node was excluded"
 ROUND_WENT_ON = "the round went on without this node (no retry)"
 ROUND_OVER_POLL_S = 3.0  # while looking for a group, how often the caller's round_over is asked
 

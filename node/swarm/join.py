@@ -154,6 +154,7 @@ class SwarmPeer:
             client_mode=opts.client_mode, keep_freed_memory=p.train_cfg.run.keep_freed_memory,
             **averaging_timeouts(swarm))
         self.round_timeout_s = float(swarm.get("round_timeout_s", 600.0))
+        self.sender_timeout_s = averaging_timeouts(swarm)["sender_timeout"]
         self.straggler_wait = float(swarm.get("straggler_wait", 1.0))
         self.matchmaking_timeout_s = float(swarm.get("matchmaking_timeout_s", 30.0))
         self._publication = PublicationFollower(p, self.heartbeat, timeout_s=self.round_timeout_s, poll_s=opts.poll_s)
@@ -354,6 +355,8 @@ class SwarmPeer:
         if not result.ok:
             trainer.optimizer.zero_grad(set_to_none=False)
             record.note = f"averaging failed: {result.error}"
+            if result.left_out_as_stalled:
+                log.warning(STALLED_ADVICE, self.sender_timeout_s)
             return
         trainer.apply_gradients()
         record.averaged = True
@@ -426,6 +429,11 @@ class SwarmPeer:
                 self.client.report_peer(round_index, node_id, str(reason)[:256])
             except CoordinatorError as e:
                 log.info("report of %s: %s", node_id, e)
+
+
+STALLED_ADVICE = ("the other peers saw this node fall silent for longer than swarm.sender_timeout_s (%g s) while "
+                  "averaging and left it out of this round: check this machine's uplink and load, try a smaller "
+                  "--part-size, or ask the run's host to raise swarm.sender_timeout_s")
 
 
 def averaging_timeouts(swarm: dict) -> dict[str, float]:

@@ -17,6 +17,7 @@ from grpo_swarm.protocol.identity import base58_decode
 from .tickets import Reason
 
 # what a reducer accused of WRONG_AVERAGE may answer with in its next gather (see reportable())
+SELF_EXCLUDED = "this node was excluded"  # how a round's error starts when the verdicts left this node out
 AUDIT_COUNTER_ACCUSATIONS = tuple(r.value for r in (Reason.SKETCH_MISMATCH, Reason.AUDIT_WITHHELD,
                                                     Reason.BAD_AUDIT_ENTRY))
 
@@ -143,6 +144,13 @@ class RoundResult:
             if disputed or not later:
                 del out[peer]
         return out
+
+    @property
+    def left_out_as_stalled(self) -> bool:
+        """The other members saw this node stall (their wait on its parts or averages timed out) and
+        left it out of the retry: its link or machine was too slow for the run's sender timeout."""
+        error = self.error or ""
+        return error.startswith(SELF_EXCLUDED) and Reason.STALLED.value in error
 
     def copy_to(self, tensors: Sequence[torch.Tensor]) -> None:
         """Copy the averaged gradient into ``tensors`` (e.g. the parameters' ``.grad``)."""
