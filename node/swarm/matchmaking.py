@@ -89,7 +89,8 @@ class PatientMatchmaking(Matchmaking):
         return True
 
     async def _request_join_potential_leaders(self, step: StepControl) -> GroupInfo:
-        """hivemind's loop, except that a partial group waits for the scheduled time."""
+        """hivemind's loop, except that a partial group waits for the scheduled time, leaders outside
+        the round are skipped, and a search that must end (:meth:`_search_must_end`) stops."""
         assert self.is_looking_for_group
         async with self.potential_leaders.begin_search(step, self.group_key_manager, declare=not self.client_mode):
             while True:
