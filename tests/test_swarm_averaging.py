@@ -959,8 +959,9 @@ def test_a_member_that_drips_its_parts_is_left_out_of_the_retry(swarm):
     """H sends each part 0.8 sender timeouts after the last: nobody's wait on it times out, but a
     reducer's share then needs about 11 × 2.4 s, past the all-reduce timeout (12 s). At that deadline
     a reducer whose share still waits for H's part while the other sender's is in names H (STALLED)
-    before it aborts; the retry leaves H out and A and B average. Without the naming, every attempt
-    would end at the deadline, unnamed."""
+    before it aborts; if H's own deadline comes first and it hangs up, the reducers name it for the
+    time it held their share up (over two sender timeouts). The retry leaves H out and A and B
+    average. Without the naming, every attempt would end at the deadline, unnamed."""
     r, hostile = DRIP_ROUND, swarm.peer_ids[H]
     a, b, h = (swarm.report(r, p) for p in (A, B, H))
     assert a["ok"] and b["ok"], json.dumps([a, b], indent=1)[:6000]
@@ -973,8 +974,10 @@ def test_a_member_that_drips_its_parts_is_left_out_of_the_retry(swarm):
         assert last["excluded"].get(hostile, "").startswith("ACCUSED") and "STALLED" in last["excluded"][hostile]
         assert all(set(att["stalled"]) <= {hostile} for att in rep["attempts"]), rep["attempts"]
         assert hostile not in rep["reportable"], rep["reportable"]
+    # named at the deadline, or (when H's own deadline came first and it hung up) for the time it held
+    # the share up before it did
     named = [att["stalled"][hostile] for rep in (a, b) for att in rep["attempts"][:1] if hostile in att["stalled"]]
-    assert named and all("all-reduce deadline" in n for n in named), named
+    assert named and all("all-reduce deadline" in n or "holding our share up" in n for n in named), named
     _same_bytes(swarm, r, (A, B))
     assert _max_err(swarm.tensors(r, A, "avg"), _honest_mean(r)) <= 1e-6
 
@@ -990,6 +993,38 @@ def test_every_round_is_accounted_for(swarm):
             assert "traceback" not in rep, rep
             assert rep["seconds"] < limit
     assert math.isfinite(limit)
+
+
+def test_a_step_stuck_past_its_timeouts_is_cancelled_and_reported():
+    """The node never waits on a step forever: one unfinished past its limit (its matchmaking,
+    all-reduce and audit timeouts and a margin) is cancelled and the attempt reported as failed;
+    one that finishes in time gives its result."""
+    from hivemind.averaging.control import AveragingStage, StepControl
+    from hivemind.utils.mpfuture import MPFuture
+
+    from grpo_swarm.node.swarm.averaging import STEP_STUCK
+    from grpo_swarm.node.swarm.round_report import AttemptReport
+
+    MPFuture()  # the process's first MPFuture must be a plain one (hivemind sets its backend up on the class)
+
+    def step():
+        control = StepControl(scheduled_time=0.0, deadline=1e12, allow_retries=True, weight=1.0, data_for_gather=b"")
+        control.attach(MPFuture(), MPFuture())
+        return control
+
+    stuck = step()
+    started = time.monotonic()
+    report = VerifiedAverager._step_result(stuck, None, 0.3)
+    assert isinstance(report, AttemptReport) and report.error.startswith(STEP_STUCK), report
+    assert stuck.cancelled() and 0.3 <= time.monotonic() - started < 2.0
+    done = step()
+    done.set_result(AttemptReport(ok=True))
+    assert VerifiedAverager._step_result(done, None, 5.0).ok
+    asked = []
+    polled = step()  # with round_over: asked while looking for a group, still bounded by the limit
+    polled.stage = AveragingStage.LOOKING_FOR_GROUP
+    report = VerifiedAverager._step_result(polled, lambda: asked.append(1) or False, 0.2)
+    assert report.error.startswith(STEP_STUCK) and asked
 
 
 def test_a_retry_after_timeouts_waits_for_the_members_still_timing_out():

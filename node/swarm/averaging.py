@@ -121,6 +121,8 @@ WIRE_NAME = "VerifiedAverager"  # RPC handler names: "{prefix}::VerifiedAverager
 # parts cost less CPU, but over a capped home link smaller ones keep the uplink busier (bench/RESULTS.md)
 PART_SIZE_BYTES = 1 << 20
 LOAD_CHUNK = 1 << 16  # values copied, then measured, at a time: 256 KiB of float32, still in L2 for the norm
+STEP_MARGIN_S = 10.0  # past its matchmaking, all-reduce and audit timeouts and this, a step is stuck
+STEP_STUCK = "the averaging step did not finish within its timeouts"
 ALLREDUCE_GRACE_S = 5.0  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
 ROUND_WENT_ON = "the round went on without this node (no retry)"
 ROUND_OVER_POLL_S = 3.0  # while looking for a group, how often the caller's round_over is asked
@@ -483,7 +485,10 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         try:
             control = self.step(gather=entry, weight=weight, timeout=timeout, allow_retries=True,
                                 scheduled_time=get_dht_time() + wait, wait=False)
-            report = self._step_result(control, round_over)
+            # a step runs its matchmaking, then its all-reduce and audit under hivemind's timeout: past
+            # all of that (and a margin) it is stuck, and the node must not wait on it forever
+            limit = timeout + self._allreduce_timeout + self.audit_timeout + STEP_MARGIN_S
+            report = self._step_result(control, round_over, limit)
         except Exception as e:  # noqa: BLE001 - no group, timeouts: a failed attempt, reported
             return AttemptReport(error=f"{type(e).__name__}: {e}"[:500])
         if not isinstance(report, AttemptReport):
@@ -491,18 +496,27 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         return report
 
     @staticmethod
-    def _step_result(control: StepControl, round_over: Callable[[], bool] | None):
+    def _step_result(control: StepControl, round_over: Callable[[], bool] | None, limit: float | None = None):
         """The step's result. With ``round_over``: asked every ROUND_OVER_POLL_S while the step is still
         looking for a group; True cancels the search (hivemind's StepControl.cancel, which ends its
         matchmaking) and waits for the step to wind down, so the next round's step never meets a
         search still running. Once the round's version is out, no group this node could find would
-        hold a majority of the round's peers, so nothing is lost."""
-        if round_over is None:
-            return control.result()
+        hold a majority of the round's peers, so nothing is lost. With ``limit``: a step still
+        unfinished after that many seconds is cancelled and reported as a failed attempt."""
+        deadline = None if limit is None else time.monotonic() + limit
         while True:
+            wait = ROUND_OVER_POLL_S if round_over is not None else None
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    control.cancel()
+                    return AttemptReport(error=f"{STEP_STUCK} after {limit:.0f} s (cancelled)")
+                wait = remaining if wait is None else min(wait, remaining)
             try:
-                return control.result(timeout=ROUND_OVER_POLL_S)
+                return control.result(timeout=wait)
             except TimeoutError:
+                if round_over is None:
+                    continue
                 if control.stage == AveragingStage.LOOKING_FOR_GROUP and round_over():
                     control.cancel()
                     deadline = time.monotonic() + ROUND_OVER_POLL_S

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Sequence
 from typing import AsyncIterator  # typing's, as hivemind's handlers are annotated
 
@@ -127,6 +128,10 @@ class ValidatingReducer(TensorPartReducer):
         self.squares = [0.0] * num_senders  # float64 running sum of squares of each sender's parts
         self.local_index = local_index
         self.total_weight = sum(self.weights)
+        # seconds each sender held this share up: how long after the other remote senders' part its own
+        # came, summed over the parts (a sender dripping its parts just under the timeouts stands out)
+        self.held_up = [0.0] * num_senders
+        self.arrivals: dict[int, float] = {}  # sender index -> when its part of the current index came
 
     def reset_accumulators(self):
         """Move on to the next part (hivemind's, without the accumulator: hivemind zeroes a new one for
@@ -173,8 +178,26 @@ class ValidatingReducer(TensorPartReducer):
             self.accumulator.add_(tensor_part, alpha=scale)
         self.current_part_accumulated_from += 1
         self.denominator += weight
+        self.arrivals[sender_index] = time.monotonic()
         self.check_current_part_finished()
         return await future
+
+    def seconds_held_up_by(self, sender_index: int, now: float | None = None) -> float:
+        """How long ``sender_index`` has held this share up so far: its past parts' delays plus, while
+        the current part waits for it and another remote sender's is in, the time since that came.
+        Delays count only behind another remote sender (this member's own link may be the slow one)."""
+        held = self.held_up[sender_index]
+        others = [t for i, t in self.arrivals.items() if i not in (sender_index, self.local_index)]
+        if sender_index not in self.arrivals and others and 0 <= self.current_part_index < self.num_parts:
+            held += (time.monotonic() if now is None else now) - max(others)
+        return held
+
+    def _charge_the_last_sender(self) -> None:
+        remote = {i: t for i, t in self.arrivals.items() if i != self.local_index}
+        if len(remote) >= 2:
+            last = max(remote, key=remote.get)
+            self.held_up[last] += remote[last] - max(t for i, t in remote.items() if i != last)
+        self.arrivals = {}
 
     def check_current_part_finished(self):
         assert self.current_part_accumulated_from <= self.num_current_senders
@@ -183,6 +206,7 @@ class ValidatingReducer(TensorPartReducer):
             if self.current_part_accumulated_from < self.num_senders and self.denominator > 0:  # (a sender left)
                 average = average.mul_(self.total_weight / self.denominator)
             self.current_part_future.set_result(average)
+            self._charge_the_last_sender()
             self.reset_accumulators()
 
     def check_part(self, sender_index: int, part_index: int, part: torch.Tensor) -> None:
@@ -360,7 +384,20 @@ class VerifiedAllReduceRunner(AllReduceRunner):
     def fail(self, peer_id: PeerID, reason: Reason, detail: str) -> None:
         if not self._future.done() and peer_id not in self.accused:
             self.failures.setdefault(peer_id, (reason, detail))
+            held = self._held_up_long(peer_id) if reason == Reason.SENDER_FAILED else None
+            if held is not None:
+                self.stalled.setdefault(peer_id, f"{reason.value}: {detail}, after holding our share up "
+                                                 f"{held:.1f} s in all")
         self.abort(f"{peer_id} {reason.value}: {detail}")
+
+    def _held_up_long(self, peer_id: PeerID) -> float | None:
+        """Seconds ``peer_id`` held this member's share up in all, when at least twice the sender timeout
+        (else None): a sender that drips its parts and then hangs up before our all-reduce deadline
+        fails as an early end, which alone would name nobody."""
+        if peer_id not in self.sender_peer_ids:
+            return None
+        held = self.tensor_part_reducer.seconds_held_up_by(self.sender_peer_ids.index(peer_id))
+        return held if held >= 2 * self.sender_timeout else None
 
     def stalled_on(self, peer_id: PeerID, reason: Reason, detail: str) -> None:
         """A wait on ``peer_id`` timed out: a failure, and stalled if this attempt was still live."""
