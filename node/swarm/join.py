@@ -145,6 +145,7 @@ class SwarmPeer:
         self.maddrs = [str(a) for a in self.dht.get_visible_maddrs() if str(a).endswith(f"/p2p/{own}")][:8]
         swarm = p.run["swarm"]
         self._held: tuple | None = None  # (snapshot ref, version, state hash) of what this node holds
+        timeouts = averaging_timeouts(swarm)
         self.averager = (self.averager_factory or VerifiedAverager)(
             p.trainer.trainable, dht=self.dht, prefix=f"{_safe(p.run_id)}-grads", identity=self.identity,
             coordinator_key=bytes(p.reply.coordinator_public_key), run_id=p.run_id,
@@ -152,9 +153,9 @@ class SwarmPeer:
             compression=compression_named(opts.compression), part_size_bytes=opts.part_size_bytes,
             audit_fraction=opts.audit_fraction, require_final_ticket=True, min_group_size=1, min_contributors=1,
             client_mode=opts.client_mode, keep_freed_memory=p.train_cfg.run.keep_freed_memory,
-            **averaging_timeouts(swarm))
+            **timeouts)
         self.round_timeout_s = float(swarm.get("round_timeout_s", 600.0))
-        self.sender_timeout_s = averaging_timeouts(swarm)["sender_timeout"]
+        self.sender_timeout_s = timeouts["sender_timeout"]
         self.straggler_wait = float(swarm.get("straggler_wait", 1.0))
         self.matchmaking_timeout_s = float(swarm.get("matchmaking_timeout_s", 30.0))
         self._publication = PublicationFollower(p, self.heartbeat, timeout_s=self.round_timeout_s, poll_s=opts.poll_s)

@@ -182,14 +182,21 @@ class ValidatingReducer(TensorPartReducer):
         self.check_current_part_finished()
         return await future
 
-    def seconds_held_up_by(self, sender_index: int, now: float | None = None) -> float:
+    def missing_senders(self) -> list[int]:
+        """Remote senders the current part still waits for while another remote sender's is in; none
+        while no remote part is in (this member's own link may be the slow one)."""
+        if not 0 <= self.current_part_index < self.num_parts or not any(i != self.local_index for i in self.arrivals):
+            return []
+        return [i for i in range(self.num_senders) if i != self.local_index and i not in self.arrivals
+                and self.sender_failed_after[i] == float("inf")]
+
+    def seconds_held_up_by(self, sender_index: int) -> float:
         """How long ``sender_index`` has held this share up so far: its past parts' delays plus, while
-        the current part waits for it and another remote sender's is in, the time since that came.
-        Delays count only behind another remote sender (this member's own link may be the slow one)."""
+        the current part waits for it (:meth:`missing_senders`), the time since the latest remote
+        sender's part of that index came."""
         held = self.held_up[sender_index]
-        others = [t for i, t in self.arrivals.items() if i not in (sender_index, self.local_index)]
-        if sender_index not in self.arrivals and others and 0 <= self.current_part_index < self.num_parts:
-            held += (time.monotonic() if now is None else now) - max(others)
+        if sender_index in self.missing_senders():
+            held += time.monotonic() - max(t for i, t in self.arrivals.items() if i != self.local_index)
         return held
 
     def _charge_the_last_sender(self) -> None:
@@ -386,9 +393,12 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             self.failures.setdefault(peer_id, (reason, detail))
             held = self._held_up_long(peer_id) if reason == Reason.SENDER_FAILED else None
             if held is not None:
-                self.stalled.setdefault(peer_id, f"{reason.value}: {detail}, after holding our share up "
-                                                 f"{held:.1f} s in all")
+                self._mark_stalled(peer_id, f"{reason.value}: {detail}, after holding our share up {held:.1f} s in all")
         self.abort(f"{peer_id} {reason.value}: {detail}")
+
+    def _mark_stalled(self, peer_id: PeerID, text: str) -> None:
+        if not self._future.done() and peer_id != self.peer_id and peer_id not in self.accused:
+            self.stalled.setdefault(peer_id, text)
 
     def _held_up_long(self, peer_id: PeerID) -> float | None:
         """Seconds ``peer_id`` held this member's share up in all, when at least twice the sender timeout
@@ -401,28 +411,20 @@ class VerifiedAllReduceRunner(AllReduceRunner):
 
     def stalled_on(self, peer_id: PeerID, reason: Reason, detail: str) -> None:
         """A wait on ``peer_id`` timed out: a failure, and stalled if this attempt was still live."""
-        if not self._future.done() and peer_id != self.peer_id and peer_id not in self.accused:
-            self.stalled.setdefault(peer_id, f"{reason.value}: {detail}")
+        self._mark_stalled(peer_id, f"{reason.value}: {detail}")
         self.fail(peer_id, reason, detail)
 
     def name_laggards(self) -> None:
-        """At the all-reduce deadline: the senders whose part this member's share still waits for while
-        another remote sender's is in are stalled too (first-hand, like a silence), or a sender
-        dripping its parts just under ``sender_timeout`` apart would fail every attempt unnamed. With
-        no remote part in, nobody is named: this member's own link may be the slow one."""
+        """At the all-reduce deadline: the senders this member's share still waits for while another
+        remote sender's part is in (:meth:`ValidatingReducer.missing_senders`) are stalled too
+        (first-hand, like a silence), or a sender dripping its parts just under ``sender_timeout``
+        apart would fail every attempt unnamed."""
         reducer = self.tensor_part_reducer
-        index = reducer.current_part_index
-        if self._future.done() or not 0 <= index < reducer.num_parts:
-            return
-        remote = [i for i in range(reducer.num_senders)
-                  if i != reducer.local_index and reducer.sender_failed_after[i] == float("inf")]
-        if not any(reducer.num_parts_received[i] > index for i in remote):
-            return
-        late = [self.sender_peer_ids[i] for i in remote if reducer.num_parts_received[i] <= index]
-        detail = f"its part {index} of {reducer.num_parts} was still missing at the all-reduce deadline, others' were in"
-        for peer_id in late:
-            if peer_id not in self.accused:
-                self.stalled.setdefault(peer_id, f"{Reason.SENDER_FAILED.value}: {detail}")
+        late = [self.sender_peer_ids[i] for i in reducer.missing_senders()]
+        detail = (f"its part {reducer.current_part_index} of {reducer.num_parts} was still missing at the all-reduce "
+                  "deadline, others' were in")
+        for peer_id in late:  # all marked before the first failure aborts the attempt
+            self._mark_stalled(peer_id, f"{Reason.SENDER_FAILED.value}: {detail}")
         for peer_id in late:
             self.fail(peer_id, Reason.SENDER_FAILED, detail)
 
@@ -465,7 +467,12 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         if len(self.active_senders) == len(self.sender_peer_ids):
             self.all_senders_started.set()
         try:
-            request = await asyncio.wait_for(anext(stream), self.sender_timeout)
+            try:
+                request = await asyncio.wait_for(anext(stream), self.sender_timeout)
+            except asyncio.TimeoutError:  # the stream is open, its first message never came
+                self.stalled_on(remote, Reason.SENDER_FAILED, f"opened its stream, then sent nothing for "
+                                                              f"{self.sender_timeout} s")
+                raise
             if request.malformed is not None:
                 self.accuse(remote, Reason.MALFORMED_PART, f"its first message is malformed: {request.malformed} "
                                                            "(as a sender)")
@@ -484,9 +491,6 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             async for message in self._accumulate_parts_streaming(achain(as_aiter(request), stream), sender_index):
                 yield message
         except BaseException as e:
-            if isinstance(e, asyncio.TimeoutError):  # the stream is open, its first message never came
-                self.stalled_on(remote, Reason.SENDER_FAILED, f"opened its stream, then sent nothing for "
-                                                              f"{self.sender_timeout} s")
             await self._ban_sender(remote)  # a failure (timeout, disconnect), unless the attempt is over
             if isinstance(e, Exception):
                 yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
