@@ -33,6 +33,8 @@ whatever the behaviour says; the honest peers must cope:
 * ``stall_always``    — in every attempt, sends its first part and then nothing, its connection open
 * ``drip``            — in every attempt, sends its parts ``drip_gap`` apart (just under the reducers'
   sender timeout), so that its share of a reducer's work outlasts the all-reduce timeout
+* ``drip_average`` — sends honest parts, but as a reducer returns each average 0.8 reducer timeouts
+  after the last, so that the others' results from it outlast the all-reduce timeout
 * ``lost_cancel``     — a runtime fault, not an attack: the cancel of its search in this round is
   lost once, as Python 3.11's ``asyncio.wait_for`` loses one that arrives with the awaited result,
   and the search then runs on until it finds a leader
@@ -123,6 +125,8 @@ class HostileRunner(VerifiedAllReduceRunner):
         return self.compression.compress(part, info)
 
     async def _serialized_result(self, part_index: int, averaged: torch.Tensor):
+        if self.behaviour == "drip_average":  # every caller (each sender's stream) waits its gap
+            await asyncio.sleep(0.8 * self.reducer_timeout)
         if self.behaviour in ("nan_average", "inf_average", "short_average") and part_index not in self._results:
             # the average's bytes themselves lie (the encoder would clamp an fp16 inf: written in after)
             tp = encode_values(averaged.clone(), self.output_compression)

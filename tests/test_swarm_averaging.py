@@ -19,6 +19,8 @@ the group agrees on one (the largest a contributor signed for):
   like one caught (AUDIT_WITHHELD), so silence buys no fresh draw of the audited rows;
 * a sender lying about its sketch in the share audit: its reducer names it, the other honest peer
   does not report the reducer;
+* members that stall every attempt, drip their parts, or (as reducers) drip their averages: named
+  STALLED first-hand and left out of the retry;
 * the last round: the hostile peer stalls mid-round and is SIGKILLed; the others fail the round
   cleanly, within the averaging timeout.
 
@@ -44,6 +46,7 @@ from grpo_swarm.node.swarm.averaging import (
     ROUND_OVER_POLL_S,
     ROUND_WENT_ON,
     SELF_EXCLUDED,
+    STEP_STUCK,
     LocalGradientError,
     VerifiedAverager,
     tensors_sha256,
@@ -154,6 +157,8 @@ ACCUSE_ALL_ROUND = _small("small_none", "accuse_all")  # H accuses both A and B
 STALL_ROUND = _small("small_none", "stall_always", max_attempts=TIMING["max_attempts"])
 # ... and one that sends its parts just under the sender timeout apart: its share outlasts the all-reduce
 DRIP_ROUND = _small("small_drip", "drip", max_attempts=TIMING["max_attempts"])
+# ... and a reducer that returns its averages just under the reducer timeout apart
+DRIP_AVERAGE_ROUND = _small("small_drip", "drip_average", max_attempts=TIMING["max_attempts"])
 KILL_ROUND = _small("small_none", "stall", max_attempts=1)
 HOSTILE_ONE_ATTEMPT = {r for r, _ in EXCLUDED_ROUNDS.values()}
 
@@ -982,14 +987,44 @@ def test_a_member_that_drips_its_parts_is_left_out_of_the_retry(swarm):
     assert _max_err(swarm.tensors(r, A, "avg"), _honest_mean(r)) <= 1e-6
 
 
+def test_a_reducer_that_drips_its_averages_is_left_out_of_the_retry(swarm):
+    """H reduces honestly but returns each average 0.8 reducer timeouts after the last: no wait on it
+    times out, but A's and B's results from it need about 11 x 4.8 s, past the all-reduce timeout
+    (12 s). At that deadline a member whose own share and the other reducer's are in, though H's
+    is not, names H (STALLED); if H's deadline comes first and it hangs up, they name it for the time
+    it held their results up (over two sender timeouts). The retry leaves H out and A and B average.
+    Without the naming, every attempt would end at the deadline, unnamed."""
+    r, hostile = DRIP_AVERAGE_ROUND, swarm.peer_ids[H]
+    a, b, h = (swarm.report(r, p) for p in (A, B, H))
+    assert a["ok"] and b["ok"], json.dumps([a, b], indent=1)[:6000]
+    assert not h["ok"] and h["left_out_as_stalled"], h
+    honest = {swarm.peer_ids[A], swarm.peer_ids[B]}
+    for rep in (a, b):
+        assert len(rep["attempts"]) == 2, rep["attempts"]
+        last = rep["attempts"][-1]
+        assert set(last["weights"]) == honest, last
+        assert last["excluded"].get(hostile, "").startswith("ACCUSED") and "STALLED" in last["excluded"][hostile]
+        assert all(set(att["stalled"]) <= {hostile} for att in rep["attempts"]), rep["attempts"]
+        assert hostile not in rep["reportable"], rep["reportable"]
+    named = [att["stalled"][hostile] for rep in (a, b) for att in rep["attempts"][:1] if hostile in att["stalled"]]
+    assert named and all(n.startswith("REDUCER_FAILED") for n in named), named
+    assert all("all-reduce deadline" in n or "holding our results up" in n for n in named), named
+    _same_bytes(swarm, r, (A, B))
+    assert _max_err(swarm.tensors(r, A, "avg"), _honest_mean(r)) <= 1e-6
+
+
 def test_every_round_is_accounted_for(swarm):
     """No honest round took longer than its timeouts allow, and the honest peers never raised."""
     limit = TIMING["max_attempts"] * (TIMING["matchmaking_timeout"] + TIMING["allreduce_timeout"])
     for rnd in PLAN:
         for p in rnd["participants"]:
-            if p == H and rnd["behaviour"]:
+            if rnd["round"] == KILL_ROUND and p == H:
                 continue
             rep = swarm.report(rnd["round"], p)
+            # no step of anyone's, the hostile peer's included, outlived its timeouts
+            assert not any((a["error"] or "").startswith(STEP_STUCK) for a in rep["attempts"]), (rnd, p, rep)
+            if p == H and rnd["behaviour"]:
+                continue
             assert "traceback" not in rep, rep
             assert rep["seconds"] < limit
     assert math.isfinite(limit)
@@ -1002,7 +1037,6 @@ def test_a_step_stuck_past_its_timeouts_is_cancelled_and_reported():
     from hivemind.averaging.control import AveragingStage, StepControl
     from hivemind.utils.mpfuture import MPFuture
 
-    from grpo_swarm.node.swarm.averaging import STEP_STUCK
     from grpo_swarm.node.swarm.round_report import AttemptReport
 
     MPFuture()  # the process's first MPFuture must be a plain one (hivemind sets its backend up on the class)
@@ -1025,6 +1059,43 @@ def test_a_step_stuck_past_its_timeouts_is_cancelled_and_reported():
     polled.stage = AveragingStage.LOOKING_FOR_GROUP
     report = VerifiedAverager._step_result(polled, lambda: asked.append(1) or False, 0.2)
     assert report.error.startswith(STEP_STUCK) and asked
+
+
+def test_a_stuck_step_logs_where_each_task_waits(caplog):
+    """What a stuck step leaves for the user's report: each task of the averager's loop, down the
+    chain of what it awaits (here: a coroutine waiting on a lock inside an ``async with``)."""
+    import asyncio
+
+    averager = VerifiedAverager.__new__(VerifiedAverager)  # _log_tasks reads nothing of the averager
+
+    async def holds_the_lock(lock: asyncio.Lock, started: asyncio.Event):
+        async with lock:
+            started.set()
+            await asyncio.sleep(3600)
+
+    async def waits_for_the_lock(lock: asyncio.Lock):
+        async with lock:
+            pass
+
+    async def main():
+        lock, started = asyncio.Lock(), asyncio.Event()
+        tasks = [asyncio.create_task(holds_the_lock(lock, started), name="holder")]
+        await started.wait()
+        tasks.append(asyncio.create_task(waits_for_the_lock(lock), name="waiter"))
+        await asyncio.sleep(0.01)
+        await averager._log_tasks("a step is stuck")
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    with caplog.at_level("WARNING", logger="grpo_swarm.node.swarm.averaging"):
+        asyncio.run(main())
+    text = caplog.text
+    assert "a step is stuck; the averager's tasks:" in text, text
+    holder = next(line for line in text.splitlines() if "holder:" in line)
+    waiter = next(line for line in text.splitlines() if "waiter:" in line)
+    assert "holds_the_lock" in holder and "sleep" in holder, holder
+    assert "waits_for_the_lock" in waiter and "acquire" in waiter, waiter
 
 
 def test_a_retry_after_timeouts_waits_for_the_members_still_timing_out():

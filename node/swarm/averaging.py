@@ -146,6 +146,21 @@ def tensors_sha256(tensors: Iterable[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _await_chain(awaitable) -> list[str]:
+    """Where a coroutine waits: its frame, the frame of what it awaits, and so on down."""
+    out = []
+    while awaitable is not None:
+        frame = next((getattr(awaitable, a) for a in ("cr_frame", "gi_frame", "ag_frame") if getattr(awaitable, a, None)),
+                     None)
+        if frame is None:
+            out.append(type(awaitable).__name__)
+            break
+        out.append(f"{frame.f_code.co_name} ({os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})")
+        awaitable = next((getattr(awaitable, a) for a in ("cr_await", "gi_yieldfrom", "ag_await")
+                          if getattr(awaitable, a, None) is not None), None)
+    return out
+
+
 def _b58(peer_id: PeerID | bytes) -> str:
     return base58_encode(peer_id.to_bytes() if isinstance(peer_id, PeerID) else bytes(peer_id))
 
@@ -489,6 +504,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             # all of that (and a margin) it is stuck, and the node must not wait on it forever
             limit = timeout + self._allreduce_timeout + self.audit_timeout + STEP_MARGIN_S
             report = self._step_result(control, round_over, limit)
+            if isinstance(report, AttemptReport) and (report.error or "").startswith(STEP_STUCK):
+                self._outer_pipe.send(("_log_tasks", [report.error], {}))  # where it waits: for the log
         except Exception as e:  # noqa: BLE001 - no group, timeouts: a failed attempt, reported
             return AttemptReport(error=f"{type(e).__name__}: {e}"[:500])
         if not isinstance(report, AttemptReport):
@@ -525,6 +542,15 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                     return AttemptReport(error=f"cancelled while looking for a group; {ROUND_WENT_ON}")
 
     # ------------------------------------------------------------------ the averager process
+    async def _log_tasks(self, why: str) -> None:
+        """Log where each task of the averager's loop waits (a step stuck past its timeouts: the
+        stacks say on what, for the user's report)."""
+        me, lines = asyncio.current_task(), []
+        for task in asyncio.all_tasks():
+            if task is not me:
+                lines.append(f"  {task.get_name()}: " + " -> ".join(_await_chain(task.get_coro())))
+        logger.warning("%s; the averager's tasks:\n%s", why, "\n".join(lines))
+
     async def _set_round(self, round_index: int, expected_keys: frozenset[bytes] | None, group_size: int | None):
         """Runs in the averager process before a round's steps (the control pipe keeps the order)."""
         self._rules = self.round_rules(round_index, expected_keys)

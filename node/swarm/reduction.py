@@ -29,7 +29,8 @@
   the averager names it in the next gather too, or one member stalling every attempt would fail
   the round. Ends, refusals and CANCELLED are not: another member's abort causes them, while the
   timeouts are ordered (sender < reducer) so that the member waiting on the silent peer itself
-  times out first.
+  times out first. At the all-reduce deadline, senders and reducers that drip just under those
+  timeouts are named by what is still missing while others' work is in (:meth:`~VerifiedAllReduceRunner.name_laggards`).
 * **A stream closes only once its sender holds every average.** hivemind's reducer handler
   returns, closing the stream, right after answering the last part, and p2pd can drop messages
   still in flight at that close (seen here: a stream ending cleanly after 8 of 10 averages; in stock
@@ -348,6 +349,9 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         self.accused: dict[PeerID, tuple[Reason, str]] = {}
         self.failures: dict[PeerID, tuple[Reason, str]] = {}
         self.stalled: dict[PeerID, str] = {}  # failures seen as silence while the attempt was live
+        # by slot: when this member had sent that reducer every part, and when it held every average
+        self.sent_all_at: dict[int, float] = {}
+        self.share_done_at: dict[int, float] = {}
         self.refused: dict[PeerID, str] = {}
         self.weight_claims: dict[PeerID, float] = {}
         self.abort_reason: str | None = None
@@ -391,23 +395,47 @@ class VerifiedAllReduceRunner(AllReduceRunner):
     def fail(self, peer_id: PeerID, reason: Reason, detail: str) -> None:
         if not self._future.done() and peer_id not in self.accused:
             self.failures.setdefault(peer_id, (reason, detail))
-            held = self._held_up_long(peer_id) if reason == Reason.SENDER_FAILED else None
+            held = self._held_up_long(peer_id, reason)
             if held is not None:
-                self._mark_stalled(peer_id, f"{reason.value}: {detail}, after holding our share up {held:.1f} s in all")
+                what = "our share" if reason == Reason.SENDER_FAILED else "our results"
+                self._mark_stalled(peer_id, f"{reason.value}: {detail}, after holding {what} up {held:.1f} s in all")
         self.abort(f"{peer_id} {reason.value}: {detail}")
 
     def _mark_stalled(self, peer_id: PeerID, text: str) -> None:
         if not self._future.done() and peer_id != self.peer_id and peer_id not in self.accused:
             self.stalled.setdefault(peer_id, text)
 
-    def _held_up_long(self, peer_id: PeerID) -> float | None:
-        """Seconds ``peer_id`` held this member's share up in all, when at least twice the sender timeout
-        (else None): a sender that drips its parts and then hangs up before our all-reduce deadline
-        fails as an early end, which alone would name nobody."""
-        if peer_id not in self.sender_peer_ids:
+    def _held_up_long(self, peer_id: PeerID, reason: Reason) -> float | None:
+        """Seconds ``peer_id`` held this member up in all — as a sender, its share; as a reducer, its
+        results — when at least twice the sender timeout (else None): a peer that drips its parts or
+        averages and then hangs up before our all-reduce deadline fails as an early end, which alone
+        would name nobody."""
+        if reason == Reason.SENDER_FAILED and peer_id in self.sender_peer_ids:
+            held = self.tensor_part_reducer.seconds_held_up_by(self.sender_peer_ids.index(peer_id))
+        elif reason == Reason.REDUCER_FAILED:
+            held = self.seconds_held_up_by_reducer(self.ordered_peer_ids.index(peer_id))
+        else:
             return None
-        held = self.tensor_part_reducer.seconds_held_up_by(self.sender_peer_ids.index(peer_id))
         return held if held >= 2 * self.sender_timeout else None
+
+    def late_reducers(self) -> list[int]:
+        """Slots of the remote reducers whose averages this member still waits for, though it sent them
+        every part, while its own share and another remote reducer's are complete (none otherwise:
+        this member's own link may be the slow one, or a sender every reducer waits for)."""
+        shares = [i for i, n in enumerate(self.tensor_part_container.num_parts_by_peer) if n]
+        local = self.ordered_peer_ids.index(self.peer_id)
+        done_remote = [i for i in shares if i != local and i in self.share_done_at]
+        if (local in shares and local not in self.share_done_at) or not done_remote:
+            return []
+        return [i for i in shares if i != local and i not in self.share_done_at and i in self.sent_all_at]
+
+    def seconds_held_up_by_reducer(self, slot: int) -> float:
+        """How long the reducer in ``slot`` has held this member's results up: since the later of the
+        last other share's completion and our last part to it, while it is a :meth:`late_reducers`."""
+        if slot not in self.late_reducers():
+            return 0.0
+        others = [t for i, t in self.share_done_at.items() if i != slot]
+        return time.monotonic() - max(self.sent_all_at[slot], *others)
 
     def stalled_on(self, peer_id: PeerID, reason: Reason, detail: str) -> None:
         """A wait on ``peer_id`` timed out: a failure, and stalled if this attempt was still live."""
@@ -416,17 +444,21 @@ class VerifiedAllReduceRunner(AllReduceRunner):
 
     def name_laggards(self) -> None:
         """At the all-reduce deadline: the senders this member's share still waits for while another
-        remote sender's part is in (:meth:`ValidatingReducer.missing_senders`) are stalled too
-        (first-hand, like a silence), or a sender dripping its parts just under ``sender_timeout``
-        apart would fail every attempt unnamed."""
-        reducer = self.tensor_part_reducer
-        late = [self.sender_peer_ids[i] for i in reducer.missing_senders()]
-        detail = (f"its part {reducer.current_part_index} of {reducer.num_parts} was still missing at the all-reduce "
-                  "deadline, others' were in")
-        for peer_id in late:  # all marked before the first failure aborts the attempt
-            self._mark_stalled(peer_id, f"{Reason.SENDER_FAILED.value}: {detail}")
-        for peer_id in late:
-            self.fail(peer_id, Reason.SENDER_FAILED, detail)
+        remote sender's part is in (:meth:`ValidatingReducer.missing_senders`), and the reducers whose
+        averages it still waits for while the other shares are in (:meth:`late_reducers`), are stalled
+        too (first-hand, like a silence), or a peer dripping its parts or averages just under the
+        timeouts would fail every attempt unnamed."""
+        reducer, container = self.tensor_part_reducer, self.tensor_part_container
+        late = [(self.sender_peer_ids[i], Reason.SENDER_FAILED,
+                 f"its part {reducer.current_part_index} of {reducer.num_parts} was still missing at the all-reduce "
+                 "deadline, others' were in") for i in reducer.missing_senders()]
+        late += [(self.ordered_peer_ids[i], Reason.REDUCER_FAILED,
+                  f"had returned {container._outputs_registered_by_peer[i]} of {container.num_parts_by_peer[i]} "
+                  "averages at the all-reduce deadline, the other shares were in") for i in self.late_reducers()]
+        for peer_id, reason, detail in late:  # all marked before the first failure aborts the attempt
+            self._mark_stalled(peer_id, f"{reason.value}: {detail}")
+        for peer_id, reason, detail in late:
+            self.fail(peer_id, reason, detail)
 
     def finalize(self, *, cancel: bool = False, exception: BaseException | None = None):
         super().finalize(cancel=cancel, exception=exception)
@@ -712,6 +744,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                     return
                 self.output_squares[peer_index] += squared
                 self.tensor_part_container.register_processed_part(peer_index, part_index, local)
+            self.share_done_at[peer_index] = time.monotonic()
             return
 
         expected = self.tensor_part_container.num_parts_by_peer[peer_index]
@@ -724,6 +757,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                 if self.sent_parts is not None:
                     self.sent_parts[peer_index].append(message.tensor_part)
                 yield message
+            self.sent_all_at[peer_index] = time.monotonic()
             sent_all.set()
             # keep our input open until every average is in: the reducer returns (closing the
             # stream) when our input ends, and p2pd can drop messages in flight at a close
@@ -748,6 +782,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                     return
                 self.tensor_part_container.register_processed_part(peer_index, part_index, tensor)
                 part_index += 1
+            self.share_done_at[peer_index] = time.monotonic()
             # every average is in: end our input, and read on to the end of the stream (which follows),
             # so that the end-of-input message leaves before this stream is closed
             results_in.set()
