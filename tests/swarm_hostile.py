@@ -37,7 +37,8 @@ whatever the behaviour says; the honest peers must cope:
   after the last, so that the others' results from it outlast the all-reduce timeout
 * ``lost_cancel``     — a runtime fault, not an attack: the cancel of its search in this round is
   lost once, as Python 3.11's ``asyncio.wait_for`` loses one that arrives with the awaited result,
-  and the search then runs on until it finds a leader
+  and the search then runs on until it finds a leader or the round moves on (``lost_cancel_marker``
+  written when it was lost)
 
 Ticket misbehaviours (forged, another round's, another node's) only change the ticket bytes the
 peer script passes in; the averager itself then behaves honestly but is not allowed to check.
@@ -71,22 +72,31 @@ WRONG_AVERAGE_SHIFT = 0.03  # x mean |value|, alternating sign: ~2-3 % of the sh
 SKIPS_CHECKS = {"forged_ticket", "other_round_ticket", "other_node_ticket", "over_bound"}
 
 
-def _lose_one_cancel(potential_leaders) -> None:
-    """The next cancel that reaches a wait for the next leader is dropped, once, and from then on the
-    search never sees its time run out (as one kept busy asking leaders does not): it goes on until
-    it finds a leader, as the search seen in a full-suite run went on into a later round."""
+def _lose_one_cancel(matchmaking, round_index: int, marker: str | None) -> None:
+    """The next cancel that reaches a wait for the next leader in round ``round_index`` is dropped,
+    once (``marker`` then written), and from then on, while the averager is still in that round, the
+    search never sees its time run out (as one kept busy asking leaders does not): it goes on until it
+    finds a leader or the round moves on, as the search seen in a full-suite run went on into a later
+    round. Never in another round: an armed patch that did not fire must not drop a later round's
+    cancel (it once did, and that round's search then ran on until the step limit)."""
+    potential_leaders = matchmaking.potential_leaders
     pop, lost = potential_leaders.pop_next_leader, []
+
+    def in_its_round() -> bool:
+        return matchmaking.round_index == round_index
 
     async def pop_next_leader():
         while True:
             try:
                 return await pop()
             except asyncio.CancelledError:
-                if lost:
+                if lost or not in_its_round():
                     raise
                 lost.append(True)
+                if marker:
+                    Path(marker).write_text("lost")
             except asyncio.TimeoutError:  # hivemind's "re-declared: the time may be up"
-                if not lost:
+                if not lost or not in_its_round():
                     raise
 
     potential_leaders.pop_next_leader = pop_next_leader
@@ -172,9 +182,10 @@ class HostileAverager(VerifiedAverager):
     runner_class = HostileRunner
 
     def __init__(self, *args, behaviours: dict[int, str], stall_marker: str | None = None,
-                 accuse_target: bytes = b"", accuse_all: tuple[bytes, ...] = (), **kwargs):
+                 lost_cancel_marker: str | None = None, accuse_target: bytes = b"", accuse_all: tuple[bytes, ...] = (),
+                 **kwargs):
         self.behaviours = {int(k): v for k, v in behaviours.items()}
-        self.stall_marker = stall_marker
+        self.stall_marker, self.lost_cancel_marker = stall_marker, lost_cancel_marker
         self.accuse_target, self.accuse_all = accuse_target, tuple(accuse_all)
         super().__init__(*args, **kwargs)
 
@@ -184,7 +195,7 @@ class HostileAverager(VerifiedAverager):
     async def _set_round(self, round_index, expected_keys, group_size):
         await super()._set_round(round_index, expected_keys, group_size)
         if self.behaviour(round_index) == "lost_cancel":
-            _lose_one_cancel(self._matchmaking.potential_leaders)
+            _lose_one_cancel(self._matchmaking, int(round_index), self.lost_cancel_marker)
 
     # -- caller side: no checks of its own ticket or gradient; the committed norm may lie
     def check_own_ticket(self, ticket_bytes, rules):

@@ -95,7 +95,8 @@ def main(config_path: str) -> int:
     extra = {}
     if hostile:
         extra = dict(behaviours={r["round"]: r["behaviour"].get(str(me), "honest") for r in cfg["plan"]},
-                     stall_marker=str(work / f"stalled-p{me}"), accuse_target=peer_id_from_public_key(node_keys[0]),
+                     stall_marker=str(work / f"stalled-p{me}"), lost_cancel_marker=str(work / f"lost-cancel-p{me}"),
+                     accuse_target=peer_id_from_public_key(node_keys[0]),
                      accuse_all=tuple(peer_id_from_public_key(k) for k in node_keys if k != identity.public_key_bytes))
     common = dict(dht=dht, identity=identity, coordinator_key=coordinator.public_key_bytes, run_id=RUN_ID,
                   norm_bound=NORM_BOUND, ticket_type=ticket_type(), target_group_size=len(node_keys),

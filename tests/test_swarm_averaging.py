@@ -693,6 +693,8 @@ def test_a_search_whose_cancel_was_lost_does_not_outlive_its_round(swarm):
     In the next round all three average in one attempt."""
     h = swarm.report(LOST_CANCEL_ROUND, H)
     assert not h["ok"] and ROUND_WENT_ON in h["error"], h
+    if not (swarm.work / f"lost-cancel-p{H}").exists():  # (its step ended before its search ever waited for a leader)
+        pytest.skip("H's search never lost a cancel this run: nothing to check")
     reports = [swarm.report(AFTER_LOST_CANCEL_ROUND, p) for p in (A, B, H)]
     assert all(rep["ok"] for rep in reports), json.dumps(reports, indent=1)[:6000]
     for rep in reports:
@@ -1062,8 +1064,8 @@ def test_a_step_stuck_past_its_timeouts_is_cancelled_and_reported():
 
 
 def test_a_stuck_step_logs_where_each_task_waits(caplog):
-    """What a stuck step leaves for the user's report: each task of the averager's loop, down the
-    chain of what it awaits (here: a coroutine waiting on a lock inside an ``async with``)."""
+    """What a stuck step leaves for the user's report: each distinct chain of awaits among the tasks of
+    the averager's loop, with how many tasks wait that way (here: one holds a lock, three wait for it)."""
     import asyncio
 
     averager = VerifiedAverager.__new__(VerifiedAverager)  # _log_tasks reads nothing of the averager
@@ -1079,9 +1081,9 @@ def test_a_stuck_step_logs_where_each_task_waits(caplog):
 
     async def main():
         lock, started = asyncio.Lock(), asyncio.Event()
-        tasks = [asyncio.create_task(holds_the_lock(lock, started), name="holder")]
+        tasks = [asyncio.create_task(holds_the_lock(lock, started))]
         await started.wait()
-        tasks.append(asyncio.create_task(waits_for_the_lock(lock), name="waiter"))
+        tasks += [asyncio.create_task(waits_for_the_lock(lock)) for _ in range(3)]
         await asyncio.sleep(0.01)
         await averager._log_tasks("a step is stuck")
         for task in tasks:
@@ -1092,10 +1094,11 @@ def test_a_stuck_step_logs_where_each_task_waits(caplog):
         asyncio.run(main())
     text = caplog.text
     assert "a step is stuck; the averager's tasks:" in text, text
-    holder = next(line for line in text.splitlines() if "holder:" in line)
-    waiter = next(line for line in text.splitlines() if "waiter:" in line)
-    assert "holds_the_lock" in holder and "sleep" in holder, holder
-    assert "waits_for_the_lock" in waiter and "acquire" in waiter, waiter
+    holder = [line for line in text.splitlines() if "holds_the_lock" in line]
+    waiters = [line for line in text.splitlines() if "waits_for_the_lock" in line]
+    assert len(holder) == 1 and holder[0].startswith("  1 x ") and "sleep" in holder[0], text
+    # the three waiters wait the same way: one line, counted
+    assert len(waiters) == 1 and waiters[0].startswith("  3 x ") and "acquire" in waiters[0], text
 
 
 def test_a_retry_after_timeouts_waits_for_the_members_still_timing_out():

@@ -2,8 +2,10 @@
 and its strictness on bytes a peer made up."""
 
 import asyncio
-import resource
+import json
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -192,21 +194,30 @@ def test_sum_of_squares_keeps_crafted_small_values_from_vanishing_in_rounding():
         assert not np.isfinite(sum_of_squares(tainted))
 
 
+_FAULTS_SCRIPT = """
+import json, resource, torch
+from grpo_swarm.node.swarm.part_codec import sum_of_squares
+torch.set_num_threads(1)
+values = torch.randn(16 << 20)  # 64 MiB, past any allocator cache
+def faults(fn):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+sum_of_squares(values)
+ours = faults(lambda: [sum_of_squares(values) for _ in range(3)])
+rows = values.view(-1, 4096)
+vecdot = faults(lambda: torch.linalg.vecdot(rows, rows).sum())
+print(json.dumps(dict(pages=values.numel() * 4 // 4096, ours=ours, vecdot=vecdot)))
+"""
+
+
 def test_sum_of_squares_reads_the_values_without_a_temporary_of_their_size():
     # the local gradient's check runs it over every tensor each round: a temporary as large as the
     # input (linalg.vecdot multiplies first, then sums) is fresh pages every call (bench/RESULTS.md,
-    # session 20: 0.4 s a round at SmolLM2 size)
-    values = torch.randn(16 << 20)  # 64 MiB, past any allocator cache
-    pages = values.numel() * 4 // 4096
-    sum_of_squares(values)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
-        sum_of_squares(values)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    rows = values.view(-1, 4096)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.linalg.vecdot(rows, rows).sum()
-    vecdot_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    if vecdot_faults <= pages // 2:  # an earlier test made this process keep its freed memory
-        pytest.skip("this process reuses freed memory: page faults cannot tell a temporary here")
-    assert faults < pages // 20, f"{faults} page faults for 3 sums over {pages} pages"
+    # session 20: 0.4 s a round at SmolLM2 size). Measured in a fresh process: one that earlier tests
+    # left holding freed memory would reuse it without faults, and tell nothing.
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["vecdot"] > got["pages"] // 2, got  # the control: a temporary of the input's size faults in
+    assert got["ours"] < got["pages"] // 20, f"{got['ours']} page faults for 3 sums over {got['pages']} pages"

@@ -64,6 +64,7 @@ part, ``reducer_timeout`` (> sender_timeout) the wait for a reducer's next avera
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import hashlib
 import logging
@@ -545,10 +546,12 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
     async def _log_tasks(self, why: str) -> None:
         """Log where each task of the averager's loop waits (a step stuck past its timeouts: the
         stacks say on what, for the user's report)."""
-        me, lines = asyncio.current_task(), []
+        me, chains = asyncio.current_task(), collections.Counter()
         for task in asyncio.all_tasks():
             if task is not me:
-                lines.append(f"  {task.get_name()}: " + " -> ".join(_await_chain(task.get_coro())))
+                chains[" -> ".join(_await_chain(task.get_coro()))] += 1
+        # hivemind leaves many idle waiters on events: one line per distinct chain, with its count
+        lines = [f"  {n} x {chain}" for chain, n in sorted(chains.items(), key=lambda kv: kv[1])]
         logger.warning("%s; the averager's tasks:\n%s", why, "\n".join(lines))
 
     async def _set_round(self, round_index: int, expected_keys: frozenset[bytes] | None, group_size: int | None):
