@@ -37,8 +37,8 @@ whatever the behaviour says; the honest peers must cope:
   after the last, so that the others' results from it outlast the all-reduce timeout
 * ``lost_cancel``     — a runtime fault, not an attack: the cancel of its search in this round is
   lost once, as Python 3.11's ``asyncio.wait_for`` loses one that arrives with the awaited result,
-  and the search then runs on until it finds a leader or the round moves on (``lost_cancel_marker``
-  written when it was lost)
+  and the search then runs on until it finds a leader (``lost_cancel_marker`` written when it was
+  lost)
 
 Ticket misbehaviours (forged, another round's, another node's) only change the ticket bytes the
 peer script passes in; the averager itself then behaves honestly but is not allowed to check.
@@ -74,11 +74,11 @@ SKIPS_CHECKS = {"forged_ticket", "other_round_ticket", "other_node_ticket", "ove
 
 def _lose_one_cancel(matchmaking, round_index: int, marker: str | None) -> None:
     """The next cancel that reaches a wait for the next leader in round ``round_index`` is dropped,
-    once (``marker`` then written), and from then on, while the averager is still in that round, the
-    search never sees its time run out (as one kept busy asking leaders does not): it goes on until it
-    finds a leader or the round moves on, as the search seen in a full-suite run went on into a later
-    round. Never in another round: an armed patch that did not fire must not drop a later round's
-    cancel (it once did, and that round's search then ran on until the step limit)."""
+    once (``marker`` then written), and from then on the search never sees its time run out (as one
+    kept busy asking leaders does not): it goes on until it finds a leader or its step's own deadline
+    cancels it, as the search seen in a full-suite run went on into a later round. Never in another
+    round: armed but not fired in its round, it once dropped a later round's routine cancel (hivemind
+    cancels the search after every group), and that search then ran on for good."""
     potential_leaders = matchmaking.potential_leaders
     pop, lost = potential_leaders.pop_next_leader, []
 
@@ -96,7 +96,7 @@ def _lose_one_cancel(matchmaking, round_index: int, marker: str | None) -> None:
                 if marker:
                     Path(marker).write_text("lost")
             except asyncio.TimeoutError:  # hivemind's "re-declared: the time may be up"
-                if not lost or not in_its_round():
+                if not lost:
                     raise
 
     potential_leaders.pop_next_leader = pop_next_leader
