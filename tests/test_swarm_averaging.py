@@ -944,59 +944,20 @@ def test_a_member_that_stalls_every_attempt_is_left_out_of_the_retry(swarm):
     reaches them as ends and CANCELLED, not silence), and the stall is not reported to the
     coordinator: a dropped link looks the same."""
     r, hostile = STALL_ROUND, swarm.peer_ids[H]
-    a, b, h = (swarm.report(r, p) for p in (A, B, H))
-    assert a["ok"] and b["ok"], json.dumps([a, b], indent=1)[:6000]
-    assert not h["ok"] and len(h["attempts"]) == 2 and SELF_EXCLUDED in h["error"], h
-    assert h["left_out_as_stalled"] and not a["left_out_as_stalled"]  # join then tells its operator what to check
-    honest = {swarm.peer_ids[A], swarm.peer_ids[B]}
-    for rep in (a, b):
-        assert len(rep["attempts"]) == 2, rep["attempts"]  # H joined both: the second excluded it
-        first, last = rep["attempts"]
+    a, b, h = _left_out_of_the_retry_as_stalled(swarm, r)
+    assert len(h["attempts"]) == 2 and SELF_EXCLUDED in h["error"], h
+    assert not a["left_out_as_stalled"]  # join then tells its operator what to check
+    for rep in (a, b):  # H joined both: the second excluded it
+        first = rep["attempts"][0]
         assert not first["ok"] and len(first["weights"]) == 3, first
-        assert set(last["weights"]) == honest, last
-        assert last["excluded"].get(hostile, "").startswith("ACCUSED") and "STALLED" in last["excluded"][hostile]
-        assert all(set(att["stalled"]) <= {hostile} for att in rep["attempts"]), rep["attempts"]
-        assert hostile not in rep["reportable"], rep["reportable"]
     assert any(hostile in att["stalled"] for rep in (a, b) for att in rep["attempts"][:-1])
-    _same_bytes(swarm, r, (A, B))
-    assert _max_err(swarm.tensors(r, A, "avg"), _honest_mean(r)) <= 1e-6
 
 
-def test_a_member_that_drips_its_parts_is_left_out_of_the_retry(swarm):
-    """H sends each part 0.8 sender timeouts after the last: nobody's wait on it times out, but a
-    reducer's share then needs about 11 × 2.4 s, past the all-reduce timeout (12 s). At that deadline
-    a reducer whose share still waits for H's part while the other sender's is in names H (STALLED)
-    before it aborts; if H's own deadline comes first and it hangs up, the reducers name it for the
-    time it held their share up (over two sender timeouts). The retry leaves H out and A and B
-    average. Without the naming, every attempt would end at the deadline, unnamed."""
-    r, hostile = DRIP_ROUND, swarm.peer_ids[H]
-    a, b, h = (swarm.report(r, p) for p in (A, B, H))
-    assert a["ok"] and b["ok"], json.dumps([a, b], indent=1)[:6000]
-    assert not h["ok"] and h["left_out_as_stalled"], h
-    honest = {swarm.peer_ids[A], swarm.peer_ids[B]}
-    for rep in (a, b):
-        assert len(rep["attempts"]) == 2, rep["attempts"]
-        first, last = rep["attempts"]
-        assert set(last["weights"]) == honest, last
-        assert last["excluded"].get(hostile, "").startswith("ACCUSED") and "STALLED" in last["excluded"][hostile]
-        assert all(set(att["stalled"]) <= {hostile} for att in rep["attempts"]), rep["attempts"]
-        assert hostile not in rep["reportable"], rep["reportable"]
-    # named at the deadline, or (when H's own deadline came first and it hung up) for the time it held
-    # the share up before it did
-    named = [att["stalled"][hostile] for rep in (a, b) for att in rep["attempts"][:1] if hostile in att["stalled"]]
-    assert named and all("all-reduce deadline" in n or "holding our share up" in n for n in named), named
-    _same_bytes(swarm, r, (A, B))
-    assert _max_err(swarm.tensors(r, A, "avg"), _honest_mean(r)) <= 1e-6
-
-
-def test_a_reducer_that_drips_its_averages_is_left_out_of_the_retry(swarm):
-    """H reduces honestly but returns each average 0.8 reducer timeouts after the last: no wait on it
-    times out, but A's and B's results from it need about 11 x 4.8 s, past the all-reduce timeout
-    (12 s). At that deadline a member whose own share and the other reducer's are in, though H's
-    is not, names H (STALLED); if H's deadline comes first and it hangs up, they name it for the time
-    it held their results up (over two sender timeouts). The retry leaves H out and A and B average.
-    Without the naming, every attempt would end at the deadline, unnamed."""
-    r, hostile = DRIP_AVERAGE_ROUND, swarm.peer_ids[H]
+def _left_out_of_the_retry_as_stalled(swarm: Swarm, r: int) -> tuple[dict, dict, dict]:
+    """Round ``r``'s reports of A, B and H, checked: A and B averaged in their second attempt, which
+    left H out as STALLED (H knows why); nobody else was named stalled and nobody reported H; the
+    result is the honest-only mean, the same bytes on both."""
+    hostile = swarm.peer_ids[H]
     a, b, h = (swarm.report(r, p) for p in (A, B, H))
     assert a["ok"] and b["ok"], json.dumps([a, b], indent=1)[:6000]
     assert not h["ok"] and h["left_out_as_stalled"], h
@@ -1008,11 +969,38 @@ def test_a_reducer_that_drips_its_averages_is_left_out_of_the_retry(swarm):
         assert last["excluded"].get(hostile, "").startswith("ACCUSED") and "STALLED" in last["excluded"][hostile]
         assert all(set(att["stalled"]) <= {hostile} for att in rep["attempts"]), rep["attempts"]
         assert hostile not in rep["reportable"], rep["reportable"]
+    _same_bytes(swarm, r, (A, B))
+    assert _max_err(swarm.tensors(r, A, "avg"), _honest_mean(r)) <= 1e-6
+    return a, b, h
+
+
+def test_a_member_that_drips_its_parts_is_left_out_of_the_retry(swarm):
+    """H sends each part 0.8 sender timeouts after the last: nobody's wait on it times out, but a
+    reducer's share then needs about 11 × 2.4 s, past the all-reduce timeout (12 s). At that deadline
+    a reducer whose share still waits for H's part while the other sender's is in names H (STALLED)
+    before it aborts; if H's own deadline comes first and it hangs up, the reducers name it for the
+    time it held their share up (over two sender timeouts). The retry leaves H out and A and B
+    average. Without the naming, every attempt would end at the deadline, unnamed."""
+    r, hostile = DRIP_ROUND, swarm.peer_ids[H]
+    a, b, _ = _left_out_of_the_retry_as_stalled(swarm, r)
+    # named at the deadline, or (when H's own deadline came first and it hung up) for the time it held
+    # the share up before it did
+    named = [att["stalled"][hostile] for rep in (a, b) for att in rep["attempts"][:1] if hostile in att["stalled"]]
+    assert named and all("all-reduce deadline" in n or "holding our share up" in n for n in named), named
+
+
+def test_a_reducer_that_drips_its_averages_is_left_out_of_the_retry(swarm):
+    """H reduces honestly but returns each average 0.8 reducer timeouts after the last: no wait on it
+    times out, but A's and B's results from it need about 11 x 4.8 s, past the all-reduce timeout
+    (12 s). At that deadline a member whose own share and the other reducer's are in, though H's
+    is not, names H (STALLED); if H's deadline comes first and it hangs up, they name it for the time
+    it held their results up (over two sender timeouts). The retry leaves H out and A and B average.
+    Without the naming, every attempt would end at the deadline, unnamed."""
+    r, hostile = DRIP_AVERAGE_ROUND, swarm.peer_ids[H]
+    a, b, _ = _left_out_of_the_retry_as_stalled(swarm, r)
     named = [att["stalled"][hostile] for rep in (a, b) for att in rep["attempts"][:1] if hostile in att["stalled"]]
     assert named and all(n.startswith("REDUCER_FAILED") for n in named), named
     assert all("all-reduce deadline" in n or "holding our results up" in n for n in named), named
-    _same_bytes(swarm, r, (A, B))
-    assert _max_err(swarm.tensors(r, A, "avg"), _honest_mean(r)) <= 1e-6
 
 
 def test_every_round_is_accounted_for(swarm):

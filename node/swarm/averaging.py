@@ -149,16 +149,17 @@ def tensors_sha256(tensors: Iterable[torch.Tensor]) -> str:
 
 def _await_chain(awaitable) -> list[str]:
     """Where a coroutine waits: its frame, the frame of what it awaits, and so on down."""
+    def first(*names):  # coroutines, generators and async generators name the same things differently
+        return next((v for v in (getattr(awaitable, n, None) for n in names) if v is not None), None)
+
     out = []
     while awaitable is not None:
-        frame = next((getattr(awaitable, a) for a in ("cr_frame", "gi_frame", "ag_frame") if getattr(awaitable, a, None)),
-                     None)
+        frame = first("cr_frame", "gi_frame", "ag_frame")
         if frame is None:
             out.append(type(awaitable).__name__)
             break
         out.append(f"{frame.f_code.co_name} ({os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})")
-        awaitable = next((getattr(awaitable, a) for a in ("cr_await", "gi_yieldfrom", "ag_await")
-                          if getattr(awaitable, a, None) is not None), None)
+        awaitable = first("cr_await", "gi_yieldfrom", "ag_await")
     return out
 
 

@@ -157,7 +157,7 @@ class SwarmPeer:
         self.round_timeout_s = float(swarm.get("round_timeout_s", 600.0))
         self.sender_timeout_s = timeouts["sender_timeout"]
         self.straggler_wait = float(swarm.get("straggler_wait", 1.0))
-        self.matchmaking_timeout_s = float(swarm.get("matchmaking_timeout_s", 30.0))
+        self.matchmaking_timeout_s = timeouts["matchmaking_timeout"]
         self._publication = PublicationFollower(p, self.heartbeat, timeout_s=self.round_timeout_s, poll_s=opts.poll_s)
         self._clock = PhaseClock()
         self.heartbeat()  # announce the DHT addresses
