@@ -39,6 +39,10 @@ whatever the behaviour says; the honest peers must cope:
   lost once, as Python 3.11's ``asyncio.wait_for`` loses one that arrives with the awaited result,
   and the search then runs on until it finds a leader (``lost_cancel_marker`` written when it was
   lost)
+* ``die_then_wedge``  — runtime faults, not attacks: the first time it reaches an all-reduce its
+  averager process kills itself (SIGKILL, ``<stall_marker>.died`` written first); the first time
+  after that (a new averager, so another process), its all-reduce swallows every cancel and never
+  ends (``<stall_marker>.wedged``); honest from then on
 
 Ticket misbehaviours (forged, another round's, another node's) only change the ticket bytes the
 peer script passes in; the averager itself then behaves honestly but is not allowed to check.
@@ -49,6 +53,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -282,12 +288,27 @@ class HostileAverager(VerifiedAverager):
         return response
 
     async def _aggregate_with_group(self, group_info, min_vector_size, **kwargs):
+        if self.behaviour(self._rules.round_index) == "die_then_wedge":
+            await self._die_then_wedge()
         if self.behaviour(self._rules.round_index) == "reordered_view" and \
                 self._rules.round_index not in getattr(self, "_reordered", set()):
             self._reordered = getattr(self, "_reordered", set()) | {self._rules.round_index}
             rotated = lambda xs: tuple(xs[1:]) + tuple(xs[:1])  # noqa: E731
             group_info = GroupInfo(group_info.group_id, rotated(group_info.peer_ids), rotated(group_info.gathered))
         return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+
+    async def _die_then_wedge(self) -> None:
+        died, wedged = Path(f"{self.stall_marker}.died"), Path(f"{self.stall_marker}.wedged")
+        if not died.exists():
+            died.write_text(f"round {self._rules.round_index}, pid {os.getpid()}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        if not wedged.exists():
+            wedged.write_text(f"round {self._rules.round_index}, pid {os.getpid()}\n")
+            while True:  # a task that loses every cancel: its step can never finish
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    continue
 
     def make_runner(self, **kwargs):
         return HostileRunner(behaviour=self.behaviour(self._rules.round_index), stall_marker=self.stall_marker,

@@ -35,13 +35,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from grpo_swarm.node.swarm import averaging
 from grpo_swarm.node.swarm.averaging import (
+    AVERAGER_DIED,
+    LIVENESS_POLL_S,
     LOAD_CHUNK,
     ROUND_OVER_POLL_S,
     ROUND_WENT_ON,
@@ -1020,7 +1024,7 @@ def test_every_round_is_accounted_for(swarm):
     assert math.isfinite(limit)
 
 
-def test_a_step_stuck_past_its_timeouts_is_cancelled_and_reported():
+def test_a_step_stuck_past_its_timeouts_is_cancelled_and_reported(monkeypatch):
     """The node never waits on a step forever: one unfinished past its limit (its matchmaking,
     all-reduce and audit timeouts and a margin) is cancelled and the attempt reported as failed;
     one that finishes in time gives its result."""
@@ -1045,10 +1049,22 @@ def test_a_step_stuck_past_its_timeouts_is_cancelled_and_reported():
     done.set_result(AttemptReport(ok=True))
     assert VerifiedAverager._step_result(done, None, 5.0).ok
     asked = []
+    monkeypatch.setattr(averaging, "ROUND_OVER_POLL_S", 0.05)
     polled = step()  # with round_over: asked while looking for a group, still bounded by the limit
     polled.stage = AveragingStage.LOOKING_FOR_GROUP
     report = VerifiedAverager._step_result(polled, lambda: asked.append(1) or False, 0.2)
     assert report.error.startswith(STEP_STUCK) and asked
+    # the averager process gone: nothing will ever answer, so the attempt ends within a liveness poll
+    alive = [True]
+    orphan = step()
+    threading.Timer(0.5, alive.clear).start()
+    started = time.monotonic()
+    report = VerifiedAverager._step_result(orphan, None, 60.0, alive=lambda: bool(alive))
+    assert report.error.startswith(AVERAGER_DIED), report
+    assert 0.5 <= time.monotonic() - started < 0.5 + LIVENESS_POLL_S + 1.0
+    done = step()
+    done.set_result(AttemptReport(ok=True))
+    assert VerifiedAverager._step_result(done, None, 5.0, alive=lambda: False).ok  # a finished step still counts
 
 
 def test_a_stuck_step_logs_where_each_task_waits(caplog):

@@ -151,6 +151,81 @@ def test_a_member_killed_mid_averaging_restarts_resyncs_and_rejoins(tmp_path):
     assert_one_policy({i: [r for r in records[i] if r["round"] != killed_round] for i in range(3)}, snapshots)
 
 
+def _restart_config() -> str:
+    """The demo's run with short averaging timeouts, so that a wedged step passes its limit (its
+    matchmaking, all-reduce and audit timeouts and a margin: 8 + 15 + 8 + 10 s) within the test."""
+    text = demo_config_text()
+    for old, new in (("matchmaking_timeout_s = 15.0", "matchmaking_timeout_s = 8.0"),
+                     ("averaging_timeout_s = 30.0", "averaging_timeout_s = 10.0\nsender_timeout_s = 2.0")):
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+def _daemons_of(proc) -> list:
+    import psutil
+
+    return [c for c in psutil.Process(proc.pid).children(recursive=True) if c.name() == "p2pd"]
+
+
+@pytest.mark.slow
+def test_a_node_restarts_its_dht_and_averager_when_one_dies_or_wedges(tmp_path):
+    """A volunteer's node outlives its own swarm side: (1) its averager process dies (SIGKILL) as an
+    all-reduce begins; (2) the new averager's next all-reduce wedges (a task that loses every cancel);
+    (3) its p2p daemon is killed. After each, the node restarts its DHT, daemon and averager
+    (same key), says why in its record, and is averaged with both others again; the other two
+    average every round, and every peer holds the published snapshot throughout."""
+    marker = tmp_path / "fault"
+    victim = 2
+    with LocalSwarm(tmp_path / "swarm", nodes=3, config_text=_restart_config()) as swarm:
+        swarm.start_coordinator()
+        for i in (0, 1):
+            swarm.start_node(i)
+        swarm.start_node(victim, program=hostile("die_then_wedge", 2, marker))
+
+        def back_after(reason: str):
+            """The victim's round that restarted for ``reason``, and a later one averaged by all three."""
+            recs = swarm.records(victim)
+            at = next((k for k, r in enumerate(recs) if reason in r.get("restarted", "")), None)
+            if at is None:
+                return None
+            return next((r for r in recs[at:] if r["averaged"] and r["peers"] == 3), None)
+
+        wait_until(lambda: back_after("averager process is gone"), 150, swarm,
+                   "the victim averaged with all three after its averager died", running=(0, 1, victim))
+        wait_until(lambda: back_after("did not finish within its timeouts"), 150, swarm,
+                   "the victim averaged with all three after its averager wedged", running=(0, 1, victim))
+        (old_daemon,) = _daemons_of(swarm.nodes[victim])
+        old_daemon.kill()
+        killed_at = time.time()
+        wait_until(lambda: back_after("p2p daemon"), 90, swarm,
+                   "the victim averaged with all three after its p2p daemon was killed", running=(0, 1, victim))
+        daemons = _daemons_of(swarm.nodes[victim])
+        swarm.stop_nodes(grace_s=0)
+        records = {i: swarm.records(i) for i in range(3)}
+        entries = log_entries(swarm)
+
+    assert marker.with_name("fault.died").exists() and marker.with_name("fault.wedged").exists()
+    assert len(daemons) == 1 and daemons[0].pid != old_daemon.pid, daemons  # one daemon, not a leftover too
+    restarts = [r for r in records[victim] if r.get("restarted")]
+    for r in restarts:
+        print(f"\nvictim, round {r['round']}: restarted ({r['restarted']}); averaged={r['averaged']} "
+              f"peers={r['peers']} in {r['seconds']:.1f} s; {r['note']}")
+    reasons = [r["restarted"] for r in restarts]
+    assert [sum(w in x for x in reasons) for w in ("averager process is gone", "did not finish", "p2p daemon")] \
+        == [1, 1, 1], reasons  # one restart for each fault, none spurious
+    back = next(r for r in restarts if "p2p daemon" in r["restarted"])
+    assert back["ended"] - killed_at < 60, back
+    # the others never waited on the victim's faults past their own timeouts: each of their rounds
+    # was averaged by all of its participants, or by the two of them when the victim failed it
+    for i in (0, 1):
+        for r in records[i]:
+            assert r["averaged"] and r["peers"] in (2, 3), (i, r)
+    snapshots = published(entries)
+    assert_one_policy({i: records[i] for i in (0, 1)}, snapshots)
+    assert_one_policy({victim: [r for r in records[victim] if r["averaged"]]}, snapshots)
+
+
 @pytest.mark.slow
 def test_a_hostile_member_is_excluded_reported_and_banned(tmp_path):
     """From round 1 on, one node sends NaN in every part. The honest pair averages without it each

@@ -124,6 +124,8 @@ PART_SIZE_BYTES = 1 << 20
 LOAD_CHUNK = 1 << 16  # values copied, then measured, at a time: 256 KiB of float32, still in L2 for the norm
 STEP_MARGIN_S = 10.0  # past its matchmaking, all-reduce and audit timeouts and this, a step is stuck
 STEP_STUCK = "the averaging step did not finish within its timeouts"
+AVERAGER_DIED = "the averager process is gone"
+LIVENESS_POLL_S = 1.0  # while a step runs, how often the averager process is checked to be alive
 ALLREDUCE_GRACE_S = 5.0  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
 ROUND_WENT_ON = "the round went on without this node (no retry)"
 ROUND_OVER_POLL_S = 3.0  # while looking for a group, how often the caller's round_over is asked
@@ -435,6 +437,9 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             raise ValueError(f"straggler_wait must be a finite number of seconds >= 0, got {straggler_wait!r}")
         with self._round_lock:
             started = time.monotonic()
+            if not self.is_alive():  # (its buffers' lock may have died with it: nothing to wait for)
+                report = AttemptReport(error=f"{AVERAGER_DIED} (exit code {self.exitcode})")
+                return RoundResult(False, round_index, None, [report], 0.0, error=report.error)
             rules = self.round_rules(round_index, expected_peers)
             claims = self.check_own_ticket(ticket_bytes, rules)
             weight = claims.weight(self.weight_mode)
@@ -473,6 +478,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                                     if not (p in withdrawn and r == Reason.WRONG_AVERAGE.value))
                 if (report.error or "").startswith(SELF_EXCLUDED):
                     break  # the verdicts are deterministic: a retry in this round would exclude us again
+                if (report.error or "").startswith((STEP_STUCK, AVERAGER_DIED)):
+                    break  # a retry would wait on the same process: the caller restarts it (.liveness)
                 if ROUND_WENT_ON not in (report.error or "") and round_over is not None and round_over():
                     report.error = f"{report.error or 'failed'}; {ROUND_WENT_ON}"
                 if ROUND_WENT_ON in (report.error or ""):
@@ -505,7 +512,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             # a step runs its matchmaking, then its all-reduce and audit under hivemind's timeout: past
             # all of that (and a margin) it is stuck, and the node must not wait on it forever
             limit = timeout + self._allreduce_timeout + self.audit_timeout + STEP_MARGIN_S
-            report = self._step_result(control, round_over, limit)
+            report = self._step_result(control, round_over, limit, alive=self.is_alive)
             if isinstance(report, AttemptReport) and (report.error or "").startswith(STEP_STUCK):
                 self._outer_pipe.send(("_log_tasks", [report.error], {}))  # where it waits: for the log
         except Exception as e:  # noqa: BLE001 - no group, timeouts: a failed attempt, reported
@@ -515,16 +522,23 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         return report
 
     @staticmethod
-    def _step_result(control: StepControl, round_over: Callable[[], bool] | None, limit: float | None = None):
+    def _step_result(control: StepControl, round_over: Callable[[], bool] | None, limit: float | None = None,
+                     alive: Callable[[], bool] | None = None):
         """The step's result. With ``round_over``: asked every ROUND_OVER_POLL_S while the step is still
         looking for a group; True cancels the search (hivemind's StepControl.cancel, which ends its
         matchmaking) and waits for the step to wind down, so the next round's step never meets a
         search still running. Once the round's version is out, no group this node could find would
         hold a majority of the round's peers, so nothing is lost. With ``limit``: a step still
-        unfinished after that many seconds is cancelled and reported as a failed attempt."""
+        unfinished after that many seconds is cancelled and reported as a failed attempt. With
+        ``alive``: asked every LIVENESS_POLL_S; False (the averager process died: nothing will ever
+        answer the step) reports the attempt failed at once."""
         deadline = None if limit is None else time.monotonic() + limit
+        polls = [t for t, asked in ((ROUND_OVER_POLL_S, round_over), (LIVENESS_POLL_S, alive)) if asked is not None]
+        ask_round_at = time.monotonic() + ROUND_OVER_POLL_S  # (a heartbeat to the coordinator: not every poll)
         while True:
-            wait = ROUND_OVER_POLL_S if round_over is not None else None
+            if alive is not None and not alive() and not control.done():
+                return AttemptReport(error=f"{AVERAGER_DIED} (mid-step)")
+            wait = min(polls) if polls else None
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -534,8 +548,9 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             try:
                 return control.result(timeout=wait)
             except TimeoutError:
-                if round_over is None:
+                if round_over is None or time.monotonic() < ask_round_at:
                     continue
+                ask_round_at = time.monotonic() + ROUND_OVER_POLL_S
                 if control.stage == AveragingStage.LOOKING_FOR_GROUP and round_over():
                     control.cancel()
                     deadline = time.monotonic() + ROUND_OVER_POLL_S

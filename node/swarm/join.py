@@ -98,12 +98,13 @@ class RoundRecord:
     bytes_sent: int = 0  # gradient parts and averages this node sent in the averaging (all attempts)
     bytes_received: int = 0
     upload_bytes: int = 0  # bytes this node streamed to the coordinator uploading versions
+    restarted: str = ""  # why this node restarted its DHT and averager in this round (.liveness), if it did
     seconds: float = 0.0
     held_version: int = -1  # the version this node holds when the round ends
     sha256: str = ""  # hash of the weights + optimizer state it holds then (what the publication names)
     ended: float = 0.0  # wall-clock time (Unix seconds) the round ended at
     note: str = ""
-    # seconds in each step (meet, sync, sample, submit, wait, gradient, averaging, step, publish)
+    # seconds in each step (meet, sync, sample, submit, wait, gradient, averaging, step, publish; restart)
     phases: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -132,28 +133,16 @@ class SwarmPeer:
     averager_factory: Callable[..., object] | None = None
 
     def __init__(self, opts: JoinOptions, *, on_round: Callable[[RoundRecord], None] | None = None):
-        from .averaging import VerifiedAverager
-        from .tickets import weight_mode_for_loss
-
         self.opts, self.on_round = opts, on_round
         self.identity = Identity.load_or_create(opts.identity_path)
         self.client = CoordinatorClient(opts.coordinator, self.identity, timeout_s=60)
         self.participant = p = Participant(self.client, opts.workdir, overrides=opts.overrides)
-        self.dht = self._start_dht([a for peer in p.reply.peers for a in peer.multiaddrs])
-        own = self.identity.peer_id_base58
-        # the coordinator takes at most 8, each ending in this node's own peer id
-        self.maddrs = [str(a) for a in self.dht.get_visible_maddrs() if str(a).endswith(f"/p2p/{own}")][:8]
         swarm = p.run["swarm"]
         self._held: tuple | None = None  # (snapshot ref, version, state hash) of what this node holds
         timeouts = averaging_timeouts(swarm)
-        self.averager = (self.averager_factory or VerifiedAverager)(
-            p.trainer.trainable, dht=self.dht, prefix=f"{_safe(p.run_id)}-grads", identity=self.identity,
-            coordinator_key=bytes(p.reply.coordinator_public_key), run_id=p.run_id,
-            weight_mode=weight_mode_for_loss(p.train_cfg.grpo.loss_type), norm_bound=opts.norm_bound,
-            compression=compression_named(opts.compression), part_size_bytes=opts.part_size_bytes,
-            audit_fraction=opts.audit_fraction, require_final_ticket=True, min_group_size=1, min_contributors=1,
-            client_mode=opts.client_mode, keep_freed_memory=p.train_cfg.run.keep_freed_memory,
-            **timeouts)
+        self._timeouts = timeouts
+        self._last_result = None  # the last averaging's result: says whether its averager wedged or died
+        self._start_swarm_side([a for peer in p.reply.peers for a in peer.multiaddrs])
         self.round_timeout_s = float(swarm.get("round_timeout_s", 600.0))
         self.sender_timeout_s = timeouts["sender_timeout"]
         self.straggler_wait = float(swarm.get("straggler_wait", 1.0))
@@ -161,6 +150,59 @@ class SwarmPeer:
         self._publication = PublicationFollower(p, self.heartbeat, timeout_s=self.round_timeout_s, poll_s=opts.poll_s)
         self._clock = PhaseClock()
         self.heartbeat()  # announce the DHT addresses
+
+    # -- the swarm side: DHT, p2p daemon, averager
+    def _start_swarm_side(self, listed: Sequence[str]) -> None:
+        self.dht = self._start_dht(listed)
+        own = self.identity.peer_id_base58
+        # the coordinator takes at most 8, each ending in this node's own peer id
+        self.maddrs = [str(a) for a in self.dht.get_visible_maddrs() if str(a).endswith(f"/p2p/{own}")][:8]
+        self.averager = self._build_averager()
+
+    def _build_averager(self):
+        from .averaging import VerifiedAverager
+        from .tickets import weight_mode_for_loss
+
+        p, opts = self.participant, self.opts
+        return (self.averager_factory or VerifiedAverager)(
+            p.trainer.trainable, dht=self.dht, prefix=f"{_safe(p.run_id)}-grads", identity=self.identity,
+            coordinator_key=bytes(p.reply.coordinator_public_key), run_id=p.run_id,
+            weight_mode=weight_mode_for_loss(p.train_cfg.grpo.loss_type), norm_bound=opts.norm_bound,
+            compression=compression_named(opts.compression), part_size_bytes=opts.part_size_bytes,
+            audit_fraction=opts.audit_fraction, require_final_ticket=True, min_group_size=1, min_contributors=1,
+            client_mode=opts.client_mode, keep_freed_memory=p.train_cfg.run.keep_freed_memory,
+            **self._timeouts)
+
+    def _ensure_swarm_side(self, hb: pb.HeartbeatResponse) -> str:
+        """Restart the DHT, its p2p daemon and the averager when one of them died, or the last
+        averaging step wedged (:mod:`.liveness`): otherwise every later round would fail the same way
+        until the user restarted the node. Same key, so the same peer id, on fresh ports, announced
+        with the next heartbeat. Returns why it restarted ("" when all was well)."""
+        from .liveness import stop_swarm_side, swarm_fault
+
+        why = swarm_fault(self.averager, self.dht, self._last_result)
+        if why is None:
+            return ""
+        log.warning("restarting this node's DHT and averager: %s", why)
+        self._last_result = None
+        stop_swarm_side(self.averager, self.dht)
+        try:
+            self._start_swarm_side([m for peer in hb.peers for m in peer.multiaddrs])
+        except Exception as e:  # noqa: BLE001 - the round loop waits and the next round tries again
+            raise RuntimeError(f"could not restart this node's DHT and averager ({why}): "
+                               f"{type(e).__name__}: {e}") from e
+        self.heartbeat()  # the new addresses
+        self._clock.lap("restart")
+        return why[:200]
+
+    def _dht_peers(self) -> int:
+        """How many peers this node's DHT is connected to, for the view; -1 when the DHT cannot say (its
+        daemon died: the averaging's check restarts it, and the round goes on)."""
+        try:
+            return len(connected_peers(self.dht))
+        except Exception as e:  # noqa: BLE001 - a number in the live view
+            log.warning("could not ask the DHT for its peers: %s", e)
+            return -1
 
     def _start_dht(self, listed: Sequence[str]):
         """This node's DHT, joined through ``--initial-peer`` and the peers the coordinator listed. When
@@ -232,6 +274,7 @@ class SwarmPeer:
         p, t0 = self.participant, time.monotonic()
         self._clock = PhaseClock()  # the round's steps, lapped by the methods below too
         hb = self.heartbeat()
+        restarted = self._ensure_swarm_side(hb)
         self._meet(hb)
         self._clock.lap("meet")
         resynced = False
@@ -243,15 +286,16 @@ class SwarmPeer:
         if not hb.may_sample:
             self._clock.lap("meet")
             return RoundRecord(hb.current_round, p.snapshot.version, resynced=resynced, seconds=time.monotonic() - t0,
-                               note=f"may not sample ({pb.Staleness.Name(hb.staleness)})", phases=self._clock.phases)
+                               restarted=restarted, note=f"may not sample ({pb.Staleness.Name(hb.staleness)})",
+                               phases=self._clock.phases)
         work = p.sample(hb)
         self._clock.lap("sample")
         p.submit(work)
         self._clock.lap("submit")
         record = RoundRecord(work.round_index, work.version, samples=sum(len(g) for g in work.groups),
                              accepted=work.accepted_samples, lag=hb.lag, resynced=resynced,
-                             reward_mean=float(work.scored.rewards.total.mean()),
-                             dht_peers=len(connected_peers(self.dht)), phases=self._clock.phases)
+                             reward_mean=float(work.scored.rewards.total.mean()), restarted=restarted,
+                             dht_peers=self._dht_peers(), phases=self._clock.phases)
         closed = self._wait_for_close(work.round_index)
         self._clock.lap("wait")
         closed_at = time.monotonic()  # the straggler wait is measured from here
@@ -267,6 +311,8 @@ class SwarmPeer:
                 p.sync()
                 record.resynced = True
                 self._clock.lap("sync")
+            # (a process that died while this node sampled is restarted before its work is lost)
+            record.restarted = self._ensure_swarm_side(closed) or record.restarted
             try:
                 self._average_and_step(work, ticket, record, closed_at)
             except CoordinatorError as e:  # a refused report or upload: take the swarm's version instead
@@ -342,6 +388,7 @@ class SwarmPeer:
                                        out=self.averager.result_buffers() if bound else grads,
                                        straggler_wait=self._straggler_wait(started - closed_at),
                                        round_over=lambda: self._published_after(p.snapshot.version))
+        self._last_result = result
         if bound and result.ok:  # the step reads the average where the round left it
             for t, averaged in zip(trainer.trainable, result.grads, strict=True):
                 t.grad = averaged

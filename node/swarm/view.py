@@ -20,7 +20,12 @@ def _row(r) -> list[str]:
     return [str(r.round), str(r.version), reward, f"{r.accepted}/{r.samples}", "yes" if r.averaged else "no",
             str(r.peers), ",".join(k[:8] for k in r.excluded) or "-", str(r.lag), _mb(r.bytes_sent),
             _mb(r.upload_bytes) if r.upload_bytes else "-", f"{r.seconds:.1f}",
-            _slowest(r.phases), r.note[:60]]
+            _slowest(r.phases), _note(r)[:60]]
+
+
+def _note(r) -> str:
+    restarted = getattr(r, "restarted", "")
+    return f"restarted DHT + averager ({restarted}); {r.note}" if restarted else r.note
 
 
 def _slowest(phases: dict) -> str:
