@@ -153,11 +153,14 @@ class SwarmPeer:
 
     # -- the swarm side: DHT, p2p daemon, averager
     def _start_swarm_side(self, listed: Sequence[str]) -> None:
+        started = time.monotonic()
         self.dht = self._start_dht(listed)
         own = self.identity.peer_id_base58
         # the coordinator takes at most 8, each ending in this node's own peer id
         self.maddrs = [str(a) for a in self.dht.get_visible_maddrs() if str(a).endswith(f"/p2p/{own}")][:8]
+        dht_ready = time.monotonic()
         self.averager = self._build_averager()
+        self._start_seconds = (dht_ready - started, time.monotonic() - dht_ready)
 
     def _build_averager(self):
         from .averaging import VerifiedAverager
@@ -185,7 +188,9 @@ class SwarmPeer:
             return ""
         log.warning("restarting this node's DHT and averager: %s", why)
         self._last_result = None
+        started = time.monotonic()
         stop_swarm_side(self.averager, self.dht)
+        stopped = time.monotonic()
         try:
             self._start_swarm_side([m for peer in hb.peers for m in peer.multiaddrs])
         except Exception as e:  # noqa: BLE001 - the round loop waits and the next round tries again
@@ -193,6 +198,8 @@ class SwarmPeer:
                                f"{type(e).__name__}: {e}") from e
         self.heartbeat()  # the new addresses
         self._clock.lap("restart")
+        log.warning("restarted in %.1f s (stopping %.1f s, DHT %.1f s, averager %.1f s)", time.monotonic() - started,
+                 stopped - started, *self._start_seconds)
         return why[:200]
 
     def _dht_peers(self) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from pathlib import Path
 
 import psutil
@@ -35,14 +36,14 @@ def daemon_processes(dht) -> list[psutil.Process]:
         children = psutil.Process(dht.pid).children(recursive=True)
     except (psutil.Error, TypeError, ValueError):  # no such process, or never started (pid None)
         return []
-    alive = []
-    for child in children:
-        try:
-            if child.name() == DAEMON_NAME and child.status() != psutil.STATUS_ZOMBIE:
-                alive.append(child)
-        except psutil.Error:
-            continue
-    return alive
+    return [child for child in children if _named(child, DAEMON_NAME) and _running(child)]
+
+
+def _named(process: psutil.Process, name: str) -> bool:
+    try:
+        return process.name() == name
+    except psutil.Error:
+        return False
 
 
 def process_fault(averager, dht) -> str | None:
@@ -94,11 +95,22 @@ def stop_swarm_side(averager, dht, timeout_s: float = STOP_TIMEOUT_S) -> None:
     for daemon in daemons:
         try:
             daemon.send_signal(signal.SIGKILL)
-            daemon.wait(timeout_s)
         except psutil.Error:
             pass
+    # orphaned by the DHT's death, a daemon is nobody's child to reap (psutil's wait would poll for
+    # seconds): a zombie has let go of its ports, which is all a new daemon needs
+    deadline = time.monotonic() + timeout_s
+    while any(_running(d) for d in daemons) and time.monotonic() < deadline:
+        time.sleep(0.01)
     for path in sockets:
         Path(path).unlink(missing_ok=True)
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:  # gone
+        return False
 
 
 def _unix_sockets(daemon: psutil.Process) -> list[str]:
