@@ -198,8 +198,8 @@ class SwarmPeer:
                                f"{type(e).__name__}: {e}") from e
         self.heartbeat()  # the new addresses
         self._clock.lap("restart")
-        log.warning("restarted in %.1f s (stopping %.1f s, DHT %.1f s, averager %.1f s)", time.monotonic() - started,
-                 stopped - started, *self._start_seconds)
+        log.warning("restarted in %.1f s (stopping %.1f s, DHT %.1f s, averager %.1f s)",
+                    time.monotonic() - started, stopped - started, *self._start_seconds)
         return why[:200]
 
     def _dht_peers(self) -> int:
