@@ -28,7 +28,9 @@ the loopback run is done instead.
 ``--kill-averager N``: once node 0 has finished N rounds, its averager process is SIGKILLed (as the
 kernel's out-of-memory killer would); the node restarts its DHT, p2pd and averager before its next
 averaging (node/swarm/liveness.py). Adds ``restart``: the round it restarted in, its seconds
-(``restart_s``, the round's ``restart`` phase), and whether that round was still averaged by all.
+(``restart_s``, the round's ``restart`` phase), whether that round was still averaged by all, and
+whether every later round was; the exit code then says whether the node came back (restarted, and
+every later round averaged by all), ``ok`` still whether every measured round was averaged.
 """
 
 from __future__ import annotations
@@ -111,11 +113,15 @@ def restart_summary(records: dict[int, list[dict]]) -> dict:
     if not mine:
         return {"restarted": False}
     r = mine[0]
-    same = [x for rs in records.values() for x in rs if x["round"] == r["round"]]
+
+    def by_all(k: int) -> bool:
+        same = [x for rs in records.values() for x in rs if x["round"] == k]
+        return len(same) == len(records) and all(x["averaged"] and x["peers"] == len(records) for x in same)
+
+    later = sorted({x["round"] for x in records[0] if x["round"] > r["round"]})
     return {"restarted": True, "round": r["round"], "why": r["restarted"], "restart_s": r["phases"].get("restart"),
-            "round_s": round(r["seconds"], 2),
-            "averaged_by_all": len(same) == len(records) and all(x["averaged"] and x["peers"] == len(records)
-                                                                 for x in same)}
+            "round_s": round(r["seconds"], 2), "averaged_by_all": by_all(r["round"]),
+            "later_rounds": len(later), "later_rounds_by_all": bool(later) and all(by_all(k) for k in later)}
 
 
 def summarize(records: dict[int, list[dict]], snapshot_bytes: int | None, seconds: float) -> dict:
@@ -227,6 +233,9 @@ def main(argv=None) -> int:
             result.update(group_size=args.group_size, max_completion_length=args.tokens, prompts_per_node=args.prompts)
         result["ok"] = result["ok"] and all(c == 0 for c in codes)
         print(json.dumps(result), flush=True)
+        if args.kill_averager is not None:  # what is tested then: the node came back (its round may be lost)
+            restart = result["restart"]
+            return 0 if restart["restarted"] and restart["later_rounds_by_all"] and all(c == 0 for c in codes) else 1
         return 0 if result["ok"] else 1
     finally:
         if net is not None:

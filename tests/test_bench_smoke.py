@@ -237,12 +237,13 @@ def test_bench_swarm_rounds_tiny_says_where_each_round_went():
 def test_bench_swarm_rounds_kills_an_averager_and_times_the_restart():
     """--kill-averager: the bench finds node 0's one averager process and kills it; the node restarts
     its swarm side (the round that did says why and how long) and finishes its rounds."""
-    res = run_bench("swarm_rounds.py", "--model", "tiny", "--nodes", "2", "--rounds", "4", "--kill-averager", "2",
+    res = run_bench("swarm_rounds.py", "--model", "tiny", "--nodes", "2", "--rounds", "5", "--kill-averager", "2",
                     keys=("round_s", "restart", "averager_killed"), timeout=240)
     assert res["averager_killed"] == 1 and res["exit_codes"] == [0, 0], res
     restart = res["restart"]
     assert restart["restarted"] is True and "averager process is gone" in restart["why"], restart
     assert restart["round"] >= 2 and 0 < restart["restart_s"] < 60, restart
+    assert restart["later_rounds"] >= 1 and restart["later_rounds_by_all"] is True, restart  # it came back
 
 
 def test_bench_publication_both_uploads_do_the_whole_work():

@@ -297,6 +297,10 @@ class SwarmPeer:
                                phases=self._clock.phases)
         work = p.sample(hb)
         self._clock.lap("sample")
+        # checked again before submitting: a restart now holds the round's close back with it, so this
+        # node still reaches the averaging with the others; after the close it would arrive late by the
+        # restart's seconds and be left out
+        restarted = self._ensure_swarm_side(hb) or restarted
         p.submit(work)
         self._clock.lap("submit")
         record = RoundRecord(work.round_index, work.version, samples=sum(len(g) for g in work.groups),
@@ -318,7 +322,7 @@ class SwarmPeer:
                 p.sync()
                 record.resynced = True
                 self._clock.lap("sync")
-            # (a process that died while this node sampled is restarted before its work is lost)
+            # (a process that died while this node waited for the close is restarted before the averaging)
             record.restarted = self._ensure_swarm_side(closed) or record.restarted
             try:
                 self._average_and_step(work, ticket, record, closed_at)
