@@ -165,6 +165,12 @@ def _await_chain(awaitable) -> list[str]:
     return out
 
 
+def averager_unusable(error: str | None) -> bool:
+    """Whether an attempt's error says its averager process can take no further step: stuck past every
+    timeout, or gone. A retry would wait on that same process; the caller restarts it (.liveness)."""
+    return (error or "").startswith((STEP_STUCK, AVERAGER_DIED))
+
+
 def _b58(peer_id: PeerID | bytes) -> str:
     return base58_encode(peer_id.to_bytes() if isinstance(peer_id, PeerID) else bytes(peer_id))
 
@@ -478,8 +484,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                                     if not (p in withdrawn and r == Reason.WRONG_AVERAGE.value))
                 if (report.error or "").startswith(SELF_EXCLUDED):
                     break  # the verdicts are deterministic: a retry in this round would exclude us again
-                if (report.error or "").startswith((STEP_STUCK, AVERAGER_DIED)):
-                    break  # a retry would wait on the same process: the caller restarts it (.liveness)
+                if averager_unusable(report.error):
+                    break
                 if ROUND_WENT_ON not in (report.error or "") and round_over is not None and round_over():
                     report.error = f"{report.error or 'failed'}; {ROUND_WENT_ON}"
                 if ROUND_WENT_ON in (report.error or ""):
@@ -533,12 +539,13 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         ``alive``: asked every LIVENESS_POLL_S; False (the averager process died: nothing will ever
         answer the step) reports the attempt failed at once."""
         deadline = None if limit is None else time.monotonic() + limit
-        polls = [t for t, asked in ((ROUND_OVER_POLL_S, round_over), (LIVENESS_POLL_S, alive)) if asked is not None]
+        # the shorter poll that is asked for (LIVENESS_POLL_S < ROUND_OVER_POLL_S)
+        poll = LIVENESS_POLL_S if alive is not None else ROUND_OVER_POLL_S if round_over is not None else None
         ask_round_at = time.monotonic() + ROUND_OVER_POLL_S  # (a heartbeat to the coordinator: not every poll)
         while True:
             if alive is not None and not alive() and not control.done():
                 return AttemptReport(error=f"{AVERAGER_DIED} (mid-step)")
-            wait = min(polls) if polls else None
+            wait = poll
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

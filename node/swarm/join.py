@@ -139,8 +139,7 @@ class SwarmPeer:
         self.participant = p = Participant(self.client, opts.workdir, overrides=opts.overrides)
         swarm = p.run["swarm"]
         self._held: tuple | None = None  # (snapshot ref, version, state hash) of what this node holds
-        timeouts = averaging_timeouts(swarm)
-        self._timeouts = timeouts
+        self._timeouts = timeouts = averaging_timeouts(swarm)
         self._last_result = None  # the last averaging's result: says whether its averager wedged or died
         self._start_swarm_side([a for peer in p.reply.peers for a in peer.multiaddrs])
         self.round_timeout_s = float(swarm.get("round_timeout_s", 600.0))
@@ -152,7 +151,8 @@ class SwarmPeer:
         self.heartbeat()  # announce the DHT addresses
 
     # -- the swarm side: DHT, p2p daemon, averager
-    def _start_swarm_side(self, listed: Sequence[str]) -> None:
+    def _start_swarm_side(self, listed: Sequence[str]) -> tuple[float, float]:
+        """Start the DHT and the averager; the seconds each took."""
         started = time.monotonic()
         self.dht = self._start_dht(listed)
         own = self.identity.peer_id_base58
@@ -160,7 +160,7 @@ class SwarmPeer:
         self.maddrs = [str(a) for a in self.dht.get_visible_maddrs() if str(a).endswith(f"/p2p/{own}")][:8]
         dht_ready = time.monotonic()
         self.averager = self._build_averager()
-        self._start_seconds = (dht_ready - started, time.monotonic() - dht_ready)
+        return dht_ready - started, time.monotonic() - dht_ready
 
     def _build_averager(self):
         from .averaging import VerifiedAverager
@@ -192,14 +192,14 @@ class SwarmPeer:
         stop_swarm_side(self.averager, self.dht)
         stopped = time.monotonic()
         try:
-            self._start_swarm_side([m for peer in hb.peers for m in peer.multiaddrs])
+            seconds = self._start_swarm_side([m for peer in hb.peers for m in peer.multiaddrs])
         except Exception as e:  # noqa: BLE001 - the round loop waits and the next round tries again
             raise RuntimeError(f"could not restart this node's DHT and averager ({why}): "
                                f"{type(e).__name__}: {e}") from e
         self.heartbeat()  # the new addresses
         self._clock.lap("restart")
         log.warning("restarted in %.1f s (stopping %.1f s, DHT %.1f s, averager %.1f s)",
-                    time.monotonic() - started, stopped - started, *self._start_seconds)
+                    time.monotonic() - started, stopped - started, *seconds)
         return why[:200]
 
     def _dht_peers(self) -> int:

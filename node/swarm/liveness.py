@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from .averaging import AVERAGER_DIED, STEP_STUCK
+from .averaging import averager_unusable
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,7 @@ def _exit(code: int | None) -> str:
 def step_fault(result) -> str | None:
     """Why a round's averaging says its averager no longer works (an attempt stuck past every
     timeout, or the process gone mid-step), None otherwise."""
-    for attempt in getattr(result, "attempts", ()):
-        error = attempt.error or ""
-        if error.startswith((STEP_STUCK, AVERAGER_DIED)):
-            return error
-    return None
+    return next((a.error for a in getattr(result, "attempts", ()) if averager_unusable(a.error)), None)
 
 
 def swarm_fault(averager, dht, last_result=None) -> str | None:

@@ -24,8 +24,7 @@ def _row(r) -> list[str]:
 
 
 def _note(r) -> str:
-    restarted = getattr(r, "restarted", "")
-    return f"restarted DHT + averager ({restarted}); {r.note}" if restarted else r.note
+    return f"restarted DHT + averager ({r.restarted}); {r.note}" if r.restarted else r.note
 
 
 def _slowest(phases: dict) -> str:
