@@ -22,9 +22,10 @@ whatever the behaviour says; the honest peers must cope:
   other members (what it answers them with too)
 * ``withhold_sketch`` — reduces honestly, reveals its nonce, then sends no sketch (what a cheating
   reducer would do on learning that the revealed rows would catch it)
-* ``false_accusation`` — honest parts, but its first gather entry accuses ``accuse_target`` (a
-  member it never saw misbehave) of NON_FINITE parts
-* ``accuse_all``      — honest parts, but its first gather entry accuses every other member
+* ``false_accusation`` — hangs up in its first attempt (a first attempt that names anyone is not
+  believed), then accuses ``accuse_target`` (a member it never saw misbehave) of NON_FINITE parts,
+  saying it caught it first; honest parts
+* ``accuse_all``      — the same, but accuses every other member
 * ``reordered_view``  — in its first attempt of the round it holds the group in another slot order
   (as a member would that a hostile leader sent a different group); honest otherwise
 * ``malformed``       — its last part's message is bytes that do not parse (a tensor field longer
@@ -35,6 +36,9 @@ whatever the behaviour says; the honest peers must cope:
   sender timeout), so that its share of a reducer's work outlasts the all-reduce timeout
 * ``drip_average`` — sends honest parts, but as a reducer returns each average 0.8 reducer timeouts
   after the last, so that the others' results from it outlast the all-reduce timeout
+* ``hang_up``         — in every attempt, aborts as the all-reduce begins (CANCELLED to every stream), as
+  an honest member does when a groupmate's abort reaches it; its later gathers say ``accuse_target``
+  failed first for it
 * ``lost_cancel``     — a runtime fault, not an attack: the cancel of its search in this round is
   lost once, as Python 3.11's ``asyncio.wait_for`` loses one that arrives with the awaited result,
   and the search then runs on until it finds a leader (``lost_cancel_marker`` written when it was
@@ -69,12 +73,20 @@ from grpo_swarm.node.swarm.part_codec import encode_values
 from grpo_swarm.node.swarm.reduction import VerifiedAllReduceRunner
 from grpo_swarm.node.swarm.wire import WireAveragingData, WireTensor
 from grpo_swarm.node.swarm.share_audit import AUDIT_POLL_S, PHASE_SKETCH, encode_entry
-from grpo_swarm.node.swarm.tickets import Reason, SlotVerdict, TicketClaims, parse_ticket
+from grpo_swarm.node.swarm.tickets import (
+    Reason,
+    SlotVerdict,
+    TicketClaims,
+    decode_gather,
+    decode_hivemind_entry,
+    parse_ticket,
+)
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 
 NORM_LIE_FACTOR = 3.0  # per-value magnitudes stay plausible: only the norm check can catch it
 OVER_BOUND_FACTOR = 1e5
 WRONG_AVERAGE_SHIFT = 0.03  # x mean |value|, alternating sign: ~2-3 % of the share's norm
+BREAKS_ITS_FIRST_ATTEMPT = {"false_accusation", "accuse_all"}  # so that their later accusations can follow a failure
 SKIPS_CHECKS = {"forged_ticket", "other_round_ticket", "other_node_ticket", "over_bound"}
 
 
@@ -163,6 +175,9 @@ class HostileRunner(VerifiedAllReduceRunner):
     async def _generate_input_for_peer(self, peer_index: int):
         parts = list(self.tensor_part_container._input_parts_by_peer[peer_index])
         self.tensor_part_container._inputs_consumed_by_peer[peer_index] = True
+        if self.behaviour == "hang_up":  # gives up at once, as an honest member whose groupmate aborted does
+            self.abort("hung up")
+            return
         weight = 1e6 if self.behaviour == "claimed_weight" else self.weight
         for i, (part, info) in enumerate(parts):
             msg = averaging_pb2.AveragingData(tensor_part=self._corrupt(part, info, i == 0), weight=weight)
@@ -218,10 +233,14 @@ class HostileAverager(VerifiedAverager):
         return norm
 
     def gather_entry(self, claim):
-        if self.behaviour(claim.round_index) == "false_accusation":
-            claim = dataclasses.replace(claim, accusations=((self.accuse_target, "NON_FINITE"), *claim.accusations))
-        elif self.behaviour(claim.round_index) == "accuse_all":
-            claim = dataclasses.replace(claim, accusations=tuple((p, "NON_FINITE") for p in self.accuse_all))
+        if self.behaviour(claim.round_index) == "false_accusation" and claim.attempt > 0:
+            claim = dataclasses.replace(claim, accusations=((self.accuse_target, "NON_FINITE"), *claim.accusations),
+                                        first_failed=(self.accuse_target, "NON_FINITE"))
+        elif self.behaviour(claim.round_index) == "hang_up" and claim.attempt > 0:  # and blames its victim
+            claim = dataclasses.replace(claim, first_failed=(self.accuse_target, "REDUCER_FAILED"))
+        elif self.behaviour(claim.round_index) == "accuse_all" and claim.attempt > 0:
+            claim = dataclasses.replace(claim, accusations=tuple((p, "NON_FINITE") for p in self.accuse_all),
+                                        first_failed=(self.accuse_all[0], "NON_FINITE"))
         return super().gather_entry(claim)
 
     def average(self, round_index, ticket_bytes, grads, **kwargs):
@@ -288,6 +307,8 @@ class HostileAverager(VerifiedAverager):
         return response
 
     async def _aggregate_with_group(self, group_info, min_vector_size, **kwargs):
+        own = group_info.gathered[group_info.peer_ids.index(self.peer_id)]
+        self._attempt = decode_gather(decode_hivemind_entry(own)[2])[2].attempt
         if self.behaviour(self._rules.round_index) == "die_then_wedge":
             await self._die_then_wedge()
         if self.behaviour(self._rules.round_index) == "reordered_view" and \
@@ -311,6 +332,9 @@ class HostileAverager(VerifiedAverager):
                     continue
 
     def make_runner(self, **kwargs):
-        return HostileRunner(behaviour=self.behaviour(self._rules.round_index), stall_marker=self.stall_marker,
+        behaviour = self.behaviour(self._rules.round_index)
+        if behaviour in BREAKS_ITS_FIRST_ATTEMPT and self._attempt == 0:
+            behaviour = "hang_up"
+        return HostileRunner(behaviour=behaviour, stall_marker=self.stall_marker,
                              drip_gap=0.8 * kwargs["sender_timeout"], keep_parts=self.audit_reducers, **kwargs)
 

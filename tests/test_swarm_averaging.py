@@ -58,6 +58,8 @@ from grpo_swarm.node.swarm.averaging import (
 from grpo_swarm.node.swarm.dht import DHTStartError, start_dht
 from grpo_swarm.node.swarm.group_plan import GroupPlan
 from grpo_swarm.node.swarm.tickets import (
+    decode_gather,
+    decode_hivemind_entry,
     GatherClaim,
     Reason,
     RoundRules,
@@ -163,6 +165,8 @@ STALL_ROUND = _small("small_none", "stall_always", max_attempts=TIMING["max_atte
 DRIP_ROUND = _small("small_drip", "drip", max_attempts=TIMING["max_attempts"])
 # ... and a reducer that returns its averages just under the reducer timeout apart
 DRIP_AVERAGE_ROUND = _small("small_drip", "drip_average", max_attempts=TIMING["max_attempts"])
+# ... and one that aborts as each attempt's all-reduce begins, as if another member's abort had reached it
+HANG_UP_ROUND = _small("small_none", "hang_up", max_attempts=TIMING["max_attempts"])
 KILL_ROUND = _small("small_none", "stall", max_attempts=1)
 HOSTILE_ONE_ATTEMPT = {r for r, _ in EXCLUDED_ROUNDS.values()}
 
@@ -192,7 +196,8 @@ def test_verdicts_name_every_bad_slot(keys):
 
     def entry(who, ticket=None, round_index=4, norm=1.0, accusations=(), signer=None, audit_fraction=1.0):
         ticket = make_ticket(coordinator, who.public_key_bytes, 4, 6, 60) if ticket is None else ticket
-        return encode_gather(signer or who, GatherClaim(ticket, round_index, 0, norm, tuple(accusations),
+        attempt = 1 if accusations else 0  # (a first attempt names nobody: ACCUSES_UNPROMPTED)
+        return encode_gather(signer or who, GatherClaim(ticket, round_index, attempt, norm, tuple(accusations),
                                                         audit_fraction=audit_fraction))
 
     good = _slot(n0, entry(n0))
@@ -236,10 +241,11 @@ def test_verdicts_name_every_bad_slot(keys):
                             _rules(coordinator, mode="tokens", expected_keys=frozenset({n0.public_key_bytes})))
     assert v0.ok and v0.weight == 60.0 and v1.reason == Reason.NOT_IN_ROUND
     # an accusation by a valid member excludes the accused everywhere, whatever order the slots are in
+    # (in a round of three, which needs two: it cannot spare the accuser too)
     accusing = _slot(n1, entry(n1, accusations=[(n2.peer_id, "NON_FINITE")]))
     accused = _slot(n2, entry(n2))
     for order in ([good, accusing, accused], [accused, good, accusing]):
-        verdicts = {v.peer_id: v for v in group_verdicts(*zip(*order), _rules(coordinator))}
+        verdicts = {v.peer_id: v for v in group_verdicts(*zip(*order), _rules(coordinator, min_contributors=2))}
         assert verdicts[n2.peer_id].reason == Reason.ACCUSED and verdicts[n0.peer_id].ok and verdicts[n1.peer_id].ok
     # accusing more than half of the group's other members is not believed: the accuser is left out
     everyone = _slot(n1, entry(n1, accusations=[(n0.peer_id, "NON_FINITE"), (n2.peer_id, "NON_FINITE")]))
@@ -251,6 +257,84 @@ def test_verdicts_name_every_bad_slot(keys):
     assert verdicts[n2.peer_id].reason == Reason.ACCUSED and verdicts[n1.peer_id].ok
     with pytest.raises(ValueError, match="twice"):
         group_verdicts([good[0], good[0]], [good[1], good[1]], _rules(coordinator))
+
+
+def test_verdicts_leave_out_the_member_that_broke_the_last_attempt_first(keys):
+    """A member that most of the others saw fail first, with no finding of its own to show for it, is
+    left out of the retry (BROKE_FIRST); the peer it blames goes with it only when the round can
+    spare both; a catch it accuses explains it; a minority's word, or that of a member accusing
+    most of its group, does not count. The sole accuser of a member goes with it when the round can
+    spare both (UNCORROBORATED), and a first attempt that names anyone is not believed at all."""
+    coordinator, _ = keys
+    ids = [Identity.from_seed(bytes([40 + i]) * 32) for i in range(5)]
+
+    def slot(i, first=None, accusations=(), attempt=1):
+        ticket = make_ticket(coordinator, ids[i].public_key_bytes, 4, 6)
+        first = None if first is None else (ids[first[0]].peer_id if isinstance(first[0], int) else first[0], first[1])
+        claim = GatherClaim(ticket, 4, attempt, 1.0, tuple((ids[j].peer_id, r) for j, r in accusations),
+                            first_failed=first)
+        return _slot(ids[i], encode_gather(ids[i], claim))
+
+    def verdicts(slots, min_contributors):
+        out = group_verdicts(*zip(*slots), _rules(coordinator, min_contributors=min_contributors))
+        return [(v.reason.value if v.reason else "ok") for v in out]
+
+    cancelled = "REDUCER_FAILED"
+    # three members: both others saw 0 fail first; 0 blames 1, but the round (2 of 3) cannot spare both
+    assert verdicts([slot(0, (1, cancelled)), slot(1, (0, cancelled)), slot(2, (0, "SENDER_FAILED"))], 2) == \
+        ["BROKE_FIRST", "ok", "ok"]
+    # five members: four saw 0 first; 0 blames 1, and the round (3 of 5) can spare both
+    five = [slot(0, (1, cancelled))] + [slot(i, (0, cancelled)) for i in range(1, 5)]
+    assert verdicts(five, 3) == ["BROKE_FIRST", "BROKE_WITH", "ok", "ok", "ok"]
+    assert verdicts(five, 4) == ["BROKE_FIRST", "ok", "ok", "ok", "ok"]
+    # 0 caught 3 (its first failure is a finding it accuses): its abort was the catch, not a break; but
+    # nobody else saw 3 cheat, so where the round can spare both, 0 goes with 3
+    caught = [slot(0, (3, "NON_FINITE"), [(3, "NON_FINITE")])] + [slot(i, (0, cancelled)) for i in range(1, 5)]
+    assert verdicts(caught, 4) == ["ok", "ok", "ok", "ACCUSED", "ok"]
+    assert verdicts(caught, 3) == ["UNCORROBORATED", "ok", "ok", "ACCUSED", "ok"]
+    # two accusers back each other: the accused alone is left out
+    backed = [slot(0, (3, "NON_FINITE"), [(3, "NON_FINITE")]), slot(1, (3, "NON_FINITE"), [(3, "NON_FINITE")]),
+              slot(2, (0, cancelled)), slot(3, (0, cancelled)), slot(4, (0, cancelled))]
+    assert verdicts(backed, 3) == ["ok", "ok", "ok", "ACCUSED", "ok"]
+    # a sole accuser that broke nothing goes with the accused too; two sole accusers, while it can spare them
+    assert verdicts([slot(0), slot(1, None, [(2, "NON_FINITE")]), slot(2), slot(3), slot(4)], 3) == \
+        ["ok", "UNCORROBORATED", "ACCUSED", "ok", "ok"]
+    assert verdicts([slot(0, None, [(4, "STALLED")]), slot(1, None, [(2, "NON_FINITE")]), slot(2), slot(3),
+                     slot(4)], 1) == ["UNCORROBORATED", "UNCORROBORATED", "ACCUSED", "ok", "ACCUSED"]
+    assert verdicts([slot(0, None, [(4, "STALLED")]), slot(1, None, [(2, "NON_FINITE")]), slot(2), slot(3),
+                     slot(4)], 2) == ["UNCORROBORATED", "ok", "ACCUSED", "ok", "ACCUSED"]
+    # a first attempt of the round that names anyone is not believed
+    assert verdicts([slot(0), slot(1, None, [(2, "NON_FINITE")], attempt=0), slot(2)], 1) == \
+        ["ok", "ACCUSES_UNPROMPTED", "ok"]
+    assert verdicts([slot(0), slot(1, (0, cancelled), attempt=0), slot(2)], 1) == ["ok", "ACCUSES_UNPROMPTED", "ok"]
+    # ... which it must accuse, and of a member of this group
+    unaccused = [slot(0, (3, "NON_FINITE"))] + [slot(i, (0, cancelled)) for i in range(1, 5)]
+    assert verdicts(unaccused, 3) == ["BROKE_FIRST", "ok", "ok", "BROKE_WITH", "ok"]
+    stranger = Identity.from_seed(b"\x31" * 32).peer_id
+    outside = [slot(0, (stranger, "NON_FINITE"))] + [slot(i, (0, cancelled)) for i in range(1, 5)]
+    assert verdicts(outside, 3) == ["BROKE_FIRST", "ok", "ok", "ok", "ok"]
+    # a stall it names is a finding too (STALLED goes into the accusations)
+    stalled = [slot(0, (2, "STALLED"), [(2, "STALLED")])] + [slot(i, (0, cancelled)) for i in range(1, 5)]
+    assert verdicts(stalled, 4) == ["ok", "ok", "ACCUSED", "ok", "ok"]
+    # two of four others is no majority; nor is a pointer from a member accusing most of its group
+    assert verdicts([slot(0), slot(1, (0, cancelled)), slot(2, (0, cancelled)), slot(3), slot(4)], 3) == ["ok"] * 5
+    most = slot(1, (0, cancelled), [(2, "NON_FINITE"), (3, "NON_FINITE")])  # 2 of 3: not believed
+    assert verdicts([slot(0), most, slot(2, (0, cancelled)), slot(3)], 3) == ["ok", "ACCUSES_MOST", "ok", "ok"]
+    # the pointer is signed and strictly decoded
+    claim = decode_gather(decode_hivemind_entry(five[1][1])[2])[2]
+    assert claim.first_failed == (ids[0].peer_id, cancelled)
+    bad = _slot(ids[0], _malformed_first_failed(ids[0], coordinator))[1]
+    assert group_verdicts([ids[0].peer_id], [bad], _rules(coordinator))[0].reason == Reason.MALFORMED_GATHER
+
+
+def _malformed_first_failed(who: Identity, coordinator: Identity) -> bytes:
+    import msgpack
+
+    from grpo_swarm.node.swarm.tickets import GATHER_DOMAIN, GATHER_VERSION
+
+    payload = msgpack.packb([GATHER_VERSION, make_ticket(coordinator, who.public_key_bytes, 4, 6), 4, 1, 1.0, [],
+                             bytes(32), 1.0, [b"peer", "REASON", "extra"]], use_bin_type=True)
+    return msgpack.packb([payload, who.sign(GATHER_DOMAIN + payload)], use_bin_type=True)
 
 
 def test_matchmaking_admits_only_the_rounds_keys(keys):
@@ -850,13 +934,22 @@ def test_members_shown_different_groups_blame_nobody_and_retry(swarm):
     """H holds the group in another slot order in its first attempt, as a member would that a hostile
     leader showed a different group under the same id. Reducers refuse streams from a groupmate whose
     view of the group differs (GROUP_VIEW_MISMATCH, a failure): nobody is accused — else parts cut by
-    one plan, checked by another, would get honest members accused — and the retry, with one view,
-    gives all three the same bytes."""
+    one plan, checked by another, would get honest members accused. A view mismatch is nobody's
+    finding, so the member the other two saw fail first (H, or the one that met H's view first and
+    aborted) is left out of the retry (BROKE_FIRST, not reported), and the other two average with one
+    view, holding the same bytes."""
     r = REORDERED_VIEW_ROUND
-    reports = [swarm.report(r, p) for p in (A, B, H)]
-    assert all(rep["ok"] for rep in reports), json.dumps(reports, indent=1)[:6000]
-    _same_bytes(swarm, r, (A, B, H))
-    assert _max_err(swarm.tensors(r, A, "avg"), _weighted([small_grads(r, p) for p in (A, B, H)], SMALL_WEIGHTS)) <= 1e-6
+    reports = {p: swarm.report(r, p) for p in (A, B, H)}
+    ok = [p for p, rep in reports.items() if rep["ok"]]
+    assert len(ok) >= 2, json.dumps(reports, indent=1)[:6000]
+    for p in set((A, B, H)) - set(ok):
+        assert Reason.BROKE_FIRST.value in reports[p]["error"], reports[p]["error"]
+    _same_bytes(swarm, r, ok)
+    weights = reports[ok[0]]["attempts"][-1]["weights"]
+    assert set(weights) == {swarm.peer_ids[p] for p in ok}, weights
+    assert _max_err(swarm.tensors(r, ok[0], "avg"),
+                    _weighted([small_grads(r, p) for p in ok], [SMALL_WEIGHTS[p] for p in ok])) <= 1e-6
+    reports = list(reports.values())
     for rep in reports:
         assert all(not a["accused"] for a in rep["attempts"]), rep["attempts"]
         assert not rep["reportable"], rep["reportable"]
@@ -868,14 +961,18 @@ def test_members_shown_different_groups_blame_nobody_and_retry(swarm):
 
 
 def test_one_members_accusation_is_not_relayed_to_the_coordinator(swarm):
-    """H's gather entry accuses A of something A never did. Every member excludes A (verdicts are the
-    same everywhere, and a real accusation must keep its target out of the retry), but only the
-    accuser reports it: were B to report everyone it excluded for another's accusation, one hostile
-    member's word would make the majority a ban needs."""
+    """H breaks its first attempt (an accusation there would not be believed), then its gather accuses
+    A of something A never did, saying it caught A first. Every member excludes A (verdicts are the
+    same everywhere, and a real accusation must keep its target out of the retry), and H, whom A and
+    B saw break the attempt, is not left out for it: its catch explains the abort, and a round of
+    three (two needed) cannot spare both A and H — in a larger round H would go with A
+    (UNCORROBORATED). Only the accuser reports A: were B to report everyone it excluded for another's
+    accusation, one hostile member's word would make the majority a ban needs."""
     r = FALSE_ACCUSATION_ROUND
     a, b, h = (swarm.report(r, p) for p in (A, B, H))
     assert not a["ok"] and "ACCUSED" in a["error"], a["error"]
     assert b["ok"] and set(b["attempts"][-1]["weights"]) == {swarm.peer_ids[B], swarm.peer_ids[H]}
+    assert len(b["attempts"]) == 2 and b["attempts"][0]["first_failed"], b["attempts"]  # H, or A passing H's abort on
     assert b["attempts"][-1]["excluded"][swarm.peer_ids[A]].startswith("ACCUSED:")
     assert swarm.peer_ids[A] not in b["reportable"], b["reportable"]
     assert _max_err(swarm.tensors(r, B, "avg"), _weighted([small_grads(r, B), small_grads(r, H)],
@@ -883,7 +980,7 @@ def test_one_members_accusation_is_not_relayed_to_the_coordinator(swarm):
 
 
 def test_a_member_accusing_most_of_its_group_is_left_out_instead(swarm):
-    """H's gather accuses both other members. Believed, it would leave every honest member out of
+    """H breaks its first attempt, then its gather accuses both other members. Believed, it would leave every honest member out of
     every round; with an honest majority no member catches most of its group at once, so H is left
     out instead (ACCUSES_MOST), A and B average, and each reports H: the signed accusation list is
     evidence each of them checked itself."""
@@ -1005,6 +1102,29 @@ def test_a_reducer_that_drips_its_averages_is_left_out_of_the_retry(swarm):
     named = [att["stalled"][hostile] for rep in (a, b) for att in rep["attempts"][:1] if hostile in att["stalled"]]
     assert named and all(n.startswith("REDUCER_FAILED") for n in named), named
     assert all("all-reduce deadline" in n or "holding our results up" in n for n in named), named
+
+
+def test_a_member_that_hangs_up_every_attempt_is_left_out_of_the_retry(swarm):
+    """H holds a valid ticket and aborts as each attempt's all-reduce begins: CANCELLED to everyone,
+    which is also how an honest member passes on a groupmate's abort, so nobody could name it and
+    it failed every attempt of every round (3 attempts in 0.23 s, before this). Now each member's
+    next gather names whom it saw fail first; both A and B saw H, H names no finding (it blames A),
+    so the retry leaves H out (BROKE_FIRST) and A and B average. A, whom H blames, stays: the round
+    (2 of 3 needed) cannot spare both. Nobody reports H: a member whose link dropped looks the same."""
+    r, hostile = HANG_UP_ROUND, swarm.peer_ids[H]
+    a, b, h = (swarm.report(r, p) for p in (A, B, H))
+    assert a["ok"] and b["ok"], json.dumps([a, b], indent=1)[:6000]
+    assert not h["ok"] and SELF_EXCLUDED in h["error"] and Reason.BROKE_FIRST.value in h["error"], h["error"]
+    for rep in (a, b):
+        assert len(rep["attempts"]) == 2, rep["attempts"]
+        first, last = rep["attempts"]
+        assert not first["ok"] and first["first_failed"].startswith(hostile + ": "), first
+        assert not first["accused"] and not first["stalled"], first
+        assert set(last["weights"]) == {swarm.peer_ids[A], swarm.peer_ids[B]}, last
+        assert last["excluded"][hostile].startswith("BROKE_FIRST:"), last["excluded"]
+        assert hostile not in rep["reportable"], rep["reportable"]
+    _same_bytes(swarm, r, (A, B))
+    assert _max_err(swarm.tensors(r, A, "avg"), _honest_mean(r)) <= 1e-6
 
 
 def test_every_round_is_accounted_for(swarm):

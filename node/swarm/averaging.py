@@ -360,7 +360,15 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                 raise ValueError("expected_peers must be 32-byte node public keys")
         return RoundRules(coordinator_key=self.coordinator_key, run_id=self.run_id, round_index=int(round_index),
                           norm_bound=self.norm_bound, weight_mode=self.weight_mode, expected_keys=expected,
-                          require_final=self.require_final_ticket, ticket_type=self.ticket_type)
+                          require_final=self.require_final_ticket, ticket_type=self.ticket_type,
+                          min_contributors=self._min_contributors(None if expected is None else len(expected)))
+
+    def _min_contributors(self, group_size: int | None) -> int:
+        """Valid members an attempt needs: with the round's peers known, a strict majority of them, so
+        that two disjoint groups can never both succeed in one round."""
+        if group_size is None:
+            return self.min_contributors
+        return min(max(self.min_contributors, group_size // 2 + 1), group_size)
 
     def load_local_gradient(self, grads: Sequence[torch.Tensor]) -> float:
         """Copy ``grads`` into the averager's buffers and return their L2 norm; LocalGradientError if
@@ -454,6 +462,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             self._outer_pipe.send(("_set_round", [round_index, rules.expected_keys, group_size], {}))
             deadline = started + self.round_timeout
             accusations: tuple[tuple[bytes, str], ...] = ()
+            first_failed: tuple[bytes, str] | None = None
             attempts: list[AttemptReport] = []
             for attempt in range(max_attempts or self.max_attempts):
                 remaining = deadline - time.monotonic()
@@ -461,7 +470,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                     break
                 nonce = nonce_for(self._audit_secret, round_index, attempt)
                 claim = GatherClaim(bytes(ticket_bytes), int(round_index), attempt, norm, accusations, commitment(nonce),
-                                    self.audit_fraction)
+                                    self.audit_fraction, first_failed)
                 entry = self.gather_entry(claim)
                 timeout = min(self.matchmaking_timeout, remaining)
                 wait = self._matchmaking_wait(attempts, timeout, straggler_wait)
@@ -479,6 +488,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                                     dst.copy_(b)
                     return RoundResult(True, round_index, averaged, attempts, time.monotonic() - started)
                 accusations = accusation_list([*accusations, *report.accused_pairs()])
+                first_failed = report.first_failed_pair()
                 withdrawn = {base58_decode(p) for p in withdrawn_wrong_averages(attempts, self.peer_id.to_base58())}
                 accusations = tuple((p, r) for p, r in accusations
                                     if not (p in withdrawn and r == Reason.WRONG_AVERAGE.value))
@@ -589,15 +599,12 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         # with the round's peers known: wait for all of them, and never average fewer than a strict
         # majority of them, so that two disjoint groups can never both succeed in one round
         if group_size is None:
-            target, min_size, min_contributors = self.target_group_size, self.min_group_size, self.min_contributors
+            target, min_size = self.target_group_size, self.min_group_size
         else:
-            majority = group_size // 2 + 1
-            target = group_size
-            min_size = min(max(self.min_group_size, majority), group_size)
-            min_contributors = min(max(self.min_contributors, majority), group_size)
+            target, min_size = group_size, min(max(self.min_group_size, group_size // 2 + 1), group_size)
         self._matchmaking.target_group_size = self._matchmaking.potential_leaders.target_group_size = target
         self._matchmaking.min_group_size = min_size
-        self._round_min_contributors = min_contributors
+        self._round_min_contributors = self._min_contributors(group_size)
 
     def verdicts(self, group_info: GroupInfo, rules: RoundRules) -> list[SlotVerdict]:
         return group_verdicts([p.to_bytes() for p in group_info.peer_ids], group_info.gathered, rules)
@@ -697,6 +704,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         if not report.ok:
             report.error = report.error or runner.abort_reason or "the reduction did not complete"
         report.refused = {_b58(p): r for p, r in runner.refused.items()}
+        if runner.first_failure is not None:
+            report.first_failed = f"{_b58(runner.first_failure[0])}: {runner.first_failure[1].value}"
         report.weight_claims_ignored = {_b58(p): w for p, w in runner.weight_claims.items()}
         report.failed_size = runner.tensor_part_container.failed_size
         report.bytes_sent, report.bytes_received = runner.bytes_sent, runner.bytes_received

@@ -416,6 +416,8 @@ class SwarmPeer:
             record.note = f"averaging failed: {result.error}"
             if result.left_out_as_stalled:
                 log.warning(STALLED_ADVICE, self.sender_timeout_s)
+            elif result.left_out_as_breaker:
+                log.warning(BROKE_ADVICE)
             return
         trainer.apply_gradients()
         record.averaged = True
@@ -490,6 +492,9 @@ class SwarmPeer:
                 log.info("report of %s: %s", node_id, e)
 
 
+BROKE_ADVICE = ("the other peers saw this node's streams fail first in the last averaging attempt and left it out of "
+                "this round: check this machine's connection (dropped or reset connections, a NAT or firewall "
+                "closing streams) and the log above for the averager's own error")
 STALLED_ADVICE = ("the other peers saw this node fall silent for longer than swarm.sender_timeout_s (%g s) while "
                   "averaging and left it out of this round: check this machine's uplink and load, try a smaller "
                   "--part-size, or ask the run's host to raise swarm.sender_timeout_s")

@@ -31,6 +31,8 @@
   timeouts are ordered (sender < reducer) so that the member waiting on the silent peer itself
   times out first. At the all-reduce deadline, senders and reducers that drip just under those
   timeouts are named by what is still missing while others' work is in (:meth:`~VerifiedAllReduceRunner.name_laggards`).
+  The first peer a member saw fail (or caught) is kept too (``first_failure``): the next gather
+  names it, and a member most of the group saw break first with no finding of its own is left out.
 * **A stream closes only once its sender holds every average.** hivemind's reducer handler
   returns, closing the stream, right after answering the last part, and p2pd can drop messages
   still in flight at that close (seen here: a stream ending cleanly after 8 of 10 averages; in stock
@@ -80,6 +82,8 @@ from .part_codec import (
 from .share_sketch import ShareLayout
 from .tickets import GROUP_VIEW_BYTES, Reason
 from .wire import WireAveragingData, WireTensor
+
+ABORT_GRACE_S = 0.5  # at most: a quarter of the gap between the sender and reducer timeouts
 
 async def in_thread_to_the_end(fn, *args):
     """``fn(*args)`` in the default executor. If the caller is cancelled meanwhile, it still waits for
@@ -349,6 +353,12 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         self.accused: dict[PeerID, tuple[Reason, str]] = {}
         self.failures: dict[PeerID, tuple[Reason, str]] = {}
         self.stalled: dict[PeerID, str] = {}  # failures seen as silence while the attempt was live
+        self.first_failure: tuple[PeerID, Reason] | None = None  # the first of the above, named in the next gather
+        # a failure aborts after a short grace, so that a groupmate's own failure reaches each member
+        # before this member's abort passes it on (see fail)
+        gap = (self.reducer_timeout or 0.0) - (self.sender_timeout or 0.0)
+        self.abort_grace = max(0.0, min(ABORT_GRACE_S, gap / 4))
+        self._abort_timer: asyncio.TimerHandle | None = None
         # by slot: when this member had sent that reducer every part, and when it held every average
         self.sent_all_at: dict[int, float] = {}
         self.share_done_at: dict[int, float] = {}
@@ -390,6 +400,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
     def accuse(self, peer_id: PeerID, reason: Reason, detail: str) -> None:
         if not self._future.done() and peer_id != self.peer_id:
             self.accused.setdefault(peer_id, (reason, detail))
+            self._note_first(peer_id, reason)
         self.abort(f"{peer_id} {reason.value}: {detail}")
 
     def fail(self, peer_id: PeerID, reason: Reason, detail: str) -> None:
@@ -399,11 +410,36 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             if held is not None:
                 what = "our share" if reason == Reason.SENDER_FAILED else "our results"
                 self._mark_stalled(peer_id, f"{reason.value}: {detail}, after holding {what} up {held:.1f} s in all")
-        self.abort(f"{peer_id} {reason.value}: {detail}")
+            self._note_first(peer_id, reason)
+        self._abort_soon(f"{peer_id} {reason.value}: {detail}")
+
+    def _abort_soon(self, reason: str) -> None:
+        """Abort after :attr:`abort_grace`. A failure is passed on by aborting (CANCELLED, ends), and each
+        member names the first peer it saw fail: aborting at once, a member's relay of a peer that
+        hung up could reach a groupmate before that peer's own hang-up does, making the relaying member
+        look like the one that broke the attempt (see tickets.group_verdicts). Nothing completes in
+        the meantime: the failed peer's share waits for it, and a failed runner never succeeds."""
+        if self._future.done() or self._abort_timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on the runner's loop: nothing to wait with
+            loop = None
+        if loop is None or self.abort_grace <= 0:
+            self.abort(reason)
+        else:
+            self._abort_timer = loop.call_later(self.abort_grace, self.abort, reason)
 
     def _mark_stalled(self, peer_id: PeerID, text: str) -> None:
         if not self._future.done() and peer_id != self.peer_id and peer_id not in self.accused:
             self.stalled.setdefault(peer_id, text)
+            self._note_first(peer_id, Reason.STALLED)
+
+    def _note_first(self, peer_id: PeerID, reason: Reason) -> None:
+        """Remember the first peer this member saw fail (or caught) while the attempt was live: the
+        next gather names it, so the group can tell who broke the attempt (see tickets.group_verdicts)."""
+        if self.first_failure is None and peer_id != self.peer_id:
+            self.first_failure = (peer_id, reason)
 
     def _held_up_long(self, peer_id: PeerID, reason: Reason) -> float | None:
         """Seconds ``peer_id`` held this member up in all — as a sender, its share; as a reducer, its

@@ -36,6 +36,7 @@ class AttemptReport:
     accused: dict[str, str] = field(default_factory=dict)  # caught sending/returning invalid data
     failed: dict[str, str] = field(default_factory=dict)  # stopped, timed out, disconnected, refused
     stalled: dict[str, str] = field(default_factory=dict)  # the failed seen as silence while the attempt was live
+    first_failed: str = ""  # "peer: REASON", the first peer this member saw fail (or accused) in the attempt
     refused: dict[str, str] = field(default_factory=dict)  # excluded peers that sent parts anyway
     weight_claims_ignored: dict[str, float] = field(default_factory=dict)  # claimed weight != ticket weight
     # the accusations in every signed gather entry of the group: accuser -> {accused: reason}
@@ -55,6 +56,13 @@ class AttemptReport:
         """(raw peer id, reason) for the next attempt's gather: the accused, and the stalled (STALLED)."""
         return [*((base58_decode(p), r.split(":", 1)[0]) for p, r in self.accused.items()),
                 *((base58_decode(p), Reason.STALLED.value) for p in self.stalled if p not in self.accused)]
+
+    def first_failed_pair(self) -> tuple[bytes, str] | None:
+        """(raw peer id, reason) of :attr:`first_failed` for the next attempt's gather, or None."""
+        if not self.first_failed:
+            return None
+        peer, reason = self.first_failed.split(": ", 1)
+        return base58_decode(peer), reason
 
 
 def withdrawn_wrong_averages(attempts: Sequence[AttemptReport], me: str) -> set[str]:
@@ -132,7 +140,7 @@ class RoundResult:
         # what this member saw for itself: its own accusations, and exclusions it verified from signed
         # bytes (tickets, gathers); not exclusions for another member's accusation (ACCUSED): relayed
         # by every honest member, one hostile member's word would make the majority a ban needs
-        hearsay = Reason.ACCUSED.value + ":"
+        hearsay = tuple(r.value + ":" for r in (Reason.ACCUSED, Reason.BROKE_FIRST, Reason.BROKE_WITH))
         out = {**{p: r for p, r in self.excluded.items() if not r.startswith(hearsay)}, **self.accused}
         for peer in [p for p, reason in out.items() if wrong in reason]:
             # the gathers signed after the accusation: from the attempt after the one where we accused
@@ -151,6 +159,13 @@ class RoundResult:
         left it out of the retry: its link or machine was too slow for the run's sender timeout."""
         error = self.error or ""
         return error.startswith(SELF_EXCLUDED) and Reason.STALLED.value in error
+
+    @property
+    def left_out_as_breaker(self) -> bool:
+        """Most of the other members saw this node's streams fail first in the last attempt (an abort,
+        end or refusal it showed no cause for) and left it out of the retry: its connection dropped,
+        or its averager failed."""
+        return (self.error or "").startswith(SELF_EXCLUDED) and Reason.BROKE_FIRST.value in (self.error or "")
 
     def copy_to(self, tensors: Sequence[torch.Tensor]) -> None:
         """Copy the averaged gradient into ``tensors`` (e.g. the parameters' ``.grad``)."""

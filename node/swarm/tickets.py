@@ -4,7 +4,8 @@ hivemind's leader relays the gathered entries of a group unsigned, so each membe
 
     entry     = msgpack([payload, signature])
     payload   = msgpack([GATHER_VERSION, ticket_bytes, round_index, attempt, committed_norm,
-                         [[accused_peer_id, reason], ...], nonce_commitment, audit_fraction])
+                         [[accused_peer_id, reason], ...], nonce_commitment, audit_fraction,
+                         [first_failed_peer_id, reason] or []])
     signature = Ed25519(node key, GATHER_DOMAIN || payload)
 
 ``ticket_bytes`` is the coordinator-signed ``AdmissionTicket`` (protobuf bytes), ``committed_norm``
@@ -14,7 +15,9 @@ same round (they are excluded from the retry). ``nonce_commitment`` is SHA-256 o
 member reveals after the reduction, from which the group draws the secret projections that check
 every reducer's average (:mod:`.share_audit`); ``audit_fraction`` the share of rows this member
 wants that audit to read (the group reads the largest fraction its contributors ask for, so nobody
-can lower it for the others). The signature is checked against the public key
+can lower it for the others). ``first_failed`` names the peer this member saw fail first in its
+previous attempt of the round, and how (see :func:`group_verdicts`: a member most of its group saw
+break an attempt first, with no finding of its own to show for it, is left out of the retry). The signature is checked against the public key
 inside the slot's libp2p peer id (Ed25519 peer ids embed the key), so a leader cannot alter or
 swap entries without the slot failing. Nothing a peer sends is unpickled: msgpack of bytes, ints,
 floats and strings only, with size limits and no extension types.
@@ -49,6 +52,7 @@ from grpo_swarm.protocol.identity import (
     PUBLIC_KEY_SIZE,
     SIGNATURE_SIZE,
     Identity,
+    base58_encode,
     public_key_from_peer_id,
     verify_signature,
 )
@@ -57,7 +61,7 @@ from grpo_swarm.protocol.rpc import verify_ticket
 from .share_sketch import check_audit_fraction
 
 GATHER_DOMAIN = b"grpo-swarm/v1/gather\n"
-GATHER_VERSION = 3
+GATHER_VERSION = 4
 NONCE_COMMITMENT_BYTES = 32
 MAX_TICKET_BYTES = 4096
 MAX_ACCUSATIONS = 64
@@ -89,6 +93,14 @@ class Reason(str, Enum):
     NOT_IN_ROUND = "NOT_IN_ROUND"  # not among the round's expected peers
     ACCUSED = "ACCUSED"  # a valid member caught it sending invalid data earlier in this round
     ACCUSES_MOST = "ACCUSES_MOST"  # its accusations name more than half of the group's other members
+    ACCUSES_UNPROMPTED = "ACCUSES_UNPROMPTED"  # accusations (or a first failure) in its first attempt of the round,
+    # before any attempt could have shown it anything
+    UNCORROBORATED = "UNCORROBORATED"  # the sole accuser of a member: one word against another, so it is left out
+    # with the member it accuses when the round can spare both
+    BROKE_FIRST = "BROKE_FIRST"  # most of the others saw it fail first in the last attempt, and it names no
+    # finding of its own (an abort, end or refusal with no cause: an honest member aborts only for one)
+    BROKE_WITH = "BROKE_WITH"  # the peer a BROKE_FIRST member says failed first for it: one word against
+    # another, so both are left out when the round can spare both
     NOT_A_CONTRIBUTOR = "NOT_A_CONTRIBUTOR"  # declared itself auxiliary
     # -- during the reduction: invalid content (an accusation, excluded from the retry)
     BAD_COMPRESSION = "BAD_COMPRESSION"
@@ -192,6 +204,7 @@ class GatherClaim:
     accusations: tuple[tuple[bytes, str], ...] = ()
     nonce_commitment: bytes = bytes(NONCE_COMMITMENT_BYTES)
     audit_fraction: float = 1.0
+    first_failed: tuple[bytes, str] | None = None  # (peer id, reason) first seen failing in the previous attempt
 
 
 def encode_gather(identity: Identity, claim: GatherClaim) -> bytes:
@@ -199,9 +212,10 @@ def encode_gather(identity: Identity, claim: GatherClaim) -> bytes:
     if len(claim.accusations) > MAX_ACCUSATIONS:
         raise ValueError(f"at most {MAX_ACCUSATIONS} accusations per entry")
     accusations = sorted([bytes(p), str(r)[:MAX_REASON_CHARS]] for p, r in claim.accusations)
+    first = [] if claim.first_failed is None else [bytes(claim.first_failed[0]), str(claim.first_failed[1])[:MAX_REASON_CHARS]]
     payload = msgpack.packb([GATHER_VERSION, bytes(claim.ticket_bytes), int(claim.round_index), int(claim.attempt),
                              float(claim.committed_norm), accusations, bytes(claim.nonce_commitment),
-                             float(claim.audit_fraction)],
+                             float(claim.audit_fraction), first],
                             use_bin_type=True)
     return msgpack.packb([payload, identity.sign(GATHER_DOMAIN + payload)], use_bin_type=True)
 
@@ -252,9 +266,9 @@ def decode_gather(entry: bytes) -> tuple[bytes, bytes, GatherClaim]:
     if len(signature) != SIGNATURE_SIZE:
         raise ValueError("signature has the wrong length")
     body = strict_unpack(payload, MAX_ENTRY_BYTES)
-    if not (isinstance(body, list) and len(body) == 8 and body[0] == GATHER_VERSION and _is_int(body[0])):
+    if not (isinstance(body, list) and len(body) == 9 and body[0] == GATHER_VERSION and _is_int(body[0])):
         raise ValueError(f"payload is not a version-{GATHER_VERSION} gather")
-    _, ticket_bytes, round_index, attempt, norm, accusations, nonce_commitment, audit_fraction = body
+    _, ticket_bytes, round_index, attempt, norm, accusations, nonce_commitment, audit_fraction, first = body
     if not isinstance(ticket_bytes, bytes) or len(ticket_bytes) > MAX_TICKET_BYTES:
         raise ValueError("ticket is not bytes of bounded size")
     if not (_is_int(round_index) and _is_int(attempt) and round_index >= 0 and attempt >= 0):
@@ -274,8 +288,12 @@ def decode_gather(entry: bytes) -> tuple[bytes, bytes, GatherClaim]:
     if not isinstance(audit_fraction, float):
         raise ValueError("audit fraction must be a float")
     check_audit_fraction(audit_fraction)
+    if not (isinstance(first, list) and (first == [] or (
+            len(first) == 2 and isinstance(first[0], bytes) and isinstance(first[1], str)
+            and len(first[0]) <= MAX_PEER_ID_BYTES and len(first[1]) <= MAX_REASON_CHARS))):
+        raise ValueError("first_failed is not [] or [peer id, reason]")
     return payload, signature, GatherClaim(ticket_bytes, round_index, attempt, norm, tuple(acc), nonce_commitment,
-                                           audit_fraction)
+                                           audit_fraction, (first[0], first[1]) if first else None)
 
 
 # ---- verdicts --------------------------------------------------------------------------------------
@@ -291,6 +309,7 @@ class RoundRules:
     expected_keys: frozenset[bytes] | None = None  # node public keys of the round's peers (None: anyone)
     require_final: bool = False
     ticket_type: type = pb.AdmissionTicket
+    min_contributors: int = 1  # an attempt with fewer valid members fails (a strict majority of the round's peers)
 
 
 @dataclass
@@ -307,6 +326,7 @@ class SlotVerdict:
     committed_norm: float = 0.0
     client_mode: bool = False
     accusations: tuple[tuple[bytes, str], ...] = ()
+    first_failed: tuple[bytes, str] | None = None
     accused_by: list[bytes] = field(default_factory=list)
     nonce_commitment: bytes = b""
     attempt: int = 0
@@ -337,7 +357,10 @@ def verify_slot(peer_id: bytes, raw_entry: bytes, rules: RoundRules) -> SlotVerd
         return v.reject(Reason.BAD_PEER_ID, e.detail)
     if not verify_signature(v.public_key, GATHER_DOMAIN + payload, signature):
         return v.reject(Reason.BAD_GATHER_SIGNATURE, "the gather entry is not signed by the slot's peer key")
-    v.accusations = claim.accusations
+    v.accusations, v.first_failed = claim.accusations, claim.first_failed
+    if claim.attempt == 0 and (claim.accusations or claim.first_failed is not None):
+        return v.reject(Reason.ACCUSES_UNPROMPTED, "its first attempt of the round already names a peer: no "
+                                                   "earlier attempt can have shown it anything")
     v.nonce_commitment, v.attempt, v.audit_fraction = claim.nonce_commitment, claim.attempt, claim.audit_fraction
     try:
         ticket = parse_ticket(claim.ticket_bytes, rules.ticket_type)
@@ -371,7 +394,10 @@ def group_verdicts(peer_ids: Sequence[bytes], gathered: Sequence[bytes], rules: 
     three or more valid members, a member whose accusations name more than half of the others is
     excluded (ACCUSES_MOST) and its accusations ignored: with an honest majority no member catches
     most of its group, and one hostile member accusing everyone would otherwise stop every round.
-    Then a peer named in the accusations of any remaining valid slot is excluded (one pass)."""
+    Then a peer named in the accusations of any remaining valid slot is excluded (one pass); the
+    sole accuser of a peer goes with it while the round can spare both (UNCORROBORATED: one word
+    against another, so that a member cannot remove others and stay itself); and the first breaker
+    of the last attempt, if any (:func:`_first_breaker`)."""
     if len(peer_ids) != len(gathered):
         raise ValueError("peer ids and gathered entries differ in length")
     if len(set(map(bytes, peer_ids))) != len(peer_ids):
@@ -395,7 +421,55 @@ def group_verdicts(peer_ids: Sequence[bytes], gathered: Sequence[bytes], rules: 
             reasons = ", ".join(sorted({r for _, r in accusers[v.peer_id]}))
             v.reject(Reason.ACCUSED, f"named earlier in this round ({reasons}) by "
                                      f"{len(v.accused_by)} member(s)")
+    by_id = {v.peer_id: v for v in verdicts}
+    sole = sorted((v.accused_by[0], v.peer_id) for v in verdicts
+                  if v.reason == Reason.ACCUSED and len(v.accused_by) == 1)
+    for accuser, accused in sole:
+        if by_id[accuser].ok and sum(u.ok for u in verdicts) - 1 >= rules.min_contributors:
+            by_id[accuser].reject(Reason.UNCORROBORATED, f"no other member backs its accusation of "
+                                                         f"{base58_encode(accused)}: one word against another")
+    _first_breaker(verdicts, valid - {v.peer_id for v in verdicts if v.reason == Reason.ACCUSES_MOST},
+                   rules.min_contributors)
     return verdicts
+
+
+# a first failure that is a finding of the member's own (it names the peer in its accusations); the
+# others (an end, a refusal, CANCELLED, another view of the group, a broken audit) an abort also causes
+_FAILURES = frozenset(r.value for r in (Reason.SENDER_FAILED, Reason.REDUCER_FAILED, Reason.GROUP_VIEW_MISMATCH,
+                                        Reason.AUDIT_FAILED))
+
+
+def _first_breaker(verdicts: list[SlotVerdict], believed: set[bytes], min_contributors: int) -> None:
+    """Leave out of the retry the member that broke the last attempt. An honest member aborts only for
+    a cause: its own finding (named in its accusations) or a groupmate's failure, which it then
+    passes on to everyone as CANCELLED, ends and refusals; so one that aborts at once in every
+    attempt would otherwise fail the round unnamed. Each member's gather names whom it saw fail first
+    (``first_failed``); a valid member named so by more than half of the other believed members
+    (those not left out as ACCUSES_MOST) broke first. Unless its own first failure is a finding
+    against a member of this group, which it accuses (the catch that started the abort), it is
+    excluded (BROKE_FIRST), and so is the peer it says failed first for it (BROKE_WITH) when the
+    round can spare both: that is one word against another (a peer that breaks only towards one
+    member makes that member look like the breaker to the rest), so neither is believed."""
+    by_id = {v.peer_id: v for v in verdicts}
+    ok = [v for v in verdicts if v.ok]
+    named: dict[bytes, int] = {}
+    for v in verdicts:
+        if v.peer_id in believed and v.first_failed is not None and bytes(v.first_failed[0]) != v.peer_id:
+            named[bytes(v.first_failed[0])] = named.get(bytes(v.first_failed[0]), 0) + 1
+    for v in ok:
+        if 2 * named.get(v.peer_id, 0) <= len(believed) - 1:
+            continue
+        cause = v.first_failed
+        if cause is not None and cause[1] not in _FAILURES and bytes(cause[0]) in by_id and \
+                any(bytes(p) == bytes(cause[0]) for p, _ in v.accusations):
+            continue
+        other = by_id.get(bytes(cause[0])) if cause is not None else None
+        v.reject(Reason.BROKE_FIRST, f"{named[v.peer_id]} of the {len(believed) - 1} other members saw it fail "
+                                     "first in their last attempt, and it names no finding of its own")
+        if other is not None and other.ok and sum(u.ok for u in verdicts) - 1 >= min_contributors:
+            other.reject(Reason.BROKE_WITH, "named by a member that broke the last attempt first as the peer that "
+                                            "failed first for it: one word against another")
+        return  # (at most one member can be named so by a majority)
 
 
 GROUP_VIEW_DOMAIN = b"grpo-swarm/v1/group-view\n"
