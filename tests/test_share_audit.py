@@ -16,7 +16,7 @@ import torch
 from hivemind.averaging.partition import TensorPartContainer
 from hivemind.compression import Float16Compression, NoCompression
 
-from grpo_swarm.node.swarm.round_report import AttemptReport, RoundResult
+from grpo_swarm.node.swarm.round_report import SELF_EXCLUDED, AttemptReport, RoundResult
 from grpo_swarm.node.swarm.share_audit import (
     PHASE_REVEAL,
     PHASE_SKETCH,
@@ -341,6 +341,21 @@ def test_reportable_leaves_out_a_reducer_that_names_a_liar():
     assert r not in RoundResult(False, 3, None, [blamed], 1.0).reportable()
     other = AttemptReport(attempt=0, accused={s: "NON_FINITE: part 0"})
     assert RoundResult(False, 3, None, [other], 1.0).reportable() == {s: "NON_FINITE: part 0"}
+
+
+def test_reportable_leaves_out_one_word_against_another():
+    """Left out for the group's first-failure pointers, or as a sole accuser: one word against another
+    (a dropped connection looks like a hang-up), never reported. A first attempt naming anyone is
+    signed evidence of its own, and is."""
+    excluded = {"a": "BROKE_FIRST: 2 of the 2 other members saw it fail first",
+                "b": "BROKE_WITH: named by a member that broke the last attempt first",
+                "c": "UNCORROBORATED: no other member backs its accusation of d",
+                "d": "ACCUSED: named earlier in this round (NON_FINITE) by 1 member(s)",
+                "e": "ACCUSES_UNPROMPTED: its first attempt of the round already names a peer"}
+    result = RoundResult(False, 3, None, [AttemptReport(attempt=1, excluded=excluded)], 1.0)
+    assert result.reportable() == {"e": excluded["e"]}
+    left_out = RoundResult(False, 3, None, [], 1.0, error=f"{SELF_EXCLUDED}: {excluded['a']}")
+    assert left_out.left_out_as_breaker and not left_out.left_out_as_stalled and not result.left_out_as_breaker
 
 
 def test_a_disputed_wrong_average_is_left_out_of_the_next_gathers():

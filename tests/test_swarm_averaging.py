@@ -1123,6 +1123,8 @@ def test_a_member_that_hangs_up_every_attempt_is_left_out_of_the_retry(swarm):
         assert set(last["weights"]) == {swarm.peer_ids[A], swarm.peer_ids[B]}, last
         assert last["excluded"][hostile].startswith("BROKE_FIRST:"), last["excluded"]
         assert hostile not in rep["reportable"], rep["reportable"]
+        print(f"\nhang-up: averaged in {rep['seconds']:.2f} s; first attempt {first['seconds']:.2f} s, saw "
+              f"{first['first_failed']} first")
     _same_bytes(swarm, r, (A, B))
     assert _max_err(swarm.tensors(r, A, "avg"), _honest_mean(r)) <= 1e-6
 

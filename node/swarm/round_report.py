@@ -140,7 +140,9 @@ class RoundResult:
         # what this member saw for itself: its own accusations, and exclusions it verified from signed
         # bytes (tickets, gathers); not exclusions for another member's accusation (ACCUSED): relayed
         # by every honest member, one hostile member's word would make the majority a ban needs
-        hearsay = tuple(r.value + ":" for r in (Reason.ACCUSED, Reason.BROKE_FIRST, Reason.BROKE_WITH))
+        # (nor one word against another: BROKE_FIRST, BROKE_WITH, UNCORROBORATED)
+        hearsay = tuple(r.value + ":" for r in (Reason.ACCUSED, Reason.BROKE_FIRST, Reason.BROKE_WITH,
+                                                Reason.UNCORROBORATED))
         out = {**{p: r for p, r in self.excluded.items() if not r.startswith(hearsay)}, **self.accused}
         for peer in [p for p, reason in out.items() if wrong in reason]:
             # the gathers signed after the accusation: from the attempt after the one where we accused
