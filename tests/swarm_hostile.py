@@ -34,6 +34,8 @@ whatever the behaviour says; the honest peers must cope:
 * ``stall_always``    — in every attempt, sends its first part and then nothing, its connection open
 * ``drip``            — in every attempt, sends its parts ``drip_gap`` apart (just under the reducers'
   sender timeout), so that its share of a reducer's work outlasts the all-reduce timeout
+* ``drip_hang_up``    — in every attempt, sends two parts ``drip_gap`` apart, then hangs up: under the
+  two sender timeouts after which a sender that hung up is named for the time it held a share up
 * ``drip_average`` — sends honest parts, but as a reducer returns each average 0.8 reducer timeouts
   after the last, so that the others' results from it outlast the all-reduce timeout
 * ``hang_up``         — in every attempt, aborts as the all-reduce begins (CANCELLED to every stream), as
@@ -175,8 +177,16 @@ class HostileRunner(VerifiedAllReduceRunner):
     async def _generate_input_for_peer(self, peer_index: int):
         parts = list(self.tensor_part_container._input_parts_by_peer[peer_index])
         self.tensor_part_container._inputs_consumed_by_peer[peer_index] = True
-        if self.behaviour == "hang_up":  # gives up at once, as an honest member whose groupmate aborted does
-            self.abort("hung up")
+        if self.behaviour == "hang_up":  # gives up at once on everyone, as an honest member passing an abort on
+            # does (aborting at the first stream would cancel the others before they open: hanging up on
+            # one member only, which in a group of three costs that member the round)
+            self._hanging_up = getattr(self, "_hanging_up", set()) | {peer_index}
+            remote = {i for i, p in enumerate(self.ordered_peer_ids)
+                      if p != self.peer_id and self.tensor_part_container.num_parts_by_peer[i]}
+            if self._hanging_up >= remote:
+                self.abort("hung up")
+            while not self.aborted:
+                await asyncio.sleep(0.005)
             return
         weight = 1e6 if self.behaviour == "claimed_weight" else self.weight
         for i, (part, info) in enumerate(parts):
@@ -195,6 +205,11 @@ class HostileRunner(VerifiedAllReduceRunner):
                 await asyncio.sleep(3600)
             elif self.behaviour == "drip":
                 await asyncio.sleep(self.drip_gap)
+            elif self.behaviour == "drip_hang_up":  # hangs up before its parts held anyone up two sender timeouts
+                await asyncio.sleep(self.drip_gap)
+                if i == 1:
+                    self.abort("hung up")
+                    return
 
 
 class HostileAverager(VerifiedAverager):

@@ -445,7 +445,7 @@ def _first_breaker(verdicts: list[SlotVerdict], believed: set[bytes], min_contri
     passes on to everyone as CANCELLED, ends and refusals; so one that aborts at once in every
     attempt would otherwise fail the round unnamed. Each member's gather names whom it saw fail first
     (``first_failed``); a valid member named so by more than half of the other believed members
-    (those not left out as ACCUSES_MOST) broke first. Unless its own first failure is a finding
+    (those not left out as ACCUSES_MOST), and by at least two, broke first. Unless its own first failure is a finding
     against a member of this group, which it accuses (the catch that started the abort), it is
     excluded (BROKE_FIRST), and so is the peer it says failed first for it (BROKE_WITH) when the
     round can spare both: that is one word against another (a peer that breaks only towards one
@@ -457,7 +457,8 @@ def _first_breaker(verdicts: list[SlotVerdict], believed: set[bytes], min_contri
         if v.peer_id in believed and v.first_failed is not None and bytes(v.first_failed[0]) != v.peer_id:
             named[bytes(v.first_failed[0])] = named.get(bytes(v.first_failed[0]), 0) + 1
     for v in ok:
-        if 2 * named.get(v.peer_id, 0) <= len(believed) - 1:
+        n = named.get(v.peer_id, 0)
+        if n < 2 or 2 * n <= len(believed) - 1:  # (one member's word alone is one word against another)
             continue
         cause = v.first_failed
         if cause is not None and cause[1] not in _FAILURES and bytes(cause[0]) in by_id and \
