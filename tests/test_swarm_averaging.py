@@ -21,6 +21,9 @@ the group agrees on one (the largest a contributor signed for):
   does not report the reducer;
 * members that stall every attempt, drip their parts, or (as reducers) drip their averages: named
   STALLED first-hand and left out of the retry;
+* members that hang up at once in every attempt, or drip two parts and then hang up: the others saw
+  them fail first (BROKE_FIRST) and leave them out of the retry; a member that breaks its first
+  attempt and then accuses one groupmate, or both, of what it never saw;
 * the last round: the hostile peer stalls mid-round and is SIGKILLed; the others fail the round
   cleanly, within the averaging timeout.
 
@@ -988,8 +991,8 @@ def test_one_members_accusation_is_not_relayed_to_the_coordinator(swarm):
 
 
 def test_a_member_accusing_most_of_its_group_is_left_out_instead(swarm):
-    """H breaks its first attempt, then its gather accuses both other members. Believed, it would leave every honest member out of
-    every round; with an honest majority no member catches most of its group at once, so H is left
+    """H breaks its first attempt, then its gather accuses both other members. Believed, it would
+    leave every honest member out of every round; with an honest majority no member catches most of its group at once, so H is left
     out instead (ACCUSES_MOST), A and B average, and each reports H: the signed accusation list is
     evidence each of them checked itself."""
     r, hostile = ACCUSE_ALL_ROUND, swarm.peer_ids[H]

@@ -17,10 +17,11 @@ every reducer's average (:mod:`.share_audit`); ``audit_fraction`` the share of r
 wants that audit to read (the group reads the largest fraction its contributors ask for, so nobody
 can lower it for the others). ``first_failed`` names the peer this member saw fail first in its
 previous attempt of the round, and how (see :func:`group_verdicts`: a member most of its group saw
-break an attempt first, with no finding of its own to show for it, is left out of the retry). The signature is checked against the public key
-inside the slot's libp2p peer id (Ed25519 peer ids embed the key), so a leader cannot alter or
-swap entries without the slot failing. Nothing a peer sends is unpickled: msgpack of bytes, ints,
-floats and strings only, with size limits and no extension types.
+break an attempt first, with no finding of its own to show for it, is left out of the retry). The
+signature is checked against the public key inside the slot's libp2p peer id (Ed25519 peer ids
+embed the key), so a leader cannot alter or swap entries without the slot failing. Nothing a peer
+sends is unpickled: msgpack of bytes, ints, floats and strings only, with size limits and no
+extension types.
 
 :func:`group_verdicts` turns a group's ``(peer ids, gathered entries)`` into one
 :class:`SlotVerdict` per slot. It depends only on the gathered bytes and this round's settings
@@ -212,7 +213,8 @@ def encode_gather(identity: Identity, claim: GatherClaim) -> bytes:
     if len(claim.accusations) > MAX_ACCUSATIONS:
         raise ValueError(f"at most {MAX_ACCUSATIONS} accusations per entry")
     accusations = sorted([bytes(p), str(r)[:MAX_REASON_CHARS]] for p, r in claim.accusations)
-    first = [] if claim.first_failed is None else [bytes(claim.first_failed[0]), str(claim.first_failed[1])[:MAX_REASON_CHARS]]
+    first = [] if claim.first_failed is None else [bytes(claim.first_failed[0]),
+                                                   str(claim.first_failed[1])[:MAX_REASON_CHARS]]
     payload = msgpack.packb([GATHER_VERSION, bytes(claim.ticket_bytes), int(claim.round_index), int(claim.attempt),
                              float(claim.committed_norm), accusations, bytes(claim.nonce_commitment),
                              float(claim.audit_fraction), first],
