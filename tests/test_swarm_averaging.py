@@ -939,6 +939,7 @@ def test_a_member_signing_two_sketches_frames_nobody(swarm):
             assert _max_err(swarm.tensors(r, p, "avg"), expected) <= 1e-6
     assert caught, "no honest member caught the equivocator"
     print(f"\nequivocation: caught as {caught}; ok: {[reports[p]['ok'] for p in (A, B)]}")
+    print(_who_saw_what(swarm, [reports[A], reports[B], swarm.report(r, H)]))
 
 
 def test_members_shown_different_groups_blame_nobody_and_retry(swarm):
