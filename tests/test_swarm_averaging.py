@@ -327,6 +327,9 @@ def test_verdicts_leave_out_the_member_that_broke_the_last_attempt_first(keys):
     stray = _slot(ids[2], encode_gather(ids[2], GatherClaim(make_ticket(coordinator, ids[3].public_key_bytes, 4, 6),
                                                            4, 1, 1.0)))
     assert verdicts([slot(0), slot(1, (0, cancelled)), stray], 1) == ["ok", "ok", "TICKET_OF_ANOTHER_NODE"]
+    # a member that answered BAD_GROUP_ID was not running the group: that names nobody
+    absent = [slot(0, (1, cancelled))] + [slot(i, (0, "NOT_IN_GROUP")) for i in range(1, 5)]
+    assert verdicts(absent, 3) == ["ok"] * 5
     # two of four others is no majority; nor is a pointer from a member accusing most of its group
     assert verdicts([slot(0), slot(1, (0, cancelled)), slot(2, (0, cancelled)), slot(3), slot(4)], 3) == ["ok"] * 5
     most = slot(1, (0, cancelled), [(2, "NON_FINITE"), (3, "NON_FINITE")])  # 2 of 3: not believed

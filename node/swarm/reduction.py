@@ -85,6 +85,12 @@ from .wire import WireAveragingData, WireTensor
 
 ABORT_GRACE_S = 0.5  # at most: a quarter of the gap between the sender and reducer timeouts
 
+
+class NotInGroup(AllreduceException):
+    """A reducer answered BAD_GROUP_ID: it is not running this group. An honest member does so when
+    the leader counted it in after its own matchmaking had given up on the group (seen under load),
+    so this names nobody as the attempt's breaker (a hostile reducer can answer so too: left open)."""
+
 async def in_thread_to_the_end(fn, *args):
     """``fn(*args)`` in the default executor. If the caller is cancelled meanwhile, it still waits for
     ``fn`` to return before re-raising: averages are decoded into the output buffers, which the next
@@ -811,6 +817,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                 if msg.code != averaging_pb2.AVERAGED_PART and msg.malformed is None:
                     name = averaging_pb2.MessageCode.Name(msg.code) if msg.code in averaging_pb2.MessageCode.values() \
                         else str(msg.code)
+                    if msg.code == averaging_pb2.BAD_GROUP_ID:  # not running this group: see NotInGroup
+                        raise NotInGroup(f"answered {name}")
                     raise AllreduceException(f"answered {name}")
                 self.bytes_received += 0 if msg.tensor_part is None else len(msg.tensor_part.buffer)
                 tensor = await in_thread_to_the_end(self._decode_output, peer_index, part_index, msg)
@@ -830,6 +838,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             self.accuse(peer_id, e.reason, f"{e.detail} (as a reducer)")
         except asyncio.CancelledError:
             raise
+        except NotInGroup as e:
+            self.fail(peer_id, Reason.NOT_IN_GROUP, str(e))
         except asyncio.TimeoutError:
             self.stalled_on(peer_id, Reason.REDUCER_FAILED, f"returned {part_index} of {expected} averages, then "
                                                             f"nothing for {self.reducer_timeout} s")

@@ -117,6 +117,9 @@ class Reason(str, Enum):
     # their order, their gather entries): the leader showed us different groups (no member is to blame)
     SENDER_FAILED = "SENDER_FAILED"  # stopped, timed out or disconnected while sending
     REDUCER_FAILED = "REDUCER_FAILED"  # did not return its share (error code, timeout, disconnect)
+    NOT_IN_GROUP = "NOT_IN_GROUP"  # a reducer answered BAD_GROUP_ID: it is not running this group (a failure
+    # that names nobody as the attempt's breaker: an honest member's matchmaking can give up on a group its
+    # leader still counts it in)
     STALLED = "STALLED"  # a failure seen first-hand as silence: a wait on it timed out while the attempt was
     # live (not an end, refusal or CANCELLED, which another member's abort also causes). Named in the next
     # gather, so that a member stalling every attempt cannot fail the round; never reported (a dropped link)
@@ -438,7 +441,7 @@ def group_verdicts(peer_ids: Sequence[bytes], gathered: Sequence[bytes], rules: 
 # a first failure that is a finding of the member's own (it names the peer in its accusations); the
 # others (an end, a refusal, CANCELLED, another view of the group, a broken audit) an abort also causes
 _FAILURES = frozenset(r.value for r in (Reason.SENDER_FAILED, Reason.REDUCER_FAILED, Reason.GROUP_VIEW_MISMATCH,
-                                        Reason.AUDIT_FAILED))
+                                        Reason.AUDIT_FAILED, Reason.NOT_IN_GROUP))
 
 
 def _first_breaker(verdicts: list[SlotVerdict], believed: set[bytes], min_contributors: int) -> None:
@@ -456,7 +459,8 @@ def _first_breaker(verdicts: list[SlotVerdict], believed: set[bytes], min_contri
     ok = [v for v in verdicts if v.ok]
     named: dict[bytes, int] = {}
     for v in verdicts:
-        if v.peer_id in believed and v.first_failed is not None and bytes(v.first_failed[0]) != v.peer_id:
+        if v.peer_id in believed and v.first_failed is not None and bytes(v.first_failed[0]) != v.peer_id \
+                and v.first_failed[1] != Reason.NOT_IN_GROUP.value:
             named[bytes(v.first_failed[0])] = named.get(bytes(v.first_failed[0]), 0) + 1
     for v in ok:
         n = named.get(v.peer_id, 0)
