@@ -302,7 +302,6 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         self._audit_stores: dict[tuple[bytes, int], AuditStore] = {}  # (group, phase) -> entries held
         self._background_calls: set = set()
         self._rules: RoundRules | None = None  # the current round's rules, in the background process
-        self._round_min_contributors = min_contributors
         self._finished_groups: dict[bytes, None] = {}  # recently left group ids (insertion-ordered)
         self._round_lock = threading.Lock()
         super().__init__(
@@ -604,7 +603,6 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             target, min_size = group_size, min(max(self.min_group_size, group_size // 2 + 1), group_size)
         self._matchmaking.target_group_size = self._matchmaking.potential_leaders.target_group_size = target
         self._matchmaking.min_group_size = min_size
-        self._round_min_contributors = self._min_contributors(group_size)
 
     def verdicts(self, group_info: GroupInfo, rules: RoundRules) -> list[SlotVerdict]:
         return group_verdicts([p.to_bytes() for p in group_info.peer_ids], group_info.gathered, rules)
@@ -660,8 +658,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         mine = plan.verdict(self.peer_id)
         if not mine.ok:
             report.error = f"{SELF_EXCLUDED}: {mine.reason.value}: {mine.detail}"
-        elif len(plan.contributors) < self._round_min_contributors:
-            report.error = f"only {len(plan.contributors)} valid member(s), need {self._round_min_contributors}"
+        elif len(plan.contributors) < self._rules.min_contributors:
+            report.error = f"only {len(plan.contributors)} valid member(s), need {self._rules.min_contributors}"
         elif plan.reducers == 0:
             report.error = "no valid member can reduce (all are in client mode)"
         if report.error is not None:
