@@ -41,6 +41,9 @@ whatever the behaviour says; the honest peers must cope:
 * ``hang_up``         — in every attempt, aborts as the all-reduce begins (CANCELLED to every stream), as
   an honest member does when a groupmate's abort reaches it; its later gathers say ``accuse_target``
   failed first for it
+* ``not_in_group``    — in every attempt, answers BAD_GROUP_ID to every stream of the group and sends
+  nothing (as a member does that the leader counted in after its own matchmaking gave up on the
+  group), then drops the attempt without a word; it names nobody in its later gathers
 * ``lost_cancel``     — a runtime fault, not an attack: the cancel of its search in this round is
   lost once, as Python 3.11's ``asyncio.wait_for`` loses one that arrives with the awaited result,
   and the search then runs on until it finds a leader (``lost_cancel_marker`` written when it was
@@ -62,6 +65,7 @@ import math
 import os
 import signal
 from pathlib import Path
+from typing import AsyncIterator  # typing's: hivemind's handler registry reads its _name
 
 import numpy as np
 import torch
@@ -89,6 +93,7 @@ NORM_LIE_FACTOR = 3.0  # per-value magnitudes stay plausible: only the norm chec
 OVER_BOUND_FACTOR = 1e5
 WRONG_AVERAGE_SHIFT = 0.03  # x mean |value|, alternating sign: ~2-3 % of the share's norm
 BREAKS_ITS_FIRST_ATTEMPT = {"false_accusation", "accuse_all"}  # so that their later accusations can follow a failure
+NOT_IN_GROUP_S = 1.0  # how long a ``not_in_group`` runner waits before it drops its attempt
 SKIPS_CHECKS = {"forged_ticket", "other_round_ticket", "other_node_ticket", "over_bound"}
 
 
@@ -173,6 +178,13 @@ class HostileRunner(VerifiedAllReduceRunner):
             shift[1::2] = -1
             averaged = averaged + WRONG_AVERAGE_SHIFT * averaged.abs().mean() * shift
         return await super()._serialized_result(part_index, averaged)
+
+    async def _communicate_with_peer(self, peer_id):
+        if self.behaviour == "not_in_group":  # opens no stream (it is not running the group, it says)
+            await asyncio.sleep(NOT_IN_GROUP_S)
+            self.abort("not in the group")  # nothing open: nobody hears of it
+            return
+        await super()._communicate_with_peer(peer_id)
 
     async def _generate_input_for_peer(self, peer_index: int):
         parts = list(self.tensor_part_container._input_parts_by_peer[peer_index])
@@ -320,6 +332,15 @@ class HostileAverager(VerifiedAverager):
             entries = [framing if e == honest else e for e in response.entries]
             response = pb.ShareAuditExchange(group_id=request.group_id, phase=request.phase, entries=entries)
         return response
+
+    async def rpc_aggregate_part(self, stream: AsyncIterator[WireAveragingData], context: P2PContext
+                                 ) -> AsyncIterator[WireAveragingData]:
+        if self._rules is not None and self.behaviour(self._rules.round_index) == "not_in_group":
+            await stream.__anext__()
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+        async for message in super().rpc_aggregate_part(stream, context):
+            yield message
 
     async def _aggregate_with_group(self, group_info, min_vector_size, **kwargs):
         own = group_info.gathered[group_info.peer_ids.index(self.peer_id)]

@@ -24,6 +24,8 @@ the group agrees on one (the largest a contributor signed for):
 * members that hang up at once in every attempt, or drip two parts and then hang up: the others saw
   them fail first (BROKE_FIRST) and leave them out of the retry; a member that breaks its first
   attempt and then accuses one groupmate, or both, of what it never saw;
+* a member that answers BAD_GROUP_ID to every stream (as one not running the group): named by nobody
+  once, then NOT_IN_GROUP_AGAIN, and left out of the third attempt;
 * the last round: the hostile peer stalls mid-round and is SIGKILLed; the others fail the round
   cleanly, within the averaging timeout.
 
@@ -69,6 +71,7 @@ from grpo_swarm.node.swarm.tickets import (
     TicketClaims,
     encode_gather,
     group_verdicts,
+    next_first_failed,
     parse_ticket,
     weight_mode_for_loss,
 )
@@ -172,6 +175,8 @@ DRIP_HANG_UP_ROUND = _small("small_drip", "drip_hang_up", max_attempts=TIMING["m
 DRIP_AVERAGE_ROUND = _small("small_drip", "drip_average", max_attempts=TIMING["max_attempts"])
 # ... and one that aborts as each attempt's all-reduce begins, as if another member's abort had reached it
 HANG_UP_ROUND = _small("small_none", "hang_up", max_attempts=TIMING["max_attempts"])
+# ... and one that answers BAD_GROUP_ID to every stream and sends nothing, as if not running the group
+NOT_IN_GROUP_ROUND = _small("small_none", "not_in_group", max_attempts=TIMING["max_attempts"])
 KILL_ROUND = _small("small_none", "stall", max_attempts=1)
 HOSTILE_ONE_ATTEMPT = {r for r, _ in EXCLUDED_ROUNDS.values()}
 
@@ -330,6 +335,12 @@ def test_verdicts_leave_out_the_member_that_broke_the_last_attempt_first(keys):
     # a member that answered BAD_GROUP_ID was not running the group: that names nobody
     absent = [slot(0, (1, cancelled))] + [slot(i, (0, "NOT_IN_GROUP")) for i in range(1, 5)]
     assert verdicts(absent, 3) == ["ok"] * 5
+    # ... once: a member naming it so for the second attempt in a row does (next_first_failed)
+    again = [slot(0, (1, cancelled))] + [slot(i, (0, "NOT_IN_GROUP_AGAIN")) for i in range(1, 5)]
+    assert verdicts(again, 3) == ["BROKE_FIRST", "BROKE_WITH", "ok", "ok", "ok"]
+    assert verdicts([slot(0), slot(1, (0, "NOT_IN_GROUP_AGAIN")), slot(2, (0, "NOT_IN_GROUP_AGAIN"))], 2) == \
+        ["BROKE_FIRST", "ok", "ok"]
+    assert verdicts([slot(0), slot(1, (0, "NOT_IN_GROUP_AGAIN")), slot(2, (0, "NOT_IN_GROUP"))], 2) == ["ok"] * 3
     # two of four others is no majority; nor is a pointer from a member accusing most of its group
     assert verdicts([slot(0), slot(1, (0, cancelled)), slot(2, (0, cancelled)), slot(3), slot(4)], 3) == ["ok"] * 5
     most = slot(1, (0, cancelled), [(2, "NON_FINITE"), (3, "NON_FINITE")])  # 2 of 3: not believed
@@ -339,6 +350,20 @@ def test_verdicts_leave_out_the_member_that_broke_the_last_attempt_first(keys):
     assert claim.first_failed == (ids[0].peer_id, cancelled)
     bad = _slot(ids[0], _malformed_first_failed(ids[0], coordinator))[1]
     assert group_verdicts([ids[0].peer_id], [bad], _rules(coordinator))[0].reason == Reason.MALFORMED_GATHER
+
+
+def test_a_reducer_refusing_two_attempts_in_a_row_is_named_again():
+    """The pointer of a member's next gather: a BAD_GROUP_ID from the same reducer first in two
+    attempts in a row becomes NOT_IN_GROUP_AGAIN (which counts); anything between resets it."""
+    h, a = b"\x01" * 38, b"\x02" * 38
+    refused, again = (h, "NOT_IN_GROUP"), (h, "NOT_IN_GROUP_AGAIN")
+    assert next_first_failed(None, refused) == refused
+    assert next_first_failed(refused, refused) == again
+    assert next_first_failed(again, refused) == again
+    assert next_first_failed(refused, (a, "NOT_IN_GROUP")) == (a, "NOT_IN_GROUP")  # another reducer
+    assert next_first_failed((h, "REDUCER_FAILED"), refused) == refused
+    assert next_first_failed(refused, (h, "REDUCER_FAILED")) == (h, "REDUCER_FAILED")
+    assert next_first_failed(refused, None) is None
 
 
 def _malformed_first_failed(who: Identity, coordinator: Identity) -> bytes:
@@ -1167,6 +1192,32 @@ def test_a_member_that_drips_and_hangs_up_every_attempt_is_left_out_of_the_retry
         assert first["seconds"] > 2 * TIMING["sender_timeout"] * 0.6 and not first["stalled"], first
         assert set(last["weights"]) == {swarm.peer_ids[A], swarm.peer_ids[B]}, last
         assert last["excluded"][hostile].startswith("BROKE_FIRST:"), last["excluded"]
+    _same_bytes(swarm, r, (A, B))
+    assert _max_err(swarm.tensors(r, A, "avg"), _honest_mean(r)) <= 1e-6
+
+
+def test_a_member_that_answers_not_in_group_every_attempt_is_left_out_of_the_third(swarm):
+    """H holds a valid ticket and answers BAD_GROUP_ID to every stream, every attempt, sending nothing:
+    what an honest member does once the leader counted it in after its own matchmaking gave up on
+    the group. Such a member runs the retry, so one refusal names nobody; but both A and B saw H
+    refuse first in two attempts in a row (NOT_IN_GROUP, then NOT_IN_GROUP_AGAIN), so the third
+    attempt leaves H out (BROKE_FIRST) and A and B average. Before, every attempt failed unnamed."""
+    r, hostile = NOT_IN_GROUP_ROUND, swarm.peer_ids[H]
+    a, b, h = (swarm.report(r, p) for p in (A, B, H))
+    assert a["ok"] and b["ok"], _who_saw_what(swarm, (a, b, h))
+    assert not h["ok"] and Reason.BROKE_FIRST.value in h["error"], h["error"]
+    for rep in (a, b):
+        assert len(rep["attempts"]) == 3, _who_saw_what(swarm, (a, b, h))
+        first, second, last = rep["attempts"]
+        assert first["first_failed"] == f"{hostile}: NOT_IN_GROUP", first
+        assert second["first_failed"] == f"{hostile}: NOT_IN_GROUP", second
+        assert hostile in second["weights"], second  # the first refusal named nobody
+        assert not first["accused"] and not second["accused"], (first, second)
+        assert set(last["weights"]) == {swarm.peer_ids[A], swarm.peer_ids[B]}, last
+        assert last["excluded"][hostile].startswith("BROKE_FIRST:"), last["excluded"]
+        assert hostile not in rep["reportable"], rep["reportable"]
+        seconds = ", ".join(f"{x['seconds']:.2f}" for x in rep["attempts"])
+        print(f"\nnot in group: averaged in {rep['seconds']:.2f} s; attempts {seconds} s")
     _same_bytes(swarm, r, (A, B))
     assert _max_err(swarm.tensors(r, A, "avg"), _honest_mean(r)) <= 1e-6
 

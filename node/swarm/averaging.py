@@ -112,6 +112,7 @@ from .tickets import (
     group_view,
     group_verdicts,
     is_valid_public_key,
+    next_first_failed,
 )
 from .wire import WireAveragingData
 
@@ -487,7 +488,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                                     dst.copy_(b)
                     return RoundResult(True, round_index, averaged, attempts, time.monotonic() - started)
                 accusations = accusation_list([*accusations, *report.accused_pairs()])
-                first_failed = report.first_failed_pair()
+                first_failed = next_first_failed(first_failed, report.first_failed_pair())
                 withdrawn = {base58_decode(p) for p in withdrawn_wrong_averages(attempts, self.peer_id.to_base58())}
                 accusations = tuple((p, r) for p, r in accusations
                                     if not (p in withdrawn and r == Reason.WRONG_AVERAGE.value))

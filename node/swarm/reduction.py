@@ -89,7 +89,8 @@ ABORT_GRACE_S = 0.5  # at most: a quarter of the gap between the sender and redu
 class NotInGroup(AllreduceException):
     """A reducer answered BAD_GROUP_ID: it is not running this group. An honest member does so when
     the leader counted it in after its own matchmaking had given up on the group (seen under load),
-    so this names nobody as the attempt's breaker (a hostile reducer can answer so too: left open)."""
+    so once this names nobody as the attempt's breaker; twice in a row it does
+    (:func:`.tickets.next_first_failed`)."""
 
 async def in_thread_to_the_end(fn, *args):
     """``fn(*args)`` in the default executor. If the caller is cancelled meanwhile, it still waits for

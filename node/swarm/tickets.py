@@ -117,9 +117,11 @@ class Reason(str, Enum):
     # their order, their gather entries): the leader showed us different groups (no member is to blame)
     SENDER_FAILED = "SENDER_FAILED"  # stopped, timed out or disconnected while sending
     REDUCER_FAILED = "REDUCER_FAILED"  # did not return its share (error code, timeout, disconnect)
-    NOT_IN_GROUP = "NOT_IN_GROUP"  # a reducer answered BAD_GROUP_ID: it is not running this group (a failure
-    # that names nobody as the attempt's breaker: an honest member's matchmaking can give up on a group its
-    # leader still counts it in)
+    NOT_IN_GROUP = "NOT_IN_GROUP"  # a reducer answered BAD_GROUP_ID: it is not running this group. Once names
+    # nobody as the attempt's breaker (an honest member's matchmaking can give up on a group its leader still
+    # counts in; it then runs the retry) ...
+    NOT_IN_GROUP_AGAIN = "NOT_IN_GROUP_AGAIN"  # ... but the same reducer answering so in this member's previous
+    # attempt too is no such race: a pointer with this reason counts (see next_first_failed)
     STALLED = "STALLED"  # a failure seen first-hand as silence: a wait on it timed out while the attempt was
     # live (not an end, refusal or CANCELLED, which another member's abort also causes). Named in the next
     # gather, so that a member stalling every attempt cannot fail the round; never reported (a dropped link)
@@ -441,7 +443,22 @@ def group_verdicts(peer_ids: Sequence[bytes], gathered: Sequence[bytes], rules: 
 # a first failure that is a finding of the member's own (it names the peer in its accusations); the
 # others (an end, a refusal, CANCELLED, another view of the group, a broken audit) an abort also causes
 _FAILURES = frozenset(r.value for r in (Reason.SENDER_FAILED, Reason.REDUCER_FAILED, Reason.GROUP_VIEW_MISMATCH,
-                                        Reason.AUDIT_FAILED, Reason.NOT_IN_GROUP))
+                                        Reason.AUDIT_FAILED, Reason.NOT_IN_GROUP, Reason.NOT_IN_GROUP_AGAIN))
+
+
+def next_first_failed(previous: tuple[bytes, str] | None, seen: tuple[bytes, str] | None
+                      ) -> tuple[bytes, str] | None:
+    """The ``first_failed`` pointer of a member's next gather: ``seen``, the first failure of the attempt
+    just made, except that a reducer that answered BAD_GROUP_ID first in this attempt and in the one
+    before (``previous``, the pointer this attempt's gather carried) is named NOT_IN_GROUP_AGAIN. One
+    BAD_GROUP_ID names nobody: an honest member whose matchmaking gave up on a group its leader still
+    counted in answers so, and runs the retry. Refusing two attempts in a row is no such race, and a
+    ticket holder refusing every attempt would otherwise fail the round unnamed."""
+    if seen is not None and seen[1] == Reason.NOT_IN_GROUP.value and previous is not None and \
+            bytes(previous[0]) == bytes(seen[0]) and \
+            previous[1] in (Reason.NOT_IN_GROUP.value, Reason.NOT_IN_GROUP_AGAIN.value):
+        return bytes(seen[0]), Reason.NOT_IN_GROUP_AGAIN.value
+    return seen
 
 
 def _first_breaker(verdicts: list[SlotVerdict], believed: set[bytes], min_contributors: int) -> None:
@@ -450,7 +467,8 @@ def _first_breaker(verdicts: list[SlotVerdict], believed: set[bytes], min_contri
     passes on to everyone as CANCELLED, ends and refusals; so one that aborts at once in every
     attempt would otherwise fail the round unnamed. Each member's gather names whom it saw fail first
     (``first_failed``); a valid member named so by more than half of the other believed members
-    (those not left out as ACCUSES_MOST), and by at least two, broke first. Unless its own first failure is a finding
+    (those not left out as ACCUSES_MOST), and by at least two, broke first (a first BAD_GROUP_ID,
+    NOT_IN_GROUP, names nobody: see :func:`next_first_failed`). Unless its own first failure is a finding
     against a member of this group, which it accuses (the catch that started the abort), it is
     excluded (BROKE_FIRST), and so is the peer it says failed first for it (BROKE_WITH) when the
     round can spare both: that is one word against another (a peer that breaks only towards one
