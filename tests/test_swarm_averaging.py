@@ -352,9 +352,10 @@ def test_verdicts_leave_out_the_member_that_broke_the_last_attempt_first(keys):
     assert group_verdicts([ids[0].peer_id], [bad], _rules(coordinator))[0].reason == Reason.MALFORMED_GATHER
 
 
-def test_a_reducer_refusing_two_attempts_in_a_row_is_named_again():
+def test_the_next_gathers_pointer_names_a_reducer_refusing_twice_and_outlasts_an_empty_attempt():
     """The pointer of a member's next gather: a BAD_GROUP_ID from the same reducer first in two
-    attempts in a row becomes NOT_IN_GROUP_AGAIN (which counts); anything between resets it."""
+    attempts in a row becomes NOT_IN_GROUP_AGAIN (which counts); another first failure between
+    resets it, an attempt that saw none keeps the last pointer."""
     h, a = b"\x01" * 38, b"\x02" * 38
     refused, again = (h, "NOT_IN_GROUP"), (h, "NOT_IN_GROUP_AGAIN")
     assert next_first_failed(None, refused) == refused
@@ -363,7 +364,10 @@ def test_a_reducer_refusing_two_attempts_in_a_row_is_named_again():
     assert next_first_failed(refused, (a, "NOT_IN_GROUP")) == (a, "NOT_IN_GROUP")  # another reducer
     assert next_first_failed((h, "REDUCER_FAILED"), refused) == refused
     assert next_first_failed(refused, (h, "REDUCER_FAILED")) == (h, "REDUCER_FAILED")
-    assert next_first_failed(refused, None) is None
+    # an attempt in which it saw nobody fail (no group, a group refused) keeps the last pointer
+    assert next_first_failed(refused, None) == refused
+    assert next_first_failed((h, "REDUCER_FAILED"), None) == (h, "REDUCER_FAILED")
+    assert next_first_failed(None, None) is None
 
 
 def _malformed_first_failed(who: Identity, coordinator: Identity) -> bytes:

@@ -264,6 +264,12 @@ def gather_round(raw: bytes) -> int | None:
         return None
 
 
+def pointer_counts(reason: str) -> bool:
+    """Whether a ``first_failed`` pointer with this reason counts towards naming a breaker: all but a
+    first BAD_GROUP_ID (NOT_IN_GROUP; see :func:`next_first_failed`)."""
+    return reason != Reason.NOT_IN_GROUP.value
+
+
 def decode_gather(entry: bytes) -> tuple[bytes, bytes, GatherClaim]:
     """(payload, signature, claim) of a signed entry; ValueError if it is malformed (not checked: the signature)."""
     top = strict_unpack(entry, MAX_ENTRY_BYTES)
@@ -449,12 +455,17 @@ _FAILURES = frozenset(r.value for r in (Reason.SENDER_FAILED, Reason.REDUCER_FAI
 def next_first_failed(previous: tuple[bytes, str] | None, seen: tuple[bytes, str] | None
                       ) -> tuple[bytes, str] | None:
     """The ``first_failed`` pointer of a member's next gather: ``seen``, the first failure of the attempt
-    just made, except that a reducer that answered BAD_GROUP_ID first in this attempt and in the one
-    before (``previous``, the pointer this attempt's gather carried) is named NOT_IN_GROUP_AGAIN. One
-    BAD_GROUP_ID names nobody: an honest member whose matchmaking gave up on a group its leader still
-    counted in answers so, and runs the retry. Refusing two attempts in a row is no such race, and a
-    ticket holder refusing every attempt would otherwise fail the round unnamed."""
-    if seen is not None and seen[1] == Reason.NOT_IN_GROUP.value and previous is not None and \
+    just made, or, where it saw none (no group found, a group refused for too few valid members),
+    ``previous``, the pointer this attempt's gather carried: a breaker back first for the retry could
+    otherwise lead a group too small to leave it out, and the pointers against it would be gone by
+    the attempt after. A reducer that answered BAD_GROUP_ID first here and in the attempt the
+    pointer came from is named NOT_IN_GROUP_AGAIN. One BAD_GROUP_ID names nobody: an honest member
+    whose matchmaking gave up on a group its leader still counted in answers so, and runs the retry.
+    Refusing two attempts in a row is no such race, and a ticket holder refusing every attempt
+    would otherwise fail the round unnamed."""
+    if seen is None:
+        return previous
+    if seen[1] == Reason.NOT_IN_GROUP.value and previous is not None and \
             bytes(previous[0]) == bytes(seen[0]) and \
             previous[1] in (Reason.NOT_IN_GROUP.value, Reason.NOT_IN_GROUP_AGAIN.value):
         return bytes(seen[0]), Reason.NOT_IN_GROUP_AGAIN.value
@@ -478,7 +489,7 @@ def _first_breaker(verdicts: list[SlotVerdict], believed: set[bytes], min_contri
     named: dict[bytes, int] = {}
     for v in verdicts:
         if v.peer_id in believed and v.first_failed is not None and bytes(v.first_failed[0]) != v.peer_id \
-                and v.first_failed[1] != Reason.NOT_IN_GROUP.value:
+                and pointer_counts(v.first_failed[1]):
             named[bytes(v.first_failed[0])] = named.get(bytes(v.first_failed[0]), 0) + 1
     for v in ok:
         n = named.get(v.peer_id, 0)
