@@ -31,6 +31,10 @@ averaging (node/swarm/liveness.py). Adds ``restart``: the round it restarted in,
 (``restart_s``, the round's ``restart`` phase), whether that round was still averaged by all, and
 whether every later round was; the exit code then says whether the node came back (restarted, and
 every later round averaged by all), ``ok`` still whether every measured round was averaged.
+
+A node that lost a round (the kill's, or one it skipped to catch up) needs one more to take part in
+``--rounds``, which no peer joins once the others are done: ``LAST_NODE_GRACE_S`` after the first
+node finished, the rest are stopped as Ctrl-C stops them (``stopped`` lists them).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import shutil
 import statistics
 import sys
@@ -83,6 +88,9 @@ matchmaking_timeout_s = 30.0
 averaging_timeout_s = 120.0
 round_timeout_s = 900.0
 """
+
+
+LAST_NODE_GRACE_S = 30.0  # after the first node finished: time for the others to finish their last round
 
 
 def log(msg: str) -> None:
@@ -211,9 +219,20 @@ def main(argv=None) -> int:
             procs = [swarm.start_node(i, rounds=args.rounds) for i in range(args.nodes)]
             deadline = time.monotonic() + args.timeout
             kill_after = args.kill_averager
+            first_done: float | None = None
             while any(p.poll() is None for p in procs):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the nodes did not finish within {args.timeout:.0f} s (logs in {work})")
+                if first_done is None and any(p.poll() is not None for p in procs):
+                    first_done = time.monotonic()
+                if first_done is not None and time.monotonic() > first_done + LAST_NODE_GRACE_S:
+                    extra["stopped"] = [i for i, p in enumerate(procs) if p.poll() is None]
+                    log(f"stopping nodes {extra['stopped']}: the others finished {LAST_NODE_GRACE_S:.0f} s ago")
+                    for i in extra["stopped"]:
+                        procs[i].send_signal(signal.SIGINT)
+                    for i in extra["stopped"]:
+                        procs[i].wait(timeout=60)
+                    break
                 if kill_after is not None and len(swarm.records(0)) >= kill_after:
                     victims = averager_processes(procs[0])
                     for v in victims:
