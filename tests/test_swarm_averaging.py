@@ -1030,9 +1030,9 @@ def test_one_members_accusation_is_not_relayed_to_the_coordinator(swarm):
 
 def test_a_member_accusing_most_of_its_group_is_left_out_instead(swarm):
     """H breaks its first attempt, then its gather accuses both other members. Believed, it would
-    leave every honest member out of every round; with an honest majority no member catches most of its group at once, so H is left
-    out instead (ACCUSES_MOST), A and B average, and each reports H: the signed accusation list is
-    evidence each of them checked itself."""
+    leave every honest member out of every round; with an honest majority no member catches most of
+    its group at once, so H is left out instead (ACCUSES_MOST), A and B average, and each reports H:
+    the signed accusation list is evidence each of them checked itself."""
     r, hostile = ACCUSE_ALL_ROUND, swarm.peer_ids[H]
     reports = [swarm.report(r, p) for p in (A, B)]
     for rep in reports:

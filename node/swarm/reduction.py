@@ -92,6 +92,7 @@ class NotInGroup(AllreduceException):
     so once this names nobody as the attempt's breaker; twice in a row it does
     (:func:`.tickets.next_first_failed`)."""
 
+
 async def in_thread_to_the_end(fn, *args):
     """``fn(*args)`` in the default executor. If the caller is cancelled meanwhile, it still waits for
     ``fn`` to return before re-raising: averages are decoded into the output buffers, which the next
