@@ -37,6 +37,7 @@ from grpo_swarm.node.config import (
     _format_validation,
 )
 from grpo_swarm.protocol.publication import PUBLISH_QUORUM
+from grpo_swarm.protocol.stalls import DEFAULT_WINDOW_ROUNDS
 
 __all__ = [
     "ConfigError",
@@ -83,6 +84,11 @@ class SwarmSettings(Section):
     publish_quorum: float = Field(
         PUBLISH_QUORUM, ge=0.5, lt=1, description="a new version is published only when nodes holding MORE than this "
                                                   "share of its round's verified sample weight report its hash")
+    stall_window_rounds: int = Field(
+        DEFAULT_WINDOW_ROUNDS, ge=0, description="rounds a failed round (two or more ticket holders, nothing "
+                                                 "published) counts: after two of them, a node that held a ticket "
+                                                 "in each sits out the next rounds (one in turn while several "
+                                                 "did); 0 = off")
     sampling_tolerance: float | None = Field(
         0.05, ge=0, description="spot-checks: nats a token may fall short of the argmax of log-probs + the run's keyed "
                                 "noise (proof of sampling); None = sampling not checked")
@@ -181,7 +187,7 @@ class RunConfig(Section):
             prompts_per_round=self.swarm.prompts_per_round, group_size=self.grpo.group_size,
             policy=self.verifier_policy(**policy_extra), max_staleness=self.swarm.max_staleness,
             max_round_lag=self.swarm.max_round_lag, node=self.node_payload(dataset_size),
-            publish_quorum=self.swarm.publish_quorum,
+            publish_quorum=self.swarm.publish_quorum, stall_window_rounds=self.swarm.stall_window_rounds,
         )
 
 

@@ -309,6 +309,7 @@ class Coordinator:
             ticket = self.recorder.final_tickets.get(node_id)
             if ticket is not None:  # its final ticket of the last closed round
                 reply.round_ticket.CopyFrom(ticket)
+            reply.benched = self.recorder.benched.get(node_id, "")
             upload = self.uploads.progress(cur + 1)
             if upload is not None:
                 reply.upload.CopyFrom(upload)

@@ -15,7 +15,8 @@ tokens their accepted proofs add up to, and the current version. Peer reports ar
 participant (not banned) of that closed round, against another participant, logged once; a
 report that gives the peer a majority of its round's other participants must be followed at once
 by its ban (``"by": "reports"``, naming those reporters), and no ban may claim reports without one.
-``node_unbanned`` must lift a standing ban. Checks the
+``node_unbanned`` must lift a standing ban. A round_closed's ``benched`` must be whom
+:mod:`.stalls`' rule sits out, replayed from the earlier rounds' ticket holders and publications. Checks the
 :class:`AuditHooks` cannot do (no reward recomputation, tokenizer or model) are counted as
 skipped, never passed silently. :func:`write_report` writes per-node tables and plots.
 The log's payloads are described in :mod:`.payloads`; :mod:`.report` writes per-node tables and plots.
@@ -52,13 +53,14 @@ from .log import (
     read_log,
 )
 from .payloads import SALT_SIZE, hex_bytes, unb64
-from .recorder import evidence_failure
+from .recorder import closed_round, evidence_failure
 from .hygiene import parse_request
 from .peers import MAX_REPORT_EVIDENCE_BYTES, MAX_REPORT_REASON_CHARS, PeerReports, ReportRefused, ban_payload
 from .proofs import MAX_PROOF_BYTES, check_envelope, parse_envelope, parse_proof
 from .rpc import REQUEST_KIND
 from .publication import Publication, PublicationRefused
 from .run_spec import AuditHooks, RunSpec, load_hooks
+from .stalls import StallRule
 from .verify import InMemoryVerifierState, Verdict, Verifier
 
 RewardProof = pb.RewardProof
@@ -86,6 +88,7 @@ class NodeStats:
     staleness: list = field(default_factory=list)
     banned: bool = False
     failed_checks: int = 0  # rejections that are evidence (verify.EVIDENCE_CODES)
+    benched_rounds: int = 0  # rounds the stall rule sat it out (protocol.stalls)
 
     @property
     def mean_reward(self) -> float | None:
@@ -218,6 +221,7 @@ class _Replay:
         self.snapshot_seen = False
         self.publication = Publication()
         self.peers = PeerReports()
+        self.stalls = StallRule(0)
         self.round_samples: Counter = Counter()  # node -> accepted proofs in the open round (voided: dropped)
         self.round_tokens: Counter = Counter()
         self.pending_ban: tuple[Any, int] | None = None  # (tally, report index) a ban by reports must follow
@@ -272,6 +276,7 @@ class _Replay:
             self.state = self.spec.new_state(self.salts.get(0) if self.salted else b"")
             self.verifier = self.hooks.verifier(self.state, self.spec.policy)
             self.publication = Publication(self.spec.publish_quorum)
+            self.stalls = StallRule(self.spec.stall_window_rounds, self.spec.publish_quorum)
             return
         st = self.state
         if e.kind == NODE_REGISTERED:
@@ -312,6 +317,7 @@ class _Replay:
             self.snapshot_seen = True
             st.publish_snapshot(version, sha)
             self.publication.published()
+            self.stalls.published(p.get("round"))
         elif e.kind == HASH_REPORTED:
             self.hash_reported(e)
         elif e.kind == UPLOAD_REFUSED:
@@ -322,7 +328,7 @@ class _Replay:
             self.rejected(e)
         elif e.kind == ROUND_CLOSED:
             self.round_closed(e)
-            self.publication.round_closed(p["round"], p["weights"])
+            closed_round(p, self.publication, self.peers, self.stalls)
         elif e.kind == ROUND_DISPATCHED:
             self.dispatched(e)
         else:
@@ -478,7 +484,13 @@ class _Replay:
             if p.get("version") != st.current_version:
                 raise _Bad(f"closed at version {p.get('version')!r}, the current version is {st.current_version}")
             self.r.replayed["final_tickets"] += len(participants)
-        self.peers.round_closed(p["round"], participants)
+        benched = p.get("benched", {})
+        expected_benched = self.stalls.benched(p["round"], weights)
+        if benched != expected_benched:
+            raise _Bad(f"benched {benched} is not what the stall rule sits out: {expected_benched}")
+        for n in benched:
+            self.r.nodes[n].benched_rounds += 1
+        self.r.replayed["benched"] += len(benched)
         self.round_samples.clear()
         self.round_tokens.clear()
         next_salt: bytes | None = b""

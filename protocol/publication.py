@@ -13,7 +13,8 @@ round's ticket holders into version current + 1. Hence:
   published;
 * a parameter-hash report ("version current + 1 has state-dict hash h") counts with the
   reporter's weight in the producing round; keys without verified work in it (fresh keys,
-  sybils) and banned nodes count 0 — their reports are still logged, with weight 0;
+  sybils), banned nodes and participants the stall rule sat out (:mod:`.stalls`) count 0 — their
+  reports are still logged, with weight 0;
 * an upload of hash h is accepted from a node that reported h, when the weight behind h is more
   than ``quorum`` (:data:`PUBLISH_QUORUM` = 0.5, "more than half") of the producing round's total.
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 PUBLISH_QUORUM = 0.5  # support must be MORE than this share of the producing round's weight
 
@@ -78,21 +79,25 @@ class Publication:
         self.quorum = check_quorum(quorum)
         self.round: int | None = None
         self.weights: dict[str, float] = {}
+        self.benched: frozenset[str] = frozenset()
         self.reports: dict[str, tuple[int, bytes]] = {}  # node -> (version, state-dict hash)
 
     # -- what the log records
-    def round_closed(self, round_index: int, weights: Mapping[str, float]) -> None:
-        """A newer round produces the next version: earlier reports were about another average."""
+    def round_closed(self, round_index: int, weights: Mapping[str, float], benched: Iterable[str] = ()) -> None:
+        """A newer round produces the next version: earlier reports were about another average.
+        ``benched``: participants the stall rule sat out (:mod:`.stalls`): their weight stays in the
+        total, their reports count 0."""
         self.round = round_index
         self.weights = {str(n): float(w) for n, w in weights.items()}
+        self.benched = frozenset(str(n) for n in benched)
         self.reports.clear()
 
     def published(self) -> None:
-        self.round, self.weights = None, {}
+        self.round, self.weights, self.benched = None, {}, frozenset()
         self.reports.clear()
 
     def weight_of(self, node_id: str, is_banned: IsBanned) -> float:
-        return 0.0 if is_banned(node_id) else self.weights.get(node_id, 0.0)
+        return 0.0 if is_banned(node_id) or node_id in self.benched else self.weights.get(node_id, 0.0)
 
     def report(self, node_id: str, version: int, sha256: bytes, current_version: int,
                is_banned: IsBanned) -> dict | None:

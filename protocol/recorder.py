@@ -56,6 +56,7 @@ from .proofs import parse_proof
 from .publication import Publication, PublicationRefused, Tally, refused_payload
 from .rpc import sign_ticket
 from .run_spec import AuditHooks, RunSpec
+from .stalls import StallRule
 from .verify import EVIDENCE_CODES, InMemoryVerifierState, Verdict
 
 RewardProof = pb.RewardProof
@@ -80,7 +81,9 @@ class RunRecorder:
         self.hooks = hooks or AuditHooks()
         self.publication = Publication(spec.publish_quorum)  # replaced by the restored one on resume
         self.peers = PeerReports()  # replaced by the restored one on resume
+        self.stalls = StallRule(spec.stall_window_rounds, spec.publish_quorum)  # likewise
         self.final_tickets: dict[str, pb.AdmissionTicket] = {}  # node -> its ticket of the last closed round
+        self.benched: dict[str, str] = {}  # node -> why it sits out the last closed round (no final ticket)
         if _resume:
             return
         self._salt = self._draw_salt(0)
@@ -105,16 +108,17 @@ class RunRecorder:
         """A recorder that continues ``log`` (written by ``identity``): the state is rebuilt from its
         entries (:func:`restore_state`, which checks the chain), ``salts`` are the stored secrets.
         LogError when the log is empty, broken or not signed by ``identity``."""
-        publication, peers, round_tokens = Publication(), PeerReports(), Counter()
+        publication, peers, stalls, round_tokens = Publication(), PeerReports(), StallRule(), Counter()
         spec, state, round_accepted = restore_state(log.entries(), salts, trusted=[identity.public_key_bytes],
-                                                    publication=publication, peers=peers, round_tokens=round_tokens)
+                                                    publication=publication, peers=peers, round_tokens=round_tokens,
+                                                    stalls=stalls)
         publication.quorum = spec.publish_quorum
         rec = cls(log, identity, spec, salted=spec.spot_check_commitment is not None, hooks=hooks, urandom=urandom,
                   on_salt=on_salt, _resume=True)
         if rec.salted and state.spot_check_salt is None:
             raise LogError(f"the secret spot-check salt of the open round {state.current_round} is not stored")
         rec.spec, rec.state, rec.round_accepted, rec.round_tokens = spec, state, round_accepted, round_tokens
-        rec.publication, rec.peers = publication, peers
+        rec.publication, rec.peers, rec.stalls = publication, peers, stalls
         rec._salt = state.spot_check_salt or b""
         rec.verifier = rec.hooks.verifier(state, spec.policy)
         closed = log.last(ROUND_CLOSED)
@@ -142,6 +146,7 @@ class RunRecorder:
         self.state.publish_snapshot(version, sha256)
         entry = self.log.append(SNAPSHOT_PUBLISHED, payload, self.identity)
         self.publication.published()
+        self.stalls.published(payload.get("round"))
         return entry
 
     def report_hash(self, node_id: str, version: int, sha256: bytes) -> LogEntry | None:
@@ -269,6 +274,7 @@ class RunRecorder:
         if weights is None:
             total = sum(self.round_accepted[n] for n in participants)
             weights = {n: self.round_accepted[n] / total for n in participants} if total else {}
+        benched = self.stalls.benched(self.state.current_round, weights)
         next_salt = self._draw_salt(self.state.current_round + 1)
         payload = {
             "round": self.state.current_round,
@@ -280,9 +286,10 @@ class RunRecorder:
             "spot_check_salt": self._salt.hex() if self.salted else None,
             "next_spot_check_commitment": hashlib.sha256(next_salt).hexdigest() if self.salted else None,
         }
+        if self.stalls.window:
+            payload["benched"] = benched
         entry = self.log.append(ROUND_CLOSED, payload, self.identity)
-        self.publication.round_closed(entry.payload["round"], entry.payload["weights"])
-        self.peers.round_closed(entry.payload["round"], participants)
+        closed_round(entry.payload, self.publication, self.peers, self.stalls)
         self._salt = next_salt
         self.state.close_round(next_salt)
         self.round_accepted.clear()
@@ -295,8 +302,30 @@ class RunRecorder:
         entry without samples and tokens."""
         keys = {n: k for k, n in self.state.keys.items()}
         p = entry.payload
+        self.benched = dict(p.get("benched") or {})
         self.final_tickets = {} if "samples" not in p else {
-            n: final_ticket(self.spec.run_id, entry, n, keys[n], self.identity) for n in p["participants"]}
+            n: final_ticket(self.spec.run_id, entry, n, keys[n], self.identity) for n in ticket_holders(p)}
+
+
+def ticket_holders(round_closed: Mapping) -> list[str]:
+    """The participants of a ``round_closed`` payload that get a final ticket: all but those the
+    stall rule sat out (``benched``, :mod:`.stalls`)."""
+    benched = round_closed.get("benched") or {}
+    return [n for n in round_closed["participants"] if n not in benched]
+
+
+def closed_round(payload: Mapping, publication: Publication | None, peers: PeerReports | None,
+                 stalls: StallRule | None) -> None:
+    """Feed a ``round_closed`` payload to the rules that follow the log: the publication's producing
+    round, the participants who may report each other (those that averaged), the stall rule's
+    ticket holders."""
+    holders = ticket_holders(payload)
+    if publication is not None:
+        publication.round_closed(payload["round"], payload["weights"], payload.get("benched") or ())
+    if peers is not None:
+        peers.round_closed(payload["round"], holders)
+    if stalls is not None:
+        stalls.round_closed(payload["round"], holders)
 
 
 def final_ticket(run_id: str, entry: LogEntry, node_id: str, public_key: bytes, identity: Identity) -> pb.AdmissionTicket:
@@ -323,12 +352,14 @@ def _accepted_proof(text: str, index: int) -> pb.RewardProof:
 def restore_state(entries: Iterable[LogEntry], salts: Mapping[int, bytes], *,
                   trusted: Iterable[bytes] | None = None,
                   publication: Publication | None = None, peers: PeerReports | None = None,
-                  round_tokens: Counter | None = None) -> tuple[RunSpec, InMemoryVerifierState, Counter]:
+                  round_tokens: Counter | None = None,
+                  stalls: StallRule | None = None) -> tuple[RunSpec, InMemoryVerifierState, Counter]:
     """The verifier state at the end of a log, without re-verifying proofs (the log is the
     recorder's own; its chain and signatures are checked): (spec, state, accepted proofs per node
     in the open round). ``salts`` maps round -> secret salt. ``publication``, when given, is fed
     the round closes, hash reports and publications (the producing round and its standing reports);
-    ``peers`` the round closes, peer reports and unbans; ``round_tokens`` gets the completion tokens
+    ``peers`` the round closes, peer reports and unbans; ``stalls`` (set up with the run's window
+    and quorum here) the round closes and publications; ``round_tokens`` gets the completion tokens
     per node in the open round. LogError on a broken or empty log."""
     if round_tokens is None:
         round_tokens = Counter()
@@ -346,6 +377,8 @@ def restore_state(entries: Iterable[LogEntry], salts: Mapping[int, bytes], *,
                 raise LogError("a second run_started entry", index=e.index)
             spec = RunSpec.from_payload(p)
             state = spec.new_state(salts.get(0) if spec.spot_check_commitment is not None else b"")
+            if stalls is not None:
+                stalls.window, stalls.quorum = spec.stall_window_rounds, spec.publish_quorum
             continue
         if state is None:
             raise LogError(f"{e.kind} before run_started", index=e.index)
@@ -364,6 +397,8 @@ def restore_state(entries: Iterable[LogEntry], salts: Mapping[int, bytes], *,
             state.publish_snapshot(p["version"], hex_bytes(p["sha256"], "sha256", 32))
             if publication is not None:
                 publication.published()
+            if stalls is not None:
+                stalls.published(p.get("round"))
         elif e.kind == HASH_REPORTED:
             if publication is not None:
                 publication.report(p["node_id"], p["version"], hex_bytes(p["sha256"], "sha256", 32),
@@ -386,10 +421,7 @@ def restore_state(entries: Iterable[LogEntry], salts: Mapping[int, bytes], *,
             state.close_round(salts.get(state.current_round + 1) if salted else b"")
             round_accepted.clear()
             round_tokens.clear()
-            if publication is not None:
-                publication.round_closed(p["round"], p["weights"])
-            if peers is not None:
-                peers.round_closed(p["round"], p["participants"])
+            closed_round(p, publication, peers, stalls)
     if spec is None:
         raise LogError("the log has no run_started entry")
     return spec, state, round_accepted

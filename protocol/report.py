@@ -14,7 +14,7 @@ from .audit import AuditResult
 
 
 NODE_COLUMNS = ("node_id", "accepted_groups", "accepted_samples", "rejected_total", "rejected_by_reason",
-                "failed_checks", "mean_reward", "mean_staleness", "max_staleness", "banned")
+                "failed_checks", "mean_reward", "mean_staleness", "max_staleness", "benched_rounds", "banned")
 
 
 def node_rows(result: AuditResult) -> list[dict]:
@@ -31,6 +31,7 @@ def node_rows(result: AuditResult) -> list[dict]:
             "mean_reward": None if s.mean_reward is None else round(s.mean_reward, 6),
             "mean_staleness": round(statistics.fmean(s.staleness), 4) if s.staleness else None,
             "max_staleness": max(s.staleness) if s.staleness else None,
+            "benched_rounds": s.benched_rounds,
             "banned": s.banned,
         })
     return rows

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from .identity import PUBLIC_KEY_SIZE
 from .payloads import hex_bytes
 from .publication import PUBLISH_QUORUM, check_quorum
+from .stalls import DEFAULT_WINDOW_ROUNDS
 from .verify import DecodeFn, InMemoryVerifierState, LogprobFn, PromptHashFn, RewardRecomputer, Verifier, VerifierPolicy
 
 HOOKS_ENTRY_POINT_GROUP = "grpo_swarm.audit_hooks"
@@ -30,11 +31,13 @@ class RunSpec:
     spot_check_commitment: bytes | None = None
     log_signers: tuple[bytes, ...] = ()
     publish_quorum: float = PUBLISH_QUORUM  # a new version needs MORE than this share of its round's weight
+    stall_window_rounds: int = DEFAULT_WINDOW_ROUNDS  # :mod:`.stalls`: rounds a failed round counts; 0 = off
 
     def __post_init__(self):
         if not isinstance(self.run_id, str) or not self.run_id:
             raise ValueError("run_id must be a non-empty string")
-        for name in ("run_seed", "dataset_size", "prompts_per_round", "group_size", "max_staleness", "max_round_lag"):
+        for name in ("run_seed", "dataset_size", "prompts_per_round", "group_size", "max_staleness", "max_round_lag",
+                     "stall_window_rounds"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0")
@@ -61,6 +64,7 @@ class RunSpec:
             "node": dict(self.node),
             "spot_check_commitment": self.spot_check_commitment.hex() if self.spot_check_commitment else None,
             "publish_quorum": self.publish_quorum,
+            "stall_window_rounds": self.stall_window_rounds,
         }
         if self.log_signers:
             out["log_signers"] = [k.hex() for k in self.log_signers]
@@ -82,6 +86,8 @@ class RunSpec:
                 log_signers=tuple(hex_bytes(k, "log_signers", PUBLIC_KEY_SIZE) for k in signers),
                 # logs written before the quorum rule carry none: they get the default
                 publish_quorum=obj.get("publish_quorum", PUBLISH_QUORUM),
+                # logs written before the stall rule carry none: nobody sat out, so it is off
+                stall_window_rounds=obj.get("stall_window_rounds", 0),
             )
         except KeyError as e:
             raise ValueError(f"run_started payload lacks {e.args[0]!r}") from None

@@ -13,6 +13,7 @@ import time
 
 import grpc
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from grpo_swarm.coordinator.cli import app
@@ -319,6 +320,71 @@ def test_final_tickets_carry_the_rounds_verified_samples_and_tokens(tmp_path):
     finally:
         server.stop(0).wait()
         coordinator.close()
+
+
+# ---- the stall rule --------------------------------------------------------------------------------------
+def test_a_peer_whose_rounds_never_publish_is_found_and_sits_out(tmp_path):
+    """Three product participants over gRPC (the run's default stall window). The averaging itself is
+    not run here (tests/test_swarm_averaging.py runs it): a round the staller holds a ticket in
+    publishes nothing, as when it breaks every attempt in a way a round of three cannot pin on it;
+    in a round it does not, the two honest ticket holders take the same step (a zero gradient),
+    report its hash and one uploads it — the product's report and upload. Within five rounds the
+    coordinator sits the staller out (no final ticket, told why in its heartbeat, its hash report
+    counts 0, its work still accepted) and every later round publishes. The audit replays it."""
+    s = Served(tmp_path, samples_per_round=24, spot_check_rate=0.0)
+    try:
+        nodes = []
+        for name in "abh":
+            (tmp_path / name).mkdir()
+            nodes.append(HonestNode(s.address, tmp_path / name))
+        staller = nodes[2]
+        outcome = []
+        for r in range(9):
+            for n in nodes:
+                if n.client.heartbeat(n.snapshot.version, sample=False).current.version != n.snapshot.version:
+                    n.sync()  # the join loop's resync, before the round binds its version
+                work = n.sample(n.heartbeat(completions_per_s=12.5, tokens_per_s=50.0))
+                assert all(v.accepted for v in n.submit(work).verdicts), r  # everyone's work is accepted
+            closed = {n: n.client.heartbeat(n.snapshot.version, sample=False) for n in nodes}
+            assert closed[nodes[0]].current_round == r + 1
+            holders = [n for n in nodes if closed[n].HasField("round_ticket")]
+            assert all(closed[n].round_ticket.round_index == r for n in holders)
+            assert list(closed[nodes[0]].round_participants) == sorted(n.identity.public_key_bytes for n in holders)
+            for n in nodes:
+                assert bool(closed[n].benched) == (n not in holders), (r, closed[n].benched)
+            outcome.append({"benched": [nodes.index(n) for n in nodes if n not in holders], "published": False})
+            if staller in holders:
+                continue  # the round's averaging fails
+            for n in holders:
+                for t in n.trainer.trainable:
+                    t.grad = torch.zeros_like(t)
+                n.trainer.apply_gradients()
+            shas = {n.state_sha256() for n in holders}
+            assert len(shas) == 1
+            sha, version = shas.pop(), holders[0].trainer.version
+            if staller not in holders:  # sitting out, it reports another hash: it counts 0
+                staller.report(version, b"\x66" * 32)
+            for n in holders:
+                n.report(version, sha)
+            assert holders[0].upload(version, sha).published.sha256 == sha
+            outcome[-1]["published"] = True
+        failed = [r for r, o in enumerate(outcome) if not o["published"]]
+        print("rounds:", outcome)
+        assert 2 <= len(failed) <= 4 and failed[-1] <= 4, outcome  # n + 1 failures at most before it is found
+        assert all(o == {"benched": [2], "published": True} for o in outcome[failed[-1] + 1:]), outcome
+        assert "found 1 time(s)" in staller.client.heartbeat(0, sample=False).benched
+
+        log = entries(s)
+        reports = [e.payload for e in log if e.kind == "hash_reported" and e.payload["node_id"] == staller.node_id]
+        assert reports and all(p["weight"] == 0.0 for p in reports)
+        published = [e.payload for e in log if e.kind == "snapshot_published"][1:]
+        assert all(p["total_weight"] == pytest.approx(1.0) and p["support_weight"] == pytest.approx(2 / 3)
+                   for p in published)  # the bar: more than half of all the round's work, its share included
+        result = audited(s)
+        assert result.ok, result.problem
+        assert result.nodes[staller.node_id].benched_rounds == sum(2 in o["benched"] for o in outcome)
+    finally:
+        s.stop()
 
 
 # ---- reports and bans by peers -------------------------------------------------------------------

@@ -1,0 +1,126 @@
+"""Rounds that published nothing, and who sits out the next ones: the coordinator's stall rule.
+
+One implementation, used by the coordinator's :class:`~.recorder.RunRecorder` (live),
+:func:`~.recorder.restore_state` (after a restart) and the offline audit (:mod:`.audit`), so the
+three cannot disagree about a log (like :mod:`.publication` and :mod:`.peers`).
+
+Why. Within a round the members' signed pointers name who broke an attempt, and rounds of five or
+more leave a breaker out of the retry. A round of three cannot: a member that breaks with one other
+member only, then names it, looks exactly like that member breaking with it, and the third member
+cannot tell which of the two lies. Across rounds the coordinator can tell: a round whose ticket
+holders include the staller fails whenever the staller wants; a round without it does not.
+
+The rule. Round r *failed* when at least two nodes held its final tickets and it published no
+version (once round r + 1 closes, r can no longer produce one). At the close of round c, let F be
+the failed rounds among ``c - window <= r < c``. With at least :data:`MIN_FAILED_ROUNDS` of them,
+the *suspects* are the nodes that held a ticket in every round of F (their intersection).
+
+* **Found.** When the suspects are one node, it is found: it sits out (no final ticket; its accepted
+  work stays accepted and logged, but it does not average and its hash reports count 0) for
+  ``window`` rounds, twice as long each time it is found again (``window * 2**k`` the k-th time
+  after the first).
+* **Probe.** While several suspects remain, one of them sits out each round, in turn (the
+  ``c mod k``-th in node-id order). A round the staller fails while another suspect sits out drops
+  that suspect from the intersection.
+
+Nobody sits out unless the participants that stay hold more than the publish quorum of the
+round's weight (else the round could not publish without them). Those sitting out keep their
+weight in the round's total, so sitting someone out never lowers the bar a publication must clear.
+
+What it bounds. A staller holds a ticket in every failed round, so it stays a suspect; with k
+suspects it fails at most k - 1 probe rounds before it is found. Among n ticket holders it fails at
+most n + 1 rounds per episode, and each episode ends with it sitting out twice as long as the last:
+O(n log T) failed rounds in T. An honest swarm pays only after two failed rounds in one window:
+one member sits out each round until they leave it (or a member that kept failing rounds is found).
+
+Not bounded: two colluding stallers that take turns, so that no node is in every failed round
+(the intersection is empty and nobody sits out). Rounds of five or more leave either out in-round.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+DEFAULT_WINDOW_ROUNDS = 16  # failed rounds count this many rounds; 0 turns the rule off
+MIN_FAILED_ROUNDS = 2  # one failed round alone benches nobody: an honest swarm's crash costs nothing more
+
+
+class StallRule:
+    """The ticket holders of every closed round in the window, whether it published, and who was
+    found. Feed it round closes (:meth:`round_closed`) and publications (:meth:`published`) in log
+    order; ask :meth:`benched` at each close, before logging it."""
+
+    def __init__(self, window: int = DEFAULT_WINDOW_ROUNDS, quorum: float = 0.5):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"stall_window_rounds must be an integer >= 0, got {window!r}")
+        self.window, self.quorum = window, quorum
+        self.holders: dict[int, frozenset[str]] = {}  # closed round -> its final ticket holders
+        self.published_rounds: set[int] = set()
+        self.found: dict[str, int] = {}  # node -> times it was found
+        self.sits_out_until: dict[str, int] = {}  # node -> the first round it takes part in again
+        self.reasons: dict[str, str] = {}  # node -> why it was found, the last time
+        self._settled = -1  # the last close whose finding was made
+
+    # -- what the log records
+    def round_closed(self, round_index: int, holders: Iterable[str]) -> None:
+        self._settle(int(round_index))
+        self.holders[int(round_index)] = frozenset(str(n) for n in holders)
+        for r in [r for r in self.holders if r < round_index - self.window]:  # a long run keeps a window
+            del self.holders[r]
+        self.published_rounds = {r for r in self.published_rounds if r >= round_index - self.window}
+
+    def published(self, round_index: int | None) -> None:
+        """A version produced by round ``round_index`` was published (None: the initial weights)."""
+        if round_index is not None:
+            self.published_rounds.add(int(round_index))
+
+    # -- the rule
+    def failed_rounds(self, closing: int) -> list[int]:
+        """The rounds in ``[closing - window, closing)`` with two or more ticket holders that published nothing."""
+        return sorted(r for r, h in self.holders.items()
+                      if closing - self.window <= r < closing and len(h) >= 2 and r not in self.published_rounds)
+
+    def suspects(self, closing: int) -> tuple[list[int], frozenset[str]]:
+        """(the failed rounds, the nodes that held a ticket in every one of them); no suspects below
+        :data:`MIN_FAILED_ROUNDS` failed rounds."""
+        failed = self.failed_rounds(closing)
+        if self.window == 0 or len(failed) < MIN_FAILED_ROUNDS:
+            return failed, frozenset()
+        return failed, frozenset.intersection(*(self.holders[r] for r in failed))
+
+    def _settle(self, closing: int) -> None:
+        """The finding at the close of round ``closing``, made once: a lone suspect not already
+        sitting out is found and sits out ``window * 2**k`` rounds (k: times found before)."""
+        if closing <= self._settled:
+            return
+        self._settled = closing
+        failed, suspects = self.suspects(closing)
+        if len(suspects) != 1:
+            return
+        (node,) = suspects
+        if self.sits_out_until.get(node, -1) > closing:
+            return
+        times = self.found.get(node, 0)
+        self.found[node] = times + 1
+        self.sits_out_until[node] = closing + self.window * 2 ** times
+        self.reasons[node] = (f"held a ticket in every round that published nothing in the last {self.window} "
+                              f"({', '.join(map(str, failed))}); found {times + 1} time(s), sits out rounds "
+                              f"{closing}-{self.sits_out_until[node] - 1}")
+
+    def benched(self, closing: int, weights: Mapping[str, float]) -> dict[str, str]:
+        """Who sits out round ``closing`` (node -> reason) among its participants (``weights``: each
+        participant's share of the round's accepted work)."""
+        self._settle(closing)
+        out = {n: self.reasons[n] for n in sorted(weights) if self.sits_out_until.get(n, -1) > closing}
+        if not out:
+            failed, suspects = self.suspects(closing)
+            present = sorted(suspects & set(weights))
+            if len(present) >= 2:
+                probe = present[closing % len(present)]
+                out = {probe: f"one of {len(present)} nodes that held a ticket in every round that published "
+                              f"nothing in the last {self.window} ({', '.join(map(str, failed))}), sitting out "
+                              f"in turn"}
+        total = math.fsum(float(weights[n]) for n in sorted(weights))
+        staying = math.fsum(float(weights[n]) for n in sorted(weights) if n not in out)
+        return out if out and staying > self.quorum * total else {}
