@@ -8,7 +8,8 @@ kind                   payload
 run_started            :meth:`RunSpec.to_payload`: run constants, the verifier ``policy``, the
                        spot-check salt commitment of round 0 (hex or null), optional
                        ``log_signers``, ``node`` (dataset, model, sampling; read by the hooks),
-                       ``publish_quorum`` (absent in older logs: 0.5)
+                       ``publish_quorum`` (absent in older logs: 0.5), ``stall_window_rounds``
+                       (absent in older logs: 0, the stall rule off)
 node_registered        ``{"node_id", "public_key": hex}``
 snapshot_published     ``{"version", "sha256": hex}`` (the new current version); the first one of a
                        log is the initial weights; every later one is version current + 1 and adds
@@ -35,7 +36,10 @@ round_closed           ``{"round", "participants": [node_id], "weights": {node_i
                        ``samples`` / ``tokens``: each participant's accepted proofs and the sum of
                        their ``num_completion_tokens`` in the round, ``version`` the current
                        version at the close (all three absent in older logs): what the final
-                       admission tickets say (:func:`.recorder.final_ticket`)
+                       admission tickets say (:func:`.recorder.final_ticket`); ``benched``:
+                       ``{node_id: reason}``, the participants the stall rule sits out of the
+                       round's averaging (:mod:`.stalls`: no final ticket, hash reports count 0,
+                       weight kept in the total; absent when the run's ``stall_window_rounds`` is 0)
 node_banned            ``{"node_id", "reason", "evidence_index" or null}``, plus ``"by"``:
                        ``"operator"`` (``grpo-coordinator ban``) or ``"reports"`` (then also
                        ``"round"`` and ``"reporters"`` [node_id, sorted], and ``evidence_index`` is
