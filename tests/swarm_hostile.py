@@ -41,6 +41,11 @@ whatever the behaviour says; the honest peers must cope:
 * ``hang_up``         — in every attempt, aborts as the all-reduce begins (CANCELLED to every stream), as
   an honest member does when a groupmate's abort reaches it; its later gathers say ``accuse_target``
   failed first for it
+* ``hang_up_lead``    — ``hang_up`` (blaming nobody), and it leads a group as soon as one member joins
+  it, with :data:`LEAD_ATTEMPTS` attempts a round: back first after each attempt it broke, it is the
+  first leader the others find, and in a group of two one member's pointer cannot leave it out. A
+  round of three fails (the honest members spend their attempts in groups of two with it): what
+  the coordinator's stall rule (protocol/stalls.py) is for
 * ``not_in_group``    — in every attempt, answers BAD_GROUP_ID to every stream of the group and sends
   nothing (as a member does that the leader counted in after its own matchmaking gave up on the
   group), then drops the attempt without a word; it names nobody in its later gathers
@@ -94,6 +99,7 @@ OVER_BOUND_FACTOR = 1e5
 WRONG_AVERAGE_SHIFT = 0.03  # x mean |value|, alternating sign: ~2-3 % of the share's norm
 BREAKS_ITS_FIRST_ATTEMPT = {"false_accusation", "accuse_all"}  # so that their later accusations can follow a failure
 NOT_IN_GROUP_S = 1.0  # how long a ``not_in_group`` runner waits before it drops its attempt
+LEAD_ATTEMPTS = 12  # ``hang_up_lead``: more attempts than the honest members' three
 SKIPS_CHECKS = {"forged_ticket", "other_round_ticket", "other_node_ticket", "over_bound"}
 
 
@@ -235,6 +241,8 @@ class HostileAverager(VerifiedAverager):
         self.behaviours = {int(k): v for k, v in behaviours.items()}
         self.stall_marker, self.lost_cancel_marker = stall_marker, lost_cancel_marker
         self.accuse_target, self.accuse_all = accuse_target, tuple(accuse_all)
+        if "hang_up_lead" in self.behaviours.values():
+            kwargs["max_attempts"] = LEAD_ATTEMPTS
         super().__init__(*args, **kwargs)
 
     def behaviour(self, round_index: int) -> str:
@@ -244,6 +252,9 @@ class HostileAverager(VerifiedAverager):
         await super()._set_round(round_index, expected_keys, group_size)
         if self.behaviour(round_index) == "lost_cancel":
             _lose_one_cancel(self._matchmaking, int(round_index), self.lost_cancel_marker)
+        if self.behaviour(round_index) == "hang_up_lead":  # a group of two is full to it: it starts at once
+            self._matchmaking.target_group_size = self._matchmaking.potential_leaders.target_group_size = 2
+            self._matchmaking.min_group_size = 2
 
     # -- caller side: no checks of its own ticket or gradient; the committed norm may lie
     def check_own_ticket(self, ticket_bytes, rules):
@@ -369,7 +380,7 @@ class HostileAverager(VerifiedAverager):
 
     def make_runner(self, **kwargs):
         behaviour = self.behaviour(self._rules.round_index)
-        if behaviour in BREAKS_ITS_FIRST_ATTEMPT and self._attempt == 0:
+        if (behaviour in BREAKS_ITS_FIRST_ATTEMPT and self._attempt == 0) or behaviour == "hang_up_lead":
             behaviour = "hang_up"
         return HostileRunner(behaviour=behaviour, stall_marker=self.stall_marker,
                              drip_gap=0.8 * kwargs["sender_timeout"], keep_parts=self.audit_reducers, **kwargs)

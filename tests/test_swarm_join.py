@@ -293,6 +293,46 @@ def test_a_hostile_member_is_excluded_reported_and_banned(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_peer_failing_every_round_of_three_is_found_and_sits_out(tmp_path):
+    """One node hangs up in every attempt and leads the retry into groups of two, with more attempts
+    than the others (tests/swarm_hostile.py ``hang_up_lead``): a round of three cannot pin it on it,
+    so each round it holds a ticket in publishes nothing. The coordinator's stall rule finds it
+    within n + 1 such rounds; from then on it sits out (its node is told why), the honest pair
+    averages and publishes every round and holds one policy, and `grpo-audit verify` replays who
+    sat out."""
+    rounds, bad = 8, 2
+    with LocalSwarm(tmp_path / "swarm", nodes=3) as swarm:
+        swarm.start_coordinator()
+        for i in (0, 1):
+            swarm.start_node(i, rounds=rounds)
+        swarm.start_node(bad, rounds=rounds, program=hostile("hang_up_lead", 0))
+        wait_until(lambda: all(swarm.nodes[i].poll() is not None for i in (0, 1)), 420, swarm,
+                   "the honest nodes' rounds", running=(bad,))
+        assert all(swarm.nodes[i].returncode == 0 for i in (0, 1)), logs(swarm)
+        records = {i: swarm.records(i) for i in range(3)}
+        entries = log_entries(swarm)
+        swarm.stop()
+        audit_ok(swarm)
+
+    bad_node = _node_id_of_peer(Identity.load(swarm.workdir(bad) / "node.key").peer_id_base58)
+    closes = {e.payload["round"]: e.payload for e in entries if e.kind == "round_closed"}
+    produced = {e.payload["round"] for e in entries if e.kind == "snapshot_published" and "round" in e.payload}
+    failed = sorted(r for r, p in closes.items() if r + 1 in closes and r not in produced)
+    benched = {r: p.get("benched", {}) for r, p in closes.items()}
+    print("\nfailed rounds", failed, "sat out", {r: list(b) for r, b in benched.items() if b})
+    assert all(bad_node in closes[r]["participants"] and bad_node not in benched[r] for r in failed), closes
+    found = next(r for r, b in sorted(benched.items()) if "found" in b.get(bad_node, ""))
+    assert 2 <= len(failed) <= 3 + 1 and max(failed) < found, (failed, found)
+    later = [r for r in closes if r >= found and r + 1 in closes]
+    assert later and all(r in produced and list(benched[r]) == [bad_node] for r in later), (later, benched)
+    for i in (0, 1):
+        for r in [r for r in records[i] if r["round"] in later]:
+            assert r["averaged"] and r["peers"] == 2, r
+    assert any(r["note"].startswith(f"sits out round {found}") for r in records[bad]), records[bad]
+    assert_one_policy({i: records[i] for i in (0, 1)}, published(entries))
+
+
+@pytest.mark.slow
 def test_a_swarm_restarted_all_at_once_meets_again(tmp_path):
     """Both nodes stop and start again at once: the coordinator still lists each one's old, dead
     address (peers seen within three heartbeats), so neither can bootstrap through it; each starts

@@ -459,15 +459,14 @@ def next_first_failed(previous: tuple[bytes, str] | None, seen: tuple[bytes, str
     ``previous``, the pointer this attempt's gather carried: a breaker back first for the retry could
     otherwise lead a group too small to leave it out, and the pointers against it would be gone by
     the attempt after. A reducer that answered BAD_GROUP_ID first here and in the attempt the
-    pointer came from is named NOT_IN_GROUP_AGAIN. One BAD_GROUP_ID names nobody: an honest member
-    whose matchmaking gave up on a group its leader still counted in answers so, and runs the retry.
-    Refusing two attempts in a row is no such race, and a ticket holder refusing every attempt
-    would otherwise fail the round unnamed."""
+    pointer came from (refusing, or failing it first any other way) is named NOT_IN_GROUP_AGAIN. One
+    BAD_GROUP_ID names nobody: an honest member whose matchmaking gave up on a group its leader
+    still counted in answers so, and runs the retry. Failing the same member first two attempts in a
+    row is no such race, and a ticket holder refusing every attempt would otherwise fail the round
+    unnamed (or named once, when its first refusal reached this member as a broken stream)."""
     if seen is None:
         return previous
-    if seen[1] == Reason.NOT_IN_GROUP.value and previous is not None and \
-            bytes(previous[0]) == bytes(seen[0]) and \
-            previous[1] in (Reason.NOT_IN_GROUP.value, Reason.NOT_IN_GROUP_AGAIN.value):
+    if seen[1] == Reason.NOT_IN_GROUP.value and previous is not None and bytes(previous[0]) == bytes(seen[0]):
         return bytes(seen[0]), Reason.NOT_IN_GROUP_AGAIN.value
     return seen
 
