@@ -325,7 +325,7 @@ def closed_round(payload: Mapping, publication: Publication | None, peers: PeerR
     if peers is not None:
         peers.round_closed(payload["round"], holders)
     if stalls is not None:
-        stalls.round_closed(payload["round"], holders)
+        stalls.round_closed(payload["round"], holders, payload.get("benched") or ())
 
 
 def final_ticket(run_id: str, entry: LogEntry, node_id: str, public_key: bytes, identity: Identity) -> pb.AdmissionTicket:

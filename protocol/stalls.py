@@ -19,8 +19,8 @@ the *suspects* are the nodes that held a ticket in every round of F (their inter
   work stays accepted and logged, but it does not average and its hash reports count 0) for
   ``window`` rounds, twice as long each time it is found again (``window * 2**k`` the k-th time
   after the first).
-* **Probe.** While several suspects remain, one of them sits out each round, in turn (the
-  ``c mod k``-th in node-id order). A round the staller fails while another suspect sits out drops
+* **Probe.** While several suspects remain, one of them sits out each round, in turn: the one that
+  sat out least recently (then by node id). A round the staller fails while another suspect sits out drops
   that suspect from the intersection.
 
 Nobody sits out unless the participants that stay hold more than the publish quorum of the
@@ -60,12 +60,14 @@ class StallRule:
         self.found: dict[str, int] = {}  # node -> times it was found
         self.sits_out_until: dict[str, int] = {}  # node -> the first round it takes part in again
         self.reasons: dict[str, str] = {}  # node -> why it was found, the last time
+        self.last_out: dict[str, int] = {}  # node -> the last round it sat out
         self._settled = -1  # the last close whose finding was made
 
     # -- what the log records
-    def round_closed(self, round_index: int, holders: Iterable[str]) -> None:
+    def round_closed(self, round_index: int, holders: Iterable[str], benched: Iterable[str] = ()) -> None:
         self._settle(int(round_index))
         self.holders[int(round_index)] = frozenset(str(n) for n in holders)
+        self.last_out.update({str(n): int(round_index) for n in benched})
         for r in [r for r in self.holders if r < round_index - self.window]:  # a long run keeps a window
             del self.holders[r]
         self.published_rounds = {r for r in self.published_rounds if r >= round_index - self.window}
@@ -117,7 +119,7 @@ class StallRule:
             failed, suspects = self.suspects(closing)
             present = sorted(suspects & set(weights))
             if len(present) >= 2:
-                probe = present[closing % len(present)]
+                probe = min(present, key=lambda n: (self.last_out.get(n, -1), n))
                 out = {probe: f"one of {len(present)} nodes that held a ticket in every round that published "
                               f"nothing in the last {self.window} ({', '.join(map(str, failed))}), sitting out "
                               f"in turn"}

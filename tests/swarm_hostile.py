@@ -42,7 +42,7 @@ whatever the behaviour says; the honest peers must cope:
   an honest member does when a groupmate's abort reaches it; its later gathers say ``accuse_target``
   failed first for it
 * ``hang_up_lead``    — ``hang_up`` (blaming nobody), and it leads a group as soon as one member joins
-  it, with :data:`LEAD_ATTEMPTS` attempts a round: back first after each attempt it broke, it is the
+  it, with :data:`LEAD_ATTEMPTS` short attempts a round: back first after each attempt it broke, it is the
   first leader the others find, and in a group of two one member's pointer cannot leave it out. A
   round of three fails (the honest members spend their attempts in groups of two with it): what
   the coordinator's stall rule (protocol/stalls.py) is for
@@ -99,7 +99,10 @@ OVER_BOUND_FACTOR = 1e5
 WRONG_AVERAGE_SHIFT = 0.03  # x mean |value|, alternating sign: ~2-3 % of the share's norm
 BREAKS_ITS_FIRST_ATTEMPT = {"false_accusation", "accuse_all"}  # so that their later accusations can follow a failure
 NOT_IN_GROUP_S = 1.0  # how long a ``not_in_group`` runner waits before it drops its attempt
-LEAD_ATTEMPTS = 12  # ``hang_up_lead``: more attempts than the honest members' three
+# ``hang_up_lead``: enough attempts to meet each of two honest members' three, each given up after a
+# short matchmaking wait, so that it is back for the next round with them (a staller late for every
+# other round fails only every other one)
+LEAD_ATTEMPTS, LEAD_MATCHMAKING_S = 6, 3.0
 SKIPS_CHECKS = {"forged_ticket", "other_round_ticket", "other_node_ticket", "over_bound"}
 
 
@@ -242,7 +245,7 @@ class HostileAverager(VerifiedAverager):
         self.stall_marker, self.lost_cancel_marker = stall_marker, lost_cancel_marker
         self.accuse_target, self.accuse_all = accuse_target, tuple(accuse_all)
         if "hang_up_lead" in self.behaviours.values():
-            kwargs["max_attempts"] = LEAD_ATTEMPTS
+            kwargs.update(max_attempts=LEAD_ATTEMPTS, matchmaking_timeout=LEAD_MATCHMAKING_S, round_timeout=None)
         super().__init__(*args, **kwargs)
 
     def behaviour(self, round_index: int) -> str:

@@ -313,12 +313,13 @@ class SwarmPeer:
         ticket = closed.round_ticket if closed.HasField("round_ticket") else None
         self._participants = [bytes(k) for k in closed.round_participants]
         if closed.benched and closed.current_round == work.round_index + 1:
-            # the coordinator's stall rule: rounds this node held a ticket in kept publishing nothing
+            # the coordinator's stall rule: rounds this node held a ticket in kept publishing nothing.
+            # It goes on to the next round at once (sampling with the version it holds, within η): a
+            # round that fails would otherwise keep it waiting for a publication for a round timeout
             record.note = f"sits out round {work.round_index}: {closed.benched}"[:200]
             log.warning("the coordinator sits this node out of round %d's averaging: it %s. Its work stays "
                         "accepted; if this repeats, check this node's link and the averaging warnings above",
                         work.round_index, closed.benched)
-            self._follow_publication(p.snapshot.version + 1, None, record)
         elif ticket is None or ticket.round_index != work.round_index:
             record.note = "no final ticket (nothing accepted): waiting for the next version"
             self._follow_publication(p.snapshot.version + 1, None, record)
