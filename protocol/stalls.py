@@ -11,30 +11,41 @@ cannot tell which of the two lies. Across rounds the coordinator can tell: a rou
 holders include the staller fails whenever the staller wants; a round without it does not.
 
 The rule. Round r *failed* when at least two nodes held its final tickets and it published no
-version (once round r + 1 closes, r can no longer produce one). At the close of round c, let F be
-the failed rounds among ``c - window <= r < c``. With at least :data:`MIN_FAILED_ROUNDS` of them,
-the *suspects* are the nodes that held a ticket in every round of F (their intersection).
+version (once round r + 1 closes, r can no longer produce one). At the close of round c, the
+failed rounds among ``c - window <= r < c`` are an *incident* when there are at least
+:data:`MIN_FAILED_ROUNDS` of them; its *incumbents* are the participants of its first failed round
+(ticket holders, and those a probe or a finding sat out). The *suspects* are the nodes that held a
+ticket in every failed round whose ticket holders were all incumbents (their intersection).
 
+* **Newcomers wait.** During an incident a participant that is not an incumbent sits out, and a
+  failed round a newcomer held a ticket in does not count: else a staller switching to a fresh key
+  (or to one that did work before and stayed away) would fail a round its old key was absent from,
+  drop the old key from the intersection, and leave an honest member as the only suspect.
 * **Found.** When the suspects are one node, it is found: it sits out (no final ticket; its accepted
   work stays accepted and logged, but it does not average and its hash reports count 0) for
   ``window`` rounds, twice as long each time it is found again (``window * 2**k`` the k-th time
   after the first).
 * **Probe.** While several suspects remain, one of them sits out each round, in turn: the one that
-  sat out least recently (then by node id). A round the staller fails while another suspect sits out drops
-  that suspect from the intersection.
+  sat out least recently (then by node id). A round the staller fails while another suspect sits
+  out drops that suspect from the intersection.
 
-Nobody sits out unless the participants that stay hold more than the publish quorum of the
-round's weight (else the round could not publish without them). Those sitting out keep their
-weight in the round's total, so sitting someone out never lowers the bar a publication must clear.
+Each group sits out (found, then newcomers, then the probe) only while the participants that stay
+hold more than the publish quorum of the round's weight (else the round could not publish without
+them). Those sitting out keep their weight in the round's total, so sitting someone out never
+lowers the bar a publication must clear.
 
-What it bounds. A staller holds a ticket in every failed round, so it stays a suspect; with k
-suspects it fails at most k - 1 probe rounds before it is found. Among n ticket holders it fails at
-most n + 1 rounds per episode, and each episode ends with it sitting out twice as long as the last:
-O(n log T) failed rounds in T. An honest swarm pays only after two failed rounds in one window:
-one member sits out each round until they leave it (or a member that kept failing rounds is found).
+What it bounds. A staller is an incumbent of every incident it starts and holds a ticket in every
+failed round, so it stays a suspect; with k suspects it fails at most k - 1 probe rounds before it
+is found. Among n ticket holders it fails at most n + 1 rounds in any window, and a key found again
+sits out twice as long as the last time: O(n log T) failed rounds in T for one key. Fresh keys do
+not reset that to every round: each sits out as a newcomer until the incident leaves the window, so
+a staller with many keys still fails at most n + 1 rounds per window. An honest swarm pays only
+after two failed rounds in one window: one member sits out each round until they leave it (or a
+member that kept failing rounds is found), and nodes joining meanwhile wait.
 
-Not bounded: two colluding stallers that take turns, so that no node is in every failed round
-(the intersection is empty and nobody sits out). Rounds of five or more leave either out in-round.
+Not bounded: two colluding incumbents that take turns (each away or well-behaved while the other
+fails rounds) can empty the intersection, or leave an honest member as the only suspect; as with
+bans by reports, the rule assumes at most one hostile node among a round's ticket holders.
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ class StallRule:
             raise ValueError(f"stall_window_rounds must be an integer >= 0, got {window!r}")
         self.window, self.quorum = window, quorum
         self.holders: dict[int, frozenset[str]] = {}  # closed round -> its final ticket holders
+        self.members: dict[int, frozenset[str]] = {}  # closed round -> its participants but newcomers sitting out
         self.published_rounds: set[int] = set()
         self.found: dict[str, int] = {}  # node -> times it was found
         self.sits_out_until: dict[str, int] = {}  # node -> the first round it takes part in again
@@ -66,10 +78,15 @@ class StallRule:
     # -- what the log records
     def round_closed(self, round_index: int, holders: Iterable[str], benched: Iterable[str] = ()) -> None:
         self._settle(int(round_index))
+        incumbents, benched = self.incumbents(int(round_index)), frozenset(str(n) for n in benched)
         self.holders[int(round_index)] = frozenset(str(n) for n in holders)
-        self.last_out.update({str(n): int(round_index) for n in benched})
+        # a newcomer sitting out stays one: it must not become an incumbent when this round is the
+        # first failed one left in the window
+        newcomers = benched - incumbents if incumbents is not None else frozenset()
+        self.members[int(round_index)] = self.holders[int(round_index)] | (benched - newcomers)
+        self.last_out.update({n: int(round_index) for n in benched})
         for r in [r for r in self.holders if r < round_index - self.window]:  # a long run keeps a window
-            del self.holders[r]
+            del self.holders[r], self.members[r]
         self.published_rounds = {r for r in self.published_rounds if r >= round_index - self.window}
 
     def published(self, round_index: int | None) -> None:
@@ -83,13 +100,25 @@ class StallRule:
         return sorted(r for r, h in self.holders.items()
                       if closing - self.window <= r < closing and len(h) >= 2 and r not in self.published_rounds)
 
-    def suspects(self, closing: int) -> tuple[list[int], frozenset[str]]:
-        """(the failed rounds, the nodes that held a ticket in every one of them); no suspects below
-        :data:`MIN_FAILED_ROUNDS` failed rounds."""
+    def incumbents(self, closing: int) -> frozenset[str] | None:
+        """The participants of the first failed round in the window (its ticket holders and those a
+        probe or a finding sat out, not the newcomers that sat it out), while the window holds an
+        incident (:data:`MIN_FAILED_ROUNDS` failed rounds or more); None otherwise."""
         failed = self.failed_rounds(closing)
         if self.window == 0 or len(failed) < MIN_FAILED_ROUNDS:
-            return failed, frozenset()
-        return failed, frozenset.intersection(*(self.holders[r] for r in failed))
+            return None
+        return self.members[failed[0]]
+
+    def suspects(self, closing: int) -> tuple[list[int], frozenset[str]]:
+        """(the failed rounds that count, the nodes that held a ticket in every one of them). Only the
+        failed rounds whose ticket holders were all incumbents count: a round a newcomer held a
+        ticket in may have been its doing, and must not clear the incumbent that did the others.
+        No suspects without an incident."""
+        incumbents = self.incumbents(closing)
+        if incumbents is None:
+            return self.failed_rounds(closing), frozenset()
+        counted = [r for r in self.failed_rounds(closing) if self.holders[r] <= incumbents]
+        return counted, frozenset.intersection(*(self.holders[r] for r in counted))
 
     def _settle(self, closing: int) -> None:
         """The finding at the close of round ``closing``, made once: a lone suspect not already
@@ -114,15 +143,28 @@ class StallRule:
         """Who sits out round ``closing`` (node -> reason) among its participants (``weights``: each
         participant's share of the round's accepted work)."""
         self._settle(closing)
-        out = {n: self.reasons[n] for n in sorted(weights) if self.sits_out_until.get(n, -1) > closing}
-        if not out:
-            failed, suspects = self.suspects(closing)
-            present = sorted(suspects & set(weights))
+        total = math.fsum(float(weights[n]) for n in sorted(weights))
+        out: dict[str, str] = {}
+
+        def sit_out(who: Mapping[str, str]) -> None:  # only while the rest could still publish without them
+            staying = math.fsum(float(weights[n]) for n in sorted(weights) if n not in out and n not in who)
+            if who and staying > self.quorum * total:
+                out.update(who)
+
+        found = {n: self.reasons[n] for n in sorted(weights) if self.sits_out_until.get(n, -1) > closing}
+        sit_out(found)
+        incumbents = self.incumbents(closing)
+        if incumbents is not None:
+            first = self.failed_rounds(closing)[0]
+            sit_out({n: f"took no part in round {first}, the first of the last {self.window} that published "
+                        f"nothing: a node new to the rounds sits out while they fail"
+                     for n in sorted(weights) if n not in incumbents and n not in out})
+        if not found:
+            counted, suspects = self.suspects(closing)
+            present = sorted((suspects & set(weights)) - set(out))
             if len(present) >= 2:
                 probe = min(present, key=lambda n: (self.last_out.get(n, -1), n))
-                out = {probe: f"one of {len(present)} nodes that held a ticket in every round that published "
-                              f"nothing in the last {self.window} ({', '.join(map(str, failed))}), sitting out "
-                              f"in turn"}
-        total = math.fsum(float(weights[n]) for n in sorted(weights))
-        staying = math.fsum(float(weights[n]) for n in sorted(weights) if n not in out)
-        return out if out and staying > self.quorum * total else {}
+                sit_out({probe: f"one of {len(present)} nodes that held a ticket in every round that published "
+                                f"nothing in the last {self.window} ({', '.join(map(str, counted))}), sitting out "
+                                f"in turn"})
+        return out

@@ -95,11 +95,12 @@ def test_nobody_sits_out_when_the_rest_could_not_publish_without_it():
     played = play(rule, 10, (A, H), staller)  # two members: the one left would hold half
     assert all(not b for _, b, _ in played)
     rule = StallRule(16)
-    rule.round_closed(0, (A, H))
-    rule.round_closed(1, (B, H))  # both failed: H is found at the next close
-    assert rule.benched(2, {A: 0.2, B: 0.2, H: 0.6}) == {}  # A and B hold 0.4: not more than half
-    assert set(rule.benched(2, {A: 0.3, B: 0.3, H: 0.4})) == {H}
-    assert rule.benched(2, {A: 0.5, B: 0.5}) == {}  # H did no work this round: nobody to sit out
+    rule.round_closed(0, (A, B, H))
+    rule.round_closed(1, (A, H), benched=(B,))  # a probe sat B out
+    rule.round_closed(2, (B, H), benched=(A,))  # all three failed: H is found at the next close
+    assert rule.benched(3, {A: 0.2, B: 0.2, H: 0.6}) == {}  # A and B hold 0.4: not more than half
+    assert set(rule.benched(3, {A: 0.3, B: 0.3, H: 0.4})) == {H}
+    assert rule.benched(3, {A: 0.5, B: 0.5}) == {}  # H did no work this round: nobody to sit out
 
 
 def test_rounds_with_one_ticket_holder_and_published_rounds_are_not_failures():
@@ -159,7 +160,7 @@ def stalled_run(tmp_path_factory):
             log.close()
             log = ProtocolLog(tmp / "log.sqlite")
             rec = RunRecorder.resume(log, COORDINATOR, salts=salts, hooks=world.hooks, on_salt=salts.__setitem__)
-            for attr in ("window", "holders", "published_rounds", "found", "sits_out_until", "reasons", "last_out"):
+            for attr in ("window", "holders", "published_rounds", "found", "sits_out_until", "reasons", "last_out", "members"):
                 assert getattr(rec.stalls, attr) == getattr(before, attr), attr
         for n in nodes:
             assert all(v.accepted for v in rec.submit(world.groups(n, r, sequence)[0])), r
@@ -216,3 +217,59 @@ def test_the_audit_replays_who_sat_out_and_pinpoints_a_forged_bench(stalled_run)
                        trusted_signers=[COORDINATOR.public_key_bytes])
         assert result.problem is not None and result.problem.index == close.index, result.problem
         assert "stall rule" in result.problem.reason
+
+
+def fresh(i: int) -> str:
+    return f"{0xF0000 + i:032x}"
+
+
+@pytest.mark.parametrize("rotate", ["when_sat_out", "every_round"])
+def test_a_staller_switching_to_fresh_keys_never_makes_an_honest_member_the_suspect(rotate):
+    """Its new keys are newcomers: they sit out while the old key's failures are in the window, and a
+    failed round a newcomer held a ticket in does not clear the old key. Without that, a round failed by
+    a new key (the old one away) left only honest members in the intersection, and a probe of one of
+    them then made the other the only suspect."""
+    rule, window, honest = StallRule(8), 8, (A, B)
+    keys = (fresh(i) for i in range(1000))
+    key, failed = next(keys), []
+    for r in range(120):
+        members = (*honest, key)
+        benched = rule.benched(r, {n: 1 / 3 for n in members})
+        holders = [n for n in members if n not in benched]
+        rule.round_closed(r, holders, benched)
+        if key in holders and len(holders) >= 2:
+            failed.append(r)
+        else:
+            rule.published(r)
+        assert not set(rule.found) & set(honest), (r, rule.found)
+        if rotate == "every_round" or key in benched:
+            key = next(keys)
+    for start in range(120):  # per window: at most n + 1 before a key is found, then its successors wait
+        assert sum(start <= r < start + 2 * window for r in failed) <= 2 * (3 + 1), failed
+    assert len(failed) < 120 // 3, failed
+
+
+def test_keys_that_did_work_before_and_stayed_away_are_newcomers_too():
+    """Two keys of the attacker did honest work in rounds 0-2, then stayed away; it stalls with a third
+    from round 10 and brings the two back in turn, each failing the rounds it is in while the others
+    are away: they sit out as newcomers, and no honest member is ever found."""
+    rule, honest = StallRule(8), (A, B)
+    prepositioned = (fresh(1), fresh(2))
+    plan = {r: (*honest, *prepositioned) for r in range(3)}
+    plan.update({r: honest for r in range(3, 10)})
+    plan.update({r: (*honest, (H, *prepositioned)[r % 3]) for r in range(10, 60)})
+    failed = []
+    for r in range(60):
+        members = plan[r]
+        benched = rule.benched(r, {n: 1 / len(members) for n in members})
+        holders = [n for n in members if n not in benched]
+        rule.round_closed(r, holders, benched)
+        hostile = [n for n in holders if n == H or n in prepositioned]
+        if r >= 10 and hostile and len(holders) >= 2:
+            failed.append(r)
+        else:
+            rule.published(r)
+        assert not set(rule.found) & set(honest), (r, rule.found, benched)
+    assert H in rule.found and set(rule.found) <= {H, *prepositioned}
+    for start in range(60):  # three ticket holders a round: at most n + 1 failed rounds in any window
+        assert sum(start <= r < start + 8 for r in failed) <= 3 + 1, failed
