@@ -3,7 +3,8 @@
 Reads the protocol log and ``coordinator.sqlite`` read-only (SQLite WAL lets it run beside a
 serving coordinator): current version and round, and per node its registration, last heartbeat,
 policy version and lag, throughput, the number of libp2p multiaddrs it announces, whether it is
-banned (``node_banned`` / ``node_unbanned``; reports against it by round participants), accepted
+banned (``node_banned`` / ``node_unbanned``; reports against it by round participants), the rounds
+the stall rule sat it out (``benched`` of ``round_closed``; the last closed round's reason), accepted
 samples and rejected proofs by reason code.
 """
 
@@ -45,7 +46,8 @@ def read_status(data_dir: str | Path) -> dict:
         raise StatusError(f"no protocol log at {log_path}: is {data_dir} a coordinator data directory?")
     run: dict = {"run_id": None, "version": None, "round": 0, "entries": 0, "max_staleness": 0}
     nodes: dict[str, dict] = defaultdict(lambda: {"accepted_samples": 0, "accepted_groups": 0,
-                                                  "rejected": Counter(), "banned": False, "reported": 0})
+                                                  "rejected": Counter(), "banned": False, "reported": 0,
+                                                  "sat_out": 0, "sits_out": ""})
     rejected_total: Counter = Counter()
     accepted_total = 0
     round_samples = 0
@@ -78,6 +80,11 @@ def read_status(data_dir: str | Path) -> dict:
             elif e.kind == ROUND_CLOSED:
                 run["round"] = p["round"] + 1
                 round_samples = 0
+                for n in list(nodes):
+                    nodes[n]["sits_out"] = ""
+                for n, reason in (p.get("benched") or {}).items():
+                    nodes[n]["sat_out"] += 1
+                    nodes[n]["sits_out"] = reason
             elif e.kind == NODE_BANNED:
                 nodes[p["node_id"]]["banned"] = True
             elif e.kind == NODE_UNBANNED:
@@ -110,6 +117,7 @@ def read_status(data_dir: str | Path) -> dict:
             "completions_per_s": hb.completions_per_s if hb is not None else None,
             "accelerator": (hb.hardware.accelerator or "cpu") if hb is not None else None,
             "multiaddrs": len(hb.multiaddrs) if hb is not None else 0, "reported": s["reported"],
+            "sat_out": s["sat_out"], "sits_out": s["sits_out"],
             "accepted_groups": s["accepted_groups"], "accepted_samples": s["accepted_samples"],
             "rejected": dict(s["rejected"]),
         })
@@ -129,7 +137,8 @@ def render_status(report: dict, console: Console) -> None:
         lag = "-" if r["lag"] is None else f"{r['lag']}{' STALE' if r['stale'] else ''}"
         table.add_row(
             r["node_id"][:16] + (" (banned)" if r["banned"] else "")
-            + (f" (reported {r['reported']}x)" if r["reported"] else ""),
+            + (f" (reported {r['reported']}x)" if r["reported"] else "")
+            + (f" (sat out {r['sat_out']} round(s){', now' if r['sits_out'] else ''})" if r["sat_out"] else ""),
             "-" if r["version"] is None else str(r["version"]), lag,
             "-" if r["last_seen_s"] is None else f"{r['last_seen_s']:g}s ago",
             "-" if r["completions_per_s"] is None else f"{r['completions_per_s']:.1f}",

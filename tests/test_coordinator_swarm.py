@@ -383,6 +383,8 @@ def test_a_peer_whose_rounds_never_publish_is_found_and_sits_out(tmp_path):
         result = audited(s)
         assert result.ok, result.problem
         assert result.nodes[staller.node_id].benched_rounds == sum(2 in o["benched"] for o in outcome)
+        row = {r["node_id"]: r for r in read_status(s.data_dir)["nodes"]}[staller.node_id]
+        assert row["sat_out"] == result.nodes[staller.node_id].benched_rounds and "found" in row["sits_out"]
     finally:
         s.stop()
 
