@@ -20,7 +20,10 @@ it has been open ``swarm.round_timeout_s`` (checked at each heartbeat and submis
 the time of the log entry that opened it, so a restart keeps it) — but not while the version the last
 closed round produced is being uploaded, moving and due within a round's timeout
 (:meth:`Coordinator._publication_streaming`):
-closing would drop the reports behind that upload; the upload's publication then closes it.
+closing would drop the reports behind that upload; the upload's publication then closes it. Nor
+does it close while the last closed round's ticket holders may still be averaging it
+(:meth:`Coordinator._last_round_settled`: not published, less than half of its weight has started
+the open round, and its averaging budget has not passed).
 Staleness: with current version v a node may sample with versions >= v - η (heartbeats tell it,
 ``may_sample``); older proofs are rejected ``STALE_VERSION`` by the verifier.
 
@@ -45,6 +48,7 @@ Admin method, signed with the coordinator's own key (``grpo-coordinator ban/unba
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -67,7 +71,7 @@ from grpo_swarm.protocol.peers import (
 from grpo_swarm.protocol.recorder import RunRecorder
 from grpo_swarm.protocol.run_spec import AuditHooks
 from grpo_swarm.protocol.identity import Identity, node_id_from_public_key
-from grpo_swarm.protocol.log import LogError, ProtocolLog
+from grpo_swarm.protocol.log import ROUND_CLOSED, LogError, ProtocolLog
 from grpo_swarm.protocol.proofs import now_ms
 from grpo_swarm.protocol.publication import PublicationRefused, Tally
 from grpo_swarm.protocol.rpc import DEFAULT_CHUNK_SIZE, sign_ticket, upload_seconds_left
@@ -132,6 +136,9 @@ def model_setup(cfg: RunConfig, *, spot_check: bool = True) -> Callable[[dict, P
     return build
 
 
+# a node's averaging attempts per round (node/swarm/averaging.py's default): how long the last round's
+# ticket holders may still be averaging it (see Coordinator._last_round_settled)
+AVERAGING_ATTEMPTS = 3
 MAX_VERSION_GROWTH = 4  # an uploaded version's size against the current one's (weights -> + AdamW moments)
 VERSION_SLACK_BYTES = 512 << 20  # ... plus this (headers, a small model's first version)
 
@@ -369,13 +376,34 @@ class Coordinator:
         full = samples >= self.cfg.swarm.samples_per_round
         started = self.round_started_ms
         late = samples > 0 and started is not None and now_ms() - started >= self.cfg.swarm.round_timeout_s * 1000
-        if not (full or late) or self._publication_streaming():
+        if not (full or late) or self._publication_streaming() or not self._last_round_settled():
             return False
         self.recorder.close_round()
         self.round_started_ms = None  # the next round's clock starts at its first dispatch
         self.metrics.rounds_closed.inc()
         self._refresh_gauges()
         return True
+
+    def _last_round_settled(self) -> bool:
+        """Whether the last closed round's ticket holders are done averaging it: its version was
+        published, or participants holding more than half of its weight (those the stall rule sat
+        out count: they do not average) have started sampling the open round, or its averaging
+        budget (``AVERAGING_ATTEMPTS`` x (matchmaking + averaging timeouts)) has passed since it
+        closed. Until then the open round does not close, full or timed out: closing it would make
+        it the producing round, and a ticket holder that left the averaging at once (or many keys of
+        one) could close it alone while the others still average, and then publish any weights it
+        likes with all of that round's weight behind it."""
+        pub = self.recorder.publication
+        if pub.round is None:  # published since, or nothing produced yet
+            return True
+        st = self.state
+        moved = [n for n in pub.weights if n in pub.benched or st.dispatched_version(n, st.current_round) is not None]
+        total = math.fsum(pub.weights[n] for n in sorted(pub.weights))
+        if math.fsum(pub.weights[n] for n in sorted(moved)) > 0.5 * total:
+            return True
+        closed = self.log.last(ROUND_CLOSED)
+        budget_ms = 1000 * AVERAGING_ATTEMPTS * (self.cfg.swarm.matchmaking_timeout_s + self.cfg.swarm.averaging_timeout_s)
+        return closed is None or now_ms() - closed.time_ms >= budget_ms
 
     def _publication_streaming(self) -> bool:
         """Whether the version the last closed round produced is being uploaded, moving, and due
@@ -499,7 +527,7 @@ def _round_start_ms(log: ProtocolLog) -> int | None:
     """When the open round's clock started: its first round_dispatched entry (a node started
     sampling it), None while no node has. A round's timeout counts from there, not from the
     previous close, so a round nobody worked on does not time out the moment a node shows up."""
-    from grpo_swarm.protocol.log import ROUND_CLOSED, ROUND_DISPATCHED, RUN_STARTED
+    from grpo_swarm.protocol.log import ROUND_DISPATCHED, RUN_STARTED
 
     opened = log.last(ROUND_CLOSED, RUN_STARTED)
     for entry in log.entries(opened.index if opened is not None else 0):

@@ -365,7 +365,10 @@ def test_the_next_round_stays_open_while_the_version_uploads(tmp_path):
 
 
 def test_a_trickling_upload_does_not_hold_the_next_round(tmp_path):
-    """An upload that at its rate would end later than a round's timeout is not waited for."""
+    """An upload that at its rate would end later than a round's timeout is not waited for: once
+    round 0's contributors have moved on to round 1, it closes on time. Before they have, it does
+    not close, moving upload or not: the newcomer that did round 1's work alone would hold all of
+    the producing round's weight (the lone-round attack, tests/test_snapshot_quorum.py)."""
     world = two_contributors(tmp_path, round_timeout_s=2.0)
     s, a, b, sha = next(world)
     c = HonestNode(s.address, tmp_path / "c")
@@ -377,7 +380,10 @@ def test_a_trickling_upload_does_not_hold_the_next_round(tmp_path):
         time.sleep(2.2)
         flight = s.coordinator.uploads.progress(1)
         assert flight is not None and flight.bytes_received > 0 and flight.idle_ms < 20_000  # moving, ...
-        assert c.heartbeat().current_round == 2  # ... and round 1 closed on time
+        assert c.heartbeat().current_round == 1  # ... and round 0's contributors still at it
+        for node in (a, b):  # they give up on version 1 and start round 1
+            node.heartbeat()
+        assert c.heartbeat().current_round == 2  # round 1 closed on time, the trickle not waited for
         call.cancel()
     finally:
         c.client.close()

@@ -297,6 +297,44 @@ def test_fresh_keys_cannot_outvote_verified_work(tmp_path):
         s.stop()
 
 
+def test_one_ticket_holder_cannot_close_the_next_round_alone_while_the_others_average(tmp_path):
+    """The attack (found this session, run against the coordinator before the fix: it published
+    version 1 with weights of its choosing): round 0 closes with a, b and h; while a and b average it,
+    h starts round 1 at once, waits out the round timeout and submits, which closed round 1 with h
+    as its only participant — all of the producing round's weight — and h's report alone published
+    its weights. Now the open round does not close, timed out or full (h's two fresh keys doing
+    round 1's work too), while the holders of more than half of round 0's weight are still
+    averaging it; once a moves on, it closes with everyone who did round 1's work."""
+    s = Served(tmp_path, samples_per_round=24, spot_check_rate=0.0, round_timeout_s=1.0)
+    try:
+        nodes = []
+        for name in ("a", "b", "h", "s1", "s2"):
+            (tmp_path / name).mkdir()
+            nodes.append(HonestNode(s.address, tmp_path / name))
+        a, b, h, *sybils = nodes
+        for n in (a, b, h):
+            n.submit(n.sample(n.heartbeat(completions_per_s=12.5, tokens_per_s=50.0)))
+        assert h.client.heartbeat(0, sample=False).current_round == 1
+        works = {n: n.sample(n.heartbeat(completions_per_s=12.5, tokens_per_s=50.0)) for n in (h, *sybils)}
+        time.sleep(1.5)  # past round 1's timeout
+        replies = [n.submit(works[n]) for n in (h, *sybils)]  # h's and then enough for a full round
+        assert all(all(v.accepted for v in r.verdicts) for r in replies)
+        assert not any(r.round_closed for r in replies) and replies[-1].current_round == 1
+        for t in h.trainer.trainable:  # h's weights of choice, reported for version 1
+            t.grad = torch.full_like(t, 100.0)
+        h.trainer.apply_gradients()
+        sha = h.state_sha256()
+        h.report(1, sha)
+        with pytest.raises(CoordinatorError, match="publishing needs more than 0.5"):
+            h.upload(1, sha)
+        # a is done with round 0 (its averaging failed, say): with h, more than half of round 0's weight
+        a.submit(a.sample(a.heartbeat(completions_per_s=12.5, tokens_per_s=50.0)))
+        hb = a.client.heartbeat(0, sample=False)
+        assert hb.current_round == 2 and len(hb.round_participants) == 4  # h, its two keys and a
+    finally:
+        s.stop()
+
+
 def test_a_lone_first_reporter_needs_more_than_half_and_reports_survive_a_restart(tmp_path):
     s = Served(tmp_path, samples_per_round=16)
     try:
