@@ -34,7 +34,9 @@ every later round averaged by all), ``ok`` still whether every measured round wa
 
 A node that lost a round (the kill's, or one it skipped to catch up) needs one more to take part in
 ``--rounds``, which no peer joins once the others are done: ``LAST_NODE_GRACE_S`` after the first
-node finished, the rest are stopped as Ctrl-C stops them (``stopped`` lists them).
+node finished, the rest are stopped as Ctrl-C stops them (``stopped`` lists them); ``--stop-after S``
+stops every node still running S seconds after the start the same way (the smoke test's bound: a
+round waits for the last round's ticket holders, one of which may wait out its attempts).
 """
 
 from __future__ import annotations
@@ -187,6 +189,9 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=48, help="max completion length")
     ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--stop-after", type=float, metavar="S",
+                    help="stop the nodes still running S seconds after they started, as Ctrl-C stops them "
+                         "(``stopped`` lists them): a smoke run's bound when a round waits out its timeouts")
     ap.add_argument("--uplink", help="tc rate of every uplink (e.g. 100mbit), each process in its own namespace")
     ap.add_argument("--kill-averager", type=int, metavar="N",
                     help="SIGKILL node 0's averager process once it has finished N rounds")
@@ -218,6 +223,7 @@ def main(argv=None) -> int:
             log(f"coordinator on {swarm.start_coordinator(timeout_s=300)}; {args.nodes} nodes, {args.rounds} rounds")
             procs = [swarm.start_node(i, rounds=args.rounds) for i in range(args.nodes)]
             deadline = time.monotonic() + args.timeout
+            stop_at = None if args.stop_after is None else time.monotonic() + args.stop_after
             kill_after = args.kill_averager
             first_done: float | None = None
             while any(p.poll() is None for p in procs):
@@ -225,9 +231,11 @@ def main(argv=None) -> int:
                     raise TimeoutError(f"the nodes did not finish within {args.timeout:.0f} s (logs in {work})")
                 if first_done is None and any(p.poll() is not None for p in procs):
                     first_done = time.monotonic()
-                if first_done is not None and time.monotonic() > first_done + LAST_NODE_GRACE_S:
+                graced = first_done is not None and time.monotonic() > first_done + LAST_NODE_GRACE_S
+                if graced or (stop_at is not None and time.monotonic() > stop_at):
                     extra["stopped"] = [i for i, p in enumerate(procs) if p.poll() is None]
-                    log(f"stopping nodes {extra['stopped']}: the others finished {LAST_NODE_GRACE_S:.0f} s ago")
+                    log(f"stopping nodes {extra['stopped']}: " + (f"the others finished {LAST_NODE_GRACE_S:.0f} s ago"
+                                                                  if graced else f"--stop-after {args.stop_after:g} s"))
                     for i in extra["stopped"]:
                         procs[i].send_signal(signal.SIGINT)
                     for i in extra["stopped"]:
