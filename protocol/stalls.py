@@ -36,7 +36,8 @@ lowers the bar a publication must clear.
 
 What it bounds. A staller is an incumbent of every incident it starts and holds a ticket in every
 failed round, so it stays a suspect; with k suspects it fails at most k - 1 probe rounds before it
-is found. Among n ticket holders it fails at most n + 1 rounds in any window, and a key found again
+is found. Among n ticket holders it fails at most n + 1 rounds in any window (besides rounds a probe
+could not sit anyone out of, for the quorum), and a key found again
 sits out twice as long as the last time: O(n log T) failed rounds in T for one key. Fresh keys do
 not reset that to every round: each sits out as a newcomer until the incident leaves the window, so
 a staller with many keys still fails at most n + 1 rounds per window. An honest swarm pays only

@@ -325,7 +325,10 @@ def test_a_peer_failing_every_round_of_three_is_found_and_sits_out(tmp_path):
     print("\nfailed rounds", failed, "sat out", {r: list(b) for r, b in benched.items() if b})
     assert all(bad_node in closes[r]["participants"] and bad_node not in benched[r] for r in failed), closes
     found = next(r for r, b in sorted(benched.items()) if "found" in b.get(bad_node, ""))
-    assert 2 <= len(failed) <= 3 + 1 and max(failed) < found, (failed, found)
+    # n + 1 failed rounds at most, besides those a probe could not sit anyone out of (an honest
+    # member late for the round: the two left could not publish without one of them)
+    short = [r for r in failed if len(closes[r]["participants"]) < 3]
+    assert 2 <= len(failed) <= 3 + 1 + len(short) and max(failed) < found, (failed, short, found)
     later = [r for r in closes if r >= found and r + 1 in closes]
     assert later and all(r in produced and list(benched[r]) == [bad_node] for r in later), (later, benched)
     for i in (0, 1):
