@@ -71,7 +71,7 @@ from grpo_swarm.protocol.peers import (
 from grpo_swarm.protocol.recorder import RunRecorder
 from grpo_swarm.protocol.run_spec import AuditHooks
 from grpo_swarm.protocol.identity import Identity, node_id_from_public_key
-from grpo_swarm.protocol.log import ROUND_CLOSED, LogError, ProtocolLog
+from grpo_swarm.protocol.log import LogError, ProtocolLog
 from grpo_swarm.protocol.proofs import now_ms
 from grpo_swarm.protocol.publication import PublicationRefused, Tally
 from grpo_swarm.protocol.rpc import DEFAULT_CHUNK_SIZE, sign_ticket, upload_seconds_left
@@ -401,9 +401,9 @@ class Coordinator:
         total = math.fsum(pub.weights[n] for n in sorted(pub.weights))
         if math.fsum(pub.weights[n] for n in sorted(moved)) > 0.5 * total:
             return True
-        closed = self.log.last(ROUND_CLOSED)
+        closed_ms = self.recorder.closed_ms
         budget_ms = 1000 * AVERAGING_ATTEMPTS * (self.cfg.swarm.matchmaking_timeout_s + self.cfg.swarm.averaging_timeout_s)
-        return closed is None or now_ms() - closed.time_ms >= budget_ms
+        return closed_ms is None or now_ms() - closed_ms >= budget_ms
 
     def _publication_streaming(self) -> bool:
         """Whether the version the last closed round produced is being uploaded, moving, and due
@@ -527,7 +527,7 @@ def _round_start_ms(log: ProtocolLog) -> int | None:
     """When the open round's clock started: its first round_dispatched entry (a node started
     sampling it), None while no node has. A round's timeout counts from there, not from the
     previous close, so a round nobody worked on does not time out the moment a node shows up."""
-    from grpo_swarm.protocol.log import ROUND_DISPATCHED, RUN_STARTED
+    from grpo_swarm.protocol.log import ROUND_CLOSED, ROUND_DISPATCHED, RUN_STARTED
 
     opened = log.last(ROUND_CLOSED, RUN_STARTED)
     for entry in log.entries(opened.index if opened is not None else 0):

@@ -47,10 +47,11 @@ def read_status(data_dir: str | Path) -> dict:
     run: dict = {"run_id": None, "version": None, "round": 0, "entries": 0, "max_staleness": 0}
     nodes: dict[str, dict] = defaultdict(lambda: {"accepted_samples": 0, "accepted_groups": 0,
                                                   "rejected": Counter(), "banned": False, "reported": 0,
-                                                  "sat_out": 0, "sits_out": ""})
+                                                  "sat_out": 0})
     rejected_total: Counter = Counter()
     accepted_total = 0
     round_samples = 0
+    last_benched: dict = {}  # the last closed round's: who sits it out, and why
     try:
         log = ProtocolLog(log_path, create=False, readonly=True)
     except LogError as e:
@@ -80,11 +81,9 @@ def read_status(data_dir: str | Path) -> dict:
             elif e.kind == ROUND_CLOSED:
                 run["round"] = p["round"] + 1
                 round_samples = 0
-                for n in list(nodes):
-                    nodes[n]["sits_out"] = ""
-                for n, reason in (p.get("benched") or {}).items():
+                last_benched = p.get("benched") or {}
+                for n in last_benched:
                     nodes[n]["sat_out"] += 1
-                    nodes[n]["sits_out"] = reason
             elif e.kind == NODE_BANNED:
                 nodes[p["node_id"]]["banned"] = True
             elif e.kind == NODE_UNBANNED:
@@ -117,7 +116,7 @@ def read_status(data_dir: str | Path) -> dict:
             "completions_per_s": hb.completions_per_s if hb is not None else None,
             "accelerator": (hb.hardware.accelerator or "cpu") if hb is not None else None,
             "multiaddrs": len(hb.multiaddrs) if hb is not None else 0, "reported": s["reported"],
-            "sat_out": s["sat_out"], "sits_out": s["sits_out"],
+            "sat_out": s["sat_out"], "sits_out": last_benched.get(node_id, ""),
             "accepted_groups": s["accepted_groups"], "accepted_samples": s["accepted_samples"],
             "rejected": dict(s["rejected"]),
         })

@@ -84,6 +84,7 @@ class RunRecorder:
         self.stalls = StallRule(spec.stall_window_rounds, spec.publish_quorum)  # likewise
         self.final_tickets: dict[str, pb.AdmissionTicket] = {}  # node -> its ticket of the last closed round
         self.benched: dict[str, str] = {}  # node -> why it sits out the last closed round (no final ticket)
+        self.closed_ms: int | None = None  # when the last round closed (its round_closed entry's time)
         if _resume:
             return
         self._salt = self._draw_salt(0)
@@ -303,6 +304,7 @@ class RunRecorder:
         keys = {n: k for k, n in self.state.keys.items()}
         p = entry.payload
         self.benched = dict(p.get("benched") or {})
+        self.closed_ms = entry.time_ms
         self.final_tickets = {} if "samples" not in p else {
             n: final_ticket(self.spec.run_id, entry, n, keys[n], self.identity) for n in ticket_holders(p)}
 
