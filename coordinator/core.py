@@ -311,8 +311,10 @@ class Coordinator:
                 min_version=max(0, cur - eta), may_sample=may, prompt_indices=prompts,
                 round_samples_accepted=self.round_samples(), round_samples_target=self.cfg.swarm.samples_per_round,
                 sample_version=bound, peers=self.peers(node_id))
-            reply.round_participants.extend(sorted(bytes(t.node_public_key)
-                                                   for t in self.recorder.final_tickets.values()))
+            holders = self.recorder.final_tickets
+            reply.round_participants.extend(sorted(bytes(t.node_public_key) for t in holders.values()))
+            reply.round_moved_on.extend(sorted(bytes(t.node_public_key) for n, t in holders.items()
+                                               if st.dispatched_version(n, st.current_round) is not None))
             ticket = self.recorder.final_tickets.get(node_id)
             if ticket is not None:  # its final ticket of the last closed round
                 reply.round_ticket.CopyFrom(ticket)

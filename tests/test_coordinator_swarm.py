@@ -338,12 +338,15 @@ def test_a_peer_whose_rounds_never_publish_is_found_and_sits_out(tmp_path):
             (tmp_path / name).mkdir()
             nodes.append(HonestNode(s.address, tmp_path / name))
         staller = nodes[2]
-        outcome = []
+        outcome, holders = [], []
         for r in range(9):
-            for n in nodes:
+            for i, n in enumerate(nodes):
                 if n.client.heartbeat(n.snapshot.version, sample=False).current.version != n.snapshot.version:
                     n.sync()  # the join loop's resync, before the round binds its version
                 work = n.sample(n.heartbeat(completions_per_s=12.5, tokens_per_s=50.0))
+                # the last round's ticket holders that started sampling this one have left its averaging
+                moved = staller.client.heartbeat(staller.snapshot.version, sample=False).round_moved_on
+                assert list(moved) == sorted(m.identity.public_key_bytes for m in nodes[: i + 1] if m in holders), r
                 assert all(v.accepted for v in n.submit(work).verdicts), r  # everyone's work is accepted
             closed = {n: n.client.heartbeat(n.snapshot.version, sample=False) for n in nodes}
             assert closed[nodes[0]].current_round == r + 1

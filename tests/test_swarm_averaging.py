@@ -1106,16 +1106,17 @@ def test_a_member_that_stalls_every_attempt_is_left_out_of_the_retry(swarm):
 
 
 def _left_out_of_the_retry_as_stalled(swarm: Swarm, r: int) -> tuple[dict, dict, dict]:
-    """Round ``r``'s reports of A, B and H, checked: A and B averaged in their second attempt, which
-    left H out as STALLED (H knows why); nobody else was named stalled and nobody reported H; the
-    result is the honest-only mean, the same bytes on both."""
+    """Round ``r``'s reports of A, B and H, checked: A and B averaged in a retry that left H out as
+    STALLED (H knows why) — the second attempt, or the third when the two honest members missed each
+    other in the second (on a loaded machine their matchmaking can miss); nobody else was named
+    stalled and nobody reported H; the result is the honest-only mean, the same bytes on both."""
     hostile = swarm.peer_ids[H]
     a, b, h = (swarm.report(r, p) for p in (A, B, H))
     assert a["ok"] and b["ok"], json.dumps([a, b], indent=1)[:6000]
     assert not h["ok"] and h["left_out_as_stalled"], h
     honest = {swarm.peer_ids[A], swarm.peer_ids[B]}
     for rep in (a, b):
-        assert len(rep["attempts"]) == 2, rep["attempts"]
+        assert 2 <= len(rep["attempts"]) <= TIMING["max_attempts"], json.dumps(rep["attempts"], indent=1)[:6000]
         last = rep["attempts"][-1]
         assert set(last["weights"]) == honest, last
         assert last["excluded"].get(hostile, "").startswith("ACCUSED") and "STALLED" in last["excluded"][hostile]

@@ -6,6 +6,8 @@ three node processes (real hivemind DHTs and verified averagers) with the demo's
   group is SIGKILLed; the other two finish that round within the averaging timeout, and the
   member, restarted with the same key and work directory, holds the published snapshot and is
   averaged with them again within 60 s of its restart;
+* in a pair, a partner killed mid-round and restarted: the survivor stops that round as soon as the
+  coordinator lists the partner as gone on to the next round, and the pair averages again;
 * a hostile member (NaN in every part it sends, tests/swarm_hostile.py through
   tests/swarm_join_node.py): the honest peers' round still succeeds without it, they exclude it
   with the reason, report it to the coordinator, and their two reports ban it;
@@ -169,6 +171,45 @@ def _daemons_of(proc) -> list:
     import psutil
 
     return [c for c in psutil.Process(proc.pid).children(recursive=True) if c.name() == "p2pd"]
+
+
+@pytest.mark.slow
+def test_a_node_whose_partner_died_mid_round_stops_once_the_partner_moved_on(tmp_path):
+    """Two nodes; in round 1 one of them hangs in a reduction and is SIGKILLed, then restarted. The
+    survivor cannot finish that round alone (an attempt needs 2 of its 2 participants): it stops as
+    soon as the coordinator lists the restarted partner among the round's participants that started
+    sampling the next round — not after waiting out every attempt (3 x (matchmaking + averaging
+    timeouts), over two minutes here), which would also hold the next round's close back. The pair
+    then averages together again, holding the published snapshot."""
+    marker = tmp_path / "stalled"
+    victim, survivor = 1, 0
+    with LocalSwarm(tmp_path / "swarm", nodes=2) as swarm:
+        swarm.start_coordinator()
+        swarm.start_node(survivor)
+        swarm.start_node(victim, program=hostile("stall", 1, marker))
+        wait_until(marker.exists, 180, swarm, "stalled reduction", running=(survivor, victim))
+        before = len(swarm.records(victim))
+        swarm.kill_node(victim)
+        swarm.start_node(victim)
+        restarted_at = time.time()
+
+        def together_again() -> bool:
+            mine = [r for r in swarm.records(victim)[before:] if r["averaged"] and r["peers"] == 2]
+            return bool(mine) and any(r["round"] == mine[0]["round"] and r["averaged"] for r in swarm.records(survivor))
+
+        wait_until(together_again, 90, swarm, "a round averaged by both after the restart", running=(survivor, victim))
+        swarm.stop_nodes(grace_s=0)
+        records = {i: swarm.records(i) for i in (survivor, victim)}
+        entries = log_entries(swarm)
+
+    killed_round = next(r["round"] for r in records[survivor] if r["round"] >= 1 and not r["averaged"])
+    (r,) = [r for r in records[survivor] if r["round"] == killed_round]
+    print(f"\nsurvivor, round {killed_round}: averaging {r['averaging_s']:.1f} s, done "
+          f"{r['ended'] - restarted_at:.1f} s after the partner's restart; {r['note']}")
+    assert "went on" in r["note"], r
+    worst = 3 * (SWARM["matchmaking_timeout_s"] + SWARM["averaging_timeout_s"])
+    assert r["ended"] - restarted_at < 30.0 and r["averaging_s"] < worst / 2, r
+    assert_one_policy(records, published(entries))
 
 
 @pytest.mark.slow
@@ -426,22 +467,37 @@ def test_the_straggler_wait_scales_with_the_nodes_own_gradient_time():
 
 
 def test_a_node_asks_the_coordinator_whether_its_round_went_on():
-    """The averager's ``round_over``: True once the coordinator serves a version after the one the
-    node's gradient was taken at; False before, and when the coordinator cannot be asked."""
+    """The averager's ``round_over`` for round 7, gradient taken at version 4: True once the
+    coordinator serves version 5, once round 8 closed too, or once so many of the round's
+    participants started sampling round 8 that those left cannot make the strict majority an
+    attempt needs; False before, and when the coordinator cannot be asked."""
     from types import SimpleNamespace
 
     from grpo_swarm.node.swarm.join import SwarmPeer
 
-    served = {"version": 4}
+    a, b, c = (bytes([i]) * 32 for i in (1, 2, 3))
+    served = {"version": 4, "round": 8, "moved": []}
 
     def heartbeat():
         if served["version"] is None:
             raise CoordinatorError("Heartbeat", "UNAVAILABLE", "connection refused")
-        return SimpleNamespace(current=SimpleNamespace(version=served["version"]))
+        return SimpleNamespace(current=SimpleNamespace(version=served["version"]), current_round=served["round"],
+                               round_moved_on=list(served["moved"]))
 
-    peer = SimpleNamespace(heartbeat=heartbeat)
-    assert SwarmPeer._published_after(peer, 4) is False
-    served["version"] = 5
-    assert SwarmPeer._published_after(peer, 4) is True
-    served["version"] = None
-    assert SwarmPeer._published_after(peer, 4) is False
+    peer = SimpleNamespace(heartbeat=heartbeat, _participants=[a, b, c])
+
+    def went_on(**change):
+        served.update(change)
+        return SwarmPeer._round_went_on(peer, 7, 4)
+
+    assert went_on() is False
+    assert went_on(version=5) is True
+    assert went_on(version=4, round=9) is True  # round 8 closed: it produces the next version now
+    assert went_on(round=8, moved=[b]) is False  # a and c still make 2 of 3
+    assert went_on(moved=[b, c]) is True  # a alone cannot
+    peer._participants = [a, b]
+    assert went_on(moved=[b]) is True  # a's partner restarted and went on to round 8
+    assert went_on(moved=[]) is False
+    peer._participants = []  # the coordinator listed nobody: only a publication ends the round
+    assert went_on(moved=[b, c]) is False
+    assert went_on(version=None) is False

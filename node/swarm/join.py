@@ -351,15 +351,26 @@ class SwarmPeer:
         cap = self.matchmaking_timeout_s / 2
         return min(max(MIN_STRAGGLER_WAIT_S, self.straggler_wait * max(own_s, 0.0)), cap)
 
-    def _published_after(self, version: int) -> bool:
-        """Whether the coordinator already serves a version after ``version`` (the one this node's
-        gradient was taken at): the round was averaged and published without this node. False when
-        the coordinator cannot be asked (the averager then retries as it would)."""
+    def _round_went_on(self, round_index: int, version: int) -> bool:
+        """Whether round ``round_index``'s averaging is over for this node: the coordinator serves a
+        version after ``version`` (the one the gradient was taken at: averaged and published without
+        this node), a later round closed (this one can no longer be published), or so many of its
+        participants started sampling the open round that those left cannot make up the strict
+        majority an attempt needs (a partner that restarted or quit: retrying would wait out every
+        attempt for nobody, and the next round waits for this node). False when the coordinator
+        cannot be asked (the averager then retries as it would)."""
         try:
-            return self.heartbeat().current.version > version
+            hb = self.heartbeat()
         except Exception as e:  # noqa: BLE001 - a retry costs time, not correctness
             log.warning("could not ask the coordinator whether the round went on: %s", e)
             return False
+        if hb.current.version > version or hb.current_round > round_index + 1:
+            return True
+        participants = set(self._participants)
+        if hb.current_round != round_index + 1 or not participants:
+            return False
+        left = len(participants - {bytes(k) for k in hb.round_moved_on})
+        return left < len(participants) // 2 + 1
 
     def _bind_gradients(self, params) -> bool:
         """On the CPU, make the averager's input buffers the parameters' ``.grad`` (zeroed), so that the
@@ -406,7 +417,7 @@ class SwarmPeer:
                                        expected_peers=list(self._participants) or None,
                                        out=self.averager.result_buffers() if bound else grads,
                                        straggler_wait=self._straggler_wait(started - closed_at),
-                                       round_over=lambda: self._published_after(p.snapshot.version))
+                                       round_over=lambda: self._round_went_on(work.round_index, p.snapshot.version))
         self._last_result = result
         if bound and result.ok:  # the step reads the average where the round left it
             for t, averaged in zip(trainer.trainable, result.grads, strict=True):
