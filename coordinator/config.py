@@ -104,7 +104,7 @@ class SwarmSettings(Section):
         1.0, ge=0, le=10, description="averaging: a partial group waits for the round's missing peers up to this "
                                       "many times the node's own time from the round's close to its averaging (its "
                                       "gradient), at least 2 s and at most half of matchmaking_timeout_s")
-    min_peers: int = Field(2, ge=1, description="peers needed before a round starts")
+    min_peers: int = Field(2, ge=1, description="live nodes needed before a round starts (nobody may start sampling before)")
     heartbeat_interval_s: float = Field(10.0, gt=0, description="how often nodes report to the coordinator")
     round_timeout_s: float = Field(
         600.0, gt=0, description="close a round after this long even below samples_per_round (if it has any)")

@@ -231,6 +231,12 @@ class Coordinator:
                                                        prefer=workers[:PREFERRED_CANDIDATES],
                                                        is_banned=self.state.is_banned)]
 
+    def live_nodes(self) -> int:
+        """Nodes seen within the peer TTL, banned ones not counted: what ``swarm.min_peers`` is held
+        against before a round starts."""
+        since = now_ms() - int(PEER_TTL_INTERVALS * self.cfg.swarm.heartbeat_interval_s * 1000)
+        return sum(1 for n in self.store.active_node_ids(since) if not self.state.is_banned(n))
+
     def _refresh_gauges(self) -> None:
         m, st = self.metrics, self.state
         m.nodes.set(len(st.keys))
@@ -295,7 +301,9 @@ class Coordinator:
                 self.store.set_multiaddrs(node_id, addrs)
             self.metrics.staleness.labels("heartbeat").observe(lag)
             self._maybe_close_round()  # (a full round closes at the submission that fills it, unless held)
-            may = staleness in (pb.STALENESS_CURRENT, pb.STALENESS_BEHIND) and not st.is_banned(node_id)
+            live = self.live_nodes()
+            may = staleness in (pb.STALENESS_CURRENT, pb.STALENESS_BEHIND) and not st.is_banned(node_id) and (
+                live >= self.cfg.swarm.min_peers or st.dispatched_version(node_id, st.current_round) is not None)
             # the first Heartbeat of a round binds the version its prompts must be sampled with, so
             # that a node cannot sample with each of the η + 1 allowed versions and keep the best
             if may and request.sample:
@@ -310,7 +318,7 @@ class Coordinator:
                 current=self.current, current_round=st.current_round, lag=lag, staleness=staleness,
                 min_version=max(0, cur - eta), may_sample=may, prompt_indices=prompts,
                 round_samples_accepted=self.round_samples(), round_samples_target=self.cfg.swarm.samples_per_round,
-                sample_version=bound, peers=self.peers(node_id))
+                sample_version=bound, peers=self.peers(node_id), live_nodes=live, min_peers=self.cfg.swarm.min_peers)
             holders = self.recorder.final_tickets
             reply.round_participants.extend(sorted(bytes(t.node_public_key) for t in holders.values()))
             reply.round_moved_on.extend(sorted(bytes(t.node_public_key) for n, t in holders.items()

@@ -139,6 +139,9 @@ class CoordinatorStore:
     def active_nodes(self, since_ms: int) -> int:
         return self._db.execute("SELECT count(*) FROM nodes WHERE last_seen_ms >= ?", (since_ms,)).fetchone()[0]
 
+    def active_node_ids(self, since_ms: int) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT node_id FROM nodes WHERE last_seen_ms >= ?", (since_ms,))]
+
     def nodes(self) -> list[NodeRow]:
         rows = []
         has_addrs = "multiaddrs" in self._columns()  # a read-only open of an older file has none

@@ -43,13 +43,16 @@ samples_per_round = {samples_per_round}
 max_staleness = {max_staleness}
 spot_check_rate = {spot_check_rate}
 round_timeout_s = {round_timeout_s}
+min_peers = {min_peers}
 """
 
 
 def write_run_toml(path: Path, *, samples_per_round: int = 64, max_staleness: int = 1, spot_check_rate: float = 0.5,
-                   round_timeout_s: float = 3600.0) -> Path:
+                   round_timeout_s: float = 3600.0, min_peers: int = 1) -> Path:
+    """A run whose rounds start with a single node (``min_peers`` 1) unless told otherwise."""
     path.write_text(RUN_TOML.format(samples_per_round=samples_per_round, max_staleness=max_staleness,
-                                    spot_check_rate=spot_check_rate, round_timeout_s=round_timeout_s))
+                                    spot_check_rate=spot_check_rate, round_timeout_s=round_timeout_s,
+                                    min_peers=min_peers))
     return path
 
 

@@ -322,6 +322,39 @@ def test_final_tickets_carry_the_rounds_verified_samples_and_tokens(tmp_path):
         coordinator.close()
 
 
+# ---- min_peers -------------------------------------------------------------------------------------
+def test_no_round_starts_before_min_peers_nodes_are_live(tmp_path):
+    """``swarm.min_peers`` = 3: nobody may start sampling (nothing is bound) while fewer than three
+    unbanned nodes were seen lately, and every reply says how many are; once three are, they may. A
+    node that already started the open round keeps sampling it when the count drops (a ban here)."""
+    s = Served(tmp_path, min_peers=3)
+    try:
+        a, b, c, d = (s.client() for _ in range(4))
+        for client, live in ((a, 1), (b, 2)):
+            client.register()  # (a registration is a sign of life too)
+            hb = client.heartbeat(0)
+            assert (hb.may_sample, hb.live_nodes, hb.min_peers, hb.sample_version) == (False, live, 3, 0), hb
+            assert list(hb.prompt_indices)  # the assignment is public; only the binding waits
+        assert not list(s.coordinator.log.entries(kind="round_dispatched"))
+        c.register()
+        hb = c.heartbeat(0)
+        assert hb.may_sample and hb.live_nodes == 3
+        assert a.heartbeat(0).may_sample  # a asks again: three are live now, and it binds
+        assert {e.payload["node_id"] for e in s.coordinator.log.entries(kind="round_dispatched")} == {
+            a.identity.node_id, c.identity.node_id}
+        admin = admin_client(s)
+        admin.admin(pb.ADMIN_BAN, c.identity.node_id, "test")
+        admin.close()
+        hb = a.heartbeat(0)  # a banned node does not count; a started the round before the ban
+        assert hb.live_nodes == 2 and hb.may_sample
+        assert not b.heartbeat(0).may_sample  # b has not: it waits
+        d.register()
+        hb = d.heartbeat(0)
+        assert hb.may_sample and hb.live_nodes == 3
+    finally:
+        s.stop()
+
+
 # ---- the stall rule --------------------------------------------------------------------------------------
 def test_a_peer_whose_rounds_never_publish_is_found_and_sits_out(tmp_path):
     """Three product participants over gRPC (the run's default stall window). The averaging itself is

@@ -180,12 +180,17 @@ def test_a_node_whose_partner_died_mid_round_stops_once_the_partner_moved_on(tmp
     soon as the coordinator lists the restarted partner among the round's participants that started
     sampling the next round — not after waiting out every attempt (3 x (matchmaking + averaging
     timeouts), over two minutes here), which would also hold the next round's close back. The pair
-    then averages together again, holding the published snapshot."""
+    then averages together again, holding the published snapshot. (First, the demo's
+    ``swarm.min_peers`` = 2: the node that comes up alone waits for a peer and nothing is bound.)"""
     marker = tmp_path / "stalled"
     victim, survivor = 1, 0
     with LocalSwarm(tmp_path / "swarm", nodes=2) as swarm:
         swarm.start_coordinator()
         swarm.start_node(survivor)
+        waiting = lambda: "waiting for peers: 1 of the 2" in (swarm.logs / f"node{survivor}.log").read_text()  # noqa: E731
+        wait_until(waiting, 60, swarm, "the lone node waiting for a peer", running=(survivor,))
+        time.sleep(1.5)  # a heartbeat or two more: still alone, still nothing bound
+        assert not [e for e in log_entries(swarm) if e.kind == "round_dispatched"]
         swarm.start_node(victim, program=hostile("stall", 1, marker))
         wait_until(marker.exists, 180, swarm, "stalled reduction", running=(survivor, victim))
         before = len(swarm.records(victim))

@@ -98,6 +98,7 @@ class LocalSwarm:
         text = config_text or demo_config_text()
         # the round closes as soon as every node's groups are in: N nodes x prompts x G
         text = text.replace("samples_per_round = 384", f"samples_per_round = {nodes * 8 * 16}")
+        text = text.replace("min_peers = 2 ", f"min_peers = {min(nodes, 2)} ")  # (a swarm of one: no wait)
         (self.out / "run.toml").write_text(text)
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                     **(env or {})}

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 COMPRESSIONS = ("none", "fp16", "8bit")
 MIN_STRAGGLER_WAIT_S = 2.0  # the averager's min_matchmaking_time: the wait when gradients take no time
 PART_SIZE_LIMITS = (64 << 10, 16 << 20)  # --part-size: larger parts cost less CPU, smaller ones pipeline better
+PEERS_POLL_S = 1.0  # while waiting for swarm.min_peers live nodes, how often the coordinator is asked
 
 
 def compression_named(name: str):
@@ -289,7 +290,7 @@ class SwarmPeer:
             p.sync()
             resynced = True
             self._clock.lap("sync")
-        hb = self.heartbeat(sample=True)
+        hb = self._wait_for_peers(self.heartbeat(sample=True))
         if not hb.may_sample:
             self._clock.lap("meet")
             return RoundRecord(hb.current_round, p.snapshot.version, resynced=resynced, seconds=time.monotonic() - t0,
@@ -341,6 +342,25 @@ class SwarmPeer:
                 self._clock.lap("sync")
         record.seconds = time.monotonic() - t0
         return record
+
+    def _wait_for_peers(self, hb: pb.HeartbeatResponse) -> pb.HeartbeatResponse:
+        """While the coordinator starts no round for want of live nodes (``swarm.min_peers``), ask
+        again every PEERS_POLL_S (these heartbeats keep this node counted as live), dialling the
+        peers as they appear; returns the first answer that is not such a wait."""
+        since = None
+        while (not hb.may_sample and hb.live_nodes < hb.min_peers
+               and hb.staleness in (pb.STALENESS_CURRENT, pb.STALENESS_BEHIND)):
+            if since is None:
+                since = time.monotonic()
+                log.warning("waiting for peers: %d of the %d live nodes the run needs before a round starts "
+                            "(swarm.min_peers) have been seen lately", hb.live_nodes, hb.min_peers)
+            time.sleep(PEERS_POLL_S)
+            hb = self.heartbeat(sample=True)
+            self._meet(hb)
+        if since is not None:
+            log.info("%d nodes are live after %.0f s: the round starts", hb.live_nodes, time.monotonic() - since)
+            self._clock.lap("peers")
+        return hb
 
     def _straggler_wait(self, own_s: float) -> float:
         """How long a partial group waits for the round's missing peers: ``swarm.straggler_wait`` times

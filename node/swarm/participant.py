@@ -138,6 +138,9 @@ class Participant:
         """Sample, score and prove the groups assigned in ``hb`` with the version the round is bound
         to (loaded first if the node holds another one)."""
         if not hb.may_sample:
+            if hb.live_nodes < hb.min_peers:
+                raise RuntimeError(f"the coordinator starts no round before {hb.min_peers} nodes are live "
+                                   f"(swarm.min_peers); {hb.live_nodes} are: wait for peers")
             raise RuntimeError(f"the coordinator does not let node {self.node_id} sample now "
                                f"(staleness {pb.Staleness.Name(hb.staleness)}): sync the snapshot first")
         if hb.sample_version != self.snapshot.version:
