@@ -235,6 +235,8 @@ class Coordinator:
         """Nodes seen within the peer TTL, banned ones not counted: what ``swarm.min_peers`` is held
         against before a round starts."""
         since = now_ms() - int(PEER_TTL_INTERVALS * self.cfg.swarm.heartbeat_interval_s * 1000)
+        if not self.state.banned:  # (one indexed count per heartbeat; ids only when bans exist)
+            return self.store.active_nodes(since)
         return sum(1 for n in self.store.active_node_ids(since) if not self.state.is_banned(n))
 
     def _refresh_gauges(self) -> None:
