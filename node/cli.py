@@ -94,7 +94,7 @@ def join(
     """Join a swarm run: sample, prove, average verified gradients with the other peers, step."""
     from grpo_swarm.protocol.identity import default_key_path
 
-    from .swarm.join import COMPRESSIONS, PART_SIZE_LIMITS, JoinOptions, NodeBanned, SwarmPeer
+    from .swarm.join import COMPRESSIONS, PART_SIZE_LIMITS, JoinOptions, NodeBanned, SwarmPeer, SwarmSideFailing
     from .swarm.share_sketch import DEFAULT_AUDIT_FRACTION, check_audit_fraction
     from .swarm.view import RoundView
 
@@ -139,6 +139,9 @@ def join(
         except NodeBanned as exc:
             console.print(f"[red]banned:[/red] {escape(str(exc))}. Only the run's operator can lift a ban "
                           "(grpo-coordinator unban).")
+            raise typer.Exit(1)
+        except SwarmSideFailing as exc:
+            console.print(f"[red]stopped:[/red] {escape(str(exc))}")
             raise typer.Exit(1)
         finally:
             peer.close()

@@ -506,3 +506,45 @@ def test_a_node_asks_the_coordinator_whether_its_round_went_on():
     peer._participants = []  # the coordinator listed nobody: only a publication ends the round
     assert went_on(moved=[b, c]) is False
     assert went_on(version=None) is False
+
+
+def test_a_node_whose_swarm_side_keeps_dying_stops_and_says_why(monkeypatch):
+    """The round loop rides out single faults (a restart, a round without averaging, a failed
+    restart), but a node that restarts its DHT and averager in MAX_SWARM_RESTARTS rounds in a row, or
+    cannot restart them, without averaging once stops with what to check instead of failing every
+    round the others wait for. A round averaged, or one that needed no restart, starts the count again."""
+    from types import SimpleNamespace
+
+    from grpo_swarm.node.swarm import join
+    from grpo_swarm.node.swarm.join import MAX_SWARM_RESTARTS, RoundRecord, SwarmPeer
+
+    monkeypatch.setattr(join.time, "sleep", lambda s: None)  # (the loop's back-off after a failed round)
+    died = "the averager process is gone (exit code -9: killed)"
+
+    def run(script):
+        steps, records = iter(script), []
+
+        def round_():
+            step = next(steps)
+            if isinstance(step, Exception):
+                raise step
+            return step
+
+        peer = SimpleNamespace(opts=SimpleNamespace(rounds=len(script)), round=round_, on_round=records.append,
+                               participant=SimpleNamespace(snapshot=SimpleNamespace(version=0)),
+                               _held_state=lambda: (0, ""))
+        SwarmPeer.run(peer)
+        return records
+
+    dying = RoundRecord(1, 0, restarted=died)
+    fine = RoundRecord(1, 0, averaged=True, restarted=died)  # restarted, then averaged: the restart worked
+    left_out = RoundRecord(1, 0)  # no restart, no average (late, benched, ...)
+    failed_restart = join.SwarmSideRestartFailed("could not restart this node's DHT and averager: port in use")
+    n = MAX_SWARM_RESTARTS
+    assert n == 5
+    ok = [dying] * (n - 1) + [fine] + [dying] * (n - 2) + [left_out] + [dying] * (n - 1) + [failed_restart]
+    assert len(run(ok[:-1])) == len(ok) - 1
+    with pytest.raises(join.SwarmSideFailing, match=f"in {n} rounds in a row.*port in use.*dmesg"):
+        run(ok[:-1] + [failed_restart])
+    with pytest.raises(join.SwarmSideFailing, match=f"in {n} rounds in a row.*exit code -9"):
+        run([left_out] + [dying] * n)

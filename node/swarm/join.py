@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 COMPRESSIONS = ("none", "fp16", "8bit")
 MIN_STRAGGLER_WAIT_S = 2.0  # the averager's min_matchmaking_time: the wait when gradients take no time
 PART_SIZE_LIMITS = (64 << 10, 16 << 20)  # --part-size: larger parts cost less CPU, smaller ones pipeline better
+MAX_SWARM_RESTARTS = 5  # rounds in a row that restarted the DHT / averager and still did not average: stop
 PEERS_POLL_S = 1.0  # while waiting for swarm.min_peers live nodes, how often the coordinator is asked
 
 
@@ -52,6 +53,16 @@ def compression_named(name: str):
     if name not in kinds:
         raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {name!r}")
     return kinds[name]()
+
+
+class SwarmSideRestartFailed(RuntimeError):
+    """The DHT, its p2p daemon or the averager could not be started again after one of them died."""
+
+
+class SwarmSideFailing(Exception):
+    """The node restarted its swarm side in MAX_SWARM_RESTARTS rounds in a row (or could not) without
+    averaging once: something on this machine keeps killing or wedging it, and retrying forever
+    would only fail rounds the others wait for. Not a RuntimeError, so the round loop lets it out."""
 
 
 class NodeBanned(RuntimeError):
@@ -195,8 +206,8 @@ class SwarmPeer:
         try:
             seconds = self._start_swarm_side([m for peer in hb.peers for m in peer.multiaddrs])
         except Exception as e:  # noqa: BLE001 - the round loop waits and the next round tries again
-            raise RuntimeError(f"could not restart this node's DHT and averager ({why}): "
-                               f"{type(e).__name__}: {e}") from e
+            raise SwarmSideRestartFailed(f"could not restart this node's DHT and averager ({why}): "
+                                         f"{type(e).__name__}: {e}") from e
         self.heartbeat()  # the new addresses
         self._clock.lap("restart")
         log.warning("restarted in %.1f s (stopping %.1f s, DHT %.1f s, averager %.1f s)",
@@ -257,14 +268,20 @@ class SwarmPeer:
 
     # -- the loop
     def run(self) -> None:
-        done, failures = 0, 0
+        done, failures, sick, why = 0, 0, 0, ""
         while self.opts.rounds is None or done < self.opts.rounds:
             try:
                 record = self.round()
                 failures = 0
+                if record.averaged or not record.restarted:  # (a round that dies restarts at the next one's start)
+                    sick = 0
+                else:
+                    sick, why = sick + 1, record.restarted
             except (CoordinatorError, ProtocolError, RuntimeError, ValueError, ArithmeticError, OSError) as e:
                 if isinstance(e, CoordinatorError) and e.code == "PERMISSION_DENIED" and "banned" in e.detail:
                     raise NodeBanned(f"the coordinator refuses this node: {e.detail}") from None
+                if isinstance(e, SwarmSideRestartFailed):
+                    sick, why = sick + 1, str(e)
                 # a volunteer node rides out a coordinator restart, a bad round or a full disk warning
                 # instead of exiting; the loop resynchronises at the next round's heartbeat
                 failures += 1
@@ -277,6 +294,12 @@ class SwarmPeer:
             record.ended = time.time()
             if self.on_round is not None:
                 self.on_round(record)
+            if sick >= MAX_SWARM_RESTARTS:
+                raise SwarmSideFailing(
+                    f"this node restarted its DHT and averager in {sick} rounds in a row without averaging once "
+                    f"(the last time: {why}). Something on this machine keeps killing or wedging them: check "
+                    "free memory (`dmesg` for the out-of-memory killer), other programs on the node's ports, "
+                    "and the warnings above; a smaller --part-size needs less memory")
 
     def round(self) -> RoundRecord:
         p, t0 = self.participant, time.monotonic()
