@@ -121,7 +121,7 @@ HONEST_ROUNDS = {"none": _small("small_none"), "fp16": _small("small_fp16"), "8b
 CLIENT_MODE_ROUND = _small("small_client")  # peer B in client mode
 # the coordinator names only A and B; H (a key outside the round, as any fresh key is) goes looking for
 # their group anyway: without the key check it could take a slot and start the group without A or B
-# (H looks until A and B are done, as a product node would: its round_over, tests/swarm_peer.py)
+# (H waits out its one matchmaking timeout, with no round_over to cut it short)
 SYBIL_ROUND = _small("small_none", expected=[A, B], max_attempts=1)
 # H reaches the averaging 5 s after A and B (a slower gradient); they wait for it up to 8 s
 LATE_ROUND = _small("small_none", delay={str(H): 5.0}, straggler_wait=8.0)
@@ -178,7 +178,10 @@ HANG_UP_ROUND = _small("small_none", "hang_up", max_attempts=TIMING["max_attempt
 # ... and one that answers BAD_GROUP_ID to every stream and sends nothing, as if not running the group
 NOT_IN_GROUP_ROUND = _small("small_none", "not_in_group", max_attempts=TIMING["max_attempts"])
 KILL_ROUND = _small("small_none", "stall", max_attempts=1)
-HOSTILE_ONE_ATTEMPT = {r for r, _ in EXCLUDED_ROUNDS.values()}
+# a reducer caught as the others decode its averages: the others retry without it and are done at once,
+# so a retry of its own would only look for a group for a matchmaking timeout and hold the next round
+HOSTILE_ONE_ATTEMPT = {r for r, _ in EXCLUDED_ROUNDS.values()} | {
+    CAUGHT_ROUNDS[name][0] for name in ("nan_average", "inf_average_fp16")}
 
 
 # ---- fast checks without a network ----------------------------------------------------------------
