@@ -177,6 +177,10 @@ DRIP_AVERAGE_ROUND = _small("small_drip", "drip_average", max_attempts=TIMING["m
 HANG_UP_ROUND = _small("small_none", "hang_up", max_attempts=TIMING["max_attempts"])
 # ... and one that answers BAD_GROUP_ID to every stream and sends nothing, as if not running the group
 NOT_IN_GROUP_ROUND = _small("small_none", "not_in_group", max_attempts=TIMING["max_attempts"])
+# a plain round between the hostile rounds and the kill: in one full-suite run H, excluded from the
+# not_in_group round's last attempt 50 ms before, was counted into the kill round's group by the leader
+# while its own search never saw that group (so it never stalled and was never killed)
+SETTLE_ROUND = _small("small_none")
 KILL_ROUND = _small("small_none", "stall", max_attempts=1)
 # a reducer caught as the others decode its averages: the others retry without it and are done at once,
 # so a retry of its own would only look for a group for a matchmaking timeout and hold the next round
