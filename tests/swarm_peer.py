@@ -171,7 +171,10 @@ def main(config_path: str) -> int:
             time.sleep(float(rnd["delay"][str(me)]))
         if "straggler_wait" in rnd:
             kwargs["straggler_wait"] = float(rnd["straggler_wait"])
-        if rnd.get("round_over_when_others_done"):  # as join asks the coordinator for a published version
+        # as join asks the coordinator for a published version; the hostile peer asks in each round it
+        # misbehaves in or is not named in (as a product node would), so that it does not hold the next
+        # round's barrier with retries for nobody once the others are done
+        if rnd.get("round_over_when_others_done") or (hostile and (behaviour != "honest" or me not in named)):
             kwargs["round_over"] = lambda r=r, ps=participants: all(
                 (work / f"r{r}-p{q}.json").exists() for q in ps if q != me)
         try:

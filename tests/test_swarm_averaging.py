@@ -121,7 +121,8 @@ HONEST_ROUNDS = {"none": _small("small_none"), "fp16": _small("small_fp16"), "8b
 CLIENT_MODE_ROUND = _small("small_client")  # peer B in client mode
 # the coordinator names only A and B; H (a key outside the round, as any fresh key is) goes looking for
 # their group anyway: without the key check it could take a slot and start the group without A or B
-# (H waits out its one matchmaking timeout, with no round_over to cut it short)
+# (H looks until A and B are done, as a product node would: its round_over; its cancelled search must not
+# outlive the cancel into the next round, where H is late by design)
 SYBIL_ROUND = _small("small_none", expected=[A, B], max_attempts=1)
 # H reaches the averaging 5 s after A and B (a slower gradient); they wait for it up to 8 s
 LATE_ROUND = _small("small_none", delay={str(H): 5.0}, straggler_wait=8.0)

@@ -594,6 +594,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             self._matchmaking.__class__ = PatientMatchmaking
         self._matchmaking.round_keys = expected_keys  # only the round's peers may take a slot in its groups
         self._matchmaking.round_index = int(round_index)  # a search of an earlier round ends, and is refused
+        self._matchmaking.end_leftover_search()
         # a group key per round: peers still in another round can never join this one's groups
         self._matchmaking.group_key_manager.prefix = f"{self.prefix}_r{int(round_index)}"
         # with the round's peers known: wait for all of them, and never average fewer than a strict

@@ -122,3 +122,14 @@ class PatientMatchmaking(Matchmaking):
                     if not self.assembled_group.done():
                         self.assembled_group.set_exception(e)
                     raise e
+        # a search that must end ends now: when its step's cancel was lost, hivemind's look_for_group
+        # would otherwise await the group until its timeout, holding the next round's search behind it
+        if not self.assembled_group.done() and not self.current_followers:
+            self.assembled_group.set_result(None)
+        return None
+
+    def end_leftover_search(self) -> None:
+        """Wake a search of an earlier round waiting for leaders (called as a round begins), so that it
+        sees it must end (:meth:`_search_must_end`) instead of at its next re-declaration."""
+        if self.is_looking_for_group and self.step_control is not None and self.step_is_over(self.step_control):
+            self.potential_leaders.declared_expiration.set()
