@@ -325,7 +325,7 @@ class Coordinator:
             reply.round_participants.extend(sorted(bytes(t.node_public_key) for t in holders.values()))
             reply.round_moved_on.extend(sorted(bytes(t.node_public_key) for n, t in holders.items()
                                                if st.dispatched_version(n, st.current_round) is not None))
-            ticket = self.recorder.final_tickets.get(node_id)
+            ticket = holders.get(node_id)
             if ticket is not None:  # its final ticket of the last closed round
                 reply.round_ticket.CopyFrom(ticket)
             reply.benched = self.recorder.benched.get(node_id, "")
