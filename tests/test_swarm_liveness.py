@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from grpo_swarm.node.swarm.averaging import AVERAGER_DIED, STEP_STUCK
 from grpo_swarm.node.swarm.liveness import daemon_processes, stop_swarm_side, swarm_fault
 from grpo_swarm.node.swarm.round_report import AttemptReport, RoundResult
+from grpo_swarm.node.swarm.step_start import StepNotTaken, start_step
 
 
 @pytest.fixture
@@ -80,3 +82,41 @@ def test_a_stop_kills_all_three_and_removes_the_daemons_socket(swarm_side):
     assert not averager.is_alive() and not dht.is_alive()
     assert _gone(daemon.pid, within_s=0.5)
     assert not socket.exists()
+
+
+def _start(averager, limit: float):
+    from hivemind.utils.timed_storage import get_dht_time
+
+    return start_step(averager, gather=b"entry", weight=1.0, timeout=5.0, scheduled_time=get_dht_time() + 1.0,
+                      alive=averager.is_alive, limit=limit)
+
+
+def test_hiveminds_step_hangs_on_a_dead_averager_and_ours_gives_up(swarm_side):
+    """hivemind's step waits with no timeout for the averager process to take the step up: a node
+    whose averager was killed just before (or during) a step's hand-over hung there for good, with no
+    heartbeat and deaf to Ctrl-C (found in the kill-averager bench, 1 run in 6). start_step gives up."""
+    averager, _ = swarm_side
+    control = _start(averager, limit=30.0)  # alive: taken up at once
+    control.cancel()
+    os.kill(averager.pid, signal.SIGKILL)
+    averager.join(10)
+    stock = threading.Thread(target=averager.step, kwargs=dict(gather=b"x", timeout=5.0, wait=False), daemon=True)
+    stock.start()
+    stock.join(3.0)
+    assert stock.is_alive()  # hivemind's: still waiting (the thread is a daemon: it dies with the tests)
+    started = time.monotonic()
+    with pytest.raises(StepNotTaken, match="died before taking the step up") as caught:
+        _start(averager, limit=30.0)
+    assert caught.value.gone and time.monotonic() - started < 3.0
+
+
+def test_a_step_an_alive_but_silent_averager_never_takes_up_gives_up_at_its_limit(swarm_side):
+    averager, _ = swarm_side
+    os.kill(averager.pid, signal.SIGSTOP)  # alive, its event loop frozen: what a wedged averager looks like
+    try:
+        started = time.monotonic()
+        with pytest.raises(StepNotTaken, match="did not take the step up within 2 s") as caught:
+            _start(averager, limit=2.0)
+        assert not caught.value.gone and 2.0 <= time.monotonic() - started < 4.0
+    finally:
+        os.kill(averager.pid, signal.SIGCONT)

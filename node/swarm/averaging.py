@@ -99,6 +99,7 @@ from .round_report import SELF_EXCLUDED, AttemptReport, RoundResult, withdrawn_w
 from .share_audit import AuditStore, Findings, commitment, nonce_for
 from .share_audit_rpc import ShareAuditRPC
 from .share_sketch import DEFAULT_AUDIT_FRACTION, check_audit_fraction
+from .step_start import StepNotTaken, start_step
 from .tickets import (
     GROUP_VIEW_BYTES,
     WEIGHT_MODES,
@@ -523,14 +524,16 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
     def _attempt(self, entry: bytes, weight: float, timeout: float, wait: float,
                  round_over: Callable[[], bool] | None = None) -> AttemptReport:
         try:
-            control = self.step(gather=entry, weight=weight, timeout=timeout, allow_retries=True,
-                                scheduled_time=get_dht_time() + wait, wait=False)
             # a step runs its matchmaking, then its all-reduce and audit under hivemind's timeout: past
             # all of that (and a margin) it is stuck, and the node must not wait on it forever
             limit = timeout + self._allreduce_timeout + self.audit_timeout + STEP_MARGIN_S
+            control = start_step(self, gather=entry, weight=weight, timeout=timeout,
+                                 scheduled_time=get_dht_time() + wait, alive=self.is_alive, limit=STEP_MARGIN_S)
             report = self._step_result(control, round_over, limit, alive=self.is_alive)
             if isinstance(report, AttemptReport) and (report.error or "").startswith(STEP_STUCK):
                 self._outer_pipe.send(("_log_tasks", [report.error], {}))  # where it waits: for the log
+        except StepNotTaken as e:
+            return AttemptReport(error=f"{AVERAGER_DIED if e.gone else STEP_STUCK}: {e}")
         except Exception as e:  # noqa: BLE001 - no group, timeouts: a failed attempt, reported
             return AttemptReport(error=f"{type(e).__name__}: {e}"[:500])
         if not isinstance(report, AttemptReport):
