@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from grpo_swarm.node.swarm.averaging import AVERAGER_DIED, STEP_STUCK
+from grpo_swarm.node.swarm.dht import connected_peers
 from grpo_swarm.node.swarm.liveness import daemon_processes, stop_swarm_side, swarm_fault
 from grpo_swarm.node.swarm.round_report import AttemptReport, RoundResult
-from grpo_swarm.node.swarm.step_start import StepNotTaken, start_step
+from grpo_swarm.node.swarm.child_calls import ChildSilent, start_step
 
 
 @pytest.fixture
@@ -105,7 +106,7 @@ def test_hiveminds_step_hangs_on_a_dead_averager_and_ours_gives_up(swarm_side):
     stock.join(3.0)
     assert stock.is_alive()  # hivemind's: still waiting (the thread is a daemon: it dies with the tests)
     started = time.monotonic()
-    with pytest.raises(StepNotTaken, match="died before taking the step up") as caught:
+    with pytest.raises(ChildSilent, match="handed a step, died before answering") as caught:
         _start(averager, limit=30.0)
     assert caught.value.gone and time.monotonic() - started < 3.0
 
@@ -115,8 +116,21 @@ def test_a_step_an_alive_but_silent_averager_never_takes_up_gives_up_at_its_limi
     os.kill(averager.pid, signal.SIGSTOP)  # alive, its event loop frozen: what a wedged averager looks like
     try:
         started = time.monotonic()
-        with pytest.raises(StepNotTaken, match="did not take the step up within 2 s") as caught:
+        with pytest.raises(ChildSilent, match="handed a step, did not answer within 2 s") as caught:
             _start(averager, limit=2.0)
         assert not caught.value.gone and 2.0 <= time.monotonic() - started < 4.0
     finally:
         os.kill(averager.pid, signal.SIGCONT)
+
+
+def test_asking_a_dead_dht_for_its_peers_gives_up_instead_of_hanging(swarm_side):
+    """hivemind's DHT.run_coroutine waits with no timeout as well: the live view's peer count (asked
+    every round) would hang the node on a DHT killed mid-call."""
+    _, dht = swarm_side
+    assert connected_peers(dht) == []  # alive: answers (no peers here)
+    os.kill(dht.pid, signal.SIGKILL)
+    dht.join(10)
+    started = time.monotonic()
+    with pytest.raises(ChildSilent, match="the DHT process died before answering") as caught:
+        connected_peers(dht)
+    assert caught.value.gone and time.monotonic() - started < 3.0

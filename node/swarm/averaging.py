@@ -99,7 +99,7 @@ from .round_report import SELF_EXCLUDED, AttemptReport, RoundResult, withdrawn_w
 from .share_audit import AuditStore, Findings, commitment, nonce_for
 from .share_audit_rpc import ShareAuditRPC
 from .share_sketch import DEFAULT_AUDIT_FRACTION, check_audit_fraction
-from .step_start import StepNotTaken, start_step
+from .child_calls import ChildSilent, start_step
 from .tickets import (
     GROUP_VIEW_BYTES,
     WEIGHT_MODES,
@@ -532,7 +532,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             report = self._step_result(control, round_over, limit, alive=self.is_alive)
             if isinstance(report, AttemptReport) and (report.error or "").startswith(STEP_STUCK):
                 self._outer_pipe.send(("_log_tasks", [report.error], {}))  # where it waits: for the log
-        except StepNotTaken as e:
+        except ChildSilent as e:
             return AttemptReport(error=f"{AVERAGER_DIED if e.gone else STEP_STUCK}: {e}")
         except Exception as e:  # noqa: BLE001 - no group, timeouts: a failed attempt, reported
             return AttemptReport(error=f"{type(e).__name__}: {e}"[:500])

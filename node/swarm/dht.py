@@ -188,10 +188,13 @@ def connect_peers(dht, maddrs: Sequence[str]) -> list[str]:
     connected. Returns the peer ids newly reached."""
     import functools
 
+    from .child_calls import run_in_dht
+
     maddrs = check_initial_peers(maddrs)
     if not maddrs:
         return []
-    return dht.run_coroutine(functools.partial(_connect_in_dht, maddrs))
+    # (each peer gets 5 s to connect and a ping; past all of that the DHT process is wedged)
+    return run_in_dht(dht, functools.partial(_connect_in_dht, maddrs), limit=10.0 + 10.0 * len(maddrs))
 
 
 async def _peer_ids_in_dht(dht, node) -> list[str]:
@@ -200,4 +203,18 @@ async def _peer_ids_in_dht(dht, node) -> list[str]:
 
 def connected_peers(dht) -> list[str]:
     """Base58 peer ids this DHT's p2p daemon is connected to (for the live view and tests)."""
-    return dht.run_coroutine(_peer_ids_in_dht)
+    from .child_calls import run_in_dht
+
+    return run_in_dht(dht, _peer_ids_in_dht, limit=10.0)
+
+
+async def _visible_maddrs_in_dht(dht, node) -> list:
+    return await node.get_visible_maddrs()
+
+
+def visible_maddrs(dht) -> list[str]:
+    """The multiaddrs this DHT's p2p daemon listens on (hivemind's get_visible_maddrs, which could
+    wait forever on a DHT process killed mid-call)."""
+    from .child_calls import run_in_dht
+
+    return [str(a) for a in run_in_dht(dht, _visible_maddrs_in_dht, limit=30.0)]

@@ -32,7 +32,7 @@ from grpo_swarm.protocol.client import CoordinatorClient, CoordinatorError
 from grpo_swarm.protocol.errors import ProtocolError
 from grpo_swarm.protocol.identity import Identity
 
-from .dht import connect_peers, connected_peers
+from .dht import connect_peers, connected_peers, visible_maddrs
 from .participant import Participant, RoundWork
 from .publication import PublicationFollower, upload_rank
 from .share_sketch import DEFAULT_AUDIT_FRACTION
@@ -169,7 +169,7 @@ class SwarmPeer:
         self.dht = self._start_dht(listed)
         own = self.identity.peer_id_base58
         # the coordinator takes at most 8, each ending in this node's own peer id
-        self.maddrs = [str(a) for a in self.dht.get_visible_maddrs() if str(a).endswith(f"/p2p/{own}")][:8]
+        self.maddrs = [a for a in visible_maddrs(self.dht) if a.endswith(f"/p2p/{own}")][:8]
         dht_ready = time.monotonic()
         self.averager = self._build_averager()
         return dht_ready - started, time.monotonic() - dht_ready
