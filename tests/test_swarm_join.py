@@ -25,10 +25,13 @@ hostile run's log (reports and the ban included).
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import tomllib
 from grpo_swarm.node.swarm.demo import LocalSwarm, demo_config_text
@@ -413,6 +416,40 @@ def test_a_swarm_restarted_all_at_once_meets_again(tmp_path):
     for i in (0, 1):
         assert "the coordinator listed answered" in node_logs[i], node_logs[i][-3000:]
         assert any(r["averaged"] and r["peers"] == 2 for r in after[i]), after[i]
+
+
+def test_ctrl_c_leaves_the_swarm_and_takes_the_nodes_processes_with_it(tmp_path):
+    """Ctrl-C in a node's terminal (SIGINT to its whole process group: the node, its DHT and averager
+    processes, p2pd) while it trains: it says it is leaving, exits 0, and nothing it started
+    outlives it. hivemind's averager start had left the node ignoring SIGINT for good: Ctrl-C did
+    nothing, and the node trained on."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        pytest.skip("this test process ignores SIGINT, and so would every node it starts")
+    with LocalSwarm(tmp_path / "swarm", nodes=2) as swarm:
+        swarm.start_coordinator()
+        for i in (0, 1):
+            swarm.start_node(i)  # no --rounds: until stopped
+        wait_until(lambda: all(len(swarm.records(i)) >= 2 for i in (0, 1)), 180, swarm, "two rounds on each node",
+                   running=(0, 1))
+        proc = swarm.nodes[0]
+        started = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(started) >= 3, started  # the DHT, p2pd, the averager (and torch's shm manager)
+        rounds_before = len(swarm.records(0))
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, logs(swarm)
+        assert "leaving the swarm (Ctrl-C)" in (swarm.logs / "node0.log").read_text(errors="replace"), logs(swarm)
+        assert len(swarm.records(0)) <= rounds_before + 1  # it stopped, not trained on
+        deadline = time.monotonic() + 10
+        while (left := [pid for pid in started if _running(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, [psutil.Process(pid).cmdline() for pid in left if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.mark.slow

@@ -70,6 +70,7 @@ import hashlib
 import logging
 import math
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -324,6 +325,17 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
     def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
         handle_name = f"{WIRE_NAME}.{method_name}"
         return f"{namespace}::{handle_name}" if namespace is not None else handle_name
+
+    def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
+        """hivemind's, which ignores SIGINT in the calling process so that the forked averager inherits
+        that: it then left the node itself deaf to Ctrl-C for good. The averager still starts with
+        SIGINT ignored (the node stops it); the caller's handler is put back once it has started."""
+        held = signal.getsignal(signal.SIGINT)
+        try:
+            super().run_in_background(await_ready=await_ready, timeout=timeout)
+        finally:
+            if held is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, held)
 
     def run(self):
         """The averager process (hivemind's): with ``keep_freed_memory``, its malloc keeps the part buffers
