@@ -127,6 +127,9 @@ def join(
     with RoundView(workdir, quiet=quiet, console=console) as view:
         try:
             peer = SwarmPeer(opts, on_round=view)
+        except KeyboardInterrupt:
+            console.print("stopped while joining (Ctrl-C)")
+            raise typer.Exit(130)
         except Exception as exc:  # noqa: BLE001 - say what failed at start-up and stop
             console.print(f"[red]could not join:[/red] {type(exc).__name__}: {exc}")
             raise typer.Exit(1)
