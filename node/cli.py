@@ -69,6 +69,12 @@ def train(
                   f"metrics in {result.output_dir / 'metrics.jsonl'}, weights in {result.output_dir / 'final'}")
 
 
+def _stop_name(exc: BaseException) -> str:
+    from .swarm.stop_signals import Terminated
+
+    return "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+
+
 @app.command()
 def join(
     coordinator: str = typer.Option(..., "--coordinator", help="the run's coordinator, HOST:PORT"),
@@ -95,6 +101,7 @@ def join(
     from grpo_swarm.protocol.identity import default_key_path
 
     from .swarm.join import COMPRESSIONS, PART_SIZE_LIMITS, JoinOptions, NodeBanned, SwarmPeer, SwarmSideFailing
+    from .swarm.stop_signals import leave_on_sigterm
     from .swarm.share_sketch import DEFAULT_AUDIT_FRACTION, check_audit_fraction
     from .swarm.view import RoundView
 
@@ -124,11 +131,12 @@ def join(
                        initial_peers=initial_peer, client_mode=client_mode, compression=compression,
                        part_size_bytes=part_size, audit_fraction=audit_fraction, rounds=rounds)
     workdir.mkdir(parents=True, exist_ok=True)
+    leave_on_sigterm()
     with RoundView(workdir, quiet=quiet, console=console) as view:
         try:
             peer = SwarmPeer(opts, on_round=view)
-        except KeyboardInterrupt:
-            console.print("stopped while joining (Ctrl-C)")
+        except KeyboardInterrupt as exc:
+            console.print(f"stopped while joining ({_stop_name(exc)})")
             raise typer.Exit(130)
         except Exception as exc:  # noqa: BLE001 - say what failed at start-up and stop
             console.print(f"[red]could not join:[/red] {type(exc).__name__}: {exc}")
@@ -137,8 +145,8 @@ def join(
                       f"v{peer.participant.snapshot.version}; DHT {peer.maddrs[:1]}")
         try:
             peer.run()
-        except KeyboardInterrupt:
-            console.print("leaving the swarm (Ctrl-C)")
+        except KeyboardInterrupt as exc:
+            console.print(f"leaving the swarm ({_stop_name(exc)})")
         except NodeBanned as exc:
             console.print(f"[red]banned:[/red] {escape(str(exc))}. Only the run's operator can lift a ban "
                           "(grpo-coordinator unban).")

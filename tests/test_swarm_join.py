@@ -418,11 +418,12 @@ def test_a_swarm_restarted_all_at_once_meets_again(tmp_path):
         assert any(r["averaged"] and r["peers"] == 2 for r in after[i]), after[i]
 
 
-def test_ctrl_c_leaves_the_swarm_and_takes_the_nodes_processes_with_it(tmp_path):
-    """Ctrl-C in a node's terminal (SIGINT to its whole process group: the node, its DHT and averager
-    processes, p2pd) while it trains: it says it is leaving, exits 0, and nothing it started
-    outlives it. hivemind's averager start had left the node ignoring SIGINT for good: Ctrl-C did
-    nothing, and the node trained on."""
+def test_ctrl_c_or_sigterm_leaves_the_swarm_and_takes_the_nodes_processes_with_it(tmp_path):
+    """Node 0 gets a Ctrl-C in its terminal (SIGINT to its whole process group: the node, its DHT and
+    averager processes, p2pd); node 1 a SIGTERM to its main process alone (`docker stop`, `kill`).
+    Each says it is leaving and why, exits 0, and nothing it started outlives it. Before: hivemind's
+    averager start left every node ignoring SIGINT for good (it trained on), and a SIGTERM ended a
+    node at once, leaving its DHT, averager, p2pd (and its ports) and torch's shm manager running."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         pytest.skip("this test process ignores SIGINT, and so would every node it starts")
     with LocalSwarm(tmp_path / "swarm", nodes=2) as swarm:
@@ -431,16 +432,18 @@ def test_ctrl_c_leaves_the_swarm_and_takes_the_nodes_processes_with_it(tmp_path)
             swarm.start_node(i)  # no --rounds: until stopped
         wait_until(lambda: all(len(swarm.records(i)) >= 2 for i in (0, 1)), 180, swarm, "two rounds on each node",
                    running=(0, 1))
-        proc = swarm.nodes[0]
-        started = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-        assert len(started) >= 3, started  # the DHT, p2pd, the averager (and torch's shm manager)
-        rounds_before = len(swarm.records(0))
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=30) == 0, logs(swarm)
-        assert "leaving the swarm (Ctrl-C)" in (swarm.logs / "node0.log").read_text(errors="replace"), logs(swarm)
-        assert len(swarm.records(0)) <= rounds_before + 1  # it stopped, not trained on
+        started = {i: [p.pid for p in psutil.Process(swarm.nodes[i].pid).children(recursive=True)] for i in (0, 1)}
+        assert all(len(pids) >= 3 for pids in started.values()), started  # DHT, p2pd, averager (+ shm manager)
+        rounds_before = {i: len(swarm.records(i)) for i in (0, 1)}
+        os.killpg(swarm.nodes[0].pid, signal.SIGINT)
+        swarm.nodes[1].send_signal(signal.SIGTERM)
+        for i, why in ((0, "Ctrl-C"), (1, "SIGTERM")):
+            assert swarm.nodes[i].wait(timeout=30) == 0, logs(swarm)
+            assert f"leaving the swarm ({why})" in (swarm.logs / f"node{i}.log").read_text(errors="replace"), logs(swarm)
+            assert len(swarm.records(i)) <= rounds_before[i] + 1  # it stopped, not trained on
         deadline = time.monotonic() + 10
-        while (left := [pid for pid in started if _running(pid)]) and time.monotonic() < deadline:
+        everything = started[0] + started[1]
+        while (left := [pid for pid in everything if _running(pid)]) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not left, [psutil.Process(pid).cmdline() for pid in left if _running(pid)]
 
