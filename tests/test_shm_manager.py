@@ -51,3 +51,35 @@ def test_torch_alone_spins_forever_when_a_sigint_lands_in_the_managers_start():
     """What start_shm_manager works around (torch 2.13's libshm re-tests a failed read's result on
     EINTR instead of reading again). Should torch fix it, this fails: the workaround may then go."""
     assert not _starts_under_sigints("torch", within_s=5.0)
+
+
+LOCK_CHILD = """
+import os, signal, sys
+from hivemind.utils.mpfuture import MPFuture, SharedBytes
+if sys.argv[1] == "ours":
+    from grpo_swarm.node.swarm.shm_manager import start_shm_manager
+    start_shm_manager()
+MPFuture()
+pid = os.fork()
+if pid == 0:  # a child killed while creating an MPFuture (holding SharedBytes' lock)
+    SharedBytes._lock.acquire()
+    os.kill(os.getpid(), signal.SIGKILL)
+os.waitpid(pid, 0)
+MPFuture()  # the node's next future, e.g. a restarted DHT's
+print("created", flush=True)
+"""
+
+
+def _next_future_after_a_child_died_holding_the_lock(how: str, within_s: float) -> bool:
+    try:
+        out = subprocess.run([sys.executable, "-c", LOCK_CHILD, how], capture_output=True, text=True, timeout=within_s)
+    except subprocess.TimeoutExpired:
+        return False
+    assert out.returncode == 0, out.stderr[-2000:]
+    return "created" in out.stdout
+
+
+def test_a_child_killed_holding_hiveminds_sharedbytes_lock_leaves_the_node_able_to_go_on():
+    assert _next_future_after_a_child_died_holding_the_lock("ours", within_s=60.0)
+    # hivemind's own lock is one semaphore shared with every forked child: held for good
+    assert not _next_future_after_a_child_died_holding_the_lock("hivemind", within_s=5.0)

@@ -1,23 +1,31 @@
-"""Start torch's shared-memory manager with SIGINT held back.
+"""Shared memory between a node and its DHT / averager processes, made safe to interrupt and kill.
 
-hivemind shares memory between a node and its DHT / averager processes through torch's
-``file_system`` strategy, whose first use starts the ``torch_shm_manager`` process and reads its
-socket name from a pipe. torch retries that read on EINTR by re-testing the failed result instead of
-reading again, so a signal that lands there (a Ctrl-C while the node starts up) spins the main thread
-forever: the node neither starts nor leaves (found stopping `bench/swarm_rounds.py` nodes 3 s in).
-:func:`start_shm_manager` makes that first use with SIGINT blocked; a Ctrl-C in that window is
-delivered, as a KeyboardInterrupt, right after. Forked children inherit the started manager.
+Two hazards, both hangs of the node's main thread for good:
+
+* hivemind shares memory through torch's ``file_system`` strategy, whose first use starts the
+  ``torch_shm_manager`` process and reads its socket name from a pipe. torch retries that read on
+  EINTR by re-testing the failed result instead of reading again, so a signal that lands there (a
+  Ctrl-C while the node starts up) spins forever. The first use is made here with SIGINT blocked; a
+  Ctrl-C in that window is delivered, as a KeyboardInterrupt, right after.
+* hivemind's ``SharedBytes`` (behind every MPFuture) guards its per-process buffer with one
+  ``multiprocessing.Lock`` shared by the node and every child forked from it. A child killed while
+  holding it (the out-of-memory killer during a step's hand-over) left it held, and the node's next
+  MPFuture (a restarted DHT's) waited on it forever. The state it guards is each process's own, so
+  each process gets its own thread lock instead.
 """
 from __future__ import annotations
 
 import signal
+import threading
 
 
 def start_shm_manager() -> None:
-    """Start torch's shared-memory manager (once per process; later calls cost one small tensor)."""
-    import hivemind.utils.mpfuture  # noqa: F401 - sets the sharing strategy hivemind uses (file_system)
+    """Start torch's shared-memory manager and give hivemind's SharedBytes a per-process lock (once per
+    process, before any child is forked; later calls cost one small tensor)."""
     import torch
+    from hivemind.utils.mpfuture import SharedBytes  # (the import sets hivemind's sharing strategy)
 
+    SharedBytes._lock = threading.Lock()  # a forked child gets its own copy, not a shared semaphore
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         torch.empty(1).share_memory_()
