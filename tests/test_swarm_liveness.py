@@ -18,7 +18,7 @@ from grpo_swarm.node.swarm.averaging import AVERAGER_DIED, STEP_STUCK
 from grpo_swarm.node.swarm.dht import connected_peers
 from grpo_swarm.node.swarm.liveness import daemon_processes, stop_swarm_side, swarm_fault
 from grpo_swarm.node.swarm.round_report import AttemptReport, RoundResult
-from grpo_swarm.node.swarm.shm_manager import start_shm_manager
+from grpo_swarm.node.swarm.shared_memory import prepare_shared_memory
 from grpo_swarm.node.swarm.child_calls import ChildSilent, start_step
 
 
@@ -27,7 +27,7 @@ def swarm_side():
     import hivemind
     from hivemind.averaging import DecentralizedAverager
 
-    start_shm_manager()  # as a node does: a child killed mid-MPFuture cannot leave a lock held here
+    prepare_shared_memory()  # as a node does: a child killed mid-MPFuture cannot leave a lock held here
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     # (no state sharing, as VerifiedAverager: an idle averager then has no DHT call in flight, and the
     # kill below cannot take the DHT process down with it, which a call's pipe hand-over can do)
@@ -91,7 +91,7 @@ def _start(averager, limit: float):
     from hivemind.utils.timed_storage import get_dht_time
 
     return start_step(averager, gather=b"entry", weight=1.0, timeout=5.0, scheduled_time=get_dht_time() + 1.0,
-                      alive=averager.is_alive, limit=limit)
+                      limit=limit)
 
 
 def test_hiveminds_step_hangs_on_a_dead_averager_and_ours_gives_up(swarm_side):

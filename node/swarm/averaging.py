@@ -540,7 +540,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             # all of that (and a margin) it is stuck, and the node must not wait on it forever
             limit = timeout + self._allreduce_timeout + self.audit_timeout + STEP_MARGIN_S
             control = start_step(self, gather=entry, weight=weight, timeout=timeout,
-                                 scheduled_time=get_dht_time() + wait, alive=self.is_alive, limit=STEP_MARGIN_S)
+                                 scheduled_time=get_dht_time() + wait, limit=STEP_MARGIN_S)
             report = self._step_result(control, round_over, limit, alive=self.is_alive)
             if isinstance(report, AttemptReport) and (report.error or "").startswith(STEP_STUCK):
                 self._outer_pipe.send(("_log_tasks", [report.error], {}))  # where it waits: for the log

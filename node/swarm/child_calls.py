@@ -54,7 +54,7 @@ def run_in_dht(dht, coro, *, limit: float) -> Any:
 
 
 def start_step(averager: DecentralizedAverager, *, gather, weight: float, timeout: float, scheduled_time: float,
-               alive: Callable[[], bool], limit: float) -> StepControl:
+               limit: float) -> StepControl:
     """hivemind's ``averager.step(gather=..., weight=..., timeout=..., scheduled_time=...,
     allow_retries=True, wait=False)``: the running step's control, its all-reduce allowed. Raises
     ChildSilent when the averager dies before taking the step up, or has not within ``limit`` s."""
@@ -69,7 +69,7 @@ def start_step(averager: DecentralizedAverager, *, gather, weight: float, timeou
     future_for_init = MPFuture()
     averager._outer_pipe.send(("_step", [], dict(step=step, future_for_init=future_for_init)))
     try:
-        trigger, cancel = result_while_alive(future_for_init, alive=alive, limit=limit,
+        trigger, cancel = result_while_alive(future_for_init, alive=averager.is_alive, limit=limit,
                                              what="the averager process, handed a step,")
     except ChildSilent:
         step.attach(MPFuture(), MPFuture())  # (hivemind warns when a step it never attached is dropped)

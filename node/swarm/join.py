@@ -33,7 +33,7 @@ from grpo_swarm.protocol.errors import ProtocolError
 from grpo_swarm.protocol.identity import Identity
 
 from .dht import connect_peers, connected_peers, visible_maddrs
-from .shm_manager import start_shm_manager
+from .shared_memory import prepare_shared_memory
 from .participant import Participant, RoundWork
 from .publication import PublicationFollower, upload_rank
 from .share_sketch import DEFAULT_AUDIT_FRACTION
@@ -146,7 +146,7 @@ class SwarmPeer:
     averager_factory: Callable[..., object] | None = None
 
     def __init__(self, opts: JoinOptions, *, on_round: Callable[[RoundRecord], None] | None = None):
-        start_shm_manager()  # first: a Ctrl-C while torch starts it would spin this node forever
+        prepare_shared_memory()  # first, before any child is forked (.shared_memory says why)
         self.opts, self.on_round = opts, on_round
         self.identity = Identity.load_or_create(opts.identity_path)
         self.client = CoordinatorClient(opts.coordinator, self.identity, timeout_s=60)

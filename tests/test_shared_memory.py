@@ -1,4 +1,4 @@
-"""node/swarm/shm_manager.py on real processes: torch's shared-memory manager started while SIGINTs
+"""node/swarm/shared_memory.py on real processes: torch's shared-memory manager started while SIGINTs
 keep arriving (a Ctrl-C during a node's start-up). The child ignores SIGINT in Python, so each one
 only interrupts the blocking read torch does while it starts the manager."""
 
@@ -15,8 +15,8 @@ signal.signal(signal.SIGINT, lambda *a: None)
 import hivemind.utils.mpfuture, torch
 print("ready", flush=True)
 if sys.argv[1] == "ours":
-    from grpo_swarm.node.swarm.shm_manager import start_shm_manager
-    start_shm_manager()
+    from grpo_swarm.node.swarm.shared_memory import prepare_shared_memory
+    prepare_shared_memory()
 else:
     torch.empty(1).share_memory_()
 print("started", flush=True)
@@ -48,7 +48,7 @@ def test_the_shm_manager_starts_while_sigints_arrive():
 
 
 def test_torch_alone_spins_forever_when_a_sigint_lands_in_the_managers_start():
-    """What start_shm_manager works around (torch 2.13's libshm re-tests a failed read's result on
+    """What prepare_shared_memory works around (torch 2.13's libshm re-tests a failed read's result on
     EINTR instead of reading again). Should torch fix it, this fails: the workaround may then go."""
     assert not _starts_under_sigints("torch", within_s=5.0)
 
@@ -57,8 +57,8 @@ LOCK_CHILD = """
 import os, signal, sys
 from hivemind.utils.mpfuture import MPFuture, SharedBytes
 if sys.argv[1] == "ours":
-    from grpo_swarm.node.swarm.shm_manager import start_shm_manager
-    start_shm_manager()
+    from grpo_swarm.node.swarm.shared_memory import prepare_shared_memory
+    prepare_shared_memory()
 MPFuture()
 pid = os.fork()
 if pid == 0:  # a child killed while creating an MPFuture (holding SharedBytes' lock)

@@ -19,7 +19,7 @@ import signal
 import threading
 
 
-def start_shm_manager() -> None:
+def prepare_shared_memory() -> None:
     """Start torch's shared-memory manager and give hivemind's SharedBytes a per-process lock (once per
     process, before any child is forked; later calls cost one small tensor)."""
     import torch
