@@ -362,6 +362,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         self.failures: dict[PeerID, tuple[Reason, str]] = {}
         self.stalled: dict[PeerID, str] = {}  # failures seen as silence while the attempt was live
         self.first_failure: tuple[PeerID, Reason] | None = None  # the first of the above, named in the next gather
+        self._first_is_first_hand = False
         # a failure aborts after a short grace, so that a groupmate's own failure reaches each member
         # before this member's abort passes it on (see fail)
         gap = (self.reducer_timeout or 0.0) - (self.sender_timeout or 0.0)
@@ -408,7 +409,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
     def accuse(self, peer_id: PeerID, reason: Reason, detail: str) -> None:
         if not self._future.done() and peer_id != self.peer_id:
             self.accused.setdefault(peer_id, (reason, detail))
-            self._note_first(peer_id, reason)
+            self._note_first(peer_id, reason, first_hand=True)
         self.abort(f"{peer_id} {reason.value}: {detail}")
 
     def fail(self, peer_id: PeerID, reason: Reason, detail: str) -> None:
@@ -418,7 +419,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             if held is not None:
                 what = "our share" if reason == Reason.SENDER_FAILED else "our results"
                 self._mark_stalled(peer_id, f"{reason.value}: {detail}, after holding {what} up {held:.1f} s in all")
-            self._note_first(peer_id, reason)
+            self._note_first(peer_id, reason, first_hand=reason == Reason.NOT_IN_GROUP)
         self._abort_soon(f"{peer_id} {reason.value}: {detail}")
 
     def _abort_soon(self, reason: str) -> None:
@@ -443,11 +444,18 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             self.stalled.setdefault(peer_id, text)
             self._note_first(peer_id, Reason.STALLED)
 
-    def _note_first(self, peer_id: PeerID, reason: Reason) -> None:
+    def _note_first(self, peer_id: PeerID, reason: Reason, first_hand: bool = False) -> None:
         """Remember the first peer this member saw fail (or caught) while the attempt was live: the
-        next gather names it, so the group can tell who broke the attempt (see tickets.group_verdicts)."""
-        if self.first_failure is None and peer_id != self.peer_id:
-            self.first_failure = (peer_id, reason)
+        next gather names it, so the group can tell who broke the attempt (see tickets.group_verdicts).
+        A first-hand failure (a finding of this member's own, or a refusal: BAD_GROUP_ID) seen before
+        the abort outranks an earlier one that a groupmate's abort also causes (CANCELLED, an end): a
+        groupmate that began the attempt earlier can pass the breaker's refusal on to this member
+        before this member's own stream to the breaker is answered."""
+        if peer_id == self.peer_id:
+            return
+        if self.first_failure is not None and (self._first_is_first_hand or not first_hand):
+            return
+        self.first_failure, self._first_is_first_hand = (peer_id, reason), first_hand
 
     def _held_up_long(self, peer_id: PeerID, reason: Reason) -> float | None:
         """Seconds ``peer_id`` held this member up in all — as a sender, its share; as a reducer, its
