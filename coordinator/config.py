@@ -108,6 +108,10 @@ class SwarmSettings(Section):
     heartbeat_interval_s: float = Field(10.0, gt=0, description="how often nodes report to the coordinator")
     round_timeout_s: float = Field(
         600.0, gt=0, description="close a round after this long even below samples_per_round (if it has any)")
+    close_when_all_submitted: bool = Field(
+        True, description="close a round below samples_per_round once every live node (seen within 3 heartbeat "
+                          "intervals) has submitted its whole assignment in it: a swarm smaller than samples_per_round "
+                          "needs, or one whose node went away, does not wait out round_timeout_s every round")
     max_proof_time_skew_s: float | None = Field(
         None, gt=0, le=MAX_PROOF_TIME_SKEW_S,
         description="proofs whose time_ms is further than this from the coordinator's clock, either way, are "

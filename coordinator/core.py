@@ -16,7 +16,8 @@ Data directory::
 
 Rounds: a round closes when the swarm's accepted samples in it reach ``swarm.samples_per_round``
 (the submission that crosses it gets ``round_closed``), or, once it has any accepted sample, when
-it has been open ``swarm.round_timeout_s`` (checked at each heartbeat and submission; its start is
+every live node has submitted its whole assignment (:meth:`Coordinator._all_live_submitted`) or it has
+been open ``swarm.round_timeout_s`` (checked at each heartbeat and submission; its start is
 the time of the log entry that opened it, so a restart keeps it) — but not while the version the last
 closed round produced is being uploaded, moving and due within a round's timeout
 (:meth:`Coordinator._publication_streaming`):
@@ -177,6 +178,9 @@ class Coordinator:
         self.spec = self.recorder.spec
         self.state = self.recorder.state
         self.round_started_ms = _round_start_ms(self.log)
+        # node -> the group ids it submitted in the open round, accepted or not (not rebuilt on a
+        # restart: the round then closes full or timed out)
+        self.round_groups: dict[str, set[str]] = {}
         self._restore_snapshots()
         self._refresh_gauges()
 
@@ -360,6 +364,8 @@ class Coordinator:
             last_index = None
             for group, verdict, entry in self.recorder.submit_logged(proofs, now_ms=now_ms()):
                 last_index = entry.index
+                if group and group[0].round_index == round_index:
+                    self.round_groups.setdefault(node_id, set()).add(group[0].group_id)
                 out.verdicts.add(group_id=group[0].group_id if group else "", proof_count=len(group),
                                  accepted=verdict.accepted, code="" if verdict.accepted else verdict.code.value,
                                  detail=verdict.detail, member=-1 if verdict.member is None else verdict.member,
@@ -388,13 +394,29 @@ class Coordinator:
         full = samples >= self.cfg.swarm.samples_per_round
         started = self.round_started_ms
         late = samples > 0 and started is not None and now_ms() - started >= self.cfg.swarm.round_timeout_s * 1000
-        if not (full or late) or self._publication_streaming() or not self._last_round_settled():
+        if not (full or late or (samples > 0 and self._all_live_submitted())) or self._publication_streaming() \
+                or not self._last_round_settled():
             return False
         self.recorder.close_round()
+        self.round_groups.clear()
         self.round_started_ms = None  # the next round's clock starts at its first dispatch
         self.metrics.rounds_closed.inc()
         self._refresh_gauges()
         return True
+
+    def _all_live_submitted(self) -> bool:
+        """Whether every live node (seen within the peer TTL, not banned) has submitted each of its
+        ``prompts_per_round`` groups of the open round, accepted or not (``swarm.close_when_all_submitted``):
+        nobody is left to fill the round, so waiting for ``samples_per_round`` would only wait out
+        ``round_timeout_s`` — what a swarm smaller than the run was sized for, or one whose node went
+        away, did every round. Nodes heartbeat while they sample and average (node/swarm/heartbeats.py),
+        so a slow one stays live and is waited for."""
+        if not self.cfg.swarm.close_when_all_submitted:
+            return False
+        since = now_ms() - int(PEER_TTL_INTERVALS * self.cfg.swarm.heartbeat_interval_s * 1000)
+        live = [n for n in self.store.active_node_ids(since) if not self.state.is_banned(n)]
+        need = self.spec.prompts_per_round
+        return bool(live) and all(len(self.round_groups.get(n, ())) >= need for n in live)
 
     def _last_round_settled(self) -> bool:
         """Whether the last closed round's ticket holders are done averaging it: its version was

@@ -44,15 +44,20 @@ max_staleness = {max_staleness}
 spot_check_rate = {spot_check_rate}
 round_timeout_s = {round_timeout_s}
 min_peers = {min_peers}
+close_when_all_submitted = {close_when_all_submitted}
+heartbeat_interval_s = {heartbeat_interval_s}
 """
 
 
 def write_run_toml(path: Path, *, samples_per_round: int = 64, max_staleness: int = 1, spot_check_rate: float = 0.5,
-                   round_timeout_s: float = 3600.0, min_peers: int = 1) -> Path:
-    """A run whose rounds start with a single node (``min_peers`` 1) unless told otherwise."""
+                   round_timeout_s: float = 3600.0, min_peers: int = 1, close_when_all_submitted: bool = False,
+                   heartbeat_interval_s: float = 10.0) -> Path:
+    """A run whose rounds start with a single node (``min_peers`` 1) and close only full or timed out
+    (these tests submit a round's work in pieces, from nodes that come and go) unless told otherwise."""
     path.write_text(RUN_TOML.format(samples_per_round=samples_per_round, max_staleness=max_staleness,
                                     spot_check_rate=spot_check_rate, round_timeout_s=round_timeout_s,
-                                    min_peers=min_peers))
+                                    min_peers=min_peers, close_when_all_submitted=str(close_when_all_submitted).lower(),
+                                    heartbeat_interval_s=heartbeat_interval_s))
     return path
 
 

@@ -419,29 +419,43 @@ def test_a_swarm_restarted_all_at_once_meets_again(tmp_path):
 
 
 def test_ctrl_c_or_sigterm_leaves_the_swarm_and_takes_the_nodes_processes_with_it(tmp_path):
-    """Node 0 gets a Ctrl-C in its terminal (SIGINT to its whole process group: the node, its DHT and
-    averager processes, p2pd); node 1 a SIGTERM to its main process alone (`docker stop`, `kill`).
-    Each says it is leaving and why, exits 0, and nothing it started outlives it. Before: hivemind's
-    averager start left every node ignoring SIGINT for good (it trained on), and a SIGTERM ended a
-    node at once, leaving its DHT, averager, p2pd (and its ports) and torch's shm manager running."""
+    """Three nodes, with rounds that would wait 300 s for work that never comes (``round_timeout_s``).
+    Node 0 gets a Ctrl-C in its terminal (SIGINT to its whole process group: the node, its DHT and
+    averager processes, p2pd): the other two go on averaging as a pair without waiting out the round
+    timeout (the coordinator closes a round once every live node's work is in). Then node 1 gets a
+    SIGTERM to its main process alone (`docker stop`, `kill`). Each says it is leaving and why, exits
+    0, and nothing it started outlives it. Before: hivemind's averager start left every node ignoring
+    SIGINT for good (it trained on), a SIGTERM ended a node at once, leaving its DHT, averager, p2pd
+    (and its ports) and torch's shm manager running, and every round after a node left waited
+    ``round_timeout_s``."""
     # (a stock hivemind averager started in this process, as the liveness tests' is, left SIGINT
     # ignored here, and the nodes would inherit that)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    with LocalSwarm(tmp_path / "swarm", nodes=2) as swarm:
+    config = demo_config_text().replace("round_timeout_s = 15.0", "round_timeout_s = 300.0")
+    assert "round_timeout_s = 300.0" in config
+    with LocalSwarm(tmp_path / "swarm", nodes=3, config_text=config) as swarm:
         swarm.start_coordinator()
-        for i in (0, 1):
+        for i in (0, 1, 2):
             swarm.start_node(i)  # no --rounds: until stopped
-        wait_until(lambda: all(len(swarm.records(i)) >= 2 for i in (0, 1)), 180, swarm, "two rounds on each node",
-                   running=(0, 1))
+        wait_until(lambda: all(len(swarm.records(i)) >= 2 for i in (0, 1, 2)), 180, swarm,
+                   "two rounds on each node", running=(0, 1, 2))
         started = {i: [p.pid for p in psutil.Process(swarm.nodes[i].pid).children(recursive=True)] for i in (0, 1)}
         assert all(len(pids) >= 3 for pids in started.values()), started  # DHT, p2pd, averager (+ shm manager)
         rounds_before = {i: len(swarm.records(i)) for i in (0, 1)}
         os.killpg(swarm.nodes[0].pid, signal.SIGINT)
+        assert swarm.nodes[0].wait(timeout=30) == 0, logs(swarm)
+        left_at = time.time()
+        pair = lambda i: [r for r in swarm.records(i) if r["ended"] > left_at and r["averaged"] and r["peers"] == 2]  # noqa: E731
+        wait_until(lambda: len(pair(1)) >= 2 and len(pair(2)) >= 2, 90, swarm,
+                   "two rounds averaged by the pair after node 0 left", running=(1, 2))
+        paired_in = max(r["ended"] for r in pair(1)[:2]) - left_at
+        print(f"\nafter node 0 left: two rounds averaged by the other two in {paired_in:.1f} s")
+        assert paired_in < 60.0  # far less than the 300 s round timeout each round would have waited
         swarm.nodes[1].send_signal(signal.SIGTERM)
+        assert swarm.nodes[1].wait(timeout=30) == 0, logs(swarm)
         for i, why in ((0, "Ctrl-C"), (1, "SIGTERM")):
-            assert swarm.nodes[i].wait(timeout=30) == 0, logs(swarm)
             assert f"leaving the swarm ({why})" in (swarm.logs / f"node{i}.log").read_text(errors="replace"), logs(swarm)
-            assert len(swarm.records(i)) <= rounds_before[i] + 1  # it stopped, not trained on
+        assert len(swarm.records(0)) <= rounds_before[0] + 1  # it stopped, not trained on
         deadline = time.monotonic() + 10
         everything = started[0] + started[1]
         while (left := [pid for pid in everything if _running(pid)]) and time.monotonic() < deadline:

@@ -33,6 +33,7 @@ from grpo_swarm.protocol.errors import ProtocolError
 from grpo_swarm.protocol.identity import Identity
 
 from .dht import connect_peers, connected_peers, visible_maddrs
+from .heartbeats import HeartbeatKeeper
 from .shared_memory import prepare_shared_memory
 from .participant import Participant, RoundWork
 from .publication import PublicationFollower, upload_rank
@@ -163,6 +164,9 @@ class SwarmPeer:
         self._publication = PublicationFollower(p, self.heartbeat, timeout_s=self.round_timeout_s, poll_s=opts.poll_s)
         self._clock = PhaseClock()
         self.heartbeat()  # announce the DHT addresses
+        # liveness while sampling, computing the gradient or averaging (see .heartbeats)
+        self._keeper = HeartbeatKeeper(lambda: self.participant.heartbeat(multiaddrs=self.maddrs, sample=False),
+                                       float(swarm.get("heartbeat_interval_s", 10.0))).start()
 
     # -- the swarm side: DHT, p2p daemon, averager
     def _start_swarm_side(self, listed: Sequence[str]) -> tuple[float, float]:
@@ -249,7 +253,10 @@ class SwarmPeer:
     # -- coordinator
     def heartbeat(self, sample: bool = False, **kw) -> pb.HeartbeatResponse:
         """A heartbeat; only ``sample=True`` (just before sampling) binds the round's version."""
-        return self.participant.heartbeat(multiaddrs=self.maddrs, sample=sample, **kw)
+        reply = self.participant.heartbeat(multiaddrs=self.maddrs, sample=sample, **kw)
+        if getattr(self, "_keeper", None) is not None:
+            self._keeper.sent()
+        return reply
 
     def _meet(self, hb: pb.HeartbeatResponse) -> None:
         """Dial the live peers the coordinator lists that this DHT does not know yet."""
@@ -261,6 +268,8 @@ class SwarmPeer:
                 log.warning("could not dial listed peers: %s", e)
 
     def close(self) -> None:
+        if getattr(self, "_keeper", None) is not None:
+            self._keeper.stop()
         for part in (self.averager, self.dht):
             try:
                 part.shutdown()

@@ -1,0 +1,88 @@
+"""When a round closes below ``samples_per_round``: once every live node has submitted each group of
+its assignment (``swarm.close_when_all_submitted``). A real coordinator on loopback, real nodes
+(tests/coordinator_world.py): a swarm smaller than the run was sized for, and one whose node went
+away, no longer wait out ``round_timeout_s``; a slow node that keeps heartbeating is waited for."""
+
+import time
+
+import pytest
+
+from coordinator_world import HonestNode, Served
+from grpo_swarm.protocol.peers import PEER_TTL_INTERVALS
+
+INTERVAL_S = 0.4  # heartbeat interval: a node silent for 3 of them is no longer live
+GONE_S = PEER_TTL_INTERVALS * INTERVAL_S + 0.3
+
+
+def _serve(tmp_path, **kw) -> Served:
+    return Served(tmp_path, samples_per_round=64, round_timeout_s=3600.0, heartbeat_interval_s=INTERVAL_S,
+                  **({"close_when_all_submitted": True} | kw))
+
+
+def _flat(groups):
+    return [p for g in groups for p in g]
+
+
+def test_the_round_closes_at_the_submission_that_completes_every_live_nodes_assignment(tmp_path):
+    s = _serve(tmp_path)
+    try:
+        a, b = HonestNode(s.address, tmp_path / "a"), HonestNode(s.address, tmp_path / "b")
+        (_, ga), (_, gb) = a.round_proofs(), b.round_proofs()
+        assert len(ga) == len(gb) == 2  # prompts_per_round; 2 x 2 x G=4 = 16 samples, far below 64
+        first = a.client.submit_proofs(_flat(ga[:1]))
+        assert not first.round_closed  # a's assignment is half in
+        second = a.client.submit_proofs(_flat(ga[1:]))
+        assert not second.round_closed and second.current_round == 0  # b is live and has submitted nothing
+        last = b.client.submit_proofs(_flat(gb))
+        assert last.round_closed and last.current_round == 1
+        closed = [e for e in a.client.get_log() if e.kind == "round_closed"]
+        assert closed[0].payload["samples"] == {a.identity.node_id: 8, b.identity.node_id: 8}
+    finally:
+        s.stop()
+
+
+def test_a_node_gone_silent_is_not_waited_for_and_its_late_work_is_refused(tmp_path):
+    s = _serve(tmp_path)
+    try:
+        a, b, c = (HonestNode(s.address, tmp_path / n) for n in "abc")
+        (_, ga), (_, gb), (_, gc) = a.round_proofs(), b.round_proofs(), c.round_proofs()
+        a.client.submit_proofs(_flat(ga))
+        assert not b.client.submit_proofs(_flat(gb)).round_closed  # c was dispatched and is still live
+        started = time.monotonic()
+        while a.client.heartbeat(0, sample=False).current_round == 0:  # c says nothing from here on
+            assert time.monotonic() - started < GONE_S + 5.0, "the round waited for a node that went silent"
+            time.sleep(INTERVAL_S / 2)
+        assert time.monotonic() - started >= PEER_TTL_INTERVALS * INTERVAL_S - 0.2  # not before c counted as gone
+        closed = [e for e in a.client.get_log() if e.kind == "round_closed"]
+        assert sorted(closed[0].payload["participants"]) == sorted([a.identity.node_id, b.identity.node_id])
+        late = c.client.submit_proofs(_flat(gc))  # back after the close: round 0 is over
+        assert not any(v.accepted for v in late.verdicts)
+    finally:
+        s.stop()
+
+
+def test_a_slow_node_that_keeps_heartbeating_is_waited_for(tmp_path):
+    s = _serve(tmp_path)
+    try:
+        a, slow = HonestNode(s.address, tmp_path / "a"), HonestNode(s.address, tmp_path / "slow")
+        (_, ga), (_, gs) = a.round_proofs(), slow.round_proofs()
+        a.client.submit_proofs(_flat(ga))
+        for _ in range(int(2 * GONE_S / (INTERVAL_S / 2))):  # twice as long as silence would take
+            slow.client.heartbeat(0, sample=False)  # what node/swarm/heartbeats.py sends while sampling
+            assert a.client.heartbeat(0, sample=False).current_round == 0
+            time.sleep(INTERVAL_S / 2)
+        reply = slow.client.submit_proofs(_flat(gs))
+        assert reply.round_closed and all(v.accepted for v in reply.verdicts)
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("switch", [False, True])
+def test_the_switch_off_keeps_the_round_open_until_full_or_timed_out(tmp_path, switch):
+    s = _serve(tmp_path, close_when_all_submitted=switch)
+    try:
+        a = HonestNode(s.address, tmp_path / "a")
+        _, ga = a.round_proofs()
+        assert a.client.submit_proofs(_flat(ga)).round_closed is switch  # a is the only live node
+    finally:
+        s.stop()
