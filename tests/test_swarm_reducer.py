@@ -51,3 +51,30 @@ def test_a_remote_part_that_breaks_the_rules_is_refused_before_it_is_added():
         assert torch.equal(await local, torch.full((5,), 2.0)) and (await remote) is (await local)
 
     asyncio.run(run())
+
+
+def test_a_first_hand_failure_outranks_a_relayed_one_as_the_attempts_first():
+    """A member's first failure (named in its next gather) is the first it saw, except that a refusal
+    or a finding of its own, seen before its abort, outranks an earlier CANCELLED or end: those a
+    groupmate's abort also causes, and a groupmate that began earlier passes the breaker on first."""
+    from grpo_swarm.node.swarm.reduction import VerifiedAllReduceRunner
+    from grpo_swarm.node.swarm.tickets import Reason
+
+    def runner():
+        r = object.__new__(VerifiedAllReduceRunner)  # only the bookkeeping under test
+        r.peer_id, r.first_failure, r._first_is_first_hand = "me", None, False
+        return r
+
+    r = runner()
+    r._note_first("B", Reason.REDUCER_FAILED)  # B answered CANCELLED: it aborted, passing something on
+    r._note_first("C", Reason.SENDER_FAILED)  # another end: the first stays
+    assert r.first_failure == ("B", Reason.REDUCER_FAILED)
+    r._note_first("H", Reason.NOT_IN_GROUP, first_hand=True)  # H refused us itself
+    assert r.first_failure == ("H", Reason.NOT_IN_GROUP)
+    r._note_first("C", Reason.MALFORMED_PART, first_hand=True)  # a later first-hand one does not replace it
+    r._note_first("me", Reason.REDUCER_FAILED, first_hand=True)  # nor does this member itself
+    assert r.first_failure == ("H", Reason.NOT_IN_GROUP)
+    r = runner()
+    r._note_first("H", Reason.NOT_IN_GROUP, first_hand=True)
+    r._note_first("B", Reason.REDUCER_FAILED)
+    assert r.first_failure == ("H", Reason.NOT_IN_GROUP)

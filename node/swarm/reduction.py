@@ -31,8 +31,9 @@
   timeouts are ordered (sender < reducer) so that the member waiting on the silent peer itself
   times out first. At the all-reduce deadline, senders and reducers that drip just under those
   timeouts are named by what is still missing while others' work is in (:meth:`~VerifiedAllReduceRunner.name_laggards`).
-  The first peer a member saw fail (or caught) is kept too (``first_failure``): the next gather
-  names it, and a member most of the group saw break first with no finding of its own is left out.
+  The first peer a member saw fail (or caught) is kept too (``first_failure``; a first-hand failure
+  outranks an earlier CANCELLED or end): the next gather names it, and a member most of the group
+  saw break first with no finding of its own is left out.
 * **A stream closes only once its sender holds every average.** hivemind's reducer handler
   returns, closing the stream, right after answering the last part, and p2pd can drop messages
   still in flight at that close (seen here: a stream ending cleanly after 8 of 10 averages; in stock
