@@ -6,8 +6,10 @@ three node processes (real hivemind DHTs and verified averagers) with the demo's
   group is SIGKILLed; the other two finish that round within the averaging timeout, and the
   member, restarted with the same key and work directory, holds the published snapshot and is
   averaged with them again within 60 s of its restart;
-* in a pair, a partner killed mid-round and restarted: the survivor stops that round as soon as the
-  coordinator lists the partner as gone on to the next round, and the pair averages again;
+* in a pair, a partner killed mid-round and restarted: it resumes the round from its saved batch
+  and the pair averages it together; killed again with that batch gone, the survivor stops that
+  round as soon as the coordinator lists the partner as gone on to the next round, and the pair
+  averages again;
 * a hostile member (NaN in every part it sends, tests/swarm_hostile.py through
   tests/swarm_join_node.py): the honest peers' round still succeeds without it, they exclude it
   with the reason, report it to the coordinator, and their two reports ban it;
@@ -128,7 +130,10 @@ def test_a_member_killed_mid_averaging_restarts_resyncs_and_rejoins(tmp_path):
     # the round the victim died in: the survivors finished it within the averaging timeout
     killed_round = min(r["round"] for i in (0, 1) for r in records[i] if r["ended"] > killed_at and r["round"] >= 0)
     assert killed_round >= first_stall
-    assert not any(r["round"] == killed_round for r in records[victim]), "the victim finished the round it died in"
+    # (restarted before the survivors published, it resumes the round from its saved batch, finds it
+    # averaged without it and moves on)
+    assert not any(r["round"] == killed_round and r["averaged"] for r in records[victim]), \
+        "the victim finished the round it died in"
     for i in (0, 1):
         (r,) = [r for r in records[i] if r["round"] == killed_round]
         print(f"\nnode {i}, round {killed_round}: averaged={r['averaged']} peers={r['peers']} "
@@ -177,15 +182,18 @@ def _daemons_of(proc) -> list:
 
 
 @pytest.mark.slow
-def test_a_node_whose_partner_died_mid_round_stops_once_the_partner_moved_on(tmp_path):
-    """Two nodes; in round 1 one of them hangs in a reduction and is SIGKILLed, then restarted. The
-    survivor cannot finish that round alone (an attempt needs 2 of its 2 participants): it stops as
-    soon as the coordinator lists the restarted partner among the round's participants that started
-    sampling the next round — not after waiting out every attempt (3 x (matchmaking + averaging
-    timeouts), over two minutes here), which would also hold the next round's close back. The pair
-    then averages together again, holding the published snapshot. (First, the demo's
+def test_a_node_killed_after_its_round_closed_resumes_it_else_its_partner_stops_once_it_moved_on(tmp_path):
+    """Two nodes; in round 1 one of them hangs in a reduction and is SIGKILLed, then restarted (same key
+    and work directory). Its accepted batch was saved when the coordinator accepted its groups
+    (node/swarm/round_batch_file.py): it resumes round 1 with the same gradient and the pair averages
+    the round it died in together — before, that round was lost to both (an attempt needs 2 of its 2
+    participants). Later it hangs and is killed again, and this time the saved batch is gone (a
+    wiped disk): the survivor cannot finish that round alone and stops as soon as the coordinator
+    lists the restarted partner among the round's participants that started sampling the next round —
+    not after waiting out every attempt (3 x (matchmaking + averaging timeouts), over two minutes
+    here). The pair then averages together again, holding the published snapshot. (First, the demo's
     ``swarm.min_peers`` = 2: the node that comes up alone waits for a peer and nothing is bound.)"""
-    marker = tmp_path / "stalled"
+    marker, marker2 = tmp_path / "stalled", tmp_path / "stalled-again"
     victim, survivor = 1, 0
     with LocalSwarm(tmp_path / "swarm", nodes=2) as swarm:
         swarm.start_coordinator()
@@ -196,13 +204,21 @@ def test_a_node_whose_partner_died_mid_round_stops_once_the_partner_moved_on(tmp
         assert not [e for e in log_entries(swarm) if e.kind == "round_dispatched"]
         swarm.start_node(victim, program=hostile("stall", 1, marker))
         wait_until(marker.exists, 180, swarm, "stalled reduction", running=(survivor, victim))
-        before = len(swarm.records(victim))
+        assert (swarm.workdir(victim) / "round_batch.safetensors").exists()
         swarm.kill_node(victim)
+        before = len(swarm.records(victim))
+        swarm.start_node(victim, program=hostile("stall", 4, marker2))  # honest in rounds 1-3
+        resumed = lambda: any("resumed" in r["note"] for r in swarm.records(victim)[before:])  # noqa: E731
+        wait_until(resumed, 120, swarm, "the restarted node resuming the round it died in", running=(survivor, victim))
+        wait_until(marker2.exists, 180, swarm, "the second stalled reduction", running=(survivor, victim))
+        swarm.kill_node(victim)
+        (swarm.workdir(victim) / "round_batch.safetensors").unlink()  # this time the batch is gone
+        before2 = len(swarm.records(victim))
         swarm.start_node(victim)
         restarted_at = time.time()
 
         def together_again() -> bool:
-            mine = [r for r in swarm.records(victim)[before:] if r["averaged"] and r["peers"] == 2]
+            mine = [r for r in swarm.records(victim)[before2:] if r["averaged"] and r["peers"] == 2]
             return bool(mine) and any(r["round"] == mine[0]["round"] and r["averaged"] for r in swarm.records(survivor))
 
         wait_until(together_again, 90, swarm, "a round averaged by both after the restart", running=(survivor, victim))
@@ -210,10 +226,16 @@ def test_a_node_whose_partner_died_mid_round_stops_once_the_partner_moved_on(tmp
         records = {i: swarm.records(i) for i in (survivor, victim)}
         entries = log_entries(swarm)
 
-    killed_round = next(r["round"] for r in records[survivor] if r["round"] >= 1 and not r["averaged"])
+    back = next(r for r in records[victim][before:] if "resumed" in r["note"])
+    (mate,) = [r for r in records[survivor] if r["round"] == back["round"]]
+    print(f"\nround {back['round']}, resumed by the restarted node: averaged {back['averaged']} with "
+          f"{back['peers']} peers; the survivor's averaging took {mate['averaging_s']:.1f} s")
+    assert back["round"] == 1 and back["averaged"] and back["peers"] == 2, back
+    assert mate["averaged"] and mate["peers"] == 2, mate
+    killed_round = next(r["round"] for r in records[survivor] if r["round"] >= 4 and not r["averaged"])
     (r,) = [r for r in records[survivor] if r["round"] == killed_round]
-    print(f"\nsurvivor, round {killed_round}: averaging {r['averaging_s']:.1f} s, done "
-          f"{r['ended'] - restarted_at:.1f} s after the partner's restart; {r['note']}")
+    print(f"survivor, round {killed_round}: averaging {r['averaging_s']:.1f} s, done "
+          f"{r['ended'] - restarted_at:.1f} s after the partner's restart without its batch; {r['note']}")
     assert "went on" in r["note"], r
     worst = 3 * (SWARM["matchmaking_timeout_s"] + SWARM["averaging_timeout_s"])
     assert r["ended"] - restarted_at < 30.0 and r["averaging_s"] < worst / 2, r

@@ -32,10 +32,12 @@ from grpo_swarm.protocol.client import CoordinatorClient, CoordinatorError
 from grpo_swarm.protocol.errors import ProtocolError
 from grpo_swarm.protocol.identity import Identity
 
+from ..trainer import ScoredBatch
 from .dht import connect_peers, connected_peers, visible_maddrs
 from .heartbeats import HeartbeatKeeper
+from .round_batch_file import FILE_NAME as ROUND_BATCH_FILE, drop_round_batch, load_round_batch, save_round_batch
 from .shared_memory import prepare_shared_memory
-from .participant import Participant, RoundWork
+from .participant import Participant
 from .publication import PublicationFollower, upload_rank
 from .share_sketch import DEFAULT_AUDIT_FRACTION
 
@@ -163,6 +165,7 @@ class SwarmPeer:
         self.matchmaking_timeout_s = timeouts["matchmaking_timeout"]
         self._publication = PublicationFollower(p, self.heartbeat, timeout_s=self.round_timeout_s, poll_s=opts.poll_s)
         self._clock = PhaseClock()
+        self._round_batch_path = p.workdir / ROUND_BATCH_FILE
         self.heartbeat()  # announce the DHT addresses
         # liveness while sampling, computing the gradient or averaging (see .heartbeats)
         self._keeper = HeartbeatKeeper(lambda: self.participant.heartbeat(multiaddrs=self.maddrs, sample=False),
@@ -319,6 +322,9 @@ class SwarmPeer:
         restarted = self._ensure_swarm_side(hb)
         self._meet(hb)
         self._clock.lap("meet")
+        resumed = self._resume_closed_round(hb, t0, restarted)
+        if resumed is not None:
+            return resumed
         resynced = False
         if hb.current.version != p.snapshot.version:  # sample with the swarm's current policy
             p.sync()
@@ -337,6 +343,9 @@ class SwarmPeer:
         # restart's seconds and be left out
         restarted = self._ensure_swarm_side(hb) or restarted
         p.submit(work)
+        batch = p.accepted_batch(work)
+        if batch is not None:  # until the round's averaging is over: a restart still averages it
+            save_round_batch(self._round_batch_path, work.round_index, work.version, batch)
         self._clock.lap("submit")
         record = RoundRecord(work.round_index, work.version, samples=sum(len(g) for g in work.groups),
                              accepted=work.accepted_samples, lag=hb.lag, resynced=resynced,
@@ -368,13 +377,50 @@ class SwarmPeer:
             # (a process that died while this node waited for the close is restarted before the averaging)
             record.restarted = self._ensure_swarm_side(closed) or record.restarted
             try:
-                self._average_and_step(work, ticket, record, closed_at)
+                self._average_and_step(work.round_index, batch, ticket, record, closed_at)
             except CoordinatorError as e:  # a refused report or upload: take the swarm's version instead
                 record.note = f"{e.method}: {e.code}: {e.detail}"[:200]
                 p.sync()
                 record.resynced = True
                 self._clock.lap("sync")
+        drop_round_batch(self._round_batch_path)
         record.seconds = time.monotonic() - t0
+        return record
+
+    def _resume_closed_round(self, hb: pb.HeartbeatResponse, t0: float, restarted: str) -> RoundRecord | None:
+        """Average the round this node submitted to before it was restarted (:mod:`.round_batch_file`),
+        when the coordinator is still on that round's version and gave this node a final ticket in it;
+        None (and the saved batch dropped) otherwise."""
+        path = self._round_batch_path
+        saved = load_round_batch(path)
+        if saved is None:
+            return None
+        ticket = hb.round_ticket if hb.HasField("round_ticket") else None
+        if (ticket is None or ticket.round_index != saved.round_index or hb.current_round != saved.round_index + 1
+                or hb.current.version != saved.version or hb.benched):
+            drop_round_batch(path)  # averaged without this node, published, or never ticketed: gone
+            return None
+        p = self.participant
+        log.warning("resuming round %d, which closed with this node's work while it was down: computing its "
+                    "gradient and joining the round's averaging", saved.round_index)
+        record = RoundRecord(saved.round_index, saved.version, samples=saved.batch.rollouts.num_completions,
+                             accepted=saved.batch.rollouts.num_completions, restarted=restarted,
+                             reward_mean=float(saved.batch.rewards.total.mean()), note="resumed after a restart",
+                             dht_peers=self._dht_peers())
+        if p.snapshot.version != saved.version:
+            p.sync()
+            record.resynced = True
+            self._clock.lap("sync")
+        self._participants = [bytes(k) for k in hb.round_participants]
+        try:
+            self._average_and_step(saved.round_index, saved.batch, ticket, record, time.monotonic())
+        except CoordinatorError as e:
+            record.note = f"resumed; {e.method}: {e.code}: {e.detail}"[:200]
+            p.sync()
+            record.resynced = True
+        finally:
+            drop_round_batch(path)
+        record.phases, record.seconds = self._clock.phases, time.monotonic() - t0
         return record
 
     def _wait_for_peers(self, hb: pb.HeartbeatResponse) -> pb.HeartbeatResponse:
@@ -452,8 +498,10 @@ class SwarmPeer:
                 return hb
             time.sleep(self.opts.poll_s)
 
-    def _average_and_step(self, work: RoundWork, ticket: pb.AdmissionTicket, record: RoundRecord,
-                          closed_at: float) -> None:
+    def _average_and_step(self, round_index: int, batch: ScoredBatch | None, ticket: pb.AdmissionTicket,
+                          record: RoundRecord, closed_at: float) -> None:
+        """The gradient of ``batch`` (this node's accepted groups), the round's verified averaging, the
+        step, the hash report and the publication."""
         p = self.participant
         trainer = p.trainer
         trainer.optimizer.zero_grad(set_to_none=False)
@@ -461,17 +509,16 @@ class SwarmPeer:
         for t in trainer.trainable:
             if t.grad is None:
                 t.grad = torch.zeros_like(t)
-        batch = p.accepted_batch(work)
         if batch is not None:
             trainer.compute_gradients(trainer.prepare(batch))
         grads = [t.grad for t in trainer.trainable]
         self._clock.lap("gradient")
         started = time.monotonic()
-        result = self.averager.average(work.round_index, ticket.SerializeToString(), grads,
+        result = self.averager.average(round_index, ticket.SerializeToString(), grads,
                                        expected_peers=list(self._participants) or None,
                                        out=self.averager.result_buffers() if bound else grads,
                                        straggler_wait=self._straggler_wait(started - closed_at),
-                                       round_over=lambda: self._round_went_on(work.round_index, p.snapshot.version))
+                                       round_over=lambda: self._round_went_on(round_index, p.snapshot.version))
         self._last_result = result
         if bound and result.ok:  # the step reads the average where the round left it
             for t, averaged in zip(trainer.trainable, result.grads, strict=True):
@@ -483,7 +530,7 @@ class SwarmPeer:
         record.audit_s = sum(last.audit_seconds.values()) if last is not None else 0.0
         record.peers = len(last.weights) if last is not None else 0
         record.excluded = result.reportable()
-        self._report_excluded(work.round_index, record.excluded)
+        self._report_excluded(round_index, record.excluded)
         if not result.ok:
             trainer.optimizer.zero_grad(set_to_none=False)
             record.note = f"averaging failed: {result.error}"
