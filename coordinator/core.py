@@ -178,9 +178,9 @@ class Coordinator:
         self.spec = self.recorder.spec
         self.state = self.recorder.state
         self.round_started_ms = _round_start_ms(self.log)
-        # node -> the group ids it submitted in the open round, accepted or not (not rebuilt on a
-        # restart: the round then closes full or timed out)
-        self.round_groups: dict[str, set[str]] = {}
+        # node -> the group ids it submitted in the open round, accepted or not (after a restart,
+        # the accepted ones, from the log)
+        self.round_groups: dict[str, set[str]] = _round_groups(self.log, self.state.current_round)
         self._restore_snapshots()
         self._refresh_gauges()
 
@@ -568,6 +568,20 @@ def _round_start_ms(log: ProtocolLog) -> int | None:
         if entry.kind == ROUND_DISPATCHED:
             return entry.time_ms
     return None
+
+
+def _round_groups(log: ProtocolLog, round_index: int) -> dict[str, set[str]]:
+    """node -> the group ids of its groups accepted in the open round, from the log (what a restarted
+    coordinator knows of who has submitted; a rejected group is not counted, so such a node's
+    assignment looks unfinished and the round closes full or timed out, as before)."""
+    from grpo_swarm.protocol.log import PROOFS_ACCEPTED, ROUND_CLOSED, RUN_STARTED
+
+    opened = log.last(ROUND_CLOSED, RUN_STARTED)
+    out: dict[str, set[str]] = {}
+    for entry in log.entries(opened.index if opened is not None else 0):
+        if entry.kind == PROOFS_ACCEPTED and entry.payload.get("round") == round_index:
+            out.setdefault(entry.payload["node_id"], set()).add(entry.payload["group_id"])
+    return out
 
 
 def _check_same_run(logged: dict, configured: dict, data_dir: Path) -> None:

@@ -86,3 +86,26 @@ def test_the_switch_off_keeps_the_round_open_until_full_or_timed_out(tmp_path, s
         assert a.client.submit_proofs(_flat(ga)).round_closed is switch  # a is the only live node
     finally:
         s.stop()
+
+
+def test_a_restarted_coordinator_still_knows_who_has_submitted(tmp_path):
+    """The accepted groups of the open round come back from the log, so the round still closes at the
+    submission that completes every live node's assignment after a coordinator restart."""
+    from grpo_swarm.protocol.identity import Identity
+
+    ids = {n: Identity.generate() for n in "ab"}
+    s = _serve(tmp_path)
+    try:
+        a, b = (HonestNode(s.address, tmp_path / n, identity=ids[n]) for n in "ab")
+        (_, ga), (_, gb) = a.round_proofs(), b.round_proofs()
+        assert not a.client.submit_proofs(_flat(ga)).round_closed
+    finally:
+        s.stop()
+    s = _serve(tmp_path)  # the same data directory
+    try:
+        b = HonestNode(s.address, tmp_path / "b", identity=ids["b"])
+        HonestNode(s.address, tmp_path / "a", identity=ids["a"])  # a is back too: live, its work in the log
+        reply = b.client.submit_proofs(_flat(gb))
+        assert reply.round_closed and all(v.accepted for v in reply.verdicts)
+    finally:
+        s.stop()
