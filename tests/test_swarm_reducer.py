@@ -2,6 +2,7 @@
 forms without hivemind's zeroed accumulator (node/swarm/reduction.py, ValidatingReducer)."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -78,3 +79,52 @@ def test_a_first_hand_failure_outranks_a_relayed_one_as_the_attempts_first():
     r._note_first("H", Reason.NOT_IN_GROUP, first_hand=True)
     r._note_first("B", Reason.REDUCER_FAILED)
     assert r.first_failure == ("H", Reason.NOT_IN_GROUP)
+
+
+def test_a_relayed_failure_waits_for_the_unanswered_reducers_before_aborting():
+    """After a CANCELLED (another member's relay) and the grace, the abort waits — up to ``hear_out_s`` —
+    for the reducers that have neither answered this member nor opened a stream to it: one of them
+    may be the refuser whose own answer names it first-hand. It stops waiting once they all answered,
+    or a first-hand failure came, or the time is up."""
+    from types import SimpleNamespace
+
+    from grpo_swarm.node.swarm.reduction import VerifiedAllReduceRunner
+    from grpo_swarm.node.swarm.tickets import Reason
+
+    def runner():
+        r = object.__new__(VerifiedAllReduceRunner)
+        r.peer_id, r.ordered_peer_ids = "me", ["me", "B", "H"]
+        r.tensor_part_container = SimpleNamespace(num_parts_by_peer=[1, 1, 1])
+        r.abort_grace, r.hear_out_s = 0.05, 0.4
+        r.first_failure, r._first_is_first_hand, r._heard, r.failures = None, False, set(), {"B": ("x", "y")}
+        r.active_senders = set()
+        r._future = SimpleNamespace(done=lambda: False)
+        r.aborted_at = None
+        r.abort = lambda reason: setattr(r, "aborted_at", time.monotonic())
+        return r
+
+    async def run(r, meanwhile):
+        start = time.monotonic()
+        await asyncio.gather(r._abort_once_heard("B answered CANCELLED"), meanwhile(r))
+        return r.aborted_at - start
+
+    async def nothing(r):
+        pass
+
+    async def h_answers(r):
+        await asyncio.sleep(0.12)
+        r._heard.add("H")
+
+    async def h_refuses(r):
+        await asyncio.sleep(0.12)
+        r._note_first("H", Reason.NOT_IN_GROUP, first_hand=True)
+
+    assert 0.43 <= asyncio.run(run(runner(), nothing)) < 0.6  # H never answers: grace + hear_out_s
+    assert 0.11 <= asyncio.run(run(runner(), h_answers)) < 0.3
+    assert 0.11 <= asyncio.run(run(runner(), h_refuses)) < 0.3
+    r = runner()
+    r._heard.add("H")  # everyone answered already: the grace alone
+    assert asyncio.run(run(r, nothing)) < 0.15
+    r = runner()
+    r.active_senders.add("H")  # H sends us its part: in the group, it answers once it aborts in turn
+    assert asyncio.run(run(r, nothing)) < 0.15

@@ -85,6 +85,7 @@ from .tickets import GROUP_VIEW_BYTES, Reason
 from .wire import WireAveragingData, WireTensor
 
 ABORT_GRACE_S = 0.5  # at most: a quarter of the gap between the sender and reducer timeouts
+HEAR_OUT_POLL_S = 0.02
 
 
 class NotInGroup(AllreduceException):
@@ -368,7 +369,9 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         # before this member's abort passes it on (see fail)
         gap = (self.reducer_timeout or 0.0) - (self.sender_timeout or 0.0)
         self.abort_grace = max(0.0, min(ABORT_GRACE_S, gap / 4))
-        self._abort_timer: asyncio.TimerHandle | None = None
+        self._abort_timer: asyncio.TimerHandle | asyncio.Task | None = None
+        self.hear_out_s = 2 * self.abort_grace
+        self._heard: set[PeerID] = set()  # reducers that answered our stream (anything)
         # by slot: when this member had sent that reducer every part, and when it held every average
         self.sent_all_at: dict[int, float] = {}
         self.share_done_at: dict[int, float] = {}
@@ -413,7 +416,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             self._note_first(peer_id, reason, first_hand=True)
         self.abort(f"{peer_id} {reason.value}: {detail}")
 
-    def fail(self, peer_id: PeerID, reason: Reason, detail: str) -> None:
+    def fail(self, peer_id: PeerID, reason: Reason, detail: str, *, passed_on: bool = False) -> None:
+        """``passed_on``: the peer answered CANCELLED, passing another member's failure on."""
         if not self._future.done() and peer_id not in self.accused:
             self.failures.setdefault(peer_id, (reason, detail))
             held = self._held_up_long(peer_id, reason)
@@ -421,14 +425,20 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                 what = "our share" if reason == Reason.SENDER_FAILED else "our results"
                 self._mark_stalled(peer_id, f"{reason.value}: {detail}, after holding {what} up {held:.1f} s in all")
             self._note_first(peer_id, reason, first_hand=reason == Reason.NOT_IN_GROUP)
-        self._abort_soon(f"{peer_id} {reason.value}: {detail}")
+        self._abort_soon(f"{peer_id} {reason.value}: {detail}", hear_out=passed_on and not self._first_is_first_hand)
 
-    def _abort_soon(self, reason: str) -> None:
+    def _abort_soon(self, reason: str, *, hear_out: bool = False) -> None:
         """Abort after :attr:`abort_grace`. A failure is passed on by aborting (CANCELLED, ends), and each
         member names the first peer it saw fail: aborting at once, a member's relay of a peer that
         hung up could reach a groupmate before that peer's own hang-up does, making the relaying member
         look like the one that broke the attempt (see tickets.group_verdicts). Nothing completes in
-        the meantime: the failed peer's share waits for it, and a failed runner never succeeds."""
+        the meantime: the failed peer's share waits for it, and a failed runner never succeeds.
+        ``hear_out`` (the first failure is a CANCELLED, another member's relay): after the grace, wait
+        on up to :attr:`hear_out_s` for the reducers that have neither answered nor opened a stream to
+        us — a member that began late got a groupmate's relay of a refusal before its own stream to
+        the refuser was answered (its dial came late), and named the relaying member instead. (Members
+        that opened a stream to us are in the group and answer only once they abort in turn: waiting
+        for them would make two honest members wait on each other.)"""
         if self._future.done() or self._abort_timer is not None:
             return
         try:
@@ -437,8 +447,23 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             loop = None
         if loop is None or self.abort_grace <= 0:
             self.abort(reason)
+        elif hear_out:
+            self._abort_timer = loop.create_task(self._abort_once_heard(reason))
         else:
             self._abort_timer = loop.call_later(self.abort_grace, self.abort, reason)
+
+    async def _abort_once_heard(self, reason: str) -> None:
+        await asyncio.sleep(self.abort_grace)
+        deadline = time.monotonic() + self.hear_out_s
+        while not self._future.done() and not self._first_is_first_hand and time.monotonic() < deadline \
+                and any(p not in self._heard and p not in self.failures and p not in self.active_senders
+                        for p in self._remote_reducers()):
+            await asyncio.sleep(HEAR_OUT_POLL_S)
+        self.abort(reason)
+
+    def _remote_reducers(self) -> list[PeerID]:
+        return [p for p, n in zip(self.ordered_peer_ids, self.tensor_part_container.num_parts_by_peer)
+                if n and p != self.peer_id]
 
     def _mark_stalled(self, peer_id: PeerID, text: str) -> None:
         if not self._future.done() and peer_id != self.peer_id and peer_id not in self.accused:
@@ -825,6 +850,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                     msg = await asyncio.wait_for(anext(stream), self.reducer_timeout)
                 except StopAsyncIteration:
                     raise AllreduceException(f"returned {part_index} of {expected} averaged parts") from None
+                self._heard.add(peer_id)
                 if msg.code != averaging_pb2.AVERAGED_PART and msg.malformed is None:
                     name = averaging_pb2.MessageCode.Name(msg.code) if msg.code in averaging_pb2.MessageCode.values() \
                         else str(msg.code)
@@ -855,7 +881,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             self.stalled_on(peer_id, Reason.REDUCER_FAILED, f"returned {part_index} of {expected} averages, then "
                                                             f"nothing for {self.reducer_timeout} s")
         except Exception as e:  # noqa: BLE001 - disconnects, refusals: the attempt fails
-            self.fail(peer_id, Reason.REDUCER_FAILED, f"{type(e).__name__}: {e}"[:300])
+            self.fail(peer_id, Reason.REDUCER_FAILED, f"{type(e).__name__}: {e}"[:300],
+                      passed_on=str(e) == "answered CANCELLED")
         finally:
             results_in.set()
 
