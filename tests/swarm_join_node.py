@@ -9,6 +9,9 @@ averaging before. ``MARKER``: the file a ``stall`` writes once it hangs mid-redu
 
 ``stall_upload`` (the averager stays honest): every version this node uploads sends its header and
 first chunk, then nothing for ``UPLOAD_STALL_S``, the stream held open (a broken or hostile uploader).
+
+``slow_sample`` (honest, only slow): from ``FIRST_ROUND`` on, sampling takes ``MARKER`` seconds more
+(a slow machine, silent to the coordinator but for the background heartbeats).
 """
 
 from __future__ import annotations
@@ -49,12 +52,31 @@ def stall_uploads() -> None:
     Participant.start_upload = start_upload
 
 
+def slow_sampling(first_round: int, extra_s: float) -> None:
+    import time
+
+    from grpo_swarm.node.swarm.participant import Participant
+
+    sample = Participant.sample
+
+    def slow(self, hb):
+        if hb.current_round >= first_round:
+            time.sleep(extra_s)
+        return sample(self, hb)
+
+    Participant.sample = slow
+
+
 def main() -> None:
     behaviour, first, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     from grpo_swarm.node.cli import app
     from grpo_swarm.node.swarm.join import SwarmPeer
     from swarm_hostile import HostileAverager
 
+    if behaviour == "slow_sample":
+        slow_sampling(first, float(marker))
+        app(sys.argv[4:], prog_name="grpo-node")
+        return
     if behaviour == "stall_upload":
         stall_uploads()
         app(sys.argv[4:], prog_name="grpo-node")
