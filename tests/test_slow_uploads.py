@@ -407,3 +407,27 @@ def test_one_upload_stream_per_node_and_at_most_half_the_workers(tmp_path):
         assert first.result().published.version == 1
     finally:
         world.close()
+
+
+def test_a_node_without_a_ticket_stops_waiting_once_the_round_gave_up_its_version(swarm, tmp_path):
+    """C holds no ticket of round 0 and waits for version 1. While A and B (its ticket holders) may
+    still publish it, C waits; once both started sampling round 1 with nothing uploading (their
+    averaging failed), C stops at once instead of waiting out the timeout — the next round waits for
+    every live node's work, C's included."""
+    s, a, b, sha = swarm
+    c = HonestNode(s.address, tmp_path / "c")
+    follower = PublicationFollower(c, lambda: c.heartbeat(sample=False), timeout_s=30.0, poll_s=0.05)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("c", follower.follow(1, None, round_index=0)))
+    t.start()
+    time.sleep(0.5)
+    assert t.is_alive()  # A and B have not moved on: version 1 may still come
+    a.heartbeat()  # A starts sampling round 1 (binds its version): B still may publish
+    time.sleep(0.5)
+    assert t.is_alive()
+    moved = time.monotonic()
+    b.heartbeat()
+    t.join(10)
+    assert not t.is_alive() and result["c"] is None and time.monotonic() - moved < 2.0
+    assert "moved on without it" in follower.note
+    c.client.close()

@@ -366,7 +366,7 @@ class SwarmPeer:
                         work.round_index, closed.benched)
         elif ticket is None or ticket.round_index != work.round_index:
             record.note = "no final ticket (nothing accepted): waiting for the next version"
-            self._follow_publication(p.snapshot.version + 1, None, record)
+            self._follow_publication(p.snapshot.version + 1, None, record, round_index=work.round_index)
         else:
             if closed.current.version != p.snapshot.version:
                 # sampled with an older version (allowed within η): the gradient is taken at the swarm's
@@ -566,13 +566,13 @@ class SwarmPeer:
         return upload_rank(ids, self.participant.node_id)
 
     def _follow_publication(self, version: int, sha: bytes | None, record: RoundRecord, *,
-                            rank: int = 1) -> bool:
+                            rank: int = 1, round_index: int | None = None) -> bool:
         """Wait for ``version`` to be published (uploading it as :mod:`.publication` says when this
         node computed it: ``sha``); load it unless this node computed the same bytes. False when no
         upload progressed for a round's timeout."""
         p, follower = self.participant, self._publication
         try:
-            published = follower.follow(version, sha, rank=rank)
+            published = follower.follow(version, sha, rank=rank, round_index=round_index)
         finally:
             record.upload_bytes += follower.bytes_sent
             self._clock.lap("publish")

@@ -108,6 +108,19 @@ def poll_interval(flight: pb.UploadProgress | None, poll_s: float) -> float:
     return poll_s if left is None else min(MAX_POLL_S, max(poll_s, left / 20))
 
 
+def round_gave_up(hb: pb.HeartbeatResponse, round_index: int, flight: pb.UploadProgress | None) -> bool:
+    """Whether round ``round_index`` will publish nothing more: a later round closed, or every one of
+    its ticket holders started sampling the next round with no upload of its version in flight (a
+    contributor waits for its version's publication before it samples again; one whose averaging
+    failed samples at once). A node without a ticket otherwise waited ``timeout_s`` for nothing while
+    the next round, which now waits for every live node's work, waited for it."""
+    if hb.current_round > round_index + 1:
+        return True
+    holders = {bytes(k) for k in hb.round_participants}
+    return (hb.current_round == round_index + 1 and bool(holders) and flight is None
+            and holders <= {bytes(k) for k in hb.round_moved_on})
+
+
 class PublicationFollower:
     """Waits for a version's publication, uploading it when this node should (see the module)."""
 
@@ -123,12 +136,14 @@ class PublicationFollower:
         self.gave_way = False  # whether it cancelled one because another would end first
         self.note = ""
 
-    def follow(self, version: int, sha: bytes | None, *, rank: int = 1) -> pb.PolicySnapshotRef | None:
+    def follow(self, version: int, sha: bytes | None, *, rank: int = 1,
+               round_index: int | None = None) -> pb.PolicySnapshotRef | None:
         """Wait until ``version`` (or a later one) is published and return what was; None after
         ``timeout_s`` without progress. With ``sha`` (this node computed the version) upload it as
         the module says: at once at ``rank`` 0, else after ``rank`` grace periods when
         :func:`should_race`; an upload of ours that another will beat is cancelled
-        (:func:`should_abandon`)."""
+        (:func:`should_abandon`). ``round_index``: the round that produces ``version``; None as soon
+        as that round is over without it (:func:`round_gave_up`), instead of after the timeout."""
         p = self.participant
         start = last_progress = time.monotonic()
         next_try, pause = start + min(rank, MAX_RANK) * self.grace_s, RETRY_S
@@ -142,6 +157,9 @@ class PublicationFollower:
                     return hb.current
                 now = time.monotonic()
                 flight = hb.upload if hb.HasField("upload") and hb.upload.version == version else None
+                if round_index is not None and round_gave_up(hb, round_index, flight):
+                    self.note = f"v{version} was not published: round {round_index}'s contributors moved on without it"
+                    return None
                 if flight is not None and flight.idle_ms < 1000 * self.stall_s:
                     last_progress = now  # an upload moves (ours shows here too, once accepted)
                 if call is not None:
