@@ -520,6 +520,7 @@ class SwarmPeer:
                                        straggler_wait=self._straggler_wait(started - closed_at),
                                        round_over=lambda: self._round_went_on(round_index, p.snapshot.version))
         self._last_result = result
+        drop_round_batch(self._round_batch_path)  # the round's averaging is over: nothing left to resume
         if bound and result.ok:  # the step reads the average where the round left it
             for t, averaged in zip(trainer.trainable, result.grads, strict=True):
                 t.grad = averaged

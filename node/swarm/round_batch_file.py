@@ -5,9 +5,9 @@ the accepted groups' completions, behaviour log-probs, rewards and advantages. A
 (out of memory, a reboot, a Ctrl-C) used to come back with its final ticket and nothing to average:
 its verified work was lost, and in a pair the partner could not average alone either. The batch is
 written once its groups are accepted (safetensors for the tensors, JSON for the rest: nothing here
-is unpickled), and removed once the round's averaging is over; a restarted node that finds it, and
-the coordinator still on that round's version with this node's final ticket, computes the same
-gradient and joins the round's averaging (:meth:`.join.SwarmPeer.round`).
+is unpickled) and removed once the round's averaging has ended, whatever its outcome. A restarted
+node that finds it, with the coordinator still on that round's version and holding this node's
+final ticket, computes the same gradient and joins the round's averaging (:meth:`.join.SwarmPeer.round`).
 """
 
 from __future__ import annotations
