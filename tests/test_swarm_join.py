@@ -440,12 +440,12 @@ def test_a_swarm_restarted_all_at_once_meets_again(tmp_path):
         assert any(r["averaged"] and r["peers"] == 2 for r in after[i]), after[i]
 
 
-HEARTBEAT_S, SLOW_S = 0.5, 2.5  # a node silent for 3 heartbeat intervals (1.5 s) is no longer live
+HEARTBEAT_S, SLOW_S = 0.5, 2.0  # a node silent for 3 heartbeat intervals (1.5 s) is no longer live
 
 
 def test_ctrl_c_or_sigterm_leaves_the_swarm_and_takes_the_nodes_processes_with_it(tmp_path):
     """Three nodes, with rounds that would wait 300 s for work that never comes (``round_timeout_s``).
-    Node 2 samples 2.5 s longer than the others, silent but for its background heartbeats, while a
+    Node 2 samples 2 s longer than the others, silent but for its background heartbeats, while a
     node silent for 1.5 s counts as gone: every round still waits for its work (3 participants).
     Node 0 gets a Ctrl-C in its terminal (SIGINT to its whole process group: the node, its DHT and
     averager processes, p2pd): the other two go on averaging as a pair without waiting out the round
@@ -470,8 +470,8 @@ def test_ctrl_c_or_sigterm_leaves_the_swarm_and_takes_the_nodes_processes_with_i
         # node 2 samples for SLOW_S more than the others from round 1 on: silent to the coordinator
         # for longer than 3 heartbeat intervals but for its background heartbeats
         swarm.start_node(2, program=[sys.executable, str(HERE / "swarm_join_node.py"), "slow_sample", "1", str(SLOW_S)])
-        wait_until(lambda: all(len(swarm.records(i)) >= 3 for i in (0, 1, 2)), 180, swarm,
-                   "three rounds on each node", running=(0, 1, 2))
+        wait_until(lambda: all(len(swarm.records(i)) >= 2 for i in (0, 1, 2)), 180, swarm,
+                   "two rounds on each node", running=(0, 1, 2))
         slow = [r for r in swarm.records(2) if r["round"] >= 1]
         assert slow and all(r["phases"].get("sample", 0) >= SLOW_S for r in slow), slow
         members = participants(log_entries(swarm))
