@@ -227,7 +227,7 @@ class Coordinator:
 
     def peers(self, node_id: str | None) -> list[pb.PeerAddress]:
         """The live peers' addresses (see the module docstring), ``node_id`` excluded."""
-        since = now_ms() - int(PEER_TTL_INTERVALS * self.cfg.swarm.heartbeat_interval_s * 1000)
+        since = self._live_since_ms()
         self.metrics.nodes_active.set(self.store.active_nodes(since))
         workers = sorted(self.recorder.round_accepted) + self.recorder.peers.recent_participants(PREFERRED_CANDIDATES)
         return [pb.PeerAddress(node_id=n, multiaddrs=addrs, last_seen_ms=seen)
@@ -235,10 +235,14 @@ class Coordinator:
                                                        prefer=workers[:PREFERRED_CANDIDATES],
                                                        is_banned=self.state.is_banned)]
 
+    def _live_since_ms(self) -> int:
+        """A node seen (registered or heartbeat) at or after this time is live: the peer TTL."""
+        return now_ms() - int(PEER_TTL_INTERVALS * self.cfg.swarm.heartbeat_interval_s * 1000)
+
     def live_nodes(self) -> int:
         """Nodes seen within the peer TTL, banned ones not counted: what ``swarm.min_peers`` is held
         against before a round starts."""
-        since = now_ms() - int(PEER_TTL_INTERVALS * self.cfg.swarm.heartbeat_interval_s * 1000)
+        since = self._live_since_ms()
         if not self.state.banned:  # (one indexed count per heartbeat; ids only when bans exist)
             return self.store.active_nodes(since)
         return sum(1 for n in self.store.active_node_ids(since) if not self.state.is_banned(n))
@@ -413,7 +417,7 @@ class Coordinator:
         so a slow one stays live and is waited for."""
         if not self.cfg.swarm.close_when_all_submitted:
             return False
-        since = now_ms() - int(PEER_TTL_INTERVALS * self.cfg.swarm.heartbeat_interval_s * 1000)
+        since = self._live_since_ms()
         live = [n for n in self.store.active_node_ids(since) if not self.state.is_banned(n)]
         need = self.spec.prompts_per_round
         return bool(live) and all(len(self.round_groups.get(n, ())) >= need for n in live)

@@ -166,10 +166,11 @@ class SwarmPeer:
         self._publication = PublicationFollower(p, self.heartbeat, timeout_s=self.round_timeout_s, poll_s=opts.poll_s)
         self._clock = PhaseClock()
         self._round_batch_path = p.workdir / ROUND_BATCH_FILE
-        self.heartbeat()  # announce the DHT addresses
         # liveness while sampling, computing the gradient or averaging (see .heartbeats)
         self._keeper = HeartbeatKeeper(lambda: self.participant.heartbeat(multiaddrs=self.maddrs, sample=False),
-                                       float(swarm.get("heartbeat_interval_s", 10.0))).start()
+                                       float(swarm.get("heartbeat_interval_s", 10.0)))
+        self.heartbeat()  # announce the DHT addresses
+        self._keeper.start()
 
     # -- the swarm side: DHT, p2p daemon, averager
     def _start_swarm_side(self, listed: Sequence[str]) -> tuple[float, float]:
@@ -257,8 +258,7 @@ class SwarmPeer:
     def heartbeat(self, sample: bool = False, **kw) -> pb.HeartbeatResponse:
         """A heartbeat; only ``sample=True`` (just before sampling) binds the round's version."""
         reply = self.participant.heartbeat(multiaddrs=self.maddrs, sample=sample, **kw)
-        if getattr(self, "_keeper", None) is not None:
-            self._keeper.sent()
+        self._keeper.sent()
         return reply
 
     def _meet(self, hb: pb.HeartbeatResponse) -> None:
@@ -376,13 +376,7 @@ class SwarmPeer:
                 self._clock.lap("sync")
             # (a process that died while this node waited for the close is restarted before the averaging)
             record.restarted = self._ensure_swarm_side(closed) or record.restarted
-            try:
-                self._average_and_step(work.round_index, batch, ticket, record, closed_at)
-            except CoordinatorError as e:  # a refused report or upload: take the swarm's version instead
-                record.note = f"{e.method}: {e.code}: {e.detail}"[:200]
-                p.sync()
-                record.resynced = True
-                self._clock.lap("sync")
+            self._average_or_resync(work.round_index, batch, ticket, record, closed_at)
         drop_round_batch(self._round_batch_path)
         record.seconds = time.monotonic() - t0
         return record
@@ -413,11 +407,8 @@ class SwarmPeer:
             self._clock.lap("sync")
         self._participants = [bytes(k) for k in hb.round_participants]
         try:
-            self._average_and_step(saved.round_index, saved.batch, ticket, record, time.monotonic())
-        except CoordinatorError as e:
-            record.note = f"resumed; {e.method}: {e.code}: {e.detail}"[:200]
-            p.sync()
-            record.resynced = True
+            self._average_or_resync(saved.round_index, saved.batch, ticket, record, time.monotonic(),
+                                    note_prefix="resumed; ")
         finally:
             drop_round_batch(path)
         record.phases, record.seconds = self._clock.phases, time.monotonic() - t0
@@ -497,6 +488,17 @@ class SwarmPeer:
             if hb.current_round > round_index or time.monotonic() > deadline:
                 return hb
             time.sleep(self.opts.poll_s)
+
+    def _average_or_resync(self, round_index: int, batch: ScoredBatch | None, ticket: pb.AdmissionTicket,
+                           record: RoundRecord, closed_at: float, note_prefix: str = "") -> None:
+        """:meth:`_average_and_step`; a refused report or upload takes the swarm's version instead."""
+        try:
+            self._average_and_step(round_index, batch, ticket, record, closed_at)
+        except CoordinatorError as e:
+            record.note = f"{note_prefix}{e.method}: {e.code}: {e.detail}"[:200]
+            self.participant.sync()
+            record.resynced = True
+            self._clock.lap("sync")
 
     def _average_and_step(self, round_index: int, batch: ScoredBatch | None, ticket: pb.AdmissionTicket,
                           record: RoundRecord, closed_at: float) -> None:

@@ -18,7 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..rewards import RewardResult
 from ..rollout import RolloutBatch
@@ -60,13 +61,11 @@ def load_round_batch(path: Path) -> SavedRound | None:
     if not path.exists():
         return None
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["round"])
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, not {FORMAT!r}")
-        t = load_file(str(path))
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}, not {FORMAT!r}")
+            t = {k: f.get_tensor(k) for k in f.keys()}
         prompts = [t[f"prompt_ids.{i}"] for i in range(int(meta["num_prompts"]))]
         rollouts = RolloutBatch(prompt_ids=prompts, completion_ids=t["completion_ids"],
                                 completion_mask=t["completion_mask"], behaviour_logps=t["behaviour_logps"],
