@@ -109,3 +109,42 @@ def test_a_restarted_coordinator_still_knows_who_has_submitted(tmp_path):
         assert reply.round_closed and all(v.accepted for v in reply.verdicts)
     finally:
         s.stop()
+
+
+def test_rejected_work_and_fresh_keys_cannot_close_a_round_early_only_hold_it_back(tmp_path):
+    """As an attacker: M submits its assignment with inflated rewards, re-signed with its own key,
+    twice (a retry). Its groups count as submitted but are rejected, and the round does not close
+    while honest B, live, has submitted nothing. Then twelve fresh keys register and say nothing:
+    once A, B and M submit the next round, it stays open (they hold the early close back, as any live node
+    that has not submitted does; the round then closes full or timed out, the rule before)."""
+    from grpo_swarm.node import proving
+
+    s = _serve(tmp_path)
+    try:
+        a, b, m = (HonestNode(s.address, tmp_path / n) for n in "abm")
+        (_, ga), (_, gb), (_, gm) = a.round_proofs(), b.round_proofs(), m.round_proofs()
+        forged = []
+        for p in _flat(gm):
+            p.reward_total += 1.0
+            forged.append(proving.sign_proof(p, m.identity))
+        for _ in range(2):
+            reply = m.client.submit_proofs(forged)
+            assert not any(v.accepted for v in reply.verdicts) and not reply.round_closed
+        assert not a.client.submit_proofs(_flat(ga)).round_closed  # B has not submitted
+        closing = b.client.submit_proofs(_flat(gb))
+        assert closing.round_closed  # every live node's assignment is in: M's rejected groups count as its own
+        closed = [e for e in a.client.get_log() if e.kind == "round_closed"][0].payload
+        assert sorted(closed["participants"]) == sorted([a.identity.node_id, b.identity.node_id])
+
+        fresh = [s.client() for _ in range(12)]
+        for c in fresh:
+            c.register()
+        (_, ga), (_, gb), (_, gm) = a.round_proofs(), b.round_proofs(), m.round_proofs()
+        a.client.submit_proofs(_flat(ga))
+        m.client.submit_proofs(_flat(gm))
+        assert not b.client.submit_proofs(_flat(gb)).round_closed  # the silent fresh keys are live
+        assert a.client.heartbeat(0, sample=False).current_round == 1
+        for c in fresh:
+            c.close()
+    finally:
+        s.stop()
