@@ -132,6 +132,8 @@ def run_scenario(net, scenario: str, args, work: Path) -> dict:
     text = demo_config_text().replace("samples_per_round = 384", "samples_per_round = 256")
     text = text.replace("round_timeout_s = 15.0", "round_timeout_s = 600.0")
     text = text.replace("min_peers = 2 ", "min_peers = 1 ")  # each contributor samples as it comes up
+    # round 0 closes with both contributors' work (256 samples), not at the first one's submission
+    text = text.replace("[swarm]\n", "[swarm]\nclose_when_all_submitted = false\n", 1)
     (work / "run.toml").write_text(text)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     procs = []

@@ -10,6 +10,10 @@ averaging before. ``MARKER``: the file a ``stall`` writes once it hangs mid-redu
 ``stall_upload`` (the averager stays honest): every version this node uploads sends its header and
 first chunk, then nothing for ``UPLOAD_STALL_S``, the stream held open (a broken or hostile uploader).
 
+``hang_before_averaging`` (honest until then): in round ``FIRST_ROUND``, once the round closed with
+its work (its batch saved), it writes ``MARKER`` and hangs before its gradient: a node that dies
+between the close and the averaging, having sent its groupmates nothing.
+
 ``slow_sample`` (honest, only slow): from ``FIRST_ROUND`` on, sampling takes ``MARKER`` seconds more
 (a slow machine, silent to the coordinator but for the background heartbeats).
 """
@@ -52,6 +56,22 @@ def stall_uploads() -> None:
     Participant.start_upload = start_upload
 
 
+def hang_before_averaging(round_index: int, marker: Path) -> None:
+    import time
+
+    from grpo_swarm.node.swarm.join import SwarmPeer
+
+    average = SwarmPeer._average_and_step
+
+    def hang(self, index, *args, **kw):
+        if index == round_index:
+            marker.write_text("hanging")
+            time.sleep(3600)
+        return average(self, index, *args, **kw)
+
+    SwarmPeer._average_and_step = hang
+
+
 def slow_sampling(first_round: int, extra_s: float) -> None:
     import time
 
@@ -73,6 +93,10 @@ def main() -> None:
     from grpo_swarm.node.swarm.join import SwarmPeer
     from swarm_hostile import HostileAverager
 
+    if behaviour == "hang_before_averaging":
+        hang_before_averaging(first, Path(marker))
+        app(sys.argv[4:], prog_name="grpo-node")
+        return
     if behaviour == "slow_sample":
         slow_sampling(first, float(marker))
         app(sys.argv[4:], prog_name="grpo-node")

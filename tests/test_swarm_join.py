@@ -130,18 +130,18 @@ def test_a_member_killed_mid_averaging_restarts_resyncs_and_rejoins(tmp_path):
     # the round the victim died in: the survivors finished it within the averaging timeout
     killed_round = min(r["round"] for i in (0, 1) for r in records[i] if r["ended"] > killed_at and r["round"] >= 0)
     assert killed_round >= first_stall
-    # (restarted before the survivors published, it resumes the round from its saved batch, finds it
-    # averaged without it and moves on)
-    assert not any(r["round"] == killed_round and r["averaged"] for r in records[victim]), \
-        "the victim finished the round it died in"
+    # restarted while the survivors still retried, the victim may resume the round from its saved
+    # batch and average it with them (its record then says so); otherwise they finished without it
+    resumed = [r for r in records[victim] if r["round"] == killed_round and r["averaged"]]
+    assert all(r["note"].startswith("resumed after a restart") and r["peers"] == 3 for r in resumed), resumed
     for i in (0, 1):
         (r,) = [r for r in records[i] if r["round"] == killed_round]
         print(f"\nnode {i}, round {killed_round}: averaged={r['averaged']} peers={r['peers']} "
               f"averaging {r['averaging_s']:.1f} s, done {r['ended'] - killed_at:.1f} s after the kill; {r['note']}")
         assert r["ended"] - killed_at < SWARM["averaging_timeout_s"], r
         assert r["averaging_s"] < SWARM["averaging_timeout_s"], r
-        if r["averaged"]:  # the retry without the dead member (2 of the 3 participants: a majority)
-            assert r["peers"] == 2, r
+        if r["averaged"]:  # the retry without the dead member (2 of the 3 participants: a majority),
+            assert r["peers"] == (3 if resumed else 2), r  # or with it, resumed
     # the victim came back: its first record holds the published snapshot (checked below for every
     # record), and it was averaged with both others within 60 s of its restart
     back = records[victim][before:]
@@ -183,8 +183,10 @@ def _daemons_of(proc) -> list:
 
 @pytest.mark.slow
 def test_a_node_killed_after_its_round_closed_resumes_it_else_its_partner_stops_once_it_moved_on(tmp_path):
-    """Two nodes; in round 1 one of them hangs in a reduction and is SIGKILLed, then restarted (same key
-    and work directory). Its accepted batch was saved when the coordinator accepted its groups
+    """Two nodes; in round 1 one of them hangs after the round closed, before its averaging, and is
+    SIGKILLed, then restarted (same key and work directory). (One killed mid-reduction may have been
+    named stalled by its partner, which then leaves it out of the rest of that round: see the next
+    test.) Its accepted batch was saved when the coordinator accepted its groups
     (node/swarm/round_batch_file.py): it resumes round 1 with the same gradient and the pair averages
     the round it died in together — before, that round was lost to both (an attempt needs 2 of its 2
     participants). Later it hangs and is killed again, and this time the saved batch is gone (a
@@ -202,8 +204,8 @@ def test_a_node_killed_after_its_round_closed_resumes_it_else_its_partner_stops_
         wait_until(waiting, 60, swarm, "the lone node waiting for a peer", running=(survivor,))
         time.sleep(1.5)  # a heartbeat or two more: still alone, still nothing bound
         assert not [e for e in log_entries(swarm) if e.kind == "round_dispatched"]
-        swarm.start_node(victim, program=hostile("stall", 1, marker))
-        wait_until(marker.exists, 180, swarm, "stalled reduction", running=(survivor, victim))
+        swarm.start_node(victim, program=hostile("hang_before_averaging", 1, marker))
+        wait_until(marker.exists, 180, swarm, "the victim hanging before its averaging", running=(survivor, victim))
         assert (swarm.workdir(victim) / "round_batch.safetensors").exists()
         swarm.kill_node(victim)
         before = len(swarm.records(victim))

@@ -46,6 +46,7 @@ COMPRESSIONS = ("none", "fp16", "8bit")
 MIN_STRAGGLER_WAIT_S = 2.0  # the averager's min_matchmaking_time: the wait when gradients take no time
 PART_SIZE_LIMITS = (64 << 10, 16 << 20)  # --part-size: larger parts cost less CPU, smaller ones pipeline better
 MAX_SWARM_RESTARTS = 5  # rounds in a row that restarted the DHT / averager and still did not average: stop
+RESUMED = "resumed after a restart"  # the note of a round a restarted node averaged from its saved batch
 PEERS_POLL_S = 1.0  # while waiting for swarm.min_peers live nodes, how often the coordinator is asked
 
 
@@ -399,7 +400,7 @@ class SwarmPeer:
                     "gradient and joining the round's averaging", saved.round_index)
         record = RoundRecord(saved.round_index, saved.version, samples=saved.batch.rollouts.num_completions,
                              accepted=saved.batch.rollouts.num_completions, restarted=restarted,
-                             reward_mean=float(saved.batch.rewards.total.mean()), note="resumed after a restart",
+                             reward_mean=float(saved.batch.rewards.total.mean()),
                              dht_peers=self._dht_peers())
         if p.snapshot.version != saved.version:
             p.sync()
@@ -407,10 +408,10 @@ class SwarmPeer:
             self._clock.lap("sync")
         self._participants = [bytes(k) for k in hb.round_participants]
         try:
-            self._average_or_resync(saved.round_index, saved.batch, ticket, record, time.monotonic(),
-                                    note_prefix="resumed; ")
+            self._average_or_resync(saved.round_index, saved.batch, ticket, record, time.monotonic())
         finally:
             drop_round_batch(path)
+            record.note = f"{RESUMED}; {record.note}"[:200] if record.note else RESUMED
         record.phases, record.seconds = self._clock.phases, time.monotonic() - t0
         return record
 
@@ -490,12 +491,12 @@ class SwarmPeer:
             time.sleep(self.opts.poll_s)
 
     def _average_or_resync(self, round_index: int, batch: ScoredBatch | None, ticket: pb.AdmissionTicket,
-                           record: RoundRecord, closed_at: float, note_prefix: str = "") -> None:
+                           record: RoundRecord, closed_at: float) -> None:
         """:meth:`_average_and_step`; a refused report or upload takes the swarm's version instead."""
         try:
             self._average_and_step(round_index, batch, ticket, record, closed_at)
         except CoordinatorError as e:
-            record.note = f"{note_prefix}{e.method}: {e.code}: {e.detail}"[:200]
+            record.note = f"{e.method}: {e.code}: {e.detail}"[:200]
             self.participant.sync()
             record.resynced = True
             self._clock.lap("sync")
