@@ -82,6 +82,7 @@ from hivemind.proto import averaging_pb2
 from grpo_swarm.node.swarm.averaging import VerifiedAverager
 from grpo_swarm.node.swarm.part_codec import encode_values
 from grpo_swarm.node.swarm.reduction import VerifiedAllReduceRunner
+from grpo_swarm.node.swarm.refusals import refuse
 from grpo_swarm.node.swarm.wire import WireAveragingData, WireTensor
 from grpo_swarm.node.swarm.share_audit import AUDIT_POLL_S, PHASE_SKETCH, encode_entry
 from grpo_swarm.node.swarm.tickets import (
@@ -351,7 +352,8 @@ class HostileAverager(VerifiedAverager):
                                  ) -> AsyncIterator[WireAveragingData]:
         if self._rules is not None and self.behaviour(self._rules.round_index) == "not_in_group":
             await stream.__anext__()
-            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            async for message in refuse(averaging_pb2.BAD_GROUP_ID, stream):  # as an honest member refuses
+                yield message
             return
         async for message in super().rpc_aggregate_part(stream, context):
             yield message

@@ -1211,15 +1211,20 @@ def test_a_member_that_answers_not_in_group_every_attempt_is_left_out_of_the_thi
     attempt leaves H out (BROKE_FIRST) and A and B average. Before, every attempt failed unnamed."""
     r, hostile = NOT_IN_GROUP_ROUND, swarm.peer_ids[H]
     a, b, h = (swarm.report(r, p) for p in (A, B, H))
-    assert a["ok"] and b["ok"], _who_saw_what(swarm, (a, b, h))
+    seen = _who_saw_what(swarm, (a, b, h))
+    assert a["ok"] and b["ok"], seen
     assert not h["ok"] and Reason.BROKE_FIRST.value in h["error"], h["error"]
+    refusals = (f"{hostile}: NOT_IN_GROUP", f"{hostile}: REDUCER_FAILED")
+    # refusals are delivered (node/swarm/refusals.py); one lost all the same reads as an end of H's
+    # stream (REDUCER_FAILED), which names H at once: H is then left out one attempt sooner
+    lost = [att for rep in (a, b) for att in rep["attempts"][:-1] if att["first_failed"] == refusals[1]]
     for rep in (a, b):
-        assert len(rep["attempts"]) == 3, _who_saw_what(swarm, (a, b, h))
-        first, second, last = rep["attempts"]
-        assert first["first_failed"] == f"{hostile}: NOT_IN_GROUP", first
-        assert second["first_failed"] == f"{hostile}: NOT_IN_GROUP", second
-        assert hostile in second["weights"], second  # the first refusal named nobody
-        assert not first["accused"] and not second["accused"], (first, second)
+        *failed, last = rep["attempts"]
+        assert all(att["first_failed"] in refusals for att in failed), seen
+        assert not any(att["accused"] for att in failed), seen
+        if not lost:
+            assert len(failed) == 2 and hostile in failed[1]["weights"], seen  # the first refusal named nobody
+        assert 1 <= len(failed) <= 2, seen
         assert set(last["weights"]) == {swarm.peer_ids[A], swarm.peer_ids[B]}, last
         assert last["excluded"][hostile].startswith("BROKE_FIRST:"), last["excluded"]
         assert hostile not in rep["reportable"], rep["reportable"]

@@ -96,6 +96,7 @@ from .matchmaking import PatientMatchmaking
 from .group_plan import GroupPlan
 from .part_codec import NORM_TOLERANCE, check_compression, sum_of_squares
 from .reduction import VerifiedAllReduceRunner
+from .refusals import refuse
 from .round_report import SELF_EXCLUDED, AttemptReport, RoundResult, withdrawn_wrong_averages
 from .share_audit import AuditStore, Findings, commitment, nonce_for
 from .share_audit_rpc import ShareAuditRPC
@@ -758,12 +759,14 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             # and accuses it, as it would a malformed later part
             group_id = await self._group_expecting(context.remote_id)
             if group_id is None:
-                yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+                async for message in refuse(averaging_pb2.PROTOCOL_VIOLATION, stream):
+                    yield message
                 return
         if group_id in self._finished_groups:
             # a groupmate still sending to a group we already left (we aborted or finished): tell it
             # now, instead of hivemind's wait for our *next* group to register
-            yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED)
+            async for message in refuse(averaging_pb2.CANCELLED, stream):
+                yield message
             return
         if group_id not in self._running_groups:
             try:  # the leader's BEGIN_ALLREDUCE may reach the sender before us: wait a little for it
@@ -772,12 +775,14 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                 pass
         future = self._running_groups.get(group_id)
         if future is None:
-            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            async for message in refuse(averaging_pb2.BAD_GROUP_ID, stream):
+                yield message
             return
         try:
             group = await asyncio.shield(future)
         except Exception:  # noqa: BLE001 - the group was refused (excluded, too few members, ...)
-            yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED)
+            async for message in refuse(averaging_pb2.CANCELLED, stream):
+                yield message
             return
         async for message in group.rpc_aggregate_part(achain(as_aiter(request), stream), context):
             yield message

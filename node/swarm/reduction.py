@@ -80,6 +80,7 @@ from .part_codec import (
     sum_of_squares,
     wire_bytes,
 )
+from .refusals import refuse
 from .share_sketch import ShareLayout
 from .tickets import GROUP_VIEW_BYTES, Reason
 from .wire import WireAveragingData, WireTensor
@@ -567,10 +568,12 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         if remote not in self.sender_peer_ids:
             # an excluded (or unknown) peer: refused unread, as the deterministic verdict says
             self.refused.setdefault(remote, Reason.NOT_A_SENDER.value)
-            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            async for message in refuse(averaging_pb2.PROTOCOL_VIOLATION, stream):
+                yield message
             return
         if self._future.done():
-            yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED)
+            async for message in refuse(averaging_pb2.CANCELLED, stream):
+                yield message
             return
         sender_index = self.sender_peer_ids.index(remote)
         self.active_senders.add(remote)
@@ -593,7 +596,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                                                                "differs from ours: the leader sent us different groups")
             reason_to_reject = self._check_reasons_to_reject(request, context)
             if reason_to_reject is not None:
-                yield reason_to_reject
+                async for message in refuse(reason_to_reject, stream):
+                    yield message
                 return
             if request.code != averaging_pb2.PART_FOR_AVERAGING:
                 yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
@@ -831,6 +835,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
 
         async def inputs():
             async for message in self._generate_input_for_peer(peer_index):
+                if results_in.is_set():  # the reducer refused us (or failed): it waits for our end of input
+                    return
                 self.bytes_sent += len(message.tensor_part.buffer)
                 if self.sent_parts is not None:
                     self.sent_parts[peer_index].append(message.tensor_part)
