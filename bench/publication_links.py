@@ -12,10 +12,11 @@ publication with ``node/swarm/publication.py`` as ``grpo-node join`` does. Scena
 fresh coordinator:
 
 * ``honest``: the designated contributor (smallest node id) uploads at once; the other has no
-  measured upload rate yet (it assumes 50 MB/s), so it races after the 10 s grace, sees the
+  measured upload rate yet (it assumes 50 MB/s), so it races after the 10 s grace (``--grace-s``), sees the
   designated upload end first and cancels its own;
 * ``stalled``: the designated contributor stops sending after 10 % of the file and keeps its stream
-  open (a broken or hostile peer); the other starts its own once the stream was idle for 20 s;
+  open (a broken or hostile peer); the other starts its own once the stream was idle for 20 s
+  (``--stall-s``);
 * ``call_deadline``: the designated contributor uploads once with a 60 s deadline for the whole
   call, as ``CoordinatorClient`` did before session 15 (the other does nothing): on a link too
   slow to send the version in 60 s this fails every time.
@@ -116,7 +117,8 @@ def contributor(args) -> int:
         else:
             out.update(bytes_sent=0, uploads=0, gave_way=False)
     else:
-        follower = PublicationFollower(node, node.heartbeat, timeout_s=600.0, poll_s=0.2)
+        follower = PublicationFollower(node, node.heartbeat, timeout_s=600.0, poll_s=0.2, grace_s=args.grace_s,
+                                       stall_s=args.stall_s)
         published = follower.follow(1, sha, rank=rank)
         out.update(published_s=time.monotonic() - started if published is not None else None,
                    bytes_sent=follower.bytes_sent, uploads=follower.uploads, gave_way=follower.gave_way,
@@ -155,7 +157,8 @@ def run_scenario(net, scenario: str, args, work: Path) -> dict:
                 procs.append(subprocess.Popen(
                     net.exec_prefix(i) + [sys.executable, __file__, "--contributor", "--coordinator", address,
                                           "--work", str(work / f"c{i}"), "--size", str(args.size),
-                                          "--scenario", scenario], stdout=out, stderr=subprocess.STDOUT, env=env))
+                                          "--scenario", scenario, "--grace-s", str(args.grace_s),
+                                          "--stall-s", str(args.stall_s)], stdout=out, stderr=subprocess.STDOUT, env=env))
         for p in procs[1:]:
             p.wait(timeout=args.timeout_s)
         results = []
@@ -183,11 +186,16 @@ def run_scenario(net, scenario: str, args, work: Path) -> dict:
 
 
 def main(argv=None) -> int:
+    from grpo_swarm.node.swarm.publication import GRACE_S, STALL_S
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--uplink", default="100mbit", help="tc rate of every uplink, e.g. 20mbit, 100mbit, 1gbit")
     ap.add_argument("--size", type=float, default=1.0, help="fraction of SmolLM2-135M's parameter count")
     ap.add_argument("--scenarios", default="honest,stalled,call_deadline")
     ap.add_argument("--timeout-s", type=float, default=1800.0, help="per scenario")
+    ap.add_argument("--grace-s", type=float, default=GRACE_S, help="the race's grace period per rank "
+                                                                  "(the run's upload_grace_s)")
+    ap.add_argument("--stall-s", type=float, default=STALL_S, help="an upload idle this long has stalled")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--contributor", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--coordinator", help=argparse.SUPPRESS)

@@ -112,13 +112,16 @@ class SwarmSettings(Section):
         True, description="close a round below samples_per_round once every live node (seen within 3 heartbeat "
                           "intervals) has submitted its whole assignment in it: a swarm smaller than samples_per_round "
                           "needs, or one whose node went away, does not wait out round_timeout_s every round")
+    upload_grace_s: float = Field(
+        10.0, gt=0, description="publication: a contributor may race the upload of a new version after this "
+                                "many seconds per contributor ranked before it (the first by node id uploads at once)")
     max_proof_time_skew_s: float | None = Field(
         None, gt=0, le=MAX_PROOF_TIME_SKEW_S,
         description="proofs whose time_ms is further than this from the coordinator's clock, either way, are "
                     "rejected TIME_SKEW; None = max(600, (max_staleness + max_round_lag + 1) × round_timeout_s)")
 
     @field_validator("sampling_tolerance", "matchmaking_timeout_s", "averaging_timeout_s", "heartbeat_interval_s",
-                     "round_timeout_s", "straggler_wait", "sender_timeout_s",
+                     "round_timeout_s", "straggler_wait", "sender_timeout_s", "upload_grace_s",
                      "max_proof_time_skew_s")
     @classmethod
     def _finite(cls, v: float | None) -> float | None:

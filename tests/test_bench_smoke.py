@@ -264,7 +264,7 @@ def test_bench_publication_links_publishes_over_capped_uplinks():
     with one upload's bytes (the other gives way or never starts), and a stalled designated uploader
     is raced. Without root (or namespaces) the bench says why it skipped, and so does this test."""
     res = run_bench("publication_links.py", "--uplink", "1gbit", "--size", "0.01", "--scenarios", "honest,stalled",
-                    keys=(), timeout=400)
+                    "--grace-s", "2", "--stall-s", "4", keys=(), timeout=400)
     if "skipped" in res:
         pytest.skip(res["skipped"])
     for scenario in ("honest", "stalled"):

@@ -161,7 +161,9 @@ CAUGHT_ROUNDS = {
     "inf_average_fp16": (_small("small_fp16", "inf_average"), Reason.NON_FINITE),
     "short_average": (_small("small_none", "short_average"), Reason.MALFORMED_PART),
 }
-SKETCH_LIE_ROUND = _small("small_none", "sketch_lie")
+# (two attempts: the first settles the test; a third finds the honest member that was named alone,
+# looking for a group for a whole matchmaking timeout)
+SKETCH_LIE_ROUND = _small("small_none", "sketch_lie", max_attempts=2)
 EQUIVOCATE_ROUND = _small("small_none", "sketch_equivocate")
 REORDERED_VIEW_ROUND = _small("small_none", "reordered_view")
 FALSE_ACCUSATION_ROUND = _small("small_none", "false_accusation")  # H accuses A, who did nothing
@@ -997,7 +999,12 @@ def test_members_shown_different_groups_blame_nobody_and_retry(swarm):
     ok = [p for p, rep in reports.items() if rep["ok"]]
     assert len(ok) >= 2, json.dumps(reports, indent=1)[:6000]
     for p in set((A, B, H)) - set(ok):
-        assert Reason.BROKE_FIRST.value in reports[p]["error"], reports[p]["error"]
+        # left out, or out of attempts after the retry met an honest race: a member the leader had
+        # counted in was not running the group (it answered BAD_GROUP_ID: NOT_IN_GROUP); seen once
+        # in a full-suite run, the other two then averaging in a third attempt
+        last = reports[p]["attempts"][-1]
+        raced = any(v.startswith(Reason.NOT_IN_GROUP.value + ":") for v in last["failed"].values())
+        assert Reason.BROKE_FIRST.value in reports[p]["error"] or raced, reports[p]["error"]
     _same_bytes(swarm, r, ok)
     weights = reports[ok[0]]["attempts"][-1]["weights"]
     assert set(weights) == {swarm.peer_ids[p] for p in ok}, weights

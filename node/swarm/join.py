@@ -38,7 +38,7 @@ from .heartbeats import HeartbeatKeeper
 from .round_batch_file import FILE_NAME as ROUND_BATCH_FILE, drop_round_batch, load_round_batch, save_round_batch
 from .shared_memory import prepare_shared_memory
 from .participant import Participant
-from .publication import PublicationFollower, upload_rank
+from .publication import GRACE_S, PublicationFollower, upload_rank
 from .share_sketch import DEFAULT_AUDIT_FRACTION
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,8 @@ class SwarmPeer:
         self.sender_timeout_s = timeouts["sender_timeout"]
         self.straggler_wait = float(swarm.get("straggler_wait", 1.0))
         self.matchmaking_timeout_s = timeouts["matchmaking_timeout"]
-        self._publication = PublicationFollower(p, self.heartbeat, timeout_s=self.round_timeout_s, poll_s=opts.poll_s)
+        self._publication = PublicationFollower(p, self.heartbeat, timeout_s=self.round_timeout_s, poll_s=opts.poll_s,
+                                                grace_s=float(swarm.get("upload_grace_s", GRACE_S)))
         self._clock = PhaseClock()
         self._round_batch_path = p.workdir / ROUND_BATCH_FILE
         # liveness while sampling, computing the gradient or averaging (see .heartbeats)
