@@ -273,3 +273,12 @@ def test_bench_publication_links_publishes_over_capped_uplinks():
     assert res["honest"]["designated"]["bytes_sent"] >= version  # the designated upload published it
     assert res["honest"]["other"]["bytes_sent"] < version
     assert res["stalled"]["other"]["bytes_sent"] >= version > res["stalled"]["designated"]["bytes_sent"]
+
+
+def test_bench_refusal_delivery_delivers_through_the_drain_and_the_tap():
+    """bench/refusal_delivery.py, a small run: the drained refusal and the tapped abort reach every
+    sender (the plain variants are measured, not asserted: p2pd drops them only sometimes)."""
+    res = run_bench("refusal_delivery.py", "--trials", "6", "--parts", "8", keys=(
+        "refusal_plain", "refusal_drained", "abort_plain", "abort_tap"), timeout=120)
+    assert res["refusal_drained"]["delivered"] == 1.0 and res["abort_tap"]["delivered"] == 1.0, res
+    assert all(sum(res[v]["seen"].values()) == 6 for v in ("refusal_plain", "abort_plain")), res

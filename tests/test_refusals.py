@@ -1,22 +1,28 @@
-"""A refusal (one message, then the handler returns) reaches a sender that is still sending parts,
-through two real p2pd daemons; and a sender that never ends its input holds the handler at most
-the linger time."""
+"""A reducer's last message reaches a sender that is still sending parts, through two real p2pd
+daemons: a refusal (one message, then the handler returns), and the CANCELLED of a reduction that
+stopped reading mid-stream (its prefetching reader cancelled, as an abort does); a sender that never
+ends its input holds the handler at most the linger time; the tap loses nothing to a cancelled read."""
 
 import asyncio
 import os
 import time
 
+import pytest
+
 from hivemind.p2p import P2P
 from hivemind.proto import averaging_pb2, runtime_pb2
 
-from grpo_swarm.node.swarm.refusals import refuse
+from hivemind.utils.asyncio import achain, amap_in_executor, as_aiter
+
+from grpo_swarm.node.swarm.refusals import InputTap, refuse
 
 TRIALS = 16
 
 
-def test_every_refusal_reaches_a_sender_still_sending_parts():
-    """Answered with a plain ``yield; return``, about one refusal in five arrived here as a
-    ConnectionResetError (p2pd drops it as the stream closes under the sender's parts)."""
+def _answers(handler) -> list[str]:
+    """What a sender of up to 20 parts of 1 MiB saw first from ``handler`` besides AVERAGED_PART, in
+    each of TRIALS streams (a sender that stops sending once answered, then ends its input, as the
+    runner's does)."""
     blob = os.urandom(1 << 20)
 
     async def main():
@@ -24,12 +30,7 @@ def test_every_refusal_reaches_a_sender_still_sending_parts():
         client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[
             f"{a}/p2p/{server.peer_id}" for a in await server.get_visible_maddrs()])
         try:
-            async def not_in_group(stream, context):
-                await anext(stream)
-                async for message in refuse(averaging_pb2.BAD_GROUP_ID, stream):
-                    yield message
-
-            await server.add_protobuf_handler("h", not_in_group, averaging_pb2.AveragingData,
+            await server.add_protobuf_handler("h", handler, averaging_pb2.AveragingData,
                                               stream_input=True, stream_output=True)
             answers = []
             for _ in range(TRIALS):
@@ -45,8 +46,9 @@ def test_every_refusal_reaches_a_sender_still_sending_parts():
                 try:
                     async for message in await client.iterate_protobuf_handler(
                             server.peer_id, "h", parts(), averaging_pb2.AveragingData):
-                        answers.append(averaging_pb2.MessageCode.Name(message.code))
-                        break
+                        if message.code != averaging_pb2.AVERAGED_PART:
+                            answers.append(averaging_pb2.MessageCode.Name(message.code))
+                            break
                     else:
                         answers.append("end")
                 except Exception as e:  # noqa: BLE001 - what the runner would name REDUCER_FAILED
@@ -57,8 +59,63 @@ def test_every_refusal_reaches_a_sender_still_sending_parts():
             await client.shutdown()
             await server.shutdown()
 
-    answers = asyncio.run(asyncio.wait_for(main(), 120))
+    return asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_every_refusal_reaches_a_sender_still_sending_parts():
+    """Answered with a plain ``yield; return``, about one refusal in five arrived here as a
+    ConnectionResetError (p2pd drops it as the stream closes under the sender's parts)."""
+    async def not_in_group(stream, context):
+        await anext(stream)
+        async for message in refuse(averaging_pb2.BAD_GROUP_ID, stream):
+            yield message
+
+    answers = _answers(not_in_group)
     assert answers == ["BAD_GROUP_ID"] * TRIALS, answers
+
+
+def test_a_reduction_aborted_mid_stream_delivers_its_cancelled():
+    """The reduction reads through hivemind's prefetching ``amap_in_executor`` and stops after two
+    parts; closing that reader cancels its read of the stream mid-wait, which kills a plain stream.
+    Through the tap the stream stays readable, and draining it before returning delivers the
+    CANCELLED. (Returning at once, half of these arrived as a BrokenPipeError or ConnectionResetError.)"""
+    async def aborts_after_two_parts(stream, context):
+        tap = InputTap(stream)
+        try:
+            reader = amap_in_executor(lambda m: len(m.tensor_part.buffer), achain(as_aiter(), tap), max_prefetch=2)
+            seen = 0
+            async for _ in reader:
+                seen += 1
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART)
+                if seen == 2:
+                    break
+            await reader.aclose()  # (what the abort's cleanup does: its read of the tap is cancelled)
+            yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED)
+            await tap.drain()
+        finally:
+            tap.close()
+
+    answers = _answers(aborts_after_two_parts)
+    assert answers == ["CANCELLED"] * TRIALS, answers
+
+
+def test_the_tap_loses_nothing_to_a_cancelled_read_and_ends_every_reader():
+    async def main():
+        async def numbers():
+            for i in range(5):
+                await asyncio.sleep(0.01)
+                yield i
+
+        tap = InputTap(numbers())
+        got = [await anext(tap)]
+        with pytest.raises(asyncio.TimeoutError):  # a read cancelled while it waits ...
+            await asyncio.wait_for(anext(tap), 0.001)
+        got += [m async for m in tap]  # ... loses nothing
+        again = [m async for m in tap]  # a second reader ends too
+        tap.close()
+        return got, again
+
+    assert asyncio.run(main()) == ([0, 1, 2, 3, 4], [])
 
 
 def test_a_sender_that_never_ends_its_input_holds_the_handler_only_the_linger_time():

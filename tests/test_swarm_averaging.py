@@ -164,7 +164,9 @@ CAUGHT_ROUNDS = {
 # (two attempts: the first settles the test; a third finds the honest member that was named alone,
 # looking for a group for a whole matchmaking timeout)
 SKETCH_LIE_ROUND = _small("small_none", "sketch_lie", max_attempts=2)
-EQUIVOCATE_ROUND = _small("small_none", "sketch_equivocate")
+# (a member that finished in the first attempt leaves the other's retry to look for a group alone: as
+# a product node would, it stops once the others are done instead of after a matchmaking timeout)
+EQUIVOCATE_ROUND = _small("small_none", "sketch_equivocate", round_over_when_others_done=True)
 REORDERED_VIEW_ROUND = _small("small_none", "reordered_view")
 FALSE_ACCUSATION_ROUND = _small("small_none", "false_accusation")  # H accuses A, who did nothing
 ACCUSE_ALL_ROUND = _small("small_none", "accuse_all")  # H accuses both A and B
@@ -991,9 +993,11 @@ def test_members_shown_different_groups_blame_nobody_and_retry(swarm):
     leader showed a different group under the same id. Reducers refuse streams from a groupmate whose
     view of the group differs (GROUP_VIEW_MISMATCH, a failure): nobody is accused — else parts cut by
     one plan, checked by another, would get honest members accused. A view mismatch is nobody's
-    finding, so the member the other two saw fail first (H, or the one that met H's view first and
-    aborted) is left out of the retry (BROKE_FIRST, not reported), and the other two average with one
-    view, holding the same bytes."""
+    finding. The refusal reaches the sender as BAD_GROUP_ID (node/swarm/refusals.py delivers it),
+    which names nobody the first time, so usually all three retry with one view and average; when a
+    member saw another failure first (an abort the mismatch caused), the member the other two saw
+    fail first is left out of the retry (BROKE_FIRST, not reported) and the other two average, holding
+    the same bytes."""
     r = REORDERED_VIEW_ROUND
     reports = {p: swarm.report(r, p) for p in (A, B, H)}
     ok = [p for p, rep in reports.items() if rep["ok"]]

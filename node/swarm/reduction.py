@@ -80,7 +80,7 @@ from .part_codec import (
     sum_of_squares,
     wire_bytes,
 )
-from .refusals import refuse
+from .refusals import InputTap, refuse
 from .share_sketch import ShareLayout
 from .tickets import GROUP_VIEW_BYTES, Reason
 from .wire import WireAveragingData, WireTensor
@@ -579,9 +579,10 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         self.active_senders.add(remote)
         if len(self.active_senders) == len(self.sender_peer_ids):
             self.all_senders_started.set()
+        tap = InputTap(stream)  # read by a task of its own: still readable to its end after an abort
         try:
             try:
-                request = await asyncio.wait_for(anext(stream), self.sender_timeout)
+                request = await asyncio.wait_for(anext(tap), self.sender_timeout)
             except asyncio.TimeoutError:  # the stream is open, its first message never came
                 self.stalled_on(remote, Reason.SENDER_FAILED, f"opened its stream, then sent nothing for "
                                                               f"{self.sender_timeout} s")
@@ -589,20 +590,21 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             if request.malformed is not None:
                 self.accuse(remote, Reason.MALFORMED_PART, f"its first message is malformed: {request.malformed} "
                                                            "(as a sender)")
-                yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+                async for message in refuse(averaging_pb2.PROTOCOL_VIOLATION, tap):
+                    yield message
                 return
             if request.group_id != self.group_id and request.group_id[:-GROUP_VIEW_BYTES] == self.group_id[:-GROUP_VIEW_BYTES]:
                 self.fail(remote, Reason.GROUP_VIEW_MISMATCH, "its view of the group (members, order, gather entries) "
                                                                "differs from ours: the leader sent us different groups")
             reason_to_reject = self._check_reasons_to_reject(request, context)
             if reason_to_reject is not None:
-                async for message in refuse(reason_to_reject, stream):
+                async for message in refuse(reason_to_reject, tap):
                     yield message
                 return
             if request.code != averaging_pb2.PART_FOR_AVERAGING:
                 yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
                 raise AllreduceException(f"sent {averaging_pb2.MessageCode.Name(request.code)} instead of a part")
-            async for message in self._accumulate_parts_streaming(achain(as_aiter(request), stream), sender_index):
+            async for message in self._accumulate_parts_streaming(achain(as_aiter(request), tap), sender_index, tap):
                 yield message
         except BaseException as e:
             await self._ban_sender(remote)  # a failure (timeout, disconnect), unless the attempt is over
@@ -610,6 +612,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                 yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
             else:
                 raise  # CancelledError and the like
+        finally:
+            tap.close()
 
     def _decode_input(self, sender_index: int, part_index: int, msg: WireAveragingData) -> torch.Tensor:
         """Wire-level checks of an incoming part (before decoding it), then decode. Runs in a thread."""
@@ -648,7 +652,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
         if isinstance(compression, Uniform8BitQuantization) and int.from_bytes(bytes(tp.buffer[:8]), "little") != CODEBOOK:
             raise PartRejected(Reason.MALFORMED_PART, f"{what} does not have a {CODEBOOK}-entry codebook")
 
-    async def _accumulate_parts_streaming(self, stream: AsyncIterator[WireAveragingData], sender_index: int):
+    async def _accumulate_parts_streaming(self, stream: AsyncIterator[WireAveragingData], sender_index: int,
+                                          tap: InputTap | None = None):
         """Check, accumulate and answer each of the sender's ``num_parts`` parts, then wait for the
         sender to end its input before returning.
 
@@ -719,6 +724,8 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                 self.fail(sender, Reason.SENDER_FAILED, f"sent {received} of {num_parts} parts")
         if self.aborted and delivered < num_parts:
             yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED)
+            if tap is not None:  # (else p2pd could drop the CANCELLED as the stream closes)
+                await tap.drain()
 
     async def _serialized_result(self, part_index: int, averaged: torch.Tensor) -> WireAveragingData:
         """The message with the compressed averaged part, encoded once (in a thread) and sent as the
