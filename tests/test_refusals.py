@@ -14,7 +14,7 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 
 from hivemind.utils.asyncio import achain, amap_in_executor, as_aiter
 
-from grpo_swarm.node.swarm.refusals import InputTap, refuse
+from grpo_swarm.node.swarm.refusals import REFUSAL_MAX_MESSAGES, InputTap, refuse
 
 TRIALS = 16
 
@@ -121,7 +121,7 @@ def test_the_tap_loses_nothing_to_a_cancelled_read_and_ends_every_reader():
 def test_a_sender_that_never_ends_its_input_holds_the_handler_only_the_linger_time():
     async def endless():
         while True:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
             yield averaging_pb2.AveragingData()
 
     async def main():
@@ -132,6 +132,35 @@ def test_a_sender_that_never_ends_its_input_holds_the_handler_only_the_linger_ti
     answers, seconds = asyncio.run(main())
     assert [a.code for a in answers] == [averaging_pb2.CANCELLED]
     assert 0.3 <= seconds < 2.0
+
+
+def test_a_sender_that_goes_on_sending_is_read_only_so_far():
+    """Anyone can open a stream to a reducer and be refused: the drain reads at most
+    REFUSAL_MAX_MESSAGES more of it, well before the linger time, through refuse and the tap alike."""
+    read = {"plain": 0, "tap": 0}
+
+    def endless(kind):
+        async def messages():
+            while True:
+                await asyncio.sleep(0)
+                read[kind] += 1
+                yield averaging_pb2.AveragingData()
+        return messages()
+
+    async def main():
+        start = time.monotonic()
+        [m async for m in refuse(averaging_pb2.BAD_GROUP_ID, endless("plain"), linger_s=5.0)]
+        tap = InputTap(endless("tap"))
+        await anext(tap)
+        await tap.drain(linger_s=5.0)
+        tap.close()
+        return time.monotonic() - start
+
+    seconds = asyncio.run(main())
+    assert seconds < 2.0
+    assert read["plain"] == REFUSAL_MAX_MESSAGES, read
+    # (the one read, the queue's few, then the cap)
+    assert REFUSAL_MAX_MESSAGES <= read["tap"] <= REFUSAL_MAX_MESSAGES + 4, read
 
 
 def test_a_whole_message_is_answered_as_it_is_and_a_closed_input_returns_at_once():

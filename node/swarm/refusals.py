@@ -24,13 +24,16 @@ from typing import AsyncIterator  # typing's, as hivemind's handlers are annotat
 from hivemind.proto import averaging_pb2
 
 REFUSAL_LINGER_S = 3.0  # an honest sender ends its input within a round trip of reading the answer
+# ... and has at most its queued parts still in flight: a sender that goes on is not read any further
+# (anyone can open a stream to a reducer and be refused; each costs it at most this much reading)
+REFUSAL_MAX_MESSAGES = 32
 _END = object()
 
 
 async def refuse(answer: int | averaging_pb2.AveragingData, requests: AsyncIterator,
                  linger_s: float = REFUSAL_LINGER_S) -> AsyncIterator:
     """Yield ``answer`` (a message code, or a whole message), then drain ``requests`` until the sender
-    ends its input, closes the stream, or ``linger_s`` passes."""
+    ends its input, closes the stream, sent :data:`REFUSAL_MAX_MESSAGES` more, or ``linger_s`` passes."""
     yield averaging_pb2.AveragingData(code=answer) if isinstance(answer, int) else answer
     if isinstance(requests, InputTap):
         await requests.drain(linger_s)
@@ -44,8 +47,11 @@ async def refuse(answer: int | averaging_pb2.AveragingData, requests: AsyncItera
 
 
 async def _drain(requests: AsyncIterator) -> None:
+    read = 0
     async for _ in requests:
-        pass
+        read += 1
+        if read >= REFUSAL_MAX_MESSAGES:
+            return
 
 
 class InputTap:
@@ -58,6 +64,7 @@ class InputTap:
         self._queue: asyncio.Queue = asyncio.Queue(prefetch)
         self._ended = asyncio.Event()
         self._discard = False
+        self._discarded = 0
         self._error: BaseException | None = None
         self._reader = asyncio.ensure_future(self._read(stream.__aiter__()))
 
@@ -66,6 +73,10 @@ class InputTap:
             async for message in stream:
                 if not self._discard:
                     await self._queue.put(message)
+                else:
+                    self._discarded += 1
+                    if self._discarded >= REFUSAL_MAX_MESSAGES:  # a sender that goes on: stop reading it
+                        break
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - a broken stream: its reader sees the error
@@ -87,7 +98,8 @@ class InputTap:
         return message
 
     async def drain(self, linger_s: float = REFUSAL_LINGER_S) -> None:
-        """Read the rest of the input, unread, until the sender ends it or ``linger_s`` passes."""
+        """Read the rest of the input, unread, until the sender ends it, sent :data:`REFUSAL_MAX_MESSAGES`
+        more, or ``linger_s`` passes."""
         self._discard = True
         while not self._queue.empty():  # (unblocks a reading task waiting for room)
             self._queue.get_nowait()
