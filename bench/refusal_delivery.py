@@ -28,6 +28,7 @@ import sys
 
 
 def handlers():
+    """The four handlers above, by variant name."""
     from hivemind.proto import averaging_pb2
     from hivemind.utils.asyncio import achain, amap_in_executor, as_aiter
 
@@ -67,46 +68,56 @@ def handlers():
             "abort_plain": abort(False), "abort_tap": abort(True)}
 
 
-async def measure(args) -> dict:
+async def first_answers(handler, trials: int, parts: int, part_bytes: int) -> list[str]:
+    """What a sender saw first from ``handler`` besides AVERAGED_PART, in each of ``trials`` streams
+    (two P2P instances on loopback): the answer's code, ``end``, or the error it saw instead. The
+    sender sends up to ``parts`` parts of ``part_bytes``, stops once answered and ends its input, as
+    the runner's sender does."""
     from hivemind.p2p import P2P
     from hivemind.proto import averaging_pb2, runtime_pb2
 
     server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[
         f"{a}/p2p/{server.peer_id}" for a in await server.get_visible_maddrs()])
-    blob = os.urandom(args.part_kib << 10)
-    out = {}
+    blob = os.urandom(part_bytes)
+    answers = []
     try:
-        for name, handler in handlers().items():
-            await server.add_protobuf_handler(name, handler, averaging_pb2.AveragingData,
-                                              stream_input=True, stream_output=True)
-            seen: dict[str, int] = {}
-            for _ in range(args.trials):
-                answered = asyncio.Event()
+        await server.add_protobuf_handler("h", handler, averaging_pb2.AveragingData,
+                                          stream_input=True, stream_output=True)
+        for _ in range(trials):
+            answered = asyncio.Event()
 
-                async def parts():
-                    for _ in range(args.parts):
-                        if answered.is_set():
-                            return
-                        yield averaging_pb2.AveragingData(tensor_part=runtime_pb2.Tensor(buffer=blob))
-                    await answered.wait()
+            async def sent():
+                for _ in range(parts):
+                    if answered.is_set():
+                        return
+                    yield averaging_pb2.AveragingData(tensor_part=runtime_pb2.Tensor(buffer=blob))
+                await answered.wait()
 
-                what = "end"
-                try:
-                    async for message in await client.iterate_protobuf_handler(
-                            server.peer_id, name, parts(), averaging_pb2.AveragingData):
-                        if message.code != averaging_pb2.AVERAGED_PART:
-                            what = averaging_pb2.MessageCode.Name(message.code)
-                            break
-                except Exception as e:  # noqa: BLE001 - what the runner would name REDUCER_FAILED
-                    what = type(e).__name__
-                answered.set()
-                seen[what] = seen.get(what, 0) + 1
-            wanted = "BAD_GROUP_ID" if name.startswith("refusal") else "CANCELLED"
-            out[name] = {"seen": seen, "delivered": round(seen.get(wanted, 0) / args.trials, 3)}
+            what = "end"
+            try:
+                async for message in await client.iterate_protobuf_handler(
+                        server.peer_id, "h", sent(), averaging_pb2.AveragingData):
+                    if message.code != averaging_pb2.AVERAGED_PART:
+                        what = averaging_pb2.MessageCode.Name(message.code)
+                        break
+            except Exception as e:  # noqa: BLE001 - what the runner would name REDUCER_FAILED
+                what = type(e).__name__
+            answered.set()
+            answers.append(what)
     finally:
         await client.shutdown()
         await server.shutdown()
+    return answers
+
+
+async def measure(args) -> dict:
+    out = {}
+    for name, handler in handlers().items():
+        answers = await first_answers(handler, args.trials, args.parts, args.part_kib << 10)
+        seen = {what: answers.count(what) for what in dict.fromkeys(answers)}
+        wanted = "BAD_GROUP_ID" if name.startswith("refusal") else "CANCELLED"
+        out[name] = {"seen": seen, "delivered": round(seen.get(wanted, 0) / args.trials, 3)}
     return out
 
 

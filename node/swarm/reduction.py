@@ -653,7 +653,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
             raise PartRejected(Reason.MALFORMED_PART, f"{what} does not have a {CODEBOOK}-entry codebook")
 
     async def _accumulate_parts_streaming(self, stream: AsyncIterator[WireAveragingData], sender_index: int,
-                                          tap: InputTap | None = None):
+                                          tap: InputTap):
         """Check, accumulate and answer each of the sender's ``num_parts`` parts, then wait for the
         sender to end its input before returning.
 
@@ -724,8 +724,7 @@ class VerifiedAllReduceRunner(AllReduceRunner):
                 self.fail(sender, Reason.SENDER_FAILED, f"sent {received} of {num_parts} parts")
         if self.aborted and delivered < num_parts:
             yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED)
-            if tap is not None:  # (else p2pd could drop the CANCELLED as the stream closes)
-                await tap.drain()
+            await tap.drain()  # (else p2pd could drop the CANCELLED as the stream closes)
 
     async def _serialized_result(self, part_index: int, averaged: torch.Tensor) -> WireAveragingData:
         """The message with the compressed averaged part, encoded once (in a thread) and sent as the
