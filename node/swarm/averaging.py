@@ -89,7 +89,7 @@ from hivemind.utils.asyncio import achain, anext, as_aiter, cancel_and_wait, ent
 
 from grpo_swarm.node import allocator
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
-from grpo_swarm.protocol.identity import Identity, base58_decode, base58_encode
+from grpo_swarm.protocol.identity import Identity, base58_decode, base58_encode, peer_id_from_public_key
 
 from .direct_reads import install_direct_reads
 from .matchmaking import PatientMatchmaking
@@ -173,6 +173,24 @@ def averager_unusable(error: str | None) -> bool:
     """Whether an attempt's error says its averager process can take no further step: stuck past every
     timeout, or gone. A retry would wait on that same process; the caller restarts it (.liveness)."""
     return (error or "").startswith((STEP_STUCK, AVERAGER_DIED))
+
+
+def retry_members(expected_keys: frozenset[bytes] | None, attempts: Sequence[AttemptReport],
+                  accusations: Iterable[tuple[bytes, str]]) -> tuple[frozenset[bytes] | None, frozenset[bytes]]:
+    """(the peer ids a retry's group waits for, those it does not follow as leader) for
+    :class:`.matchmaking.PatientMatchmaking`. After an attempt that failed in a group: the round's
+    peers that neither its verdicts excluded nor this node accuses, and those. Members that only
+    heard of the failure through others' aborts (in a larger group, those reducing no share the
+    failing peer sent to) end their attempt up to the hear-out later than one that saw it first-hand,
+    and would find the retry's group formed without them. (None, nothing) for a first attempt; the
+    first is None too when the round's peers are not known."""
+    last = attempts[-1] if attempts else None
+    if last is None or last.ok or not last.members:
+        return None, frozenset()
+    gone = frozenset({base58_decode(p) for p in last.excluded} | {bytes(p) for p, _ in accusations})
+    if expected_keys is None:
+        return None, gone
+    return frozenset(pid for pid in map(peer_id_from_public_key, expected_keys) if pid not in gone), gone
 
 
 def _b58(peer_id: PeerID | bytes) -> str:
@@ -488,6 +506,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                 entry = self.gather_entry(claim)
                 timeout = min(self.matchmaking_timeout, remaining)
                 wait = self._matchmaking_wait(attempts, timeout, straggler_wait)
+                members, shunned = retry_members(rules.expected_keys, attempts, accusations)
+                self._outer_pipe.send(("_set_retry", [members, shunned], {}))
                 report = self._attempt(entry, weight, timeout, wait, round_over)
                 report.attempt = attempt
                 attempts.append(report)
@@ -621,6 +641,11 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             target, min_size = group_size, min(max(self.min_group_size, group_size // 2 + 1), group_size)
         self._matchmaking.target_group_size = self._matchmaking.potential_leaders.target_group_size = target
         self._matchmaking.min_group_size = min_size
+
+    async def _set_retry(self, members: frozenset[bytes] | None, shunned: frozenset[bytes]):
+        """Runs in the averager process before each attempt: whom a retry waits for and whom it does not
+        follow (:func:`retry_members`)."""
+        self._matchmaking.retry_members, self._matchmaking.shunned_leaders = members, shunned
 
     def verdicts(self, group_info: GroupInfo, rules: RoundRules) -> list[SlotVerdict]:
         return group_verdicts([p.to_bytes() for p in group_info.peer_ids], group_info.gathered, rules)

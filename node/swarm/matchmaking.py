@@ -9,6 +9,15 @@ averages. :class:`PatientMatchmaking` assembles a partial group only once the st
 (start + ``min_matchmaking_time``) has passed; a full group still starts at once, and a group of
 at least ``min_group_size`` still starts when the time is really up.
 
+A retry (``retry_members``: the round's peers that the last attempt's verdicts did not exclude and
+this node does not accuse) starts at once when all of them are in, and a partial one waits up to one
+more ``min_matchmaking_time`` for the missing: in a larger group, members that heard of the failure
+only through others' aborts end their attempt up to a hear-out later than those that saw it, and
+would find the retry's group formed without them. Nor does a retry follow a leader the last
+attempt's verdicts excluded or this node accuses (``shunned_leaders``): it would be left out anyway,
+and as the leader it decides when the group forms (one that broke the attempt, and so is back first,
+would otherwise lead the retry and start it before the members still winding down arrive).
+
 It also keeps the round to its peers. hivemind admits any follower that knows the schema hash and
 the round's group key, both computable from public facts, and a group counts as full at the round's
 number of peers: one fresh key taking a slot would start the group without the last honest peer,
@@ -28,6 +37,8 @@ everyone while its own search is such a leftover.
 from __future__ import annotations
 
 import asyncio
+import logging
+from typing import AsyncIterator  # typing's: hivemind's handler registry reads its _name
 
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.group_info import GroupInfo
@@ -41,10 +52,88 @@ from grpo_swarm.protocol.identity import public_key_from_peer_id
 
 from .tickets import gather_round
 
+logger = logging.getLogger(__name__)
+RETRY_WAIT = 1.0  # a retry's partial group waits up to this many min_matchmaking_time past its time for expected members
+
 
 class PatientMatchmaking(Matchmaking):
     round_keys: frozenset[bytes] | None = None  # node public keys of the round's peers; None: anyone
     round_index: int | None = None  # the round this node averages now; None: not set yet
+    retry_members: frozenset[bytes] | None = None  # a retry's expected members (averaging.retry_members)
+    shunned_leaders: frozenset[bytes] = frozenset()  # peers a retry does not follow: excluded or accused
+
+    def missing_retry_members(self) -> bool:
+        """Whether a retry's leader still lacks a member it expects."""
+        if not self.retry_members:
+            return False
+        here = {self.peer_id.to_bytes(), *(p.to_bytes() for p in self.current_followers)}
+        return bool(self.retry_members - here)
+
+    def retry_wait_left(self) -> float:
+        """Seconds a retry's partial group still waits past its scheduled time for a missing expected
+        member (at most RETRY_WAIT x ``min_matchmaking_time``); 0 when none is missing."""
+        if self.step_control is None or not self.missing_retry_members():
+            return 0.0
+        return max(0.0, self.step_control.scheduled_time + RETRY_WAIT * self.min_matchmaking_time - get_dht_time())
+
+    def group_complete(self) -> bool:
+        """A group that starts at once: the round's size, or every member a retry expects."""
+        if self.target_group_size is not None and len(self.current_followers) + 1 >= self.target_group_size:
+            return True
+        return bool(self.retry_members) and not self.missing_retry_members()
+
+    async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext
+                             ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        """hivemind's leader side of a join (1.1.12), except that a group complete by
+        :meth:`group_complete` starts at once and a retry's partial group waits :meth:`retry_wait_left`
+        past its time."""
+        try:
+            async with self.lock_request_join_group:
+                reason_to_reject = self._check_reasons_to_reject(request, context)
+                if reason_to_reject is not None:
+                    yield reason_to_reject
+                    return
+                self.current_followers[context.remote_id] = request
+                yield averaging_pb2.MessageFromLeader(code=averaging_pb2.ACCEPTED)
+                if not self.assembled_group.done() and self.group_complete():
+                    await self.leader_assemble_group()  # outcome 1: a complete group
+            while True:  # wait for the group to be assembled or disbanded
+                timeout = max(0.0, self.potential_leaders.declared_expiration_time - get_dht_time(),
+                              self.retry_wait_left())
+                accepted = asyncio.create_task(self.was_accepted_to_group.wait())
+                await asyncio.wait({self.assembled_group, accepted}, return_when=asyncio.FIRST_COMPLETED,
+                                   timeout=timeout)
+                accepted.cancel()
+                if self.assembled_group.done() or self.was_accepted_to_group.is_set():
+                    break
+                async with self.lock_request_join_group:
+                    if self.assembled_group.done():
+                        break
+                    if len(self.current_followers) + 1 >= self.min_group_size and self.is_looking_for_group:
+                        if self.retry_wait_left() > 0:
+                            continue
+                        await self.leader_assemble_group()  # outcome 2: the time is up, run with what we have
+                    else:
+                        await self.leader_disband_group()
+                    break
+            if (self.was_accepted_to_group.is_set() or not self.assembled_group.done()
+                    or self.assembled_group.cancelled() or context.remote_id not in self.assembled_group.result()):
+                # outcome 3: found by a leader with higher priority (send our followers to it), or disbanded
+                leader = self.current_leader.to_bytes() if self.current_leader is not None else None
+                yield averaging_pb2.MessageFromLeader(code=averaging_pb2.GROUP_DISBANDED, suggested_leader=leader)
+                return
+            group_info = self.assembled_group.result()
+            yield averaging_pb2.MessageFromLeader(
+                code=averaging_pb2.BEGIN_ALLREDUCE, group_id=group_info.group_id,
+                ordered_peer_ids=[item.to_bytes() for item in group_info.peer_ids], gathered=group_info.gathered)
+        except asyncio.CancelledError:
+            return
+        except Exception as e:
+            logger.exception(e)
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.INTERNAL_ERROR)
+        finally:  # runs even if the coroutine is destroyed prematurely
+            self.current_followers.pop(context.remote_id, None)
+            self.follower_was_discarded.set()
 
     def is_round_peer(self, peer_id: PeerID) -> bool:
         if self.round_keys is None:
@@ -100,7 +189,7 @@ class PatientMatchmaking(Matchmaking):
                     next_leader = await self.potential_leaders.pop_next_leader()  # TimeoutError on (re)declaring
                     if self._search_must_end(step):
                         break
-                    if not self.is_round_peer(next_leader):
+                    if not self.is_round_peer(next_leader) or next_leader.to_bytes() in self.shunned_leaders:
                         continue
                     group = await self._request_join_group(next_leader)
                     if group is not None:
@@ -112,6 +201,8 @@ class PatientMatchmaking(Matchmaking):
                         if get_dht_time() < step.scheduled_time - 0.25 * self.min_matchmaking_time:
                             continue  # the first declaration, not the end of the waiting time: keep waiting
                         if len(self.current_followers) + 1 >= self.min_group_size:
+                            if self.retry_wait_left() > 0.25 * self.min_matchmaking_time:
+                                continue  # a retry: members that heard of the failure after us are still coming
                             return await self.leader_assemble_group()
                         if len(self.current_followers) > 0:
                             await self.leader_disband_group()
