@@ -450,10 +450,16 @@ class SwarmPeer:
         this node), a later round closed (this one can no longer be published), or so many of its
         participants started sampling the open round that those left cannot make up the strict
         majority an attempt needs (a partner that restarted or quit: retrying would wait out every
-        attempt for nobody, and the next round waits for this node). False when the coordinator
-        cannot be asked (the averager then retries as it would)."""
+        attempt for nobody, and the next round waits for this node), or this node is banned (a retry's
+        group no longer waits for a member it left out, so a banned one would search alone). False
+        when the coordinator cannot be asked (the averager then retries as it would)."""
         try:
             hb = self.heartbeat()
+        except CoordinatorError as e:
+            if e.code == "PERMISSION_DENIED" and "banned" in e.detail:
+                return True  # nothing left to average for: the round loop's next call says so and stops
+            log.warning("could not ask the coordinator whether the round went on: %s", e)
+            return False
         except Exception as e:  # noqa: BLE001 - a retry costs time, not correctness
             log.warning("could not ask the coordinator whether the round went on: %s", e)
             return False
