@@ -121,7 +121,8 @@ def outcome(work: Path, rnd: dict, peers: int, weights: list[int], peer_ids: lis
                    for why in left_out.values())
     hostile_in = hostile in contributors and name != "honest"
     out["ok"] = out["same_bytes"] and out["max_rel_err"] <= tolerance and len(left_out) <= (0 if name == "honest" else 1) \
-        and one_word and set(contributors) - {hostile} == set(averaged) and (not hostile_in or name in MAY_STAY)
+        and one_word and set(contributors) - ({hostile} if hostile_in else set()) == set(averaged) \
+        and (not hostile_in or name in MAY_STAY)
     if name != "honest":
         last = reps[averaged[0]]["attempts"][-1]
         why = [att["excluded"].get(peer_ids[hostile]) for att in reps[averaged[0]]["attempts"]]
