@@ -463,10 +463,10 @@ def test_matchmaking_keeps_a_search_to_its_round(keys):
 
 def test_a_retry_waits_for_the_members_it_expects_and_follows_no_one_it_left_out(keys):
     """After an attempt that failed in a group (bench/hostile_groups.py shows it with 7 peers), a
-    retry expects the round's peers that the verdicts did not exclude and this node does not
-    accuse, and shuns those as leaders. A leader's group is complete (starts at once) when all it
-    expects are in, whoever else joined; a partial one waits up to one more min_matchmaking_time
-    past its time while one is missing. A first attempt expects nothing beyond hivemind's rules."""
+    retry does not follow the peers the verdicts excluded or this node accuses, and waits for the
+    round's other peers but the one it saw fail first: a partial group lacking one waits up to one
+    more min_matchmaking_time past its time (an accused member joining instead changes nothing). A
+    first attempt expects nothing beyond hivemind's rules."""
     from hivemind.averaging.control import StepControl
     from hivemind.p2p import PeerID
     from hivemind.utils import get_dht_time
@@ -477,30 +477,32 @@ def test_a_retry_waits_for_the_members_it_expects_and_follows_no_one_it_left_out
     from grpo_swarm.node.swarm.round_report import AttemptReport
 
     _, (n0, n1, n2) = keys
-    extra = Identity.from_seed(bytes([9]) * 32)
-    round_keys = frozenset(n.public_key_bytes for n in (n0, n1, n2, extra))
-    members = [n.peer_id_base58 for n in (n0, n1, n2, extra)]
+    extra, breaker = Identity.from_seed(bytes([9]) * 32), Identity.from_seed(bytes([10]) * 32)
+    everyone = (n0, n1, n2, extra, breaker)
+    round_keys = frozenset(n.public_key_bytes for n in everyone)
+    members = [n.peer_id_base58 for n in everyone]
     assert retry_members(round_keys, [], ()) == (None, frozenset())  # a first attempt
     assert retry_members(round_keys, [AttemptReport(ok=False)], ()) == (None, frozenset())  # no group found
     failed = AttemptReport(ok=False, members=members, excluded={extra.peer_id_base58: "TICKET_BAD_SIGNATURE: ..."})
-    expected, shunned = retry_members(round_keys, [failed], ((n2.peer_id, "STALLED"),))
+    expected, shunned = retry_members(round_keys, [failed], ((n2.peer_id, "STALLED"),),
+                                      (breaker.peer_id, "REDUCER_FAILED"))
     assert expected == {n0.peer_id, n1.peer_id} and shunned == {extra.peer_id, n2.peer_id}
     assert retry_members(None, [failed], ()) == (None, frozenset({extra.peer_id}))  # peers unknown: no wait
 
     MPFuture()  # the process's first MPFuture must be a plain one (hivemind sets its backend up on the class)
     m = PatientMatchmaking.__new__(PatientMatchmaking)
-    m.peer_id, m.current_followers, m.target_group_size, m.min_matchmaking_time = PeerID(n0.peer_id), {}, 4, 2.0
+    m.peer_id, m.current_followers, m.min_matchmaking_time = PeerID(n0.peer_id), {}, 2.0
     m.step_control = StepControl(scheduled_time=get_dht_time(), deadline=1e12, allow_retries=True, weight=1.0,
                                  data_for_gather=b"")
     m.step_control.attach(MPFuture(), MPFuture())
     m.retry_members = None
-    assert m.retry_wait_left() == 0.0 and not m.group_complete()
+    assert m.retry_wait_left() == 0.0
     m.retry_members = expected
-    assert 1.5 < m.retry_wait_left() <= 2.0 and not m.group_complete()  # n1 is missing
-    m.current_followers[PeerID(n2.peer_id)] = None  # an accused member joining does not complete it
-    assert m.missing_retry_members() and not m.group_complete()
+    assert 1.5 < m.retry_wait_left() <= 2.0  # n1 is missing
+    m.current_followers[PeerID(n2.peer_id)] = None  # an accused member joining does not stand in for it
+    assert m.missing_retry_members() and m.retry_wait_left() > 1.5
     m.current_followers[PeerID(n1.peer_id)] = None
-    assert m.group_complete() and m.retry_wait_left() == 0.0
+    assert not m.missing_retry_members() and m.retry_wait_left() == 0.0
     m.current_followers = {}
     m.step_control.scheduled_time = get_dht_time() - 2.0  # past its time by one more period: no longer waits
     assert m.retry_wait_left() == 0.0

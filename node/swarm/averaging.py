@@ -176,21 +176,24 @@ def averager_unusable(error: str | None) -> bool:
 
 
 def retry_members(expected_keys: frozenset[bytes] | None, attempts: Sequence[AttemptReport],
-                  accusations: Iterable[tuple[bytes, str]]) -> tuple[frozenset[bytes] | None, frozenset[bytes]]:
-    """(the peer ids a retry's group waits for, those it does not follow as leader) for
-    :class:`.matchmaking.PatientMatchmaking`. After an attempt that failed in a group: the round's
-    peers that neither its verdicts excluded nor this node accuses, and those. Members that only
-    heard of the failure through others' aborts (in a larger group, those reducing no share the
-    failing peer sent to) end their attempt up to the hear-out later than one that saw it first-hand,
-    and would find the retry's group formed without them. (None, nothing) for a first attempt; the
-    first is None too when the round's peers are not known."""
+                  accusations: Iterable[tuple[bytes, str]], first_failed: tuple[bytes, str] | None = None
+                  ) -> tuple[frozenset[bytes] | None, frozenset[bytes]]:
+    """(the peer ids a retry's partial group waits for, those it does not follow as leader) for
+    :class:`.matchmaking.PatientMatchmaking`. After an attempt that failed in a group, it does not
+    follow the peers that the attempt's verdicts excluded or this node accuses, and waits for the
+    round's other peers but the one it saw fail first (``first_failed``, likely the breaker). Members
+    that only heard of the failure through others' aborts (in a larger group, those reducing no
+    share the failing peer sent to) end their attempt up to the hear-out later than one that saw it
+    first-hand, and would find the retry's group formed without them. (None, nothing) for a first
+    attempt; the first is None too when the round's peers are not known."""
     last = attempts[-1] if attempts else None
     if last is None or last.ok or not last.members:
         return None, frozenset()
     gone = frozenset({base58_decode(p) for p in last.excluded} | {bytes(p) for p, _ in accusations})
     if expected_keys is None:
         return None, gone
-    return frozenset(pid for pid in map(peer_id_from_public_key, expected_keys) if pid not in gone), gone
+    skip = gone | ({bytes(first_failed[0])} if first_failed is not None else set())
+    return frozenset(pid for pid in map(peer_id_from_public_key, expected_keys) if pid not in skip), gone
 
 
 def _b58(peer_id: PeerID | bytes) -> str:
@@ -506,7 +509,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                 entry = self.gather_entry(claim)
                 timeout = min(self.matchmaking_timeout, remaining)
                 wait = self._matchmaking_wait(attempts, timeout, straggler_wait)
-                members, shunned = retry_members(rules.expected_keys, attempts, accusations)
+                members, shunned = retry_members(rules.expected_keys, attempts, accusations, first_failed)
                 self._outer_pipe.send(("_set_retry", [members, shunned], {}))
                 report = self._attempt(entry, weight, timeout, wait, round_over)
                 report.attempt = attempt

@@ -9,11 +9,13 @@ averages. :class:`PatientMatchmaking` assembles a partial group only once the st
 (start + ``min_matchmaking_time``) has passed; a full group still starts at once, and a group of
 at least ``min_group_size`` still starts when the time is really up.
 
-A retry (``retry_members``: the round's peers that the last attempt's verdicts did not exclude and
-this node does not accuse) starts at once when all of them are in, and a partial one waits up to one
-more ``min_matchmaking_time`` for the missing: in a larger group, members that heard of the failure
+A retry's partial group that lacks a member it expects (``retry_members``: the round's peers that
+the last attempt's verdicts did not exclude and this node neither accuses nor saw fail first) waits
+up to one more ``min_matchmaking_time`` for it: in a larger group, members that heard of the failure
 only through others' aborts end their attempt up to a hear-out later than those that saw it, and
-would find the retry's group formed without them. Nor does a retry follow a leader the last
+would find the retry's group formed without them. (It does not start early once they are all in:
+a member the retry leaves out learns why only from the group's verdicts, e.g. a node whose link
+stalled, which then logs what to check.) Nor does a retry follow a leader the last
 attempt's verdicts excluded or this node accuses (``shunned_leaders``): it would be left out anyway,
 and as the leader it decides when the group forms (one that broke the attempt, and so is back first,
 would otherwise lead the retry and start it before the members still winding down arrive).
@@ -76,17 +78,10 @@ class PatientMatchmaking(Matchmaking):
             return 0.0
         return max(0.0, self.step_control.scheduled_time + RETRY_WAIT * self.min_matchmaking_time - get_dht_time())
 
-    def group_complete(self) -> bool:
-        """A group that starts at once: the round's size, or every member a retry expects."""
-        if self.target_group_size is not None and len(self.current_followers) + 1 >= self.target_group_size:
-            return True
-        return bool(self.retry_members) and not self.missing_retry_members()
-
     async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext
                              ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
-        """hivemind's leader side of a join (1.1.12), except that a group complete by
-        :meth:`group_complete` starts at once and a retry's partial group waits :meth:`retry_wait_left`
-        past its time."""
+        """hivemind's leader side of a join (1.1.12), except that a retry's partial group waits
+        :meth:`retry_wait_left` past its time."""
         try:
             async with self.lock_request_join_group:
                 reason_to_reject = self._check_reasons_to_reject(request, context)
@@ -95,8 +90,9 @@ class PatientMatchmaking(Matchmaking):
                     return
                 self.current_followers[context.remote_id] = request
                 yield averaging_pb2.MessageFromLeader(code=averaging_pb2.ACCEPTED)
-                if not self.assembled_group.done() and self.group_complete():
-                    await self.leader_assemble_group()  # outcome 1: a complete group
+                if (self.target_group_size is not None and len(self.current_followers) + 1 >= self.target_group_size
+                        and not self.assembled_group.done()):
+                    await self.leader_assemble_group()  # outcome 1: a full group
             while True:  # wait for the group to be assembled or disbanded
                 timeout = max(0.0, self.potential_leaders.declared_expiration_time - get_dht_time(),
                               self.retry_wait_left())
