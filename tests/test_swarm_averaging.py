@@ -466,7 +466,7 @@ def test_a_retry_waits_for_the_members_it_expects_and_follows_no_one_it_left_out
     retry does not follow the peers the verdicts excluded or this node accuses, and waits for the
     round's other peers but the one it saw fail first: a partial group lacking one waits up to one
     more min_matchmaking_time past its time (an accused member joining instead changes nothing). A
-    first attempt expects nothing beyond hivemind's rules."""
+    first attempt, or a round of fewer than five peers, keeps hivemind's rules."""
     from hivemind.averaging.control import StepControl
     from hivemind.p2p import PeerID
     from hivemind.utils import get_dht_time
@@ -487,7 +487,10 @@ def test_a_retry_waits_for_the_members_it_expects_and_follows_no_one_it_left_out
     expected, shunned = retry_members(round_keys, [failed], ((n2.peer_id, "STALLED"),),
                                       (breaker.peer_id, "REDUCER_FAILED"))
     assert expected == {n0.peer_id, n1.peer_id} and shunned == {extra.peer_id, n2.peer_id}
-    assert retry_members(None, [failed], ()) == (None, frozenset({extra.peer_id}))  # peers unknown: no wait
+    assert retry_members(None, [failed], ()) == (None, frozenset())  # the round's peers unknown: no rule
+    small = frozenset(n.public_key_bytes for n in (n0, n1, n2))  # a round of three: no rule
+    assert retry_members(small, [AttemptReport(ok=False, members=members[:3])], ((n2.peer_id, "STALLED"),)) == \
+        (None, frozenset())
 
     MPFuture()  # the process's first MPFuture must be a plain one (hivemind sets its backend up on the class)
     m = PatientMatchmaking.__new__(PatientMatchmaking)

@@ -175,6 +175,9 @@ def averager_unusable(error: str | None) -> bool:
     return (error or "").startswith((STEP_STUCK, AVERAGER_DIED))
 
 
+RETRY_RULE_PEERS = 5  # the smallest round whose retries wait for expected members and shun left-out leaders
+
+
 def retry_members(expected_keys: frozenset[bytes] | None, attempts: Sequence[AttemptReport],
                   accusations: Iterable[tuple[bytes, str]], first_failed: tuple[bytes, str] | None = None
                   ) -> tuple[frozenset[bytes] | None, frozenset[bytes]]:
@@ -185,13 +188,14 @@ def retry_members(expected_keys: frozenset[bytes] | None, attempts: Sequence[Att
     that only heard of the failure through others' aborts (in a larger group, those reducing no
     share the failing peer sent to) end their attempt up to the hear-out later than one that saw it
     first-hand, and would find the retry's group formed without them. (None, nothing) for a first
-    attempt; the first is None too when the round's peers are not known."""
+    attempt, and for rounds of fewer than RETRY_RULE_PEERS peers or whose peers are not known: with
+    three or four every member reduces a share of every sender's and sees a failure first-hand, and
+    the rule only made retries slower and a staller miss the verdict that tells it why (bench/RESULTS.md,
+    session 33)."""
     last = attempts[-1] if attempts else None
-    if last is None or last.ok or not last.members:
+    if expected_keys is None or len(expected_keys) < RETRY_RULE_PEERS or last is None or last.ok or not last.members:
         return None, frozenset()
     gone = frozenset({base58_decode(p) for p in last.excluded} | {bytes(p) for p, _ in accusations})
-    if expected_keys is None:
-        return None, gone
     skip = gone | ({bytes(first_failed[0])} if first_failed is not None else set())
     return frozenset(pid for pid in map(peer_id_from_public_key, expected_keys) if pid not in skip), gone
 
