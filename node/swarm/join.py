@@ -294,7 +294,7 @@ class SwarmPeer:
                 else:
                     sick, why = sick + 1, record.restarted
             except (CoordinatorError, ProtocolError, RuntimeError, ValueError, ArithmeticError, OSError) as e:
-                if isinstance(e, CoordinatorError) and e.code == "PERMISSION_DENIED" and "banned" in e.detail:
+                if _is_ban(e):
                     raise NodeBanned(f"the coordinator refuses this node: {e.detail}") from None
                 if isinstance(e, SwarmSideRestartFailed):
                     sick, why = sick + 1, str(e)
@@ -455,12 +455,9 @@ class SwarmPeer:
         when the coordinator cannot be asked (the averager then retries as it would)."""
         try:
             hb = self.heartbeat()
-        except CoordinatorError as e:
-            if e.code == "PERMISSION_DENIED" and "banned" in e.detail:
-                return True  # nothing left to average for: the round loop's next call says so and stops
-            log.warning("could not ask the coordinator whether the round went on: %s", e)
-            return False
         except Exception as e:  # noqa: BLE001 - a retry costs time, not correctness
+            if _is_ban(e):
+                return True  # nothing left to average for: the round loop's next call says so and stops
             log.warning("could not ask the coordinator whether the round went on: %s", e)
             return False
         if hb.current.version > version or hb.current_round > round_index + 1:
@@ -638,6 +635,11 @@ def averaging_timeouts(swarm: dict) -> dict[str, float]:
     return dict(matchmaking_timeout=float(swarm.get("matchmaking_timeout_s", 30.0)),
                 allreduce_timeout=float(swarm.get("averaging_timeout_s", 120.0)),
                 sender_timeout=sender, reducer_timeout=2 * sender)
+
+
+def _is_ban(e: BaseException) -> bool:
+    """Whether ``e`` is the coordinator refusing this node because it is banned."""
+    return isinstance(e, CoordinatorError) and e.code == "PERMISSION_DENIED" and "banned" in e.detail
 
 
 def _node_id_of_peer(peer: str) -> str | None:
