@@ -95,8 +95,10 @@ from swarm_world import (
 HERE = Path(__file__).resolve().parent
 A, B, H = 0, 1, 2
 SMALL_WEIGHTS = [3, 5, 7]
+# (the audit's exchanges take ~10 ms here: 5 s instead of the default 2 x reducer_timeout shortens each
+# round that waits one out, a withheld sketch's and a caught reducer's own, by 7 s)
 TIMING = dict(min_matchmaking_time=2.0, request_timeout=1.0, matchmaking_timeout=15.0, sender_timeout=3.0,
-              reducer_timeout=6.0, allreduce_timeout=12.0, max_attempts=3)
+              reducer_timeout=6.0, allreduce_timeout=12.0, audit_timeout=5.0, max_attempts=3)
 SWARM_TIMEOUT_S = 420.0
 
 # ---- the plan -------------------------------------------------------------------------------------
