@@ -219,29 +219,24 @@ def test_bench_p2p_transport_both_variants_receive_everything():
 
 
 @pytest.mark.slow
-def test_bench_swarm_rounds_tiny_says_where_each_round_went():
-    """bench/swarm_rounds.py on the demo's tiny run: 2 nodes, 3 rounds (the first left out): every
-    node averaged and held the published bytes, and each step of a round has its time."""
-    res = run_bench("swarm_rounds.py", "--model", "tiny", "--nodes", "2", "--rounds", "3",
-                    keys=("round_s", "phases_s", "snapshot_bytes", "ok"), timeout=240)
-    assert res["ok"] is True and res["rounds_measured"] == 2 and res["exit_codes"] == [0, 0]
+def test_bench_swarm_rounds_says_where_each_round_went_and_times_an_averager_restart():
+    """bench/swarm_rounds.py on the demo's tiny run, 2 nodes, 5 rounds, with --kill-averager: each step
+    of a round has its time and the audit its share; the bench finds node 0's one averager process and
+    kills it, and the node restarts its swarm side (the round that did says why and how long) and
+    finishes its rounds, every later one averaged by both. (One run for both: each costs ~18 s.)"""
+    # (a node whose averaging of a round the other left waits out its attempts: the next round waits
+    # for it since session 28, so a loaded run can be slow; the bench stops the nodes at 150 s)
+    res = run_bench("swarm_rounds.py", "--model", "tiny", "--nodes", "2", "--rounds", "5", "--kill-averager", "2",
+                    "--stop-after", "150", keys=("round_s", "phases_s", "snapshot_bytes", "restart", "averager_killed"),
+                    timeout=240)
+    assert res["rounds_measured"] >= 2 and res["exit_codes"] == [0, 0], res
     assert {"sample", "submit", "wait", "gradient", "averaging", "step", "publish"} <= set(res["phases_s"])
     assert 0 < sum(res["phases_s"].values()) <= 2 * res["round_s"]
     assert res["snapshot_bytes"] > 1_000_000  # the tiny model's weights and AdamW moments
     # every round is audited (the demo's fraction): the audit took time, and less than its averaging
     assert 0 < res["audit_s"] < res["phases_s"]["averaging"], res
     assert res["audit_share_of_round"] == pytest.approx(res["audit_s"] / res["round_s"], rel=1e-2, abs=1e-4)
-
-
-@pytest.mark.slow
-def test_bench_swarm_rounds_kills_an_averager_and_times_the_restart():
-    """--kill-averager: the bench finds node 0's one averager process and kills it; the node restarts
-    its swarm side (the round that did says why and how long) and finishes its rounds."""
-    # (a node whose averaging of a round the other left waits out its attempts: the next round waits
-    # for it since session 28, so a loaded run can be slow; the bench stops the nodes at 150 s)
-    res = run_bench("swarm_rounds.py", "--model", "tiny", "--nodes", "2", "--rounds", "5", "--kill-averager", "2",
-                    "--stop-after", "150", keys=("round_s", "restart", "averager_killed"), timeout=240)
-    assert res["averager_killed"] == 1 and res["exit_codes"] == [0, 0], res
+    assert res["averager_killed"] == 1, res
     restart = res["restart"]
     assert restart["restarted"] is True and "averager process is gone" in restart["why"], restart
     assert restart["round"] >= 2 and 0 < restart["restart_s"] < 60, restart
