@@ -21,13 +21,23 @@ ticket in every failed round whose ticket holders were all incumbents (their int
   failed round a newcomer held a ticket in does not count: else a staller switching to a fresh key
   (or to one that did work before and stayed away) would fail a round its old key was absent from,
   drop the old key from the intersection, and leave an honest member as the only suspect.
-* **Found.** When the suspects are one node, it is found: it sits out (no final ticket; its accepted
-  work stays accepted and logged, but it does not average and its hash reports count 0) for
-  ``window`` rounds, twice as long each time it is found again (``window * 2**k`` the k-th time
-  after the first).
+* **Found.** When the suspects are one node and a round it sat out (with no one else but nodes
+  found) published, it is found: it sits out (no final ticket; its accepted work stays accepted and
+  logged, but it does not average and its hash reports count 0) for ``window`` rounds, twice as long
+  each time it is found again (``window * 2**k`` the k-th time after the first). Without that
+  round the lone suspect is probed first: with two stallers, single probes drop each of them in
+  turn (the other fails the round) and the last node left would be an honest one.
 * **Probe.** While several suspects remain, one of them sits out each round, in turn: the one that
   sat out least recently (then by node id). A round the staller fails while another suspect sits
   out drops that suspect from the intersection.
+* **Explained.** A failed round a node found (and still sitting out) held a ticket in is explained
+  and no longer counts: the rounds that still fail point at a second staller.
+* **Group probe.** When no suspect is left to probe (two or more stallers: each failed the rounds
+  the other sat out), a group sits out: every failed round held a staller, and with all of them out
+  the round publishes, so a group can hold them all only if it meets every counted failed round's
+  ticket holders and is not contained in a group a failed round sat out. The group that last
+  published sits out again (held while it keeps publishing); else the largest groups the quorum
+  allows are tried in an order drawn from the round index (no key can choose its place in it).
 
 Each group sits out (found, then newcomers, then the probe) only while the participants that stay
 hold more than the publish quorum of the round's weight (else the round could not publish without
@@ -44,18 +54,26 @@ a staller with many keys still fails at most n + 1 rounds per window. An honest 
 after two failed rounds in one window: one member sits out each round until they leave it (or a
 member that kept failing rounds is found), and nodes joining meanwhile wait.
 
-Not bounded: two colluding incumbents that take turns (each away or well-behaved while the other
-fails rounds) can empty the intersection, or leave an honest member as the only suspect; as with
-bans by reports, the rule assumes at most one hostile node among a round's ticket holders.
+Several colluding stallers, each failing every round it holds a ticket in, holding less than the
+rest: once single probes have dropped every suspect, group probes find a group holding them all
+within C(n, m) failed rounds at most (m: the largest group the quorum lets sit out), and it then
+sits out while rounds publish; each time the failures leave the window the incident ends, and the
+stallers fail two rounds before it resumes (simulated in ``tests/test_stall_rule.py``). Not
+bounded: colluders that fail only some of their rounds can still make an honest node the lone
+suspect and have it found (a round it sat out published because they let it); as with bans by
+reports, the rule can only be sure of one hostile node among a round's ticket holders.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 from typing import Iterable, Mapping
 
 DEFAULT_WINDOW_ROUNDS = 16  # failed rounds count this many rounds; 0 turns the rule off
 MIN_FAILED_ROUNDS = 2  # one failed round alone benches nobody: an honest swarm's crash costs nothing more
+MAX_GROUPS_TRIED = 20_000  # a group probe's search at one close (C(16, 8) = 12,870): a few ms
 
 
 class StallRule:
@@ -114,12 +132,76 @@ class StallRule:
         """(the failed rounds that count, the nodes that held a ticket in every one of them). Only the
         failed rounds whose ticket holders were all incumbents count: a round a newcomer held a
         ticket in may have been its doing, and must not clear the incumbent that did the others.
-        No suspects without an incident."""
+        Nor do rounds a node found (and still sitting out) held a ticket in: they are explained, and
+        the rest point at a second staller. No suspects without an incident."""
         incumbents = self.incumbents(closing)
         if incumbents is None:
             return self.failed_rounds(closing), frozenset()
-        counted = [r for r in self.failed_rounds(closing) if self.holders[r] <= incumbents]
-        return counted, frozenset.intersection(*(self.holders[r] for r in counted))
+        explained = {n for n, until in self.sits_out_until.items() if until > closing}
+        counted = [r for r in self.failed_rounds(closing)
+                   if self.holders[r] <= incumbents and not self.holders[r] & explained]
+        return counted, frozenset.intersection(*(self.holders[r] for r in counted)) if counted else frozenset()
+
+    def bench_of(self, round_index: int) -> frozenset[str]:
+        """Who a probe or a finding sat out of round ``round_index`` (newcomers not counted)."""
+        return self.members[round_index] - self.holders[round_index]
+
+    def cleared_by_absence(self, node: str, closing: int, failed: list[int]) -> bool:
+        """Whether a round of this incident that ``node`` sat out, with no one else but nodes found,
+        published: the others did fine without it. (Sitting out in a group that published clears
+        nobody in particular.)"""
+        return bool(failed) and any(
+            failed[0] <= r < closing and r in self.published_rounds and node in self.bench_of(r)
+            and self.bench_of(r) - {node} <= set(self.found) for r in self.holders)
+
+    def last_good_group(self, closing: int) -> frozenset[str]:
+        """The nodes sat out of the latest round in the window that published with two or more sat out
+        (empty if none): a group probe that worked, tried first again."""
+        for r in sorted(self.holders, reverse=True):
+            if r < closing and r in self.published_rounds and len(self.bench_of(r)) >= 2:
+                return self.bench_of(r)
+        return frozenset()
+
+    def group_probe(self, closing: int, weights: Mapping[str, float], out: Mapping[str, str]) -> frozenset[str]:
+        """The group to sit out of round ``closing`` when single probes have nobody left (empty: none).
+
+        Every failed round held a staller; all the stallers sitting out at once, the round publishes.
+        So a group can hold them all only if it meets every counted failed round's ticket holders and
+        is not contained in the group a failed round sat out. Of those, the last group that published
+        comes first (held while it keeps publishing), then the largest groups the quorum allows, in an
+        order drawn from the round index, which no key can choose."""
+        incumbents = self.incumbents(closing)
+        if incumbents is None:
+            return frozenset()
+        counted, _ = self.suspects(closing)
+        pool = [n for n in sorted(weights) if n in incumbents and n not in out]
+        total = math.fsum(float(weights[n]) for n in sorted(weights))
+        failed_benches = [self.bench_of(r) for r in counted]
+
+        def within_quorum(group) -> bool:
+            staying = math.fsum(float(weights[n]) for n in sorted(weights) if n not in out and n not in group)
+            return staying > self.quorum * total
+
+        def fits(group: frozenset[str]) -> bool:
+            return (within_quorum(group) and all(group & self.holders[r] for r in counted)
+                    and not any(group <= bench for bench in failed_benches))
+
+        last = self.last_good_group(closing) - set(out)
+        if last and last <= set(pool) and fits(last):
+            return last
+        order = sorted(pool, key=lambda n: hashlib.sha256(f"{closing}:{n}".encode()).digest())
+        # the largest size the quorum can allow: that many of the pool's lightest nodes sitting out
+        lightest = sorted(pool, key=lambda n: (float(weights[n]), n))
+        largest = next((k for k in range(len(pool) - 1, 1, -1) if within_quorum(set(lightest[:k]))), 0)
+        tried = 0
+        for size in range(largest, 1, -1):
+            for group in itertools.combinations(order, size):
+                tried += 1
+                if tried > MAX_GROUPS_TRIED:
+                    return frozenset()
+                if fits(frozenset(group)):
+                    return frozenset(group)
+        return frozenset()
 
     def _settle(self, closing: int) -> None:
         """The finding at the close of round ``closing``, made once: a lone suspect not already
@@ -131,7 +213,7 @@ class StallRule:
         if len(suspects) != 1:
             return
         (node,) = suspects
-        if self.sits_out_until.get(node, -1) > closing:
+        if self.sits_out_until.get(node, -1) > closing or not self.cleared_by_absence(node, closing, failed):
             return
         times = self.found.get(node, 0)
         self.found[node] = times + 1
@@ -160,10 +242,17 @@ class StallRule:
             sit_out({n: f"took no part in round {first}, the first of the last {self.window} that published "
                         f"nothing: a node new to the rounds sits out while they fail"
                      for n in sorted(weights) if n not in incumbents and n not in out})
-        if not found:
-            counted, suspects = self.suspects(closing)
+        counted, suspects = self.suspects(closing)
+        if counted:  # failed rounds that no node sitting out as found explains
             present = sorted((suspects & set(weights)) - set(out))
-            if len(present) >= 2:
+            last = self.last_good_group(closing) - set(out)
+            group = self.group_probe(closing, weights, out) if not present or last else frozenset()
+            if group and (not present or group == last):
+                why = ("sits out again with the group that published without it" if group == last else
+                       "in a group that may hold every staller (single probes left nobody)")
+                sit_out({n: f"{why}: {len(group)} nodes; rounds that published nothing in the last {self.window}: "
+                            f"{', '.join(map(str, counted))}" for n in sorted(group)})
+            elif present:
                 probe = min(present, key=lambda n: (self.last_out.get(n, -1), n))
                 sit_out({probe: f"one of {len(present)} nodes that held a ticket in every round that published "
                                 f"nothing in the last {self.window} ({', '.join(map(str, counted))}), sitting out "

@@ -277,3 +277,12 @@ def test_bench_refusal_delivery_delivers_through_the_drain_and_the_tap():
         "refusal_plain", "refusal_drained", "abort_plain", "abort_tap"), timeout=120)
     assert res["refusal_drained"]["delivered"] == 1.0 and res["abort_tap"]["delivered"] == 1.0, res
     assert all(sum(res[v]["seen"].values()) == 6 for v in ("refusal_plain", "abort_plain")), res
+
+
+def test_bench_stall_rule_simulates_every_scenario():
+    """bench/stall_rule.py, a short run: one line with every scenario; one staller is found in every run
+    and never an honest node; two colluding stallers fail fewer than half the rounds."""
+    res = run_bench("stall_rule.py", "--runs", "2", "--rounds", "96", keys=("one_staller_n3", "two_stallers_n5"),
+                    timeout=60)
+    assert res["one_staller_n5"]["stallers_found"] == 2 and res["one_staller_n5"]["honest_found"] == 0, res
+    assert res["two_stallers_n5"]["honest_found"] == 0 and res["two_stallers_n5"]["failed_max"] < 96 / 2, res

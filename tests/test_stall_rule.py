@@ -4,6 +4,7 @@ rounds to fail, knowing the rule, fails at most n + 1 rounds in any window; an h
 failed round costs nothing; nobody sits out when the rest could not publish without it."""
 
 import collections
+import math
 import random
 
 import pytest
@@ -39,8 +40,11 @@ def test_a_peer_failing_every_round_it_is_in_is_found_after_n_plus_one_failures(
     assert len(failed) <= 3 + 1, played  # two before the rule acts, then at most one probe per other suspect
     benched = [b for _, b, _ in played]
     assert benched[:MIN_FAILED_ROUNDS] == [set(), set()]  # one failed round alone benches nobody
-    found = failed[-1] + 1
-    assert all(b == {H} for b in benched[found:]), benched  # found: it sits out, the others publish
+    # from the last failure on it sits out and the others publish: first as the lone suspect's probe (a
+    # round without it must publish before it is found: A and B, probed first here, were not cleared
+    # that way), then found
+    assert all(b == {H} for b in benched[failed[-1] + 1:]), benched
+    found = failed[-1] + 2
     assert rule.found == {H: 1} and rule.sits_out_until[H] == found + 16
     assert f"sits out rounds {found}-{found + 15}" in rule.benched(16, {A: .3, B: .3, H: .4})[H]
 
@@ -125,15 +129,79 @@ def test_the_rule_is_off_with_a_window_of_zero_and_checks_its_window():
     assert DEFAULT_WINDOW_ROUNDS == StallRule().window
 
 
+def _members(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)  # ids in a random order: the rule's order must not favour any key
+    return [f"{rng.getrandbits(128):032x}" for _ in range(n)]
+
+
+@pytest.mark.parametrize("n", [5, 7])
+@pytest.mark.parametrize("seed", range(3))
+def test_two_colluding_stallers_sit_out_together_and_the_others_publish(n, seed):
+    """Two stallers that fail every round either holds a ticket in: single probes drop each in turn (the
+    other fails the round), so the intersection empties — before, rounds failed for good and the last
+    honest node probed was found. Now a group probe finds a group holding both within C(n, m) failed
+    rounds, it sits out while the others publish, and no honest node is ever found."""
+    members = _members(n, seed)
+    stallers = set(members[:2])
+    rule = StallRule(16)
+    played = play(rule, 160, members, lambda r, holders: bool(stallers & set(holders)))
+    failed = [r for r, _, f in played if f]
+    cap = (n - 1) // 2  # the most the quorum lets sit out: the rest must hold more than half
+    search = MIN_FAILED_ROUNDS + n + math.comb(n, cap)  # the incident, single probes, then group probes
+    first_publish = next(r for r, _, f in played if not f)
+    assert first_publish <= search, failed
+    assert played[first_publish][1] >= stallers  # a group holding both
+    assert not set(rule.found) - stallers, rule.found  # no honest node found
+    # from then on: the group sits out while rounds publish; each time the failures leave the window the
+    # incident ends, and the stallers fail two rounds before the group sits out again
+    later = [r for r in failed if r > first_publish]
+    for start in range(first_publish, 160):
+        assert sum(start <= r < start + 16 for r in later) <= MIN_FAILED_ROUNDS, failed
+    assert len(failed) <= search + MIN_FAILED_ROUNDS * (160 // 16), failed  # before: every one of the 160
+
+
+def test_colluders_failing_some_of_their_rounds_still_let_most_rounds_publish():
+    """Two stallers that each fail a round they hold a ticket in with some probability (a strategy the
+    rule cannot read): most rounds still publish. They can get an honest node found this way (stated in
+    the rule's docstring), so this bounds the failed rounds only."""
+    failed_share = []
+    for seed in range(6):
+        rng = random.Random(100 + seed)
+        members = _members(7, seed)
+        stallers = set(members[:2])
+        played = play(StallRule(16), 160, members, lambda r, holders: bool(stallers & set(holders)) and rng.random() < 0.6)
+        failed_share.append(sum(f for *_, f in played) / 160)
+    assert sum(failed_share) / len(failed_share) < 0.35, failed_share  # before: 0.6 of the rounds
+
+
+def test_a_group_probe_searches_a_bounded_number_of_groups(monkeypatch):
+    """With many incumbents (C(30, 14) groups of the largest size) each close tries at most
+    MAX_GROUPS_TRIED of them, and a group it returns meets every rule: within the quorum, meeting
+    every failed round's holders, not inside a group a failed round sat out."""
+    from grpo_swarm.protocol import stalls
+
+    members = _members(30, 0)
+    rule = StallRule(16)
+    rule.round_closed(0, members)
+    for r, out in enumerate((members[:14], members[14:28]), start=1):  # two failed group probes
+        rule.round_closed(r, [m for m in members if m not in out], out)
+    weights = {m: 1 / 30 for m in members}
+    assert not rule.suspects(3)[1] & set(members[:28])  # no single suspect left among them
+    group = rule.group_probe(3, weights, {})
+    assert len(group) == 14 and not group <= set(members[:14]) and not group <= set(members[14:28]), group
+    assert all(group & rule.holders[r] for r in range(3))
+    monkeypatch.setattr(stalls, "MAX_GROUPS_TRIED", 0)
+    assert rule.group_probe(3, weights, {}) == frozenset()  # the cap holds: nobody sits out this round
+
+
 # ---- the recorder, a restart and the audit, with real proofs --------------------------------------------
 WINDOW = 4
 
 
-@pytest.fixture(scope="module")
-def stalled_run(tmp_path_factory):
-    """Three nodes with accepted work every round; every round the staller holds a ticket in fails (no
-    hash reports), every other round publishes a real GRPO step reported by its ticket holders. The
-    recorder restarts from its log halfway."""
+def _run_with_stallers(tmp, n_honest: int, n_stallers: int, rounds: int, window: int, restart_at: int) -> dict:
+    """``n_honest`` + ``n_stallers`` nodes with accepted work every round; every round a staller holds a
+    ticket in fails (no hash reports), every other round publishes a real GRPO step reported by its
+    ticket holders. The recorder restarts from its log at ``restart_at``."""
     import torch
 
     from grpo_swarm.protocol.log import ProtocolLog
@@ -143,19 +211,19 @@ def stalled_run(tmp_path_factory):
 
     torch.set_num_threads(1)
     world = World(group_size=2, prompts_per_round=1, max_staleness=0)
-    tmp = tmp_path_factory.mktemp("stalls")
     salts: dict[int, bytes] = {}
     log = ProtocolLog(tmp / "log.sqlite")
-    rec = RunRecorder(log, COORDINATOR, world.run_spec(stall_window_rounds=WINDOW), hooks=world.hooks,
+    rec = RunRecorder(log, COORDINATOR, world.run_spec(stall_window_rounds=window), hooks=world.hooks,
                       on_salt=salts.__setitem__)
-    honest, staller = [identity(0), identity(1)], identity(2)
-    nodes = [*honest, staller]
+    honest = [identity(i) for i in range(n_honest)]
+    stallers = [identity(n_honest + i) for i in range(n_stallers)]
+    nodes = [*honest, *stallers]
     for n in nodes:
         rec.register(n.public_key_bytes)
     rec.publish_snapshot(0, world.shas[0])
-    rounds, sequence = [], 0
-    for r in range(10):
-        if r == 3:  # a restart: the rule's state comes back from the log
+    played, sequence = [], 0
+    for r in range(rounds):
+        if r == restart_at:  # a restart: the rule's state comes back from the log
             before = rec.stalls
             log.close()
             log = ProtocolLog(tmp / "log.sqlite")
@@ -169,17 +237,24 @@ def stalled_run(tmp_path_factory):
         holders = sorted(rec.final_tickets)
         assert holders == [n for n in entry.payload["participants"] if n not in entry.payload["benched"]]
         published = None
-        if staller.node_id not in holders:
+        if not {s.node_id for s in stallers} & set(holders):
             sha = world.train_step(world.assigned(honest[0], r))
             for n in holders:
-                assert rec.report_hash(n, world.version, sha).payload["weight"] == pytest.approx(1 / 3)
-            # the one sitting out reports too: its report counts 0, its weight stays in the total
-            assert rec.report_hash(staller.node_id, world.version, sha).payload["weight"] == 0.0
+                assert rec.report_hash(n, world.version, sha).payload["weight"] == pytest.approx(1 / len(nodes))
+            # those sitting out report too: their reports count 0, their weight stays in the total
+            for n in entry.payload["benched"]:
+                assert rec.report_hash(n, world.version, sha).payload["weight"] == 0.0
             published = rec.publish_snapshot(world.version, sha, uploader=holders[0]).payload
-        rounds.append({"benched": entry.payload["benched"], "holders": holders, "published": published})
+        played.append({"benched": entry.payload["benched"], "holders": holders, "published": published})
     log.close()
-    return {"rounds": rounds, "entries": list(ProtocolLog(tmp / "log.sqlite")), "world": world,
-            "staller": staller.node_id}
+    return {"rounds": played, "entries": list(ProtocolLog(tmp / "log.sqlite")), "world": world,
+            "staller": stallers[0].node_id, "stallers": {s.node_id for s in stallers}}
+
+
+@pytest.fixture(scope="module")
+def stalled_run(tmp_path_factory):
+    """Two honest nodes and one staller, window 4, the recorder restarted at round 3."""
+    return _run_with_stallers(tmp_path_factory.mktemp("stalls"), 2, 1, rounds=10, window=WINDOW, restart_at=3)
 
 
 def test_the_coordinator_finds_the_staller_and_the_others_publish(stalled_run):
@@ -187,7 +262,10 @@ def test_the_coordinator_finds_the_staller_and_the_others_publish(stalled_run):
     failed = [r for r, x in enumerate(rounds) if x["published"] is None]
     found = next(r for r, x in enumerate(rounds) if "found" in x["benched"].get(staller, ""))
     first = [r for r in failed if r < found]
-    assert 2 <= len(first) <= 3 + 1 and first[-1] == found - 1, failed
+    # (the round before the finding: the staller's probe, when the others were probed before it — a
+    # round without it publishes before it is found)
+    assert 2 <= len(first) <= 3 + 1 and first[-1] in (found - 1, found - 2), failed
+    assert all(list(x["benched"]) == [staller] and x["published"] for x in rounds[first[-1] + 1:found])
     after = rounds[found:found + WINDOW]
     assert all(list(x["benched"]) == [staller] and x["published"] for x in after), after
     assert failed[len(first)] == found + WINDOW and not rounds[found + WINDOW]["benched"]  # back after its stint
@@ -217,6 +295,51 @@ def test_the_audit_replays_who_sat_out_and_pinpoints_a_forged_bench(stalled_run)
                        trusted_signers=[COORDINATOR.public_key_bytes])
         assert result.problem is not None and result.problem.index == close.index, result.problem
         assert "stall rule" in result.problem.reason
+
+
+COLLUDED_WINDOW = 8
+
+
+@pytest.fixture(scope="module")
+def colluded_run(tmp_path_factory):
+    """Three honest nodes and two stallers, window 8, the recorder restarted in the group probes."""
+    return _run_with_stallers(tmp_path_factory.mktemp("colluded"), 3, 2, rounds=24, window=COLLUDED_WINDOW,
+                              restart_at=12)
+
+
+def test_the_coordinator_sits_two_colluding_stallers_out_together(colluded_run):
+    """Through the recorder (real proofs, a restart): single probes, then group probes, until the group
+    holding both stallers sits out; from then on the honest three publish while it does (each time the
+    failures leave the window the stallers fail two rounds again), and no honest node is found."""
+    rounds, stallers = colluded_run["rounds"], colluded_run["stallers"]
+    first = next(r for r, x in enumerate(rounds) if x["published"])
+    assert first <= MIN_FAILED_ROUNDS + 5 + math.comb(5, 2), first
+    assert set(rounds[first]["benched"]) == stallers  # two may sit out of five: exactly the stallers
+    assert all("group" in why for why in rounds[first]["benched"].values()), rounds[first]["benched"]
+    later = [r for r, x in enumerate(rounds) if r > first and not x["published"]]
+    for start in range(first, len(rounds)):
+        assert sum(start <= r < start + COLLUDED_WINDOW for r in later) <= MIN_FAILED_ROUNDS, later
+    assert sum(bool(x["published"]) for x in rounds[first:]) >= len(rounds[first:]) - 2 * MIN_FAILED_ROUNDS
+    assert not any("found" in why for x in rounds for n, why in x["benched"].items() if n not in stallers)
+
+
+def test_the_audit_replays_the_group_probes_and_pinpoints_a_forged_one(colluded_run):
+    from grpo_swarm.protocol.audit import audit
+
+    from protocol_world import COORDINATOR
+    from test_snapshot_quorum import rechain
+
+    entries, stallers = colluded_run["entries"], colluded_run["stallers"]
+    result = audit(entries, colluded_run["world"].hooks, trusted_signers=[COORDINATOR.public_key_bytes])
+    assert result.ok, result.problem
+    assert result.replayed["benched"] == sum(len(x["benched"]) for x in colluded_run["rounds"])
+    group_closes = [e for e in entries if e.kind == "round_closed" and set(e.payload["benched"]) == stallers]
+    close = group_closes[0]
+    one = sorted(stallers)[0]
+    result = audit(rechain(entries, {close.index: {**close.payload, "benched": {one: close.payload["benched"][one]}}}),
+                   trusted_signers=[COORDINATOR.public_key_bytes])  # let one of the two back in
+    assert result.problem is not None and result.problem.index == close.index, result.problem
+    assert "stall rule" in result.problem.reason
 
 
 def fresh(i: int) -> str:
@@ -270,6 +393,6 @@ def test_keys_that_did_work_before_and_stayed_away_are_newcomers_too():
         else:
             rule.published(r)
         assert not set(rule.found) & set(honest), (r, rule.found, benched)
-    assert H in rule.found and set(rule.found) <= {H, *prepositioned}
+    assert rule.found and set(rule.found) <= {H, *prepositioned}, rule.found
     for start in range(60):  # three ticket holders a round: at most n + 1 failed rounds in any window
         assert sum(start <= r < start + 8 for r in failed) <= 3 + 1, failed
