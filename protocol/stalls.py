@@ -14,7 +14,8 @@ The rule. Round r *failed* when at least two nodes held its final tickets and it
 version (once round r + 1 closes, r can no longer produce one). At the close of round c, the
 failed rounds among ``c - window <= r < c`` are an *incident* when there are at least
 :data:`MIN_FAILED_ROUNDS` of them; its *incumbents* are the participants of its first failed round
-(ticket holders, and those a probe or a finding sat out). The *suspects* are the nodes that held a
+(ticket holders, and those a probe or a finding sat out) and the ticket holders of the last round
+before it that published. The *suspects* are the nodes that held a
 ticket in every failed round whose ticket holders were all incumbents (their intersection).
 
 * **Newcomers wait.** During an incident a participant that is not an incumbent sits out, and a
@@ -104,9 +105,10 @@ class StallRule:
         newcomers = benched - incumbents if incumbents is not None else frozenset()
         self.members[int(round_index)] = self.holders[int(round_index)] | (benched - newcomers)
         self.last_out.update({n: int(round_index) for n in benched})
-        for r in [r for r in self.holders if r < round_index - self.window]:  # a long run keeps a window
+        # a long run keeps two windows: the failed rounds' and the rounds before them (for incumbents)
+        for r in [r for r in self.holders if r < round_index - 2 * self.window]:
             del self.holders[r], self.members[r]
-        self.published_rounds = {r for r in self.published_rounds if r >= round_index - self.window}
+        self.published_rounds = {r for r in self.published_rounds if r >= round_index - 2 * self.window}
 
     def published(self, round_index: int | None) -> None:
         """A version produced by round ``round_index`` was published (None: the initial weights)."""
@@ -120,13 +122,17 @@ class StallRule:
                       if closing - self.window <= r < closing and len(h) >= 2 and r not in self.published_rounds)
 
     def incumbents(self, closing: int) -> frozenset[str] | None:
-        """The participants of the first failed round in the window (its ticket holders and those a
-        probe or a finding sat out, not the newcomers that sat it out), while the window holds an
-        incident (:data:`MIN_FAILED_ROUNDS` failed rounds or more); None otherwise."""
+        """The participants of the first failed round in the window (ticket holders and those a probe
+        or a finding sat out, not the newcomers that sat it out) and the ticket holders of the last
+        round before it that published, while the window holds an incident (:data:`MIN_FAILED_ROUNDS` failed rounds or
+        more); None otherwise. (The first failed round alone is not enough: stallers back first from a
+        round they broke can close the next one with only their own work in it, and everyone else
+        would be a newcomer, whose failed rounds do not count.)"""
         failed = self.failed_rounds(closing)
         if self.window == 0 or len(failed) < MIN_FAILED_ROUNDS:
             return None
-        return self.members[failed[0]]
+        before = [r for r in self.members if r < failed[0] and r in self.published_rounds]
+        return self.members[failed[0]] | (self.holders[max(before)] if before else frozenset())
 
     def suspects(self, closing: int) -> tuple[list[int], frozenset[str]]:
         """(the failed rounds that count, the nodes that held a ticket in every one of them). Only the
@@ -158,7 +164,7 @@ class StallRule:
         """The nodes sat out of the latest round in the window that published with two or more sat out
         (empty if none): a group probe that worked, tried first again."""
         for r in sorted(self.holders, reverse=True):
-            if r < closing and r in self.published_rounds and len(self.bench_of(r)) >= 2:
+            if closing - self.window <= r < closing and r in self.published_rounds and len(self.bench_of(r)) >= 2:
                 return self.bench_of(r)
         return frozenset()
 

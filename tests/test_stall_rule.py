@@ -117,7 +117,7 @@ def test_rounds_with_one_ticket_holder_and_published_rounds_are_not_failures():
     rule.round_closed(3, (A, B))
     assert rule.failed_rounds(4) == [2, 3] and rule.suspects(4)[1] == {A, B}
     assert rule.failed_rounds(7) == [3] and rule.suspects(7)[1] == frozenset()  # round 2 left the window
-    assert len(rule.holders) <= 4 + 1  # a long run keeps only the window
+    assert len(rule.holders) <= 2 * 4 + 1  # a long run keeps two windows
 
 
 def test_the_rule_is_off_with_a_window_of_zero_and_checks_its_window():
@@ -158,6 +158,30 @@ def test_two_colluding_stallers_sit_out_together_and_the_others_publish(n, seed)
     for start in range(first_publish, 160):
         assert sum(start <= r < start + 16 for r in later) <= MIN_FAILED_ROUNDS, failed
     assert len(failed) <= search + MIN_FAILED_ROUNDS * (160 // 16), failed  # before: every one of the 160
+
+
+def test_stallers_closing_a_round_alone_do_not_make_the_others_newcomers():
+    """Seen in a real 5-node swarm (bench/join_stallers.py): the two stallers, back first from a round
+    they broke, closed the next one with only their own work in it. With the incumbents taken from that
+    first failed round alone, the three honest nodes were newcomers, too many to sit out, so no later
+    failed round counted and the probes alternated between the two stallers for a whole window. The
+    ticket holders of the last round that published before it are incumbents too."""
+    members = _members(5, 7)
+    stallers = set(members[:2])
+    rule, window, failed = StallRule(16), 16, []
+    for r in range(48):
+        present = sorted(stallers) if r == 2 else members
+        benched = rule.benched(r, {m: 1 / len(present) for m in present})
+        holders = [m for m in present if m not in benched]
+        rule.round_closed(r, holders, benched)
+        if r >= 2 and len(holders) >= 2 and stallers & set(holders):
+            failed.append(r)
+        else:
+            rule.published(r)
+    first = next(r for r in range(3, 48) if r not in failed)
+    assert first <= 3 + MIN_FAILED_ROUNDS + 5 + math.comb(5, 2), failed  # before: not before round 19
+    assert not set(rule.found) - stallers, rule.found
+    assert sum(first < r < first + window for r in failed) <= MIN_FAILED_ROUNDS, failed
 
 
 def test_colluders_failing_some_of_their_rounds_still_let_most_rounds_publish():
