@@ -330,6 +330,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         self._audit_secret = os.urandom(32)  # nonces derive from it in both processes (forked after this)
         self._audit_stores: dict[tuple[bytes, int], AuditStore] = {}  # (group, phase) -> entries held
         self._background_calls: set = set()
+        self._last_audit: tuple | None = None  # (group, the other contributors, deadline): _linger_for_audits
         self._rules: RoundRules | None = None  # the current round's rules, in the background process
         self._finished_groups: dict[bytes, None] = {}  # recently left group ids (insertion-ordered)
         self._round_lock = threading.Lock()
@@ -619,6 +620,12 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                     return AttemptReport(error=f"cancelled while looking for a group; {ROUND_WENT_ON}")
 
     # ------------------------------------------------------------------ the averager process
+    async def _shutdown(self, timeout: float | None) -> None:
+        """hivemind's shutdown, after the groupmates of our last audit have read our entries (bounded:
+        the parent waits ``shutdown_timeout`` for this process, then terminates it)."""
+        await self._linger_for_audits(max(0.0, self.shutdown_timeout - 2.0))
+        await super()._shutdown(timeout)
+
     async def _log_tasks(self, why: str) -> None:
         """Log where each task of the averager's loop waits (a step stuck past its timeouts: the
         stacks say on what, for the user's report)."""

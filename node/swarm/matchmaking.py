@@ -20,6 +20,9 @@ attempt's verdicts excluded or this node accuses (``shunned_leaders``): it would
 and as the leader it decides when the group forms (one that broke the attempt, and so is back first,
 would otherwise lead the retry and start it before the members still winding down arrive).
 
+A follower refuses a group smaller than its ``min_group_size`` and looks on (an honest leader, whose
+minimum is the same strict majority of the round's peers, never starts one).
+
 It also keeps the round to its peers. hivemind admits any follower that knows the schema hash and
 the round's group key, both computable from public facts, and a group counts as full at the round's
 number of peers: one fresh key taking a slot would start the group without the last honest peer,
@@ -130,6 +133,20 @@ class PatientMatchmaking(Matchmaking):
         finally:  # runs even if the coroutine is destroyed prematurely
             self.current_followers.pop(context.remote_id, None)
             self.follower_was_discarded.set()
+
+    async def follower_assemble_group(self, leader: PeerID, msg: averaging_pb2.MessageFromLeader
+                                      ) -> GroupInfo | None:
+        """hivemind's, except that a group smaller than our ``min_group_size`` is refused (None: the
+        search goes on, and this attempt no longer asks that leader). An honest leader never starts
+        one: its minimum is ours, a strict majority of the round's peers. A hostile leader that
+        starts groups of two as soon as one member joins would otherwise cost each member it catches
+        an attempt (seen with two such peers among five: an honest member lost its share)."""
+        if len(msg.ordered_peer_ids) < self.min_group_size:
+            logger.debug(f"{self.peer_id} - {leader} started a group of {len(msg.ordered_peer_ids)}, "
+                         f"fewer than {self.min_group_size}: not joining it")
+            self.shunned_leaders = self.shunned_leaders | {leader.to_bytes()}
+            return None
+        return await super().follower_assemble_group(leader, msg)
 
     def is_round_peer(self, peer_id: PeerID) -> bool:
         if self.round_keys is None:

@@ -89,6 +89,7 @@ class AuditStore:
         self.first: dict[bytes, tuple[bytes, bytes, object]] = {}  # signer -> (raw, payload, body)
         self.second: dict[bytes, bytes] = {}  # signer -> raw entry with another payload
         self._filed: dict[bytes, bytes] = {}  # raw entries kept -> signer (answers repeat them: checked once)
+        self.served: set[bytes] = set()  # callers we answered with every entry (a leaving member waits for them)
         self.changed = asyncio.Event()
 
     @property

@@ -76,6 +76,9 @@ class ShareAuditRPC:
                    for p, w in zip(runner.sender_peer_ids, runner.weights)]
         keys = {v.peer_id: v.public_key for v in plan.contributors}
         servers = plan.audit_servers(self.peer_id)
+        if not self.client_mode:  # the others read our entries until their own deadline: see _linger_for_audits
+            self._last_audit = (group_id, frozenset(keys) - {me},
+                                deadline + self.request_timeout + AUDIT_POLL_S)
         try:
             nonce = nonce_for(self._audit_secret, self._rules.round_index, plan.verdict(self.peer_id).attempt)
             reveals = await self._exchange(group_id, PHASE_REVEAL, nonce, keys, servers, deadline, found)
@@ -285,5 +288,25 @@ class ShareAuditRPC:
             await asyncio.wait_for(store.wait_complete(), AUDIT_POLL_S)
         except asyncio.TimeoutError:
             pass
+        if store.complete():
+            store.served.add(caller)
         return pb.ShareAuditExchange(group_id=request.group_id, phase=request.phase,
                                      entries=store.entries())
+
+    async def _linger_for_audits(self, limit: float) -> None:
+        """Before this member leaves (its averager shuts down): wait until every other contributor of
+        the last group it audited has read every sketch entry from it, for at most ``limit`` seconds
+        and never past that audit's deadline. A member finishing its audit a moment after us reads our
+        answers after we are done; had we left, it would accuse us (AUDIT_WITHHELD) and lose its
+        share of the round: seen when two members' last round ended and they exited at once."""
+        last = getattr(self, "_last_audit", None)
+        if last is None:
+            return
+        group_id, others, until = last
+        loop = asyncio.get_event_loop()
+        end = min(until, loop.time() + limit)
+        while loop.time() < end:
+            store = self._audit_store(group_id, PHASE_SKETCH, create=False)
+            if store is not None and others <= store.served:
+                return
+            await asyncio.sleep(0.05)
