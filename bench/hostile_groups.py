@@ -1,18 +1,20 @@
-"""Verified averaging in groups larger than three: N real peer processes, one of them hostile.
+"""Verified averaging in groups larger than three: N real peer processes, the last K of them hostile.
 
 The averaging tests (tests/test_swarm_averaging.py) play their hostile rounds with three peers, the
 most a 2-core test run affords; the rules that pick who is left out of a retry (first-failure
 pointers, the namers a verdict needs, the strict majority an attempt needs) are unit-tested for
 more. This bench plays the same peer script (tests/swarm_peer.py, tests/swarm_hostile.py) with
-``--peers`` processes: an honest round, then one round per behaviour with the last peer hostile.
+``--peers`` processes: an honest round, then one round per behaviour with the last ``--hostile`` peers
+(default 1) hostile, all doing the same.
 For each round it checks that every honest peer averaged, all of them hold the same bytes, and
-those equal the honest peers' ticket-weighted mean (the hostile peer left out) or, where the
+those equal the honest peers' ticket-weighted mean (the hostile peers left out) or, where the
 behaviour only lies about something the others ignore (a claimed weight), everyone's mean.
 
     python bench/hostile_groups.py --peers 5
     python bench/hostile_groups.py --peers 7 --behaviours nan,wrong_average,hang_up
+    python bench/hostile_groups.py --peers 5 --hostile 2 --behaviours hang_up_lead
 
-One JSON line: per round the outcome, the attempts, the seconds and why the hostile peer was left
+One JSON line: per round the outcome, the attempts, the seconds and why each hostile peer was left
 out; ``all_ok`` when every round came out as it should.
 """
 
@@ -59,6 +61,8 @@ BEHAVIOURS = {
     "hang_up": ("small_none", 3),
     "not_in_group": ("small_none", 3),
     "claimed_weight": ("small_none", 2),  # honest parts: it stays in, its claim ignored
+    # hangs up in every attempt and leads a group as soon as one member joins it (tests/swarm_hostile.py)
+    "hang_up_lead": ("small_none", 6),
 }
 DEFAULT = "forged_ticket,nan,inf_fp16,wrong_average,wrong_average_fp16,withhold_sketch,stall_always,hang_up,not_in_group"
 # behaviours whose hostile peer may stay among the contributors, with a correct result: a lie about its
@@ -67,14 +71,14 @@ DEFAULT = "forged_ticket,nan,inf_fp16,wrong_average,wrong_average_fp16,withhold_
 MAY_STAY = {"claimed_weight", "wrong_average", "wrong_average_fp16"}
 
 
-def plan_for(behaviours: list[str], peers: int) -> list[dict]:
+def plan_for(behaviours: list[str], peers: int, hostile: int = 1) -> list[dict]:
     everyone = list(range(peers))
     rounds = [dict(round=0, kind="small", participants=everyone, averager="small_none", behaviour={})]
     for name in behaviours:
         averager, _ = BEHAVIOURS[name]
         wire = "wrong_average" if name.startswith("wrong_average") else name
         rounds.append(dict(round=len(rounds), kind="small", participants=everyone, averager=averager,
-                           behaviour={str(peers - 1): wire}, name=name))
+                           behaviour={str(p): wire for p in range(peers - hostile, peers)}, name=name))
     return rounds
 
 
@@ -83,17 +87,17 @@ def weighted(grads_by_peer: list[list[torch.Tensor]], weights: list[float]) -> l
     return [sum(w * g[k].double() for w, g in zip(weights, grads_by_peer)) / total for k in range(len(grads_by_peer[0]))]
 
 
-def outcome(work: Path, rnd: dict, peers: int, weights: list[int], peer_ids: list[str]) -> dict:
+def outcome(work: Path, rnd: dict, peers: int, weights: list[int], peer_ids: list[str], hostile: int = 1) -> dict:
     """The round's result as the honest peers' files show it. It came out as it should when the honest
     peers that averaged hold the same bytes, equal to the ticket-weighted mean of the final attempt's
-    contributors, the hostile peer is not among them (unless its behaviour could not change the result:
-    ``MAY_STAY``), and at most one honest peer went out with it for one word against another
-    (BROKE_WITH, UNCORROBORATED: the documented cost of a peer that frames one groupmate)."""
+    contributors, no hostile peer is among them (unless its behaviour could not change the result:
+    ``MAY_STAY``), and at most one honest peer per hostile one went out with it for one word against
+    another (BROKE_WITH, UNCORROBORATED: the documented cost of a peer that frames one groupmate)."""
     from safetensors.torch import load_file
 
-    r, hostile = rnd["round"], peers - 1
+    r, bad = rnd["round"], set(range(peers - hostile, peers))
     name = rnd.get("name", "honest")
-    honest = list(range(peers)) if name == "honest" else list(range(peers - 1))
+    honest = list(range(peers)) if name == "honest" else list(range(peers - hostile))
     reps = {}
     for p in honest:
         path = work / f"r{r}-p{p}.json"
@@ -119,22 +123,24 @@ def outcome(work: Path, rnd: dict, peers: int, weights: list[int], peer_ids: lis
     tolerance = 2e-3 if rnd["averager"] == "small_fp16" else 1e-6
     one_word = all(why.startswith(("this node was excluded: BROKE_WITH", "this node was excluded: UNCORROBORATED"))
                    for why in left_out.values())
-    hostile_in = hostile in contributors and name != "honest"
-    out["ok"] = out["same_bytes"] and out["max_rel_err"] <= tolerance and len(left_out) <= (0 if name == "honest" else 1) \
-        and one_word and set(contributors) - ({hostile} if hostile_in else set()) == set(averaged) \
-        and (not hostile_in or name in MAY_STAY)
+    hostile_in = bad & set(contributors) if name != "honest" else set()
+    out["ok"] = out["same_bytes"] and out["max_rel_err"] <= tolerance \
+        and len(left_out) <= (0 if name == "honest" else hostile) \
+        and one_word and set(contributors) - hostile_in == set(averaged) and (not hostile_in or name in MAY_STAY)
     if name != "honest":
         last = reps[averaged[0]]["attempts"][-1]
-        why = [att["excluded"].get(peer_ids[hostile]) for att in reps[averaged[0]]["attempts"]]
-        out["hostile"] = ("contributed" if hostile_in else next((w.split(":")[0] for w in reversed(why) if w), None)
-                          or ("absent from the last group" if peer_ids[hostile] not in last["members"] else None))
+        out["hostile"] = {}
+        for h in sorted(bad):
+            why = [att["excluded"].get(peer_ids[h]) for att in reps[averaged[0]]["attempts"]]
+            out["hostile"][str(h)] = ("contributed" if h in hostile_in else next((w.split(":")[0] for w in reversed(why) if w), None)
+                                      or ("absent from the last group" if peer_ids[h] not in last["members"] else None))
     return out
 
 
-def run(peers: int, behaviours: list[str], timeout_s: float, keep: str | None) -> dict:
+def run(peers: int, behaviours: list[str], timeout_s: float, keep: str | None, hostile_peers: int = 1) -> dict:
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="hostile-groups-"))
     work.mkdir(parents=True, exist_ok=True)
-    plan = plan_for(behaviours, peers)
+    plan = plan_for(behaviours, peers, hostile_peers)
     nodes = [Identity.generate() for _ in range(peers)]
     weights = [3 + 2 * i for i in range(peers)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -143,7 +149,7 @@ def run(peers: int, behaviours: list[str], timeout_s: float, keep: str | None) -
     try:
         for i, node in enumerate(nodes):
             node.save(work / f"node{i}.key")
-            hostile = i == peers - 1
+            hostile = i >= peers - hostile_peers
             peer_plan = [dict(rnd, max_attempts=BEHAVIOURS[rnd["name"]][1] if hostile and "name" in rnd
                               else TIMING["max_attempts"]) for rnd in plan]
             cfg = dict(index=i, workdir=str(work), key_path=str(work / f"node{i}.key"),
@@ -153,7 +159,7 @@ def run(peers: int, behaviours: list[str], timeout_s: float, keep: str | None) -
             log = open(work / f"peer{i}.log", "wb")
             procs.append(subprocess.Popen([sys.executable, str(TESTS / "swarm_peer.py"), str(work / f"peer{i}.json")],
                                           stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
-        honest = range(peers - 1)
+        honest = range(peers - hostile_peers)
         while not all((work / f"finished-p{i}").exists() for i in honest):
             if time.monotonic() - started > timeout_s:
                 break
@@ -169,14 +175,16 @@ def run(peers: int, behaviours: list[str], timeout_s: float, keep: str | None) -
                     pass
             p.wait()
     peer_ids = [n.peer_id_base58 for n in nodes]
-    rounds = {rnd.get("name", "honest"): outcome(work, rnd, peers, weights, peer_ids) for rnd in plan}
-    return {"bench": "hostile_groups", "peers": peers, "seconds": round(time.monotonic() - started, 1),
+    rounds = {rnd.get("name", "honest"): outcome(work, rnd, peers, weights, peer_ids, hostile_peers) for rnd in plan}
+    return {"bench": "hostile_groups", "peers": peers, "hostile": hostile_peers, "seconds": round(time.monotonic() - started, 1),
             "all_ok": all(r["ok"] for r in rounds.values()), "rounds": rounds, "workdir": str(work)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--peers", type=int, default=5, help="peer processes (the last one hostile), at least 3")
+    ap.add_argument("--peers", type=int, default=5, help="peer processes, at least 3")
+    ap.add_argument("--hostile", type=int, default=1, help="how many of them (the last ones) are hostile; "
+                    "fewer than half of the peers")
     ap.add_argument("--behaviours", default=DEFAULT, help=f"comma-separated, of: {', '.join(BEHAVIOURS)}")
     ap.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     ap.add_argument("--workdir", default=None, help="keep the peers' files here (default: a temporary folder)")
@@ -185,7 +193,9 @@ def main() -> None:
     unknown = [b for b in names if b not in BEHAVIOURS]
     if unknown or args.peers < 3:
         ap.error(f"unknown behaviours {unknown}" if unknown else "--peers must be at least 3")
-    print(json.dumps(run(args.peers, names, args.timeout, args.workdir)))
+    if not 1 <= args.hostile < args.peers / 2:
+        ap.error("--hostile must be at least 1 and fewer than half of --peers")
+    print(json.dumps(run(args.peers, names, args.timeout, args.workdir, args.hostile)))
 
 
 if __name__ == "__main__":
