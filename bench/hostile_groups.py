@@ -132,7 +132,8 @@ def outcome(work: Path, rnd: dict, peers: int, weights: list[int], peer_ids: lis
         out["hostile"] = {}
         for h in sorted(bad):
             why = [att["excluded"].get(peer_ids[h]) for att in reps[averaged[0]]["attempts"]]
-            out["hostile"][str(h)] = ("contributed" if h in hostile_in else next((w.split(":")[0] for w in reversed(why) if w), None)
+            named = next((w.split(":")[0] for w in reversed(why) if w), None)
+            out["hostile"][str(h)] = ("contributed" if h in hostile_in else named
                                       or ("absent from the last group" if peer_ids[h] not in last["members"] else None))
     return out
 
@@ -176,7 +177,8 @@ def run(peers: int, behaviours: list[str], timeout_s: float, keep: str | None, h
             p.wait()
     peer_ids = [n.peer_id_base58 for n in nodes]
     rounds = {rnd.get("name", "honest"): outcome(work, rnd, peers, weights, peer_ids, hostile_peers) for rnd in plan}
-    return {"bench": "hostile_groups", "peers": peers, "hostile": hostile_peers, "seconds": round(time.monotonic() - started, 1),
+    return {"bench": "hostile_groups", "peers": peers, "hostile": hostile_peers,
+            "seconds": round(time.monotonic() - started, 1),
             "all_ok": all(r["ok"] for r in rounds.values()), "rounds": rounds, "workdir": str(work)}
 
 

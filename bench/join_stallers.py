@@ -80,16 +80,20 @@ def main(argv=None) -> int:
     closes = {e.payload["round"]: e.payload for e in entries if e.kind == "round_closed"}
     produced = {e.payload["round"] for e in entries if e.kind == "snapshot_published" and "round" in e.payload}
     rounds = sorted(r for r in closes if r + 1 in closes)  # a round can publish until the next one closes
-    failed = [r for r in rounds if r not in produced and len(closes[r]["participants"]) - len(closes[r].get("benched", {})) >= 2]
-    benched = {r: {("staller" if n in stallers else "honest"): why[:60] for n, why in closes[r].get("benched", {}).items()}
-               for r in rounds}
+    def holders(r: int) -> int:
+        return len(closes[r]["participants"]) - len(closes[r].get("benched", {}))
+
+    failed = [r for r in rounds if r not in produced and holders(r) >= 2]
+    benched = {r: [("staller" if n in stallers else "honest", why[:60])
+                   for n, why in closes[r].get("benched", {}).items()] for r in rounds}
     honest_found = sorted({n for r in rounds for n, why in closes[r].get("benched", {}).items()
                            if n not in stallers and "found" in why and "held a ticket" in why})
     clean = [r for r in rounds if r in produced and stallers <= set(closes[r].get("benched", {}))]
     first = clean[0] if clean else None
     later = [r for r in failed if first is not None and r > first]
     window = DEFAULT_WINDOW_ROUNDS
-    bounded = all(sum(s <= r < s + window for r in later) <= MIN_FAILED_ROUNDS for s in range(first or 0, max(rounds, default=0) + 1))
+    bounded = all(sum(s <= r < s + window for r in later) <= MIN_FAILED_ROUNDS
+                  for s in range(first or 0, max(rounds, default=0) + 1))
     out = {"nodes": args.nodes, "stallers": args.stallers, "behaviour": args.behaviour, "rounds_closed": len(rounds),
            "failed_rounds": failed, "published_rounds": len([r for r in rounds if r in produced]),
            "first_published_after_failures": None if first is None else len([r for r in failed if r < first]),
@@ -99,7 +103,8 @@ def main(argv=None) -> int:
     # (no incident at all is fine too: in rounds of five or more the averaging itself leaves a breaker out
     # of the retry, and the round publishes)
     incident = len(failed) >= MIN_FAILED_ROUNDS
-    out["ok"] = bool(finished and not honest_found and audit.audit_ok and (first is not None or not incident) and bounded)
+    out["ok"] = bool(finished and not honest_found and audit.audit_ok and bounded
+                     and (first is not None or not incident))
     print(json.dumps(out), flush=True)
     return 0 if out["ok"] else 1
 

@@ -124,10 +124,11 @@ class StallRule:
     def incumbents(self, closing: int) -> frozenset[str] | None:
         """The participants of the first failed round in the window (ticket holders and those a probe
         or a finding sat out, not the newcomers that sat it out) and the ticket holders of the last
-        round before it that published, while the window holds an incident (:data:`MIN_FAILED_ROUNDS` failed rounds or
-        more); None otherwise. (The first failed round alone is not enough: stallers back first from a
-        round they broke can close the next one with only their own work in it, and everyone else
-        would be a newcomer, whose failed rounds do not count.)"""
+        round before it that published, while the window holds an incident
+        (:data:`MIN_FAILED_ROUNDS` failed rounds or more); None otherwise. (The first failed round
+        alone is not enough: stallers back first from a round they broke can close the next one with
+        only their own work in it, and everyone else would be a newcomer, whose failed rounds do not
+        count.)"""
         failed = self.failed_rounds(closing)
         if self.window == 0 or len(failed) < MIN_FAILED_ROUNDS:
             return None
@@ -211,7 +212,8 @@ class StallRule:
 
     def _settle(self, closing: int) -> None:
         """The finding at the close of round ``closing``, made once: a lone suspect not already
-        sitting out is found and sits out ``window * 2**k`` rounds (k: times found before)."""
+        sitting out, once a round of the incident published without it (:meth:`cleared_by_absence`),
+        is found and sits out ``window * 2**k`` rounds (k: times found before)."""
         if closing <= self._settled:
             return
         self._settled = closing

@@ -193,7 +193,8 @@ def test_colluders_failing_some_of_their_rounds_still_let_most_rounds_publish():
         rng = random.Random(100 + seed)
         members = _members(7, seed)
         stallers = set(members[:2])
-        played = play(StallRule(16), 160, members, lambda r, holders: bool(stallers & set(holders)) and rng.random() < 0.6)
+        played = play(StallRule(16), 160, members,
+                      lambda r, holders: bool(stallers & set(holders)) and rng.random() < 0.6)
         failed_share.append(sum(f for *_, f in played) / 160)
     assert sum(failed_share) / len(failed_share) < 0.35, failed_share  # before: 0.6 of the rounds
 

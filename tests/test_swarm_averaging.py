@@ -1278,7 +1278,8 @@ def test_a_member_that_drips_its_parts_is_left_out_of_the_retry(swarm):
     a, b, _ = _left_out_of_the_retry_as_stalled(swarm, r)
     # named at the deadline, or (when H's own deadline came first and it hung up) for the time it held
     # the share up before it did
-    named = [att["stalled"][hostile] for rep in (a, b) for att in _ran_by(rep, hostile)[:1] if hostile in att["stalled"]]
+    named = [att["stalled"][hostile] for rep in (a, b) for att in _ran_by(rep, hostile)[:1]
+             if hostile in att["stalled"]]
     assert named and all("all-reduce deadline" in n or "holding our share up" in n for n in named), named
 
 
@@ -1291,7 +1292,8 @@ def test_a_reducer_that_drips_its_averages_is_left_out_of_the_retry(swarm):
     Without the naming, every attempt would end at the deadline, unnamed."""
     r, hostile = DRIP_AVERAGE_ROUND, swarm.peer_ids[H]
     a, b, _ = _left_out_of_the_retry_as_stalled(swarm, r)
-    named = [att["stalled"][hostile] for rep in (a, b) for att in _ran_by(rep, hostile)[:1] if hostile in att["stalled"]]
+    named = [att["stalled"][hostile] for rep in (a, b) for att in _ran_by(rep, hostile)[:1]
+             if hostile in att["stalled"]]
     assert named and all(n.startswith("REDUCER_FAILED") for n in named), named
     assert all("all-reduce deadline" in n or "holding our results up" in n for n in named), named
 
