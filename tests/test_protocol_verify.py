@@ -583,17 +583,16 @@ def test_fuzz_field_values_never_crash_the_verifier(byte_verifier, honest, data)
 
 # ---- SmolLM2: honest log-probabilities agree, a written completion does not ------------------------
 @pytest.mark.slow
-def test_spot_check_on_smollm2():
+def test_spot_check_on_smollm2(smollm2_dequantised):
     """Sampling-time vs recomputed log-probabilities on the real model stay far inside the policy's
     tolerance; a completion typed in with invented log-probabilities fails (bench/proofs.py measures
     the same on more samples)."""
     from grpo_swarm.node import proving
     from grpo_swarm.node.data import arithmetic_examples, render_prompt
-    from grpo_swarm.node.models import load_model
     from grpo_swarm.node.rollout import SamplingParams, TransformersBackend, eos_and_pad_ids
 
     torch.set_num_threads(2)
-    sm = load_model("smollm2")
+    sm = smollm2_dequantised[0]  # (read only: the session's one load, tests/conftest.py)
     examples = arithmetic_examples(4, seed=3, max_operand=9)
     text = render_prompt(sm.tokenizer, examples[0], use_chat_template=False)  # short: a quick test
     eos, pad = eos_and_pad_ids(sm.model, sm.tokenizer)

