@@ -32,7 +32,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 from grpo_swarm.node.swarm.demo import LocalSwarm, demo_config_text  # noqa: E402
-from grpo_swarm.node.swarm.join import _node_id_of_peer  # noqa: E402
 from grpo_swarm.protocol.identity import Identity  # noqa: E402
 from grpo_swarm.protocol.log import read_log  # noqa: E402
 from grpo_swarm.protocol.stalls import DEFAULT_WINDOW_ROUNDS, MIN_FAILED_ROUNDS  # noqa: E402
@@ -73,10 +72,7 @@ def main(argv=None) -> int:
         audit = swarm.audit(report=False)
         entries = list(read_log(work / "coordinator" / "protocol.sqlite"))
 
-    def node_id(i: int) -> str:
-        return _node_id_of_peer(Identity.load(swarm.workdir(i) / "node.key").peer_id_base58)
-
-    stallers = {node_id(i) for i in hostile}
+    stallers = {Identity.load(swarm.workdir(i) / "node.key").node_id for i in hostile}
     closes = {e.payload["round"]: e.payload for e in entries if e.kind == "round_closed"}
     produced = {e.payload["round"] for e in entries if e.kind == "snapshot_published" and "round" in e.payload}
     rounds = sorted(r for r in closes if r + 1 in closes)  # a round can publish until the next one closes

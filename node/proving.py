@@ -401,11 +401,11 @@ def load_tokenizer(spec: str):
 
     if spec == "tiny" or spec.startswith("tiny:"):
         return build_char_tokenizer()
+    from transformers import AutoTokenizer
+
     if spec == "smollm2" or spec.endswith(".gguf"):
         path = smollm2_gguf_path() if spec == "smollm2" else Path(spec).expanduser()
         cache = gguf_cache_dir(path)
-        from transformers import AutoTokenizer
-
         # from the dequantised cache when it is there, else from the GGUF file's own metadata (a few
         # seconds: no weights are dequantised, ~15 s more)
         tok = (AutoTokenizer.from_pretrained(cache, local_files_only=True)
@@ -414,8 +414,6 @@ def load_tokenizer(spec: str):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(spec, local_files_only=True)
 
 

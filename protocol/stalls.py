@@ -38,7 +38,9 @@ ticket in every failed round whose ticket holders were all incumbents (their int
   the round publishes, so a group can hold them all only if it meets every counted failed round's
   ticket holders and is not contained in a group a failed round sat out. The group that last
   published sits out again (held while it keeps publishing); else the largest groups the quorum
-  allows are tried in an order drawn from the round index (no key can choose its place in it).
+  allows are tried in an order drawn from the round index. A group that failed is never tried again
+  while its round is in the window, so whatever the order (a key ground to sort late in some rounds
+  gains nothing more) the search ends within the bound below.
 
 Each group sits out (found, then newcomers, then the probe) only while the participants that stay
 hold more than the publish quorum of the round's weight (else the round could not publish without
@@ -176,7 +178,8 @@ class StallRule:
         So a group can hold them all only if it meets every counted failed round's ticket holders and
         is not contained in the group a failed round sat out. Of those, the last group that published
         comes first (held while it keeps publishing), then the largest groups the quorum allows, in an
-        order drawn from the round index, which no key can choose."""
+        order drawn from the round index (a group a failed round sat out never fits again, so the
+        order only decides which of the remaining groups comes first)."""
         incumbents = self.incumbents(closing)
         if incumbents is None:
             return frozenset()

@@ -8,8 +8,8 @@ reducer (:func:`.share_audit.judge`); ``rpc_share_audit`` is the handler the exc
 verdicts are in :mod:`.share_audit`.
 
 It uses the averager's ``identity``, ``peer_id``, ``prefix``, ``_p2p``, ``request_timeout``,
-``audit_timeout``, ``_rules``, ``_audit_secret``, ``_audit_stores``, ``_background_calls`` and
-``_running_groups``.
+``audit_timeout``, ``_rules``, ``_audit_secret``, ``_audit_stores``, ``_background_calls``,
+``_last_audit`` and ``_running_groups``.
 """
 
 from __future__ import annotations
@@ -299,10 +299,9 @@ class ShareAuditRPC:
         and never past that audit's deadline. A member finishing its audit a moment after us reads our
         answers after we are done; had we left, it would accuse us (AUDIT_WITHHELD) and lose its
         share of the round: seen when two members' last round ended and they exited at once."""
-        last = getattr(self, "_last_audit", None)
-        if last is None:
+        if self._last_audit is None:
             return
-        group_id, others, until = last
+        group_id, others, until = self._last_audit
         loop = asyncio.get_event_loop()
         end = min(until, loop.time() + limit)
         while loop.time() < end:
