@@ -100,6 +100,10 @@ class SwarmSettings(Section):
         5.0, gt=0, description="averaging: a sender that sends nothing for this long, or a reducer that returns "
                                "nothing for twice this, has stalled: the attempt fails and the retry leaves it out "
                                "(raise it for slow uplinks: one part per reducer must cross the slowest in time)")
+    sit_out_limit: int = Field(
+        16, ge=0, le=64, description="averaging: a node the others left out of a round's retry for breaking an attempt "
+                                     "first (or that the breaker blamed) sits out the next 1, 2, 4, ... rounds (doubling "
+                                     "with each such round in the last 64), at most this many; 0 = never")
     straggler_wait: float = Field(
         1.0, ge=0, le=10, description="averaging: a partial group waits for the round's missing peers up to this "
                                       "many times the node's own time from the round's close to its averaging (its "

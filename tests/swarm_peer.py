@@ -103,7 +103,10 @@ def main(config_path: str) -> int:
                   min_group_size=2, min_contributors=2, **timing, **extra,
                   # members ask for different audit fractions: every round must still agree on the
                   # group's (the largest a contributor asks for), or honest sketches would not match
-                  audit_fraction=(0.25, 0.5, 0.125)[me % 3])
+                  audit_fraction=(0.25, 0.5, 0.125)[me % 3],
+                  # the plan's hostile rounds follow each other: H would sit out the next ones; a round
+                  # turns the sit-outs on with "sit_out_limit" (the memory itself records every round)
+                  sit_out_limit=0)
     small = [torch.zeros(s) for s in SMALL_SHAPES]
     averagers = {
         "small_none": cls(small, prefix="small", weight_mode="sequences", compression=NoCompression(),
@@ -161,6 +164,7 @@ def main(config_path: str) -> int:
         event(f"round {r} start ({behaviour})")
         started = time.monotonic()
         averager, kwargs = averagers[rnd["averager"]], {}
+        averager.break_memory.limit = int(rnd.get("sit_out_limit", 0))
         if rnd["kind"] == "grpo" and me != 0 and behaviour == "honest":
             # peers 1 and 2 take the in-place path a CPU trainer takes (the gradient already in the
             # averager's input buffers, the result left in its output buffers); peer 0 copies both ways
@@ -184,7 +188,7 @@ def main(config_path: str) -> int:
                 assert all(a is b for a, b in zip(res.grads or kwargs["out"], kwargs["out"])), "the result was copied"
             out.update(ok=res.ok, error=res.error, seconds=res.seconds,
                        attempts=[dataclasses.asdict(a) for a in res.attempts], reportable=res.reportable(),
-                       left_out_as_stalled=res.left_out_as_stalled,
+                       left_out_as_stalled=res.left_out_as_stalled, sat_out=res.sat_out,
                        sha256=tensors_sha256(res.grads) if res.ok else None)
         except Exception as e:  # noqa: BLE001 - reported to the test
             res = None

@@ -101,6 +101,7 @@ from .round_report import SELF_EXCLUDED, AttemptReport, RoundResult, withdrawn_w
 from .share_audit import AuditStore, Findings, commitment, nonce_for
 from .share_audit_rpc import ShareAuditRPC
 from .share_sketch import DEFAULT_AUDIT_FRACTION, check_audit_fraction
+from .sit_outs import DEFAULT_SIT_OUT_LIMIT, BreakMemory
 from .child_calls import ChildSilent, start_step
 from .tickets import (
     GROUP_VIEW_BYTES,
@@ -235,6 +236,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
     :param audit_timeout: seconds for the audit's two exchanges together
     :param audit_fraction: the share of each share's rows the audit reads, asked for in the gather (the
       group takes its contributors' largest; :mod:`.share_sketch`)
+    :param sit_out_limit: the longest a peer that broke an earlier round's averaging is listed as sitting
+      out, in rounds (:mod:`.sit_outs`; 0: nobody is listed)
     :param direct_reads: read large stream messages straight into their buffers (:mod:`.direct_reads`)
     :param keep_freed_memory: the averager process keeps freed memory for reuse (node/allocator.py)
     """
@@ -273,6 +276,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         audit_reducers: bool = True,
         audit_timeout: float | None = None,
         audit_fraction: float = DEFAULT_AUDIT_FRACTION,
+        sit_out_limit: int = DEFAULT_SIT_OUT_LIMIT,
         direct_reads: bool = True,
         keep_freed_memory: bool = True,
         client_mode: bool | None = None,
@@ -324,6 +328,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
         self.tolerance = NORM_TOLERANCE[type(compression)]
         self.audit_reducers = audit_reducers
         self.audit_fraction = check_audit_fraction(audit_fraction)
+        self.break_memory = BreakMemory(sit_out_limit)  # the caller's side: rounds are made there
         self.direct_reads = direct_reads
         self.keep_freed_memory = keep_freed_memory
         self.audit_timeout = 2 * reducer_timeout if audit_timeout is None else audit_timeout
@@ -500,51 +505,64 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             norm = self.load_local_gradient(grads)  # a round never writes these buffers: retries reuse them
             group_size = len(rules.expected_keys) if rules.expected_keys is not None else None
             self._outer_pipe.send(("_set_round", [round_index, rules.expected_keys, group_size], {}))
-            deadline = started + self.round_timeout
-            accusations: tuple[tuple[bytes, str], ...] = ()
-            first_failed: tuple[bytes, str] | None = None
+            sit_out = self.break_memory.sitting_out(round_index, self.peer_id.to_bytes(), None if rules.expected_keys
+                                                    is None else map(peer_id_from_public_key, rules.expected_keys))
             attempts: list[AttemptReport] = []
-            for attempt in range(max_attempts or self.max_attempts):
-                remaining = deadline - time.monotonic()
-                if remaining <= self.matchmaking_kwargs["min_matchmaking_time"]:
-                    break
-                nonce = nonce_for(self._audit_secret, round_index, attempt)
-                claim = GatherClaim(bytes(ticket_bytes), int(round_index), attempt, norm, accusations, commitment(nonce),
-                                    self.audit_fraction, first_failed)
-                entry = self.gather_entry(claim)
-                timeout = min(self.matchmaking_timeout, remaining)
-                wait = self._matchmaking_wait(attempts, timeout, straggler_wait)
-                members, shunned = retry_members(rules.expected_keys, attempts, accusations, first_failed)
-                self._outer_pipe.send(("_set_retry", [members, shunned], {}))
-                report = self._attempt(entry, weight, timeout, wait, round_over)
-                report.attempt = attempt
-                attempts.append(report)
-                if report.ok:
-                    with self.get_tensors(), torch.no_grad():
-                        if out is None:
-                            averaged = [b.clone() for b in self._output_buffers]
-                        else:
-                            averaged = list(out)
-                            for dst, b in zip(averaged, self._output_buffers, strict=True):
-                                if not _is_buffer(dst, b):
-                                    dst.copy_(b)
-                    return RoundResult(True, round_index, averaged, attempts, time.monotonic() - started)
-                accusations = accusation_list([*accusations, *report.accused_pairs()])
-                first_failed = next_first_failed(first_failed, report.first_failed_pair())
-                withdrawn = {base58_decode(p) for p in withdrawn_wrong_averages(attempts, self.peer_id.to_base58())}
-                accusations = tuple((p, r) for p, r in accusations
-                                    if not (p in withdrawn and r == Reason.WRONG_AVERAGE.value))
-                if (report.error or "").startswith(SELF_EXCLUDED):
-                    break  # the verdicts are deterministic: a retry in this round would exclude us again
-                if averager_unusable(report.error):
-                    break
-                if ROUND_WENT_ON not in (report.error or "") and round_over is not None and round_over():
-                    report.error = f"{report.error or 'failed'}; {ROUND_WENT_ON}"
-                if ROUND_WENT_ON in (report.error or ""):
-                    break  # the others averaged without us: a retry would wait a matchmaking timeout for nobody
-            last = attempts[-1].error if attempts else "no time left for an attempt"
-            return RoundResult(False, round_index, None, attempts, time.monotonic() - started,
-                               error=last or "the round did not complete")
+            try:
+                return self._attempts(round_index, ticket_bytes, rules, weight, norm, sit_out, attempts, started,
+                                      max_attempts, out, straggler_wait, round_over)
+            finally:
+                self.break_memory.record(round_index, attempts)
+
+    def _attempts(self, round_index: int, ticket_bytes: bytes, rules: RoundRules, weight: float, norm: float,
+                  sit_out: tuple[bytes, ...], attempts: list[AttemptReport], started: float, max_attempts: int | None,
+                  out: Sequence[torch.Tensor] | None, straggler_wait: float,
+                  round_over: Callable[[], bool] | None) -> RoundResult:
+        """The attempts of :meth:`average`'s round, each appended to ``attempts`` as it ends."""
+        deadline = started + self.round_timeout
+        accusations: tuple[tuple[bytes, str], ...] = ()
+        first_failed: tuple[bytes, str] | None = None
+        for attempt in range(max_attempts or self.max_attempts):
+            remaining = deadline - time.monotonic()
+            if remaining <= self.matchmaking_kwargs["min_matchmaking_time"]:
+                break
+            nonce = nonce_for(self._audit_secret, round_index, attempt)
+            claim = GatherClaim(bytes(ticket_bytes), int(round_index), attempt, norm, accusations, commitment(nonce),
+                                self.audit_fraction, first_failed, sit_out)
+            entry = self.gather_entry(claim)
+            timeout = min(self.matchmaking_timeout, remaining)
+            wait = self._matchmaking_wait(attempts, timeout, straggler_wait)
+            members, shunned = retry_members(rules.expected_keys, attempts, accusations, first_failed)
+            self._outer_pipe.send(("_set_retry", [members, shunned], {}))
+            report = self._attempt(entry, weight, timeout, wait, round_over)
+            report.attempt = attempt
+            attempts.append(report)
+            if report.ok:
+                with self.get_tensors(), torch.no_grad():
+                    if out is None:
+                        averaged = [b.clone() for b in self._output_buffers]
+                    else:
+                        averaged = list(out)
+                        for dst, b in zip(averaged, self._output_buffers, strict=True):
+                            if not _is_buffer(dst, b):
+                                dst.copy_(b)
+                return RoundResult(True, round_index, averaged, attempts, time.monotonic() - started)
+            accusations = accusation_list([*accusations, *report.accused_pairs()])
+            first_failed = next_first_failed(first_failed, report.first_failed_pair())
+            withdrawn = {base58_decode(p) for p in withdrawn_wrong_averages(attempts, self.peer_id.to_base58())}
+            accusations = tuple((p, r) for p, r in accusations
+                                if not (p in withdrawn and r == Reason.WRONG_AVERAGE.value))
+            if (report.error or "").startswith(SELF_EXCLUDED):
+                break  # the verdicts are deterministic: a retry in this round would exclude us again
+            if averager_unusable(report.error):
+                break
+            if ROUND_WENT_ON not in (report.error or "") and round_over is not None and round_over():
+                report.error = f"{report.error or 'failed'}; {ROUND_WENT_ON}"
+            if ROUND_WENT_ON in (report.error or ""):
+                break  # the others averaged without us: a retry would wait a matchmaking timeout for nobody
+        last = attempts[-1].error if attempts else "no time left for an attempt"
+        return RoundResult(False, round_index, None, attempts, time.monotonic() - started,
+                           error=last or "the round did not complete")
 
     def check_own_ticket(self, ticket_bytes: bytes, rules: RoundRules):
         return check_own_ticket(ticket_bytes, self.identity, rules)

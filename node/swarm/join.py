@@ -40,6 +40,7 @@ from .shared_memory import prepare_shared_memory
 from .participant import Participant
 from .publication import GRACE_S, PublicationFollower, upload_rank
 from .share_sketch import DEFAULT_AUDIT_FRACTION
+from .sit_outs import DEFAULT_SIT_OUT_LIMIT
 
 log = logging.getLogger(__name__)
 COMPRESSIONS = ("none", "fp16", "8bit")
@@ -198,7 +199,7 @@ class SwarmPeer:
             compression=compression_named(opts.compression), part_size_bytes=opts.part_size_bytes,
             audit_fraction=opts.audit_fraction, require_final_ticket=True, min_group_size=1, min_contributors=1,
             client_mode=opts.client_mode, keep_freed_memory=p.train_cfg.run.keep_freed_memory,
-            **self._timeouts)
+            sit_out_limit=int(p.run["swarm"].get("sit_out_limit", DEFAULT_SIT_OUT_LIMIT)), **self._timeouts)
 
     def _ensure_swarm_side(self, hb: pb.HeartbeatResponse) -> str:
         """Restart the DHT, its p2p daemon and the averager when one of them died, or the last
@@ -213,10 +214,13 @@ class SwarmPeer:
         log.warning("restarting this node's DHT and averager: %s", why)
         self._last_result = None
         started = time.monotonic()
+        memory = getattr(self.averager, "break_memory", None)  # whom this node saw break: kept across the restart
         stop_swarm_side(self.averager, self.dht)
         stopped = time.monotonic()
         try:
             seconds = self._start_swarm_side([m for peer in hb.peers for m in peer.multiaddrs])
+            if memory is not None and hasattr(self.averager, "break_memory"):
+                self.averager.break_memory = memory
         except Exception as e:  # noqa: BLE001 - the round loop waits and the next round tries again
             raise SwarmSideRestartFailed(f"could not restart this node's DHT and averager ({why}): "
                                          f"{type(e).__name__}: {e}") from e
@@ -546,6 +550,8 @@ class SwarmPeer:
                 log.warning(STALLED_ADVICE, self.sender_timeout_s)
             elif result.left_out_as_breaker:
                 log.warning(BROKE_ADVICE)
+            elif result.sat_out:
+                log.warning(SAT_OUT_ADVICE)
             return
         trainer.apply_gradients()
         record.averaged = True
@@ -623,6 +629,9 @@ class SwarmPeer:
 BROKE_ADVICE = ("the other peers saw this node's streams fail first in the last averaging attempt and left it out of "
                 "this round: check this machine's connection (dropped or reset connections, a NAT or firewall "
                 "closing streams) and the log above for the averager's own error")
+SAT_OUT_ADVICE = ("the other peers remember this node breaking an earlier round's averaging (its streams failed "
+                  "first, or the peer that broke blamed it) and left it out of this round; a node that breaks again "
+                  "sits out twice as many rounds, up to swarm.sit_out_limit: " + BROKE_ADVICE.split(": ", 1)[1])
 STALLED_ADVICE = ("the other peers saw this node fall silent for longer than swarm.sender_timeout_s (%g s) while "
                   "averaging and left it out of this round: check this machine's uplink and load, try a smaller "
                   "--part-size, or ask the run's host to raise swarm.sender_timeout_s")

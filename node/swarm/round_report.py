@@ -140,9 +140,9 @@ class RoundResult:
         # what this member saw for itself: its own accusations, and exclusions it verified from signed
         # bytes (tickets, gathers); not exclusions for another member's accusation (ACCUSED): relayed
         # by every honest member, one hostile member's word would make the majority a ban needs
-        # (nor one word against another: BROKE_FIRST, BROKE_WITH, UNCORROBORATED)
+        # (nor one word against another: BROKE_FIRST, BROKE_WITH, UNCORROBORATED; nor what those cost later: SITS_OUT)
         hearsay = tuple(r.value + ":" for r in (Reason.ACCUSED, Reason.BROKE_FIRST, Reason.BROKE_WITH,
-                                                Reason.UNCORROBORATED))
+                                                Reason.UNCORROBORATED, Reason.SITS_OUT))
         out = {**{p: r for p, r in self.excluded.items() if not r.startswith(hearsay)}, **self.accused}
         for peer in [p for p, reason in out.items() if wrong in reason]:
             # the gathers signed after the accusation: from the attempt after the one where we accused
@@ -168,6 +168,12 @@ class RoundResult:
         end or refusal it showed no cause for) and left it out of the retry: its connection dropped,
         or its averager failed."""
         return (self.error or "").startswith(SELF_EXCLUDED) and Reason.BROKE_FIRST.value in (self.error or "")
+
+    @property
+    def sat_out(self) -> bool:
+        """Most of the other members remember this node breaking an earlier round's averaging (or being
+        blamed by the one that did) and left it out of this one (:mod:`.sit_outs`)."""
+        return (self.error or "").startswith(SELF_EXCLUDED) and Reason.SITS_OUT.value in (self.error or "")
 
     def copy_to(self, tensors: Sequence[torch.Tensor]) -> None:
         """Copy the averaged gradient into ``tensors`` (e.g. the parameters' ``.grad``)."""

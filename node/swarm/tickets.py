@@ -5,7 +5,7 @@ hivemind's leader relays the gathered entries of a group unsigned, so each membe
     entry     = msgpack([payload, signature])
     payload   = msgpack([GATHER_VERSION, ticket_bytes, round_index, attempt, committed_norm,
                          [[accused_peer_id, reason], ...], nonce_commitment, audit_fraction,
-                         [first_failed_peer_id, reason] or []])
+                         [first_failed_peer_id, reason] or [], [sit_out_peer_id, ...]])
     signature = Ed25519(node key, GATHER_DOMAIN || payload)
 
 ``ticket_bytes`` is the coordinator-signed ``AdmissionTicket`` (protobuf bytes), ``committed_norm``
@@ -17,7 +17,9 @@ every reducer's average (:mod:`.share_audit`); ``audit_fraction`` the share of r
 wants that audit to read (the group reads the largest fraction its contributors ask for, so nobody
 can lower it for the others). ``first_failed`` names the peer this member saw fail first in its
 previous attempt of the round, and how (see :func:`group_verdicts`: a member most of its group saw
-break an attempt first, with no finding of its own to show for it, is left out of the retry). The
+break an attempt first, with no finding of its own to show for it, is left out of the retry).
+``sit_out`` lists the peers that this member's verdicts in earlier rounds left out for breaking, and
+whose sit-out has not run out (:mod:`.sit_outs`): most of the group listing one leaves it out. The
 signature is checked against the public key inside the slot's libp2p peer id (Ed25519 peer ids
 embed the key), so a leader cannot alter or swap entries without the slot failing. Nothing a peer
 sends is unpickled: msgpack of bytes, ints, floats and strings only, with size limits and no
@@ -62,13 +64,15 @@ from grpo_swarm.protocol.rpc import verify_ticket
 from .share_sketch import check_audit_fraction
 
 GATHER_DOMAIN = b"grpo-swarm/v1/gather\n"
-GATHER_VERSION = 4
+GATHER_VERSION = 5
 NONCE_COMMITMENT_BYTES = 32
 MAX_TICKET_BYTES = 4096
 MAX_ACCUSATIONS = 64
 MAX_REASON_CHARS = 64
 MAX_PEER_ID_BYTES = 64
-MAX_ENTRY_BYTES = MAX_TICKET_BYTES + MAX_ACCUSATIONS * (MAX_PEER_ID_BYTES + MAX_REASON_CHARS + 8) + 512
+MAX_SIT_OUT = 16
+MAX_ENTRY_BYTES = MAX_TICKET_BYTES + MAX_ACCUSATIONS * (MAX_PEER_ID_BYTES + MAX_REASON_CHARS + 8) + \
+    MAX_SIT_OUT * (MAX_PEER_ID_BYTES + 2) + 512
 
 WEIGHT_MODES = ("sequences", "tokens")
 _LOSS_WEIGHT_MODE = {"grpo": "sequences", "dr_grpo": "sequences", "bnpo": "tokens", "dapo": "tokens"}
@@ -102,6 +106,8 @@ class Reason(str, Enum):
     # finding of its own (an abort, end or refusal with no cause: an honest member aborts only for one)
     BROKE_WITH = "BROKE_WITH"  # the peer a BROKE_FIRST member says failed first for it: one word against
     # another, so both are left out when the round can spare both
+    SITS_OUT = "SITS_OUT"  # most of the others' memories say it broke an earlier round (BROKE_FIRST or BROKE_WITH) and
+    # its sit-out has not run out (see .sit_outs); only while the round can spare it
     NOT_A_CONTRIBUTOR = "NOT_A_CONTRIBUTOR"  # declared itself auxiliary
     # -- during the reduction: invalid content (an accusation, excluded from the retry)
     BAD_COMPRESSION = "BAD_COMPRESSION"
@@ -211,18 +217,21 @@ class GatherClaim:
     nonce_commitment: bytes = bytes(NONCE_COMMITMENT_BYTES)
     audit_fraction: float = 1.0
     first_failed: tuple[bytes, str] | None = None  # (peer id, reason) first seen failing in the previous attempt
+    sit_out: tuple[bytes, ...] = ()  # peers left out for breaking earlier rounds, still sitting out
 
 
 def encode_gather(identity: Identity, claim: GatherClaim) -> bytes:
     """The signed gather entry of ``claim`` (see the module docstring)."""
     if len(claim.accusations) > MAX_ACCUSATIONS:
         raise ValueError(f"at most {MAX_ACCUSATIONS} accusations per entry")
+    if len(claim.sit_out) > MAX_SIT_OUT:
+        raise ValueError(f"at most {MAX_SIT_OUT} peers sitting out per entry")
     accusations = sorted([bytes(p), str(r)[:MAX_REASON_CHARS]] for p, r in claim.accusations)
     first = [] if claim.first_failed is None else [bytes(claim.first_failed[0]),
                                                    str(claim.first_failed[1])[:MAX_REASON_CHARS]]
     payload = msgpack.packb([GATHER_VERSION, bytes(claim.ticket_bytes), int(claim.round_index), int(claim.attempt),
                              float(claim.committed_norm), accusations, bytes(claim.nonce_commitment),
-                             float(claim.audit_fraction), first],
+                             float(claim.audit_fraction), first, sorted(bytes(p) for p in claim.sit_out)],
                             use_bin_type=True)
     return msgpack.packb([payload, identity.sign(GATHER_DOMAIN + payload)], use_bin_type=True)
 
@@ -279,9 +288,9 @@ def decode_gather(entry: bytes) -> tuple[bytes, bytes, GatherClaim]:
     if len(signature) != SIGNATURE_SIZE:
         raise ValueError("signature has the wrong length")
     body = strict_unpack(payload, MAX_ENTRY_BYTES)
-    if not (isinstance(body, list) and len(body) == 9 and body[0] == GATHER_VERSION and _is_int(body[0])):
+    if not (isinstance(body, list) and len(body) == 10 and body[0] == GATHER_VERSION and _is_int(body[0])):
         raise ValueError(f"payload is not a version-{GATHER_VERSION} gather")
-    _, ticket_bytes, round_index, attempt, norm, accusations, nonce_commitment, audit_fraction, first = body
+    _, ticket_bytes, round_index, attempt, norm, accusations, nonce_commitment, audit_fraction, first, sit_out = body
     if not isinstance(ticket_bytes, bytes) or len(ticket_bytes) > MAX_TICKET_BYTES:
         raise ValueError("ticket is not bytes of bounded size")
     if not (_is_int(round_index) and _is_int(attempt) and round_index >= 0 and attempt >= 0):
@@ -305,8 +314,11 @@ def decode_gather(entry: bytes) -> tuple[bytes, bytes, GatherClaim]:
             len(first) == 2 and isinstance(first[0], bytes) and isinstance(first[1], str)
             and len(first[0]) <= MAX_PEER_ID_BYTES and len(first[1]) <= MAX_REASON_CHARS))):
         raise ValueError("first_failed is not [] or [peer id, reason]")
+    if not (isinstance(sit_out, list) and len(sit_out) <= MAX_SIT_OUT and all(
+            isinstance(p, bytes) and len(p) <= MAX_PEER_ID_BYTES for p in sit_out) and len(set(sit_out)) == len(sit_out)):
+        raise ValueError(f"sit_out is not a list of at most {MAX_SIT_OUT} distinct peer ids")
     return payload, signature, GatherClaim(ticket_bytes, round_index, attempt, norm, tuple(acc), nonce_commitment,
-                                           audit_fraction, (first[0], first[1]) if first else None)
+                                           audit_fraction, (first[0], first[1]) if first else None, tuple(sit_out))
 
 
 # ---- verdicts --------------------------------------------------------------------------------------
@@ -340,6 +352,7 @@ class SlotVerdict:
     client_mode: bool = False
     accusations: tuple[tuple[bytes, str], ...] = ()
     first_failed: tuple[bytes, str] | None = None
+    sit_out: tuple[bytes, ...] = ()
     accused_by: list[bytes] = field(default_factory=list)
     nonce_commitment: bytes = b""
     attempt: int = 0
@@ -370,7 +383,7 @@ def verify_slot(peer_id: bytes, raw_entry: bytes, rules: RoundRules) -> SlotVerd
         return v.reject(Reason.BAD_PEER_ID, e.detail)
     if not verify_signature(v.public_key, GATHER_DOMAIN + payload, signature):
         return v.reject(Reason.BAD_GATHER_SIGNATURE, "the gather entry is not signed by the slot's peer key")
-    v.accusations, v.first_failed = claim.accusations, claim.first_failed
+    v.accusations, v.first_failed, v.sit_out = claim.accusations, claim.first_failed, claim.sit_out
     if claim.attempt == 0 and (claim.accusations or claim.first_failed is not None):
         return v.reject(Reason.ACCUSES_UNPROMPTED, "its first attempt of the round already names a peer: no "
                                                    "earlier attempt can have shown it anything")
@@ -409,8 +422,9 @@ def group_verdicts(peer_ids: Sequence[bytes], gathered: Sequence[bytes], rules: 
     most of its group, and one hostile member accusing everyone would otherwise stop every round.
     Then a peer named in the accusations of any remaining valid slot is excluded (one pass); the
     sole accuser of a peer goes with it while the round can spare both (UNCORROBORATED: one word
-    against another, so that a member cannot remove others and stay itself); and the first breaker
-    of the last attempt, if any (:func:`_first_breaker`)."""
+    against another, so that a member cannot remove others and stay itself); the first breaker
+    of the last attempt, if any (:func:`_first_breaker`); and the members sitting out for breaking
+    earlier rounds (:func:`_sitting_out`)."""
     if len(peer_ids) != len(gathered):
         raise ValueError("peer ids and gathered entries differ in length")
     if len(set(map(bytes, peer_ids))) != len(peer_ids):
@@ -441,8 +455,9 @@ def group_verdicts(peer_ids: Sequence[bytes], gathered: Sequence[bytes], rules: 
         if by_id[accuser].ok and sum(u.ok for u in verdicts) - 1 >= rules.min_contributors:
             by_id[accuser].reject(Reason.UNCORROBORATED, f"no other member backs its accusation of "
                                                          f"{base58_encode(accused)}: one word against another")
-    _first_breaker(verdicts, valid - {v.peer_id for v in verdicts if v.reason == Reason.ACCUSES_MOST},
-                   rules.min_contributors)
+    believed = valid - {v.peer_id for v in verdicts if v.reason == Reason.ACCUSES_MOST}
+    _first_breaker(verdicts, believed, rules.min_contributors)
+    _sitting_out(verdicts, believed, rules.min_contributors)
     return verdicts
 
 
@@ -505,6 +520,28 @@ def _first_breaker(verdicts: list[SlotVerdict], believed: set[bytes], min_contri
             other.reject(Reason.BROKE_WITH, "named by a member that broke the last attempt first as the peer that "
                                             "failed first for it: one word against another")
         return  # (at most one member can be named so by a majority)
+
+
+def _sitting_out(verdicts: list[SlotVerdict], believed: set[bytes], min_contributors: int) -> None:
+    """Leave out the valid members that more than half of the other believed members, and at least
+    two, list as sitting out (:mod:`.sit_outs`), while the round can spare them: the most listed
+    first, then by peer id. A list is a member's memory of verdicts in groups it was in, which rest on
+    signed gathers, so honest members of the same groups list the same peers; a minority listing an
+    honest peer (hostile members, or one that saw other groups) leaves nobody out."""
+    listed: dict[bytes, int] = {}
+    for v in verdicts:
+        if v.peer_id in believed:
+            for p in set(map(bytes, v.sit_out)) - {v.peer_id}:
+                listed[p] = listed.get(p, 0) + 1
+    by_id = {v.peer_id: v for v in verdicts}
+    for peer in sorted(listed, key=lambda p: (-listed[p], p)):
+        v, n = by_id.get(peer), listed[peer]
+        if v is None or not v.ok or n < 2 or 2 * n <= len(believed - {peer}):
+            continue
+        if sum(u.ok for u in verdicts) - 1 < min_contributors:
+            return
+        v.reject(Reason.SITS_OUT, f"{n} of the {len(believed - {peer})} other members list it as sitting out: "
+                                  "it broke an earlier round's averaging first")
 
 
 GROUP_VIEW_DOMAIN = b"grpo-swarm/v1/group-view\n"
