@@ -10,11 +10,13 @@ each round and why (the stall rule, protocol/stalls.py: single probes, findings,
 
     python bench/join_stallers.py --nodes 5 --stallers 2 --rounds 30
     python bench/join_stallers.py --nodes 3 --stallers 1 --rounds 12
+    python bench/join_stallers.py --nodes 5 --stallers 2 --rounds 30 --sit-out-limit 0   # no memory of breakers
 
 One JSON line: ``failed_rounds``, ``first_published_after_failures`` (the failed rounds before the
 first round that published with the stallers sitting out), ``benched`` (per round: who sat out, as
 ``honest``/``staller`` with the rule's reason, shortened), ``honest_found`` (honest nodes the rule
-found), ``audit_ok``, ``wall_s``; ``ok`` when the honest nodes finished, no honest node was found, the
+found), ``honest_averaging_s`` (the honest nodes' averaging time in the rounds they averaged: median,
+mean, how many over 5 s), ``audit_ok``, ``wall_s``; ``ok`` when the honest nodes finished, no honest node was found, the
 audit passed, and, if rounds failed often enough to start an incident, a round published with every
 staller sitting out and after it at most two rounds failed per window. Runs differ: with five nodes the
 averaging's own retry rule often leaves the breakers out and the rounds publish (slowly) anyway.
@@ -48,6 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=30, help="rounds the honest nodes do")
     ap.add_argument("--behaviour", default="hang_up_lead")
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds for the honest nodes' rounds")
+    ap.add_argument("--sit-out-limit", type=int, default=None,
+                    help="the run's swarm.sit_out_limit (default: the run config's; 0: nobody sits out for breaking)")
     ap.add_argument("--workdir", default=None, help="keep the run here (default: a temporary folder)")
     args = ap.parse_args(argv)
     if not 1 <= args.stallers < args.nodes:
@@ -57,7 +61,10 @@ def main(argv=None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="join_stallers-"))
     program = [sys.executable, str(ROOT / "tests" / "swarm_join_node.py"), args.behaviour, "0", ""]
     started = time.monotonic()
-    with LocalSwarm(work, nodes=args.nodes, config_text=demo_config_text()) as swarm:
+    config = demo_config_text()
+    if args.sit_out_limit is not None:
+        config = config.replace("[swarm]\n", f"[swarm]\nsit_out_limit = {args.sit_out_limit}\n", 1)
+    with LocalSwarm(work, nodes=args.nodes, config_text=config) as swarm:
         swarm.start_coordinator()
         for i in honest:
             swarm.start_node(i, rounds=args.rounds)
@@ -69,6 +76,7 @@ def main(argv=None) -> int:
         finished = all(swarm.nodes[i].poll() == 0 for i in honest)
         log(f"honest nodes finished: {finished} after {time.monotonic() - started:.0f} s")
         swarm.stop()
+        averaging = sorted(r["averaging_s"] for i in honest for r in swarm.records(i) if r.get("averaged"))
         audit = swarm.audit(report=False)
         entries = list(read_log(work / "coordinator" / "protocol.sqlite"))
 
@@ -95,7 +103,10 @@ def main(argv=None) -> int:
            "first_published_after_failures": None if first is None else len([r for r in failed if r < first]),
            "first_clean_round": first, "benched": {str(r): b for r, b in benched.items() if b},
            "honest_found": len(honest_found), "audit_ok": bool(audit.audit_ok), "audit_problem": audit.audit_problem,
-           "honest_finished": finished, "wall_s": round(time.monotonic() - started, 1), "workdir": str(work)}
+           "honest_averaging_s": {"median": averaging[len(averaging) // 2] if averaging else None,
+                                  "mean": round(sum(averaging) / len(averaging), 2) if averaging else None,
+                                  "over_5s": sum(a > 5.0 for a in averaging), "rounds": len(averaging)},
+           "sit_out_limit": args.sit_out_limit, "honest_finished": finished, "wall_s": round(time.monotonic() - started, 1), "workdir": str(work)}
     # (no incident at all is fine too: in rounds of five or more the averaging itself leaves a breaker out
     # of the retry, and the round publishes)
     incident = len(failed) >= MIN_FAILED_ROUNDS

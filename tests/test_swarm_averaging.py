@@ -429,6 +429,35 @@ def test_verdicts_sit_out_a_member_most_of_the_group_remembers_breaking(keys):
         Reason.BAD_GATHER_SIGNATURE, Reason.MALFORMED_GATHER)
 
 
+def test_a_breaker_away_from_the_retry_is_named_by_most_of_the_rounds_peers(keys):
+    """A peer that broke the last attempt and then stayed away from the retry (leading groups of its own)
+    meets no verdict; the retry group's contributors' pointers still name it: more than half of the
+    round's other peers, and at least two, make it a breaker (its sit-out rests on that). Pointers of
+    excluded members, a first BAD_GROUP_ID, and peers outside the round do not count."""
+    from grpo_swarm.node.swarm.tickets import breakers_outside
+
+    coordinator, _ = keys
+    ids = [Identity.from_seed(bytes([80 + i]) * 32) for i in range(7)]
+    round_peers = frozenset(i.peer_id for i in ids[:5])
+
+    def slot(i, first, round_index=4):
+        claim = GatherClaim(make_ticket(coordinator, ids[i].public_key_bytes, 4, 6), round_index, 1, 1.0,
+                            first_failed=(ids[first[0]].peer_id, first[1]))
+        return _slot(ids[i], encode_gather(ids[i], claim))
+
+    def named(slots):
+        found = breakers_outside(group_verdicts(*zip(*slots), _rules(coordinator)), round_peers)
+        return {ids.index(next(i for i in ids if i.peer_id == p)): n for p, n in found.items()}
+
+    cancelled = "REDUCER_FAILED"
+    assert named([slot(0, (4, cancelled)), slot(1, (4, cancelled)), slot(2, (4, "SENDER_FAILED"))]) == {4: 3}
+    assert named([slot(0, (4, cancelled)), slot(1, (3, cancelled)), slot(2, (4, cancelled))]) == {}  # 2 of 4
+    assert named([slot(0, (4, cancelled)), slot(1, (4, cancelled)), slot(2, (4, "NOT_IN_GROUP"))]) == {}
+    assert named([slot(0, (4, cancelled)), slot(1, (4, cancelled)), slot(2, (4, cancelled), round_index=5)]) == {}
+    assert named([slot(0, (6, cancelled)), slot(1, (6, cancelled)), slot(2, (6, cancelled))]) == {}  # not a round peer
+    assert named([slot(0, (1, cancelled)), slot(1, (0, cancelled)), slot(2, (1, cancelled))]) == {}  # in the group
+
+
 def test_break_memory_doubles_each_sit_out_and_forgets_old_strikes():
     """A peer left out for breaking (BROKE_FIRST, or BROKE_WITH: blamed by the breaker) sits out the next
     1, 2, 4, ... rounds, one strike a round however many attempts named it, at most the limit; strikes
@@ -447,7 +476,8 @@ def test_break_memory_doubles_each_sit_out_and_forgets_old_strikes():
     memory.record(10, [attempt(p1="BROKE_FIRST", p2="BROKE_WITH"), attempt(p1="BROKE_FIRST", p3="ACCUSED")])
     assert [memory.sitting_out(r, me) for r in (10, 11, 12)] == [tuple(sorted((h, x))), tuple(sorted((h, x))), ()]
     assert memory.sits_out_until(h) == 11 and memory.sits_out_until(other) is None
-    memory.record(12, [attempt(p1="BROKE_FIRST")])  # back, and broke again: two rounds
+    memory.record(12, [AttemptReport(broke_away={b58[1]: "named first by 3 of the round's 4 other peers"})])
+    # (back, broke again, and stayed away from the retry: two rounds)
     assert memory.sits_out_until(h) == 14 and memory.sits_out_until(x) == 11
     memory.record(15, [attempt(p1="BROKE_FIRST")])
     memory.record(20, [attempt(p1="BROKE_FIRST")])
@@ -629,6 +659,11 @@ def test_a_retry_waits_for_the_members_it_expects_and_follows_no_one_it_left_out
     small = frozenset(n.public_key_bytes for n in (n0, n1, n2))  # a round of three: no rule
     assert retry_members(small, [AttemptReport(ok=False, members=members[:3])], ((n2.peer_id, "STALLED"),)) == \
         (None, frozenset())
+    # peers this node lists as sitting out: no attempt follows them, and a retry does not wait for them
+    assert retry_members(round_keys, [], (), None, [breaker.peer_id]) == (None, {breaker.peer_id})
+    waited, avoided = retry_members(round_keys, [failed], (), None, [n1.peer_id])
+    assert waited == {n0.peer_id, n2.peer_id, breaker.peer_id} and avoided == {extra.peer_id, n1.peer_id}
+    assert retry_members(small, [], (), None, [n1.peer_id]) == (None, frozenset())
 
     MPFuture()  # the process's first MPFuture must be a plain one (hivemind sets its backend up on the class)
     m = PatientMatchmaking.__new__(PatientMatchmaking)

@@ -111,6 +111,7 @@ from .tickets import (
     RoundRules,
     SlotVerdict,
     accusation_list,
+    breakers_outside,
     check_own_ticket,
     encode_gather,
     group_view,
@@ -180,8 +181,8 @@ RETRY_RULE_PEERS = 5  # the smallest round whose retries wait for expected membe
 
 
 def retry_members(expected_keys: frozenset[bytes] | None, attempts: Sequence[AttemptReport],
-                  accusations: Iterable[tuple[bytes, str]], first_failed: tuple[bytes, str] | None = None
-                  ) -> tuple[frozenset[bytes] | None, frozenset[bytes]]:
+                  accusations: Iterable[tuple[bytes, str]], first_failed: tuple[bytes, str] | None = None,
+                  sit_out: Iterable[bytes] = ()) -> tuple[frozenset[bytes] | None, frozenset[bytes]]:
     """(the peer ids a retry's partial group waits for, those it does not follow as leader) for
     :class:`.matchmaking.PatientMatchmaking`. After an attempt that failed in a group, it does not
     follow the peers that the attempt's verdicts excluded or this node accuses, and waits for the
@@ -192,11 +193,16 @@ def retry_members(expected_keys: frozenset[bytes] | None, attempts: Sequence[Att
     attempt, and for rounds of fewer than RETRY_RULE_PEERS peers or whose peers are not known: with
     three or four every member reduces a share of every sender's and sees a failure first-hand, and
     the rule only made retries slower and a staller miss the verdict that tells it why (bench/RESULTS.md,
-    session 33)."""
+    session 33). In rounds of RETRY_RULE_PEERS or more, no attempt follows a peer this node lists as
+    sitting out (``sit_out``, :mod:`.sit_outs`): one that breaks first attempts and leads the retries'
+    groups otherwise spends every round's first attempt."""
     last = attempts[-1] if attempts else None
-    if expected_keys is None or len(expected_keys) < RETRY_RULE_PEERS or last is None or last.ok or not last.members:
+    if expected_keys is None or len(expected_keys) < RETRY_RULE_PEERS:
         return None, frozenset()
-    gone = frozenset({base58_decode(p) for p in last.excluded} | {bytes(p) for p, _ in accusations})
+    if last is None or last.ok or not last.members:
+        return None, frozenset(map(bytes, sit_out))
+    gone = frozenset({base58_decode(p) for p in last.excluded} | {bytes(p) for p, _ in accusations} |
+                     set(map(bytes, sit_out)))
     skip = gone | ({bytes(first_failed[0])} if first_failed is not None else set())
     return frozenset(pid for pid in map(peer_id_from_public_key, expected_keys) if pid not in skip), gone
 
@@ -532,7 +538,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             entry = self.gather_entry(claim)
             timeout = min(self.matchmaking_timeout, remaining)
             wait = self._matchmaking_wait(attempts, timeout, straggler_wait)
-            members, shunned = retry_members(rules.expected_keys, attempts, accusations, first_failed)
+            members, shunned = retry_members(rules.expected_keys, attempts, accusations, first_failed, sit_out)
             self._outer_pipe.send(("_set_retry", [members, shunned], {}))
             report = self._attempt(entry, weight, timeout, wait, round_over)
             report.attempt = attempt
@@ -730,6 +736,10 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                 report.weights[_b58(v.peer_id)] = v.weight
             else:
                 report.excluded[_b58(v.peer_id)] = f"{v.reason.value}: {v.detail}"
+        if self._rules.expected_keys is not None:
+            round_peers = frozenset(map(peer_id_from_public_key, self._rules.expected_keys))
+            report.broke_away = {_b58(p): f"named first by {n} of the round's {len(round_peers) - 1} other peers"
+                                 for p, n in breakers_outside(plan.verdicts, round_peers).items()}
         mine = plan.verdict(self.peer_id)
         if not mine.ok:
             report.error = f"{SELF_EXCLUDED}: {mine.reason.value}: {mine.detail}"

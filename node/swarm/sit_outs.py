@@ -5,7 +5,8 @@ Within a round, a member that most of its group saw break an attempt first is le
 :func:`.tickets.group_verdicts`. Without a memory, a peer that hangs up on every round's first attempt
 costs every round a failed attempt and the retry's wait (a reducer timeout: 15 s rounds against
 2.5 s with two such peers among five, bench/RESULTS.md). So each node remembers those verdicts —
-they rest on signed gathers, so every honest member of the group reached the same ones — and lists
+they rest on signed gathers, so every honest member of the group reached the same ones; so do the
+pointers naming a breaker that stayed away from the retry, leading groups of its own — and lists
 in its next gathers (``sit_out``) the peers whose sit-out has not run out; a peer that most of the
 others list sits out the attempt (``SITS_OUT``), again only while the round can spare it.
 
@@ -39,9 +40,12 @@ class BreakMemory:
         self._strikes: dict[bytes, list[int]] = {}  # peer id -> rounds it was left out for breaking (sorted)
 
     def record(self, round_index: int, attempts: Sequence[AttemptReport]) -> None:
-        """Take a finished round's verdicts: a peer any attempt left out for breaking strikes once."""
+        """Take a finished round's verdicts: a peer any attempt left out for breaking, or named by most of
+        the round's peers as the breaker of their last attempt while it was away from the group
+        (:func:`.tickets.breakers_outside`), strikes once."""
         round_index = int(round_index)
-        for peer in {p for a in attempts for p, reason in a.excluded.items() if reason.startswith(STRIKING)}:
+        struck = {p for a in attempts for p, reason in a.excluded.items() if reason.startswith(STRIKING)}
+        for peer in struck | {p for a in attempts for p in a.broke_away}:
             rounds = self._strikes.setdefault(base58_decode(peer), [])
             if round_index not in rounds:
                 rounds.append(round_index)

@@ -522,6 +522,22 @@ def _first_breaker(verdicts: list[SlotVerdict], believed: set[bytes], min_contri
         return  # (at most one member can be named so by a majority)
 
 
+def breakers_outside(verdicts: Sequence[SlotVerdict], round_peer_ids: frozenset[bytes]) -> dict[bytes, int]:
+    """The round's peers outside this group that more than half of the round's other peers, and at
+    least two, name among the group's contributors as the peer they saw fail first in their last
+    attempt, with how many name it. A peer that breaks the first attempt and then leads groups of its
+    own never meets the verdicts that would leave it out (BROKE_FIRST); these pointers, signed in the
+    retry's gathers, are the evidence its sit-out then rests on (:mod:`.sit_outs`)."""
+    in_group = {v.peer_id for v in verdicts}
+    named: dict[bytes, int] = {}
+    for v in verdicts:
+        if v.ok and v.first_failed is not None and pointer_counts(v.first_failed[1]):
+            peer = bytes(v.first_failed[0])
+            if peer in round_peer_ids and peer not in in_group:
+                named[peer] = named.get(peer, 0) + 1
+    return {p: n for p, n in named.items() if n >= 2 and 2 * n > len(round_peer_ids) - 1}
+
+
 def _sitting_out(verdicts: list[SlotVerdict], believed: set[bytes], min_contributors: int) -> None:
     """Leave out the valid members that more than half of the other believed members, and at least
     two, list as sitting out (:mod:`.sit_outs`), while the round can spare them: the most listed
