@@ -18,8 +18,9 @@ wants that audit to read (the group reads the largest fraction its contributors 
 can lower it for the others). ``first_failed`` names the peer this member saw fail first in its
 previous attempt of the round, and how (see :func:`group_verdicts`: a member most of its group saw
 break an attempt first, with no finding of its own to show for it, is left out of the retry).
-``sit_out`` lists the peers that this member's verdicts in earlier rounds left out for breaking, and
-whose sit-out has not run out (:mod:`.sit_outs`): most of the group listing one leaves it out. The
+``sit_out`` lists the peers that broke earlier rounds by this member's verdicts there (or by most of
+the round's peers' pointers, :func:`breakers_outside`) and whose sit-out has not run out
+(:mod:`.sit_outs`): most of the group listing one leaves it out. The
 signature is checked against the public key inside the slot's libp2p peer id (Ed25519 peer ids
 embed the key), so a leader cannot alter or swap entries without the slot failing. Nothing a peer
 sends is unpickled: msgpack of bytes, ints, floats and strings only, with size limits and no
@@ -106,8 +107,9 @@ class Reason(str, Enum):
     # finding of its own (an abort, end or refusal with no cause: an honest member aborts only for one)
     BROKE_WITH = "BROKE_WITH"  # the peer a BROKE_FIRST member says failed first for it: one word against
     # another, so both are left out when the round can spare both
-    SITS_OUT = "SITS_OUT"  # most of the others' memories say it broke an earlier round (BROKE_FIRST or BROKE_WITH) and
-    # its sit-out has not run out (see .sit_outs); only while the round can spare it
+    SITS_OUT = "SITS_OUT"  # most of the others remember it breaking an earlier round (BROKE_FIRST, BROKE_WITH, or
+    # named by most of the round's peers while away from the retry) and its sit-out has not run out (.sit_outs);
+    # only while the round can spare it
     NOT_A_CONTRIBUTOR = "NOT_A_CONTRIBUTOR"  # declared itself auxiliary
     # -- during the reduction: invalid content (an accusation, excluded from the retry)
     BAD_COMPRESSION = "BAD_COMPRESSION"
