@@ -107,9 +107,11 @@ GRPO_ROUNDS: dict[tuple[int, str], int] = {}
 for _k in (3, 2):
     for _loss in LOSS_TYPES:
         GRPO_ROUNDS[(_k, _loss)] = len(PLAN)
+        # (a full group starts at once; the wait is for a peer whose first gradient came late: once, in
+        # the first round, peer 2 reached the averaging after the other two had averaged as a pair)
         PLAN.append(dict(round=len(PLAN), kind="grpo", K=_k, loss_type=_loss, participants=list(range(_k)),
                          averager="model_tok" if weight_mode_for_loss(_loss) == "tokens" else "model_seq",
-                         behaviour={}))
+                         behaviour={}, straggler_wait=8.0))
 
 
 def _small(averager: str, behaviour: str | None = None, **extra) -> int:
