@@ -85,14 +85,10 @@ from grpo_swarm.node.swarm.reduction import VerifiedAllReduceRunner
 from grpo_swarm.node.swarm.refusals import refuse
 from grpo_swarm.node.swarm.wire import WireAveragingData, WireTensor
 from grpo_swarm.node.swarm.share_audit import AUDIT_POLL_S, PHASE_SKETCH, encode_entry
-from grpo_swarm.node.swarm.tickets import (
-    Reason,
-    SlotVerdict,
-    TicketClaims,
-    decode_gather,
-    decode_hivemind_entry,
-    parse_ticket,
-)
+from grpo_swarm.node.swarm.gather import decode_gather, decode_hivemind_entry
+from grpo_swarm.node.swarm.reasons import Reason
+from grpo_swarm.node.swarm.tickets import TicketClaims, parse_ticket
+from grpo_swarm.node.swarm.verdicts import SlotVerdict
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 
 NORM_LIE_FACTOR = 3.0  # per-value magnitudes stay plausible: only the norm check can catch it

@@ -48,7 +48,7 @@ from grpo_swarm.node.swarm.share_sketch import (
     sketch_share,
     sketch_tolerance,
 )
-from grpo_swarm.node.swarm.tickets import Reason
+from grpo_swarm.node.swarm.reasons import Reason
 from grpo_swarm.protocol.identity import Identity
 
 SHAPES = [(3000,), (40, 25), (7,), (20000,)]

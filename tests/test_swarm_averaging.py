@@ -62,19 +62,10 @@ from grpo_swarm.node.swarm.averaging import (
 )
 from grpo_swarm.node.swarm.dht import DHTStartError, start_dht
 from grpo_swarm.node.swarm.group_plan import GroupPlan
-from grpo_swarm.node.swarm.tickets import (
-    decode_gather,
-    decode_hivemind_entry,
-    GatherClaim,
-    Reason,
-    RoundRules,
-    TicketClaims,
-    encode_gather,
-    group_verdicts,
-    next_first_failed,
-    parse_ticket,
-    weight_mode_for_loss,
-)
+from grpo_swarm.node.swarm.gather import decode_gather, decode_hivemind_entry, GatherClaim, encode_gather
+from grpo_swarm.node.swarm.reasons import Reason
+from grpo_swarm.node.swarm.tickets import TicketClaims, parse_ticket, weight_mode_for_loss
+from grpo_swarm.node.swarm.verdicts import RoundRules, group_verdicts, next_first_failed
 from grpo_swarm.protocol.identity import Identity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -378,7 +369,7 @@ def test_verdicts_sit_out_a_member_most_of_the_group_remembers_breaking(keys):
     strictly decoded."""
     import msgpack
 
-    from grpo_swarm.node.swarm.tickets import GATHER_DOMAIN, GATHER_VERSION, MAX_SIT_OUT
+    from grpo_swarm.node.swarm.gather import GATHER_DOMAIN, GATHER_VERSION, MAX_SIT_OUT
 
     coordinator, _ = keys
     ids = [Identity.from_seed(bytes([60 + i]) * 32) for i in range(5)]
@@ -436,7 +427,7 @@ def test_a_breaker_away_from_the_retry_is_named_by_most_of_the_rounds_peers(keys
     meets no verdict; the retry group's contributors' pointers still name it: more than half of the
     round's other peers, and at least two, make it a breaker (its sit-out rests on that). Pointers of
     excluded members, a first BAD_GROUP_ID, and peers outside the round do not count."""
-    from grpo_swarm.node.swarm.tickets import breakers_outside
+    from grpo_swarm.node.swarm.verdicts import breakers_outside
 
     coordinator, _ = keys
     ids = [Identity.from_seed(bytes([80 + i]) * 32) for i in range(7)]
@@ -521,7 +512,7 @@ def test_the_next_gathers_pointer_names_a_reducer_refusing_twice_and_outlasts_an
 def _malformed_first_failed(who: Identity, coordinator: Identity) -> bytes:
     import msgpack
 
-    from grpo_swarm.node.swarm.tickets import GATHER_DOMAIN, GATHER_VERSION
+    from grpo_swarm.node.swarm.gather import GATHER_DOMAIN, GATHER_VERSION
 
     payload = msgpack.packb([GATHER_VERSION, make_ticket(coordinator, who.public_key_bytes, 4, 6), 4, 1, 1.0, [],
                              bytes(32), 1.0, [b"peer", "REASON", "extra"], []], use_bin_type=True)

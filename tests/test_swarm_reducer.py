@@ -59,7 +59,7 @@ def test_a_first_hand_failure_outranks_a_relayed_one_as_the_attempts_first():
     or a finding of its own, seen before its abort, outranks an earlier CANCELLED or end: those a
     groupmate's abort also causes, and a groupmate that began earlier passes the breaker on first."""
     from grpo_swarm.node.swarm.reduction import VerifiedAllReduceRunner
-    from grpo_swarm.node.swarm.tickets import Reason
+    from grpo_swarm.node.swarm.reasons import Reason
 
     def runner():
         r = object.__new__(VerifiedAllReduceRunner)  # only the bookkeeping under test
@@ -89,7 +89,7 @@ def test_a_relayed_failure_waits_for_the_unanswered_reducers_before_aborting():
     from types import SimpleNamespace
 
     from grpo_swarm.node.swarm.reduction import VerifiedAllReduceRunner
-    from grpo_swarm.node.swarm.tickets import Reason
+    from grpo_swarm.node.swarm.reasons import Reason
 
     def runner():
         r = object.__new__(VerifiedAllReduceRunner)

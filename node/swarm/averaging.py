@@ -21,11 +21,11 @@ How a round goes (hivemind 1.1.12's DecentralizedAverager underneath, not a home
 
 1. :meth:`VerifiedAverager.average` checks this node's own ticket and gradient (shapes, finite,
    norm ≤ ``norm_bound``), copies the gradient into the averager's buffers and puts a signed gather
-   entry in ``step()`` (:mod:`.tickets`): ticket bytes, round, attempt, committed norm, accusations.
+   entry in ``step()`` (:mod:`.gather`): ticket bytes, round, attempt, committed norm, accusations.
    Matchmaking uses a group key per round, so peers of different rounds never group, and with the
    round's peers known it admits only their keys (:mod:`.matchmaking`): a fresh key cannot take a slot.
 2. In the averager process, :meth:`VerifiedAverager._aggregate_with_group` runs *before any part is
-   reduced*: every member checks every slot (:func:`.tickets.group_verdicts`) and plans the group
+   reduced*: every member checks every slot (:func:`.verdicts.group_verdicts`) and plans the group
    from the verdicts alone (:class:`.group_plan.GroupPlan`): contributors reduce equal shares,
    excluded members are auxiliary with share 0 and their parts are refused. Every honest member
    reaches the same verdicts, so nobody waits for an excluded peer.
@@ -103,20 +103,18 @@ from .share_audit_rpc import ShareAuditRPC
 from .share_sketch import DEFAULT_AUDIT_FRACTION, check_audit_fraction
 from .sit_outs import DEFAULT_SIT_OUT_LIMIT, BreakMemory
 from .child_calls import ChildSilent, start_step
-from .tickets import (
+from .gather import GatherClaim, encode_gather
+from .reasons import Reason
+from .tickets import WEIGHT_MODES, is_valid_public_key
+from .verdicts import (
     GROUP_VIEW_BYTES,
-    WEIGHT_MODES,
-    GatherClaim,
-    Reason,
     RoundRules,
     SlotVerdict,
     accusation_list,
     breakers_outside,
     check_own_ticket,
-    encode_gather,
     group_view,
     group_verdicts,
-    is_valid_public_key,
     next_first_failed,
 )
 from .wire import WireAveragingData

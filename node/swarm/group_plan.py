@@ -1,7 +1,7 @@
 """How a verified group runs, from its members' verdicts alone: who sends, who reduces, which share.
 
 Every honest member computes the same :class:`GroupPlan` from the same gather entries
-(:func:`.tickets.group_verdicts`), so they cut the gradient into the same shares and agree on
+(:func:`.verdicts.group_verdicts`), so they cut the gradient into the same shares and agree on
 weights and norm bounds without a word more.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from hivemind.averaging.allreduce import AveragingMode
 from hivemind.p2p import PeerID
 
-from .tickets import SlotVerdict
+from .verdicts import SlotVerdict
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ from hivemind.utils import get_dht_time
 from grpo_swarm.protocol.errors import ProtocolError
 from grpo_swarm.protocol.identity import public_key_from_peer_id
 
-from .tickets import gather_round
+from .gather import gather_round
 
 logger = logging.getLogger(__name__)
 RETRY_WAIT = 1.0  # a retry's partial group waits up to this many min_matchmaking_time past its time for expected members

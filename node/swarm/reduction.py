@@ -40,7 +40,7 @@
   hivemind that is a silent partial average). Here the sender keeps its input open until it has
   every average, and the reducer returns only after that end of input.
 * **One view of the group.** Each sender's first message names the group by hivemind's id
-  followed by the digest of its view of the group (:func:`.tickets.group_view`: members, slot
+  followed by the digest of its view of the group (:func:`.verdicts.group_view`: members, slot
   order, gather entries); a reducer whose view differs refuses the stream and records a failure
   (GROUP_VIEW_MISMATCH). A hostile leader can show members different groups under one id; without
   this, parts cut by one plan would be checked by another and honest members accused.
@@ -82,7 +82,8 @@ from .part_codec import (
 )
 from .refusals import InputTap, refuse
 from .share_sketch import ShareLayout
-from .tickets import GROUP_VIEW_BYTES, Reason
+from .reasons import Reason
+from .verdicts import GROUP_VIEW_BYTES
 from .wire import WireAveragingData, WireTensor
 
 ABORT_GRACE_S = 0.5  # at most: a quarter of the gap between the sender and reducer timeouts
@@ -93,7 +94,7 @@ class NotInGroup(AllreduceException):
     """A reducer answered BAD_GROUP_ID: it is not running this group. An honest member does so when
     the leader counted it in after its own matchmaking had given up on the group (seen under load),
     so once this names nobody as the attempt's breaker; twice in a row it does
-    (:func:`.tickets.next_first_failed`)."""
+    (:func:`.verdicts.next_first_failed`)."""
 
 
 async def in_thread_to_the_end(fn, *args):

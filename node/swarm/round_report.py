@@ -14,7 +14,7 @@ import torch
 
 from grpo_swarm.protocol.identity import base58_decode
 
-from .tickets import Reason
+from .reasons import Reason
 
 # what a reducer accused of WRONG_AVERAGE may answer with in its next gather (see reportable())
 SELF_EXCLUDED = "this node was excluded"  # how a round's error starts when the verdicts left this node out

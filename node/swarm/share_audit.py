@@ -58,7 +58,8 @@ import numpy as np
 from grpo_swarm.protocol.identity import SIGNATURE_SIZE, Identity, verify_signature
 
 from .share_sketch import SKETCH_DIMS, plausible, share_residual, share_tolerance, sketch_tolerance
-from .tickets import Reason, strict_unpack
+from .gather import strict_unpack
+from .reasons import Reason
 
 AUDIT_DOMAIN = b"grpo-swarm/v1/share-audit\n"
 AUDIT_VERSION = 1

@@ -49,7 +49,7 @@ from .share_audit import (
     sketch_body,
 )
 from .share_sketch import Projection, ShareLayout, always_audited, flat_views, sketch_parts, sketch_share
-from .tickets import Reason
+from .reasons import Reason
 
 logger = logging.getLogger(__name__)
 

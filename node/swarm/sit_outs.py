@@ -2,7 +2,7 @@
 
 Within a round, a member that most of its group saw break an attempt first is left out of the retry
 (``BROKE_FIRST``), with the peer it blames when the round can spare both (``BROKE_WITH``): see
-:func:`.tickets.group_verdicts`. Without a memory, a peer that hangs up on every round's first attempt
+:func:`.verdicts.group_verdicts`. Without a memory, a peer that hangs up on every round's first attempt
 costs every round a failed attempt and the retry's wait (a reducer timeout: 15 s rounds against
 2.5 s with two such peers among five, bench/RESULTS.md). So each node remembers those verdicts —
 they rest on signed gathers, so every honest member of the group reached the same ones; so do the
@@ -24,8 +24,9 @@ from collections.abc import Iterable, Sequence
 
 from grpo_swarm.protocol.identity import base58_decode
 
+from .gather import MAX_SIT_OUT
+from .reasons import Reason
 from .round_report import AttemptReport
-from .tickets import MAX_SIT_OUT, Reason
 
 MEMORY_ROUNDS = 64  # strikes older than this many rounds are forgotten
 DEFAULT_SIT_OUT_LIMIT = 16  # the longest sit-out, in rounds
@@ -42,7 +43,7 @@ class BreakMemory:
     def record(self, round_index: int, attempts: Sequence[AttemptReport]) -> None:
         """Take a finished round's verdicts: a peer any attempt left out for breaking, or named by most of
         the round's peers as the breaker of their last attempt while it was away from the group
-        (:func:`.tickets.breakers_outside`), strikes once."""
+        (:func:`.verdicts.breakers_outside`), strikes once."""
         round_index = int(round_index)
         struck = {p for a in attempts for p, reason in a.excluded.items() if reason.startswith(STRIKING)}
         for peer in struck | {p for a in attempts for p in a.broke_away}:
