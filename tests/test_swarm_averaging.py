@@ -175,10 +175,11 @@ DRIP_HANG_UP_ROUND = _small("small_drip", "drip_hang_up", max_attempts=TIMING["m
 DRIP_AVERAGE_ROUND = _small("small_drip", "drip_average", max_attempts=TIMING["max_attempts"])
 # ... and one that aborts as each attempt's all-reduce begins, as if another member's abort had reached it
 HANG_UP_ROUND = _small("small_none", "hang_up", max_attempts=TIMING["max_attempts"])
-# ... and, the sit-outs on, H (honest now) sits out the next round: A and B remember it breaking that one
-SIT_OUT_ROUND = _small("small_none", max_attempts=TIMING["max_attempts"], sit_out_limit=16)
 # ... and one that answers BAD_GROUP_ID to every stream and sends nothing, as if not running the group
 NOT_IN_GROUP_ROUND = _small("small_none", "not_in_group", max_attempts=TIMING["max_attempts"])
+# ... and, the sit-outs on, H (honest now) sits out the next round: A and B remember it breaking that one
+# (not the hang-up round's: H blamed A there, and a round of three cannot pin who broke)
+SIT_OUT_ROUND = _small("small_none", max_attempts=TIMING["max_attempts"], sit_out_limit=16)
 # a plain round between the hostile rounds and the kill: in one full-suite run H, excluded from the
 # not_in_group round's last attempt 50 ms before, was counted into the kill round's group by the leader
 # while its own search never saw that group (so it never stalled and was never killed)
@@ -451,8 +452,38 @@ def test_a_breaker_away_from_the_retry_is_named_by_most_of_the_rounds_peers(keys
     assert named([slot(0, (1, cancelled)), slot(1, (0, cancelled)), slot(2, (1, cancelled))]) == {}  # in the group
 
 
+def test_only_unambiguous_breaks_strike(keys):
+    """Later rounds hold against a member only breaks the verdicts can pin: every BROKE_WITH, and a
+    BROKE_FIRST that blamed nobody else in the group or went out with the peer it blamed. A breaker
+    whose blamed groupmate stayed (a round that cannot spare both) strikes nobody: a peer hanging up
+    on one member mirrors an honest member's gathers there."""
+    from grpo_swarm.node.swarm.verdicts import struck_breakers
+
+    coordinator, _ = keys
+    ids = [Identity.from_seed(bytes([100 + i]) * 32) for i in range(5)]
+    stranger = Identity.from_seed(b"\x32" * 32).peer_id
+
+    def slot(i, first=None):
+        first = None if first is None else (ids[first[0]].peer_id if isinstance(first[0], int) else first[0], first[1])
+        claim = GatherClaim(make_ticket(coordinator, ids[i].public_key_bytes, 4, 6), 4, 1, 1.0, first_failed=first)
+        return _slot(ids[i], encode_gather(ids[i], claim))
+
+    def struck(slots, min_contributors):
+        verdicts = group_verdicts(*zip(*slots), _rules(coordinator, min_contributors=min_contributors))
+        return sorted(ids.index(next(i for i in ids if i.peer_id == p)) for p in struck_breakers(verdicts))
+
+    c = "REDUCER_FAILED"
+    assert struck([slot(0, (1, c)), slot(1, (0, c)), slot(2, (0, c))], 2) == []  # 1 stays: one word against another
+    five = [slot(0, (1, c))] + [slot(i, (0, c)) for i in range(1, 5)]
+    assert struck(five, 3) == [0, 1]  # both out: both strike
+    assert struck(five, 4) == []
+    assert struck([slot(0)] + [slot(i, (0, c)) for i in range(1, 5)], 4) == [0]  # it blames nobody
+    assert struck([slot(0, (stranger, c))] + [slot(i, (0, c)) for i in range(1, 5)], 4) == [0]  # nobody here
+    assert struck([slot(0), slot(1, (0, c)), slot(2, (0, c))], 2) == [0]
+
+
 def test_break_memory_doubles_each_sit_out_and_forgets_old_strikes():
-    """A peer left out for breaking (BROKE_FIRST, or BROKE_WITH: blamed by the breaker) sits out the next
+    """A peer left out for breaking (struck: BROKE_FIRST, or BROKE_WITH: blamed by the breaker) sits out the next
     1, 2, 4, ... rounds, one strike a round however many attempts named it, at most the limit; strikes
     older than MEMORY_ROUNDS are forgotten; other exclusions strike nobody; 0 lists nobody."""
     from grpo_swarm.node.swarm.round_report import AttemptReport
@@ -462,8 +493,9 @@ def test_break_memory_doubles_each_sit_out_and_forgets_old_strikes():
     me, h, x, other = (i.peer_id for i in ids)
     b58 = [i.peer_id_base58 for i in ids]
 
-    def attempt(**excluded):
-        return AttemptReport(excluded={b58[int(k[1:])]: f"{r}: detail" for k, r in excluded.items()})
+    def attempt(**excluded):  # as the averager reports it: the exclusions, and which of them strike
+        return AttemptReport(excluded={b58[int(k[1:])]: f"{r}: detail" for k, r in excluded.items()},
+                             struck=[b58[int(k[1:])] for k, r in excluded.items() if r.startswith("BROKE")])
 
     memory = BreakMemory(limit=4)
     memory.record(10, [attempt(p1="BROKE_FIRST", p2="BROKE_WITH"), attempt(p1="BROKE_FIRST", p3="ACCUSED")])
@@ -1451,15 +1483,17 @@ def test_a_member_that_hangs_up_every_attempt_is_left_out_of_the_retry(swarm):
 
 
 def test_a_member_that_broke_the_last_round_sits_out_the_next_from_its_first_attempt(swarm):
-    """After the hang-up round, A and B remember H's BROKE_FIRST verdict and list it in their gathers:
-    in the next round H (honest this time) sits out from the first attempt (SITS_OUT, both others list
-    it) and A and B average at once, without the failed attempt and the retry's wait the hang-up cost.
-    (The round after, sit-outs off, H is back: the not-in-group round.)"""
-    hang_up = [swarm.report(HANG_UP_ROUND, p) for p in (A, B)]
+    """After the not-in-group round, A and B remember H's BROKE_FIRST verdict (H blamed nobody) and list
+    it in their gathers: in the next round H (honest this time) sits out from the first attempt
+    (SITS_OUT, both others list it) and A and B average at once, without the failed attempts the
+    refusals cost. The hang-up round before it struck nobody: H blamed A, who stayed (a round of three
+    cannot spare both), and that case mirrors a hang-up on A alone."""
     hostile = swarm.peer_ids[H]
-    if not all(att["excluded"].get(hostile, "").startswith(Reason.BROKE_FIRST.value)
-               for rep in hang_up for att in rep["attempts"][-1:]):
-        pytest.skip("the hang-up round left H out otherwise (see its test): " + _who_saw_what(swarm, (*hang_up,)))
+    for rep in (swarm.report(HANG_UP_ROUND, p) for p in (A, B)):
+        assert not any(att["struck"] for att in rep["attempts"]), rep["attempts"]
+    before = [swarm.report(NOT_IN_GROUP_ROUND, p) for p in (A, B)]
+    if not all(att["struck"] == [hostile] for rep in before for att in rep["attempts"][-1:]):
+        pytest.skip("the not-in-group round left H out otherwise (see its test): " + _who_saw_what(swarm, (*before,)))
     r = SIT_OUT_ROUND
     a, b, h = (swarm.report(r, p) for p in (A, B, H))
     assert a["ok"] and b["ok"], _who_saw_what(swarm, (a, b, h))
@@ -1470,8 +1504,8 @@ def test_a_member_that_broke_the_last_round_sits_out_the_next_from_its_first_att
         assert first["excluded"][hostile].startswith(Reason.SITS_OUT.value), first["excluded"]
         assert set(first["weights"]) == {swarm.peer_ids[A], swarm.peer_ids[B]}, first["weights"]
         assert hostile not in rep["reportable"], rep["reportable"]  # a dropped link looks the same
-        print(f"\nsat out: A and B averaged in {rep['seconds']:.2f} s (the hang-up round: "
-              f"{hang_up[0]['seconds']:.2f} s, {len(hang_up[0]['attempts'])} attempts)")
+        print(f"\nsat out: A and B averaged in {rep['seconds']:.2f} s (the not-in-group round: "
+              f"{before[0]['seconds']:.2f} s, {len(before[0]['attempts'])} attempts)")
     _same_bytes(swarm, r, (A, B))
     assert _max_err(swarm.tensors(r, A, "avg"), _honest_mean(r)) <= 1e-6
 

@@ -116,6 +116,7 @@ from .verdicts import (
     group_view,
     group_verdicts,
     next_first_failed,
+    struck_breakers,
 )
 from .wire import WireAveragingData
 
@@ -734,6 +735,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
                 report.weights[_b58(v.peer_id)] = v.weight
             else:
                 report.excluded[_b58(v.peer_id)] = f"{v.reason.value}: {v.detail}"
+        report.struck = [_b58(p) for p in struck_breakers(plan.verdicts)]
         if self._rules.expected_keys is not None:
             round_peers = frozenset(map(peer_id_from_public_key, self._rules.expected_keys))
             report.broke_away = {_b58(p): f"named first by {n} of the round's {len(round_peers) - 1} other peers"

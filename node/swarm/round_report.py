@@ -37,6 +37,8 @@ class AttemptReport:
     failed: dict[str, str] = field(default_factory=dict)  # stopped, timed out, disconnected, refused
     stalled: dict[str, str] = field(default_factory=dict)  # the failed seen as silence while the attempt was live
     first_failed: str = ""  # "peer: REASON", the first peer this member saw fail (or accused) in the attempt
+    # left out for breaking in a way later rounds hold against them (verdicts.struck_breakers)
+    struck: list[str] = field(default_factory=list)
     # round peers outside the group most of the round's others named as the breaker of their last attempt
     broke_away: dict[str, str] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # excluded peers that sent parts anyway

@@ -15,7 +15,9 @@ for breaking is a strike; after its latest, it sits out ``2 ** (strikes - 1)`` r
 ``limit``. A link that dropped once costs one round; a peer that breaks every round it is back for
 sits out 1, 2, 4, ... rounds, so it breaks a vanishing share of rounds. ``BROKE_WITH`` strikes too:
 a peer that hangs up on one member only makes that member look like the breaker, and the member it
-framed must not sit out alone.
+framed must not sit out alone. And where the round could not spare the blamed peer too (a round of
+three), the breaker does not strike at all: that case and the honest one look the same from the
+gathers (:func:`.verdicts.struck_breakers`).
 """
 
 from __future__ import annotations
@@ -25,12 +27,10 @@ from collections.abc import Iterable, Sequence
 from grpo_swarm.protocol.identity import base58_decode
 
 from .gather import MAX_SIT_OUT
-from .reasons import Reason
 from .round_report import AttemptReport
 
 MEMORY_ROUNDS = 64  # strikes older than this many rounds are forgotten
 DEFAULT_SIT_OUT_LIMIT = 16  # the longest sit-out, in rounds
-STRIKING = (Reason.BROKE_FIRST.value + ":", Reason.BROKE_WITH.value + ":")
 
 
 class BreakMemory:
@@ -41,12 +41,12 @@ class BreakMemory:
         self._strikes: dict[bytes, list[int]] = {}  # peer id -> rounds it was left out for breaking (sorted)
 
     def record(self, round_index: int, attempts: Sequence[AttemptReport]) -> None:
-        """Take a finished round's verdicts: a peer any attempt left out for breaking, or named by most of
-        the round's peers as the breaker of their last attempt while it was away from the group
-        (:func:`.verdicts.breakers_outside`), strikes once."""
+        """Take a finished round's verdicts: a peer any attempt left out for breaking in a way that counts
+        (:func:`.verdicts.struck_breakers`), or named by most of the round's peers as the breaker of
+        their last attempt while it was away from the group (:func:`.verdicts.breakers_outside`),
+        strikes once."""
         round_index = int(round_index)
-        struck = {p for a in attempts for p, reason in a.excluded.items() if reason.startswith(STRIKING)}
-        for peer in struck | {p for a in attempts for p in a.broke_away}:
+        for peer in {p for a in attempts for p in (*a.struck, *a.broke_away)}:
             rounds = self._strikes.setdefault(base58_decode(peer), [])
             if round_index not in rounds:
                 rounds.append(round_index)

@@ -239,6 +239,27 @@ def _first_breaker(verdicts: list[SlotVerdict], believed: set[bytes], min_contri
         return  # (at most one member can be named so by a majority)
 
 
+def struck_breakers(verdicts: Sequence[SlotVerdict]) -> list[bytes]:
+    """The members this attempt's verdicts left out for breaking that later rounds hold it against
+    (:mod:`.sit_outs`): every BROKE_WITH (left out with the breaker that blamed it: one word against
+    another, so both pay the same), and a BROKE_FIRST that blamed nobody else in the group, or whose
+    blamed peer went out with it. A breaker whose blamed groupmate stayed (the round could not spare
+    both) is not held against anyone: a peer that hangs up on one member only makes that member look
+    like the breaker, and in a round of three the gathers of that case and of the honest one mirror
+    each other, so a memory would let the hostile peer keep an honest one out of many rounds for one
+    hang-up."""
+    by_id = {v.peer_id: v for v in verdicts}
+    out = []
+    for v in verdicts:
+        if v.reason == Reason.BROKE_WITH:
+            out.append(v.peer_id)
+        elif v.reason == Reason.BROKE_FIRST:
+            blamed = by_id.get(bytes(v.first_failed[0])) if v.first_failed is not None else None
+            if blamed is None or blamed.peer_id == v.peer_id or blamed.reason == Reason.BROKE_WITH:
+                out.append(v.peer_id)
+    return out
+
+
 def breakers_outside(verdicts: Sequence[SlotVerdict], round_peer_ids: frozenset[bytes]) -> dict[bytes, int]:
     """The round's peers outside this group that more than half of the round's other peers, and at
     least two, name among the group's contributors as the peer they saw fail first in their last
