@@ -510,8 +510,7 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             norm = self.load_local_gradient(grads)  # a round never writes these buffers: retries reuse them
             group_size = len(rules.expected_keys) if rules.expected_keys is not None else None
             self._outer_pipe.send(("_set_round", [round_index, rules.expected_keys, group_size], {}))
-            sit_out = self.break_memory.sitting_out(round_index, self.peer_id.to_bytes(), None if rules.expected_keys
-                                                    is None else map(peer_id_from_public_key, rules.expected_keys))
+            sit_out = self.break_memory.sitting_out(round_index, self.peer_id.to_bytes(), rules.expected_peer_ids)
             attempts: list[AttemptReport] = []
             try:
                 return self._attempts(round_index, ticket_bytes, rules, weight, norm, sit_out, attempts, started,
@@ -736,8 +735,8 @@ class VerifiedAverager(ShareAuditRPC, DecentralizedAverager):
             else:
                 report.excluded[_b58(v.peer_id)] = f"{v.reason.value}: {v.detail}"
         report.struck = [_b58(p) for p in struck_breakers(plan.verdicts)]
-        if self._rules.expected_keys is not None:
-            round_peers = frozenset(map(peer_id_from_public_key, self._rules.expected_keys))
+        round_peers = self._rules.expected_peer_ids
+        if round_peers is not None:
             report.broke_away = {_b58(p): f"named first by {n} of the round's {len(round_peers) - 1} other peers"
                                  for p, n in breakers_outside(plan.verdicts, round_peers).items()}
         mine = plan.verdict(self.peer_id)

@@ -163,21 +163,24 @@ class RoundResult:
     def left_out_as_stalled(self) -> bool:
         """The other members saw this node stall (their wait on its parts or averages timed out) and
         left it out of the retry: its link or machine was too slow for the run's sender timeout."""
-        error = self.error or ""
-        return error.startswith(SELF_EXCLUDED) and Reason.STALLED.value in error
+        return self._left_out_for(Reason.STALLED)
 
     @property
     def left_out_as_breaker(self) -> bool:
         """Most of the other members saw this node's streams fail first in the last attempt (an abort,
         end or refusal it showed no cause for) and left it out of the retry: its connection dropped,
         or its averager failed."""
-        return (self.error or "").startswith(SELF_EXCLUDED) and Reason.BROKE_FIRST.value in (self.error or "")
+        return self._left_out_for(Reason.BROKE_FIRST)
 
     @property
     def sat_out(self) -> bool:
         """Most of the other members remember this node breaking an earlier round's averaging (or being
         blamed by the one that did) and left it out of this one (:mod:`.sit_outs`)."""
-        return (self.error or "").startswith(SELF_EXCLUDED) and Reason.SITS_OUT.value in (self.error or "")
+        return self._left_out_for(Reason.SITS_OUT)
+
+    def _left_out_for(self, reason: Reason) -> bool:
+        error = self.error or ""
+        return error.startswith(SELF_EXCLUDED) and reason.value in error
 
     def copy_to(self, tensors: Sequence[torch.Tensor]) -> None:
         """Copy the averaged gradient into ``tensors`` (e.g. the parameters' ``.grad``)."""

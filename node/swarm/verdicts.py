@@ -11,6 +11,7 @@ lists leave out members caught, breaking the last attempt, or breaking earlier r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Sequence
@@ -18,7 +19,13 @@ from dataclasses import dataclass, field
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.errors import ProtocolError, ReasonCode
-from grpo_swarm.protocol.identity import Identity, base58_encode, public_key_from_peer_id, verify_signature
+from grpo_swarm.protocol.identity import (
+    Identity,
+    base58_encode,
+    peer_id_from_public_key,
+    public_key_from_peer_id,
+    verify_signature,
+)
 from grpo_swarm.protocol.rpc import verify_ticket
 
 from .gather import GATHER_DOMAIN, MAX_ACCUSATIONS, decode_gather, decode_hivemind_entry, is_int
@@ -52,6 +59,11 @@ class RoundRules:
     require_final: bool = False
     ticket_type: type = pb.AdmissionTicket
     min_contributors: int = 1  # an attempt with fewer valid members fails (a strict majority of the round's peers)
+
+    @functools.cached_property
+    def expected_peer_ids(self) -> frozenset[bytes] | None:
+        """The libp2p peer ids of :attr:`expected_keys` (None: anyone)."""
+        return None if self.expected_keys is None else frozenset(map(peer_id_from_public_key, self.expected_keys))
 
 
 @dataclass
