@@ -275,11 +275,80 @@ def sketch_share(layout: ShareLayout, share: int, flat_tensors: Sequence[torch.T
                  through_fp16: bool = False) -> np.ndarray:
     """The sketch of share ``share`` of ``flat_tensors`` (1-D float32 views of the averaged tensors;
     ``through_fp16``: as Float16Compression delivers them, :meth:`Projection.block`)."""
+    if proj.sampled is not None:
+        return _sketch_sampled_share(layout.spans[share], flat_tensors, proj, through_fp16)
     total = torch.zeros(proj.dims, dtype=torch.float64)
     for span in layout.spans[share]:
         total += proj.block(flat_tensors[span.tensor_index][span.start: span.start + span.numel], span.row_offset,
                             through_fp16)
     return total.numpy()
+
+
+def _sketch_sampled_share(spans: Sequence[Span], flat_tensors: Sequence[torch.Tensor], proj: Projection,
+                          through_fp16: bool) -> np.ndarray:
+    """:func:`sketch_share` with sampled rows, the whole share at once: the sampled rows of every span
+    are gathered into one cache-sized scratch block after another (one product per block, not per
+    span), short last rows into one zero-padded block, and the row weights applied in one sum. A
+    share has ~100 spans (a tensor's parts merge into one, small tensors are spans of their own), and
+    per-span calls cost more than their arithmetic on small spans; in a round each call that releases
+    the GIL also waits to take it back."""
+    sampled, U = proj.sampled, proj.U
+    offsets = np.fromiter((s.row_offset for s in spans), dtype=np.int64, count=len(spans))
+    full_rows = np.fromiter((s.numel // ROW for s in spans), dtype=np.int64, count=len(spans))
+    lo = np.searchsorted(sampled, offsets)
+    hi = np.searchsorted(sampled, offsets + full_rows)
+    tail_sampled = np.searchsorted(sampled, offsets + full_rows + 1) > hi
+    picked_rows = sampled[np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])] if len(spans) else sampled[:0]
+    products = torch.empty(picked_rows.shape[0], U.shape[1])
+    scratch = _scratch(torch.float32)
+    half = _scratch(torch.float16)
+    fill = done = 0
+    half_filled = False
+
+    def flush():
+        nonlocal fill, done, half_filled
+        if fill:
+            if half_filled:
+                scratch[:fill].copy_(half[:fill])
+            elif through_fp16:
+                _round_through_fp16(scratch[:fill], half[:fill])
+            torch.mm(scratch[:fill], U, out=products[done: done + fill])
+            done, fill = done + fill, 0
+
+    tails: list[tuple[torch.Tensor, int]] = []
+    for i, span in enumerate(spans):
+        x = flat_tensors[span.tensor_index][span.start: span.start + span.numel]
+        full = int(full_rows[i])
+        if tail_sampled[i]:
+            tails.append((x[full * ROW:], span.row_offset + full))
+        if hi[i] == lo[i]:
+            continue
+        rows = x[: full * ROW].view(full, ROW)
+        picked = torch.from_numpy(sampled[lo[i]: hi[i]] - span.row_offset)
+        is_half = rows.dtype == torch.float16
+        if fill and is_half != half_filled:
+            flush()
+        half_filled = is_half
+        start = 0
+        while start < picked.shape[0]:
+            n = min(HALF_BLOCK_ROWS - fill, picked.shape[0] - start)
+            torch.index_select(rows, 0, picked[start: start + n], out=(half if is_half else scratch)[fill: fill + n])
+            fill, start = fill + n, start + n
+            if fill == HALF_BLOCK_ROWS:
+                flush()
+    flush()
+    v = proj.V.numpy()
+    out = np.einsum("rd,rd->d", products.numpy(), v[picked_rows], dtype=np.float64)
+    for first in range(0, len(tails), HALF_BLOCK_ROWS):
+        batch = tails[first: first + HALF_BLOCK_ROWS]
+        block = scratch[: len(batch)].zero_()
+        for row, (tail, _) in zip(block, batch):
+            row[: tail.shape[0]].copy_(tail)  # (float16 tails convert here)
+        if through_fp16:
+            _round_through_fp16(block, half[: len(batch)])
+        tail_products = (block @ U).numpy()
+        out += np.einsum("rd,rd->d", tail_products, v[[r for _, r in batch]], dtype=np.float64)
+    return out
 
 
 def sketch_parts(layout: ShareLayout, share: int, parts: Sequence[torch.Tensor], proj: Projection) -> np.ndarray:
