@@ -3,6 +3,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python bench/sampling_check.py                     # tiny + SmolLM2, 1000 each
     HF_HUB_OFFLINE=1 .venv/bin/python bench/sampling_check.py --sampling 0.7:0.9  # + a T=0.7, top-p 0.9 run
     HF_HUB_OFFLINE=1 .venv/bin/python bench/sampling_check.py --models tiny --completions 64   # quick
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/sampling_check.py --models smollm2 --completions 64 --sample-dtype bfloat16
 
 For each model, honest completions are sampled in groups of G = 8 over distinct prompts (arithmetic
 for the tiny random model, GSM8K questions with the chat template for SmolLM2-135M-Instruct) with
@@ -38,6 +39,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
@@ -125,8 +127,12 @@ def prompt_token_ids(task: Task) -> list[list[int]]:
 
 # ---- honest sampling ------------------------------------------------------------------------------
 def sample_proofs(task: Task, params: SamplingParams, run_seed: int, node: Identity,
-                  batch_prompts: int) -> tuple[list[RewardProof], float]:
-    """G completions of every prompt under the run's keyed noise, as proofs; and the sampling time."""
+                  batch_prompts: int, sample_dtype: str = "float32") -> tuple[list[RewardProof], float]:
+    """G completions of every prompt under the run's keyed noise, as proofs; and the sampling time.
+    ``sample_dtype`` other than float32: sampled under CPU autocast to that dtype, as a node with
+    ``model.dtype`` bfloat16/float16 samples under autocast (a CPU stand-in for a GPU's kernels)."""
+    amp = (torch.autocast("cpu", dtype=getattr(torch, sample_dtype)) if sample_dtype != "float32"
+           else contextlib.nullcontext())
     eos, pad = eos_and_pad_ids(task.model, task.tokenizer)
     backend = TransformersBackend(task.model, eos, pad)
     ids = prompt_token_ids(task)
@@ -136,7 +142,8 @@ def sample_proofs(task: Task, params: SamplingParams, run_seed: int, node: Ident
         examples = task.examples[start : start + batch_prompts]
         keys = group_keys(run_seed, node.node_id, ROUND, [ex.index for ex in examples], G)
         t0 = time.perf_counter()
-        batch = backend.generate(ids[start : start + batch_prompts], G, params, seed=0, noise_keys=keys)
+        with amp:
+            batch = backend.generate(ids[start : start + batch_prompts], G, params, seed=0, noise_keys=keys)
         seconds += time.perf_counter() - t0
         for row, completion in enumerate(batch.completion_lists()):
             proofs.append(honest_proof(examples[row // G].index, row % G, completion,
@@ -271,11 +278,11 @@ def timing_summary(checked: list[Checked], sampling_s: float) -> dict:
 
 # ---- one run -----------------------------------------------------------------------------------------
 def run(task: Task, params: SamplingParams, completions: int, batch_prompts: int, run_seed: int, seed: int,
-        tol: Tolerances) -> dict:
+        tol: Tolerances, sample_dtype: str = "float32") -> dict:
     node = Identity.generate()
     prompts = -(-completions // G)
     sub = Task(task.name, task.model, task.tokenizer, task.examples[:prompts], task.use_chat_template)
-    proofs, sampling_s = sample_proofs(sub, params, run_seed, node, batch_prompts)
+    proofs, sampling_s = sample_proofs(sub, params, run_seed, node, batch_prompts, sample_dtype)
     fn = proving.make_logprob_fn(task.model, task.tokenizer, sub.examples, temperature=params.temperature,
                                  top_p=params.top_p, top_k=params.top_k, use_chat_template=task.use_chat_template,
                                  run_seed=run_seed)
@@ -284,7 +291,7 @@ def run(task: Task, params: SamplingParams, completions: int, batch_prompts: int
     checked = [check_completion(fn, task, p, params, run_seed, node, gen) for p in proofs]
     return {
         "model": task.name, "temperature": params.temperature, "top_p": params.top_p,
-        "max_new_tokens": params.max_new_tokens, "group_size": G, "prompts": prompts,
+        "max_new_tokens": params.max_new_tokens, "group_size": G, "prompts": prompts, "sample_dtype": sample_dtype,
         "mean_completion_tokens": round(statistics.fmean(len(p.completion_token_ids) for p in proofs), 2),
         "honest": honest_summary(checked, tol),
         "forgery": forgery_summary(checked),
@@ -308,6 +315,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--run-seed", type=int, default=20240601)
     ap.add_argument("--seed", type=int, default=0, help="prompt choice and the random other tokens")
+    ap.add_argument("--sample-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="sample under CPU autocast to this dtype, as nodes with model.dtype bfloat16 did before "
+                         "session 36 (a CPU stand-in for a GPU's bf16 kernels); the check stays float32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tol = Tolerances.defaults()
@@ -324,7 +334,8 @@ def main() -> None:
         task = load_task(name, -(-max(n for _, _, n in settings) // G), args.seed)
         for temperature, top_p, n in settings:
             params = SamplingParams(max_new_tokens=length, temperature=temperature, top_p=top_p)
-            out["runs"].append(run(task, params, n, args.batch_prompts, args.run_seed, args.seed, tol))
+            out["runs"].append(run(task, params, n, args.batch_prompts, args.run_seed, args.seed, tol,
+                                   args.sample_dtype))
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     out["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out, sort_keys=True))

@@ -16,7 +16,7 @@ The vLLM backend (GPU only) lives in :mod:`grpo_swarm.node.rollout_vllm` behind 
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -179,6 +179,37 @@ def intra_op_threads(threads: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _matmul_precision_knobs() -> list[tuple[object, str, object]]:
+    """(object, attribute, the value that means IEEE float32) for the matmul precision settings this
+    torch has: the per-backend ``fp32_precision`` (torch >= 2.9; mixing it with the legacy API makes
+    torch refuse to read either), else the legacy TF32 switch and ``float32_matmul_precision``."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return [(torch.backends.cuda.matmul, "fp32_precision", "ieee"),
+                (torch.backends.mkldnn.matmul, "fp32_precision", "ieee")]
+    return [(torch.backends.cuda.matmul, "allow_tf32", False)]
+
+
+@contextmanager
+def full_precision():
+    """Run the block in float32 arithmetic whatever the caller set: autocast off (a node's
+    ``model.dtype`` bfloat16/float16 applies to its training passes only) and float32 matmuls without
+    TF32 or bf16 shortcuts. Sampling must: the verifier recomputes the log-probs and the keyed-noise
+    argmax in float32, within 0.01 / 0.001 nats (max / mean) and 0.05 nats of shortfall, and bf16
+    sampling misses that on every SmolLM2 completion (bench/RESULTS.md, session 36)."""
+    knobs = _matmul_precision_knobs()
+    saved = [getattr(obj, name) for obj, name, _ in knobs]
+    for obj, name, exact in knobs:
+        setattr(obj, name, exact)
+    try:
+        with ExitStack() as stack:
+            for kind in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                stack.enter_context(torch.autocast(kind, enabled=False))
+            yield
+    finally:
+        for (obj, name, _), value in zip(knobs, saved):
+            setattr(obj, name, value)
 
 
 class HFDecoder:

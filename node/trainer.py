@@ -25,7 +25,7 @@ from .data import PromptExample, render_prompt
 from .logprobs import completion_logprobs
 from .rewards import RewardFunction, RewardResult, compute_rewards
 from .backends import make_backend
-from .rollout import RolloutBackend, RolloutBatch, SamplingParams, eos_and_pad_ids
+from .rollout import RolloutBackend, RolloutBatch, SamplingParams, eos_and_pad_ids, full_precision
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -153,7 +153,7 @@ class GRPOTrainer:
         sync = getattr(self.backend, "sync_weights", None)
         if sync is not None:  # an engine with its own copy of the policy (vLLM): give it the current weights
             sync(self.model)
-        with self._amp():
+        with full_precision():  # (not model.dtype: the verifier's spot-check recomputes in float32)
             batch = self.backend.generate(ids, self.cfg.grpo.group_size, self.params, seed, **kw)
         batch.policy_version = self.version
         return texts, batch

@@ -218,3 +218,41 @@ def test_bad_decay_settings_name_the_field(overrides, field):
     from grpo_swarm.node.config import ConfigError
     with pytest.raises(ConfigError, match=field):
         load_config(None, overrides)
+
+
+def test_a_bfloat16_run_samples_in_float32_so_its_proofs_pass_the_spot_check():
+    # model.dtype=bfloat16 is for the training passes. Sampled under bf16 autocast, log-probs and
+    # keyed argmaxes drift from the verifier's float32 recomputation (SmolLM2: 64 of 64 honest
+    # completions rejected, bench/RESULTS.md session 36), so sampling runs in float32
+    fp32, _ = make_trainer(seed=0)
+    bf16, _ = make_trainer("model.dtype=bfloat16", seed=0)
+    _, want = fp32.rollout(EXAMPLES, seed=5)
+    _, got = bf16.rollout(EXAMPLES, seed=5)
+    assert torch.equal(got.completion_ids, want.completion_ids)
+    assert torch.equal(got.behaviour_logps, want.behaviour_logps)
+    # what the rollout ran under before: the same call under bf16 autocast gives other log-probs
+    _, ids = bf16.encode_prompts(EXAMPLES)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        drifted = bf16.backend.generate(ids, bf16.cfg.grpo.group_size, bf16.params, 5)
+    assert not torch.equal(drifted.behaviour_logps, want.behaviour_logps)
+    # the training passes still run under the run's dtype
+    with bf16._amp():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_full_precision_turns_autocast_and_fast_matmuls_off_and_restores_them():
+    from grpo_swarm.node.rollout import full_precision
+
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"  # what a user chasing speed might set: float32 matmuls in bf16
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with full_precision():
+                assert not torch.is_autocast_enabled("cpu")
+                assert matmul.fp32_precision == "ieee" and torch.backends.cuda.matmul.fp32_precision == "ieee"
+                assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+            assert torch.is_autocast_enabled("cpu")
+        assert matmul.fp32_precision == "bf16"
+    finally:
+        matmul.fp32_precision = before
