@@ -40,7 +40,7 @@ from .data import PromptExample, load_dataset_spec, render_prompt
 from .noise import completion_noise, shortfalls
 from .swarm.training_state import model_weights
 from .rewards import BUILTIN_REWARDS, RewardFunction, build_reward_functions
-from .rollout import SamplingParams, processed_logprobs
+from .rollout import SamplingParams, full_precision, processed_logprobs
 from .trainer import ScoredBatch
 
 __all__ = [
@@ -302,14 +302,15 @@ def make_logprob_fn(
         n = len(completion)
         try:
             ids = torch.tensor([prompt + completion], dtype=torch.long, device=m.device)
-            try:  # the LM head only where it scores a completion token (positions P-1 .. P+n-2)
-                logits = m(input_ids=ids, logits_to_keep=n + 1).logits[0, :-1]
-            except TypeError:  # a model without logits_to_keep
-                logits = m(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+            with full_precision():  # float32 like the sampler, whatever the caller's autocast or matmul settings
+                try:  # the LM head only where it scores a completion token (positions P-1 .. P+n-2)
+                    logits = m(input_ids=ids, logits_to_keep=n + 1).logits[0, :-1]
+                except TypeError:  # a model without logits_to_keep
+                    logits = m(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+                logps = processed_logprobs(logits, params)
         finally:
             if was_training:
                 m.train()
-        logps = processed_logprobs(logits, params)
         target = torch.tensor(completion, dtype=torch.long, device=logps.device)
         chosen = logps.gather(1, target[:, None]).squeeze(1).float().cpu().tolist()
         if run_seed is None:
