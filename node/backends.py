@@ -54,6 +54,4 @@ def make_backend(cfg, model, tokenizer) -> RolloutBackend:
     if not source.is_dir():
         source = Path(cfg.run.output_dir) / "vllm-init"
         model.save_pretrained(source)
-    # float32 whatever model.dtype says: the verifier recomputes log-probs and the keyed argmax in float32
-    # (rollout.full_precision); a bf16 engine would fail its spot-checks (untested on a GPU here)
-    return VLLMBackend(str(source), eos, pad_id, dtype="float32", seed=cfg.run.seed)
+    return VLLMBackend(str(source), eos, pad_id, seed=cfg.run.seed)  # (float32 whatever model.dtype says)

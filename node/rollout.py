@@ -184,7 +184,7 @@ def intra_op_threads(threads: int | None):
 def _matmul_precision_knobs() -> list[tuple[object, str, object]]:
     """(object, attribute, the value that means IEEE float32) for the matmul precision settings this
     torch has: the per-backend ``fp32_precision`` (torch >= 2.9; mixing it with the legacy API makes
-    torch refuse to read either), else the legacy TF32 switch and ``float32_matmul_precision``."""
+    torch refuse to read either), else the legacy CUDA TF32 switch."""
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         return [(torch.backends.cuda.matmul, "fp32_precision", "ieee"),
                 (torch.backends.mkldnn.matmul, "fp32_precision", "ieee")]

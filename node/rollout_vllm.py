@@ -131,7 +131,9 @@ class VLLMBackend:
         eos_token_ids: Sequence[int],
         pad_token_id: int,
         gpu_memory_utilization: float = 0.5,
-        dtype: str = "bfloat16",
+        # float32: the verifier recomputes log-probs and the keyed argmax in float32 (rollout.full_precision);
+        # a bf16 engine would fail its spot-checks (untested on a GPU here)
+        dtype: str = "float32",
         enable_prefix_caching: bool = True,
         **llm_kwargs,
     ):

@@ -168,32 +168,25 @@ class Projection:
 
     def block(self, values: torch.Tensor, row_offset: int, through_fp16: bool = False) -> torch.Tensor:
         """The sketch (float64, dims) of ``values`` (1-D float32, or float16: the exact float32 values
-        of those) laid out from row ``row_offset``; with sampled rows only those are read (gathered
-        in cache-sized blocks, :func:`_gathered_products`). ``through_fp16``: of float32 values as
-        hivemind's Float16Compression delivers them (clamped, rounded to float16), rounded in the
-        cache-sized blocks, so a sender need not keep what it sent."""
+        of those) laid out from row ``row_offset``; with sampled rows only those are read (as one span
+        of :func:`_sketch_sampled_share`). ``through_fp16``: of float32 values as hivemind's
+        Float16Compression delivers them (clamped, rounded to float16), rounded in cache-sized blocks,
+        so a sender need not keep what it sent."""
+        x = values.detach().reshape(-1).contiguous()
+        n = x.shape[0]
+        if self.sampled is not None:
+            return torch.from_numpy(_sketch_sampled_share([Span(0, 0, n, row_offset)], [x], self, through_fp16))
         # torch's single-thread sgemm runs this (rows x ROW) @ (ROW x dims) product ~1.4x faster than
         # numpy's OpenBLAS (bench/averaging.py --micro); the row weights are summed in float64
-        x = values.detach().reshape(-1).contiguous()
         v = self.V.numpy()
-        n = x.shape[0]
         full = n // ROW
         out = np.zeros(self.dims, dtype=np.float64)
         rows = x[: full * ROW].view(full, ROW)
-        if self.sampled is None:
-            if full:
-                products = (_products_in_blocks(rows, self.U, through_fp16) if x.dtype == torch.float16 or through_fp16
-                            else rows @ self.U).numpy()
-                out += np.einsum("rd,rd->d", products, v[row_offset: row_offset + full], dtype=np.float64)
-            tail_read = True
-        else:
-            lo, hi, end = np.searchsorted(self.sampled, [row_offset, row_offset + full, row_offset + full + 1])
-            if hi > lo:
-                picked = torch.from_numpy(self.sampled[lo:hi] - row_offset)
-                products = _gathered_products(rows, picked, self.U, through_fp16).numpy()
-                out += np.einsum("rd,rd->d", products, v[self.sampled[lo:hi]], dtype=np.float64)
-            tail_read = end > hi  # the short last row is sampled
-        if n > full * ROW and tail_read:
+        if full:
+            products = (_products_in_blocks(rows, self.U, through_fp16) if x.dtype == torch.float16 or through_fp16
+                        else rows @ self.U).numpy()
+            out += np.einsum("rd,rd->d", products, v[row_offset: row_offset + full], dtype=np.float64)
+        if n > full * ROW:
             tail = x[full * ROW:].float()
             if through_fp16:
                 tail = _round_through_fp16(tail.clone(), torch.empty(tail.shape, dtype=torch.float16))
@@ -231,27 +224,6 @@ def _round_through_fp16(block: torch.Tensor, half: torch.Tensor) -> torch.Tensor
     block.clamp_(FP16_MIN, FP16_MAX)
     half.copy_(block)
     return block.copy_(half)
-
-
-def _gathered_products(rows: torch.Tensor, picked: torch.Tensor, U: torch.Tensor, through_fp16: bool = False
-                       ) -> torch.Tensor:
-    """``rows[picked].float() @ U``, gathered a block of rows at a time into a scratch that stays in
-    cache (float16 rows converted there too, float32 ones rounded through float16 there if asked):
-    the sampled rows are read once, never copied out to memory and read back."""
-    products = torch.empty(picked.shape[0], U.shape[1])
-    scratch = _scratch(torch.float32)
-    half = _scratch(torch.float16) if rows.dtype == torch.float16 or through_fp16 else None
-    for r in range(0, picked.shape[0], HALF_BLOCK_ROWS):
-        n = min(HALF_BLOCK_ROWS, picked.shape[0] - r)
-        if rows.dtype == torch.float16:
-            torch.index_select(rows, 0, picked[r: r + n], out=half[:n])
-            scratch[:n].copy_(half[:n])
-        else:
-            torch.index_select(rows, 0, picked[r: r + n], out=scratch[:n])
-            if through_fp16:
-                _round_through_fp16(scratch[:n], half[:n])
-        torch.mm(scratch[:n], U, out=products[r: r + n])
-    return products
 
 
 def _products_in_blocks(rows: torch.Tensor, U: torch.Tensor, through_fp16: bool = False) -> torch.Tensor:
