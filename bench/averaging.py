@@ -189,7 +189,9 @@ def averager_classes():
     """The bench-only subclasses (imported in the peer processes only)."""
     from grpo_swarm.node.swarm.averaging import VerifiedAverager
     from grpo_swarm.node.swarm.part_codec import decode_values, float16_view
-    from grpo_swarm.node.swarm.reduction import PartRejected, Reason, ValidatingReducer, VerifiedAllReduceRunner
+    from grpo_swarm.node.swarm.part_reducer import PartRejected, ValidatingReducer
+    from grpo_swarm.node.swarm.reasons import Reason
+    from grpo_swarm.node.swarm.reduction import VerifiedAllReduceRunner
     from hivemind.averaging import DecentralizedAverager
     from hivemind.compression import Float16Compression
 

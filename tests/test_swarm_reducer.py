@@ -1,5 +1,5 @@
 """The reducer's arithmetic on its own: ticket weights, claimed weights ignored, and the average it
-forms without hivemind's zeroed accumulator (node/swarm/reduction.py, ValidatingReducer)."""
+forms without hivemind's zeroed accumulator (node/swarm/part_reducer.py, ValidatingReducer)."""
 
 import asyncio
 import time
@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from grpo_swarm.node.swarm.reduction import PartRejected, ValidatingReducer
+from grpo_swarm.node.swarm.part_reducer import PartRejected, ValidatingReducer
 
 
 def reducer(weights, shapes=((5,), (3,))):
