@@ -59,6 +59,8 @@ ours' averager also reports what it sent (``bytes_sent_per_peer_reported``).
 namespace addresses. Adds ``wire_bytes_per_peer`` (the veth's tx_bytes per round: payload plus
 TCP/IP, TLS, yamux and DHT traffic) and ``efficiency`` = (payload bytes per peer / cap) / round_s.
 Without root, ``uplink_skipped`` says why and the loopback run is done instead.
+``--transport quic``: the peers listen on ``/udp/0/quic-v1`` instead of TCP (rounds fail: p2pd loses
+the ends of long streams over QUIC, bench/RESULTS.md session 38).
 
 ``--micro``: no peers; times the single operations the checks use (finite test vs float32/float64
 norms of the whole gradient, float64 vs float32 norm of one part, a fresh clone vs a copy into an
@@ -354,10 +356,11 @@ def peer_main(config_path: str) -> int:
     identity = Identity.from_seed(bytes.fromhex(cfg["node_seeds"][me]))
     coordinator = Identity.from_seed(bytes.fromhex(cfg["coordinator_seed"]))
     node_keys = [Identity.from_seed(bytes.fromhex(s)).public_key_bytes for s in cfg["node_seeds"]]
-    host = [f"/ip4/{cfg['host']}/tcp/0"]
+    quic = cfg.get("transport") == "quic"
+    host = [f"/ip4/{cfg['host']}/udp/0/quic-v1" if quic else f"/ip4/{cfg['host']}/tcp/0"]
     maddrs_file = work / "maddrs-p0.json"
     if me == 0:
-        dht = start_dht(identity, identity_path=work / f"p{me}.libp2p", host_maddrs=host)
+        dht = start_dht(identity, identity_path=work / f"p{me}.libp2p", host_maddrs=host, allow_udp=quic)
         tmp = maddrs_file.with_suffix(".tmp")
         tmp.write_text(json.dumps([str(m) for m in dht.get_visible_maddrs()]))
         os.replace(tmp, maddrs_file)
@@ -367,7 +370,7 @@ def peer_main(config_path: str) -> int:
             if time.monotonic() > deadline:
                 raise TimeoutError("peer 0's address file never appeared")
             time.sleep(0.05)
-        dht = start_dht(identity, identity_path=work / f"p{me}.libp2p", host_maddrs=host,
+        dht = start_dht(identity, identity_path=work / f"p{me}.libp2p", host_maddrs=host, allow_udp=quic,
                         initial_peers=json.loads(maddrs_file.read_text()))
     shapes = [tuple(s) for s in cfg["shapes"]]
     grads = make_grads(shapes, me)
@@ -753,15 +756,17 @@ def summarize(args, peers: list[dict], samples: list[dict], shapes, uplink_bits:
             if all(k in s for s in samples for k in key):
                 block["ours_vs_stock_max_rel_diff"] = float(f"{max(float((s[key[0]] - s[key[1]]).abs().max()) for s in samples) / scale:.3g}")
         res[comp] = block
-    def ratio(a, b, field="round_s"):
+    def ratio(a, b, field="round_s"):  # (a variant whose rounds failed has no time to compare)
         return {c: rnd(res[c][a][field] / res[c][b][field]) for c in args.compressions
-                if a in res[c] and b in res[c] and res[c][a][field] and res[c][b][field]}
+                if a in res[c] and b in res[c] and res[c][a]["ok"] and res[c][b]["ok"]
+                and res[c][a][field] and res[c][b][field]}
     res["speedup_vs_stock"] = ratio("stock", "ours")
     res["speedup_vs_stock_allreduce"] = ratio("stock", "ours", "allreduce_s")
     res["speedup_vs_stock_tuned"] = ratio("stock_tuned", "ours")
     # tuned including the compression: ours' best round against stock at fp32 (hivemind's default)
-    best = [res[c]["ours"]["round_s"] for c in args.compressions if "ours" in res[c] and res[c]["ours"]["round_s"]]
-    if best and "none" in res and "stock" in res["none"] and res["none"]["stock"]["round_s"]:
+    best = [res[c]["ours"]["round_s"] for c in args.compressions
+            if "ours" in res[c] and res[c]["ours"]["ok"] and res[c]["ours"]["round_s"]]
+    if best and "none" in res and "stock" in res["none"] and res["none"]["stock"]["ok"] and res["none"]["stock"]["round_s"]:
         res["speedup_best_vs_stock_fp32"] = rnd(res["none"]["stock"]["round_s"] / min(best))
     res["check_overhead"] = {c: rnd(v - 1) for c, v in ratio("ours", "ours_nocheck").items()}
     res["check_overhead_allreduce"] = {c: rnd(v - 1) for c, v in ratio("ours", "ours_nocheck", "allreduce_s").items()}
@@ -789,6 +794,9 @@ def parse_args(argv=None):
                     help="ours' share audit reads this fraction of the rows (default: the averager's)")
     ap.add_argument("--stock-part-size", type=int, default=1 << 19, help="stock's part_size_bytes (hivemind default)")
     ap.add_argument("--uplink", default=None, help="cap each peer's uplink (tc rate: 100mbit, 1gbit; root only)")
+    ap.add_argument("--transport", choices=("tcp", "quic"), default="tcp",
+                    help="how the peers connect (quic: every round fails here, stock's too; why grpo-node join "
+                         "refuses QUIC addresses)")
     ap.add_argument("--tbf-burst", default="2mbit")
     ap.add_argument("--tbf-latency", default="50ms")
     ap.add_argument("--min-matchmaking-time", type=float, default=2.0)
@@ -854,7 +862,7 @@ def main(argv=None) -> int:
                        tx_bytes_path=net.tx_bytes_path(i) if net else None, compressions=args.compressions,
                        variants=args.variants, warmup=args.warmup, rounds=args.rounds, part_size=args.part_size,
                        stock_part_size=args.stock_part_size, audit_fraction=args.audit_fraction, timing=timing,
-                       sample_stride=max(1, values // SAMPLE_VALUES))
+                       sample_stride=max(1, values // SAMPLE_VALUES), transport=args.transport)
             path = work / f"peer-{i}.config.json"
             path.write_text(json.dumps(cfg))
             logf = open(work / f"peer-{i}.log", "w")
@@ -902,7 +910,7 @@ def main(argv=None) -> int:
         "peers": PEERS, "weights": list(WEIGHTS), "variants": args.variants, "compressions": args.compressions,
         "rounds": args.rounds, "warmup": args.warmup, "part_size": args.part_size,
         "audit_fraction": args.audit_fraction, "stock_part_size": args.stock_part_size, "size": args.size, "timing": timing,
-        "link": net.describe() if net is not None else "loopback 127.0.0.1",
+        "link": net.describe() if net is not None else "loopback 127.0.0.1", "transport": args.transport,
         "uplink": args.uplink if uplink_bits else None, "cpus": os.cpu_count(),
         "loadavg_1m_at_end": round(os.getloadavg()[0], 2), "wall_s": round(time.perf_counter() - started, 1),
     }

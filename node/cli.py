@@ -100,6 +100,7 @@ def join(
     """Join a swarm run: sample, prove, average verified gradients with the other peers, step."""
     from grpo_swarm.protocol.identity import default_key_path
 
+    from .swarm.dht import check_transports
     from .swarm.join import COMPRESSIONS, PART_SIZE_LIMITS, JoinOptions, NodeBanned, SwarmPeer, SwarmSideFailing
     from .swarm.stop_signals import leave_on_sigterm
     from .swarm.share_sketch import DEFAULT_AUDIT_FRACTION, check_audit_fraction
@@ -118,6 +119,13 @@ def join(
     if part_size is not None and not PART_SIZE_LIMITS[0] <= part_size <= PART_SIZE_LIMITS[1]:
         console.print(f"[red]error:[/red] --part-size must be between {PART_SIZE_LIMITS[0]} and {PART_SIZE_LIMITS[1]} "
                       f"bytes, got {part_size}")
+        raise typer.Exit(2)
+    try:
+        for given, what in ((host_maddr, "--host-maddr"), (announce_maddr, "--announce-maddr"),
+                            (initial_peer, "--initial-peer")):
+            check_transports(given, what)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
     try:
         audit_fraction = check_audit_fraction(DEFAULT_AUDIT_FRACTION if audit_fraction is None else audit_fraction)

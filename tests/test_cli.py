@@ -67,7 +67,11 @@ def test_join_refuses_what_it_cannot_do_before_contacting_anyone(tmp_path):
     cases = [(["--backend", "vllm", "--device", "cpu"], "--backend vllm needs a GPU"),
              (["--backend", "trt"], "--backend must be one of transformers, vllm, auto"),
              (["--part-size", "100"], "--part-size must be between 65536 and 16777216 bytes, got 100"),
-             (["--audit-fraction", "0"], "--audit-fraction: the audit fraction must be a number in")]
+             (["--audit-fraction", "0"], "--audit-fraction: the audit fraction must be a number in"),
+             (["--host-maddr", "/ip4/0.0.0.0/udp/0/quic-v1"], "--host-maddr '/ip4/0.0.0.0/udp/0/quic-v1' uses a UDP "
+                                                              "transport"),
+             (["--initial-peer", "/ip4/10.0.0.1/udp/1/quic-v1/p2p/12D3KooWRndVhVZPCiQwHBBBdg769GyrPUW13zxwqQyf9r3ANaba"],
+              "cuts averaging streams over QUIC")]
     if importlib.util.find_spec("vllm") is None:  # here: vllm is let through only when it imports
         cases.append((["--backend", "vllm"], "pip install 'grpo-swarm[vllm]'"))
     proc = run("join", "--coordinator", "127.0.0.1:1", "--workdir", str(tmp_path / "p"), "--compression", "4bit")

@@ -34,6 +34,7 @@ Fast unit tests of the gather entries and verdicts, and a DHT start/bootstrap te
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -44,6 +45,7 @@ import threading
 import time
 from pathlib import Path
 
+import hivemind
 import pytest
 import torch
 
@@ -60,7 +62,9 @@ from grpo_swarm.node.swarm.averaging import (
     VerifiedAverager,
     tensors_sha256,
 )
-from grpo_swarm.node.swarm.dht import DHTStartError, start_dht
+from grpo_swarm.node.swarm.child_calls import run_in_dht
+from grpo_swarm.node.swarm.dht import (DHTStartError, _connect_in_dht, check_transports, connect_peers, over_udp,
+                                       start_dht, tcp_only)
 from grpo_swarm.node.swarm.group_plan import GroupPlan
 from grpo_swarm.node.swarm.gather import decode_gather, decode_hivemind_entry, GatherClaim, encode_gather
 from grpo_swarm.node.swarm.reasons import Reason
@@ -749,6 +753,19 @@ def test_weight_modes_follow_the_loss_normalisation(keys):
     assert claims.weight("sequences") == 8.0 and claims.weight("tokens") == 0.0
 
 
+def test_udp_transports_are_named_and_left_out():
+    """QUIC, WebTransport and WebRTC addresses (all over UDP) are told from TCP ones by their components."""
+    peer = Identity.generate().peer_id_base58
+    tcp = [f"/ip4/10.0.0.1/tcp/31337/p2p/{peer}", f"/ip6/::1/tcp/4001/p2p/{peer}", f"/dns4/udp.example.org/tcp/1/p2p/{peer}"]
+    udp = [f"/ip4/10.0.0.1/udp/31337/quic-v1/p2p/{peer}", f"/ip4/10.0.0.1/udp/1/quic/p2p/{peer}",
+           f"/ip4/10.0.0.1/udp/1/quic-v1/webtransport/p2p/{peer}", f"/ip4/10.0.0.1/udp/1/webrtc-direct/p2p/{peer}"]
+    assert [over_udp(m) for m in tcp + udp] == [False] * len(tcp) + [True] * len(udp)
+    assert tcp_only(udp[:1] + tcp + udp[1:]) == tcp
+    assert check_transports(tcp, "host address") == tcp and check_transports(None, "announce address") == []
+    with pytest.raises(ValueError, match=r"--host-maddr '/ip4/10.0.0.1/udp/31337/quic-v1/.*UDP transport.*tcp"):
+        check_transports(tcp[:1] + udp[:1], "--host-maddr")
+
+
 def test_dht_from_node_key_file_and_bootstrap_errors(tmp_path, keys):
     coordinator, _ = keys
     ident = Identity.generate()
@@ -770,8 +787,26 @@ def test_dht_from_node_key_file_and_bootstrap_errors(tmp_path, keys):
         assert time.monotonic() - t0 < 30
         for hint in ("tcp/1", "port", "NAT", "--client-mode"):
             assert hint in str(err.value)
+        # QUIC & co. are refused where a user gives them (p2pd cuts averaging streams over QUIC), and a
+        # TCP-only host announces no UDP address
+        for kwargs in (dict(host_maddrs=["/ip4/127.0.0.1/udp/0/quic-v1"]),
+                       dict(host_maddrs=loopback, announce_maddrs=["/ip4/203.0.113.5/udp/31337/quic-v1"]),
+                       dict(host_maddrs=loopback, initial_peers=[f"/ip4/127.0.0.1/udp/1/quic-v1/p2p/{ident.peer_id_base58}"])):
+            with pytest.raises(ValueError, match="UDP transport"):
+                start_dht(other, identity_path=tmp_path / "o", **kwargs)
         # two dead entries of three known peers do not block the live one
         live = [str(m) for m in dht.get_visible_maddrs()]
+        assert live and not any(over_udp(m) for m in live), live
+        # a listed peer's QUIC address is not dialled, though p2pd would reach that peer through it
+        quic = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/udp/0/quic-v1"], start=True)
+        try:
+            over_quic = [str(m) for m in quic.get_visible_maddrs()]
+            assert over_quic and all(over_udp(m) for m in over_quic), over_quic
+            assert connect_peers(dht, over_quic) == []
+            reached = run_in_dht(dht, functools.partial(_connect_in_dht, over_quic), limit=30.0)
+            assert reached == [quic.peer_id.to_base58()]
+        finally:
+            quic.shutdown()
         dead2 = f"/ip4/127.0.0.1/tcp/2/p2p/{Identity.generate().peer_id_base58}"
         joined = start_dht(other, identity_path=tmp_path / "o", initial_peers=[dead, dead2, *live],
                            host_maddrs=loopback)

@@ -10,6 +10,10 @@ signed tickets for: no key directory is needed to tell who sent what (see
 * ``check_if_identity_free=False`` — hivemind's check parses the key file as RSA and raises on an
   Ed25519 one as soon as there are initial peers;
 * initial peers are checked to be full multiaddrs (``.../p2p/<peer id>``), which p2pd needs;
+* addresses over UDP transports (QUIC, WebTransport, WebRTC) are refused where the user gave them
+  and dropped where the coordinator listed them (:func:`check_transports`, :func:`tcp_only`): hivemind's
+  p2pd cuts a stream over QUIC after a few MB, so no averaging round can complete over one (measured:
+  bench/RESULTS.md, session 38);
 * the start is retried with exponential back-off (hivemind tries once: a p2pd bootstrap failure is
   fatal, even with ``ensure_bootstrap_success=False``) — first all peers together, then, when
   that fails, each peer alone, so that one dead entry in the list cannot block the others;
@@ -41,6 +45,10 @@ BOOTSTRAP_HINTS = (
 )
 
 
+# multiaddr components of the transports p2pd cuts long streams on (all of them run over UDP)
+UDP_TRANSPORTS = frozenset({"udp", "quic", "quic-v1", "webtransport", "webrtc", "webrtc-direct"})
+
+
 class DHTStartError(RuntimeError):
     """The DHT could not be started or could not reach any initial peer; the message says what to check."""
 
@@ -64,6 +72,27 @@ def check_initial_peers(initial_peers: Sequence[str]) -> list[str]:
     return peers
 
 
+def over_udp(maddr: str) -> bool:
+    """Whether ``maddr`` names a UDP transport (QUIC, WebTransport, WebRTC)."""
+    return any(part in UDP_TRANSPORTS for part in str(maddr).split("/"))
+
+
+def check_transports(maddrs: Sequence[str] | None, what: str) -> list[str]:
+    """``maddrs`` as strings; ValueError naming ``what`` and the first address over a UDP transport."""
+    out = [str(m) for m in maddrs or ()]
+    for m in out:
+        if over_udp(m):
+            raise ValueError(f"{what} {m!r} uses a UDP transport (QUIC, WebTransport or WebRTC): hivemind's p2p "
+                             "daemon cuts averaging streams over QUIC after a few MB, so no round could complete. "
+                             "Use a TCP address, e.g. /ip4/0.0.0.0/tcp/31337")
+    return out
+
+
+def tcp_only(maddrs: Sequence[str]) -> list[str]:
+    """``maddrs`` without the addresses over UDP transports (a listed peer is dialled over TCP only)."""
+    return [str(m) for m in maddrs if not over_udp(m)]
+
+
 def start_dht(
     identity: Identity,
     *,
@@ -76,6 +105,7 @@ def start_dht(
     backoff_s: float = 1.0,
     max_backoff_s: float = 15.0,
     startup_timeout: float = 15.0,
+    allow_udp: bool = False,
     **dht_kwargs,
 ):
     """A started ``hivemind.DHT`` whose peer id is ``identity``'s.
@@ -84,13 +114,19 @@ def start_dht(
     each round tries all ``initial_peers`` together, then each one alone. Without initial peers
     this node starts a new swarm (one try). Extra keyword arguments go to ``hivemind.DHT``
     (and from there to DHTNode and P2P), e.g. ``wait_timeout``, ``bootstrap_timeout``.
-    Raises :class:`DHTStartError` with the per-peer errors and what to check.
+    Raises :class:`DHTStartError` with the per-peer errors and what to check; ValueError for an
+    address over a UDP transport unless ``allow_udp`` (bench/averaging.py ``--transport quic`` only:
+    it measures why they are refused).
     """
     import hivemind  # heavy import, kept out of module import
 
     if attempts < 1:
         raise ValueError("attempts must be >= 1")
     peers = check_initial_peers(initial_peers)
+    if not allow_udp:
+        check_transports(peers, "initial peer")
+        check_transports(host_maddrs, "host address")
+        check_transports(announce_maddrs, "announce address")
     path = libp2p_identity_path(identity, identity_path)
     identity.write_libp2p_identity(path)
     kwargs = dict(host_maddrs=list(host_maddrs), identity_path=str(path), check_if_identity_free=False,
@@ -190,7 +226,7 @@ def connect_peers(dht, maddrs: Sequence[str]) -> list[str]:
 
     from .child_calls import run_in_dht
 
-    maddrs = check_initial_peers(maddrs)
+    maddrs = tcp_only(check_initial_peers(maddrs))
     if not maddrs:
         return []
     # (each peer gets 5 s to connect and a ping; past all of that the DHT process is wedged)

@@ -245,9 +245,9 @@ class SwarmPeer:
         peers seen within the last few heartbeats): the node starts a DHT of its own and each round
         dials the peers then listed (:meth:`_meet`), saying what to check should none ever answer.
         Peers the user named must answer: that failure ends the join."""
-        from .dht import DHTStartError, start_dht
+        from .dht import DHTStartError, start_dht, tcp_only
 
-        opts = self.opts
+        opts, listed = self.opts, tcp_only(listed)  # (what a peer announces over QUIC cannot average)
         start = functools.partial(start_dht, self.identity, host_maddrs=opts.host_maddrs,
                                   announce_maddrs=opts.announce_maddrs, client_mode=opts.client_mode)
         try:
