@@ -230,7 +230,8 @@ class Coordinator:
         since = self._live_since_ms()
         self.metrics.nodes_active.set(self.store.active_nodes(since))
         workers = sorted(self.recorder.round_accepted) + self.recorder.peers.recent_participants(PREFERRED_CANDIDATES)
-        return [pb.PeerAddress(node_id=n, multiaddrs=addrs, last_seen_ms=seen)
+        verified = set(workers[:PREFERRED_CANDIDATES])
+        return [pb.PeerAddress(node_id=n, multiaddrs=addrs, last_seen_ms=seen, verified=n in verified)
                 for n, addrs, seen in self.store.peers(since, exclude=node_id, limit=MAX_PEERS,
                                                        prefer=workers[:PREFERRED_CANDIDATES],
                                                        is_banned=self.state.is_banned)]

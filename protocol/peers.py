@@ -19,7 +19,9 @@ the peers with verified work first: those with accepted proofs in the open round
 participants of closed rounds, most recent round first (:meth:`PeerReports.recent_participants`);
 only then the others, most recently seen first. Fresh keys cost nothing, so a list of the newest
 peers alone could be filled by many keys announcing dead addresses, leaving a joiner nobody to
-reach; a place ahead of them costs accepted, spot-checked work in a recent round.
+reach; a place ahead of them costs accepted, spot-checked work in a recent round. Those peers are
+marked ``verified``: nodes dial only them once there are any (``node/swarm/peer_dialing.py``), since
+every dead address dialled costs a dial's timeout.
 
 **Reports.** After round r closes, its participants (``round_closed`` participants: accepted work,
 not voided, not banned) average their gradients. A member that excludes another from that average

@@ -20,6 +20,7 @@ from grpo_swarm.coordinator.cli import app
 from grpo_swarm.coordinator.core import Coordinator
 from grpo_swarm.coordinator.service import start_server
 from grpo_swarm.coordinator.status import read_status
+from grpo_swarm.node.swarm.peer_dialing import MAX_UNVERIFIED_PEERS, dial_candidates
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.audit import audit
 from grpo_swarm.protocol.client import CoordinatorClient, CoordinatorError
@@ -196,15 +197,23 @@ def test_peers_with_verified_work_are_listed_before_many_fresh_keys(tmp_path):
             time.sleep(0.002)  # each newer than the last
         newest_sybils = [k.node_id for k, _ in reversed(sybils)]
         joiner = s.client()
-        listed = [p.node_id for p in joiner.register().peers]
+        reply = joiner.register().peers
+        listed = [p.node_id for p in reply]
         assert len(listed) == 32
         assert listed[:2] == sorted([a.identity.node_id, b.identity.node_id])  # round 0's participants
         assert listed[2:] == newest_sybils[:30]  # c has no work yet: the fresh keys are newer than it
+        # only the workers are marked verified, and a node dials only those (the fresh keys' dead
+        # addresses would cost it a dial's timeout each): node/swarm/peer_dialing.py
+        assert [p.verified for p in reply] == [True, True] + [False] * 30
+        assert [p.node_id for p in dial_candidates(reply)] == listed[:2]
+        assert [p.node_id for p in dial_candidates(reply[2:])] == listed[2:2 + MAX_UNVERIFIED_PEERS]
 
         submit_round(c, seed=2)  # accepted work in the open round 1 comes first
-        listed = [p.node_id for p in joiner.heartbeat(0).peers]
+        reply = joiner.heartbeat(0).peers
+        listed = [p.node_id for p in reply]
         assert listed[:3] == [c.identity.node_id] + sorted([a.identity.node_id, b.identity.node_id])
         assert listed[3:] == newest_sybils[:29]
+        assert [p.node_id for p in reply if p.verified] == listed[:3]
 
         admin = admin_client(s)
         admin.admin(pb.ADMIN_BAN, b.identity.node_id, "test")

@@ -111,7 +111,7 @@ def start_dht(
     """A started ``hivemind.DHT`` whose peer id is ``identity``'s.
 
     ``attempts`` rounds are tried, ``backoff_s · 2^k`` seconds apart (capped at ``max_backoff_s``):
-    each round tries all ``initial_peers`` together, then each one alone. Without initial peers
+    each round tries all ``initial_peers`` together, then each peer alone (all its addresses). Without initial peers
     this node starts a new swarm (one try). Extra keyword arguments go to ``hivemind.DHT``
     (and from there to DHTNode and P2P), e.g. ``wait_timeout``, ``bootstrap_timeout``.
     Raises :class:`DHTStartError` with the per-peer errors and what to check; ValueError for an
@@ -152,7 +152,9 @@ def start_dht(
         return _checked(dht, identity)
 
     last_error: dict[str, str] = {}
-    candidates = [peers] + ([[p] for p in peers] if len(peers) > 1 else [])
+    # then each peer alone, with all its addresses (a peer that never answers costs one timeout)
+    groups = list(by_peer(peers).values())
+    candidates = [peers] + (groups if len(groups) > 1 else [])
     for attempt in range(attempts):
         if attempt:
             delay = min(max_backoff_s, backoff_s * 2 ** (attempt - 1))
@@ -193,35 +195,56 @@ def _short(e: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+DIAL_TIMEOUT_S = 5.0  # a peer's dial and ping; all peers are dialled at once
+
+
+def by_peer(maddrs: Sequence[str]) -> dict[str, list[str]]:
+    """Full multiaddrs grouped by the peer id they end in (in first-seen order)."""
+    out: dict[str, list[str]] = {}
+    for text in maddrs:
+        out.setdefault(str(text).rsplit("/p2p/", 1)[1], []).append(str(text))
+    return out
+
+
 async def _connect_in_dht(maddrs: list[str], dht, node) -> list[str]:
-    """(Runs in the DHT's process.) Dial each peer and ping it so it enters the routing table;
-    returns the peer ids reached."""
+    """(Runs in the DHT's process.) Dial each peer not yet connected, with all its addresses, and ping
+    it so it enters the routing table; every peer at once, so that peers that never answer cost one
+    DIAL_TIMEOUT_S in all, not one each. Returns the peer ids reached."""
     import asyncio
 
     from hivemind.p2p import PeerID
     from hivemind.utils.multiaddr import Multiaddr
 
     known = {info.peer_id for info in await node.p2p.list_peers()}
-    reached = []
-    for text in maddrs:
-        ma = Multiaddr(text)
-        peer = PeerID.from_base58(ma.value_for_protocol("p2p"))
-        if peer in known or peer == node.peer_id:
-            continue
+
+    async def dial(peer: PeerID, addrs: list[str]) -> bool:
         try:
-            await asyncio.wait_for(node.p2p._client.connect(peer, [ma.decapsulate(Multiaddr(f"/p2p/{peer}"))]), 5)
-            if await node.protocol.call_ping(peer) is not None:
-                reached.append(peer.to_base58())
-                known.add(peer)
-        except Exception as e:  # noqa: BLE001 - an unreachable peer is skipped; the next heartbeat retries
-            log.info("could not reach DHT peer %s: %s", text, _short(e))
-    return reached
+            bare = [Multiaddr(a).decapsulate(Multiaddr(f"/p2p/{peer}")) for a in addrs]
+            async with asyncio.timeout(DIAL_TIMEOUT_S):
+                await node.p2p._client.connect(peer, bare)
+                return await node.protocol.call_ping(peer) is not None
+        except Exception as e:  # noqa: BLE001 - an unreachable peer is skipped; the caller backs off
+            log.info("could not reach DHT peer %s at %s: %s", peer, addrs, _short(e))
+            return False
+
+    todo = {}
+    for text, addrs in by_peer(maddrs).items():
+        try:
+            peer = PeerID.from_base58(text)
+        except Exception:  # noqa: BLE001 - not a peer id: nothing to dial
+            log.info("not a peer id: %r", text)
+            continue
+        if peer not in known and peer != node.peer_id:
+            todo[peer] = addrs
+    peers = list(todo)
+    answers = await asyncio.gather(*(dial(p, todo[p]) for p in peers))
+    return [p.to_base58() for p, ok in zip(peers, answers) if ok]
 
 
 def connect_peers(dht, maddrs: Sequence[str]) -> list[str]:
     """Join peers the coordinator lists after this DHT started (a node that started a fresh DHT
     because no peer was known yet must merge with the others): dial and ping each one not yet
-    connected. Returns the peer ids newly reached."""
+    connected, all at once, over TCP only. Returns the peer ids newly reached."""
     import functools
 
     from .child_calls import run_in_dht
@@ -229,8 +252,8 @@ def connect_peers(dht, maddrs: Sequence[str]) -> list[str]:
     maddrs = tcp_only(check_initial_peers(maddrs))
     if not maddrs:
         return []
-    # (each peer gets 5 s to connect and a ping; past all of that the DHT process is wedged)
-    return run_in_dht(dht, functools.partial(_connect_in_dht, maddrs), limit=10.0 + 10.0 * len(maddrs))
+    # (past the dials' timeout and some slack the DHT process is wedged)
+    return run_in_dht(dht, functools.partial(_connect_in_dht, maddrs), limit=DIAL_TIMEOUT_S + 15.0)
 
 
 async def _peer_ids_in_dht(dht, node) -> list[str]:

@@ -38,6 +38,7 @@ from .heartbeats import HeartbeatKeeper
 from .round_batch_file import FILE_NAME as ROUND_BATCH_FILE, drop_round_batch, load_round_batch, save_round_batch
 from .shared_memory import prepare_shared_memory
 from .participant import Participant
+from .peer_dialing import MAX_BOOTSTRAP_PEERS, DialBackoff, addresses, dial_candidates, peer_id
 from .publication import GRACE_S, PublicationFollower, upload_rank
 from .share_sketch import DEFAULT_AUDIT_FRACTION
 from .sit_outs import DEFAULT_SIT_OUT_LIMIT
@@ -160,7 +161,8 @@ class SwarmPeer:
         self._held: tuple | None = None  # (snapshot ref, version, state hash) of what this node holds
         self._timeouts = timeouts = averaging_timeouts(swarm)
         self._last_result = None  # the last averaging's result: says whether its averager wedged or died
-        self._start_swarm_side([a for peer in p.reply.peers for a in peer.multiaddrs])
+        self._dials = DialBackoff()  # listed peers this node could not reach, and when to try again
+        self._start_swarm_side(p.reply.peers)
         self.round_timeout_s = float(swarm.get("round_timeout_s", 600.0))
         self.sender_timeout_s = timeouts["sender_timeout"]
         self.straggler_wait = float(swarm.get("straggler_wait", 1.0))
@@ -176,10 +178,11 @@ class SwarmPeer:
         self._keeper.start()
 
     # -- the swarm side: DHT, p2p daemon, averager
-    def _start_swarm_side(self, listed: Sequence[str]) -> tuple[float, float]:
-        """Start the DHT and the averager; the seconds each took."""
+    def _start_swarm_side(self, listed: Sequence[pb.PeerAddress]) -> tuple[float, float]:
+        """Start the DHT (joined through the listed peers worth dialling: :mod:`.peer_dialing`) and the
+        averager; the seconds each took."""
         started = time.monotonic()
-        self.dht = self._start_dht(listed)
+        self.dht = self._start_dht(addresses(dial_candidates(listed)[:MAX_BOOTSTRAP_PEERS]))
         own = self.identity.peer_id_base58
         # the coordinator takes at most 8, each ending in this node's own peer id
         self.maddrs = [a for a in visible_maddrs(self.dht) if a.endswith(f"/p2p/{own}")][:8]
@@ -218,7 +221,7 @@ class SwarmPeer:
         stop_swarm_side(self.averager, self.dht)
         stopped = time.monotonic()
         try:
-            seconds = self._start_swarm_side([m for peer in hb.peers for m in peer.multiaddrs])
+            seconds = self._start_swarm_side(hb.peers)
             if memory is not None and hasattr(self.averager, "break_memory"):
                 self.averager.break_memory = memory
         except Exception as e:  # noqa: BLE001 - the round loop waits and the next round tries again
@@ -245,13 +248,15 @@ class SwarmPeer:
         peers seen within the last few heartbeats): the node starts a DHT of its own and each round
         dials the peers then listed (:meth:`_meet`), saying what to check should none ever answer.
         Peers the user named must answer: that failure ends the join."""
-        from .dht import DHTStartError, start_dht, tcp_only
+        from .dht import DHTStartError, start_dht
 
-        opts, listed = self.opts, tcp_only(listed)  # (what a peer announces over QUIC cannot average)
+        opts = self.opts
         start = functools.partial(start_dht, self.identity, host_maddrs=opts.host_maddrs,
                                   announce_maddrs=opts.announce_maddrs, client_mode=opts.client_mode)
         try:
-            return start(initial_peers=list(opts.initial_peers) + list(listed))
+            # listed peers alone get one try: the fallback below (and every round's _meet) follows it
+            return start(initial_peers=list(opts.initial_peers) + list(listed),
+                         **({} if opts.initial_peers else {"attempts": 1}))
         except DHTStartError as e:
             if opts.initial_peers or not listed:
                 raise
@@ -268,13 +273,22 @@ class SwarmPeer:
         return reply
 
     def _meet(self, hb: pb.HeartbeatResponse) -> None:
-        """Dial the live peers the coordinator lists that this DHT does not know yet."""
-        maddrs = [m for peer in hb.peers for m in peer.multiaddrs]
-        if maddrs:
-            try:
-                connect_peers(self.dht, maddrs)  # peers already connected are skipped
-            except Exception as e:  # noqa: BLE001 - the next round retries
-                log.warning("could not dial listed peers: %s", e)
+        """Dial the listed peers worth dialling (:mod:`.peer_dialing`: verified ones, not backing off)
+        that this DHT is not connected to, all at once."""
+        candidates = dial_candidates(hb.peers)
+        if not candidates:
+            return
+        try:
+            connected = set(connected_peers(self.dht))
+            todo = [c for c in candidates if peer_id(c) not in connected and self._dials.due(c)]
+            if not todo:
+                return
+            reached = set(connect_peers(self.dht, addresses(todo)))
+        except Exception as e:  # noqa: BLE001 - the next round retries
+            log.warning("could not dial listed peers: %s", e)
+            return
+        for c in todo:
+            self._dials.record(c, peer_id(c) in reached)
 
     def close(self) -> None:
         if getattr(self, "_keeper", None) is not None:
@@ -382,6 +396,10 @@ class SwarmPeer:
                 self._clock.lap("sync")
             # (a process that died while this node waited for the close is restarted before the averaging)
             record.restarted = self._ensure_swarm_side(closed) or record.restarted
+            # the round's participants are verified now: in a run's first round, peers that started
+            # DHTs of their own at once (none listed the other yet) meet here, before they average
+            self._meet(closed)
+            self._clock.lap("meet")
             self._average_or_resync(work.round_index, batch, ticket, record, closed_at)
         drop_round_batch(self._round_batch_path)
         record.seconds = time.monotonic() - t0
