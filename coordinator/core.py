@@ -140,6 +140,9 @@ def model_setup(cfg: RunConfig, *, spot_check: bool = True) -> Callable[[dict, P
 # a node's averaging attempts per round (node/swarm/averaging.py's default): how long the last round's
 # ticket holders may still be averaging it (see Coordinator._last_round_settled)
 AVERAGING_ATTEMPTS = 3
+# a live node that took part in one of this many last rounds is waited for until the round times out;
+# other live keys only for a while (Coordinator._all_live_submitted): one round of work buys that many
+WORKED_ROUNDS = 16
 MAX_VERSION_GROWTH = 4  # an uploaded version's size against the current one's (weights -> + AdamW moments)
 VERSION_SLACK_BYTES = 512 << 20  # ... plus this (headers, a small model's first version)
 
@@ -178,6 +181,7 @@ class Coordinator:
         self.spec = self.recorder.spec
         self.state = self.recorder.state
         self.round_started_ms = _round_start_ms(self.log)
+        self._workers_in_ms: int | None = None  # when the last live worker's assignment of the open round was in
         # node -> the group ids it submitted in the open round, accepted or not (after a restart,
         # the accepted ones, from the log)
         self.round_groups: dict[str, set[str]] = _round_groups(self.log, self.state.current_round)
@@ -405,6 +409,7 @@ class Coordinator:
         self.recorder.close_round()
         self.round_groups.clear()
         self.round_started_ms = None  # the next round's clock starts at its first dispatch
+        self._workers_in_ms = None
         self.metrics.rounds_closed.inc()
         self._refresh_gauges()
         return True
@@ -415,13 +420,34 @@ class Coordinator:
         nobody is left to fill the round, so waiting for ``samples_per_round`` would only wait out
         ``round_timeout_s`` — what a swarm smaller than the run was sized for, or one whose node went
         away, did every round. Nodes heartbeat while they sample and average (node/swarm/heartbeats.py),
-        so a slow one stays live and is waited for."""
+        so a slow one stays live and is waited for — if it has verified work (accepted proofs in the
+        open round, or a participant of one of the last WORKED_ROUNDS rounds), or in the run's first
+        round (its nodes are still starting up). Once only keys without any are left, a later round
+        waits for them as long again as it took until then (at least PEER_TTL_INTERVALS heartbeat
+        intervals), then closes: a key costs nothing, and one that heartbeats but never submits held
+        every round for ``round_timeout_s``."""
         if not self.cfg.swarm.close_when_all_submitted:
             return False
         since = self._live_since_ms()
         live = [n for n in self.store.active_node_ids(since) if not self.state.is_banned(n)]
         need = self.spec.prompts_per_round
-        return bool(live) and all(len(self.round_groups.get(n, ())) >= need for n in live)
+        pending = [n for n in live if len(self.round_groups.get(n, ())) < need]
+        if not live or not pending:
+            return bool(live)
+        since_round = self.state.current_round - WORKED_ROUNDS
+        worked = {n for n, r in self.recorder.peers.last_round.items() if r >= since_round}
+        if self.state.current_round == 0 or any(n in worked or n in self.recorder.round_accepted for n in pending):
+            self._workers_in_ms = None  # (a run's first round waits for all: its nodes are still starting)
+            return False
+        # only keys without verified work are left: newcomers, or keys that never work (free to make,
+        # each could hold every round until round_timeout_s). They are waited for as long again as the
+        # round took, and at least as long as a node that went silent is (PEER_TTL_INTERVALS)
+        now = now_ms()
+        if self._workers_in_ms is None:
+            self._workers_in_ms = now
+        took = self._workers_in_ms - (self.round_started_ms or self._workers_in_ms)
+        wait = max(took, PEER_TTL_INTERVALS * self.cfg.swarm.heartbeat_interval_s * 1000)
+        return now - self._workers_in_ms >= wait
 
     def _last_round_settled(self) -> bool:
         """Whether the last closed round's ticket holders are done averaging it: its version was

@@ -62,17 +62,100 @@ def test_a_node_gone_silent_is_not_waited_for_and_its_late_work_is_refused(tmp_p
 
 
 def test_a_slow_node_that_keeps_heartbeating_is_waited_for(tmp_path):
+    """A node with verified work (here: a participant of round 0) is waited for while it heartbeats."""
     s = _serve(tmp_path)
     try:
         a, slow = HonestNode(s.address, tmp_path / "a"), HonestNode(s.address, tmp_path / "slow")
         (_, ga), (_, gs) = a.round_proofs(), slow.round_proofs()
         a.client.submit_proofs(_flat(ga))
+        assert slow.client.submit_proofs(_flat(gs)).round_closed  # round 0: both participate
+        (_, ga), (_, gs) = a.round_proofs(), slow.round_proofs()
+        a.client.submit_proofs(_flat(ga))
         for _ in range(int(2 * GONE_S / (INTERVAL_S / 2))):  # twice as long as silence would take
             slow.client.heartbeat(0, sample=False)  # what node/swarm/heartbeats.py sends while sampling
-            assert a.client.heartbeat(0, sample=False).current_round == 0
+            assert a.client.heartbeat(0, sample=False).current_round == 1
             time.sleep(INTERVAL_S / 2)
         reply = slow.client.submit_proofs(_flat(gs))
         assert reply.round_closed and all(v.accepted for v in reply.verdicts)
+    finally:
+        s.stop()
+
+
+def test_a_worker_that_stops_submitting_is_waited_for_only_while_its_work_is_recent(tmp_path, monkeypatch):
+    """As an attacker: I does one round of real work, then only heartbeats. Work in one of the last
+    WORKED_ROUNDS rounds (1 here) makes a live node waited for; after that it is a key like any other."""
+    from grpo_swarm.coordinator import core
+
+    monkeypatch.setattr(core, "WORKED_ROUNDS", 1)
+    s = _serve(tmp_path)
+    try:
+        a, b, idle = (HonestNode(s.address, tmp_path / n) for n in ("a", "b", "idle"))
+        groups = [n.round_proofs()[1] for n in (a, b, idle)]
+        a.client.submit_proofs(_flat(groups[0]))
+        b.client.submit_proofs(_flat(groups[1]))
+        assert idle.client.submit_proofs(_flat(groups[2])).round_closed  # round 0: all three worked
+
+        def next_round(expect_wait: float) -> float:
+            current = a.client.heartbeat(0, sample=False).current_round
+            groups = [n.round_proofs()[1] for n in (a, b)]
+            idle.client.heartbeat(0, sample=True)  # takes its assignment
+            a.client.submit_proofs(_flat(groups[0]))
+            assert not b.client.submit_proofs(_flat(groups[1])).round_closed
+            t0 = time.monotonic()
+            while a.client.heartbeat(0, sample=False).current_round == current:
+                idle.client.heartbeat(0, sample=False)  # live all along, never submitting
+                if time.monotonic() - t0 > expect_wait + 2.0:
+                    return time.monotonic() - t0
+                time.sleep(INTERVAL_S / 4)
+            return time.monotonic() - t0
+
+        # round 1: I took part in round 0, so it is waited for (here until the test gives up)
+        assert next_round(2 * GONE_S) > 2 * GONE_S
+        for _ in range(int(GONE_S / (INTERVAL_S / 4)) + 4):  # I goes silent: round 1 closes without it
+            if a.client.heartbeat(0, sample=False).current_round == 2:
+                break
+            time.sleep(INTERVAL_S / 4)
+        assert a.client.heartbeat(0, sample=False).current_round == 2
+        # round 2: its work is older than WORKED_ROUNDS: waited for like a fresh key, then left out
+        assert next_round(PEER_TTL_INTERVALS * INTERVAL_S) < PEER_TTL_INTERVALS * INTERVAL_S + 2.0
+    finally:
+        s.stop()
+
+
+def test_keys_without_verified_work_hold_a_round_back_only_so_long(tmp_path):
+    """As an attacker: twelve fresh keys register and keep heartbeating, never submitting (before, each
+    held every round until round_timeout_s: an hour here). Once the workers' assignments are in, the
+    round waits for keys without verified work as long again as it took, at least as long as for a
+    node gone silent (PEER_TTL_INTERVALS heartbeat intervals), then closes without them. A newcomer
+    that submits within that wait is in the round."""
+    s = _serve(tmp_path)
+    try:
+        a, b = HonestNode(s.address, tmp_path / "a"), HonestNode(s.address, tmp_path / "b")
+        (_, ga), (_, gb) = a.round_proofs(), b.round_proofs()
+        a.client.submit_proofs(_flat(ga))
+        assert b.client.submit_proofs(_flat(gb)).round_closed  # round 0: a and b have verified work now
+        fresh = [s.client() for _ in range(12)]
+        for c in fresh:
+            c.register()
+        newcomer = HonestNode(s.address, tmp_path / "newcomer")
+        round_start = time.monotonic()
+        (_, ga), (_, gb), (_, gn) = a.round_proofs(), b.round_proofs(), newcomer.round_proofs()
+        time.sleep(0.3)  # the round took a while
+        a.client.submit_proofs(_flat(ga))
+        assert not b.client.submit_proofs(_flat(gb)).round_closed  # the fresh keys and the newcomer are live
+        workers_in = time.monotonic()
+        assert newcomer.client.submit_proofs(_flat(gn)).verdicts[0].accepted  # within the wait: in the round
+        wait = max(workers_in - round_start, PEER_TTL_INTERVALS * INTERVAL_S)
+        while a.client.heartbeat(0, sample=False).current_round == 1:
+            for c in fresh:  # live all along
+                c.heartbeat(0, sample=False)
+            assert time.monotonic() - workers_in < wait + 3.0, "keys that never work held the round back"
+            time.sleep(INTERVAL_S / 4)
+        assert time.monotonic() - workers_in >= wait - 0.2
+        closed = [e for e in a.client.get_log() if e.kind == "round_closed"][1].payload
+        assert sorted(closed["participants"]) == sorted(n.identity.node_id for n in (a, b, newcomer))
+        for c in fresh:
+            c.close()
     finally:
         s.stop()
 
@@ -116,7 +199,7 @@ def test_rejected_work_and_fresh_keys_cannot_close_a_round_early_only_hold_it_ba
     twice (a retry). Its groups count as submitted but are rejected, and the round does not close
     while honest B, live, has submitted nothing. Then twelve fresh keys register and say nothing:
     once A, B and M submit the next round, it stays open (they hold the early close back, as any live node
-    that has not submitted does; the round then closes full or timed out, the rule before)."""
+    that has not submitted does, for a while: test_keys_without_verified_work_hold_a_round_back_only_so_long)."""
     from grpo_swarm.node import proving
 
     s = _serve(tmp_path)
@@ -142,7 +225,8 @@ def test_rejected_work_and_fresh_keys_cannot_close_a_round_early_only_hold_it_ba
         (_, ga), (_, gb), (_, gm) = a.round_proofs(), b.round_proofs(), m.round_proofs()
         a.client.submit_proofs(_flat(ga))
         m.client.submit_proofs(_flat(gm))
-        assert not b.client.submit_proofs(_flat(gb)).round_closed  # the silent fresh keys are live
+        # the silent fresh keys are live: they hold the round back, for a while (the test below)
+        assert not b.client.submit_proofs(_flat(gb)).round_closed
         assert a.client.heartbeat(0, sample=False).current_round == 1
         for c in fresh:
             c.close()
