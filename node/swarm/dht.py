@@ -47,6 +47,7 @@ BOOTSTRAP_HINTS = (
 
 # multiaddr components of the transports p2pd cuts long streams on (all of them run over UDP)
 UDP_TRANSPORTS = frozenset({"udp", "quic", "quic-v1", "webtransport", "webrtc", "webrtc-direct"})
+DIAL_TIMEOUT_S = 5.0  # a listed peer's dial and ping (connect_peers dials them all at once)
 
 
 class DHTStartError(RuntimeError):
@@ -193,9 +194,6 @@ def _reap(dht) -> None:
 def _short(e: BaseException, limit: int = 300) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-DIAL_TIMEOUT_S = 5.0  # a peer's dial and ping; all peers are dialled at once
 
 
 def by_peer(maddrs: Sequence[str]) -> dict[str, list[str]]:
