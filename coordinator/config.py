@@ -116,8 +116,8 @@ class SwarmSettings(Section):
         True, description="close a round below samples_per_round once every live node (seen within 3 heartbeat "
                           "intervals) has submitted its whole assignment in it: a swarm smaller than samples_per_round "
                           "needs, or one whose node went away, does not wait out round_timeout_s every round. Live keys "
-                          "without verified work (in the open round or the last 16) are waited for only as long again as the round took (at least 3 "
-                          "heartbeat intervals), except in the run's first round")
+                          "without verified work (in the open round or the last 2) are waited for only as long again "
+                          "as the round took (at least 3 heartbeat intervals), except in the run's first round")
     upload_grace_s: float = Field(
         10.0, gt=0, description="publication: a contributor may race the upload of a new version after this "
                                 "many seconds per contributor ranked before it (the first by node id uploads at once)")

@@ -140,9 +140,10 @@ def model_setup(cfg: RunConfig, *, spot_check: bool = True) -> Callable[[dict, P
 # a node's averaging attempts per round (node/swarm/averaging.py's default): how long the last round's
 # ticket holders may still be averaging it (see Coordinator._last_round_settled)
 AVERAGING_ATTEMPTS = 3
-# a live node that took part in one of this many last rounds is waited for until the round times out;
-# other live keys only for a while (Coordinator._all_live_submitted): one round of work buys that many
-WORKED_ROUNDS = 16
+# a live node that took part in one of this many last rounds is waited for until the round times out
+# (a slow node that missed one is still waited for); other live keys only for a while
+# (Coordinator._all_live_submitted): one round of real work buys at most this many such waits
+WORKED_ROUNDS = 2
 MAX_VERSION_GROWTH = 4  # an uploaded version's size against the current one's (weights -> + AdamW moments)
 VERSION_SLACK_BYTES = 512 << 20  # ... plus this (headers, a small model's first version)
 
