@@ -12,7 +12,8 @@ syntactic check (hivemind is not a coordinator dependency): at most :data:`MAX_M
 most :data:`MAX_MULTIADDR_CHARS` printable ASCII characters, "/"-separated non-empty components,
 at least one before the final ``/p2p/<peer id>`` — and that peer id must be the node's own (the
 libp2p id of its Ed25519 node key, :mod:`.identity`), so that no node can announce addresses under
-another's identity.
+another's identity — and no UDP transport (:data:`UDP_TRANSPORTS`: averaging streams lose their
+ends over QUIC).
 
 **Listing.** The addresses handed out (at most :data:`MAX_PEERS` per reply, live peers only) put
 the peers with verified work first: those with accepted proofs in the open round, then the
@@ -63,6 +64,9 @@ from typing import Callable, Iterable, Sequence
 from .errors import ProtocolError, ReasonCode
 from .identity import base58_encode, peer_id_from_public_key
 
+# multiaddr components of the UDP transports (QUIC, WebTransport, WebRTC): refused, the averaging
+# cannot run over them (bench/RESULTS.md, session 38)
+UDP_TRANSPORTS = frozenset({"udp", "quic", "quic-v1", "webtransport", "webrtc", "webrtc-direct"})
 MAX_MULTIADDRS = 8
 MAX_MULTIADDR_CHARS = 256
 MAX_PEERS = 32  # addresses handed out per reply
@@ -112,6 +116,11 @@ def check_multiaddrs(addrs: Sequence[str], public_key: bytes) -> list[str]:
         if len(parts) < 3 or parts[-2] != "p2p" or not _BASE58.match(parts[-1]):
             raise ProtocolError(ReasonCode.MALFORMED, f"{what} {a[:64]!r} must be an address followed by "
                                                       "/p2p/<peer id>")
+        udp = next((p for p in parts if p in UDP_TRANSPORTS), None)
+        if udp is not None:
+            raise ProtocolError(ReasonCode.MALFORMED, f"{what} {a[:64]!r} uses a UDP transport ({udp}): the swarm "
+                                                      "averages over TCP only (hivemind's p2p daemon loses the "
+                                                      "ends of long streams over QUIC)")
         if parts[-1] != own:
             raise ProtocolError(ReasonCode.MALFORMED, f"{what} names peer {parts[-1][:16]}..., not this node's "
                                                       f"own peer id {own}")

@@ -95,11 +95,11 @@ def test_addresses_are_reported_and_handed_out(tmp_path):
     try:
         ids = {name: Identity.generate() for name in "abcd"}
         a, b, c, d = (s.client(ids[n]) for n in "abcd")
-        ra = a.register(multiaddrs=[addr(ids["a"]), addr(ids["a"], transport="udp") + "", addr(ids["a"])])
+        ra = a.register(multiaddrs=[addr(ids["a"]), addr(ids["a"], port=4002) + "", addr(ids["a"])])
         assert list(ra.peers) == []
         rb = b.register(multiaddrs=[addr(ids["b"], "10.0.0.2")])
         assert [(p.node_id, list(p.multiaddrs)) for p in rb.peers] == [
-            (ids["a"].node_id, [addr(ids["a"]), addr(ids["a"], transport="udp")])]  # duplicates dropped
+            (ids["a"].node_id, [addr(ids["a"]), addr(ids["a"], port=4002)])]  # duplicates dropped
         time.sleep(0.01)
         rc = c.register()  # no addresses: c is handed the others, but is not listed itself
         assert [p.node_id for p in rc.peers] == [ids["b"].node_id, ids["a"].node_id]
@@ -131,6 +131,9 @@ def test_addresses_are_reported_and_handed_out(tmp_path):
             "not base58": ["/ip4/10.0.0.5/tcp/4001/p2p/0OIl"],
             # announcing addresses under another node's identity (eclipse / hijack)
             "another node's peer id": [addr(ids["a"], "6.6.6.6")],
+            # the averaging cannot run over QUIC & co. (p2pd loses stream ends: node/swarm/dht.py)
+            "QUIC": [addr(mallory), f"/ip4/10.0.0.5/udp/4001/quic-v1/p2p/{mallory.peer_id_base58}"],
+            "WebRTC": [f"/ip4/10.0.0.5/udp/4001/webrtc-direct/p2p/{mallory.peer_id_base58}"],
         }
         for why, addrs in bad.items():
             err = refusal(lambda: m.register(multiaddrs=addrs))

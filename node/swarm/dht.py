@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from grpo_swarm.protocol.identity import Identity
+from grpo_swarm.protocol.peers import UDP_TRANSPORTS  # (p2pd loses the ends of long streams over these)
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,6 @@ BOOTSTRAP_HINTS = (
 )
 
 
-# multiaddr components of the transports p2pd cuts long streams on (all of them run over UDP)
-UDP_TRANSPORTS = frozenset({"udp", "quic", "quic-v1", "webtransport", "webrtc", "webrtc-direct"})
 DIAL_TIMEOUT_S = 5.0  # a listed peer's dial and ping (connect_peers dials them all at once)
 
 
