@@ -52,6 +52,7 @@ import json
 import math
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -182,7 +183,11 @@ class Coordinator:
         self.spec = self.recorder.spec
         self.state = self.recorder.state
         self.round_started_ms = _round_start_ms(self.log)
-        self._workers_in_ms: int | None = None  # when the last live worker's assignment of the open round was in
+        # the same start on this process's monotonic clock (None after a restart: the logged wall-clock
+        # start is all there is): a wall clock that steps or a paused machine must not time a round out
+        self._round_started_mono: float | None = None
+        # (monotonic time, round's age in ms) when the last live worker's assignment of the open round was in
+        self._workers_in: tuple[float, float] | None = None
         # node -> the group ids it submitted in the open round, accepted or not (after a restart,
         # the accepted ones, from the log)
         self.round_groups: dict[str, set[str]] = _round_groups(self.log, self.state.current_round)
@@ -325,7 +330,7 @@ class Coordinator:
             if may and request.sample:
                 bound = self.recorder.dispatch(node_id, st.current_round, v)
                 if self.round_started_ms is None:  # the round's clock starts when a node starts sampling it
-                    self.round_started_ms = now_ms()
+                    self.round_started_ms, self._round_started_mono = now_ms(), time.monotonic()
             else:  # a liveness or report heartbeat: binds nothing (tells the binding if there is one)
                 bound = st.dispatched_version(node_id, st.current_round) or 0
             prompts = assign_prompts(self.spec.run_seed, node_id, st.current_round, self.spec.dataset_size,
@@ -403,14 +408,14 @@ class Coordinator:
         samples = self.round_samples()
         full = samples >= self.cfg.swarm.samples_per_round
         started = self.round_started_ms
-        late = samples > 0 and started is not None and now_ms() - started >= self.cfg.swarm.round_timeout_s * 1000
+        late = samples > 0 and started is not None and self._round_age_ms() >= self.cfg.swarm.round_timeout_s * 1000
         if not (full or late or (samples > 0 and self._all_live_submitted())) or self._publication_streaming() \
                 or not self._last_round_settled():
             return False
         self.recorder.close_round()
         self.round_groups.clear()
-        self.round_started_ms = None  # the next round's clock starts at its first dispatch
-        self._workers_in_ms = None
+        self.round_started_ms = self._round_started_mono = None  # the next round's clock starts at its first dispatch
+        self._workers_in = None
         self.metrics.rounds_closed.inc()
         self._refresh_gauges()
         return True
@@ -438,17 +443,24 @@ class Coordinator:
         since_round = self.state.current_round - WORKED_ROUNDS
         worked = {n for n, r in self.recorder.peers.last_round.items() if r >= since_round}
         if self.state.current_round == 0 or any(n in worked or n in self.recorder.round_accepted for n in pending):
-            self._workers_in_ms = None  # (a run's first round waits for all: its nodes are still starting)
+            self._workers_in = None  # (a run's first round waits for all: its nodes are still starting)
             return False
         # only keys without verified work are left: newcomers, or keys that never work (free to make,
         # each could hold every round until round_timeout_s). They are waited for as long again as the
         # round took, and at least as long as a node that went silent is (PEER_TTL_INTERVALS)
-        now = now_ms()
-        if self._workers_in_ms is None:
-            self._workers_in_ms = now
-        took = self._workers_in_ms - (self.round_started_ms or self._workers_in_ms)
+        now = time.monotonic()
+        if self._workers_in is None:
+            self._workers_in = now, self._round_age_ms()
+        since, took = self._workers_in
         wait = max(took, PEER_TTL_INTERVALS * self.cfg.swarm.heartbeat_interval_s * 1000)
-        return now - self._workers_in_ms >= wait
+        return 1000 * (now - since) >= wait
+
+    def _round_age_ms(self) -> float:
+        """Milliseconds since the open round's first dispatch (0 before it): on the monotonic clock when
+        this process saw the dispatch, else (after a restart) on the wall clock from the logged start."""
+        if self._round_started_mono is not None:
+            return 1000 * (time.monotonic() - self._round_started_mono)
+        return max(0, now_ms() - self.round_started_ms) if self.round_started_ms is not None else 0.0
 
     def _last_round_settled(self) -> bool:
         """Whether the last closed round's ticket holders are done averaging it: its version was

@@ -232,3 +232,33 @@ def test_rejected_work_and_fresh_keys_cannot_close_a_round_early_only_hold_it_ba
             c.close()
     finally:
         s.stop()
+
+
+def test_a_wall_clock_that_jumps_does_not_time_a_round_out(tmp_path, monkeypatch):
+    """A coordinator whose wall clock steps forward (NTP, or a paused machine: a demo run lost a round to
+    it) keeps the open round open: ``round_timeout_s`` runs on the monotonic clock. The timeout still
+    comes when its time has passed."""
+    from grpo_swarm.coordinator import core, store
+
+    s = Served(tmp_path, samples_per_round=64, round_timeout_s=4.0, heartbeat_interval_s=INTERVAL_S,
+               close_when_all_submitted=True)
+    try:
+        a, b = HonestNode(s.address, tmp_path / "a"), HonestNode(s.address, tmp_path / "b")
+        started = time.monotonic()
+        (_, ga), (_, gb) = a.round_proofs(), b.round_proofs()
+        a.client.submit_proofs(_flat(ga))  # b is live and has submitted nothing: the round stays open
+        real_core, real_store = core.now_ms, store._now_ms
+        monkeypatch.setattr(core, "now_ms", lambda: real_core() + 3_600_000)  # an hour ahead, at once
+        monkeypatch.setattr(store, "_now_ms", lambda: real_store() + 3_600_000)
+        for _ in range(3):
+            b.client.heartbeat(0, sample=False)
+            assert a.client.heartbeat(0, sample=False).current_round == 0
+            time.sleep(INTERVAL_S / 2)
+        assert time.monotonic() - started < 4.0
+        while a.client.heartbeat(0, sample=False).current_round == 0:
+            b.client.heartbeat(0, sample=False)
+            assert time.monotonic() - started < 12.0, "the round never timed out"
+            time.sleep(INTERVAL_S / 2)
+        assert time.monotonic() - started >= 4.0 - 0.2
+    finally:
+        s.stop()
