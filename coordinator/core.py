@@ -407,8 +407,7 @@ class Coordinator:
     def _maybe_close_round(self) -> bool:
         samples = self.round_samples()
         full = samples >= self.cfg.swarm.samples_per_round
-        started = self.round_started_ms
-        late = samples > 0 and started is not None and self._round_age_ms() >= self.cfg.swarm.round_timeout_s * 1000
+        late = samples > 0 and self._round_age_ms() >= self.cfg.swarm.round_timeout_s * 1000  # (0 before a dispatch)
         if not (full or late or (samples > 0 and self._all_live_submitted())) or self._publication_streaming() \
                 or not self._last_round_settled():
             return False

@@ -67,6 +67,11 @@ from .identity import base58_encode, peer_id_from_public_key
 # multiaddr components of the UDP transports (QUIC, WebTransport, WebRTC): refused, the averaging
 # cannot run over them (bench/RESULTS.md, session 38)
 UDP_TRANSPORTS = frozenset({"udp", "quic", "quic-v1", "webtransport", "webrtc", "webrtc-direct"})
+
+
+def udp_transport(maddr: str) -> str | None:
+    """The first component of ``maddr`` that names a UDP transport (None: there is none)."""
+    return next((p for p in str(maddr).split("/") if p in UDP_TRANSPORTS), None)
 MAX_MULTIADDRS = 8
 MAX_MULTIADDR_CHARS = 256
 MAX_PEERS = 32  # addresses handed out per reply
@@ -116,7 +121,7 @@ def check_multiaddrs(addrs: Sequence[str], public_key: bytes) -> list[str]:
         if len(parts) < 3 or parts[-2] != "p2p" or not _BASE58.match(parts[-1]):
             raise ProtocolError(ReasonCode.MALFORMED, f"{what} {a[:64]!r} must be an address followed by "
                                                       "/p2p/<peer id>")
-        udp = next((p for p in parts if p in UDP_TRANSPORTS), None)
+        udp = udp_transport(a)
         if udp is not None:
             raise ProtocolError(ReasonCode.MALFORMED, f"{what} {a[:64]!r} uses a UDP transport ({udp}): the swarm "
                                                       "averages over TCP only (hivemind's p2p daemon loses the "

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from grpo_swarm.protocol.identity import Identity
-from grpo_swarm.protocol.peers import UDP_TRANSPORTS  # (p2pd loses the ends of long streams over these)
+from grpo_swarm.protocol.peers import udp_transport  # (p2pd loses the ends of long streams over these)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def check_initial_peers(initial_peers: Sequence[str]) -> list[str]:
 
 def over_udp(maddr: str) -> bool:
     """Whether ``maddr`` names a UDP transport (QUIC, WebTransport, WebRTC)."""
-    return any(part in UDP_TRANSPORTS for part in str(maddr).split("/"))
+    return udp_transport(maddr) is not None
 
 
 def check_transports(maddrs: Sequence[str] | None, what: str) -> list[str]:
@@ -206,7 +206,8 @@ def by_peer(maddrs: Sequence[str]) -> dict[str, list[str]]:
 async def _connect_in_dht(maddrs: list[str], dht, node) -> list[str]:
     """(Runs in the DHT's process.) Dial each peer not yet connected, with all its addresses, and ping
     it so it enters the routing table; every peer at once, so that peers that never answer cost one
-    DIAL_TIMEOUT_S in all, not one each. Returns the peer ids reached."""
+    DIAL_TIMEOUT_S in all, not one each. Returns the peer ids of ``maddrs`` connected now (already
+    or newly)."""
     import asyncio
 
     from hivemind.p2p import PeerID
@@ -224,24 +225,27 @@ async def _connect_in_dht(maddrs: list[str], dht, node) -> list[str]:
             log.info("could not reach DHT peer %s at %s: %s", peer, addrs, _short(e))
             return False
 
-    todo = {}
+    todo, connected = {}, []
     for text, addrs in by_peer(maddrs).items():
         try:
             peer = PeerID.from_base58(text)
         except Exception:  # noqa: BLE001 - not a peer id: nothing to dial
             log.info("not a peer id: %r", text)
             continue
-        if peer not in known and peer != node.peer_id:
+        if peer in known:
+            connected.append(peer)
+        elif peer != node.peer_id:
             todo[peer] = addrs
     peers = list(todo)
     answers = await asyncio.gather(*(dial(p, todo[p]) for p in peers))
-    return [p.to_base58() for p, ok in zip(peers, answers) if ok]
+    return [p.to_base58() for p in connected] + [p.to_base58() for p, ok in zip(peers, answers) if ok]
 
 
 def connect_peers(dht, maddrs: Sequence[str]) -> list[str]:
     """Join peers the coordinator lists after this DHT started (a node that started a fresh DHT
     because no peer was known yet must merge with the others): dial and ping each one not yet
-    connected, all at once, over TCP only. Returns the peer ids newly reached."""
+    connected, all at once, over TCP only. Returns the peer ids among them connected now (already or
+    newly)."""
     import functools
 
     from .child_calls import run_in_dht

@@ -274,15 +274,11 @@ class SwarmPeer:
 
     def _meet(self, hb: pb.HeartbeatResponse) -> None:
         """Dial the listed peers worth dialling (:mod:`.peer_dialing`: verified ones, not backing off)
-        that this DHT is not connected to, all at once."""
-        candidates = dial_candidates(hb.peers)
-        if not candidates:
+        that this DHT is not connected to, all at once (connected ones are skipped there)."""
+        todo = [c for c in dial_candidates(hb.peers) if self._dials.due(c)]
+        if not todo:
             return
         try:
-            connected = set(connected_peers(self.dht))
-            todo = [c for c in candidates if peer_id(c) not in connected and self._dials.due(c)]
-            if not todo:
-                return
             reached = set(connect_peers(self.dht, addresses(todo)))
         except Exception as e:  # noqa: BLE001 - the next round retries
             log.warning("could not dial listed peers: %s", e)
