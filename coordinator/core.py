@@ -79,6 +79,7 @@ from grpo_swarm.protocol.publication import PublicationRefused, Tally
 from grpo_swarm.protocol.rpc import DEFAULT_CHUNK_SIZE, sign_ticket, upload_seconds_left
 
 from .config import ConfigError, RunConfig
+from .liveness import Liveness
 from .metrics import CoordinatorMetrics
 from .snapshots import SnapshotError, SnapshotFiles, check_readable, snapshot_state_sha256
 from .store import CoordinatorStore
@@ -163,6 +164,9 @@ class Coordinator:
         self.keep_snapshots = max(keep_snapshots, cfg.swarm.max_staleness + 1)
         self.lock = threading.RLock()
         self.store = CoordinatorStore(self.dir / STORE_FILE)
+        ttl_s = PEER_TTL_INTERVALS * cfg.swarm.heartbeat_interval_s
+        self.liveness = Liveness(ttl_s)
+        self.liveness.restore(self.store.last_seen(now_ms() - int(1000 * ttl_s)))
         self.log = ProtocolLog(self.dir / LOG_FILE)
         self.snapshots = SnapshotFiles(self.dir / SNAPSHOT_DIR, self.identity, cfg.run.id, chunk_size)
         self.uploads = InFlightUploads()  # the UploadSnapshot streams being received
@@ -188,6 +192,9 @@ class Coordinator:
         self._round_started_mono: float | None = None
         # (monotonic time, round's age in ms) when the last live worker's assignment of the open round was in
         self._workers_in: tuple[float, float] | None = None
+        # when this process closed the last round, on its monotonic clock (None after a restart: the
+        # logged wall-clock close is all there is), for the last round's averaging budget
+        self._closed_mono: float | None = None
         # node -> the group ids it submitted in the open round, accepted or not (after a restart,
         # the accepted ones, from the log)
         self.round_groups: dict[str, set[str]] = _round_groups(self.log, self.state.current_round)
@@ -237,26 +244,21 @@ class Coordinator:
 
     def peers(self, node_id: str | None) -> list[pb.PeerAddress]:
         """The live peers' addresses (see the module docstring), ``node_id`` excluded."""
-        since = self._live_since_ms()
-        self.metrics.nodes_active.set(self.store.active_nodes(since))
+        live = self.liveness.live()
+        self.metrics.nodes_active.set(len(live))
         workers = sorted(self.recorder.round_accepted) + self.recorder.peers.recent_participants(PREFERRED_CANDIDATES)
         verified = set(workers[:PREFERRED_CANDIDATES])
-        return [pb.PeerAddress(node_id=n, multiaddrs=addrs, last_seen_ms=seen, verified=n in verified)
-                for n, addrs, seen in self.store.peers(since, exclude=node_id, limit=MAX_PEERS,
-                                                       prefer=workers[:PREFERRED_CANDIDATES],
-                                                       is_banned=self.state.is_banned)]
-
-    def _live_since_ms(self) -> int:
-        """A node seen (registered or heartbeat) at or after this time is live: the peer TTL."""
-        return now_ms() - int(PEER_TTL_INTERVALS * self.cfg.swarm.heartbeat_interval_s * 1000)
+        live_set = set(live)
+        order = [n for n in dict.fromkeys(workers[:PREFERRED_CANDIDATES] + live)
+                 if n in live_set and n != node_id and not self.state.is_banned(n)]
+        return [pb.PeerAddress(node_id=n, multiaddrs=addrs, last_seen_ms=self.liveness.last_seen_ms(n),
+                               verified=n in verified)
+                for n, addrs in self.store.multiaddrs(order, limit=MAX_PEERS)]
 
     def live_nodes(self) -> int:
         """Nodes seen within the peer TTL, banned ones not counted: what ``swarm.min_peers`` is held
         against before a round starts."""
-        since = self._live_since_ms()
-        if not self.state.banned:  # (one indexed count per heartbeat; ids only when bans exist)
-            return self.store.active_nodes(since)
-        return sum(1 for n in self.store.active_node_ids(since) if not self.state.is_banned(n))
+        return sum(1 for n in self.liveness.live() if not self.state.is_banned(n))
 
     def _refresh_gauges(self) -> None:
         m, st = self.metrics, self.state
@@ -280,6 +282,7 @@ class Coordinator:
                 raise RequestError("PERMISSION_DENIED", f"node {node_id} is banned")
             self.store.node_registered(node_id, public_key,
                                        request.hardware if request.HasField("hardware") else None)
+            self.liveness.seen(node_id)
             if addrs:
                 self.store.set_multiaddrs(node_id, addrs)
             self._refresh_gauges()
@@ -318,6 +321,7 @@ class Coordinator:
                     raise RequestError("INVALID_ARGUMENT", f"{name} must be a finite number >= 0, got {x}")
             self.store.heartbeat(node_id, v, request.completions_per_s, request.tokens_per_s,
                                  request.hardware if request.HasField("hardware") else None)
+            self.liveness.seen(node_id)
             if addrs:
                 self.store.set_multiaddrs(node_id, addrs)
             self.metrics.staleness.labels("heartbeat").observe(lag)
@@ -412,6 +416,7 @@ class Coordinator:
                 or not self._last_round_settled():
             return False
         self.recorder.close_round()
+        self._closed_mono = time.monotonic()
         self.round_groups.clear()
         self.round_started_ms = self._round_started_mono = None  # the next round's clock starts at its first dispatch
         self._workers_in = None
@@ -433,8 +438,7 @@ class Coordinator:
         every round for ``round_timeout_s``."""
         if not self.cfg.swarm.close_when_all_submitted:
             return False
-        since = self._live_since_ms()
-        live = [n for n in self.store.active_node_ids(since) if not self.state.is_banned(n)]
+        live = [n for n in self.liveness.live() if not self.state.is_banned(n)]
         need = self.spec.prompts_per_round
         pending = [n for n in live if len(self.round_groups.get(n, ())) < need]
         if not live or not pending:
@@ -478,8 +482,10 @@ class Coordinator:
         total = math.fsum(pub.weights[n] for n in sorted(pub.weights))
         if math.fsum(pub.weights[n] for n in sorted(moved)) > 0.5 * total:
             return True
-        closed_ms = self.recorder.closed_ms
         budget_ms = 1000 * AVERAGING_ATTEMPTS * (self.cfg.swarm.matchmaking_timeout_s + self.cfg.swarm.averaging_timeout_s)
+        if self._closed_mono is not None:
+            return 1000 * (time.monotonic() - self._closed_mono) >= budget_ms
+        closed_ms = self.recorder.closed_ms
         return closed_ms is None or now_ms() - closed_ms >= budget_ms
 
     def _publication_streaming(self) -> bool:

@@ -21,7 +21,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 
@@ -111,36 +111,26 @@ class CoordinatorStore:
         self._db.execute("UPDATE nodes SET multiaddrs = ? WHERE node_id = ?",
                          (json.dumps(list(multiaddrs)) if multiaddrs else None, node_id))
 
-    def peers(self, since_ms: int, *, exclude: str | None = None, limit: int = 32, prefer: Sequence[str] = (),
-              is_banned: Callable[[str], bool] = lambda n: False) -> list[tuple[str, list[str], int]]:
-        """(node id, multiaddrs, last seen) of nodes with addresses seen at or after ``since_ms``, not
-        banned, other than ``exclude``, at most ``limit``: those of ``prefer`` first (in its order),
-        then the others, most recently seen first."""
-        out: list[tuple[str, list[str], int]] = []
-        taken = {exclude}
-        if prefer:
-            prefer = list(dict.fromkeys(prefer))
-            live = {row[0]: row for row in self._db.execute(
-                "SELECT node_id, multiaddrs, last_seen_ms FROM nodes WHERE multiaddrs IS NOT NULL AND last_seen_ms >= ? "
-                f"AND node_id IN ({','.join('?' * len(prefer))})", (since_ms, *prefer))}
-            for node_id in prefer:
-                if len(out) < limit and node_id in live and node_id not in taken and not is_banned(node_id):
-                    out.append((node_id, json.loads(live[node_id][1]), live[node_id][2]))
-                    taken.add(node_id)
-        for node_id, addrs, seen in self._db.execute(
-                "SELECT node_id, multiaddrs, last_seen_ms FROM nodes WHERE multiaddrs IS NOT NULL AND "
-                "last_seen_ms >= ? ORDER BY last_seen_ms DESC, node_id", (since_ms,)):
-            if len(out) >= limit:
-                break
-            if node_id not in taken and not is_banned(node_id):
-                out.append((node_id, json.loads(addrs), seen))
+    def multiaddrs(self, node_ids: Sequence[str], *, limit: int = 32) -> list[tuple[str, list[str]]]:
+        """(node id, multiaddrs) of the first ``limit`` of ``node_ids`` (in their order) that announced
+        addresses."""
+        out: list[tuple[str, list[str]]] = []
+        ids = list(dict.fromkeys(node_ids))
+        for i in range(0, len(ids), 256):  # (SQLite caps the parameters of one statement)
+            chunk = ids[i:i + 256]
+            addrs = dict(self._db.execute(
+                f"SELECT node_id, multiaddrs FROM nodes WHERE multiaddrs IS NOT NULL AND node_id IN "
+                f"({','.join('?' * len(chunk))})", chunk))
+            for node_id in chunk:
+                if node_id in addrs:
+                    out.append((node_id, json.loads(addrs[node_id])))
+                    if len(out) >= limit:
+                        return out
         return out
 
-    def active_nodes(self, since_ms: int) -> int:
-        return self._db.execute("SELECT count(*) FROM nodes WHERE last_seen_ms >= ?", (since_ms,)).fetchone()[0]
-
-    def active_node_ids(self, since_ms: int) -> list[str]:
-        return [r[0] for r in self._db.execute("SELECT node_id FROM nodes WHERE last_seen_ms >= ?", (since_ms,))]
+    def last_seen(self, since_ms: int) -> list[tuple[str, int]]:
+        """(node id, wall-clock last seen ms) of the nodes seen at or after ``since_ms``."""
+        return list(self._db.execute("SELECT node_id, last_seen_ms FROM nodes WHERE last_seen_ms >= ?", (since_ms,)))
 
     def nodes(self) -> list[NodeRow]:
         rows = []

@@ -236,8 +236,8 @@ def test_rejected_work_and_fresh_keys_cannot_close_a_round_early_only_hold_it_ba
 
 def test_a_wall_clock_that_jumps_does_not_time_a_round_out(tmp_path, monkeypatch):
     """A coordinator whose wall clock steps forward (NTP, or a paused machine: a demo run lost a round to
-    it) keeps the open round open: ``round_timeout_s`` runs on the monotonic clock. The timeout still
-    comes when its time has passed."""
+    it) keeps the open round open: ``round_timeout_s``, liveness and the last round's averaging budget run
+    on the monotonic clock. The timeout still comes when its time has passed."""
     from grpo_swarm.coordinator import core, store
 
     s = Served(tmp_path, samples_per_round=64, round_timeout_s=4.0, heartbeat_interval_s=INTERVAL_S,
@@ -250,6 +250,7 @@ def test_a_wall_clock_that_jumps_does_not_time_a_round_out(tmp_path, monkeypatch
         real_core, real_store = core.now_ms, store._now_ms
         monkeypatch.setattr(core, "now_ms", lambda: real_core() + 3_600_000)  # an hour ahead, at once
         monkeypatch.setattr(store, "_now_ms", lambda: real_store() + 3_600_000)
+        assert s.coordinator.live_nodes() == 2  # nobody looks silent: liveness runs on the monotonic clock too
         for _ in range(3):
             b.client.heartbeat(0, sample=False)
             assert a.client.heartbeat(0, sample=False).current_round == 0
@@ -260,5 +261,8 @@ def test_a_wall_clock_that_jumps_does_not_time_a_round_out(tmp_path, monkeypatch
             assert time.monotonic() - started < 12.0, "the round never timed out"
             time.sleep(INTERVAL_S / 2)
         assert time.monotonic() - started >= 4.0 - 0.2
+        # round 0's tickets may still be averaged: its budget counts from the close on the monotonic clock,
+        # so the hour's step does not spend it at once
+        assert s.coordinator.recorder.publication.round == 0 and not s.coordinator._last_round_settled()
     finally:
         s.stop()

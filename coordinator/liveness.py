@@ -1,0 +1,54 @@
+"""Which nodes are live: seen (registered or heartbeat) within the peer TTL, timed on this process's
+monotonic clock. A wall clock that steps (NTP, a paused or resumed machine) must neither make every
+node look silent at once (no live node: ``min_peers`` unmet, the round's liveness rule blind) nor keep
+silent ones live. The store keeps each node's wall-clock last-seen time for operators; after a restart
+it seeds this (that one reading is all there is)."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Callable, Iterable
+
+from grpo_swarm.protocol.proofs import now_ms
+
+
+class Liveness:
+    """Last-seen times, most recent last; entries older than the TTL are dropped as they age out, so
+    memory stays with the keys seen within one TTL."""
+
+    def __init__(self, ttl_s: float, *, clock: Callable[[], float] = time.monotonic,
+                 wall_ms: Callable[[], int] = now_ms):
+        self.ttl_s = float(ttl_s)
+        self._clock, self._wall_ms = clock, wall_ms
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def restore(self, rows: Iterable[tuple[str, int]]) -> None:
+        """Seed from the store's (node id, wall-clock last seen ms) rows after a restart; a stamp in the
+        future counts as now."""
+        now, wall = self._clock(), self._wall_ms()
+        ages = sorted(((max(0.0, (wall - seen_ms) / 1000), node_id) for node_id, seen_ms in rows), reverse=True)
+        for age, node_id in ages:
+            if age <= self.ttl_s:
+                self._seen[node_id] = now - age
+                self._seen.move_to_end(node_id)
+
+    def seen(self, node_id: str) -> None:
+        self._seen[node_id] = self._clock()
+        self._seen.move_to_end(node_id)
+        self._expire()
+
+    def live(self) -> list[str]:
+        """The live nodes' ids, most recently seen first."""
+        cutoff = self._expire()
+        return [n for n, t in reversed(self._seen.items()) if t >= cutoff]
+
+    def last_seen_ms(self, node_id: str) -> int:
+        """When ``node_id`` was last seen, as a wall-clock time (for the peer listing's information)."""
+        return int(self._wall_ms() - 1000 * (self._clock() - self._seen[node_id]))
+
+    def _expire(self) -> float:
+        cutoff = self._clock() - self.ttl_s
+        while self._seen and next(iter(self._seen.values())) < cutoff:
+            self._seen.popitem(last=False)
+        return cutoff
