@@ -111,3 +111,34 @@ def test_listed_peers_that_never_answer_cost_one_dial_timeout_and_then_back_off(
     finally:
         dht.shutdown()
         live_dht.shutdown()
+
+
+async def _routing_table_peers(dht, node) -> list[str]:
+    return [p.to_base58() for p in node.protocol.routing_table.uid_to_peer_id.values()]
+
+
+def test_a_joiner_through_hanging_initial_peers_waits_one_dial_timeout_and_finds_the_others(tmp_path, hanging_port):
+    """start_dht dials its initial peers itself, all at once: seven that accept a connection and never
+    answer, listed before the live one, cost one DIAL_TIMEOUT_S (p2pd's bootstrap, then one peer at a
+    time: 52 s). The joiner then looks up its neighbours as hivemind's bootstrap does: a peer known only
+    to the live one enters its routing table."""
+    from grpo_swarm.node.swarm.child_calls import run_in_dht
+
+    me, live, other = Identity.generate(), Identity.generate(), Identity.generate()
+    live_dht = start_dht(live, identity_path=tmp_path / "live", host_maddrs=LOOPBACK)
+    live_addrs = [str(m) for m in live_dht.get_visible_maddrs()]
+    other_dht = start_dht(other, identity_path=tmp_path / "other", host_maddrs=LOOPBACK, initial_peers=live_addrs)
+    dht = None
+    try:
+        hanging = [f"/ip4/127.0.0.1/tcp/{hanging_port}/p2p/{Identity.generate().peer_id_base58}" for _ in range(7)]
+        t0 = time.monotonic()
+        dht = start_dht(me, identity_path=tmp_path / "me", host_maddrs=LOOPBACK, initial_peers=hanging + live_addrs,
+                        attempts=1)
+        took = time.monotonic() - t0
+        assert took < DIAL_TIMEOUT_S + 6.0, took
+        assert live_dht.peer_id.to_base58() in connected_peers(dht)
+        assert other_dht.peer_id.to_base58() in run_in_dht(dht, _routing_table_peers, limit=10.0)
+    finally:
+        for d in (dht, other_dht, live_dht):
+            if d is not None:
+                d.shutdown()

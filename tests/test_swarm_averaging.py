@@ -63,7 +63,7 @@ from grpo_swarm.node.swarm.averaging import (
     tensors_sha256,
 )
 from grpo_swarm.node.swarm.child_calls import run_in_dht
-from grpo_swarm.node.swarm.dht import (DHTStartError, _connect_in_dht, check_transports, connect_peers, over_udp,
+from grpo_swarm.node.swarm.dht import (DHTStartError, _dial_in_dht, check_transports, connect_peers, over_udp,
                                        start_dht, tcp_only)
 from grpo_swarm.node.swarm.group_plan import GroupPlan
 from grpo_swarm.node.swarm.gather import decode_gather, decode_hivemind_entry, GatherClaim, encode_gather
@@ -803,7 +803,7 @@ def test_dht_from_node_key_file_and_bootstrap_errors(tmp_path, keys):
             over_quic = [str(m) for m in quic.get_visible_maddrs()]
             assert over_quic and all(over_udp(m) for m in over_quic), over_quic
             assert connect_peers(dht, over_quic) == []
-            reached = run_in_dht(dht, functools.partial(_connect_in_dht, over_quic), limit=30.0)
+            reached = run_in_dht(dht, functools.partial(_dial_in_dht, over_quic), limit=30.0)[0]
             assert reached == [quic.peer_id.to_base58()]
         finally:
             quic.shutdown()

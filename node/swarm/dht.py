@@ -14,9 +14,13 @@ signed tickets for: no key directory is needed to tell who sent what (see
   and dropped where the coordinator listed them (:func:`check_transports`, :func:`tcp_only`): hivemind's
   p2pd cuts a stream over QUIC after a few MB, so no averaging round can complete over one (measured:
   bench/RESULTS.md, session 38);
-* the start is retried with exponential back-off (hivemind tries once: a p2pd bootstrap failure is
-  fatal, even with ``ensure_bootstrap_success=False``) — first all peers together, then, when
-  that fails, each peer alone, so that one dead entry in the list cannot block the others;
+* the initial peers are not handed to p2pd and hivemind's bootstrap: the DHT starts on its own, then
+  dials every peer at once (all its addresses) and pings it, DIAL_TIMEOUT_S for the lot, and looks
+  up its own neighbours through those that answered. p2pd's bootstrap waited ~5 s for a peer that
+  accepts a TCP connection and never answers, and hivemind's failed as a whole on such a peer, so
+  the fallback of one peer at a time cost 5 s per such peer listed before a live one (7: 52 s);
+* the dials are retried with exponential back-off (a failure is not fatal: hivemind gives up after
+  one try);
 * a failure ends in :class:`DHTStartError` naming every peer's last error and what to check
   (addresses, open ports, NAT and ``--client-mode``).
 """
@@ -47,6 +51,7 @@ BOOTSTRAP_HINTS = (
 
 
 DIAL_TIMEOUT_S = 5.0  # a listed peer's dial and ping (connect_peers dials them all at once)
+NEIGHBOURS_TIMEOUT_S = 5.0  # a joining node's lookup of its own DHT neighbours through the peers it reached
 
 
 class DHTStartError(RuntimeError):
@@ -110,10 +115,11 @@ def start_dht(
 ):
     """A started ``hivemind.DHT`` whose peer id is ``identity``'s.
 
-    ``attempts`` rounds are tried, ``backoff_s · 2^k`` seconds apart (capped at ``max_backoff_s``):
-    each round tries all ``initial_peers`` together, then each peer alone (all its addresses). Without initial peers
-    this node starts a new swarm (one try). Extra keyword arguments go to ``hivemind.DHT``
-    (and from there to DHTNode and P2P), e.g. ``wait_timeout``, ``bootstrap_timeout``.
+    The DHT starts on its own; with ``initial_peers`` it then dials them all at once (:func:`_dial_in_dht`),
+    ``attempts`` times, ``backoff_s · 2^k`` seconds apart (capped at ``max_backoff_s``), until one answers,
+    and fills its routing table through those that did. Without initial peers this node starts a new
+    swarm. Extra keyword arguments go to ``hivemind.DHT`` (and from there to DHTNode and P2P), e.g.
+    ``wait_timeout``.
     Raises :class:`DHTStartError` with the per-peer errors and what to check; ValueError for an
     address over a UDP transport unless ``allow_udp`` (bench/averaging.py ``--transport quic`` only:
     it measures why they are refused).
@@ -134,41 +140,40 @@ def start_dht(
     if announce_maddrs is not None:
         kwargs["announce_maddrs"] = list(announce_maddrs)
 
-    def try_start(with_peers: list[str]):
-        dht = hivemind.DHT(initial_peers=with_peers or None, start=False, **kwargs)
-        try:
-            dht.run_in_background(await_ready=True, timeout=startup_timeout + 30)
-        except BaseException:
-            _reap(dht)
-            raise
+    dht = hivemind.DHT(start=False, **kwargs)
+    try:
+        dht.run_in_background(await_ready=True, timeout=startup_timeout + 30)
+    except Exception as e:
+        _reap(dht)
+        raise DHTStartError(f"could not start a DHT node on {list(host_maddrs)}: {type(e).__name__}: {e}. "
+                            "Check that the port is free and the address is one of this machine's.") from e
+    dht = _checked(dht, identity)
+    if not peers:
         return dht
 
-    if not peers:
-        try:
-            dht = try_start([])
-        except Exception as e:
-            raise DHTStartError(f"could not start a DHT node on {list(host_maddrs)}: {type(e).__name__}: {e}. "
-                                "Check that the port is free and the address is one of this machine's.") from e
-        return _checked(dht, identity)
+    import functools
+
+    from .child_calls import run_in_dht
 
     last_error: dict[str, str] = {}
-    # then each peer alone, with all its addresses (a peer that never answers costs one timeout)
-    groups = list(by_peer(peers).values())
-    candidates = [peers] + (groups if len(groups) > 1 else [])
-    for attempt in range(attempts):
-        if attempt:
-            delay = min(max_backoff_s, backoff_s * 2 ** (attempt - 1))
-            log.warning("DHT bootstrap attempt %d/%d failed; retrying in %.1f s", attempt, attempts, delay)
-            time.sleep(delay)
-        for group in candidates:
-            try:
-                return _checked(try_start(group), identity)
-            except Exception as e:  # noqa: BLE001 - every failure is reported below
-                for p in group:
-                    last_error[p] = f"{type(e).__name__}: {_short(e)}"
+    try:
+        for attempt in range(attempts):
+            if attempt:
+                delay = min(max_backoff_s, backoff_s * 2 ** (attempt - 1))
+                log.warning("DHT bootstrap attempt %d/%d failed; retrying in %.1f s", attempt, attempts, delay)
+                time.sleep(delay)
+            reached, errors = run_in_dht(dht, functools.partial(_dial_in_dht, peers, find_neighbours=True),
+                                         limit=DIAL_TIMEOUT_S + NEIGHBOURS_TIMEOUT_S + 15.0)
+            if reached:
+                return dht
+            last_error.update(errors)
+    except BaseException:
+        _reap(dht)
+        raise
+    _reap(dht)
     detail = "; ".join(f"{p} -> {err}" for p, err in last_error.items())
-    raise DHTStartError(f"could not join the swarm DHT through any of {len(peers)} initial peer(s) after {attempts} "
-                        f"attempt(s). Last errors: {detail}. {BOOTSTRAP_HINTS}")
+    raise DHTStartError(f"could not join the swarm DHT through any of {len(by_peer(peers))} initial peer(s) after "
+                        f"{attempts} attempt(s). Last errors: {detail}. {BOOTSTRAP_HINTS}")
 
 
 def _checked(dht, identity: Identity):
@@ -203,27 +208,36 @@ def by_peer(maddrs: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
-async def _connect_in_dht(maddrs: list[str], dht, node) -> list[str]:
+async def _dial_in_dht(maddrs: list[str], dht, node, *, find_neighbours: bool = False) -> tuple[list[str], dict]:
     """(Runs in the DHT's process.) Dial each peer not yet connected, with all its addresses, and ping
     it so it enters the routing table; every peer at once, so that peers that never answer cost one
-    DIAL_TIMEOUT_S in all, not one each. Returns the peer ids of ``maddrs`` connected now (already
-    or newly)."""
+    DIAL_TIMEOUT_S in all, not one each. With ``find_neighbours`` (a node joining), then look up this
+    node's own neighbours through them, as hivemind's bootstrap does, for at most NEIGHBOURS_TIMEOUT_S.
+    Returns (the peer ids of ``maddrs`` connected now, already or newly; {address: why} for those not
+    reached)."""
     import asyncio
 
     from hivemind.p2p import PeerID
     from hivemind.utils.multiaddr import Multiaddr
 
     known = {info.peer_id for info in await node.p2p.list_peers()}
+    errors: dict[str, str] = {}
 
     async def dial(peer: PeerID, addrs: list[str]) -> bool:
         try:
             bare = [Multiaddr(a).decapsulate(Multiaddr(f"/p2p/{peer}")) for a in addrs]
             async with asyncio.timeout(DIAL_TIMEOUT_S):
                 await node.p2p._client.connect(peer, bare)
-                return await node.protocol.call_ping(peer) is not None
+                if await node.protocol.call_ping(peer) is not None:
+                    return True
+            why = "connected, but it did not answer the DHT's ping"
+        except TimeoutError:
+            why = f"no answer within {DIAL_TIMEOUT_S:g} s"
         except Exception as e:  # noqa: BLE001 - an unreachable peer is skipped; the caller backs off
-            log.info("could not reach DHT peer %s at %s: %s", peer, addrs, _short(e))
-            return False
+            why = f"{type(e).__name__}: {_short(e)}"
+        log.info("could not reach DHT peer %s at %s: %s", peer, addrs, why)
+        errors.update({a: why for a in addrs})
+        return False
 
     todo, connected = {}, []
     for text, addrs in by_peer(maddrs).items():
@@ -231,6 +245,7 @@ async def _connect_in_dht(maddrs: list[str], dht, node) -> list[str]:
             peer = PeerID.from_base58(text)
         except Exception:  # noqa: BLE001 - not a peer id: nothing to dial
             log.info("not a peer id: %r", text)
+            errors.update({a: "not a peer id" for a in addrs})
             continue
         if peer in known:
             connected.append(peer)
@@ -238,7 +253,14 @@ async def _connect_in_dht(maddrs: list[str], dht, node) -> list[str]:
             todo[peer] = addrs
     peers = list(todo)
     answers = await asyncio.gather(*(dial(p, todo[p]) for p in peers))
-    return [p.to_base58() for p in connected] + [p.to_base58() for p, ok in zip(peers, answers) if ok]
+    reached = [p.to_base58() for p in connected] + [p.to_base58() for p, ok in zip(peers, answers) if ok]
+    if find_neighbours and reached:
+        try:
+            async with asyncio.timeout(NEIGHBOURS_TIMEOUT_S):
+                await node.find_nearest_nodes([node.node_id])
+        except Exception as e:  # noqa: BLE001 - the peers reached are in the routing table already
+            log.info("looking up this node's DHT neighbours: %s", _short(e))
+    return reached, errors
 
 
 def connect_peers(dht, maddrs: Sequence[str]) -> list[str]:
@@ -254,7 +276,7 @@ def connect_peers(dht, maddrs: Sequence[str]) -> list[str]:
     if not maddrs:
         return []
     # (past the dials' timeout and some slack the DHT process is wedged)
-    return run_in_dht(dht, functools.partial(_connect_in_dht, maddrs), limit=DIAL_TIMEOUT_S + 15.0)
+    return run_in_dht(dht, functools.partial(_dial_in_dht, maddrs), limit=DIAL_TIMEOUT_S + 15.0)[0]
 
 
 async def _peer_ids_in_dht(dht, node) -> list[str]:
