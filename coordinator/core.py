@@ -146,6 +146,10 @@ AVERAGING_ATTEMPTS = 3
 # (a slow node that missed one is still waited for); other live keys only for a while
 # (Coordinator._all_live_submitted): one round of real work buys at most this many such waits
 WORKED_ROUNDS = 2
+# every group a node submits is logged, a refused one with its proofs as evidence, and keys are free: a
+# node with verified work may have this many times its assignment (prompts_per_round groups) recorded
+# in a round, room to resubmit after lost replies; a key without any, half as many (Coordinator.submit)
+GROUPS_PER_ASSIGNMENT = 4
 MAX_VERSION_GROWTH = 4  # an uploaded version's size against the current one's (weights -> + AdamW moments)
 VERSION_SLACK_BYTES = 512 << 20  # ... plus this (headers, a small model's first version)
 
@@ -195,6 +199,8 @@ class Coordinator:
         # when this process closed the last round, on its monotonic clock (None after a restart: the
         # logged wall-clock close is all there is), for the last round's averaging budget
         self._closed_mono: float | None = None
+        # node -> groups recorded (accepted or refused) in the open round: the budget of GROUPS_PER_ASSIGNMENT
+        self._groups_recorded: dict[str, int] = {}
         # node -> the group ids it submitted in the open round, accepted or not (after a restart,
         # the accepted ones, from the log)
         self.round_groups: dict[str, set[str]] = _round_groups(self.log, self.state.current_round)
@@ -373,11 +379,31 @@ class Coordinator:
 
     def submit(self, public_key: bytes, proofs) -> pb.SubmitProofsResponse:
         node_id = node_id_from_public_key(public_key)
+        sizes: dict[str, int] = {}
         for i, p in enumerate(proofs):
             if bytes(p.node_public_key) != bytes(public_key):
                 raise RequestError("INVALID_ARGUMENT", f"proofs[{i}] is signed by another node key than the request")
+            sizes[p.group_id] = sizes.get(p.group_id, 0) + 1
+        # (what the log would keep as evidence: a group past the run's size proves nothing more than
+        # its first group_size + 1 proofs, and an unbounded one filled the log at the sender's rate)
+        group_size = self.spec.group_size
+        over = next((g for g, n in sizes.items() if n > group_size), None)
+        if over is not None:
+            raise RequestError("INVALID_ARGUMENT", f"group {over[:64]!r} has {sizes[over]} proofs; the run's groups "
+                                                   f"have {group_size}: nothing of this request was recorded")
         with self.lock:
             st = self.state
+            verified = node_id in self.recorder.round_accepted or node_id in self.recorder.peers.last_round
+            budget = GROUPS_PER_ASSIGNMENT * self.spec.prompts_per_round // (1 if verified else 2)
+            recorded = self._groups_recorded.get(node_id, 0)
+            if recorded + len(sizes) > budget:
+                why = (f"{GROUPS_PER_ASSIGNMENT} x prompts_per_round" if verified else
+                       f"{GROUPS_PER_ASSIGNMENT // 2} x prompts_per_round: it has no accepted work yet")
+                raise RequestError("RESOURCE_EXHAUSTED", f"node {node_id} has had {recorded} group(s) recorded in "
+                                                         f"round {st.current_round}, and this request brings "
+                                                         f"{len(sizes)}: at most {budget} a round ({why}); nothing "
+                                                         "of this request was recorded")
+            self._groups_recorded[node_id] = recorded + len(sizes)
             round_index, cur = st.current_round, st.current_version
             out = pb.SubmitProofsResponse()
             last_index = None
@@ -418,6 +444,7 @@ class Coordinator:
         self.recorder.close_round()
         self._closed_mono = time.monotonic()
         self.round_groups.clear()
+        self._groups_recorded.clear()
         self.round_started_ms = self._round_started_mono = None  # the next round's clock starts at its first dispatch
         self._workers_in = None
         self.metrics.rounds_closed.inc()

@@ -61,6 +61,10 @@ from .verify import EVIDENCE_CODES, InMemoryVerifierState, Verdict
 
 RewardProof = pb.RewardProof
 
+# a node's hash reports logged per version: an honest node reports once (again after a resync); a
+# node that flips its report at every heartbeat would add a log entry each time
+MAX_REPORTS_PER_VERSION = 3
+
 
 class RunRecorder:
     """A verifier that writes what it does to a protocol log (the heart of a coordinator, and what
@@ -85,6 +89,9 @@ class RunRecorder:
         self.final_tickets: dict[str, pb.AdmissionTicket] = {}  # node -> its ticket of the last closed round
         self.benched: dict[str, str] = {}  # node -> why it sits out the last closed round (no final ticket)
         self.closed_ms: int | None = None  # when the last round closed (its round_closed entry's time)
+        # (version, producing round) and node -> hash reports logged for them
+        self._reports_version: tuple = (-1, None)
+        self._reports_logged: Counter[str] = Counter()
         if _resume:
             return
         self._salt = self._draw_salt(0)
@@ -152,9 +159,21 @@ class RunRecorder:
 
     def report_hash(self, node_id: str, version: int, sha256: bytes) -> LogEntry | None:
         """Record a node's parameter hash for the next version; logs ``hash_reported`` when the
-        report is new or changed (None when it repeats). ValueError unless version = current + 1."""
-        payload = self.publication.report(node_id, version, sha256, self.state.current_version, self.state.is_banned)
-        return None if payload is None else self.log.append(HASH_REPORTED, payload, self.identity)
+        report is new or changed (None when it repeats). ValueError unless version = current + 1.
+        Not recorded (None): a node's changes past MAX_REPORTS_PER_VERSION reports for one version, or
+        past its first when it has no weight in the producing round (no say in the tally): a node that
+        flipped its report at every heartbeat added a log entry each time, and keys are free."""
+        st, pub = self.state, self.publication
+        if (version, pub.round) != self._reports_version:  # (a round's close starts every report afresh)
+            self._reports_version, self._reports_logged = (version, pub.round), Counter()
+        weighted = pub.weight_of(node_id, st.is_banned) > 0
+        if self._reports_logged[node_id] >= (MAX_REPORTS_PER_VERSION if weighted else 1):
+            return None
+        payload = pub.report(node_id, version, sha256, st.current_version, st.is_banned)
+        if payload is None:
+            return None
+        self._reports_logged[node_id] += 1
+        return self.log.append(HASH_REPORTED, payload, self.identity)
 
     def check_publication(self, version: int, sha256: bytes, uploader: str | None) -> Tally:
         """The tally when ``uploader`` may publish ``sha256`` as ``version`` now; PublicationRefused otherwise."""
