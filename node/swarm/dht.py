@@ -51,7 +51,7 @@ BOOTSTRAP_HINTS = (
 
 
 DIAL_TIMEOUT_S = 5.0  # a listed peer's dial and ping (connect_peers dials them all at once)
-NEIGHBOURS_TIMEOUT_S = 5.0  # a joining node's lookup of its own DHT neighbours through the peers it reached
+NEIGHBOURS_TIMEOUT_S = 3.0  # a joining node's lookup of its own DHT neighbours through the peers it reached (hivemind's bootstrap_timeout)
 
 
 class DHTStartError(RuntimeError):
