@@ -2,8 +2,9 @@
 
 * ``salts`` — the secret spot-check salt of each round, written (durably) before its commitment
   is logged, so a restarted coordinator can still reveal it;
-* ``nodes`` — each node's latest heartbeat: policy version, hardware, throughput, last seen, and
-  the libp2p multiaddrs it announces (JSON list; what :meth:`CoordinatorStore.peers` hands out).
+* ``nodes`` — each node's latest heartbeat: policy version, hardware, throughput, last seen (wall
+  clock: for operators, and to seed :mod:`.liveness` after a restart), and the libp2p multiaddrs it
+  announces (JSON list; what :meth:`CoordinatorStore.multiaddrs` hands out).
 
 Parameter-hash reports are not kept here: they decide publication, so they are protocol log
 entries (``hash_reported``), and a restart rebuilds them from the log
