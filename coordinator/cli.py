@@ -106,6 +106,8 @@ def serve(
     rate: float = typer.Option(20.0, help="requests per second allowed per node key (0 = unlimited)"),
     burst: int = typer.Option(100, help="request burst allowed per node key"),
     upload_idle_s: float = typer.Option(120.0, min=1.0, help="cancel an upload stream that sent nothing for this long"),
+    stream_idle_s: float = typer.Option(60.0, min=1.0, help="cancel a download or log stream whose client took "
+                                                           "nothing for this long"),
     port_file: Optional[Path] = typer.Option(None, help="write the bound port here once serving"),
 ) -> None:
     """Run the coordinator's gRPC service (resumes the run found in --data-dir)."""
@@ -138,7 +140,8 @@ def serve(
         err.print(f"[red]cannot start:[/red] {exc}")
         raise typer.Exit(1)
     server, bound, _ = start_server(coordinator, host, port, limits=ServerLimits(rate_per_s=rate, burst=burst,
-                                                                                  upload_idle_s=upload_idle_s), tls=tls)
+                                                                                  upload_idle_s=upload_idle_s,
+                                                                                  stream_idle_s=stream_idle_s), tls=tls)
     if metrics_port is not None:
         mport = coordinator.metrics.serve_http(metrics_port, addr=host)
         err.print(f"metrics on http://{host}:{mport}/metrics")

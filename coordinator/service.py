@@ -42,6 +42,7 @@ from grpo_swarm.protocol.version_file import NotCanonical, StreamingStateHash
 from .core import Coordinator, RequestError
 from .limits import NonceWindow, RateLimiter
 from .upload_hashing import BackgroundFeed
+from .outbound import OutboundStreams, TooManyStreams
 from .uploads import Flight, TooManyUploads
 
 OPEN_METHODS = frozenset({"Register", "GetLog"})  # any valid key may call these
@@ -55,8 +56,9 @@ class ServerLimits:
     burst: int = 100
     window_s: float = 120.0  # allowed |client time - server time|
     max_request_bytes: int = MAX_REQUEST_BYTES
-    workers: int = 16
+    workers: int = 32  # uploads take at most half of them, downloads and log streams a quarter (.outbound)
     upload_idle_s: float = 120.0  # an upload stream that sends nothing for this long is cancelled
+    stream_idle_s: float = 60.0  # a download or log stream whose client takes nothing for this long is cancelled
 
 
 class _Refused(Exception):
@@ -91,6 +93,7 @@ class CoordinatorService:
         self.limits = limits
         self.nonces = NonceWindow(int(limits.window_s * 1000))
         self.rate = RateLimiter(limits.rate_per_s, limits.burst)
+        self.outbound = OutboundStreams(limits.workers // 4, limits.stream_idle_s)
 
     # -- authentication
     def _open(self, method: str, data: bytes, kind: str | None = None) -> tuple[pb.SignedEnvelope, str | None]:
@@ -200,16 +203,21 @@ class CoordinatorService:
                 raise RequestError("OUT_OF_RANGE", f"offset {req.offset} is not a chunk boundary in 0.."
                                                    f"{manifest.total_bytes} (chunk size {manifest.chunk_size})")
             path = self.c.snapshot_file(req.version)
+            stream = self._outbound(env, context, method)
         except Exception as exc:  # noqa: BLE001
             self._fail(method, context, exc)
-        served = self.c.metrics.bytes_served.labels(method)
-        for off, data in iter_file_chunks(path, req.offset, manifest.chunk_size):
-            if not context.is_active():
-                return
-            served.inc(len(data))
-            # the bytes of SnapshotChunk(offset=off, data=data).SerializeToString() (data is never
-            # empty), put together here so that the chunk is copied once instead of twice
-            yield pb.SnapshotChunk(offset=off).SerializeToString() + _varint_field(2, len(data)) + data
+        try:
+            served = self.c.metrics.bytes_served.labels(method)
+            for off, data in iter_file_chunks(path, req.offset, manifest.chunk_size):
+                if not context.is_active():
+                    return
+                served.inc(len(data))
+                # the bytes of SnapshotChunk(offset=off, data=data).SerializeToString() (data is never
+                # empty), put together here so that the chunk is copied once instead of twice
+                yield pb.SnapshotChunk(offset=off).SerializeToString() + _varint_field(2, len(data)) + data
+                stream.sent()
+        finally:
+            self.outbound.end(stream)
         self._ok(method)
 
     def get_log(self, request: bytes, context):
@@ -217,6 +225,7 @@ class CoordinatorService:
         try:
             env, _ = self._open(method, request)
             req = self._payload(pb.GetLogRequest, env)
+            stream = self._outbound(env, context, method)
         except Exception as exc:  # noqa: BLE001
             self._fail(method, context, exc)
         limit = min(req.max_entries or MAX_LOG_ENTRIES_PER_CALL, MAX_LOG_ENTRIES_PER_CALL)
@@ -229,9 +238,18 @@ class CoordinatorService:
                 line = entry.to_jsonl()
                 served.inc(len(line))
                 yield pb.LogEntryLine(json=line).SerializeToString()
+                stream.sent()
         finally:
             reader.close()
+            self.outbound.end(stream)
         self._ok(method)
+
+    def _outbound(self, env: pb.SignedEnvelope, context, method: str):
+        """A slot among the outbound streams for the request's key (.outbound), or RESOURCE_EXHAUSTED."""
+        try:
+            return self.outbound.start(bytes(env.signer_public_key).hex(), context, method)
+        except TooManyStreams as e:
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
 
     def upload(self, request_iterator, context):
         method = "UploadSnapshot"

@@ -1,0 +1,71 @@
+"""The streams a coordinator sends (DownloadSnapshot, GetLog): how many may run at once, and when a
+stalled one is cut.
+
+Each such stream holds a gRPC worker thread for as long as it runs, and a client that stops reading
+blocks that thread in its send (HTTP/2 flow control). Sixteen stalled downloads of a 200 MB version,
+opened by one registered key in a second, held every worker: no heartbeat or submission was answered.
+So a key may have one outbound stream at a time, at most ``max_streams`` run at once (the rest of the
+workers serve the unary calls), and a stream whose client has taken nothing for ``idle_s`` is
+cancelled by a watchdog thread. Thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+
+class TooManyStreams(Exception):
+    pass
+
+
+@dataclass(eq=False)  # compared and hashed by identity
+class Outbound:
+    key: str
+    last_sent: float = field(default_factory=time.monotonic)
+    ended: bool = False
+
+    def sent(self) -> None:
+        self.last_sent = time.monotonic()
+
+
+class OutboundStreams:
+    def __init__(self, max_streams: int, idle_s: float):
+        self.max_streams, self.idle_s = max(1, int(max_streams)), float(idle_s)
+        self._lock = threading.Lock()
+        self._streams: set[Outbound] = set()
+
+    def start(self, key: str, context: grpc.ServicerContext, what: str) -> Outbound:
+        """A slot for ``key``'s stream, watched; TooManyStreams when ``key`` has one already or all are taken."""
+        stream = Outbound(key)
+        with self._lock:
+            if any(s.key == key for s in self._streams):
+                raise TooManyStreams(f"a {what} stream of this key is running already: one at a time")
+            if len(self._streams) >= self.max_streams:
+                raise TooManyStreams(f"{len(self._streams)} download/log streams are running, the most this "
+                                     "coordinator sends at once: retry in a while")
+            self._streams.add(stream)
+        threading.Thread(target=self._cancel_when_idle, args=(stream, context), name="outbound-watchdog",
+                         daemon=True).start()
+        return stream
+
+    def end(self, stream: Outbound) -> None:
+        with self._lock:
+            self._streams.discard(stream)
+            stream.ended = True
+
+    def running(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    def _cancel_when_idle(self, stream: Outbound, context: grpc.ServicerContext) -> None:
+        while not stream.ended:
+            idle = time.monotonic() - stream.last_sent
+            if idle > self.idle_s:
+                context.cancel()  # (the handler's blocked send returns, and its generator is closed)
+                self.end(stream)
+                return
+            time.sleep(min(1.0, self.idle_s - idle + 0.01))
