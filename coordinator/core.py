@@ -154,6 +154,15 @@ MAX_VERSION_GROWTH = 4  # an uploaded version's size against the current one's (
 VERSION_SLACK_BYTES = 512 << 20  # ... plus this (headers, a small model's first version)
 
 
+def _elapsed_ms(mono: float | None, wall_ms: int | None) -> float | None:
+    """Milliseconds since an event: on the monotonic clock when this process saw it (``mono``), else
+    (after a restart) on the wall clock from its logged time; None when there was none. A wall clock
+    that steps, or a paused machine, must not end a round or spend a budget at once."""
+    if mono is not None:
+        return 1000 * (time.monotonic() - mono)
+    return None if wall_ms is None else float(max(0, now_ms() - wall_ms))
+
+
 class Coordinator:
     """One run's coordinator state. Thread-safe: every method takes the instance lock."""
 
@@ -486,11 +495,8 @@ class Coordinator:
         return 1000 * (now - since) >= wait
 
     def _round_age_ms(self) -> float:
-        """Milliseconds since the open round's first dispatch (0 before it): on the monotonic clock when
-        this process saw the dispatch, else (after a restart) on the wall clock from the logged start."""
-        if self._round_started_mono is not None:
-            return 1000 * (time.monotonic() - self._round_started_mono)
-        return max(0, now_ms() - self.round_started_ms) if self.round_started_ms is not None else 0.0
+        """Milliseconds since the open round's first dispatch (0 before it)."""
+        return _elapsed_ms(self._round_started_mono, self.round_started_ms) or 0.0
 
     def _last_round_settled(self) -> bool:
         """Whether the last closed round's ticket holders are done averaging it: its version was
@@ -510,10 +516,8 @@ class Coordinator:
         if math.fsum(pub.weights[n] for n in sorted(moved)) > 0.5 * total:
             return True
         budget_ms = 1000 * AVERAGING_ATTEMPTS * (self.cfg.swarm.matchmaking_timeout_s + self.cfg.swarm.averaging_timeout_s)
-        if self._closed_mono is not None:
-            return 1000 * (time.monotonic() - self._closed_mono) >= budget_ms
-        closed_ms = self.recorder.closed_ms
-        return closed_ms is None or now_ms() - closed_ms >= budget_ms
+        since_close = _elapsed_ms(self._closed_mono, self.recorder.closed_ms)
+        return since_close is None or since_close >= budget_ms
 
     def _publication_streaming(self) -> bool:
         """Whether the version the last closed round produced is being uploaded, moving, and due

@@ -40,15 +40,14 @@ class Liveness:
 
     def live(self) -> list[str]:
         """The live nodes' ids, most recently seen first."""
-        cutoff = self._expire()
-        return [n for n, t in reversed(self._seen.items()) if t >= cutoff]
+        self._expire()
+        return list(reversed(self._seen))
 
     def last_seen_ms(self, node_id: str) -> int:
         """When ``node_id`` was last seen, as a wall-clock time (for the peer listing's information)."""
         return int(self._wall_ms() - 1000 * (self._clock() - self._seen[node_id]))
 
-    def _expire(self) -> float:
+    def _expire(self) -> None:
         cutoff = self._clock() - self.ttl_s
         while self._seen and next(iter(self._seen.values())) < cutoff:
             self._seen.popitem(last=False)
-        return cutoff

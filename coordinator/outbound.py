@@ -6,7 +6,8 @@ blocks that thread in its send (HTTP/2 flow control). Sixteen stalled downloads 
 opened by one registered key in a second, held every worker: no heartbeat or submission was answered.
 So a key may have one outbound stream at a time, at most ``max_streams`` run at once (the rest of the
 workers serve the unary calls), and a stream whose client has taken nothing for ``idle_s`` is
-cancelled by a watchdog thread. Thread-safe.
+cancelled by a watchdog thread (:func:`cancel_when_idle`, which watches the upload streams too).
+Thread-safe.
 """
 
 from __future__ import annotations
@@ -14,8 +15,29 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
+
+
+class Watched(Protocol):
+    last_chunk: float  # (monotonic) when the stream last moved
+    ended: bool
+    cancelled: bool
+
+
+def cancel_when_idle(stream: Watched, context: grpc.ServicerContext, idle_s: float) -> bool:
+    """Cancel the stream's RPC once it has not moved for ``idle_s`` (True), or return when it ends
+    (False). A stream with no deadline (a large version over a slow link) must not hold a worker for
+    ever once the other side stops."""
+    while not stream.ended:
+        idle = time.monotonic() - stream.last_chunk
+        if idle > idle_s:
+            stream.cancelled = True
+            context.cancel()  # (the handler's blocked send or receive returns)
+            return True
+        time.sleep(min(1.0, idle_s - idle + 0.01))
+    return False
 
 
 class TooManyStreams(Exception):
@@ -25,11 +47,12 @@ class TooManyStreams(Exception):
 @dataclass(eq=False)  # compared and hashed by identity
 class Outbound:
     key: str
-    last_sent: float = field(default_factory=time.monotonic)
+    last_chunk: float = field(default_factory=time.monotonic)
     ended: bool = False
+    cancelled: bool = False  # by the watchdog
 
     def sent(self) -> None:
-        self.last_sent = time.monotonic()
+        self.last_chunk = time.monotonic()
 
 
 class OutboundStreams:
@@ -48,8 +71,7 @@ class OutboundStreams:
                 raise TooManyStreams(f"{len(self._streams)} download/log streams are running, the most this "
                                      "coordinator sends at once: retry in a while")
             self._streams.add(stream)
-        threading.Thread(target=self._cancel_when_idle, args=(stream, context), name="outbound-watchdog",
-                         daemon=True).start()
+        threading.Thread(target=self._watch, args=(stream, context), name="outbound-watchdog", daemon=True).start()
         return stream
 
     def end(self, stream: Outbound) -> None:
@@ -61,11 +83,6 @@ class OutboundStreams:
         with self._lock:
             return len(self._streams)
 
-    def _cancel_when_idle(self, stream: Outbound, context: grpc.ServicerContext) -> None:
-        while not stream.ended:
-            idle = time.monotonic() - stream.last_sent
-            if idle > self.idle_s:
-                context.cancel()  # (the handler's blocked send returns, and its generator is closed)
-                self.end(stream)
-                return
-            time.sleep(min(1.0, self.idle_s - idle + 0.01))
+    def _watch(self, stream: Outbound, context: grpc.ServicerContext) -> None:
+        if cancel_when_idle(stream, context, self.idle_s):
+            self.end(stream)  # (the slot is free now, whenever gRPC closes the handler's generator)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -41,9 +40,9 @@ from grpo_swarm.protocol.version_file import NotCanonical, StreamingStateHash
 
 from .core import Coordinator, RequestError
 from .limits import NonceWindow, RateLimiter
+from .outbound import OutboundStreams, TooManyStreams, cancel_when_idle
 from .upload_hashing import BackgroundFeed
-from .outbound import OutboundStreams, TooManyStreams
-from .uploads import Flight, TooManyUploads
+from .uploads import TooManyUploads
 
 OPEN_METHODS = frozenset({"Register", "GetLog"})  # any valid key may call these
 ADMIN_METHODS = frozenset({"Admin"})  # only the coordinator's own key may call these
@@ -280,7 +279,7 @@ class CoordinatorService:
             self.c.metrics.uploads_in_flight.inc()
             # a stream with no deadline (a large version over a slow link) must not hold a worker and its
             # disk reservation for ever once its sender stops sending
-            threading.Thread(target=_cancel_when_idle, args=(flight, context, self.limits.upload_idle_s),
+            threading.Thread(target=cancel_when_idle, args=(flight, context, self.limits.upload_idle_s),
                              name="upload-watchdog", daemon=True).start()
             tmp = self.c.snapshots.upload_path(f"{node_id}-{version}-{os.getpid()}")
             # the file's hashes are taken, and its bytes written, as they arrive, each in a thread beside
@@ -380,17 +379,6 @@ class CoordinatorService:
             "ReportPeer": self._unary("ReportPeer", self.report_peer),
             "Admin": self._unary("Admin", self.admin),
         })
-
-
-def _cancel_when_idle(flight: Flight, context: grpc.ServicerContext, idle_s: float) -> None:
-    """Cancel the upload's RPC once ``flight`` has received nothing for ``idle_s``; return when it ends."""
-    while not flight.ended:
-        idle = time.monotonic() - flight.last_chunk
-        if idle > idle_s:
-            flight.cancelled = True
-            context.cancel()
-            return
-        time.sleep(min(1.0, idle_s - idle + 0.01))
 
 
 def start_server(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0, *,

@@ -67,11 +67,6 @@ from .identity import base58_encode, peer_id_from_public_key
 # multiaddr components of the UDP transports (QUIC, WebTransport, WebRTC): refused, the averaging
 # cannot run over them (bench/RESULTS.md, session 38)
 UDP_TRANSPORTS = frozenset({"udp", "quic", "quic-v1", "webtransport", "webrtc", "webrtc-direct"})
-
-
-def udp_transport(maddr: str) -> str | None:
-    """The first component of ``maddr`` that names a UDP transport (None: there is none)."""
-    return next((p for p in str(maddr).split("/") if p in UDP_TRANSPORTS), None)
 MAX_MULTIADDRS = 8
 MAX_MULTIADDR_CHARS = 256
 MAX_PEERS = 32  # addresses handed out per reply
@@ -96,6 +91,11 @@ IsBanned = Callable[[str], bool]
 def peer_id_of(public_key: bytes) -> str:
     """The base58 libp2p peer id (``12D3KooW...``) of a node's Ed25519 public key."""
     return base58_encode(peer_id_from_public_key(bytes(public_key)))
+
+
+def udp_transport(maddr: str) -> str | None:
+    """The first component of ``maddr`` that names a UDP transport (None: there is none)."""
+    return next((p for p in str(maddr).split("/") if p in UDP_TRANSPORTS), None)
 
 
 def check_multiaddrs(addrs: Sequence[str], public_key: bytes) -> list[str]:

@@ -151,6 +151,7 @@ def test_addresses_are_reported_and_handed_out(tmp_path):
         admin.admin(pb.ADMIN_BAN, ids["d"].node_id, "spam")
         with s.coordinator.lock:  # (liveness runs on the monotonic clock: coordinator/liveness.py)
             s.coordinator.liveness._seen[ids["c"].node_id] -= 31.0
+            s.coordinator.liveness._seen.move_to_end(ids["c"].node_id, last=False)  # (oldest first)
         assert [p.node_id for p in a.heartbeat(0).peers] == [ids["b"].node_id]
         assert [p.node_id for p in c.heartbeat(0).peers] == [ids["a"].node_id, ids["b"].node_id]  # c is back
         assert s.coordinator.metrics.registry.get_sample_value("grpo_coordinator_nodes_active") == 4
