@@ -108,6 +108,8 @@ def serve(
     upload_idle_s: float = typer.Option(120.0, min=1.0, help="cancel an upload stream that sent nothing for this long"),
     stream_idle_s: float = typer.Option(60.0, min=1.0, help="cancel a download or log stream whose client took "
                                                            "nothing for this long"),
+    stream_min_rate: float = typer.Option(128.0, min=0.0, help="KiB/s: cancel a download or log stream whose client "
+                                                              "took less than this over --stream-idle-s (0: no minimum)"),
     port_file: Optional[Path] = typer.Option(None, help="write the bound port here once serving"),
 ) -> None:
     """Run the coordinator's gRPC service (resumes the run found in --data-dir)."""
@@ -141,7 +143,9 @@ def serve(
         raise typer.Exit(1)
     server, bound, _ = start_server(coordinator, host, port, limits=ServerLimits(rate_per_s=rate, burst=burst,
                                                                                   upload_idle_s=upload_idle_s,
-                                                                                  stream_idle_s=stream_idle_s), tls=tls)
+                                                                                  stream_idle_s=stream_idle_s,
+                                                                                  stream_min_rate=stream_min_rate * 1024),
+                                  tls=tls)
     if metrics_port is not None:
         mport = coordinator.metrics.serve_http(metrics_port, addr=host)
         err.print(f"metrics on http://{host}:{mport}/metrics")

@@ -270,6 +270,16 @@ class Coordinator:
                                verified=n in verified)
                 for n, addrs in self.store.multiaddrs(order, limit=MAX_PEERS)]
 
+    def _verified(self, node_id: str) -> bool:
+        """Whether ``node_id`` has verified work: accepted in the open round, or a part in a closed one."""
+        return node_id in self.recorder.round_accepted or node_id in self.recorder.peers.last_round
+
+    def has_verified_work(self, public_key: bytes) -> bool:
+        """Whether the node of ``public_key`` (registered or not) has verified work (:meth:`_verified`)."""
+        with self.lock:
+            node_id = self.state.node_for_key(public_key)
+            return node_id is not None and not self.state.is_banned(node_id) and self._verified(node_id)
+
     def live_nodes(self) -> int:
         """Nodes seen within the peer TTL, banned ones not counted: what ``swarm.min_peers`` is held
         against before a round starts."""
@@ -402,7 +412,7 @@ class Coordinator:
                                                    f"have {group_size}: nothing of this request was recorded")
         with self.lock:
             st = self.state
-            verified = node_id in self.recorder.round_accepted or node_id in self.recorder.peers.last_round
+            verified = self._verified(node_id)
             budget = GROUPS_PER_ASSIGNMENT * self.spec.prompts_per_round // (1 if verified else 2)
             recorded = self._groups_recorded.get(node_id, 0)
             if recorded + len(sizes) > budget:

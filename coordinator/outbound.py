@@ -1,12 +1,20 @@
-"""The streams a coordinator sends (DownloadSnapshot, GetLog): how many may run at once, and when a
-stalled one is cut.
+"""The streams a coordinator sends (DownloadSnapshot, GetLog): how many may run at once, whose they
+may be, and when a stalled or trickling one is cut.
 
 Each such stream holds a gRPC worker thread for as long as it runs, and a client that stops reading
 blocks that thread in its send (HTTP/2 flow control). Sixteen stalled downloads of a 200 MB version,
 opened by one registered key in a second, held every worker: no heartbeat or submission was answered.
-So a key may have one outbound stream at a time, at most ``max_streams`` run at once (the rest of the
-workers serve the unary calls), and a stream whose client has taken nothing for ``idle_s`` is
-cancelled by a watchdog thread (:func:`cancel_when_idle`, which watches the upload streams too).
+So:
+
+* a key may have one outbound stream at a time, and at most ``max_streams`` run at once (the rest of
+  the workers serve the unary calls);
+* keys without verified work (free to make, and GetLog needs no registration) may hold at most
+  ``max_streams - reserved`` of them: the other ``reserved`` slots stay for nodes that have taken part
+  in a round, so free keys cannot keep the swarm's own nodes from a snapshot;
+* a watchdog thread (:func:`cancel_when_idle`, which watches the upload streams too) cancels a
+  stream whose client has taken nothing for ``idle_s``, or less than ``min_rate`` bytes/s over a
+  window of ``idle_s``: reading one chunk a minute no longer holds a slot for ever.
+
 Thread-safe.
 """
 
@@ -22,21 +30,29 @@ import grpc
 
 class Watched(Protocol):
     last_chunk: float  # (monotonic) when the stream last moved
+    bytes_moved: int  # in all, so far
     ended: bool
     cancelled: bool
 
 
-def cancel_when_idle(stream: Watched, context: grpc.ServicerContext, idle_s: float) -> bool:
-    """Cancel the stream's RPC once it has not moved for ``idle_s`` (True), or return when it ends
-    (False). A stream with no deadline (a large version over a slow link) must not hold a worker for
-    ever once the other side stops."""
+def cancel_when_idle(stream: Watched, context: grpc.ServicerContext, idle_s: float, min_rate: float = 0.0) -> bool:
+    """Cancel the stream's RPC once it has not moved for ``idle_s``, or moved fewer than ``min_rate``
+    bytes/s over a window of ``idle_s`` (True); or return when it ends (False). A stream with no
+    deadline (a large version over a slow link) must not hold a worker for ever once the other side
+    stops, nor while it takes a trickle."""
+    window_start, window_bytes = time.monotonic(), stream.bytes_moved
     while not stream.ended:
-        idle = time.monotonic() - stream.last_chunk
-        if idle > idle_s:
+        now = time.monotonic()
+        idle = now - stream.last_chunk
+        slow = False
+        if now - window_start >= idle_s:
+            slow = stream.bytes_moved - window_bytes < min_rate * (now - window_start)
+            window_start, window_bytes = now, stream.bytes_moved
+        if idle > idle_s or slow:
             stream.cancelled = True
             context.cancel()  # (the handler's blocked send or receive returns)
             return True
-        time.sleep(min(1.0, idle_s - idle + 0.01))
+        time.sleep(max(0.01, min(1.0, idle_s - idle + 0.01, window_start + idle_s - now + 0.01)))
     return False
 
 
@@ -47,29 +63,40 @@ class TooManyStreams(Exception):
 @dataclass(eq=False)  # compared and hashed by identity
 class Outbound:
     key: str
+    verified: bool = False  # the key's node has taken part in a round
     last_chunk: float = field(default_factory=time.monotonic)
+    bytes_moved: int = 0
     ended: bool = False
     cancelled: bool = False  # by the watchdog
 
-    def sent(self) -> None:
+    def sent(self, nbytes: int) -> None:
+        self.bytes_moved += nbytes
         self.last_chunk = time.monotonic()
 
 
 class OutboundStreams:
-    def __init__(self, max_streams: int, idle_s: float):
-        self.max_streams, self.idle_s = max(1, int(max_streams)), float(idle_s)
+    def __init__(self, max_streams: int, idle_s: float, min_rate: float = 0.0, reserved: int | None = None):
+        """``reserved``: slots only keys with verified work may take (default: half, rounded down)."""
+        self.max_streams, self.idle_s, self.min_rate = max(1, int(max_streams)), float(idle_s), float(min_rate)
+        self.reserved = min(self.max_streams - 1, self.max_streams // 2 if reserved is None else max(0, int(reserved)))
         self._lock = threading.Lock()
         self._streams: set[Outbound] = set()
 
-    def start(self, key: str, context: grpc.ServicerContext, what: str) -> Outbound:
-        """A slot for ``key``'s stream, watched; TooManyStreams when ``key`` has one already or all are taken."""
-        stream = Outbound(key)
+    def start(self, key: str, context: grpc.ServicerContext, what: str, verified: bool = False) -> Outbound:
+        """A slot for ``key``'s stream, watched; TooManyStreams when ``key`` has one already, all are
+        taken, or (``verified`` False) all those open to keys without verified work are."""
+        stream = Outbound(key, verified)
         with self._lock:
             if any(s.key == key for s in self._streams):
                 raise TooManyStreams(f"a {what} stream of this key is running already: one at a time")
             if len(self._streams) >= self.max_streams:
                 raise TooManyStreams(f"{len(self._streams)} download/log streams are running, the most this "
                                      "coordinator sends at once: retry in a while")
+            unverified = sum(1 for s in self._streams if not s.verified)
+            if not verified and unverified >= self.max_streams - self.reserved:
+                raise TooManyStreams(f"{unverified} download/log streams of keys without verified work are running, "
+                                     f"the most this coordinator sends them at once ({self.reserved} slots are kept "
+                                     "for nodes that have taken part in a round): retry in a while")
             self._streams.add(stream)
         threading.Thread(target=self._watch, args=(stream, context), name="outbound-watchdog", daemon=True).start()
         return stream
@@ -84,5 +111,5 @@ class OutboundStreams:
             return len(self._streams)
 
     def _watch(self, stream: Outbound, context: grpc.ServicerContext) -> None:
-        if cancel_when_idle(stream, context, self.idle_s):
+        if cancel_when_idle(stream, context, self.idle_s, self.min_rate):
             self.end(stream)  # (the slot is free now, whenever gRPC closes the handler's generator)

@@ -58,6 +58,7 @@ class ServerLimits:
     workers: int = 32  # uploads take at most half of them, downloads and log streams a quarter (.outbound)
     upload_idle_s: float = 120.0  # an upload stream that sends nothing for this long is cancelled
     stream_idle_s: float = 60.0  # a download or log stream whose client takes nothing for this long is cancelled
+    stream_min_rate: float = 128 << 10  # bytes/s: ... or takes less than this over stream_idle_s (0: no minimum)
 
 
 class _Refused(Exception):
@@ -92,7 +93,7 @@ class CoordinatorService:
         self.limits = limits
         self.nonces = NonceWindow(int(limits.window_s * 1000))
         self.rate = RateLimiter(limits.rate_per_s, limits.burst)
-        self.outbound = OutboundStreams(limits.workers // 4, limits.stream_idle_s)
+        self.outbound = OutboundStreams(limits.workers // 4, limits.stream_idle_s, limits.stream_min_rate)
 
     # -- authentication
     def _open(self, method: str, data: bytes, kind: str | None = None) -> tuple[pb.SignedEnvelope, str | None]:
@@ -214,7 +215,7 @@ class CoordinatorService:
                 # the bytes of SnapshotChunk(offset=off, data=data).SerializeToString() (data is never
                 # empty), put together here so that the chunk is copied once instead of twice
                 yield pb.SnapshotChunk(offset=off).SerializeToString() + _varint_field(2, len(data)) + data
-                stream.sent()
+                stream.sent(len(data))
         finally:
             self.outbound.end(stream)
         self._ok(method)
@@ -237,7 +238,7 @@ class CoordinatorService:
                 line = entry.to_jsonl()
                 served.inc(len(line))
                 yield pb.LogEntryLine(json=line).SerializeToString()
-                stream.sent()
+                stream.sent(len(line))
         finally:
             reader.close()
             self.outbound.end(stream)
@@ -245,8 +246,9 @@ class CoordinatorService:
 
     def _outbound(self, env: pb.SignedEnvelope, context, method: str):
         """A slot among the outbound streams for the request's key (.outbound), or RESOURCE_EXHAUSTED."""
+        key = bytes(env.signer_public_key)
         try:
-            return self.outbound.start(bytes(env.signer_public_key).hex(), context, method)
+            return self.outbound.start(key.hex(), context, method, verified=self.c.has_verified_work(key))
         except TooManyStreams as e:
             raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
 

@@ -40,6 +40,10 @@ class Flight:
     def advance(self, received: int) -> None:
         self.received, self.last_chunk = received, _now()
 
+    @property
+    def bytes_moved(self) -> int:  # (what the idle watchdog reads, .outbound.cancel_when_idle)
+        return self.received
+
     def progress(self, now: float) -> pb.UploadProgress:
         return pb.UploadProgress(version=self.version, node_id=self.node_id, bytes_received=self.received,
                                  total_bytes=self.total_bytes, elapsed_ms=int(1000 * (now - self.started)),

@@ -1,6 +1,8 @@
-"""The coordinator's outbound streams (coordinator/outbound.py) as an attacker uses them: a registered
-key (free to make) opening snapshot downloads and never reading them. Before, sixteen such streams
-held every gRPC worker and no heartbeat was answered. A real coordinator on loopback, a 64 MB version."""
+"""The coordinator's outbound streams (coordinator/outbound.py) as an attacker uses them: registered
+keys (free to make) opening snapshot downloads and never reading them, or reading a trickle. Before,
+sixteen such streams held every gRPC worker and no heartbeat was answered; then eight free keys could
+hold every outbound slot for as long as they took a chunk a minute. A real coordinator on loopback, a
+64 MB version."""
 
 from __future__ import annotations
 
@@ -28,6 +30,20 @@ def _open(client, version: int):
     return it
 
 
+def _version(s: Served, tmp_path) -> None:
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(os.urandom(1 << 20) * 64)
+    s.coordinator.snapshots.add(big, 7, b"\x07" * 32)
+
+
+def _worker(s: Served, tmp_path) -> HonestNode:
+    """A node with verified work: its groups of the open round accepted."""
+    node = HonestNode(s.address, tmp_path / "worker")
+    _, groups = node.round_proofs()
+    assert all(v.accepted for v in node.client.submit_proofs([p for g in groups for p in g]).verdicts)
+    return node
+
+
 def _answered_within(fn, seconds: float) -> bool:
     done = threading.Event()
     threading.Thread(target=lambda: (fn(), done.set()), daemon=True).start()
@@ -37,10 +53,9 @@ def _answered_within(fn, seconds: float) -> bool:
 def test_stalled_downloads_cannot_take_the_coordinators_workers(tmp_path):
     s = Served(tmp_path, limits=ServerLimits(workers=8, stream_idle_s=IDLE_S), chunk_size=64 << 10)
     try:
-        big = tmp_path / "big.safetensors"
-        big.write_bytes(os.urandom(1 << 20) * 64)
-        s.coordinator.snapshots.add(big, 7, b"\x07" * 32)
+        _version(s, tmp_path)
         honest = HonestNode(s.address, tmp_path / "h")
+        worker = _worker(s, tmp_path)
         keys = [s.client() for _ in range(3)]
         for k in keys:
             k.register()
@@ -48,7 +63,7 @@ def test_stalled_downloads_cannot_take_the_coordinators_workers(tmp_path):
         with pytest.raises(grpc.RpcError) as info:  # one stream per key
             _open(keys[0], 7)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "one at a time" in info.value.details()
-        stalled.append(_open(keys[1], 7))
+        stalled.append(_open(worker.client, 7))  # (a stalled worker: the slot kept for workers)
         with pytest.raises(grpc.RpcError) as info:  # 8 workers: 2 outbound streams at most
             _open(keys[2], 7)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "2 download/log streams" in info.value.details()
@@ -77,5 +92,63 @@ def test_stalled_downloads_cannot_take_the_coordinators_workers(tmp_path):
             time.sleep(0.02)
         assert chunks > 10 and time.monotonic() - t0 > IDLE_S + 1.5
         reader.cancel()
+    finally:
+        s.stop()
+
+
+def test_free_keys_cannot_take_the_slots_kept_for_workers_nor_hold_one_by_trickling(tmp_path):
+    """8 workers: 2 outbound slots, one of them kept for nodes with verified work. A free key takes the
+    other; a second free key (or GetLog, which needs no registration) is refused while a worker still
+    gets its download. The free key then reads a chunk every 0.3 s: never idle for IDLE_S, but far
+    below the minimum rate, so it is cut; the worker reading at full speed is not."""
+    rate = 1 << 20  # bytes/s over each IDLE_S window
+    s = Served(tmp_path, limits=ServerLimits(workers=8, stream_idle_s=IDLE_S, stream_min_rate=rate),
+               chunk_size=64 << 10)
+    try:
+        _version(s, tmp_path)
+        worker = _worker(s, tmp_path)
+        free, other = s.client(), s.client()
+        free.register()
+        other.register()
+        # a client keeping its receive window small, as one crafting its HTTP/2 window updates would: the
+        # server's sends then follow its reads (gRPC's default window takes 6 MB at once, then waits)
+        narrow = grpc.insecure_channel(s.address, options=[("grpc.http2.bdp_probe", 0),
+                                                           ("grpc.http2.lookahead_bytes", 64 << 10)])
+        trickle = narrow.unary_stream(method_path("DownloadSnapshot"), request_serializer=lambda b: b,
+                                      response_deserializer=pb.SnapshotChunk.FromString)(
+            free.seal(pb.DownloadSnapshotRequest(version=7)), timeout=120)
+        next(trickle)
+        log = s.client().channel.unary_stream(method_path("GetLog"), request_serializer=lambda b: b,
+                                               response_deserializer=pb.LogEntryLine.FromString)
+        for call in (lambda: _open(other, 7), lambda: next(log(s.client().seal(pb.GetLogRequest()), timeout=30))):
+            with pytest.raises(grpc.RpcError) as info:  # a second free key, or an unregistered one reading the log
+                call()
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "keys without verified work" in info.value.details(), info.value.details()
+        fast, got = _open(worker.client, 7), []  # the slot kept for workers, read at full speed meanwhile
+        reading = threading.Thread(target=lambda: got.append(sum(len(c.data) for c in fast)), daemon=True)
+        reading.start()
+        t0, cut, read = time.monotonic(), None, 0
+        try:
+            for _ in trickle:
+                read += 1
+                assert time.monotonic() - t0 < 3 * IDLE_S + 8.0, "a trickling stream was never cut"
+                time.sleep(0.3)  # ~210 KiB/s: a chunk well within IDLE_S, a fifth of the minimum rate
+        except grpc.RpcError as e:
+            cut = e
+        assert cut is not None and cut.code() == grpc.StatusCode.CANCELLED, cut
+        assert time.monotonic() - t0 >= IDLE_S - 0.5 and read > 3
+        narrow.close()
+        reading.join(30)
+        assert got == [(64 << 20) - (64 << 10)]  # the worker's download completes (its first chunk read by _open)
+        # the trickler's slot serves free keys again
+        t1 = time.monotonic()
+        while True:
+            try:
+                _open(other, 7).cancel()
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - t1 < 5.0
+                time.sleep(0.1)
     finally:
         s.stop()
