@@ -108,6 +108,12 @@ def serve(
     upload_idle_s: float = typer.Option(120.0, min=1.0, help="cancel an upload stream that sent nothing for this long"),
     stream_idle_s: float = typer.Option(60.0, min=1.0, help="cancel a download or log stream whose client took "
                                                            "nothing for this long"),
+    newcomer_entries: float = typer.Option(256.0, min=0.0, help="log entries an hour (and at once) that keys without "
+                                                                "verified work from one network (an IPv4 address, an "
+                                                                "IPv6 /48) may cause: registrations, assignments, "
+                                                                "groups, reports (0: no limit)"),
+    limit_loopback: bool = typer.Option(False, "--limit-loopback", help="charge loopback clients too (e.g. behind "
+                                                                       "a local reverse proxy)"),
     stream_min_rate: float = typer.Option(128.0, min=0.0, help="KiB/s: cancel a download or log stream whose client "
                                                               "took less than this over --stream-idle-s (0: no minimum)"),
     port_file: Optional[Path] = typer.Option(None, help="write the bound port here once serving"),
@@ -141,11 +147,10 @@ def serve(
     except (ConfigError, LogError, SnapshotError, OSError) as exc:
         err.print(f"[red]cannot start:[/red] {exc}")
         raise typer.Exit(1)
-    server, bound, _ = start_server(coordinator, host, port, limits=ServerLimits(rate_per_s=rate, burst=burst,
-                                                                                  upload_idle_s=upload_idle_s,
-                                                                                  stream_idle_s=stream_idle_s,
-                                                                                  stream_min_rate=stream_min_rate * 1024),
-                                  tls=tls)
+    limits = ServerLimits(rate_per_s=rate, burst=burst, upload_idle_s=upload_idle_s, stream_idle_s=stream_idle_s,
+                          stream_min_rate=stream_min_rate * 1024, newcomer_burst=int(newcomer_entries),
+                          newcomer_entries_per_hour=newcomer_entries, limit_loopback=limit_loopback)
+    server, bound, _ = start_server(coordinator, host, port, limits=limits, tls=tls)
     if metrics_port is not None:
         mport = coordinator.metrics.serve_http(metrics_port, addr=host)
         err.print(f"metrics on http://{host}:{mport}/metrics")

@@ -79,6 +79,7 @@ from grpo_swarm.protocol.publication import PublicationRefused, Tally
 from grpo_swarm.protocol.rpc import DEFAULT_CHUNK_SIZE, sign_ticket, upload_seconds_left
 
 from .config import ConfigError, RunConfig
+from .networks import Charge
 from .liveness import Liveness
 from .metrics import CoordinatorMetrics
 from .snapshots import SnapshotError, SnapshotFiles, check_readable, snapshot_state_sha256
@@ -281,9 +282,21 @@ class Coordinator:
             return node_id is not None and not self.state.is_banned(node_id) and self._verified(node_id)
 
     def live_nodes(self) -> int:
-        """Nodes seen within the peer TTL, banned ones not counted: what ``swarm.min_peers`` is held
-        against before a round starts."""
-        return sum(1 for n in self.liveness.live() if not self.state.is_banned(n))
+        """Nodes seen within the peer TTL, banned ones not counted, and keys without verified work once
+        per network they came from (.networks; keys are free, networks are not): what ``swarm.min_peers``
+        is held against before a round starts."""
+        networks: set[str] = set()
+        count = 0
+        for n in self.liveness.live():
+            if self.state.is_banned(n):
+                continue
+            net = self.liveness.network(n)
+            if net is None or self._verified(n):
+                count += 1
+            elif net not in networks:  # keys without verified work count once per network
+                networks.add(net)
+                count += 1
+        return count
 
     def _refresh_gauges(self) -> None:
         m, st = self.metrics, self.state
@@ -293,7 +306,9 @@ class Coordinator:
         m.round_samples.set(self.round_samples())
 
     # -- requests
-    def register(self, public_key: bytes, request: pb.RegisterRequest) -> pb.RegisterResponse:
+    def register(self, public_key: bytes, request: pb.RegisterRequest, charge: Charge | None = None) -> pb.RegisterResponse:
+        """``charge`` (for this and the other requests): the request's network's allowance for keys without
+        verified work (.networks); None charges nothing (a trusted or in-process caller)."""
         if request.run_id and request.run_id != self.spec.run_id:
             raise RequestError("FAILED_PRECONDITION", f"this coordinator serves run {self.spec.run_id!r}, "
                                                       f"not {request.run_id!r}")
@@ -302,12 +317,14 @@ class Coordinator:
             node_id = self.state.node_for_key(public_key)
             new = node_id is None
             if new:
+                if charge is not None and not charge.take():
+                    raise RequestError("RESOURCE_EXHAUSTED", charge.spent("no new key is registered"))
                 node_id = self.recorder.register(public_key)
             elif self.state.is_banned(node_id):
                 raise RequestError("PERMISSION_DENIED", f"node {node_id} is banned")
             self.store.node_registered(node_id, public_key,
                                        request.hardware if request.HasField("hardware") else None)
-            self.liveness.seen(node_id)
+            self.liveness.seen(node_id, None if charge is None else charge.net)
             if addrs:
                 self.store.set_multiaddrs(node_id, addrs)
             self._refresh_gauges()
@@ -318,13 +335,15 @@ class Coordinator:
                 current_round=self.state.current_round, coordinator_public_key=self.identity.public_key_bytes,
                 newly_registered=new, peers=self.peers(node_id))
 
-    def heartbeat(self, node_id: str, request: pb.HeartbeatRequest, public_key: bytes | None = None) -> pb.HeartbeatResponse:
+    def heartbeat(self, node_id: str, request: pb.HeartbeatRequest, public_key: bytes | None = None,
+                  charge: Charge | None = None) -> pb.HeartbeatResponse:
         eta = self.spec.max_staleness
         with self.lock:
             if request.multiaddrs and public_key is None:
                 public_key = next(k for k, n in self.state.keys.items() if n == node_id)
             addrs = self._multiaddrs(public_key, request.multiaddrs) if request.multiaddrs else []
             st = self.state
+            charged = None if charge is None or self._verified(node_id) else charge  # (workers are never charged)
             cur = st.current_version
             v = request.policy_version
             lag = max(0, cur - v)
@@ -339,14 +358,15 @@ class Coordinator:
                 if c.version != cur + 1 or len(c.sha256) != 32:  # only current + 1 can be published next
                     raise RequestError("INVALID_ARGUMENT", f"computed must name the next version {cur + 1} "
                                                            "and a 32-byte state-dict hash")
-                self.recorder.report_hash(node_id, c.version, bytes(c.sha256))  # logged when new or changed
+                self.recorder.report_hash(node_id, c.version, bytes(c.sha256),  # logged when new or changed
+                                          may_log=None if charged is None else charged.take)
             for name in ("completions_per_s", "tokens_per_s"):
                 x = getattr(request, name)
                 if not (x >= 0 and x < float("inf")):
                     raise RequestError("INVALID_ARGUMENT", f"{name} must be a finite number >= 0, got {x}")
             self.store.heartbeat(node_id, v, request.completions_per_s, request.tokens_per_s,
                                  request.hardware if request.HasField("hardware") else None)
-            self.liveness.seen(node_id)
+            self.liveness.seen(node_id, None if charge is None else charge.net)
             if addrs:
                 self.store.set_multiaddrs(node_id, addrs)
             self.metrics.staleness.labels("heartbeat").observe(lag)
@@ -357,6 +377,10 @@ class Coordinator:
             # the first Heartbeat of a round binds the version its prompts must be sampled with, so
             # that a node cannot sample with each of the η + 1 allowed versions and keep the best
             if may and request.sample:
+                if charged is not None and st.dispatched_version(node_id, st.current_round) is None \
+                        and not charged.take():
+                    raise RequestError("RESOURCE_EXHAUSTED", charged.spent(f"round {st.current_round} is not "
+                                                                           f"assigned to node {node_id}"))
                 bound = self.recorder.dispatch(node_id, st.current_round, v)
                 if self.round_started_ms is None:  # the round's clock starts when a node starts sampling it
                     self.round_started_ms, self._round_started_mono = now_ms(), time.monotonic()
@@ -396,7 +420,7 @@ class Coordinator:
             self.manifest(version)
             return self.snapshots.file_of(version)
 
-    def submit(self, public_key: bytes, proofs) -> pb.SubmitProofsResponse:
+    def submit(self, public_key: bytes, proofs, charge: Charge | None = None) -> pb.SubmitProofsResponse:
         node_id = node_id_from_public_key(public_key)
         sizes: dict[str, int] = {}
         for i, p in enumerate(proofs):
@@ -422,6 +446,9 @@ class Coordinator:
                                                          f"round {st.current_round}, and this request brings "
                                                          f"{len(sizes)}: at most {budget} a round ({why}); nothing "
                                                          "of this request was recorded")
+            if not verified and charge is not None and not charge.take(len(sizes)):
+                raise RequestError("RESOURCE_EXHAUSTED", charge.spent(f"the {len(sizes)} group(s) of node {node_id} "
+                                                                      "were not recorded"))
             self._groups_recorded[node_id] = recorded + len(sizes)
             round_index, cur = st.current_round, st.current_version
             out = pb.SubmitProofsResponse()
@@ -586,7 +613,7 @@ class Coordinator:
             raise RequestError("INVALID_ARGUMENT", f"unknown admin action {request.action}")
 
     # -- snapshot upload
-    def check_upload(self, node_id: str, header: pb.UploadSnapshotHeader) -> Tally:
+    def check_upload(self, node_id: str, header: pb.UploadSnapshotHeader, charge: Charge | None = None) -> Tally:
         """RequestError unless ``node_id`` may upload this version now (a refusal by the publication
         rule is logged, FAILED_PRECONDITION); the tally of its hash."""
         ref = header.snapshot
@@ -595,7 +622,7 @@ class Coordinator:
         if header.total_bytes <= 0:
             raise RequestError("INVALID_ARGUMENT", "total_bytes must be > 0")
         with self.lock:
-            tally = self._publication_tally(node_id, ref.version, bytes(ref.sha256))
+            tally = self._publication_tally(node_id, ref.version, bytes(ref.sha256), charge)
             # the same tensors every version (version 0 without the optimizer's moments): a stream may
             # not reserve the disk for much more than that
             current = self.snapshots.manifest(self.state.current_version).total_bytes
@@ -606,12 +633,14 @@ class Coordinator:
                                                        f"bytes + {VERSION_SLACK_BYTES >> 20} MiB)")
             return tally
 
-    def _publication_tally(self, node_id: str, version: int, sha256: bytes) -> Tally:
+    def _publication_tally(self, node_id: str, version: int, sha256: bytes, charge: Charge | None = None) -> Tally:
         """The rule's tally, or the refusal logged (evidence of who tried what) and raised."""
         try:
             return self.recorder.check_publication(version, sha256, node_id)
         except PublicationRefused as refused:
-            self.recorder.refuse_upload(node_id, version, sha256, refused)
+            charged = None if charge is None or self._verified(node_id) else charge
+            self.recorder.refuse_upload(node_id, version, sha256, refused,
+                                        may_log=None if charged is None else charged.take)
             raise RequestError("FAILED_PRECONDITION", refused.detail) from None
 
     def publish_upload(self, node_id: str, header: pb.UploadSnapshotHeader, path: Path, *,

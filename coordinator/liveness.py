@@ -2,7 +2,8 @@
 monotonic clock. A wall clock that steps (NTP, a paused or resumed machine) must neither make every
 node look silent at once (no live node: ``min_peers`` unmet, the round's liveness rule blind) nor keep
 silent ones live. The store keeps each node's wall-clock last-seen time for operators; after a restart
-it seeds this (that one reading is all there is)."""
+it seeds this (that one reading is all there is). Each entry also keeps the network the node was last
+seen from (.networks), for counting keys without verified work once per network."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class Liveness:
         self.ttl_s = float(ttl_s)
         self._clock, self._wall_ms = clock, wall_ms
         self._seen: OrderedDict[str, float] = OrderedDict()
+        self._network: dict[str, str | None] = {}  # (the same keys as _seen)
 
     def restore(self, rows: Iterable[tuple[str, int]]) -> None:
         """Seed from the store's (node id, wall-clock last seen ms) rows after a restart; a stamp in the
@@ -32,11 +34,17 @@ class Liveness:
             if age <= self.ttl_s:
                 self._seen[node_id] = now - age
                 self._seen.move_to_end(node_id)
+                self._network[node_id] = None  # (not stored: unknown until the node is seen again)
 
-    def seen(self, node_id: str) -> None:
+    def seen(self, node_id: str, network: str | None = None) -> None:
+        """``network``: what the request came from (None: a trusted or in-process caller)."""
         self._seen[node_id] = self._clock()
         self._seen.move_to_end(node_id)
+        self._network[node_id] = network
         self._expire()
+
+    def network(self, node_id: str) -> str | None:
+        return self._network.get(node_id)
 
     def live(self) -> list[str]:
         """The live nodes' ids, most recently seen first."""
@@ -50,4 +58,5 @@ class Liveness:
     def _expire(self) -> None:
         cutoff = self._clock() - self.ttl_s
         while self._seen and next(iter(self._seen.values())) < cutoff:
-            self._seen.popitem(last=False)
+            node_id, _ = self._seen.popitem(last=False)
+            self._network.pop(node_id, None)

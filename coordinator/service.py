@@ -40,6 +40,7 @@ from grpo_swarm.protocol.version_file import NotCanonical, StreamingStateHash
 
 from .core import Coordinator, RequestError
 from .limits import NonceWindow, RateLimiter
+from .networks import NewcomerAllowance
 from .outbound import OutboundStreams, TooManyStreams, cancel_when_idle
 from .upload_hashing import BackgroundFeed
 from .uploads import TooManyUploads
@@ -59,6 +60,10 @@ class ServerLimits:
     upload_idle_s: float = 120.0  # an upload stream that sends nothing for this long is cancelled
     stream_idle_s: float = 60.0  # a download or log stream whose client takes nothing for this long is cancelled
     stream_min_rate: float = 128 << 10  # bytes/s: ... or takes less than this over stream_idle_s (0: no minimum)
+    # log entries of keys without verified work, per network (.networks): at once, and refilled an hour
+    newcomer_burst: int = 256
+    newcomer_entries_per_hour: float = 256.0
+    limit_loopback: bool = False  # loopback clients are charged too (tests; a coordinator behind a local proxy)
 
 
 class _Refused(Exception):
@@ -93,6 +98,8 @@ class CoordinatorService:
         self.limits = limits
         self.nonces = NonceWindow(int(limits.window_s * 1000))
         self.rate = RateLimiter(limits.rate_per_s, limits.burst)
+        self.newcomers = NewcomerAllowance(limits.newcomer_entries_per_hour, limits.newcomer_burst,
+                                           limits.limit_loopback)
         self.outbound = OutboundStreams(limits.workers // 4, limits.stream_idle_s, limits.stream_min_rate)
 
     # -- authentication
@@ -155,7 +162,7 @@ class CoordinatorService:
         def call(request: bytes, context):
             try:
                 env, node_id = self._open(method, request)
-                reply = handler(env, node_id)
+                reply = handler(env, node_id, context)
             except Exception as exc:  # noqa: BLE001 - every failure becomes a status
                 self._fail(method, context, exc)
             self._ok(method)
@@ -163,23 +170,25 @@ class CoordinatorService:
 
         return grpc.unary_unary_rpc_method_handler(call)
 
-    def register(self, env, node_id):
-        return self.c.register(bytes(env.signer_public_key), self._payload(pb.RegisterRequest, env))
+    def register(self, env, node_id, context):
+        return self.c.register(bytes(env.signer_public_key), self._payload(pb.RegisterRequest, env),
+                               self.newcomers.for_peer(context.peer()))
 
-    def heartbeat(self, env, node_id):
-        return self.c.heartbeat(node_id, self._payload(pb.HeartbeatRequest, env), bytes(env.signer_public_key))
+    def heartbeat(self, env, node_id, context):
+        return self.c.heartbeat(node_id, self._payload(pb.HeartbeatRequest, env), bytes(env.signer_public_key),
+                                self.newcomers.for_peer(context.peer()))
 
-    def report_peer(self, env, node_id):
+    def report_peer(self, env, node_id, context):
         return self.c.report_peer(node_id, env, self._payload(pb.PeerReport, env))
 
-    def admin(self, env, node_id):
+    def admin(self, env, node_id, context):
         return self.c.admin(self._payload(pb.AdminRequest, env))
 
-    def manifest(self, env, node_id):
+    def manifest(self, env, node_id, context):
         req = self._payload(pb.SnapshotManifestRequest, env)
         return self.c.manifest(None if req.latest else req.version)
 
-    def submit(self, env, node_id):
+    def submit(self, env, node_id, context):
         try:
             batch = parse_proof_batch(env.payload, verify=False)  # unknown fields are refused there
             check_uint64_range(batch)
@@ -188,7 +197,7 @@ class CoordinatorService:
                            f"{e.code.value}: {e.detail}") from None
         if not batch.proofs:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "empty proof batch")
-        return self.c.submit(bytes(env.signer_public_key), list(batch.proofs))
+        return self.c.submit(bytes(env.signer_public_key), list(batch.proofs), self.newcomers.for_peer(context.peer()))
 
     # -- streaming methods
     def download(self, request: bytes, context):
@@ -265,7 +274,7 @@ class CoordinatorService:
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "the first UploadPart must hold the header alone")
             env, node_id = self._open(method, opening.header.SerializeToString())
             header = self._payload(pb.UploadSnapshotHeader, env)
-            self.c.check_upload(node_id, header)
+            self.c.check_upload(node_id, header, self.newcomers.for_peer(context.peer()))
             version = header.snapshot.version
             # (the other streams in flight will need what they announced)
             free = shutil.disk_usage(self.c.snapshots.dir).free - self.c.uploads.reserved_bytes()

@@ -61,8 +61,8 @@ from .verify import EVIDENCE_CODES, InMemoryVerifierState, Verdict
 
 RewardProof = pb.RewardProof
 
-# a node's hash reports logged per version: an honest node reports once (again after a resync); a
-# node that flips its report at every heartbeat would add a log entry each time
+# a node's hash reports (and refused uploads) logged per version: an honest node reports once (again
+# after a resync); a node that flips its report at every heartbeat would add a log entry each time
 MAX_REPORTS_PER_VERSION = 3
 
 
@@ -90,8 +90,8 @@ class RunRecorder:
         self.benched: dict[str, str] = {}  # node -> why it sits out the last closed round (no final ticket)
         self.closed_ms: int | None = None  # when the last round closed (its round_closed entry's time)
         # (version, producing round) and node -> hash reports logged for them
-        self._reports_version: tuple = (-1, None)
-        self._reports_logged: Counter[str] = Counter()
+        self._logged_for: tuple = (-1, None)  # (current version, producing round) the counts below are for
+        self._logged: Counter[tuple[str, str]] = Counter()  # (entry kind, node id) -> entries logged
         if _resume:
             return
         self._salt = self._draw_salt(0)
@@ -157,31 +157,50 @@ class RunRecorder:
         self.stalls.published(payload.get("round"))
         return entry
 
-    def report_hash(self, node_id: str, version: int, sha256: bytes) -> LogEntry | None:
+    def report_hash(self, node_id: str, version: int, sha256: bytes,
+                    may_log: Callable[[], bool] | None = None) -> LogEntry | None:
         """Record a node's parameter hash for the next version; logs ``hash_reported`` when the
         report is new or changed (None when it repeats). ValueError unless version = current + 1.
         Not recorded (None): a node's changes past MAX_REPORTS_PER_VERSION reports for one version, or
         past its first when it has no weight in the producing round (no say in the tally): a node that
         flipped its report at every heartbeat added a log entry each time, and keys are free."""
         st, pub = self.state, self.publication
-        if (version, pub.round) != self._reports_version:  # (a round's close starts every report afresh)
-            self._reports_version, self._reports_logged = (version, pub.round), Counter()
-        weighted = pub.weight_of(node_id, st.is_banned) > 0
-        if self._reports_logged[node_id] >= (MAX_REPORTS_PER_VERSION if weighted else 1):
+        if not self._may_log(HASH_REPORTED, node_id):
             return None
+        if may_log is not None and pub.reports.get(node_id) != (version, bytes(sha256)) and not may_log():
+            return None  # (asked only for what would be logged: a repeat is not)
         payload = pub.report(node_id, version, sha256, st.current_version, st.is_banned)
         if payload is None:
             return None
-        self._reports_logged[node_id] += 1
-        return self.log.append(HASH_REPORTED, payload, self.identity)
+        return self._log_counted(HASH_REPORTED, node_id, payload)
+
+    def _may_log(self, kind: str, node_id: str) -> bool:
+        """Whether another of ``node_id``'s ``kind`` entries may be logged while this version is current
+        and this round the producing one: MAX_REPORTS_PER_VERSION for a node with weight in that round,
+        1 for one without (no say in the tally), so that a key's requests cannot write at their rate."""
+        pub = self.publication
+        if (self.state.current_version, pub.round) != self._logged_for:  # (a publication or a close: afresh)
+            self._logged_for, self._logged = (self.state.current_version, pub.round), Counter()
+        weighted = pub.weight_of(node_id, self.state.is_banned) > 0
+        return self._logged[(kind, node_id)] < (MAX_REPORTS_PER_VERSION if weighted else 1)
+
+    def _log_counted(self, kind: str, node_id: str, payload: dict) -> LogEntry:
+        self._logged[(kind, node_id)] += 1
+        return self.log.append(kind, payload, self.identity)
 
     def check_publication(self, version: int, sha256: bytes, uploader: str | None) -> Tally:
         """The tally when ``uploader`` may publish ``sha256`` as ``version`` now; PublicationRefused otherwise."""
         return self.publication.check(version, sha256, uploader, self.state.current_version, self.state.is_banned)
 
-    def refuse_upload(self, node_id: str, version: int, sha256: bytes, refusal: PublicationRefused) -> LogEntry:
-        """Log an upload the publication rule refused, with its reason and the support it had."""
-        return self.log.append(UPLOAD_REFUSED, refused_payload(node_id, version, sha256, refusal), self.identity)
+    def refuse_upload(self, node_id: str, version: int, sha256: bytes, refusal: PublicationRefused,
+                      may_log: Callable[[], bool] | None = None) -> LogEntry | None:
+        """Log an upload the publication rule refused, with its reason and the support it had; as hash
+        reports are (:meth:`_may_log`), at most 3 of a node's refusals while a version is current, 1 of
+        a node without weight (None past that): each upload attempt of a fresh key was an entry, ~300 a
+        second from one client."""
+        if not self._may_log(UPLOAD_REFUSED, node_id) or (may_log is not None and not may_log()):
+            return None
+        return self._log_counted(UPLOAD_REFUSED, node_id, refused_payload(node_id, version, sha256, refusal))
 
     def ban(self, node_id: str, reason: str, evidence_index: int | None = None, *, by: str | None = None) -> LogEntry:
         """Ban ``node_id`` (logged ``node_banned``); ``by`` = "operator" for an operator's ban."""

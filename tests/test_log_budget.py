@@ -83,6 +83,43 @@ def test_a_key_cannot_fill_the_log_with_refused_groups(tmp_path):
         s.stop()
 
 
+def _upload_refused(client, path, version: int, sha: bytes) -> str:
+    with pytest.raises(CoordinatorError) as info:
+        client.upload_snapshot(path, pb.PolicySnapshotRef(version=version, sha256=sha))
+    assert info.value.code == "FAILED_PRECONDITION", info.value
+    return info.value.detail
+
+
+def test_a_key_cannot_add_a_log_entry_at_every_upload_it_is_refused(tmp_path):
+    """Each refused upload was an ``upload_refused`` entry: a fresh key wrote ~300 a second. Now a node
+    has at most 3 logged while a version is current, one without weight in the producing round, whatever
+    version, hash or order it tries."""
+    s = Served(tmp_path, samples_per_round=8)  # one node's 2 groups x G=4 close a round
+    try:
+        worker, fresh = HonestNode(s.address, tmp_path / "w"), s.client()
+        fresh.register()
+        junk = tmp_path / "junk.bin"
+        junk.write_bytes(b"\x00" * 4096)
+        for i in range(5):  # before any round closed
+            assert "no round has closed" in _upload_refused(fresh, junk, 1, hashlib.sha256(b"a%d" % i).digest())
+        _, groups = worker.round_proofs()
+        assert worker.client.submit_proofs(_flat(groups)).round_closed
+        before = len(list(worker.client.get_log()))
+        for i in range(10):  # the next version under unreported hashes, and versions that are not next
+            sha = hashlib.sha256(b"b%d" % i).digest()
+            assert "has not reported" in _upload_refused(fresh, junk, 1, sha)
+            assert "not the next version" in _upload_refused(fresh, junk, 2 + i, sha)
+            assert "has not reported" in _upload_refused(worker.client, junk, 1, sha)
+        refused = [e.payload for e in worker.client.get_log() if e.kind == "upload_refused"]
+        assert len(list(worker.client.get_log())) == before + 1 + MAX_REPORTS_PER_VERSION
+        by = {n: [(p["version"], p["code"]) for p in refused if p["node_id"] == n]
+              for n in (worker.node_id, fresh.identity.node_id)}
+        assert by[fresh.identity.node_id] == [(1, "NO_ROUND_CLOSED"), (1, "NOT_REPORTED")]  # one while v0 had no round, one since
+        assert by[worker.node_id] == [(1, "NOT_REPORTED")] * MAX_REPORTS_PER_VERSION
+    finally:
+        s.stop()
+
+
 def test_a_key_cannot_add_a_log_entry_at_every_heartbeat_by_flipping_its_hash(tmp_path):
     s = Served(tmp_path, samples_per_round=8)  # one node's 2 groups x G=4 close a round
     try:
