@@ -62,6 +62,10 @@ Without root, ``uplink_skipped`` says why and the loopback run is done instead.
 ``--transport quic``: the peers listen on ``/udp/0/quic-v1`` instead of TCP (rounds fail: p2pd loses
 the ends of long streams over QUIC, bench/RESULTS.md session 38).
 
+``--p2p-noise``: the peers' p2p daemons offer Noise as well as TLS 1.3, as hivemind starts them (they
+then settle on Noise), instead of TLS alone (:mod:`grpo_swarm.node.swarm.channel_security`); both
+variants run over the same choice.
+
 ``--micro``: no peers; times the single operations the checks use (finite test vs float32/float64
 norms of the whole gradient, float64 vs float32 norm of one part, a fresh clone vs a copy into an
 existing buffer, compress/decompress of one part) in one process, one thread.
@@ -92,6 +96,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import netns_link  # noqa: E402
+
+from grpo_swarm.node.swarm.channel_security import NOISE_ENV  # noqa: E402  (a light import)
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
@@ -797,6 +803,9 @@ def parse_args(argv=None):
     ap.add_argument("--transport", choices=("tcp", "quic"), default="tcp",
                     help="how the peers connect (quic: every round fails here, stock's too; why grpo-node join "
                          "refuses QUIC addresses)")
+    ap.add_argument("--p2p-noise", action="store_true",
+                    help="the peers' p2pd offers Noise as well as TLS, as hivemind starts it (they then settle on "
+                         "Noise); by default it offers TLS 1.3 alone (node/swarm/channel_security.py)")
     ap.add_argument("--tbf-burst", default="2mbit")
     ap.add_argument("--tbf-latency", default="50ms")
     ap.add_argument("--min-matchmaking-time", type=float, default=2.0)
@@ -855,7 +864,8 @@ def main(argv=None) -> int:
             log(f"capped links: {net.describe()}")
         seeds = [bytes([i + 1]) * 32 for i in range(PEERS)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-               "HIVEMIND_LOGLEVEL": os.environ.get("HIVEMIND_LOGLEVEL", "WARNING")}
+               "HIVEMIND_LOGLEVEL": os.environ.get("HIVEMIND_LOGLEVEL", "WARNING"),
+               NOISE_ENV: "1" if args.p2p_noise else "0"}
         for i in range(PEERS):
             cfg = dict(index=i, workdir=str(work), shapes=shapes, node_seeds=[s.hex() for s in seeds],
                        coordinator_seed=bytes(range(32)).hex(), host=net.address(i) if net else "127.0.0.1",
@@ -911,7 +921,7 @@ def main(argv=None) -> int:
         "rounds": args.rounds, "warmup": args.warmup, "part_size": args.part_size,
         "audit_fraction": args.audit_fraction, "stock_part_size": args.stock_part_size, "size": args.size, "timing": timing,
         "link": net.describe() if net is not None else "loopback 127.0.0.1", "transport": args.transport,
-        "uplink": args.uplink if uplink_bits else None, "cpus": os.cpu_count(),
+        "channel_security": "noise+tls (hivemind's)" if args.p2p_noise else "tls", "uplink": args.uplink if uplink_bits else None, "cpus": os.cpu_count(),
         "loadavg_1m_at_end": round(os.getloadavg()[0], 2), "wall_s": round(time.perf_counter() - started, 1),
     }
     os.write(result_fd, (json.dumps(res) + "\n").encode())
