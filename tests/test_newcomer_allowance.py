@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
+import time
 
 import pytest
 
 from grpo_swarm.coordinator.networks import Charge, network_of
 from grpo_swarm.coordinator.service import ServerLimits
+from grpo_swarm.node.swarm.participant import register_patiently
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.client import CoordinatorError
 
@@ -111,5 +114,24 @@ def test_free_keys_count_once_per_network_toward_min_peers(tmp_path):
             assert core_hb.live_nodes == 2 + i
         hb = keys[0].heartbeat(0, sample=True)
         assert (hb.live_nodes, hb.may_sample) == (3, True), hb
+    finally:
+        s.stop()
+
+
+def test_a_new_node_waits_for_its_networks_allowance_instead_of_exiting(tmp_path, caplog):
+    """One entry at once, refilled every 2 s: a second new key is refused at first, and the node's
+    registration (node/swarm/participant.py) waits and gets in; without the wait it would exit."""
+    s = Served(tmp_path, limits=ServerLimits(limit_loopback=True, newcomer_burst=1, newcomer_entries_per_hour=1800.0))
+    try:
+        s.client().register()
+        late = s.client()
+        with pytest.raises(CoordinatorError) as info:  # not waiting: refused at once
+            register_patiently(late, pb.HardwareSummary(), wait_s=0)
+        assert info.value.code == "RESOURCE_EXHAUSTED"
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING):
+            reply = register_patiently(late, pb.HardwareSummary(), retry_s=(0.5, 1.0))
+        assert reply.newly_registered and time.monotonic() - t0 < 10
+        assert "registers no new key from here for now" in caplog.text
     finally:
         s.stop()

@@ -19,7 +19,7 @@ from typing import Sequence
 from safetensors.torch import load_file
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
-from grpo_swarm.protocol.client import CoordinatorClient
+from grpo_swarm.protocol.client import CoordinatorClient, CoordinatorError
 from grpo_swarm.protocol.rpc import hardware_summary
 from grpo_swarm.protocol.upload_call import DEFAULT_STALL_S, UploadCall
 
@@ -34,6 +34,30 @@ from ..trainer import GRPOTrainer, ScoredBatch
 from .training_state import load_training_state, training_state, version_file
 
 log = logging.getLogger(__name__)
+
+REGISTER_WAIT_S = 1800.0  # how long a new key waits for its network's allowance (coordinator/networks.py)
+REGISTER_RETRY_S = (5.0, 300.0)  # first wait between tries, doubling up to the second
+
+
+def register_patiently(client: CoordinatorClient, hardware: pb.HardwareSummary, *, wait_s: float = REGISTER_WAIT_S,
+                       retry_s: tuple[float, float] = REGISTER_RETRY_S) -> pb.RegisterResponse:
+    """Register, waiting while the coordinator refuses new keys from this network for now
+    (RESOURCE_EXHAUSTED: its allowance for keys without verified work refills over the hour, or this
+    key's request rate): a volunteer behind a busy address gets in later instead of exiting. Other
+    errors, and that one after ``wait_s``, are raised."""
+    started, delay = time.monotonic(), retry_s[0]
+    while True:
+        try:
+            return client.register(hardware=hardware)
+        except CoordinatorError as e:
+            left = wait_s - (time.monotonic() - started)
+            if e.code != "RESOURCE_EXHAUSTED" or left <= 0:
+                raise
+            pause = min(delay, left)
+            log.warning("the coordinator registers no new key from here for now (%s); trying again in %.0f s",
+                        e.detail, pause)
+            time.sleep(pause)
+            delay = min(2 * delay, retry_s[1])
 
 
 def _device(overrides: Sequence[str]) -> str:
@@ -73,7 +97,7 @@ class Participant:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.hardware = probe(_device(overrides))
         gpu = self.hardware.device.startswith("cuda")
-        self.reply = client.register(hardware=hardware_summary(
+        self.reply = register_patiently(client, hardware_summary(
             accelerator=self.hardware.name if gpu else "", accelerator_memory_bytes=self.hardware.total_bytes if gpu else 0,
             software=software))
         self.run_id, self.node_id = self.reply.run_id, self.reply.node_id
