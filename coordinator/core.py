@@ -44,6 +44,10 @@ as recorded in ``round_closed``), returned by its next Heartbeat. A participant 
 another from the round's averaging reports it (ReportPeer, logged ``peer_reported``); reports from
 more than half of the round's other participants ban it. The operator bans and unbans through the
 Admin method, signed with the coordinator's own key (``grpo-coordinator ban/unban``).
+
+Keys without verified work: what they have logged is bounded per key (a round's groups, a version's
+reports and refused uploads) and charged to their network's allowance (:mod:`.networks`: the service
+passes each request's :class:`~.networks.Charge`); they count once per network toward ``min_peers``.
 """
 
 from __future__ import annotations
@@ -79,9 +83,9 @@ from grpo_swarm.protocol.publication import PublicationRefused, Tally
 from grpo_swarm.protocol.rpc import DEFAULT_CHUNK_SIZE, sign_ticket, upload_seconds_left
 
 from .config import ConfigError, RunConfig
-from .networks import Charge
 from .liveness import Liveness
 from .metrics import CoordinatorMetrics
+from .networks import Charge
 from .snapshots import SnapshotError, SnapshotFiles, check_readable, snapshot_state_sha256
 from .store import CoordinatorStore
 from .uploads import PROGRESSING_S, InFlightUploads
