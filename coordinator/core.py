@@ -279,6 +279,13 @@ class Coordinator:
         """Whether ``node_id`` has verified work: accepted in the open round, or a part in a closed one."""
         return node_id in self.recorder.round_accepted or node_id in self.recorder.peers.last_round
 
+    def _take(self, charge: Charge | None, what: str, entries: int = 1) -> bool:
+        """Charge ``entries`` to the request's network (True without a charge); a refusal is counted."""
+        if charge is None or charge.take(entries):
+            return True
+        self.metrics.newcomers_refused.labels(what).inc()
+        return False
+
     def has_verified_work(self, public_key: bytes) -> bool:
         """Whether the node of ``public_key`` (registered or not) has verified work (:meth:`_verified`)."""
         with self.lock:
@@ -310,7 +317,8 @@ class Coordinator:
         m.round_samples.set(self.round_samples())
 
     # -- requests
-    def register(self, public_key: bytes, request: pb.RegisterRequest, charge: Charge | None = None) -> pb.RegisterResponse:
+    def register(self, public_key: bytes, request: pb.RegisterRequest,
+                 charge: Charge | None = None) -> pb.RegisterResponse:
         """``charge`` (for this and the other requests): the request's network's allowance for keys without
         verified work (.networks); None charges nothing (a trusted or in-process caller)."""
         if request.run_id and request.run_id != self.spec.run_id:
@@ -321,7 +329,7 @@ class Coordinator:
             node_id = self.state.node_for_key(public_key)
             new = node_id is None
             if new:
-                if charge is not None and not charge.take():
+                if not self._take(charge, "register"):
                     raise RequestError("RESOURCE_EXHAUSTED", charge.spent("no new key is registered"))
                 node_id = self.recorder.register(public_key)
             elif self.state.is_banned(node_id):
@@ -363,7 +371,7 @@ class Coordinator:
                     raise RequestError("INVALID_ARGUMENT", f"computed must name the next version {cur + 1} "
                                                            "and a 32-byte state-dict hash")
                 self.recorder.report_hash(node_id, c.version, bytes(c.sha256),  # logged when new or changed
-                                          may_log=None if charged is None else charged.take)
+                                          may_log=None if charged is None else lambda: self._take(charged, "report"))
             for name in ("completions_per_s", "tokens_per_s"):
                 x = getattr(request, name)
                 if not (x >= 0 and x < float("inf")):
@@ -381,8 +389,7 @@ class Coordinator:
             # the first Heartbeat of a round binds the version its prompts must be sampled with, so
             # that a node cannot sample with each of the η + 1 allowed versions and keep the best
             if may and request.sample:
-                if charged is not None and st.dispatched_version(node_id, st.current_round) is None \
-                        and not charged.take():
+                if st.dispatched_version(node_id, st.current_round) is None and not self._take(charged, "dispatch"):
                     raise RequestError("RESOURCE_EXHAUSTED", charged.spent(f"round {st.current_round} is not "
                                                                            f"assigned to node {node_id}"))
                 bound = self.recorder.dispatch(node_id, st.current_round, v)
@@ -450,7 +457,7 @@ class Coordinator:
                                                          f"round {st.current_round}, and this request brings "
                                                          f"{len(sizes)}: at most {budget} a round ({why}); nothing "
                                                          "of this request was recorded")
-            if not verified and charge is not None and not charge.take(len(sizes)):
+            if not verified and not self._take(charge, "groups", len(sizes)):
                 raise RequestError("RESOURCE_EXHAUSTED", charge.spent(f"the {len(sizes)} group(s) of node {node_id} "
                                                                       "were not recorded"))
             self._groups_recorded[node_id] = recorded + len(sizes)
@@ -643,8 +650,8 @@ class Coordinator:
             return self.recorder.check_publication(version, sha256, node_id)
         except PublicationRefused as refused:
             charged = None if charge is None or self._verified(node_id) else charge
-            self.recorder.refuse_upload(node_id, version, sha256, refused,
-                                        may_log=None if charged is None else charged.take)
+            may_log = None if charged is None else lambda: self._take(charged, "upload_refusal")
+            self.recorder.refuse_upload(node_id, version, sha256, refused, may_log=may_log)
             raise RequestError("FAILED_PRECONDITION", refused.detail) from None
 
     def publish_upload(self, node_id: str, header: pb.UploadSnapshotHeader, path: Path, *,

@@ -39,6 +39,9 @@ class CoordinatorMetrics:
         self.snapshots_published = Counter("grpo_coordinator_snapshots_published", "snapshots published",
                                            registry=r)
         self.rounds_closed = Counter("grpo_coordinator_rounds_closed", "rounds closed", registry=r)
+        self.newcomers_refused = Counter("grpo_coordinator_newcomers_refused",
+                                         "what keys without verified work were refused or not logged for their "
+                                         "network's spent allowance (.networks)", ["what"], registry=r)
 
     def serve_http(self, port: int, addr: str = "127.0.0.1") -> int:
         """Expose /metrics over HTTP; returns the bound port."""

@@ -35,7 +35,8 @@ def test_our_daemon_offers_tls_alone_and_a_stock_peer_still_connects(tmp_path, m
         assert "-tls=1" in args and "-noise=0" in args, args
         # a peer as hivemind starts it: Noise offered first, then TLS
         monkeypatch.setattr(P2P, "_make_process_args", staticmethod(P2P._make_process_args.__wrapped__))
-        stock = hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=[str(m) for m in ours.get_visible_maddrs()])
+        stock = hivemind.DHT(start=True, host_maddrs=LOOPBACK,
+                             initial_peers=[str(m) for m in ours.get_visible_maddrs()])
         stock_args = next(p.cmdline() for p in psutil.Process().children(recursive=True)
                           if p.cmdline() and p.cmdline()[0].endswith("p2pd") and p.cmdline() != args)
         assert not any(a.startswith("-noise") for a in stock_args), stock_args

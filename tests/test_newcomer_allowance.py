@@ -76,6 +76,10 @@ def test_free_keys_from_one_network_add_no_more_than_its_allowance(tmp_path):
             registered[1].submit_proofs(forged)
         assert info.value.code == "RESOURCE_EXHAUSTED" and "were not recorded" in info.value.detail
         assert _entries(worker.client) == before
+        refused = {what: s.coordinator.metrics.registry.get_sample_value(
+            "grpo_coordinator_newcomers_refused_total", {"what": what})
+            for what in ("register", "dispatch", "report", "upload_refusal", "groups")}
+        assert refused == {"register": 2, "dispatch": 4, "report": 12, "upload_refusal": 1, "groups": 1}, refused
         # the worker is never charged: its next round is assigned, accepted and closed
         _, groups = worker.round_proofs()
         reply = worker.client.submit_proofs([p for g in groups for p in g])
