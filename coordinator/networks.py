@@ -61,6 +61,9 @@ class NewcomerAllowance:
         net = network_of(peer, self.limit_loopback)
         return None if net is None else Charge(net, self)
 
+    def take(self, net: str, entries: int) -> bool:
+        return self._buckets.allow(net.encode(), float(entries))
+
 
 @dataclass(frozen=True)
 class Charge:
@@ -69,7 +72,7 @@ class Charge:
 
     def take(self, entries: int = 1) -> bool:
         """Charge ``entries`` to the network; False (nothing charged) when its allowance cannot pay."""
-        return self.allowance._buckets.allow(self.net.encode(), float(entries))
+        return self.allowance.take(self.net, entries)
 
     def spent(self, what: str) -> str:
         a = self.allowance

@@ -40,7 +40,7 @@ from grpo_swarm.protocol.version_file import NotCanonical, StreamingStateHash
 
 from .core import Coordinator, RequestError
 from .limits import NonceWindow, RateLimiter
-from .networks import NewcomerAllowance
+from .networks import Charge, NewcomerAllowance
 from .outbound import OutboundStreams, TooManyStreams, cancel_when_idle
 from .upload_hashing import BackgroundFeed
 from .uploads import TooManyUploads
@@ -172,11 +172,11 @@ class CoordinatorService:
 
     def register(self, env, node_id, context):
         return self.c.register(bytes(env.signer_public_key), self._payload(pb.RegisterRequest, env),
-                               self.newcomers.for_peer(context.peer()))
+                               self._charge(context))
 
     def heartbeat(self, env, node_id, context):
         return self.c.heartbeat(node_id, self._payload(pb.HeartbeatRequest, env), bytes(env.signer_public_key),
-                                self.newcomers.for_peer(context.peer()))
+                                self._charge(context))
 
     def report_peer(self, env, node_id, context):
         return self.c.report_peer(node_id, env, self._payload(pb.PeerReport, env))
@@ -197,7 +197,7 @@ class CoordinatorService:
                            f"{e.code.value}: {e.detail}") from None
         if not batch.proofs:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "empty proof batch")
-        return self.c.submit(bytes(env.signer_public_key), list(batch.proofs), self.newcomers.for_peer(context.peer()))
+        return self.c.submit(bytes(env.signer_public_key), list(batch.proofs), self._charge(context))
 
     # -- streaming methods
     def download(self, request: bytes, context):
@@ -253,6 +253,10 @@ class CoordinatorService:
             self.outbound.end(stream)
         self._ok(method)
 
+    def _charge(self, context) -> Charge | None:
+        """What the request's network pays for keys without verified work (.networks)."""
+        return self.newcomers.for_peer(context.peer())
+
     def _outbound(self, env: pb.SignedEnvelope, context, method: str):
         """A slot among the outbound streams for the request's key (.outbound), or RESOURCE_EXHAUSTED."""
         key = bytes(env.signer_public_key)
@@ -274,7 +278,7 @@ class CoordinatorService:
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "the first UploadPart must hold the header alone")
             env, node_id = self._open(method, opening.header.SerializeToString())
             header = self._payload(pb.UploadSnapshotHeader, env)
-            self.c.check_upload(node_id, header, self.newcomers.for_peer(context.peer()))
+            self.c.check_upload(node_id, header, self._charge(context))
             version = header.snapshot.version
             # (the other streams in flight will need what they announced)
             free = shutil.disk_usage(self.c.snapshots.dir).free - self.c.uploads.reserved_bytes()

@@ -89,7 +89,6 @@ class RunRecorder:
         self.final_tickets: dict[str, pb.AdmissionTicket] = {}  # node -> its ticket of the last closed round
         self.benched: dict[str, str] = {}  # node -> why it sits out the last closed round (no final ticket)
         self.closed_ms: int | None = None  # when the last round closed (its round_closed entry's time)
-        # (version, producing round) and node -> hash reports logged for them
         self._logged_for: tuple = (-1, None)  # (current version, producing round) the counts below are for
         self._logged: Counter[tuple[str, str]] = Counter()  # (entry kind, node id) -> entries logged
         if _resume:
