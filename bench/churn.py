@@ -1,0 +1,168 @@
+"""Volunteers come and go: a real swarm on loopback (`grpo-coordinator serve` and ``--nodes``
+`grpo-node join` processes, the demo's tiny run) first left alone for ``--seconds``, then churned for
+as long: every ``--every`` seconds one node, chosen at random, is
+
+- ``kill``ed: SIGKILL to its whole process group (node, DHT and averager processes, p2pd), and started
+  again ``--down`` seconds later with the same key and work directory (a crash, a reboot);
+- ``freeze``d: SIGSTOP to its process group, SIGCONT ``--freeze`` seconds later (a laptop that sleeps).
+
+Never more than one node is down or asleep at a time, so a quorum always exists.
+
+    python bench/churn.py                                   # 4 nodes, 120 s calm, 120 s churned
+    python bench/churn.py --nodes 3 --seconds 90 --actions freeze
+
+One JSON line: ``versions_per_min`` calm and churned and their ratio (``churn_ratio``); per event, the
+seconds until the node averaged again (``back_s``: from its restart or SIGCONT to the end of the first round it began
+afterwards and averaged in); ``longest_gap_s``, the longest the swarm went without a new version while churned;
+``hash_splits``, versions for which two nodes' records hold different parameter hashes (none expected:
+every honest peer holds the same bytes); ``tracebacks`` in the logs; ``audit_ok``. ``ok`` when the audit
+passed, no version split, every event's node averaged again within ``--back-within`` seconds, and the
+swarm kept publishing while churned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from grpo_swarm.node.swarm.demo import LocalSwarm, _killpg
+
+ACTIONS = ("kill", "freeze")
+
+
+def log(msg: str) -> None:
+    print(f"[churn {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def versions_seen(swarm: LocalSwarm, nodes: int) -> dict[int, float]:
+    """Each version held by any node, with when a node first held it (the end of that round)."""
+    first: dict[int, float] = {}
+    for i in range(nodes):
+        for r in swarm.records(i):
+            v, t = r.get("held_version"), r.get("ended")
+            if v is not None and t is not None and (v not in first or t < first[v]):
+                first[v] = t
+    return first
+
+
+def hash_splits(swarm: LocalSwarm, nodes: int) -> dict[int, int]:
+    """Versions whose records (over all nodes) hold more than one parameter hash: version -> hashes."""
+    hashes: dict[int, set[str]] = {}
+    for i in range(nodes):
+        for r in swarm.records(i):
+            if r.get("held_version") is not None and r.get("sha256"):
+                hashes.setdefault(r["held_version"], set()).add(r["sha256"])
+    return {v: len(h) for v, h in sorted(hashes.items()) if len(h) > 1}
+
+
+def first_averaged_after(swarm: LocalSwarm, i: int, t: float) -> float | None:
+    """When node ``i``'s first round begun after ``t`` that it averaged in ended (a round it was in when
+    it froze ends just after it wakes, and does not count)."""
+    ends = [r["ended"] for r in swarm.records(i)
+            if r.get("averaged") and r.get("ended") is not None and r["ended"] - r.get("seconds", 0.0) >= t]
+    return min(ends) if ends else None
+
+
+def per_min(versions: dict[int, float], start: float, end: float) -> float:
+    return round(60.0 * sum(start <= t < end for t in versions.values()) / max(end - start, 1e-9), 2)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=120.0, help="length of the calm phase and of the churned one")
+    ap.add_argument("--every", type=float, default=20.0, help="seconds between churn events")
+    ap.add_argument("--down", type=float, default=5.0, help="seconds a killed node stays down")
+    ap.add_argument("--freeze", type=float, default=10.0, help="seconds a frozen node sleeps")
+    ap.add_argument("--actions", default=",".join(ACTIONS), help=f"some of {','.join(ACTIONS)}, taken in turn")
+    ap.add_argument("--back-within", type=float, default=60.0,
+                    help="an event's node must average again within this many seconds of coming back")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", default=None, help="keep the run here (default: a temporary folder)")
+    args = ap.parse_args(argv)
+    actions = [a for a in args.actions.split(",") if a]
+    if not actions or not set(actions) <= set(ACTIONS):
+        ap.error(f"--actions must be some of {ACTIONS}")
+    if args.nodes < 3:
+        ap.error("--nodes must be at least 3 (one node away must leave a pair)")
+    if args.every <= max(args.down, args.freeze):
+        ap.error("--every must be longer than --down and --freeze (one node away at a time)")
+    rng = random.Random(args.seed)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="churn-"))
+    started = time.time()
+    events: list[dict] = []
+    with LocalSwarm(work, nodes=args.nodes) as swarm:
+        address = swarm.start_coordinator()
+        for i in range(args.nodes):
+            swarm.start_node(i)
+        log(f"coordinator on {address}, {args.nodes} nodes starting (run in {work})")
+        deadline = time.monotonic() + 180
+        while not versions_seen(swarm, args.nodes):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"no version within 180 s: see {work / 'logs'}")
+            time.sleep(1.0)
+        calm_start = time.time()
+        log(f"first version; calm for {args.seconds:.0f} s")
+        time.sleep(args.seconds)
+        churn_start = time.time()
+        k = 0
+        while time.time() < churn_start + args.seconds:
+            i, action = rng.randrange(args.nodes), actions[k % len(actions)]
+            k += 1
+            event = {"node": i, "action": action, "at_s": round(time.time() - churn_start, 1)}
+            if action == "kill":
+                swarm.kill_node(i)
+                time.sleep(args.down)
+                swarm.start_node(i)
+            else:
+                _killpg(swarm.nodes[i].pid, signal.SIGSTOP)
+                time.sleep(args.freeze)
+                _killpg(swarm.nodes[i].pid, signal.SIGCONT)
+            event["back_at"] = time.time()
+            events.append(event)
+            log(f"{action} node {i}")
+            time.sleep(max(0.0, args.every - (args.down if action == "kill" else args.freeze)))
+        churn_end = time.time()
+        time.sleep(min(args.back_within, 30.0))  # the last event's node gets time to come back
+        versions = versions_seen(swarm, args.nodes)
+        for e in events:
+            t = first_averaged_after(swarm, e["node"], e["back_at"])
+            e["back_s"] = None if t is None else round(t - e.pop("back_at"), 1)
+            e.pop("back_at", None)
+        splits = hash_splits(swarm, args.nodes)
+        exited = {i: p.returncode for i, p in swarm.nodes.items() if p.poll() is not None}
+    audit = swarm.audit(report=False)
+    tracebacks = {p.name: p.read_text(errors="replace").count("Traceback") for p in sorted(swarm.logs.glob("*.log"))}
+    churned = sorted(t for t in versions.values() if churn_start <= t < churn_end)
+    edges = [churn_start, *churned, churn_end]
+    calm = per_min(versions, calm_start, churn_start)
+    churn = per_min(versions, churn_start, churn_end)
+    out = {
+        "nodes": args.nodes, "seconds": args.seconds, "every_s": args.every, "down_s": args.down,
+        "freeze_s": args.freeze, "seed": args.seed,
+        "versions_per_min": {"calm": calm, "churned": churn},
+        "churn_ratio": round(churn / calm, 3) if calm else None,
+        "longest_gap_s": round(max(b - a for a, b in zip(edges, edges[1:])), 1),
+        "events": events,
+        "hash_splits": splits,
+        "nodes_exited": exited,
+        "tracebacks": {k: v for k, v in tracebacks.items() if v},
+        "audit_ok": audit.audit_ok,
+        "audit_problem": audit.audit_problem,
+        "wall_s": round(time.time() - started, 1),
+        "workdir": str(work),
+    }
+    out["ok"] = bool(audit.audit_ok and not splits and not exited and churned
+                     and all(e["back_s"] is not None and e["back_s"] <= args.back_within for e in events))
+    print(json.dumps(out), flush=True)
+    return 0 if out["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
