@@ -83,6 +83,7 @@ from grpo_swarm.protocol.publication import PublicationRefused, Tally
 from grpo_swarm.protocol.rpc import DEFAULT_CHUNK_SIZE, sign_ticket, upload_seconds_left
 
 from .config import ConfigError, RunConfig
+from .instances import Instances
 from .liveness import Liveness
 from .metrics import CoordinatorMetrics
 from .networks import Charge
@@ -184,6 +185,7 @@ class Coordinator:
         self.store = CoordinatorStore(self.dir / STORE_FILE)
         ttl_s = PEER_TTL_INTERVALS * cfg.swarm.heartbeat_interval_s
         self.liveness = Liveness(ttl_s)
+        self.instances = Instances()  # one running node process per key
         self.liveness.restore(self.store.last_seen(now_ms() - int(1000 * ttl_s)))
         self.log = ProtocolLog(self.dir / LOG_FILE)
         self.snapshots = SnapshotFiles(self.dir / SNAPSHOT_DIR, self.identity, cfg.run.id, chunk_size)
@@ -334,6 +336,7 @@ class Coordinator:
                 node_id = self.recorder.register(public_key)
             elif self.state.is_banned(node_id):
                 raise RequestError("PERMISSION_DENIED", f"node {node_id} is banned")
+            self._check_instance(node_id, request.instance)
             self.store.node_registered(node_id, public_key,
                                        request.hardware if request.HasField("hardware") else None)
             self.liveness.seen(node_id, None if charge is None else charge.net)
@@ -347,10 +350,16 @@ class Coordinator:
                 current_round=self.state.current_round, coordinator_public_key=self.identity.public_key_bytes,
                 newly_registered=new, peers=self.peers(node_id))
 
+    def _check_instance(self, node_id: str, instance: bytes) -> None:
+        refused = self.instances.refusal(node_id, instance)
+        if refused is not None:
+            raise RequestError(*refused)
+
     def heartbeat(self, node_id: str, request: pb.HeartbeatRequest, public_key: bytes | None = None,
                   charge: Charge | None = None) -> pb.HeartbeatResponse:
         eta = self.spec.max_staleness
         with self.lock:
+            self._check_instance(node_id, request.instance)
             if request.multiaddrs and public_key is None:
                 public_key = next(k for k, n in self.state.keys.items() if n == node_id)
             addrs = self._multiaddrs(public_key, request.multiaddrs) if request.multiaddrs else []

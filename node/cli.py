@@ -3,6 +3,7 @@ takes part in a swarm run)."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
@@ -100,8 +101,10 @@ def join(
     """Join a swarm run: sample, prove, average verified gradients with the other peers, step."""
     from grpo_swarm.protocol.identity import default_key_path
 
+    from .swarm import instance_lock
     from .swarm.dht import check_transports
-    from .swarm.join import COMPRESSIONS, PART_SIZE_LIMITS, JoinOptions, NodeBanned, SwarmPeer, SwarmSideFailing
+    from .swarm.join import (COMPRESSIONS, PART_SIZE_LIMITS, JoinOptions, NodeBanned, NodeSuperseded, SwarmPeer,
+                             SwarmSideFailing)
     from .swarm.stop_signals import leave_on_sigterm
     from .swarm.share_sketch import DEFAULT_AUDIT_FRACTION, check_audit_fraction
     from .swarm.view import RoundView
@@ -139,8 +142,14 @@ def join(
                        initial_peers=initial_peer, client_mode=client_mode, compression=compression,
                        part_size_bytes=part_size, audit_fraction=audit_fraction, rounds=rounds)
     workdir.mkdir(parents=True, exist_ok=True)
+    node_lock = ExitStack()  # one running node per key and work directory, held until it leaves
+    try:
+        node_lock.enter_context(instance_lock.hold(opts.identity_path, workdir))
+    except instance_lock.NodeAlreadyRunning as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2)
     leave_on_sigterm()
-    with RoundView(workdir, quiet=quiet, console=console) as view:
+    with node_lock, RoundView(workdir, quiet=quiet, console=console) as view:
         try:
             peer = SwarmPeer(opts, on_round=view)
         except KeyboardInterrupt as exc:
@@ -159,7 +168,7 @@ def join(
             console.print(f"[red]banned:[/red] {escape(str(exc))}. Only the run's operator can lift a ban "
                           "(grpo-coordinator unban).")
             raise typer.Exit(1)
-        except SwarmSideFailing as exc:
+        except (SwarmSideFailing, NodeSuperseded) as exc:
             console.print(f"[red]stopped:[/red] {escape(str(exc))}")
             raise typer.Exit(1)
         finally:

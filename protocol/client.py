@@ -64,8 +64,12 @@ class CoordinatorClient:
 
     def __init__(self, address: str, identity: Identity, *, coordinator_key: bytes | None = None,
                  root_certificates: bytes | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 retries: int = RetryPolicy.retries, retry_deadline_s: float = RetryPolicy.deadline_s):
+                 retries: int = RetryPolicy.retries, retry_deadline_s: float = RetryPolicy.deadline_s,
+                 instance: bytes = b""):
+        """``instance``: a random id of this running node process, sent with every Register and
+        Heartbeat, so that the coordinator can tell two processes of one key apart (empty: none)."""
         self.address, self.identity, self.timeout_s = address, identity, timeout_s
+        self.instance = bytes(instance)
         self.retry = RetryPolicy(retries=retries, deadline_s=retry_deadline_s)
         self._rng = random.Random()
         self.coordinator_key = bytes(coordinator_key) if coordinator_key is not None else None
@@ -159,7 +163,7 @@ class CoordinatorClient:
                  multiaddrs: Sequence[str] = ()) -> pb.RegisterResponse:
         """Register (or re-register) the key; ``multiaddrs``: the libp2p addresses this node announces
         (each ending in ``/p2p/<its own peer id>``). The reply lists the live peers' addresses."""
-        req = pb.RegisterRequest(run_id=run_id, multiaddrs=list(multiaddrs))
+        req = pb.RegisterRequest(run_id=run_id, multiaddrs=list(multiaddrs), instance=self.instance)
         if hardware is not None:
             req.hardware.CopyFrom(hardware)
         reply = self._unary("Register", req, pb.RegisterResponse)
@@ -181,7 +185,8 @@ class CoordinatorClient:
         ``sample``: this heartbeat asks for the round's assignment and binds ``policy_version`` as the
         version to sample it with (the round's first such heartbeat binds); False for liveness and reports."""
         req = pb.HeartbeatRequest(policy_version=policy_version, completions_per_s=completions_per_s,
-                                  tokens_per_s=tokens_per_s, multiaddrs=list(multiaddrs), sample=sample)
+                                  tokens_per_s=tokens_per_s, multiaddrs=list(multiaddrs), sample=sample,
+                                  instance=self.instance)
         if computed is not None:
             req.computed.CopyFrom(computed)
         if hardware is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,11 @@ class SwarmSideFailing(Exception):
     """The node restarted its swarm side in MAX_SWARM_RESTARTS rounds in a row (or could not) without
     averaging once: something on this machine keeps killing or wedging it, and retrying forever
     would only fail rounds the others wait for. Not a RuntimeError, so the round loop lets it out."""
+
+
+class NodeSuperseded(RuntimeError):
+    """Another process of this node's key registered or reported in after this one (this node restarted
+    elsewhere, or a copied key): the coordinator refuses this one, and one key runs one node."""
 
 
 class NodeBanned(RuntimeError):
@@ -155,7 +161,9 @@ class SwarmPeer:
         prepare_shared_memory()  # first, before any child is forked (.shared_memory says why)
         self.opts, self.on_round = opts, on_round
         self.identity = Identity.load_or_create(opts.identity_path)
-        self.client = CoordinatorClient(opts.coordinator, self.identity, timeout_s=60)
+        # a fresh instance id per process: a restart of this node takes over its key at once, and a
+        # second process of the key (another machine) is told so (coordinator/instances.py)
+        self.client = CoordinatorClient(opts.coordinator, self.identity, timeout_s=60, instance=os.urandom(16))
         self.participant = p = Participant(self.client, opts.workdir, overrides=opts.overrides)
         swarm = p.run["swarm"]
         self._held: tuple | None = None  # (snapshot ref, version, state hash) of what this node holds
@@ -310,6 +318,8 @@ class SwarmPeer:
             except (CoordinatorError, ProtocolError, RuntimeError, ValueError, ArithmeticError, OSError) as e:
                 if _is_ban(e):
                     raise NodeBanned(f"the coordinator refuses this node: {e.detail}") from None
+                if _is_superseded(e):
+                    raise NodeSuperseded(e.detail) from None
                 if isinstance(e, SwarmSideRestartFailed):
                     sick, why = sick + 1, str(e)
                 # a volunteer node rides out a coordinator restart, a bad round or a full disk warning
@@ -658,6 +668,11 @@ def averaging_timeouts(swarm: dict) -> dict[str, float]:
     return dict(matchmaking_timeout=float(swarm.get("matchmaking_timeout_s", 30.0)),
                 allreduce_timeout=float(swarm.get("averaging_timeout_s", 120.0)),
                 sender_timeout=sender, reducer_timeout=2 * sender)
+
+
+def _is_superseded(e: BaseException) -> bool:
+    """Whether ``e`` is the coordinator refusing this process: another process of this key took over."""
+    return isinstance(e, CoordinatorError) and e.code == "FAILED_PRECONDITION" and e.detail.startswith("superseded")
 
 
 def _is_ban(e: BaseException) -> bool:
