@@ -34,7 +34,7 @@ class Instances:
         if instance in self._superseded.get(node_id, ()):
             return "FAILED_PRECONDITION", (
                 f"superseded: node {node_id}'s key is used by another running node process now (instance "
-                f"{self._running[node_id].hex()[:12]}, started after this one), and one key runs one node. If that "
+                f"{self._running[node_id].hex()[:12]}, heard from after this one), and one key runs one node. If that "
                 "was this node restarted elsewhere, stop this process; if not, another machine has this node's "
                 "key: give each node its own --identity")
         running = self._running.get(node_id)
