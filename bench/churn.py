@@ -4,12 +4,15 @@ as long: every ``--every`` seconds one node, chosen at random, is
 
 - ``kill``ed: SIGKILL to its whole process group (node, DHT and averager processes, p2pd), and started
   again ``--down`` seconds later with the same key and work directory (a crash, a reboot);
-- ``freeze``d: SIGSTOP to its process group, SIGCONT ``--freeze`` seconds later (a laptop that sleeps).
+- ``freeze``d: SIGSTOP to its process group, SIGCONT ``--freeze`` seconds later (a laptop that sleeps);
+- ``coordinator``: not a node: the coordinator is stopped (SIGTERM) and started again on its port
+  ``--down`` seconds later, resuming the run from its directory (a host's reboot or upgrade).
 
-Never more than one node is down or asleep at a time, so a quorum always exists.
+Never more than one node (or the coordinator) is down or asleep at a time, so a quorum always exists.
 
     python bench/churn.py                                   # 4 nodes, 120 s calm, 120 s churned
     python bench/churn.py --nodes 3 --seconds 90 --actions freeze
+    python bench/churn.py --actions kill,freeze,coordinator
 
 One JSON line: ``versions_per_min`` calm and churned and their ratio (``churn_ratio``); per event, the
 seconds until the node averaged again (``back_s``: from its restart or SIGCONT to the end of the first round it began
@@ -33,7 +36,8 @@ from pathlib import Path
 
 from grpo_swarm.node.swarm.demo import LocalSwarm, _killpg
 
-ACTIONS = ("kill", "freeze")
+ACTIONS = ("kill", "freeze", "coordinator")
+DEFAULT_ACTIONS = ("kill", "freeze")
 
 
 def log(msg: str) -> None:
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=float, default=20.0, help="seconds between churn events")
     ap.add_argument("--down", type=float, default=5.0, help="seconds a killed node stays down")
     ap.add_argument("--freeze", type=float, default=10.0, help="seconds a frozen node sleeps")
-    ap.add_argument("--actions", default=",".join(ACTIONS), help=f"some of {','.join(ACTIONS)}, taken in turn")
+    ap.add_argument("--actions", default=",".join(DEFAULT_ACTIONS), help=f"some of {','.join(ACTIONS)}, taken in turn")
     ap.add_argument("--back-within", type=float, default=60.0,
                     help="an event's node must average again within this many seconds of coming back")
     ap.add_argument("--seed", type=int, default=0)
@@ -116,7 +120,13 @@ def main(argv=None) -> int:
             i, action = rng.randrange(args.nodes), actions[k % len(actions)]
             k += 1
             event = {"node": i, "action": action, "at_s": round(time.time() - churn_start, 1)}
-            if action == "kill":
+            if action == "coordinator":
+                event.pop("node")
+                port = int(address.rsplit(":", 1)[1])
+                swarm.stop_coordinator()
+                time.sleep(args.down)
+                swarm.start_coordinator(port=port)
+            elif action == "kill":
                 swarm.kill_node(i)
                 time.sleep(args.down)
                 swarm.start_node(i)
@@ -126,15 +136,16 @@ def main(argv=None) -> int:
                 _killpg(swarm.nodes[i].pid, signal.SIGCONT)
             event["back_at"] = time.time()
             events.append(event)
-            log(f"{action} node {i}")
-            time.sleep(max(0.0, args.every - (args.down if action == "kill" else args.freeze)))
+            log(action if action == "coordinator" else f"{action} node {i}")
+            time.sleep(max(0.0, args.every - (args.freeze if action == "freeze" else args.down)))
         churn_end = time.time()
         time.sleep(min(args.back_within, 30.0))  # the last event's node gets time to come back
         versions = versions_seen(swarm, args.nodes)
-        for e in events:
-            t = first_averaged_after(swarm, e["node"], e["back_at"])
-            e["back_s"] = None if t is None else round(t - e.pop("back_at"), 1)
-            e.pop("back_at", None)
+        for e in events:  # (after a coordinator restart: the first node to average again)
+            nodes = [e["node"]] if "node" in e else range(args.nodes)
+            ends = [t for t in (first_averaged_after(swarm, i, e["back_at"]) for i in nodes) if t is not None]
+            e["back_s"] = round(min(ends) - e["back_at"], 1) if ends else None
+            e.pop("back_at")
         splits = hash_splits(swarm, args.nodes)
         exited = {i: p.returncode for i, p in swarm.nodes.items() if p.poll() is not None}
     audit = swarm.audit(report=False)

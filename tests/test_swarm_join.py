@@ -449,6 +449,34 @@ def test_a_swarm_restarted_all_at_once_meets_again(tmp_path):
         assert any(r["averaged"] and r["peers"] == 2 for r in after[i]), after[i]
 
 
+def test_the_swarm_rides_out_a_coordinator_restart(tmp_path):
+    """The coordinator is stopped (SIGTERM: a host's reboot or upgrade) and started again on its port
+    a few seconds later, resuming the run from its directory. Both nodes stay up through the gap, then
+    average together again in a round begun after it, every round's bytes are a published snapshot's,
+    and the log (both of the coordinator's lives) passes the audit."""
+    with LocalSwarm(tmp_path / "swarm", nodes=2) as swarm:
+        address = swarm.start_coordinator()
+        for i in (0, 1):
+            swarm.start_node(i)
+        wait_until(lambda: all(any(r["averaged"] for r in swarm.records(i)) for i in (0, 1)), 240, swarm,
+                   "round averaged by both", running=(0, 1))
+        swarm.stop_coordinator()
+        time.sleep(4.0)  # two heartbeat intervals with nobody answering
+        back = time.time()
+        swarm.start_coordinator(port=int(address.rsplit(":", 1)[1]))
+
+        def averaged_after() -> bool:
+            return all(any(r["averaged"] and r["peers"] == 2 and r["ended"] - r["seconds"] >= back
+                           for r in swarm.records(i)) for i in (0, 1))
+
+        wait_until(averaged_after, 120, swarm, "round begun after the restart averaged by both", running=(0, 1))
+        swarm.stop_nodes(grace_s=0)
+        records = {i: [r for r in swarm.records(i) if r["round"] >= 0] for i in (0, 1)}
+        entries = log_entries(swarm)
+    assert_one_policy(records, published(entries))
+    audit_ok(swarm)
+
+
 HEARTBEAT_S, SLOW_S = 0.5, 2.0  # a node silent for 3 heartbeat intervals (1.5 s) is no longer live
 
 

@@ -121,16 +121,31 @@ class LocalSwarm:
     def workdir(self, i: int) -> Path:
         return self.out / f"node{i}"
 
-    def start_coordinator(self, timeout_s: float = 120.0) -> str:
-        """Start ``grpo-coordinator serve``; its ``HOST:PORT`` once it serves."""
-        with open(self.logs / "coordinator.log", "w") as log:  # the child keeps its own copy
+    def start_coordinator(self, timeout_s: float = 120.0, port: int = 0) -> str:
+        """Start ``grpo-coordinator serve`` (on ``port``; 0: a free one); its ``HOST:PORT`` once it
+        serves. Started again after :meth:`stop_coordinator` on the same port, it resumes the run from
+        its directory, and the nodes ride the gap out."""
+        (self.out / "port").unlink(missing_ok=True)  # written again once this process serves
+        mode = "w" if self.coordinator is None else "a"  # a restart's output follows the first's
+        with open(self.logs / "coordinator.log", mode) as log:  # the child keeps its own copy
             self.coordinator = subprocess.Popen(
                 [*_bin("grpo-coordinator"), "serve", "-c", str(self.out / "run.toml"), "-d",
-                 str(self.out / "coordinator"), "--port", "0", "--port-file", str(self.out / "port")],
+                 str(self.out / "coordinator"), "--port", str(port), "--port-file", str(self.out / "port")],
                 stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         port = _wait_for(self.out / "port", self.coordinator, timeout_s, "the coordinator")
         self.address = f"127.0.0.1:{port}"
         return self.address
+
+    def stop_coordinator(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM to the coordinator (it stops serving and closes its log), SIGKILL after ``timeout_s``."""
+        if self.coordinator is None or self.coordinator.poll() is not None:
+            return
+        self.coordinator.send_signal(signal.SIGTERM)
+        try:
+            self.coordinator.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _killpg(self.coordinator.pid, signal.SIGKILL)
+            self.coordinator.wait(timeout=30)
 
     def join_args(self, i: int, rounds: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
         """``grpo-node join``'s arguments for node ``i`` (its key and work directory are out/node<i>)."""
@@ -196,13 +211,7 @@ class LocalSwarm:
 
     def stop(self) -> None:
         self.stop_nodes()
-        if self.coordinator is not None and self.coordinator.poll() is None:
-            self.coordinator.send_signal(signal.SIGTERM)
-            try:
-                self.coordinator.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                _killpg(self.coordinator.pid, signal.SIGKILL)
-                self.coordinator.wait(timeout=30)
+        self.stop_coordinator()
 
     def audit(self, result: DemoResult | None = None, *, report: bool = True) -> DemoResult:
         """``grpo-audit verify`` of the coordinator's log (and ``report`` of it): into ``result``."""
