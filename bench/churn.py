@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from grpo_swarm.node.swarm.demo import LocalSwarm, _killpg
+from grpo_swarm.node.swarm.demo import LocalSwarm
 
 ACTIONS = ("kill", "freeze", "coordinator")
 DEFAULT_ACTIONS = ("kill", "freeze")
@@ -131,9 +131,9 @@ def main(argv=None) -> int:
                 time.sleep(args.down)
                 swarm.start_node(i)
             else:
-                _killpg(swarm.nodes[i].pid, signal.SIGSTOP)
+                swarm.signal_node(i, signal.SIGSTOP)
                 time.sleep(args.freeze)
-                _killpg(swarm.nodes[i].pid, signal.SIGCONT)
+                swarm.signal_node(i, signal.SIGCONT)
             event["back_at"] = time.time()
             events.append(event)
             log(action if action == "coordinator" else f"{action} node {i}")

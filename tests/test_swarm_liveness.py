@@ -153,9 +153,8 @@ def _slow_averagers(base):
     first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     second = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                           initial_peers=[str(a) for a in first.get_visible_maddrs()])
-    sides = [(Slow([torch.full((8,), float(i))], dht, prefix="cancelled-step", target_group_size=2,
-                   min_group_size=2, allow_state_sharing=False, start=True), dht) for i, dht in enumerate((first, second))]
-    return sides
+    return [(Slow([torch.full((8,), float(i))], dht, prefix="cancelled-step", target_group_size=2,
+                  min_group_size=2, allow_state_sharing=False, start=True), dht) for i, dht in enumerate((first, second))]
 
 
 @pytest.mark.parametrize("quiet", [True, False], ids=["ours", "hiveminds"])

@@ -169,11 +169,15 @@ class LocalSwarm:
                 stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         return proc
 
+    def signal_node(self, i: int, sig: int) -> None:
+        """``sig`` to node ``i`` and everything it started (its DHT and averager processes, p2pd):
+        SIGSTOP / SIGCONT put the whole node to sleep and wake it, as a suspended laptop."""
+        _killpg(self.nodes[i].pid, sig)
+
     def kill_node(self, i: int) -> None:
         """SIGKILL node ``i`` with everything it started (its DHT and averager processes, p2pd)."""
-        proc = self.nodes[i]
-        _killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        self.signal_node(i, signal.SIGKILL)
+        self.nodes[i].wait(timeout=30)
 
     def records(self, i: int) -> list[dict]:
         """Node ``i``'s ``swarm.jsonl`` records so far (a line being written is left out)."""
