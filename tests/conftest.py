@@ -13,3 +13,14 @@ def smollm2_dequantised():
 
     fresh = not (gguf_cache_dir(smollm2_gguf_path()) / "config.json").is_file()
     return load_model("smollm2"), fresh
+
+
+@pytest.fixture(autouse=True)
+def stop_left_coordinators():
+    """Stops the in-process coordinators (tests/coordinator_world.py ``Served``) a test left running."""
+    yield
+    import sys
+
+    world = sys.modules.get("coordinator_world")
+    for served in list(getattr(getattr(world, "Served", None), "running", ())):
+        served.stop()

@@ -62,7 +62,11 @@ def write_run_toml(path: Path, *, samples_per_round: int = 64, max_staleness: in
 
 
 class Served:
-    """An in-process coordinator on a loopback port."""
+    """An in-process coordinator on a loopback port. One a test left running is stopped after it
+    (tests/conftest.py): a live gRPC server's threads make every later fork in the test process
+    skip gRPC's fork handlers."""
+
+    running: list[Served] = []
 
     def __init__(self, tmp: Path, limits: ServerLimits = ServerLimits(), chunk_size: int | None = None,
                  keep_snapshots: int = 3, **run):
@@ -72,11 +76,14 @@ class Served:
         self.coordinator = Coordinator(self.cfg, self.data_dir, **kw)
         self.server, self.port, self.service = start_server(self.coordinator, limits=limits)
         self.address = f"127.0.0.1:{self.port}"
+        Served.running.append(self)
 
     def client(self, identity: Identity | None = None) -> CoordinatorClient:
         return CoordinatorClient(self.address, identity or Identity.generate(), timeout_s=30)
 
     def stop(self) -> None:
+        if self in Served.running:
+            Served.running.remove(self)
         self.server.stop(0).wait()
         self.coordinator.close()
 

@@ -142,3 +142,72 @@ def test_a_joiner_through_hanging_initial_peers_waits_one_dial_timeout_and_finds
         for d in (dht, other_dht, live_dht):
             if d is not None:
                 d.shutdown()
+
+
+def test_a_dht_process_that_dies_while_dialling_is_replaced_and_the_join_goes_on(tmp_path, hanging_port, monkeypatch):
+    """The DHT's child process is killed while it dials (a hanging peer holds the dial open): start_dht
+    starts a fresh one, which reaches the live peer, instead of raising (CI once saw a forked DHT child
+    die with SIGSEGV mid-dial, and the node's join failed)."""
+    import os
+    import signal
+    import threading
+
+    import hivemind
+
+    launched = []  # every DHT process started, in order
+    real_run = hivemind.DHT.run_in_background
+
+    def recorded(self, *args, **kwargs):
+        launched.append(self)
+        return real_run(self, *args, **kwargs)
+
+    live_dht = start_dht(Identity.generate(), identity_path=tmp_path / "live", host_maddrs=LOOPBACK)
+    monkeypatch.setattr(hivemind.DHT, "run_in_background", recorded)
+    hanging = f"/ip4/127.0.0.1/tcp/{hanging_port}/p2p/{Identity.generate().peer_id_base58}"
+
+    def kill_the_first_child():
+        while not launched or not launched[0].is_alive():
+            time.sleep(0.05)
+        time.sleep(1.5)  # inside the dial: the hanging peer holds it for DIAL_TIMEOUT_S
+        os.kill(launched[0].pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_first_child, daemon=True)
+    killer.start()
+    dht = None
+    try:
+        dht = start_dht(Identity.generate(), identity_path=tmp_path / "me", host_maddrs=LOOPBACK,
+                        initial_peers=[hanging, *map(str, live_dht.get_visible_maddrs())], attempts=1)
+        killer.join(5.0)
+        assert len(launched) == 2 and launched[0].exitcode == -signal.SIGKILL and dht is launched[1]
+        assert dht.is_alive() and live_dht.peer_id.to_base58() in connected_peers(dht)
+    finally:
+        for d in (dht, live_dht):
+            if d is not None:
+                d.shutdown()
+
+
+def test_the_dht_log_drops_only_a_request_whose_sender_is_gone():
+    """hivemind's DHT process logs a request it could not read with its traceback; one whose sender
+    exited first (its reply pipe could no longer be handed over: a node's Ctrl-C) is dropped, any other
+    error is kept."""
+    import logging
+    import multiprocessing as mp
+    from multiprocessing import reduction, resource_sharer
+
+    from grpo_swarm.node.swarm.dht import SenderGoneFilter
+
+    def record_of(exc: BaseException) -> logging.LogRecord:
+        return logging.LogRecord("hivemind.dht.dht", logging.ERROR, "dht.py", 130, str(exc), (),
+                                 (type(exc), exc, exc.__traceback__))
+
+    ours, _theirs = mp.Pipe()
+    sent = reduction.ForkingPickler.dumps(ours)
+    resource_sharer.stop()  # as if the sending process had exited
+    with pytest.raises(FileNotFoundError) as gone:
+        reduction.ForkingPickler.loads(sent)
+    with pytest.raises(FileNotFoundError) as other:
+        open("/nonexistent/file")
+    keep = SenderGoneFilter()
+    assert not keep.filter(record_of(gone.value))
+    assert keep.filter(record_of(other.value))
+    assert keep.filter(logging.LogRecord("hivemind.dht.dht", logging.ERROR, "dht.py", 1, "no exception", (), None))

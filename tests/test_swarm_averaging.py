@@ -167,7 +167,9 @@ SKETCH_LIE_ROUND = _small("small_none", "sketch_lie", max_attempts=2)
 # a product node would, it stops once the others are done instead of after a matchmaking timeout)
 EQUIVOCATE_ROUND = _small("small_none", "sketch_equivocate", round_over_when_others_done=True)
 REORDERED_VIEW_ROUND = _small("small_none", "reordered_view")
-FALSE_ACCUSATION_ROUND = _small("small_none", "false_accusation")  # H accuses A, who did nothing
+# H accuses A, who did nothing (B stops once A and H are done, as a product node would: a search of its
+# own for a group that H left cost the round two matchmaking timeouts, 30 s)
+FALSE_ACCUSATION_ROUND = _small("small_none", "false_accusation", round_over_when_others_done=True)
 ACCUSE_ALL_ROUND = _small("small_none", "accuse_all")  # H accuses both A and B
 # a ticket holder that joins every attempt (as many as the others make), sends its first part and then nothing
 STALL_ROUND = _small("small_none", "stall_always", max_attempts=TIMING["max_attempts"])

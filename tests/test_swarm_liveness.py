@@ -208,3 +208,59 @@ def test_a_step_cancelled_as_its_group_forms_ends_quietly(capfd, quiet):
         assert "its report is dropped" in err
     else:
         assert "InvalidStateError" in err
+
+
+def test_an_averager_shut_down_mid_round_ends_its_groups_without_a_traceback():
+    """The averager process's shutdown with a group registered (a node stopped mid-round): hivemind's
+    own calls ``finalize`` on the future the group is registered as, and a stopped node printed an
+    AttributeError traceback; ours cancels the running all-reduce and leaves a group still forming."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from hivemind.averaging import DecentralizedAverager
+
+    from grpo_swarm.node.swarm.averaging import VerifiedAverager
+
+    async def shut_down(shutdown) -> list:
+        loop = asyncio.get_running_loop()
+        finalized = []
+        running, forming = loop.create_future(), loop.create_future()
+        running.set_result(SimpleNamespace(finalize=lambda **kw: finalized.append(kw)))
+
+        async def no_linger(_s: float) -> None:
+            return None
+
+        me = SimpleNamespace(client_mode=True, shutdown_timeout=5.0, _linger_for_audits=no_linger,
+                             _running_groups={b"running": running, b"forming": forming})
+        await shutdown(me, 1.0)
+        return finalized
+
+    assert asyncio.run(shut_down(VerifiedAverager._shutdown)) == [{"cancel": True}]
+    with pytest.raises(AttributeError, match="finalize"):
+        asyncio.run(shut_down(DecentralizedAverager._shutdown))
+
+
+def test_a_ctrl_c_while_the_averager_takes_a_step_up_drops_the_step_quietly(monkeypatch):
+    """Ctrl-C lands while start_step waits for the averager to take the step up: the interrupt goes on,
+    and the dropped step says nothing as it is collected (hivemind's StepControl, never attached,
+    raised in ``__del__``: an "Exception ignored" traceback at a node's Ctrl-C)."""
+    import gc
+    import sys
+    from types import SimpleNamespace
+
+    from hivemind.averaging.allreduce import AveragingMode
+    from hivemind.utils import MPFuture, MSGPackSerializer
+    from hivemind.utils.timed_storage import get_dht_time
+
+    def interrupted() -> bool:
+        raise KeyboardInterrupt
+
+    averager = SimpleNamespace(mode=AveragingMode.NODE, serializer=MSGPackSerializer, bandwidth=None,
+                               _outer_pipe=SimpleNamespace(send=lambda message: None), is_alive=interrupted)
+    MPFuture()  # (hivemind's backend set up as a node's is: a StepControl first sets it up on itself alone)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(KeyboardInterrupt):
+        start_step(averager, gather=b"entry", weight=1.0, timeout=5.0, scheduled_time=get_dht_time() + 1.0, limit=5.0)
+    gc.collect()
+    assert [u.exc_value for u in unraisable] == []

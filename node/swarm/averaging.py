@@ -664,7 +664,13 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
         """hivemind's shutdown, after the groupmates of our last audit have read our entries (bounded:
         the parent waits ``shutdown_timeout`` for this process, then terminates it)."""
         await self._linger_for_audits(max(0.0, self.shutdown_timeout - 2.0))
-        await super()._shutdown(timeout)
+        if not self.client_mode:
+            await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+        # hivemind's own ends with `finalize` called on the futures its groups are registered as (and the
+        # None it returns added to a set): a node stopped mid-round printed an AttributeError traceback
+        for registered in list(self._running_groups.values()):
+            if registered.done() and not registered.cancelled() and registered.exception() is None:
+                registered.result().finalize(cancel=True)
 
     async def _log_tasks(self, why: str) -> None:
         """Log where each task of the averager's loop waits (a step stuck past its timeouts: the

@@ -71,8 +71,10 @@ def start_step(averager: DecentralizedAverager, *, gather, weight: float, timeou
     try:
         trigger, cancel = result_while_alive(future_for_init, alive=averager.is_alive, limit=limit,
                                              what="the averager process, handed a step,")
-    except ChildSilent:
-        step.attach(MPFuture(), MPFuture())  # (hivemind warns when a step it never attached is dropped)
+    except BaseException:  # ChildSilent, or Ctrl-C meanwhile
+        # (hivemind's StepControl warns when a step it never attached is dropped, and one with no trigger
+        # at all raised in __del__: "Exception ignored" tracebacks at a node's Ctrl-C)
+        step.attach(MPFuture(), MPFuture())
         step.cancel()
         raise
     step.attach(trigger, cancel)
