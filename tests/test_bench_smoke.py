@@ -271,19 +271,17 @@ def test_bench_publication_both_uploads_do_the_whole_work():
 
 @pytest.mark.slow
 def test_bench_publication_links_publishes_over_capped_uplinks():
-    """bench/publication_links.py, smallest run: over 1 Gbit/s links the honest contributors publish
-    with one upload's bytes (the other gives way or never starts), and a stalled designated uploader
-    is raced. Without root (or namespaces) the bench says why it skipped, and so does this test."""
-    res = run_bench("publication_links.py", "--uplink", "1gbit", "--size", "0.01", "--scenarios", "honest,stalled",
+    """bench/publication_links.py, smallest run, its stalled scenario: over 1 Gbit/s links a stalled
+    designated uploader is raced and the other contributor publishes. (The honest scenario, where the
+    other gives way, is the same machinery: tests/test_slow_uploads.py has it on loopback.) Without
+    root (or namespaces) the bench says why it skipped, and so does this test."""
+    res = run_bench("publication_links.py", "--uplink", "1gbit", "--size", "0.01", "--scenarios", "stalled",
                     "--grace-s", "2", "--stall-s", "4", keys=(), timeout=400)
     if "skipped" in res:
         pytest.skip(res["skipped"])
-    for scenario in ("honest", "stalled"):
-        assert res[scenario]["publish_s"] is not None, res[scenario]
-    version = res["honest"]["version_bytes"]
-    assert res["honest"]["designated"]["bytes_sent"] >= version  # the designated upload published it
-    assert res["honest"]["other"]["bytes_sent"] < version
-    assert res["stalled"]["other"]["bytes_sent"] >= version > res["stalled"]["designated"]["bytes_sent"]
+    stalled = res["stalled"]
+    assert stalled["publish_s"] is not None, stalled
+    assert stalled["other"]["bytes_sent"] >= stalled["version_bytes"] > stalled["designated"]["bytes_sent"]
 
 
 def test_bench_refusal_delivery_delivers_through_the_drain_and_the_tap():

@@ -1,6 +1,7 @@
 """One key runs one node (coordinator/instances.py): a real coordinator on loopback, clients of one
 key as two node processes would be (each with its own instance id), and the raw .proto request a
-client without instances sends."""
+client without instances sends. Two `grpo-node join` processes of one key: tests/test_swarm_join.py
+(test_the_swarm_rides_out_a_coordinator_restart_and_a_copied_key_runs_its_newest_process)."""
 
 from __future__ import annotations
 
@@ -62,33 +63,3 @@ def test_a_key_naming_endless_instances_costs_a_bounded_memory():
     assert len(instances._superseded["n1"]) == SUPERSEDED_KEPT
     assert instances.refusal("n1", ids[-2]) is not None  # recent ones stay refused
     assert instances.refusal("n2", ids[-2]) is None  # per key
-
-
-def test_a_join_whose_key_starts_on_another_machine_stops_and_says_why(tmp_path):
-    """Two `grpo-node join` processes of one key (copied to another work directory, as to another
-    machine: this machine's lock, node/swarm/instance_lock.py, would refuse the same key file): the
-    second takes over, the first exits 1 saying why and what to do, and the second goes on."""
-    import shutil
-    import time
-
-    from grpo_swarm.node.swarm.demo import LocalSwarm
-
-    def wait_for(condition, timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not condition():
-            assert time.monotonic() < deadline, f"{what} within {timeout_s:.0f} s (logs: {swarm.logs})"
-            time.sleep(0.5)
-
-    with LocalSwarm(tmp_path / "swarm", nodes=1) as swarm:
-        swarm.start_coordinator()
-        first = swarm.start_node(0)
-        joined = lambda i: "joined run" in (swarm.logs / f"node{i}.log").read_text()  # noqa: E731
-        wait_for(lambda: joined(0), 240, "the first process joining")
-        swarm.workdir(1).mkdir(parents=True)
-        shutil.copy(swarm.workdir(0) / "node.key", swarm.workdir(1) / "node.key")
-        second = swarm.start_node(1)
-        assert first.wait(timeout=180) == 1
-        log = " ".join((swarm.logs / "node0.log").read_text().split())
-        assert "stopped: superseded" in log and "--identity" in log
-        wait_for(lambda: joined(1), 120, "the second process joining")
-        assert second.poll() is None

@@ -879,7 +879,7 @@ def test_dht_from_node_key_file_and_bootstrap_errors(tmp_path, keys):
         dht.shutdown()
 
 
-def test_share_audit_handler_keeps_only_the_groups_contributors(tmp_path, keys):
+def test_share_audit_handler_keeps_only_the_groups_contributors(tmp_path, keys, monkeypatch):
     """rpc_share_audit as a sybil calls it (any libp2p peer told the group id): its entries are never
     stored, so it cannot crowd the answers a member reads (at most 2·K entries); unknown groups get
     an empty answer and no store (no memory for made-up group ids); a member's first entry stays.
@@ -892,6 +892,10 @@ def test_share_audit_handler_keeps_only_the_groups_contributors(tmp_path, keys):
     from grpo_swarm.node.swarm.share_audit import MAX_AUDIT_ENTRY_BYTES, PHASE_REVEAL, PHASE_SKETCH, encode_entry
     from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 
+    from grpo_swarm.node.swarm import share_audit_rpc
+
+    # (an answer waits this long for entries that never come here: 12 calls, 1 s each)
+    monkeypatch.setattr(share_audit_rpc, "AUDIT_POLL_S", 0.05)
     coordinator, nodes = keys
     ident = Identity.generate()
     dht = start_dht(ident, identity_path=tmp_path / "k", host_maddrs=["/ip4/127.0.0.1/tcp/0"])

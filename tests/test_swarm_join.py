@@ -449,11 +449,16 @@ def test_a_swarm_restarted_all_at_once_meets_again(tmp_path):
         assert any(r["averaged"] and r["peers"] == 2 for r in after[i]), after[i]
 
 
-def test_the_swarm_rides_out_a_coordinator_restart(tmp_path):
+def test_the_swarm_rides_out_a_coordinator_restart_and_a_copied_key_runs_its_newest_process(tmp_path):
     """The coordinator is stopped (SIGTERM: a host's reboot or upgrade) and started again on its port
     a few seconds later, resuming the run from its directory. Both nodes stay up through the gap, then
     average together again in a round begun after it, every round's bytes are a published snapshot's,
-    and the log (both of the coordinator's lives) passes the audit."""
+    and the log (both of the coordinator's lives) passes the audit. Then node 0's key is copied to
+    another work directory (as to another machine: this machine's lock, node/swarm/instance_lock.py,
+    refuses the same key file) and joins there: it takes over, and the first process exits 1 saying
+    why and what to do (coordinator/instances.py). (One swarm for both: each costs ~15 s to start.)"""
+    import shutil
+
     with LocalSwarm(tmp_path / "swarm", nodes=2) as swarm:
         address = swarm.start_coordinator()
         for i in (0, 1):
@@ -470,8 +475,19 @@ def test_the_swarm_rides_out_a_coordinator_restart(tmp_path):
                            for r in swarm.records(i)) for i in (0, 1))
 
         wait_until(averaged_after, 120, swarm, "round begun after the restart averaged by both", running=(0, 1))
-        swarm.stop_nodes(grace_s=0)
         records = {i: [r for r in swarm.records(i) if r["round"] >= 0] for i in (0, 1)}
+
+        copy = 2  # node 0's key in another work directory
+        swarm.workdir(copy).mkdir(parents=True)
+        shutil.copy(swarm.workdir(0) / "node.key", swarm.workdir(copy) / "node.key")
+        swarm.start_node(copy)
+        assert swarm.nodes[0].wait(timeout=120) == 1, logs(swarm)
+        stopped = " ".join((swarm.logs / "node0.log").read_text(errors="replace").split())
+        assert "stopped: superseded" in stopped and "--identity" in stopped, stopped[-2000:]
+        wait_until(lambda: "joined run" in (swarm.logs / f"node{copy}.log").read_text(errors="replace"), 120, swarm,
+                   "the copy joining", running=(1, copy))
+        assert swarm.nodes[copy].poll() is None
+        swarm.stop_nodes(grace_s=0)
         entries = log_entries(swarm)
     assert_one_policy(records, published(entries))
     audit_ok(swarm)
