@@ -144,40 +144,30 @@ def test_a_joiner_through_hanging_initial_peers_waits_one_dial_timeout_and_finds
                 d.shutdown()
 
 
-def test_a_dht_process_that_dies_while_dialling_is_replaced_and_the_join_goes_on(tmp_path, hanging_port, monkeypatch):
-    """The DHT's child process is killed while it dials (a hanging peer holds the dial open): start_dht
-    starts a fresh one, which reaches the live peer, instead of raising (CI once saw a forked DHT child
-    die with SIGSEGV mid-dial, and the node's join failed)."""
+def test_a_dht_process_that_dies_while_dialling_is_replaced_and_the_join_goes_on(tmp_path, monkeypatch):
+    """The DHT's child process dies as its dial is handed to it (SIGKILL once it started and said its
+    peer id): start_dht starts a fresh one, which reaches the live peer, instead of raising (CI once
+    saw a forked DHT child die with SIGSEGV mid-dial, and the node's join failed)."""
     import os
     import signal
-    import threading
 
-    import hivemind
+    from grpo_swarm.node.swarm import dht as dht_module
 
     launched = []  # every DHT process started, in order
-    real_run = hivemind.DHT.run_in_background
+    real_checked = dht_module._checked
 
-    def recorded(self, *args, **kwargs):
-        launched.append(self)
-        return real_run(self, *args, **kwargs)
+    def first_dies(dht, identity):
+        launched.append(real_checked(dht, identity))
+        if len(launched) == 1:
+            os.kill(dht.pid, signal.SIGKILL)
+        return dht
 
     live_dht = start_dht(Identity.generate(), identity_path=tmp_path / "live", host_maddrs=LOOPBACK)
-    monkeypatch.setattr(hivemind.DHT, "run_in_background", recorded)
-    hanging = f"/ip4/127.0.0.1/tcp/{hanging_port}/p2p/{Identity.generate().peer_id_base58}"
-
-    def kill_the_first_child():
-        while not launched or not launched[0].is_alive():
-            time.sleep(0.05)
-        time.sleep(1.5)  # inside the dial: the hanging peer holds it for DIAL_TIMEOUT_S
-        os.kill(launched[0].pid, signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_the_first_child, daemon=True)
-    killer.start()
+    monkeypatch.setattr(dht_module, "_checked", first_dies)
     dht = None
     try:
         dht = start_dht(Identity.generate(), identity_path=tmp_path / "me", host_maddrs=LOOPBACK,
-                        initial_peers=[hanging, *map(str, live_dht.get_visible_maddrs())], attempts=1)
-        killer.join(5.0)
+                        initial_peers=[str(m) for m in live_dht.get_visible_maddrs()], attempts=1)
         assert len(launched) == 2 and launched[0].exitcode == -signal.SIGKILL and dht is launched[1]
         assert dht.is_alive() and live_dht.peer_id.to_base58() in connected_peers(dht)
     finally:

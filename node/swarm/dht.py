@@ -224,6 +224,15 @@ def _launch(identity: Identity, kwargs: dict, host_maddrs: Sequence[str], startu
 
 
 def _checked(dht, identity: Identity):
+    import hivemind
+
+    from .child_calls import ChildSilent, run_in_dht
+
+    try:  # (hivemind's dht.peer_id asks the child with no timeout: a child dead by now hung the node)
+        dht._peer_id = run_in_dht(dht, hivemind.DHT._get_peer_id, limit=30.0)
+    except ChildSilent as e:
+        _reap(dht)
+        raise DHTStartError(f"the DHT process stopped answering right after it started: {e}") from e
     got = dht.peer_id.to_bytes()
     if got != identity.peer_id:
         _reap(dht)
