@@ -1,6 +1,11 @@
 """Fixtures several test modules share."""
 
+import os
+
 import pytest
+
+# as in a node process (node/__init__.py): this one forks DHTs and averagers after gRPC tests ran here
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 
 @pytest.fixture(scope="session")
