@@ -63,8 +63,8 @@ def write_run_toml(path: Path, *, samples_per_round: int = 64, max_staleness: in
 
 class Served:
     """An in-process coordinator on a loopback port. One a test left running is stopped after it
-    (tests/conftest.py): a live gRPC server's threads make every later fork in the test process
-    skip gRPC's fork handlers."""
+    (tests/conftest.py), not left serving through the later tests of this process (which fork DHTs
+    and averagers)."""
 
     running: list[Served] = []
 

@@ -186,8 +186,8 @@ def start_dht(
                 reached, errors = run_in_dht(dht, functools.partial(_dial_in_dht, peers, find_neighbours=True),
                                              limit=DIAL_TIMEOUT_S + NEIGHBOURS_TIMEOUT_S + 15.0)
             except ChildSilent as e:
-                # the DHT's process died mid-dial (seen once in ~100 suite runs: SIGSEGV in the forked
-                # child): a fresh process retries the same attempt, up to `attempts` times in all
+                # the DHT's process died mid-dial (seen once in CI: SIGSEGV in the forked child): a
+                # fresh process retries the same attempt, up to `attempts` times in all
                 if not e.gone or relaunches >= attempts:
                     raise
                 relaunches += 1
@@ -326,7 +326,7 @@ def connect_peers(dht, maddrs: Sequence[str]) -> list[str]:
     newly)."""
     import functools
 
-    from .child_calls import ChildSilent, run_in_dht
+    from .child_calls import run_in_dht
 
     maddrs = tcp_only(check_initial_peers(maddrs))
     if not maddrs:
@@ -341,7 +341,7 @@ async def _peer_ids_in_dht(dht, node) -> list[str]:
 
 def connected_peers(dht) -> list[str]:
     """Base58 peer ids this DHT's p2p daemon is connected to (for the live view and tests)."""
-    from .child_calls import ChildSilent, run_in_dht
+    from .child_calls import run_in_dht
 
     return run_in_dht(dht, _peer_ids_in_dht, limit=10.0)
 
@@ -353,6 +353,6 @@ async def _visible_maddrs_in_dht(dht, node) -> list:
 def visible_maddrs(dht) -> list[str]:
     """The multiaddrs this DHT's p2p daemon listens on (hivemind's get_visible_maddrs, which could
     wait forever on a DHT process killed mid-call)."""
-    from .child_calls import ChildSilent, run_in_dht
+    from .child_calls import run_in_dht
 
     return [str(a) for a in run_in_dht(dht, _visible_maddrs_in_dht, limit=30.0)]
