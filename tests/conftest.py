@@ -1,11 +1,10 @@
 """Fixtures several test modules share."""
 
-import os
-
 import pytest
 
-# as in a node process (node/__init__.py): this one forks DHTs and averagers after gRPC tests ran here
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+# first, before anything imports gRPC: it turns gRPC's fork handlers off, as in a node process (this
+# one forks DHTs and averagers after gRPC tests ran here)
+import grpo_swarm.node  # noqa: F401, E402
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,8 +66,6 @@ class SenderGoneFilter(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
             return True
-        import traceback
-
         return not any(f.filename.endswith("resource_sharer.py") for f in traceback.extract_tb(exc.__traceback__))
 
 
