@@ -345,6 +345,7 @@ def peer_main(config_path: str) -> int:
     import torch
 
     torch.set_num_threads(1)
+    from grpo_swarm.node.swarm.child_calls import launch_child
     from grpo_swarm.node.swarm.dht import start_dht
     from grpo_swarm.protocol import grpo_swarm_pb2 as pb
     from grpo_swarm.protocol.identity import Identity, node_id_from_public_key
@@ -411,13 +412,13 @@ def peer_main(config_path: str) -> int:
                 sender_timeout=timing["sender_timeout"], reducer_timeout=timing["reducer_timeout"],
                 allreduce_timeout=timing["allreduce_timeout"], max_attempts=1, part_size_bytes=cfg["part_size"])
         if {"stock", "stock_tuned"} & set(variants):
-            stock = StockCls(
-                [torch.zeros_like(g) for g in grads], dht, start=True, prefix=f"bench_stock_{comp}",
+            stock = launch_child(lambda: StockCls(
+                [torch.zeros_like(g) for g in grads], dht, start=False, prefix=f"bench_stock_{comp}",
                 target_group_size=PEERS, min_group_size=PEERS, min_matchmaking_time=timing["min_matchmaking_time"],
                 request_timeout=timing["request_timeout"], part_size_bytes=cfg["stock_part_size"],
                 compression=compression, next_chunk_timeout=timing["sender_timeout"],
                 sender_timeout=timing["sender_timeout"], reducer_timeout=timing["reducer_timeout"],
-                allreduce_timeout=timing["allreduce_timeout"], allow_state_sharing=False)
+                allreduce_timeout=timing["allreduce_timeout"], allow_state_sharing=False), limit=60.0, what="averager")
         # "ours" audits --audit-fraction of the rows, or the averager's default (ours_fullaudit switches it to 1)
         ours_fraction = cfg["audit_fraction"] if cfg["audit_fraction"] is not None else getattr(ours, "audit_fraction", None)
         if ours is not None:  # as a CPU trainer's backward pass would leave it (the join loop binds .grad)

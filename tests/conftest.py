@@ -5,6 +5,11 @@ import pytest
 # first, before anything imports gRPC: it turns gRPC's fork handlers off, as in a node process (this
 # one forks DHTs and averagers after gRPC tests ran here)
 import grpo_swarm.node  # noqa: F401, E402
+# and hivemind's locks shared with forked children made safe to kill a holder, as a node does, before
+# any test forks one
+from grpo_swarm.node.swarm.fork_locks import install_fork_safe_locks  # noqa: E402
+
+install_fork_safe_locks()
 
 
 @pytest.fixture(scope="session")

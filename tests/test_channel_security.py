@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import time
 
-import hivemind
 import psutil
 from hivemind.p2p.p2p_daemon import P2P
 from hivemind.utils import get_dht_time
 
 from grpo_swarm.node.swarm.dht import start_dht
 from grpo_swarm.protocol.identity import Identity
+from hivemind_children import started_dht
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
@@ -35,8 +35,8 @@ def test_our_daemon_offers_tls_alone_and_a_stock_peer_still_connects(tmp_path, m
         assert "-tls=1" in args and "-noise=0" in args, args
         # a peer as hivemind starts it: Noise offered first, then TLS
         monkeypatch.setattr(P2P, "_make_process_args", staticmethod(P2P._make_process_args.__wrapped__))
-        stock = hivemind.DHT(start=True, host_maddrs=LOOPBACK,
-                             initial_peers=[str(m) for m in ours.get_visible_maddrs()])
+        stock = started_dht(host_maddrs=LOOPBACK,
+                            initial_peers=[str(m) for m in ours.get_visible_maddrs()])
         stock_args = next(p.cmdline() for p in psutil.Process().children(recursive=True)
                           if p.cmdline() and p.cmdline()[0].endswith("p2pd") and p.cmdline() != args)
         assert not any(a.startswith("-noise") for a in stock_args), stock_args

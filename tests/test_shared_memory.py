@@ -83,3 +83,67 @@ def test_a_child_killed_holding_hiveminds_sharedbytes_lock_leaves_the_node_able_
     assert _next_future_after_a_child_died_holding_the_lock("ours", within_s=60.0)
     # hivemind's own lock is one semaphore shared with every forked child: held for good
     assert not _next_future_after_a_child_died_holding_the_lock("hivemind", within_s=5.0)
+
+
+UPDATE_LOCK_CHILD = """
+import os, signal, sys
+import hivemind, psutil
+from hivemind.utils.mpfuture import MPFuture
+if sys.argv[1] == "ours":
+    from grpo_swarm.node.swarm.fork_locks import install_fork_safe_locks
+    install_fork_safe_locks()
+pid = os.fork()
+if pid == 0:  # a child killed while it sends a result to this process (holding MPFuture's update lock)
+    MPFuture._update_lock.acquire()
+    os.kill(os.getpid(), signal.SIGKILL)
+os.waitpid(pid, 0)
+dht = hivemind.DHT(start=False, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+try:  # a restarted DHT: its process says it is ready through that lock
+    dht.run_in_background(await_ready=True, timeout=float(sys.argv[2]))
+    print("started", flush=True)
+finally:
+    for p in psutil.Process().children(recursive=True):
+        p.kill()
+"""
+
+
+def test_a_child_killed_as_it_sends_a_result_leaves_later_children_able_to_start():
+    """A node kills its DHT and averager to restart them, and may catch one as it sends a result home:
+    hivemind's update lock, one semaphore for all, stayed held and no DHT process started again."""
+    def starts(how: str, within_s: float) -> bool:
+        out = subprocess.run([sys.executable, "-c", UPDATE_LOCK_CHILD, how, str(within_s)], capture_output=True,
+                             text=True, timeout=within_s + 60)
+        return out.returncode == 0 and "started" in out.stdout
+
+    assert starts("ours", within_s=60.0)
+    assert not starts("hivemind", within_s=5.0)
+
+
+FORK_WHILE_HELD = """
+import os, sys, threading, time
+from hivemind.utils.mpfuture import MPFuture, SharedBytes
+from grpo_swarm.node.swarm.fork_locks import install_fork_safe_locks
+install_fork_safe_locks()
+MPFuture()
+held, go = threading.Event(), threading.Event()
+def holder():
+    with MPFuture._update_lock, SharedBytes._lock:
+        held.set()
+        go.wait()
+threading.Thread(target=holder, daemon=True).start()
+held.wait()
+pid = os.fork()  # while another thread holds both
+if pid == 0:
+    SharedBytes._lock.acquire(); SharedBytes._lock.release()
+    with MPFuture._update_lock:  # waits for the parent's holder, then takes it
+        pass
+    os._exit(7)
+time.sleep(0.5)
+go.set()
+print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+def test_a_child_forked_while_a_thread_holds_the_locks_gets_them_once_the_holder_lets_go():
+    out = subprocess.run([sys.executable, "-c", FORK_WHILE_HELD], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "child 7" in out.stdout, out.stderr[-2000:]

@@ -73,6 +73,7 @@ from grpo_swarm.node.swarm.verdicts import RoundRules, group_verdicts, next_firs
 from grpo_swarm.protocol.identity import Identity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hivemind_children import started_dht
 from swarm_world import (
     LOSS_TYPES,
     NORM_BOUND,
@@ -800,7 +801,7 @@ def test_dht_from_node_key_file_and_bootstrap_errors(tmp_path, keys):
         live = [str(m) for m in dht.get_visible_maddrs()]
         assert live and not any(over_udp(m) for m in live), live
         # a listed peer's QUIC address is not dialled, though p2pd would reach that peer through it
-        quic = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/udp/0/quic-v1"], start=True)
+        quic = started_dht(host_maddrs=["/ip4/127.0.0.1/udp/0/quic-v1"])
         try:
             over_quic = [str(m) for m in quic.get_visible_maddrs()]
             assert over_quic and all(over_udp(m) for m in over_quic), over_quic

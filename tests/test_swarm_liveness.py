@@ -20,19 +20,19 @@ from grpo_swarm.node.swarm.liveness import daemon_processes, stop_swarm_side, sw
 from grpo_swarm.node.swarm.round_report import AttemptReport, RoundResult
 from grpo_swarm.node.swarm.shared_memory import prepare_shared_memory
 from grpo_swarm.node.swarm.child_calls import ChildSilent, start_step
+from hivemind_children import started_averager, started_dht
 
 
 @pytest.fixture
 def swarm_side():
-    import hivemind
     from hivemind.averaging import DecentralizedAverager
 
     prepare_shared_memory()  # as a node does: a child killed mid-MPFuture cannot leave a lock held here
-    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dht = started_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     # (no state sharing, as VerifiedAverager: an idle averager then has no DHT call in flight, and the
     # kill below cannot take the DHT process down with it, which a call's pipe hand-over can do)
-    averager = DecentralizedAverager([torch.zeros(8)], dht, prefix="liveness", target_group_size=2,
-                                     allow_state_sharing=False, start=True)
+    averager = started_averager(DecentralizedAverager, [torch.zeros(8)], dht, prefix="liveness",
+                                target_group_size=2, allow_state_sharing=False)
     yield averager, dht
     stop_swarm_side(averager, dht)
 
@@ -143,18 +143,15 @@ def _slow_averagers(base):
     connected DHTs: a step cancelled in those 2 s has left matchmaking and still runs its all-reduce."""
     import asyncio
 
-    import hivemind
-
     class Slow(base):
         async def _aggregate_with_group(self, group_info, min_vector_size, **kwargs):
             await asyncio.sleep(2.0)
             return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
 
-    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    second = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                          initial_peers=[str(a) for a in first.get_visible_maddrs()])
-    return [(Slow([torch.full((8,), float(i))], dht, prefix="cancelled-step", target_group_size=2,
-                  min_group_size=2, allow_state_sharing=False, start=True), dht) for i, dht in enumerate((first, second))]
+    first = started_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    second = started_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[str(a) for a in first.get_visible_maddrs()])
+    return [(started_averager(Slow, [torch.full((8,), float(i))], dht, prefix="cancelled-step", target_group_size=2,
+                              min_group_size=2, allow_state_sharing=False), dht) for i, dht in enumerate((first, second))]
 
 
 @pytest.mark.parametrize("quiet", [True, False], ids=["ours", "hiveminds"])

@@ -103,7 +103,7 @@ from .share_audit import AuditStore, Findings, commitment, nonce_for
 from .share_audit_rpc import ShareAuditRPC
 from .share_sketch import DEFAULT_AUDIT_FRACTION, check_audit_fraction
 from .sit_outs import DEFAULT_SIT_OUT_LIMIT, BreakMemory
-from .child_calls import ChildSilent, start_step
+from .child_calls import ChildSilent, start_child, start_step
 from .gather import GatherClaim, encode_gather
 from .reasons import Reason
 from .tickets import WEIGHT_MODES, is_valid_public_key
@@ -132,6 +132,7 @@ STEP_MARGIN_S = 10.0  # past its matchmaking, all-reduce and audit timeouts and 
 STEP_STUCK = "the averaging step did not finish within its timeouts"
 AVERAGER_DIED = "the averager process is gone"
 LIVENESS_POLL_S = 1.0  # while a step runs, how often the averager process is checked to be alive
+START_LIMIT_S = 60.0  # an averager process not ready by then (it died or wedged as it started) is killed
 ALLREDUCE_GRACE_S = 5.0  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
 ROUND_WENT_ON = "the round went on without this node (no retry)"
 ROUND_OVER_POLL_S = 3.0  # while looking for a group, how often the caller's round_over is asked
@@ -370,7 +371,7 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
             sender_timeout=sender_timeout, reducer_timeout=reducer_timeout, compression=compression,
             client_mode=client_mode, allow_state_sharing=False, **kwargs)
         if start:
-            self.run_in_background(await_ready=True)
+            start_child(self, limit=START_LIMIT_S, what="averager")
 
     def __del__(self):
         if hasattr(self, "_parent_pid"):  # __init__ may have refused its arguments before hivemind's

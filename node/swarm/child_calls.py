@@ -1,4 +1,5 @@
-"""Calls from a node's main thread into its DHT and averager processes that cannot hang it.
+"""Calls from a node's main thread into its DHT and averager processes that cannot hang it, starting
+them included.
 
 hivemind hands such a call to the child process through a pipe and waits for the answer with no
 timeout: ``DHT.run_coroutine`` and ``DecentralizedAverager.step`` (which waits for the averager to
@@ -9,6 +10,7 @@ still alive, and gives up after a limit; the caller then restarts the swarm side
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +20,10 @@ from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.control import StepControl
 from hivemind.utils import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
+
+from .fork_locks import install_fork_safe_locks
+
+log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often a wait asks whether the child process is alive
 
@@ -45,6 +51,41 @@ def result_while_alive(future: MPFuture, *, alive: Callable[[], bool], limit: fl
             if not alive():
                 raise ChildSilent(f"{what} died before answering", gone=True) from None
             raise ChildSilent(f"{what} did not answer within {limit:.0f} s", gone=False) from None
+
+
+def start_child(process, *, limit: float, what: str) -> None:
+    """Start ``process``, a hivemind DHT or averager built with ``start=False``, and wait until it is
+    ready: hivemind's own wait has no limit, so a child that died or wedged while starting hung its
+    caller for good. Raises ChildSilent, the process killed, when it dies first or is not ready within
+    ``limit`` s; the error the child itself reports when it fails to start is raised as it is."""
+    install_fork_safe_locks()  # (else a child killed holding one of hivemind's locks wedges this one)
+    process.run_in_background(await_ready=False)
+    try:
+        result_while_alive(process._ready, alive=process.is_alive, limit=limit, what=f"the {what} process, starting,")
+    except BaseException:
+        if process.is_alive():
+            process.kill()
+        process.join(5.0)
+        raise
+
+
+def launch_child(build: Callable[[], Any], *, limit: float, what: str, attempts: int = 3) -> Any:
+    """``build()`` (a hivemind DHT or averager, built with ``start=False``), started with
+    :func:`start_child`; a process that dies or stays silent while starting is replaced by a fresh one,
+    at most ``attempts`` times in all (CI saw a forked DHT child die with SIGSEGV, and once a test hang
+    on one that never came up: rare, and gone in a fresh fork). Raises the last ChildSilent."""
+    for attempt in range(1, attempts + 1):
+        process = build()
+        try:
+            start_child(process, limit=limit, what=what)
+            return process
+        except ChildSilent as e:
+            if attempt == attempts:
+                raise
+            log.warning("the %s process %s (exit code %s): starting a fresh one (%d/%d)",
+                        what, "died while starting" if e.gone else "did not start in time", process.exitcode,
+                        attempt + 1, attempts)
+    raise AssertionError("unreachable")
 
 
 def run_in_dht(dht, coro, *, limit: float) -> Any:

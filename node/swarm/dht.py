@@ -212,11 +212,11 @@ def _launch(identity: Identity, kwargs: dict, host_maddrs: Sequence[str], startu
     """A running ``hivemind.DHT`` (its own process and p2p daemon) on ``kwargs``, checked to be ``identity``."""
     import hivemind  # heavy import, kept out of module import
 
-    dht = hivemind.DHT(start=False, **kwargs)
+    from .child_calls import launch_child
+
     try:
-        dht.run_in_background(await_ready=True, timeout=startup_timeout + 30)
+        dht = launch_child(lambda: hivemind.DHT(start=False, **kwargs), limit=startup_timeout + 30, what="DHT")
     except Exception as e:
-        _reap(dht)
         raise DHTStartError(f"could not start a DHT node on {list(host_maddrs)}: {type(e).__name__}: {e}. "
                             "Check that the port is free and the address is one of this machine's.") from e
     return _checked(dht, identity)

@@ -199,18 +199,22 @@ class SwarmPeer:
         return dht_ready - started, time.monotonic() - dht_ready
 
     def _build_averager(self):
-        from .averaging import VerifiedAverager
+        from .averaging import START_LIMIT_S, VerifiedAverager
+        from .child_calls import launch_child
         from .tickets import weight_mode_for_loss
 
         p, opts = self.participant, self.opts
-        return (self.averager_factory or VerifiedAverager)(
+        build = functools.partial(
+            self.averager_factory or VerifiedAverager,
             p.trainer.trainable, dht=self.dht, prefix=f"{_safe(p.run_id)}-grads", identity=self.identity,
             coordinator_key=bytes(p.reply.coordinator_public_key), run_id=p.run_id,
             weight_mode=weight_mode_for_loss(p.train_cfg.grpo.loss_type), norm_bound=opts.norm_bound,
             compression=compression_named(opts.compression), part_size_bytes=opts.part_size_bytes,
             audit_fraction=opts.audit_fraction, require_final_ticket=True, min_group_size=1, min_contributors=1,
             client_mode=opts.client_mode, keep_freed_memory=p.train_cfg.run.keep_freed_memory,
-            sit_out_limit=int(p.run["swarm"].get("sit_out_limit", DEFAULT_SIT_OUT_LIMIT)), **self._timeouts)
+            sit_out_limit=int(p.run["swarm"].get("sit_out_limit", DEFAULT_SIT_OUT_LIMIT)), start=False,
+            **self._timeouts)
+        return launch_child(build, limit=START_LIMIT_S, what="averager")
 
     def _ensure_swarm_side(self, hb: pb.HeartbeatResponse) -> str:
         """Restart the DHT, its p2p daemon and the averager when one of them died, or the last

@@ -10,22 +10,23 @@ Two hazards, both hangs of the node's main thread for good:
 * hivemind's ``SharedBytes`` (behind every MPFuture) guards its per-process buffer with one
   ``multiprocessing.Lock`` shared by the node and every child forked from it. A child killed while
   holding it (the out-of-memory killer during a step's hand-over) left it held, and the node's next
-  MPFuture (a restarted DHT's) waited on it forever. The state it guards is each process's own, so
-  each process gets its own thread lock instead.
+  MPFuture (a restarted DHT's) waited on it forever. That lock and hivemind's other shared ones are
+  replaced (:mod:`.fork_locks`).
 """
 from __future__ import annotations
 
 import signal
-import threading
+
+from .fork_locks import install_fork_safe_locks
 
 
 def prepare_shared_memory() -> None:
-    """Start torch's shared-memory manager and give hivemind's SharedBytes a per-process lock (once per
-    process, before any child is forked; later calls cost one small tensor)."""
+    """Start torch's shared-memory manager and replace hivemind's shared locks (once per process, before
+    any child is forked; later calls cost one small tensor)."""
     import torch
-    from hivemind.utils.mpfuture import SharedBytes  # (the import sets hivemind's sharing strategy)
+    import hivemind.utils.mpfuture  # noqa: F401 - the import sets hivemind's sharing strategy
 
-    SharedBytes._lock = threading.Lock()  # a forked child gets its own copy, not a shared semaphore
+    install_fork_safe_locks()
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         torch.empty(1).share_memory_()
