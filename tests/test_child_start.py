@@ -1,6 +1,6 @@
 """Starting a DHT or averager process (node/swarm/child_calls.py: start_child, launch_child). hivemind
 waits for a child to say it is ready with no limit: a child that died or wedged as it started hung its
-caller for good (a CI run hung so for 75 minutes). Ours gives up on a dead child at once and on a silent
+caller for good (a CI run hung until its 90 minutes were up, most likely so). Ours gives up on a dead child at once and on a silent
 one at its limit, and a node starts a fresh process in its place."""
 
 from __future__ import annotations
