@@ -99,3 +99,54 @@ def test_an_averager_that_dies_as_it_starts_is_replaced():
         if averager is not None:
             averager.shutdown()
         dht.shutdown()
+
+
+class AveragerDiesAfterItsHandlers(DecentralizedAverager):
+    """Dies (SIGKILL) once it has set its stream handlers on the DHT's p2p daemon, when ``die``."""
+    die = False
+
+    async def add_p2p_handlers(self, p2p, wrapper=None, **kwargs):
+        await super().add_p2p_handlers(p2p, wrapper, **kwargs)
+        if self.die:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _averager(dht, *, die: bool):
+    averager = AveragerDiesAfterItsHandlers([torch.zeros(4)], dht, start=False, prefix="child-start-h",
+                                            target_group_size=2, allow_state_sharing=False)
+    averager.die = die
+    return averager
+
+
+def test_an_averager_dead_after_setting_its_handlers_is_replaced_with_its_dht_and_daemon():
+    """p2pd keeps a dead averager's handler names and refuses them to a fresh averager on that daemon:
+    start_swarm_side starts the DHT (and so its daemon) afresh with the averager."""
+    from grpo_swarm.node.swarm.liveness import start_swarm_side, stop_swarm_side
+
+    prepare_shared_memory()
+    dht = launch_child(lambda: hivemind.DHT(start=False, host_maddrs=LOOPBACK), limit=60.0, what="DHT")
+    try:
+        with pytest.raises(ChildSilent, match="died before answering"):
+            start_child(_averager(dht, die=True), limit=60.0, what="averager")
+        with pytest.raises(Exception, match="already") as refused:  # the same daemon, a fresh averager
+            start_child(_averager(dht, die=False), limit=60.0, what="averager")
+        print(f"a fresh averager on the same daemon: {type(refused.value).__name__}: {refused.value}")
+    finally:
+        stop_swarm_side(None, dht)
+
+    dhts, averagers = [], []
+
+    def start_dht():
+        dhts.append(launch_child(lambda: hivemind.DHT(start=False, host_maddrs=LOOPBACK), limit=60.0, what="DHT"))
+        return dhts[-1]
+
+    def build(on):
+        averagers.append(_averager(on, die=not averagers))
+        return averagers[-1]
+
+    dht, averager = start_swarm_side(start_dht, build)
+    try:
+        assert (dht, averager) == (dhts[1], averagers[1]) and averager.is_alive() and dht.is_alive()
+        assert averagers[0].exitcode == -signal.SIGKILL and not dhts[0].is_alive()
+    finally:
+        stop_swarm_side(averager, dht)

@@ -189,24 +189,31 @@ class SwarmPeer:
     def _start_swarm_side(self, listed: Sequence[pb.PeerAddress]) -> tuple[float, float]:
         """Start the DHT (joined through the listed peers worth dialling: :mod:`.peer_dialing`) and the
         averager; the seconds each took."""
+        from .liveness import start_swarm_side
+
         started = time.monotonic()
-        self.dht = self._start_dht(addresses(dial_candidates(listed)[:MAX_BOOTSTRAP_PEERS]))
+        dht_ready = started
+
+        def start_dht():
+            nonlocal dht_ready
+            dht = self._start_dht(addresses(dial_candidates(listed)[:MAX_BOOTSTRAP_PEERS]))
+            dht_ready = time.monotonic()
+            return dht
+
+        self.dht, self.averager = start_swarm_side(start_dht, self._build_averager)
         own = self.identity.peer_id_base58
         # the coordinator takes at most 8, each ending in this node's own peer id
         self.maddrs = [a for a in visible_maddrs(self.dht) if a.endswith(f"/p2p/{own}")][:8]
-        dht_ready = time.monotonic()
-        self.averager = self._build_averager()
         return dht_ready - started, time.monotonic() - dht_ready
 
-    def _build_averager(self):
-        from .averaging import START_LIMIT_S, VerifiedAverager
-        from .child_calls import launch_child
+    def _build_averager(self, dht):
+        """This node's averager on ``dht``, not started yet."""
+        from .averaging import VerifiedAverager
         from .tickets import weight_mode_for_loss
 
         p, opts = self.participant, self.opts
-        build = functools.partial(
-            self.averager_factory or VerifiedAverager,
-            p.trainer.trainable, dht=self.dht, prefix=f"{_safe(p.run_id)}-grads", identity=self.identity,
+        return (self.averager_factory or VerifiedAverager)(
+            p.trainer.trainable, dht=dht, prefix=f"{_safe(p.run_id)}-grads", identity=self.identity,
             coordinator_key=bytes(p.reply.coordinator_public_key), run_id=p.run_id,
             weight_mode=weight_mode_for_loss(p.train_cfg.grpo.loss_type), norm_bound=opts.norm_bound,
             compression=compression_named(opts.compression), part_size_bytes=opts.part_size_bytes,
@@ -214,7 +221,6 @@ class SwarmPeer:
             client_mode=opts.client_mode, keep_freed_memory=p.train_cfg.run.keep_freed_memory,
             sit_out_limit=int(p.run["swarm"].get("sit_out_limit", DEFAULT_SIT_OUT_LIMIT)), start=False,
             **self._timeouts)
-        return launch_child(build, limit=START_LIMIT_S, what="averager")
 
     def _ensure_swarm_side(self, hb: pb.HeartbeatResponse) -> str:
         """Restart the DHT, its p2p daemon and the averager when one of them died, or the last

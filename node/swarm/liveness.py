@@ -1,11 +1,11 @@
-"""Whether a node's swarm side still works, and stopping it for a restart.
+"""Whether a node's swarm side still works, stopping it, and starting it (again).
 
 A node's swarm side is three processes: the hivemind DHT, the p2p daemon (p2pd) the DHT spawned,
 and the averager (forked by :class:`~.averaging.VerifiedAverager`, a client of that daemon). Any of
 them can die (out of memory, a crash) or wedge (a task that never ends holds a lock every later
 step needs); the round loop would then fail every round until the user restarts the node.
 :func:`swarm_fault` names what is wrong; :func:`stop_swarm_side` kills what is left, so that the
-caller can start all of it again.
+caller can start all of it again (:func:`start_swarm_side`).
 
 Why all of it: p2pd keeps the stream handlers a client registered until that same client removes
 them, and refuses the same names from another client ("handler ... already set"). A new averager
@@ -18,11 +18,13 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 
-from .averaging import averager_unusable
+from .averaging import START_LIMIT_S, averager_unusable
+from .child_calls import start_child
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +118,26 @@ def _unix_sockets(daemon: psutil.Process) -> list[str]:
     except psutil.Error:
         return []
     return [a.split("=/unix", 1)[1] for a in args if a.startswith("-listen=/unix/")]
+
+
+def start_swarm_side(start_dht: Callable[[], object], build_averager: Callable[[object], object], *,
+                     attempts: int = 3, limit: float = START_LIMIT_S) -> tuple[object, object]:
+    """A running DHT (``start_dht()``) and averager (``build_averager(dht)``, built with ``start=False``).
+    An averager that fails to start (it died, stayed silent for ``limit`` s, or reported an error) is
+    killed, and the DHT and its daemon with it: a dead averager may have set its handlers on that
+    daemon already, which then refuses their names to a fresh averager. Both start afresh, ``attempts``
+    times in all; the last failure is raised."""
+    for attempt in range(1, attempts + 1):
+        dht = start_dht()
+        averager = None
+        try:
+            averager = build_averager(dht)
+            start_child(averager, limit=limit, what="averager")
+            return dht, averager
+        except Exception as e:
+            stop_swarm_side(averager, dht)
+            if attempt == attempts or averager is None:  # (a refused build fails the same way again)
+                raise
+            log.warning("the averager did not start (%s: %s): starting the DHT and averager afresh (%d/%d)",
+                        type(e).__name__, e, attempt + 1, attempts)
+    raise AssertionError("unreachable")
