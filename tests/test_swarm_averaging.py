@@ -880,6 +880,33 @@ def test_dht_from_node_key_file_and_bootstrap_errors(tmp_path, keys):
         dht.shutdown()
 
 
+def test_an_averager_process_killed_holding_its_tensors_lock_leaves_the_node_able_to_load(tmp_path, keys):
+    """The averager process holds the tensors' lock through each all-reduce; killed then (out of memory),
+    hivemind's semaphore stayed held and the node's next gradient load waited for it forever."""
+    coordinator, _ = keys
+    ident = Identity.generate()
+    dht = start_dht(ident, identity_path=tmp_path / "k", host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    averager = VerifiedAverager([torch.zeros(4)], dht=dht, prefix="unit", identity=ident,
+                                coordinator_key=coordinator.public_key_bytes, run_id=RUN_ID,
+                                weight_mode="sequences", norm_bound=10.0, ticket_type=ticket_type(), start=False)
+    try:
+        pid = os.fork()
+        if pid == 0:  # as the averager process, killed mid all-reduce
+            averager.lock_averaged_tensors.acquire()
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.waitpid(pid, 0)
+        loaded = threading.Event()
+
+        def load():
+            with averager.get_tensors():
+                loaded.set()
+
+        threading.Thread(target=load, daemon=True).start()
+        assert loaded.wait(10.0), "the node waits on a lock its dead averager held"
+    finally:
+        dht.shutdown()
+
+
 def test_share_audit_handler_keeps_only_the_groups_contributors(tmp_path, keys, monkeypatch):
     """rpc_share_audit as a sybil calls it (any libp2p peer told the group id): its entries are never
     stored, so it cannot crowd the answers a member reads (at most 2·K entries); unknown groups get

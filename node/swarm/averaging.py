@@ -93,6 +93,7 @@ from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.identity import Identity, base58_decode, base58_encode, peer_id_from_public_key
 
 from .direct_reads import install_direct_reads
+from .fork_locks import DeathSafeLock
 from .matchmaking import PatientMatchmaking
 from .group_plan import GroupPlan
 from .part_codec import NORM_TOLERANCE, check_compression, sum_of_squares
@@ -370,6 +371,9 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
             allreduce_timeout=allreduce_timeout + ALLREDUCE_GRACE_S, next_chunk_timeout=sender_timeout,
             sender_timeout=sender_timeout, reducer_timeout=reducer_timeout, compression=compression,
             client_mode=client_mode, allow_state_sharing=False, **kwargs)
+        # held by the averager process through each all-reduce, and by this one to load a gradient:
+        # hivemind's semaphore stayed held when the averager was killed holding it (.fork_locks)
+        self.lock_averaged_tensors = DeathSafeLock()
         if start:
             start_child(self, limit=START_LIMIT_S, what="averager")
 

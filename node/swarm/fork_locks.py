@@ -15,7 +15,8 @@ seen in the tests, where three fresh DHT processes in a row never said they were
 
 The last three guard each process's own state: each process gets its own thread lock, made anew in
 a forked child (a copy taken while another thread held it would stay held). The update lock does keep
-writers from interleaving on one pipe, across processes: it becomes a :class:`DeathSafeLock`.
+writers from interleaving on one pipe, across processes: it becomes a :class:`DeathSafeLock`, as does
+each averager's tensor lock (:class:`.averaging.VerifiedAverager`).
 """
 from __future__ import annotations
 
