@@ -1387,7 +1387,10 @@ def test_one_members_accusation_is_not_relayed_to_the_coordinator(swarm):
     r = FALSE_ACCUSATION_ROUND
     a, b, h = (swarm.report(r, p) for p in (A, B, H))
     assert not a["ok"] and "ACCUSED" in a["error"], _who_saw_what(swarm, (a, b, h))
-    assert b["attempts"][0]["first_failed"], b["attempts"]  # H, or A passing H's abort on
+    # H, or A passing H's abort on; on a loaded machine B may come only after H broke its first attempt
+    # with A alone (seen once in a full run), and then average with H at once
+    assert b["attempts"][0]["first_failed"] or (b["ok"] and len(b["attempts"]) == 1), \
+        _who_saw_what(swarm, (a, b, h))
     assert swarm.peer_ids[A] not in b["reportable"], b["reportable"]
     # B averages with H, unless H (back first: it waits no reducer timeout after the attempt it broke)
     # led a group of itself and A before B came back, as a hostile leader may
