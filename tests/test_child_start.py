@@ -1,7 +1,7 @@
 """Starting a DHT or averager process (node/swarm/child_calls.py: start_child, launch_child). hivemind
 waits for a child to say it is ready with no limit: a child that died or wedged as it started hung its
-caller for good (a CI run hung until its 90 minutes were up, most likely so). Ours gives up on a dead child at once and on a silent
-one at its limit, and a node starts a fresh process in its place."""
+caller for good (a CI run hung until its 90 minutes were up, most likely so). Ours gives up on a dead
+child at once and on a silent one at its limit, and a node starts a fresh process in its place."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from hivemind.averaging import DecentralizedAverager
 
 from grpo_swarm.node.swarm.child_calls import ChildSilent, launch_child, run_in_dht, start_child
 from grpo_swarm.node.swarm.shared_memory import prepare_shared_memory
+from hivemind_children import started_dht
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
@@ -82,7 +83,7 @@ def test_an_averager_that_dies_as_it_starts_is_replaced():
             os.kill(os.getpid(), signal.SIGKILL)
 
     prepare_shared_memory()
-    dht = launch_child(lambda: hivemind.DHT(start=False, host_maddrs=LOOPBACK), limit=60.0, what="DHT")
+    dht = started_dht(host_maddrs=LOOPBACK)
     made = []
 
     def build():
@@ -124,7 +125,7 @@ def test_an_averager_dead_after_setting_its_handlers_is_replaced_with_its_dht_an
     from grpo_swarm.node.swarm.liveness import start_swarm_side, stop_swarm_side
 
     prepare_shared_memory()
-    dht = launch_child(lambda: hivemind.DHT(start=False, host_maddrs=LOOPBACK), limit=60.0, what="DHT")
+    dht = started_dht(host_maddrs=LOOPBACK)
     try:
         with pytest.raises(ChildSilent, match="died before answering"):
             start_child(_averager(dht, die=True), limit=60.0, what="averager")
@@ -137,7 +138,7 @@ def test_an_averager_dead_after_setting_its_handlers_is_replaced_with_its_dht_an
     dhts, averagers = [], []
 
     def start_dht():
-        dhts.append(launch_child(lambda: hivemind.DHT(start=False, host_maddrs=LOOPBACK), limit=60.0, what="DHT"))
+        dhts.append(started_dht(host_maddrs=LOOPBACK))
         return dhts[-1]
 
     def build(on):

@@ -880,15 +880,20 @@ def test_dht_from_node_key_file_and_bootstrap_errors(tmp_path, keys):
         dht.shutdown()
 
 
+def _unstarted_averager(tmp_path, ident: Identity, coordinator: Identity):
+    """A running DHT of ``ident``'s and a VerifiedAverager on it whose process is not started."""
+    dht = start_dht(ident, identity_path=tmp_path / "k", host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    return dht, VerifiedAverager([torch.zeros(4)], dht=dht, prefix="unit", identity=ident,
+                                 coordinator_key=coordinator.public_key_bytes, run_id=RUN_ID,
+                                 weight_mode="sequences", norm_bound=10.0, ticket_type=ticket_type(), start=False)
+
+
 def test_an_averager_process_killed_holding_its_tensors_lock_leaves_the_node_able_to_load(tmp_path, keys):
     """The averager process holds the tensors' lock through each all-reduce; killed then (out of memory),
     hivemind's semaphore stayed held and the node's next gradient load waited for it forever."""
     coordinator, _ = keys
     ident = Identity.generate()
-    dht = start_dht(ident, identity_path=tmp_path / "k", host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    averager = VerifiedAverager([torch.zeros(4)], dht=dht, prefix="unit", identity=ident,
-                                coordinator_key=coordinator.public_key_bytes, run_id=RUN_ID,
-                                weight_mode="sequences", norm_bound=10.0, ticket_type=ticket_type(), start=False)
+    dht, averager = _unstarted_averager(tmp_path, ident, coordinator)
     try:
         pid = os.fork()
         if pid == 0:  # as the averager process, killed mid all-reduce
@@ -926,10 +931,7 @@ def test_share_audit_handler_keeps_only_the_groups_contributors(tmp_path, keys, 
     monkeypatch.setattr(share_audit_rpc, "AUDIT_POLL_S", 0.05)
     coordinator, nodes = keys
     ident = Identity.generate()
-    dht = start_dht(ident, identity_path=tmp_path / "k", host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    averager = VerifiedAverager([torch.zeros(4)], dht=dht, prefix="unit", identity=ident,
-                                coordinator_key=coordinator.public_key_bytes, run_id=RUN_ID,
-                                weight_mode="sequences", norm_bound=10.0, ticket_type=ticket_type(), start=False)
+    dht, averager = _unstarted_averager(tmp_path, ident, coordinator)
     members = [PeerID(ident.peer_id), PeerID(nodes[0].peer_id)]
     sybils = [PeerID(Identity.generate().peer_id) for _ in range(8)]
     group = b"G" * 32

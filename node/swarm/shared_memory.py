@@ -24,9 +24,8 @@ def prepare_shared_memory() -> None:
     """Start torch's shared-memory manager and replace hivemind's shared locks (once per process, before
     any child is forked; later calls cost one small tensor)."""
     import torch
-    import hivemind.utils.mpfuture  # noqa: F401 - the import sets hivemind's sharing strategy
 
-    install_fork_safe_locks()
+    install_fork_safe_locks()  # (its import of hivemind's mpfuture sets hivemind's sharing strategy)
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         torch.empty(1).share_memory_()
