@@ -360,6 +360,9 @@ class Coordinator:
         eta = self.spec.max_staleness
         with self.lock:
             self._check_instance(node_id, request.instance)
+            if request.leaving and request.sample:
+                raise RequestError("INVALID_ARGUMENT", "a leaving heartbeat cannot ask for the round's assignment: "
+                                                       "sample must be false")
             if request.multiaddrs and public_key is None:
                 public_key = next(k for k, n in self.state.keys.items() if n == node_id)
             addrs = self._multiaddrs(public_key, request.multiaddrs) if request.multiaddrs else []
@@ -387,7 +390,11 @@ class Coordinator:
                     raise RequestError("INVALID_ARGUMENT", f"{name} must be a finite number >= 0, got {x}")
             self.store.heartbeat(node_id, v, request.completions_per_s, request.tokens_per_s,
                                  request.hardware if request.HasField("hardware") else None)
-            self.liveness.seen(node_id, None if charge is None else charge.net)
+            if request.leaving:  # no round waits for its work from now on, nor a TTL later
+                self.liveness.leave(node_id)
+                self.metrics.nodes_left.inc()
+            else:
+                self.liveness.seen(node_id, None if charge is None else charge.net)
             if addrs:
                 self.store.set_multiaddrs(node_id, addrs)
             self.metrics.staleness.labels("heartbeat").observe(lag)
@@ -416,7 +423,7 @@ class Coordinator:
             holders = self.recorder.final_tickets
             reply.round_participants.extend(sorted(bytes(t.node_public_key) for t in holders.values()))
             reply.round_moved_on.extend(sorted(bytes(t.node_public_key) for n, t in holders.items()
-                                               if st.dispatched_version(n, st.current_round) is not None))
+                                               if self._moved_on(n)))
             ticket = holders.get(node_id)
             if ticket is not None:  # its final ticket of the last closed round
                 reply.round_ticket.CopyFrom(ticket)
@@ -551,6 +558,12 @@ class Coordinator:
         wait = max(took, PEER_TTL_INTERVALS * self.cfg.swarm.heartbeat_interval_s * 1000)
         return 1000 * (now - since) >= wait
 
+    def _moved_on(self, node_id: str) -> bool:
+        """Whether a participant of the last closed round has left its averaging: it started sampling
+        the open round, or said it is leaving the swarm (either costs it only a request of its own)."""
+        return self.state.dispatched_version(node_id, self.state.current_round) is not None \
+            or self.liveness.has_left(node_id)
+
     def _round_age_ms(self) -> float:
         """Milliseconds since the open round's first dispatch (0 before it)."""
         return _elapsed_ms(self._round_started_mono, self.round_started_ms) or 0.0
@@ -558,7 +571,7 @@ class Coordinator:
     def _last_round_settled(self) -> bool:
         """Whether the last closed round's ticket holders are done averaging it: its version was
         published, or participants holding more than half of its weight (those the stall rule sat
-        out count: they do not average) have started sampling the open round, or its averaging
+        out count: they do not average) have moved on (:meth:`_moved_on`), or its averaging
         budget (``AVERAGING_ATTEMPTS`` x (matchmaking + averaging timeouts)) has passed since it
         closed. Until then the open round does not close, full or timed out: closing it would make
         it the producing round, and a ticket holder that left the averaging at once (or many keys of
@@ -567,8 +580,7 @@ class Coordinator:
         pub = self.recorder.publication
         if pub.round is None:  # published since, or nothing produced yet
             return True
-        st = self.state
-        moved = [n for n in pub.weights if n in pub.benched or st.dispatched_version(n, st.current_round) is not None]
+        moved = [n for n in pub.weights if n in pub.benched or self._moved_on(n)]
         total = math.fsum(pub.weights[n] for n in sorted(pub.weights))
         if math.fsum(pub.weights[n] for n in sorted(moved)) > 0.5 * total:
             return True

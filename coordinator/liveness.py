@@ -3,7 +3,9 @@ monotonic clock. A wall clock that steps (NTP, a paused or resumed machine) must
 node look silent at once (no live node: ``min_peers`` unmet, the round's liveness rule blind) nor keep
 silent ones live. The store keeps each node's wall-clock last-seen time for operators; after a restart
 it seeds this (that one reading is all there is). Each entry also keeps the network the node was last
-seen from (.networks), for counting keys without verified work once per network."""
+seen from (.networks), for counting keys without verified work once per network. A node that says it
+is leaving (``HeartbeatRequest.leaving``) stops being live at once instead of a TTL later, and is
+remembered as gone until it is seen again."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from collections import OrderedDict
 from typing import Callable, Iterable
 
 from grpo_swarm.protocol.proofs import now_ms
+
+MAX_LEFT = 4096
 
 
 class Liveness:
@@ -24,6 +28,7 @@ class Liveness:
         self._clock, self._wall_ms = clock, wall_ms
         self._seen: OrderedDict[str, float] = OrderedDict()
         self._network: dict[str, str | None] = {}  # (the same keys as _seen)
+        self._left: OrderedDict[str, None] = OrderedDict()  # said they are leaving, not seen since
 
     def restore(self, rows: Iterable[tuple[str, int]]) -> None:
         """Seed from the store's (node id, wall-clock last seen ms) rows after a restart; a stamp in the
@@ -41,7 +46,23 @@ class Liveness:
         self._seen[node_id] = self._clock()
         self._seen.move_to_end(node_id)
         self._network[node_id] = network
+        self._left.pop(node_id, None)
         self._expire()
+
+    def leave(self, node_id: str) -> None:
+        """The node said it is leaving: no longer live from now on (not a TTL later). Only the most
+        recent MAX_LEFT leavers are remembered as gone (keys are cheap); one forgotten is merely no
+        longer listed as having left."""
+        self._seen.pop(node_id, None)
+        self._network.pop(node_id, None)
+        self._left[node_id] = None
+        self._left.move_to_end(node_id)
+        while len(self._left) > MAX_LEFT:
+            self._left.popitem(last=False)
+
+    def has_left(self, node_id: str) -> bool:
+        """Whether the node said it is leaving and has not been seen since."""
+        return node_id in self._left
 
     def network(self, node_id: str) -> str | None:
         return self._network.get(node_id)

@@ -39,6 +39,8 @@ class CoordinatorMetrics:
         self.snapshots_published = Counter("grpo_coordinator_snapshots_published", "snapshots published",
                                            registry=r)
         self.rounds_closed = Counter("grpo_coordinator_rounds_closed", "rounds closed", registry=r)
+        self.nodes_left = Counter("grpo_coordinator_nodes_left", "heartbeats of nodes saying they are leaving",
+                                  registry=r)
         self.newcomers_refused = Counter("grpo_coordinator_newcomers_refused",
                                          "what keys without verified work were refused or not logged for their "
                                          "network's spent allowance (.networks)", ["what"], registry=r)

@@ -160,19 +160,22 @@ def join(
             raise typer.Exit(1)
         console.print(f"node {peer.participant.node_id} joined run {peer.participant.run_id} at "
                       f"v{peer.participant.snapshot.version}; DHT {peer.maddrs[:1]}")
+        refused = False  # banned or superseded: the coordinator would refuse its goodbye too
         try:
             peer.run()
         except KeyboardInterrupt as exc:
             console.print(f"leaving the swarm ({_stop_name(exc)})")
         except NodeBanned as exc:
+            refused = True
             console.print(f"[red]banned:[/red] {escape(str(exc))}. Only the run's operator can lift a ban "
                           "(grpo-coordinator unban).")
             raise typer.Exit(1)
         except (SwarmSideFailing, NodeSuperseded) as exc:
+            refused = isinstance(exc, NodeSuperseded)
             console.print(f"[red]stopped:[/red] {escape(str(exc))}")
             raise typer.Exit(1)
         finally:
-            peer.close()
+            peer.close(leave=not refused)
 
 
 @app.command()

@@ -199,6 +199,19 @@ class CoordinatorClient:
                 raise ProtocolError("MALFORMED", f"the round ticket names node {t.node_id}, not this node")
         return reply
 
+    def leave(self, policy_version: int, timeout_s: float = 5.0) -> pb.HeartbeatResponse:
+        """Say this node is leaving the swarm (``HeartbeatRequest.leaving``): the coordinator stops
+        counting it as live at once instead of 3 heartbeat intervals later, so no round waits for it.
+        One try within ``timeout_s``, no retry: whoever leaves does not wait for a coordinator that is
+        down (it then counts the node as gone a TTL later, as after a crash)."""
+        req = pb.HeartbeatRequest(policy_version=policy_version, sample=False, leaving=True, instance=self.instance)
+        call = self.channel.unary_unary(method_path("Heartbeat"), request_serializer=_identity,
+                                        response_deserializer=pb.HeartbeatResponse.FromString)
+        try:
+            return call(self.seal(req), timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise CoordinatorError("Heartbeat", e.code().name, e.details() or "") from None
+
     def report_peer(self, round_index: int, peer_node_id: str, reason: str, evidence: bytes = b"") -> pb.PeerReportResponse:
         """Report a participant of closed round ``round_index`` that this node (a participant too)
         excluded from that round's averaging; reason <= 256 characters, evidence <= 64 KiB. Repeating

@@ -553,6 +553,36 @@ def test_ctrl_c_or_sigterm_leaves_the_swarm_and_takes_the_nodes_processes_with_i
         assert not left, [psutil.Process(pid).cmdline() for pid in left if _running(pid)]
 
 
+@pytest.mark.slow
+def test_a_node_that_leaves_is_not_waited_for_at_the_default_heartbeat_interval(tmp_path):
+    """Three nodes with rounds that would wait 300 s for work that never comes and the default 10 s
+    heartbeats, so a silent node counts as gone only after 30 s. Node 0 gets a Ctrl-C and says
+    goodbye as it leaves (``HeartbeatRequest.leaving``): the other two average two rounds as a pair
+    within 20 s of its exit. Before, the round after it left waited for its work until the
+    coordinator stopped counting it as live, 30 s after its last heartbeat."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (see the test above)
+    config = demo_config_text()
+    for old, new in (("round_timeout_s = 15.0", "round_timeout_s = 300.0"),
+                     ("heartbeat_interval_s = 2.0", "heartbeat_interval_s = 10.0")):
+        assert old in config, old
+        config = config.replace(old, new)
+    with LocalSwarm(tmp_path / "swarm", nodes=3, config_text=config) as swarm:
+        swarm.start_coordinator()
+        for i in range(3):
+            swarm.start_node(i)
+        wait_until(lambda: all(len(swarm.records(i)) >= 1 for i in range(3)), 180, swarm,
+                   "a round on each node", running=(0, 1, 2))
+        left_at = time.time()
+        os.killpg(swarm.nodes[0].pid, signal.SIGINT)
+        assert swarm.nodes[0].wait(timeout=30) == 0, logs(swarm)
+        pair = lambda i: [r for r in swarm.records(i) if r["ended"] > left_at and r["averaged"] and r["peers"] == 2]  # noqa: E731
+        wait_until(lambda: len(pair(1)) >= 2 and len(pair(2)) >= 2, 120, swarm,
+                   "two rounds averaged by the pair after node 0 left", running=(1, 2))
+        paired_in = max(r["ended"] for r in pair(1)[:2] + pair(2)[:2]) - left_at
+        print(f"\nafter node 0's Ctrl-C: two rounds averaged by the other two in {paired_in:.1f} s")
+        assert paired_in < 20.0, logs(swarm)
+
+
 def _running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -304,9 +304,18 @@ class SwarmPeer:
         for c in todo:
             self._dials.record(c, peer_id(c) in reached)
 
-    def close(self) -> None:
+    def close(self, leave: bool = True) -> None:
+        """Stop the heartbeats, say this node is leaving (``leave``: not once the coordinator refuses
+        it, banned or superseded), stop the DHT and averager. Without the goodbye the open round
+        waits for this node's work until it counts it as gone, 3 heartbeat intervals later."""
         if getattr(self, "_keeper", None) is not None:
             self._keeper.stop()
+        if leave:
+            try:
+                self.client.leave(self.participant.snapshot.version)
+            except Exception as e:  # noqa: BLE001 - leaving anyway; the coordinator finds out a TTL later
+                log.info("could not tell the coordinator this node is leaving (%s): it counts the node as gone "
+                         "3 heartbeat intervals after its last one", e)
         for part in (self.averager, self.dht):
             try:
                 part.shutdown()
