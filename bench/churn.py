@@ -4,6 +4,8 @@ as long: every ``--every`` seconds one node, chosen at random, is
 
 - ``kill``ed: SIGKILL to its whole process group (node, DHT and averager processes, p2pd), and started
   again ``--down`` seconds later with the same key and work directory (a crash, a reboot);
+- ``leave``: a Ctrl-C (SIGINT to its process group); it says goodbye to the coordinator and exits,
+  and is started again ``--down`` seconds after it exited (a volunteer who stops and comes back);
 - ``freeze``d: SIGSTOP to its process group, SIGCONT ``--freeze`` seconds later (a laptop that sleeps);
 - ``coordinator``: not a node: the coordinator is stopped (SIGTERM) and started again on its port
   ``--down`` seconds later, resuming the run from its directory (a host's reboot or upgrade).
@@ -13,14 +15,18 @@ Never more than one node (or the coordinator) is down or asleep at a time, so a 
     python bench/churn.py                                   # 4 nodes, 120 s calm, 120 s churned
     python bench/churn.py --nodes 3 --seconds 90 --actions freeze
     python bench/churn.py --actions kill,freeze,coordinator
+    python bench/churn.py --nodes 3 --actions leave --heartbeat 10   # at the default heartbeat interval
+
+``--heartbeat S`` sets the run's ``swarm.heartbeat_interval_s`` (the demo's 2 s by default): the
+coordinator counts a silent node as gone after 3 of them, which is what a crash costs the open round.
 
 One JSON line: ``versions_per_min`` calm and churned and their ratio (``churn_ratio``); per event, the
 seconds until the node averaged again (``back_s``: from its restart or SIGCONT to the end of the first round it began
 afterwards and averaged in); ``longest_gap_s``, the longest the swarm went without a new version while churned;
 ``hash_splits``, versions for which two nodes' records hold different parameter hashes (none expected:
 every honest peer holds the same bytes); ``tracebacks`` in the logs; ``audit_ok``. ``ok`` when the audit
-passed, no version split, every event's node averaged again within ``--back-within`` seconds, and the
-swarm kept publishing while churned.
+passed, no version split, every event's node averaged again within ``--back-within`` seconds, every
+node that left exited 0, and the swarm kept publishing while churned.
 """
 
 from __future__ import annotations
@@ -28,15 +34,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from grpo_swarm.node.swarm.demo import LocalSwarm
+from grpo_swarm.node.swarm.demo import LocalSwarm, demo_config_text
 
-ACTIONS = ("kill", "freeze", "coordinator")
+ACTIONS = ("kill", "freeze", "coordinator", "leave")
 DEFAULT_ACTIONS = ("kill", "freeze")
 
 
@@ -88,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--back-within", type=float, default=60.0,
                     help="an event's node must average again within this many seconds of coming back")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--heartbeat", type=float, default=None,
+                    help="the run's swarm.heartbeat_interval_s (default: the demo's)")
     ap.add_argument("--workdir", default=None, help="keep the run here (default: a temporary folder)")
     args = ap.parse_args(argv)
     actions = [a for a in args.actions.split(",") if a]
@@ -101,7 +110,10 @@ def main(argv=None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="churn-"))
     started = time.time()
     events: list[dict] = []
-    with LocalSwarm(work, nodes=args.nodes) as swarm:
+    config = demo_config_text()
+    if args.heartbeat is not None:
+        config = re.sub(r"(?m)^heartbeat_interval_s = .*$", f"heartbeat_interval_s = {args.heartbeat}", config)
+    with LocalSwarm(work, nodes=args.nodes, config_text=config) as swarm:
         address = swarm.start_coordinator()
         for i in range(args.nodes):
             swarm.start_node(i)
@@ -126,8 +138,12 @@ def main(argv=None) -> int:
                 swarm.stop_coordinator()
                 time.sleep(args.down)
                 swarm.start_coordinator(port=port)
-            elif action == "kill":
-                swarm.kill_node(i)
+            elif action in ("kill", "leave"):
+                if action == "kill":
+                    swarm.kill_node(i)
+                else:
+                    swarm.signal_node(i, signal.SIGINT)
+                    event["exit_code"] = swarm.nodes[i].wait(timeout=60)
                 time.sleep(args.down)
                 swarm.start_node(i)
             else:
@@ -156,7 +172,7 @@ def main(argv=None) -> int:
     churn = per_min(versions, churn_start, churn_end)
     out = {
         "nodes": args.nodes, "seconds": args.seconds, "every_s": args.every, "down_s": args.down,
-        "freeze_s": args.freeze, "seed": args.seed,
+        "freeze_s": args.freeze, "seed": args.seed, "heartbeat_s": args.heartbeat,
         "versions_per_min": {"calm": calm, "churned": churn},
         "churn_ratio": round(churn / calm, 3) if calm else None,
         "longest_gap_s": round(max(b - a for a, b in zip(edges, edges[1:])), 1),
@@ -170,6 +186,7 @@ def main(argv=None) -> int:
         "workdir": str(work),
     }
     out["ok"] = bool(audit.audit_ok and not splits and not exited and churned
+                     and all(e.get("exit_code", 0) == 0 for e in events)
                      and all(e["back_s"] is not None and e["back_s"] <= args.back_within for e in events))
     print(json.dumps(out), flush=True)
     return 0 if out["ok"] else 1
