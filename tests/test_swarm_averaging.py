@@ -1836,3 +1836,34 @@ print(failed)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "0", proc.stdout + proc.stderr[-2000:]
+
+
+def test_an_averager_whose_daemon_died_first_stops_without_a_traceback(tmp_path):
+    """A Ctrl-C in the terminal reaches p2pd too, which often exits before the averager process
+    removes its handlers from it: hivemind's shutdown then printed a FileNotFoundError traceback.
+    (In a process of its own: what the averager process prints under pytest's capture is lost.)"""
+    script = f"""
+import signal, sys, psutil, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from grpo_swarm.node.swarm.averaging import VerifiedAverager
+from grpo_swarm.node.swarm.child_calls import start_child
+from grpo_swarm.node.swarm.dht import start_dht
+from grpo_swarm.protocol.identity import Identity
+from swarm_world import RUN_ID, ticket_type
+ident = Identity.generate()
+dht = start_dht(ident, identity_path={str(tmp_path / "k")!r}, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+averager = VerifiedAverager([torch.zeros(4)], dht=dht, prefix="unit", identity=ident, run_id=RUN_ID,
+                            coordinator_key=Identity.generate().public_key_bytes, weight_mode="sequences",
+                            norm_bound=10.0, ticket_type=ticket_type(), start=False)
+start_child(averager, limit=60.0, what="averager")
+daemons = [p for p in psutil.Process(dht.pid).children(recursive=True) if p.name() == "p2pd"]
+assert len(daemons) == 1, daemons
+daemons[0].send_signal(signal.SIGINT)
+daemons[0].wait(10)
+averager.shutdown()
+print(averager.exitcode)
+dht.shutdown()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "0", proc.stdout + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

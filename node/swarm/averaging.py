@@ -670,7 +670,10 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
         the parent waits ``shutdown_timeout`` for this process, then terminates it)."""
         await self._linger_for_audits(max(0.0, self.shutdown_timeout - 2.0))
         if not self.client_mode:
-            await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+            try:
+                await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+            except OSError as e:  # a Ctrl-C in the terminal stops p2pd too, often first: its handlers went with it
+                logger.debug(f"p2pd is gone, so are this averager's handlers ({e!r})")
         # hivemind's own ends with `finalize` called on the futures its groups are registered as (and the
         # None it returns added to a set): a node stopped mid-round printed an AttributeError traceback
         for registered in list(self._running_groups.values()):
