@@ -175,6 +175,8 @@ def main(config_path: str) -> int:
             time.sleep(float(rnd["delay"][str(me)]))
         if "straggler_wait" in rnd:
             kwargs["straggler_wait"] = float(rnd["straggler_wait"])
+        if "gone" in rnd:  # as the coordinator's round_moved_on lists a peer that said goodbye
+            kwargs["gone"] = lambda gone=rnd["gone"]: [node_keys[int(q)] for q in gone]
         # as join asks the coordinator for a published version; the hostile peer asks in each round it
         # misbehaves in or is not named in (as a product node would), so that it does not hold the next
         # round's barrier with retries for nobody once the others are done

@@ -142,3 +142,41 @@ def test_the_leavers_remembered_are_bounded_and_seeing_a_node_forgets_it_left():
         liveness.leave(f"k{i}")
     assert len(liveness._left) == MAX_LEFT and not liveness.has_left("k0") and liveness.has_left(f"k{MAX_LEFT + 9}")
     assert liveness.live() == ["a"]
+
+
+def _stopping_peer(node: HonestNode, workdir, stopped: list):
+    """What ``SwarmPeer.close`` needs of a joined node: its coordinator client and participant (real),
+    its saved round batch, and its DHT and averager (stand-ins recording their shutdown: the real ones
+    stopping is tests/test_swarm_join.py's)."""
+    from types import SimpleNamespace
+
+    from grpo_swarm.node.swarm.join import ROUND_BATCH_FILE, SwarmPeer
+
+    peer = SwarmPeer.__new__(SwarmPeer)
+    peer._keeper, peer.client, peer.participant = None, node.client, node
+    peer._round_batch_path = workdir / ROUND_BATCH_FILE
+    peer._round_batch_path.write_bytes(b"the batch of the round in progress")
+    peer.averager, peer.dht = (SimpleNamespace(shutdown=lambda what=what: stopped.append(what)) for what in ("averager", "dht"))
+    return peer
+
+
+def test_a_stopping_node_says_goodbye_and_drops_the_round_it_left_unless_it_cannot(tmp_path):
+    s = _serve(tmp_path)
+    try:
+        a, b, c = (HonestNode(s.address, tmp_path / n) for n in "abc")
+        live = lambda: a.client.heartbeat(0, sample=False).live_nodes  # noqa: E731
+        stopped: list = []
+        peer = _stopping_peer(b, tmp_path / "b", stopped)
+        peer.close()  # Ctrl-C, SIGTERM, --rounds done
+        assert live() == 2 and stopped == ["averager", "dht"]
+        assert not peer._round_batch_path.exists()  # its groupmates go on without it: nothing to resume
+        kept = _stopping_peer(c, tmp_path / "c", stopped)
+        kept.close(leave=False)  # banned or superseded: the coordinator would refuse the goodbye
+        assert live() == 2 and kept._round_batch_path.exists()  # a and c
+    finally:
+        s.stop()
+    # the coordinator is down: no goodbye, the batch is kept for a restart to resume (as after a crash)
+    d = _stopping_peer(a, tmp_path / "a", stopped)
+    started = time.monotonic()
+    d.close()
+    assert time.monotonic() - started < 10.0 and d._round_batch_path.exists()

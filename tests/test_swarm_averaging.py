@@ -60,6 +60,8 @@ from grpo_swarm.node.swarm.averaging import (
     STEP_STUCK,
     LocalGradientError,
     VerifiedAverager,
+    group_target,
+    left_peers,
     tensors_sha256,
 )
 from grpo_swarm.node.swarm.child_calls import run_in_dht
@@ -192,6 +194,10 @@ SIT_OUT_ROUND = _small("small_none", max_attempts=TIMING["max_attempts"], sit_ou
 # while its own search never saw that group (so it never stalled and was never killed)
 SETTLE_ROUND = _small("small_none")
 KILL_ROUND = _small("small_none", "stall", max_attempts=1)
+# H is dead, still one of the round's peers, and listed as gone (as the coordinator lists a peer that said
+# goodbye): A and B's group is full without it and starts at once instead of waiting 8 s for it
+GONE_ROUND = _small("small_none", straggler_wait=8.0, max_attempts=1, gone=[H])
+PLAN[GONE_ROUND]["participants"], PLAN[GONE_ROUND]["expected"] = [A, B], [A, B, H]
 # a reducer caught as the others decode its averages: the others retry without it and are done at once,
 # so a retry of its own would only look for a group for a matchmaking timeout and hold the next round
 HOSTILE_ONE_ATTEMPT = {r for r, _ in EXCLUDED_ROUNDS.values()} | {
@@ -1461,6 +1467,33 @@ def test_killed_member_fails_the_round_cleanly_within_the_timeout(swarm):
     assert any(noticed)
 
 
+def test_a_peer_listed_as_gone_is_not_waited_for(swarm):
+    r = GONE_ROUND
+    for p in (A, B):
+        rep = swarm.report(r, p)
+        assert rep["ok"] and len(rep["attempts"]) == 1, rep
+        assert rep["seconds"] < TIMING["min_matchmaking_time"] + 1.0 < 8.0, rep["seconds"]  # not the straggler wait
+    _same_bytes(swarm, r, [A, B])
+
+
+def test_a_retry_counts_its_group_full_without_the_peers_that_left():
+    keys = frozenset(bytes([i]) * 32 for i in range(5))
+    one, two, three = (frozenset(sorted(keys)[:n]) for n in (1, 2, 3))
+    assert group_target(keys, frozenset(), 2) is None and group_target(None, one, 2) is None
+    assert group_target(keys, one, 2) == 4
+    assert group_target(keys, two, 2) == 3
+    assert group_target(keys, three, 2) == 3  # never below a strict majority of the round's peers
+    assert group_target(keys, one | {b"x" * 32}, 2) == 4  # a key outside the round changes nothing
+    assert group_target(frozenset(sorted(keys)[:3]), one, 3) == 3  # nor below the averager's minimum
+    assert left_peers(keys, lambda: [sorted(keys)[0], b"x" * 32]) == one
+    assert left_peers(None, lambda: keys) == frozenset() and left_peers(keys, None) == frozenset()
+
+    def unreachable():
+        raise ConnectionError("the coordinator is down")
+
+    assert left_peers(keys, unreachable) == frozenset()  # the attempt waits as it would
+
+
 def test_a_member_that_stalls_every_attempt_is_left_out_of_the_retry(swarm):
     """H holds a valid ticket, joins every attempt, sends its first part and then nothing, its
     connection open. A stall used to be only a failure (a crash looks the same), so H could fail
@@ -1843,7 +1876,7 @@ def test_an_averager_whose_daemon_died_first_stops_without_a_traceback(tmp_path)
     removes its handlers from it: hivemind's shutdown then printed a FileNotFoundError traceback.
     (In a process of its own: what the averager process prints under pytest's capture is lost.)"""
     script = f"""
-import signal, sys, psutil, torch
+import signal, sys, time, psutil, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from grpo_swarm.node.swarm.averaging import VerifiedAverager
 from grpo_swarm.node.swarm.child_calls import start_child
@@ -1858,8 +1891,15 @@ averager = VerifiedAverager([torch.zeros(4)], dht=dht, prefix="unit", identity=i
 start_child(averager, limit=60.0, what="averager")
 daemons = [p for p in psutil.Process(dht.pid).children(recursive=True) if p.name() == "p2pd"]
 assert len(daemons) == 1, daemons
-daemons[0].send_signal(signal.SIGINT)
-daemons[0].wait(10)
+daemons[0].send_signal(signal.SIGKILL)  # (a SIGINT ends it too, but in its own time: up to 30 s seen)
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:  # (the DHT process reaps it only as it stops: a zombie has exited)
+    try:
+        if daemons[0].status() == psutil.STATUS_ZOMBIE:
+            break
+    except psutil.NoSuchProcess:
+        break
+    time.sleep(0.05)
 averager.shutdown()
 print(averager.exitcode)
 dht.shutdown()

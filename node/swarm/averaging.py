@@ -209,6 +209,29 @@ def retry_members(expected_keys: frozenset[bytes] | None, attempts: Sequence[Att
     return frozenset(pid for pid in map(peer_id_from_public_key, expected_keys) if pid not in skip), gone
 
 
+def left_peers(expected_keys: frozenset[bytes] | None, gone: Callable[[], Iterable[bytes]] | None) -> frozenset[bytes]:
+    """The round's peers (node public keys) that ``gone()`` says have left its averaging; nothing when
+    the round's peers are not known, or ``gone`` fails (it asks the coordinator: a retry then waits
+    as it would)."""
+    if expected_keys is None or gone is None:
+        return frozenset()
+    try:
+        return frozenset(map(bytes, gone())) & expected_keys
+    except Exception as e:  # noqa: BLE001 - only a shortcut: the attempt goes on without it
+        logger.debug(f"could not tell which peers left the round: {e!r}")
+        return frozenset()
+
+
+def group_target(expected_keys: frozenset[bytes] | None, left: frozenset[bytes], min_group_size: int) -> int | None:
+    """The size at which an attempt's group is full and starts at once: the round's peers but those
+    that ``left`` (never below the strict majority of all of them an attempt needs, nor
+    ``min_group_size``). None: the round's own (nobody left, or the round's peers are not known)."""
+    if expected_keys is None or not left:
+        return None
+    size = len(expected_keys)
+    return max(min(max(min_group_size, size // 2 + 1), size), size - len(left & expected_keys))
+
+
 def _b58(peer_id: PeerID | bytes) -> str:
     return base58_encode(peer_id.to_bytes() if isinstance(peer_id, PeerID) else bytes(peer_id))
 
@@ -345,6 +368,7 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
         self.require_final_ticket = require_final_ticket
         self.min_contributors = min_contributors
         self.min_group_size, self.target_group_size = min_group_size, target_group_size
+        self._round_target = target_group_size  # (the averager process's, set by each round: _set_round)
         self.matchmaking_timeout = matchmaking_timeout
         self.verified_allreduce_timeout = allreduce_timeout
         self.max_attempts = max_attempts
@@ -498,7 +522,8 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
     def average(self, round_index: int, ticket_bytes: bytes, grads: Sequence[torch.Tensor], *,
                 expected_peers: Iterable[bytes] | None = None, max_attempts: int | None = None,
                 out: Sequence[torch.Tensor] | None = None, straggler_wait: float = 0.0,
-                round_over: Callable[[], bool] | None = None) -> RoundResult:
+                round_over: Callable[[], bool] | None = None,
+                gone: Callable[[], Iterable[bytes]] | None = None) -> RoundResult:
         """Average ``grads`` with this round's peers; see the module docstring.
 
         ``ticket_bytes``: this node's serialized AdmissionTicket for ``round_index``.
@@ -514,6 +539,11 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
         ``round_over``: asked after a failed attempt and every few seconds while looking for a group;
         True (e.g. the coordinator already published the round's version) ends the round at once,
         without a retry.
+        ``gone``: asked before each attempt: the round's peers (node public keys) known to have left
+        its averaging (the coordinator's ``round_moved_on``: they started sampling the next round or
+        said they are leaving). The attempt's group counts as full without them, so nobody waits
+        the straggler or retry wait for a peer that will not come; an attempt still needs the same
+        strict majority of all the round's peers.
         ``out``: tensors (e.g. the gradients themselves) to write the average into on success, which
         the result then holds (:meth:`result_buffers`: no copy); by default the result holds new tensors.
         ``grads`` may be :meth:`gradient_buffers` themselves (computed in place): checked, not copied.
@@ -537,14 +567,14 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
             attempts: list[AttemptReport] = []
             try:
                 return self._attempts(round_index, ticket_bytes, rules, weight, norm, sit_out, attempts, started,
-                                      max_attempts, out, straggler_wait, round_over)
+                                      max_attempts, out, straggler_wait, round_over, gone)
             finally:
                 self.break_memory.record(round_index, attempts)
 
     def _attempts(self, round_index: int, ticket_bytes: bytes, rules: RoundRules, weight: float, norm: float,
                   sit_out: tuple[bytes, ...], attempts: list[AttemptReport], started: float, max_attempts: int | None,
                   out: Sequence[torch.Tensor] | None, straggler_wait: float,
-                  round_over: Callable[[], bool] | None) -> RoundResult:
+                  round_over: Callable[[], bool] | None, gone: Callable[[], Iterable[bytes]] | None) -> RoundResult:
         """The attempts of :meth:`average`'s round, each appended to ``attempts`` as it ends."""
         deadline = started + self.round_timeout
         accusations: tuple[tuple[bytes, str], ...] = ()
@@ -560,7 +590,11 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
             timeout = min(self.matchmaking_timeout, remaining)
             wait = self._matchmaking_wait(attempts, timeout, straggler_wait)
             members, shunned = retry_members(rules.expected_keys, attempts, accusations, first_failed, sit_out)
-            self._outer_pipe.send(("_set_retry", [members, shunned], {}))
+            left = left_peers(rules.expected_keys, gone)
+            if members is not None and left:
+                members = members - {peer_id_from_public_key(k) for k in left}
+            target = group_target(rules.expected_keys, left, self.min_group_size)
+            self._outer_pipe.send(("_set_retry", [members, shunned, target], {}))
             report = self._attempt(entry, weight, timeout, wait, round_over)
             report.attempt = attempt
             attempts.append(report)
@@ -707,13 +741,17 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
             target, min_size = self.target_group_size, self.min_group_size
         else:
             target, min_size = group_size, min(max(self.min_group_size, group_size // 2 + 1), group_size)
+        self._round_target = target
         self._matchmaking.target_group_size = self._matchmaking.potential_leaders.target_group_size = target
         self._matchmaking.min_group_size = min_size
 
-    async def _set_retry(self, members: frozenset[bytes] | None, shunned: frozenset[bytes]):
+    async def _set_retry(self, members: frozenset[bytes] | None, shunned: frozenset[bytes], target: int | None = None):
         """Runs in the averager process before each attempt: whom a retry waits for and whom it does not
-        follow (:func:`retry_members`)."""
+        follow (:func:`retry_members`), and the size at which its group is full (:func:`group_target`;
+        None: the round's)."""
         self._matchmaking.retry_members, self._matchmaking.shunned_leaders = members, shunned
+        full = self._round_target if target is None else target
+        self._matchmaking.target_group_size = self._matchmaking.potential_leaders.target_group_size = full
 
     def verdicts(self, group_info: GroupInfo, rules: RoundRules) -> list[SlotVerdict]:
         return group_verdicts([p.to_bytes() for p in group_info.peer_ids], group_info.gathered, rules)

@@ -288,7 +288,18 @@ class SwarmPeer:
         """A heartbeat; only ``sample=True`` (just before sampling) binds the round's version."""
         reply = self.participant.heartbeat(multiaddrs=self.maddrs, sample=sample, **kw)
         self._keeper.sent()
+        self._last_hb = reply
         return reply
+
+    def _gone(self, round_index: int) -> frozenset[bytes]:
+        """Round ``round_index``'s participants that the coordinator's latest reply lists as moved on
+        (sampling the next round, or gone with a goodbye): its averaging does not wait for them. The
+        reply comes from the round's close and from each failed attempt's question whether the round
+        went on (:meth:`_round_went_on`), so this asks nothing itself."""
+        hb = getattr(self, "_last_hb", None)
+        if hb is None or hb.current_round != round_index + 1:
+            return frozenset()
+        return frozenset(bytes(k) for k in hb.round_moved_on)
 
     def _meet(self, hb: pb.HeartbeatResponse) -> None:
         """Dial the listed peers worth dialling (:mod:`.peer_dialing`: verified ones, not backing off)
@@ -307,15 +318,19 @@ class SwarmPeer:
     def close(self, leave: bool = True) -> None:
         """Stop the heartbeats, say this node is leaving (``leave``: not once the coordinator refuses
         it, banned or superseded), stop the DHT and averager. Without the goodbye the open round
-        waits for this node's work until it counts it as gone, 3 heartbeat intervals later."""
+        waits for this node's work until it counts it as gone, 3 heartbeat intervals later. Once it
+        is said, the round in progress is dropped with its saved batch: the coordinator lists this
+        node as moved on, so its groupmates average without it, and a restart that resumed the round
+        would only be told it was left out."""
         if getattr(self, "_keeper", None) is not None:
             self._keeper.stop()
         if leave:
             try:
                 self.client.leave(self.participant.snapshot.version)
-            except Exception as e:  # noqa: BLE001 - leaving anyway; the coordinator finds out a TTL later
+                drop_round_batch(self._round_batch_path)
+            except Exception as e:  # noqa: BLE001 - leaving anyway: as after a crash, the coordinator finds out
                 log.info("could not tell the coordinator this node is leaving (%s): it counts the node as gone "
-                         "3 heartbeat intervals after its last one", e)
+                         "3 heartbeat intervals after its last one, and a restart resumes the round", e)
         for part in (self.averager, self.dht):
             try:
                 part.shutdown()
@@ -572,7 +587,8 @@ class SwarmPeer:
                                        expected_peers=list(self._participants) or None,
                                        out=self.averager.result_buffers() if bound else grads,
                                        straggler_wait=self._straggler_wait(started - closed_at),
-                                       round_over=lambda: self._round_went_on(round_index, p.snapshot.version))
+                                       round_over=lambda: self._round_went_on(round_index, p.snapshot.version),
+                                       gone=lambda: self._gone(round_index))
         self._last_result = result
         drop_round_batch(self._round_batch_path)  # the round's averaging is over: nothing left to resume
         if bound and result.ok:  # the step reads the average where the round left it

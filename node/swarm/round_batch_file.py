@@ -2,10 +2,11 @@
 
 Between SubmitProofs and the averaging a node holds the only copy of what its gradient rests on:
 the accepted groups' completions, behaviour log-probs, rewards and advantages. A node killed then
-(out of memory, a reboot, a Ctrl-C) used to come back with its final ticket and nothing to average:
+(out of memory, a reboot) used to come back with its final ticket and nothing to average:
 its verified work was lost, and in a pair the partner could not average alone either. The batch is
 written once its groups are accepted (safetensors for the tensors, JSON for the rest: nothing here
-is unpickled) and removed once the round's averaging has ended, whatever its outcome. A restarted
+is unpickled) and removed once the round's averaging has ended, whatever its outcome, or once the
+node told the coordinator it is leaving (a Ctrl-C: its groupmates then go on without it). A restarted
 node that finds it, with the coordinator still on that round's version and holding this node's
 final ticket, computes the same gradient and joins the round's averaging (:meth:`.join.SwarmPeer.round`).
 """
