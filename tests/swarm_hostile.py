@@ -253,6 +253,7 @@ class HostileAverager(VerifiedAverager):
         if self.behaviour(round_index) == "lost_cancel":
             _lose_one_cancel(self._matchmaking, int(round_index), self.lost_cancel_marker)
         if self.behaviour(round_index) == "hang_up_lead":  # a group of two is full to it: it starts at once
+            self._round_target = 2  # (each attempt's _set_retry restores the round's)
             self._matchmaking.target_group_size = self._matchmaking.potential_leaders.target_group_size = 2
             self._matchmaking.min_group_size = 2
 
