@@ -1907,3 +1907,19 @@ dht.shutdown()
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "0", proc.stdout + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_a_dht_whose_daemon_died_first_stops_at_once(tmp_path, sig):
+    """The same Ctrl-C: the DHT process ignores SIGINT and waits to be stopped, and hivemind's stop
+    waited on the dead daemon for an answer to its handler removal until the 3 s grace period ran out
+    and the process was terminated (a warning at every Ctrl-C)."""
+    import psutil
+
+    dht = start_dht(Identity.generate(), identity_path=tmp_path / "k", host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    daemon = next(p for p in psutil.Process(dht.pid).children(recursive=True) if p.name() == "p2pd")
+    daemon.send_signal(sig)
+    time.sleep(0.5)
+    started = time.monotonic()
+    dht.shutdown()
+    assert dht.exitcode == 0 and time.monotonic() - started < 1.5, (dht.exitcode, time.monotonic() - started)

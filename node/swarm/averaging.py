@@ -92,6 +92,7 @@ from grpo_swarm.node import allocator
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.identity import Identity, base58_decode, base58_encode, peer_id_from_public_key
 
+from .dht_shutdown import HANDLER_REMOVAL_S
 from .direct_reads import install_direct_reads
 from .fork_locks import DeathSafeLock
 from .matchmaking import PatientMatchmaking
@@ -704,9 +705,9 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
         the parent waits ``shutdown_timeout`` for this process, then terminates it)."""
         await self._linger_for_audits(max(0.0, self.shutdown_timeout - 2.0))
         if not self.client_mode:
-            try:
-                await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
-            except OSError as e:  # a Ctrl-C in the terminal stops p2pd too, often first: its handlers went with it
+            try:  # (a live daemon answers in milliseconds; a dead one's persistent connection never does)
+                await asyncio.wait_for(self.remove_p2p_handlers(self._p2p, namespace=self.prefix), HANDLER_REMOVAL_S)
+            except (OSError, asyncio.TimeoutError) as e:  # a Ctrl-C stops p2pd too, often first: its handlers went with it
                 logger.debug(f"p2pd is gone, so are this averager's handlers ({e!r})")
         # hivemind's own ends with `finalize` called on the futures its groups are registered as (and the
         # None it returns added to a set): a node stopped mid-round printed an AttributeError traceback

@@ -210,12 +210,11 @@ def start_dht(
 
 def _launch(identity: Identity, kwargs: dict, host_maddrs: Sequence[str], startup_timeout: float):
     """A running ``hivemind.DHT`` (its own process and p2p daemon) on ``kwargs``, checked to be ``identity``."""
-    import hivemind  # heavy import, kept out of module import
-
     from .child_calls import launch_child
+    from .dht_shutdown import NodeDHT  # (hivemind: a heavy import, kept out of module import)
 
     try:
-        dht = launch_child(lambda: hivemind.DHT(start=False, **kwargs), limit=startup_timeout + 30, what="DHT")
+        dht = launch_child(lambda: NodeDHT(start=False, **kwargs), limit=startup_timeout + 30, what="DHT")
     except Exception as e:
         raise DHTStartError(f"could not start a DHT node on {list(host_maddrs)}: {type(e).__name__}: {e}. "
                             "Check that the port is free and the address is one of this machine's.") from e
