@@ -389,7 +389,7 @@ class Coordinator:
                 if not (x >= 0 and x < float("inf")):
                     raise RequestError("INVALID_ARGUMENT", f"{name} must be a finite number >= 0, got {x}")
             self.store.heartbeat(node_id, v, request.completions_per_s, request.tokens_per_s,
-                                 request.hardware if request.HasField("hardware") else None)
+                                 request.hardware if request.HasField("hardware") else None, leaving=request.leaving)
             if request.leaving:  # no round waits for its work from now on, nor a TTL later
                 self.liveness.leave(node_id)
                 self.metrics.nodes_left.inc()

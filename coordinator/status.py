@@ -1,8 +1,9 @@
 """``grpo-coordinator status``: a run's state read from a coordinator's data directory.
 
 Reads the protocol log and ``coordinator.sqlite`` read-only (SQLite WAL lets it run beside a
-serving coordinator): current version and round, and per node its registration, last heartbeat,
-policy version and lag, throughput, the number of libp2p multiaddrs it announces, whether it is
+serving coordinator): current version and round, and per node its registration, last heartbeat
+(and whether it said goodbye since), policy version and lag, throughput, the number of libp2p
+multiaddrs it announces, whether it is
 banned (``node_banned`` / ``node_unbanned``; reports against it by round participants), the rounds
 the stall rule sat it out (``benched`` of ``round_closed``; the last closed round's reason), accepted
 samples and rejected proofs by reason code.
@@ -113,6 +114,7 @@ def read_status(data_dir: str | Path) -> dict:
             "version": version, "lag": lag,
             "stale": lag is not None and lag > run["max_staleness"],
             "last_seen_s": round((now - hb.last_seen_ms) / 1000, 1) if hb is not None else None,
+            "left": hb is not None and hb.left,
             "completions_per_s": hb.completions_per_s if hb is not None else None,
             "accelerator": (hb.hardware.accelerator or "cpu") if hb is not None else None,
             "multiaddrs": len(hb.multiaddrs) if hb is not None else 0, "reported": s["reported"],
@@ -139,7 +141,7 @@ def render_status(report: dict, console: Console) -> None:
             + (f" (reported {r['reported']}x)" if r["reported"] else "")
             + (f" (sat out {r['sat_out']} round(s){', now' if r['sits_out'] else ''})" if r["sat_out"] else ""),
             "-" if r["version"] is None else str(r["version"]), lag,
-            "-" if r["last_seen_s"] is None else f"{r['last_seen_s']:g}s ago",
+            "-" if r["last_seen_s"] is None else f"{r['last_seen_s']:g}s ago" + (" (left)" if r["left"] else ""),
             "-" if r["completions_per_s"] is None else f"{r['completions_per_s']:.1f}",
             r["accelerator"] or "-", str(r["multiaddrs"]), str(r["accepted_samples"]),
             ", ".join(f"{k} {v}" for k, v in sorted(r["rejected"].items())) or "-")

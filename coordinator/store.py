@@ -3,8 +3,9 @@
 * ``salts`` — the secret spot-check salt of each round, written (durably) before its commitment
   is logged, so a restarted coordinator can still reveal it;
 * ``nodes`` — each node's latest heartbeat: policy version, hardware, throughput, last seen (wall
-  clock: for operators, and to seed :mod:`.liveness` after a restart), and the libp2p multiaddrs it
-  announces (JSON list; what :meth:`CoordinatorStore.multiaddrs` hands out).
+  clock: for operators, and to seed :mod:`.liveness` after a restart), the libp2p multiaddrs it
+  announces (JSON list; what :meth:`CoordinatorStore.multiaddrs` hands out), and whether it said
+  goodbye since (``left``: a restart does not count it as live, ``status`` shows it).
 
 Parameter-hash reports are not kept here: they decide publication, so they are protocol log
 entries (``hash_reported``), and a restart rebuilds them from the log
@@ -37,7 +38,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     completions_per_s REAL NOT NULL DEFAULT 0,
     tokens_per_s REAL NOT NULL DEFAULT 0,
     hardware BLOB,
-    multiaddrs TEXT
+    multiaddrs TEXT,
+    left INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS nodes_last_seen ON nodes(last_seen_ms);
 DROP TABLE IF EXISTS reports;
@@ -55,6 +57,7 @@ class NodeRow:
     tokens_per_s: float
     hardware: pb.HardwareSummary
     multiaddrs: tuple[str, ...] = ()
+    left: bool = False  # said goodbye and not seen since
 
 
 def _now_ms() -> int:
@@ -76,6 +79,8 @@ class CoordinatorStore:
             self._db.executescript(_SCHEMA)
             if "multiaddrs" not in self._columns():  # a file from before the swarm's rendezvous
                 self._db.execute("ALTER TABLE nodes ADD COLUMN multiaddrs TEXT")
+            if "left" not in self._columns():  # a file from before goodbyes
+                self._db.execute("ALTER TABLE nodes ADD COLUMN left INTEGER NOT NULL DEFAULT 0")
 
     def _columns(self) -> set[str]:
         return {row[1] for row in self._db.execute("PRAGMA table_info(nodes)")}
@@ -95,17 +100,18 @@ class CoordinatorStore:
         now = _now_ms()
         self._db.execute(
             "INSERT INTO nodes(node_id, public_key, registered_ms, last_seen_ms, hardware) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT(node_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms, "
+            "ON CONFLICT(node_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms, left = 0, "
             "hardware = coalesce(excluded.hardware, nodes.hardware)",
             (node_id, bytes(public_key), now, now, hardware.SerializeToString() if hardware is not None else None))
 
     def heartbeat(self, node_id: str, version: int, completions_per_s: float, tokens_per_s: float,
-                  hardware: pb.HardwareSummary | None) -> None:
+                  hardware: pb.HardwareSummary | None, *, leaving: bool = False) -> None:
+        """The node's latest report; ``leaving``: its goodbye (``left`` until it is seen again)."""
         self._db.execute(
             "UPDATE nodes SET last_seen_ms = ?, version = ?, completions_per_s = ?, tokens_per_s = ?, "
-            "hardware = coalesce(?, hardware) WHERE node_id = ?",
+            "hardware = coalesce(?, hardware), left = ? WHERE node_id = ?",
             (_now_ms(), version, completions_per_s, tokens_per_s,
-             hardware.SerializeToString() if hardware is not None else None, node_id))
+             hardware.SerializeToString() if hardware is not None else None, int(leaving), node_id))
 
     def set_multiaddrs(self, node_id: str, multiaddrs: list[str]) -> None:
         """Replace the node's announced addresses (already checked by the caller)."""
@@ -130,18 +136,21 @@ class CoordinatorStore:
         return out
 
     def last_seen(self, since_ms: int) -> list[tuple[str, int]]:
-        """(node id, wall-clock last seen ms) of the nodes seen at or after ``since_ms``."""
-        return list(self._db.execute("SELECT node_id, last_seen_ms FROM nodes WHERE last_seen_ms >= ?", (since_ms,)))
+        """(node id, wall-clock last seen ms) of the nodes seen at or after ``since_ms`` that did not say
+        goodbye since."""
+        return list(self._db.execute("SELECT node_id, last_seen_ms FROM nodes WHERE last_seen_ms >= ? AND left = 0",
+                                     (since_ms,)))
 
     def nodes(self) -> list[NodeRow]:
         rows = []
-        has_addrs = "multiaddrs" in self._columns()  # a read-only open of an older file has none
+        columns = self._columns()  # a read-only open of an older file may lack the newer ones
         for r in self._db.execute("SELECT node_id, public_key, registered_ms, last_seen_ms, version, "
                                   "completions_per_s, tokens_per_s, hardware, "
-                                  + ("multiaddrs" if has_addrs else "NULL") + " FROM nodes ORDER BY registered_ms"):
+                                  + ("multiaddrs" if "multiaddrs" in columns else "NULL") + ", "
+                                  + ("left" if "left" in columns else "0") + " FROM nodes ORDER BY registered_ms"):
             hw = pb.HardwareSummary()
             if r[7]:
                 hw.ParseFromString(r[7])
             rows.append(NodeRow(r[0], bytes(r[1]), r[2], r[3], r[4], r[5], r[6], hw,
-                                tuple(json.loads(r[8])) if r[8] else ()))
+                                tuple(json.loads(r[8])) if r[8] else (), bool(r[9])))
         return rows

@@ -180,3 +180,51 @@ def test_a_stopping_node_says_goodbye_and_drops_the_round_it_left_unless_it_cann
     started = time.monotonic()
     d.close()
     assert time.monotonic() - started < 10.0 and d._round_batch_path.exists()
+
+
+def test_a_restarted_coordinator_still_counts_a_node_that_left_as_gone_and_status_says_so(tmp_path):
+    from grpo_swarm.coordinator.status import read_status
+
+    s = _serve(tmp_path)
+    try:
+        a, b = HonestNode(s.address, tmp_path / "a"), HonestNode(s.address, tmp_path / "b")
+        b.client.leave(0)
+        assert a.client.heartbeat(0, sample=False).live_nodes == 1
+        left = {r["node_id"]: r["left"] for r in read_status(s.data_dir)["nodes"]}
+        assert left == {a.identity.node_id: False, b.identity.node_id: True}
+    finally:
+        s.stop()
+    s = _serve(tmp_path)  # the same data directory: the restart seeds liveness from its last-seen times
+    try:
+        a.client = CoordinatorClient(s.address, a.identity, timeout_s=30)
+        assert a.client.heartbeat(0, sample=False).live_nodes == 1  # not 2 for the next 90 s
+        b.client = CoordinatorClient(s.address, b.identity, timeout_s=30)
+        assert b.client.heartbeat(0, sample=False).live_nodes == 2  # back
+        assert not any(r["left"] for r in read_status(s.data_dir)["nodes"])
+    finally:
+        s.stop()
+
+
+def test_a_store_from_before_goodbyes_is_read_and_upgraded(tmp_path):
+    import sqlite3
+
+    from grpo_swarm.coordinator.store import CoordinatorStore
+
+    path = tmp_path / "coordinator.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("CREATE TABLE nodes (node_id TEXT PRIMARY KEY, public_key BLOB NOT NULL, registered_ms INTEGER "
+                      "NOT NULL, last_seen_ms INTEGER NOT NULL, version INTEGER, completions_per_s REAL NOT NULL "
+                      "DEFAULT 0, tokens_per_s REAL NOT NULL DEFAULT 0, hardware BLOB, multiaddrs TEXT);"
+                      "INSERT INTO nodes VALUES ('n1', x'00', 1, 5, 0, 0, 0, NULL, NULL);")
+    old.commit()
+    old.close()
+    readonly = CoordinatorStore(path, readonly=True)  # `grpo-coordinator status` beside an older coordinator
+    assert [(r.node_id, r.left) for r in readonly.nodes()] == [("n1", False)]
+    readonly.close()
+    store = CoordinatorStore(path)
+    assert store.last_seen(0) == [("n1", 5)]
+    store.heartbeat("n1", 0, 0.0, 0.0, None, leaving=True)
+    assert store.last_seen(0) == [] and store.nodes()[0].left
+    store.heartbeat("n1", 0, 0.0, 0.0, None)
+    assert [n for n, _ in store.last_seen(0)] == ["n1"] and not store.nodes()[0].left
+    store.close()
