@@ -22,7 +22,7 @@ coordinator counts a silent node as gone after 3 of them, which is what a crash 
 
 One JSON line: ``versions_per_min`` calm and churned and their ratio (``churn_ratio``); per event, the
 seconds until the node averaged again (``back_s``: from its restart or SIGCONT to the end of the first round it began
-afterwards and averaged in); ``longest_gap_s``, the longest the swarm went without a new version while churned;
+afterwards and averaged in) and, for a ``leave``, its exit code and how long it took to exit after the Ctrl-C (``exit_s``); ``longest_gap_s``, the longest the swarm went without a new version while churned;
 ``hash_splits``, versions for which two nodes' records hold different parameter hashes (none expected:
 every honest peer holds the same bytes); ``tracebacks`` in the logs; ``audit_ok``. ``ok`` when the audit
 passed, no version split, every event's node averaged again within ``--back-within`` seconds, every
@@ -142,8 +142,10 @@ def main(argv=None) -> int:
                 if action == "kill":
                     swarm.kill_node(i)
                 else:
+                    signalled = time.monotonic()
                     swarm.signal_node(i, signal.SIGINT)
                     event["exit_code"] = swarm.nodes[i].wait(timeout=60)
+                    event["exit_s"] = round(time.monotonic() - signalled, 2)
                 time.sleep(args.down)
                 swarm.start_node(i)
             else:
