@@ -98,6 +98,7 @@ SMALL_WEIGHTS = [3, 5, 7]
 TIMING = dict(min_matchmaking_time=2.0, request_timeout=1.0, matchmaking_timeout=15.0, sender_timeout=3.0,
               reducer_timeout=6.0, allreduce_timeout=9.0, audit_timeout=3.0, max_attempts=3)
 SWARM_TIMEOUT_S = 420.0
+KILL_AFTER_STALL_S = 1.0  # the kill round's hostile peer is killed this long after it stalled mid-reduction
 
 # ---- the plan -------------------------------------------------------------------------------------
 PLAN: list[dict] = []
@@ -1049,13 +1050,17 @@ def swarm(tmp_path_factory, keys):
                                           stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
         swarm = Swarm(work, [n.peer_id_base58 for n in nodes])
         deadline = time.monotonic() + SWARM_TIMEOUT_S
-        killed = False
+        killed, stalled_at = False, None
         while not all((work / f"finished-p{i}").exists() for i in (A, B)):
             assert time.monotonic() < deadline, f"the swarm did not finish in {SWARM_TIMEOUT_S} s\n{swarm.logs()}"
             for i in (A, B, H):
                 if procs[i].poll() not in (None, 0) and not (i == H and killed):
                     pytest.fail(f"peer {i} exited with {procs[i].returncode}\n{swarm.logs()}")
-            if not killed and (work / f"stalled-p{H}").exists():
+            if stalled_at is None and (work / f"stalled-p{H}").exists():
+                stalled_at = time.monotonic()
+            # (killed at once, H as the group's leader once died before its word that the group had
+            # formed reached B, who then looked for a group until its matchmaking timeout)
+            if not killed and stalled_at is not None and time.monotonic() - stalled_at >= KILL_AFTER_STALL_S:
                 os.killpg(procs[H].pid, signal.SIGKILL)  # the hostile peer's whole process group: p2pd too
                 killed, swarm.kill_time = True, time.time()
             time.sleep(0.1)
@@ -1871,10 +1876,12 @@ print(failed)
     assert proc.stdout.strip() == "0", proc.stdout + proc.stderr[-2000:]
 
 
-def test_an_averager_whose_daemon_died_first_stops_without_a_traceback(tmp_path):
-    """A Ctrl-C in the terminal reaches p2pd too, which often exits before the averager process
-    removes its handlers from it: hivemind's shutdown then printed a FileNotFoundError traceback.
-    (In a process of its own: what the averager process prints under pytest's capture is lost.)"""
+def test_an_averager_and_dht_whose_daemon_died_first_stop_at_once_without_a_traceback(tmp_path):
+    """A Ctrl-C in the terminal reaches p2pd too, which often exits before the averager and DHT
+    processes remove their handlers from it: hivemind's averager then printed a FileNotFoundError
+    traceback, and its DHT process (which ignores SIGINT) waited on the dead daemon for an answer
+    until its 3 s grace period ran out and it was terminated, with a warning at every Ctrl-C. (In a
+    process of its own: what the averager process prints under pytest's capture is lost.)"""
     script = f"""
 import signal, sys, time, psutil, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
@@ -1901,25 +1908,13 @@ while time.monotonic() < deadline:  # (the DHT process reaps it only as it stops
         break
     time.sleep(0.05)
 averager.shutdown()
-print(averager.exitcode)
+started = time.monotonic()
 dht.shutdown()
+print(averager.exitcode, dht.exitcode, time.monotonic() - started)
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "0", proc.stdout + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    averager_exit, dht_exit, dht_stop_s = proc.stdout.split()
+    assert averager_exit == "0" and dht_exit == "0" and float(dht_stop_s) < 1.5, proc.stdout + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "the hard way" not in proc.stderr, proc.stderr[-3000:]
 
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_a_dht_whose_daemon_died_first_stops_at_once(tmp_path, sig):
-    """The same Ctrl-C: the DHT process ignores SIGINT and waits to be stopped, and hivemind's stop
-    waited on the dead daemon for an answer to its handler removal until the 3 s grace period ran out
-    and the process was terminated (a warning at every Ctrl-C)."""
-    import psutil
-
-    dht = start_dht(Identity.generate(), identity_path=tmp_path / "k", host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    daemon = next(p for p in psutil.Process(dht.pid).children(recursive=True) if p.name() == "p2pd")
-    daemon.send_signal(sig)
-    time.sleep(0.5)
-    started = time.monotonic()
-    dht.shutdown()
-    assert dht.exitcode == 0 and time.monotonic() - started < 1.5, (dht.exitcode, time.monotonic() - started)
