@@ -356,7 +356,10 @@ class Coordinator:
             raise RequestError(*refused)
 
     def heartbeat(self, node_id: str, request: pb.HeartbeatRequest, public_key: bytes | None = None,
-                  charge: Charge | None = None) -> pb.HeartbeatResponse:
+                  charge: Charge | None = None, signed_ms: int | None = None) -> pb.HeartbeatResponse:
+        """``signed_ms``: the request envelope's signed time (None: an in-process caller). A heartbeat
+        signed before the node's goodbye but handled after it (in flight as the node stopped) does not
+        make it live again."""
         eta = self.spec.max_staleness
         with self.lock:
             self._check_instance(node_id, request.instance)
@@ -388,12 +391,13 @@ class Coordinator:
                 x = getattr(request, name)
                 if not (x >= 0 and x < float("inf")):
                     raise RequestError("INVALID_ARGUMENT", f"{name} must be a finite number >= 0, got {x}")
+            gone = request.leaving or self.liveness.left_since(node_id, signed_ms)
             self.store.heartbeat(node_id, v, request.completions_per_s, request.tokens_per_s,
-                                 request.hardware if request.HasField("hardware") else None, leaving=request.leaving)
+                                 request.hardware if request.HasField("hardware") else None, leaving=gone)
             if request.leaving:  # no round waits for its work from now on, nor a TTL later
-                self.liveness.leave(node_id)
+                self.liveness.leave(node_id, signed_ms)
                 self.metrics.nodes_left.inc()
-            else:
+            elif not gone:
                 self.liveness.seen(node_id, None if charge is None else charge.net)
             if addrs:
                 self.store.set_multiaddrs(node_id, addrs)

@@ -5,7 +5,9 @@ silent ones live. The store keeps each node's wall-clock last-seen time for oper
 it seeds this (that one reading is all there is). Each entry also keeps the network the node was last
 seen from (.networks), for counting keys without verified work once per network. A node that says it
 is leaving (``HeartbeatRequest.leaving``) stops being live at once instead of a TTL later, and is
-remembered as gone until it is seen again."""
+remembered as gone until it is seen again in a request signed after its goodbye: one signed before it
+and still in flight as the node stopped (its round loop's, interrupted by the Ctrl-C) is handled
+after it as often as not, and made the node live again for a TTL."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ class Liveness:
         self._clock, self._wall_ms = clock, wall_ms
         self._seen: OrderedDict[str, float] = OrderedDict()
         self._network: dict[str, str | None] = {}  # (the same keys as _seen)
-        self._left: OrderedDict[str, None] = OrderedDict()  # said they are leaving, not seen since
+        self._left: OrderedDict[str, int | None] = OrderedDict()  # goodbye's signed ms, not seen since
 
     def restore(self, rows: Iterable[tuple[str, int]]) -> None:
         """Seed from the store's (node id, wall-clock last seen ms) rows after a restart; a stamp in the
@@ -49,13 +51,13 @@ class Liveness:
         self._left.pop(node_id, None)
         self._expire()
 
-    def leave(self, node_id: str) -> None:
-        """The node said it is leaving: no longer live from now on (not a TTL later). Only the most
-        recent MAX_LEFT leavers are remembered as gone (keys are cheap); one forgotten is merely no
-        longer listed as having left."""
+    def leave(self, node_id: str, signed_ms: int | None = None) -> None:
+        """The node said it is leaving, in a request signed at ``signed_ms``: no longer live from now on
+        (not a TTL later). Only the most recent MAX_LEFT leavers are remembered as gone (keys are
+        cheap); one forgotten is merely no longer listed as having left."""
         self._seen.pop(node_id, None)
         self._network.pop(node_id, None)
-        self._left[node_id] = None
+        self._left[node_id] = signed_ms
         self._left.move_to_end(node_id)
         while len(self._left) > MAX_LEFT:
             self._left.popitem(last=False)
@@ -63,6 +65,12 @@ class Liveness:
     def has_left(self, node_id: str) -> bool:
         """Whether the node said it is leaving and has not been seen since."""
         return node_id in self._left
+
+    def left_since(self, node_id: str, signed_ms: int | None) -> bool:
+        """Whether a request of the node signed at ``signed_ms`` predates its goodbye (it then does not
+        make the node live again). A node can only date its own requests."""
+        bye = self._left.get(node_id)
+        return bye is not None and signed_ms is not None and signed_ms <= bye
 
     def network(self, node_id: str) -> str | None:
         return self._network.get(node_id)

@@ -176,7 +176,7 @@ class CoordinatorService:
 
     def heartbeat(self, env, node_id, context):
         return self.c.heartbeat(node_id, self._payload(pb.HeartbeatRequest, env), bytes(env.signer_public_key),
-                                self._charge(context))
+                                self._charge(context), signed_ms=env.time_ms)
 
     def report_peer(self, env, node_id, context):
         return self.c.report_peer(node_id, env, self._payload(pb.PeerReport, env))
