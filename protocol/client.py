@@ -37,6 +37,8 @@ from .identity import Identity
 from .log import LogEntry, parse_jsonl_line
 from .proofs import seal_envelope
 from .retry import TRANSIENT_CODES, Attempts, RetryPolicy
+
+NO_RETRY = RetryPolicy(retries=0)
 from .rpc import (
     NonceSource,
     channel_options,
@@ -110,7 +112,8 @@ class CoordinatorClient:
             raise CoordinatorError(method, code, detail) from None
         time.sleep(delay)
 
-    def _unary(self, method: str, message, reply_cls, timeout_s: float | None = None):
+    def _unary(self, method: str, message, reply_cls, timeout_s: float | None = None,
+               retry: RetryPolicy | None = None):
         """One call, retried on UNAVAILABLE. Every method retried this way is idempotent or safe to
         re-sign: Register (a second registration of the key answers newly_registered=false),
         Heartbeat (the latest report wins), GetSnapshotManifest; and SubmitProofs, because the
@@ -122,7 +125,7 @@ class CoordinatorClient:
         ("already banned" / "not banned") on the retry, which says what state the node is in."""
         call = self.channel.unary_unary(method_path(method), request_serializer=_identity,
                                         response_deserializer=reply_cls.FromString)
-        attempts = self.retry.attempts()
+        attempts = (retry or self.retry).attempts()
         while True:
             try:
                 return call(self.seal(message), timeout=timeout_s or self.timeout_s)  # a fresh nonce each time
@@ -205,12 +208,7 @@ class CoordinatorClient:
         One try within ``timeout_s``, no retry: whoever leaves does not wait for a coordinator that is
         down (it then counts the node as gone a TTL later, as after a crash)."""
         req = pb.HeartbeatRequest(policy_version=policy_version, sample=False, leaving=True, instance=self.instance)
-        call = self.channel.unary_unary(method_path("Heartbeat"), request_serializer=_identity,
-                                        response_deserializer=pb.HeartbeatResponse.FromString)
-        try:
-            return call(self.seal(req), timeout=timeout_s)
-        except grpc.RpcError as e:
-            raise CoordinatorError("Heartbeat", e.code().name, e.details() or "") from None
+        return self._unary("Heartbeat", req, pb.HeartbeatResponse, timeout_s, retry=NO_RETRY)
 
     def report_peer(self, round_index: int, peer_node_id: str, reason: str, evidence: bytes = b"") -> pb.PeerReportResponse:
         """Report a participant of closed round ``round_index`` that this node (a participant too)

@@ -230,7 +230,13 @@ def group_target(expected_keys: frozenset[bytes] | None, left: frozenset[bytes],
     if expected_keys is None or not left:
         return None
     size = len(expected_keys)
-    return max(min(max(min_group_size, size // 2 + 1), size), size - len(left & expected_keys))
+    return max(round_min_size(size, min_group_size), size - len(left & expected_keys))
+
+
+def round_min_size(size: int, min_group_size: int) -> int:
+    """The fewest of a round's ``size`` peers an attempt's group may have: a strict majority of them
+    (two disjoint groups can never both succeed in one round), at least ``min_group_size``."""
+    return min(max(min_group_size, size // 2 + 1), size)
 
 
 def _b58(peer_id: PeerID | bytes) -> str:
@@ -741,7 +747,7 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
         if group_size is None:
             target, min_size = self.target_group_size, self.min_group_size
         else:
-            target, min_size = group_size, min(max(self.min_group_size, group_size // 2 + 1), group_size)
+            target, min_size = group_size, round_min_size(group_size, self.min_group_size)
         self._round_target = target
         self._matchmaking.target_group_size = self._matchmaking.potential_leaders.target_group_size = target
         self._matchmaking.min_group_size = min_size

@@ -25,12 +25,11 @@ class NodeDHT(hivemind.DHT):
     async def _shutdown(self) -> None:
         node = self._node
         node.is_alive = False
-        try:
-            if daemon_exited(node.p2p):
-                raise OSError("p2pd exited")
-            await asyncio.wait_for(node.protocol.shutdown(), HANDLER_REMOVAL_S)
-        except (OSError, asyncio.TimeoutError) as e:  # the daemon is gone: so are its handlers
-            logger.debug(f"p2pd did not answer the DHT's handler removal ({e!r}): it is gone")
+        if not daemon_exited(node.p2p):  # (an exited daemon took its handlers with it)
+            try:
+                await asyncio.wait_for(node.protocol.shutdown(), HANDLER_REMOVAL_S)
+            except (OSError, asyncio.TimeoutError) as e:  # the daemon is gone: so are its handlers
+                logger.debug(f"p2pd did not answer the DHT's handler removal ({e!r}): it is gone")
         if node._should_shutdown_p2p:
             await node.p2p.shutdown()
 

@@ -179,6 +179,7 @@ class SwarmPeer:
                                                 grace_s=float(swarm.get("upload_grace_s", GRACE_S)))
         self._clock = PhaseClock()
         self._round_batch_path = p.workdir / ROUND_BATCH_FILE
+        self._last_hb: pb.HeartbeatResponse | None = None  # the latest reply (its round_moved_on: _gone)
         # liveness while sampling, computing the gradient or averaging (see .heartbeats)
         self._keeper = HeartbeatKeeper(lambda: self.participant.heartbeat(multiaddrs=self.maddrs, sample=False),
                                        float(swarm.get("heartbeat_interval_s", 10.0)))
@@ -296,7 +297,7 @@ class SwarmPeer:
         (sampling the next round, or gone with a goodbye): its averaging does not wait for them. The
         reply comes from the round's close and from each failed attempt's question whether the round
         went on (:meth:`_round_went_on`), so this asks nothing itself."""
-        hb = getattr(self, "_last_hb", None)
+        hb = self._last_hb
         if hb is None or hb.current_round != round_index + 1:
             return frozenset()
         return frozenset(bytes(k) for k in hb.round_moved_on)
