@@ -35,6 +35,7 @@ from . import partfiles
 from .errors import CoordinatorError, ProtocolError
 from .identity import Identity
 from .log import LogEntry, parse_jsonl_line
+from .pacing import RequestPacer
 from .proofs import seal_envelope
 from .retry import TRANSIENT_CODES, Attempts, RetryPolicy
 
@@ -67,9 +68,11 @@ class CoordinatorClient:
     def __init__(self, address: str, identity: Identity, *, coordinator_key: bytes | None = None,
                  root_certificates: bytes | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                  retries: int = RetryPolicy.retries, retry_deadline_s: float = RetryPolicy.deadline_s,
-                 instance: bytes = b""):
+                 instance: bytes = b"", pace: tuple[float, int] = (0.0, 1)):
         """``instance``: a random id of this running node process, sent with every Register and
-        Heartbeat, so that the coordinator can tell two processes of one key apart (empty: none)."""
+        Heartbeat, so that the coordinator can tell two processes of one key apart (empty: none).
+        ``pace``: (requests/s, burst) this client keeps to, sleeping before a request that would go
+        over (:mod:`.pacing`; 0: none)."""
         self.address, self.identity, self.timeout_s = address, identity, timeout_s
         self.instance = bytes(instance)
         self.retry = RetryPolicy(retries=retries, deadline_s=retry_deadline_s)
@@ -81,6 +84,7 @@ class CoordinatorClient:
         else:
             self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options=options)
         self._nonce = NonceSource()
+        self._pacer = RequestPacer(*pace)
         self.node_id = identity.node_id
         self.run_id: str | None = None
 
@@ -96,6 +100,11 @@ class CoordinatorClient:
     # -- plumbing
     def seal(self, message, kind: str | None = None) -> bytes:
         return seal_envelope(message, self.identity, nonce=self._nonce(), kind=kind).SerializeToString()
+
+    def _paced_seal(self, message) -> bytes:
+        """:meth:`seal` for a request about to be sent: each one counts against the key's rate."""
+        self._pacer.wait()
+        return self.seal(message)
 
     def _wait_or_raise(self, method: str, error: grpc.RpcError, attempts: Attempts) -> None:
         """Sleep before the next attempt if ``error`` is transient and the budget allows one, else
@@ -128,7 +137,7 @@ class CoordinatorClient:
         attempts = (retry or self.retry).attempts()
         while True:
             try:
-                return call(self.seal(message), timeout=timeout_s or self.timeout_s)  # a fresh nonce each time
+                return call(self._paced_seal(message), timeout=timeout_s or self.timeout_s)  # a fresh nonce each time
             except grpc.RpcError as e:
                 self._wait_or_raise(method, e, attempts)
 
@@ -140,7 +149,7 @@ class CoordinatorClient:
                                          response_deserializer=reply_cls.FromString)
         attempts = self.retry.attempts()
         while True:
-            it = call(self.seal(request_for()), timeout=timeout_s)
+            it = call(self._paced_seal(request_for()), timeout=timeout_s)
             delivered = False
             try:
                 for reply in it:
@@ -340,6 +349,7 @@ class CoordinatorClient:
         header = pb.UploadSnapshotHeader(snapshot=snapshot, total_bytes=total_bytes, file_sha256=file_sha256)
 
         def messages() -> Iterable[bytes]:
+            self._pacer.wait()
             sealed = seal_envelope(header, self.identity, nonce=self._nonce())
             yield pb.UploadPart(header=sealed).SerializeToString()
             for off, pieces in chunks():  # unsigned: the header's file hash binds them

@@ -17,7 +17,7 @@ from grpo_swarm.node import proving
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.audit import audit
 from grpo_swarm.protocol.run_spec import load_hooks
-from grpo_swarm.protocol.client import CoordinatorError
+from grpo_swarm.protocol.client import CoordinatorClient, CoordinatorError
 from grpo_swarm.protocol.errors import ProtocolError
 from grpo_swarm.protocol.identity import Identity
 from grpo_swarm.protocol.log import verify_entries
@@ -155,6 +155,29 @@ def test_rate_limit(tmp_path):
             client.heartbeat(0)
         assert info.value.code == "RESOURCE_EXHAUSTED" and "rate limit" in info.value.detail
         s.client().register()  # other keys are not affected
+    finally:
+        s.stop()
+
+
+def test_a_paced_client_waits_instead_of_being_refused(tmp_path):
+    """A client kept inside the server's bucket (as a node is: protocol/pacing.py) sends twice the
+    burst without one refusal, taking the time the rate asks for; unpaced, the same run is refused."""
+    s = Served(tmp_path, limits=ServerLimits(rate_per_s=10.0, burst=5))
+    try:
+        ident = Identity.generate()
+        paced = CoordinatorClient(s.address, ident, timeout_s=30, pace=(8.0, 4))
+        paced.register()
+        started = time.monotonic()
+        for _ in range(10):
+            paced.heartbeat(0)
+        took = time.monotonic() - started
+        assert took >= (10 - 4) / 8.0 - 0.02, took  # at most the whole burst left after the register; then 8/s
+        unpaced = s.client()
+        unpaced.register()
+        with pytest.raises(CoordinatorError) as info:
+            for _ in range(10):
+                unpaced.heartbeat(0)
+        assert info.value.code == "RESOURCE_EXHAUSTED"
     finally:
         s.stop()
 

@@ -32,6 +32,7 @@ from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.client import CoordinatorClient, CoordinatorError
 from grpo_swarm.protocol.errors import ProtocolError
 from grpo_swarm.protocol.identity import Identity
+from grpo_swarm.protocol.pacing import NODE_PACE
 
 from ..trainer import ScoredBatch
 from .dht import connect_peers, connected_peers, visible_maddrs
@@ -40,6 +41,7 @@ from .round_batch_file import FILE_NAME as ROUND_BATCH_FILE, drop_round_batch, l
 from .shared_memory import prepare_shared_memory
 from .participant import Participant
 from .peer_dialing import MAX_BOOTSTRAP_PEERS, DialBackoff, addresses, dial_candidates, peer_id
+from .polling import PollBackoff
 from .publication import GRACE_S, PublicationFollower, upload_rank
 from .share_sketch import DEFAULT_AUDIT_FRACTION
 from .sit_outs import DEFAULT_SIT_OUT_LIMIT
@@ -163,7 +165,8 @@ class SwarmPeer:
         self.identity = Identity.load_or_create(opts.identity_path)
         # a fresh instance id per process: a restart of this node takes over its key at once, and a
         # second process of the key (another machine) is told so (coordinator/instances.py)
-        self.client = CoordinatorClient(opts.coordinator, self.identity, timeout_s=60, instance=os.urandom(16))
+        self.client = CoordinatorClient(opts.coordinator, self.identity, timeout_s=60, instance=os.urandom(16),
+                                         pace=NODE_PACE)
         self.participant = p = Participant(self.client, opts.workdir, overrides=opts.overrides)
         swarm = p.run["swarm"]
         self._held: tuple | None = None  # (snapshot ref, version, state hash) of what this node holds
@@ -551,11 +554,12 @@ class SwarmPeer:
 
     def _wait_for_close(self, round_index: int) -> pb.HeartbeatResponse:
         deadline = time.monotonic() + self.round_timeout_s + 30.0
+        polls = PollBackoff(self.opts.poll_s)
         while True:
             hb = self.heartbeat()
             if hb.current_round > round_index or time.monotonic() > deadline:
                 return hb
-            time.sleep(self.opts.poll_s)
+            time.sleep(polls.next())
 
     def _average_or_resync(self, round_index: int, batch: ScoredBatch | None, ticket: pb.AdmissionTicket,
                            record: RoundRecord, closed_at: float) -> None:

@@ -32,6 +32,7 @@ from grpo_swarm.protocol.rpc import upload_seconds_left
 from grpo_swarm.protocol.upload_call import DEFAULT_STALL_S, UploadCall
 
 from .participant import Participant
+from .polling import PollBackoff
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class PublicationFollower:
         next_try, pause = start + min(rank, MAX_RANK) * self.grace_s, RETRY_S
         total = None
         call: UploadCall | None = None
+        polls = PollBackoff(self.poll_s)
         self.bytes_sent, self.uploads, self.gave_way, self.note = 0, 0, False, ""
         try:
             while True:
@@ -185,7 +187,7 @@ class PublicationFollower:
                 if now - last_progress > self.timeout_s:
                     self.note = f"v{version} was not published: no upload progressed for {self.timeout_s:.0f} s"
                     return None
-                time.sleep(poll_interval(flight, self.poll_s))
+                time.sleep(poll_interval(flight, polls.next()))
         finally:
             if call is not None:
                 if not call.done():
