@@ -173,7 +173,8 @@ def test_a_member_killed_mid_averaging_restarts_resyncs_and_rejoins(tmp_path):
 
 def _restart_config() -> str:
     """The demo's run with short averaging timeouts, so that a wedged step passes its limit (its
-    matchmaking, all-reduce and audit timeouts and a margin: 5 + 8 + 8 + 10 s) within the test."""
+    matchmaking, all-reduce and audit timeouts and a margin: 5 + 8 + 8 + 3 s, the victim's margin set
+    by tests/swarm_join_node.py) within the test."""
     text = demo_config_text()
     for old, new in (("matchmaking_timeout_s = 15.0", "matchmaking_timeout_s = 5.0"),
                      ("averaging_timeout_s = 30.0", "averaging_timeout_s = 8.0\nsender_timeout_s = 2.0")):
