@@ -1,8 +1,9 @@
 """One swarm peer for tests/test_swarm_averaging.py, run as ``python tests/swarm_peer.py CONFIG.json``.
 
 It starts its DHT from its node key file (peer 0 first; the others bootstrap from peer 0's address
-file), builds four averagers (small tensors without and with fp16 compression; the tiny model's
-parameters weighted by sequences and by tokens) and plays the test's plan round by round. A round
+file), builds the averagers its plan uses (small tensors with each compression, in client mode, in
+small parts; the tiny model's parameters weighted by sequences and by tokens) and plays its plan
+(the rounds of the test's plan its swarm was given) round by round. A round
 starts when all its participants have reached it (files ``ready-<round>-<peer>`` in the shared
 work folder). Each round's outcome goes to ``r<round>-p<peer>.json`` (report, plain JSON) and
 ``r<round>-p<peer>.safetensors`` (local and averaged tensors): the test reads only those formats.
@@ -86,9 +87,13 @@ def main(config_path: str) -> int:
                         initial_peers=json.loads(maddrs_file.read_text()))
     event(f"dht {dht.peer_id} up after {time.monotonic() - t0:.2f} s")
 
-    trainer = make_trainer()
-    batch = union_batch(trainer)
-    completion_sha = tensors_sha256([batch.rollouts.completion_ids, batch.rollouts.completion_mask])
+    # only what this peer's plan uses: a plan without GRPO rounds builds no model (nor its averagers)
+    used = {rnd["averager"] for rnd in cfg["plan"] if me in rnd["participants"]}
+    trainer = batch = completion_sha = None
+    if used & {"model_seq", "model_tok"}:
+        trainer = make_trainer()
+        batch = union_batch(trainer)
+        completion_sha = tensors_sha256([batch.rollouts.completion_ids, batch.rollouts.completion_mask])
 
     hostile = cfg["role"] == "hostile"
     cls = HostileAverager if hostile else VerifiedAverager
@@ -108,26 +113,27 @@ def main(config_path: str) -> int:
                   # turns the sit-outs on with "sit_out_limit" (the memory itself records every round)
                   sit_out_limit=0)
     small = [torch.zeros(s) for s in SMALL_SHAPES]
-    averagers = {
-        "small_none": cls(small, prefix="small", weight_mode="sequences", compression=NoCompression(),
-                          part_size_bytes=4096, **common),
-        "small_fp16": cls(small, prefix="smallfp16", weight_mode="sequences", compression=Float16Compression(),
-                          part_size_bytes=2048, **common),
+    builders = {
+        "small_none": lambda: cls(small, prefix="small", weight_mode="sequences", compression=NoCompression(),
+                                  part_size_bytes=4096, **common),
+        "small_fp16": lambda: cls(small, prefix="smallfp16", weight_mode="sequences", compression=Float16Compression(),
+                                  part_size_bytes=2048, **common),
         # peer 1 in client mode: it reduces nothing, serves no calls, and its audit entries reach
         # the others only through the reducers (relayed) and their answers
-        "small_client": cls(small, prefix="smallclient", weight_mode="sequences", compression=NoCompression(),
-                            part_size_bytes=4096, client_mode=me == 1, **common),
-        "small_8bit": cls(small, prefix="small8bit", weight_mode="sequences", compression=Uniform8BitQuantization(),
-                          part_size_bytes=2048, **common),
+        "small_client": lambda: cls(small, prefix="smallclient", weight_mode="sequences", compression=NoCompression(),
+                                    part_size_bytes=4096, client_mode=me == 1, **common),
+        "small_8bit": lambda: cls(small, prefix="small8bit", weight_mode="sequences",
+                                  compression=Uniform8BitQuantization(), part_size_bytes=2048, **common),
         # small parts (about 11 a share): a sender dripping them just under sender_timeout outlasts the
         # all-reduce timeout
-        "small_drip": cls(small, prefix="smalldrip", weight_mode="sequences", compression=NoCompression(),
-                          part_size_bytes=512, **common),
-        "model_seq": cls(trainer.trainable, prefix="modelseq", weight_mode="sequences", part_size_bytes=1 << 16,
-                         **common),
-        "model_tok": cls(trainer.trainable, prefix="modeltok", weight_mode="tokens", part_size_bytes=1 << 16,
-                         **common),
+        "small_drip": lambda: cls(small, prefix="smalldrip", weight_mode="sequences", compression=NoCompression(),
+                                  part_size_bytes=512, **common),
+        "model_seq": lambda: cls(trainer.trainable, prefix="modelseq", weight_mode="sequences",
+                                 part_size_bytes=1 << 16, **common),
+        "model_tok": lambda: cls(trainer.trainable, prefix="modeltok", weight_mode="tokens", part_size_bytes=1 << 16,
+                                 **common),
     }
+    averagers = {name: build() for name, build in builders.items() if name in used}
     event(f"averagers up after {time.monotonic() - t0:.2f} s")
     write_atomic(work / f"started-p{me}", b"1")
 
@@ -205,6 +211,8 @@ def main(config_path: str) -> int:
 
     write_atomic(work / f"finished-p{me}", b"1")
     event("finished")
+    if cfg.get("release"):  # stop only once the test says so: a swarm still playing beside this one
+        wait_for([Path(cfg["release"])], BARRIER_TIMEOUT_S * 4, "the test's release")  # is not slowed by our stop
     for av in averagers.values():
         av.shutdown()
     dht.shutdown()

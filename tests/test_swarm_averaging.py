@@ -1,8 +1,10 @@
 """Verified gradient averaging (node/swarm/averaging.py) between real hivemind peers on loopback.
 
-One module-scoped swarm of three peer processes (tests/swarm_peer.py; peer 2 turns hostile in the
-later rounds, tests/swarm_hostile.py) plays a fixed plan of rounds; each test checks the rounds it
-is about from the files the peers wrote (JSON reports and safetensors, never pickles). The peers
+Module-scoped swarms of three peer processes (tests/swarm_peer.py; peer 2 turns hostile in the
+later rounds, tests/swarm_hostile.py) play a fixed plan of rounds; each test checks the rounds it
+is about from the files the peers wrote (JSON reports and safetensors, never pickles). Two swarms
+(same keys, separate DHTs) play the plan's two parts side by side: the rounds made of waits (late
+members, stalls, drips, the kill) and the rest; most of those waits leave the cores idle. The peers
 ask for different share-audit fractions (0.25, 0.5, 0.125), so every audited round also checks that
 the group agrees on one (the largest a contributor signed for):
 
@@ -994,40 +996,58 @@ def test_share_audit_handler_keeps_only_the_groups_contributors(tmp_path, keys, 
         dht.shutdown()
 
 
+# the plan's rounds of waits, played by a second swarm beside the first: the late members (and the lost
+# cancel's next round), then the stalls and drips through the kill (the sit-out round remembers the round
+# before it; the kill ends H, and the gone round follows it)
+WAITING_ROUNDS = frozenset(range(LATE_ROUND, AFTER_LOST_CANCEL_ROUND + 1)) | frozenset(range(STALL_ROUND, len(PLAN)))
+
+
+def swarm_part(round_index: int) -> int:
+    """Which of the two swarms plays ``round_index``: 1 for the rounds of waits, else 0."""
+    return int(round_index in WAITING_ROUNDS)
+
+
 # ---- the swarm ------------------------------------------------------------------------------------
 class Swarm:
-    def __init__(self, work: Path, peer_ids: list[str]):
-        self.work, self.peer_ids = work, peer_ids
+    """The two swarms' results, by round (the same three keys in both, so one list of peer ids)."""
+
+    def __init__(self, works: list[Path], peer_ids: list[str]):
+        self.works, self.peer_ids = works, peer_ids
         self.kill_time: float | None = None
 
+    def work_of(self, round_index: int) -> Path:
+        return self.works[swarm_part(round_index)]
+
     def report(self, round_index: int, peer: int) -> dict:
-        path = self.work / f"r{round_index}-p{peer}.json"
+        path = self.work_of(round_index) / f"r{round_index}-p{peer}.json"
         assert path.exists(), f"peer {peer} wrote no result for round {round_index}\n{self.logs()}"
         return json.loads(path.read_text())
 
     def tensors(self, round_index: int, peer: int, kind: str) -> list[torch.Tensor]:
         from safetensors.torch import load_file
 
-        data = load_file(str(self.work / f"r{round_index}-p{peer}.safetensors"))
+        data = load_file(str(self.work_of(round_index) / f"r{round_index}-p{peer}.safetensors"))
         n = sum(1 for k in data if k.startswith(f"{kind}."))
         assert n, f"peer {peer} has no {kind} tensors for round {round_index}"
         return [data[f"{kind}.{i}"] for i in range(n)]
 
     def logs(self, lines: int = 40) -> str:
         out = []
-        for p in sorted(self.work.glob("peer*.log")) + sorted(self.work.glob("events-*.log")):
-            tail = p.read_text(errors="replace").splitlines()[-lines:]
-            out.append(f"--- {p.name}\n" + "\n".join(tail))
+        for work in self.works:
+            for p in sorted(work.glob("peer*.log")) + sorted(work.glob("events-*.log")):
+                tail = p.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"--- {work.name}/{p.name}\n" + "\n".join(tail))
         return "\n".join(out)
 
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory, keys):
     coordinator, _ = keys
-    work = tmp_path_factory.mktemp("swarm")
+    root = tmp_path_factory.mktemp("swarm")
+    works = [root / "main", root / "waits"]
     nodes = [Identity.generate() for _ in range(3)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    procs = []
+    procs: dict[tuple[int, int], subprocess.Popen] = {}  # (swarm part, peer) -> its process
 
     def attempts(i: int, rnd: dict) -> int | None:
         if "max_attempts" in rnd:
@@ -1037,36 +1057,45 @@ def swarm(tmp_path_factory, keys):
         return None  # the averager's max_attempts
 
     try:
-        for i, node in enumerate(nodes):
-            node.save(work / f"node{i}.key")
-            peer_plan = [dict(rnd, max_attempts=attempts(i, rnd)) for rnd in PLAN]
-            cfg = dict(index=i, workdir=str(work), key_path=str(work / f"node{i}.key"),
-                       coordinator_seed=bytes(range(32)).hex(), node_keys=[n.public_key_bytes.hex() for n in nodes],
-                       role="hostile" if i == H else "honest", timing=TIMING, plan=peer_plan,
-                       small_weights=SMALL_WEIGHTS)
-            (work / f"peer{i}.json").write_text(json.dumps(cfg))
-            log = open(work / f"peer{i}.log", "wb")
-            procs.append(subprocess.Popen([sys.executable, str(HERE / "swarm_peer.py"), str(work / f"peer{i}.json")],
-                                          stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
-        swarm = Swarm(work, [n.peer_id_base58 for n in nodes])
+        for part, work in enumerate(works):
+            work.mkdir()
+            for i, node in enumerate(nodes):
+                node.save(work / f"node{i}.key")
+                peer_plan = [dict(rnd, max_attempts=attempts(i, rnd)) for rnd in PLAN if swarm_part(rnd["round"]) == part]
+                cfg = dict(index=i, workdir=str(work), key_path=str(work / f"node{i}.key"),
+                           coordinator_seed=bytes(range(32)).hex(), node_keys=[n.public_key_bytes.hex() for n in nodes],
+                           role="hostile" if i == H else "honest", timing=TIMING, plan=peer_plan,
+                           small_weights=SMALL_WEIGHTS, release=str(root / "release"))
+                (work / f"peer{i}.json").write_text(json.dumps(cfg))
+                log = open(work / f"peer{i}.log", "wb")
+                procs[part, i] = subprocess.Popen(
+                    [sys.executable, str(HERE / "swarm_peer.py"), str(work / f"peer{i}.json")],
+                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        swarm = Swarm(works, [n.peer_id_base58 for n in nodes])
+        waits = works[swarm_part(KILL_ROUND)]
+        killed_proc = procs[swarm_part(KILL_ROUND), H]
         deadline = time.monotonic() + SWARM_TIMEOUT_S
         killed, stalled_at = False, None
-        while not all((work / f"finished-p{i}").exists() for i in (A, B)):
+        while not all((work / f"finished-p{i}").exists() for work in works for i in (A, B)):
             assert time.monotonic() < deadline, f"the swarm did not finish in {SWARM_TIMEOUT_S} s\n{swarm.logs()}"
-            for i in (A, B, H):
-                if procs[i].poll() not in (None, 0) and not (i == H and killed):
-                    pytest.fail(f"peer {i} exited with {procs[i].returncode}\n{swarm.logs()}")
-            if stalled_at is None and (work / f"stalled-p{H}").exists():
+            for (part, i), proc in procs.items():
+                if proc.poll() not in (None, 0) and not (proc is killed_proc and killed):
+                    pytest.fail(f"peer {i} of swarm {works[part].name} exited with {proc.returncode}\n{swarm.logs()}")
+            if stalled_at is None and (waits / f"stalled-p{H}").exists():
                 stalled_at = time.monotonic()
             # (killed at once, H as the group's leader once died before its word that the group had
             # formed reached B, who then looked for a group until its matchmaking timeout)
             if not killed and stalled_at is not None and time.monotonic() - stalled_at >= KILL_AFTER_STALL_S:
-                os.killpg(procs[H].pid, signal.SIGKILL)  # the hostile peer's whole process group: p2pd too
+                os.killpg(killed_proc.pid, signal.SIGKILL)  # the hostile peer's whole process group: p2pd too
                 killed, swarm.kill_time = True, time.time()
             time.sleep(0.1)
+        # the peers stop together, once both swarms played (a stop is seconds of CPU for the averager
+        # processes: one swarm's stop beside the other's not-in-group round once broke that round's timing)
+        (root / "release").write_text("1")
         yield swarm
     finally:
-        for p in procs:
+        (root / "release").write_text("1")
+        for p in procs.values():
             try:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -1194,7 +1223,7 @@ def test_a_search_whose_cancel_was_lost_does_not_outlive_its_round(swarm):
     In the next round all three average in one attempt."""
     h = swarm.report(LOST_CANCEL_ROUND, H)
     assert not h["ok"] and ROUND_WENT_ON in h["error"], h
-    if not (swarm.work / f"lost-cancel-p{H}").exists():  # (its step ended before its search ever waited for a leader)
+    if not (swarm.work_of(LOST_CANCEL_ROUND) / f"lost-cancel-p{H}").exists():  # (its step ended before its search ever waited for a leader)
         pytest.skip("H's search never lost a cancel this run: nothing to check")
     reports = [swarm.report(AFTER_LOST_CANCEL_ROUND, p) for p in (A, B, H)]
     assert all(rep["ok"] for rep in reports), json.dumps(reports, indent=1)[:6000]
