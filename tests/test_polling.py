@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from grpo_swarm.coordinator.service import ServerLimits
 from grpo_swarm.node.swarm.polling import FIRST_POLL_S, PollBackoff
 from grpo_swarm.protocol.pacing import NODE_PACE, RequestPacer
 
@@ -58,6 +59,7 @@ def test_no_pace_never_waits_and_a_node_stays_inside_the_coordinators_default():
     pacer = RequestPacer(0.0, 1)
     assert all(pacer.wait() == 0.0 for _ in range(1000))
     rate, burst = NODE_PACE
-    assert rate < 20.0 and burst < 100  # grpo-coordinator serve's --rate and --burst defaults
+    served = ServerLimits()  # grpo-coordinator serve's --rate and --burst defaults
+    assert rate < served.rate_per_s and burst < served.burst
     with pytest.raises(ValueError, match="burst"):
         RequestPacer(5.0, 0)
