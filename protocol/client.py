@@ -37,9 +37,7 @@ from .identity import Identity
 from .log import LogEntry, parse_jsonl_line
 from .pacing import RequestPacer
 from .proofs import seal_envelope
-from .retry import TRANSIENT_CODES, Attempts, RetryPolicy
-
-NO_RETRY = RetryPolicy(retries=0)
+from .retry import NO_RETRY, TRANSIENT_CODES, Attempts, RetryPolicy
 from .rpc import (
     NonceSource,
     channel_options,

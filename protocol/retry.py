@@ -38,6 +38,9 @@ class RetryPolicy:
         return Attempts(self)
 
 
+NO_RETRY = RetryPolicy(retries=0)  # one attempt: for a call whose caller must not wait (a goodbye)
+
+
 @dataclass
 class Attempts:
     """The retry budget of one call: :meth:`next_delay` says how long to wait before the next
