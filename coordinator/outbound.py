@@ -7,7 +7,10 @@ opened by one registered key in a second, held every worker: no heartbeat or sub
 So:
 
 * a key may have one outbound stream at a time, and at most ``max_streams`` run at once (the rest of
-  the workers serve the unary calls);
+  the workers serve the unary calls). A key's newer request of the same kind takes its older stream's
+  slot, which is cancelled: the key's process died, was superseded by a restart, or gave up on it
+  (refusing the newcomer instead made a node restarted mid-download exit, the server not having
+  seen the old stream end yet);
 * keys without verified work (free to make, and GetLog needs no registration) may hold at most
   ``max_streams - reserved`` of them: the other ``reserved`` slots stay for nodes that have taken part
   in a round, so free keys cannot keep the swarm's own nodes from a snapshot;
@@ -63,6 +66,8 @@ class TooManyStreams(Exception):
 @dataclass(eq=False)  # compared and hashed by identity
 class Outbound:
     key: str
+    what: str = ""  # the method
+    context: grpc.ServicerContext | None = None
     verified: bool = False  # the key's node has taken part in a round
     last_chunk: float = field(default_factory=time.monotonic)
     bytes_moved: int = 0
@@ -83,21 +88,29 @@ class OutboundStreams:
         self._streams: set[Outbound] = set()
 
     def start(self, key: str, context: grpc.ServicerContext, what: str, verified: bool = False) -> Outbound:
-        """A slot for ``key``'s stream, watched; TooManyStreams when ``key`` has one already, all are
+        """A slot for ``key``'s stream, watched. ``key``'s running stream of the same method is
+        cancelled and its slot taken; TooManyStreams when ``key`` runs one of another method, all are
         taken, or (``verified`` False) all those open to keys without verified work are."""
-        stream = Outbound(key, verified)
+        stream = Outbound(key, what, context, verified)
         with self._lock:
-            if any(s.key == key for s in self._streams):
-                raise TooManyStreams(f"a {what} stream of this key is running already: one at a time")
-            if len(self._streams) >= self.max_streams:
-                raise TooManyStreams(f"{len(self._streams)} download/log streams are running, the most this "
+            own = next((s for s in self._streams if s.key == key), None)
+            if own is not None and own.what != what:
+                raise TooManyStreams(f"a {own.what} stream of this key is running already: one at a time")
+            others = self._streams - {own}  # the same key's newer request takes the older one's slot
+            if len(others) >= self.max_streams:
+                raise TooManyStreams(f"{len(others)} download/log streams are running, the most this "
                                      "coordinator sends at once: retry in a while")
-            unverified = sum(1 for s in self._streams if not s.verified)
+            unverified = sum(1 for s in others if not s.verified)
             if not verified and unverified >= self.max_streams - self.reserved:
                 raise TooManyStreams(f"{unverified} download/log streams of keys without verified work are running, "
                                      f"the most this coordinator sends them at once ({self.reserved} slots are kept "
                                      "for nodes that have taken part in a round): retry in a while")
+            if own is not None:  # abandoned by its client: it died, was superseded, or gave up on it
+                self._streams.discard(own)
+                own.ended = own.cancelled = True
             self._streams.add(stream)
+        if own is not None:
+            own.context.cancel()  # (its handler's blocked send returns)
         threading.Thread(target=self._watch, args=(stream, context), name="outbound-watchdog", daemon=True).start()
         return stream
 

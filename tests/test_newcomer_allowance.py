@@ -14,7 +14,7 @@ import pytest
 
 from grpo_swarm.coordinator.networks import Charge, network_of
 from grpo_swarm.coordinator.service import ServerLimits
-from grpo_swarm.node.swarm.participant import register_patiently
+from grpo_swarm.node.swarm.patience import register_patiently
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.client import CoordinatorError
 

@@ -2,10 +2,12 @@
 keys (free to make) opening snapshot downloads and never reading them, or reading a trickle. Before,
 sixteen such streams held every gRPC worker and no heartbeat was answered; then eight free keys could
 hold every outbound slot for as long as they took a chunk a minute. A real coordinator on loopback, a
-64 MB version."""
+64 MB version. One key holds one slot: its newer download takes its older one's (a node restarted
+mid-download was refused before, the coordinator not having seen the old stream end)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -59,9 +61,18 @@ def test_stalled_downloads_cannot_take_the_coordinators_workers(tmp_path):
         keys = [s.client() for _ in range(3)]
         for k in keys:
             k.register()
+        abandoned = _open(keys[0], 7)
+        t0 = time.monotonic()
+        # one stream per key: its newest download takes the slot (its process restarted, or was superseded)
         stalled = [_open(keys[0], 7)]  # read once, then never again
-        with pytest.raises(grpc.RpcError) as info:  # one stream per key
-            _open(keys[0], 7)
+        with pytest.raises(grpc.RpcError) as info:  # the older one is cancelled at once, not by the watchdog
+            for _ in abandoned:
+                pass
+        assert info.value.code() == grpc.StatusCode.CANCELLED and time.monotonic() - t0 < IDLE_S / 2
+        log = keys[0].channel.unary_stream(method_path("GetLog"), request_serializer=lambda b: b,
+                                           response_deserializer=pb.LogEntryLine.FromString)
+        with pytest.raises(grpc.RpcError) as info:  # a stream of another kind does not take the key's slot
+            next(log(keys[0].seal(pb.GetLogRequest()), timeout=30))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "one at a time" in info.value.details()
         stalled.append(_open(worker.client, 7))  # (a stalled worker: the slot kept for workers)
         with pytest.raises(grpc.RpcError) as info:  # 8 workers: 2 outbound streams at most
@@ -150,5 +161,36 @@ def test_free_keys_cannot_take_the_slots_kept_for_workers_nor_hold_one_by_trickl
             except grpc.RpcError as e:
                 assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - t1 < 5.0
                 time.sleep(0.1)
+    finally:
+        s.stop()
+
+
+def test_a_node_waits_for_a_download_slot_instead_of_exiting(tmp_path):
+    """4 workers: one outbound slot. While another key's stalled download holds it, a node's download is
+    refused (RESOURCE_EXHAUSTED, "retry in a while"): with no time to wait that is raised (what made a
+    node say "could not join" and exit); waiting, the node gets the slot once the stall is cut and its
+    file is whole. A swarm restarted all at once asks for more downloads than there are slots."""
+    from grpo_swarm.node.swarm.patience import download_patiently
+    from grpo_swarm.protocol.client import CoordinatorError
+
+    s = Served(tmp_path, limits=ServerLimits(workers=4, stream_idle_s=IDLE_S), chunk_size=64 << 10)
+    try:
+        _version(s, tmp_path)
+        node = HonestNode(s.address, tmp_path / "n")  # (it downloads version 0 as it starts)
+        hog = s.client()
+        hog.register()
+        stalled = _open(hog, 7)
+        manifest = node.client.manifest(7)
+        dest = tmp_path / "n" / "v7.safetensors"
+        with pytest.raises(CoordinatorError) as info:
+            download_patiently(node.client, dest, manifest, wait_s=0)
+        assert info.value.code == "RESOURCE_EXHAUSTED" and "retry in a while" in info.value.detail
+        t0 = time.monotonic()
+        download_patiently(node.client, dest, manifest, retry_s=(0.2, 0.5))
+        assert time.monotonic() - t0 >= IDLE_S - 1.0  # it did wait for the stall's cut
+        assert hashlib.sha256(dest.read_bytes()).digest() == manifest.file_sha256 and dest.stat().st_size == 64 << 20
+        with pytest.raises(grpc.RpcError):
+            for _ in stalled:
+                pass
     finally:
         s.stop()

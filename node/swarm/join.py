@@ -517,12 +517,13 @@ class SwarmPeer:
         participants started sampling the open round that those left cannot make up the strict
         majority an attempt needs (a partner that restarted or quit: retrying would wait out every
         attempt for nobody, and the next round waits for this node), or this node is banned (a retry's
-        group no longer waits for a member it left out, so a banned one would search alone). False
+        group no longer waits for a member it left out, so a banned one would search alone) or
+        superseded by another process of its key. False
         when the coordinator cannot be asked (the averager then retries as it would)."""
         try:
             hb = self.heartbeat()
         except Exception as e:  # noqa: BLE001 - a retry costs time, not correctness
-            if _is_ban(e):
+            if _is_ban(e) or _is_superseded(e):
                 return True  # nothing left to average for: the round loop's next call says so and stops
             log.warning("could not ask the coordinator whether the round went on: %s", e)
             return False
@@ -567,6 +568,8 @@ class SwarmPeer:
         try:
             self._average_and_step(round_index, batch, ticket, record, closed_at)
         except CoordinatorError as e:
+            if _is_superseded(e) or _is_ban(e):  # refused for good: no version to take (run() stops)
+                raise
             record.note = f"{e.method}: {e.code}: {e.detail}"[:200]
             self.participant.sync()
             record.resynced = True

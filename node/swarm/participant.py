@@ -19,7 +19,7 @@ from typing import Sequence
 from safetensors.torch import load_file
 
 from grpo_swarm.protocol import grpo_swarm_pb2 as pb
-from grpo_swarm.protocol.client import CoordinatorClient, CoordinatorError
+from grpo_swarm.protocol.client import CoordinatorClient
 from grpo_swarm.protocol.rpc import hardware_summary
 from grpo_swarm.protocol.upload_call import DEFAULT_STALL_S, UploadCall
 
@@ -31,33 +31,10 @@ from ..noise import group_keys
 from ..rewards import build_reward_functions
 from ..swarm_config import run_examples, train_config_from_run
 from ..trainer import GRPOTrainer, ScoredBatch
+from .patience import download_patiently, register_patiently
 from .training_state import load_training_state, training_state, version_file
 
 log = logging.getLogger(__name__)
-
-REGISTER_WAIT_S = 1800.0  # how long a new key waits for its network's allowance (coordinator/networks.py)
-REGISTER_RETRY_S = (5.0, 300.0)  # first wait between tries, doubling up to the second
-
-
-def register_patiently(client: CoordinatorClient, hardware: pb.HardwareSummary, *, wait_s: float = REGISTER_WAIT_S,
-                       retry_s: tuple[float, float] = REGISTER_RETRY_S) -> pb.RegisterResponse:
-    """Register, waiting while the coordinator refuses new keys from this network for now
-    (RESOURCE_EXHAUSTED: its allowance for keys without verified work refills over the hour, or this
-    key's request rate): a volunteer behind a busy address gets in later instead of exiting. Other
-    errors, and that one after ``wait_s``, are raised."""
-    started, delay = time.monotonic(), retry_s[0]
-    while True:
-        try:
-            return client.register(hardware=hardware)
-        except CoordinatorError as e:
-            left = wait_s - (time.monotonic() - started)
-            if e.code != "RESOURCE_EXHAUSTED" or left <= 0:
-                raise
-            pause = min(delay, left)
-            log.warning("the coordinator registers no new key from here for now (%s); trying again in %.0f s",
-                        e.detail, pause)
-            time.sleep(pause)
-            delay = min(2 * delay, retry_s[1])
 
 
 def _device(overrides: Sequence[str]) -> str:
@@ -144,7 +121,7 @@ class Participant:
         manifest = self.client.manifest(version)
         path = self.workdir / f"{self.node_id}-v{manifest.snapshot.version}.safetensors"
         if not path.is_file():
-            self.client.download_snapshot(path, manifest=manifest)
+            download_patiently(self.client, path, manifest)
         t = self.trainer
         load_training_state(self.model, t.optimizer, t.trainable, load_file(str(path)), t.scheduler)
         for old in self.workdir.glob(f"{self.node_id}-v*.safetensors"):  # one version kept: no disk growth
