@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from .prefork import ENTRY_POINTS, ForkedProcess, launcher_for
+
 DEMO_CONFIG = "swarm-demo.toml"
 
 
@@ -104,9 +106,9 @@ class LocalSwarm:
                     **(env or {})}
         self.logs = self.out / "logs"
         self.logs.mkdir(exist_ok=True)
-        self.coordinator: subprocess.Popen | None = None
+        self.coordinator: subprocess.Popen | ForkedProcess | None = None
         self.address: str | None = None
-        self.nodes: dict[int, subprocess.Popen] = {}
+        self.nodes: dict[int, subprocess.Popen | ForkedProcess] = {}
         for i in range(nodes):
             stale = self.workdir(i) / "swarm.jsonl"
             if stale.exists():
@@ -127,11 +129,10 @@ class LocalSwarm:
         its directory, and the nodes ride the gap out."""
         (self.out / "port").unlink(missing_ok=True)  # written again once this process serves
         mode = "w" if self.coordinator is None else "a"  # a restart's output follows the first's
-        with open(self.logs / "coordinator.log", mode) as log:  # the child keeps its own copy
-            self.coordinator = subprocess.Popen(
-                [*_bin("grpo-coordinator"), "serve", "-c", str(self.out / "run.toml"), "-d",
-                 str(self.out / "coordinator"), "--port", str(port), "--port-file", str(self.out / "port")],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.coordinator = self._spawn(
+            [*_bin("grpo-coordinator"), "serve", "-c", str(self.out / "run.toml"), "-d",
+             str(self.out / "coordinator"), "--port", str(port), "--port-file", str(self.out / "port")],
+            self.logs / "coordinator.log", append=mode == "a")
         port = _wait_for(self.out / "port", self.coordinator, timeout_s, "the coordinator")
         self.address = f"127.0.0.1:{port}"
         return self.address
@@ -155,7 +156,7 @@ class LocalSwarm:
                 "--host-maddr", "/ip4/127.0.0.1/tcp/0", "--quiet", "--set", "run.threads=1", *extra]
 
     def start_node(self, i: int, *, rounds: int | None = None, extra: tuple[str, ...] = (),
-                   program: list[str] | None = None) -> subprocess.Popen:
+                   program: list[str] | None = None) -> subprocess.Popen | ForkedProcess:
         """Start node ``i`` (again, after a kill: same key and work directory; its log is appended to).
         ``program`` replaces the ``grpo-node`` command (it gets the same ``join ...`` arguments)."""
         if self.address is None:
@@ -163,11 +164,21 @@ class LocalSwarm:
         old = self.nodes.get(i)
         if old is not None and old.poll() is None:
             raise RuntimeError(f"node {i} is still running")
-        with open(self.logs / f"node{i}.log", "a") as log:
-            self.nodes[i] = proc = subprocess.Popen(
-                [*(program or _bin("grpo-node")), *self.join_args(i, rounds, extra)],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.nodes[i] = proc = self._spawn([*(program or _bin("grpo-node")), *self.join_args(i, rounds, extra)],
+                                           self.logs / f"node{i}.log", append=True)
         return proc
+
+    def _spawn(self, argv: list[str], log: Path, *, append: bool) -> subprocess.Popen | ForkedProcess:
+        """``argv`` in a session of its own, its output to ``log``: forked from the prefork launcher
+        (torch and transformers imported already, .prefork) when it runs one of this package's console
+        scripts or a Python script, else exec'd."""
+        forkable = Path(argv[0]).name in ENTRY_POINTS or (argv[0] == sys.executable and argv[1:2] != []
+                                                           and argv[1].endswith(".py"))
+        launcher = launcher_for(self.env) if forkable else None
+        if launcher is not None:
+            return launcher.start(argv, stdout=log, append=append, env=self.env)
+        with open(log, "a" if append else "w") as out:  # the child keeps its own copy
+            return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
 
     def signal_node(self, i: int, sig: int) -> None:
         """``sig`` to node ``i`` and everything it started (its DHT and averager processes, p2pd):
