@@ -87,13 +87,26 @@ def test_signals_and_exit_codes_read_as_popens(tmp_path, launcher):
     launch, env = launcher
     script = tmp_path / "child.py"
     script.write_text(SCRIPT)
-    sleeper = launch.start([sys.executable, str(script), "sleep"], stdout=tmp_path / "a.log", append=False, env=env)
+    held = signal.signal(signal.SIGINT, signal.SIG_IGN)  # (as in a shell's background job)
+    try:
+        deaf = launch.start([sys.executable, str(script), "sleep"], stdout=tmp_path / "d.log", append=False, env=env)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sleeper = launch.start([sys.executable, str(script), "sleep"], stdout=tmp_path / "a.log", append=False, env=env)
+    finally:
+        signal.signal(signal.SIGINT, held)
     _record(tmp_path / "a.log")
+    _record(tmp_path / "d.log")
     with pytest.raises(subprocess.TimeoutExpired):
         sleeper.wait(timeout=0.2)
     assert sleeper.poll() is None
-    sleeper.send_signal(signal.SIGINT)  # Ctrl-C: KeyboardInterrupt, as in a fresh process
+    for p in (deaf, sleeper):
+        p.send_signal(signal.SIGINT)  # Ctrl-C: KeyboardInterrupt, as in a fresh process
     assert sleeper.wait(timeout=30) == 3 and "interrupted" in (tmp_path / "a.log").read_text()
+    # a child of a process ignoring SIGINT ignores it too, as an exec'd child inherits it
+    with pytest.raises(subprocess.TimeoutExpired):
+        deaf.wait(timeout=1.0)
+    deaf.kill()
+    assert deaf.wait(timeout=30) == -signal.SIGKILL
     victim = launch.start([sys.executable, str(script), "sleep"], stdout=tmp_path / "b.log", append=False, env=env)
     _record(tmp_path / "b.log")
     os.killpg(victim.pid, signal.SIGKILL)

@@ -5,7 +5,8 @@ transformers before it does anything; a coordinator and three nodes starting tog
 waited ~8 s for that in every swarm the demo, the tests and the benchmarks start. A launcher process
 (``python -m grpo_swarm.node.swarm.prefork STATUS_DIR``) imports them once and forks each process
 from there. The fork is set up as a fresh process would be: its own session (process group), stdio,
-environment, working directory, argv, SIGINT disposition, numpy's global random state reseeded, and it
+environment, working directory, argv, SIGINT disposition (ignored if the requesting process ignores
+it, as an exec'd child would inherit), numpy's global random state reseeded, and it
 exits through the interpreter's normal shutdown (atexit handlers run). hivemind is not imported before
 the fork: it makes process-shared locks when imported (fork_locks.py), which two nodes must not share.
 
@@ -98,7 +99,8 @@ class Launcher:
         for path in (stdout, stderr or stdout):
             open(path, "a" if append else "w").close()  # there once this returns, as with Popen
         request = dict(argv=list(argv), stdout=str(stdout), stderr=str(stderr or stdout), env=env,
-                       cwd=cwd or os.getcwd())
+                       cwd=cwd or os.getcwd(),  # an exec'd child inherits an ignored SIGINT from its parent
+                       sigint_ignored=signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
         with self._lock:
             self.proc.stdin.write(json.dumps(request).encode() + b"\n")
             self.proc.stdin.flush()
@@ -179,7 +181,7 @@ def _reap(status_dir: Path) -> None:
         tmp.replace(status_dir / str(pid))
 
 
-def _become(request: dict, sigint) -> None:
+def _become(request: dict) -> None:
     """Turn this fork into the requested process and run it (this ends the interpreter)."""
     os.setsid()
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
@@ -193,7 +195,7 @@ def _become(request: dict, sigint) -> None:
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
     # (the other dispositions are the launcher's, which Python set up as in any process: SIGPIPE ignored)
-    signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == signal.SIG_IGN else signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if request["sigint_ignored"] else signal.default_int_handler)
     import numpy as np
 
     np.random.seed()  # (a fresh process seeds it from the OS; forks would share the launcher's draws)
@@ -216,7 +218,6 @@ def _become(request: dict, sigint) -> None:
 
 def main() -> None:
     status_dir = Path(sys.argv[1])
-    sigint = signal.getsignal(signal.SIGINT)  # as started: what its children inherit from a fresh exec
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the launcher is stopped by closing its stdin)
     for module in PRELOAD:
         importlib.import_module(module)
@@ -224,7 +225,7 @@ def main() -> None:
     os.write(1, b'{"ready": true}\n')
     request = _serve(status_dir)
     if request is not None:
-        _become(request, sigint)
+        _become(request)
 
 
 if __name__ == "__main__":
