@@ -325,3 +325,12 @@ def test_bench_child_kills_starts_a_dht_after_every_kill_with_our_locks():
         "hivemind_locks", "ours_locks"), timeout=240)
     ours = res["ours_locks"]
     assert ours["kills_before_a_wedged_start"] is None and ours["kills"] == 3 and ours["calls_answered"] > 0, res
+
+
+def test_bench_process_start_times_both_kinds_of_swarm():
+    """bench/process_start.py, one node, one swarm of each kind: both average, and the figures it
+    prints are the times it measured (each later than the one before it)."""
+    res = run_bench("process_start.py", "--nodes", "1", "--repeats", "1", keys=("speedup", "launcher_s"), timeout=240)
+    for kind in ("execd", "forked"):
+        assert 0 < res[f"{kind}_serving_s"] < res[f"{kind}_joined_s"] <= res[f"{kind}_averaged_s"], res
+    assert res["speedup"] == round(res["execd_averaged_s"] / res["forked_averaged_s"], 3)
