@@ -328,9 +328,9 @@ def test_bench_child_kills_starts_a_dht_after_every_kill_with_our_locks():
 
 
 def test_bench_process_start_times_both_kinds_of_swarm():
-    """bench/process_start.py, one node, one swarm of each kind: both average, and the figures it
+    """bench/process_start.py, two nodes, one swarm of each kind: both average, and the figures it
     prints are the times it measured (each later than the one before it)."""
-    res = run_bench("process_start.py", "--nodes", "1", "--repeats", "1", keys=("speedup", "launcher_s"), timeout=240)
+    res = run_bench("process_start.py", "--nodes", "2", "--repeats", "1", keys=("speedup", "launcher_s"), timeout=240)
     for kind in ("execd", "forked"):
         assert 0 < res[f"{kind}_serving_s"] < res[f"{kind}_joined_s"] <= res[f"{kind}_averaged_s"], res
-    assert res["speedup"] == round(res["execd_averaged_s"] / res["forked_averaged_s"], 3)
+    assert res["speedup"] == pytest.approx(res["execd_averaged_s"] / res["forked_averaged_s"], abs=2e-3)
