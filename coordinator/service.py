@@ -171,8 +171,11 @@ class CoordinatorService:
         return grpc.unary_unary_rpc_method_handler(call)
 
     def register(self, env, node_id, context):
-        return self.c.register(bytes(env.signer_public_key), self._payload(pb.RegisterRequest, env),
-                               self._charge(context))
+        reply = self.c.register(bytes(env.signer_public_key), self._payload(pb.RegisterRequest, env),
+                                self._charge(context))
+        # the limit _open enforces, so that a node pacing itself keeps inside it (protocol/pacing.py)
+        reply.request_rate_per_s, reply.request_burst = self.limits.rate_per_s, self.limits.burst
+        return reply
 
     def heartbeat(self, env, node_id, context):
         return self.c.heartbeat(node_id, self._payload(pb.HeartbeatRequest, env), bytes(env.signer_public_key),

@@ -179,6 +179,7 @@ class CoordinatorClient:
         reply = self._unary("Register", req, pb.RegisterResponse)
         self._pin(reply.coordinator_public_key)
         self.run_id = reply.run_id
+        self._pacer.fit(reply.request_rate_per_s, reply.request_burst)  # (a client that paces itself)
         return reply
 
     @staticmethod

@@ -5,7 +5,9 @@ The coordinator allows each key ``rate_per_s`` signed requests a second in burst
 next one RESOURCE_EXHAUSTED, which fails the node's round. A node's requests a round are few
 (about eight), but on a small model rounds are short, and its polls wait only as long as the
 answer takes (node/swarm/polling.py). :class:`RequestPacer` is the same bucket on the client's
-side, set inside the server's (:data:`NODE_PACE`): when the node would go over, it sleeps instead.
+side, set inside the server's (:data:`NODE_PACE`; inside the limit a coordinator announces when the
+node registers, should its operator have set a lower one): when the node would go over, it sleeps
+instead.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import threading
 import time
 
 NODE_PACE = (18.0, 60)  # (requests/s, burst) a node keeps to: inside the coordinator's default 20/s, 100
+# the share of a coordinator's announced limit (RegisterResponse.request_rate_per_s / request_burst) a
+# pacing client keeps to: NODE_PACE's share of the default
+RATE_SHARE, BURST_SHARE = 0.9, 0.6
 
 
 class RequestPacer:
@@ -24,9 +29,26 @@ class RequestPacer:
         if rate_per_s > 0 and burst < 1:
             raise ValueError(f"burst must be at least 1, not {burst}")
         self.rate, self.burst = float(rate_per_s), int(burst)
+        self._own = (self.rate, self.burst)  # as asked for: :meth:`fit` never goes above it
         self._clock, self._sleep = clock, sleep
         self._tokens, self._last = float(burst), clock()
         self._lock = threading.Lock()
+
+    def fit(self, server_rate_per_s: float, server_burst: int) -> None:
+        """Keep inside the limit a coordinator announced (RATE_SHARE of its rate, BURST_SHARE of its
+        burst), or to this pacer's own pace where that is lower; a limit of 0 (not announced) leaves the
+        own pace. A pacer that does not pace stays so."""
+        own_rate, own_burst = self._own
+        if own_rate <= 0:
+            return
+        rate, burst = own_rate, own_burst
+        if server_rate_per_s > 0:
+            rate = min(own_rate, RATE_SHARE * float(server_rate_per_s))
+        if server_burst > 0:
+            burst = max(1, min(own_burst, int(BURST_SHARE * int(server_burst))))
+        with self._lock:
+            self.rate, self.burst = rate, burst
+            self._tokens = min(self._tokens, float(burst))
 
     def wait(self) -> float:
         """Take a token, sleeping first if none is left; the seconds slept."""

@@ -21,6 +21,7 @@ from grpo_swarm.protocol.client import CoordinatorClient, CoordinatorError
 from grpo_swarm.protocol.errors import ProtocolError
 from grpo_swarm.protocol.identity import Identity
 from grpo_swarm.protocol.log import verify_entries
+from grpo_swarm.protocol.pacing import NODE_PACE
 from grpo_swarm.protocol.proofs import seal_envelope
 from grpo_swarm.protocol.rpc import MAX_REQUEST_BYTES, method_path, verify_manifest, verify_ticket
 
@@ -177,6 +178,30 @@ def test_a_paced_client_waits_instead_of_being_refused(tmp_path):
         with pytest.raises(CoordinatorError) as info:
             for _ in range(10):
                 unpaced.heartbeat(0)
+        assert info.value.code == "RESOURCE_EXHAUSTED"
+    finally:
+        s.stop()
+
+
+def test_a_node_keeps_inside_a_rate_its_coordinator_announces_below_its_own_pace(tmp_path):
+    """An operator's `serve --rate 5 --burst 5`, below a node's own pace (18/s, bursts of 60): the
+    coordinator says so in its RegisterResponse and the node's client keeps inside it, sending 12
+    heartbeats without one refusal; at its own pace the same run is refused."""
+    s = Served(tmp_path, limits=ServerLimits(rate_per_s=5.0, burst=5))
+    try:
+        paced = CoordinatorClient(s.address, Identity.generate(), timeout_s=30, pace=NODE_PACE)
+        reply = paced.register()
+        assert (reply.request_rate_per_s, reply.request_burst) == (5.0, 5)
+        started = time.monotonic()
+        for _ in range(12):
+            paced.heartbeat(0)
+        assert time.monotonic() - started >= (12 - 3) / 4.5 - 0.05  # 90 % of the rate, 60 % of the burst
+        fast = CoordinatorClient(s.address, Identity.generate(), timeout_s=30, pace=NODE_PACE)
+        fast.register()
+        fast._pacer.fit(0.0, 0)  # as if the coordinator had not said
+        with pytest.raises(CoordinatorError) as info:
+            for _ in range(12):
+                fast.heartbeat(0)
         assert info.value.code == "RESOURCE_EXHAUSTED"
     finally:
         s.stop()

@@ -63,3 +63,19 @@ def test_no_pace_never_waits_and_a_node_stays_inside_the_coordinators_default():
     assert rate < served.rate_per_s and burst < served.burst
     with pytest.raises(ValueError, match="burst"):
         RequestPacer(5.0, 0)
+
+
+def test_a_pacer_fits_inside_a_lower_announced_limit_and_never_above_its_own():
+    clock = FakeClock()
+    pacer = RequestPacer(*NODE_PACE, clock=clock, sleep=clock.sleep)
+    pacer.fit(5.0, 10)  # an operator's `serve --rate 5 --burst 10`
+    assert (pacer.rate, pacer.burst) == (pytest.approx(4.5), 6)
+    assert [pacer.wait() for _ in range(6)] == [0.0] * 6  # the burst is cut to the new one at once
+    assert pacer.wait() == pytest.approx(1 / 4.5)
+    pacer.fit(1000.0, 10_000)  # a higher limit: back to its own pace, not above it
+    assert (pacer.rate, pacer.burst) == NODE_PACE
+    pacer.fit(0.0, 0)  # none announced: its own pace
+    assert (pacer.rate, pacer.burst) == NODE_PACE
+    off = RequestPacer(0.0, 1)
+    off.fit(5.0, 10)  # a client that does not pace itself is not made to
+    assert off.rate == 0.0 and off.wait() == 0.0
