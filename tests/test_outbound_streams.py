@@ -69,6 +69,17 @@ def test_stalled_downloads_cannot_take_the_coordinators_workers(tmp_path):
             for _ in abandoned:
                 pass
         assert info.value.code() == grpc.StatusCode.CANCELLED and time.monotonic() - t0 < IDLE_S / 2
+        # the key's next download takes the slot again; an eavesdropper replaying that signed request is
+        # refused before it could (its nonce is spent), so it cannot cancel the key's stream
+        sealed = keys[0].seal(pb.DownloadSnapshotRequest(version=7))
+        victim = keys[0].channel.unary_stream(method_path("DownloadSnapshot"), request_serializer=lambda b: b,
+                                              response_deserializer=pb.SnapshotChunk.FromString)(sealed, timeout=120)
+        next(victim)
+        with pytest.raises(grpc.RpcError) as info:
+            next(keys[1].channel.unary_stream(method_path("DownloadSnapshot"), request_serializer=lambda b: b,
+                                              response_deserializer=pb.SnapshotChunk.FromString)(sealed, timeout=30))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        stalled = [victim]  # the key's stream now (stalled, its predecessor was cancelled)
         log = keys[0].channel.unary_stream(method_path("GetLog"), request_serializer=lambda b: b,
                                            response_deserializer=pb.LogEntryLine.FromString)
         with pytest.raises(grpc.RpcError) as info:  # a stream of another kind does not take the key's slot
