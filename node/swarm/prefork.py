@@ -118,6 +118,7 @@ class Launcher:
 
 _launchers: dict[tuple, Launcher] = {}
 _launchers_lock = threading.Lock()
+_closing_registered = False
 
 
 def launcher_for(env: dict[str, str]) -> Launcher | None:
@@ -134,8 +135,10 @@ def launcher_for(env: dict[str, str]) -> Launcher | None:
             except (OSError, RuntimeError) as e:
                 print(f"prefork launcher unavailable ({e}); starting processes afresh", file=sys.stderr)
                 return None
-            if len(_launchers) == 1:
+            global _closing_registered
+            if not _closing_registered:
                 atexit.register(_close_all)
+                _closing_registered = True
         return launcher
 
 
