@@ -12,8 +12,8 @@ the fork: it makes process-shared locks when imported (fork_locks.py), which two
 
 The launcher reads one JSON request a line on stdin and answers the child's pid; it reaps its children
 and writes each one's wait status to ``STATUS_DIR/<pid>``, from which :class:`ForkedProcess` answers
-``subprocess.Popen``'s ``poll``, ``wait`` and ``returncode``. ``GRPO_SWARM_PREFORK=0`` turns it off
-(each process is exec'd as before).
+``subprocess.Popen``'s ``poll``, ``wait`` and ``returncode``. On by default on Linux;
+``GRPO_SWARM_PREFORK=0`` turns it off (each process is exec'd as before), ``=1`` on elsewhere.
 """
 
 from __future__ import annotations
@@ -124,7 +124,9 @@ _closing_registered = False
 def launcher_for(env: dict[str, str]) -> Launcher | None:
     """This process's launcher for ``env`` (started the first time; pytest's per-test variables aside,
     the environment its imports saw is the children's), or None when turned off or it cannot start."""
-    if env.get("GRPO_SWARM_PREFORK", "1") == "0":
+    # on by default on Linux only: macOS's system libraries are not safe to use in a fork of a process
+    # that loaded them (Python's multiprocessing spawns there), and Windows has no fork
+    if env.get("GRPO_SWARM_PREFORK", "1" if sys.platform.startswith("linux") else "0") == "0":
         return None
     key = tuple(sorted((k, v) for k, v in env.items() if not k.startswith("PYTEST_")))
     with _launchers_lock:
