@@ -98,6 +98,9 @@ def main(argv=None) -> int:
     ap.add_argument("--heartbeat", type=float, default=None,
                     help="the run's swarm.heartbeat_interval_s (default: the demo's)")
     ap.add_argument("--workdir", default=None, help="keep the run here (default: a temporary folder)")
+    ap.add_argument("--prefork", action="store_true",
+                    help="fork restarted nodes from the prefork launcher (default: exec'd, importing torch and "
+                         "transformers as a real node's restart does)")
     args = ap.parse_args(argv)
     actions = [a for a in args.actions.split(",") if a]
     if not actions or not set(actions) <= set(ACTIONS):
@@ -113,7 +116,8 @@ def main(argv=None) -> int:
     config = demo_config_text()
     if args.heartbeat is not None:
         config = re.sub(r"(?m)^heartbeat_interval_s = .*$", f"heartbeat_interval_s = {args.heartbeat}", config)
-    with LocalSwarm(work, nodes=args.nodes, config_text=config) as swarm:
+    with LocalSwarm(work, nodes=args.nodes, config_text=config,
+                    env={"GRPO_SWARM_PREFORK": "1" if args.prefork else "0"}) as swarm:
         address = swarm.start_coordinator()
         for i in range(args.nodes):
             swarm.start_node(i)
