@@ -1914,14 +1914,16 @@ def test_an_averager_and_dht_whose_daemon_died_first_stop_at_once_without_a_trac
     """A Ctrl-C in the terminal reaches p2pd too, which often exits before the averager and DHT
     processes remove their handlers from it: hivemind's averager then printed a FileNotFoundError
     traceback, and its DHT process (which ignores SIGINT) waited on the dead daemon for an answer
-    until its 3 s grace period ran out and it was terminated, with a warning at every Ctrl-C. (In a
-    process of its own: what the averager process prints under pytest's capture is lost.)"""
+    until its 3 s grace period ran out and it was terminated, with a warning at every Ctrl-C; a
+    round's dial of the listed peers caught by it raised in the DHT process, and hivemind logged that
+    with a traceback. (In a process of its own: what the averager process prints under pytest's
+    capture is lost.)"""
     script = f"""
 import signal, sys, time, psutil, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from grpo_swarm.node.swarm.averaging import VerifiedAverager
 from grpo_swarm.node.swarm.child_calls import start_child
-from grpo_swarm.node.swarm.dht import start_dht
+from grpo_swarm.node.swarm.dht import connect_peers, connected_peers, start_dht
 from grpo_swarm.protocol.identity import Identity
 from swarm_world import RUN_ID, ticket_type
 ident = Identity.generate()
@@ -1941,6 +1943,13 @@ while time.monotonic() < deadline:  # (the DHT process reaps it only as it stops
     except psutil.NoSuchProcess:
         break
     time.sleep(0.05)
+# a round's dial of the listed peers, as the Ctrl-C lands: nobody reached, no traceback
+assert connect_peers(dht, ["/ip4/127.0.0.1/tcp/9/p2p/" + Identity.generate().peer_id_base58]) == []
+try:  # the live view's count of DHT peers: said here, not with a traceback there
+    connected_peers(dht)
+    raise AssertionError("a dead daemon listed its peers")
+except RuntimeError as e:
+    assert "p2pd did not answer" in str(e), e
 averager.shutdown()
 started = time.monotonic()
 dht.shutdown()

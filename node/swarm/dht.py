@@ -274,7 +274,13 @@ async def _dial_in_dht(maddrs: list[str], dht, node, *, find_neighbours: bool = 
     from hivemind.p2p import PeerID
     from hivemind.utils.multiaddr import Multiaddr
 
-    known = {info.peer_id for info in await node.p2p.list_peers()}
+    try:
+        known = {info.peer_id for info in await node.p2p.list_peers()}
+    except Exception as e:  # noqa: BLE001 - p2pd gone (a Ctrl-C reaches it too) or broken: nobody reached
+        # (raised, hivemind would log it with a traceback; the node's checks of its daemon see it dead)
+        why = f"this node's p2pd did not answer: {type(e).__name__}: {_short(e)}"
+        log.info("not dialling DHT peers: %s", why)
+        return [], {str(a): why for a in maddrs}
     errors: dict[str, str] = {}
 
     async def dial(peer: PeerID, addrs: list[str]) -> bool:
@@ -333,15 +339,22 @@ def connect_peers(dht, maddrs: Sequence[str]) -> list[str]:
     return run_in_dht(dht, functools.partial(_dial_in_dht, maddrs), limit=DIAL_TIMEOUT_S + 15.0)[0]
 
 
-async def _peer_ids_in_dht(dht, node) -> list[str]:
-    return [p.peer_id.to_base58() for p in await node.p2p.list_peers()]
+async def _peer_ids_in_dht(dht, node) -> list[str] | str:
+    try:
+        return [p.peer_id.to_base58() for p in await node.p2p.list_peers()]
+    except Exception as e:  # noqa: BLE001 - said in the caller's process (raised here, hivemind logs a traceback)
+        return f"{type(e).__name__}: {_short(e)}"
 
 
 def connected_peers(dht) -> list[str]:
-    """Base58 peer ids this DHT's p2p daemon is connected to (for the live view and tests)."""
+    """Base58 peer ids this DHT's p2p daemon is connected to (for the live view and tests); a
+    RuntimeError when the daemon does not answer (gone after a Ctrl-C, or dead)."""
     from .child_calls import run_in_dht
 
-    return run_in_dht(dht, _peer_ids_in_dht, limit=10.0)
+    peers = run_in_dht(dht, _peer_ids_in_dht, limit=10.0)
+    if isinstance(peers, str):
+        raise RuntimeError(f"this node's p2pd did not answer: {peers}")
+    return peers
 
 
 async def _visible_maddrs_in_dht(dht, node) -> list:
