@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from flops import ModelDims, TokenCounts, forward_flops, grouped_counts, train_flops, trl_processed_counts  # noqa: E402
 
 from grpo_swarm.node.models import TINY_ALPHABET, TINY_SPECIALS, build_tiny_model, tiny_config  # noqa: E402
-from grpo_swarm.node.swarm.prefork import launcher_for  # noqa: E402
+from grpo_swarm.node.swarm.prefork import spawn  # noqa: E402
 
 REQUIRED = ("model", "ours_completions_per_s", "trl_completions_per_s", "ratio", "max_abs_grad_diff", "config")
 
@@ -25,21 +25,16 @@ REQUIRED = ("model", "ours_completions_per_s", "trl_completions_per_s", "ratio",
 def run_bench(script: str, *args: str, keys, timeout: int) -> dict:
     """Run bench/<script> offline; it must exit 0 and print exactly one JSON line with ``keys``."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    argv = [sys.executable, str(ROOT / "bench" / script), *args]
-    launch = launcher_for(env)
-    if launch is None:
-        proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
-    else:  # forked with torch imported already (node/swarm/prefork.py)
-        with tempfile.TemporaryDirectory() as d:
-            out, err = Path(d) / "stdout", Path(d) / "stderr"
-            proc = launch.start(argv, stdout=out, stderr=err, append=False, env=env, cwd=str(ROOT))
-            try:
-                code = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise
-            stdout, stderr = out.read_text(), err.read_text()
+    with tempfile.TemporaryDirectory() as d:  # (forked with torch imported already, node/swarm/prefork.py)
+        out, err = Path(d) / "stdout", Path(d) / "stderr"
+        proc = spawn([sys.executable, str(ROOT / "bench" / script), *args], stdout=out, stderr=err, env=env,
+                     cwd=str(ROOT))
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        stdout, stderr = out.read_text(), err.read_text()
     assert code == 0, stderr[-4000:]
     lines = [line for line in stdout.splitlines() if line.strip()]
     assert len(lines) == 1, stdout[-2000:]

@@ -160,6 +160,21 @@ def test_rate_limit(tmp_path):
         s.stop()
 
 
+def _heartbeats(client: CoordinatorClient, n: int) -> float:
+    """Seconds ``client`` takes to send ``n`` heartbeats."""
+    started = time.monotonic()
+    for _ in range(n):
+        client.heartbeat(0)
+    return time.monotonic() - started
+
+
+def _refusal(client: CoordinatorClient, n: int) -> str:
+    """The code that refuses one of ``n`` heartbeats sent at once."""
+    with pytest.raises(CoordinatorError) as info:
+        _heartbeats(client, n)
+    return info.value.code
+
+
 def test_a_paced_client_waits_instead_of_being_refused(tmp_path):
     """A client kept inside the server's bucket (as a node is: protocol/pacing.py) sends twice the
     burst without one refusal, taking the time the rate asks for; unpaced, the same run is refused."""
@@ -168,17 +183,11 @@ def test_a_paced_client_waits_instead_of_being_refused(tmp_path):
         ident = Identity.generate()
         paced = CoordinatorClient(s.address, ident, timeout_s=30, pace=(8.0, 4))
         paced.register()
-        started = time.monotonic()
-        for _ in range(10):
-            paced.heartbeat(0)
-        took = time.monotonic() - started
+        took = _heartbeats(paced, 10)
         assert took >= (10 - 4) / 8.0 - 0.02, took  # at most the whole burst left after the register; then 8/s
         unpaced = s.client()
         unpaced.register()
-        with pytest.raises(CoordinatorError) as info:
-            for _ in range(10):
-                unpaced.heartbeat(0)
-        assert info.value.code == "RESOURCE_EXHAUSTED"
+        assert _refusal(unpaced, 10) == "RESOURCE_EXHAUSTED"
     finally:
         s.stop()
 
@@ -192,17 +201,11 @@ def test_a_node_keeps_inside_a_rate_its_coordinator_announces_below_its_own_pace
         paced = CoordinatorClient(s.address, Identity.generate(), timeout_s=30, pace=NODE_PACE)
         reply = paced.register()
         assert (reply.request_rate_per_s, reply.request_burst) == (5.0, 5)
-        started = time.monotonic()
-        for _ in range(12):
-            paced.heartbeat(0)
-        assert time.monotonic() - started >= (12 - 3) / 4.5 - 0.05  # 90 % of the rate, 60 % of the burst
+        assert _heartbeats(paced, 12) >= (12 - 3) / 4.5 - 0.05  # 90 % of the rate, 60 % of the burst
         fast = CoordinatorClient(s.address, Identity.generate(), timeout_s=30, pace=NODE_PACE)
         fast.register()
         fast._pacer.fit(0.0, 0)  # as if the coordinator had not said
-        with pytest.raises(CoordinatorError) as info:
-            for _ in range(12):
-                fast.heartbeat(0)
-        assert info.value.code == "RESOURCE_EXHAUSTED"
+        assert _refusal(fast, 12) == "RESOURCE_EXHAUSTED"
     finally:
         s.stop()
 

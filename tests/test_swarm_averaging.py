@@ -70,7 +70,7 @@ from grpo_swarm.node.swarm.child_calls import run_in_dht
 from grpo_swarm.node.swarm.dht import (DHTStartError, _dial_in_dht, check_transports, connect_peers, over_udp,
                                        start_dht, tcp_only)
 from grpo_swarm.node.swarm.group_plan import GroupPlan
-from grpo_swarm.node.swarm.prefork import ForkedProcess, launcher_for
+from grpo_swarm.node.swarm.prefork import ForkedProcess, spawn
 from grpo_swarm.node.swarm.gather import decode_gather, decode_hivemind_entry, GatherClaim, encode_gather
 from grpo_swarm.node.swarm.reasons import Reason
 from grpo_swarm.node.swarm.tickets import TicketClaims, parse_ticket, weight_mode_for_loss
@@ -1049,7 +1049,6 @@ def swarm(tmp_path_factory, keys):
     nodes = [Identity.generate() for _ in range(3)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     procs: dict[tuple[int, int], subprocess.Popen | ForkedProcess] = {}  # (swarm part, peer) -> its process
-    launch = launcher_for(env)
 
     def attempts(i: int, rnd: dict) -> int | None:
         if "max_attempts" in rnd:
@@ -1069,13 +1068,9 @@ def swarm(tmp_path_factory, keys):
                            role="hostile" if i == H else "honest", timing=TIMING, plan=peer_plan,
                            small_weights=SMALL_WEIGHTS, release=str(root / "release"))
                 (work / f"peer{i}.json").write_text(json.dumps(cfg))
-                argv = [sys.executable, str(HERE / "swarm_peer.py"), str(work / f"peer{i}.json")]
-                if launch is not None:  # forked with torch imported already (node/swarm/prefork.py)
-                    procs[part, i] = launch.start(argv, stdout=work / f"peer{i}.log", append=False, env=env)
-                else:
-                    with open(work / f"peer{i}.log", "wb") as log:
-                        procs[part, i] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                          start_new_session=True)
+                # (forked with torch imported already, node/swarm/prefork.py)
+                procs[part, i] = spawn([sys.executable, str(HERE / "swarm_peer.py"), str(work / f"peer{i}.json")],
+                                       stdout=work / f"peer{i}.log", env=env)
         swarm = Swarm(works, [n.peer_id_base58 for n in nodes])
         waits = works[swarm_part(KILL_ROUND)]
         killed_proc = procs[swarm_part(KILL_ROUND), H]

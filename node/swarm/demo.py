@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .prefork import ENTRY_POINTS, ForkedProcess, launcher_for
+from .prefork import ENTRY_POINTS, ForkedProcess, spawn
 
 DEMO_CONFIG = "swarm-demo.toml"
 
@@ -58,8 +58,7 @@ def _bin(name: str) -> list[str]:
     exe = Path(sys.executable).with_name(name)
     if exe.exists():
         return [str(exe)]
-    module = {"grpo-coordinator": "grpo_swarm.coordinator.cli", "grpo-node": "grpo_swarm.node.cli"}[name]
-    return [sys.executable, "-m", module]
+    return [sys.executable, "-m", ENTRY_POINTS[name].partition(":")[0]]
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float, what: str) -> str:
@@ -129,10 +128,10 @@ class LocalSwarm:
         its directory, and the nodes ride the gap out."""
         (self.out / "port").unlink(missing_ok=True)  # written again once this process serves
         mode = "w" if self.coordinator is None else "a"  # a restart's output follows the first's
-        self.coordinator = self._spawn(
+        self.coordinator = spawn(
             [*_bin("grpo-coordinator"), "serve", "-c", str(self.out / "run.toml"), "-d",
              str(self.out / "coordinator"), "--port", str(port), "--port-file", str(self.out / "port")],
-            self.logs / "coordinator.log", append=mode == "a")
+            stdout=self.logs / "coordinator.log", append=mode == "a", env=self.env)
         port = _wait_for(self.out / "port", self.coordinator, timeout_s, "the coordinator")
         self.address = f"127.0.0.1:{port}"
         return self.address
@@ -164,21 +163,10 @@ class LocalSwarm:
         old = self.nodes.get(i)
         if old is not None and old.poll() is None:
             raise RuntimeError(f"node {i} is still running")
-        self.nodes[i] = proc = self._spawn([*(program or _bin("grpo-node")), *self.join_args(i, rounds, extra)],
-                                           self.logs / f"node{i}.log", append=True)
+        # forked from the prefork launcher (torch and transformers imported already) where it can be
+        self.nodes[i] = proc = spawn([*(program or _bin("grpo-node")), *self.join_args(i, rounds, extra)],
+                                     stdout=self.logs / f"node{i}.log", append=True, env=self.env)
         return proc
-
-    def _spawn(self, argv: list[str], log: Path, *, append: bool) -> subprocess.Popen | ForkedProcess:
-        """``argv`` in a session of its own, its output to ``log``: forked from the prefork launcher
-        (torch and transformers imported already, .prefork) when it runs one of this package's console
-        scripts or a Python script, else exec'd."""
-        forkable = Path(argv[0]).name in ENTRY_POINTS or (argv[0] == sys.executable and argv[1:2] != []
-                                                           and argv[1].endswith(".py"))
-        launcher = launcher_for(self.env) if forkable else None
-        if launcher is not None:
-            return launcher.start(argv, stdout=log, append=append, env=self.env)
-        with open(log, "a" if append else "w") as out:  # the child keeps its own copy
-            return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
 
     def signal_node(self, i: int, sig: int) -> None:
         """``sig`` to node ``i`` and everything it started (its DHT and averager processes, p2pd):

@@ -144,6 +144,22 @@ def launcher_for(env: dict[str, str]) -> Launcher | None:
         return launcher
 
 
+def spawn(argv: list[str], *, stdout: Path, env: dict[str, str], append: bool = False, cwd: str | None = None,
+          stderr: Path | None = None) -> subprocess.Popen | ForkedProcess:
+    """``argv`` in a session of its own, its output to ``stdout`` (its errors there too, or to
+    ``stderr``): forked from this process's launcher when it runs one of this package's console scripts
+    or a Python script and the launcher is on, else exec'd."""
+    forkable = Path(argv[0]).name in ENTRY_POINTS or (argv[0] == sys.executable and argv[1:2] != []
+                                                       and argv[1].endswith(".py"))
+    launcher = launcher_for(env) if forkable else None
+    if launcher is not None:
+        return launcher.start(argv, stdout=stdout, append=append, env=env, cwd=cwd, stderr=stderr)
+    mode = "a" if append else "w"
+    with open(stdout, mode) as out, open(stderr or os.devnull, mode) as err:  # the child keeps its own copies
+        return subprocess.Popen(argv, stdout=out, stderr=err if stderr else subprocess.STDOUT, env=env, cwd=cwd,
+                                start_new_session=True)
+
+
 def _close_all() -> None:
     for launcher in _launchers.values():
         if launcher.owner == os.getpid():
