@@ -37,6 +37,7 @@ from grpo_swarm.protocol.pacing import NODE_PACE
 from ..trainer import ScoredBatch
 from .dht import connect_peers, connected_peers, visible_maddrs
 from .heartbeats import HeartbeatKeeper
+from .goodbye_watcher import GoodbyeWatcher
 from .round_batch_file import FILE_NAME as ROUND_BATCH_FILE, drop_round_batch, load_round_batch, save_round_batch
 from .shared_memory import prepare_shared_memory
 from .participant import Participant
@@ -188,6 +189,11 @@ class SwarmPeer:
                                        float(swarm.get("heartbeat_interval_s", 10.0)))
         self.heartbeat()  # announce the DHT addresses
         self._keeper.start()
+        # says this node's goodbye if it dies without one (killed, out of memory): no round waits for it
+        self._goodbye = GoodbyeWatcher.start(
+            address=opts.coordinator, private_key_pem=self.identity.private_key_pem(),
+            coordinator_key=bytes(p.reply.coordinator_public_key), instance=self.client.instance,
+            round_batch=self._round_batch_path, version=p.snapshot.version)
 
     # -- the swarm side: DHT, p2p daemon, averager
     def _start_swarm_side(self, listed: Sequence[pb.PeerAddress]) -> tuple[float, float]:
@@ -326,6 +332,8 @@ class SwarmPeer:
         is said, the round in progress is dropped with its saved batch: the coordinator lists this
         node as moved on, so its groupmates average without it, and a restart that resumed the round
         would only be told it was left out."""
+        if getattr(self, "_goodbye", None) is not None:
+            self._goodbye.close()  # (this node says it, or must not: the watcher stays silent)
         if getattr(self, "_keeper", None) is not None:
             self._keeper.stop()
         if leave:
@@ -382,6 +390,7 @@ class SwarmPeer:
     def round(self) -> RoundRecord:
         p, t0 = self.participant, time.monotonic()
         self._clock = PhaseClock()  # the round's steps, lapped by the methods below too
+        self._goodbye.version(p.snapshot.version)
         hb = self.heartbeat()
         restarted = self._ensure_swarm_side(hb)
         self._meet(hb)
