@@ -22,7 +22,9 @@ coordinator counts a silent node as gone after 3 of them, which is what a crash 
 
 One JSON line: ``versions_per_min`` calm and churned and their ratio (``churn_ratio``); per event, the
 seconds until the node averaged again (``back_s``: from its restart or SIGCONT to the end of the first round it began
-afterwards and averaged in) and, for a ``leave``, its exit code and how long it took to exit after the Ctrl-C (``exit_s``); ``longest_gap_s``, the longest the swarm went without a new version while churned;
+afterwards and averaged in); for a ``kill``, how long the swarm went without a new version after it (``held_s``)
+and what the node's goodbye watcher did (``goodbye``: ``said``, ``silent`` when it died holding a saved round batch,
+``none`` with ``GRPO_SWARM_GOODBYE_WATCHER=0``) and, for a ``leave``, its exit code and how long it took to exit after the Ctrl-C (``exit_s``); ``longest_gap_s``, the longest the swarm went without a new version while churned;
 ``hash_splits``, versions for which two nodes' records hold different parameter hashes (none expected:
 every honest peer holds the same bytes); ``tracebacks`` in the logs; ``audit_ok``. ``ok`` when the audit
 passed, no version split, every event's node averaged again within ``--back-within`` seconds, every
@@ -78,6 +80,16 @@ def first_averaged_after(swarm: LocalSwarm, i: int, t: float) -> float | None:
     ends = [r["ended"] for r in swarm.records(i)
             if r.get("averaged") and r.get("ended") is not None and r["ended"] - r.get("seconds", 0.0) >= t]
     return min(ends) if ends else None
+
+
+def goodbye_said(node_log: Path, offset: int) -> str:
+    """What the killed node's goodbye watcher did (node/swarm/goodbye_watcher.py), from its log line:
+    ``said``, ``silent`` (the node held a saved round batch), ``failed`` or ``none`` (no line: off)."""
+    text = node_log.read_text(errors="replace")[offset:] if node_log.exists() else ""
+    for marker, what in (("told the coordinator", "said"), ("saved batch", "silent"), ("could not tell", "failed")):
+        if "goodbye watcher" in text and marker in text:
+            return what
+    return "none"
 
 
 def per_min(versions: dict[int, float], start: float, end: float) -> float:
@@ -144,6 +156,9 @@ def main(argv=None) -> int:
                 swarm.start_coordinator(port=port)
             elif action in ("kill", "leave"):
                 if action == "kill":
+                    node_log = swarm.logs / f"node{i}.log"
+                    logged = node_log.stat().st_size if node_log.exists() else 0
+                    event["killed_at"] = time.time()
                     swarm.kill_node(i)
                 else:
                     signalled = time.monotonic()
@@ -151,6 +166,8 @@ def main(argv=None) -> int:
                     event["exit_code"] = swarm.nodes[i].wait(timeout=60)
                     event["exit_s"] = round(time.monotonic() - signalled, 2)
                 time.sleep(args.down)
+                if action == "kill":
+                    event["goodbye"] = goodbye_said(node_log, logged)
                 swarm.start_node(i)
             else:
                 swarm.signal_node(i, signal.SIGSTOP)
@@ -168,6 +185,9 @@ def main(argv=None) -> int:
             ends = [t for t in (first_averaged_after(swarm, i, e["back_at"]) for i in nodes) if t is not None]
             e["back_s"] = round(min(ends) - e["back_at"], 1) if ends else None
             e.pop("back_at")
+            if "killed_at" in e:  # how long the others went without a new version after the kill
+                after = [t for t in versions.values() if t > e["killed_at"]]
+                e["held_s"] = round(min(after) - e.pop("killed_at"), 1) if after else None
         splits = hash_splits(swarm, args.nodes)
         exited = {i: p.returncode for i, p in swarm.nodes.items() if p.poll() is not None}
     audit = swarm.audit(report=False)

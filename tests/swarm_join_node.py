@@ -14,6 +14,10 @@ first chunk, then nothing for ``UPLOAD_STALL_S``, the stream held open (a broken
 its work (its batch saved), it writes ``MARKER`` and hangs before its gradient: a node that dies
 between the close and the averaging, having sent its groupmates nothing.
 
+``hang_while_sampling`` (honest until then): in round ``FIRST_ROUND`` it writes ``MARKER`` and hangs
+while it samples, its assignment taken and nothing submitted: the test then kills it, as the
+out-of-memory killer would.
+
 ``slow_sample`` (honest, only slow): from ``FIRST_ROUND`` on, sampling takes ``MARKER`` seconds more
 (a slow machine, silent to the coordinator but for the background heartbeats).
 """
@@ -72,6 +76,22 @@ def hang_before_averaging(round_index: int, marker: Path) -> None:
     SwarmPeer._average_and_step = hang
 
 
+def hang_while_sampling(round_index: int, marker: Path) -> None:
+    import time
+
+    from grpo_swarm.node.swarm.participant import Participant
+
+    sample = Participant.sample
+
+    def hang(self, hb):
+        if hb.current_round == round_index:
+            marker.write_text("hanging")
+            time.sleep(3600)
+        return sample(self, hb)
+
+    Participant.sample = hang
+
+
 def slow_sampling(first_round: int, extra_s: float) -> None:
     import time
 
@@ -95,6 +115,10 @@ def main() -> None:
 
     if behaviour == "hang_before_averaging":
         hang_before_averaging(first, Path(marker))
+        app(sys.argv[4:], prog_name="grpo-node")
+        return
+    if behaviour == "hang_while_sampling":
+        hang_while_sampling(first, Path(marker))
         app(sys.argv[4:], prog_name="grpo-node")
         return
     if behaviour == "slow_sample":

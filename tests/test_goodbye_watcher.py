@@ -4,8 +4,9 @@ A real coordinator on loopback (tests/coordinator_world.py) and real processes: 
 plays the node (registers with an instance id, takes its round's assignment, starts the product's
 watcher) and is killed. Before, the open round waited for it 3 heartbeat intervals (90 s here);
 now it closes at the goodbye. The watcher stays silent where a goodbye would be wrong: the node
-stopped cleanly, it died holding a saved round batch (a restart resumes that round), or a newer
-process of the key took over (the coordinator refuses the old instance's goodbye)."""
+stopped cleanly, it died in a pair holding a saved round batch (a restart resumes that round, which
+its partner cannot average alone), or a newer process of the key took over (the coordinator refuses
+the old instance's goodbye)."""
 
 from __future__ import annotations
 
@@ -37,12 +38,14 @@ address, key, batch, mode = sys.argv[1:5]
 identity = Identity.load(key)
 client = CoordinatorClient(address, identity, timeout_s=30, instance=os.urandom(16))
 reply = client.register()
-client.heartbeat(0, sample=True)  # takes the round's assignment
+hb = client.heartbeat(0, sample=True)  # takes the round's assignment
 watcher = GoodbyeWatcher.start(address=address, private_key_pem=identity.private_key_pem(),
                                coordinator_key=reply.coordinator_public_key, instance=client.instance,
-                               round_batch=Path(batch), version=0)
+                               round_batch=Path(batch), version=0, live=hb.live_nodes)
 watcher.version(0)
 pid = watcher.proc.pid
+if mode == "pair":
+    watcher.live(2)  # (what the coordinator's last reply said)
 if mode == "close":
     watcher.close()
 print(pid, flush=True)
@@ -120,28 +123,31 @@ def test_a_killed_node_has_its_goodbye_said_and_the_round_closes_without_it(tmp_
         s.stop()
 
 
-def test_the_watcher_stays_silent_after_a_clean_stop_a_saved_batch_or_a_takeover(tmp_path):
+def test_the_watcher_stays_silent_after_a_clean_stop_in_a_pair_holding_its_batch_or_after_a_takeover(tmp_path):
     s = _serve(tmp_path)
     try:
         a = HonestNode(s.address, tmp_path / "a")
         a.round_proofs()
         clean = FakeNodeProcess(s, tmp_path, "clean", mode="close")  # it says its own goodbye, or must not
-        saved = FakeNodeProcess(s, tmp_path, "saved")
-        saved.batch.write_bytes(b"accepted work, not averaged yet")  # a restart would resume its round
+        pair = FakeNodeProcess(s, tmp_path, "pair", mode="pair")
+        pair.batch.write_bytes(b"accepted work, not averaged yet")  # a restart would resume its pair's round
         taken = FakeNodeProcess(s, tmp_path, "taken")
         newer = CoordinatorClient(s.address, taken.identity, timeout_s=30, instance=os.urandom(16))
         newer.register()  # the key's newer process (a restart, another machine)
-        killed = FakeNodeProcess(s, tmp_path, "killed")  # the control: its goodbye is said
+        crowd = FakeNodeProcess(s, tmp_path, "crowd")  # the control: with 5 live, its goodbye is said
+        crowd.batch.write_bytes(b"accepted work, not averaged yet")
         assert a.client.heartbeat(0, sample=False).live_nodes == 5
-        for n in (clean, saved, taken, killed):
+        for n in (clean, pair, taken, crowd):
             n.kill_group()
-        for n in (saved, taken, killed):
+        for n in (clean, pair, taken, crowd):
             n.wait_watcher_gone()
-        clean.wait_watcher_gone()
         hb = a.client.heartbeat(0, sample=False)
-        assert hb.live_nodes == 4, [n.log.read_text() for n in (clean, saved, taken, killed)]
+        assert hb.live_nodes == 4, [n.log.read_text() for n in (clean, pair, taken, crowd)]
         assert s.coordinator.metrics.nodes_left._value.get() == 1
-        assert "round's saved batch: no goodbye" in saved.log.read_text()
+        assert "in a pair holding its round's saved batch: no goodbye" in pair.log.read_text()
+        assert pair.batch.exists()  # for the restart to resume
+        assert "told the coordinator node" in crowd.log.read_text()
+        assert not crowd.batch.exists()  # its groupmates go on without it: nothing to resume
         assert "could not tell the coordinator" in taken.log.read_text()
         assert "superseded" in taken.log.read_text().lower()
         assert clean.log.read_text() == ""

@@ -440,7 +440,7 @@ def test_a_swarm_restarted_all_at_once_meets_again(tmp_path):
             swarm.start_node(i)
         wait_until(lambda: all(swarm.records(i) for i in (0, 1)), 180, swarm, "a round on each node", running=(0, 1))
         for i in (0, 1):
-            swarm.kill_node(i)
+            swarm.cut_power(i)  # (nothing says goodbye for them: their dead addresses stay listed)
         before = {i: len(swarm.records(i)) for i in (0, 1)}
         assert all(r["averaged"] for i in (0, 1) for r in swarm.records(i)), logs(swarm)
         for i in (0, 1):
@@ -561,6 +561,17 @@ def test_ctrl_c_or_sigterm_leaves_the_swarm_and_takes_the_nodes_processes_with_i
         assert not left, [psutil.Process(pid).cmdline() for pid in left if _running(pid)]
 
 
+def _default_heartbeats_config() -> str:
+    """The demo's run with the default 10 s heartbeats (a silent node counts as gone after 30 s) and
+    rounds that would wait 300 s for work that never comes."""
+    config = demo_config_text()
+    for old, new in (("round_timeout_s = 15.0", "round_timeout_s = 300.0"),
+                     ("heartbeat_interval_s = 2.0", "heartbeat_interval_s = 10.0")):
+        assert old in config, old
+        config = config.replace(old, new)
+    return config
+
+
 @pytest.mark.slow
 def test_a_node_that_leaves_is_not_waited_for_at_the_default_heartbeat_interval(tmp_path):
     """Three nodes with rounds that would wait 300 s for work that never comes and the default 10 s
@@ -569,12 +580,7 @@ def test_a_node_that_leaves_is_not_waited_for_at_the_default_heartbeat_interval(
     within 20 s of its exit. Before, the round after it left waited for its work until the
     coordinator stopped counting it as live, 30 s after its last heartbeat."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # (see the test above)
-    config = demo_config_text()
-    for old, new in (("round_timeout_s = 15.0", "round_timeout_s = 300.0"),
-                     ("heartbeat_interval_s = 2.0", "heartbeat_interval_s = 10.0")):
-        assert old in config, old
-        config = config.replace(old, new)
-    with LocalSwarm(tmp_path / "swarm", nodes=3, config_text=config) as swarm:
+    with LocalSwarm(tmp_path / "swarm", nodes=3, config_text=_default_heartbeats_config()) as swarm:
         swarm.start_coordinator()
         for i in range(3):
             swarm.start_node(i)
@@ -592,6 +598,30 @@ def test_a_node_that_leaves_is_not_waited_for_at_the_default_heartbeat_interval(
         # the Ctrl-C stopped its p2pd too, often before its DHT and averager removed their handlers from it
         node0 = (swarm.logs / "node0.log").read_text(errors="replace")
         assert "Traceback" not in node0 and "the hard way" not in node0, logs(swarm, 60)
+
+
+@pytest.mark.slow
+def test_a_node_killed_while_it_samples_is_not_waited_for_at_the_default_heartbeat_interval(tmp_path):
+    """As above, but node 0 hangs while it samples round 2 (its assignment taken, nothing submitted)
+    and is SIGKILLed with its process group, as the out-of-memory killer would: it says nothing. Its
+    goodbye watcher (node/swarm/goodbye_watcher.py, in a session of its own) says the goodbye for it:
+    the other two average two rounds as a pair within 20 s of the kill. Without it, round 2 waited
+    for node 0's work until the coordinator counted it as gone, 30 s after its last heartbeat."""
+    marker = tmp_path / "sampling"
+    with LocalSwarm(tmp_path / "swarm", nodes=3, config_text=_default_heartbeats_config()) as swarm:
+        swarm.start_coordinator()
+        for i in range(3):
+            swarm.start_node(i, program=hostile("hang_while_sampling", 2, marker) if i == 0 else None)
+        wait_until(marker.exists, 180, swarm, "node 0 hanging while it samples round 2", running=(0, 1, 2))
+        swarm.kill_node(0)
+        killed_at = time.time()
+        pair = lambda i: [r for r in swarm.records(i) if r["ended"] > killed_at and r["averaged"] and r["peers"] == 2]  # noqa: E731
+        wait_until(lambda: len(pair(1)) >= 2 and len(pair(2)) >= 2, 120, swarm,
+                   "two rounds averaged by the pair after node 0 was killed", running=(1, 2))
+        paired_in = max(r["ended"] for r in pair(1)[:2] + pair(2)[:2]) - killed_at
+        print(f"\nafter node 0's SIGKILL while sampling: two rounds averaged by the other two in {paired_in:.1f} s")
+        assert paired_in < 20.0, logs(swarm)
+        assert "told the coordinator node" in (swarm.logs / "node0.log").read_text(errors="replace"), logs(swarm)
 
 
 def _running(pid: int) -> bool:

@@ -178,6 +178,23 @@ class LocalSwarm:
         self.signal_node(i, signal.SIGKILL)
         self.nodes[i].wait(timeout=30)
 
+    def cut_power(self, i: int) -> None:
+        """SIGKILL node ``i``, everything it started and its goodbye watcher (.goodbye_watcher, in a
+        session of its own): a power cut or a lost machine, after which nobody says goodbye for it."""
+        import psutil
+
+        try:
+            children = psutil.Process(self.nodes[i].pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        for child in children:
+            try:
+                if "goodbye_watcher" in " ".join(child.cmdline()):
+                    child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.kill_node(i)
+
     def records(self, i: int) -> list[dict]:
         """Node ``i``'s ``swarm.jsonl`` records so far (a line being written is left out)."""
         path = self.workdir(i) / "swarm.jsonl"

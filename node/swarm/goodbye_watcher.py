@@ -8,10 +8,13 @@ that long. :class:`GoodbyeWatcher` starts a small process beside the node that n
 once (its parent process changes; a quarter-second poll) and sends the goodbye in its place: the
 same key, the same instance id, the version the node last held.
 
-It stays silent when the node dies holding a saved round batch (:mod:`.round_batch_file`: work
-accepted, its averaging not over): a restart resumes that round, and its groupmates wait for it
-as before. It stays silent too when the node stops cleanly (it says ``bye`` on the pipe), and when
-the node's instance was superseded (the coordinator refuses the old instance's goodbye).
+It stays silent when the node dies in a pair (at most 2 live nodes, as the coordinator last said)
+holding a saved round batch (:mod:`.round_batch_file`: work accepted, its averaging not over): its
+partner cannot average alone, and a restart that resumes the round saves it for both. In a larger
+swarm the others average without it anyway (a member killed mid-round is left out of the retry), so
+the goodbye is said and the batch dropped, as a clean stop does. It stays silent too when the node
+stops cleanly (it says ``bye`` on the pipe), and when the node's instance was superseded (the
+coordinator refuses the old instance's goodbye).
 
 The watcher reads its settings (the key among them) from its stdin pipe, never from a peer, and
 imports gRPC only once it has something to send. It runs in its own session, so a kill of the
@@ -39,10 +42,16 @@ class GoodbyeWatcher:
 
     def __init__(self, proc: subprocess.Popen | None):
         self.proc = proc
+        self._live: int | None = None
+
+    @classmethod
+    def off(cls) -> GoodbyeWatcher:
+        """A watcher that does nothing (before the node has registered)."""
+        return cls(None)
 
     @classmethod
     def start(cls, *, address: str, private_key_pem: bytes, coordinator_key: bytes, instance: bytes,
-              round_batch: Path, version: int) -> GoodbyeWatcher:
+              round_batch: Path, version: int, live: int) -> GoodbyeWatcher:
         """A watcher for this process (off, doing nothing, with ``GRPO_SWARM_GOODBYE_WATCHER=0``)."""
         if os.environ.get(ENV, "1") == "0":
             return cls(None)
@@ -50,7 +59,7 @@ class GoodbyeWatcher:
                                 start_new_session=True, close_fds=True)
         settings = {"address": address, "key": private_key_pem.decode(), "coordinator_key": coordinator_key.hex(),
                     "instance": instance.hex(), "round_batch": str(round_batch), "version": int(version),
-                    "parent": os.getpid()}
+                    "live": int(live), "parent": os.getpid()}
         watcher = cls(proc)
         watcher._say(json.dumps(settings))
         return watcher
@@ -58,6 +67,12 @@ class GoodbyeWatcher:
     def version(self, version: int) -> None:
         """The version this node now holds (its goodbye reports it)."""
         self._say(f"v {int(version)}")
+
+    def live(self, nodes: int) -> None:
+        """How many nodes the coordinator counts as live (this one included), as it last said."""
+        if nodes != self._live:
+            self._live = nodes
+            self._say(f"live {int(nodes)}")
 
     def close(self) -> None:
         """This node stops cleanly (it says its own goodbye, or must not): the watcher ends silently."""
@@ -124,15 +139,18 @@ def main() -> int:
     if first is None:
         return 0
     settings = json.loads(first)
-    pid, version = int(settings["parent"]), int(settings["version"])
+    pid, version, live = int(settings["parent"]), int(settings["version"]), int(settings["live"])
     while (line := pipe.line(lambda: os.getppid() == pid)) is not None:
         if line == "bye":
             return 0
         if line.startswith("v "):
             version = int(line[2:])
-    if Path(settings["round_batch"]).exists():
-        print(f"goodbye watcher: node process {pid} died holding its round's saved batch: no goodbye, a restart "
-              "resumes the round", file=sys.stderr, flush=True)
+        elif line.startswith("live "):
+            live = int(line[5:])
+    batch = Path(settings["round_batch"])
+    if batch.exists() and live <= 2:
+        print(f"goodbye watcher: node process {pid} died in a pair holding its round's saved batch: no goodbye, "
+              "a restart resumes the round", file=sys.stderr, flush=True)
         return 0
     started = time.monotonic()
     try:
@@ -141,6 +159,7 @@ def main() -> int:
         print(f"goodbye watcher: node process {pid} died; could not tell the coordinator ({e}): it counts the "
               "node as gone 3 heartbeat intervals after its last one", file=sys.stderr, flush=True)
         return 1
+    batch.unlink(missing_ok=True)  # its groupmates go on without it: a restart has nothing to resume
     print(f"goodbye watcher: node process {pid} died without a goodbye; told the coordinator node {node_id} "
           f"left ({time.monotonic() - started:.2f} s)", file=sys.stderr, flush=True)
     return 0

@@ -162,6 +162,7 @@ class SwarmPeer:
 
     def __init__(self, opts: JoinOptions, *, on_round: Callable[[RoundRecord], None] | None = None):
         prepare_shared_memory()  # first, before any child is forked (.shared_memory says why)
+        self._goodbye = GoodbyeWatcher.off()  # (started once the node is registered and announced)
         self.opts, self.on_round = opts, on_round
         self.identity = Identity.load_or_create(opts.identity_path)
         # a fresh instance id per process: a restart of this node takes over its key at once, and a
@@ -193,7 +194,7 @@ class SwarmPeer:
         self._goodbye = GoodbyeWatcher.start(
             address=opts.coordinator, private_key_pem=self.identity.private_key_pem(),
             coordinator_key=bytes(p.reply.coordinator_public_key), instance=self.client.instance,
-            round_batch=self._round_batch_path, version=p.snapshot.version)
+            round_batch=self._round_batch_path, version=p.snapshot.version, live=self._last_hb.live_nodes)
 
     # -- the swarm side: DHT, p2p daemon, averager
     def _start_swarm_side(self, listed: Sequence[pb.PeerAddress]) -> tuple[float, float]:
@@ -299,6 +300,7 @@ class SwarmPeer:
         reply = self.participant.heartbeat(multiaddrs=self.maddrs, sample=sample, **kw)
         self._keeper.sent()
         self._last_hb = reply
+        self._goodbye.live(reply.live_nodes)
         return reply
 
     def _gone(self, round_index: int) -> frozenset[bytes]:
