@@ -716,9 +716,12 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
             except (OSError, asyncio.TimeoutError) as e:  # a Ctrl-C stops p2pd too, often first: its handlers went with it
                 logger.debug(f"p2pd is gone, so are this averager's handlers ({e!r})")
         # hivemind's own ends with `finalize` called on the futures its groups are registered as (and the
-        # None it returns added to a set): a node stopped mid-round printed an AttributeError traceback
+        # None it returns added to a set): a node stopped mid-round printed an AttributeError traceback.
+        # An abort first: the round's step then reads the ended reduction as aborted, not as a failure
+        # to log with its traceback ("the reduction failed unexpectedly", seen at a churn run's Ctrl-C)
         for registered in list(self._running_groups.values()):
             if registered.done() and not registered.cancelled() and registered.exception() is None:
+                registered.result().abort("this averager is shutting down (the node is stopping)")
                 registered.result().finalize(cancel=True)
 
     async def _log_tasks(self, why: str) -> None:
