@@ -148,6 +148,7 @@ def model_setup(cfg: RunConfig, *, spot_check: bool = True) -> Callable[[dict, P
 # a node's averaging attempts per round (node/swarm/averaging.py's default): how long the last round's
 # ticket holders may still be averaging it (see Coordinator._last_round_settled)
 AVERAGING_ATTEMPTS = 3
+MAX_BAN_REASON_SHOWN = 300  # characters of a ban's reason in the refusal (a ban by reports names every reporter)
 # a live node that took part in one of this many last rounds is waited for until the round times out
 # (a slow node that missed one is still waited for); other live keys only for a while
 # (Coordinator._all_live_submitted): one round of real work buys at most this many such waits
@@ -258,6 +259,15 @@ class Coordinator:
     def is_banned(self, node_id: str) -> bool:
         return self.state.is_banned(node_id)
 
+    def banned_detail(self, node_id: str) -> str:
+        """What a banned node is told: why (its ban's logged reason) and who can lift it."""
+        reason = self.state.ban_reason(node_id)
+        if len(reason) > MAX_BAN_REASON_SHOWN:
+            reason = reason[:MAX_BAN_REASON_SHOWN] + "..."
+        return (f"node {node_id} is banned ({reason or 'no reason logged'}). If it was a mistake (a node killed "
+                f"between its reduction and its audit sketch is reported like one that withholds its audit), the "
+                f"coordinator's operator can lift it: grpo-coordinator unban {node_id}")
+
     def _multiaddrs(self, public_key: bytes, addrs) -> list[str]:
         try:
             return check_multiaddrs(list(addrs), public_key)
@@ -335,7 +345,7 @@ class Coordinator:
                     raise RequestError("RESOURCE_EXHAUSTED", charge.spent("no new key is registered"))
                 node_id = self.recorder.register(public_key)
             elif self.state.is_banned(node_id):
-                raise RequestError("PERMISSION_DENIED", f"node {node_id} is banned")
+                raise RequestError("PERMISSION_DENIED", self.banned_detail(node_id))
             self._check_instance(node_id, request.instance)
             self.store.node_registered(node_id, public_key,
                                        request.hardware if request.HasField("hardware") else None)

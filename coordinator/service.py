@@ -131,7 +131,7 @@ class CoordinatorService:
                 raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
                                f"key {node_id_from_public_key(key)} is not registered (call Register first)")
             if self.c.is_banned(node_id):
-                raise _Refused(grpc.StatusCode.PERMISSION_DENIED, f"node {node_id} is banned")
+                raise _Refused(grpc.StatusCode.PERMISSION_DENIED, self.c.banned_detail(node_id))
         return env, node_id
 
     @staticmethod

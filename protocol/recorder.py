@@ -210,7 +210,7 @@ class RunRecorder:
 
     def _ban(self, payload: dict) -> LogEntry:
         entry = self.log.append(NODE_BANNED, payload, self.identity)
-        self.state.ban(payload["node_id"])
+        self.state.ban(payload["node_id"], payload["reason"])
         return entry
 
     def unban(self, node_id: str, reason: str = "") -> LogEntry:
@@ -424,7 +424,7 @@ def restore_state(entries: Iterable[LogEntry], salts: Mapping[int, bytes], *,
         if e.kind == NODE_REGISTERED:
             state.register(hex_bytes(p["public_key"], "public_key", PUBLIC_KEY_SIZE))
         elif e.kind == NODE_BANNED:
-            state.ban(p["node_id"])
+            state.ban(p["node_id"], str(p.get("reason", "")))
         elif e.kind == NODE_UNBANNED:
             state.banned.discard(p["node_id"])
             if peers is not None:

@@ -341,6 +341,7 @@ class InMemoryVerifierState:
     spot_check_salt: bytes | None = b""
     keys: dict[bytes, str] = field(default_factory=dict)
     banned: set[str] = field(default_factory=set)
+    ban_reasons: dict[str, str] = field(default_factory=dict)  # why each ban was logged (the latest)
     sequences: dict[str, int] = field(default_factory=dict)
     snapshots: dict[int, bytes] = field(default_factory=dict)
     accepted_groups: set[str] = field(default_factory=set)
@@ -394,8 +395,13 @@ class InMemoryVerifierState:
         self.keys[bytes(public_key)] = node_id
         return node_id
 
-    def ban(self, node_id: str) -> None:
+    def ban(self, node_id: str, reason: str = "") -> None:
         self.banned.add(node_id)
+        self.ban_reasons[node_id] = reason
+
+    def ban_reason(self, node_id: str) -> str:
+        """Why ``node_id`` is banned, as its ``node_banned`` entry says ("" if it is not banned)."""
+        return self.ban_reasons.get(node_id, "") if node_id in self.banned else ""
 
     def publish_snapshot(self, version: int, sha256: bytes) -> None:
         if version < self.current_version:

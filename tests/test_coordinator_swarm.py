@@ -483,7 +483,7 @@ def test_reports_by_a_majority_of_the_other_participants_ban_the_peer(tmp_path):
         second = b.client.report_peer(0, cid, "stalled the all-reduce")
         assert (second.reporters, second.needed, second.banned) == (2, 2, True)
         err = refusal(lambda: c.client.heartbeat(0))
-        assert err.code == "PERMISSION_DENIED" and "banned" in err.detail
+        assert err.code == "PERMISSION_DENIED" and "banned (reported by 2 of the 2 other participants" in err.detail
         assert cid not in {p.node_id for p in a.client.heartbeat(0).peers}
 
         log = entries(s)
@@ -540,7 +540,9 @@ def test_operator_ban_and_unban_through_the_cli(tmp_path):
         assert res.exit_code == 0, res.output
         assert "banned" in res.output
         assert refusal(lambda: node.heartbeat(0)).code == "PERMISSION_DENIED"
-        assert refusal(lambda: node.register()).code == "PERMISSION_DENIED"
+        err = refusal(lambda: node.register())  # the node is told why and who can lift it
+        assert err.code == "PERMISSION_DENIED" and "operator: spamming the DHT" in err.detail, err.detail
+        assert f"grpo-coordinator unban {nid}" in err.detail, err.detail
         assert nid not in {p.node_id for p in watcher.heartbeat(0).peers}
         res = cli("ban", nid, "--reason", "again")
         assert res.exit_code == 1 and "FAILED_PRECONDITION" in res.output and "already banned" in res.output
@@ -600,6 +602,7 @@ def test_operator_ban_and_unban_through_the_cli(tmp_path):
     coordinator = Coordinator(s.cfg, s.data_dir)  # the state rebuilt from the log agrees
     try:
         assert coordinator.is_banned(nid)
+        assert "(operator: for the restart)" in coordinator.banned_detail(nid)  # its reason too
     finally:
         coordinator.close()
 
