@@ -141,6 +141,9 @@ def join(
                        overrides=overrides, host_maddrs=host_maddr, announce_maddrs=announce_maddr or None,
                        initial_peers=initial_peer, client_mode=client_mode, compression=compression,
                        part_size_bytes=part_size, audit_fraction=audit_fraction, rounds=rounds)
+    from .swarm.container_init import become_init_if_pid1
+
+    become_init_if_pid1()  # a container's entrypoint: PID 1 stays as an init that outlives the node
     workdir.mkdir(parents=True, exist_ok=True)
     node_lock = ExitStack()  # one running node per key and work directory, held until it leaves
     try:
