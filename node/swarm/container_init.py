@@ -32,6 +32,10 @@ def become_init_if_pid1() -> None:
     if child == 0:
         _become_foreground_group()
         return
+    try:  # (both sides set it, as shells do: a signal forwarded before the child did reaches its group)
+        os.setpgid(child, child)
+    except OSError:
+        pass  # the child did it first, or is gone
     sys.exit(_supervise(child))
 
 
