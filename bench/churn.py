@@ -23,7 +23,7 @@ coordinator counts a silent node as gone after 3 of them, which is what a crash 
 One JSON line: ``versions_per_min`` calm and churned and their ratio (``churn_ratio``); per event, the
 seconds until the node averaged again (``back_s``: from its restart or SIGCONT to the end of the first round it began
 afterwards and averaged in); for a ``kill``, how long the swarm went without a new version after it (``held_s``)
-and what the node's goodbye watcher did (``goodbye``: ``said``, ``silent`` when it died holding a saved round batch,
+and what the node's goodbye watcher did (``goodbye``: ``said``, ``silent`` when it died in a pair holding its round's saved batch,
 ``none`` with ``GRPO_SWARM_GOODBYE_WATCHER=0``) and, for a ``leave``, its exit code and how long it took to exit after the Ctrl-C (``exit_s``); ``longest_gap_s``, the longest the swarm went without a new version while churned;
 ``hash_splits``, versions for which two nodes' records hold different parameter hashes (none expected:
 every honest peer holds the same bytes); ``tracebacks`` in the logs; ``audit_ok``. ``ok`` when the audit
@@ -84,7 +84,7 @@ def first_averaged_after(swarm: LocalSwarm, i: int, t: float) -> float | None:
 
 def goodbye_said(node_log: Path, offset: int) -> str:
     """What the killed node's goodbye watcher did (node/swarm/goodbye_watcher.py), from its log line:
-    ``said``, ``silent`` (the node held a saved round batch), ``failed`` or ``none`` (no line: off)."""
+    ``said``, ``silent`` (a node of a pair holding its round's saved batch), ``failed`` or ``none`` (no line: off)."""
     text = node_log.read_text(errors="replace")[offset:] if node_log.exists() else ""
     for marker, what in (("told the coordinator", "said"), ("saved batch", "silent"), ("could not tell", "failed")):
         if "goodbye watcher" in text and marker in text:

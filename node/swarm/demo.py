@@ -174,7 +174,8 @@ class LocalSwarm:
         _killpg(self.nodes[i].pid, sig)
 
     def kill_node(self, i: int) -> None:
-        """SIGKILL node ``i`` with everything it started (its DHT and averager processes, p2pd)."""
+        """SIGKILL node ``i`` with everything it started (its DHT and averager processes, p2pd), as a crash:
+        its goodbye watcher, in a session of its own, lives on to say its goodbye (:meth:`cut_power`: not)."""
         self.signal_node(i, signal.SIGKILL)
         self.nodes[i].wait(timeout=30)
 
