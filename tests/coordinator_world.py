@@ -49,6 +49,11 @@ heartbeat_interval_s = {heartbeat_interval_s}
 """
 
 
+def flat(groups):
+    """One list of the proofs of several groups (what SubmitProofs takes)."""
+    return [p for g in groups for p in g]
+
+
 def write_run_toml(path: Path, *, samples_per_round: int = 64, max_staleness: int = 1, spot_check_rate: float = 0.5,
                    round_timeout_s: float = 3600.0, min_peers: int = 1, close_when_all_submitted: bool = False,
                    heartbeat_interval_s: float = 10.0) -> Path:

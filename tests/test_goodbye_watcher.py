@@ -23,7 +23,7 @@ from grpo_swarm.protocol.client import CoordinatorClient
 from grpo_swarm.protocol.identity import Identity
 from grpo_swarm.protocol.peers import PEER_TTL_INTERVALS
 
-from coordinator_world import HonestNode, Served
+from coordinator_world import HonestNode, Served, flat
 
 INTERVAL_S = 30.0  # a silent node counts as gone only after 90 s
 
@@ -90,18 +90,14 @@ class FakeNodeProcess:
         raise AssertionError(f"the watcher {self.watcher} still runs {timeout_s} s after its node died")
 
 
-def _flat(groups):
-    return [p for g in groups for p in g]
-
-
 def test_a_killed_node_has_its_goodbye_said_and_the_round_closes_without_it(tmp_path):
     s = _serve(tmp_path)
     try:
         a, b = HonestNode(s.address, tmp_path / "a"), HonestNode(s.address, tmp_path / "b")
         (_, ga), (_, gb) = a.round_proofs(), b.round_proofs()
         c = FakeNodeProcess(s, tmp_path, "c")
-        a.client.submit_proofs(_flat(ga))
-        assert not b.client.submit_proofs(_flat(gb)).round_closed  # c is live and has submitted nothing
+        a.client.submit_proofs(flat(ga))
+        assert not b.client.submit_proofs(flat(gb)).round_closed  # c is live and has submitted nothing
         assert a.client.heartbeat(0, sample=False).live_nodes == 3
         killed = time.monotonic()
         c.kill_group()

@@ -22,7 +22,7 @@ from grpo_swarm.protocol.identity import Identity
 from grpo_swarm.protocol.peers import PEER_TTL_INTERVALS
 from grpo_swarm.protocol.rpc import method_path
 
-from coordinator_world import HonestNode, Served
+from coordinator_world import HonestNode, Served, flat
 
 INTERVAL_S = 30.0  # the heartbeat interval: a silent node would count as gone only after 90 s
 
@@ -30,10 +30,6 @@ INTERVAL_S = 30.0  # the heartbeat interval: a silent node would count as gone o
 def _serve(tmp_path) -> Served:
     return Served(tmp_path, samples_per_round=64, round_timeout_s=3600.0, heartbeat_interval_s=INTERVAL_S,
                   close_when_all_submitted=True)
-
-
-def _flat(groups):
-    return [p for g in groups for p in g]
 
 
 def _addr(identity: Identity) -> str:
@@ -52,8 +48,8 @@ def test_a_node_that_leaves_is_not_waited_for_nor_listed_until_it_comes_back(tmp
         a, b, c = (HonestNode(s.address, tmp_path / n) for n in "abc")
         c.client.heartbeat(0, sample=False, multiaddrs=[_addr(c.identity)])
         (_, ga), (_, gb), _ = a.round_proofs(), b.round_proofs(), c.round_proofs()  # c takes its assignment
-        a.client.submit_proofs(_flat(ga))
-        assert not b.client.submit_proofs(_flat(gb)).round_closed  # c is live and has submitted nothing
+        a.client.submit_proofs(flat(ga))
+        assert not b.client.submit_proofs(flat(gb)).round_closed  # c is live and has submitted nothing
         hb = a.client.heartbeat(0, sample=False)
         assert hb.live_nodes == 3 and [p.node_id for p in hb.peers] == [c.identity.node_id]
         started = time.monotonic()
@@ -79,8 +75,8 @@ def test_a_participant_that_leaves_has_moved_on_from_its_rounds_averaging(tmp_pa
     try:
         a, b = HonestNode(s.address, tmp_path / "a"), HonestNode(s.address, tmp_path / "b")
         (_, ga), (_, gb) = a.round_proofs(), b.round_proofs()
-        a.client.submit_proofs(_flat(ga))
-        assert b.client.submit_proofs(_flat(gb)).round_closed  # round 0: both hold tickets
+        a.client.submit_proofs(flat(ga))
+        assert b.client.submit_proofs(flat(gb)).round_closed  # round 0: both hold tickets
         hb = a.client.heartbeat(0, sample=False)
         assert sorted(hb.round_participants) == sorted([a.identity.public_key_bytes, b.identity.public_key_bytes])
         assert list(hb.round_moved_on) == []

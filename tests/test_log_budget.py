@@ -16,11 +16,7 @@ from grpo_swarm.protocol import grpo_swarm_pb2 as pb
 from grpo_swarm.protocol.client import CoordinatorError
 from grpo_swarm.protocol.recorder import MAX_REPORTS_PER_VERSION
 
-from coordinator_world import HonestNode, Served
-
-
-def _flat(groups):
-    return [p for g in groups for p in g]
+from coordinator_world import HonestNode, Served, flat
 
 
 def _log_bytes(s: Served) -> int:
@@ -45,9 +41,9 @@ def test_a_key_cannot_fill_the_log_with_refused_groups(tmp_path):
         (_, groups), (_, other_groups) = node.round_proofs(), other.round_proofs()
         assert len(groups) == 2  # prompts_per_round
         budget = GROUPS_PER_ASSIGNMENT * 2
-        assert all(v.accepted for v in node.client.submit_proofs(_flat(groups)).verdicts)
+        assert all(v.accepted for v in node.client.submit_proofs(flat(groups)).verdicts)
         # a lost reply's resubmission still gets its verdicts (refused as replays, logged)
-        again = node.client.submit_proofs(_flat(groups))
+        again = node.client.submit_proofs(flat(groups))
         assert [v.code for v in again.verdicts] == ["REPLAYED_SEQUENCE"] * 2
         # junk groups are recorded up to the budget: 4 groups so far, 4 more fit
         assert len(node.client.submit_proofs(_junk(groups[0], budget - 4, "a")).verdicts) == budget - 4
@@ -65,7 +61,7 @@ def test_a_key_cannot_fill_the_log_with_refused_groups(tmp_path):
         # evidence), two junk groups too, and then nothing more of it is recorded this round
         fresh = HonestNode(s.address, tmp_path / "fresh")
         _, fresh_groups = fresh.round_proofs()
-        tampered = copy.deepcopy(_flat(fresh_groups))
+        tampered = copy.deepcopy(flat(fresh_groups))
         for p in tampered:
             p.reward_total += 1.0
         assert [v.code for v in fresh.client.submit_proofs(tampered).verdicts] == ["BAD_SIGNATURE"] * 2
@@ -75,9 +71,9 @@ def test_a_key_cannot_fill_the_log_with_refused_groups(tmp_path):
         assert info.value.code == "RESOURCE_EXHAUSTED" and "no accepted work yet" in info.value.detail
         assert len(list(node.client.get_log())) == entries + 6  # its registration, dispatch and four refusals
         # the budget is per round: once the other node's work closes it, the next assignment is accepted
-        assert other.client.submit_proofs(_flat(other_groups)).round_closed
+        assert other.client.submit_proofs(flat(other_groups)).round_closed
         _, groups = node.round_proofs()
-        reply = node.client.submit_proofs(_flat(groups))
+        reply = node.client.submit_proofs(flat(groups))
         assert reply.current_round == 1 and all(v.accepted for v in reply.verdicts)
     finally:
         s.stop()
@@ -103,7 +99,7 @@ def test_a_key_cannot_add_a_log_entry_at_every_upload_it_is_refused(tmp_path):
         for i in range(5):  # before any round closed
             assert "no round has closed" in _upload_refused(fresh, junk, 1, hashlib.sha256(b"a%d" % i).digest())
         _, groups = worker.round_proofs()
-        assert worker.client.submit_proofs(_flat(groups)).round_closed
+        assert worker.client.submit_proofs(flat(groups)).round_closed
         before = len(list(worker.client.get_log()))
         for i in range(10):  # the next version under unreported hashes, and versions that are not next
             sha = hashlib.sha256(b"b%d" % i).digest()
@@ -126,7 +122,7 @@ def test_a_key_cannot_add_a_log_entry_at_every_heartbeat_by_flipping_its_hash(tm
         worker, fresh = HonestNode(s.address, tmp_path / "w"), s.client()
         fresh.register()
         _, groups = worker.round_proofs()
-        assert worker.client.submit_proofs(_flat(groups)).round_closed
+        assert worker.client.submit_proofs(flat(groups)).round_closed
         hashes = [hashlib.sha256(b"%d" % i).digest() for i in range(10)]
         for sha in hashes:
             for c in (worker.client, fresh):

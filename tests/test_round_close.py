@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from coordinator_world import HonestNode, Served
+from coordinator_world import HonestNode, Served, flat
 from grpo_swarm.protocol.peers import PEER_TTL_INTERVALS
 
 INTERVAL_S = 0.4  # heartbeat interval: a node silent for 3 of them is no longer live
@@ -19,21 +19,17 @@ def _serve(tmp_path, **kw) -> Served:
                   **({"close_when_all_submitted": True} | kw))
 
 
-def _flat(groups):
-    return [p for g in groups for p in g]
-
-
 def test_the_round_closes_at_the_submission_that_completes_every_live_nodes_assignment(tmp_path):
     s = _serve(tmp_path)
     try:
         a, b = HonestNode(s.address, tmp_path / "a"), HonestNode(s.address, tmp_path / "b")
         (_, ga), (_, gb) = a.round_proofs(), b.round_proofs()
         assert len(ga) == len(gb) == 2  # prompts_per_round; 2 x 2 x G=4 = 16 samples, far below 64
-        first = a.client.submit_proofs(_flat(ga[:1]))
+        first = a.client.submit_proofs(flat(ga[:1]))
         assert not first.round_closed  # a's assignment is half in
-        second = a.client.submit_proofs(_flat(ga[1:]))
+        second = a.client.submit_proofs(flat(ga[1:]))
         assert not second.round_closed and second.current_round == 0  # b is live and has submitted nothing
-        last = b.client.submit_proofs(_flat(gb))
+        last = b.client.submit_proofs(flat(gb))
         assert last.round_closed and last.current_round == 1
         closed = [e for e in a.client.get_log() if e.kind == "round_closed"]
         assert closed[0].payload["samples"] == {a.identity.node_id: 8, b.identity.node_id: 8}
@@ -46,8 +42,8 @@ def test_a_node_gone_silent_is_not_waited_for_and_its_late_work_is_refused(tmp_p
     try:
         a, b, c = (HonestNode(s.address, tmp_path / n) for n in "abc")
         (_, ga), (_, gb), (_, gc) = a.round_proofs(), b.round_proofs(), c.round_proofs()
-        a.client.submit_proofs(_flat(ga))
-        assert not b.client.submit_proofs(_flat(gb)).round_closed  # c was dispatched and is still live
+        a.client.submit_proofs(flat(ga))
+        assert not b.client.submit_proofs(flat(gb)).round_closed  # c was dispatched and is still live
         started = time.monotonic()
         while a.client.heartbeat(0, sample=False).current_round == 0:  # c says nothing from here on
             assert time.monotonic() - started < GONE_S + 5.0, "the round waited for a node that went silent"
@@ -55,7 +51,7 @@ def test_a_node_gone_silent_is_not_waited_for_and_its_late_work_is_refused(tmp_p
         assert time.monotonic() - started >= PEER_TTL_INTERVALS * INTERVAL_S - 0.2  # not before c counted as gone
         closed = [e for e in a.client.get_log() if e.kind == "round_closed"]
         assert sorted(closed[0].payload["participants"]) == sorted([a.identity.node_id, b.identity.node_id])
-        late = c.client.submit_proofs(_flat(gc))  # back after the close: round 0 is over
+        late = c.client.submit_proofs(flat(gc))  # back after the close: round 0 is over
         assert not any(v.accepted for v in late.verdicts)
     finally:
         s.stop()
@@ -67,15 +63,15 @@ def test_a_slow_node_that_keeps_heartbeating_is_waited_for(tmp_path):
     try:
         a, slow = HonestNode(s.address, tmp_path / "a"), HonestNode(s.address, tmp_path / "slow")
         (_, ga), (_, gs) = a.round_proofs(), slow.round_proofs()
-        a.client.submit_proofs(_flat(ga))
-        assert slow.client.submit_proofs(_flat(gs)).round_closed  # round 0: both participate
+        a.client.submit_proofs(flat(ga))
+        assert slow.client.submit_proofs(flat(gs)).round_closed  # round 0: both participate
         (_, ga), (_, gs) = a.round_proofs(), slow.round_proofs()
-        a.client.submit_proofs(_flat(ga))
+        a.client.submit_proofs(flat(ga))
         for _ in range(int(2 * GONE_S / (INTERVAL_S / 2))):  # twice as long as silence would take
             slow.client.heartbeat(0, sample=False)  # what node/swarm/heartbeats.py sends while sampling
             assert a.client.heartbeat(0, sample=False).current_round == 1
             time.sleep(INTERVAL_S / 2)
-        reply = slow.client.submit_proofs(_flat(gs))
+        reply = slow.client.submit_proofs(flat(gs))
         assert reply.round_closed and all(v.accepted for v in reply.verdicts)
     finally:
         s.stop()
@@ -91,16 +87,16 @@ def test_a_worker_that_stops_submitting_is_waited_for_only_while_its_work_is_rec
     try:
         a, b, idle = (HonestNode(s.address, tmp_path / n) for n in ("a", "b", "idle"))
         groups = [n.round_proofs()[1] for n in (a, b, idle)]
-        a.client.submit_proofs(_flat(groups[0]))
-        b.client.submit_proofs(_flat(groups[1]))
-        assert idle.client.submit_proofs(_flat(groups[2])).round_closed  # round 0: all three worked
+        a.client.submit_proofs(flat(groups[0]))
+        b.client.submit_proofs(flat(groups[1]))
+        assert idle.client.submit_proofs(flat(groups[2])).round_closed  # round 0: all three worked
 
         def next_round(expect_wait: float) -> float:
             current = a.client.heartbeat(0, sample=False).current_round
             groups = [n.round_proofs()[1] for n in (a, b)]
             idle.client.heartbeat(0, sample=True)  # takes its assignment
-            a.client.submit_proofs(_flat(groups[0]))
-            assert not b.client.submit_proofs(_flat(groups[1])).round_closed
+            a.client.submit_proofs(flat(groups[0]))
+            assert not b.client.submit_proofs(flat(groups[1])).round_closed
             t0 = time.monotonic()
             while a.client.heartbeat(0, sample=False).current_round == current:
                 idle.client.heartbeat(0, sample=False)  # live all along, never submitting
@@ -132,8 +128,8 @@ def test_keys_without_verified_work_hold_a_round_back_only_so_long(tmp_path):
     try:
         a, b = HonestNode(s.address, tmp_path / "a"), HonestNode(s.address, tmp_path / "b")
         (_, ga), (_, gb) = a.round_proofs(), b.round_proofs()
-        a.client.submit_proofs(_flat(ga))
-        assert b.client.submit_proofs(_flat(gb)).round_closed  # round 0: a and b have verified work now
+        a.client.submit_proofs(flat(ga))
+        assert b.client.submit_proofs(flat(gb)).round_closed  # round 0: a and b have verified work now
         fresh = [s.client() for _ in range(12)]
         for c in fresh:
             c.register()
@@ -141,10 +137,10 @@ def test_keys_without_verified_work_hold_a_round_back_only_so_long(tmp_path):
         round_start = time.monotonic()
         (_, ga), (_, gb), (_, gn) = a.round_proofs(), b.round_proofs(), newcomer.round_proofs()
         time.sleep(0.3)  # the round took a while
-        a.client.submit_proofs(_flat(ga))
-        assert not b.client.submit_proofs(_flat(gb)).round_closed  # the fresh keys and the newcomer are live
+        a.client.submit_proofs(flat(ga))
+        assert not b.client.submit_proofs(flat(gb)).round_closed  # the fresh keys and the newcomer are live
         workers_in = time.monotonic()
-        assert newcomer.client.submit_proofs(_flat(gn)).verdicts[0].accepted  # within the wait: in the round
+        assert newcomer.client.submit_proofs(flat(gn)).verdicts[0].accepted  # within the wait: in the round
         wait = max(workers_in - round_start, PEER_TTL_INTERVALS * INTERVAL_S)
         while a.client.heartbeat(0, sample=False).current_round == 1:
             for c in fresh:  # live all along
@@ -166,7 +162,7 @@ def test_the_switch_off_keeps_the_round_open_until_full_or_timed_out(tmp_path, s
     try:
         a = HonestNode(s.address, tmp_path / "a")
         _, ga = a.round_proofs()
-        assert a.client.submit_proofs(_flat(ga)).round_closed is switch  # a is the only live node
+        assert a.client.submit_proofs(flat(ga)).round_closed is switch  # a is the only live node
     finally:
         s.stop()
 
@@ -181,14 +177,14 @@ def test_a_restarted_coordinator_still_knows_who_has_submitted(tmp_path):
     try:
         a, b = (HonestNode(s.address, tmp_path / n, identity=ids[n]) for n in "ab")
         (_, ga), (_, gb) = a.round_proofs(), b.round_proofs()
-        assert not a.client.submit_proofs(_flat(ga)).round_closed
+        assert not a.client.submit_proofs(flat(ga)).round_closed
     finally:
         s.stop()
     s = _serve(tmp_path)  # the same data directory
     try:
         b = HonestNode(s.address, tmp_path / "b", identity=ids["b"])
         HonestNode(s.address, tmp_path / "a", identity=ids["a"])  # a is back too: live, its work in the log
-        reply = b.client.submit_proofs(_flat(gb))
+        reply = b.client.submit_proofs(flat(gb))
         assert reply.round_closed and all(v.accepted for v in reply.verdicts)
     finally:
         s.stop()
@@ -207,14 +203,14 @@ def test_rejected_work_and_fresh_keys_cannot_close_a_round_early_only_hold_it_ba
         a, b, m = (HonestNode(s.address, tmp_path / n) for n in "abm")
         (_, ga), (_, gb), (_, gm) = a.round_proofs(), b.round_proofs(), m.round_proofs()
         forged = []
-        for p in _flat(gm):
+        for p in flat(gm):
             p.reward_total += 1.0
             forged.append(proving.sign_proof(p, m.identity))
         for _ in range(2):
             reply = m.client.submit_proofs(forged)
             assert not any(v.accepted for v in reply.verdicts) and not reply.round_closed
-        assert not a.client.submit_proofs(_flat(ga)).round_closed  # B has not submitted
-        closing = b.client.submit_proofs(_flat(gb))
+        assert not a.client.submit_proofs(flat(ga)).round_closed  # B has not submitted
+        closing = b.client.submit_proofs(flat(gb))
         assert closing.round_closed  # every live node's assignment is in: M's rejected groups count as its own
         closed = [e for e in a.client.get_log() if e.kind == "round_closed"][0].payload
         assert sorted(closed["participants"]) == sorted([a.identity.node_id, b.identity.node_id])
@@ -223,10 +219,10 @@ def test_rejected_work_and_fresh_keys_cannot_close_a_round_early_only_hold_it_ba
         for c in fresh:
             c.register()
         (_, ga), (_, gb), (_, gm) = a.round_proofs(), b.round_proofs(), m.round_proofs()
-        a.client.submit_proofs(_flat(ga))
-        m.client.submit_proofs(_flat(gm))
+        a.client.submit_proofs(flat(ga))
+        m.client.submit_proofs(flat(gm))
         # the silent fresh keys are live: they hold the round back, for a while (the test below)
-        assert not b.client.submit_proofs(_flat(gb)).round_closed
+        assert not b.client.submit_proofs(flat(gb)).round_closed
         assert a.client.heartbeat(0, sample=False).current_round == 1
         for c in fresh:
             c.close()
@@ -246,7 +242,7 @@ def test_a_wall_clock_that_jumps_does_not_time_a_round_out(tmp_path, monkeypatch
         a, b = HonestNode(s.address, tmp_path / "a"), HonestNode(s.address, tmp_path / "b")
         started = time.monotonic()
         (_, ga), (_, gb) = a.round_proofs(), b.round_proofs()
-        a.client.submit_proofs(_flat(ga))  # b is live and has submitted nothing: the round stays open
+        a.client.submit_proofs(flat(ga))  # b is live and has submitted nothing: the round stays open
         real_core, real_store = core.now_ms, store._now_ms
         monkeypatch.setattr(core, "now_ms", lambda: real_core() + 3_600_000)  # an hour ahead, at once
         monkeypatch.setattr(store, "_now_ms", lambda: real_store() + 3_600_000)

@@ -171,16 +171,21 @@ def test_a_member_killed_mid_averaging_restarts_resyncs_and_rejoins(tmp_path):
                        for i in range(3)}, snapshots)
 
 
+def _demo_config(*changes: tuple[str, str]) -> str:
+    """The demo's run with each (line, replacement) of ``changes`` made (each line must be there)."""
+    text = demo_config_text()
+    for old, new in changes:
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
 def _restart_config() -> str:
     """The demo's run with short averaging timeouts, so that a wedged step passes its limit (its
     matchmaking, all-reduce and audit timeouts and a margin: 5 + 8 + 8 + 3 s, the victim's margin set
     by tests/swarm_join_node.py) within the test."""
-    text = demo_config_text()
-    for old, new in (("matchmaking_timeout_s = 15.0", "matchmaking_timeout_s = 5.0"),
-                     ("averaging_timeout_s = 30.0", "averaging_timeout_s = 8.0\nsender_timeout_s = 2.0")):
-        assert old in text, old
-        text = text.replace(old, new)
-    return text
+    return _demo_config(("matchmaking_timeout_s = 15.0", "matchmaking_timeout_s = 5.0"),
+                        ("averaging_timeout_s = 30.0", "averaging_timeout_s = 8.0\nsender_timeout_s = 2.0"))
 
 
 def _daemons_of(proc) -> list:
@@ -519,11 +524,8 @@ def test_ctrl_c_or_sigterm_leaves_the_swarm_and_takes_the_nodes_processes_with_i
     # (a stock hivemind averager started in this process, as the liveness tests' is, left SIGINT
     # ignored here, and the nodes would inherit that)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    config = demo_config_text()
-    for old, new in (("round_timeout_s = 15.0", "round_timeout_s = 300.0"),
-                     ("heartbeat_interval_s = 2.0", f"heartbeat_interval_s = {HEARTBEAT_S}")):
-        assert old in config, old
-        config = config.replace(old, new)
+    config = _demo_config(("round_timeout_s = 15.0", "round_timeout_s = 300.0"),
+                          ("heartbeat_interval_s = 2.0", f"heartbeat_interval_s = {HEARTBEAT_S}"))
     with LocalSwarm(tmp_path / "swarm", nodes=3, config_text=config) as swarm:
         swarm.start_coordinator()
         for i in (0, 1):
@@ -564,12 +566,8 @@ def test_ctrl_c_or_sigterm_leaves_the_swarm_and_takes_the_nodes_processes_with_i
 def _default_heartbeats_config() -> str:
     """The demo's run with the default 10 s heartbeats (a silent node counts as gone after 30 s) and
     rounds that would wait 300 s for work that never comes."""
-    config = demo_config_text()
-    for old, new in (("round_timeout_s = 15.0", "round_timeout_s = 300.0"),
-                     ("heartbeat_interval_s = 2.0", "heartbeat_interval_s = 10.0")):
-        assert old in config, old
-        config = config.replace(old, new)
-    return config
+    return _demo_config(("round_timeout_s = 15.0", "round_timeout_s = 300.0"),
+                        ("heartbeat_interval_s = 2.0", "heartbeat_interval_s = 10.0"))
 
 
 @pytest.mark.slow

@@ -54,7 +54,7 @@ class GoodbyeWatcher:
               round_batch: Path, version: int, live: int) -> GoodbyeWatcher:
         """A watcher for this process (off, doing nothing, with ``GRPO_SWARM_GOODBYE_WATCHER=0``)."""
         if os.environ.get(ENV, "1") == "0":
-            return cls(None)
+            return cls.off()
         proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 start_new_session=True, close_fds=True)
         settings = {"address": address, "key": private_key_pem.decode(), "coordinator_key": coordinator_key.hex(),
