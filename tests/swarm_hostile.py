@@ -22,6 +22,9 @@ whatever the behaviour says; the honest peers must cope:
   other members (what it answers them with too)
 * ``withhold_sketch`` — reduces honestly, reveals its nonce, then sends no sketch (what a cheating
   reducer would do on learning that the revealed rows would catch it)
+* ``hang_in_audit`` — a runtime fault, not an attack: reduces honestly, reveals its nonce, then writes
+  ``stall_marker`` and hangs before its sketch (the test kills the node there, as the out-of-memory
+  killer would)
 * ``false_accusation`` — hangs up in its first attempt (a first attempt that names anyone is not
   believed), then accuses ``accuse_target`` (a member it never saw misbehave) of NON_FINITE parts,
   saying it caught it first; honest parts
@@ -304,6 +307,9 @@ class HostileAverager(VerifiedAverager):
         return mine, my_outputs, norms
 
     async def _exchange(self, group_id, phase, body, keys, servers, deadline, found):
+        if phase == PHASE_SKETCH and self.behaviour(self._rules.round_index) == "hang_in_audit":
+            Path(self.stall_marker).write_text("revealed, not sketched")
+            await asyncio.sleep(3600)
         if phase == PHASE_SKETCH and self.behaviour(self._rules.round_index) == "withhold_sketch":
             found.fail(self.peer_id.to_bytes(), Reason.AUDIT_FAILED, "withheld its sketch")
             return {}

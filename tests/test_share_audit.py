@@ -294,8 +294,10 @@ def test_the_store_judges_with_first_entries_and_keeps_the_proof_of_equivocation
     assert lie in store.entries() and honest in store.entries()  # the proof goes out with our answers
 
 
-def _judge_world(lie_share=None, wrong_share=None, liar=1):
-    """Three members, each reducing one share; member 0 judges. Returns judge()'s findings."""
+def _judge_world(lie_share=None, wrong_share=None, liar=1, wrong_by=1.0, silent=(), best_lie=False):
+    """Three members, each reducing one share; member 0 judges. Returns judge()'s findings. ``silent``:
+    members whose sketch entries never came; ``best_lie``: the reducer of ``wrong_share`` sends, for its
+    own share, the sketch that makes it add up exactly (it holds every part it added up)."""
     ids, _ = _peers()
     me = ids[0].peer_id
     xs = [_grads(i) for i in range(3)]
@@ -303,7 +305,7 @@ def _judge_world(lie_share=None, wrong_share=None, liar=1):
     avg = [sum(w * x[k] for w, x in zip(WEIGHTS, xs)) / sum(WEIGHTS) for k in range(len(SHAPES))]
     if wrong_share is not None:
         span = layout.spans[wrong_share][0]
-        flat_views(avg)[span.tensor_index][span.start] += 1.0
+        flat_views(avg)[span.tensor_index][span.start] += wrong_by
     norms = [float(torch.cat([t.reshape(-1) for t in x]).norm()) for x in xs]
     projs = [Projection.draw(b"seed", j, layout.rows[j]) for j in range(3)]
     sketches = {}
@@ -313,6 +315,12 @@ def _judge_world(lie_share=None, wrong_share=None, liar=1):
             ins[lie_share] = ins[lie_share] + 0.5
         outs = [sketch_share(layout, j, flat_views(avg), projs[j]) for j in range(3)]
         sketches[ident.peer_id] = check_sketch_body(sketch_body(ins, outs), 3)
+    if best_lie:
+        j, w = wrong_share, np.asarray(WEIGHTS)
+        others = sum(w[i] * sketches[ids[i].peer_id][0][j] for i in range(3) if i != j)
+        sketches[ids[j].peer_id][0][j] = (w.sum() * sketches[me][1][j] - others) / w[j]
+    for i in silent:
+        del sketches[ids[i].peer_id]
     # member 0 reduces share 0: what it received from 1 and 2 (their true parts)
     received = {ids[i].peer_id: (sketch_share(layout, 0, flat_views(xs[i]), projs[0]),
                                  float(torch.sqrt(sum(flat_views(xs[i])[s.tensor_index][s.start:s.start + s.numel]
@@ -340,6 +348,35 @@ def test_judge_honest_wrong_average_and_lying_sender():
     # member 2 lies about share 1 (member 1's): member 0 can only blame that reducer
     ids, found, calls = _judge_world(lie_share=1, liar=2)
     assert list(found.accused) == [ids[1].peer_id] and found.accused[ids[1].peer_id][0] == Reason.WRONG_AVERAGE
+
+
+def test_a_sketch_withheld_is_judged_as_the_best_lie_its_sender_could_have_told():
+    """A member that revealed its nonce and then sent no sketch (a crash, or a reducer that saw the
+    rows would catch it): the shares are judged without it, so its silence is no accusation. Silence
+    never beats speaking: a wrong average its reducer could hide with a sketch chosen to make its
+    share add up passes either way (the audit's stated bound), and one no sketch can hide is caught
+    in silence too."""
+    ids, found, calls = _judge_world(silent=(2,))
+    assert found.clean and not calls
+    ids, found, _ = _judge_world(silent=(1,))  # member 0's own share, with a sender silent: still adds up
+    assert found.clean
+    for wrong_by, caught in ((1.0, False), (1000.0, True)):
+        ids, spoken, _ = _judge_world(wrong_share=2, wrong_by=wrong_by, best_lie=True)
+        ids, quiet, _ = _judge_world(wrong_share=2, wrong_by=wrong_by, silent=(2,))
+        assert (ids[2].peer_id in spoken.accused) == (ids[2].peer_id in quiet.accused) == caught, (spoken, quiet)
+        if caught:  # spoken, the sketch that adds up is too large for its norm; silent, the share
+            assert spoken.accused[ids[2].peer_id][0] == Reason.SKETCH_IMPLAUSIBLE
+            assert quiet.accused[ids[2].peer_id][0] == Reason.WRONG_AVERAGE
+            assert "no sketch from 1 sender" in quiet.accused[ids[2].peer_id][1]
+    # the naive liar (its true sketch) is caught at 1.0 when it speaks: what its silence would have spared
+    # it before, were silence not judged
+    ids, naive, _ = _judge_world(wrong_share=2, wrong_by=1.0)
+    assert naive.accused[ids[2].peer_id][0] == Reason.WRONG_AVERAGE
+    # two silent members (a reducer and a colluder) have the room of both, and no more
+    ids, pair, _ = _judge_world(wrong_share=2, wrong_by=1000.0, silent=(1, 2))
+    assert pair.accused[ids[2].peer_id][0] == Reason.WRONG_AVERAGE and ids[1].peer_id not in pair.accused
+    ids, pair, _ = _judge_world(wrong_share=2, wrong_by=1.0, silent=(1, 2))
+    assert pair.clean
 
 
 def test_reportable_leaves_out_a_reducer_that_names_a_liar():

@@ -622,6 +622,47 @@ def test_a_node_killed_while_it_samples_is_not_waited_for_at_the_default_heartbe
         assert "told the coordinator node" in (swarm.logs / "node0.log").read_text(errors="replace"), logs(swarm)
 
 
+@pytest.mark.slow
+def test_a_node_killed_in_the_share_audit_holds_nobody_and_is_not_banned(tmp_path):
+    """Node 0 reduces round 2 honestly, reveals its share-audit nonce and hangs before its sketch,
+    where it is SIGKILLed (an out-of-memory kill); its goodbye watcher says the goodbye. The other two
+    stop waiting for its sketch once the coordinator lists it gone, not at the audit's 20 s timeout;
+    they judge every share without its sketch (a failure, not an accusation: its silence could hide
+    nothing) and average the round as a pair. Nobody reports it, so its restart is not refused as
+    banned: it averages with both again. Before, the two waited the audit out, accused it
+    AUDIT_WITHHELD, and their two reports banned it."""
+    marker = tmp_path / "in_audit"
+    with LocalSwarm(tmp_path / "swarm", nodes=3, config_text=_default_heartbeats_config()) as swarm:
+        victim_id = Identity.load_or_create(swarm.workdir(0) / "node.key").node_id
+        swarm.start_coordinator()
+        for i in range(3):
+            swarm.start_node(i, program=hostile("hang_in_audit", 2, marker) if i == 0 else None)
+        wait_until(marker.exists, 180, swarm, "node 0 hanging in the share audit", running=(0, 1, 2))
+        before = len(swarm.records(0))
+        swarm.kill_node(0)
+        killed_at = time.time()
+        pair = lambda i: [r for r in swarm.records(i) if r["ended"] > killed_at and r["averaged"]]  # noqa: E731
+        wait_until(lambda: pair(1) and pair(2), 90, swarm, "a round averaged by the other two after the kill",
+                   running=(1, 2))
+        first = {i: pair(i)[0] for i in (1, 2)}
+        swarm.start_node(0)
+        restarted_at = time.time()
+        back = lambda: [r for r in swarm.records(0)[before:] if r["averaged"] and r["peers"] == 3]  # noqa: E731
+        wait_until(back, 90, swarm, "a round averaged by all three after node 0's restart", running=(0, 1, 2))
+        rejoined = back()[0]
+        swarm.stop_nodes(grace_s=0)
+        entries = log_entries(swarm)
+    held = max(r["ended"] for r in first.values()) - killed_at
+    print(f"\nnode 0 killed in the audit of round {first[1]['round']}: the pair averaged it {held:.1f} s later; "
+          f"node 0 averaged with both {rejoined['ended'] - restarted_at:.1f} s after its restart")
+    for r in first.values():
+        assert r["peers"] == 2 and r["round"] == first[1]["round"], first
+    assert held < 10.0, first  # the audit's timeout alone is 20 s here
+    assert not [e.payload for e in entries if e.kind == "node_banned"]
+    assert not [e.payload for e in entries if e.kind == "peer_reported" and e.payload["peer_node_id"] == victim_id]
+    assert rejoined["ended"] - restarted_at < 60.0, rejoined
+
+
 def _running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -134,6 +134,7 @@ STEP_MARGIN_S = 10.0  # past its matchmaking, all-reduce and audit timeouts and 
 STEP_STUCK = "the averaging step did not finish within its timeouts"
 AVERAGER_DIED = "the averager process is gone"
 LIVENESS_POLL_S = 1.0  # while a step runs, how often the averager process is checked to be alive
+GONE_POLL_S = 1.0  # while a step reduces and audits, how often the caller's left_now is asked
 START_LIMIT_S = 60.0  # an averager process not ready by then (it died or wedged as it started) is killed
 ALLREDUCE_GRACE_S = 5.0  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
 ROUND_WENT_ON = "the round went on without this node (no retry)"
@@ -392,6 +393,7 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
         self._audit_stores: dict[tuple[bytes, int], AuditStore] = {}  # (group, phase) -> entries held
         self._background_calls: set = set()
         self._last_audit: tuple | None = None  # (group, the other contributors, deadline): _linger_for_audits
+        self._gone_peers: frozenset[bytes] = frozenset()  # the round's peers known to have left (_set_gone)
         self._rules: RoundRules | None = None  # the current round's rules, in the background process
         self._finished_groups: dict[bytes, None] = {}  # recently left group ids (insertion-ordered)
         self._round_lock = threading.Lock()
@@ -530,7 +532,8 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
                 expected_peers: Iterable[bytes] | None = None, max_attempts: int | None = None,
                 out: Sequence[torch.Tensor] | None = None, straggler_wait: float = 0.0,
                 round_over: Callable[[], bool] | None = None,
-                gone: Callable[[], Iterable[bytes]] | None = None) -> RoundResult:
+                gone: Callable[[], Iterable[bytes]] | None = None,
+                left_now: Callable[[], Iterable[bytes]] | None = None) -> RoundResult:
         """Average ``grads`` with this round's peers; see the module docstring.
 
         ``ticket_bytes``: this node's serialized AdmissionTicket for ``round_index``.
@@ -551,6 +554,10 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
         said they are leaving). The attempt's group counts as full without them, so nobody waits
         the straggler or retry wait for a peer that will not come; an attempt still needs the same
         strict majority of all the round's peers.
+        ``left_now``: asked every ``GONE_POLL_S`` while an attempt's reduction and share audit run past
+        their first ``GONE_POLL_S``: the round's peers known to have left now (node public keys; it may
+        ask the coordinator). The audit waits for a departed member's entries ``AUDIT_POLL_S`` more,
+        not its full timeout: a node killed mid-audit (its goodbye said by its watcher) holds nobody.
         ``out``: tensors (e.g. the gradients themselves) to write the average into on success, which
         the result then holds (:meth:`result_buffers`: no copy); by default the result holds new tensors.
         ``grads`` may be :meth:`gradient_buffers` themselves (computed in place): checked, not copied.
@@ -574,14 +581,15 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
             attempts: list[AttemptReport] = []
             try:
                 return self._attempts(round_index, ticket_bytes, rules, weight, norm, sit_out, attempts, started,
-                                      max_attempts, out, straggler_wait, round_over, gone)
+                                      max_attempts, out, straggler_wait, round_over, gone, left_now)
             finally:
                 self.break_memory.record(round_index, attempts)
 
     def _attempts(self, round_index: int, ticket_bytes: bytes, rules: RoundRules, weight: float, norm: float,
                   sit_out: tuple[bytes, ...], attempts: list[AttemptReport], started: float, max_attempts: int | None,
                   out: Sequence[torch.Tensor] | None, straggler_wait: float,
-                  round_over: Callable[[], bool] | None, gone: Callable[[], Iterable[bytes]] | None) -> RoundResult:
+                  round_over: Callable[[], bool] | None, gone: Callable[[], Iterable[bytes]] | None,
+                  left_now: Callable[[], Iterable[bytes]] | None = None) -> RoundResult:
         """The attempts of :meth:`average`'s round, each appended to ``attempts`` as it ends."""
         deadline = started + self.round_timeout
         accusations: tuple[tuple[bytes, str], ...] = ()
@@ -602,7 +610,7 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
                 members = members - {peer_id_from_public_key(k) for k in left}
             target = group_target(rules.expected_keys, left, self.min_group_size)
             self._outer_pipe.send(("_set_retry", [members, shunned, target], {}))
-            report = self._attempt(entry, weight, timeout, wait, round_over)
+            report = self._attempt(entry, weight, timeout, wait, round_over, self._gone_teller(rules, left_now))
             report.attempt = attempt
             attempts.append(report)
             if report.ok:
@@ -648,15 +656,31 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
             wait += self.allreduce_kwargs["reducer_timeout"]
         return min(wait, 0.8 * timeout)
 
+    def _gone_teller(self, rules: RoundRules, left_now: Callable[[], Iterable[bytes]] | None
+                     ) -> Callable[[], None] | None:
+        """For :meth:`_step_result`: asks ``left_now`` and passes the round's peers newly known gone to
+        the averager process (``_set_gone``)."""
+        if left_now is None or rules.expected_keys is None:
+            return None
+        told: set[bytes] = set()
+
+        def tell() -> None:
+            new = left_peers(rules.expected_keys, left_now) - told
+            if new:
+                told.update(new)
+                self._outer_pipe.send(("_set_gone", [frozenset(peer_id_from_public_key(k) for k in new)], {}))
+        return tell
+
     def _attempt(self, entry: bytes, weight: float, timeout: float, wait: float,
-                 round_over: Callable[[], bool] | None = None) -> AttemptReport:
+                 round_over: Callable[[], bool] | None = None, tell_gone: Callable[[], None] | None = None
+                 ) -> AttemptReport:
         try:
             # a step runs its matchmaking, then its all-reduce and audit under hivemind's timeout: past
             # all of that (and a margin) it is stuck, and the node must not wait on it forever
             limit = timeout + self._allreduce_timeout + self.audit_timeout + STEP_MARGIN_S
             control = start_step(self, gather=entry, weight=weight, timeout=timeout,
                                  scheduled_time=get_dht_time() + wait, limit=STEP_MARGIN_S)
-            report = self._step_result(control, round_over, limit, alive=self.is_alive)
+            report = self._step_result(control, round_over, limit, alive=self.is_alive, tell_gone=tell_gone)
             if isinstance(report, AttemptReport) and (report.error or "").startswith(STEP_STUCK):
                 self._outer_pipe.send(("_log_tasks", [report.error], {}))  # where it waits: for the log
         except ChildSilent as e:
@@ -669,7 +693,7 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
 
     @staticmethod
     def _step_result(control: StepControl, round_over: Callable[[], bool] | None, limit: float | None = None,
-                     alive: Callable[[], bool] | None = None):
+                     alive: Callable[[], bool] | None = None, tell_gone: Callable[[], None] | None = None):
         """The step's result. With ``round_over``: asked every ROUND_OVER_POLL_S while the step is still
         looking for a group; True cancels the search (hivemind's StepControl.cancel, which ends its
         matchmaking) and waits for the step to wind down, so the next round's step never meets a
@@ -677,8 +701,10 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
         hold a majority of the round's peers, so nothing is lost. With ``limit``: a step still
         unfinished after that many seconds is cancelled and reported as a failed attempt. With
         ``alive``: asked every LIVENESS_POLL_S; False (the averager process died: nothing will ever
-        answer the step) reports the attempt failed at once."""
+        answer the step) reports the attempt failed at once. With ``tell_gone``: called every
+        ``GONE_POLL_S`` once the step's reduction (and audit) has run that long (see ``left_now``)."""
         deadline = None if limit is None else time.monotonic() + limit
+        reducing_since = None
         # the shorter poll that is asked for (LIVENESS_POLL_S < ROUND_OVER_POLL_S)
         poll = LIVENESS_POLL_S if alive is not None else ROUND_OVER_POLL_S if round_over is not None else None
         ask_round_at = time.monotonic() + ROUND_OVER_POLL_S  # (a heartbeat to the coordinator: not every poll)
@@ -695,6 +721,12 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
             try:
                 return control.result(timeout=wait)
             except TimeoutError:
+                if tell_gone is not None and control.stage == AveragingStage.RUNNING_ALLREDUCE:
+                    now = time.monotonic()
+                    reducing_since = now if reducing_since is None else reducing_since
+                    if now - reducing_since >= GONE_POLL_S:
+                        tell_gone()
+                        reducing_since = now
                 if round_over is None or time.monotonic() < ask_round_at:
                     continue
                 ask_round_at = time.monotonic() + ROUND_OVER_POLL_S
@@ -738,6 +770,7 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
     async def _set_round(self, round_index: int, expected_keys: frozenset[bytes] | None, group_size: int | None):
         """Runs in the averager process before a round's steps (the control pipe keeps the order)."""
         self._rules = self.round_rules(round_index, expected_keys)
+        self._gone_peers = frozenset()
         if type(self._matchmaking) is Matchmaking:  # hivemind builds it inside _run_internal: swap the class
             self._matchmaking.__class__ = PatientMatchmaking
         self._matchmaking.round_keys = expected_keys  # only the round's peers may take a slot in its groups
@@ -762,6 +795,11 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
         self._matchmaking.retry_members, self._matchmaking.shunned_leaders = members, shunned
         full = self._round_target if target is None else target
         self._matchmaking.target_group_size = self._matchmaking.potential_leaders.target_group_size = full
+
+    async def _set_gone(self, peer_ids: frozenset[bytes]) -> None:
+        """Runs in the averager process: the round's peers (peer ids) the node learned have left it; a
+        running share audit stops waiting for their entries (:meth:`ShareAuditRPC._exchange`)."""
+        self._gone_peers = self._gone_peers | frozenset(map(bytes, peer_ids))
 
     def verdicts(self, group_info: GroupInfo, rules: RoundRules) -> list[SlotVerdict]:
         return group_verdicts([p.to_bytes() for p in group_info.peer_ids], group_info.gathered, rules)
@@ -868,6 +906,12 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
         report.refused = {_b58(p): r for p, r in runner.refused.items()}
         if runner.first_failure is not None:
             report.first_failed = f"{_b58(runner.first_failure[0])}: {runner.first_failure[1].value}"
+        elif audit is not None and not audit.accused:
+            # a member silent in the audit broke the attempt: named so, one silent every attempt is left out
+            silent = [(p, r) for p, (r, _) in audit.failed.items()
+                      if r in (Reason.SKETCH_WITHHELD, Reason.AUDIT_UNANSWERED) and p != self.peer_id.to_bytes()]
+            if silent:
+                report.first_failed = f"{_b58(silent[0][0])}: {silent[0][1].value}"
         report.weight_claims_ignored = {_b58(p): w for p, w in runner.weight_claims.items()}
         report.failed_size = runner.tensor_part_container.failed_size
         report.bytes_sent, report.bytes_received = runner.bytes_sent, runner.bytes_received

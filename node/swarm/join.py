@@ -313,6 +313,15 @@ class SwarmPeer:
             return frozenset()
         return frozenset(bytes(k) for k in hb.round_moved_on)
 
+    def _left_now(self, round_index: int) -> frozenset[bytes]:
+        """:meth:`_gone` after asking the coordinator (a heartbeat): asked while the averaging's reduction
+        or audit runs long, so that it stops waiting for a member whose goodbye the coordinator heard."""
+        try:
+            self.heartbeat()
+        except Exception as e:  # noqa: BLE001 - the averaging then waits as it would
+            log.debug("could not ask the coordinator who left round %d: %s", round_index, e)
+        return self._gone(round_index)
+
     def _meet(self, hb: pb.HeartbeatResponse) -> None:
         """Dial the listed peers worth dialling (:mod:`.peer_dialing`: verified ones, not backing off)
         that this DHT is not connected to, all at once (connected ones are skipped there)."""
@@ -607,7 +616,8 @@ class SwarmPeer:
                                        out=self.averager.result_buffers() if bound else grads,
                                        straggler_wait=self._straggler_wait(started - closed_at),
                                        round_over=lambda: self._round_went_on(round_index, p.snapshot.version),
-                                       gone=lambda: self._gone(round_index))
+                                       gone=lambda: self._gone(round_index),
+                                       left_now=lambda: self._left_now(round_index))
         self._last_result = result
         drop_round_batch(self._round_batch_path)  # the round's averaging is over: nothing left to resume
         if bound and result.ok:  # the step reads the average where the round left it

@@ -67,8 +67,12 @@ class Reason(str, Enum):
     SKETCH_MISMATCH = "SKETCH_MISMATCH"  # its sketch differs from the parts it sent (seen by their reducer)
     SKETCH_IMPLAUSIBLE = "SKETCH_IMPLAUSIBLE"  # a sketch too large for its committed norm
     BAD_AUDIT_ENTRY = "BAD_AUDIT_ENTRY"  # malformed / wrongly signed / wrong nonce in the audit exchange
-    AUDIT_WITHHELD = "AUDIT_WITHHELD"  # no reveal or sketch in time after the reduction (an accusation:
-    # silent once the seed is known, a reducer caught by a sampled audit would get a free retry)
+    AUDIT_WITHHELD = "AUDIT_WITHHELD"  # no reveal in time after the reduction (an accusation: silent
+    # while the others wait for the seed, a reducer holding theirs would learn for free whether the rows catch it)
+    SKETCH_WITHHELD = "SKETCH_WITHHELD"  # revealed its nonce, then sent no sketch in time (a failure: every share
+    # is judged without it, by the best lie it could have told, so its silence hides nothing; a crash looks so)
+    AUDIT_UNANSWERED = "AUDIT_UNANSWERED"  # did not answer the audit exchange with every entry though we hold
+    # them all (a failure: its own entries are in; only its view of the others' is unknown)
     AUDIT_FAILED = "AUDIT_FAILED"  # outputs differing between members, or our own audit broke (a failure)
 
     def __str__(self) -> str:

@@ -25,10 +25,13 @@ other check would pass. After a successful reduction, and before anyone applies 
    average differ fail the attempt (AUDIT_FAILED: the reducer or the member could be lying).
 
 Any finding fails the attempt (the averager restores its gradient); accusations go into the next
-attempt's gather as usual. A contributor whose reveal or sketch does not arrive in time is accused
-too (AUDIT_WITHHELD), not merely failed: once the seed is revealed a reducer knows whether the
-sampled rows would catch its wrong average, and silence must cost it what being caught does, or
-it would be a free retry. When a reducer that others accuse of WRONG_AVERAGE accuses a sender of
+attempt's gather as usual. A contributor whose reveal does not arrive in time is accused too
+(AUDIT_WITHHELD): without its nonce nobody has the seed, while it may hold everyone else's and know
+whether the sampled rows would catch its wrong average, so silence must cost it what being caught
+does, or it would be a free retry. A sketch that does not arrive after the reveal is only a failure
+(SKETCH_WITHHELD; a crash looks the same): :func:`judge` then holds every share to the room the
+silent senders' sketches would have had, so the verdict is the one the best lie it could have
+told would get, and a reducer caught by the rows is caught in silence too. When a reducer that others accuse of WRONG_AVERAGE accuses a sender of
 SKETCH_MISMATCH in turn, third parties cannot tell who lied (only the reducer saw the parts): both
 are left out of the retry and neither is reported to the coordinator for it
 (:meth:`.round_report.RoundResult.reportable`).
@@ -57,7 +60,14 @@ import numpy as np
 
 from grpo_swarm.protocol.identity import SIGNATURE_SIZE, Identity, verify_signature
 
-from .share_sketch import SKETCH_DIMS, plausible, share_residual, share_tolerance, sketch_tolerance
+from .share_sketch import (
+    SKETCH_DIMS,
+    plausible,
+    plausible_norm,
+    share_residual,
+    share_tolerance,
+    sketch_tolerance,
+)
 from .gather import strict_unpack
 from .reasons import Reason
 
@@ -284,9 +294,17 @@ def judge(*, me: bytes, senders: Sequence[Sender], reducers: Sequence[bytes], sh
     function giving each remote sender's (sketch, norm) of the parts it received from them (decoded:
     the values it added up, of which the sender's sketch must be, exactly). It costs a pass over the
     share per sender, so it is called only when this member's own share does not add up — the only
-    time a sender's lie matters (lies that cancel out leave an honest average)."""
+    time a sender's lie matters (lies that cancel out leave an honest average).
+
+    A sender missing from ``sketches`` (it revealed its nonce, then sent no sketch in time) is judged
+    by the best lie it could have told: every share is held only to the others' sketches leaving room
+    for the silent senders' parts, each within its committed norm (:func:`silent_room`). A sender's
+    own values for its own share are held to nothing more when it speaks, so a reducer whose wrong
+    average would be caught is caught in silence too, and silence buys no fresh draw of the rows."""
     found = Findings()
     my_share = reducers.index(me) if me in reducers else -1
+    silent = [s for s in senders if s.peer_id not in sketches]
+    senders = [s for s in senders if s.peer_id in sketches]
     for s in senders:
         for j, numel in enumerate(share_numels):
             if numel and not plausible(sketches[s.peer_id][0][j], s.committed_norm):
@@ -296,10 +314,16 @@ def judge(*, me: bytes, senders: Sequence[Sender], reducers: Sequence[bytes], sh
     norms = [s.committed_norm for s in senders]
 
     def off_by(j: int) -> tuple[float, float] | None:
-        """Share j's worst residual and its tolerance (None: a sender sent no sketch of it)."""
+        """Share j's worst residual and its tolerance (None: a sender sent no sketch of it); with silent
+        senders, the norm of what the others' sketches leave unexplained and the room for it."""
         inputs = [sketches[s.peer_id][0][j] for s in senders]
         if any(x is None for x in inputs):
             return None  # that sender is accused of SKETCH_IMPLAUSIBLE above
+        if silent:
+            return silent_room(my_outputs[j], inputs, weights, silent,
+                               share_tolerance(output_norms[j], [*weights, *(s.weight for s in silent)],
+                                               [*norms, *(s.committed_norm for s in silent)], share_numels[j],
+                                               fp16_output=fp16_output))
         residual = share_residual(my_outputs[j], inputs, weights)
         tolerance = share_tolerance(output_norms[j], weights, norms, share_numels[j], fp16_output=fp16_output)
         return float(np.max(np.abs(residual))), tolerance
@@ -308,6 +332,8 @@ def judge(*, me: bytes, senders: Sequence[Sender], reducers: Sequence[bytes], sh
         mine = off_by(my_share)
         if mine is not None and not mine[0] <= mine[1]:
             for peer, (sketch, norm) in (received() or {}).items():
+                if peer not in sketches:
+                    continue  # silent: it claimed nothing
                 claimed = sketches[peer][0][my_share]
                 gap = float(np.max(np.abs(np.asarray(claimed) - sketch))) if claimed is not None else math.inf
                 limit = sketch_tolerance(norm)
@@ -333,6 +359,23 @@ def judge(*, me: bytes, senders: Sequence[Sender], reducers: Sequence[bytes], sh
                     found.fail(me, Reason.AUDIT_FAILED, f"share {j}: the senders' sketches do not add up "
                                                         f"({worst:.3g} > {tolerance:.3g})")
             else:
+                unheard = f" (with no sketch from {len(silent)} sender(s): the most their parts could explain)" \
+                    if silent else ""
                 found.accuse(reducer, Reason.WRONG_AVERAGE, f"its average of share {j} is off by {worst:.3g} > "
-                                                            f"{tolerance:.3g} in a secret projection")
+                                                            f"{tolerance:.3g} in a secret projection{unheard}")
     return found
+
+
+def silent_room(out_sketch: np.ndarray, in_sketches: Sequence[np.ndarray], weights: Sequence[float],
+                silent: Sequence[Sender], tolerance: float) -> tuple[float, float]:
+    """A share whose ``silent`` senders sent no sketch: (the norm of what the others' sketches leave
+    unexplained in the average's sketch, the most the silent senders' parts could explain). The
+    unexplained rest must be the silent senders' weighted sketches, each at most
+    :func:`.share_sketch.plausible_norm` of its committed norm — the same room their own sketches
+    would have had (a reducer's sketch of its own values is held to nothing else) — plus rounding
+    (``tolerance`` per dimension, as for a whole share)."""
+    total = float(sum(weights) + sum(s.weight for s in silent))
+    explained = sum(float(w) * np.asarray(x, dtype=np.float64) for w, x in zip(weights, in_sketches)) / total
+    rest = float(np.linalg.norm(np.asarray(out_sketch, dtype=np.float64) - explained))
+    room = sum(s.weight * plausible_norm(s.committed_norm) for s in silent) / total
+    return rest, room + math.sqrt(SKETCH_DIMS) * tolerance

@@ -9,7 +9,7 @@ verdicts are in :mod:`.share_audit`.
 
 It uses the averager's ``identity``, ``peer_id``, ``prefix``, ``_p2p``, ``request_timeout``,
 ``audit_timeout``, ``_rules``, ``_audit_secret``, ``_audit_stores``, ``_background_calls``,
-``_last_audit`` and ``_running_groups``.
+``_last_audit``, ``_gone_peers`` and ``_running_groups``.
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ class ShareAuditRPC:
                         nonces.append(check_reveal(reveals[s.peer_id], plan.verdict(PeerID(s.peer_id)).nonce_commitment))
                     except AuditEntryError as e:
                         found.accuse(s.peer_id, Reason.BAD_AUDIT_ENTRY, str(e))
-            if not found.clean:
-                return found
+            if found.accused or len(nonces) < len(senders):
+                return found  # no seed without every nonce (a silent member was accused above)
             seed = audit_seed(runner.group_id, nonces)  # hivemind's id and the digest of the group's view
             # drawn in a thread (SHAKE-256 of a few MB): the loop keeps answering the others' audit calls
             projections = await asyncio.get_event_loop().run_in_executor(
@@ -110,8 +110,10 @@ class ShareAuditRPC:
                         sketches[s.peer_id] = check_sketch_body(bodies[s.peer_id], runner.group_size)
                     except AuditEntryError as e:
                         found.accuse(s.peer_id, Reason.BAD_AUDIT_ENTRY, str(e))
-            if not found.clean:
+            if found.accused:
                 return found
+            # judged even with a sketch missing (.share_audit.judge: by the best lie its sender could
+            # have told), so that silence after the reveal spares no reducer the verdict
             numels = [runner.layout.numel(j) for j in range(runner.layout.num_shares)]
             verdict = await asyncio.get_event_loop().run_in_executor(None, functools.partial(
                 judge, me=me, senders=senders, reducers=[p.to_bytes() for p in plan.peer_ids],
@@ -183,12 +185,15 @@ class ShareAuditRPC:
         Reading every reducer's whole view is what makes equivocation visible: a member that signs
         two different entries (a framing sketch for some members, the honest one for the reducer it
         frames) is seen doing so by whoever reads both, and accused (BAD_AUDIT_ENTRY); no member
-        judges a reducer on entries that reducer did not hold too. A contributor whose entry is still
-        missing at ``deadline`` is accused (AUDIT_WITHHELD), as if caught: a reducer that learns from
-        the revealed seed that its wrong average would be caught could otherwise fall silent and try
-        again. Once we hold every entry, servers get ``request_timeout + AUDIT_POLL_S`` more (even
-        past the deadline: an entry held back to the last moment must not frame them) to answer with
-        every entry, and one that does not is accused the same way."""
+        judges a reducer on entries that reducer did not hold too. A contributor whose reveal is still
+        missing at ``deadline`` is accused (AUDIT_WITHHELD): without it nobody has the seed, while the
+        silent member may hold everyone else's and know whether the rows would catch it. A missing
+        sketch is a failure (SKETCH_WITHHELD): the shares are judged without it (.share_audit.judge).
+        Once we hold every entry, servers get ``request_timeout + AUDIT_POLL_S`` more (even past the
+        deadline: an entry held back to the last moment must not frame them) to answer with every
+        entry; one that does not has failed (AUDIT_UNANSWERED). A missing entry or answer of a peer
+        the node learned has left the round (``_gone_peers``: the coordinator heard its goodbye, or
+        it samples the next round) is waited for ``AUDIT_POLL_S`` more, not until the deadline."""
         loop = asyncio.get_event_loop()
         entry = encode_entry(self.identity, group_id, phase, body)
         store = self._audit_store(group_id, phase, create=True)
@@ -216,7 +221,7 @@ class ShareAuditRPC:
         # every server is called at least once (the call carries our entry to it); a call that
         # returns without every entry is made again; we stop once every entry and every answer is in
         calls = {asyncio.ensure_future(call(p, 0.0)) for p in servers}
-        complete_at = None
+        complete_at = gone_at = None
         while True:
             now = loop.time()
             if store.complete():
@@ -224,12 +229,20 @@ class ShareAuditRPC:
                 if answered() >= set(servers):
                     break
             limit = deadline if complete_at is None else max(deadline, complete_at + self.request_timeout + AUDIT_POLL_S)
+            awaited = set(keys) - set(store.first) if complete_at is None else \
+                {p.to_bytes() for p in set(servers) - answered()}
+            if awaited and awaited <= self._gone_peers:  # (only peers known gone are still awaited)
+                gone_at = now if gone_at is None else gone_at
+                limit = min(limit, gone_at + AUDIT_POLL_S)
             if now >= limit:
                 for peer in set(keys) - set(store.first):
-                    found.accuse(peer, Reason.AUDIT_WITHHELD, f"no audit entry (phase {phase}) within "
-                                                              f"{self.audit_timeout} s")
+                    why = "it left the round" if peer in self._gone_peers else f"{self.audit_timeout} s"
+                    if phase == PHASE_REVEAL:
+                        found.accuse(peer, Reason.AUDIT_WITHHELD, f"no reveal within {why}")
+                    else:
+                        found.fail(peer, Reason.SKETCH_WITHHELD, f"revealed its nonce, then no sketch within {why}")
                 for peer in set(servers) - answered() if complete_at is not None else ():
-                    found.accuse(peer.to_bytes(), Reason.AUDIT_WITHHELD, f"did not answer the audit exchange "
+                    found.fail(peer.to_bytes(), Reason.AUDIT_UNANSWERED, f"did not answer the audit exchange "
                                                                          f"(phase {phase}) with every entry")
                 break
             store.changed.clear()

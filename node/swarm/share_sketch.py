@@ -367,7 +367,12 @@ def plausible(sketch: np.ndarray, committed_norm: float) -> bool:
     s = np.asarray(sketch, dtype=np.float64)
     if s.shape != (SKETCH_DIMS,) or not np.all(np.isfinite(s)):
         return False
-    return float(np.linalg.norm(s)) <= JL_FACTOR * math.sqrt(SKETCH_DIMS) * committed_norm * (1 + 1e-6) + 1e-30
+    return float(np.linalg.norm(s)) <= plausible_norm(committed_norm)
+
+
+def plausible_norm(committed_norm: float) -> float:
+    """The largest (Euclidean) norm :func:`plausible` lets a sketch of such values have."""
+    return JL_FACTOR * math.sqrt(SKETCH_DIMS) * committed_norm * (1 + 1e-6) + 1e-30
 
 
 def flat_views(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:

@@ -193,7 +193,8 @@ def group_verdicts(peer_ids: Sequence[bytes], gathered: Sequence[bytes], rules: 
 # a first failure that is a finding of the member's own (it names the peer in its accusations); the
 # others (an end, a refusal, CANCELLED, another view of the group, a broken audit) an abort also causes
 _FAILURES = frozenset(r.value for r in (Reason.SENDER_FAILED, Reason.REDUCER_FAILED, Reason.GROUP_VIEW_MISMATCH,
-                                        Reason.AUDIT_FAILED, Reason.NOT_IN_GROUP, Reason.NOT_IN_GROUP_AGAIN))
+                                        Reason.AUDIT_FAILED, Reason.SKETCH_WITHHELD, Reason.AUDIT_UNANSWERED,
+                                        Reason.NOT_IN_GROUP, Reason.NOT_IN_GROUP_AGAIN))
 
 
 def next_first_failed(previous: tuple[bytes, str] | None, seen: tuple[bytes, str] | None
