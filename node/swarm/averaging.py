@@ -556,8 +556,8 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
         strict majority of all the round's peers.
         ``left_now``: asked every ``GONE_POLL_S`` while an attempt's reduction and share audit run past
         their first ``GONE_POLL_S``: the round's peers known to have left now (node public keys; it may
-        ask the coordinator). The audit waits for a departed member's entries ``AUDIT_POLL_S`` more,
-        not its full timeout: a node killed mid-audit (its goodbye said by its watcher) holds nobody.
+        ask the coordinator). The audit waits for a departed member's entries one call more, not its
+        full timeout: a node killed mid-audit (its goodbye said by its watcher) holds nobody.
         ``out``: tensors (e.g. the gradients themselves) to write the average into on success, which
         the result then holds (:meth:`result_buffers`: no copy); by default the result holds new tensors.
         ``grads`` may be :meth:`gradient_buffers` themselves (computed in place): checked, not copied.

@@ -193,7 +193,8 @@ class ShareAuditRPC:
         deadline: an entry held back to the last moment must not frame them) to answer with every
         entry; one that does not has failed (AUDIT_UNANSWERED). A missing entry or answer of a peer
         the node learned has left the round (``_gone_peers``: the coordinator heard its goodbye, or
-        it samples the next round) is waited for ``AUDIT_POLL_S`` more, not until the deadline."""
+        it samples the next round) is waited for one call more (``request_timeout + AUDIT_POLL_S``),
+        not until the deadline."""
         loop = asyncio.get_event_loop()
         entry = encode_entry(self.identity, group_id, phase, body)
         store = self._audit_store(group_id, phase, create=True)
@@ -232,8 +233,9 @@ class ShareAuditRPC:
             awaited = set(keys) - set(store.first) if complete_at is None else \
                 {p.to_bytes() for p in set(servers) - answered()}
             if awaited and awaited <= self._gone_peers:  # (only peers known gone are still awaited)
+                # one call's time more: a member that finished and moved on left its entries with the servers
                 gone_at = now if gone_at is None else gone_at
-                limit = min(limit, gone_at + AUDIT_POLL_S)
+                limit = min(limit, gone_at + self.request_timeout + AUDIT_POLL_S)
             if now >= limit:
                 for peer in set(keys) - set(store.first):
                     why = "it left the round" if peer in self._gone_peers else f"{self.audit_timeout} s"
