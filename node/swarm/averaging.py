@@ -66,10 +66,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import ctypes
 import gc
 import hashlib
 import logging
 import math
+import multiprocessing as mp
 import os
 import signal
 import threading
@@ -134,7 +136,6 @@ STEP_MARGIN_S = 10.0  # past its matchmaking, all-reduce and audit timeouts and 
 STEP_STUCK = "the averaging step did not finish within its timeouts"
 AVERAGER_DIED = "the averager process is gone"
 LIVENESS_POLL_S = 1.0  # while a step runs, how often the averager process is checked to be alive
-GONE_POLL_S = 1.0  # while a step reduces and audits, how often the caller's left_now is asked
 START_LIMIT_S = 60.0  # an averager process not ready by then (it died or wedged as it started) is killed
 ALLREDUCE_GRACE_S = 5.0  # hivemind's own all-reduce timeout sits this far behind ours, as a backstop
 ROUND_WENT_ON = "the round went on without this node (no retry)"
@@ -394,6 +395,9 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
         self._background_calls: set = set()
         self._last_audit: tuple | None = None  # (group, the other contributors, deadline): _linger_for_audits
         self._gone_peers: frozenset[bytes] = frozenset()  # the round's peers known to have left (_set_gone)
+        # set by the averager process while its share audit waits on a member: only then does the node
+        # ask the coordinator who left (a reduction of a large model runs for minutes: no polling then)
+        self._audit_waiting = mp.Value(ctypes.c_bool, False, lock=False)
         self._rules: RoundRules | None = None  # the current round's rules, in the background process
         self._finished_groups: dict[bytes, None] = {}  # recently left group ids (insertion-ordered)
         self._round_lock = threading.Lock()
@@ -554,9 +558,9 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
         said they are leaving). The attempt's group counts as full without them, so nobody waits
         the straggler or retry wait for a peer that will not come; an attempt still needs the same
         strict majority of all the round's peers.
-        ``left_now``: asked every ``GONE_POLL_S`` while an attempt's reduction and share audit run past
-        their first ``GONE_POLL_S``: the round's peers known to have left now (node public keys; it may
-        ask the coordinator). The audit waits for a departed member's entries one call more, not its
+        ``left_now``: asked every ``LIVENESS_POLL_S`` while an attempt's share audit waits on a member
+        for longer than ``AUDIT_WAITING_S``: the round's peers known to have left now (node public keys; it
+        may ask the coordinator). The audit waits for a departed member's entries one call more, not its
         full timeout: a node killed mid-audit (its goodbye said by its watcher) holds nobody.
         ``out``: tensors (e.g. the gradients themselves) to write the average into on success, which
         the result then holds (:meth:`result_buffers`: no copy); by default the result holds new tensors.
@@ -658,13 +662,15 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
 
     def _gone_teller(self, rules: RoundRules, left_now: Callable[[], Iterable[bytes]] | None
                      ) -> Callable[[], None] | None:
-        """For :meth:`_step_result`: asks ``left_now`` and passes the round's peers newly known gone to
-        the averager process (``_set_gone``)."""
+        """For :meth:`_step_result`: while the share audit waits on a member, asks ``left_now`` and
+        passes the round's peers newly known gone to the averager process (``_set_gone``)."""
         if left_now is None or rules.expected_keys is None:
             return None
         told: set[bytes] = set()
 
         def tell() -> None:
+            if not self._audit_waiting.value:
+                return
             new = left_peers(rules.expected_keys, left_now) - told
             if new:
                 told.update(new)
@@ -701,10 +707,9 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
         hold a majority of the round's peers, so nothing is lost. With ``limit``: a step still
         unfinished after that many seconds is cancelled and reported as a failed attempt. With
         ``alive``: asked every LIVENESS_POLL_S; False (the averager process died: nothing will ever
-        answer the step) reports the attempt failed at once. With ``tell_gone``: called every
-        ``GONE_POLL_S`` once the step's reduction (and audit) has run that long (see ``left_now``)."""
+        answer the step) reports the attempt failed at once. With ``tell_gone``: called at each poll
+        (every LIVENESS_POLL_S) while the step reduces and audits (see ``left_now``)."""
         deadline = None if limit is None else time.monotonic() + limit
-        reducing_since = None
         # the shorter poll that is asked for (LIVENESS_POLL_S < ROUND_OVER_POLL_S)
         poll = LIVENESS_POLL_S if alive is not None else ROUND_OVER_POLL_S if round_over is not None else None
         ask_round_at = time.monotonic() + ROUND_OVER_POLL_S  # (a heartbeat to the coordinator: not every poll)
@@ -722,11 +727,7 @@ class VerifiedAverager(CancelledStepsQuiet, ShareAuditRPC, DecentralizedAverager
                 return control.result(timeout=wait)
             except TimeoutError:
                 if tell_gone is not None and control.stage == AveragingStage.RUNNING_ALLREDUCE:
-                    now = time.monotonic()
-                    reducing_since = now if reducing_since is None else reducing_since
-                    if now - reducing_since >= GONE_POLL_S:
-                        tell_gone()
-                        reducing_since = now
+                    tell_gone()  # (asks the coordinator only while the share audit waits on a member)
                 if round_over is None or time.monotonic() < ask_round_at:
                     continue
                 ask_round_at = time.monotonic() + ROUND_OVER_POLL_S

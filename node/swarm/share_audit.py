@@ -81,6 +81,7 @@ MAX_AUDIT_ENTRY_BYTES = 2 * MAX_GROUP * (SKETCH_DIMS * 9 + 8) + 1024
 
 
 AUDIT_POLL_S = 1.0  # an audit exchange call waits this long at most for the callee to hold every entry
+AUDIT_WAITING_S = 1.0  # an exchange still missing entries or answers after this long asks who left the round
 
 
 class AuditStore:

@@ -9,7 +9,7 @@ verdicts are in :mod:`.share_audit`.
 
 It uses the averager's ``identity``, ``peer_id``, ``prefix``, ``_p2p``, ``request_timeout``,
 ``audit_timeout``, ``_rules``, ``_audit_secret``, ``_audit_stores``, ``_background_calls``,
-``_last_audit``, ``_gone_peers`` and ``_running_groups``.
+``_last_audit``, ``_gone_peers``, ``_audit_waiting`` and ``_running_groups``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from .group_plan import GroupPlan
 from .reduction import VerifiedAllReduceRunner
 from .share_audit import (
     AUDIT_POLL_S,
+    AUDIT_WAITING_S,
     MAX_AUDIT_ENTRY_BYTES,
     PHASE_REVEAL,
     PHASE_SKETCH,
@@ -223,39 +224,45 @@ class ShareAuditRPC:
         # returns without every entry is made again; we stop once every entry and every answer is in
         calls = {asyncio.ensure_future(call(p, 0.0)) for p in servers}
         complete_at = gone_at = None
-        while True:
-            now = loop.time()
-            if store.complete():
-                complete_at = now if complete_at is None else complete_at
-                if answered() >= set(servers):
+        started = loop.time()
+        try:
+            while True:
+                now = loop.time()
+                if store.complete():
+                    complete_at = now if complete_at is None else complete_at
+                    if answered() >= set(servers):
+                        break
+                limit = deadline if complete_at is None else max(deadline, complete_at + self.request_timeout + AUDIT_POLL_S)
+                awaited = set(keys) - set(store.first) if complete_at is None else \
+                    {p.to_bytes() for p in set(servers) - answered()}
+                # (the node asks the coordinator who left only while this is set: see averaging._gone_teller)
+                self._audit_waiting.value = bool(awaited) and now - started >= AUDIT_WAITING_S
+                if awaited and awaited <= self._gone_peers:  # (only peers known gone are still awaited)
+                    # one call's time more: a member that finished and moved on left its entries with the servers
+                    gone_at = now if gone_at is None else gone_at
+                    limit = min(limit, gone_at + self.request_timeout + AUDIT_POLL_S)
+                if now >= limit:
+                    for peer in set(keys) - set(store.first):
+                        why = "it left the round" if peer in self._gone_peers else f"{self.audit_timeout} s"
+                        if phase == PHASE_REVEAL:
+                            found.accuse(peer, Reason.AUDIT_WITHHELD, f"no reveal within {why}")
+                        else:
+                            found.fail(peer, Reason.SKETCH_WITHHELD, f"revealed its nonce, then no sketch within {why}")
+                    for peer in set(servers) - answered() if complete_at is not None else ():
+                        found.fail(peer.to_bytes(), Reason.AUDIT_UNANSWERED, f"did not answer the audit exchange "
+                                                                             f"(phase {phase}) with every entry")
                     break
-            limit = deadline if complete_at is None else max(deadline, complete_at + self.request_timeout + AUDIT_POLL_S)
-            awaited = set(keys) - set(store.first) if complete_at is None else \
-                {p.to_bytes() for p in set(servers) - answered()}
-            if awaited and awaited <= self._gone_peers:  # (only peers known gone are still awaited)
-                # one call's time more: a member that finished and moved on left its entries with the servers
-                gone_at = now if gone_at is None else gone_at
-                limit = min(limit, gone_at + self.request_timeout + AUDIT_POLL_S)
-            if now >= limit:
-                for peer in set(keys) - set(store.first):
-                    why = "it left the round" if peer in self._gone_peers else f"{self.audit_timeout} s"
-                    if phase == PHASE_REVEAL:
-                        found.accuse(peer, Reason.AUDIT_WITHHELD, f"no reveal within {why}")
-                    else:
-                        found.fail(peer, Reason.SKETCH_WITHHELD, f"revealed its nonce, then no sketch within {why}")
-                for peer in set(servers) - answered() if complete_at is not None else ():
-                    found.fail(peer.to_bytes(), Reason.AUDIT_UNANSWERED, f"did not answer the audit exchange "
-                                                                         f"(phase {phase}) with every entry")
-                break
-            store.changed.clear()
-            changed = asyncio.ensure_future(store.changed.wait())
-            done, calls = await asyncio.wait(calls | {changed}, timeout=min(AUDIT_POLL_S, limit - now),
-                                             return_when=asyncio.FIRST_COMPLETED)
-            calls.discard(changed)
-            changed.cancel()
-            for task in done - {changed}:
-                if task.result() not in answered():
-                    calls.add(asyncio.ensure_future(call(task.result(), 0.05)))
+                store.changed.clear()
+                changed = asyncio.ensure_future(store.changed.wait())
+                done, calls = await asyncio.wait(calls | {changed}, timeout=min(AUDIT_POLL_S, limit - now),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                calls.discard(changed)
+                changed.cancel()
+                for task in done - {changed}:
+                    if task.result() not in answered():
+                        calls.add(asyncio.ensure_future(call(task.result(), 0.05)))
+        finally:
+            self._audit_waiting.value = False
         for signer in store.equivocators():
             found.accuse(signer, Reason.BAD_AUDIT_ENTRY, f"signed two different audit entries (phase {phase})")
         for task in calls:  # (left to finish on their own: cancelling could drop an entry in flight)
