@@ -968,7 +968,7 @@ def test_share_audit_handler_keeps_only_the_groups_contributors(tmp_path, keys, 
     async def lingering():
         """A member leaving right after its audit (_shutdown) first waits until the other contributor
         has read every sketch entry from it, or until its bound: a groupmate finishing a moment later
-        would otherwise find nobody to answer it and accuse the member that left (AUDIT_WITHHELD)."""
+        would otherwise find nobody to answer it, fail its attempt and lose its share of the round."""
         loop = asyncio.get_running_loop()
         me, other = ident, nodes[0]
         store = averager._audit_store(group, PHASE_SKETCH, create=True)

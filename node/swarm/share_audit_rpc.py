@@ -319,8 +319,9 @@ class ShareAuditRPC:
         """Before this member leaves (its averager shuts down): wait until every other contributor of
         the last group it audited has read every sketch entry from it, for at most ``limit`` seconds
         and never past that audit's deadline. A member finishing its audit a moment after us reads our
-        answers after we are done; had we left, it would accuse us (AUDIT_WITHHELD) and lose its
-        share of the round: seen when two members' last round ended and they exited at once."""
+        answers after we are done; had we left, our entries would be missing there or our answer
+        (SKETCH_WITHHELD, AUDIT_UNANSWERED), its attempt would fail and it would lose its share of the
+        round: seen when two members' last round ended and they exited at once."""
         if self._last_audit is None:
             return
         group_id, others, until = self._last_audit
