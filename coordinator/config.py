@@ -94,6 +94,10 @@ class SwarmSettings(Section):
                                 "noise (proof of sampling); None = sampling not checked")
     ban_after_failures: int = Field(3, ge=0, description="failed checks (spot-check, sampling, rewards, advantages, "
                                                          "completion) before a node's key is banned; 0 = never")
+    withheld_audit_strikes: int = Field(
+        2, ge=1, description="times within 100 rounds that most of a round's other members report a node for "
+                             "withholding its share-audit reveal before it is banned (a node that crashes between "
+                             "its reduction and its reveal looks the same); 1 = at the first")
     matchmaking_timeout_s: float = Field(30.0, gt=0, description="averaging: time to form a group")
     averaging_timeout_s: float = Field(120.0, gt=0, description="averaging: time for one all-reduce")
     sender_timeout_s: float = Field(
@@ -201,6 +205,7 @@ class RunConfig(Section):
             policy=self.verifier_policy(**policy_extra), max_staleness=self.swarm.max_staleness,
             max_round_lag=self.swarm.max_round_lag, node=self.node_payload(dataset_size),
             publish_quorum=self.swarm.publish_quorum, stall_window_rounds=self.swarm.stall_window_rounds,
+            withheld_audit_strikes=self.swarm.withheld_audit_strikes,
         )
 
 

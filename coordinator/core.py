@@ -265,7 +265,8 @@ class Coordinator:
         if len(reason) > MAX_BAN_REASON_SHOWN:
             reason = reason[:MAX_BAN_REASON_SHOWN] + "..."
         return (f"node {node_id} is banned ({reason or 'no reason logged'}). If it was a mistake (a node killed "
-                f"after its reduction and before its audit reveal is reported like one that withholds it), the "
+                f"after its reduction and before its audit reveal is reported like one that withholds it: a second "
+                f"time within 100 rounds bans it), the "
                 f"coordinator's operator can lift it: grpo-coordinator unban {node_id}")
 
     def _multiaddrs(self, public_key: bytes, addrs) -> list[str]:

@@ -277,6 +277,7 @@ class _Replay:
             self.verifier = self.hooks.verifier(self.state, self.spec.policy)
             self.publication = Publication(self.spec.publish_quorum)
             self.stalls = StallRule(self.spec.stall_window_rounds, self.spec.publish_quorum)
+            self.peers.withheld_audit_strikes = self.spec.withheld_audit_strikes
             return
         st = self.state
         if e.kind == NODE_REGISTERED:
@@ -530,8 +531,8 @@ class _Replay:
             raise _Bad(f"a report the rule refuses ({refused.status}): {refused.detail}") from None
         if self.peers.reported(reporter, r, peer) is not None:
             raise _Bad(f"{reporter} already reported {peer} for round {r} (a report is logged once)")
-        self.peers.record(reporter, r, peer, e.index)
-        tally = self.peers.decisive_tally(r, peer, st.is_banned)
+        self.peers.record(reporter, r, peer, e.index, report.reason)
+        tally = self.peers.after_report(r, peer, st.is_banned)
         if tally.majority and not st.is_banned(peer):
             self.pending_ban = (tally, e.index)
         self.r.replayed["peer_reports"] += 1

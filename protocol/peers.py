@@ -46,6 +46,13 @@ reports it (ReportPeer: the round, the peer, a reason, evidence). The rule
   everybody's), and the first catch aborts the attempt, which can stop the others from seeing the
   same parts: a peer that misbehaves round after round is caught first-hand by different members
   in different rounds. Reporters banned since no longer count;
+* except when every report in that majority says the peer withheld its share-audit reveal
+  (:data:`WITHHELD_REASON`: silent between its reduction and its reveal, where an honest node that
+  crashes looks the same as a reducer that learned the seed would catch it): such a majority is a
+  *strike*, and the peer is banned at the run's ``withheld_audit_strikes``-th strike within
+  :data:`STRIKE_WINDOW_ROUNDS` rounds (1: at once; the reports of a strike that did not ban stop
+  counting, so each strike is its own majority). A crash in that window is forgiven once in a while;
+  a reducer that falls silent whenever the rows would catch it is banned at its second time;
 * a node unbanned by the operator starts afresh: the reports against it made before the unban no
   longer count.
 
@@ -154,16 +161,28 @@ class ReportTally:
     # for this round or one within REPORT_WINDOW_ROUNDS of it
     others: int  # the round's participants other than the peer
     needed: int  # reports that ban: more than half of ``others``
+    withheld_only: bool = False  # every counted report is for a withheld audit reveal: a strike, not a ban
+    strikes: tuple[int, ...] = ()  # earlier strikes' rounds within STRIKE_WINDOW_ROUNDS
+    strikes_to_ban: int = 1
+
+    @property
+    def reported(self) -> bool:
+        """Reporters enough for a majority (a ban, or with ``withheld_only`` a strike)."""
+        return len(self.reporters) >= self.needed
 
     @property
     def majority(self) -> bool:
-        return len(self.reporters) >= self.needed
+        """Whether the tally bans the peer."""
+        return self.reported and (not self.withheld_only or len(self.strikes) + 1 >= self.strikes_to_ban)
 
 
 # reports count for a round from this many rounds before or after it: members catch a peer first-hand
 # (nobody reports another's accusation), and an abort can stop the second from seeing what the first saw
 REPORT_WINDOW_ROUNDS = 8
 MIN_REPORTS_TO_BAN = 2  # one accuser alone never bans: in a round of two it would be one word against another
+WITHHELD_REASON = "AUDIT_WITHHELD"  # how a report for a withheld share-audit reveal starts (node/swarm/reasons.py)
+STRIKE_WINDOW_ROUNDS = 100  # strikes (majorities of withheld-reveal reports) count this many rounds (between
+# the rounds their tallies name: the first of the report window with a majority)
 
 
 def reports_needed(participants: int) -> int:
@@ -176,10 +195,14 @@ class PeerReports:
     """The participants of every closed round and the reports logged against them. Feed it round
     closes, reports and unbans in log order."""
 
-    def __init__(self) -> None:
+    def __init__(self, withheld_audit_strikes: int = 1) -> None:
         self.participants: dict[int, frozenset[str]] = {}
         self.reports: dict[tuple[int, str], dict[str, int]] = {}  # (round, peer) -> reporter -> log index
+        self.logged: dict[tuple[int, str], dict[str, int]] = {}  # the same, never cleared by a strike
+        self.withheld: set[tuple[int, str, str]] = set()  # (round, peer, reporter) of withheld-reveal reports
         self.last_round: dict[str, int] = {}  # node -> the last closed round it took part in
+        self.withheld_audit_strikes = withheld_audit_strikes  # the run's (RunSpec): strikes that ban
+        self.strikes: dict[str, list[int]] = {}  # peer -> rounds of its strikes (not yet banned for)
 
     # -- what the log records
     def round_closed(self, round_index: int, participants: Iterable[str]) -> None:
@@ -187,13 +210,28 @@ class PeerReports:
         for n in self.participants[int(round_index)]:
             self.last_round[n] = max(int(round_index), self.last_round.get(n, -1))
 
-    def record(self, reporter: str, round_index: int, peer: str, log_index: int) -> None:
+    def record(self, reporter: str, round_index: int, peer: str, log_index: int, reason: str = "") -> None:
         self.reports.setdefault((round_index, peer), {}).setdefault(reporter, log_index)
+        self.logged.setdefault((round_index, peer), {}).setdefault(reporter, log_index)
+        if str(reason).startswith(WITHHELD_REASON):
+            self.withheld.add((round_index, peer, reporter))
+
+    def after_report(self, round_index: int, peer: str, is_banned: IsBanned) -> ReportTally:
+        """Right after :meth:`record` (live, on restore and in the audit alike): the
+        :meth:`decisive_tally`; a majority of withheld-reveal reports that does not ban is a strike,
+        kept, and its reports stop counting (the next strike takes a majority of its own)."""
+        tally = self.decisive_tally(round_index, peer, is_banned)
+        if tally.withheld_only and tally.reported and not tally.majority and not is_banned(peer):
+            self.strikes.setdefault(peer, []).append(tally.round)
+            for r in range(tally.round - REPORT_WINDOW_ROUNDS + 1, tally.round + REPORT_WINDOW_ROUNDS):
+                self.reports.pop((r, peer), None)
+        return tally
 
     def unbanned(self, node_id: str) -> None:
-        """The operator's pardon: reports against ``node_id`` made so far no longer count."""
+        """The operator's pardon: reports against ``node_id`` made so far no longer count, nor do its strikes."""
         for key in [k for k in self.reports if k[1] == node_id]:
             del self.reports[key]
+        self.strikes.pop(node_id, None)
 
     def recent_participants(self, limit: int) -> list[str]:
         """At most ``limit`` nodes that took part in a closed round, the most recent round first (node id
@@ -219,7 +257,7 @@ class PeerReports:
 
     def reported(self, reporter: str, round_index: int, peer: str) -> int | None:
         """The log index of ``reporter``'s report of ``peer`` for ``round_index``, None if none."""
-        return self.reports.get((round_index, peer), {}).get(reporter)
+        return self.logged.get((round_index, peer), {}).get(reporter)
 
     def tally(self, round_index: int, peer: str, is_banned: IsBanned) -> ReportTally:
         """Round ``round_index``'s participants (not banned) that reported ``peer`` for any round
@@ -227,9 +265,16 @@ class PeerReports:
         members = self.participants.get(round_index, frozenset())
         others = members - {peer}
         reporters: set[str] = set()
+        withheld_only = True
         for r in range(round_index - REPORT_WINDOW_ROUNDS + 1, round_index + REPORT_WINDOW_ROUNDS):
-            reporters.update(n for n in self.reports.get((r, peer), {}) if n in others and not is_banned(n))
-        return ReportTally(round_index, peer, tuple(sorted(reporters)), len(others), reports_needed(len(others) + 1))
+            for n in self.reports.get((r, peer), {}):
+                if n in others and not is_banned(n):
+                    reporters.add(n)
+                    withheld_only = withheld_only and (r, peer, n) in self.withheld
+        strikes = tuple(r for r in self.strikes.get(peer, ()) if round_index - r < STRIKE_WINDOW_ROUNDS)
+        return ReportTally(round_index, peer, tuple(sorted(reporters)), len(others), reports_needed(len(others) + 1),
+                           withheld_only=withheld_only and bool(reporters), strikes=strikes,
+                           strikes_to_ban=self.withheld_audit_strikes)
 
     def decisive_tally(self, round_index: int, peer: str, is_banned: IsBanned) -> ReportTally:
         """After a report for ``round_index``: the first closed round within the window (its report
@@ -244,8 +289,13 @@ class PeerReports:
 
 def ban_payload(tally: ReportTally, evidence_index: int) -> dict:
     """The ``node_banned`` payload of a ban by reports."""
-    return {"node_id": tally.peer, "reason": f"reported by {len(tally.reporters)} of the {tally.others} other "
-                                             f"participants of round {tally.round} (for rounds within "
-                                             f"{REPORT_WINDOW_ROUNDS} of it: {', '.join(tally.reporters)})",
-            "evidence_index": evidence_index, "by": "reports", "round": tally.round,
-            "reporters": list(tally.reporters)}
+    out = {"node_id": tally.peer, "reason": f"reported by {len(tally.reporters)} of the {tally.others} other "
+                                            f"participants of round {tally.round} (for rounds within "
+                                            f"{REPORT_WINDOW_ROUNDS} of it: {', '.join(tally.reporters)})",
+           "evidence_index": evidence_index, "by": "reports", "round": tally.round,
+           "reporters": list(tally.reporters)}
+    if tally.withheld_only and tally.strikes:
+        out["reason"] = (f"withheld its share-audit reveal: {out['reason']}, after withholding it in round(s) "
+                         f"{', '.join(map(str, tally.strikes))} too")
+        out["strikes"] = list(tally.strikes)
+    return out

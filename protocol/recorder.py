@@ -84,7 +84,7 @@ class RunRecorder:
         self.round_tokens: Counter[str] = Counter()  # node -> completion tokens of those proofs
         self.hooks = hooks or AuditHooks()
         self.publication = Publication(spec.publish_quorum)  # replaced by the restored one on resume
-        self.peers = PeerReports()  # replaced by the restored one on resume
+        self.peers = PeerReports(spec.withheld_audit_strikes)  # replaced by the restored one on resume
         self.stalls = StallRule(spec.stall_window_rounds, spec.publish_quorum)  # likewise
         self.final_tickets: dict[str, pb.AdmissionTicket] = {}  # node -> its ticket of the last closed round
         self.benched: dict[str, str] = {}  # node -> why it sits out the last closed round (no final ticket)
@@ -238,11 +238,11 @@ class RunRecorder:
         entry = self.log.append(PEER_REPORTED, {"node_id": reporter, "round": r, "peer_node_id": peer,
                                                 "reason": report.reason,
                                                 "envelope": b64(envelope.SerializeToString())}, self.identity)
-        self.peers.record(reporter, r, peer, entry.index)
+        self.peers.record(reporter, r, peer, entry.index, report.reason)
         return entry.index, self._ban_if_reported(r, peer, entry.index), False
 
     def _ban_if_reported(self, round_index: int, peer: str, report_index: int) -> ReportTally:
-        tally = self.peers.decisive_tally(round_index, peer, self.state.is_banned)
+        tally = self.peers.after_report(round_index, peer, self.state.is_banned)
         if tally.majority and not self.state.is_banned(peer):
             self._ban(ban_payload(tally, report_index))
         return tally
@@ -418,6 +418,8 @@ def restore_state(entries: Iterable[LogEntry], salts: Mapping[int, bytes], *,
             state = spec.new_state(salts.get(0) if spec.spot_check_commitment is not None else b"")
             if stalls is not None:
                 stalls.window, stalls.quorum = spec.stall_window_rounds, spec.publish_quorum
+            if peers is not None:
+                peers.withheld_audit_strikes = spec.withheld_audit_strikes
             continue
         if state is None:
             raise LogError(f"{e.kind} before run_started", index=e.index)
@@ -431,7 +433,8 @@ def restore_state(entries: Iterable[LogEntry], salts: Mapping[int, bytes], *,
                 peers.unbanned(p["node_id"])
         elif e.kind == PEER_REPORTED:
             if peers is not None:
-                peers.record(p["node_id"], p["round"], p["peer_node_id"], e.index)
+                peers.record(p["node_id"], p["round"], p["peer_node_id"], e.index, str(p.get("reason", "")))
+                peers.after_report(p["round"], p["peer_node_id"], state.is_banned)
         elif e.kind == SNAPSHOT_PUBLISHED:
             state.publish_snapshot(p["version"], hex_bytes(p["sha256"], "sha256", 32))
             if publication is not None:

@@ -32,6 +32,8 @@ class RunSpec:
     log_signers: tuple[bytes, ...] = ()
     publish_quorum: float = PUBLISH_QUORUM  # a new version needs MORE than this share of its round's weight
     stall_window_rounds: int = DEFAULT_WINDOW_ROUNDS  # :mod:`.stalls`: rounds a failed round counts; 0 = off
+    # :mod:`.peers`: majorities of withheld-audit-reveal reports (strikes) within a window that ban; 1 = at once
+    withheld_audit_strikes: int = 2
 
     def __post_init__(self):
         if not isinstance(self.run_id, str) or not self.run_id:
@@ -48,6 +50,9 @@ class RunSpec:
         if self.spot_check_commitment is not None and len(self.spot_check_commitment) != 32:
             raise ValueError("spot_check_commitment must be 32 bytes")
         object.__setattr__(self, "publish_quorum", check_quorum(self.publish_quorum))
+        if not isinstance(self.withheld_audit_strikes, int) or isinstance(self.withheld_audit_strikes, bool) \
+                or self.withheld_audit_strikes < 1:
+            raise ValueError("withheld_audit_strikes must be an integer >= 1")
         object.__setattr__(self, "node", dict(self.node))
         object.__setattr__(self, "log_signers", tuple(bytes(k) for k in self.log_signers))
 
@@ -65,6 +70,7 @@ class RunSpec:
             "spot_check_commitment": self.spot_check_commitment.hex() if self.spot_check_commitment else None,
             "publish_quorum": self.publish_quorum,
             "stall_window_rounds": self.stall_window_rounds,
+            "withheld_audit_strikes": self.withheld_audit_strikes,
         }
         if self.log_signers:
             out["log_signers"] = [k.hex() for k in self.log_signers]
@@ -88,6 +94,8 @@ class RunSpec:
                 publish_quorum=obj.get("publish_quorum", PUBLISH_QUORUM),
                 # logs written before the stall rule carry none: nobody sat out, so it is off
                 stall_window_rounds=obj.get("stall_window_rounds", 0),
+                # logs written before the strike rule carry none: one majority of such reports banned
+                withheld_audit_strikes=obj.get("withheld_audit_strikes", 1),
             )
         except KeyError as e:
             raise ValueError(f"run_started payload lacks {e.args[0]!r}") from None

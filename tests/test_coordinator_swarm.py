@@ -518,6 +518,71 @@ def test_reports_by_a_majority_of_the_other_participants_ban_the_peer(tmp_path):
         s.stop()
 
 
+WITHHELD = "AUDIT_WITHHELD: no reveal within 20.0 s"
+
+
+def test_withheld_audit_reveals_are_a_strike_and_the_second_bans_across_a_restart(tmp_path):
+    """a and b report c for withholding its share-audit reveal in round 0 (what a crash between its
+    reduction and its reveal looks like): a strike, not a ban (``withheld_audit_strikes = 2``, the
+    default); c goes on. The coordinator restarts (the strike is rebuilt from the log); their reports
+    for round 1 are the second strike and ban c, the reason naming the first. The audit replays both;
+    a log that bans at the first strike is caught; logs written before the rule ban at once."""
+    s = Served(tmp_path, samples_per_round=24)
+    try:
+        nodes = {}
+        for name in "abc":
+            (tmp_path / name).mkdir()
+            nodes[name] = HonestNode(s.address, tmp_path / name)
+        a, b, c = nodes["a"], nodes["b"], nodes["c"]
+        cid = c.identity.node_id
+        assert s.coordinator.spec.withheld_audit_strikes == 2
+        for i, n in enumerate((a, b, c)):
+            reply = submit_round(n, seed=i)
+        assert reply.round_closed
+        assert a.client.report_peer(0, cid, WITHHELD).reporters == 1
+        strike = b.client.report_peer(0, cid, WITHHELD)
+        assert (strike.reporters, strike.needed, strike.banned) == (2, 2, False)
+        assert c.client.heartbeat(0).current_round == 1  # c goes on
+        for i, n in enumerate((a, b, c)):
+            reply = submit_round(n, seed=10 + i)
+        assert reply.round_closed
+        for n in nodes.values():
+            n.client.close()
+    finally:
+        s.stop()
+    coordinator = Coordinator(s.cfg, s.data_dir)  # restarted: the strike comes back from the log
+    assert coordinator.recorder.peers.strikes == {cid: [0]}
+    server, port, _ = start_server(coordinator)
+    try:
+        clients = [CoordinatorClient(f"127.0.0.1:{port}", n.identity, timeout_s=30) for n in (a, b)]
+        assert clients[0].report_peer(1, cid, WITHHELD).banned is False
+        second = clients[1].report_peer(1, cid, WITHHELD)
+        assert second.banned
+        detail = coordinator.banned_detail(cid)
+        assert "withheld its share-audit reveal" in detail and "round(s) 0 too" in detail, detail
+        for client in clients:
+            client.close()
+    finally:
+        server.stop(0).wait()
+        coordinator.close()
+    log = entries(s)
+    # (audited() reads the first coordinator's spec and key, still in memory)
+    (ban,) = [e for e in log if e.kind == "node_banned"]
+    assert ban.payload["strikes"] == [0]
+    result = audited(s)
+    assert result.ok, result.problem
+    assert result.replayed["peer_reports"] == 4 and result.replayed["bans_by_reports"] == 1
+    reports = [e for e in log if e.kind == "peer_reported"]
+    # a coordinator that banned at the first strike (the ban moved up, right after its second report)
+    early = rechain(s, log, {reports[1].index + 1: ("node_banned", ban.payload)})
+    bad = audited(s, early)
+    assert bad.problem.index == reports[1].index + 1 and "no majority" in bad.problem.reason, bad.problem
+    # a run started before the rule (no withheld_audit_strikes in run_started) banned at once
+    started = log[0]
+    old = {k: v for k, v in started.payload.items() if k != "withheld_audit_strikes"}
+    assert type(s.coordinator.spec).from_payload(old).withheld_audit_strikes == 1
+
+
 # ---- operators -----------------------------------------------------------------------------------
 def test_operator_ban_and_unban_through_the_cli(tmp_path):
     """``grpo-coordinator ban/unban`` change the running coordinator (its state and its log
