@@ -22,6 +22,8 @@ whatever the behaviour says; the honest peers must cope:
   other members (what it answers them with too)
 * ``withhold_sketch`` — reduces honestly, reveals its nonce, then sends no sketch (what a cheating
   reducer would do on learning that the revealed rows would catch it)
+* ``withhold_reveal`` — reduces honestly, then never reveals its nonce (a reducer holding the others'
+  nonces would know the seed, and whether the rows catch it, before choosing to stay silent)
 * ``hang_in_audit`` — a runtime fault, not an attack: reduces honestly, reveals its nonce, then writes
   ``stall_marker`` and hangs before its sketch (the test kills the node there, as the out-of-memory
   killer would)
@@ -87,7 +89,7 @@ from grpo_swarm.node.swarm.part_codec import encode_values
 from grpo_swarm.node.swarm.reduction import VerifiedAllReduceRunner
 from grpo_swarm.node.swarm.refusals import refuse
 from grpo_swarm.node.swarm.wire import WireAveragingData, WireTensor
-from grpo_swarm.node.swarm.share_audit import AUDIT_POLL_S, PHASE_SKETCH, encode_entry
+from grpo_swarm.node.swarm.share_audit import AUDIT_POLL_S, PHASE_REVEAL, PHASE_SKETCH, encode_entry
 from grpo_swarm.node.swarm.gather import decode_gather, decode_hivemind_entry
 from grpo_swarm.node.swarm.reasons import Reason
 from grpo_swarm.node.swarm.tickets import TicketClaims, parse_ticket
@@ -310,6 +312,9 @@ class HostileAverager(VerifiedAverager):
         if phase == PHASE_SKETCH and self.behaviour(self._rules.round_index) == "hang_in_audit":
             Path(self.stall_marker).write_text("revealed, not sketched")
             await asyncio.sleep(3600)
+        if phase == PHASE_REVEAL and self.behaviour(self._rules.round_index) == "withhold_reveal":
+            found.fail(self.peer_id.to_bytes(), Reason.AUDIT_FAILED, "withheld its reveal")
+            return {}
         if phase == PHASE_SKETCH and self.behaviour(self._rules.round_index) == "withhold_sketch":
             found.fail(self.peer_id.to_bytes(), Reason.AUDIT_FAILED, "withheld its sketch")
             return {}

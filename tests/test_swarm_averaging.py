@@ -17,8 +17,9 @@ the group agrees on one (the largest a contributor signed for):
   fp16 parts to an uncompressed averager, a gradient 3x its committed norm, a norm above the
   bound, a reducer returning a wrong average (fp32 and fp16): the honest peers end with the
   honest-only weighted mean and report why;
-* a member that falls silent in the share audit after its reveal: judged without its sketch (by the
-  best lie it could have told), a failure that nobody reports, and the retry leaves it out;
+* a member that never reveals its audit nonce: accused (AUDIT_WITHHELD), since nobody has the seed
+  without it; one that falls silent after its reveal: judged without its sketch (by the best lie it
+  could have told), a failure that nobody reports, and the retry leaves it out;
 * a sender lying about its sketch in the share audit: its reducer names it, the other honest peer
   does not report the reducer;
 * members that stall every attempt, drip their parts, or (as reducers) drip their averages: named
@@ -160,6 +161,8 @@ CAUGHT_ROUNDS = {
     "wrong_average": (_small("small_none", "wrong_average"), Reason.WRONG_AVERAGE),
     "wrong_average_fp16": (_small("small_fp16", "wrong_average"), Reason.WRONG_AVERAGE),
     "wrong_average_8bit": (_small("small_8bit", "wrong_average"), Reason.WRONG_AVERAGE),
+    # a member that never reveals its nonce: nobody has the seed, so it is accused (AUDIT_WITHHELD)
+    "withhold_reveal": (_small("small_none", "withhold_reveal"), Reason.AUDIT_WITHHELD),
     # a reducer whose averages' bytes lie, caught by every receiver as it decodes them into place
     "nan_average": (_small("small_none", "nan_average"), Reason.NON_FINITE),
     "inf_average_fp16": (_small("small_fp16", "inf_average"), Reason.NON_FINITE),
