@@ -305,19 +305,19 @@ def judge(*, me: bytes, senders: Sequence[Sender], reducers: Sequence[bytes], sh
     found = Findings()
     my_share = reducers.index(me) if me in reducers else -1
     silent = [s for s in senders if s.peer_id not in sketches]
-    senders = [s for s in senders if s.peer_id in sketches]
-    for s in senders:
+    spoken = [s for s in senders if s.peer_id in sketches]
+    for s in spoken:
         for j, numel in enumerate(share_numels):
             if numel and not plausible(sketches[s.peer_id][0][j], s.committed_norm):
                 found.accuse(s.peer_id, Reason.SKETCH_IMPLAUSIBLE, f"its sketch of share {j} is too large for "
                                                                    f"its committed norm {s.committed_norm:.6g}")
-    weights = [s.weight for s in senders]
-    norms = [s.committed_norm for s in senders]
+    weights = [s.weight for s in spoken]
+    norms = [s.committed_norm for s in spoken]
 
     def off_by(j: int) -> tuple[float, float] | None:
         """Share j's worst residual and its tolerance (None: a sender sent no sketch of it); with silent
         senders, the norm of what the others' sketches leave unexplained and the room for it."""
-        inputs = [sketches[s.peer_id][0][j] for s in senders]
+        inputs = [sketches[s.peer_id][0][j] for s in spoken]
         if any(x is None for x in inputs):
             return None  # that sender is accused of SKETCH_IMPLAUSIBLE above
         if silent:
@@ -345,7 +345,7 @@ def judge(*, me: bytes, senders: Sequence[Sender], reducers: Sequence[bytes], sh
         if not numel:
             continue
         reducer = reducers[j]
-        for s in senders:  # every member must hold the same average of share j
+        for s in spoken:  # every member must hold the same average of share j
             theirs = sketches[s.peer_id][1][j]
             limit = sketch_tolerance(output_norms[j])
             if s.peer_id != me and (theirs is None or not float(np.max(np.abs(theirs - my_outputs[j]))) <= limit):
