@@ -55,6 +55,7 @@ BEHAVIOURS = {
     "wrong_average": ("small_none", 2),
     "wrong_average_fp16": ("small_fp16", 2),
     "withhold_sketch": ("small_none", 2),
+    "withhold_reveal": ("small_none", 2),
     # small parts: with more reducers the shares of small_none's 1,024-value parts are one part
     # long, and a staller sending "its first part, then nothing" would stall only some of them
     "stall_always": ("small_drip", 3),
@@ -64,7 +65,8 @@ BEHAVIOURS = {
     # hangs up in every attempt and leads a group as soon as one member joins it (tests/swarm_hostile.py)
     "hang_up_lead": ("small_none", 6),
 }
-DEFAULT = "forged_ticket,nan,inf_fp16,wrong_average,wrong_average_fp16,withhold_sketch,stall_always,hang_up,not_in_group"
+DEFAULT = ("forged_ticket,nan,inf_fp16,wrong_average,wrong_average_fp16,withhold_sketch,withhold_reveal,stall_always,"
+           "hang_up,not_in_group")
 # behaviours whose hostile peer may stay among the contributors, with a correct result: a lie about its
 # weight is ignored, and a reducing behaviour changes nothing when the partition gave it no share
 # (with many peers and small tensors hivemind leaves some peers without one)
