@@ -80,6 +80,15 @@ def submit_round(node: HonestNode, seed: int = 0) -> pb.SubmitProofsResponse:
     return reply
 
 
+def honest_nodes(served: Served, tmp_path, names: str = "abc") -> list[HonestNode]:
+    """One registered HonestNode per name, each in its own folder under ``tmp_path``."""
+    nodes = []
+    for name in names:
+        (tmp_path / name).mkdir()
+        nodes.append(HonestNode(served.address, tmp_path / name))
+    return nodes
+
+
 def admin_client(served: Served) -> CoordinatorClient:
     """What ``grpo-coordinator ban`` uses: a client holding the coordinator's own key."""
     key = Identity.load(served.data_dir / "coordinator.key")
@@ -445,11 +454,7 @@ def test_reports_by_a_majority_of_the_other_participants_ban_the_peer(tmp_path):
     without the majority, omits the ban or attributes a report to someone else is caught."""
     s = Served(tmp_path, samples_per_round=24)
     try:
-        nodes = {}
-        for name in "abc":
-            (tmp_path / name).mkdir()
-            nodes[name] = HonestNode(s.address, tmp_path / name)
-        a, b, c = nodes["a"], nodes["b"], nodes["c"]
+        a, b, c = honest_nodes(s, tmp_path)
         outsider = s.client()
         outsider.register()
         for i, n in enumerate((a, b, c)):
@@ -529,11 +534,7 @@ def test_withheld_audit_reveals_are_a_strike_and_the_second_bans_across_a_restar
     a log that bans at the first strike is caught; logs written before the rule ban at once."""
     s = Served(tmp_path, samples_per_round=24)
     try:
-        nodes = {}
-        for name in "abc":
-            (tmp_path / name).mkdir()
-            nodes[name] = HonestNode(s.address, tmp_path / name)
-        a, b, c = nodes["a"], nodes["b"], nodes["c"]
+        a, b, c = honest_nodes(s, tmp_path)
         cid = c.identity.node_id
         assert s.coordinator.spec.withheld_audit_strikes == 2
         for i, n in enumerate((a, b, c)):
@@ -546,7 +547,7 @@ def test_withheld_audit_reveals_are_a_strike_and_the_second_bans_across_a_restar
         for i, n in enumerate((a, b, c)):
             reply = submit_round(n, seed=10 + i)
         assert reply.round_closed
-        for n in nodes.values():
+        for n in (a, b, c):
             n.client.close()
     finally:
         s.stop()

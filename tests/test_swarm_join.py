@@ -570,6 +570,14 @@ def _default_heartbeats_config() -> str:
                         ("heartbeat_interval_s = 2.0", "heartbeat_interval_s = 10.0"))
 
 
+def _two_rounds_as_a_pair(swarm: LocalSwarm, since: float, what: str) -> float:
+    """Seconds from ``since`` until nodes 1 and 2 had each averaged two rounds as a pair (node 0 gone)."""
+    pair = lambda i: [r for r in swarm.records(i) if r["ended"] > since and r["averaged"] and r["peers"] == 2]  # noqa: E731
+    wait_until(lambda: len(pair(1)) >= 2 and len(pair(2)) >= 2, 120, swarm,
+               f"two rounds averaged by the pair after node 0 {what}", running=(1, 2))
+    return max(r["ended"] for r in pair(1)[:2] + pair(2)[:2]) - since
+
+
 @pytest.mark.slow
 def test_a_node_that_leaves_is_not_waited_for_at_the_default_heartbeat_interval(tmp_path):
     """Three nodes with rounds that would wait 300 s for work that never comes and the default 10 s
@@ -587,10 +595,7 @@ def test_a_node_that_leaves_is_not_waited_for_at_the_default_heartbeat_interval(
         left_at = time.time()
         os.killpg(swarm.nodes[0].pid, signal.SIGINT)
         assert swarm.nodes[0].wait(timeout=30) == 0, logs(swarm)
-        pair = lambda i: [r for r in swarm.records(i) if r["ended"] > left_at and r["averaged"] and r["peers"] == 2]  # noqa: E731
-        wait_until(lambda: len(pair(1)) >= 2 and len(pair(2)) >= 2, 120, swarm,
-                   "two rounds averaged by the pair after node 0 left", running=(1, 2))
-        paired_in = max(r["ended"] for r in pair(1)[:2] + pair(2)[:2]) - left_at
+        paired_in = _two_rounds_as_a_pair(swarm, left_at, "left")
         print(f"\nafter node 0's Ctrl-C: two rounds averaged by the other two in {paired_in:.1f} s")
         assert paired_in < 20.0, logs(swarm)
         # the Ctrl-C stopped its p2pd too, often before its DHT and averager removed their handlers from it
@@ -613,10 +618,7 @@ def test_a_node_killed_while_it_samples_is_not_waited_for_at_the_default_heartbe
         wait_until(marker.exists, 180, swarm, "node 0 hanging while it samples round 2", running=(0, 1, 2))
         swarm.kill_node(0)
         killed_at = time.time()
-        pair = lambda i: [r for r in swarm.records(i) if r["ended"] > killed_at and r["averaged"] and r["peers"] == 2]  # noqa: E731
-        wait_until(lambda: len(pair(1)) >= 2 and len(pair(2)) >= 2, 120, swarm,
-                   "two rounds averaged by the pair after node 0 was killed", running=(1, 2))
-        paired_in = max(r["ended"] for r in pair(1)[:2] + pair(2)[:2]) - killed_at
+        paired_in = _two_rounds_as_a_pair(swarm, killed_at, "was killed")
         print(f"\nafter node 0's SIGKILL while sampling: two rounds averaged by the other two in {paired_in:.1f} s")
         assert paired_in < 20.0, logs(swarm)
         assert "told the coordinator node" in (swarm.logs / "node0.log").read_text(errors="replace"), logs(swarm)
