@@ -543,6 +543,10 @@ def test_withheld_audit_reveals_are_a_strike_and_the_second_bans_across_a_restar
         assert a.client.report_peer(0, cid, WITHHELD).reporters == 1
         strike = b.client.report_peer(0, cid, WITHHELD)
         assert (strike.reporters, strike.needed, strike.banned) == (2, 2, False)
+        # re-sent after the strike dropped its reports from the count: answered as a repeat, no new strike
+        again = a.client.report_peer(0, cid, WITHHELD)
+        assert again.repeated and not again.banned
+        assert s.coordinator.recorder.peers.strikes == {cid: [0]}
         assert c.client.heartbeat(0).current_round == 1  # c goes on
         for i, n in enumerate((a, b, c)):
             reply = submit_round(n, seed=10 + i)
